@@ -1,0 +1,108 @@
+"""The seam between the gateway and one kind of engine.
+
+An :class:`EngineAdapter` knows, for its engine flavour, how to pin a request to a DP rank, where the per-rank
+load metrics are and what they are called. Adding an engine is adding one module with one subclass.
+
+Metrics parsing is pure (exposition text in, per-rank figures out), with ``prometheus_client``'s parser; labels
+are read by name, never by position (multiprocess-mode servers sort them), series the adapter does not know are
+ignored, and ``*_created`` series may or may not be present.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass(frozen=True, slots=True)
+class RankMetrics:
+    """Load of one DP rank as the engine reports it.
+
+    Attributes:
+        running: requests decoding (or in a running batch).
+        waiting: requests queued, not yet scheduled.
+        kv_usage: KV cache usage, fraction 0–1, or ``None`` if not reported.
+        kv_used_tokens: KV cache tokens in use, or ``None`` if not reported.
+        kv_capacity_tokens: KV cache capacity in tokens, or ``None`` if not reported.
+    """
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float | None = None
+    kv_used_tokens: float | None = None
+    kv_capacity_tokens: float | None = None
+
+
+class MetricsParseError(ValueError):
+    """The exposition text could not be parsed."""
+
+
+def read_rank_gauges(text: str, fields: Mapping[str, str], rank_label: str | None) -> dict[int, dict[str, float]]:
+    """Collect gauges per DP rank from Prometheus exposition text.
+
+    Args:
+        text: the ``/metrics`` body.
+        fields: sample name → field name (several names may map to one field; the first listed wins
+            when both are present).
+        rank_label: label carrying the DP rank; series without it count as rank 0.
+
+    Returns:
+        ``{rank: {field: value}}``. When several series give the same field for a rank (SGLang: one per
+        ``tp_rank``), the largest value is kept.
+
+    Raises:
+        MetricsParseError: the text is not valid exposition format.
+    """
+    priority = {name: i for i, name in enumerate(fields)}
+    found: dict[int, dict[str, tuple[int, float]]] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                field = fields.get(sample.name)
+                if field is None:
+                    continue
+                raw_rank = sample.labels.get(rank_label, "0") if rank_label else "0"
+                try:
+                    rank = int(raw_rank)
+                except ValueError:
+                    continue
+                rank_fields = found.setdefault(rank, {})
+                prio = priority[sample.name]
+                old = rank_fields.get(field)
+                if old is None or prio < old[0] or (prio == old[0] and sample.value > old[1]):
+                    rank_fields[field] = (prio, float(sample.value))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MetricsParseError(f"invalid exposition text: {exc}") from exc
+    return {rank: {f: v for f, (_, v) in fs.items()} for rank, fs in found.items()}
+
+
+def to_rank_metrics(gauges: dict[int, dict[str, float]]) -> dict[int, RankMetrics]:
+    """Build :class:`RankMetrics` from :func:`read_rank_gauges` output (fields named as its attributes)."""
+    return {rank: RankMetrics(**fields) for rank, fields in gauges.items()}
+
+
+class EngineAdapter(ABC):
+    """How the gateway speaks to one engine flavour."""
+
+    flavor: ClassVar[str]
+    metrics_path: ClassVar[str] = "/metrics"
+    health_path: ClassVar[str] = "/health"
+
+    @abstractmethod
+    def pin_rank(self, body: dict[str, Any], headers: MutableMapping[str, str], rank: int) -> None:
+        """Pin the request to DP ``rank`` by editing its JSON ``body`` or upstream ``headers`` in place.
+
+        Any rank choice the client put in the body is overwritten: the gateway decides placement.
+        """
+
+    @abstractmethod
+    def parse_metrics(self, text: str) -> dict[int, RankMetrics]:
+        """Per-rank load from the engine's ``/metrics`` text.
+
+        Raises:
+            MetricsParseError: the text is not valid exposition format.
+        """

@@ -1,0 +1,230 @@
+"""The gateway's view of every DP rank's load: scraped metrics reconciled with local accounting.
+
+Pure state with time passed in; the scraper and the dispatcher feed it events.
+
+Scraped engine metrics lag (scrape interval, engine logging interval). Between scrapes the view adds what the
+gateway itself dispatched and subtracts what it saw start and finish, so a burst cannot all land on one rank
+("herding", DESIGN.md §2, §6). At each scrape the deltas restart from the engine's figures. The figures never
+fall below what the gateway knows it has in flight on the rank (its own requests are a lower bound, whatever a
+lagging scrape says), and when the last good scrape is older than ``stale_after_s`` (or there was none) the view
+uses local accounting alone.
+
+Prompt tokens still to prefill and KV tokens held are local accounting only: engines do not export them per
+request. A streamed request counts as waiting (queued for prefill) until its first token comes back; a
+non-streamed one until ``nonstream_prefill_s`` after dispatch, since its first token is not observable.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gateway.engines.base import RankMetrics
+from gateway.scheduling.types import RankKey, RankLoad
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What the load view needs to know of one engine.
+
+    Attributes:
+        name: engine name.
+        dp_size: number of DP ranks.
+        models: models it serves.
+        prefill_budget: prefill tokens per rank per step.
+    """
+
+    name: str
+    dp_size: int
+    models: frozenset[str]
+    prefill_budget: int
+
+
+@dataclass(slots=True)
+class _InFlight:
+    key: RankKey
+    prompt_tokens: int
+    dispatched_at: float
+    started: bool = False
+    generated: int = 0
+
+
+@dataclass(slots=True)
+class _RankState:
+    spec: EngineSpec
+    local_waiting: int = 0
+    local_running: int = 0
+    queued_prefill_tokens: int = 0
+    kv_tokens: int = 0
+    scraped: RankMetrics | None = None
+    dispatched_since: int = 0
+    started_since: int = 0
+    finished_waiting_since: int = 0
+    finished_running_since: int = 0
+
+
+@dataclass(slots=True)
+class _EngineState:
+    last_scrape_ok: float | None = None
+    last_scrape_attempt: float | None = None
+    consecutive_failures: int = 0
+    ranks: list[RankKey] = field(default_factory=list)
+
+
+class LoadView:
+    """Per-rank load, updated by scrapes and by the gateway's own dispatch events.
+
+    Args:
+        engines: the engines and their ranks.
+        stale_after_s: scraped figures older than this are ignored (seconds).
+        nonstream_prefill_s: how long a non-streamed request counts as queued for prefill (seconds).
+    """
+
+    def __init__(
+        self, engines: Iterable[EngineSpec], *, stale_after_s: float, nonstream_prefill_s: float = 1.0
+    ) -> None:
+        self.stale_after_s = stale_after_s
+        self.nonstream_prefill_s = nonstream_prefill_s
+        self._ranks: dict[RankKey, _RankState] = {}
+        self._engines: dict[str, _EngineState] = {}
+        for spec in engines:
+            engine = self._engines.setdefault(spec.name, _EngineState())
+            for rank in range(spec.dp_size):
+                key = RankKey(spec.name, rank)
+                self._ranks[key] = _RankState(spec)
+                engine.ranks.append(key)
+        self._inflight: dict[str, _InFlight] = {}
+        self._nonstream_due: list[tuple[float, str]] = []
+
+    @property
+    def keys(self) -> list[RankKey]:
+        """All DP ranks, engine by engine."""
+        return list(self._ranks)
+
+    def inflight_count(self) -> int:
+        """Requests dispatched and not yet finished."""
+        return len(self._inflight)
+
+    # -- dispatch events ---------------------------------------------------------------------------------
+
+    def on_dispatch(self, request_id: str, key: RankKey, prompt_tokens: int, now: float, *, stream: bool) -> None:
+        """The gateway sent ``request_id`` to rank ``key``.
+
+        Raises:
+            KeyError: ``key`` is not a known rank.
+            ValueError: ``request_id`` is already in flight.
+        """
+        state = self._ranks[key]
+        if request_id in self._inflight:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        self._inflight[request_id] = _InFlight(key, prompt_tokens, now)
+        state.local_waiting += 1
+        state.dispatched_since += 1
+        state.queued_prefill_tokens += prompt_tokens
+        state.kv_tokens += prompt_tokens
+        if not stream:
+            heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s, request_id))
+
+    def on_first_token(self, request_id: str, now: float) -> None:
+        """The first output token of ``request_id`` came back: its prefill is done. Unknown ids are ignored."""
+        item = self._inflight.get(request_id)
+        if item is None or item.started:
+            return
+        item.started = True
+        state = self._ranks[item.key]
+        state.local_waiting -= 1
+        state.local_running += 1
+        state.started_since += 1
+        state.queued_prefill_tokens -= item.prompt_tokens
+
+    def on_tokens(self, request_id: str, n: int) -> None:
+        """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
+        item = self._inflight.get(request_id)
+        if item is not None and n > 0:
+            item.generated += n
+            self._ranks[item.key].kv_tokens += n
+
+    def on_finish(self, request_id: str, now: float) -> None:
+        """``request_id`` completed, failed or was aborted. Unknown ids are ignored."""
+        item = self._inflight.pop(request_id, None)
+        if item is None:
+            return
+        state = self._ranks[item.key]
+        state.kv_tokens -= item.prompt_tokens + item.generated
+        if item.started:
+            state.local_running -= 1
+            state.finished_running_since += 1
+        else:
+            state.local_waiting -= 1
+            state.finished_waiting_since += 1
+            state.queued_prefill_tokens -= item.prompt_tokens
+
+    def _promote_nonstream(self, now: float) -> None:
+        while self._nonstream_due and self._nonstream_due[0][0] <= now:
+            _, request_id = heapq.heappop(self._nonstream_due)
+            self.on_first_token(request_id, now)
+
+    # -- scrape events -----------------------------------------------------------------------------------
+
+    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
+        """A scrape of ``engine`` succeeded with per-rank figures (ranks it did not report keep local accounting).
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        estate = self._engines[engine]
+        estate.last_scrape_ok = now
+        estate.last_scrape_attempt = now
+        estate.consecutive_failures = 0
+        for key in estate.ranks:
+            state = self._ranks[key]
+            state.scraped = ranks.get(key.rank)
+            state.dispatched_since = state.started_since = 0
+            state.finished_waiting_since = state.finished_running_since = 0
+
+    def on_scrape_failure(self, engine: str, now: float) -> None:
+        """A scrape of ``engine`` failed (unreachable, timeout, unparsable)."""
+        estate = self._engines[engine]
+        estate.last_scrape_attempt = now
+        estate.consecutive_failures += 1
+
+    def scrape_fresh(self, engine: str, now: float) -> bool:
+        """Whether ``engine`` has a successful scrape younger than ``stale_after_s``."""
+        last = self._engines[engine].last_scrape_ok
+        return last is not None and now - last <= self.stale_after_s
+
+    def engine_reachable(self, engine: str) -> bool:
+        """Whether the last scrape attempt of ``engine`` succeeded (or none was made yet)."""
+        return self._engines[engine].consecutive_failures == 0
+
+    # -- snapshot ----------------------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> list[RankLoad]:
+        """Every rank's load as the allocator should see it at ``now``."""
+        self._promote_nonstream(now)
+        out: list[RankLoad] = []
+        for key, s in self._ranks.items():
+            waiting = float(s.local_waiting)
+            running = float(s.local_running)
+            kv_usage: float | None = None
+            if s.scraped is not None and self.scrape_fresh(key.engine, now):
+                scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
+                scraped_waiting -= s.finished_waiting_since
+                scraped_running = s.scraped.running + s.started_since - s.finished_running_since
+                waiting = max(waiting, scraped_waiting)
+                running = max(running, scraped_running)
+                kv_usage = s.scraped.kv_usage
+            out.append(
+                RankLoad(
+                    key=key,
+                    models=s.spec.models,
+                    running=running,
+                    waiting=waiting,
+                    queued_prefill_tokens=float(s.queued_prefill_tokens),
+                    kv_tokens=float(s.kv_tokens),
+                    kv_usage=kv_usage,
+                    prefill_budget=s.spec.prefill_budget,
+                )
+            )
+        return out

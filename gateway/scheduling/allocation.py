@@ -1,0 +1,88 @@
+"""Load-aware global allocation of a window's batch across DP ranks (policy ``sbs``).
+
+Prefill **water-filling** (our reading of Staggered Batch Scheduling, Tian et al., arXiv 2512.16134, §"Load-Aware
+Global Allocation"; see DESIGN.md §2): every DP rank has a per-step prefill capacity (its token budget) of which
+``queued_prefill_tokens`` are already taken. The window's requests are sorted by prompt length, longest first,
+and each is poured into the rank with the lowest filled level among those it fits in, so that the maximum
+per-rank prefill load of the next lockstep step (the step's makespan) stays as low as possible. Ties in the
+level, common when ranks are idle, are broken by decode load: fewest running requests, then least KV usage.
+What fits nowhere waits for the next window instead of queuing inside an engine; a request that has waited
+``max_wait_s`` is placed on the least-filled rank regardless, so nothing starves.
+
+A prompt longer than a rank's whole budget fits only a rank with nothing queued: chunked prefill then spreads
+it over several steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
+
+KV_HIGH_WATERMARK = 0.95
+"""A rank whose reported KV usage is at or above this fraction takes no new request unless forced."""
+
+
+def decode_load_key(load: RankLoad) -> tuple[float, float, float]:
+    """Sort key of a rank's decode load: running requests, then KV usage (0–1), then KV tokens."""
+    return (load.running, load.kv_usage if load.kv_usage is not None else 0.0, load.kv_tokens)
+
+
+def _fits(level: float, tokens: int, load: RankLoad) -> bool:
+    if load.kv_usage is not None and load.kv_usage >= KV_HIGH_WATERMARK:
+        return False
+    return level + tokens <= load.prefill_budget or level <= 0
+
+
+def free_prefill_capacity(ranks: Iterable[RankLoad]) -> float:
+    """Total prefill tokens the usable ranks can still take in their next step (tokens, >= 0)."""
+    return sum(max(0.0, r.prefill_budget - r.queued_prefill_tokens) for r in ranks if r.usable)
+
+
+def water_fill(
+    batch: Sequence[PendingRequest],
+    ranks: Sequence[RankLoad],
+    *,
+    now: float,
+    max_wait_s: float,
+) -> Allocation:
+    """Place a window's batch on DP ranks by prefill water-filling.
+
+    Args:
+        batch: the window's requests, in arrival order.
+        ranks: a snapshot of every DP rank's load.
+        now: current time on the caller's clock (seconds), to age requests.
+        max_wait_s: a request older than this is placed even where it does not fit (seconds).
+
+    Returns:
+        An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
+        requests that no usable rank serves.
+    """
+    result = Allocation()
+    level = {r.key: r.queued_prefill_tokens for r in ranks}
+    usable = [r for r in ranks if r.usable]
+    order = sorted(batch, key=lambda q: (-q.prompt_tokens, q.arrival_s))
+    for request in order:
+        serving = [r for r in usable if request.model in r.models]
+        if not serving:
+            result.unplaceable.append(request)
+            continue
+        fitting = [r for r in serving if _fits(level[r.key], request.prompt_tokens, r)]
+        if not fitting:
+            if now - request.arrival_s < max_wait_s:
+                result.deferred.append(request)
+                continue
+            fitting = serving
+        best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
+        level[best.key] += request.prompt_tokens
+        result.assigned.append((request, best.key))
+    result.deferred.sort(key=lambda q: q.arrival_s)
+    return result
+
+
+def assigned_levels(allocation: Allocation, ranks: Sequence[RankLoad]) -> dict[RankKey, float]:
+    """Per-rank prefill level after ``allocation`` (queued tokens plus the newly assigned prompt tokens)."""
+    level = {r.key: r.queued_prefill_tokens for r in ranks}
+    for request, key in allocation.assigned:
+        level[key] += request.prompt_tokens
+    return level

@@ -1,0 +1,108 @@
+"""Immediate-dispatch baselines: each request is placed on a DP rank the moment it arrives.
+
+These are the routers SBS is measured against (DESIGN.md §5). Each policy looks at a snapshot of rank loads
+(:class:`~gateway.scheduling.types.RankLoad`) that already includes what the gateway itself dispatched since
+the last scrape, so a burst does not herd onto one rank.
+
+- ``round_robin``: cycle through the ranks serving the model.
+- ``shortest_queue``: fewest waiting + running requests.
+- ``least_tokens``: fewest outstanding tokens (prompt tokens still to prefill + KV tokens held).
+- ``power_of_two``: sample two ranks at random, take the one with the shorter queue
+  (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001).
+
+Ties go to the rank after the one chosen last, so equal loads are spread rather than piled on rank 0.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
+
+
+class ImmediatePolicy(Protocol):
+    """Chooses a DP rank for one request, or ``None`` when no usable rank serves its model."""
+
+    name: str
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None: ...
+
+
+def _serving(request: PendingRequest, ranks: Sequence[RankLoad]) -> list[RankLoad]:
+    return [r for r in ranks if r.usable and request.model in r.models]
+
+
+class _Rotating:
+    """Shared helper: picks the minimum of a load function, ties broken by a rotating start."""
+
+    name = "abstract"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def _pick(self, candidates: list[RankLoad], load: Callable[[RankLoad], float]) -> RankKey | None:
+        if not candidates:
+            return None
+        n = len(candidates)
+        start = self._next % n
+        rotated = candidates[start:] + candidates[:start]
+        best = min(range(n), key=lambda i: load(rotated[i]))
+        self._next = start + best + 1
+        return rotated[best].key
+
+
+class RoundRobin(_Rotating):
+    name = "round_robin"
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        return self._pick(_serving(request, ranks), lambda r: 0.0)
+
+
+class ShortestQueue(_Rotating):
+    name = "shortest_queue"
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        return self._pick(_serving(request, ranks), lambda r: r.queue_length)
+
+
+class LeastTokens(_Rotating):
+    name = "least_tokens"
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        return self._pick(_serving(request, ranks), lambda r: r.outstanding_tokens)
+
+
+class PowerOfTwo:
+    name = "power_of_two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        candidates = _serving(request, ranks)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0].key
+        a, b = self._rng.sample(candidates, 2)
+        return (a if a.queue_length <= b.queue_length else b).key
+
+
+def make_immediate_policy(name: str, *, seed: int = 0) -> ImmediatePolicy:
+    """Build an immediate-dispatch policy by name.
+
+    Raises:
+        ValueError: ``name`` is not one of ``round_robin``, ``shortest_queue``, ``least_tokens``,
+            ``power_of_two``.
+    """
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "shortest_queue":
+        return ShortestQueue()
+    if name == "least_tokens":
+        return LeastTokens()
+    if name == "power_of_two":
+        return PowerOfTwo(seed)
+    raise ValueError(f"unknown immediate-dispatch policy {name!r}")

@@ -1,0 +1,96 @@
+"""The app factory: ``create_app(settings)`` builds the FastAPI app; its lifespan owns every resource.
+
+Run it with uvicorn (``gateway serve`` does), or in tests inside ``TestClient``/``app.router.lifespan_context``.
+No module-level app, no globals: two apps in one process are independent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway import __version__
+from gateway.config import Settings
+from gateway.engines import adapter_for
+from gateway.errors import error_body
+from gateway.load.scraper import MetricsScraper
+from gateway.load.view import EngineSpec, LoadView
+from gateway.server.dispatcher import Dispatcher
+from gateway.server.routes import router
+from gateway.server.state import GatewayState
+from gateway.server.upstream import make_session
+from gateway.telemetry import GatewayMetrics
+
+
+def build_state(settings: Settings) -> GatewayState:
+    """Build (but do not start) the gateway's resources. Must run inside an event loop (aiohttp session)."""
+    metrics = GatewayMetrics()
+    engines = {e.name: (e, adapter_for(e.flavor)) for e in settings.engines}
+    view = LoadView(
+        (EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines),
+        stale_after_s=settings.scrape.stale_after_s,
+        nonstream_prefill_s=settings.window.initial_step_s * 4,
+    )
+    dispatcher = Dispatcher(settings, view, metrics)
+    metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
+    session = make_session(settings.upstream)
+    scraper = MetricsScraper(
+        session,
+        list(engines.values()),
+        view,
+        metrics,
+        settings.scrape,
+        on_update=dispatcher.notify_load_changed,
+        clock=dispatcher.clock,
+    )
+    return GatewayState(
+        settings=settings,
+        metrics=metrics,
+        session=session,
+        engines=engines,
+        models=settings.served_models(),
+        view=view,
+        dispatcher=dispatcher,
+        scraper=scraper,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the gateway app for ``settings`` (its engines must be listed; see ``gateway serve`` for the
+    embedded default)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = build_state(settings)
+        app.state.gateway = state
+        try:
+            await state.scraper.start()
+            await state.dispatcher.start()
+            yield
+        finally:
+            await state.dispatcher.stop()
+            await state.scraper.stop()
+            await state.session.close()
+
+    app = FastAPI(title="sbs-gateway", version=__version__, lifespan=lifespan)
+    app.include_router(router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_, code=exc.status_code), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = json.dumps(exc.errors(), default=str)[:1000]
+        return JSONResponse(error_body(message, "invalid_request_error", param=param), 400)
+
+    return app

@@ -1,0 +1,152 @@
+"""Forwarding one completion request: validate, place on a DP rank, send to the engine, relay the answer.
+
+Streams are relayed chunk by chunk as they arrive, bytes untouched; the relay only peeks at SSE ``data:``
+events to report progress (first token, token count, inter-token gaps) to the dispatcher. When the client goes
+away mid-stream, Starlette cancels the relay and the upstream connection is closed, so the engine aborts the
+request and frees its KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.errors import GatewayError, ModelNotFoundError, UpstreamError, error_body, normalize_engine_error
+from gateway.scheduling.tokens import count_prompt_tokens
+from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.server.state import GatewayState
+from gateway.server.upstream import UpstreamResponse, post_json
+from gateway.server.validation import Route, parse_request
+
+log = logging.getLogger(__name__)
+
+ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+REQUEST_ID_HEADER = "X-Request-Id"
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class _Call:
+    state: GatewayState
+    route: Route
+    request_id: str
+    arrival: float
+    model_label: str = "unknown"
+
+    def count(self, status: int | str) -> None:
+        self.state.metrics.requests.labels(self.route, self.model_label, str(status)).inc()
+
+    def error(self, exc: GatewayError) -> JSONResponse:
+        self.count(exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers={REQUEST_ID_HEADER: self.request_id})
+
+
+async def handle_completion(state: GatewayState, request: Request, route: Route) -> Response:
+    """Serve ``POST /v1/chat/completions`` or ``POST /v1/completions``."""
+    dispatcher = state.dispatcher
+    call = _Call(state, route, request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex, dispatcher.clock())
+    try:
+        parsed = parse_request(await request.body(), route)
+        if parsed.model not in state.models:
+            raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
+        call.model_label = parsed.model
+        pending = PendingRequest(
+            request_id=call.request_id,
+            model=parsed.model,
+            prompt_tokens=count_prompt_tokens(parsed.body),
+            max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
+            arrival_s=call.arrival,
+        )
+        key = await dispatcher.acquire(pending, stream=parsed.stream)
+    except GatewayError as exc:
+        return call.error(exc)
+    try:
+        upstream = await _send(state, key, route, parsed.body, call.request_id)
+    except GatewayError as exc:
+        dispatcher.finish(call.request_id)
+        return call.error(exc)
+    except BaseException:
+        dispatcher.finish(call.request_id)
+        raise
+    if upstream.status == 200 and parsed.stream and "text/event-stream" in upstream.content_type:
+        return StreamingResponse(
+            _relay(call, key, upstream),
+            media_type="text/event-stream",
+            headers={REQUEST_ID_HEADER: call.request_id, "Cache-Control": "no-cache"},
+        )
+    return await _whole(call, upstream)
+
+
+async def _send(
+    state: GatewayState, key: RankKey, route: Route, body: dict[str, object], request_id: str
+) -> UpstreamResponse:
+    engine, adapter = state.engines[key.engine]
+    headers = {REQUEST_ID_HEADER: request_id}
+    adapter.pin_rank(body, headers, key.rank)
+    payload = json.dumps(body, ensure_ascii=False).encode()
+    return await post_json(state.session, engine.url + ENGINE_PATHS[route], payload, headers)
+
+
+async def _whole(call: _Call, upstream: UpstreamResponse) -> Response:
+    dispatcher = call.state.dispatcher
+    try:
+        raw = await upstream.read()
+    except GatewayError as exc:
+        return call.error(exc)
+    finally:
+        upstream.close()
+        dispatcher.finish(call.request_id)
+    headers = {REQUEST_ID_HEADER: call.request_id}
+    if upstream.status != 200:
+        call.count(upstream.status)
+        return JSONResponse(normalize_engine_error(upstream.status, raw), upstream.status, headers=headers)
+    elapsed = dispatcher.clock() - call.arrival
+    metrics = call.state.metrics
+    metrics.ttft.labels(call.model_label).observe(elapsed)
+    metrics.e2e.labels(call.model_label).observe(elapsed)
+    call.count(200)
+    return Response(raw, 200, media_type=upstream.content_type or "application/json", headers=headers)
+
+
+async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    dispatcher = call.state.dispatcher
+    metrics = call.state.metrics
+    clock = dispatcher.clock
+    started = False
+    last = call.arrival
+    status = "200"
+    try:
+        async for chunk in upstream.chunks():
+            events = chunk.count(b"data:") - chunk.count(b"[DONE]")
+            if events > 0:
+                now = clock()
+                if not started:
+                    started = True
+                    dispatcher.first_token(call.request_id)
+                    metrics.ttft.labels(call.model_label).observe(now - call.arrival)
+                    if events > 1:
+                        dispatcher.tokens(call.request_id, key.engine, events - 1, now - last)
+                else:
+                    dispatcher.tokens(call.request_id, key.engine, events, now - last)
+                last = now
+            yield chunk
+    except UpstreamError as exc:
+        status = "stream_error"
+        log.warning("stream %s from %s broke: %s", call.request_id, key, exc)
+        event = error_body(exc.message, exc.type, code=exc.status)
+        yield b"data: " + json.dumps(event).encode() + b"\n\n" + _DONE_EVENT
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "client_closed"
+        raise
+    finally:
+        upstream.close()
+        dispatcher.finish(call.request_id)
+        metrics.e2e.labels(call.model_label).observe(clock() - call.arrival)
+        call.count(status)

@@ -1,0 +1,53 @@
+"""The HTTP front door: OpenAI-compatible routes plus health, readiness and metrics. Routes stay thin."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.server.proxy import handle_completion
+from gateway.server.state import State
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(state: State, request: Request) -> Response:
+    """OpenAI chat completions, streaming or not, forwarded to the DP rank the scheduler picks."""
+    return await handle_completion(state, request, "chat")
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(state: State, request: Request) -> Response:
+    """OpenAI (legacy) completions, streaming or not, forwarded to the DP rank the scheduler picks."""
+    return await handle_completion(state, request, "completions")
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict[str, object]:
+    """The models the configured engines serve."""
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": 0, "owned_by": "sbs-gateway"} for m in state.models],
+    }
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(state: State) -> JSONResponse:
+    """Readiness: 200 when at least one engine rank is usable, else 503."""
+    engines = {name: state.view.engine_reachable(name) for name in state.engines}
+    ok = any(engines.values())
+    return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    """The gateway's own Prometheus metrics."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,51 @@
+"""Everything one running gateway owns, built and torn down by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import aiohttp
+from fastapi import Depends, Request
+
+from gateway.config import EngineConfig, Settings
+from gateway.engines import EngineAdapter
+from gateway.load.scraper import MetricsScraper
+from gateway.load.view import LoadView
+from gateway.server.dispatcher import Dispatcher
+from gateway.telemetry import GatewayMetrics
+
+
+@dataclass(slots=True)
+class GatewayState:
+    """The resources of one gateway instance.
+
+    Attributes:
+        settings: the settings it was built from.
+        metrics: its Prometheus metrics.
+        session: the HTTP session towards engines.
+        engines: engine name → (configuration, adapter).
+        models: models served by at least one engine.
+        view: the per-rank load view.
+        dispatcher: places requests on ranks.
+        scraper: scrapes engine metrics.
+    """
+
+    settings: Settings
+    metrics: GatewayMetrics
+    session: aiohttp.ClientSession
+    engines: dict[str, tuple[EngineConfig, EngineAdapter]]
+    models: list[str]
+    view: LoadView
+    dispatcher: Dispatcher
+    scraper: MetricsScraper
+
+
+def _get_state(request: Request) -> GatewayState:
+    state = request.app.state.gateway
+    assert isinstance(state, GatewayState)
+    return state
+
+
+State = Annotated[GatewayState, Depends(_get_state)]
+"""Route dependency: the running gateway's state."""

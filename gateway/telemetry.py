@@ -1,0 +1,124 @@
+"""The gateway's own Prometheus metrics, in a registry owned by one app instance (no globals).
+
+Series (all prefixed ``gateway_``):
+
+- ``requests_total{route, model, status}``: answered requests (``model`` is ``unknown`` for unserved names,
+  to bound label cardinality).
+- ``ttft_seconds{model}``, ``e2e_latency_seconds{model}``: time to first token and end-to-end latency measured
+  at the gateway, from request arrival.
+- ``window_wait_seconds``, ``window_batch_size``: time requests spent buffered in the staggered window, and
+  requests placed per closed window; ``window_interval_seconds``, ``window_buffered_requests`` gauges.
+- ``dispatched_requests_total{engine, rank}``, ``dispatched_prompt_tokens_total{engine, rank}``.
+- ``scrapes_total{engine, result}`` (``ok``|``error``), ``scrape_errors_total{engine}``.
+- ``rank_running``, ``rank_waiting``, ``rank_queued_prefill_tokens``, ``rank_kv_usage`` ``{engine, rank}``: the
+  load view as the allocator sees it, read at scrape time.
+- ``inflight_requests``: requests dispatched and not finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.scheduling.types import RankLoad
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300, 600)
+"""Seconds; reach to 10 minutes because slowed simulated engines and long generations are normal."""
+WINDOW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class _LoadCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Sequence[RankLoad]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        fams = {
+            "running": GaugeMetricFamily(
+                "gateway_rank_running", "Running requests per rank (load view)", labels=["engine", "rank"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "gateway_rank_waiting", "Waiting requests per rank (load view)", labels=["engine", "rank"]
+            ),
+            "queued_prefill_tokens": GaugeMetricFamily(
+                "gateway_rank_queued_prefill_tokens",
+                "Prompt tokens sent and not yet prefilled, per rank",
+                labels=["engine", "rank"],
+            ),
+            "kv_usage": GaugeMetricFamily(
+                "gateway_rank_kv_usage",
+                "KV cache usage reported by the engine (0-1)",
+                labels=["engine", "rank"],
+            ),
+        }
+        for load in self._snapshot():
+            labels = [load.key.engine, str(load.key.rank)]
+            fams["running"].add_metric(labels, load.running)
+            fams["waiting"].add_metric(labels, load.waiting)
+            fams["queued_prefill_tokens"].add_metric(labels, load.queued_prefill_tokens)
+            if load.kv_usage is not None:
+                fams["kv_usage"].add_metric(labels, load.kv_usage)
+        yield from fams.values()
+
+
+class GatewayMetrics:
+    """All metrics of one gateway instance, in its own :class:`CollectorRegistry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Answered requests", ["route", "model", "status"], registry=r)
+        self.ttft = Histogram(
+            "gateway_ttft_seconds",
+            "Time to first token at the gateway",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "gateway_e2e_latency_seconds",
+            "End-to-end latency at the gateway",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.window_wait = Histogram(
+            "gateway_window_wait_seconds",
+            "Time a request spent in the window",
+            buckets=WINDOW_BUCKETS,
+            registry=r,
+        )
+        self.window_batch = Histogram(
+            "gateway_window_batch_size",
+            "Requests placed per closed window",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.window_interval = Gauge("gateway_window_interval_seconds", "Current window interval", registry=r)
+        self.window_buffered = Gauge("gateway_window_buffered_requests", "Requests buffered in the window", registry=r)
+        self.dispatched = Counter(
+            "gateway_dispatched_requests",
+            "Requests dispatched per engine and rank",
+            ["engine", "rank"],
+            registry=r,
+        )
+        self.dispatched_tokens = Counter(
+            "gateway_dispatched_prompt_tokens",
+            "Estimated prompt tokens dispatched per engine and rank",
+            ["engine", "rank"],
+            registry=r,
+        )
+        self.scrapes = Counter("gateway_scrapes", "Engine metric scrapes", ["engine", "result"], registry=r)
+        self.scrape_errors = Counter("gateway_scrape_errors", "Failed engine metric scrapes", ["engine"], registry=r)
+        self.inflight = Gauge("gateway_inflight_requests", "Requests dispatched and not finished", registry=r)
+
+    def watch_load(self, snapshot: Callable[[], Sequence[RankLoad]]) -> None:
+        """Export the load view: ``snapshot`` is called at each scrape of ``/metrics``."""
+        self.registry.register(_LoadCollector(snapshot))
+
+    def render(self) -> bytes:
+        """Exposition text of every metric."""
+        return generate_latest(self.registry)
