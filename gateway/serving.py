@@ -1,0 +1,59 @@
+"""Running ASGI apps under uvicorn inside an existing event loop (embedded engines, tests, local stack)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the process's main server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_in_background(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"
+) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn in the current event loop for the duration of the context.
+
+    Args:
+        app: the ASGI app (its lifespan runs).
+        host: address to bind.
+        port: port to bind; 0 picks a free one.
+        log_level: uvicorn's log level.
+
+    Yields:
+        The base URL, ``http://host:port``, once the server accepts connections.
+
+    Raises:
+        RuntimeError: the server failed to start.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    server = _QuietServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{bound_port}")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"server on {host}:{bound_port} exited during startup")
+            await asyncio.sleep(0.01)
+        url_host = f"[{host}]" if ":" in host else host
+        yield f"http://{url_host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
