@@ -1,0 +1,39 @@
+"""Small builders shared by the tests (no fixtures with hidden state)."""
+
+from __future__ import annotations
+
+from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
+
+MODEL = "deepseek-v3"
+
+
+def req(request_id: str, prompt_tokens: int, arrival_s: float = 0.0, model: str = MODEL) -> PendingRequest:
+    """A pending request with 128 output tokens."""
+    return PendingRequest(request_id, model, prompt_tokens, 128, arrival_s)
+
+
+def rank(
+    engine: str,
+    index: int,
+    *,
+    queued: float = 0.0,
+    running: float = 0.0,
+    waiting: float = 0.0,
+    kv_tokens: float = 0.0,
+    kv_usage: float | None = None,
+    budget: int = 8192,
+    usable: bool = True,
+    models: frozenset[str] = frozenset({MODEL}),
+) -> RankLoad:
+    """A rank load snapshot."""
+    return RankLoad(
+        key=RankKey(engine, index),
+        models=models,
+        running=running,
+        waiting=waiting,
+        queued_prefill_tokens=queued,
+        kv_tokens=kv_tokens,
+        kv_usage=kv_usage,
+        prefill_budget=budget,
+        usable=usable,
+    )

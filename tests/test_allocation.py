@@ -1,0 +1,108 @@
+"""Prefill water-filling (policy sbs), driven by tables of numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.scheduling.allocation import assigned_levels, free_prefill_capacity, water_fill
+from gateway.scheduling.types import RankKey
+from tests.helpers import rank, req
+
+
+def placement(allocation) -> dict[str, str]:
+    return {r.request_id: str(k) for r, k in allocation.assigned}
+
+
+@pytest.mark.parametrize(
+    ("prompts", "queued", "expected_levels"),
+    [
+        # four equal requests over four idle ranks: one each
+        ([1000, 1000, 1000, 1000], [0, 0, 0, 0], [1000, 1000, 1000, 1000]),
+        # longest first into the emptiest rank: 4000 | 3000+500 | 2000+1000; makespan 4000
+        ([4000, 3000, 2000, 1000, 500], [0, 0, 0], [4000, 3500, 3000]),
+        # an already loaded rank receives less
+        ([2000, 2000, 2000], [6000, 0, 0], [6000, 4000, 2000]),
+        # small requests fill the gaps left by queued work
+        ([500, 500, 500, 500], [1000, 0], [1500, 1500]),
+    ],
+)
+def test_water_filling_levels(prompts, queued, expected_levels):
+    ranks = [rank("e", i, queued=q) for i, q in enumerate(queued)]
+    batch = [req(f"r{i}", p, arrival_s=i * 0.001) for i, p in enumerate(prompts)]
+    allocation = water_fill(batch, ranks, now=1.0, max_wait_s=10.0)
+    levels = assigned_levels(allocation, ranks)
+    assert [levels[RankKey("e", i)] for i in range(len(queued))] == expected_levels
+    assert not allocation.deferred
+
+
+def test_makespan_beats_round_robin_on_skewed_batch():
+    prompts = [7000, 300, 300, 300, 6000, 300, 300, 300]
+    ranks = [rank("e", i) for i in range(4)]
+    batch = [req(f"r{i}", p, arrival_s=i) for i, p in enumerate(prompts)]
+    levels = assigned_levels(water_fill(batch, ranks, now=10.0, max_wait_s=60), ranks)
+    round_robin = [sum(prompts[i::4]) for i in range(4)]
+    assert max(levels.values()) == 7000
+    assert max(round_robin) == 13000  # both long prompts land on rank 0
+
+
+def test_what_does_not_fit_is_deferred_in_arrival_order():
+    ranks = [rank("e", 0, queued=8000, budget=8192), rank("e", 1, queued=7000, budget=8192)]
+    batch = [req("late", 2000, arrival_s=0.2), req("early", 3000, arrival_s=0.1), req("fits", 1000, arrival_s=0.3)]
+    allocation = water_fill(batch, ranks, now=0.5, max_wait_s=10.0)
+    assert placement(allocation) == {"fits": "e/1"}
+    assert [r.request_id for r in allocation.deferred] == ["early", "late"]
+
+
+def test_oversized_prompt_takes_an_idle_rank_alone():
+    ranks = [rank("e", 0, queued=100), rank("e", 1)]
+    allocation = water_fill([req("huge", 20000)], ranks, now=0.0, max_wait_s=10.0)
+    assert placement(allocation) == {"huge": "e/1"}
+
+
+def test_starving_request_is_forced_onto_least_filled_rank():
+    ranks = [rank("e", 0, queued=8000), rank("e", 1, queued=7900)]
+    batch = [req("old", 2000, arrival_s=0.0), req("young", 2000, arrival_s=9.0)]
+    allocation = water_fill(batch, ranks, now=10.0, max_wait_s=5.0)
+    assert placement(allocation) == {"old": "e/1"}
+    assert [r.request_id for r in allocation.deferred] == ["young"]
+
+
+@pytest.mark.parametrize(
+    ("loads", "winner"),
+    [
+        # equal prefill levels: fewest running requests wins
+        ([dict(running=10), dict(running=3), dict(running=7)], 1),
+        # equal running: lowest reported KV usage wins
+        ([dict(running=5, kv_usage=0.6), dict(running=5, kv_usage=0.2), dict(running=5, kv_usage=0.4)], 1),
+        # equal running and KV usage: fewest local KV tokens
+        ([dict(running=5, kv_tokens=900), dict(running=5, kv_tokens=800), dict(running=5, kv_tokens=100)], 2),
+        # prefill level dominates decode load
+        ([dict(running=0, queued=4000), dict(running=50, queued=0)], 1),
+    ],
+)
+def test_ties_broken_by_decode_load(loads, winner):
+    ranks = [rank("e", i, **kw) for i, kw in enumerate(loads)]
+    allocation = water_fill([req("a", 100)], ranks, now=0.0, max_wait_s=10.0)
+    assert placement(allocation) == {"a": f"e/{winner}"}
+
+
+def test_skips_unusable_ranks_full_kv_and_other_models():
+    ranks = [
+        rank("e", 0, usable=False),
+        rank("e", 1, kv_usage=0.99),
+        rank("e", 2, models=frozenset({"other"})),
+        rank("e", 3, running=100),
+    ]
+    allocation = water_fill([req("a", 100)], ranks, now=0.0, max_wait_s=10.0)
+    assert placement(allocation) == {"a": "e/3"}
+
+
+def test_unserved_model_is_unplaceable():
+    allocation = water_fill([req("a", 100, model="nope")], [rank("e", 0)], now=0.0, max_wait_s=1.0)
+    assert [r.request_id for r in allocation.unplaceable] == ["a"]
+    assert not allocation.assigned and not allocation.deferred
+
+
+def test_free_capacity_sums_usable_headroom():
+    ranks = [rank("e", 0, queued=8000), rank("e", 1, queued=9000), rank("e", 2), rank("e", 3, usable=False)]
+    assert free_prefill_capacity(ranks) == 192 + 0 + 8192

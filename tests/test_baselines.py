@@ -1,0 +1,55 @@
+"""Immediate-dispatch baselines over rank-load snapshots."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway.scheduling.baselines import make_immediate_policy
+from tests.helpers import rank, req
+
+
+def choose_many(name: str, ranks, n: int, seed: int = 0) -> list[str]:
+    policy = make_immediate_policy(name, seed=seed)
+    return [str(policy.choose(req(f"r{i}", 100), ranks)) for i in range(n)]
+
+
+def test_round_robin_cycles_over_serving_usable_ranks():
+    ranks = [rank("a", 0), rank("a", 1, usable=False), rank("b", 0), rank("b", 1, models=frozenset({"x"}))]
+    assert choose_many("round_robin", ranks, 4) == ["a/0", "b/0", "a/0", "b/0"]
+
+
+@pytest.mark.parametrize(
+    ("name", "loads", "winner"),
+    [
+        ("shortest_queue", [dict(running=3, waiting=1), dict(running=1, waiting=1), dict(running=0, waiting=5)], 1),
+        ("least_tokens", [dict(queued=100, kv_tokens=900), dict(queued=2000), dict(kv_tokens=500)], 2),
+    ],
+)
+def test_least_loaded_wins(name, loads, winner):
+    ranks = [rank("e", i, **kw) for i, kw in enumerate(loads)]
+    assert choose_many(name, ranks, 1) == [f"e/{winner}"]
+
+
+@pytest.mark.parametrize("name", ["shortest_queue", "least_tokens"])
+def test_ties_are_spread_not_piled_on_rank_zero(name):
+    ranks = [rank("e", i) for i in range(4)]
+    assert Counter(choose_many(name, ranks, 8)) == {"e/0": 2, "e/1": 2, "e/2": 2, "e/3": 2}
+
+
+def test_power_of_two_is_seeded_and_prefers_the_shorter_queue():
+    ranks = [rank("e", 0, running=100), rank("e", 1), rank("e", 2, running=100), rank("e", 3, running=100)]
+    first = choose_many("power_of_two", ranks, 50, seed=7)
+    assert first == choose_many("power_of_two", ranks, 50, seed=7)
+    counts = Counter(first)
+    # rank 1 wins every pair it is sampled in: half of all pairs contain it
+    assert counts["e/1"] > 15
+    assert counts["e/1"] == max(counts.values())
+
+
+def test_no_serving_rank_gives_none_and_unknown_name_raises():
+    assert make_immediate_policy("round_robin").choose(req("a", 1, model="nope"), [rank("e", 0)]) is None
+    assert make_immediate_policy("power_of_two").choose(req("a", 1, model="nope"), [rank("e", 0)]) is None
+    with pytest.raises(ValueError, match="unknown"):
+        make_immediate_policy("fastest")

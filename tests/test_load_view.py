@@ -1,0 +1,114 @@
+"""Load view: scraped metrics reconciled with local accounting, time passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.engines.base import RankMetrics
+from gateway.load.view import EngineSpec, LoadView
+from gateway.scheduling.baselines import make_immediate_policy
+from gateway.scheduling.types import RankKey
+from tests.helpers import MODEL, req
+
+E0 = RankKey("e", 0)
+E1 = RankKey("e", 1)
+
+
+def view(dp_size: int = 2, stale_after_s: float = 3.0) -> LoadView:
+    return LoadView(
+        [EngineSpec("e", dp_size, frozenset({MODEL}), 8192)], stale_after_s=stale_after_s, nonstream_prefill_s=1.0
+    )
+
+
+def loads(v: LoadView, now: float) -> dict[str, tuple[float, float, float, float]]:
+    return {str(r.key): (r.waiting, r.running, r.queued_prefill_tokens, r.kv_tokens) for r in v.snapshot(now)}
+
+
+def test_local_accounting_follows_a_request_lifecycle():
+    v = view()
+    v.on_dispatch("a", E0, 1000, 0.0, stream=True)
+    assert loads(v, 0.0)["e/0"] == (1, 0, 1000, 1000)
+    v.on_first_token("a", 0.5)
+    v.on_tokens("a", 9)
+    assert loads(v, 0.5)["e/0"] == (0, 1, 0, 1009)
+    v.on_finish("a", 1.0)
+    assert loads(v, 1.0)["e/0"] == (0, 0, 0, 0)
+    assert v.inflight_count() == 0
+
+
+def test_finish_before_first_token_releases_queued_prefill():
+    v = view()
+    v.on_dispatch("a", E1, 700, 0.0, stream=True)
+    v.on_finish("a", 0.1)
+    v.on_finish("a", 0.2)  # twice is harmless
+    v.on_first_token("a", 0.3)  # late events for finished requests are ignored
+    assert loads(v, 0.3)["e/1"] == (0, 0, 0, 0)
+
+
+def test_burst_between_scrapes_does_not_herd():
+    """A stale-looking idle scrape must not make every request of a burst pick the same rank."""
+    v = view(dp_size=4)
+    v.on_scrape("e", {i: RankMetrics() for i in range(4)}, 0.0)
+    policy = make_immediate_policy("shortest_queue")
+    chosen = []
+    for i in range(8):
+        key = policy.choose(req(f"r{i}", 100), v.snapshot(0.1))
+        assert key is not None
+        v.on_dispatch(f"r{i}", key, 100, 0.1, stream=True)
+        chosen.append(key.rank)
+    assert sorted(chosen) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_scrape_adds_other_clients_load_and_deltas_restart_at_each_scrape():
+    v = view()
+    v.on_dispatch("a", E0, 100, 0.0, stream=True)
+    # the engine also runs 5 requests from elsewhere and has 2 waiting, ours among them
+    v.on_scrape("e", {0: RankMetrics(running=5, waiting=2, kv_usage=0.4), 1: RankMetrics()}, 0.5)
+    assert loads(v, 0.5)["e/0"][:2] == (2, 5)
+    v.on_dispatch("b", E0, 100, 0.6, stream=True)
+    v.on_first_token("a", 0.7)
+    snap = {str(r.key): r for r in v.snapshot(0.8)}
+    assert (snap["e/0"].waiting, snap["e/0"].running, snap["e/0"].kv_usage) == (2, 6, 0.4)
+    v.on_finish("a", 0.9)
+    assert loads(v, 0.9)["e/0"][:2] == (2, 5)
+
+
+def test_lagging_scrape_never_hides_what_the_gateway_has_in_flight():
+    v = view()
+    for i in range(3):
+        v.on_dispatch(f"r{i}", E1, 100, 0.0, stream=True)
+    v.on_scrape("e", {0: RankMetrics(), 1: RankMetrics()}, 0.01)  # the engine has not seen them yet
+    assert loads(v, 0.02)["e/1"][0] == 3
+
+
+def test_stale_or_failing_scrapes_fall_back_to_local_accounting():
+    v = view(stale_after_s=3.0)
+    v.on_scrape("e", {0: RankMetrics(running=40, waiting=10, kv_usage=0.9)}, 0.0)
+    assert loads(v, 2.0)["e/0"][:2] == (10, 40)
+    v.on_scrape_failure("e", 2.5)
+    assert not v.engine_reachable("e")
+    assert loads(v, 2.9)["e/0"][:2] == (10, 40)  # the last good scrape is still fresh
+    snap = {str(r.key): r for r in v.snapshot(3.5)}
+    assert (snap["e/0"].waiting, snap["e/0"].running, snap["e/0"].kv_usage) == (0, 0, None)
+    v.on_scrape("e", {}, 4.0)
+    assert v.engine_reachable("e") and v.scrape_fresh("e", 4.0)
+
+
+def test_non_streamed_request_counts_as_prefill_until_its_estimate():
+    v = view()
+    v.on_dispatch("a", E0, 500, 10.0, stream=False)
+    assert loads(v, 10.9)["e/0"][:3] == (1, 0, 500)
+    assert loads(v, 11.0)["e/0"][:3] == (0, 1, 0)
+    v.on_finish("a", 12.0)
+    assert loads(v, 12.0)["e/0"] == (0, 0, 0, 0)
+
+
+def test_bad_events_raise():
+    v = view()
+    v.on_dispatch("a", E0, 1, 0.0, stream=True)
+    with pytest.raises(ValueError):
+        v.on_dispatch("a", E1, 1, 0.0, stream=True)
+    with pytest.raises(KeyError):
+        v.on_dispatch("b", RankKey("e", 9), 1, 0.0, stream=True)
+    with pytest.raises(KeyError):
+        v.on_scrape("nope", {}, 0.0)
