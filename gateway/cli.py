@@ -143,7 +143,7 @@ def bench(
     no_progress: bool,
 ) -> None:
     """Replay a production trace against a gateway: streaming requests at the trace's arrival times."""
-    from gateway.replay.client import run_bench
+    from gateway.replay.client import ReplayError, run_bench
 
     try:
         run_bench(
@@ -157,7 +157,7 @@ def bench(
             max_requests=max_requests,
             progress=not no_progress,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ReplayError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
