@@ -1,0 +1,203 @@
+"""Front-door behaviour against echoing fake engines: forwarding, pinning, errors, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from gateway.config import EngineConfig, Settings
+from gateway.server.app import create_app
+from gateway.serving import serve_in_background
+
+MODEL = "m"
+
+
+def echo_engine() -> FastAPI:
+    """An engine that answers with what it received; body field ``fail`` makes it misbehave."""
+    app = FastAPI()
+
+    async def handle(request: Request) -> Response:
+        body = await request.json()
+        fail = body.get("fail")
+        if fail == "sglang-flat":
+            flat = {"object": "error", "message": "bad thing", "type": "BadRequestError", "param": None, "code": 400}
+            return JSONResponse(flat, 400)
+        if fail == "500":
+            return PlainTextResponse("engine exploded", 500)
+        if body.get("stream"):
+
+            async def events() -> AsyncIterator[bytes]:
+                for i in range(3):
+                    yield f"data: {json.dumps({'i': i})}\n\n".encode()
+                if fail == "mid-stream":
+                    raise RuntimeError("engine died mid-stream")
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return JSONResponse({"echo_body": body, "echo_headers": dict(request.headers)})
+
+    app.add_api_route("/v1/chat/completions", handle, methods=["POST"])
+    app.add_api_route("/v1/completions", handle, methods=["POST"])
+    app.add_api_route("/metrics", lambda: PlainTextResponse(""), methods=["GET"])
+    return app
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def gateway_before(
+    flavor: str, policy: str = "round_robin", url: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with contextlib.AsyncExitStack() as stack:
+        if url is None:
+            url = await stack.enter_async_context(serve_in_background(echo_engine()))
+        settings = Settings(
+            policy=policy, engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[MODEL])]
+        )
+        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
+        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        yield client
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+async def test_unknown_fields_are_forwarded_untouched_and_sglang_rank_is_pinned_in_body() -> None:
+    async with gateway_before("sglang") as client:
+        sent = {**CHAT, "temperature": 0.3, "vendor_ext": {"nested": [1, "two", None]}, "data_parallel_rank": 99}
+        r = await client.post("/v1/chat/completions", json=sent, headers={"X-Request-Id": "req-123"})
+    assert r.status_code == 200, r.text
+    echoed = r.json()["echo_body"]
+    assert echoed["vendor_ext"] == {"nested": [1, "two", None]}
+    assert echoed["temperature"] == 0.3 and echoed["messages"] == CHAT["messages"]
+    assert "data_parallel_rank" not in echoed  # the client cannot choose the rank
+    assert echoed["routed_dp_rank"] in range(4)
+    assert r.json()["echo_headers"]["x-request-id"] == "req-123"
+    assert r.headers["x-request-id"] == "req-123"
+
+
+async def test_vllm_rank_is_pinned_by_header_and_client_headers_do_not_leak() -> None:
+    async with gateway_before("vllm") as client:
+        ranks = []
+        for _ in range(4):
+            r = await client.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "x"},
+                headers={"X-data-parallel-rank": "7", "X-Secret": "s"},
+            )
+            assert r.status_code == 200, r.text
+            headers = r.json()["echo_headers"]
+            assert "x-secret" not in headers
+            assert "routed_dp_rank" not in r.json()["echo_body"]
+            ranks.append(int(headers["x-data-parallel-rank"]))
+    assert sorted(ranks) == [0, 1, 2, 3]
+
+
+async def test_stream_is_relayed_event_by_event() -> None:
+    async with (
+        gateway_before("vllm", policy="sbs") as client,
+        client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
+    ):
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in r.aiter_lines() if line]
+    assert lines == ['data: {"i": 0}', 'data: {"i": 1}', 'data: {"i": 2}', "data: [DONE]"]
+
+
+async def test_engine_dying_mid_stream_gives_an_error_event_and_done() -> None:
+    async with (
+        gateway_before("vllm") as client,
+        client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True, "fail": "mid-stream"}) as r,
+    ):
+        lines = [line async for line in r.aiter_lines() if line]
+    assert lines[:3] == ['data: {"i": 0}', 'data: {"i": 1}', 'data: {"i": 2}']
+    assert json.loads(lines[3].removeprefix("data: "))["error"]["type"] == "upstream_error"
+    assert lines[4] == "data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "param"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", b"[1, 2]", 400, None),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model"),
+        ("/v1/chat/completions", b'{"model": 5, "messages": []}', 400, "model"),
+        ("/v1/chat/completions", b'{"model": "m"}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": []}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": ["hi"]}', 400, "messages[0]"),
+        ("/v1/completions", b'{"model": "m"}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "m", "prompt": 3}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "m", "prompt": "x", "stream": "yes"}', 400, "stream"),
+        ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": true}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "gpt-9", "prompt": "x"}', 404, "model"),
+    ],
+)
+async def test_bad_input_gets_an_openai_error(path: str, payload: bytes, status: int, param: str | None) -> None:
+    async with gateway_before("vllm") as client:
+        r = await client.post(path, content=payload, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == param and error["message"]
+        # the gateway still serves good requests afterwards
+        ok = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("flavor", "fail", "status", "message"),
+    [("sglang", "sglang-flat", 400, "bad thing"), ("vllm", "500", 500, "engine exploded")],
+)
+async def test_engine_errors_are_passed_on_in_openai_shape(flavor: str, fail: str, status: int, message: str) -> None:
+    async with gateway_before(flavor) as client:
+        r = await client.post("/v1/chat/completions", json={**CHAT, "fail": fail})
+    assert r.status_code == status
+    assert r.json()["error"]["message"] == message
+
+
+async def test_unreachable_engine_is_a_503_and_not_ready() -> None:
+    async with gateway_before("vllm", url=f"http://127.0.0.1:{closed_port()}") as client:
+        r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "engine_unavailable"
+        ready = await client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_models_health_ready_metrics_and_unknown_routes() -> None:
+    async with gateway_before("sglang", policy="sbs") as client:
+        models = (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == [MODEL]
+        assert (await client.get("/ready")).json() == {"ready": True, "engines": {"e": True}}
+        await client.post("/v1/chat/completions", json=CHAT)
+        await client.post("/v1/chat/completions", json={"model": "nope", "messages": CHAT["messages"]})
+        missing = await client.get("/v2/nothing")
+        assert missing.status_code == 404 and "error" in missing.json()
+        text = (await client.get("/metrics")).text
+    for name in (
+        'gateway_requests_total{model="m",route="chat",status="200"} 1.0',
+        'gateway_requests_total{model="unknown",route="chat",status="404"} 1.0',
+        "gateway_ttft_seconds_bucket",
+        "gateway_e2e_latency_seconds_bucket",
+        "gateway_window_wait_seconds_bucket",
+        "gateway_window_batch_size_bucket",
+        'gateway_dispatched_requests_total{engine="e"',
+        'gateway_dispatched_prompt_tokens_total{engine="e"',
+        'gateway_scrapes_total{engine="e",result="ok"}',
+        'gateway_rank_running{engine="e",rank="3"}',
+        "gateway_window_interval_seconds",
+    ):
+        assert name in text, f"{name!r} missing from /metrics"
