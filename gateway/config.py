@@ -208,4 +208,6 @@ def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(_format_validation_error(exc, source)) from exc
     except Exception as exc:  # YAML syntax errors and the like
         raise ConfigError(f"invalid configuration ({source}): {exc}") from exc
-    return built
+    # Hand back a plain Settings (values already validated): an instance of the local class above would compare
+    # unequal to identical settings (pydantic's == compares classes) and could not be pickled.
+    return Settings.model_construct(_fields_set=built.model_fields_set, **dict(built))
