@@ -66,6 +66,8 @@ class PendingRequest:
         prompt_tokens: estimated prompt tokens (see :mod:`gateway.scheduling.tokens`).
         max_output_tokens: output tokens the request may generate.
         arrival_s: when the gateway received it (caller's clock, seconds).
+        stream: whether the client streams (the load view then sees its first token).
+        deferrals: how many closed windows could not place it.
     """
 
     request_id: str
@@ -73,6 +75,7 @@ class PendingRequest:
     prompt_tokens: int
     max_output_tokens: int
     arrival_s: float
+    stream: bool = True
     deferrals: int = field(default=0)
 
 

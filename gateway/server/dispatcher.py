@@ -1,11 +1,8 @@
-"""Placing requests on DP ranks: the asyncio side of the scheduler.
+"""The asyncio side of the scheduler: a thin loop around :class:`~gateway.scheduling.scheduler.Scheduler`.
 
-:class:`Dispatcher` is a thin loop around the pure pieces: the staggered window
-(:mod:`gateway.scheduling.window`), the allocator (:mod:`gateway.scheduling.allocation`), the immediate-dispatch
-baselines (:mod:`gateway.scheduling.baselines`) and the load view (:mod:`gateway.load.view`). A request handler
-calls :meth:`Dispatcher.acquire`, which returns the DP rank once the request is placed: at once for an
-immediate policy, when its window closes for ``sbs``. The handler then reports the request's progress
-(first token, tokens, finish) so the load view stays current between scrapes.
+A request handler calls :meth:`Dispatcher.acquire`, which returns the DP rank once the request is placed: at
+once for an immediate policy, when its window closes for ``sbs``. The handler then reports the request's
+progress (first token, tokens, finish) so the load view stays current between scrapes.
 """
 
 from __future__ import annotations
@@ -14,31 +11,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gateway.config import Settings
 from gateway.errors import NoCapacityError
 from gateway.load.view import LoadView
-from gateway.scheduling.allocation import free_prefill_capacity, water_fill
-from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
-from gateway.scheduling.step_time import StepTimeEstimator
+from gateway.scheduling.scheduler import NoServingRankError, Scheduler
 from gateway.scheduling.types import PendingRequest, RankKey
-from gateway.scheduling.window import StaggeredWindow
 from gateway.telemetry import GatewayMetrics
 
 
-@dataclass(slots=True)
-class _Waiter:
-    request: PendingRequest
-    stream: bool
-    future: asyncio.Future[RankKey]
+def _no_rank(model: str) -> NoCapacityError:
+    return NoCapacityError(f"no usable engine rank serves model {model!r}")
 
 
 class Dispatcher:
     """Places requests on DP ranks with the configured policy and keeps the load view current.
 
     Args:
-        settings: gateway settings (policy, window).
+        settings: gateway settings (policy, window, seed).
         view: the load view shared with the scraper.
         metrics: the gateway's metrics.
         clock: monotonic clock in seconds (injectable for tests).
@@ -51,29 +41,17 @@ class Dispatcher:
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings
         self.view = view
         self.metrics = metrics
         self.clock = clock
-        w = settings.window
-        self.step_time = StepTimeEstimator(w.initial_step_s)
-        self.batched = settings.policy == "sbs"
-        self._immediate: ImmediatePolicy | None = (
-            None if self.batched else make_immediate_policy(settings.policy, seed=settings.seed)
-        )
-        self.window = StaggeredWindow(
-            min_interval_s=w.min_interval_s,
-            max_interval_s=w.max_interval_s,
-            step_fraction=w.step_fraction,
-            initial_step_s=w.initial_step_s,
-        )
-        self._waiters: dict[str, _Waiter] = {}
+        self.scheduler = Scheduler(settings.policy, view, settings.window, seed=settings.seed)
+        self._waiters: dict[str, asyncio.Future[RankKey]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the window loop (policy ``sbs``)."""
-        if self.batched and self._task is None:
+        if self.scheduler.batched and self._task is None:
             self._task = asyncio.create_task(self._run(), name="gateway-window")
 
     async def stop(self) -> None:
@@ -83,14 +61,14 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for waiter in self._waiters.values():
-            if not waiter.future.done():
-                waiter.future.set_exception(NoCapacityError("the gateway is shutting down"))
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(NoCapacityError("the gateway is shutting down"))
         self._waiters.clear()
 
     # -- placing -----------------------------------------------------------------------------------------
 
-    async def acquire(self, request: PendingRequest, *, stream: bool) -> RankKey:
+    async def acquire(self, request: PendingRequest) -> RankKey:
         """Wait until ``request`` is placed on a DP rank and return it.
 
         The request then counts as in flight on that rank until :meth:`finish`. Cancelling the caller while
@@ -99,39 +77,31 @@ class Dispatcher:
         Raises:
             NoCapacityError: no usable rank serves the request's model.
         """
-        if not self.batched:
-            return self._place_now(request, stream)
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(request, stream, loop.create_future())
-        self._waiters[request.request_id] = waiter
-        self.window.add(request, self.clock())
-        self.metrics.window_buffered.set(len(self.window))
+        try:
+            key = self.scheduler.submit(request, self.clock())
+        except NoServingRankError:
+            raise _no_rank(request.model) from None
+        if key is not None:
+            self._record_dispatch(key, request.prompt_tokens)
+            return key
+        future: asyncio.Future[RankKey] = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        self.metrics.window_buffered.set(len(self.scheduler.window))
         self._wake.set()
         try:
-            return await waiter.future
+            return await future
         except asyncio.CancelledError:
             self._waiters.pop(request.request_id, None)
-            removed = self.window.remove(request.request_id) is not None
-            placed = waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None
-            if not removed and placed:
+            placed = future.done() and not future.cancelled() and future.exception() is None
+            if not self.scheduler.cancel(request.request_id) and placed:
                 self.finish(request.request_id)
-            self.metrics.window_buffered.set(len(self.window))
+            self.metrics.window_buffered.set(len(self.scheduler.window))
             raise
 
-    def _place_now(self, request: PendingRequest, stream: bool) -> RankKey:
-        assert self._immediate is not None
-        now = self.clock()
-        key = self._immediate.choose(request, self.view.snapshot(now))
-        if key is None:
-            raise NoCapacityError(f"no usable engine rank serves model {request.model!r}")
-        self._record_dispatch(request, key, stream, now)
-        return key
-
-    def _record_dispatch(self, request: PendingRequest, key: RankKey, stream: bool, now: float) -> None:
-        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=stream)
+    def _record_dispatch(self, key: RankKey, prompt_tokens: int) -> None:
         labels = (key.engine, str(key.rank))
         self.metrics.dispatched.labels(*labels).inc()
-        self.metrics.dispatched_tokens.labels(*labels).inc(request.prompt_tokens)
+        self.metrics.dispatched_tokens.labels(*labels).inc(prompt_tokens)
         self.metrics.inflight.set(self.view.inflight_count())
 
     # -- progress reports from request handlers ---------------------------------------------------------
@@ -145,7 +115,7 @@ class Dispatcher:
         """``n`` more tokens of ``request_id`` arrived from ``engine``, ``gap_s`` after the previous ones."""
         self.view.on_tokens(request_id, n)
         if n == 1:
-            self.step_time.observe(engine, gap_s)
+            self.scheduler.step_time.observe(engine, gap_s)
 
     def finish(self, request_id: str) -> None:
         """``request_id`` ended (completed, failed or aborted)."""
@@ -155,9 +125,9 @@ class Dispatcher:
 
     def notify_load_changed(self) -> None:
         """Some rank may have room again (a scrape, a first token, a finish): re-check the window."""
-        if self.batched:
-            self.window.notify_capacity_freed()
-            if len(self.window):
+        if self.scheduler.batched:
+            self.scheduler.notify_load_changed()
+            if self._waiters:
                 self._wake.set()
 
     # -- the window loop ---------------------------------------------------------------------------------
@@ -165,28 +135,25 @@ class Dispatcher:
     def close_window_if_due(self) -> bool:
         """Close the window if it is due, place its batch and resolve the waiters; return whether it closed."""
         now = self.clock()
-        self.window.observe_step_time(self.step_time.estimate())
-        self.metrics.window_interval.set(self.window.interval_s)
-        snapshot = self.view.snapshot(now)
-        if not self.window.due(now, free_prefill_capacity(snapshot)):
+        outcome = self.scheduler.poll(now)
+        self.metrics.window_interval.set(self.scheduler.window.interval_s)
+        if outcome is None:
             return False
-        batch = self.window.take(now)
-        allocation = water_fill(batch, snapshot, now=now, max_wait_s=self.settings.window.max_wait_s)
-        for request, key in allocation.assigned:
-            waiter = self._waiters.pop(request.request_id, None)
-            if waiter is None or waiter.future.done():
-                continue
-            self._record_dispatch(request, key, waiter.stream, now)
+        for request, key in outcome.assigned:
+            self._record_dispatch(key, request.prompt_tokens)
             self.metrics.window_wait.observe(now - request.arrival_s)
-            waiter.future.set_result(key)
-        for request in allocation.unplaceable:
-            waiter = self._waiters.pop(request.request_id, None)
-            if waiter is not None and not waiter.future.done():
-                waiter.future.set_exception(NoCapacityError(f"no usable engine rank serves model {request.model!r}"))
-        self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
-        if allocation.assigned:
-            self.metrics.window_batch.observe(len(allocation.assigned))
-        self.metrics.window_buffered.set(len(self.window))
+            future = self._waiters.pop(request.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(key)
+            else:  # the client went away in the meantime
+                self.view.on_finish(request.request_id, now)
+        for request in outcome.unplaceable:
+            future = self._waiters.pop(request.request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(_no_rank(request.model))
+        if outcome.assigned:
+            self.metrics.window_batch.observe(len(outcome.assigned))
+        self.metrics.window_buffered.set(len(self.scheduler.window))
         return True
 
     async def _run(self) -> None:
@@ -195,7 +162,7 @@ class Dispatcher:
             if self.close_window_if_due():
                 await asyncio.sleep(0)
                 continue
-            deadline = self.window.deadline
+            deadline = self.scheduler.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)

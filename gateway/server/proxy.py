@@ -63,8 +63,9 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             prompt_tokens=count_prompt_tokens(parsed.body),
             max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
             arrival_s=call.arrival,
+            stream=parsed.stream,
         )
-        key = await dispatcher.acquire(pending, stream=parsed.stream)
+        key = await dispatcher.acquire(pending)
     except GatewayError as exc:
         return call.error(exc)
     try:

@@ -1,0 +1,113 @@
+"""The scheduler as a synchronous state machine: requests in, placements on DP ranks out.
+
+It ties the pure pieces together (window, allocator or immediate policy, load view, step-time estimate) with
+time passed in, so the gateway's asyncio dispatcher and a virtual-time simulation drive the very same code:
+
+- :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
+  in the staggered window.
+- :meth:`Scheduler.poll` closes the window when it is due and places its batch by water-filling.
+- The driver reports each request's progress to :attr:`Scheduler.view` (first token, tokens, finish) and
+  calls :meth:`Scheduler.notify_load_changed`; placements are recorded in the view here, so a burst cannot
+  herd onto one rank between scrapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.config import PolicyName, WindowConfig
+from gateway.load.view import LoadView
+from gateway.scheduling.allocation import free_prefill_capacity, water_fill
+from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
+from gateway.scheduling.step_time import StepTimeEstimator
+from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.scheduling.window import StaggeredWindow
+
+
+class NoServingRankError(LookupError):
+    """No usable DP rank serves the request's model."""
+
+
+@dataclass(slots=True)
+class WindowOutcome:
+    """What closing one window did.
+
+    Attributes:
+        assigned: ``(request, rank)`` pairs placed now (already recorded in the load view).
+        unplaceable: requests no usable rank serves; the driver answers them with an error.
+        deferred: how many requests stay buffered for the next window.
+    """
+
+    assigned: list[tuple[PendingRequest, RankKey]] = field(default_factory=list)
+    unplaceable: list[PendingRequest] = field(default_factory=list)
+    deferred: int = 0
+
+
+class Scheduler:
+    """Places requests on DP ranks with one policy.
+
+    Args:
+        policy: ``sbs`` or an immediate-dispatch baseline name.
+        view: the load view (shared with whoever feeds it scrapes and progress).
+        window: window settings (used by ``sbs``).
+        seed: seed of randomised baselines.
+
+    Raises:
+        ValueError: unknown policy.
+    """
+
+    def __init__(self, policy: PolicyName, view: LoadView, window: WindowConfig, *, seed: int = 0) -> None:
+        self.policy = policy
+        self.view = view
+        self.window_config = window
+        self.batched = policy == "sbs"
+        self.step_time = StepTimeEstimator(window.initial_step_s)
+        self._immediate: ImmediatePolicy | None = None if self.batched else make_immediate_policy(policy, seed=seed)
+        self.window = StaggeredWindow(
+            min_interval_s=window.min_interval_s,
+            max_interval_s=window.max_interval_s,
+            step_fraction=window.step_fraction,
+            initial_step_s=window.initial_step_s,
+        )
+
+    def submit(self, request: PendingRequest, now: float) -> RankKey | None:
+        """Take a new request: return its rank if it was placed at once, ``None`` if it waits in the window.
+
+        Raises:
+            NoServingRankError: (immediate policies) no usable rank serves the request's model.
+        """
+        if self._immediate is None:
+            self.window.add(request, now)
+            return None
+        key = self._immediate.choose(request, self.view.snapshot(now))
+        if key is None:
+            raise NoServingRankError(request.model)
+        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        return key
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request still waiting in the window; return whether it was there."""
+        return self.window.remove(request_id) is not None
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
+        return self.window.deadline
+
+    def notify_load_changed(self) -> None:
+        """Some rank may have room again (a scrape, a first token, a finish)."""
+        self.window.notify_capacity_freed()
+
+    def poll(self, now: float) -> WindowOutcome | None:
+        """Close the window if it is due and place its batch; ``None`` when it is not due."""
+        if not self.batched or not len(self.window):
+            return None
+        self.window.observe_step_time(self.step_time.estimate())
+        snapshot = self.view.snapshot(now)
+        if not self.window.due(now, free_prefill_capacity(snapshot)):
+            return None
+        batch = self.window.take(now)
+        allocation = water_fill(batch, snapshot, now=now, max_wait_s=self.window_config.max_wait_s)
+        for request, key in allocation.assigned:
+            self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
+        return WindowOutcome(allocation.assigned, allocation.unplaceable, len(allocation.deferred))
