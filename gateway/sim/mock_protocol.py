@@ -1,0 +1,295 @@
+"""The OpenAI-compatible wire protocol of the simulated engines: request parsing and response shapes.
+
+Pure functions, no web framework: a request body (bytes) and headers in, a :class:`GenerationRequest` or a
+:class:`ProtocolError` out; response objects and SSE chunks as plain dicts.
+
+Flavours differ where the real engines differ (DESIGN.md §3):
+
+- rank pinning: vLLM reads the header ``X-data-parallel-rank``; SGLang reads the body field
+  ``routed_dp_rank`` (or the older ``data_parallel_rank``);
+- error bodies: vLLM ``{"error": {"message", "type", "param", "code"}}``; SGLang a flat
+  ``{"object": "error", "message", "type", "param", "code"}``.
+
+Output length: with ``ignore_eos`` exactly ``max_tokens``; otherwise ``min(max_tokens, max(min_tokens, L))``
+where L, the length at which the simulated model "emits EOS", is 16..256 tokens derived from a BLAKE2 hash of
+the seed and the prompt, so the same prompt always gives the same answer length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gateway.scheduling.tokens import count_prompt_tokens
+
+Flavor = Literal["sglang", "vllm"]
+"""Which real engine's HTTP surface a simulated engine imitates."""
+
+RequestKind = Literal["chat", "completion"]
+"""``/v1/chat/completions`` or ``/v1/completions``."""
+
+TOKEN_TEXT = " tok"
+"""The text of every generated token: 4 characters, so the gateway's CharTokenizer counts it as 1 token."""
+
+DEFAULT_MAX_TOKENS = 256
+"""Output limit when a request gives none, tokens (our choice; vLLM would use the rest of the context)."""
+
+NATURAL_LENGTH_MIN = 16
+"""Shortest hash-derived answer length, tokens."""
+
+NATURAL_LENGTH_MAX = 256
+"""Longest hash-derived answer length, tokens."""
+
+VLLM_RANK_HEADER = "x-data-parallel-rank"
+"""vLLM's rank-pinning header (case-insensitive; vllm/entrypoints/openai/api_server.py)."""
+
+SGLANG_RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank")
+"""SGLang's rank-pinning body fields, newest first."""
+
+
+class ProtocolError(Exception):
+    """A request the engine refuses, with the HTTP status and OpenAI error fields to answer with."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+
+
+def bad_request(message: str, param: str | None = None) -> ProtocolError:
+    """A 400 ``BadRequestError``."""
+    return ProtocolError(400, message, "BadRequestError", param)
+
+
+def error_body(flavor: Flavor, error: ProtocolError) -> dict[str, Any]:
+    """The JSON body of an error response in the flavour's shape (see the module docstring)."""
+    fields = {"message": error.message, "type": error.type, "param": error.param, "code": error.status}
+    if flavor == "vllm":
+        return {"error": fields}
+    return {"object": "error", **fields}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated generation request.
+
+    Attributes:
+        kind: chat or completion.
+        model: model name to echo in responses.
+        prompt_tokens: prompt length by the CharTokenizer heuristic, at least 1, tokens.
+        max_tokens: the request's output limit, tokens.
+        output_tokens: how many tokens the simulated model will generate, tokens (1..max_tokens).
+        finish_reason: ``"length"`` if ``output_tokens`` reaches ``max_tokens``, else ``"stop"``.
+        stream: answer as server-sent events.
+        include_usage: with ``stream``, send a final usage chunk (``stream_options.include_usage``).
+        rank: the DP rank the request is pinned to, or None to let the engine choose.
+    """
+
+    kind: RequestKind
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    output_tokens: int
+    finish_reason: Literal["length", "stop"]
+    stream: bool
+    include_usage: bool
+    rank: int | None
+
+
+def natural_length(body: Mapping[str, Any], seed: int) -> int:
+    """The hash-derived answer length of a body's prompt, ``NATURAL_LENGTH_MIN..NATURAL_LENGTH_MAX``."""
+    prompt = body.get("messages", body.get("prompt"))
+    text = json.dumps([seed, prompt], sort_keys=True, separators=(",", ":"), default=str)
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return NATURAL_LENGTH_MIN + digest % (NATURAL_LENGTH_MAX - NATURAL_LENGTH_MIN + 1)
+
+
+def _int_field(body: Mapping[str, Any], name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad_request(f"{name} must be an integer >= {minimum}, got {value!r}", name)
+    return value
+
+
+def _bool_field(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be a boolean, got {value!r}", name)
+    return value
+
+
+def _parse_rank(raw: object, source: str, dp_size: int) -> int:
+    if isinstance(raw, str):
+        try:
+            raw = int(raw.strip())
+        except ValueError:
+            raise bad_request(f"{source} must be an integer, got {raw!r}", source) from None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise bad_request(f"{source} must be an integer, got {raw!r}", source)
+    if not 0 <= raw < dp_size:
+        raise bad_request(f"data_parallel_rank {raw} is out of range [0, {dp_size}).", source)
+    return raw
+
+
+def pinned_rank(flavor: Flavor, body: Mapping[str, Any], headers: Mapping[str, str], dp_size: int) -> int | None:
+    """The DP rank a request is pinned to, or None.
+
+    Raises:
+        ProtocolError: 400 if the pin is not an integer or is outside ``[0, dp_size)``.
+    """
+    if flavor == "vllm":
+        header = next((v for k, v in headers.items() if k.lower() == VLLM_RANK_HEADER), None)
+        return None if header is None else _parse_rank(header, "X-data-parallel-rank", dp_size)
+    for name in SGLANG_RANK_FIELDS:
+        if body.get(name) is not None:
+            return _parse_rank(body[name], name, dp_size)
+    return None
+
+
+def parse_generation_request(
+    *,
+    kind: RequestKind,
+    raw_body: bytes,
+    headers: Mapping[str, str],
+    flavor: Flavor,
+    served_model: str,
+    dp_size: int,
+    max_model_len: int,
+    seed: int,
+) -> GenerationRequest:
+    """Validate a ``/v1/chat/completions`` or ``/v1/completions`` request.
+
+    Raises:
+        ProtocolError: 400 for a malformed body, bad field, bad rank pin or a request longer than
+            ``max_model_len``; 404 for a model other than ``served_model`` (an absent model is accepted).
+    """
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("Request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != served_model:
+        raise ProtocolError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("messages must be a non-empty list", "messages")
+    elif not isinstance(body.get("prompt"), str | list):
+        raise bad_request("prompt must be a string or a list", "prompt")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request("the simulated engine supports only n = 1", "n")
+    max_tokens = (_int_field(body, "max_completion_tokens", 1) if kind == "chat" else None) or _int_field(
+        body, "max_tokens", 1
+    )
+    max_tokens = max_tokens or DEFAULT_MAX_TOKENS
+    min_tokens = _int_field(body, "min_tokens", 0) or 0
+    if min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
+    prompt_tokens = max(1, count_prompt_tokens(body))
+    if prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            "max_tokens",
+        )
+    stream = _bool_field(body, "stream")
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    if _bool_field(body, "ignore_eos"):
+        output_tokens = max_tokens
+    else:
+        output_tokens = min(max_tokens, max(min_tokens, natural_length(body, seed)))
+    return GenerationRequest(
+        kind=kind,
+        model=model if isinstance(model, str) else served_model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        output_tokens=output_tokens,
+        finish_reason="length" if output_tokens >= max_tokens else "stop",
+        stream=stream,
+        include_usage=include_usage,
+        rank=pinned_rank(flavor, body, headers, dp_size),
+    )
+
+
+def usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
+    """The OpenAI ``usage`` object."""
+    return {
+        "prompt_tokens": req.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": req.prompt_tokens + completion_tokens,
+    }
+
+
+def _envelope(req: GenerationRequest, response_id: str, created: int, chunk: bool) -> dict[str, Any]:
+    obj = "text_completion"
+    if req.kind == "chat":
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
+    return {"id": response_id, "object": obj, "created": created, "model": req.model}
+
+
+def completion_response(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
+    """The non-streaming ``chat.completion`` / ``text_completion`` object for a finished request."""
+    text = TOKEN_TEXT * req.output_tokens
+    choice: dict[str, Any] = {"index": 0}
+    if req.kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=req.finish_reason)
+    return {
+        **_envelope(req, response_id, created, chunk=False),
+        "choices": [choice],
+        "usage": usage(req, req.output_tokens),
+    }
+
+
+def token_chunk(req: GenerationRequest, response_id: str, created: int, index: int) -> dict[str, Any]:
+    """The SSE chunk carrying output token ``index`` (the first chat chunk also carries the role)."""
+    choice: dict[str, Any] = {"index": 0}
+    if req.kind == "chat":
+        delta = {"role": "assistant", "content": TOKEN_TEXT} if index == 0 else {"content": TOKEN_TEXT}
+        choice["delta"] = delta
+    else:
+        choice["text"] = TOKEN_TEXT
+    choice.update(logprobs=None, finish_reason=None)
+    return {**_envelope(req, response_id, created, chunk=True), "choices": [choice]}
+
+
+def final_chunk(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
+    """The SSE chunk with the ``finish_reason`` and no new text."""
+    choice: dict[str, Any] = {"index": 0}
+    if req.kind == "chat":
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
+    choice.update(logprobs=None, finish_reason=req.finish_reason)
+    return {**_envelope(req, response_id, created, chunk=True), "choices": [choice]}
+
+
+def usage_chunk(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
+    """The last SSE chunk under ``stream_options.include_usage``: no choices, just ``usage``."""
+    return {
+        **_envelope(req, response_id, created, chunk=True),
+        "choices": [],
+        "usage": usage(req, req.output_tokens),
+    }
+
+
+def sse_event(payload: Mapping[str, Any] | str) -> bytes:
+    """Encode one server-sent event: ``data: <json>\\n\\n`` (a string payload is sent as is)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
