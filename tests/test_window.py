@@ -33,6 +33,14 @@ def test_ticks_lie_on_a_staggered_grid(phase_s, now, tick):
     assert window(phase_s=phase_s).next_tick(now) == pytest.approx(tick)
 
 
+def test_next_tick_is_strictly_after_now_despite_rounding():
+    w = window()
+    w.observe_step_time(0.08)  # interval 0.04: k * 0.04 is rarely exact in binary
+    for i in range(1, 5000):
+        now = w.next_tick(i * 0.04)
+        assert w.next_tick(now) > now
+
+
 def test_request_waits_for_the_next_tick_then_batch_is_released_in_arrival_order():
     w = window()
     w.add(req("a", 100, 0.011), now=0.011)

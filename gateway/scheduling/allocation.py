@@ -15,6 +15,7 @@ it over several steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
@@ -32,6 +33,17 @@ def _fits(level: float, tokens: int, load: RankLoad) -> bool:
     if load.kv_usage is not None and load.kv_usage >= KV_HIGH_WATERMARK:
         return False
     return level + tokens <= load.prefill_budget or level <= 0
+
+
+def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float]) -> float:
+    best = -math.inf
+    for r in serving:
+        if r.kv_usage is not None and r.kv_usage >= KV_HIGH_WATERMARK:
+            continue
+        if level[r.key] <= 0:
+            return math.inf
+        best = max(best, r.prefill_budget - level[r.key])
+    return best
 
 
 def free_prefill_capacity(ranks: Iterable[RankLoad]) -> float:
@@ -61,11 +73,22 @@ def water_fill(
     result = Allocation()
     level = {r.key: r.queued_prefill_tokens for r in ranks}
     usable = [r for r in ranks if r.usable]
+    serving_by_model: dict[str, list[RankLoad]] = {}
+    # Per model: the most prompt tokens any serving rank can still take (inf if one is idle), so that
+    # requests which fit nowhere are deferred without scanning every rank (windows can hold thousands).
+    headroom: dict[str, float] = {}
     order = sorted(batch, key=lambda q: (-q.prompt_tokens, q.arrival_s))
     for request in order:
-        serving = [r for r in usable if request.model in r.models]
+        serving = serving_by_model.get(request.model)
+        if serving is None:
+            serving = serving_by_model[request.model] = [r for r in usable if request.model in r.models]
+            headroom[request.model] = _headroom(serving, level)
         if not serving:
             result.unplaceable.append(request)
+            continue
+        young = now - request.arrival_s < max_wait_s
+        if young and request.prompt_tokens > headroom[request.model]:
+            result.deferred.append(request)
             continue
         fitting = [r for r in serving if _fits(level[r.key], request.prompt_tokens, r)]
         if not fitting:
@@ -76,6 +99,9 @@ def water_fill(
         best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
         level[best.key] += request.prompt_tokens
         result.assigned.append((request, best.key))
+        for model, ranks_of_model in serving_by_model.items():
+            if best in ranks_of_model:
+                headroom[model] = _headroom(ranks_of_model, level)
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
 

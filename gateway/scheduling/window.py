@@ -77,7 +77,11 @@ class StaggeredWindow:
     def next_tick(self, now: float) -> float:
         """The first grid tick strictly after ``now``."""
         k = math.floor((now - self.phase_s) / self.interval_s) + 1
-        return self.phase_s + k * self.interval_s
+        tick = self.phase_s + k * self.interval_s
+        while tick <= now:  # floating-point rounding can land the tick on ``now`` itself
+            k += 1
+            tick = self.phase_s + k * self.interval_s
+        return tick
 
     @property
     def deadline(self) -> float | None:

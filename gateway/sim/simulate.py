@@ -1,0 +1,205 @@
+"""Virtual-time simulation: the gateway's own scheduler in front of engine models, no HTTP in between.
+
+Deterministic discrete-event simulation. It drives the very code the gateway runs (the
+:class:`~gateway.scheduling.scheduler.Scheduler`, its window and allocator, the
+:class:`~gateway.load.view.LoadView`) against :class:`~gateway.sim.engine_model.EngineModel` instances, the
+same model the HTTP mock engine runs in real time. What the gateway would observe is fed to it the way it
+would see it: first tokens and finishes when a step ends, inter-token gaps as step times, and scrapes of each
+instance's per-rank gauges every ``scrape_interval_s``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import PolicyName, WindowConfig
+from gateway.engines.base import RankMetrics
+from gateway.load.view import EngineSpec, LoadView
+from gateway.replay.stats import distribution
+from gateway.replay.traces import TraceRequest
+from gateway.scheduling.scheduler import Scheduler
+from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.engine_model import EngineModel, StepResult
+
+MODEL = "sim"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated cluster and policy.
+
+    Attributes:
+        policy: scheduling policy.
+        instances: engine instances.
+        dp_size: DP ranks per instance.
+        engine: per-rank timing and capacity.
+        window: window settings (``sbs``).
+        scrape_interval_s: time between two scrapes of an instance's metrics, seconds.
+        stale_after_s: the load view's staleness bound, seconds.
+        seed: seed of randomised policies.
+    """
+
+    policy: PolicyName = "sbs"
+    instances: int = 2
+    dp_size: int = 8
+    engine: EngineModelConfig = field(default_factory=EngineModelConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    scrape_interval_s: float = 0.5
+    stale_after_s: float = 3.0
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class _Record:
+    arrival_s: float
+    output_tokens: int
+    first_token_s: float | None = None
+    done_s: float | None = None
+
+
+@dataclass
+class SimResult:
+    """Per-request times and per-step figures of one simulation."""
+
+    records: list[_Record]
+    step_imbalance: list[float]
+    """Per prefill-carrying step: max over ranks of work over the mean (1.0 = perfectly balanced)."""
+    sim_end_s: float
+
+    def summary(self) -> dict[str, Any]:
+        """Figures in the shape ``gateway bench`` writes (``ttft_s``, ``tpot_s``, ``e2e_s``, throughput)."""
+        done = [r for r in self.records if r.done_s is not None and r.first_token_s is not None]
+        ttft = [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]
+        e2e = [r.done_s - r.arrival_s for r in done if r.done_s is not None]
+        tpot = [
+            (r.done_s - r.first_token_s) / (r.output_tokens - 1)
+            for r in done
+            if r.done_s is not None and r.first_token_s is not None and r.output_tokens > 1
+        ]
+        span = (max(r.done_s for r in done if r.done_s is not None) - self.records[0].arrival_s) if done else 0.0
+        out_tokens = sum(r.output_tokens for r in done)
+        return {
+            "completed": len(done),
+            "failed": len(self.records) - len(done),
+            "ttft_s": distribution(ttft),
+            "tpot_s": distribution(tpot),
+            "e2e_s": distribution(e2e),
+            "output_throughput_tok_s": out_tokens / span if span > 0 else 0.0,
+            "step_imbalance": distribution(self.step_imbalance),
+        }
+
+
+class _Sim:
+    def __init__(self, trace: list[TraceRequest], config: SimConfig) -> None:
+        self.config = config
+        self.trace = trace
+        names = [f"i{n}" for n in range(config.instances)]
+        budget = config.engine.max_prefill_tokens_per_step
+        self.view = LoadView(
+            [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names],
+            stale_after_s=config.stale_after_s,
+        )
+        self.scheduler = Scheduler(config.policy, self.view, config.window, seed=config.seed)
+        self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
+        self.busy: dict[str, StepResult | None] = {n: None for n in names}
+        self.records = [_Record(r.arrival_s, r.output_tokens) for r in trace]
+        self.imbalance: list[float] = []
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = itertools.count()
+        self.poll_at: float | None = None
+        self.now = 0.0
+
+    def push(self, t: float, kind: str, data: Any = None) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, data))
+
+    def run(self) -> SimResult:
+        for i, r in enumerate(self.trace):
+            self.push(r.arrival_s, "arrival", i)
+        for n in self.engines:
+            self.push(0.0, "scrape", n)
+        remaining = len(self.trace)
+        while self.events and remaining:
+            self.now, _, kind, data = heapq.heappop(self.events)
+            if kind == "arrival":
+                self.on_arrival(data)
+            elif kind == "step_end":
+                remaining -= self.on_step_end(data)
+            elif kind == "scrape":
+                self.on_scrape(data)
+            elif kind == "poll" and self.poll_at == self.now:
+                self.poll_at = None
+            self.poll()
+        return SimResult(self.records, self.imbalance, self.now)
+
+    def on_arrival(self, index: int) -> None:
+        r = self.trace[index]
+        request = PendingRequest(str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now)
+        key = self.scheduler.submit(request, self.now)
+        if key is not None:
+            self.send(index, key)
+
+    def send(self, index: int, key: RankKey) -> None:
+        r = self.trace[index]
+        self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
+        if self.busy[key.engine] is None:
+            self.start_step(key.engine)
+
+    def start_step(self, name: str) -> None:
+        result = self.engines[name].step()
+        if result.duration_s <= 0:
+            self.busy[name] = None
+            return
+        self.busy[name] = result
+        self.push(self.now + result.duration_s, "step_end", name)
+        if any(result.prefill_tokens_per_rank):
+            work = result.work_s_per_rank
+            mean = sum(work) / len(work)
+            if mean > 0:
+                self.imbalance.append(max(work) / mean)
+
+    def on_step_end(self, name: str) -> int:
+        result = self.busy[name]
+        assert result is not None
+        finished = 0
+        for event in result.tokens:
+            record = self.records[int(event.request_id)]
+            if event.index == 0:
+                record.first_token_s = self.now
+                self.view.on_first_token(event.request_id, self.now)
+            else:
+                self.view.on_tokens(event.request_id, 1)
+            if event.finished:
+                record.done_s = self.now
+                self.view.on_finish(event.request_id, self.now)
+                finished += 1
+        if result.tokens:
+            self.scheduler.step_time.observe(name, result.duration_s)
+        self.scheduler.notify_load_changed()
+        self.start_step(name)
+        return finished
+
+    def on_scrape(self, name: str) -> None:
+        stats = self.engines[name].rank_stats()
+        ranks = {s.rank: RankMetrics(s.running, s.waiting, s.kv_usage) for s in stats}
+        self.view.on_scrape(name, ranks, self.now)
+        self.scheduler.notify_load_changed()
+        self.push(self.now + self.config.scrape_interval_s, "scrape", name)
+
+    def poll(self) -> None:
+        outcome = self.scheduler.poll(self.now)
+        if outcome is not None:
+            for request, key in outcome.assigned:
+                self.send(int(request.request_id), key)
+        deadline = self.scheduler.next_deadline()
+        if deadline is not None and (self.poll_at is None or deadline < self.poll_at):
+            self.poll_at = max(deadline, self.now)
+            self.push(self.poll_at, "poll")
+
+
+def simulate(trace: list[TraceRequest], config: SimConfig) -> SimResult:
+    """Run ``trace`` (arrivals in seconds from 0) through one policy on a simulated cluster, to completion."""
+    return _Sim(trace, config).run()
