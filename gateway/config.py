@@ -87,6 +87,9 @@ class WindowConfig(_Strict):
     """Engine step time assumed before any is observed, seconds."""
     step_fraction: PositiveFloat = 0.5
     """Window length as a fraction of the observed engine step time (clamped to the bounds above)."""
+    queue_steps: PositiveFloat = 2.0
+    """A DP rank's prefill capacity, in per-step token budgets: the step in progress plus the next one (see
+    :mod:`gateway.scheduling.allocation`)."""
     max_wait_s: PositiveFloat = 10.0
     """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
 

@@ -48,7 +48,7 @@ def test_makespan_beats_round_robin_on_skewed_batch():
 def test_what_does_not_fit_is_deferred_in_arrival_order():
     ranks = [rank("e", 0, queued=8000, budget=8192), rank("e", 1, queued=7000, budget=8192)]
     batch = [req("late", 2000, arrival_s=0.2), req("early", 3000, arrival_s=0.1), req("fits", 1000, arrival_s=0.3)]
-    allocation = water_fill(batch, ranks, now=0.5, max_wait_s=10.0)
+    allocation = water_fill(batch, ranks, now=0.5, max_wait_s=10.0, queue_steps=1)
     assert placement(allocation) == {"fits": "e/1"}
     assert [r.request_id for r in allocation.deferred] == ["early", "late"]
 
@@ -62,7 +62,7 @@ def test_oversized_prompt_takes_an_idle_rank_alone():
 def test_starving_request_is_forced_onto_least_filled_rank():
     ranks = [rank("e", 0, queued=8000), rank("e", 1, queued=7900)]
     batch = [req("old", 2000, arrival_s=0.0), req("young", 2000, arrival_s=9.0)]
-    allocation = water_fill(batch, ranks, now=10.0, max_wait_s=5.0)
+    allocation = water_fill(batch, ranks, now=10.0, max_wait_s=5.0, queue_steps=1)
     assert placement(allocation) == {"old": "e/1"}
     assert [r.request_id for r in allocation.deferred] == ["young"]
 
@@ -103,6 +103,15 @@ def test_unserved_model_is_unplaceable():
     assert not allocation.assigned and not allocation.deferred
 
 
-def test_free_capacity_sums_usable_headroom():
+def test_capacity_spans_queue_steps_budgets():
+    ranks = [rank("e", 0, queued=8000, budget=8192), rank("e", 1, queued=7000, budget=8192)]
+    batch = [req("a", 5000, arrival_s=0.1), req("b", 3000, arrival_s=0.2)]
+    # one budget: nothing fits; two budgets (the step in progress + the next): both do
+    assert not water_fill(batch, ranks, now=0.3, max_wait_s=10.0, queue_steps=1).assigned
+    assert placement(water_fill(batch, ranks, now=0.3, max_wait_s=10.0, queue_steps=2)) == {"a": "e/1", "b": "e/0"}
+
+
+@pytest.mark.parametrize(("queue_steps", "free"), [(1, 192 + 0 + 8192), (2, 8384 + 7384 + 16384)])
+def test_free_capacity_sums_usable_headroom(queue_steps, free):
     ranks = [rank("e", 0, queued=8000), rank("e", 1, queued=9000), rank("e", 2), rank("e", 3, usable=False)]
-    assert free_prefill_capacity(ranks) == 192 + 0 + 8192
+    assert free_prefill_capacity(ranks, queue_steps) == free

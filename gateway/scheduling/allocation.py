@@ -9,6 +9,12 @@ level, common when ranks are idle, are broken by decode load: fewest running req
 What fits nowhere waits for the next window instead of queuing inside an engine; a request that has waited
 ``max_wait_s`` is placed on the least-filled rank regardless, so nothing starves.
 
+A rank's capacity is ``queue_steps`` budgets, not one: the gateway cannot see step boundaries, so the tokens it
+counts as queued include the step in progress, and the engine starts its next step the moment one ends, before
+the gateway hears of it. With one budget of capacity, requests held back would miss every next step; measured
+in the virtual-time simulator on 10 minutes of the Azure conversation trace (2 instances x 8 ranks, rate x15),
+``queue_steps=1`` gave TTFT p50 2.3 s / p99 12.1 s against 1.6 s / 2.6 s with 2.
+
 A prompt longer than a rank's whole budget fits only a rank with nothing queued: chunked prefill then spreads
 it over several steps.
 """
@@ -20,6 +26,9 @@ from collections.abc import Iterable, Sequence
 
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
 
+DEFAULT_QUEUE_STEPS = 2.0
+"""Default rank capacity, in per-step prefill budgets: the step in progress plus the next one."""
+
 KV_HIGH_WATERMARK = 0.95
 """A rank whose reported KV usage is at or above this fraction takes no new request unless forced."""
 
@@ -29,26 +38,26 @@ def decode_load_key(load: RankLoad) -> tuple[float, float, float]:
     return (load.running, load.kv_usage if load.kv_usage is not None else 0.0, load.kv_tokens)
 
 
-def _fits(level: float, tokens: int, load: RankLoad) -> bool:
+def _fits(level: float, tokens: int, load: RankLoad, queue_steps: float) -> bool:
     if load.kv_usage is not None and load.kv_usage >= KV_HIGH_WATERMARK:
         return False
-    return level + tokens <= load.prefill_budget or level <= 0
+    return level + tokens <= load.prefill_budget * queue_steps or level <= 0
 
 
-def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float]) -> float:
+def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float], queue_steps: float) -> float:
     best = -math.inf
     for r in serving:
         if r.kv_usage is not None and r.kv_usage >= KV_HIGH_WATERMARK:
             continue
         if level[r.key] <= 0:
             return math.inf
-        best = max(best, r.prefill_budget - level[r.key])
+        best = max(best, r.prefill_budget * queue_steps - level[r.key])
     return best
 
 
-def free_prefill_capacity(ranks: Iterable[RankLoad]) -> float:
-    """Total prefill tokens the usable ranks can still take in their next step (tokens, >= 0)."""
-    return sum(max(0.0, r.prefill_budget - r.queued_prefill_tokens) for r in ranks if r.usable)
+def free_prefill_capacity(ranks: Iterable[RankLoad], queue_steps: float = DEFAULT_QUEUE_STEPS) -> float:
+    """Total prefill tokens the usable ranks can still take (tokens, >= 0); see :func:`water_fill`."""
+    return sum(max(0.0, r.prefill_budget * queue_steps - r.queued_prefill_tokens) for r in ranks if r.usable)
 
 
 def water_fill(
@@ -57,6 +66,7 @@ def water_fill(
     *,
     now: float,
     max_wait_s: float,
+    queue_steps: float = DEFAULT_QUEUE_STEPS,
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
@@ -65,6 +75,7 @@ def water_fill(
         ranks: a snapshot of every DP rank's load.
         now: current time on the caller's clock (seconds), to age requests.
         max_wait_s: a request older than this is placed even where it does not fit (seconds).
+        queue_steps: a rank's capacity in per-step prefill budgets (> 0).
 
     Returns:
         An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
@@ -82,7 +93,7 @@ def water_fill(
         serving = serving_by_model.get(request.model)
         if serving is None:
             serving = serving_by_model[request.model] = [r for r in usable if request.model in r.models]
-            headroom[request.model] = _headroom(serving, level)
+            headroom[request.model] = _headroom(serving, level, queue_steps)
         if not serving:
             result.unplaceable.append(request)
             continue
@@ -90,7 +101,7 @@ def water_fill(
         if young and request.prompt_tokens > headroom[request.model]:
             result.deferred.append(request)
             continue
-        fitting = [r for r in serving if _fits(level[r.key], request.prompt_tokens, r)]
+        fitting = [r for r in serving if _fits(level[r.key], request.prompt_tokens, r, queue_steps)]
         if not fitting:
             if now - request.arrival_s < max_wait_s:
                 result.deferred.append(request)
@@ -101,7 +112,7 @@ def water_fill(
         result.assigned.append((request, best.key))
         for model, ranks_of_model in serving_by_model.items():
             if best in ranks_of_model:
-                headroom[model] = _headroom(ranks_of_model, level)
+                headroom[model] = _headroom(ranks_of_model, level, queue_steps)
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
 

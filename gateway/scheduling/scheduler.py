@@ -103,10 +103,16 @@ class Scheduler:
             return None
         self.window.observe_step_time(self.step_time.estimate())
         snapshot = self.view.snapshot(now)
-        if not self.window.due(now, free_prefill_capacity(snapshot)):
+        if not self.window.due(now, free_prefill_capacity(snapshot, self.window_config.queue_steps)):
             return None
         batch = self.window.take(now)
-        allocation = water_fill(batch, snapshot, now=now, max_wait_s=self.window_config.max_wait_s)
+        allocation = water_fill(
+            batch,
+            snapshot,
+            now=now,
+            max_wait_s=self.window_config.max_wait_s,
+            queue_steps=self.window_config.queue_steps,
+        )
         for request, key in allocation.assigned:
             self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
         self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
