@@ -1,0 +1,127 @@
+"""The scheduler state machine and its asyncio dispatcher, driven with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.config import EngineConfig, Settings, WindowConfig
+from gateway.errors import NoCapacityError
+from gateway.load.view import EngineSpec, LoadView
+from gateway.scheduling.scheduler import NoServingRankError, Scheduler
+from gateway.scheduling.types import RankKey
+from gateway.server.dispatcher import Dispatcher
+from gateway.telemetry import GatewayMetrics
+from tests.helpers import MODEL, req
+
+WINDOW = WindowConfig(min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1)
+
+
+def make_view(dp_size: int = 4, engines: tuple[str, ...] = ("a",)) -> LoadView:
+    return LoadView([EngineSpec(e, dp_size, frozenset({MODEL}), 8192) for e in engines], stale_after_s=3.0)
+
+
+def test_immediate_policy_places_at_submit_and_records_it():
+    view = make_view()
+    scheduler = Scheduler("round_robin", view, WINDOW)
+    keys = [scheduler.submit(req(f"r{i}", 100), 0.0) for i in range(5)]
+    assert keys == [RankKey("a", 0), RankKey("a", 1), RankKey("a", 2), RankKey("a", 3), RankKey("a", 0)]
+    assert view.inflight_count() == 5
+    assert scheduler.poll(1.0) is None
+    with pytest.raises(NoServingRankError):
+        scheduler.submit(req("x", 1, model="other"), 0.0)
+
+
+def test_sbs_buffers_until_the_tick_then_places_the_batch_balanced():
+    view = make_view()
+    scheduler = Scheduler("sbs", view, WINDOW)
+    for i, tokens in enumerate([4000, 100, 3000, 900, 2000]):
+        assert scheduler.submit(req(f"r{i}", tokens, arrival_s=0.001 * i), 0.001 * i) is None
+    assert scheduler.next_deadline() == pytest.approx(0.05)
+    assert scheduler.poll(0.02) is None
+    outcome = scheduler.poll(0.05)
+    assert outcome is not None and outcome.deferred == 0 and not outcome.unplaceable
+    placed = {r.request_id: k.rank for r, k in outcome.assigned}
+    # longest first onto the emptiest rank: 4000 | 3000 | 2000 | 900 + 100
+    assert placed == {"r0": 0, "r2": 1, "r4": 2, "r3": 3, "r1": 3}
+    assert view.inflight_count() == 5
+    assert scheduler.next_deadline() is None
+
+
+def test_sbs_cancel_removes_a_buffered_request():
+    scheduler = Scheduler("sbs", make_view(), WINDOW)
+    scheduler.submit(req("a", 10), 0.0)
+    assert scheduler.cancel("a") and not scheduler.cancel("a")
+    assert scheduler.poll(1.0) is None
+
+
+def test_sbs_unserved_model_is_reported_unplaceable():
+    scheduler = Scheduler("sbs", make_view(), WINDOW)
+    scheduler.submit(req("a", 10, model="other"), 0.0)
+    outcome = scheduler.poll(1.0)
+    assert outcome is not None and [r.request_id for r in outcome.unplaceable] == ["a"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dispatcher(policy: str, clock: FakeClock) -> Dispatcher:
+    settings = Settings(
+        policy=policy,
+        window=WINDOW,
+        engines=[EngineConfig(name="a", flavor="vllm", url="http://127.0.0.1:1", dp_size=4, models=[MODEL])],
+    )
+    return Dispatcher(settings, make_view(), GatewayMetrics(), clock=clock)
+
+
+async def test_dispatcher_resolves_waiters_when_the_window_closes():
+    clock = FakeClock()
+    d = dispatcher("sbs", clock)
+    tasks = [asyncio.create_task(d.acquire(req(f"r{i}", 100))) for i in range(3)]
+    await asyncio.sleep(0)
+    assert not d.close_window_if_due()
+    clock.now = 0.05
+    assert d.close_window_if_due()
+    keys = await asyncio.gather(*tasks)
+    assert sorted(k.rank for k in keys) == [0, 1, 2]
+    for i in range(3):
+        d.first_token(f"r{i}")
+        d.finish(f"r{i}")
+    assert d.view.inflight_count() == 0
+
+
+async def test_dispatcher_cancelled_waiter_leaves_no_trace():
+    clock = FakeClock()
+    d = dispatcher("sbs", clock)
+    task = asyncio.create_task(d.acquire(req("gone", 100)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    clock.now = 1.0
+    assert not d.close_window_if_due()
+    assert d.view.inflight_count() == 0
+
+
+async def test_dispatcher_loop_and_shutdown_fail_buffered_requests_cleanly():
+    d = dispatcher("sbs", FakeClock())  # the fake clock never reaches the tick
+    await d.start()
+    task = asyncio.create_task(d.acquire(req("late", 100)))
+    await asyncio.sleep(0.01)
+    await d.stop()
+    with pytest.raises(NoCapacityError):
+        await task
+
+
+async def test_dispatcher_immediate_unserved_model_is_no_capacity():
+    d = dispatcher("least_tokens", FakeClock())
+    with pytest.raises(NoCapacityError):
+        await d.acquire(req("x", 1, model="other"))
+    key = await d.acquire(req("y", 1))
+    assert key.engine == "a"
