@@ -14,6 +14,23 @@ import uvicorn
 from gateway.config import ConfigError, Settings, load_settings
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
+POLICIES = click.Choice(["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two"])
+
+trace_option = click.option(
+    "--trace",
+    required=True,
+    help="Trace file (Azure 2023 CSV or Mooncake JSONL) or a bundled name: azure-conv, azure-code, mooncake-conv.",
+)
+rate_scale_option = click.option(
+    "--rate-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Divide the trace's inter-arrival times by this factor.",
+)
+output_option = click.option(
+    "--output", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON here."
+)
 
 
 def _setup_logging(level: str) -> None:
@@ -38,7 +55,7 @@ def main() -> None:
 @click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
 @click.option(
     "--policy",
-    type=click.Choice(["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two"]),
+    type=POLICIES,
     default=None,
     help="Scheduling policy, overriding the configuration [default: sbs].",
 )
@@ -108,25 +125,15 @@ def mock_engine(flavor: str, dp_size: int, port: int, host: str, model: str, spe
 
 @main.command()
 @click.option("--url", required=True, help="Gateway (or engine) base URL, e.g. http://127.0.0.1:8000.")
-@click.option(
-    "--trace",
-    required=True,
-    help="Trace file (Azure 2023 CSV or Mooncake JSONL) or a bundled name: azure-conv, azure-code, mooncake-conv.",
-)
+@trace_option
 @click.option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Stop sending after this many seconds of wall time, then wait for what is in flight.",
 )
-@click.option(
-    "--rate-scale",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Divide the trace's inter-arrival times by this factor.",
-)
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON here.")
+@rate_scale_option
+@output_option
 @click.option("--model", default=None, help="Model to request [default: the first of GET /v1/models].")
 @click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
 @click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Send at most this many requests.")
@@ -162,23 +169,17 @@ def bench(
 
 
 @main.command()
-@click.option("--trace", required=True, help="Trace file or bundled name (azure-conv, azure-code, mooncake-conv).")
+@trace_option
 @click.option(
     "--policy",
     "policies",
     multiple=True,
-    type=click.Choice(["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two"]),
+    type=POLICIES,
     help="Policy to simulate; repeat to compare several [default: sbs and round_robin].",
 )
 @click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True, help="Engine instances.")
 @click.option("--dp-size", type=click.IntRange(min=1), default=8, show_default=True, help="DP ranks per instance.")
-@click.option(
-    "--rate-scale",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Divide the trace's inter-arrival times by this factor.",
-)
+@rate_scale_option
 @click.option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
@@ -186,7 +187,7 @@ def bench(
     help="Seconds of the trace (its own clock) to replay [default: all].",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomised policies.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON here.")
+@output_option
 def simulate(
     trace: str,
     policies: tuple[str, ...],

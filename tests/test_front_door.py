@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gateway.config import EngineConfig, Settings
+from gateway.scheduling.tokens import Tokenizer
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
 
@@ -57,7 +58,7 @@ def closed_port() -> int:
 
 @contextlib.asynccontextmanager
 async def gateway_before(
-    flavor: str, policy: str = "round_robin", url: str | None = None
+    flavor: str, policy: str = "round_robin", url: str | None = None, tokenizer: Tokenizer | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with contextlib.AsyncExitStack() as stack:
         if url is None:
@@ -65,7 +66,7 @@ async def gateway_before(
         settings = Settings(
             policy=policy, engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[MODEL])]
         )
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
+        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings, tokenizer=tokenizer)))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         yield client
 
@@ -201,3 +202,24 @@ async def test_models_health_ready_metrics_and_unknown_routes() -> None:
         "gateway_window_interval_seconds",
     ):
         assert name in text, f"{name!r} missing from /metrics"
+
+
+class WordTokenizer:
+    """A stand-in for a real tokenizer: one token per whitespace-separated word."""
+
+    def count_text(self, text: str) -> int:
+        return len(text.split())
+
+
+async def test_a_plugged_in_tokenizer_counts_prompt_tokens() -> None:
+    async with gateway_before("vllm", tokenizer=WordTokenizer()) as client:
+        content = "one two three four five six seven"
+        r = await client.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200
+        text = (await client.get("/metrics")).text
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gateway_dispatched_prompt_tokens_total{")
+    )
+    assert total == 7  # the heuristic would have said 9 (35 characters / 4)

@@ -21,6 +21,7 @@ from gateway.engines import adapter_for
 from gateway.errors import error_body
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
+from gateway.scheduling.tokens import CharTokenizer, Tokenizer
 from gateway.server.dispatcher import Dispatcher
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
@@ -28,7 +29,7 @@ from gateway.server.upstream import make_session
 from gateway.telemetry import GatewayMetrics
 
 
-def build_state(settings: Settings) -> GatewayState:
+def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> GatewayState:
     """Build (but do not start) the gateway's resources. Must run inside an event loop (aiohttp session)."""
     metrics = GatewayMetrics()
     engines = {e.name: (e, adapter_for(e.flavor)) for e in settings.engines}
@@ -58,16 +59,24 @@ def build_state(settings: Settings) -> GatewayState:
         view=view,
         dispatcher=dispatcher,
         scraper=scraper,
+        tokenizer=tokenizer or CharTokenizer(),
     )
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> FastAPI:
     """Build the gateway app for ``settings`` (its engines must be listed; see ``gateway serve`` for the
-    embedded default)."""
+    embedded default).
+
+    Args:
+        settings: the gateway settings.
+        tokenizer: counts prompt tokens for the allocator; the 4-characters-a-token heuristic of
+            :class:`~gateway.scheduling.tokens.CharTokenizer` when ``None``. Plug in the served model's real
+            tokenizer here for exact prefill balancing.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(settings)
+        state = build_state(settings, tokenizer)
         app.state.gateway = state
         try:
             await state.scraper.start()

@@ -60,7 +60,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
         pending = PendingRequest(
             request_id=call.request_id,
             model=parsed.model,
-            prompt_tokens=count_prompt_tokens(parsed.body),
+            prompt_tokens=count_prompt_tokens(parsed.body, state.tokenizer),
             max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
             arrival_s=call.arrival,
             stream=parsed.stream,

@@ -12,6 +12,7 @@ from gateway.config import EngineConfig, Settings
 from gateway.engines import EngineAdapter
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
+from gateway.scheduling.tokens import Tokenizer
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 
@@ -29,6 +30,7 @@ class GatewayState:
         view: the per-rank load view.
         dispatcher: places requests on ranks.
         scraper: scrapes engine metrics.
+        tokenizer: counts prompt tokens for the allocator.
     """
 
     settings: Settings
@@ -39,6 +41,7 @@ class GatewayState:
     view: LoadView
     dispatcher: Dispatcher
     scraper: MetricsScraper
+    tokenizer: Tokenizer
 
 
 def _get_state(request: Request) -> GatewayState:
