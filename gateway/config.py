@@ -85,8 +85,11 @@ class WindowConfig(_Strict):
     """Longest window, seconds."""
     initial_step_s: PositiveFloat = 0.05
     """Engine step time assumed before any is observed, seconds."""
-    step_fraction: PositiveFloat = 0.5
+    step_fraction: PositiveFloat = 0.1
     """Window length as a fraction of the observed engine step time (clamped to the bounds above)."""
+    allocator: Literal["water_fill", "phase_aware"] = "phase_aware"
+    """How a window's batch is placed: prefill water-filling over all ranks, or by predicted time to first
+    token using each instance's step phase (see :mod:`gateway.scheduling.phase`)."""
     queue_steps: PositiveFloat = 2.0
     """A DP rank's prefill capacity, in per-step token budgets: the step in progress plus the next one (see
     :mod:`gateway.scheduling.allocation`)."""

@@ -15,7 +15,9 @@ from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from tests.helpers import MODEL, req
 
-WINDOW = WindowConfig(min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1)
+WINDOW = WindowConfig(
+    min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1, allocator="water_fill"
+)
 
 
 def make_view(dp_size: int = 4, engines: tuple[str, ...] = ("a",)) -> LoadView:
@@ -91,7 +93,7 @@ async def test_dispatcher_resolves_waiters_when_the_window_closes():
     keys = await asyncio.gather(*tasks)
     assert sorted(k.rank for k in keys) == [0, 1, 2]
     for i in range(3):
-        d.first_token(f"r{i}")
+        d.first_token(f"r{i}", "a")
         d.finish(f"r{i}")
     assert d.view.inflight_count() == 0
 
@@ -125,3 +127,20 @@ async def test_dispatcher_immediate_unserved_model_is_no_capacity():
         await d.acquire(req("x", 1, model="other"))
     key = await d.acquire(req("y", 1))
     assert key.engine == "a"
+
+
+def test_sbs_phase_aware_sends_the_batch_to_the_instance_about_to_start_a_step():
+    view = make_view(dp_size=2, engines=("a", "b"))
+    window = WINDOW.model_copy(update={"allocator": "phase_aware"})
+    scheduler = Scheduler("sbs", view, window)
+    # both instances are busy decoding; "a" ended a step just now, "b" half a step ago
+    for engine, rid in (("a", "x"), ("b", "y")):
+        view.on_dispatch(rid, RankKey(engine, 0), 10, 0.0, stream=True)
+        view.on_first_token(rid, 0.0)
+    scheduler.on_engine_tokens("b", 0.0)
+    scheduler.on_engine_tokens("a", 0.04)
+    scheduler.submit(req("r", 500, arrival_s=0.045), 0.045)
+    assert scheduler.next_deadline() == pytest.approx(0.05)
+    outcome = scheduler.poll(0.05)  # "b" starts its next step in 0.05 s, "a" in 0.09 s
+    assert outcome is not None
+    assert [(r.request_id, str(k)) for r, k in outcome.assigned] == [("r", "b/1")]

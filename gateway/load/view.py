@@ -102,6 +102,18 @@ class LoadView:
         """All DP ranks, engine by engine."""
         return list(self._ranks)
 
+    def queued_prefill_tokens(self, engine: str) -> list[tuple[RankKey, int, int]]:
+        """``(rank, prompt tokens sent and not yet prefilled, per-step prefill budget)`` for each rank of ``engine``.
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        out = []
+        for key in self._engines[engine].ranks:
+            state = self._ranks[key]
+            out.append((key, state.queued_prefill_tokens, state.spec.prefill_budget))
+        return out
+
     def inflight_count(self) -> int:
         """Requests dispatched and not yet finished."""
         return len(self._inflight)

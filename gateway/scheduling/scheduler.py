@@ -19,6 +19,8 @@ from gateway.config import PolicyName, WindowConfig
 from gateway.load.view import LoadView
 from gateway.scheduling.allocation import free_prefill_capacity, water_fill
 from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
+from gateway.scheduling.phase import phase_fill
+from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.step_time import StepTimeEstimator
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.scheduling.window import StaggeredWindow
@@ -62,6 +64,8 @@ class Scheduler:
         self.window_config = window
         self.batched = policy == "sbs"
         self.step_time = StepTimeEstimator(window.initial_step_s)
+        self.step_clock = StepClock(window.initial_step_s)
+        self._current_step_tokens: dict[RankKey, float] = {}
         self._immediate: ImmediatePolicy | None = None if self.batched else make_immediate_policy(policy, seed=seed)
         self.window = StaggeredWindow(
             min_interval_s=window.min_interval_s,
@@ -93,6 +97,24 @@ class Scheduler:
         """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
         return self.window.deadline
 
+    def on_engine_tokens(self, engine: str, now: float) -> None:
+        """Tokens from ``engine`` arrived (after the load view took them in): track its step phase.
+
+        The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
+        carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
+        arriving in the burst shrink the queue while new dispatches only grow it.
+        """
+        queued = self.view.queued_prefill_tokens(engine)
+        new_step = self.step_clock.on_tokens(engine, now)
+        heaviest = 0.0
+        for key, tokens, budget in queued:
+            current = float(min(tokens, budget))
+            if not new_step:
+                current = min(current, self._current_step_tokens.get(key, current))
+            self._current_step_tokens[key] = current
+            heaviest = max(heaviest, current)
+        self.step_clock.set_step_prefill(engine, heaviest)
+
     def notify_load_changed(self) -> None:
         """Some rank may have room again (a scrape, a first token, a finish)."""
         self.window.notify_capacity_freed()
@@ -106,13 +128,24 @@ class Scheduler:
         if not self.window.due(now, free_prefill_capacity(snapshot, self.window_config.queue_steps)):
             return None
         batch = self.window.take(now)
-        allocation = water_fill(
-            batch,
-            snapshot,
-            now=now,
-            max_wait_s=self.window_config.max_wait_s,
-            queue_steps=self.window_config.queue_steps,
-        )
+        if self.window_config.allocator == "phase_aware":
+            allocation = phase_fill(
+                batch,
+                snapshot,
+                self.step_clock,
+                self._current_step_tokens,
+                now=now,
+                max_wait_s=self.window_config.max_wait_s,
+                queue_steps=self.window_config.queue_steps,
+            )
+        else:
+            allocation = water_fill(
+                batch,
+                snapshot,
+                now=now,
+                max_wait_s=self.window_config.max_wait_s,
+                queue_steps=self.window_config.queue_steps,
+            )
         for request, key in allocation.assigned:
             self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
         self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))

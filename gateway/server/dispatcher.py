@@ -106,9 +106,12 @@ class Dispatcher:
 
     # -- progress reports from request handlers ---------------------------------------------------------
 
-    def first_token(self, request_id: str) -> None:
-        """The first output token of ``request_id`` arrived."""
-        self.view.on_first_token(request_id, self.clock())
+    def first_token(self, request_id: str, engine: str) -> None:
+        """The first output token of ``request_id`` arrived from ``engine``."""
+        now = self.clock()
+        self.view.on_first_token(request_id, now)
+        if self.scheduler.batched:
+            self.scheduler.on_engine_tokens(engine, now)
         self.notify_load_changed()
 
     def tokens(self, request_id: str, engine: str, n: int, gap_s: float) -> None:
@@ -116,6 +119,8 @@ class Dispatcher:
         self.view.on_tokens(request_id, n)
         if n == 1:
             self.scheduler.step_time.observe(engine, gap_s)
+        if self.scheduler.batched:
+            self.scheduler.on_engine_tokens(engine, self.clock())
 
     def finish(self, request_id: str) -> None:
         """``request_id`` ended (completed, failed or aborted)."""

@@ -130,7 +130,7 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
                 now = clock()
                 if not started:
                     started = True
-                    dispatcher.first_token(call.request_id)
+                    dispatcher.first_token(call.request_id, key.engine)
                     metrics.ttft.labels(call.model_label).observe(now - call.arrival)
                     if events > 1:
                         dispatcher.tokens(call.request_id, key.engine, events - 1, now - last)

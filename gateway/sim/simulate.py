@@ -141,12 +141,17 @@ class _Sim:
         key = self.scheduler.submit(request, self.now)
         if key is not None:
             self.send(index, key)
+            self.kick()
 
     def send(self, index: int, key: RankKey) -> None:
         r = self.trace[index]
         self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
-        if self.busy[key.engine] is None:
-            self.start_step(key.engine)
+
+    def kick(self) -> None:
+        """Idle instances with work start a step (after a whole batch has been handed over)."""
+        for name, result in self.busy.items():
+            if result is None:
+                self.start_step(name)
 
     def start_step(self, name: str) -> None:
         result = self.engines[name].step()
@@ -178,6 +183,7 @@ class _Sim:
                 finished += 1
         if result.tokens:
             self.scheduler.step_time.observe(name, result.duration_s)
+            self.scheduler.on_engine_tokens(name, self.now)
         self.scheduler.notify_load_changed()
         self.start_step(name)
         return finished
@@ -194,6 +200,7 @@ class _Sim:
         if outcome is not None:
             for request, key in outcome.assigned:
                 self.send(int(request.request_id), key)
+            self.kick()
         deadline = self.scheduler.next_deadline()
         if deadline is not None and (self.poll_at is None or deadline < self.poll_at):
             self.poll_at = max(deadline, self.now)

@@ -1,0 +1,116 @@
+"""Phase-aware placement: send each request to the instance and rank where it will get its first token soonest.
+
+Water-filling (:mod:`gateway.scheduling.allocation`) balances prefill tokens across DP ranks but does not know
+where each instance is in its step. An instance in the middle of a long prefill step makes a new request wait
+for the rest of it; an idle instance starts at once. With the step boundaries the gateway infers from token
+arrivals (:class:`~gateway.scheduling.step_clock.StepClock`), the placement cost of a request of ``t`` prompt
+tokens on rank ``r`` of instance ``e`` is
+
+    wait(e) + d_e(M_e') + (d_e(M_e') - d_e(M_e)) * (n_e + w * running_e)
+
+where ``wait(e)`` is the time until ``e`` starts its next step (0 when idle), ``M_e`` the heaviest rank's prefill
+tokens already bound for that step and ``M_e'`` the same with the request on ``r``, ``d_e`` the predicted step
+duration, ``n_e`` the requests already bound for that step (they all wait for a longer step) and ``running_e``
+the decoding requests it stalls, weighted by ``w``. When the rank's queue already fills ``k`` whole steps, the
+request waits them out instead: ``wait(e) + k * d_e(budget) + d_e(rest + t)``. Requests are placed longest
+first, each at its cheapest (instance, rank); ties go to the rank with fewer tokens bound for the next step,
+then to the lighter decode load. This is our reading of SBS's "waiting to accelerate" and staggering
+(DESIGN.md §2), applied to the whole cluster at once.
+
+Measured in the virtual-time simulator (``gateway simulate``), 5 minutes of the Azure conversation trace on 2
+instances x 8 ranks at 10x its rate: mean TTFT 0.58 s against 0.94 s for round robin and 0.84 s for least
+tokens; water-filling alone gave 1.14 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.scheduling.allocation import _fits, decode_load_key
+from gateway.scheduling.step_clock import StepClock
+from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
+
+DECODE_STALL_WEIGHT = 0.05
+"""``w``: how much one decoding request's stall counts against one waiting request's TTFT (our choice)."""
+
+
+@dataclass(slots=True)
+class _Instance:
+    ranks: list[RankLoad]
+    busy: bool
+    running: float
+
+
+def phase_fill(
+    batch: Sequence[PendingRequest],
+    ranks: Sequence[RankLoad],
+    clock: StepClock,
+    current_step_tokens: dict[RankKey, float],
+    *,
+    now: float,
+    max_wait_s: float,
+    queue_steps: float,
+) -> Allocation:
+    """Place a batch by predicted time to first token (see the module docstring).
+
+    Args:
+        batch: the window's requests.
+        ranks: a snapshot of every DP rank's load.
+        clock: step boundaries and durations per engine.
+        current_step_tokens: prompt tokens of each rank taken by the step in progress (the rest of its queued
+            tokens wait for the next step).
+        now: current time (seconds).
+        max_wait_s: a request older than this is placed even where it does not fit (seconds).
+        queue_steps: a rank's capacity in per-step prefill budgets.
+    """
+    result = Allocation()
+    level = {r.key: r.queued_prefill_tokens for r in ranks}
+    next_level = {r.key: max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in ranks}
+    instances: dict[str, _Instance] = {}
+    for r in ranks:
+        inst = instances.setdefault(r.key.engine, _Instance([], False, 0.0))
+        inst.busy = inst.busy or r.running > 0 or r.waiting > 0
+        inst.running += r.running
+        if r.usable:
+            inst.ranks.append(r)
+    waiting_next = {e: sum(1 for r in inst.ranks if next_level[r.key] > 0) for e, inst in instances.items()}
+    for request in sorted(batch, key=lambda q: (-q.prompt_tokens, q.arrival_s)):
+        t = request.prompt_tokens
+        forced = now - request.arrival_s >= max_wait_s
+        best: tuple[tuple[float, ...], RankLoad] | None = None
+        serves = False
+        for engine, inst in instances.items():
+            candidates = [r for r in inst.ranks if request.model in r.models]
+            if not candidates:
+                continue
+            serves = True
+            fitting = [r for r in candidates if forced or _fits(level[r.key], t, r, queue_steps)]
+            if not fitting:
+                continue
+            heaviest = max(min(next_level[r.key], r.prefill_budget) for r in candidates)
+            d_old = clock.predict(engine, heaviest)
+            wait = clock.time_to_next_step(engine, now) if inst.busy else 0.0
+            stalled = waiting_next[engine] + DECODE_STALL_WEIGHT * inst.running
+            for r in fitting:
+                budget = r.prefill_budget
+                steps_ahead, rest = divmod(next_level[r.key], budget)
+                if steps_ahead:  # the rank's queue already fills whole steps: the request waits them out
+                    cost = wait + steps_ahead * clock.predict(engine, budget) + clock.predict(engine, rest + t)
+                else:
+                    d_new = clock.predict(engine, max(heaviest, min(rest + t, budget)))
+                    cost = wait + d_new + (d_new - d_old) * stalled
+                key = (cost, next_level[r.key], *decode_load_key(r))
+                if best is None or key < best[0]:
+                    best = (key, r)
+        if best is None:
+            (result.deferred if serves else result.unplaceable).append(request)
+            continue
+        chosen = best[1]
+        if next_level[chosen.key] == 0:
+            waiting_next[chosen.key.engine] += 1
+        level[chosen.key] += t
+        next_level[chosen.key] += t
+        result.assigned.append((request, chosen.key))
+    result.deferred.sort(key=lambda q: q.arrival_s)
+    return result

@@ -1,0 +1,106 @@
+"""Where each engine instance is in its step, inferred from the tokens the gateway sees come back.
+
+All DP ranks of an instance run forward steps in lockstep and every running request gets one token at the end
+of each step, so token chunks from one instance arrive in bursts, one burst per step end. The first chunk after
+a quiet gap of at least ``boundary_gap_s`` marks a step boundary. Knowing the last boundary and predicting the
+current step's duration tells when the instance will next start a step: the moment a request sent to it
+starts its prefill (DESIGN.md §2, "waiting to accelerate").
+
+Step duration model (the form FairBatching-style load estimates use, DESIGN.md §2):
+``duration = base + per_token * x`` where ``x`` is the largest number of prefill tokens one rank of the
+instance takes in the step (lockstep: the heaviest rank sets the pace). ``base`` (decode work plus all-to-all)
+and ``per_token`` are learnt online per instance by exponentially weighted averages: ``base`` from steps that
+carried no prefill, ``per_token`` from the excess of the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _EngineClock:
+    last_boundary: float | None = None
+    last_token: float | None = None
+    base_s: float | None = None
+    per_token_s: float | None = None
+    step_prefill_tokens: float = 0.0
+
+
+class StepClock:
+    """Per-engine step boundaries and step-duration model.
+
+    Args:
+        initial_step_s: step duration assumed for an engine with no observation yet (seconds).
+        initial_per_token_s: prefill seconds per token assumed before any is learnt.
+        boundary_gap_s: a quiet gap at least this long between two chunks of one engine separates two steps.
+        alpha: weight of a new observation in the moving averages (0 < alpha <= 1).
+    """
+
+    def __init__(
+        self,
+        initial_step_s: float,
+        *,
+        initial_per_token_s: float = 1e-4,
+        boundary_gap_s: float = 0.005,
+        alpha: float = 0.1,
+    ) -> None:
+        self.initial_step_s = initial_step_s
+        self.initial_per_token_s = initial_per_token_s
+        self.boundary_gap_s = boundary_gap_s
+        self.alpha = alpha
+        self._engines: dict[str, _EngineClock] = {}
+
+    def _get(self, engine: str) -> _EngineClock:
+        clock = self._engines.get(engine)
+        if clock is None:
+            clock = self._engines[engine] = _EngineClock()
+        return clock
+
+    def on_tokens(self, engine: str, now: float) -> bool:
+        """A chunk of tokens from ``engine`` arrived at ``now``; return whether it opened a new step.
+
+        At a new step the previous one's duration is learnt, with the prefill tokens it was last told of by
+        :meth:`set_step_prefill`; the new step starts with none until told.
+        """
+        c = self._get(engine)
+        new_step = c.last_token is None or now - c.last_token >= self.boundary_gap_s
+        c.last_token = now
+        if not new_step:
+            return False
+        if c.last_boundary is not None:
+            self._learn(c, now - c.last_boundary, c.step_prefill_tokens)
+        c.last_boundary = now
+        c.step_prefill_tokens = 0.0
+        return True
+
+    def set_step_prefill(self, engine: str, prefill_tokens: float) -> None:
+        """The heaviest rank of ``engine`` prefills ``prefill_tokens`` in the step in progress (tokens)."""
+        self._get(engine).step_prefill_tokens = prefill_tokens
+
+    def _learn(self, c: _EngineClock, duration: float, prefill_tokens: float) -> None:
+        if prefill_tokens <= 0:
+            c.base_s = duration if c.base_s is None else c.base_s + self.alpha * (duration - c.base_s)
+            return
+        base = c.base_s if c.base_s is not None else 0.0
+        sample = max(0.0, duration - base) / prefill_tokens
+        c.per_token_s = sample if c.per_token_s is None else c.per_token_s + self.alpha * (sample - c.per_token_s)
+
+    def predict(self, engine: str, prefill_tokens: float) -> float:
+        """Predicted duration of a step of ``engine`` whose heaviest rank prefills ``prefill_tokens`` (s)."""
+        c = self._get(engine)
+        base = c.base_s if c.base_s is not None else self.initial_step_s
+        per_token = c.per_token_s if c.per_token_s is not None else self.initial_per_token_s
+        return base + per_token * prefill_tokens
+
+    def time_to_next_step(self, engine: str, now: float) -> float:
+        """Seconds until ``engine`` is predicted to start its next step (0 when overdue or never seen)."""
+        c = self._get(engine)
+        if c.last_boundary is None:
+            return 0.0
+        end = c.last_boundary + self.predict(engine, c.step_prefill_tokens)
+        return max(0.0, end - now)
+
+    def current_step_prefill_tokens(self, engine: str) -> float:
+        """Most prefill tokens one rank of ``engine`` carries in the step in progress (as seen at its start)."""
+        return self._get(engine).step_prefill_tokens

@@ -1,0 +1,93 @@
+"""Step phase tracking and phase-aware placement, driven by tables of numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.scheduling.phase import phase_fill
+from gateway.scheduling.step_clock import StepClock
+from gateway.scheduling.types import RankKey
+from tests.helpers import rank, req
+
+
+def test_step_clock_finds_boundaries_and_learns_the_duration_model():
+    clock = StepClock(0.05, initial_per_token_s=1e-3, boundary_gap_s=0.005, alpha=1.0)
+    assert clock.time_to_next_step("e", 0.0) == 0.0  # never seen: assume it can start now
+    assert clock.on_tokens("e", 0.000)
+    assert not clock.on_tokens("e", 0.002)  # same burst
+    assert clock.predict("e", 0) == 0.05 and clock.predict("e", 100) == pytest.approx(0.15)
+    assert clock.on_tokens("e", 0.100)  # a decode-only step of 0.1 s
+    assert clock.predict("e", 0) == pytest.approx(0.1)
+    clock.set_step_prefill("e", 1000)
+    assert clock.time_to_next_step("e", 0.15) == pytest.approx(0.1 + 1.0 - 0.05)  # per-token still the guess
+    assert clock.on_tokens("e", 0.400)  # 0.3 s with 1000 prefill tokens: 0.2 s over the base
+    assert clock.predict("e", 2000) == pytest.approx(0.1 + 2000 * 2e-4)
+    assert clock.current_step_prefill_tokens("e") == 0
+    assert clock.time_to_next_step("e", 0.45) == pytest.approx(0.05)
+    assert clock.time_to_next_step("e", 9.0) == 0.0  # overdue
+
+
+def busy_clock(ends: dict[str, float], step_s: float = 1.0) -> StepClock:
+    clock = StepClock(step_s, initial_per_token_s=1e-4)
+    for engine, last_boundary in ends.items():
+        clock.on_tokens(engine, last_boundary)
+    return clock
+
+
+@pytest.mark.parametrize(
+    ("engines", "loads", "winner"),
+    [
+        # an idle instance starts at once; the busy one is 0.9 s from its next step
+        ({"a": 0.0}, {"a": dict(running=5), "b": {}}, "b/0"),
+        # both busy: the one whose step ends sooner
+        ({"a": 0.0, "b": 0.8}, {"a": dict(running=5), "b": dict(running=5)}, "a/0"),
+        # same phase: the rank with no prompt tokens bound for the next step
+        ({"a": 0.0}, {"a": dict(running=5, queued=3000)}, "a/1"),
+    ],
+)
+def test_phase_fill_picks_the_soonest_first_token(engines, loads, winner):
+    clock = busy_clock(engines)
+    ranks = []
+    for engine in ("a", "b"):
+        kw = loads.get(engine)
+        if kw is None:
+            continue
+        ranks.append(rank(engine, 0, **kw))
+        ranks.append(rank(engine, 1, running=kw.get("running", 0)))
+    allocation = phase_fill([req("r", 500)], ranks, clock, {}, now=0.1, max_wait_s=10, queue_steps=2)
+    assert [str(k) for _, k in allocation.assigned] == [winner]
+
+
+def test_phase_fill_avoids_a_rank_whose_queue_fills_whole_steps():
+    clock = busy_clock({"a": 0.0, "b": 0.0})
+    ranks = [rank("a", 0, running=1, queued=12000), rank("b", 0, running=1, queued=500)]
+    current = {RankKey("a", 0): 0.0, RankKey("b", 0): 500.0}
+    allocation = phase_fill([req("r", 800)], ranks, clock, current, now=0.1, max_wait_s=10, queue_steps=2)
+    assert [str(k) for _, k in allocation.assigned] == ["b/0"]
+
+
+def test_phase_fill_spreads_a_batch_over_an_idle_instance_longest_first():
+    clock = busy_clock({})
+    ranks = [rank("a", i) for i in range(4)]
+    batch = [req(f"r{i}", t) for i, t in enumerate([300, 4000, 1200, 2500, 100])]
+    allocation = phase_fill(batch, ranks, clock, {}, now=0.0, max_wait_s=10, queue_steps=2)
+    placed = {r.request_id: k.rank for r, k in allocation.assigned}
+    assert placed["r1"] != placed["r3"] != placed["r2"]
+    assert len({placed["r1"], placed["r3"], placed["r2"]}) == 3  # the three long prompts run in parallel
+    assert not allocation.deferred and not allocation.unplaceable
+
+
+def test_phase_fill_defers_what_fits_nowhere_and_reports_unserved_models():
+    clock = busy_clock({"a": 0.0})
+    ranks = [rank("a", 0, running=1, queued=16000, budget=8192)]
+    allocation = phase_fill(
+        [req("big", 2000, arrival_s=0.05), req("other", 10, model="x")],
+        ranks,
+        clock,
+        {},
+        now=0.1,
+        max_wait_s=10,
+        queue_steps=2,
+    )
+    assert [r.request_id for r in allocation.deferred] == ["big"]
+    assert [r.request_id for r in allocation.unplaceable] == ["other"]
