@@ -9,11 +9,13 @@ request and frees its KV cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,7 +31,9 @@ log = logging.getLogger(__name__)
 
 ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 REQUEST_ID_HEADER = "X-Request-Id"
+CLIENT_CLOSED_STATUS = 499
 _DONE_EVENT = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -43,9 +47,49 @@ class _Call:
     def count(self, status: int | str) -> None:
         self.state.metrics.requests.labels(self.route, self.model_label, str(status)).inc()
 
+    def client_closed(self) -> Response:
+        """The client went away: nothing is sent (499 is nginx's "client closed request" status)."""
+        self.count("client_closed")
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+
     def error(self, exc: GatewayError) -> JSONResponse:
         self.count(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers={REQUEST_ID_HEADER: self.request_id})
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # the body has been read: the next ASGI message can only be the disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`.
+
+    Cancelling an upstream call closes its connection, which makes the engine abort the request and free its KV
+    cache; cancelling a wait in the window takes the request out of it.
+    """
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientDisconnected
 
 
 async def handle_completion(state: GatewayState, request: Request, route: Route) -> Response:
@@ -65,14 +109,19 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             arrival_s=call.arrival,
             stream=parsed.stream,
         )
-        key = await dispatcher.acquire(pending)
+        key = await _unless_disconnected(request, dispatcher.acquire(pending))
     except GatewayError as exc:
         return call.error(exc)
+    except ClientDisconnected:
+        return call.client_closed()
     try:
-        upstream = await _send(state, key, route, parsed.body, call.request_id)
+        upstream = await _unless_disconnected(request, _send(state, key, route, parsed.body, call.request_id))
     except GatewayError as exc:
         dispatcher.finish(call.request_id)
         return call.error(exc)
+    except ClientDisconnected:
+        dispatcher.finish(call.request_id)
+        return call.client_closed()
     except BaseException:
         dispatcher.finish(call.request_id)
         raise
@@ -82,7 +131,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             media_type="text/event-stream",
             headers={REQUEST_ID_HEADER: call.request_id, "Cache-Control": "no-cache"},
         )
-    return await _whole(call, upstream)
+    return await _whole(call, request, upstream)
 
 
 async def _send(
@@ -95,12 +144,14 @@ async def _send(
     return await post_json(state.session, engine.url + ENGINE_PATHS[route], payload, headers)
 
 
-async def _whole(call: _Call, upstream: UpstreamResponse) -> Response:
+async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> Response:
     dispatcher = call.state.dispatcher
     try:
-        raw = await upstream.read()
+        raw = await _unless_disconnected(request, upstream.read())
     except GatewayError as exc:
         return call.error(exc)
+    except ClientDisconnected:
+        return call.client_closed()
     finally:
         upstream.close()
         dispatcher.finish(call.request_id)
