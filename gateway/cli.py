@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import logging
 import sys
-from typing import Literal
+from typing import Literal, get_args
 
 import click
 import uvicorn
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, PolicyName, Settings, load_settings
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
-POLICIES = click.Choice(["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two"])
+POLICIES = click.Choice(get_args(PolicyName))
 
 trace_option = click.option(
     "--trace",

@@ -22,7 +22,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-PolicyName = Literal["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two"]
+PolicyName = Literal["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two", "random", "vllm_internal"]
 """Scheduling policy: ``sbs`` (staggered windows + load-aware allocation) or an immediate-dispatch baseline."""
 
 EngineFlavor = Literal["sglang", "vllm"]

@@ -25,6 +25,8 @@ def test_round_robin_cycles_over_serving_usable_ranks():
     [
         ("shortest_queue", [dict(running=3, waiting=1), dict(running=1, waiting=1), dict(running=0, waiting=5)], 1),
         ("least_tokens", [dict(queued=100, kv_tokens=900), dict(queued=2000), dict(kv_tokens=500)], 2),
+        # vLLM weighs a waiting request as four running ones: 1*4+1=5, 0*4+6=6, 2*4+0=8
+        ("vllm_internal", [dict(waiting=1, running=1), dict(running=6), dict(waiting=2)], 0),
     ],
 )
 def test_least_loaded_wins(name, loads, winner):
@@ -32,7 +34,7 @@ def test_least_loaded_wins(name, loads, winner):
     assert choose_many(name, ranks, 1) == [f"e/{winner}"]
 
 
-@pytest.mark.parametrize("name", ["shortest_queue", "least_tokens"])
+@pytest.mark.parametrize("name", ["shortest_queue", "least_tokens", "vllm_internal"])
 def test_ties_are_spread_not_piled_on_rank_zero(name):
     ranks = [rank("e", i) for i in range(4)]
     assert Counter(choose_many(name, ranks, 8)) == {"e/0": 2, "e/1": 2, "e/2": 2, "e/3": 2}
@@ -53,3 +55,11 @@ def test_no_serving_rank_gives_none_and_unknown_name_raises():
     assert make_immediate_policy("power_of_two").choose(req("a", 1, model="nope"), [rank("e", 0)]) is None
     with pytest.raises(ValueError, match="unknown"):
         make_immediate_policy("fastest")
+
+
+def test_random_is_seeded_and_covers_every_serving_rank():
+    ranks = [rank("e", i) for i in range(4)] + [rank("x", 0, usable=False)]
+    first = choose_many("random", ranks, 200, seed=3)
+    assert first == choose_many("random", ranks, 200, seed=3)
+    assert first != choose_many("random", ranks, 200, seed=4)
+    assert set(first) == {"e/0", "e/1", "e/2", "e/3"}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import get_args
 
 import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
+from gateway.config import PolicyName
 from gateway.replay.traces import TraceRequest
 from gateway.sim.simulate import SimConfig, simulate
 
@@ -22,7 +24,7 @@ def synthetic_trace(n: int = 400, rate: float = 40.0, seed: int = 1) -> list[Tra
     return out
 
 
-@pytest.mark.parametrize("policy", ["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two"])
+@pytest.mark.parametrize("policy", get_args(PolicyName))
 def test_every_request_completes_and_runs_are_deterministic(policy):
     trace = synthetic_trace()
     config = SimConfig(policy=policy, instances=2, dp_size=4)

@@ -9,6 +9,12 @@ the last scrape, so a burst does not herd onto one rank.
 - ``least_tokens``: fewest outstanding tokens (prompt tokens still to prefill + KV tokens held).
 - ``power_of_two``: sample two ranks at random, take the one with the shorter queue
   (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001).
+- ``random``: a uniformly random rank (seeded).
+- ``vllm_internal``: vLLM's own DP load balancer, the lowest ``waiting * 4 + running``
+  (``vllm/v1/engine/core_client.py``, ``DPLBAsyncMPClient``).
+
+SGLang's ``minimum_tokens`` DP balancing (fewest tokens, updated optimistically on dispatch) is
+``least_tokens``: the load view adds each dispatched prompt at once.
 
 Ties go to the rank after the one chosen last, so equal loads are spread rather than piled on rank 0.
 """
@@ -90,12 +96,30 @@ class PowerOfTwo:
         return (a if a.queue_length <= b.queue_length else b).key
 
 
+class RandomChoice:
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        candidates = _serving(request, ranks)
+        return self._rng.choice(candidates).key if candidates else None
+
+
+class VllmInternal(_Rotating):
+    name = "vllm_internal"
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        return self._pick(_serving(request, ranks), lambda r: r.waiting * 4 + r.running)
+
+
 def make_immediate_policy(name: str, *, seed: int = 0) -> ImmediatePolicy:
     """Build an immediate-dispatch policy by name.
 
     Raises:
         ValueError: ``name`` is not one of ``round_robin``, ``shortest_queue``, ``least_tokens``,
-            ``power_of_two``.
+            ``power_of_two``, ``random``, ``vllm_internal``.
     """
     if name == "round_robin":
         return RoundRobin()
@@ -105,4 +129,8 @@ def make_immediate_policy(name: str, *, seed: int = 0) -> ImmediatePolicy:
         return LeastTokens()
     if name == "power_of_two":
         return PowerOfTwo(seed)
+    if name == "random":
+        return RandomChoice(seed)
+    if name == "vllm_internal":
+        return VllmInternal()
     raise ValueError(f"unknown immediate-dispatch policy {name!r}")
