@@ -1,0 +1,173 @@
+"""Shared pieces of the HTTP benchmarks: processes on loopback, trace slices, load estimate, result tables.
+
+Imported by the scripts beside it (``python bench/<script>.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from gateway.replay.traces import TraceRequest, rescale
+from gateway.sim.simulate import SimConfig, SimResult, simulate
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, path: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Poll ``url + path`` until it answers 200; raise if the process exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}{path} not ready after {timeout_s} s")
+
+
+class Processes:
+    """Processes started for one benchmark run; all are stopped (terminate, then kill) on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: Sequence[str], url: str, ready_path: str) -> str:
+        proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_ready(url, ready_path, proc)
+        return url
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def start_engines(
+    procs: Processes, flavors: Sequence[str], dp_size: int, speed: float, model: str
+) -> list[dict[str, Any]]:
+    """Start one simulated engine per flavour; return their gateway engine configurations."""
+    engines = []
+    for i, flavor in enumerate(flavors):
+        port = free_port()
+        cmd = [sys.executable, "-m", "gateway", "mock-engine", "--flavor", flavor, "--dp-size", str(dp_size)]
+        cmd += ["--port", str(port), "--model", model, "--speed", str(speed)]
+        url = procs.start(cmd, f"http://127.0.0.1:{port}", "/health")
+        engines.append({"name": f"{flavor}{i}", "flavor": flavor, "url": url, "dp_size": dp_size, "models": [model]})
+    return engines
+
+
+def start_gateway(procs: Processes, policy: str, engines: list[dict[str, Any]]) -> str:
+    """Start ``gateway serve`` in front of ``engines`` with ``policy``; return its URL."""
+    port = free_port()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump({"policy": policy, "engines": engines}, f)
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", f.name, "--port", str(port), "--log-level", "warning"]
+    return procs.start(cmd, f"http://127.0.0.1:{port}", "/ready")
+
+
+def write_slice(trace: list[TraceRequest], directory: str) -> str:
+    """Write a trace slice as Mooncake-format JSONL (what ``gateway bench`` reads); return the path."""
+    path = Path(directory) / "slice.jsonl"
+    with path.open("w") as f:
+        for r in trace:
+            row = {"timestamp": r.arrival_s * 1000, "input_length": r.prompt_tokens, "output_length": r.output_tokens}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def sustained_output_tok_s(result: SimResult) -> float:
+    """Output tokens per second produced while requests were still arriving (tokens of a request spread
+    evenly between its first token and its end)."""
+    start = result.records[0].arrival_s
+    end = result.records[-1].arrival_s
+    produced = 0.0
+    for r in result.records:
+        if r.first_token_s is None or r.done_s is None or r.first_token_s >= end:
+            continue
+        if r.done_s <= end:
+            produced += r.output_tokens
+        else:
+            produced += r.output_tokens * (end - r.first_token_s) / (r.done_s - r.first_token_s)
+    return produced / (end - start)
+
+
+def offered_load(
+    slice_: list[TraceRequest], full: list[TraceRequest], rate_scale: float, instances: int, dp_size: int
+) -> tuple[float, float]:
+    """The offered load of a trace slice as a fraction of the simulated cluster's capacity, in virtual time.
+
+    Capacity is the output throughput the same cluster (same engine model, round robin) sustains when the whole
+    trace ``full`` arrives faster than it can serve: the arrival rate is doubled until the cluster falls behind
+    (sustained output below 90% of offered), and the best sustained throughput of that rate and 1.5x, 2x, 3x
+    it is taken. A long trace keeps ramp-up and drain effects small. The offered load is the slice's output
+    tokens per second at ``rate_scale``, in engine time (the engine clock speed cancels out: pass
+    ``rate_scale / speed``).
+
+    Returns:
+        ``(offered load fraction, capacity in output tokens per engine-second)``.
+    """
+    config = SimConfig(policy="round_robin", instances=instances, dp_size=dp_size)
+    total_out = sum(r.output_tokens for r in full)
+    factor = 1.0
+    while True:
+        offered_full = total_out / ((full[-1].arrival_s - full[0].arrival_s) / factor)
+        if sustained_output_tok_s(simulate(rescale(full, factor), config)) < 0.9 * offered_full or factor > 1e3:
+            break
+        factor *= 2
+    capacity = max(sustained_output_tok_s(simulate(rescale(full, factor * k), config)) for k in (1.0, 1.5, 2.0, 3.0))
+    span = (slice_[-1].arrival_s - slice_[0].arrival_s) / rate_scale
+    return sum(r.output_tokens for r in slice_) / span / capacity, capacity
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:,.0f}"
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """A fixed-width table of ``gateway bench`` summaries, one row per run."""
+    lines = [
+        f"{'run':<34}{'done':>6}{'fail':>6}{'TTFT mean':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'TPOT mean':>11}{'E2E p50 s':>11}{'out tok/s':>11}",
+        f"{'':<34}{'':>6}{'':>6}{'ms':>11}{'ms':>10}{'ms':>10}{'ms':>11}{'':>11}{'':>11}",
+    ]
+    for name, s in results.items():
+        ttft, tpot, e2e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
+        e2e_p50 = "-" if e2e["p50"] is None else f"{e2e['p50']:.1f}"
+        lines.append(
+            f"{name:<34}{s['completed']:>6}{s['failed']:>6}{_ms(ttft['mean']):>11}{_ms(ttft['p50']):>10}"
+            f"{_ms(ttft['p99']):>10}{_ms(tpot['mean']):>11}{e2e_p50:>11}{s['output_throughput_tok_s']:>11.1f}"
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def temporary_directory() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp

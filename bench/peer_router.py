@@ -1,0 +1,115 @@
+"""Our gateway against a real peer router, sglang-router (PyPI, Rust, DP-aware), over HTTP on the same work.
+
+Installs ``sglang-router`` into its own virtual environment (``bench/.venv-sglang-router``, reused on later
+runs), then for each contender starts fresh SGLang-flavoured simulated engines, the router or gateway in front
+of them, and replays the same trace slice through it:
+
+- ``sglang-router round_robin --dp-aware`` and ``sglang-router power_of_two --dp-aware``: the router discovers
+  each engine's DP size from ``GET /get_server_info``, polls ``GET /get_load`` (power of two) and pins ranks
+  with ``data_parallel_rank`` in the body, all of which the SGLang-flavoured mock engine answers;
+- ``gateway <policy>`` for each policy asked (default ``sbs`` and ``round_robin``).
+
+    .venv/bin/python bench/peer_router.py --minutes 3 --rate-scale 0.6 --speed 0.2
+
+prints one table and writes ``bench/results/peer_router.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+from _harness import (
+    RESULTS,
+    Processes,
+    free_port,
+    offered_load,
+    results_table,
+    start_engines,
+    start_gateway,
+    temporary_directory,
+    write_slice,
+)
+
+from gateway.replay.client import run_bench
+from gateway.replay.traces import load_trace, resolve_trace, window
+
+ROUTER_VENV = Path(__file__).parent / ".venv-sglang-router"
+ROUTER_PACKAGE = "sglang-router==0.3.2"
+"""The version this comparison was written against (the newest on PyPI on 2026-11-22)."""
+
+
+def router_python() -> Path:
+    """The router venv's interpreter, creating the venv and installing sglang-router the first time."""
+    python = ROUTER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"installing {ROUTER_PACKAGE} into {ROUTER_VENV}", file=sys.stderr)
+        venv.create(ROUTER_VENV, with_pip=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", ROUTER_PACKAGE], check=True)
+    return python
+
+
+def start_router(procs: Processes, policy: str, engines: list[dict[str, object]]) -> str:
+    port = free_port()
+    cmd = [str(router_python()), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--worker-urls", *[str(e["url"]) for e in engines], "--policy", policy, "--dp-aware"]
+    cmd += ["--log-level", "warn", "--request-timeout-secs", "1800", "--disable-retries"]
+    return procs.start(cmd, f"http://127.0.0.1:{port}", "/health")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", default="azure-conv", help="bundled trace name or file [azure-conv]")
+    ap.add_argument("--start", type=float, default=0.0, help="slice start on the trace clock, seconds [0]")
+    ap.add_argument("--minutes", type=float, default=3.0, help="slice length on the trace clock, minutes [3]")
+    ap.add_argument("--rate-scale", type=float, default=0.6, help="divide inter-arrival times by this [0.6]")
+    ap.add_argument("--speed", type=float, default=0.2, help="simulated engine clock speed [0.2]")
+    ap.add_argument("--instances", type=int, default=2, help="SGLang-flavoured engine instances [2]")
+    ap.add_argument("--dp-size", type=int, default=4, help="DP ranks per instance [4]")
+    ap.add_argument("--router-policies", default="round_robin,power_of_two", help="sglang-router policies")
+    ap.add_argument("--gateway-policies", default="sbs,round_robin", help="our gateway's policies")
+    ap.add_argument("--model", default="deepseek-v3")
+    ap.add_argument("--output", type=Path, default=RESULTS / "peer_router.json")
+    args = ap.parse_args()
+
+    router_python()
+    full = load_trace(resolve_trace(args.trace))
+    trace = window(full, args.start, args.minutes * 60)
+    load, _ = offered_load(trace, full, args.rate_scale / args.speed, args.instances, args.dp_size)
+    print(f"{len(trace)} requests, offered load {load:.0%} of capacity", file=sys.stderr)
+    contenders = [("sglang-router", p) for p in args.router_policies.split(",") if p]
+    contenders += [("gateway", p) for p in args.gateway_policies.split(",") if p]
+    results = {}
+    for kind, policy in contenders:
+        name = f"{kind} {policy}" + (" --dp-aware" if kind == "sglang-router" else "")
+        print(f"\n== {name}", file=sys.stderr)
+        with Processes() as procs, temporary_directory() as tmp:
+            engines = start_engines(procs, ["sglang"] * args.instances, args.dp_size, args.speed, args.model)
+            start = start_router if kind == "sglang-router" else start_gateway
+            url = start(procs, policy, engines)
+            results[name] = run_bench(
+                url,
+                write_slice(trace, tmp),
+                rate_scale=args.rate_scale,
+                model=args.model,
+                progress=sys.stderr.isatty(),
+            )
+    print("\n" + results_table(results))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "router": ROUTER_PACKAGE,
+        "requests": len(trace),
+        "offered_load": load,
+        "runs": results,
+    }
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
