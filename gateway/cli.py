@@ -187,6 +187,20 @@ def bench(
     help="Seconds of the trace (its own clock) to replay [default: all].",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of randomised policies.")
+@click.option(
+    "--scrape-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Seconds between two scrapes of an engine's metrics.",
+)
+@click.option(
+    "--scrape-lag",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Age of the scraped figures when the gateway gets them, seconds.",
+)
 @output_option
 def simulate(
     trace: str,
@@ -196,6 +210,8 @@ def simulate(
     rate_scale: float,
     duration: float | None,
     seed: int,
+    scrape_interval: float,
+    scrape_lag: float,
     output: str | None,
 ) -> None:
     """Replay a trace through the scheduler and simulated engines in virtual time (no HTTP), per policy."""
@@ -213,7 +229,14 @@ def simulate(
     results = {}
     for policy in policies or ("sbs", "round_robin"):
         started = time.perf_counter()
-        config = SimConfig(policy=policy, instances=instances, dp_size=dp_size, seed=seed)  # type: ignore[arg-type]
+        config = SimConfig(
+            policy=policy,  # type: ignore[arg-type]
+            instances=instances,
+            dp_size=dp_size,
+            seed=seed,
+            scrape_interval_s=scrape_interval,
+            scrape_lag_s=scrape_lag,
+        )
         summary = run_simulation(requests, config).summary()
         summary["wall_s"] = time.perf_counter() - started
         results[policy] = summary

@@ -68,3 +68,26 @@ def test_cli_simulate_writes_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert "sbs" in result.output and "round_robin" in result.output
     assert out.read_text().count('"completed"') == 2
+
+
+def test_slo_attainment_and_goodput_count_requests_meeting_both_objectives():
+    trace = synthetic_trace(n=200, rate=20.0)
+    result = simulate(trace, SimConfig(policy="round_robin", instances=1, dp_size=4))
+    loose = result.summary(slo_ttft_s=1e9, slo_tpot_s=1e9)
+    assert loose["slo_attainment"] == 1.0
+    strict = result.summary(slo_ttft_s=0.0, slo_tpot_s=0.0)
+    assert strict["slo_attainment"] == 0.0 and strict["goodput_rps"] == 0.0
+    mid = result.summary(slo_ttft_s=loose["ttft_s"]["p50"], slo_tpot_s=1e9)
+    assert 0.45 <= mid["slo_attainment"] <= 0.55
+    expected = sum(1 for r in result.records if r.ttft_s <= loose["ttft_s"]["p50"]) / len(trace)
+    assert mid["slo_attainment"] == expected
+
+
+def test_scrape_lag_changes_what_the_allocator_sees_but_nothing_is_lost():
+    trace = synthetic_trace(n=300, rate=60.0)
+    fresh = simulate(trace, SimConfig(policy="shortest_queue", instances=2, dp_size=4, scrape_lag_s=0.0)).summary()
+    stale = simulate(
+        trace, SimConfig(policy="shortest_queue", instances=2, dp_size=4, scrape_interval_s=2.0, scrape_lag_s=1.5)
+    ).summary()
+    assert fresh["completed"] == stale["completed"] == len(trace)
+    assert fresh != stale

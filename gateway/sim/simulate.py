@@ -39,6 +39,8 @@ class SimConfig:
         engine: per-rank timing and capacity.
         window: window settings (``sbs``).
         scrape_interval_s: time between two scrapes of an instance's metrics, seconds.
+        scrape_lag_s: how old the figures are when the gateway receives them (engine logging interval plus
+            the scrape's own latency), seconds.
         stale_after_s: the load view's staleness bound, seconds.
         seed: seed of randomised policies.
     """
@@ -49,6 +51,7 @@ class SimConfig:
     engine: EngineModelConfig = field(default_factory=EngineModelConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     scrape_interval_s: float = 0.5
+    scrape_lag_s: float = 0.05
     stale_after_s: float = 3.0
     seed: int = 0
 
@@ -60,6 +63,21 @@ class _Record:
     first_token_s: float | None = None
     done_s: float | None = None
 
+    @property
+    def ttft_s(self) -> float:
+        assert self.first_token_s is not None
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        assert self.done_s is not None
+        return self.done_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        assert self.done_s is not None and self.first_token_s is not None
+        return (self.done_s - self.first_token_s) / max(1, self.output_tokens - 1)
+
 
 @dataclass
 class SimResult:
@@ -70,18 +88,25 @@ class SimResult:
     """Per prefill-carrying step: max over ranks of work over the mean (1.0 = perfectly balanced)."""
     sim_end_s: float
 
-    def summary(self) -> dict[str, Any]:
-        """Figures in the shape ``gateway bench`` writes (``ttft_s``, ``tpot_s``, ``e2e_s``, throughput)."""
+    def summary(self, *, slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.1) -> dict[str, Any]:
+        """Figures in the shape ``gateway bench`` writes (``ttft_s``, ``tpot_s``, ``e2e_s``, throughput), plus
+        SLO attainment and goodput.
+
+        Args:
+            slo_ttft_s: TTFT objective (seconds).
+            slo_tpot_s: TPOT objective (seconds); a one-token request meets it trivially.
+
+        Returns:
+            A JSON-able dict; ``slo_attainment`` is the fraction of all requests that met both objectives and
+            ``goodput_rps`` those requests per second of the run.
+        """
         done = [r for r in self.records if r.done_s is not None and r.first_token_s is not None]
-        ttft = [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]
-        e2e = [r.done_s - r.arrival_s for r in done if r.done_s is not None]
-        tpot = [
-            (r.done_s - r.first_token_s) / (r.output_tokens - 1)
-            for r in done
-            if r.done_s is not None and r.first_token_s is not None and r.output_tokens > 1
-        ]
-        span = (max(r.done_s for r in done if r.done_s is not None) - self.records[0].arrival_s) if done else 0.0
+        ttft = [r.ttft_s for r in done]
+        e2e = [r.e2e_s for r in done]
+        tpot = [r.tpot_s for r in done if r.output_tokens > 1]
+        span = (max(r.e2e_s + r.arrival_s for r in done) - self.records[0].arrival_s) if done else 0.0
         out_tokens = sum(r.output_tokens for r in done)
+        good = sum(1 for r in done if r.ttft_s <= slo_ttft_s and (r.output_tokens <= 1 or r.tpot_s <= slo_tpot_s))
         return {
             "completed": len(done),
             "failed": len(self.records) - len(done),
@@ -89,6 +114,9 @@ class SimResult:
             "tpot_s": distribution(tpot),
             "e2e_s": distribution(e2e),
             "output_throughput_tok_s": out_tokens / span if span > 0 else 0.0,
+            "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
+            "slo_attainment": good / len(self.records) if self.records else 0.0,
+            "goodput_rps": good / span if span > 0 else 0.0,
             "step_imbalance": distribution(self.step_imbalance),
         }
 
@@ -130,6 +158,8 @@ class _Sim:
                 remaining -= self.on_step_end(data)
             elif kind == "scrape":
                 self.on_scrape(data)
+            elif kind == "scrape_result":
+                self.on_scrape_result(*data)
             elif kind == "poll" and self.poll_at == self.now:
                 self.poll_at = None
             self.poll()
@@ -189,11 +219,15 @@ class _Sim:
         return finished
 
     def on_scrape(self, name: str) -> None:
+        """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
         stats = self.engines[name].rank_stats()
         ranks = {s.rank: RankMetrics(s.running, s.waiting, s.kv_usage) for s in stats}
+        self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, ranks))
+        self.push(self.now + self.config.scrape_interval_s, "scrape", name)
+
+    def on_scrape_result(self, name: str, ranks: dict[int, RankMetrics]) -> None:
         self.view.on_scrape(name, ranks, self.now)
         self.scheduler.notify_load_changed()
-        self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 
     def poll(self) -> None:
         outcome = self.scheduler.poll(self.now)

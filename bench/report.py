@@ -1,0 +1,182 @@
+"""The scheduling-quality report: every policy on real traces at three loads, in virtual time.
+
+For each trace (Azure 2023 conversation and code, Mooncake conversation) a slice is replayed through the
+virtual-time simulator (``gateway simulate``: the gateway's own scheduler in front of the calibrated engine
+model) on one cluster shape, at about 50%, 80% and 95% of the cluster's capacity (capacity as in
+``_harness.offered_load``: the output throughput round robin sustains under overload). For each policy it reports
+TTFT mean/p50/p90/p99, TPOT mean/p99, end-to-end latency, output throughput, goodput and SLO attainment, per-step
+rank imbalance, and the maximum request rate at which at least 90% of requests meet the SLO (bisection).
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python bench/report.py                    # writes bench/results/report/
+
+Writes ``report.md`` (tables), ``report.json`` (every figure) and PNG plots: the TTFT CDF per policy at 80% load
+and p99 TTFT against request rate, per trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, get_args
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from _harness import RESULTS, offered_load
+
+from gateway.config import PolicyName
+from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
+from gateway.sim.simulate import SimConfig, SimResult, simulate
+
+TRACES = ("azure-conv", "azure-code", "mooncake-conv")
+LOADS = (0.5, 0.8, 0.95)
+CURVE_LOADS = (0.4, 0.5, 0.65, 0.8, 0.9, 0.95, 1.05)
+ATTAINMENT_TARGET = 0.9
+
+
+def run(trace: list[TraceRequest], scale: float, policy: str, args: argparse.Namespace) -> SimResult:
+    config = SimConfig(policy=policy, instances=args.instances, dp_size=args.dp_size)  # type: ignore[arg-type]
+    return simulate(rescale(trace, scale), config)
+
+
+def request_rate(trace: list[TraceRequest], scale: float) -> float:
+    return len(trace) / ((trace[-1].arrival_s - trace[0].arrival_s) / scale)
+
+
+def max_rate(trace: list[TraceRequest], policy: str, lo: float, hi: float, args: argparse.Namespace) -> float:
+    """Highest request rate (req/s) with SLO attainment >= 90%, by bisection on the rate scale in [lo, hi]."""
+
+    def ok(scale: float) -> bool:
+        summary = run(trace, scale, policy, args).summary(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
+        return float(summary["slo_attainment"]) >= ATTAINMENT_TARGET
+
+    if not ok(lo):
+        return 0.0
+    if ok(hi):
+        return request_rate(trace, hi)
+    for _ in range(args.bisection_steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return request_rate(trace, lo)
+
+
+def ms(x: float | None) -> str:
+    return "–" if x is None else f"{x * 1000:,.0f}"
+
+
+def table(rows: dict[str, dict[str, Any]], rates: dict[str, float]) -> list[str]:
+    out = [
+        "| policy | TTFT mean | p50 | p90 | p99 (ms) | TPOT mean | p99 (ms) | E2E p50 (s) | output tok/s | goodput "
+        "(req/s) | SLO met | imbalance | max rate under SLO (req/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for policy, s in rows.items():
+        t, p = s["ttft_s"], s["tpot_s"]
+        e2e = s["e2e_s"]["p50"]
+        out.append(
+            f"| {policy} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p90'])} | {ms(t['p99'])} | {ms(p['mean'])} | "
+            f"{ms(p['p99'])} | {e2e:.1f} | {s['output_throughput_tok_s']:,.0f} | {s['goodput_rps']:.2f} | "
+            f"{s['slo_attainment']:.0%} | {s['step_imbalance']['mean']:.2f} | {rates.get(policy, 0.0):.2f} |"
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", default=",".join(TRACES))
+    ap.add_argument("--policies", default=",".join(get_args(PolicyName)))
+    ap.add_argument("--minutes", type=float, default=20.0, help="slice of each trace, minutes [20]")
+    ap.add_argument("--instances", type=int, default=2, help="engine instances [2]")
+    ap.add_argument("--dp-size", type=int, default=8, help="DP ranks per instance [8]")
+    ap.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT objective, seconds [2]")
+    ap.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT objective, seconds [0.1]")
+    ap.add_argument("--bisection-steps", type=int, default=6)
+    ap.add_argument("--output", type=Path, default=RESULTS / "report")
+    args = ap.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    policies = args.policies.split(",")
+    started = time.perf_counter()
+    command = "python bench/report.py " + " ".join(sys.argv[1:])
+    md = [
+        "# Scheduling quality report",
+        "",
+        f"Made by `{command.strip()}` (virtual time; {args.instances} instances x {args.dp_size} DP ranks of the "
+        f"calibrated DeepSeek-V3/H800 engine model; {args.minutes:g}-minute slice of each trace). SLO: TTFT <= "
+        f"{args.slo_ttft:g} s and TPOT <= {args.slo_tpot * 1000:g} ms; goodput counts requests meeting both; the "
+        f"max rate is the highest request rate with at least {ATTAINMENT_TARGET:.0%} of requests meeting it. "
+        "Imbalance: per step carrying prefill, the heaviest rank's work over the mean.",
+    ]
+    report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "traces": {}}
+    for name in args.traces.split(","):
+        trace = window(load_trace(resolve_trace(name)), 0.0, args.minutes * 60)
+        load_at_1, capacity = offered_load(trace, trace, 1.0, args.instances, args.dp_size)
+        scale_for = {load: load / load_at_1 for load in CURVE_LOADS}
+        print(f"{name}: {len(trace)} requests, capacity {capacity:,.0f} output tok/s", file=sys.stderr)
+        entry: dict[str, Any] = {"capacity_output_tok_s": capacity, "loads": {}, "max_rate_rps": {}, "curve": {}}
+        rates = {p: max_rate(trace, p, scale_for[0.4] / 2, scale_for[1.05] * 1.5, args) for p in policies}
+        entry["max_rate_rps"] = rates
+        md += ["", f"## {name}", "", f"{len(trace)} requests; capacity {capacity:,.0f} output tokens/s."]
+        cdf: dict[str, list[float]] = {}
+        for load in CURVE_LOADS:
+            rows = {}
+            for policy in policies:
+                result = run(trace, scale_for[load], policy, args)
+                rows[policy] = result.summary(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
+                entry["curve"].setdefault(policy, []).append(
+                    (request_rate(trace, scale_for[load]), rows[policy]["ttft_s"]["p99"])
+                )
+                if load == 0.8:
+                    cdf[policy] = sorted(r.ttft_s for r in result.records if r.first_token_s is not None)
+            if load in LOADS:
+                entry["loads"][str(load)] = rows
+                rate = request_rate(trace, scale_for[load])
+                md += ["", f"### {load:.0%} load ({rate:.2f} req/s)", "", *table(rows, rates)]
+        report["traces"][name] = entry
+        plot_cdf(cdf, name, args.output / f"ttft_cdf_{name}.png")
+        plot_curve(entry["curve"], name, args.output / f"p99_ttft_vs_rate_{name}.png")
+        md += ["", f"![TTFT CDF]({f'ttft_cdf_{name}.png'}) ![p99 TTFT against rate]({f'p99_ttft_vs_rate_{name}.png'})"]
+    md += ["", f"Generated in {time.perf_counter() - started:.0f} s."]
+    (args.output / "report.md").write_text("\n".join(md) + "\n")
+    (args.output / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}/report.md", file=sys.stderr)
+
+
+def plot_cdf(cdf: dict[str, list[float]], name: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, values in cdf.items():
+        n = len(values)
+        ax.plot(values, [(i + 1) / n for i in range(n)], label=policy, linewidth=2 if policy == "sbs" else 1)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{name}: TTFT CDF at 80% load")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(curve: dict[str, list[tuple[float, float]]], name: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, points in curve.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=policy, linewidth=2 if policy == "sbs" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("p99 TTFT (s, log scale)")
+    ax.set_title(f"{name}: p99 TTFT against load")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
