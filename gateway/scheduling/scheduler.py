@@ -137,6 +137,7 @@ class Scheduler:
                 now=now,
                 max_wait_s=self.window_config.max_wait_s,
                 queue_steps=self.window_config.queue_steps,
+                decode_stall_weight=self.window_config.decode_stall_weight,
             )
         else:
             allocation = water_fill(
