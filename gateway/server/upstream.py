@@ -16,10 +16,14 @@ import aiohttp
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError, UpstreamTimeoutError, UpstreamUnavailableError
 
+KEEPALIVE_S = 2.0
+"""Idle pooled connections are closed after this long: below uvicorn's default ``timeout_keep_alive`` of 5 s,
+which vLLM and SGLang servers run with, so the pool rarely hands out a connection the engine already closed."""
+
 
 def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
     """A client session for engine traffic: pooled connections, no total timeout (streams may be long)."""
-    connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_S)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
@@ -82,20 +86,31 @@ async def post_json(
         body: the JSON body, already encoded.
         headers: upstream headers (content type is set here).
 
+    A connection that breaks before the answer's headers (typically a pooled keep-alive connection the engine
+    closed) is retried once on a fresh one.
+
     Raises:
         UpstreamUnavailableError: the engine could not be reached (nothing was processed).
         UpstreamTimeoutError: connecting or waiting for the headers timed out.
         UpstreamError: any other transport failure.
     """
     all_headers = {"Content-Type": "application/json", **headers}
-    try:
-        resp = await session.post(url, data=body, headers=all_headers)
-    except TimeoutError as exc:
-        raise UpstreamTimeoutError(f"timed out waiting for the engine at {url}") from exc
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-        raise UpstreamUnavailableError(f"engine unreachable: {exc}") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"engine request failed: {exc}") from exc
+    for attempt in (1, 2):
+        try:
+            resp = await session.post(url, data=body, headers=all_headers)
+            break
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(f"timed out waiting for the engine at {url}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnavailableError(f"engine unreachable: {exc}") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # A pooled keep-alive connection the engine closed meanwhile fails like this before any answer: the
+            # engine did not take the request (or dropped it with the connection), so one retry on a fresh
+            # connection cannot run it twice.
+            if attempt == 2:
+                raise UpstreamUnavailableError(f"engine connection failed: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"engine request failed: {exc}") from exc
     return UpstreamResponse(resp.status, resp.headers.get("Content-Type", ""), resp)
 
 
