@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -38,6 +39,9 @@ def echo_engine() -> FastAPI:
                 for i in range(3):
                     yield f"data: {json.dumps({'i': i})}\n\n".encode()
                 if fail == "mid-stream":
+                    # let the chunks reach the gateway first: aiohttp drops bytes that arrive in the same read
+                    # as a broken connection (StreamReader.readany raises before returning its buffer)
+                    await asyncio.sleep(0.1)
                     raise RuntimeError("engine died mid-stream")
                 yield b"data: [DONE]\n\n"
 
