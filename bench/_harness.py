@@ -5,6 +5,7 @@ Imported by the scripts beside it (``python bench/<script>.py`` puts this folder
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import socket
@@ -12,13 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
+from gateway.replay.client import run_bench
 from gateway.replay.traces import TraceRequest, rescale
 from gateway.sim.simulate import SimConfig, SimResult, simulate
 
@@ -83,7 +85,7 @@ def start_engines(
     return engines
 
 
-def start_gateway(procs: Processes, policy: str, engines: list[dict[str, Any]]) -> str:
+def start_gateway(procs: Processes, engines: list[dict[str, Any]], policy: str) -> str:
     """Start ``gateway serve`` in front of ``engines`` with ``policy``; return its URL."""
     port = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -167,7 +169,36 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def temporary_directory() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        yield tmp
+def add_slice_args(ap: argparse.ArgumentParser, *, minutes: float) -> None:
+    """The options every HTTP benchmark shares: which trace slice, how fast, on which simulated cluster."""
+    ap.add_argument("--trace", default="azure-conv", help="bundled trace name or file [azure-conv]")
+    ap.add_argument("--start", type=float, default=0.0, help="slice start on the trace clock, seconds [0]")
+    ap.add_argument("--minutes", type=float, default=minutes, help=f"slice length on the trace clock [{minutes:g}]")
+    ap.add_argument("--rate-scale", type=float, default=0.6, help="divide inter-arrival times by this [0.6]")
+    ap.add_argument("--speed", type=float, default=0.2, help="simulated engine clock speed [0.2]")
+    ap.add_argument("--instances", type=int, default=2, help="engine instances [2]")
+    ap.add_argument("--dp-size", type=int, default=4, help="DP ranks per instance [4]")
+    ap.add_argument("--model", default="deepseek-v3")
+
+
+def replay_through(
+    front: Callable[[Processes, list[dict[str, Any]]], str],
+    flavors: Sequence[str],
+    trace: list[TraceRequest],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Start fresh engines and the front (gateway or router) built by ``front``, replay ``trace``, stop all."""
+    with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
+        engines = start_engines(procs, flavors, args.dp_size, args.speed, args.model)
+        url = front(procs, engines)
+        return run_bench(
+            url, write_slice(trace, tmp), rate_scale=args.rate_scale, model=args.model, progress=sys.stderr.isatty()
+        )
+
+
+def write_report(args: argparse.Namespace, **fields: Any) -> None:
+    """Write ``fields`` with the run's options as JSON to ``args.output``."""
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.output.write_text(json.dumps({"config": config, **fields}, indent=2))
+    print(f"\nwrote {args.output}", file=sys.stderr)

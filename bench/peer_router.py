@@ -17,25 +17,24 @@ prints one table and writes ``bench/results/peer_router.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import venv
+from functools import partial
 from pathlib import Path
 
 from _harness import (
     RESULTS,
     Processes,
+    add_slice_args,
     free_port,
     offered_load,
+    replay_through,
     results_table,
-    start_engines,
     start_gateway,
-    temporary_directory,
-    write_slice,
+    write_report,
 )
 
-from gateway.replay.client import run_bench
 from gateway.replay.traces import load_trace, resolve_trace, window
 
 ROUTER_VENV = Path(__file__).parent / ".venv-sglang-router"
@@ -53,7 +52,7 @@ def router_python() -> Path:
     return python
 
 
-def start_router(procs: Processes, policy: str, engines: list[dict[str, object]]) -> str:
+def start_router(procs: Processes, engines: list[dict[str, object]], policy: str) -> str:
     port = free_port()
     cmd = [str(router_python()), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--worker-urls", *[str(e["url"]) for e in engines], "--policy", policy, "--dp-aware"]
@@ -63,16 +62,9 @@ def start_router(procs: Processes, policy: str, engines: list[dict[str, object]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default="azure-conv", help="bundled trace name or file [azure-conv]")
-    ap.add_argument("--start", type=float, default=0.0, help="slice start on the trace clock, seconds [0]")
-    ap.add_argument("--minutes", type=float, default=3.0, help="slice length on the trace clock, minutes [3]")
-    ap.add_argument("--rate-scale", type=float, default=0.6, help="divide inter-arrival times by this [0.6]")
-    ap.add_argument("--speed", type=float, default=0.2, help="simulated engine clock speed [0.2]")
-    ap.add_argument("--instances", type=int, default=2, help="SGLang-flavoured engine instances [2]")
-    ap.add_argument("--dp-size", type=int, default=4, help="DP ranks per instance [4]")
+    add_slice_args(ap, minutes=3.0)
     ap.add_argument("--router-policies", default="round_robin,power_of_two", help="sglang-router policies")
     ap.add_argument("--gateway-policies", default="sbs,round_robin", help="our gateway's policies")
-    ap.add_argument("--model", default="deepseek-v3")
     ap.add_argument("--output", type=Path, default=RESULTS / "peer_router.json")
     args = ap.parse_args()
 
@@ -81,34 +73,14 @@ def main() -> None:
     trace = window(full, args.start, args.minutes * 60)
     load, _ = offered_load(trace, full, args.rate_scale / args.speed, args.instances, args.dp_size)
     print(f"{len(trace)} requests, offered load {load:.0%} of capacity", file=sys.stderr)
-    contenders = [("sglang-router", p) for p in args.router_policies.split(",") if p]
-    contenders += [("gateway", p) for p in args.gateway_policies.split(",") if p]
+    fronts = {f"sglang-router {p} --dp-aware": partial(start_router, policy=p) for p in args.router_policies.split(",")}
+    fronts |= {f"gateway {p}": partial(start_gateway, policy=p) for p in args.gateway_policies.split(",")}
     results = {}
-    for kind, policy in contenders:
-        name = f"{kind} {policy}" + (" --dp-aware" if kind == "sglang-router" else "")
+    for name, front in fronts.items():
         print(f"\n== {name}", file=sys.stderr)
-        with Processes() as procs, temporary_directory() as tmp:
-            engines = start_engines(procs, ["sglang"] * args.instances, args.dp_size, args.speed, args.model)
-            start = start_router if kind == "sglang-router" else start_gateway
-            url = start(procs, policy, engines)
-            results[name] = run_bench(
-                url,
-                write_slice(trace, tmp),
-                rate_scale=args.rate_scale,
-                model=args.model,
-                progress=sys.stderr.isatty(),
-            )
+        results[name] = replay_through(front, ["sglang"] * args.instances, trace, args)
     print("\n" + results_table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "router": ROUTER_PACKAGE,
-        "requests": len(trace),
-        "offered_load": load,
-        "runs": results,
-    }
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    write_report(args, router=ROUTER_PACKAGE, requests=len(trace), offered_load=load, runs=results)
 
 
 if __name__ == "__main__":
