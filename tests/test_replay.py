@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.replay.client import ReplayError, SSEDecoder, replay, request_body, request_prompt, run_bench
+from gateway.replay.client import ReplayError, replay, request_body, request_prompt, run_bench
+from gateway.replay.sse import SSEDecoder
 from gateway.replay.stats import (
     ReplayResult,
     RequestRecord,

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import aiohttp
 from tqdm import tqdm
 
+from gateway.replay.sse import SSEDecoder
 from gateway.replay.stats import ReplayResult, RequestRecord, format_table, summarize
 from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.scheduling.tokens import CHARS_PER_TOKEN, synthesize_prompt
@@ -70,41 +71,6 @@ def request_body(endpoint: Endpoint, model: str, index: int, prompt_tokens: int,
         stream_options={"include_usage": True},
     )
     return body
-
-
-class SSEDecoder:
-    """Incremental Server-Sent Events decoder: bytes in, the ``data`` of each complete event out.
-
-    Lines end in LF or CRLF; ``data:`` lines of one event are joined with ``\\n``; a blank line ends the
-    event; comments (``:``) and other fields (``event``, ``id``, ``retry``) are ignored. Chunk boundaries may
-    fall anywhere, including inside a line or a UTF-8 character.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        """Add bytes; return the data of the events they complete."""
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        events: list[str] = []
-        for raw in lines:
-            line = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-            elif line.startswith("data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(" ") else value)
-        return events
-
-    def close(self) -> list[str]:
-        """End of stream: return a last event left without its blank line (lenient)."""
-        events = self.feed(b"\n\n") if self._buffer or self._data else []
-        self._buffer = b""
-        return events
 
 
 @dataclass
