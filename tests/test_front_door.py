@@ -227,3 +227,13 @@ async def test_a_plugged_in_tokenizer_counts_prompt_tokens() -> None:
         if line.startswith("gateway_dispatched_prompt_tokens_total{")
     )
     assert total == 7  # the heuristic would have said 9 (35 characters / 4)
+
+
+@pytest.mark.parametrize("policy", ["sbs", "round_robin"])
+async def test_clients_reusing_a_request_id_do_not_collide(policy: str) -> None:
+    async with gateway_before("vllm", policy=policy) as client:
+        replies = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "same"}) for _ in range(6))
+        )
+    assert [r.status_code for r in replies] == [200] * 6
+    assert {r.headers["x-request-id"] for r in replies} == {"same"}

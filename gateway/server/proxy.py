@@ -14,7 +14,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import Request
@@ -41,8 +41,11 @@ class _Call:
     state: GatewayState
     route: Route
     request_id: str
+    """The client's ``X-Request-Id`` (or a generated one): logged and sent upstream, never trusted as a key."""
     arrival: float
     model_label: str = "unknown"
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """The gateway's own id for the request in the window and the load view."""
 
     def count(self, status: int | str) -> None:
         self.state.metrics.requests.labels(self.route, self.model_label, str(status)).inc()
@@ -102,7 +105,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
         call.model_label = parsed.model
         pending = PendingRequest(
-            request_id=call.request_id,
+            request_id=call.key,
             model=parsed.model,
             prompt_tokens=count_prompt_tokens(parsed.body, state.tokenizer),
             max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
@@ -117,13 +120,13 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
     try:
         upstream = await _unless_disconnected(request, _send(state, key, route, parsed.body, call.request_id))
     except GatewayError as exc:
-        dispatcher.finish(call.request_id)
+        dispatcher.finish(call.key)
         return call.error(exc)
     except ClientDisconnected:
-        dispatcher.finish(call.request_id)
+        dispatcher.finish(call.key)
         return call.client_closed()
     except BaseException:
-        dispatcher.finish(call.request_id)
+        dispatcher.finish(call.key)
         raise
     if upstream.status == 200 and parsed.stream and "text/event-stream" in upstream.content_type:
         return StreamingResponse(
@@ -154,7 +157,7 @@ async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> R
         return call.client_closed()
     finally:
         upstream.close()
-        dispatcher.finish(call.request_id)
+        dispatcher.finish(call.key)
     headers = {REQUEST_ID_HEADER: call.request_id}
     if upstream.status != 200:
         call.count(upstream.status)
@@ -181,12 +184,12 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
                 now = clock()
                 if not started:
                     started = True
-                    dispatcher.first_token(call.request_id, key.engine)
+                    dispatcher.first_token(call.key, key.engine)
                     metrics.ttft.labels(call.model_label).observe(now - call.arrival)
                     if events > 1:
-                        dispatcher.tokens(call.request_id, key.engine, events - 1, now - last)
+                        dispatcher.tokens(call.key, key.engine, events - 1, now - last)
                 else:
-                    dispatcher.tokens(call.request_id, key.engine, events, now - last)
+                    dispatcher.tokens(call.key, key.engine, events, now - last)
                 last = now
             yield chunk
     except UpstreamError as exc:
@@ -199,6 +202,6 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
         raise
     finally:
         upstream.close()
-        dispatcher.finish(call.request_id)
+        dispatcher.finish(call.key)
         metrics.e2e.labels(call.model_label).observe(clock() - call.arrival)
         call.count(status)
