@@ -155,15 +155,15 @@ def _ms(value: float | None) -> str:
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     """A fixed-width table of ``gateway bench`` summaries, one row per run."""
     lines = [
-        f"{'run':<34}{'done':>6}{'fail':>6}{'TTFT mean':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'run':<40}{'done':>6}{'fail':>6}{'TTFT mean':>11}{'TTFT p50':>10}{'TTFT p99':>10}"
         f"{'TPOT mean':>11}{'E2E p50 s':>11}{'out tok/s':>11}",
-        f"{'':<34}{'':>6}{'':>6}{'ms':>11}{'ms':>10}{'ms':>10}{'ms':>11}{'':>11}{'':>11}",
+        f"{'':<40}{'':>6}{'':>6}{'ms':>11}{'ms':>10}{'ms':>10}{'ms':>11}{'':>11}{'':>11}",
     ]
     for name, s in results.items():
         ttft, tpot, e2e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
         e2e_p50 = "-" if e2e["p50"] is None else f"{e2e['p50']:.1f}"
         lines.append(
-            f"{name:<34}{s['completed']:>6}{s['failed']:>6}{_ms(ttft['mean']):>11}{_ms(ttft['p50']):>10}"
+            f"{name:<40}{s['completed']:>6}{s['failed']:>6}{_ms(ttft['mean']):>11}{_ms(ttft['p50']):>10}"
             f"{_ms(ttft['p99']):>10}{_ms(tpot['mean']):>11}{e2e_p50:>11}{s['output_throughput_tok_s']:>11.1f}"
         )
     return "\n".join(lines)
