@@ -146,36 +146,58 @@ def main() -> None:
     print(f"wrote {args.output}/report.md", file=sys.stderr)
 
 
-def plot_cdf(cdf: dict[str, list[float]], name: str, path: Path) -> None:
+def plot_lines(
+    series: dict[str, tuple[list[float], list[float]]],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xlog: bool = False,
+    ylog: bool = False,
+    markers: bool = False,
+) -> None:
+    """One line per policy (``sbs`` drawn thicker), saved as PNG."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, values in cdf.items():
-        n = len(values)
-        ax.plot(values, [(i + 1) / n for i in range(n)], label=policy, linewidth=2 if policy == "sbs" else 1)
-    ax.set_xscale("log")
-    ax.set_xlabel("TTFT (s, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(f"{name}: TTFT CDF at 80% load")
+    for policy, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=policy, marker="o" if markers else None, linewidth=2 if policy == "sbs" else 1)
+    if xlog:
+        ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_cdf(cdf: dict[str, list[float]], name: str, path: Path) -> None:
+    series = {p: (v, [(i + 1) / len(v) for i in range(len(v))]) for p, v in cdf.items()}
+    plot_lines(
+        series,
+        path,
+        title=f"{name}: TTFT CDF at 80% load",
+        xlabel="TTFT (s, log scale)",
+        ylabel="fraction of requests",
+        xlog=True,
+    )
 
 
 def plot_curve(curve: dict[str, list[tuple[float, float]]], name: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, points in curve.items():
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=policy, linewidth=2 if policy == "sbs" else 1)
-    ax.set_yscale("log")
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("p99 TTFT (s, log scale)")
-    ax.set_title(f"{name}: p99 TTFT against load")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {p: ([x for x, _ in pts], [y for _, y in pts]) for p, pts in curve.items()}
+    plot_lines(
+        series,
+        path,
+        title=f"{name}: p99 TTFT against load",
+        xlabel="request rate (req/s)",
+        ylabel="p99 TTFT (s, log scale)",
+        ylog=True,
+        markers=True,
+    )
 
 
 if __name__ == "__main__":
