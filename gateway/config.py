@@ -96,6 +96,10 @@ class WindowConfig(_Strict):
     queue_steps: PositiveFloat = 2.0
     """A DP rank's prefill capacity, in per-step token budgets: the step in progress plus the next one (see
     :mod:`gateway.scheduling.allocation`)."""
+    max_buffered_requests: int = Field(default=10_000, ge=1)
+    """The window holds at most this many requests; beyond it new requests get 503 with ``Retry-After``."""
+    max_buffered_tokens: int = Field(default=20_000_000, ge=1)
+    """The window holds at most this many prompt tokens (estimated); beyond it new requests get 503."""
     max_wait_s: PositiveFloat = 10.0
     """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
 

@@ -6,6 +6,7 @@ Hierarchy::
     ├── InvalidRequestError   400     malformed JSON, wrong types, missing fields
     ├── ModelNotFoundError    404     no engine serves the model
     ├── NoCapacityError       503     no engine rank is usable for the model   (retryable)
+    ├── OverloadedError       503     the window buffer is full; carries Retry-After   (retryable)
     └── UpstreamError         502/…   an engine failed or answered with an error
         ├── UpstreamUnavailableError 503  connection refused / reset before any byte  (retryable)
         └── UpstreamTimeoutError     504  the engine did not answer in time
@@ -71,6 +72,23 @@ class NoCapacityError(GatewayError):
     type = "service_unavailable"
     code = "no_capacity"
     retryable = True
+
+
+class OverloadedError(GatewayError):
+    """The gateway's window is full (HTTP 503 with ``Retry-After``): answered at once rather than queued.
+
+    Attributes:
+        retry_after_s: seconds the client should wait before retrying.
+    """
+
+    status = 503
+    type = "overloaded_error"
+    code = "window_full"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamError(GatewayError):

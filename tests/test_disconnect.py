@@ -101,3 +101,26 @@ async def test_a_request_waiting_in_the_window_is_dropped_when_its_client_leaves
         assert total(gateway_text, "gateway_window_buffered_requests") == 0
         assert total(gateway_text, "gateway_dispatched_requests_total") == 0
         assert total(engine_text, "vllm:prompt_tokens_total") == 0
+
+
+async def test_a_full_window_answers_503_with_retry_after_at_once() -> None:
+    window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0, max_buffered_requests=2)
+    async with stack(window) as (gateway_url, _), httpx.AsyncClient() as http:
+
+        async def waits() -> None:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=1.0)) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await impatient.post(gateway_url + "/v1/chat/completions", json=SLOW)
+
+        holders = [asyncio.create_task(waits()) for _ in range(2)]
+
+        async def window_full() -> bool:
+            text = (await http.get(gateway_url + "/metrics")).text
+            return total(text, "gateway_window_buffered_requests") == 2
+
+        await eventually(window_full)
+        refused = await http.post(gateway_url + "/v1/chat/completions", json=SLOW)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "window_full"
+        await asyncio.gather(*holders)

@@ -9,7 +9,7 @@ import pytest
 from gateway.config import EngineConfig, Settings, WindowConfig
 from gateway.errors import NoCapacityError
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.scheduler import NoServingRankError, Scheduler
+from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import RankKey
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
@@ -144,3 +144,24 @@ def test_sbs_phase_aware_sends_the_batch_to_the_instance_about_to_start_a_step()
     outcome = scheduler.poll(0.05)  # "b" starts its next step in 0.05 s, "a" in 0.09 s
     assert outcome is not None
     assert [(r.request_id, str(k)) for r, k in outcome.assigned] == [("r", "b/1")]
+
+
+@pytest.mark.parametrize(
+    ("limits", "prompts", "accepted"),
+    [
+        (dict(max_buffered_requests=2), [10, 10, 10], 2),
+        (dict(max_buffered_tokens=250), [100, 100, 100], 2),
+        (dict(max_buffered_tokens=250), [100, 200, 50], 2),  # the 200-token one does not fit, the next does
+    ],
+)
+def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted):
+    scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update=limits))
+    taken = 0
+    for i, tokens in enumerate(prompts):
+        try:
+            scheduler.submit(req(f"r{i}", tokens), 0.0)
+            taken += 1
+        except WindowFullError:
+            pass
+    assert taken == accepted
+    assert len(scheduler.window) == accepted

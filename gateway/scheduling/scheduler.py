@@ -30,6 +30,10 @@ class NoServingRankError(LookupError):
     """No usable DP rank serves the request's model."""
 
 
+class WindowFullError(RuntimeError):
+    """The window already holds its maximum of requests or prompt tokens."""
+
+
 @dataclass(slots=True)
 class WindowOutcome:
     """What closing one window did.
@@ -79,8 +83,14 @@ class Scheduler:
 
         Raises:
             NoServingRankError: (immediate policies) no usable rank serves the request's model.
+            WindowFullError: (``sbs``) the window is at its request or token bound.
         """
         if self._immediate is None:
+            limits = self.window_config
+            if len(self.window) >= limits.max_buffered_requests:
+                raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_requests} requests")
+            if self.window.buffered_tokens + request.prompt_tokens > limits.max_buffered_tokens:
+                raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_tokens} prompt tokens")
             self.window.add(request, now)
             return None
         key = self._immediate.choose(request, self.view.snapshot(now))

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 
 from gateway.config import Settings
-from gateway.errors import NoCapacityError
+from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.view import LoadView
-from gateway.scheduling.scheduler import NoServingRankError, Scheduler
+from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.telemetry import GatewayMetrics
 
@@ -76,11 +76,14 @@ class Dispatcher:
 
         Raises:
             NoCapacityError: no usable rank serves the request's model.
+            OverloadedError: the window is full.
         """
         try:
             key = self.scheduler.submit(request, self.clock())
         except NoServingRankError:
             raise _no_rank(request.model) from None
+        except WindowFullError as exc:
+            raise OverloadedError(f"the gateway is overloaded: {exc}") from exc
         if key is not None:
             self._record_dispatch(key, request.prompt_tokens)
             return key

@@ -20,7 +20,14 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.errors import GatewayError, ModelNotFoundError, UpstreamError, error_body, normalize_engine_error
+from gateway.errors import (
+    GatewayError,
+    ModelNotFoundError,
+    OverloadedError,
+    UpstreamError,
+    error_body,
+    normalize_engine_error,
+)
 from gateway.scheduling.tokens import count_prompt_tokens
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.server.state import GatewayState
@@ -57,7 +64,10 @@ class _Call:
 
     def error(self, exc: GatewayError) -> JSONResponse:
         self.count(exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status, headers={REQUEST_ID_HEADER: self.request_id})
+        headers = {REQUEST_ID_HEADER: self.request_id}
+        if isinstance(exc, OverloadedError):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 class ClientDisconnected(Exception):
