@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     """Address the gateway listens on."""
     port: int = Field(default=8000, ge=0, le=65535)
     """Port the gateway listens on (0 picks a free one)."""
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest request body accepted, bytes; larger bodies get 413 (long prompts and inline images fit in 32 MiB)."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens assumed for load accounting when a request sets no ``max_tokens``."""
     seed: int = 0

@@ -4,6 +4,7 @@ Hierarchy::
 
     GatewayError                      status, type, code; rendered as {"error": {...}}
     ├── InvalidRequestError   400     malformed JSON, wrong types, missing fields
+    │   └── PayloadTooLargeError 413  the body exceeds ``max_body_bytes``
     ├── ModelNotFoundError    404     no engine serves the model
     ├── NoCapacityError       503     no engine rank is usable for the model   (retryable)
     ├── OverloadedError       503     the window buffer is full; carries Retry-After   (retryable)
@@ -55,6 +56,13 @@ class InvalidRequestError(GatewayError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the configured limit (HTTP 413)."""
+
+    status = 413
+    code = "payload_too_large"
 
 
 class ModelNotFoundError(GatewayError):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -62,13 +63,19 @@ def closed_port() -> int:
 
 @contextlib.asynccontextmanager
 async def gateway_before(
-    flavor: str, policy: str = "round_robin", url: str | None = None, tokenizer: Tokenizer | None = None
+    flavor: str,
+    policy: str = "round_robin",
+    url: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    **settings_extra: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with contextlib.AsyncExitStack() as stack:
         if url is None:
             url = await stack.enter_async_context(serve_in_background(echo_engine()))
         settings = Settings(
-            policy=policy, engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[MODEL])]
+            policy=policy,
+            engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[MODEL])],
+            **settings_extra,
         )
         gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings, tokenizer=tokenizer)))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
@@ -237,3 +244,22 @@ async def test_clients_reusing_a_request_id_do_not_collide(policy: str) -> None:
         )
     assert [r.status_code for r in replies] == [200] * 6
     assert {r.headers["x-request-id"] for r in replies} == {"same"}
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_oversized_body_gets_413_and_the_gateway_carries_on(chunked: bool) -> None:
+    big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+    async with gateway_before("vllm", max_body_bytes=4096) as client:
+        if chunked:  # no Content-Length: the limit is enforced while the body arrives
+
+            async def body() -> AsyncIterator[bytes]:
+                for i in range(0, len(big), 1000):
+                    yield big[i : i + 1000]
+
+            r = await client.post("/v1/chat/completions", content=body())
+        else:
+            r = await client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "payload_too_large"
+        ok = await client.post("/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200

@@ -24,6 +24,7 @@ from gateway.errors import (
     GatewayError,
     ModelNotFoundError,
     OverloadedError,
+    PayloadTooLargeError,
     UpstreamError,
     error_body,
     normalize_engine_error,
@@ -70,6 +71,26 @@ class _Call:
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed ``limit`` bytes (declared or received).
+
+    Raises:
+        PayloadTooLargeError: the body is larger than ``limit``.
+    """
+    too_large = PayloadTooLargeError(f"the request body exceeds the gateway's limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class ClientDisconnected(Exception):
     """The client closed its connection before the answer was ready."""
 
@@ -110,7 +131,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
     dispatcher = state.dispatcher
     call = _Call(state, route, request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex, dispatcher.clock())
     try:
-        parsed = parse_request(await request.body(), route)
+        parsed = parse_request(await _read_body(request, state.settings.max_body_bytes), route)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
         call.model_label = parsed.model
