@@ -38,7 +38,9 @@ def decode_load_key(load: RankLoad) -> tuple[float, float, float]:
     return (load.running, load.kv_usage if load.kv_usage is not None else 0.0, load.kv_tokens)
 
 
-def _fits(level: float, tokens: int, load: RankLoad, queue_steps: float) -> bool:
+def fits(level: float, tokens: int, load: RankLoad, queue_steps: float) -> bool:
+    """Whether ``tokens`` more prompt tokens fit a rank filled to ``level``, with ``queue_steps`` budgets of
+    capacity; a rank with nothing queued takes any prompt, one at or above the KV watermark none."""
     if load.kv_usage is not None and load.kv_usage >= KV_HIGH_WATERMARK:
         return False
     return level + tokens <= load.prefill_budget * queue_steps or level <= 0
@@ -101,7 +103,7 @@ def water_fill(
         if young and request.prompt_tokens > headroom[request.model]:
             result.deferred.append(request)
             continue
-        fitting = [r for r in serving if _fits(level[r.key], request.prompt_tokens, r, queue_steps)]
+        fitting = [r for r in serving if fits(level[r.key], request.prompt_tokens, r, queue_steps)]
         if not fitting:
             if now - request.arrival_s < max_wait_s:
                 result.deferred.append(request)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.scheduling.allocation import _fits, decode_load_key
+from gateway.scheduling.allocation import decode_load_key, fits
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
 
@@ -92,7 +92,7 @@ def phase_fill(
             if not candidates:
                 continue
             serves = True
-            fitting = [r for r in candidates if forced or _fits(level[r.key], t, r, queue_steps)]
+            fitting = [r for r in candidates if forced or fits(level[r.key], t, r, queue_steps)]
             if not fitting:
                 continue
             heaviest = max(min(next_level[r.key], r.prefill_budget) for r in candidates)
