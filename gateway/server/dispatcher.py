@@ -154,7 +154,7 @@ class Dispatcher:
             if future is not None and not future.done():
                 future.set_result(key)
             else:  # the client went away in the meantime
-                self.view.on_finish(request.request_id, now)
+                self.finish(request.request_id)
         for request in outcome.unplaceable:
             future = self._waiters.pop(request.request_id, None)
             if future is not None and not future.done():
