@@ -13,6 +13,14 @@ Series (all prefixed ``gateway_``):
 - ``rank_running``, ``rank_waiting``, ``rank_queued_prefill_tokens``, ``rank_kv_usage`` ``{engine, rank}``: the
   load view as the allocator sees it, read at scrape time.
 - ``inflight_requests``: requests dispatched and not finished.
+- ``engine_up{engine}``: 1 while the engine's circuit breaker lets traffic through, 0 while it is open.
+- ``health_checks_total{engine, result}`` (``ok``|``error``): active ``/health`` probes.
+- ``upstream_failures_total{engine, kind}`` (``unavailable``|``timeout``|``http_5xx``|``stream_broken``).
+- ``upstream_retries_total{engine}``: requests sent again to another rank after a failure before any byte
+  reached the client (``engine`` is the one that failed).
+- ``rejected_requests_total{reason}`` (``window_full``|``queue_deadline``|``draining``|``no_healthy_engine``):
+  requests turned away with 429/503 before reaching an engine.
+- ``draining``: 1 once shutdown has begun.
 """
 
 from __future__ import annotations
@@ -114,6 +122,22 @@ class GatewayMetrics:
         self.scrapes = Counter("gateway_scrapes", "Engine metric scrapes", ["engine", "result"], registry=r)
         self.scrape_errors = Counter("gateway_scrape_errors", "Failed engine metric scrapes", ["engine"], registry=r)
         self.inflight = Gauge("gateway_inflight_requests", "Requests dispatched and not finished", registry=r)
+        self.engine_up = Gauge(
+            "gateway_engine_up", "1 while the engine's circuit breaker lets traffic through", ["engine"], registry=r
+        )
+        self.health_checks = Counter(
+            "gateway_health_checks", "Active engine health probes", ["engine", "result"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures", "Failed engine requests by kind", ["engine", "kind"], registry=r
+        )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries", "Requests retried elsewhere after this engine failed", ["engine"], registry=r
+        )
+        self.rejected = Counter(
+            "gateway_rejected_requests", "Requests turned away before reaching an engine", ["reason"], registry=r
+        )
+        self.draining = Gauge("gateway_draining", "1 once graceful shutdown has begun", registry=r)
 
     def watch_load(self, snapshot: Callable[[], Sequence[RankLoad]]) -> None:
         """Export the load view: ``snapshot`` is called at each scrape of ``/metrics``."""
