@@ -79,6 +79,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, policy: s
 async def _serve(settings: Settings, log_level: str) -> None:
     from gateway.embedded import embedded_engines
     from gateway.server.app import create_app
+    from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as stack:
         if not settings.engines:
@@ -90,14 +91,18 @@ async def _serve(settings: Settings, log_level: str) -> None:
                 )
         app = create_app(settings)
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            timeout_graceful_shutdown=settings.shutdown.drain_timeout_s,
         )
         click.echo(
             f"gateway ({settings.policy}) on http://{settings.host}:{settings.port}/v1 "
             f"serving {', '.join(settings.served_models())}",
             err=True,
         )
-        await uvicorn.Server(config).serve()
+        await DrainingServer(config).serve()
 
 
 @main.command("mock-engine")

@@ -102,6 +102,9 @@ class WindowConfig(_Strict):
     """The window holds at most this many prompt tokens (estimated); beyond it new requests get 503."""
     max_wait_s: PositiveFloat = 10.0
     """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
+    queue_timeout_s: PositiveFloat = 60.0
+    """A request still buffered this long after arriving (every rank full, or no healthy rank) gets 503 with
+    ``Retry-After``, seconds. Must exceed ``max_wait_s`` to matter while some rank is healthy."""
 
     @model_validator(mode="after")
     def _check_bounds(self) -> WindowConfig:
@@ -122,14 +125,63 @@ class ScrapeConfig(_Strict):
 
 
 class UpstreamConfig(_Strict):
-    """HTTP client towards the engines."""
+    """HTTP client towards the engines: timeouts of each phase of a request, and retries."""
 
     connect_timeout_s: PositiveFloat = 5.0
     """Timeout to open a connection to an engine, seconds."""
-    read_timeout_s: PositiveFloat = 600.0
-    """Longest silence allowed while reading an engine's answer (between chunks), seconds."""
+    first_byte_timeout_s: PositiveFloat = 300.0
+    """Longest wait from sending a request to its first answer byte (for a stream: its first event), seconds.
+    Covers the engine's queueing and prefill, so it must exceed the longest prefill expected under load."""
+    idle_timeout_s: PositiveFloat = 60.0
+    """Longest silence between two chunks of an answer once it has started, seconds."""
+    total_timeout_s: PositiveFloat = 1800.0
+    """Longest a whole request may take at the engine, from sending it to its last byte, seconds."""
     max_connections: int = Field(default=0, ge=0)
     """Connection pool size towards all engines; 0 means unbounded."""
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Tries per request, the first included: a request that failed before any byte reached the client
+    (engine unreachable, HTTP 5xx, timeout before the first byte, stream broken before its first event) is sent
+    again to another DP rank, preferably of another engine. Never retried once the client has received a byte."""
+    retry_backoff_s: PositiveFloat = 0.05
+    """Base of the exponential backoff between tries, with full jitter (AWS Architecture Blog, "Exponential
+    Backoff And Jitter", 2015): the n-th retry waits uniformly in ``[0, min(retry_backoff_max_s, base * 2**n))``."""
+    retry_backoff_max_s: PositiveFloat = 1.0
+    """Cap of one backoff wait, seconds."""
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> UpstreamConfig:
+        if self.first_byte_timeout_s > self.total_timeout_s or self.idle_timeout_s > self.total_timeout_s:
+            raise ValueError("first_byte_timeout_s and idle_timeout_s must not exceed total_timeout_s")
+        return self
+
+
+class HealthConfig(_Strict):
+    """Engine health: active ``/health`` probes and the circuit breakers fed by them and by failed requests.
+
+    A breaker opens after ``failure_threshold`` consecutive failures: the engine (or one DP rank) takes no new
+    requests for ``open_s``, doubled at each failed trial up to ``max_open_s``. Then it is half-open: one
+    successful probe (engine) or one successful trial request (rank) closes it.
+    """
+
+    probe_interval_s: PositiveFloat = 2.0
+    """Time between two ``GET /health`` probes of one engine, seconds."""
+    probe_timeout_s: PositiveFloat = 1.0
+    """Timeout of one probe, seconds."""
+    failure_threshold: int = Field(default=3, ge=1)
+    """Consecutive failures (probes, connection errors, HTTP 5xx, timeouts) that open a breaker."""
+    open_s: PositiveFloat = 1.0
+    """How long a breaker stays open the first time, seconds."""
+    max_open_s: PositiveFloat = 30.0
+    """Longest a breaker stays open after repeated failed trials, seconds."""
+
+
+class ShutdownConfig(_Strict):
+    """Graceful shutdown on SIGTERM/SIGINT."""
+
+    drain_timeout_s: int = Field(default=30, ge=0)
+    """After SIGTERM the gateway stops accepting connections, dispatches what its window holds and lets
+    requests in flight finish for at most this long, seconds; then the remaining ones are cancelled (which
+    aborts them at the engines). Kubernetes' default ``terminationGracePeriodSeconds`` is 30."""
 
 
 class Settings(BaseSettings):
@@ -154,6 +206,8 @@ class Settings(BaseSettings):
     window: WindowConfig = WindowConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    health: HealthConfig = HealthConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     embedded_speed: PositiveFloat = 1.0
     """Clock speed of the embedded simulated engines (used only when ``engines`` is empty)."""
 

@@ -6,9 +6,28 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 
 import uvicorn
 from starlette.types import ASGIApp
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose shutdown (SIGTERM, SIGINT) first puts the gateway app in draining mode.
+
+    Then uvicorn's own graceful shutdown runs: it stops accepting connections, closes idle keep-alive ones, lets
+    requests in flight (those still waiting in the staggered window included: the window keeps closing) finish
+    for up to ``timeout_graceful_shutdown`` seconds, cancels what is left (which aborts it at the engines), and
+    runs the app's lifespan shutdown. While draining, ``/ready`` answers 503.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        from gateway.server.state import GatewayState
+
+        state = getattr(getattr(self.config.app, "state", None), "gateway", None)
+        if isinstance(state, GatewayState) and not state.draining:
+            state.begin_drain()
+        super().handle_exit(sig, frame)
 
 
 class _QuietServer(uvicorn.Server):

@@ -19,6 +19,8 @@ from gateway import __version__
 from gateway.config import Settings
 from gateway.engines import adapter_for
 from gateway.errors import error_body
+from gateway.load.health import HealthBook
+from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.tokens import CharTokenizer, Tokenizer
@@ -38,9 +40,20 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         stale_after_s=settings.scrape.stale_after_s,
         nonstream_prefill_s=settings.window.initial_step_s * 4,
     )
-    dispatcher = Dispatcher(settings, view, metrics)
+    health = HealthBook(view.keys, settings.health)
+    dispatcher = Dispatcher(settings, view, metrics, health)
+    view.usable = health.usable
     metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
     session = make_session(settings.upstream)
+    prober = HealthProber(
+        session,
+        list(engines.values()),
+        health,
+        metrics,
+        settings.health,
+        on_change=dispatcher.notify_load_changed,
+        clock=dispatcher.clock,
+    )
     scraper = MetricsScraper(
         session,
         list(engines.values()),
@@ -59,6 +72,8 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         view=view,
         dispatcher=dispatcher,
         scraper=scraper,
+        health=health,
+        prober=prober,
         tokenizer=tokenizer or CharTokenizer(),
     )
 
@@ -80,10 +95,12 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
         app.state.gateway = state
         try:
             await state.scraper.start()
+            await state.prober.start()
             await state.dispatcher.start()
             yield
         finally:
             await state.dispatcher.stop()
+            await state.prober.stop()
             await state.scraper.stop()
             await state.session.close()
 

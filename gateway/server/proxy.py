@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,9 +24,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gateway.errors import (
     GatewayError,
     ModelNotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
     UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
     error_body,
     normalize_engine_error,
 )
@@ -66,7 +68,7 @@ class _Call:
     def error(self, exc: GatewayError) -> JSONResponse:
         self.count(exc.status)
         headers = {REQUEST_ID_HEADER: self.request_id}
-        if isinstance(exc, OverloadedError):
+        if exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -149,40 +151,150 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
     except ClientDisconnected:
         return call.client_closed()
     try:
-        upstream = await _unless_disconnected(request, _send(state, key, route, parsed.body, call.request_id))
+        attempt = await _unless_disconnected(request, _attempts(call, pending, key, parsed.body))
     except GatewayError as exc:
-        dispatcher.finish(call.key)
         return call.error(exc)
     except ClientDisconnected:
-        dispatcher.finish(call.key)
         return call.client_closed()
-    except BaseException:
-        dispatcher.finish(call.key)
-        raise
-    if upstream.status == 200 and parsed.stream and "text/event-stream" in upstream.content_type:
+    if attempt.first_chunk is not None:
         return StreamingResponse(
-            _relay(call, key, upstream),
+            _relay(call, attempt),
             media_type="text/event-stream",
             headers={REQUEST_ID_HEADER: call.request_id, "Cache-Control": "no-cache"},
         )
-    return await _whole(call, request, upstream)
+    return await _whole(call, request, attempt)
 
 
-async def _send(
-    state: GatewayState, key: RankKey, route: Route, body: dict[str, object], request_id: str
-) -> UpstreamResponse:
+@dataclass(slots=True)
+class _Attempt:
+    """A request whose answer has begun at an engine: the rank, the response, and (streams) its first chunk."""
+
+    key: RankKey
+    upstream: UpstreamResponse
+    first_chunk: bytes | None
+
+
+class _RetryableStatus(UpstreamError):
+    """The engine answered HTTP 5xx: nothing reached the client, so the request may go elsewhere."""
+
+    def __init__(self, status: int, raw: bytes) -> None:
+        super().__init__(f"the engine answered HTTP {status}", status=status)
+        self.raw = raw
+
+
+async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: dict[str, object]) -> _Attempt:
+    """Send the request to ``key`` and, while it fails before any byte reached the client, to other ranks.
+
+    At most ``upstream.max_attempts`` tries, with exponential backoff and full jitter between them. Every
+    failure feeds the circuit breakers; the request is released from the load view after each failed try and
+    after the last one (the caller releases it once the answer is over). A 5xx on the last try is passed on as
+    the engine's own error body; any other status is returned as it is.
+
+    Raises:
+        GatewayError: the last try failed (its error), or no other rank is usable for a retry (the previous
+            try's error).
+    """
+    state = call.state
+    config = state.settings.upstream
+    failed: set[RankKey] = set()
+    tries = 1
+    while True:
+        try:
+            return await _try(call, key, pending.stream, body)
+        except UpstreamError as exc:
+            state.dispatcher.finish(call.key)
+            _record_failure(state, key, exc)
+            final = tries >= config.max_attempts or not (exc.retryable or isinstance(exc, _RetryableStatus))
+            if not final:
+                failed.add(key)
+                backoff_s = min(config.retry_backoff_max_s, config.retry_backoff_s * 2**tries)
+                await asyncio.sleep(random.uniform(0, backoff_s))
+                try:
+                    next_key = state.dispatcher.place_retry(pending, failed)
+                except GatewayError:
+                    final = True
+            if final:
+                if isinstance(exc, _RetryableStatus):
+                    raise _EngineAnswer(exc.status, exc.raw) from None
+                raise
+            log.info("request %s: retrying on %s after %s failed: %s", call.request_id, next_key, key, exc.message)
+            state.metrics.upstream_retries.labels(key.engine).inc()
+            key = next_key
+            tries += 1
+        except BaseException:
+            state.dispatcher.finish(call.key)
+            raise
+
+
+class _EngineAnswer(GatewayError):
+    """The engine's own error answer (status and body), passed on to the client in OpenAI shape."""
+
+    def __init__(self, status: int, raw: bytes) -> None:
+        super().__init__(f"engine answered HTTP {status}", status=status)
+        self.raw = raw
+
+    def body(self) -> dict[str, Any]:
+        return normalize_engine_error(self.status, self.raw)
+
+
+def _record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> None:
+    """Feed a failed try to the circuit breakers and ``gateway_upstream_failures_total``."""
+    if isinstance(exc, UpstreamUnavailableError):
+        kind, scope = "unavailable", "engine"
+    elif isinstance(exc, UpstreamTimeoutError):
+        kind, scope = "timeout", "rank"
+    elif isinstance(exc, _RetryableStatus):
+        kind, scope = "http_5xx", "rank"
+    else:
+        kind, scope = "stream_broken", "rank"
+    state.metrics.upstream_failures.labels(key.engine, kind).inc()
+    state.health.record_failure(key, scope, state.dispatcher.clock())
+    state.prober.publish()
+
+
+async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object]) -> _Attempt:
+    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk.
+
+    Raises:
+        _RetryableStatus: the engine answered HTTP 5xx (the body is read, the response closed).
+        UpstreamError: the engine could not be reached, timed out, or the stream broke before its first chunk.
+    """
+    state = call.state
+    config = state.settings.upstream
     engine, adapter = state.engines[key.engine]
-    headers = {REQUEST_ID_HEADER: request_id}
-    adapter.pin_rank(body, headers, key.rank)
-    payload = json.dumps(body, ensure_ascii=False).encode()
-    return await post_json(state.session, engine.url + ENGINE_PATHS[route], payload, headers)
+    headers = {REQUEST_ID_HEADER: call.request_id}
+    sent = dict(body)
+    adapter.pin_rank(sent, headers, key.rank)
+    payload = json.dumps(sent, ensure_ascii=False).encode()
+    url = engine.url + ENGINE_PATHS[call.route]
+    headers_timeout = config.first_byte_timeout_s if stream else config.total_timeout_s
+    upstream = await post_json(
+        state.session, url, payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
+    )
+    try:
+        if upstream.status >= 500:
+            raw = await upstream.read()
+            raise _RetryableStatus(upstream.status, raw)
+        first: bytes | None = None
+        if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
+            first = await upstream.next_chunk(config.first_byte_timeout_s)
+            if not first:
+                raise UpstreamError("the engine closed the stream before its first event")
+    except BaseException:
+        upstream.close()
+        raise
+    state.health.record_success(key, state.dispatcher.clock())
+    return _Attempt(key, upstream, first)
 
 
-async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> Response:
+async def _whole(call: _Call, request: Request, attempt: _Attempt) -> Response:
     dispatcher = call.state.dispatcher
+    upstream = attempt.upstream
     try:
         raw = await _unless_disconnected(request, upstream.read())
     except GatewayError as exc:
+        if isinstance(exc, UpstreamError):
+            _record_failure(call.state, attempt.key, exc)
         return call.error(exc)
     except ClientDisconnected:
         return call.client_closed()
@@ -201,15 +313,21 @@ async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> R
     return Response(raw, 200, media_type=upstream.content_type or "application/json", headers=headers)
 
 
-async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
+    """Relay a stream whose first chunk has arrived, chunk by chunk; end it with an SSE error event and
+    ``[DONE]`` if the engine fails or stops before its own ``[DONE]`` (never a silent truncation)."""
     dispatcher = call.state.dispatcher
     metrics = call.state.metrics
     clock = dispatcher.clock
+    key, upstream = attempt.key, attempt.upstream
+    idle_timeout = call.state.settings.upstream.idle_timeout_s
     started = False
     last = call.arrival
     status = "200"
+    tail = b""
+    chunk = attempt.first_chunk or b""
     try:
-        async for chunk in upstream.chunks():
+        while chunk:
             events = chunk.count(b"data:") - chunk.count(b"[DONE]")
             if events > 0:
                 now = clock()
@@ -223,9 +341,14 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
                     dispatcher.tokens(call.key, key.engine, events, now - last)
                 last = now
             yield chunk
+            tail = (tail + chunk)[-16:]
+            chunk = await upstream.next_chunk(idle_timeout)
+        if _DONE_EVENT.strip() not in tail:
+            raise UpstreamError("the engine ended the stream before [DONE]")
     except UpstreamError as exc:
         status = "stream_error"
-        log.warning("stream %s from %s broke: %s", call.request_id, key, exc)
+        _record_failure(call.state, key, exc)
+        log.warning("stream %s from %s broke: %s", call.request_id, key, exc.message)
         event = error_body(exc.message, exc.type, code=exc.status)
         yield b"data: " + json.dumps(event).encode() + b"\n\n" + _DONE_EVENT
     except (asyncio.CancelledError, GeneratorExit):

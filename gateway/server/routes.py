@@ -41,10 +41,17 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", response_model=None)
 async def ready(state: State) -> JSONResponse:
-    """Readiness: 200 when at least one engine rank is usable, else 503."""
-    engines = {name: state.view.engine_reachable(name) for name in state.engines}
-    ok = any(engines.values())
-    return JSONResponse({"ready": ok, "engines": engines}, status_code=200 if ok else 503)
+    """Readiness: 200 while at least one engine's circuit breaker lets traffic through and the gateway is not
+    draining, else 503. The body gives each engine's breaker state, its DP ranks whose own breaker is not closed,
+    and whether its last metrics scrape succeeded."""
+    now = state.dispatcher.clock()
+    engines = state.health.describe(now)
+    for name, entry in engines.items():
+        entry["up"] = state.health.engine_up(name, now)
+        entry["scrape_ok"] = state.view.engine_reachable(name)
+    ok = not state.draining and any(state.health.engine_up(name, now) for name in engines)
+    body = {"ready": ok, "draining": state.draining, "engines": engines}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
