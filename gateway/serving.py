@@ -18,8 +18,18 @@ class DrainingServer(uvicorn.Server):
     Then uvicorn's own graceful shutdown runs: it stops accepting connections, closes idle keep-alive ones, lets
     requests in flight (those still waiting in the staggered window included: the window keeps closing) finish
     for up to ``timeout_graceful_shutdown`` seconds, cancels what is left (which aborts it at the engines), and
-    runs the app's lifespan shutdown. While draining, ``/ready`` answers 503.
+    runs the app's lifespan shutdown. While draining, ``/ready`` answers 503. The process then exits with 0.
     """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's signal handling, minus its re-raising of the signal once shut down: after a graceful
+        drain the process exits with status 0 rather than dying of the signal (143)."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         from gateway.server.state import GatewayState

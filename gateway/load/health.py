@@ -7,9 +7,9 @@ the closed → open → half-open cycle):
 
 - **closed**: traffic flows; consecutive failures are counted and any success resets the count.
 - **open**: after ``failure_threshold`` consecutive failures no new request is placed there for ``open_s``.
-- **half-open**: the wait is over. One trial is let through at a time: a request placed there, or (for an
-  engine) the next active probe. Its success closes the breaker; its failure opens it again for twice as long,
-  up to ``max_open_s``.
+- **half-open**: the wait is over and one trial decides: for a DP rank, the next request placed there (one at
+  a time); for an engine, the next active ``/health`` probe. Its success closes the breaker; its failure opens
+  it again for twice as long, up to ``max_open_s``.
 
 What counts against which breaker (see :meth:`HealthBook.record_failure`): an engine that cannot be reached, or
 fails its ``/health`` probe, is an engine failure (all its ranks stop taking requests); an HTTP 5xx, a timeout
@@ -42,11 +42,14 @@ class CircuitBreaker:
         failure_threshold: consecutive failures that open it.
         open_s: first open period, seconds.
         max_open_s: longest open period, seconds.
+        trial_by_request: whether a request may be the half-open trial (DP ranks); when ``False`` only an
+            active probe closes it (engines, whose ``/health`` is probed).
     """
 
     failure_threshold: int
     open_s: float
     max_open_s: float
+    trial_by_request: bool = True
     failures: int = 0
     """Consecutive failures while closed."""
     open_until: float | None = None
@@ -70,7 +73,9 @@ class CircuitBreaker:
     def allows(self, now: float) -> bool:
         """Whether a new request may be placed behind this breaker at ``now``."""
         state = self.state(now)
-        return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self.trial_in_flight)
+        if state is BreakerState.HALF_OPEN:
+            return self.trial_by_request and not self.trial_in_flight
+        return state is BreakerState.CLOSED
 
     def on_dispatch(self, now: float) -> None:
         """A request was placed behind the breaker: when half-open, it is the trial."""
@@ -123,12 +128,12 @@ class HealthBook:
         self._ranks: dict[RankKey, CircuitBreaker] = {}
         self._engines: dict[str, CircuitBreaker] = {}
         for key in ranks:
-            self._ranks[key] = self._new()
-            self._engines.setdefault(key.engine, self._new())
+            self._ranks[key] = self._new(trial_by_request=True)
+            self._engines.setdefault(key.engine, self._new(trial_by_request=False))
 
-    def _new(self) -> CircuitBreaker:
+    def _new(self, *, trial_by_request: bool) -> CircuitBreaker:
         c = self.config
-        return CircuitBreaker(c.failure_threshold, c.open_s, c.max_open_s)
+        return CircuitBreaker(c.failure_threshold, c.open_s, c.max_open_s, trial_by_request)
 
     @property
     def engines(self) -> list[str]:

@@ -204,7 +204,10 @@ async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: di
         except UpstreamError as exc:
             state.dispatcher.finish(call.key)
             _record_failure(state, key, exc)
-            final = tries >= config.max_attempts or not (exc.retryable or isinstance(exc, _RetryableStatus))
+            # nothing reached the client yet, so any failure may be retried; but a non-streamed request that
+            # timed out has used its whole total_timeout_s
+            total_spent = isinstance(exc, UpstreamTimeoutError) and not pending.stream
+            final = tries >= config.max_attempts or total_spent
             if not final:
                 failed.add(key)
                 backoff_s = min(config.retry_backoff_max_s, config.retry_backoff_s * 2**tries)

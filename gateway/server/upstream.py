@@ -80,13 +80,16 @@ class UpstreamResponse:
             UpstreamError: the connection broke.
         """
         remaining = _remaining(self.deadline)
+        late = UpstreamTimeoutError("the engine did not finish its answer in time")
         if remaining <= 0:
-            raise UpstreamTimeoutError("the engine did not finish its answer in time")
+            raise late
         try:
             async with asyncio.timeout(min(timeout_s, remaining)):
                 return await self._resp.content.readany()
         except TimeoutError as exc:
-            raise UpstreamTimeoutError(f"the engine sent nothing for {min(timeout_s, remaining):.3g} s") from exc
+            if remaining <= timeout_s:
+                raise late from exc
+            raise UpstreamTimeoutError(f"the engine sent nothing for {timeout_s:g} s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"the engine stream broke: {exc}") from exc
 
