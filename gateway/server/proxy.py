@@ -271,6 +271,7 @@ async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object])
     payload = json.dumps(sent, ensure_ascii=False).encode()
     url = engine.url + ENGINE_PATHS[call.route]
     headers_timeout = config.first_byte_timeout_s if stream else config.total_timeout_s
+    first_byte_by = asyncio.get_running_loop().time() + config.first_byte_timeout_s
     upstream = await post_json(
         state.session, url, payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
     )
@@ -280,7 +281,7 @@ async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object])
             raise _RetryableStatus(upstream.status, raw)
         first: bytes | None = None
         if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
-            first = await upstream.next_chunk(config.first_byte_timeout_s)
+            first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
             if not first:
                 raise UpstreamError("the engine closed the stream before its first event")
     except BaseException:
