@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 from gateway.config import Settings
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.view import LoadView
+from gateway.logs import request_log
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.telemetry import GatewayMetrics
+
+log = logging.getLogger(__name__)
 
 
 def _no_rank(model: str) -> NoCapacityError:
@@ -45,7 +49,8 @@ class Dispatcher:
         self.metrics = metrics
         self.clock = clock
         self.scheduler = Scheduler(settings.policy, view, settings.window, seed=settings.seed)
-        self._waiters: dict[str, asyncio.Future[RankKey]] = {}
+        self._waiters: dict[str, asyncio.Future[tuple[RankKey, int]]] = {}
+        self._windows_closed = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -87,12 +92,13 @@ class Dispatcher:
         if key is not None:
             self._record_dispatch(key, request.prompt_tokens)
             return key
-        future: asyncio.Future[RankKey] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[RankKey, int]] = asyncio.get_running_loop().create_future()
         self._waiters[request.request_id] = future
         self.metrics.window_buffered.set(len(self.scheduler.window))
         self._wake.set()
         try:
-            return await future
+            key, request_log().window_id = await future
+            return key
         except asyncio.CancelledError:
             self._waiters.pop(request.request_id, None)
             placed = future.done() and not future.cancelled() and future.exception() is None
@@ -147,12 +153,15 @@ class Dispatcher:
         self.metrics.window_interval.set(self.scheduler.window.interval_s)
         if outcome is None:
             return False
+        self._windows_closed += 1
+        window_id = self._windows_closed
+        log.debug("window %d closed: %d placed, %d deferred", window_id, len(outcome.assigned), outcome.deferred)
         for request, key in outcome.assigned:
             self._record_dispatch(key, request.prompt_tokens)
             self.metrics.window_wait.observe(now - request.arrival_s)
             future = self._waiters.pop(request.request_id, None)
             if future is not None and not future.done():
-                future.set_result(key)
+                future.set_result((key, window_id))
             else:  # the client went away in the meantime
                 self.finish(request.request_id)
         for request in outcome.unplaceable:

@@ -26,21 +26,21 @@ from gateway.errors import (
     OverloadedError,
     PayloadTooLargeError,
     UpstreamError,
-    error_body,
     normalize_engine_error,
 )
+from gateway.logs import REQUEST_ID_HEADER, request_log
 from gateway.scheduling.tokens import count_prompt_tokens
 from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
+from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import UpstreamResponse, post_json
 from gateway.server.validation import Route, parse_request
 
 log = logging.getLogger(__name__)
 
 ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_STATUS = 499
-_DONE_EVENT = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
@@ -49,7 +49,8 @@ class _Call:
     state: GatewayState
     route: Route
     request_id: str
-    """The client's ``X-Request-Id`` (or a generated one): logged and sent upstream, never trusted as a key."""
+    """The client's valid ``X-Request-Id`` (or a generated one, see :mod:`gateway.logs`): logged and sent
+    upstream, never trusted as a key."""
     arrival: float
     model_label: str = "unknown"
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -129,9 +130,10 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 async def handle_completion(state: GatewayState, request: Request, route: Route) -> Response:
     """Serve ``POST /v1/chat/completions`` or ``POST /v1/completions``."""
     dispatcher = state.dispatcher
-    call = _Call(state, route, request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex, dispatcher.clock())
+    call = _Call(state, route, request_log().request_id, dispatcher.clock())
     try:
-        parsed = parse_request(await _read_body(request, state.settings.max_body_bytes), route)
+        raw = await _read_body(request, state.settings.max_body_bytes)
+        parsed = parse_request(raw, route, max_tokens_limit=state.settings.max_tokens_limit)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
         call.model_label = parsed.model
@@ -148,6 +150,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
         return call.error(exc)
     except ClientDisconnected:
         return call.client_closed()
+    request_log().placed(key.engine, key.rank, dispatcher.clock() - call.arrival)
     try:
         upstream = await _unless_disconnected(request, _send(state, key, route, parsed.body, call.request_id))
     except GatewayError as exc:
@@ -172,7 +175,7 @@ async def _send(
     state: GatewayState, key: RankKey, route: Route, body: dict[str, object], request_id: str
 ) -> UpstreamResponse:
     engine, adapter = state.engines[key.engine]
-    headers = {REQUEST_ID_HEADER: request_id}
+    headers = upstream_request_headers(request_id)
     adapter.pin_rank(body, headers, key.rank)
     payload = json.dumps(body, ensure_ascii=False).encode()
     return await post_json(state.session, engine.url + ENGINE_PATHS[route], payload, headers)
@@ -194,6 +197,7 @@ async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> R
         call.count(upstream.status)
         return JSONResponse(normalize_engine_error(upstream.status, raw), upstream.status, headers=headers)
     elapsed = dispatcher.clock() - call.arrival
+    request_log().ttft_s = elapsed
     metrics = call.state.metrics
     metrics.ttft.labels(call.model_label).observe(elapsed)
     metrics.e2e.labels(call.model_label).observe(elapsed)
@@ -208,8 +212,10 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
     started = False
     last = call.arrival
     status = "200"
+    end = StreamEnd()
     try:
         async for chunk in upstream.chunks():
+            end.feed(chunk)
             events = chunk.count(b"data:") - chunk.count(b"[DONE]")
             if events > 0:
                 now = clock()
@@ -217,17 +223,21 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
                     started = True
                     dispatcher.first_token(call.key, key.engine)
                     metrics.ttft.labels(call.model_label).observe(now - call.arrival)
+                    request_log().ttft_s = now - call.arrival
                     if events > 1:
                         dispatcher.tokens(call.key, key.engine, events - 1, now - last)
                 else:
                     dispatcher.tokens(call.key, key.engine, events, now - last)
                 last = now
             yield chunk
+        if not end.done:
+            status = "stream_error"
+            log.warning("stream %s from %s ended without [DONE]", call.request_id, key)
+            yield end.error_events("the engine's stream ended before its end marker (data: [DONE])")
     except UpstreamError as exc:
         status = "stream_error"
         log.warning("stream %s from %s broke: %s", call.request_id, key, exc)
-        event = error_body(exc.message, exc.type, code=exc.status)
-        yield b"data: " + json.dumps(event).encode() + b"\n\n" + _DONE_EVENT
+        yield end.error_events(exc.message, exc.type, exc.status)
     except (asyncio.CancelledError, GeneratorExit):
         status = "client_closed"
         raise
