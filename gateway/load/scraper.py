@@ -4,8 +4,8 @@ Each engine is scraped on its own schedule (``scrape.interval_s``) with a total 
 and a size bound (``scrape.max_response_bytes``), so a slow, hung or flooding engine delays nobody else. The
 text is parsed in a worker thread: a large body (a vLLM server with many DP ranks exports hundreds of KB,
 about 7 ms of parsing per 50 KB here) does not stall the event loop that closes windows and relays streams.
-A failed or unparsable scrape is counted and leaves the load view on local accounting for that engine; an
-unexpected error is logged and the loop goes on.
+A failed or unparsable scrape is counted and leaves the load view on local accounting for that engine; so
+does an unexpected error (logged with its traceback): nothing an engine sends can end its scraping loop.
 """
 
 from __future__ import annotations
@@ -67,11 +67,14 @@ class MetricsScraper:
             url = engine.url + adapter.metrics_path
             text = await get_text(self._session, url, self._config.timeout_s, self._config.max_response_bytes)
             ranks = await asyncio.to_thread(adapter.parse_metrics, text)
-        except (UpstreamError, MetricsParseError) as exc:
+        except Exception as exc:  # UpstreamError, MetricsParseError expected; anything else is a bug, logged loudly
             self._view.on_scrape_failure(engine.name, self._clock())
             self._metrics.scrapes.labels(engine.name, "error").inc()
             self._metrics.scrape_errors.labels(engine.name).inc()
-            log.debug("scrape of %s failed: %s", engine.name, exc)
+            if isinstance(exc, UpstreamError | MetricsParseError):
+                log.debug("scrape of %s failed: %s", engine.name, exc)
+            else:
+                log.exception("scrape of %s failed unexpectedly", engine.name)
             return False
         self._view.on_scrape(engine.name, {r: m for r, m in ranks.items() if 0 <= r < engine.dp_size}, self._clock())
         self._metrics.scrapes.labels(engine.name, "ok").inc()
@@ -84,10 +87,7 @@ class MetricsScraper:
         while True:
             await asyncio.sleep(max(0.0, self._config.interval_s - elapsed))
             started = self._clock()
-            try:
-                await self.scrape_once(engine, adapter)
-            except Exception:  # a bug must not end this engine's scraping for good
-                log.exception("scrape of %s failed unexpectedly", engine.name)
+            await self.scrape_once(engine, adapter)
             elapsed = self._clock() - started
 
     async def start(self) -> None:
