@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from typing import Literal, get_args
 
@@ -12,6 +13,8 @@ import uvicorn
 
 from gateway.config import ConfigError, PolicyName, Settings, load_settings
 from gateway.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
 POLICIES = click.Choice(get_args(PolicyName))
@@ -119,8 +122,8 @@ async def _serve(settings: Settings, log_level: str) -> None:
             engines = await stack.enter_async_context(embedded_engines(settings.embedded_speed))
             settings = settings.model_copy(update={"engines": engines})
             for engine in engines:
-                click.echo(
-                    f"embedded {engine.flavor} engine {engine.name}: {engine.url} ({engine.dp_size} DP ranks)", err=True
+                log.info(
+                    "embedded %s engine %s: %s (%d DP ranks)", engine.flavor, engine.name, engine.url, engine.dp_size
                 )
         try:
             app = create_app(settings)
@@ -135,10 +138,12 @@ async def _serve(settings: Settings, log_level: str) -> None:
             access_log=False,  # the gateway writes its own access log (gateway.access), with request ids
             timeout_graceful_shutdown=10,
         )
-        click.echo(
-            f"gateway ({settings.policy}) on http://{settings.host}:{settings.port}/v1 "
-            f"serving {', '.join(settings.served_models())}",
-            err=True,
+        log.info(
+            "gateway (%s) on http://%s:%d/v1 serving %s",
+            settings.policy,
+            settings.host,
+            settings.port,
+            ", ".join(settings.served_models()),
         )
         await uvicorn.Server(config).serve()
 

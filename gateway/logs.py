@@ -25,6 +25,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["json", "text"]
@@ -164,10 +165,12 @@ class TextFormatter(logging.Formatter):
 
 
 def json_formatter() -> logging.Formatter:
-    """JSON lines: ``timestamp``, ``level``, ``logger``, ``message`` and every extra field of the record."""
+    """JSON lines: ``timestamp``, ``level``, ``logger``, ``message`` and every extra field of the record (but
+    uvicorn's ``color_message``, the same message with terminal colour codes)."""
     return JsonFormatter(
         "{message}{levelname}{name}",
         style="{",
+        reserved_attrs=[*RESERVED_ATTRS, "color_message", "taskName"],
         rename_fields={"levelname": "level", "name": "logger"},
         timestamp=True,
         json_ensure_ascii=False,

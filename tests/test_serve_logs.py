@@ -54,9 +54,10 @@ def test_serve_writes_json_logs_and_checks_keys(tmp_path: Path) -> None:
             proc.kill()
             _, stderr = proc.communicate()
     assert KEY not in stderr
-    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]  # every line is JSON
     loggers = {r["logger"] for r in records}
-    assert {"uvicorn.error", "gateway.access"} <= loggers, stderr
+    assert {"gateway.cli", "uvicorn.error", "gateway.access"} <= loggers, stderr
+    assert all(set(r) >= {"timestamp", "level", "logger", "message"} and "color_message" not in r for r in records)
     access = {r["request_id"]: r for r in records if r["logger"] == "gateway.access"}
     assert access["cli-denied"]["status"] == 401
     assert access["cli-ok"]["status"] == 200 and access["cli-ok"]["window_id"] >= 1
