@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -180,6 +181,32 @@ async def test_an_unexpected_error_does_not_end_the_scraping_loop() -> None:
             assert all(not task.done() for task in scraper._tasks)
         finally:
             await scraper.stop()
+
+
+class ThreadRecordingAdapter(EngineAdapter):
+    flavor = "vllm"
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def pin_rank(self, body: dict[str, Any], headers: Any, rank: int) -> None:
+        raise NotImplementedError
+
+    def parse_metrics(self, text: str) -> dict[int, RankMetrics]:
+        self.threads.append(threading.get_ident())
+        return adapter_for("vllm").parse_metrics(text)
+
+
+async def test_metrics_are_parsed_off_the_event_loop() -> None:
+    """A large body's parsing (milliseconds per 50 KB) must not stall the loop that closes windows."""
+    adapter = ThreadRecordingAdapter()
+    async with raw_http_server(whole(GOOD_METRICS.encode())) as url, make_session(UpstreamConfig()) as session:
+        engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
+        view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+        scraper = MetricsScraper(session, [(engine, adapter)], view, GatewayMetrics(), SCRAPE)
+        assert await scraper.scrape_once(engine, adapter) is True
+    assert len(adapter.threads) == 1 and adapter.threads[0] != threading.get_ident()
+    assert {load.key.rank: load.running for load in view.snapshot(0.0)} == {0: 2.0, 1: 0.0}
 
 
 def engine_with_metrics(metrics: Callable[[Request], Awaitable[Response]]) -> FastAPI:
