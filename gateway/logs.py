@@ -54,7 +54,7 @@ class RequestLog:
     Attributes:
         request_id: the client's valid ``X-Request-Id`` or a generated one (32 hex characters).
         method: HTTP method.
-        path: URL path (no query string).
+        path: URL path as sent, percent-encoded (no query string).
         status: HTTP status sent, once sent.
         engine: engine the request was placed on.
         rank: DP rank it was placed on.

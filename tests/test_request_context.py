@@ -164,3 +164,31 @@ def test_text_lines_show_the_context_fields() -> None:
         end_request(token)
     line = TextFormatter().format(record)
     assert line.endswith("INFO gateway.x: placed ok request_id=req-9 engine=sg rank=2 window_id=7"), line
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "logged"),
+    [
+        (b"/v1/chat/completions", "/v1/chat/completions"),
+        (b"/v1/%0Afake%20line", "/v1/%0Afake%20line"),
+        (b"/v1/caf\xc3\xa9 x", "/v1/caf%C3%A9%20x"),
+        (b"/" + b"a" * 600, "/" + "a" * 511 + "..."),
+    ],
+)
+async def test_the_logged_path_cannot_split_a_log_line(raw_path: bytes, logged: str) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = {"type": "http", "method": "GET", "path": raw_path.decode("latin-1"), "raw_path": raw_path, "headers": []}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    with captured_logs() as logs:
+        await RequestContextMiddleware(app)(scope, receive, send)
+    (line,) = access_lines(logs.getvalue())
+    assert line["path"] == logged and line["message"] == f"GET {logged} 204"

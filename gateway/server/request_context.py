@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _ID_HEADER = b"x-request-id"
+MAX_LOGGED_PATH_CHARS = 512
+"""Longest URL path written to the access log, characters (the rest is cut and marked with ``...``)."""
+
+
+def loggable_path(scope: Scope) -> str:
+    """The request's path as sent (percent-encoded, so a decoded ``%0A`` cannot split a log line), with any
+    other character outside printable ASCII percent-encoded too, cut at :data:`MAX_LOGGED_PATH_CHARS`."""
+    raw = scope.get("raw_path") or str(scope.get("path", "")).encode("utf-8", "surrogateescape")
+    path = "".join(chr(b) if 0x21 <= b <= 0x7E else f"%{b:02X}" for b in raw[: MAX_LOGGED_PATH_CHARS + 1])
+    return path if len(path) <= MAX_LOGGED_PATH_CHARS else path[:MAX_LOGGED_PATH_CHARS] + "..."
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -67,7 +77,9 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        entry = RequestLog(clean_request_id(_header(scope, _ID_HEADER)), method=scope["method"], path=scope["path"])
+        entry = RequestLog(
+            clean_request_id(_header(scope, _ID_HEADER)), method=scope["method"], path=loggable_path(scope)
+        )
         token = start_request(entry)
         started_at = self.clock()
         id_header = (_ID_HEADER, entry.request_id.encode())
