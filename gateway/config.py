@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -122,6 +122,10 @@ class ScrapeConfig(_Strict):
     """Timeout of one scrape, seconds."""
     stale_after_s: PositiveFloat = 3.0
     """Scraped figures older than this are ignored and the load view uses local accounting only, seconds."""
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest ``/metrics`` body read from an engine, bytes; a larger one fails the scrape (the rest is not
+    read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/fixtures/metrics``), mostly per-rank
+    histograms, so 64 ranks behind one URL come to about 5 MiB: 32 MiB leaves room."""
 
 
 class UpstreamConfig(_Strict):
@@ -184,6 +188,45 @@ class ShutdownConfig(_Strict):
     aborts them at the engines). Kubernetes' default ``terminationGracePeriodSeconds`` is 30."""
 
 
+class SecurityConfig(_Strict):
+    """API keys (see :mod:`gateway.server.auth`). With no key configured every endpoint is open.
+
+    Keys come from the lists below (environment: ``GATEWAY_SECURITY__API_KEYS='["key1", "key2"]'``) and/or from
+    files with one key a line (blank lines and lines starting with ``#`` are skipped). They are held as
+    :class:`~pydantic.SecretStr`, so they never appear in a repr, a log or an error message.
+    """
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys accepted as ``Authorization: Bearer <key>`` on the OpenAI endpoints (``/v1/...``)."""
+    api_keys_file: Path | None = None
+    """File of further API keys, one a line."""
+    admin_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys accepted on the admin/introspection endpoints (``/admin/...``, ``/docs``, ``/openapi.json``, and
+    ``/metrics`` when ``metrics_auth`` is ``admin``); an admin key is accepted on the OpenAI endpoints too."""
+    admin_keys_file: Path | None = None
+    """File of further admin keys, one a line."""
+    metrics_auth: Literal["open", "admin"] = "open"
+    """``open``: the gateway's ``/metrics`` needs no key (what a Prometheus scrape job expects); ``admin``: it
+    needs an admin key (give it to Prometheus as ``authorization: {credentials: ...}``)."""
+
+    @field_validator("api_keys_file", "admin_keys_file")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"key file not found: {value}")
+        return value
+
+
+class LogConfig(_Strict):
+    """Logging (see :mod:`gateway.logs`)."""
+
+    format: Literal["json", "text"] = "text"
+    """``json``: one JSON object a line (for log pipelines); ``text``: human-readable lines."""
+    access_log: bool = True
+    """Write one ``gateway.access`` line per request (method, path, status, request id, engine, rank, window,
+    timings; never the body)."""
+
+
 class Settings(BaseSettings):
     """All gateway settings. Build with :func:`load_settings`."""
 
@@ -199,6 +242,10 @@ class Settings(BaseSettings):
     """Port the gateway listens on (0 picks a free one)."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest request body accepted, bytes; larger bodies get 413 (long prompts and inline images fit in 32 MiB)."""
+    max_tokens_limit: int = Field(default=1_048_576, ge=1)
+    """Largest ``max_tokens``/``max_completion_tokens`` accepted, tokens; above it the request gets 400. Above
+    any served model's context (the largest common ones hold 128k-1M tokens), so only absurd values are refused
+    before they skew the allocator's load accounting."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens assumed for load accounting when a request sets no ``max_tokens``."""
     seed: int = 0
@@ -208,6 +255,8 @@ class Settings(BaseSettings):
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    security: SecurityConfig = SecurityConfig()
+    log: LogConfig = LogConfig()
     embedded_speed: PositiveFloat = 1.0
     """Clock speed of the embedded simulated engines (used only when ``engines`` is empty)."""
 

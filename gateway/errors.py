@@ -3,6 +3,7 @@
 Hierarchy::
 
     GatewayError                      status, type, code; rendered as {"error": {...}}
+    ├── AuthenticationError   401     missing or wrong API key (code ``invalid_api_key``)
     ├── InvalidRequestError   400     malformed JSON, wrong types, missing fields
     │   └── PayloadTooLargeError 413  the body exceeds ``max_body_bytes``
     ├── ModelNotFoundError    404     no engine serves the model
@@ -51,6 +52,14 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         """The OpenAI-style error body."""
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+class AuthenticationError(GatewayError):
+    """The request carries no API key, or a wrong one (HTTP 401; OpenAI's type and code for it)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
 
 
 class InvalidRequestError(GatewayError):

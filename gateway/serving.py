@@ -70,7 +70,11 @@ async def serve_in_background(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    # log_config=None: uvicorn's loggers keep the process's logging setup (gateway.logs.configure_logging) instead
+    # of uvicorn installing its own handlers and format
+    config = uvicorn.Config(
+        app, log_level=log_level, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
     server = _QuietServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{bound_port}")
     try:

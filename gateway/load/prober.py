@@ -24,6 +24,9 @@ from gateway.telemetry import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+HEALTH_MAX_BYTES = 64 * 1024
+"""Largest ``/health`` body read (vLLM and SGLang answer an empty body)."""
+
 
 class HealthProber:
     """Probes every engine's health endpoint and keeps ``gateway_engine_up`` current.
@@ -78,7 +81,9 @@ class HealthProber:
     async def probe_once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
         """Probe one engine now, record the result and return it. Never raises."""
         try:
-            await get_text(self._session, engine.url + adapter.health_path, self._config.probe_timeout_s)
+            await get_text(
+                self._session, engine.url + adapter.health_path, self._config.probe_timeout_s, HEALTH_MAX_BYTES
+            )
             ok = True
         except UpstreamError as exc:
             log.debug("health probe of %s failed: %s", engine.name, exc)

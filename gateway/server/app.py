@@ -24,7 +24,9 @@ from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.tokens import CharTokenizer, Tokenizer
+from gateway.server.auth import ApiKeyMiddleware, key_rings
 from gateway.server.dispatcher import Dispatcher
+from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
 from gateway.server.upstream import make_session
@@ -87,7 +89,11 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
         tokenizer: counts prompt tokens for the allocator; the 4-characters-a-token heuristic of
             :class:`~gateway.scheduling.tokens.CharTokenizer` when ``None``. Plug in the served model's real
             tokenizer here for exact prefill balancing.
+
+    Raises:
+        OSError: an API key file cannot be read.
     """
+    api_keys, admin_keys = key_rings(settings.security)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,6 +112,14 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
 
     app = FastAPI(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)
+    # the last added runs first: request context (id, access log) wraps the key check, which wraps the routes
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_keys=api_keys,
+        admin_keys=admin_keys,
+        protect_metrics=settings.security.metrics_auth == "admin",
+    )
+    app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.log.access_log)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
@@ -16,10 +17,13 @@ from gateway.config import Settings
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import HealthBook
 from gateway.load.view import LoadView
+from gateway.logs import request_log
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.telemetry import GatewayMetrics
+
+log = logging.getLogger(__name__)
 
 
 def _no_rank(model: str) -> NoCapacityError:
@@ -52,7 +56,8 @@ class Dispatcher:
         self.queue_timeout_s = settings.window.queue_timeout_s
         self.scheduler = Scheduler(settings.policy, view, settings.window, seed=settings.seed)
         self._retry_policy = make_immediate_policy("vllm_internal", seed=settings.seed)
-        self._waiters: dict[str, asyncio.Future[RankKey]] = {}
+        self._waiters: dict[str, asyncio.Future[tuple[RankKey, int]]] = {}
+        self._windows_closed = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -96,14 +101,15 @@ class Dispatcher:
         if key is not None:
             self._record_dispatch(key, request.prompt_tokens)
             return key
-        future: asyncio.Future[RankKey] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[RankKey, int]] = asyncio.get_running_loop().create_future()
         self._waiters[request.request_id] = future
         self.metrics.window_buffered.set(len(self.scheduler.window))
         self._wake.set()
         budget_s = max(0.0, request.arrival_s + self.queue_timeout_s - self.clock())
         try:
             async with asyncio.timeout(budget_s):
-                return await future
+                key, request_log().window_id = await future
+                return key
         except TimeoutError:
             self._abandon(request, future)
             self.metrics.rejected.labels("queue_deadline").inc()
@@ -115,7 +121,7 @@ class Dispatcher:
             self._abandon(request, future)
             raise
 
-    def _abandon(self, request: PendingRequest, future: asyncio.Future[RankKey]) -> None:
+    def _abandon(self, request: PendingRequest, future: asyncio.Future[tuple[RankKey, int]]) -> None:
         """The waiter of ``request`` gave up: take it out of the window, or release it if it was just placed."""
         self._waiters.pop(request.request_id, None)
         placed = future.done() and not future.cancelled() and future.exception() is None
@@ -191,12 +197,15 @@ class Dispatcher:
         self.metrics.window_interval.set(self.scheduler.window.interval_s)
         if outcome is None:
             return False
+        self._windows_closed += 1
+        window_id = self._windows_closed
+        log.debug("window %d closed: %d placed, %d deferred", window_id, len(outcome.assigned), outcome.deferred)
         for request, key in outcome.assigned:
             self._record_dispatch(key, request.prompt_tokens)
             self.metrics.window_wait.observe(now - request.arrival_s)
             future = self._waiters.pop(request.request_id, None)
             if future is not None and not future.done():
-                future.set_result(key)
+                future.set_result((key, window_id))
             else:  # the client went away in the meantime
                 self.finish(request.request_id)
         for request in outcome.unplaceable:

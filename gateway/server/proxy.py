@@ -28,21 +28,21 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
-    error_body,
     normalize_engine_error,
 )
+from gateway.logs import REQUEST_ID_HEADER, request_log
 from gateway.scheduling.tokens import count_prompt_tokens
 from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
+from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import UpstreamResponse, post_json
 from gateway.server.validation import Route, parse_request
 
 log = logging.getLogger(__name__)
 
 ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_STATUS = 499
-_DONE_EVENT = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
@@ -51,7 +51,8 @@ class _Call:
     state: GatewayState
     route: Route
     request_id: str
-    """The client's ``X-Request-Id`` (or a generated one): logged and sent upstream, never trusted as a key."""
+    """The client's valid ``X-Request-Id`` (or a generated one, see :mod:`gateway.logs`): logged and sent
+    upstream, never trusted as a key."""
     arrival: float
     model_label: str = "unknown"
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -131,9 +132,10 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 async def handle_completion(state: GatewayState, request: Request, route: Route) -> Response:
     """Serve ``POST /v1/chat/completions`` or ``POST /v1/completions``."""
     dispatcher = state.dispatcher
-    call = _Call(state, route, request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex, dispatcher.clock())
+    call = _Call(state, route, request_log().request_id, dispatcher.clock())
     try:
-        parsed = parse_request(await _read_body(request, state.settings.max_body_bytes), route)
+        raw = await _read_body(request, state.settings.max_body_bytes)
+        parsed = parse_request(raw, route, max_tokens_limit=state.settings.max_tokens_limit)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
         call.model_label = parsed.model
@@ -150,6 +152,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
         return call.error(exc)
     except ClientDisconnected:
         return call.client_closed()
+    request_log().placed(key.engine, key.rank, dispatcher.clock() - call.arrival)
     try:
         attempt = await _unless_disconnected(request, _attempts(call, pending, key, parsed.body))
     except GatewayError as exc:
@@ -223,6 +226,8 @@ async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: di
             log.info("request %s: retrying on %s after %s failed: %s", call.request_id, next_key, key, exc.message)
             state.metrics.upstream_retries.labels(key.engine).inc()
             key = next_key
+            log_entry = request_log()
+            log_entry.engine, log_entry.rank = key.engine, key.rank
             tries += 1
         except BaseException:
             state.dispatcher.finish(call.key)
@@ -265,7 +270,7 @@ async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object])
     state = call.state
     config = state.settings.upstream
     engine, adapter = state.engines[key.engine]
-    headers = {REQUEST_ID_HEADER: call.request_id}
+    headers = upstream_request_headers(call.request_id)
     sent = dict(body)
     adapter.pin_rank(sent, headers, key.rank)
     payload = json.dumps(sent, ensure_ascii=False).encode()
@@ -310,6 +315,7 @@ async def _whole(call: _Call, request: Request, attempt: _Attempt) -> Response:
         call.count(upstream.status)
         return JSONResponse(normalize_engine_error(upstream.status, raw), upstream.status, headers=headers)
     elapsed = dispatcher.clock() - call.arrival
+    request_log().ttft_s = elapsed
     metrics = call.state.metrics
     metrics.ttft.labels(call.model_label).observe(elapsed)
     metrics.e2e.labels(call.model_label).observe(elapsed)
@@ -328,10 +334,11 @@ async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
     started = False
     last = call.arrival
     status = "200"
-    tail = b""
+    end = StreamEnd()
     chunk = attempt.first_chunk or b""
     try:
         while chunk:
+            end.feed(chunk)
             events = chunk.count(b"data:") - chunk.count(b"[DONE]")
             if events > 0:
                 now = clock()
@@ -339,22 +346,21 @@ async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
                     started = True
                     dispatcher.first_token(call.key, key.engine)
                     metrics.ttft.labels(call.model_label).observe(now - call.arrival)
+                    request_log().ttft_s = now - call.arrival
                     if events > 1:
                         dispatcher.tokens(call.key, key.engine, events - 1, now - last)
                 else:
                     dispatcher.tokens(call.key, key.engine, events, now - last)
                 last = now
             yield chunk
-            tail = (tail + chunk)[-16:]
             chunk = await upstream.next_chunk(idle_timeout)
-        if _DONE_EVENT.strip() not in tail:
-            raise UpstreamError("the engine ended the stream before [DONE]")
+        if not end.done:
+            raise UpstreamError("the engine's stream ended before its end marker (data: [DONE])")
     except UpstreamError as exc:
         status = "stream_error"
         _record_failure(call.state, key, exc)
         log.warning("stream %s from %s broke: %s", call.request_id, key, exc.message)
-        event = error_body(exc.message, exc.type, code=exc.status)
-        yield b"data: " + json.dumps(event).encode() + b"\n\n" + _DONE_EVENT
+        yield end.error_events(exc.message, exc.type, exc.status)
     except (asyncio.CancelledError, GeneratorExit):
         status = "client_closed"
         raise

@@ -151,18 +151,26 @@ async def post_json(
     return UpstreamResponse(resp.status, resp.headers.get("Content-Type", ""), deadline, resp)
 
 
-async def get_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
-    """GET a text resource (an engine's ``/metrics``) with a total timeout.
+async def get_text(session: aiohttp.ClientSession, url: str, timeout_s: float, max_bytes: int) -> str:
+    """GET a text resource (an engine's ``/metrics``) with a total timeout and a size bound.
 
     Raises:
         UpstreamTimeoutError: no complete answer within ``timeout_s``.
-        UpstreamError: unreachable, non-200, or not decodable as UTF-8.
+        UpstreamError: unreachable, non-200, larger than ``max_bytes`` (declared or received: reading stops
+            there), cut short (framing), or not decodable as UTF-8.
     """
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 raise UpstreamError(f"GET {url} answered HTTP {resp.status}")
-            raw = await resp.read()
+            too_big = UpstreamError(f"GET {url}: body exceeds {max_bytes} bytes")
+            if (resp.content_length or 0) > max_bytes:
+                raise too_big
+            raw = bytearray()
+            async for chunk in resp.content.iter_any():
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise too_big
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"GET {url} timed out after {timeout_s} s") from exc
     except aiohttp.ClientError as exc:
