@@ -47,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.replay.client import replay
 from gateway.replay.stats import summarize
 from gateway.replay.traces import load_trace, resolve_trace, window
+from gateway.telemetry import sum_samples as metric
 
 MODEL = "deepseek-v3"
 EXPLICIT_FAILURES = ("HTTP ", "stream error")
@@ -84,15 +85,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def metric_by(text: str, name: str, label: str) -> dict[str, float]:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gateway.scheduling.types import RankLoad
@@ -146,3 +147,18 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """Exposition text of every metric."""
         return generate_latest(self.registry)
+
+
+def sum_samples(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``, in Prometheus exposition ``text``
+    (0.0 when there are none): how tests and benchmarks read a gateway's or an engine's ``/metrics``.
+
+    Raises:
+        ValueError: ``text`` is not valid exposition text (from :mod:`prometheus_client.parser`).
+    """
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
+from gateway.telemetry import sum_samples
 
 MODEL = "deepseek-v3"
 
@@ -44,13 +44,8 @@ def rank(
     )
 
 
-def total(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+total = sum_samples
+"""Sum of the samples ``name`` with ``labels`` in exposition text."""
 
 
 async def eventually(probe, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]

@@ -133,7 +133,7 @@ async def test_hostile_metrics_fail_the_scrape_and_nothing_else(
             with pytest.raises(error, match=match):
                 await get_text(session, url + "/metrics", SCRAPE.timeout_s, SCRAPE.max_response_bytes)
         scraper, view, metrics = scraper_for(url, session)
-        assert await scraper.scrape_once(*scraper._engines[0]) is False
+        assert await scraper.once(*scraper._engines[0]) is False
         assert view.engine_reachable("e") is False
         assert 'gateway_scrape_errors_total{engine="e"} 1.0' in metrics.render().decode()
 
@@ -149,7 +149,7 @@ async def test_nan_negative_and_out_of_range_figures_never_reach_the_load_view()
     )
     async with raw_http_server(whole(text.encode())) as url, make_session(UpstreamConfig()) as session:
         scraper, view, _ = scraper_for(url, session)
-        assert await scraper.scrape_once(*scraper._engines[0]) is True
+        assert await scraper.once(*scraper._engines[0]) is True
     loads = {load.key.rank: (load.running, load.waiting, load.kv_usage) for load in view.snapshot(0.0)}
     assert loads == {0: (0.0, 0.0, None), 1: (0.0, 3.0, None)}
 
@@ -204,7 +204,7 @@ async def test_metrics_are_parsed_off_the_event_loop() -> None:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
         view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
         scraper = MetricsScraper(session, [(engine, adapter)], view, GatewayMetrics(), SCRAPE)
-        assert await scraper.scrape_once(engine, adapter) is True
+        assert await scraper.once(engine, adapter) is True
     assert len(adapter.threads) == 1 and adapter.threads[0] != threading.get_ident()
     assert {load.key.rank: load.running for load in view.snapshot(0.0)} == {0: 2.0, 1: 0.0}
 

@@ -7,8 +7,6 @@ down after ``failure_threshold`` probes (about ``failure_threshold * probe_inter
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +16,7 @@ import aiohttp
 from gateway.config import EngineConfig, HealthConfig
 from gateway.engines import EngineAdapter
 from gateway.errors import UpstreamError
+from gateway.load.engine_loop import PerEngineLoop
 from gateway.load.health import BreakerState, HealthBook
 from gateway.server.upstream import get_text
 from gateway.telemetry import GatewayMetrics
@@ -28,7 +27,7 @@ HEALTH_MAX_BYTES = 64 * 1024
 """Largest ``/health`` body read (vLLM and SGLang answer an empty body)."""
 
 
-class HealthProber:
+class HealthProber(PerEngineLoop):
     """Probes every engine's health endpoint and keeps ``gateway_engine_up`` current.
 
     Args:
@@ -52,14 +51,11 @@ class HealthProber:
         on_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._session = session
-        self._engines = list(engines)
+        super().__init__(session, engines, config.probe_interval_s, "probe", clock)
         self._health = health
         self._metrics = metrics
         self._config = config
         self._on_change = on_change
-        self._clock = clock
-        self._tasks: list[asyncio.Task[None]] = []
         self._last_state: dict[str, BreakerState] = {}
         self.publish()
 
@@ -78,7 +74,7 @@ class HealthProber:
         if changed and self._on_change is not None:
             self._on_change()
 
-    async def probe_once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
+    async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
         """Probe one engine now, record the result and return it. Never raises."""
         try:
             await get_text(
@@ -92,22 +88,3 @@ class HealthProber:
         self._metrics.health_checks.labels(engine.name, "ok" if ok else "error").inc()
         self.publish()
         return ok
-
-    async def _loop(self, engine: EngineConfig, adapter: EngineAdapter) -> None:
-        while True:
-            await asyncio.sleep(self._config.probe_interval_s)
-            await self.probe_once(engine, adapter)
-
-    async def start(self) -> None:
-        """Probe every engine once (so ``/ready`` is meaningful at once), then keep probing."""
-        await asyncio.gather(*(self.probe_once(e, a) for e, a in self._engines))
-        self._tasks = [asyncio.create_task(self._loop(e, a), name=f"probe-{e.name}") for e, a in self._engines]
-
-    async def stop(self) -> None:
-        """Stop probing."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []

@@ -11,7 +11,6 @@ does an unexpected error (logged with its traceback): nothing an engine sends ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ import aiohttp
 from gateway.config import EngineConfig, ScrapeConfig
 from gateway.engines import EngineAdapter, MetricsParseError
 from gateway.errors import UpstreamError
+from gateway.load.engine_loop import PerEngineLoop
 from gateway.load.view import LoadView
 from gateway.server.upstream import get_text
 from gateway.telemetry import GatewayMetrics
@@ -28,7 +28,7 @@ from gateway.telemetry import GatewayMetrics
 log = logging.getLogger(__name__)
 
 
-class MetricsScraper:
+class MetricsScraper(PerEngineLoop):
     """Scrapes every engine's ``/metrics`` on an interval.
 
     Args:
@@ -52,16 +52,13 @@ class MetricsScraper:
         on_update: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._session = session
-        self._engines = list(engines)
+        super().__init__(session, engines, config.interval_s, "scrape", clock)
         self._view = view
         self._metrics = metrics
         self._config = config
         self._on_update = on_update
-        self._clock = clock
-        self._tasks: list[asyncio.Task[None]] = []
 
-    async def scrape_once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
+    async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
         """Scrape one engine now and update the view; return whether it succeeded. Never raises."""
         try:
             url = engine.url + adapter.metrics_path
@@ -81,25 +78,3 @@ class MetricsScraper:
         if self._on_update is not None:
             self._on_update()
         return True
-
-    async def _loop(self, engine: EngineConfig, adapter: EngineAdapter) -> None:
-        elapsed = 0.0
-        while True:
-            await asyncio.sleep(max(0.0, self._config.interval_s - elapsed))
-            started = self._clock()
-            await self.scrape_once(engine, adapter)
-            elapsed = self._clock() - started
-
-    async def start(self) -> None:
-        """Scrape every engine once (so ``/ready`` is meaningful at once), then keep scraping."""
-        await asyncio.gather(*(self.scrape_once(e, a) for e, a in self._engines))
-        self._tasks = [asyncio.create_task(self._loop(e, a), name=f"scrape-{e.name}") for e, a in self._engines]
-
-    async def stop(self) -> None:
-        """Stop scraping."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []

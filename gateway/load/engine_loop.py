@@ -1,0 +1,71 @@
+"""A task per engine that runs one action at start and then on an interval (the scraper and the prober)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import aiohttp
+
+from gateway.config import EngineConfig
+from gateway.engines import EngineAdapter
+
+
+class PerEngineLoop(ABC):
+    """Runs :meth:`once` for every engine concurrently at :meth:`start`, then every ``interval_s`` seconds on
+    one task per engine (the time :meth:`once` took counts towards the interval), so a slow or hung engine
+    delays nobody else.
+
+    Args:
+        session: HTTP session towards the engines.
+        engines: ``(engine config, adapter)`` pairs.
+        interval_s: time between two starts of :meth:`once` for one engine, seconds.
+        task_prefix: asyncio task names are ``<task_prefix>-<engine>``.
+        clock: monotonic clock in seconds.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        engines: Sequence[tuple[EngineConfig, EngineAdapter]],
+        interval_s: float,
+        task_prefix: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._engines = list(engines)
+        self._interval_s = interval_s
+        self._task_prefix = task_prefix
+        self._clock = clock
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @abstractmethod
+    async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
+        """Do the action for one engine now; return whether it succeeded. Must never raise."""
+
+    async def _loop(self, engine: EngineConfig, adapter: EngineAdapter) -> None:
+        elapsed = 0.0
+        while True:
+            await asyncio.sleep(max(0.0, self._interval_s - elapsed))
+            started = self._clock()
+            await self.once(engine, adapter)
+            elapsed = self._clock() - started
+
+    async def start(self) -> None:
+        """Run :meth:`once` for every engine, then keep running it on the interval."""
+        await asyncio.gather(*(self.once(e, a) for e, a in self._engines))
+        self._tasks = [
+            asyncio.create_task(self._loop(e, a), name=f"{self._task_prefix}-{e.name}") for e, a in self._engines
+        ]
+
+    async def stop(self) -> None:
+        """Stop the tasks."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
