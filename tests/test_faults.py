@@ -111,6 +111,17 @@ async def test_a_stream_that_dies_before_its_first_event_is_retried_transparentl
         assert await gateway_metric(http, cluster, "gateway_upstream_retries_total", engine="sg") >= 1
 
 
+async def test_a_non_streamed_answer_cut_off_mid_body_is_retried_transparently() -> None:
+    upstream = UpstreamConfig(**NO_BACKOFF)
+    async with cluster_and_client("round_robin", health=FAST_HEALTH, upstream=upstream) as (cluster, http):
+        await set_faults(http, cluster.engine_urls["sg"], generate="kill_mid_stream")
+        for _ in range(6):
+            r = await http.post(cluster.gateway_url + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200 and r.json()["choices"], r.text
+        assert (await injected(http, cluster.engine_urls["sg"]))["kill_mid_stream"] >= 1
+        assert await gateway_metric(http, cluster, "gateway_upstream_retries_total", engine="sg") >= 1
+
+
 @pytest.mark.parametrize("fault", ["kill_mid_stream", "end_without_done"])
 async def test_a_stream_broken_after_its_first_events_ends_with_an_error_event_never_a_retry(fault: str) -> None:
     async with running_cluster("round_robin", health=FAST_HEALTH) as cluster, httpx.AsyncClient(timeout=10) as http:

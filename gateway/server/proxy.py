@@ -165,16 +165,18 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             media_type="text/event-stream",
             headers={REQUEST_ID_HEADER: call.request_id, "Cache-Control": "no-cache"},
         )
-    return await _whole(call, request, attempt)
+    return _whole(call, attempt)
 
 
 @dataclass(slots=True)
 class _Attempt:
-    """A request whose answer has begun at an engine: the rank, the response, and (streams) its first chunk."""
+    """A request whose answer has begun at an engine: the rank, the response, and either (streams) its first
+    chunk or (anything else) its whole body."""
 
     key: RankKey
     upstream: UpstreamResponse
-    first_chunk: bytes | None
+    first_chunk: bytes | None = None
+    body: bytes = b""
 
 
 class _RetryableStatus(UpstreamError):
@@ -187,6 +189,9 @@ class _RetryableStatus(UpstreamError):
 
 async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: dict[str, object]) -> _Attempt:
     """Send the request to ``key`` and, while it fails before any byte reached the client, to other ranks.
+
+    A streamed answer counts as begun at its first event; any other answer is read whole here, so an answer
+    that breaks off before its end is tried again too.
 
     At most ``upstream.max_attempts`` tries, with exponential backoff and full jitter between them. Every
     failure feeds the circuit breakers; the request is released from the load view after each failed try and
@@ -261,7 +266,8 @@ def _record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> No
 
 
 async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object]) -> _Attempt:
-    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk.
+    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk; read any other
+    answer whole.
 
     Raises:
         _RetryableStatus: the engine answered HTTP 5xx (the body is read, the response closed).
@@ -284,43 +290,39 @@ async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object])
         if upstream.status >= 500:
             raw = await upstream.read()
             raise _RetryableStatus(upstream.status, raw)
-        first: bytes | None = None
+        attempt = _Attempt(key, upstream)
         if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
             first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
             if not first:
                 raise UpstreamError("the engine closed the stream before its first event")
+            attempt.first_chunk = first
+        else:  # nothing is sent to the client before the whole answer is in, so a broken body is retried too
+            attempt.body = await upstream.read()
+            upstream.close()
     except BaseException:
         upstream.close()
         raise
     state.health.record_success(key, state.dispatcher.clock())
-    return _Attempt(key, upstream, first)
+    return attempt
 
 
-async def _whole(call: _Call, request: Request, attempt: _Attempt) -> Response:
+def _whole(call: _Call, attempt: _Attempt) -> Response:
+    """The answer to a request whose engine answer was read whole (not a stream, or an engine error)."""
     dispatcher = call.state.dispatcher
+    dispatcher.finish(call.key)
     upstream = attempt.upstream
-    try:
-        raw = await _unless_disconnected(request, upstream.read())
-    except GatewayError as exc:
-        if isinstance(exc, UpstreamError):
-            _record_failure(call.state, attempt.key, exc)
-        return call.error(exc)
-    except ClientDisconnected:
-        return call.client_closed()
-    finally:
-        upstream.close()
-        dispatcher.finish(call.key)
     headers = {REQUEST_ID_HEADER: call.request_id}
     if upstream.status != 200:
         call.count(upstream.status)
-        return JSONResponse(normalize_engine_error(upstream.status, raw), upstream.status, headers=headers)
+        body = normalize_engine_error(upstream.status, attempt.body)
+        return JSONResponse(body, upstream.status, headers=headers)
     elapsed = dispatcher.clock() - call.arrival
     request_log().ttft_s = elapsed
     metrics = call.state.metrics
     metrics.ttft.labels(call.model_label).observe(elapsed)
     metrics.e2e.labels(call.model_label).observe(elapsed)
     call.count(200)
-    return Response(raw, 200, media_type=upstream.content_type or "application/json", headers=headers)
+    return Response(attempt.body, 200, media_type=upstream.content_type or "application/json", headers=headers)
 
 
 async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
