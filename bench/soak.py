@@ -194,7 +194,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_body_bytes": 1024 * 1024,
             "engines": engines,
             "health": {"probe_interval_s": 0.5, "failure_threshold": 3, "open_s": 1.0},
-            "upstream": {"first_byte_timeout_s": 5.0, "idle_timeout_s": 3.0, "total_timeout_s": 120.0},
+            "upstream": {"first_byte_timeout_s": 30.0, "idle_timeout_s": 10.0, "total_timeout_s": 300.0},
         }
         path = Path(tmp) / "gateway.yaml"
         path.write_text(yaml.safe_dump(config))

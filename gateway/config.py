@@ -151,6 +151,13 @@ class UpstreamConfig(_Strict):
     Backoff And Jitter", 2015): the n-th retry waits uniformly in ``[0, min(retry_backoff_max_s, base * 2**n))``."""
     retry_backoff_max_s: PositiveFloat = 1.0
     """Cap of one backoff wait, seconds."""
+    retry_throttle_max_tokens: PositiveFloat = 10.0
+    """Retry throttling, as gRPC does it (gRFC A6, "Retry throttling"): a token count starts at this maximum,
+    every failed try takes one token and every successful one gives back ``retry_throttle_ratio``; retries are
+    made only while more than half the maximum is left. So an overloaded cluster, where tries time out, is
+    not sent more work by retries; a few failing ranks among healthy ones still get their requests retried."""
+    retry_throttle_ratio: PositiveFloat = 0.1
+    """Tokens a successful try gives back (see ``retry_throttle_max_tokens``)."""
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> UpstreamConfig:

@@ -18,6 +18,7 @@ Series (all prefixed ``gateway_``):
 - ``upstream_failures_total{engine, kind}`` (``unavailable``|``timeout``|``http_5xx``|``stream_broken``).
 - ``upstream_retries_total{engine}``: requests sent again to another rank after a failure before any byte
   reached the client (``engine`` is the one that failed).
+- ``retries_throttled_total``: failed tries not retried because retry throttling was engaged.
 - ``rejected_requests_total{reason}`` (``window_full``|``queue_deadline``|``draining``|``no_healthy_engine``):
   requests turned away with 429/503 before reaching an engine.
 - ``draining``: 1 once shutdown has begun.
@@ -134,6 +135,9 @@ class GatewayMetrics:
         )
         self.upstream_retries = Counter(
             "gateway_upstream_retries", "Requests retried elsewhere after this engine failed", ["engine"], registry=r
+        )
+        self.retries_throttled = Counter(
+            "gateway_retries_throttled", "Failed tries not retried because retry throttling was engaged", registry=r
         )
         self.rejected = Counter(
             "gateway_rejected_requests", "Requests turned away before reaching an engine", ["reason"], registry=r

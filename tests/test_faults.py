@@ -122,6 +122,24 @@ async def test_a_non_streamed_answer_cut_off_mid_body_is_retried_transparently()
         assert await gateway_metric(http, cluster, "gateway_upstream_retries_total", engine="sg") >= 1
 
 
+async def test_retries_stop_while_most_tries_fail() -> None:
+    upstream = UpstreamConfig(
+        first_byte_timeout_s=0.2, retry_throttle_max_tokens=4, retry_throttle_ratio=0.1, **NO_BACKOFF
+    )
+    async with cluster_and_client("round_robin", health=FAST_HEALTH, upstream=upstream) as (cluster, http):
+        for url in cluster.engine_urls.values():
+            await set_faults(http, url, generate="hang")
+        # every try times out: with 4 tokens, the first failures are retried, then retrying stops
+        body = {**CHAT, "stream": True}
+        answers = await asyncio.gather(
+            *(http.post(cluster.gateway_url + "/v1/chat/completions", json=body) for _ in range(4))
+        )
+        assert [r.status_code for r in answers] == [504] * 4
+        assert await gateway_metric(http, cluster, "gateway_retries_throttled_total") >= 1
+        tries = await gateway_metric(http, cluster, "gateway_upstream_failures_total")
+        assert tries < 4 * upstream.max_attempts, f"throttling must have saved some of the 12 tries; {tries} made"
+
+
 @pytest.mark.parametrize("fault", ["kill_mid_stream", "end_without_done"])
 async def test_a_stream_broken_after_its_first_events_ends_with_an_error_event_never_a_retry(fault: str) -> None:
     async with running_cluster("round_robin", health=FAST_HEALTH) as cluster, httpx.AsyncClient(timeout=10) as http:

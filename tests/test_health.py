@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import EngineConfig, HealthConfig, Settings, WindowConfig
 from gateway.errors import NoCapacityError, OverloadedError
-from gateway.load.health import BreakerState, CircuitBreaker, HealthBook
+from gateway.load.health import BreakerState, CircuitBreaker, HealthBook, RetryThrottle
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.types import RankKey
 from gateway.server.dispatcher import Dispatcher
@@ -139,3 +139,17 @@ def test_a_retry_goes_to_another_engine_when_one_serves_the_model() -> None:
     d.finish("r")
     with pytest.raises(NoCapacityError):
         d.place_retry(req("r", 10), {RankKey(e, r) for e in "ab" for r in range(2)})
+
+
+def test_retry_throttling_stops_retries_while_most_tries_fail_and_recovers_with_successes() -> None:
+    throttle = RetryThrottle(max_tokens=10, ratio=0.5)
+    for _ in range(4):
+        throttle.on_failure()
+    assert throttle.allows_retry(), "6 of 10 tokens left"
+    throttle.on_failure()
+    assert not throttle.allows_retry(), "5 left: not more than half"
+    throttle.on_success()
+    assert throttle.allows_retry()
+    for _ in range(100):
+        throttle.on_success()
+    assert throttle.tokens == 10, "capped at the maximum"

@@ -208,3 +208,33 @@ class HealthBook:
                 assert isinstance(ranks, list)
                 ranks.append(key.rank)
         return out
+
+
+@dataclass(slots=True)
+class RetryThrottle:
+    """Retry throttling (gRFC A6, "Retry throttling", as in gRPC): retries stop while too many tries fail.
+
+    Args:
+        max_tokens: the token count's start and maximum.
+        ratio: tokens a successful try gives back (a failed one takes one).
+    """
+
+    max_tokens: float
+    ratio: float
+    tokens: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            self.tokens = self.max_tokens
+
+    def on_success(self) -> None:
+        """A try succeeded."""
+        self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+
+    def on_failure(self) -> None:
+        """A try failed."""
+        self.tokens = max(0.0, self.tokens - 1.0)
+
+    def allows_retry(self) -> bool:
+        """Whether a failed try may be retried now: more than half the maximum tokens are left."""
+        return self.tokens > self.max_tokens / 2

@@ -19,7 +19,7 @@ from gateway import __version__
 from gateway.config import Settings
 from gateway.engines import adapter_for
 from gateway.errors import error_body
-from gateway.load.health import HealthBook
+from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
@@ -46,7 +46,8 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     dispatcher = Dispatcher(settings, view, metrics, health)
     view.usable = health.usable
     metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
-    session = make_session(settings.upstream)
+    upstream = settings.upstream
+    session = make_session(upstream)
     prober = HealthProber(
         session,
         list(engines.values()),
@@ -76,6 +77,9 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         scraper=scraper,
         health=health,
         prober=prober,
+        retry_throttle=RetryThrottle(
+            settings.upstream.retry_throttle_max_tokens, settings.upstream.retry_throttle_ratio
+        ),
         tokenizer=tokenizer or CharTokenizer(),
     )
 

@@ -193,7 +193,8 @@ async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: di
     A streamed answer counts as begun at its first event; any other answer is read whole here, so an answer
     that breaks off before its end is tried again too.
 
-    At most ``upstream.max_attempts`` tries, with exponential backoff and full jitter between them. Every
+    At most ``upstream.max_attempts`` tries, with exponential backoff and full jitter between them, and none
+    while retry throttling is engaged (:class:`~gateway.load.health.RetryThrottle`). Every
     failure feeds the circuit breakers; the request is released from the load view after each failed try and
     after the last one (the caller releases it once the answer is over). A 5xx on the last try is passed on as
     the engine's own error body; any other status is returned as it is.
@@ -216,6 +217,9 @@ async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: di
             # timed out has used its whole total_timeout_s
             total_spent = isinstance(exc, UpstreamTimeoutError) and not pending.stream
             final = tries >= config.max_attempts or total_spent
+            if not final and not state.retry_throttle.allows_retry():
+                state.metrics.retries_throttled.inc()
+                final = True
             if not final:
                 failed.add(key)
                 backoff_s = min(config.retry_backoff_max_s, config.retry_backoff_s * 2**tries)
@@ -261,6 +265,7 @@ def _record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> No
     else:
         kind, scope = "stream_broken", "rank"
     state.metrics.upstream_failures.labels(key.engine, kind).inc()
+    state.retry_throttle.on_failure()
     state.health.record_failure(key, scope, state.dispatcher.clock())
     state.prober.publish()
 
@@ -303,6 +308,7 @@ async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object])
         upstream.close()
         raise
     state.health.record_success(key, state.dispatcher.clock())
+    state.retry_throttle.on_success()
     return attempt
 
 

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from gateway.config import EngineConfig, Settings
 from gateway.engines import EngineAdapter
-from gateway.load.health import HealthBook
+from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
@@ -34,6 +34,7 @@ class GatewayState:
         scraper: scrapes engine metrics.
         health: circuit breakers of every engine and DP rank.
         prober: probes the engines' health endpoints.
+        retry_throttle: stops retries while too many tries fail.
         tokenizer: counts prompt tokens for the allocator.
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
     """
@@ -48,6 +49,7 @@ class GatewayState:
     scraper: MetricsScraper
     health: HealthBook
     prober: HealthProber
+    retry_throttle: RetryThrottle
     tokenizer: Tokenizer
     draining: bool = False
 
