@@ -46,7 +46,7 @@ TRAFFIC: list[tuple[str, list[Panel]]] = [
                 "percentunit",
                 [
                     (
-                        f'sum(rate(gateway_requests_total{{status=~"[45].."}}[{RATE}]))'
+                        f'(sum(rate(gateway_requests_total{{status=~"[45].."}}[{RATE}])) or vector(0))'
                         f" / sum(rate(gateway_requests_total[{RATE}]))",
                         "errors",
                     ),
