@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+
+from gateway.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -40,3 +43,14 @@ def run_tool(*args: str, cwd: Path = ROOT, timeout_s: float = 120) -> subprocess
     if done.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def parse_command(args: list[str]) -> click.Context:
+    """Parse ``gateway ARGS`` the way the CLI would, without running it; raises click.UsageError.
+
+    (The group itself has only --help and --version, so the subcommand is the first argument.)"""
+    ctx = click.Context(main, info_name="gateway")
+    command = main.get_command(ctx, args[0])
+    if command is None:
+        raise click.UsageError(f"no such command {args[0]!r}", ctx)
+    return command.make_context(args[0], list(args[1:]), parent=ctx)

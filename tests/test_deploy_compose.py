@@ -10,9 +10,8 @@ import click
 import pytest
 import yaml
 
-from gateway.cli import main
 from gateway.config import load_settings
-from tests.deploy_tools import DEPLOY, ROOT, run_tool
+from tests.deploy_tools import DEPLOY, ROOT, parse_command, run_tool
 
 GATEWAY_IMAGE = "sbs-gateway:local"
 
@@ -34,17 +33,6 @@ def gateway_services(config: dict[str, Any]) -> dict[str, list[str]]:
 
 def option(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
-
-
-def parse_command(args: list[str]) -> click.Context:
-    """Parse ``gateway ARGS`` the way the CLI would, without running it; raises click.UsageError.
-
-    (The group itself has only --help and --version, so the subcommand is the first argument.)"""
-    ctx = click.Context(main, info_name="gateway")
-    command = main.get_command(ctx, args[0])
-    if command is None:
-        raise click.UsageError(f"no such command {args[0]!r}", ctx)
-    return command.make_context(args[0], list(args[1:]), parent=ctx)
 
 
 def test_compose_file_is_valid_and_has_the_stack() -> None:
