@@ -402,6 +402,10 @@ def stack(
     from pathlib import Path
 
     _setup_logging(log_level)
+    if not Path(config_path).is_file():
+        raise click.ClickException(
+            f"{config_path} not found: run gateway stack from the repository root, or pass --config"
+        )
     try:
         settings = load_settings(config_path, host=host, port=port, policy=policy)
     except ConfigError as exc:

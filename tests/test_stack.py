@@ -20,7 +20,9 @@ import httpx
 import openai
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from gateway.cli import main
 from gateway.stack import StackError, stack_prometheus_config
 from tests.deploy_tools import DEPLOY, ROOT, require_tool
 from tests.exported_metrics import PROMETHEUS_SERIES, exposition_names, query_names
@@ -179,8 +181,9 @@ async def trickle(client: openai.AsyncOpenAI, requests: int = 400, gap_s: float 
 async def check_prometheus(stack: RunningStack) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         # every target up: the gateway, both engines, Prometheus itself
-        counts = await wait_for_data(http, stack.prometheus, ['up{job="gateway"} == 1', 'up{job="engines"} == 1'])
-        assert counts == {'up{job="gateway"} == 1': 1, 'up{job="engines"} == 1': 2}, counts
+        targets = ['count(up{job="gateway"} == 1) == 1', 'count(up{job="engines"} == 1) == 2']
+        counts = await wait_for_data(http, stack.prometheus, targets)
+        assert all(counts.values()), f"targets not up: {await query(http, stack.prometheus, 'up')}"
 
         # every series the gateway and the engines export with samples arrives in Prometheus
         sampled: set[str] = set()
@@ -207,8 +210,12 @@ async def check_prometheus(stack: RunningStack) -> None:
         assert [e for e, n in counts.items() if n == 0] == []
 
         # the rules loaded and evaluate without errors
-        groups = (await http.get(stack.prometheus + "/api/v1/rules")).json()["data"]["groups"]
-        health = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
+        for _ in range(int(DATA_TIMEOUT_S)):  # "unknown" until a rule's first evaluation
+            groups = (await http.get(stack.prometheus + "/api/v1/rules")).json()["data"]["groups"]
+            health = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
+            if "unknown" not in health.values():
+                break
+            await asyncio.sleep(1.0)
         assert health and set(health.values()) == {"ok"}, health
 
 
@@ -230,3 +237,10 @@ def test_stack_refuses_a_prometheus_target_it_cannot_place() -> None:
         stack_prometheus_config(
             config, gateway="a:1", prometheus="b:2", engines={"engine-sglang:30000": "c:3"}, rules_dir=DEPLOY
         )
+
+
+def test_stack_outside_the_repository_says_where_to_run_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["stack", "--no-prometheus"])
+    assert result.exit_code == 1
+    assert "run gateway stack from the repository root, or pass --config" in result.output
