@@ -12,6 +12,9 @@ import click
 import uvicorn
 
 from gateway.config import ConfigError, PolicyName, Settings, load_settings
+from gateway.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
 POLICIES = click.Choice(get_args(PolicyName))
@@ -55,10 +58,6 @@ def _check_plot(plot: str | None) -> None:
             raise click.ClickException(str(exc)) from exc
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="sbs-gateway")
 def main() -> None:
@@ -93,18 +92,56 @@ def main() -> None:
     help="Scheduling policy, overriding the configuration [default: sbs].",
 )
 @log_level_option
-def serve(config_path: str | None, host: str | None, port: int | None, policy: str | None, log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON objects (request id, engine, rank, window, timings as fields) or as text "
+    "[default: text; setting log.format].",
+)
+@click.option(
+    "--api-keys-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="File of API keys, one a line ('#' comments): clients must send 'Authorization: Bearer <key>' on /v1. "
+    "Also setting security.api_keys_file; keys themselves via GATEWAY_SECURITY__API_KEYS='[...]'.",
+)
+@click.option(
+    "--admin-keys-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="File of admin keys, one a line, for /admin/state, /docs, /openapi.json (and /metrics with "
+    "security.metrics_auth: admin).",
+)
+def serve(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    policy: str | None,
+    log_level: str,
+    log_format: str | None,
+    api_keys_file: str | None,
+    admin_keys_file: str | None,
+) -> None:
     """Run the gateway.
 
     With no configuration (no --config, no GATEWAY_CONFIG, no GATEWAY_ENGINES) it starts two simulated engines
     in-process (SGLang- and vLLM-flavoured, 8 DP ranks each, model deepseek-v3), so the OpenAI endpoint answers
     at once.
     """
-    _setup_logging(log_level)
+    security = {"api_keys_file": api_keys_file, "admin_keys_file": admin_keys_file}
     try:
-        settings = load_settings(config_path, host=host, port=port, policy=policy)
+        settings = load_settings(
+            config_path,
+            host=host,
+            port=port,
+            policy=policy,
+            log={"format": log_format} if log_format else None,
+            security={k: v for k, v in security.items() if v} or None,
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    configure_logging(log_level, settings.log.format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(settings, log_level))
 
@@ -112,25 +149,37 @@ def serve(config_path: str | None, host: str | None, port: int | None, policy: s
 async def _serve(settings: Settings, log_level: str) -> None:
     from gateway.embedded import embedded_engines
     from gateway.server.app import create_app
+    from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as stack:
         if not settings.engines:
             engines = await stack.enter_async_context(embedded_engines(settings.embedded_speed))
             settings = settings.model_copy(update={"engines": engines})
             for engine in engines:
-                click.echo(
-                    f"embedded {engine.flavor} engine {engine.name}: {engine.url} ({engine.dp_size} DP ranks)", err=True
+                log.info(
+                    "embedded %s engine %s: %s (%d DP ranks)", engine.flavor, engine.name, engine.url, engine.dp_size
                 )
-        app = create_app(settings)
+        try:
+            app = create_app(settings)
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the API keys: {exc}") from exc
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            log_config=None,  # keep configure_logging's format for uvicorn's own lines
+            access_log=False,  # the gateway writes its own access log (gateway.access), with request ids
+            timeout_graceful_shutdown=settings.shutdown.drain_timeout_s,
         )
-        click.echo(
-            f"gateway ({settings.policy}) on http://{settings.host}:{settings.port}/v1 "
-            f"serving {', '.join(settings.served_models())}",
-            err=True,
+        log.info(
+            "gateway (%s) on http://%s:%d/v1 serving %s",
+            settings.policy,
+            settings.host,
+            settings.port,
+            ", ".join(settings.served_models()),
         )
-        await uvicorn.Server(config).serve()
+        await DrainingServer(config).serve()
 
 
 @main.command("mock-engine")
@@ -401,7 +450,6 @@ def stack(
     """
     from pathlib import Path
 
-    _setup_logging(log_level)
     if not Path(config_path).is_file():
         raise click.ClickException(
             f"{config_path} not found: run gateway stack from the repository root, or pass --config"
@@ -410,6 +458,7 @@ def stack(
         settings = load_settings(config_path, host=host, port=port, policy=policy)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    configure_logging(log_level, settings.log.format)
     if prometheus is None:
         import shutil
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -102,6 +102,9 @@ class WindowConfig(_Strict):
     """The window holds at most this many prompt tokens (estimated); beyond it new requests get 503."""
     max_wait_s: PositiveFloat = 10.0
     """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
+    queue_timeout_s: PositiveFloat = 60.0
+    """A request still buffered this long after arriving (every rank full, or no healthy rank) gets 503 with
+    ``Retry-After``, seconds. Must exceed ``max_wait_s`` to matter while some rank is healthy."""
 
     @model_validator(mode="after")
     def _check_bounds(self) -> WindowConfig:
@@ -119,17 +122,109 @@ class ScrapeConfig(_Strict):
     """Timeout of one scrape, seconds."""
     stale_after_s: PositiveFloat = 3.0
     """Scraped figures older than this are ignored and the load view uses local accounting only, seconds."""
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest ``/metrics`` body read from an engine, bytes; a larger one fails the scrape (the rest is not
+    read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/fixtures/metrics``), mostly per-rank
+    histograms, so 64 ranks behind one URL come to about 5 MiB: 32 MiB leaves room."""
 
 
 class UpstreamConfig(_Strict):
-    """HTTP client towards the engines."""
+    """HTTP client towards the engines: timeouts of each phase of a request, and retries."""
 
     connect_timeout_s: PositiveFloat = 5.0
     """Timeout to open a connection to an engine, seconds."""
-    read_timeout_s: PositiveFloat = 600.0
-    """Longest silence allowed while reading an engine's answer (between chunks), seconds."""
+    first_byte_timeout_s: PositiveFloat = 300.0
+    """Longest wait from sending a request to its first answer byte (for a stream: its first event), seconds.
+    Covers the engine's queueing and prefill, so it must exceed the longest prefill expected under load."""
+    idle_timeout_s: PositiveFloat = 60.0
+    """Longest silence between two chunks of an answer once it has started, seconds."""
+    total_timeout_s: PositiveFloat = 1800.0
+    """Longest a whole request may take at the engine, from sending it to its last byte, seconds."""
     max_connections: int = Field(default=0, ge=0)
     """Connection pool size towards all engines; 0 means unbounded."""
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Tries per request, the first included: a request that failed before any byte reached the client
+    (engine unreachable, HTTP 5xx, timeout before the first byte, stream broken before its first event) is sent
+    again to another DP rank, preferably of another engine. Never retried once the client has received a byte."""
+    retry_backoff_s: PositiveFloat = 0.05
+    """Base of the exponential backoff between tries, with full jitter (AWS Architecture Blog, "Exponential
+    Backoff And Jitter", 2015): the n-th retry waits uniformly in ``[0, min(retry_backoff_max_s, base * 2**n))``."""
+    retry_backoff_max_s: PositiveFloat = 1.0
+    """Cap of one backoff wait, seconds."""
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> UpstreamConfig:
+        if self.first_byte_timeout_s > self.total_timeout_s or self.idle_timeout_s > self.total_timeout_s:
+            raise ValueError("first_byte_timeout_s and idle_timeout_s must not exceed total_timeout_s")
+        return self
+
+
+class HealthConfig(_Strict):
+    """Engine health: active ``/health`` probes and the circuit breakers fed by them and by failed requests.
+
+    A breaker opens after ``failure_threshold`` consecutive failures: the engine (or one DP rank) takes no new
+    requests for ``open_s``, doubled at each failed trial up to ``max_open_s``. Then it is half-open: one
+    successful probe (engine) or one successful trial request (rank) closes it.
+    """
+
+    probe_interval_s: PositiveFloat = 2.0
+    """Time between two ``GET /health`` probes of one engine, seconds."""
+    probe_timeout_s: PositiveFloat = 1.0
+    """Timeout of one probe, seconds."""
+    failure_threshold: int = Field(default=3, ge=1)
+    """Consecutive failures (probes, connection errors, HTTP 5xx, timeouts) that open a breaker."""
+    open_s: PositiveFloat = 1.0
+    """How long a breaker stays open the first time, seconds."""
+    max_open_s: PositiveFloat = 30.0
+    """Longest a breaker stays open after repeated failed trials, seconds."""
+
+
+class ShutdownConfig(_Strict):
+    """Graceful shutdown on SIGTERM/SIGINT."""
+
+    drain_timeout_s: int = Field(default=30, ge=0)
+    """After SIGTERM the gateway stops accepting connections, dispatches what its window holds and lets
+    requests in flight finish for at most this long, seconds; then the remaining ones are cancelled (which
+    aborts them at the engines). Kubernetes' default ``terminationGracePeriodSeconds`` is 30."""
+
+
+class SecurityConfig(_Strict):
+    """API keys (see :mod:`gateway.server.auth`). With no key configured every endpoint is open.
+
+    Keys come from the lists below (environment: ``GATEWAY_SECURITY__API_KEYS='["key1", "key2"]'``) and/or from
+    files with one key a line (blank lines and lines starting with ``#`` are skipped). They are held as
+    :class:`~pydantic.SecretStr`, so they never appear in a repr, a log or an error message.
+    """
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys accepted as ``Authorization: Bearer <key>`` on the OpenAI endpoints (``/v1/...``)."""
+    api_keys_file: Path | None = None
+    """File of further API keys, one a line."""
+    admin_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys accepted on the admin/introspection endpoints (``/admin/...``, ``/docs``, ``/openapi.json``, and
+    ``/metrics`` when ``metrics_auth`` is ``admin``); an admin key is accepted on the OpenAI endpoints too."""
+    admin_keys_file: Path | None = None
+    """File of further admin keys, one a line."""
+    metrics_auth: Literal["open", "admin"] = "open"
+    """``open``: the gateway's ``/metrics`` needs no key (what a Prometheus scrape job expects); ``admin``: it
+    needs an admin key (give it to Prometheus as ``authorization: {credentials: ...}``)."""
+
+    @field_validator("api_keys_file", "admin_keys_file")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"key file not found: {value}")
+        return value
+
+
+class LogConfig(_Strict):
+    """Logging (see :mod:`gateway.logs`)."""
+
+    format: Literal["json", "text"] = "text"
+    """``json``: one JSON object a line (for log pipelines); ``text``: human-readable lines."""
+    access_log: bool = True
+    """Write one ``gateway.access`` line per request (method, path, status, request id, engine, rank, window,
+    timings; never the body)."""
 
 
 class Settings(BaseSettings):
@@ -147,6 +242,10 @@ class Settings(BaseSettings):
     """Port the gateway listens on (0 picks a free one)."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest request body accepted, bytes; larger bodies get 413 (long prompts and inline images fit in 32 MiB)."""
+    max_tokens_limit: int = Field(default=1_048_576, ge=1)
+    """Largest ``max_tokens``/``max_completion_tokens`` accepted, tokens; above it the request gets 400. Above
+    any served model's context (the largest common ones hold 128k-1M tokens), so only absurd values are refused
+    before they skew the allocator's load accounting."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens assumed for load accounting when a request sets no ``max_tokens``."""
     seed: int = 0
@@ -154,6 +253,10 @@ class Settings(BaseSettings):
     window: WindowConfig = WindowConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    health: HealthConfig = HealthConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    security: SecurityConfig = SecurityConfig()
+    log: LogConfig = LogConfig()
     embedded_speed: PositiveFloat = 1.0
     """Clock speed of the embedded simulated engines (used only when ``engines`` is empty)."""
 

@@ -3,11 +3,12 @@
 Hierarchy::
 
     GatewayError                      status, type, code; rendered as {"error": {...}}
+    ├── AuthenticationError   401     missing or wrong API key (code ``invalid_api_key``)
     ├── InvalidRequestError   400     malformed JSON, wrong types, missing fields
     │   └── PayloadTooLargeError 413  the body exceeds ``max_body_bytes``
     ├── ModelNotFoundError    404     no engine serves the model
-    ├── NoCapacityError       503     no engine rank is usable for the model   (retryable)
-    ├── OverloadedError       503     the window buffer is full; carries Retry-After   (retryable)
+    ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
+    ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
     └── UpstreamError         502/…   an engine failed or answered with an error
         ├── UpstreamUnavailableError 503  connection refused / reset before any byte  (retryable)
         └── UpstreamTimeoutError     504  the engine did not answer in time
@@ -32,12 +33,14 @@ class GatewayError(Exception):
         param: the request field at fault, if any.
         code: OpenAI error ``code``.
         retryable: whether sending the same request elsewhere may succeed.
+        retry_after_s: when set, answers carry ``Retry-After`` with it (seconds).
     """
 
     status = 500
     type = "internal_error"
     code: str | int | None = None
     retryable = False
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
@@ -49,6 +52,14 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         """The OpenAI-style error body."""
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+class AuthenticationError(GatewayError):
+    """The request carries no API key, or a wrong one (HTTP 401; OpenAI's type and code for it)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
 
 
 class InvalidRequestError(GatewayError):
@@ -80,10 +91,12 @@ class NoCapacityError(GatewayError):
     type = "service_unavailable"
     code = "no_capacity"
     retryable = True
+    retry_after_s = 1
 
 
 class OverloadedError(GatewayError):
-    """The gateway's window is full (HTTP 503 with ``Retry-After``): answered at once rather than queued.
+    """The gateway is overloaded (HTTP 503 with ``Retry-After``): its window is full (code ``window_full``), or
+    the request waited past its queueing deadline (code ``queue_timeout``). Answered at once, never a hang.
 
     Attributes:
         retry_after_s: seconds the client should wait before retrying.
@@ -94,9 +107,11 @@ class OverloadedError(GatewayError):
     code = "window_full"
     retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        if code is not None:
+            self.code = code
 
 
 class UpstreamError(GatewayError):

@@ -6,9 +6,38 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 
 import uvicorn
 from starlette.types import ASGIApp
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose shutdown (SIGTERM, SIGINT) first puts the gateway app in draining mode.
+
+    Then uvicorn's own graceful shutdown runs: it stops accepting connections, closes idle keep-alive ones, lets
+    requests in flight (those still waiting in the staggered window included: the window keeps closing) finish
+    for up to ``timeout_graceful_shutdown`` seconds, cancels what is left (which aborts it at the engines), and
+    runs the app's lifespan shutdown. While draining, ``/ready`` answers 503. The process then exits with 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's signal handling, minus its re-raising of the signal once shut down: after a graceful
+        drain the process exits with status 0 rather than dying of the signal (143)."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        from gateway.server.state import GatewayState
+
+        state = getattr(getattr(self.config.app, "state", None), "gateway", None)
+        if isinstance(state, GatewayState) and not state.draining:
+            state.begin_drain()
+        super().handle_exit(sig, frame)
 
 
 class _QuietServer(uvicorn.Server):
@@ -41,7 +70,11 @@ async def serve_in_background(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    # log_config=None: uvicorn's loggers keep the process's logging setup (gateway.logs.configure_logging) instead
+    # of uvicorn installing its own handlers and format
+    config = uvicorn.Config(
+        app, log_level=log_level, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
     server = _QuietServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{bound_port}")
     try:

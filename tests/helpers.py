@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 
 MODEL = "deepseek-v3"
@@ -37,3 +42,21 @@ def rank(
         prefill_budget=budget,
         usable=usable,
     )
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def eventually(probe, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``probe`` (an async predicate) until it holds; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await probe():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"condition {probe.__name__} still false after {timeout_s} s")
+        await asyncio.sleep(0.05)

@@ -8,24 +8,15 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import EngineConfig, Settings, WindowConfig
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
 from gateway.sim.mock_engine import MockEngineConfig, create_mock_engine_app
+from tests.helpers import eventually, total
 
 MODEL = "m"
 SLOW = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "ignore_eos": True}
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 @contextlib.asynccontextmanager
@@ -40,15 +31,6 @@ async def stack(window: WindowConfig | None = None) -> AsyncIterator[tuple[str, 
         )
         gateway_url = await es.enter_async_context(serve_in_background(create_app(settings)))
         yield gateway_url, engine_url
-
-
-async def eventually(probe, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``probe`` (an async predicate) until it holds; fail after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await probe():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"condition {probe.__name__} still false after {timeout_s} s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("stream", [False, True])

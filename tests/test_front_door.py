@@ -52,6 +52,7 @@ def echo_engine() -> FastAPI:
     app.add_api_route("/v1/chat/completions", handle, methods=["POST"])
     app.add_api_route("/v1/completions", handle, methods=["POST"])
     app.add_api_route("/metrics", lambda: PlainTextResponse(""), methods=["GET"])
+    app.add_api_route("/health", lambda: PlainTextResponse(""), methods=["GET"])
     return app
 
 
@@ -183,9 +184,11 @@ async def test_unreachable_engine_is_a_503_and_not_ready() -> None:
     async with gateway_before("vllm", url=f"http://127.0.0.1:{closed_port()}") as client:
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 503
-        assert r.json()["error"]["code"] == "engine_unavailable"
+        assert r.json()["error"]["code"] == "no_capacity"  # the first health probe already took it out
+        assert r.headers["retry-after"] == "1"
         ready = await client.get("/ready")
         assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert ready.json()["engines"]["e"]["state"] == "open"
         assert (await client.get("/health")).status_code == 200
 
 
@@ -193,7 +196,9 @@ async def test_models_health_ready_metrics_and_unknown_routes() -> None:
     async with gateway_before("sglang", policy="sbs") as client:
         models = (await client.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == [MODEL]
-        assert (await client.get("/ready")).json() == {"ready": True, "engines": {"e": True}}
+        ready = (await client.get("/ready")).json()
+        assert ready["ready"] is True and ready["draining"] is False
+        assert ready["engines"] == {"e": {"state": "closed", "unhealthy_ranks": [], "up": True, "scrape_ok": True}}
         await client.post("/v1/chat/completions", json=CHAT)
         await client.post("/v1/chat/completions", json={"model": "nope", "messages": CHAT["messages"]})
         missing = await client.get("/v2/nothing")

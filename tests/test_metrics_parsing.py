@@ -228,7 +228,7 @@ def test_not_exposition_text_raises(adapter_cls: type[EngineAdapter], text: str)
     with pytest.raises(MetricsParseError, match="invalid exposition text") as info:
         adapter_cls().parse_metrics(text)
     assert isinstance(info.value, ValueError)
-    assert info.value.__cause__ is not None
+    assert info.value.__cause__ is not None or "truncated" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -237,8 +237,8 @@ def test_not_exposition_text_raises(adapter_cls: type[EngineAdapter], text: str)
         pytest.param("", id="empty"),
         pytest.param("\n\n", id="blank-lines"),
         pytest.param("# only a comment\n", id="comment"),
-        pytest.param("#\x05\x91\xff\xfe binary after a hash", id="binary-after-hash"),
-        pytest.param("\x0b\x0c\x1c\x1d\x1e", id="whitespace-control-chars"),
+        pytest.param("#\x05\x91\xff\xfe binary after a hash\n", id="binary-after-hash"),
+        pytest.param("\x0b\x0c\x1c\x1d\x1e\n", id="whitespace-control-chars"),
         pytest.param("# HELP vllm:num_requests_running\n", id="help-without-samples"),
     ],
 )
@@ -247,17 +247,48 @@ def test_junk_that_parses_to_nothing_gives_no_ranks(text: str) -> None:
     assert SglangAdapter().parse_metrics(text) == {}
 
 
-def test_capture_cut_between_lines_or_inside_a_value_is_not_detected() -> None:
-    """Known limit: the text format has no end marker, so a body cut at a line end, or inside a number, parses.
-
-    The running16 capture cut right after ``... 1`` (of ``16.0``) reads as one running request and no other
-    gauge. Only the HTTP layer (Content-Length or chunked framing) can tell such a body was cut.
-    """
+def test_capture_cut_inside_a_line_is_detected() -> None:
+    """The text format ends every line with ``\\n``: a body cut inside a number (``16.0`` read as ``1``) or a
+    name is refused rather than read as one running request."""
     text = fixture(REAL_RUNNING16)
     line = 'vllm:num_requests_running{engine="0",model_name="smollm2"} 16.0\n'
-    cut = text.index(line) + len(line) - len("6.0\n")
-    assert VllmAdapter().parse_metrics(text[:cut]) == {0: RankMetrics(running=1.0)}
+    for cut in (text.index(line) + len(line) - len("6.0\n"), text.index(line) + 10, len(text) - 1):
+        with pytest.raises(MetricsParseError, match="truncated"):
+            VllmAdapter().parse_metrics(text[:cut])
+
+
+def test_capture_cut_between_lines_is_not_detected() -> None:
+    """Known limit: the text format has no end marker, so a body cut exactly at a line end parses (only the HTTP
+    layer, Content-Length or chunked framing, can tell it was cut)."""
+    text = fixture(REAL_RUNNING16)
+    line = 'vllm:num_requests_running{engine="0",model_name="smollm2"} 16.0\n'
     assert VllmAdapter().parse_metrics(text[: text.index(line)]) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param('a{engine="0"} NaN\nc{engine="0"} 2\n', {0: {"y": 2.0}}, id="nan-skipped"),
+        pytest.param('a{engine="0"} +Inf\na{engine="1"} -Inf\n', {}, id="infinities-skipped"),
+        pytest.param('a{engine="0"} -3\nc{engine="0"} 0\n', {0: {"y": 0.0}}, id="negative-skipped"),
+        pytest.param('a{engine="0",tp="0"} NaN\na{engine="0",tp="1"} 4\n', {0: {"x": 4.0}}, id="nan-not-largest"),
+        pytest.param('a{engine="-1"} 3\na{engine="1"} 2\n', {1: {"x": 2.0}}, id="negative-rank-skipped"),
+        pytest.param('a{engine="1.5"} 3\na{engine="x"} 3\n', {}, id="non-integer-rank-skipped"),
+    ],
+)
+def test_values_and_ranks_that_make_no_sense_are_skipped(text: str, expected: dict[int, dict[str, float]]) -> None:
+    assert read_rank_gauges(text, {"a": "x", "c": "y"}, "engine") == expected
+
+
+@pytest.mark.parametrize("adapter_cls", [VllmAdapter, SglangAdapter])
+def test_nan_and_negative_figures_never_reach_rank_metrics(adapter_cls: type[EngineAdapter]) -> None:
+    names = {
+        VllmAdapter: ("vllm:num_requests_running", "engine"),
+        SglangAdapter: ("sglang:num_running_reqs", "dp_rank"),
+    }
+    name, label = names[adapter_cls]
+    text = f'{name}{{{label}="0"}} NaN\n{name}{{{label}="1"}} -2\n{name}{{{label}="-1"}} 5\n{name}{{{label}="2"}} 3\n'
+    assert adapter_cls().parse_metrics(text) == {2: RankMetrics(running=3.0)}
 
 
 # Pinning.

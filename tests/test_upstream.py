@@ -55,7 +55,7 @@ async def test_a_stale_pooled_connection_is_retried_on_a_fresh_one() -> None:
         session = make_session(UpstreamConfig())
         try:
             for _ in range(3):
-                resp = await post_json(session, url, b"{}", {})
+                resp = await post_json(session, url, b"{}", {}, headers_timeout_s=5, total_timeout_s=5)
                 assert resp.status == 200
                 assert await resp.read() == ANSWER
                 resp.close()
@@ -75,6 +75,13 @@ async def test_an_engine_that_keeps_dropping_connections_is_unavailable() -> Non
         session = make_session(UpstreamConfig())
         try:
             with pytest.raises(UpstreamUnavailableError):
-                await post_json(session, f"http://127.0.0.1:{port}/v1/completions", b"{}", {})
+                await post_json(
+                    session,
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    b"{}",
+                    {},
+                    headers_timeout_s=5,
+                    total_timeout_s=5,
+                )
         finally:
             await session.close()

@@ -6,10 +6,17 @@ load metrics are and what they are called. Adding an engine is adding one module
 Metrics parsing is pure (exposition text in, per-rank figures out), with ``prometheus_client``'s parser; labels
 are read by name, never by position (multiprocess-mode servers sort them), series the adapter does not know are
 ignored, and ``*_created`` series may or may not be present.
+
+Engines are not trusted: a body that is not exposition text, or whose last line is cut (the text format ends
+every line, the last included, with ``\n``), raises :class:`MetricsParseError`; a gauge sample that is not a
+finite number >= 0 (``NaN``, ``+Inf``, negative) and a rank label that is not an integer >= 0 are skipped, so
+the allocator never sees them. A body cut exactly at a line end cannot be told from a whole one in this
+format; the HTTP layer catches a body shorter than its ``Content-Length`` or chunked framing.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -52,11 +59,14 @@ def read_rank_gauges(text: str, fields: Mapping[str, str], rank_label: str | Non
 
     Returns:
         ``{rank: {field: value}}``. When several series give the same field for a rank (SGLang: one per
-        ``tp_rank``), the largest value is kept.
+        ``tp_rank``), the largest value is kept. Samples whose value is not finite and >= 0, or whose rank
+        label is not an integer >= 0, are skipped.
 
     Raises:
-        MetricsParseError: the text is not valid exposition format.
+        MetricsParseError: the text is not valid exposition format, or its last line is cut (no final ``\n``).
     """
+    if text and not text.endswith("\n"):
+        raise MetricsParseError("invalid exposition text: truncated (the last line does not end with a newline)")
     priority = {name: i for i, name in enumerate(fields)}
     found: dict[int, dict[str, tuple[int, float]]] = {}
     try:
@@ -70,12 +80,14 @@ def read_rank_gauges(text: str, fields: Mapping[str, str], rank_label: str | Non
                     rank = int(raw_rank)
                 except ValueError:
                     continue
+                if rank < 0 or not (math.isfinite(sample.value) and sample.value >= 0):
+                    continue
                 rank_fields = found.setdefault(rank, {})
                 prio = priority[sample.name]
                 old = rank_fields.get(field)
                 if old is None or prio < old[0] or (prio == old[0] and sample.value > old[1]):
                     rank_fields[field] = (prio, float(sample.value))
-    except (ValueError, TypeError, IndexError) as exc:
+    except Exception as exc:  # the third-party parser may fail on junk in any way: all of it is a parse error
         raise MetricsParseError(f"invalid exposition text: {exc}") from exc
     return {rank: {f: v for f, (_, v) in fs.items()} for rank, fs in found.items()}
 

@@ -1,8 +1,11 @@
 """Async scraper of the engines' ``/metrics``, feeding the load view.
 
-Each engine is scraped on its own schedule (``scrape.interval_s``) with a total timeout (``scrape.timeout_s``),
-so a slow or hung engine delays nobody else. A failed or unparsable scrape is counted and leaves the load
-view on local accounting for that engine.
+Each engine is scraped on its own schedule (``scrape.interval_s``) with a total timeout (``scrape.timeout_s``)
+and a size bound (``scrape.max_response_bytes``), so a slow, hung or flooding engine delays nobody else. The
+text is parsed in a worker thread: a large body (a vLLM server with many DP ranks exports hundreds of KB,
+about 7 ms of parsing per 50 KB here) does not stall the event loop that closes windows and relays streams.
+A failed or unparsable scrape is counted and leaves the load view on local accounting for that engine; so
+does an unexpected error (logged with its traceback): nothing an engine sends can end its scraping loop.
 """
 
 from __future__ import annotations
@@ -61,15 +64,19 @@ class MetricsScraper:
     async def scrape_once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
         """Scrape one engine now and update the view; return whether it succeeded. Never raises."""
         try:
-            text = await get_text(self._session, engine.url + adapter.metrics_path, self._config.timeout_s)
-            ranks = adapter.parse_metrics(text)
-        except (UpstreamError, MetricsParseError) as exc:
+            url = engine.url + adapter.metrics_path
+            text = await get_text(self._session, url, self._config.timeout_s, self._config.max_response_bytes)
+            ranks = await asyncio.to_thread(adapter.parse_metrics, text)
+        except Exception as exc:  # UpstreamError, MetricsParseError expected; anything else is a bug, logged loudly
             self._view.on_scrape_failure(engine.name, self._clock())
             self._metrics.scrapes.labels(engine.name, "error").inc()
             self._metrics.scrape_errors.labels(engine.name).inc()
-            log.debug("scrape of %s failed: %s", engine.name, exc)
+            if isinstance(exc, UpstreamError | MetricsParseError):
+                log.debug("scrape of %s failed: %s", engine.name, exc)
+            else:
+                log.exception("scrape of %s failed unexpectedly", engine.name)
             return False
-        self._view.on_scrape(engine.name, {r: m for r, m in ranks.items() if r < engine.dp_size}, self._clock())
+        self._view.on_scrape(engine.name, {r: m for r, m in ranks.items() if 0 <= r < engine.dp_size}, self._clock())
         self._metrics.scrapes.labels(engine.name, "ok").inc()
         if self._on_update is not None:
             self._on_update()

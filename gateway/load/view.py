@@ -17,7 +17,7 @@ non-streamed one until ``nonstream_prefill_s`` after dispatch, since its first t
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gateway.engines.base import RankMetrics
@@ -96,6 +96,8 @@ class LoadView:
                 engine.ranks.append(key)
         self._inflight: dict[str, _InFlight] = {}
         self._nonstream_due: list[tuple[float, str]] = []
+        self.usable: Callable[[RankKey, float], bool] = lambda key, now: True
+        """Whether new requests may go to a rank at a time (the gateway plugs in its circuit breakers)."""
 
     @property
     def keys(self) -> list[RankKey]:
@@ -237,6 +239,7 @@ class LoadView:
                     kv_tokens=float(s.kv_tokens),
                     kv_usage=kv_usage,
                     prefill_budget=s.spec.prefill_budget,
+                    usable=self.usable(key, now),
                 )
             )
         return out

@@ -34,6 +34,7 @@ from gateway.replay.sse import SSEDecoder
 from gateway.replay.stats import ReplayResult, RequestRecord, format_table, summarize
 from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.scheduling.tokens import CHARS_PER_TOKEN, synthesize_prompt
+from gateway.server.upstream import KEEPALIVE_S
 
 Endpoint = Literal["chat", "completions"]
 
@@ -272,7 +273,9 @@ async def replay(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     expected = sum(1 for r in schedule if duration_s is None or r.arrival_s < duration_s)
     records: list[RequestRecord] = []
-    connector = aiohttp.TCPConnector(limit=0)
+    # idle pooled connections are dropped before uvicorn's 5 s keep-alive closes them on the server side:
+    # otherwise a request sent on a connection the server is closing fails with "connection reset"
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         model = model or await fetch_model(session, base, headers)
         with tqdm(total=expected, disable=not progress, file=sys.stderr, unit="req", desc="replay") as bar:

@@ -19,10 +19,14 @@ from gateway import __version__
 from gateway.config import Settings
 from gateway.engines import adapter_for
 from gateway.errors import error_body
+from gateway.load.health import HealthBook
+from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.tokens import CharTokenizer, Tokenizer
+from gateway.server.auth import ApiKeyMiddleware, key_rings
 from gateway.server.dispatcher import Dispatcher
+from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
 from gateway.server.upstream import make_session
@@ -38,9 +42,20 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         stale_after_s=settings.scrape.stale_after_s,
         nonstream_prefill_s=settings.window.initial_step_s * 4,
     )
-    dispatcher = Dispatcher(settings, view, metrics)
+    health = HealthBook(view.keys, settings.health)
+    dispatcher = Dispatcher(settings, view, metrics, health)
+    view.usable = health.usable
     metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
     session = make_session(settings.upstream)
+    prober = HealthProber(
+        session,
+        list(engines.values()),
+        health,
+        metrics,
+        settings.health,
+        on_change=dispatcher.notify_load_changed,
+        clock=dispatcher.clock,
+    )
     scraper = MetricsScraper(
         session,
         list(engines.values()),
@@ -59,6 +74,8 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         view=view,
         dispatcher=dispatcher,
         scraper=scraper,
+        health=health,
+        prober=prober,
         tokenizer=tokenizer or CharTokenizer(),
     )
 
@@ -72,7 +89,11 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
         tokenizer: counts prompt tokens for the allocator; the 4-characters-a-token heuristic of
             :class:`~gateway.scheduling.tokens.CharTokenizer` when ``None``. Plug in the served model's real
             tokenizer here for exact prefill balancing.
+
+    Raises:
+        OSError: an API key file cannot be read.
     """
+    api_keys, admin_keys = key_rings(settings.security)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,15 +101,25 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
         app.state.gateway = state
         try:
             await state.scraper.start()
+            await state.prober.start()
             await state.dispatcher.start()
             yield
         finally:
             await state.dispatcher.stop()
+            await state.prober.stop()
             await state.scraper.stop()
             await state.session.close()
 
     app = FastAPI(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)
+    # the last added runs first: request context (id, access log) wraps the key check, which wraps the routes
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_keys=api_keys,
+        admin_keys=admin_keys,
+        protect_metrics=settings.security.metrics_auth == "admin",
+    )
+    app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.log.access_log)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

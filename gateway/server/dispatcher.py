@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 from gateway.config import Settings
 from gateway.errors import NoCapacityError, OverloadedError
+from gateway.load.health import HealthBook
 from gateway.load.view import LoadView
+from gateway.logs import request_log
+from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.telemetry import GatewayMetrics
+
+log = logging.getLogger(__name__)
 
 
 def _no_rank(model: str) -> NoCapacityError:
@@ -31,6 +37,7 @@ class Dispatcher:
         settings: gateway settings (policy, window, seed).
         view: the load view shared with the scraper.
         metrics: the gateway's metrics.
+        health: the engines' and ranks' circuit breakers (told of every placement); none when ``None``.
         clock: monotonic clock in seconds (injectable for tests).
     """
 
@@ -39,13 +46,18 @@ class Dispatcher:
         settings: Settings,
         view: LoadView,
         metrics: GatewayMetrics,
+        health: HealthBook | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.view = view
         self.metrics = metrics
+        self.health = health
         self.clock = clock
+        self.queue_timeout_s = settings.window.queue_timeout_s
         self.scheduler = Scheduler(settings.policy, view, settings.window, seed=settings.seed)
-        self._waiters: dict[str, asyncio.Future[RankKey]] = {}
+        self._retry_policy = make_immediate_policy("vllm_internal", seed=settings.seed)
+        self._waiters: dict[str, asyncio.Future[tuple[RankKey, int]]] = {}
+        self._windows_closed = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -76,32 +88,70 @@ class Dispatcher:
 
         Raises:
             NoCapacityError: no usable rank serves the request's model.
-            OverloadedError: the window is full.
+            OverloadedError: the window is full (code ``window_full``), or the request is still buffered
+                ``window.queue_timeout_s`` after its arrival (code ``queue_timeout``).
         """
         try:
             key = self.scheduler.submit(request, self.clock())
         except NoServingRankError:
             raise _no_rank(request.model) from None
         except WindowFullError as exc:
+            self.metrics.rejected.labels("window_full").inc()
             raise OverloadedError(f"the gateway is overloaded: {exc}") from exc
         if key is not None:
             self._record_dispatch(key, request.prompt_tokens)
             return key
-        future: asyncio.Future[RankKey] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[RankKey, int]] = asyncio.get_running_loop().create_future()
         self._waiters[request.request_id] = future
         self.metrics.window_buffered.set(len(self.scheduler.window))
         self._wake.set()
+        budget_s = max(0.0, request.arrival_s + self.queue_timeout_s - self.clock())
         try:
-            return await future
+            async with asyncio.timeout(budget_s):
+                key, request_log().window_id = await future
+                return key
+        except TimeoutError:
+            self._abandon(request, future)
+            self.metrics.rejected.labels("queue_deadline").inc()
+            raise OverloadedError(
+                f"the request waited {self.queue_timeout_s:g} s for a rank with room: the engines are saturated",
+                code="queue_timeout",
+            ) from None
         except asyncio.CancelledError:
-            self._waiters.pop(request.request_id, None)
-            placed = future.done() and not future.cancelled() and future.exception() is None
-            if not self.scheduler.cancel(request.request_id) and placed:
-                self.finish(request.request_id)
-            self.metrics.window_buffered.set(len(self.scheduler.window))
+            self._abandon(request, future)
             raise
 
+    def _abandon(self, request: PendingRequest, future: asyncio.Future[tuple[RankKey, int]]) -> None:
+        """The waiter of ``request`` gave up: take it out of the window, or release it if it was just placed."""
+        self._waiters.pop(request.request_id, None)
+        placed = future.done() and not future.cancelled() and future.exception() is None
+        if not self.scheduler.cancel(request.request_id) and placed:
+            self.finish(request.request_id)
+        self.metrics.window_buffered.set(len(self.scheduler.window))
+
+    def place_retry(self, request: PendingRequest, failed: set[RankKey]) -> RankKey:
+        """Place a request again after it failed on the ranks in ``failed``, at once (it already waited its window).
+
+        The rank is chosen by vLLM's ``waiting * 4 + running`` rule among the usable ranks serving the model,
+        preferring engines where it has not failed yet.
+
+        Raises:
+            NoCapacityError: no other usable rank serves the model.
+        """
+        now = self.clock()
+        candidates = [r for r in self.view.snapshot(now) if r.key not in failed]
+        failed_engines = {k.engine for k in failed}
+        elsewhere = [r for r in candidates if r.key.engine not in failed_engines]
+        key = self._retry_policy.choose(request, elsewhere) or self._retry_policy.choose(request, candidates)
+        if key is None:
+            raise _no_rank(request.model)
+        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        self._record_dispatch(key, request.prompt_tokens)
+        return key
+
     def _record_dispatch(self, key: RankKey, prompt_tokens: int) -> None:
+        if self.health is not None:
+            self.health.on_dispatch(key, self.clock())
         labels = (key.engine, str(key.rank))
         self.metrics.dispatched.labels(*labels).inc()
         self.metrics.dispatched_tokens.labels(*labels).inc(prompt_tokens)
@@ -147,12 +197,15 @@ class Dispatcher:
         self.metrics.window_interval.set(self.scheduler.window.interval_s)
         if outcome is None:
             return False
+        self._windows_closed += 1
+        window_id = self._windows_closed
+        log.debug("window %d closed: %d placed, %d deferred", window_id, len(outcome.assigned), outcome.deferred)
         for request, key in outcome.assigned:
             self._record_dispatch(key, request.prompt_tokens)
             self.metrics.window_wait.observe(now - request.arrival_s)
             future = self._waiters.pop(request.request_id, None)
             if future is not None and not future.done():
-                future.set_result(key)
+                future.set_result((key, window_id))
             else:  # the client went away in the meantime
                 self.finish(request.request_id)
         for request in outcome.unplaceable:

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,24 +24,25 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gateway.errors import (
     GatewayError,
     ModelNotFoundError,
-    OverloadedError,
     PayloadTooLargeError,
     UpstreamError,
-    error_body,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
     normalize_engine_error,
 )
+from gateway.logs import REQUEST_ID_HEADER, request_log
 from gateway.scheduling.tokens import count_prompt_tokens
 from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
+from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import UpstreamResponse, post_json
 from gateway.server.validation import Route, parse_request
 
 log = logging.getLogger(__name__)
 
 ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_STATUS = 499
-_DONE_EVENT = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
@@ -49,7 +51,8 @@ class _Call:
     state: GatewayState
     route: Route
     request_id: str
-    """The client's ``X-Request-Id`` (or a generated one): logged and sent upstream, never trusted as a key."""
+    """The client's valid ``X-Request-Id`` (or a generated one, see :mod:`gateway.logs`): logged and sent
+    upstream, never trusted as a key."""
     arrival: float
     model_label: str = "unknown"
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -66,7 +69,7 @@ class _Call:
     def error(self, exc: GatewayError) -> JSONResponse:
         self.count(exc.status)
         headers = {REQUEST_ID_HEADER: self.request_id}
-        if isinstance(exc, OverloadedError):
+        if exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -129,9 +132,10 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 async def handle_completion(state: GatewayState, request: Request, route: Route) -> Response:
     """Serve ``POST /v1/chat/completions`` or ``POST /v1/completions``."""
     dispatcher = state.dispatcher
-    call = _Call(state, route, request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex, dispatcher.clock())
+    call = _Call(state, route, request_log().request_id, dispatcher.clock())
     try:
-        parsed = parse_request(await _read_body(request, state.settings.max_body_bytes), route)
+        raw = await _read_body(request, state.settings.max_body_bytes)
+        parsed = parse_request(raw, route, max_tokens_limit=state.settings.max_tokens_limit)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
         call.model_label = parsed.model
@@ -148,41 +152,158 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
         return call.error(exc)
     except ClientDisconnected:
         return call.client_closed()
+    request_log().placed(key.engine, key.rank, dispatcher.clock() - call.arrival)
     try:
-        upstream = await _unless_disconnected(request, _send(state, key, route, parsed.body, call.request_id))
+        attempt = await _unless_disconnected(request, _attempts(call, pending, key, parsed.body))
     except GatewayError as exc:
-        dispatcher.finish(call.key)
         return call.error(exc)
     except ClientDisconnected:
-        dispatcher.finish(call.key)
         return call.client_closed()
-    except BaseException:
-        dispatcher.finish(call.key)
-        raise
-    if upstream.status == 200 and parsed.stream and "text/event-stream" in upstream.content_type:
+    if attempt.first_chunk is not None:
         return StreamingResponse(
-            _relay(call, key, upstream),
+            _relay(call, attempt),
             media_type="text/event-stream",
             headers={REQUEST_ID_HEADER: call.request_id, "Cache-Control": "no-cache"},
         )
-    return await _whole(call, request, upstream)
+    return await _whole(call, request, attempt)
 
 
-async def _send(
-    state: GatewayState, key: RankKey, route: Route, body: dict[str, object], request_id: str
-) -> UpstreamResponse:
+@dataclass(slots=True)
+class _Attempt:
+    """A request whose answer has begun at an engine: the rank, the response, and (streams) its first chunk."""
+
+    key: RankKey
+    upstream: UpstreamResponse
+    first_chunk: bytes | None
+
+
+class _RetryableStatus(UpstreamError):
+    """The engine answered HTTP 5xx: nothing reached the client, so the request may go elsewhere."""
+
+    def __init__(self, status: int, raw: bytes) -> None:
+        super().__init__(f"the engine answered HTTP {status}", status=status)
+        self.raw = raw
+
+
+async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: dict[str, object]) -> _Attempt:
+    """Send the request to ``key`` and, while it fails before any byte reached the client, to other ranks.
+
+    At most ``upstream.max_attempts`` tries, with exponential backoff and full jitter between them. Every
+    failure feeds the circuit breakers; the request is released from the load view after each failed try and
+    after the last one (the caller releases it once the answer is over). A 5xx on the last try is passed on as
+    the engine's own error body; any other status is returned as it is.
+
+    Raises:
+        GatewayError: the last try failed (its error), or no other rank is usable for a retry (the previous
+            try's error).
+    """
+    state = call.state
+    config = state.settings.upstream
+    failed: set[RankKey] = set()
+    tries = 1
+    while True:
+        try:
+            return await _try(call, key, pending.stream, body)
+        except UpstreamError as exc:
+            state.dispatcher.finish(call.key)
+            _record_failure(state, key, exc)
+            # nothing reached the client yet, so any failure may be retried; but a non-streamed request that
+            # timed out has used its whole total_timeout_s
+            total_spent = isinstance(exc, UpstreamTimeoutError) and not pending.stream
+            final = tries >= config.max_attempts or total_spent
+            if not final:
+                failed.add(key)
+                backoff_s = min(config.retry_backoff_max_s, config.retry_backoff_s * 2**tries)
+                await asyncio.sleep(random.uniform(0, backoff_s))
+                try:
+                    next_key = state.dispatcher.place_retry(pending, failed)
+                except GatewayError:
+                    final = True
+            if final:
+                if isinstance(exc, _RetryableStatus):
+                    raise _EngineAnswer(exc.status, exc.raw) from None
+                raise
+            log.info("request %s: retrying on %s after %s failed: %s", call.request_id, next_key, key, exc.message)
+            state.metrics.upstream_retries.labels(key.engine).inc()
+            key = next_key
+            log_entry = request_log()
+            log_entry.engine, log_entry.rank = key.engine, key.rank
+            tries += 1
+        except BaseException:
+            state.dispatcher.finish(call.key)
+            raise
+
+
+class _EngineAnswer(GatewayError):
+    """The engine's own error answer (status and body), passed on to the client in OpenAI shape."""
+
+    def __init__(self, status: int, raw: bytes) -> None:
+        super().__init__(f"engine answered HTTP {status}", status=status)
+        self.raw = raw
+
+    def body(self) -> dict[str, Any]:
+        return normalize_engine_error(self.status, self.raw)
+
+
+def _record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> None:
+    """Feed a failed try to the circuit breakers and ``gateway_upstream_failures_total``."""
+    if isinstance(exc, UpstreamUnavailableError):
+        kind, scope = "unavailable", "engine"
+    elif isinstance(exc, UpstreamTimeoutError):
+        kind, scope = "timeout", "rank"
+    elif isinstance(exc, _RetryableStatus):
+        kind, scope = "http_5xx", "rank"
+    else:
+        kind, scope = "stream_broken", "rank"
+    state.metrics.upstream_failures.labels(key.engine, kind).inc()
+    state.health.record_failure(key, scope, state.dispatcher.clock())
+    state.prober.publish()
+
+
+async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object]) -> _Attempt:
+    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk.
+
+    Raises:
+        _RetryableStatus: the engine answered HTTP 5xx (the body is read, the response closed).
+        UpstreamError: the engine could not be reached, timed out, or the stream broke before its first chunk.
+    """
+    state = call.state
+    config = state.settings.upstream
     engine, adapter = state.engines[key.engine]
-    headers = {REQUEST_ID_HEADER: request_id}
-    adapter.pin_rank(body, headers, key.rank)
-    payload = json.dumps(body, ensure_ascii=False).encode()
-    return await post_json(state.session, engine.url + ENGINE_PATHS[route], payload, headers)
+    headers = upstream_request_headers(call.request_id)
+    sent = dict(body)
+    adapter.pin_rank(sent, headers, key.rank)
+    payload = json.dumps(sent, ensure_ascii=False).encode()
+    url = engine.url + ENGINE_PATHS[call.route]
+    headers_timeout = config.first_byte_timeout_s if stream else config.total_timeout_s
+    first_byte_by = asyncio.get_running_loop().time() + config.first_byte_timeout_s
+    upstream = await post_json(
+        state.session, url, payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
+    )
+    try:
+        if upstream.status >= 500:
+            raw = await upstream.read()
+            raise _RetryableStatus(upstream.status, raw)
+        first: bytes | None = None
+        if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
+            first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
+            if not first:
+                raise UpstreamError("the engine closed the stream before its first event")
+    except BaseException:
+        upstream.close()
+        raise
+    state.health.record_success(key, state.dispatcher.clock())
+    return _Attempt(key, upstream, first)
 
 
-async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> Response:
+async def _whole(call: _Call, request: Request, attempt: _Attempt) -> Response:
     dispatcher = call.state.dispatcher
+    upstream = attempt.upstream
     try:
         raw = await _unless_disconnected(request, upstream.read())
     except GatewayError as exc:
+        if isinstance(exc, UpstreamError):
+            _record_failure(call.state, attempt.key, exc)
         return call.error(exc)
     except ClientDisconnected:
         return call.client_closed()
@@ -194,6 +315,7 @@ async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> R
         call.count(upstream.status)
         return JSONResponse(normalize_engine_error(upstream.status, raw), upstream.status, headers=headers)
     elapsed = dispatcher.clock() - call.arrival
+    request_log().ttft_s = elapsed
     metrics = call.state.metrics
     metrics.ttft.labels(call.model_label).observe(elapsed)
     metrics.e2e.labels(call.model_label).observe(elapsed)
@@ -201,15 +323,22 @@ async def _whole(call: _Call, request: Request, upstream: UpstreamResponse) -> R
     return Response(raw, 200, media_type=upstream.content_type or "application/json", headers=headers)
 
 
-async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
+    """Relay a stream whose first chunk has arrived, chunk by chunk; end it with an SSE error event and
+    ``[DONE]`` if the engine fails or stops before its own ``[DONE]`` (never a silent truncation)."""
     dispatcher = call.state.dispatcher
     metrics = call.state.metrics
     clock = dispatcher.clock
+    key, upstream = attempt.key, attempt.upstream
+    idle_timeout = call.state.settings.upstream.idle_timeout_s
     started = False
     last = call.arrival
     status = "200"
+    end = StreamEnd()
+    chunk = attempt.first_chunk or b""
     try:
-        async for chunk in upstream.chunks():
+        while chunk:
+            end.feed(chunk)
             events = chunk.count(b"data:") - chunk.count(b"[DONE]")
             if events > 0:
                 now = clock()
@@ -217,17 +346,21 @@ async def _relay(call: _Call, key: RankKey, upstream: UpstreamResponse) -> Async
                     started = True
                     dispatcher.first_token(call.key, key.engine)
                     metrics.ttft.labels(call.model_label).observe(now - call.arrival)
+                    request_log().ttft_s = now - call.arrival
                     if events > 1:
                         dispatcher.tokens(call.key, key.engine, events - 1, now - last)
                 else:
                     dispatcher.tokens(call.key, key.engine, events, now - last)
                 last = now
             yield chunk
+            chunk = await upstream.next_chunk(idle_timeout)
+        if not end.done:
+            raise UpstreamError("the engine's stream ended before its end marker (data: [DONE])")
     except UpstreamError as exc:
         status = "stream_error"
-        log.warning("stream %s from %s broke: %s", call.request_id, key, exc)
-        event = error_body(exc.message, exc.type, code=exc.status)
-        yield b"data: " + json.dumps(event).encode() + b"\n\n" + _DONE_EVENT
+        _record_failure(call.state, key, exc)
+        log.warning("stream %s from %s broke: %s", call.request_id, key, exc.message)
+        yield end.error_events(exc.message, exc.type, exc.status)
     except (asyncio.CancelledError, GeneratorExit):
         status = "client_closed"
         raise

@@ -10,6 +10,8 @@ from fastapi import Depends, Request
 
 from gateway.config import EngineConfig, Settings
 from gateway.engines import EngineAdapter
+from gateway.load.health import HealthBook
+from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
 from gateway.scheduling.tokens import Tokenizer
@@ -30,7 +32,10 @@ class GatewayState:
         view: the per-rank load view.
         dispatcher: places requests on ranks.
         scraper: scrapes engine metrics.
+        health: circuit breakers of every engine and DP rank.
+        prober: probes the engines' health endpoints.
         tokenizer: counts prompt tokens for the allocator.
+        draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
     """
 
     settings: Settings
@@ -41,7 +46,15 @@ class GatewayState:
     view: LoadView
     dispatcher: Dispatcher
     scraper: MetricsScraper
+    health: HealthBook
+    prober: HealthProber
     tokenizer: Tokenizer
+    draining: bool = False
+
+    def begin_drain(self) -> None:
+        """Graceful shutdown began: report not ready (new traffic goes elsewhere); in-flight work goes on."""
+        self.draining = True
+        self.metrics.draining.set(1)
 
 
 def _get_state(request: Request) -> GatewayState:

@@ -8,7 +8,8 @@ concurrent requests where aiohttp sustained 1,300–2,700 req/s (DEVELOPERS.md; 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,10 +23,19 @@ which vLLM and SGLang servers run with, so the pool rarely hands out a connectio
 
 
 def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-    """A client session for engine traffic: pooled connections, no total timeout (streams may be long)."""
+    """A client session for engine traffic: pooled connections and a connect timeout.
+
+    The other timeouts depend on the phase of a request (first byte, idle, total; see
+    :class:`~gateway.config.UpstreamConfig`) and are applied per call by :func:`post_json` and
+    :class:`UpstreamResponse`.
+    """
     connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_S)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=None)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 @dataclass(slots=True)
@@ -34,36 +44,52 @@ class UpstreamResponse:
 
     Always :meth:`close` it (it is idempotent): closing before the end drops the connection, which makes the
     engine abort the request and free its KV cache.
+
+    Attributes:
+        status: HTTP status.
+        content_type: the ``Content-Type`` header ("" when absent).
+        deadline: event-loop time (``loop.time()``) by which the whole body must have arrived.
     """
 
     status: int
     content_type: str
+    deadline: float
     _resp: aiohttp.ClientResponse
 
     async def read(self) -> bytes:
-        """The whole body.
+        """The whole body, by :attr:`deadline`.
 
         Raises:
-            UpstreamTimeoutError, UpstreamError: the engine went silent or the connection broke.
+            UpstreamTimeoutError: the deadline passed.
+            UpstreamError: the connection broke.
         """
         try:
-            return await self._resp.read()
+            async with asyncio.timeout(_remaining(self.deadline)):
+                return await self._resp.read()
         except TimeoutError as exc:
-            raise UpstreamTimeoutError("the engine stopped answering") from exc
+            raise UpstreamTimeoutError("the engine did not finish its answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"the engine connection broke: {exc}") from exc
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, chunk by chunk as it arrives.
+    async def next_chunk(self, timeout_s: float) -> bytes:
+        """The next chunk of the body as it arrives (``b""`` at its end), waiting at most ``timeout_s`` for it
+        and never past :attr:`deadline`.
 
         Raises:
-            UpstreamTimeoutError, UpstreamError: the engine went silent or the connection broke.
+            UpstreamTimeoutError: no chunk within the timeout, or the deadline passed.
+            UpstreamError: the connection broke.
         """
+        remaining = _remaining(self.deadline)
+        late = UpstreamTimeoutError("the engine did not finish its answer in time")
+        if remaining <= 0:
+            raise late
         try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
+            async with asyncio.timeout(min(timeout_s, remaining)):
+                return await self._resp.content.readany()
         except TimeoutError as exc:
-            raise UpstreamTimeoutError("the engine stopped streaming") from exc
+            if remaining <= timeout_s:
+                raise late from exc
+            raise UpstreamTimeoutError(f"the engine sent nothing for {timeout_s:g} s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"the engine stream broke: {exc}") from exc
 
@@ -76,7 +102,13 @@ class UpstreamResponse:
 
 
 async def post_json(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: Mapping[str, str]
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    headers_timeout_s: float,
+    total_timeout_s: float,
 ) -> UpstreamResponse:
     """POST a JSON body to an engine and wait for the response headers.
 
@@ -85,6 +117,9 @@ async def post_json(
         url: full URL of the engine endpoint.
         body: the JSON body, already encoded.
         headers: upstream headers (content type is set here).
+        headers_timeout_s: longest wait for the response headers, seconds.
+        total_timeout_s: the whole answer must have arrived this long after sending, seconds (sets the
+            returned response's :attr:`~UpstreamResponse.deadline`).
 
     A connection that breaks before the answer's headers (typically a pooled keep-alive connection the engine
     closed) is retried once on a fresh one.
@@ -95,9 +130,11 @@ async def post_json(
         UpstreamError: any other transport failure.
     """
     all_headers = {"Content-Type": "application/json", **headers}
+    deadline = asyncio.get_running_loop().time() + total_timeout_s
     for attempt in (1, 2):
         try:
-            resp = await session.post(url, data=body, headers=all_headers)
+            async with asyncio.timeout(min(headers_timeout_s, _remaining(deadline))):
+                resp = await session.post(url, data=body, headers=all_headers)
             break
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"timed out waiting for the engine at {url}") from exc
@@ -111,21 +148,29 @@ async def post_json(
                 raise UpstreamUnavailableError(f"engine connection failed: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"engine request failed: {exc}") from exc
-    return UpstreamResponse(resp.status, resp.headers.get("Content-Type", ""), resp)
+    return UpstreamResponse(resp.status, resp.headers.get("Content-Type", ""), deadline, resp)
 
 
-async def get_text(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
-    """GET a text resource (an engine's ``/metrics``) with a total timeout.
+async def get_text(session: aiohttp.ClientSession, url: str, timeout_s: float, max_bytes: int) -> str:
+    """GET a text resource (an engine's ``/metrics``) with a total timeout and a size bound.
 
     Raises:
         UpstreamTimeoutError: no complete answer within ``timeout_s``.
-        UpstreamError: unreachable, non-200, or not decodable as UTF-8.
+        UpstreamError: unreachable, non-200, larger than ``max_bytes`` (declared or received: reading stops
+            there), cut short (framing), or not decodable as UTF-8.
     """
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 raise UpstreamError(f"GET {url} answered HTTP {resp.status}")
-            raw = await resp.read()
+            too_big = UpstreamError(f"GET {url}: body exceeds {max_bytes} bytes")
+            if (resp.content_length or 0) > max_bytes:
+                raise too_big
+            raw = bytearray()
+            async for chunk in resp.content.iter_any():
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise too_big
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"GET {url} timed out after {timeout_s} s") from exc
     except aiohttp.ClientError as exc:

@@ -8,6 +8,7 @@ limits); every other field is left as the client sent it and forwarded untouched
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from gateway.errors import InvalidRequestError
 Route = Literal["chat", "completions"]
 
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A ``\\uD800``-``\\uDFFF`` escape: legal JSON, but a lone one decodes to a string that cannot be UTF-8 encoded."""
 
 
 @dataclass(slots=True)
@@ -39,16 +42,37 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_request(raw: bytes, route: Route) -> ParsedRequest:
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _load_json(raw: bytes) -> Any:
+    """``json.loads`` for hostile input: strict JSON (no ``NaN``/``Infinity``), nesting bounded by the recursion
+    limit, and strings that can be sent on as UTF-8 (no lone surrogate escapes)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+        if _SURROGATE_ESCAPE.search(raw):  # rare: check only then (valid pairs, e.g. escaped emoji, are fine)
+            json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError) as exc:  # UnicodeDecodeError: invalid UTF-8; UnicodeEncodeError: surrogate
+        raise InvalidRequestError(f"could not parse the JSON body of your request: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequestError("could not parse the JSON body of your request: nested too deeply") from exc
+    return body
+
+
+def parse_request(raw: bytes, route: Route, *, max_tokens_limit: int | None = None) -> ParsedRequest:
     """Parse and validate a ``/v1/chat/completions`` (``route="chat"``) or ``/v1/completions`` body.
 
+    Args:
+        raw: the body as received.
+        route: which endpoint it was sent to.
+        max_tokens_limit: largest ``max_tokens``/``max_completion_tokens`` accepted (``None``: no limit).
+
     Raises:
-        InvalidRequestError: not JSON, not an object, or a field the gateway needs is missing or mistyped.
+        InvalidRequestError: not strict JSON in UTF-8, nested too deeply, not an object, or a field the gateway
+            needs is missing, mistyped or out of range.
     """
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"could not parse the JSON body of your request: {exc}") from exc
+    body = _load_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     model = body.get("model")
@@ -88,5 +112,7 @@ def parse_request(raw: bytes, route: Route) -> ParsedRequest:
             continue
         if not _is_int(value) or value < 1:
             raise InvalidRequestError(f"'{name}' must be a positive integer", param=name)
+        if max_tokens_limit is not None and value > max_tokens_limit:
+            raise InvalidRequestError(f"'{name}' must be at most {max_tokens_limit}", param=name)
         max_tokens = value if max_tokens is None else min(max_tokens, value)
     return ParsedRequest(body=body, model=model, stream=stream, max_tokens=max_tokens)

@@ -7,7 +7,8 @@ its lifespan owns the step-loop task (:class:`~gateway.sim.mock_runtime.EngineRu
   and output lengths as in :mod:`gateway.sim.mock_protocol`), ``GET /v1/models``, ``GET /health``,
   ``GET /metrics`` (:mod:`gateway.sim.mock_metrics`);
 - SGLang flavour also: ``GET /health_generate``, ``GET /server_info`` (alias ``/get_server_info``),
-  ``GET /model_info`` (alias ``/get_model_info``), ``GET /v1/loads`` and ``GET /get_load`` (per-rank loads).
+  ``GET /model_info`` (alias ``/get_model_info``), ``GET /v1/loads`` and ``GET /get_load`` (per-rank loads);
+- fault injection (simulation only): ``GET``/``PUT``/``DELETE /_sim/faults`` (:mod:`gateway.sim.mock_faults`).
 
 Unpinned requests go where the real engine would put them: vLLM by its ``waiting * 4 + running`` rule,
 SGLang round robin. Run one from the shell with ``gateway mock-engine --flavor vllm --dp-size 4 --port 8001``
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel
+from gateway.sim.mock_faults import FaultInjector, FaultPlan, HangResponse, silence_injected_crashes
 from gateway.sim.mock_metrics import MockEngineMetrics
 from gateway.sim.mock_protocol import (
     Flavor,
@@ -101,6 +103,7 @@ class _MockEngine:
         self.model = EngineModel(config.engine_model, config.dp_size)
         self.metrics = MockEngineMetrics(config.flavor, config.model, config.dp_size, self.model.rank_stats)
         self.runtime = EngineRuntime(self.model, config.speed, self.metrics)
+        self.faults = FaultInjector()
         self.serving = False
         self._created = int(time.time())
 
@@ -135,6 +138,11 @@ class _MockEngine:
                 seed=cfg.seed,
             )
             rank = req.rank if req.rank is not None else self._pick_rank()
+            fault = self.faults.request_fault(rank)
+            if fault == "http_500":
+                raise ProtocolError(500, "injected fault: internal error", "InternalServerError")
+            if fault == "hang":
+                return HangResponse()
             try:
                 handle = self.runtime.submit(rank, req.prompt_tokens, req.output_tokens, req.finish_reason)
             except ValueError as exc:
@@ -143,7 +151,9 @@ class _MockEngine:
             return self.error(exc)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         response_id = f"{prefix}-{uuid.uuid4().hex}"
-        return GenerationResponse(self.runtime, handle, req, response_id, int(time.time()))
+        return GenerationResponse(
+            self.runtime, handle, req, response_id, int(time.time()), fault, self.faults.plan.after_chunks
+        )
 
     def _pick_rank(self) -> int:
         if self.config.flavor == "vllm":
@@ -169,10 +179,35 @@ class _MockEngine:
         return {"object": "list", "data": [card]}
 
     async def health(self) -> Response:
-        return Response(status_code=200 if self.serving else 503)
+        fault = self.faults.plan.health
+        if fault != "ok":
+            self.faults.count(f"health_{fault}")
+            if fault == "hang":
+                return HangResponse()
+        return Response(status_code=200 if self.serving and fault == "ok" else 503)
 
     async def metrics_text(self) -> Response:
+        plan = self.faults.plan
+        if plan.metrics != "ok":
+            self.faults.count(f"metrics_{plan.metrics}")
+        if plan.metrics == "hang":
+            return HangResponse()
+        if plan.metrics == "garbage":
+            return Response(b"\x00{not prometheus}\n# TYPE\nvllm:num_requests_running{engine=", media_type="text/plain")
+        if plan.metrics == "slow":
+            await asyncio.sleep(plan.metrics_delay_s)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def get_faults(self) -> dict[str, object]:
+        return self.faults.describe()
+
+    async def put_faults(self, plan: FaultPlan) -> dict[str, object]:
+        self.faults.plan = plan
+        return self.faults.describe()
+
+    async def delete_faults(self) -> dict[str, object]:
+        self.faults.plan = FaultPlan()
+        return self.faults.describe()
 
     async def loads(self) -> list[dict[str, Any]]:
         """Per-rank loads, the shape of SGLang's ``/get_load``: ``num_reqs`` counts running + waiting."""
@@ -218,6 +253,7 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
     (remember that ``httpx.ASGITransport`` does not run lifespan: enter ``app.router.lifespan_context``).
     """
     engine = _MockEngine(config)
+    silence_injected_crashes()
     app = FastAPI(
         title=f"simulated {config.flavor} engine",
         lifespan=engine.lifespan,
@@ -230,6 +266,10 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
     app.add_api_route("/v1/models", engine.models, methods=["GET"])
     app.add_api_route("/health", engine.health, methods=["GET"])
     app.add_api_route("/metrics", engine.metrics_text, methods=["GET"])
+    app.add_api_route("/_sim/faults", engine.get_faults, methods=["GET"])
+    app.add_api_route("/_sim/faults", engine.put_faults, methods=["PUT"])
+    app.add_api_route("/_sim/faults", engine.delete_faults, methods=["DELETE"])
+    app.state.engine = engine
     if config.flavor == "sglang":
         app.add_api_route("/health_generate", engine.health, methods=["GET"])
         for path in ("/server_info", "/get_server_info"):

@@ -15,6 +15,7 @@ import json
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.sim.mock_faults import GenerateFault, InjectedCrash
 from gateway.sim.mock_protocol import (
     GenerationRequest,
     completion_response,
@@ -35,6 +36,9 @@ class GenerationResponse(Response):
         request: the parsed request (shapes the answer).
         response_id: ``chatcmpl-<hex>`` / ``cmpl-<hex>``.
         created: Unix time of creation, seconds.
+        fault: an injected fault, ``kill_mid_stream``, ``end_without_done`` or ``stall_mid_stream`` (see
+            :mod:`gateway.sim.mock_faults`), or ``"ok"``.
+        after_chunks: token events sent before the fault strikes.
     """
 
     def __init__(
@@ -44,6 +48,8 @@ class GenerationResponse(Response):
         request: GenerationRequest,
         response_id: str,
         created: int,
+        fault: GenerateFault = "ok",
+        after_chunks: int = 0,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -54,6 +60,8 @@ class GenerationResponse(Response):
         self._request = request
         self._id = response_id
         self._created = created
+        self._fault = fault
+        self._after_chunks = after_chunks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         produce = asyncio.ensure_future(self._stream(send) if self._request.stream else self._collect(send))
@@ -61,7 +69,9 @@ class GenerationResponse(Response):
         try:
             done, _ = await asyncio.wait({produce, watch}, return_when=asyncio.FIRST_COMPLETED)
             if produce in done and not isinstance(produce.exception(), OSError):
-                produce.result()  # re-raise a bug; OSError = closed connection (ASGI spec >= 2.4 servers)
+                # re-raise a bug, or an InjectedCrash (the server then drops the connection); OSError = closed
+                # connection (ASGI spec >= 2.4 servers)
+                produce.result()
         finally:
             for task in (produce, watch):
                 task.cancel()
@@ -74,14 +84,26 @@ class GenerationResponse(Response):
         body = json.dumps(completion_response(self._request, self._id, self._created)).encode()
         headers = [(b"content-length", str(len(body)).encode()), *self.raw_headers]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if self._fault == "kill_mid_stream":
+            await _send_body(send, body[: len(body) // 2])
+            raise InjectedCrash("killed mid-answer")
         await _send_body(send, body, more=False)
 
     async def _stream(self, send: Send) -> None:
         req, rid, created = self._request, self._id, self._created
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        sent = 0
         while True:
+            if sent == self._after_chunks and self._fault == "kill_mid_stream":
+                raise InjectedCrash("killed mid-stream")
+            if sent == self._after_chunks and self._fault == "end_without_done":
+                await _send_body(send, b"", more=False)
+                return
+            if sent == self._after_chunks and self._fault == "stall_mid_stream":
+                await asyncio.Event().wait()  # until the client leaves and this task is cancelled
             event = await self._handle.events.get()
             await _send_body(send, sse_event(token_chunk(req, rid, created, event.index)))
+            sent += 1
             if event.finished:
                 break
         tail = sse_event(final_chunk(req, rid, created))

@@ -1,0 +1,210 @@
+"""Engine and DP-rank health: circuit breakers fed by active ``/health`` probes and by failed requests.
+
+Pure state with time passed in (the asyncio prober lives in :mod:`gateway.load.prober`).
+
+One :class:`CircuitBreaker` guards each engine and one each DP rank (Nygard, "Release It!", 2007, ch. 5;
+the closed → open → half-open cycle):
+
+- **closed**: traffic flows; consecutive failures are counted and any success resets the count.
+- **open**: after ``failure_threshold`` consecutive failures no new request is placed there for ``open_s``.
+- **half-open**: the wait is over and one trial decides: for a DP rank, the next request placed there (one at
+  a time); for an engine, the next active ``/health`` probe. Its success closes the breaker; its failure opens
+  it again for twice as long, up to ``max_open_s``.
+
+What counts against which breaker (see :meth:`HealthBook.record_failure`): an engine that cannot be reached, or
+fails its ``/health`` probe, is an engine failure (all its ranks stop taking requests); an HTTP 5xx, a timeout
+or a stream broken mid-way is a failure of the DP rank that served it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gateway.config import HealthConfig
+from gateway.scheduling.types import RankKey
+
+
+class BreakerState(enum.Enum):
+    """A circuit breaker's state."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(slots=True)
+class CircuitBreaker:
+    """One circuit breaker (see the module docstring).
+
+    Args:
+        failure_threshold: consecutive failures that open it.
+        open_s: first open period, seconds.
+        max_open_s: longest open period, seconds.
+        trial_by_request: whether a request may be the half-open trial (DP ranks); when ``False`` only an
+            active probe closes it (engines, whose ``/health`` is probed).
+    """
+
+    failure_threshold: int
+    open_s: float
+    max_open_s: float
+    trial_by_request: bool = True
+    failures: int = 0
+    """Consecutive failures while closed."""
+    open_until: float | None = None
+    """End of the current open period; ``None`` while closed."""
+    open_for_s: float = 0.0
+    """Length of the current (or last) open period, seconds."""
+    trial_in_flight: bool = False
+    """Half-open only: a trial request is under way, so no other one is let through."""
+    opened_total: int = 0
+    """How many times it opened (for tests and logs)."""
+    ever_succeeded: bool = False
+    """Whether anything behind it ever succeeded: until then one failure opens it (an engine never seen
+    healthy, e.g. down when the gateway starts, is not trusted with traffic)."""
+
+    def state(self, now: float) -> BreakerState:
+        """The state at ``now``."""
+        if self.open_until is None:
+            return BreakerState.CLOSED
+        return BreakerState.OPEN if now < self.open_until else BreakerState.HALF_OPEN
+
+    def allows(self, now: float) -> bool:
+        """Whether a new request may be placed behind this breaker at ``now``."""
+        state = self.state(now)
+        if state is BreakerState.HALF_OPEN:
+            return self.trial_by_request and not self.trial_in_flight
+        return state is BreakerState.CLOSED
+
+    def on_dispatch(self, now: float) -> None:
+        """A request was placed behind the breaker: when half-open, it is the trial."""
+        if self.state(now) is BreakerState.HALF_OPEN:
+            self.trial_in_flight = True
+
+    def record_success(self, now: float) -> None:
+        """A request or probe succeeded: close (ignored while open: the wait is not over)."""
+        if self.state(now) is BreakerState.OPEN:
+            return
+        self.failures = 0
+        self.open_until = None
+        self.trial_in_flight = False
+        self.ever_succeeded = True
+
+    def record_failure(self, now: float) -> None:
+        """A request or probe failed: count it, and open when the threshold is reached or a trial failed."""
+        state = self.state(now)
+        self.trial_in_flight = False
+        if state is BreakerState.OPEN:
+            return  # a request sent before it opened
+        if state is BreakerState.HALF_OPEN:
+            self._open(now, min(self.max_open_s, self.open_for_s * 2))
+            return
+        self.failures += 1
+        if self.failures >= self.failure_threshold or not self.ever_succeeded:
+            self._open(now, self.open_s)
+
+    def _open(self, now: float, duration_s: float) -> None:
+        self.open_for_s = duration_s
+        self.open_until = now + duration_s
+        self.failures = 0
+        self.opened_total += 1
+
+
+FailureScope = str
+"""``"engine"`` (unreachable, failed probe) or ``"rank"`` (HTTP 5xx, timeout, broken stream)."""
+
+
+class HealthBook:
+    """The breakers of every engine and DP rank.
+
+    Args:
+        ranks: every DP rank.
+        config: thresholds and open periods.
+    """
+
+    def __init__(self, ranks: Iterable[RankKey], config: HealthConfig) -> None:
+        self.config = config
+        self._ranks: dict[RankKey, CircuitBreaker] = {}
+        self._engines: dict[str, CircuitBreaker] = {}
+        for key in ranks:
+            self._ranks[key] = self._new(trial_by_request=True)
+            self._engines.setdefault(key.engine, self._new(trial_by_request=False))
+
+    def _new(self, *, trial_by_request: bool) -> CircuitBreaker:
+        c = self.config
+        return CircuitBreaker(c.failure_threshold, c.open_s, c.max_open_s, trial_by_request)
+
+    @property
+    def engines(self) -> list[str]:
+        """Engine names."""
+        return list(self._engines)
+
+    def engine(self, name: str) -> CircuitBreaker:
+        """The breaker of engine ``name``.
+
+        Raises:
+            KeyError: unknown engine.
+        """
+        return self._engines[name]
+
+    def rank(self, key: RankKey) -> CircuitBreaker:
+        """The breaker of DP rank ``key``.
+
+        Raises:
+            KeyError: unknown rank.
+        """
+        return self._ranks[key]
+
+    def usable(self, key: RankKey, now: float) -> bool:
+        """Whether a new request may be placed on ``key`` at ``now`` (its engine's and its own breaker allow it)."""
+        return self._engines[key.engine].allows(now) and self._ranks[key].allows(now)
+
+    def engine_up(self, name: str, now: float) -> bool:
+        """Whether engine ``name`` takes traffic (its breaker is not open)."""
+        return self._engines[name].state(now) is not BreakerState.OPEN
+
+    def on_dispatch(self, key: RankKey, now: float) -> None:
+        """A request was placed on ``key`` (it becomes the trial of a half-open breaker)."""
+        self._engines[key.engine].on_dispatch(now)
+        self._ranks[key].on_dispatch(now)
+
+    def record_success(self, key: RankKey, now: float) -> None:
+        """A request on ``key`` got its answer started (status 200 and a first byte)."""
+        self._engines[key.engine].record_success(now)
+        self._ranks[key].record_success(now)
+
+    def record_failure(self, key: RankKey, scope: FailureScope, now: float) -> None:
+        """A request on ``key`` failed; ``scope`` says whether the engine or only the rank is to blame.
+
+        Raises:
+            ValueError: unknown scope.
+        """
+        if scope == "engine":
+            self._engines[key.engine].record_failure(now)
+            self._ranks[key].trial_in_flight = False
+        elif scope == "rank":
+            self._ranks[key].record_failure(now)
+            self._engines[key.engine].trial_in_flight = False
+        else:
+            raise ValueError(f"scope must be 'engine' or 'rank', got {scope!r}")
+
+    def record_probe(self, name: str, ok: bool, now: float) -> None:
+        """An active ``/health`` probe of engine ``name`` succeeded or failed."""
+        breaker = self._engines[name]
+        if ok:
+            breaker.record_success(now)
+        else:
+            breaker.record_failure(now)
+
+    def describe(self, now: float) -> dict[str, dict[str, object]]:
+        """Per engine: breaker state and the DP ranks whose own breaker is not closed (for ``/ready``)."""
+        out: dict[str, dict[str, object]] = {
+            name: {"state": breaker.state(now).value, "unhealthy_ranks": []} for name, breaker in self._engines.items()
+        }
+        for key, breaker in self._ranks.items():
+            if breaker.state(now) is not BreakerState.CLOSED:
+                ranks = out[key.engine]["unhealthy_ranks"]
+                assert isinstance(ranks, list)
+                ranks.append(key.rank)
+        return out
