@@ -159,6 +159,7 @@ async def test_stack_serves_requests_and_prometheus_sees_every_series() -> None:
         traffic = asyncio.create_task(trickle(client))
         try:
             await check_prometheus(stack)
+            await check_alerts_follow_an_engine_failure(stack)
         finally:
             traffic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -217,6 +218,35 @@ async def check_prometheus(stack: RunningStack) -> None:
                 break
             await asyncio.sleep(1.0)
         assert health and set(health.values()) == {"ok"}, health
+
+
+async def check_alerts_follow_an_engine_failure(stack: RunningStack) -> None:
+    """Make engine vl0's /health fail and its /metrics hang (the simulated engines' fault injection): the
+    gateway's breaker opens and neither it nor Prometheus can scrape the engine, so GatewayEngineDown,
+    GatewayEngineScrapeFailing and PrometheusScrapeFailing turn pending for vl0 (they fire only after their
+    `for`, 1-2 minutes), and no engine alert concerns sg0."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        reply = await http.put(stack.engines["vl0"] + "/_sim/faults", json={"health": "fail", "metrics": "hang"})
+        assert reply.status_code == 200, reply.text
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DATA_TIMEOUT_S
+        vl0_target = stack.engines["vl0"].split("//")[1]
+        want = {("GatewayEngineDown", "vl0"), ("GatewayEngineScrapeFailing", "vl0")}
+        want.add(("PrometheusScrapeFailing", vl0_target))
+        seen: set[tuple[str, str]] = set()
+        while loop.time() < deadline:
+            alerts = (await http.get(stack.prometheus + "/api/v1/alerts")).json()["data"]["alerts"]
+            seen = {
+                (a["labels"]["alertname"], a["labels"].get("engine") or a["labels"].get("instance", ""))
+                for a in alerts
+                if a["state"] == "pending"
+            }
+            if want <= seen:
+                break
+            await asyncio.sleep(1.0)
+        assert want <= seen, f"expected pending {want}, got {seen}"
+        sg0 = {(name, where) for name, where in seen if where in ("sg0", stack.engines["sg0"].split("//")[1])}
+        assert {name for name, _ in sg0} <= {"GatewayRankImbalance"}, f"sg0 is healthy, yet {sg0}"
 
 
 def test_stack_refuses_a_prometheus_target_it_cannot_place() -> None:
