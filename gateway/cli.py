@@ -1,4 +1,4 @@
-"""The ``gateway`` command line: ``serve``, ``mock-engine`` and ``bench``."""
+"""The ``gateway`` command line: ``serve``, ``mock-engine``, ``bench``, ``simulate`` and ``stack``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import click
 import uvicorn
@@ -34,12 +34,45 @@ rate_scale_option = click.option(
 output_option = click.option(
     "--output", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON here."
 )
+plot_option = click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw TTFT, TPOT and end-to-end latency percentiles as a PNG here (needs matplotlib: the "
+    "`bench` extra, pip install 'sbs-gateway[bench]').",
+)
+no_progress_option = click.option("--no-progress", is_flag=True, help="Do not show a progress bar (on stderr).")
+log_level_option = click.option(
+    "--log-level", type=LOG_LEVELS, default="info", show_default=True, help="Logging threshold (stderr)."
+)
+
+
+def _check_plot(plot: str | None) -> None:
+    """Fail before a long run if --plot was given and matplotlib is missing."""
+    if plot is not None:
+        from gateway.plots import PlotUnavailableError, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotUnavailableError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="sbs-gateway")
 def main() -> None:
-    """OpenAI-compatible routing gateway with staggered batch scheduling over SGLang/vLLM DP ranks."""
+    """OpenAI-compatible routing gateway with staggered batch scheduling over SGLang/vLLM DP ranks.
+
+    \b
+    Quick start:
+      gateway serve                                    embedded simulated engines, http://127.0.0.1:8000/v1
+      gateway serve --config gateway.yaml              in front of your SGLang/vLLM engines
+      gateway stack                                    engines + gateway + Prometheus on loopback (from a clone)
+      gateway bench --url http://127.0.0.1:8000 --trace azure-conv --duration 60
+      gateway simulate --trace azure-conv --duration 600 --plot policies.png
+
+    Every command's options: gateway COMMAND --help. Settings: README "Configuration reference".
+    """
 
 
 @main.command()
@@ -58,7 +91,7 @@ def main() -> None:
     default=None,
     help="Scheduling policy, overriding the configuration [default: sbs].",
 )
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@log_level_option
 @click.option(
     "--log-format",
     type=click.Choice(["json", "text"]),
@@ -184,9 +217,16 @@ def mock_engine(flavor: str, dp_size: int, port: int, host: str, model: str, spe
 @rate_scale_option
 @output_option
 @click.option("--model", default=None, help="Model to request [default: the first of GET /v1/models].")
-@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
+@click.option(
+    "--endpoint",
+    type=click.Choice(["chat", "completions"]),
+    default="chat",
+    show_default=True,
+    help="OpenAI API to call: /v1/chat/completions or /v1/completions.",
+)
 @click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Send at most this many requests.")
-@click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
+@plot_option
+@no_progress_option
 def bench(
     url: str,
     trace: str,
@@ -196,13 +236,25 @@ def bench(
     model: str | None,
     endpoint: Literal["chat", "completions"],
     max_requests: int | None,
+    plot: str | None,
     no_progress: bool,
 ) -> None:
-    """Replay a production trace against a gateway: streaming requests at the trace's arrival times."""
+    """Replay a production trace against a gateway: streaming requests at the trace's arrival times.
+
+    Every request asks for exactly the trace's output length (ignore_eos), with a prompt of the trace's length.
+    Prints TTFT, TPOT, ITL and end-to-end percentiles, throughput and failures; --output keeps them as JSON,
+    --plot as a PNG. Works against any OpenAI-compatible server (an engine, another router).
+
+    \b
+    Example (the local stack's gateway, 5 minutes of Azure conversation at twice its rate):
+      gateway bench --url http://127.0.0.1:8000 --trace azure-conv --duration 300 --rate-scale 2 \\
+        --output bench.json --plot bench.png
+    """
     from gateway.replay.client import ReplayError, run_bench
 
+    _check_plot(plot)
     try:
-        run_bench(
+        summary = run_bench(
             url,
             trace,
             duration_s=duration,
@@ -215,6 +267,18 @@ def bench(
         )
     except (OSError, ValueError, ReplayError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if plot is not None:
+        _write_plot({summary["config"]["model"] or "bench": summary}, plot, f"gateway bench: {trace} against {url}")
+
+
+def _write_plot(summaries: dict[str, Any], plot: str, title: str) -> None:
+    from gateway.plots import PlotUnavailableError, plot_summaries
+
+    try:
+        plot_summaries(summaries, plot, title)
+    except (PlotUnavailableError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {plot}", err=True)
 
 
 @main.command()
@@ -251,6 +315,8 @@ def bench(
     help="Age of the scraped figures when the gateway gets them, seconds.",
 )
 @output_option
+@plot_option
+@no_progress_option
 def simulate(
     trace: str,
     policies: tuple[str, ...],
@@ -262,10 +328,24 @@ def simulate(
     scrape_interval: float,
     scrape_lag: float,
     output: str | None,
+    plot: str | None,
+    no_progress: bool,
 ) -> None:
-    """Replay a trace through the scheduler and simulated engines in virtual time (no HTTP), per policy."""
+    """Replay a trace through the scheduler and simulated engines in virtual time (no HTTP), per policy.
+
+    The gateway's own scheduler, window and load view drive the same engine model the mock engines run, on a
+    virtual clock: an hour of trace takes seconds, deterministically from --seed. Prints one line per policy
+    (TTFT, TPOT, output throughput); --output keeps every figure as JSON, --plot draws them as a PNG.
+
+    \b
+    Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
+      gateway simulate --trace azure-conv --duration 600 --policy sbs --policy round_robin \\
+        --policy least_tokens --policy power_of_two --plot policies.png
+    """
     import json
     import time
+
+    from tqdm import tqdm
 
     from gateway.replay.traces import load_trace, rescale, resolve_trace, window
     from gateway.sim.simulate import SimConfig
@@ -275,6 +355,7 @@ def simulate(
         requests = rescale(window(load_trace(resolve_trace(trace)), 0.0, duration), rate_scale)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    _check_plot(plot)
     results = {}
     for policy in policies or ("sbs", "round_robin"):
         started = time.perf_counter()
@@ -286,7 +367,9 @@ def simulate(
             scrape_interval_s=scrape_interval,
             scrape_lag_s=scrape_lag,
         )
-        summary = run_simulation(requests, config).summary()
+        bar = tqdm(total=len(requests), desc=policy, unit="req", file=sys.stderr, disable=no_progress, leave=False)
+        with bar:
+            summary = run_simulation(requests, config, on_done=bar.update).summary()
         summary["wall_s"] = time.perf_counter() - started
         results[policy] = summary
         ttft, tpot = summary["ttft_s"], summary["tpot_s"]
@@ -298,6 +381,118 @@ def simulate(
     if output:
         with open(output, "w") as f:
             json.dump(results, f, indent=2)
+    if plot is not None:
+        _write_plot(results, plot, f"gateway simulate: {trace}, {instances} x {dp_size} DP ranks, virtual time")
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default="deploy/compose/gateway.yaml",
+    show_default=True,
+    help="Gateway configuration whose engines to simulate (docker-compose.yml's, from the repository root).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address every part listens on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Gateway port (0: free).")
+@click.option("--policy", type=POLICIES, default=None, help="Scheduling policy, overriding the configuration.")
+@click.option(
+    "--prometheus/--no-prometheus",
+    default=None,
+    help="Start Prometheus (Debian package `prometheus`) [default: when it is installed].",
+)
+@click.option(
+    "--prometheus-config",
+    type=click.Path(dir_okay=False),
+    default="deploy/prometheus/prometheus.yml",
+    show_default=True,
+    help="docker-compose's Prometheus configuration; its targets are moved to the local processes.",
+)
+@click.option(
+    "--prometheus-port",
+    type=click.IntRange(0, 65535),
+    default=9090,
+    show_default=True,
+    help="Prometheus port (0: a free one).",
+)
+@click.option(
+    "--scrape-interval",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Prometheus scrape and rule evaluation interval in seconds [default: the configuration's].",
+)
+@click.option(
+    "--engine-speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Simulated engines' clock: X times real time (below 1 is slower).",
+)
+@click.option("--log-level", type=LOG_LEVELS, default="warning", show_default=True, help="Logging threshold (stderr).")
+def stack(
+    config_path: str,
+    host: str,
+    port: int,
+    policy: str | None,
+    prometheus: bool | None,
+    prometheus_config: str,
+    prometheus_port: int,
+    scrape_interval: float | None,
+    engine_speed: float,
+    log_level: str,
+) -> None:
+    """Run the docker-compose stack without Docker, on loopback, until Ctrl-C.
+
+    Starts a simulated engine for every engine of --config (its flavour, DP size and model, on a free port), the
+    gateway in front of them, and Prometheus with the rules and alerts of deploy/prometheus scraping all of them.
+    Run it from the repository root; Grafana is not started (import deploy/grafana/dashboards into yours).
+    """
+    from pathlib import Path
+
+    if not Path(config_path).is_file():
+        raise click.ClickException(
+            f"{config_path} not found: run gateway stack from the repository root, or pass --config"
+        )
+    try:
+        settings = load_settings(config_path, host=host, port=port, policy=policy)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    configure_logging(log_level, settings.log.format)
+    if prometheus is None:
+        import shutil
+
+        prometheus = shutil.which("prometheus") is not None and Path(prometheus_config).is_file()
+        if not prometheus:
+            click.echo("prometheus is not installed (or no --prometheus-config): starting without it", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            _stack(
+                settings,
+                engine_speed=engine_speed,
+                prometheus_config=Path(prometheus_config) if prometheus else None,
+                prometheus_port=prometheus_port,
+                scrape_interval_s=scrape_interval,
+            )
+        )
+
+
+async def _stack(settings: Settings, **options: Any) -> None:
+    import signal
+
+    from gateway.stack import StackError, running_stack
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with running_stack(settings, announce=lambda line: click.echo(line, err=True), **options):
+            click.echo("stack ready; Ctrl-C stops it", err=True)
+            await stop.wait()
+            click.echo("stopping", err=True)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +123,10 @@ class SimResult:
 
 
 class _Sim:
-    def __init__(self, trace: list[TraceRequest], config: SimConfig) -> None:
+    def __init__(
+        self, trace: list[TraceRequest], config: SimConfig, on_done: Callable[[int], None] | None = None
+    ) -> None:
+        self.on_done = on_done
         self.config = config
         self.trace = trace
         names = [f"i{n}" for n in range(config.instances)]
@@ -155,7 +159,10 @@ class _Sim:
             if kind == "arrival":
                 self.on_arrival(data)
             elif kind == "step_end":
-                remaining -= self.on_step_end(data)
+                finished = self.on_step_end(data)
+                remaining -= finished
+                if finished and self.on_done is not None:
+                    self.on_done(finished)
             elif kind == "scrape":
                 self.on_scrape(data)
             elif kind == "scrape_result":
@@ -241,6 +248,8 @@ class _Sim:
             self.push(self.poll_at, "poll")
 
 
-def simulate(trace: list[TraceRequest], config: SimConfig) -> SimResult:
-    """Run ``trace`` (arrivals in seconds from 0) through one policy on a simulated cluster, to completion."""
-    return _Sim(trace, config).run()
+def simulate(trace: list[TraceRequest], config: SimConfig, on_done: Callable[[int], None] | None = None) -> SimResult:
+    """Run ``trace`` (arrivals in seconds from 0) through one policy on a simulated cluster, to completion.
+
+    ``on_done(n)`` is called each time ``n`` requests complete (a progress bar's hook)."""
+    return _Sim(trace, config, on_done).run()

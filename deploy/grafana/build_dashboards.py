@@ -1,0 +1,283 @@
+"""Write the Grafana dashboards under deploy/grafana/dashboards/ (JSON, provisioned by Grafana at start).
+
+    python deploy/grafana/build_dashboards.py
+
+The dashboards are written by this script so that every panel has the same shape and the queries live in one
+readable table; edit the tables below, not the JSON (tests/test_deploy_dashboards.py fails when the JSON is
+stale, and checks every metric a query names is one the gateway or a simulated engine exports).
+Queries use Grafana's ``$__rate_interval``; the datasource is the provisioned Prometheus (uid ``prometheus``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+RATE = "$__rate_interval"
+
+Panel = tuple[str, str, list[tuple[str, str]]]
+"""(title, unit, [(PromQL, legend)]): one time-series panel."""
+
+
+def quantiles(histogram: str, name: str = "") -> list[tuple[str, str]]:
+    """p50, p90 and p99 of a Prometheus histogram (``histogram`` without ``_bucket``) over all its series;
+    ``name`` starts each legend."""
+    prefix = f"{name} " if name else ""
+    return [
+        (f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[{RATE}])))", f"{prefix}p{int(q * 100)}")
+        for q in (0.5, 0.9, 0.99)
+    ]
+
+
+TRAFFIC: list[tuple[str, list[Panel]]] = [
+    (
+        "Requests",
+        [
+            (
+                "Request rate by status",
+                "reqps",
+                [(f"sum by (status) (rate(gateway_requests_total[{RATE}]))", "{{status}}")],
+            ),
+            (
+                "Error ratio (4xx and 5xx)",
+                "percentunit",
+                [
+                    (
+                        f'(sum(rate(gateway_requests_total{{status=~"[45].."}}[{RATE}])) or vector(0))'
+                        f" / sum(rate(gateway_requests_total[{RATE}]))",
+                        "errors",
+                    ),
+                    ("gateway:requests:error_ratio_5m", "errors (5m)"),
+                ],
+            ),
+            (
+                "Rejected before an engine, by reason",
+                "reqps",
+                [(f"sum by (reason) (rate(gateway_rejected_requests_total[{RATE}]))", "{{reason}}")],
+            ),
+            (
+                "Upstream failures and retries",
+                "reqps",
+                [
+                    (f"sum by (engine, kind) (rate(gateway_upstream_failures_total[{RATE}]))", "{{engine}} {{kind}}"),
+                    (f"sum by (engine) (rate(gateway_upstream_retries_total[{RATE}]))", "{{engine}} retried"),
+                ],
+            ),
+            (
+                "In flight and draining",
+                "short",
+                [("sum(gateway_inflight_requests)", "in flight"), ("max(gateway_draining)", "draining")],
+            ),
+        ],
+    ),
+    (
+        "Latency",
+        [
+            ("TTFT at the gateway", "s", quantiles("gateway_ttft_seconds")),
+            ("TTFT p99 by model (5m)", "s", [("gateway:ttft_seconds:p99_5m", "{{model}}")]),
+            (
+                "TPOT (inter-token latency, engines)",
+                "s",
+                quantiles("vllm:inter_token_latency_seconds", "vLLM")
+                + quantiles("sglang:inter_token_latency_seconds", "SGLang"),
+            ),
+            ("End-to-end latency at the gateway", "s", quantiles("gateway_e2e_latency_seconds")),
+        ],
+    ),
+    (
+        "Staggered window",
+        [
+            ("Time buffered in the window", "s", quantiles("gateway_window_wait_seconds")),
+            (
+                "Requests per closed window",
+                "short",
+                [
+                    *quantiles("gateway_window_batch_size"),
+                    (
+                        f"sum(rate(gateway_window_batch_size_sum[{RATE}]))"
+                        f" / sum(rate(gateway_window_batch_size_count[{RATE}]))",
+                        "mean",
+                    ),
+                ],
+            ),
+            (
+                "Windows closed per second",
+                "ops",
+                [(f"sum(rate(gateway_window_batch_size_count[{RATE}]))", "windows")],
+            ),
+            ("Window interval", "s", [("gateway_window_interval_seconds", "{{instance}}")]),
+            ("Requests buffered in the window", "short", [("gateway_window_buffered_requests", "{{instance}}")]),
+        ],
+    ),
+]
+
+ENGINES: list[tuple[str, list[Panel]]] = [
+    (
+        "Engine health",
+        [
+            ("Engine in rotation (circuit breaker closed)", "short", [("gateway_engine_up", "{{engine}}")]),
+            (
+                "Active health probes",
+                "ops",
+                [(f"sum by (engine, result) (rate(gateway_health_checks_total[{RATE}]))", "{{engine}} {{result}}")],
+            ),
+            (
+                "Engine output throughput",
+                "short",
+                [
+                    (f"sum by (engine_name) (rate(vllm:generation_tokens_total[{RATE}]))", "{{engine_name}} tok/s"),
+                    (f"sum by (engine_name) (rate(sglang:generation_tokens_total[{RATE}]))", "{{engine_name}} tok/s"),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Per-rank load and imbalance",
+        [
+            (
+                "Requests dispatched per DP rank",
+                "reqps",
+                [(f"sum by (engine, rank) (rate(gateway_dispatched_requests_total[{RATE}]))", "{{engine}}/{{rank}}")],
+            ),
+            (
+                "Prompt tokens dispatched per DP rank",
+                "short",
+                [
+                    (
+                        f"sum by (engine, rank) (rate(gateway_dispatched_prompt_tokens_total[{RATE}]))",
+                        "{{engine}}/{{rank}}",
+                    )
+                ],
+            ),
+            (
+                "Rank imbalance (max / mean prompt tokens, 5m)",
+                "short",
+                [("gateway:rank_prompt_tokens:imbalance5m", "{{engine}}")],
+            ),
+            (
+                "Running and waiting per DP rank (gateway's load view)",
+                "short",
+                [
+                    ("gateway_rank_running", "{{engine}}/{{rank}} running"),
+                    ("gateway_rank_waiting", "{{engine}}/{{rank}} waiting"),
+                ],
+            ),
+            (
+                "Queued prefill tokens per DP rank (gateway's load view)",
+                "short",
+                [("gateway_rank_queued_prefill_tokens", "{{engine}}/{{rank}}")],
+            ),
+            (
+                "KV cache usage per DP rank",
+                "percentunit",
+                [
+                    ("gateway_rank_kv_usage", "{{engine}}/{{rank}}"),
+                    ('vllm:kv_cache_usage_perc{job="engines"}', "{{engine_name}}/{{engine}} (engine)"),
+                    ('sglang:token_usage{job="engines"}', "{{engine_name}}/{{dp_rank}} (engine)"),
+                ],
+            ),
+            (
+                "Engine-reported running and queued per DP rank",
+                "short",
+                [
+                    ("vllm:num_requests_running", "{{engine_name}}/{{engine}} running"),
+                    ("vllm:num_requests_waiting", "{{engine_name}}/{{engine}} waiting"),
+                    ("max by (engine_name, dp_rank) (sglang:num_running_reqs)", "{{engine_name}}/{{dp_rank}} running"),
+                    ("max by (engine_name, dp_rank) (sglang:num_queue_reqs)", "{{engine_name}}/{{dp_rank}} waiting"),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Scrape health",
+        [
+            ("Prometheus targets up", "short", [("up", "{{job}} {{instance}}")]),
+            ("Prometheus scrape duration", "s", [("scrape_duration_seconds", "{{job}} {{instance}}")]),
+            (
+                "Gateway scrapes of engine metrics",
+                "ops",
+                [(f"sum by (engine, result) (rate(gateway_scrapes_total[{RATE}]))", "{{engine}} {{result}}")],
+            ),
+            (
+                "Gateway scrape error ratio (5m)",
+                "percentunit",
+                [("gateway:engine_scrape_errors:ratio5m", "{{engine}}")],
+            ),
+        ],
+    ),
+]
+
+
+def dashboard(uid: str, title: str, rows: list[tuple[str, list[Panel]]]) -> dict[str, Any]:
+    """A Grafana dashboard (schema 39) of collapsed-open rows of 12-wide time-series panels."""
+    panels: list[dict[str, Any]] = []
+    y = 0
+    for row_title, row_panels in rows:
+        panels.append(
+            {
+                "id": len(panels) + 1,
+                "type": "row",
+                "title": row_title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        y += 1
+        for i, (panel_title, unit, queries) in enumerate(row_panels):
+            panels.append(
+                {
+                    "id": len(panels) + 1,
+                    "type": "timeseries",
+                    "title": panel_title,
+                    "datasource": DATASOURCE,
+                    "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": y + 8 * (i // 2)},
+                    "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                    "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}},
+                    "targets": [
+                        {"refId": chr(ord("A") + n), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+                        for n, (expr, legend) in enumerate(queries)
+                    ],
+                }
+            )
+        y += 8 * ((len(row_panels) + 1) // 2)
+    return {
+        "uid": uid,
+        "title": title,
+        "tags": ["sbs-gateway"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "10s",
+        "time": {"from": "now-30m", "to": "now"},
+        "templating": {"list": []},
+        "annotations": {"list": []},
+        "links": [{"type": "dashboards", "tags": ["sbs-gateway"], "asDropdown": False, "title": "SBS gateway"}],
+        "panels": panels,
+    }
+
+
+DASHBOARDS = {
+    "sbs-gateway-traffic.json": dashboard("sbs-gateway-traffic", "SBS gateway: traffic and latency", TRAFFIC),
+    "sbs-gateway-engines.json": dashboard("sbs-gateway-engines", "SBS gateway: engines", ENGINES),
+}
+
+
+def render(name: str) -> str:
+    """The JSON text of dashboard file ``name``."""
+    return json.dumps(DASHBOARDS[name], indent=2) + "\n"
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name in DASHBOARDS:
+        (OUT / name).write_text(render(name), encoding="utf-8")
+        print(f"wrote {OUT / name}")
+
+
+if __name__ == "__main__":
+    main()
