@@ -22,7 +22,16 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-PolicyName = Literal["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two", "random", "vllm_internal"]
+PolicyName = Literal[
+    "sbs",
+    "round_robin",
+    "shortest_queue",
+    "least_tokens",
+    "sglang_total_tokens",
+    "power_of_two",
+    "random",
+    "vllm_internal",
+]
 """Scheduling policy: ``sbs`` (staggered windows + load-aware allocation) or an immediate-dispatch baseline."""
 
 EngineFlavor = Literal["sglang", "vllm"]
@@ -102,6 +111,25 @@ class WindowConfig(_Strict):
     """The window holds at most this many prompt tokens (estimated); beyond it new requests get 503."""
     max_wait_s: PositiveFloat = 10.0
     """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
+    adaptive_interval: bool = True
+    """Window length tracks the observed engine step time (``step_fraction`` of it, clamped to the bounds);
+    ``False`` keeps it at ``step_fraction * initial_step_s`` (clamped), for ablation."""
+    stagger: bool = True
+    """``phase_aware`` only: place by each instance's step phase, so batches meet instances as they start a step;
+    ``False`` treats every instance as ready now, for ablation."""
+    prefill_capacity: bool = True
+    """Water-filling's per-rank capacity model (``queue_steps`` budgets): what fits nowhere waits for the next
+    window; ``False`` places every request at once, for ablation."""
+    decode_aware: bool = True
+    """Decode-aware choice (two objectives, IQR outliers, lexicographic; :mod:`gateway.scheduling.decode`)
+    among ranks the prefill placement leaves equal; ``False`` falls back to running requests then KV usage."""
+    iqr_outliers: bool = True
+    """``decode_aware`` only: avoid ranks above ``Q3 + iqr_k * IQR`` on either objective."""
+    iqr_k: float = Field(default=1.5, ge=0)
+    """Fence multiplier of the outlier test (Tukey's 1.5, see :data:`gateway.scheduling.decode.IQR_K`)."""
+    running_bucket: int = Field(default=4, ge=1)
+    """``decode_aware`` only: bucket width of the requests objective, requests (see
+    :data:`gateway.scheduling.decode.RUNNING_BUCKET`)."""
 
     @model_validator(mode="after")
     def _check_bounds(self) -> WindowConfig:

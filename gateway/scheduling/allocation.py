@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
 
 DEFAULT_QUEUE_STEPS = 2.0
@@ -69,6 +70,7 @@ def water_fill(
     now: float,
     max_wait_s: float,
     queue_steps: float = DEFAULT_QUEUE_STEPS,
+    decode: DecodeRanker | None = None,
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
@@ -77,7 +79,9 @@ def water_fill(
         ranks: a snapshot of every DP rank's load.
         now: current time on the caller's clock (seconds), to age requests.
         max_wait_s: a request older than this is placed even where it does not fit (seconds).
-        queue_steps: a rank's capacity in per-step prefill budgets (> 0).
+        queue_steps: a rank's capacity in per-step prefill budgets (> 0; ``inf`` places everything at once).
+        decode: decode-aware choice (:mod:`gateway.scheduling.decode`): outlier ranks are avoided and ties in
+            the level go by its lexicographic key; ``None`` breaks them by running requests, then KV usage.
 
     Returns:
         An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
@@ -109,7 +113,12 @@ def water_fill(
                 result.deferred.append(request)
                 continue
             fitting = serving
-        best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
+        if decode is None:
+            best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
+        else:
+            ranked = decode
+            best = min(ranked.avoid_outliers(fitting), key=lambda r: (level[r.key], ranked.key(r.key), r.key))
+            ranked.place(best.key, request.prompt_tokens)
         level[best.key] += request.prompt_tokens
         result.assigned.append((request, best.key))
         for model, ranks_of_model in serving_by_model.items():

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.scheduling.allocation import decode_load_key, fits
+from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
 
@@ -57,6 +58,8 @@ def phase_fill(
     max_wait_s: float,
     queue_steps: float,
     decode_stall_weight: float = DECODE_STALL_WEIGHT,
+    decode: DecodeRanker | None = None,
+    stagger: bool = True,
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
@@ -70,6 +73,11 @@ def phase_fill(
         max_wait_s: a request older than this is placed even where it does not fit (seconds).
         queue_steps: a rank's capacity in per-step prefill budgets.
         decode_stall_weight: ``w`` above.
+        decode: decode-aware choice (:mod:`gateway.scheduling.decode`): outlier ranks of each instance are
+            avoided and ranks of equal cost are ordered by its lexicographic key before their next-step
+            prefill level; ``None`` orders them by next-step level, then running requests and KV usage.
+        stagger: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
+            (the staggering switched off, for ablation).
     """
     result = Allocation()
     level = {r.key: r.queued_prefill_tokens for r in ranks}
@@ -95,9 +103,11 @@ def phase_fill(
             fitting = [r for r in candidates if forced or fits(level[r.key], t, r, queue_steps)]
             if not fitting:
                 continue
+            if decode is not None:
+                fitting = decode.avoid_outliers(fitting)
             heaviest = max(min(next_level[r.key], r.prefill_budget) for r in candidates)
             d_old = clock.predict(engine, heaviest)
-            wait = clock.time_to_next_step(engine, now) if inst.busy else 0.0
+            wait = clock.time_to_next_step(engine, now) if inst.busy and stagger else 0.0
             stalled = waiting_next[engine] + decode_stall_weight * inst.running
             for r in fitting:
                 budget = r.prefill_budget
@@ -107,7 +117,11 @@ def phase_fill(
                 else:
                     d_new = clock.predict(engine, max(heaviest, min(rest + t, budget)))
                     cost = wait + d_new + (d_new - d_old) * stalled
-                key = (cost, next_level[r.key], *decode_load_key(r))
+                key: tuple[float, ...]
+                if decode is None:
+                    key = (cost, next_level[r.key], *decode_load_key(r))
+                else:
+                    key = (cost, *decode.key(r.key), next_level[r.key])
                 if best is None or key < best[0]:
                     best = (key, r)
         if best is None:
@@ -118,6 +132,8 @@ def phase_fill(
             waiting_next[chosen.key.engine] += 1
         level[chosen.key] += t
         next_level[chosen.key] += t
+        if decode is not None:
+            decode.place(chosen.key, t)
         result.assigned.append((request, chosen.key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result

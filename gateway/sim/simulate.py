@@ -21,7 +21,7 @@ from gateway.load.view import EngineSpec, LoadView
 from gateway.replay.stats import distribution
 from gateway.replay.traces import TraceRequest
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult
 
@@ -42,6 +42,9 @@ class SimConfig:
         scrape_lag_s: how old the figures are when the gateway receives them (engine logging interval plus
             the scrape's own latency), seconds.
         stale_after_s: the load view's staleness bound, seconds.
+        state_sync: the load view adds the gateway's own dispatches, first tokens and finishes between
+            scrapes (DESIGN.md §2, "robust state synchronization"); ``False`` makes every policy see each
+            engine's ranks as they were at its last scrape, for ablation.
         seed: seed of randomised policies.
     """
 
@@ -53,6 +56,7 @@ class SimConfig:
     scrape_interval_s: float = 0.5
     scrape_lag_s: float = 0.05
     stale_after_s: float = 3.0
+    state_sync: bool = True
     seed: int = 0
 
 
@@ -121,16 +125,33 @@ class SimResult:
         }
 
 
+class _ScrapeOnlyView(LoadView):
+    """A load view without state synchronisation: between two scrapes of an engine its ranks' snapshot stays
+    what it was at the last scrape (before any scrape: the live local accounting, i.e. idle)."""
+
+    def __init__(self, engines: list[EngineSpec], *, stale_after_s: float) -> None:
+        super().__init__(engines, stale_after_s=stale_after_s)
+        self._frozen: dict[RankKey, RankLoad] = {}
+
+    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
+        super().on_scrape(engine, ranks, now)
+        for load in super().snapshot(now):
+            if load.key.engine == engine:
+                self._frozen[load.key] = load
+
+    def snapshot(self, now: float) -> list[RankLoad]:
+        return [self._frozen.get(load.key, load) for load in super().snapshot(now)]
+
+
 class _Sim:
     def __init__(self, trace: list[TraceRequest], config: SimConfig) -> None:
         self.config = config
         self.trace = trace
         names = [f"i{n}" for n in range(config.instances)]
         budget = config.engine.max_prefill_tokens_per_step
-        self.view = LoadView(
-            [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names],
-            stale_after_s=config.stale_after_s,
-        )
+        specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
+        view_class = LoadView if config.state_sync else _ScrapeOnlyView
+        self.view = view_class(specs, stale_after_s=config.stale_after_s)
         self.scheduler = Scheduler(config.policy, self.view, config.window, seed=config.seed)
         self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
         self.busy: dict[str, StepResult | None] = {n: None for n in names}
