@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.scheduling.allocation import decode_load_key, fits
+from gateway.scheduling.allocation import decode_load_key, fits, placement_order
 from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
@@ -90,7 +90,7 @@ def phase_fill(
         if r.usable:
             inst.ranks.append(r)
     waiting_next = {e: sum(1 for r in inst.ranks if next_level[r.key] > 0) for e, inst in instances.items()}
-    for request in sorted(batch, key=lambda q: (-q.prompt_tokens, q.arrival_s)):
+    for request in placement_order(batch):
         t = request.prompt_tokens
         forced = now - request.arrival_s >= max_wait_s
         best: tuple[tuple[float, ...], RankLoad] | None = None
