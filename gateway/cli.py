@@ -201,6 +201,13 @@ def bench(
     show_default=True,
     help="Age of the scraped figures when the gateway gets them, seconds.",
 )
+@click.option(
+    "--slo-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Judge SLO attainment against the SLO derived from the engine model with this scale "
+    "(gateway.sim.simulate.derived_slo) [default: TTFT <= 2 s, TPOT <= 100 ms].",
+)
 @output_option
 def simulate(
     trace: str,
@@ -212,6 +219,7 @@ def simulate(
     seed: int,
     scrape_interval: float,
     scrape_lag: float,
+    slo_scale: float | None,
     output: str | None,
 ) -> None:
     """Replay a trace through the scheduler and simulated engines in virtual time (no HTTP), per policy."""
@@ -219,7 +227,7 @@ def simulate(
     import time
 
     from gateway.replay.traces import load_trace, rescale, resolve_trace, window
-    from gateway.sim.simulate import SimConfig
+    from gateway.sim.simulate import SimConfig, Slo, derived_slo
     from gateway.sim.simulate import simulate as run_simulation
 
     try:
@@ -227,6 +235,9 @@ def simulate(
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     results = {}
+    slo = Slo()
+    if slo_scale is not None and requests:
+        slo = derived_slo(requests, SimConfig().engine, slo_scale)
     for policy in policies or ("sbs", "round_robin"):
         started = time.perf_counter()
         config = SimConfig(
@@ -237,7 +248,7 @@ def simulate(
             scrape_interval_s=scrape_interval,
             scrape_lag_s=scrape_lag,
         )
-        summary = run_simulation(requests, config).summary()
+        summary = run_simulation(requests, config).summary(slo)
         summary["wall_s"] = time.perf_counter() - started
         results[policy] = summary
         ttft, tpot = summary["ttft_s"], summary["tpot_s"]

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from gateway.cli import main
 from gateway.config import PolicyName
 from gateway.replay.traces import TraceRequest
-from gateway.sim.simulate import SimConfig, simulate
+from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.simulate import SimConfig, Slo, derived_slo, simulate, unloaded_ttft_s
 
 
 def synthetic_trace(n: int = 400, rate: float = 40.0, seed: int = 1) -> list[TraceRequest]:
@@ -75,11 +76,11 @@ def test_cli_simulate_writes_json(tmp_path):
 def test_slo_attainment_and_goodput_count_requests_meeting_both_objectives():
     trace = synthetic_trace(n=200, rate=20.0)
     result = simulate(trace, SimConfig(policy="round_robin", instances=1, dp_size=4))
-    loose = result.summary(slo_ttft_s=1e9, slo_tpot_s=1e9)
+    loose = result.summary(Slo(ttft_s=1e9, tpot_s=1e9))
     assert loose["slo_attainment"] == 1.0
-    strict = result.summary(slo_ttft_s=0.0, slo_tpot_s=0.0)
+    strict = result.summary(Slo(ttft_s=0.0, tpot_s=0.0))
     assert strict["slo_attainment"] == 0.0 and strict["goodput_rps"] == 0.0
-    mid = result.summary(slo_ttft_s=loose["ttft_s"]["p50"], slo_tpot_s=1e9)
+    mid = result.summary(Slo(ttft_s=loose["ttft_s"]["p50"], tpot_s=1e9))
     assert 0.45 <= mid["slo_attainment"] <= 0.55
     expected = sum(1 for r in result.records if r.ttft_s <= loose["ttft_s"]["p50"]) / len(trace)
     assert mid["slo_attainment"] == expected
@@ -129,3 +130,30 @@ def test_without_state_sync_a_burst_herds_between_scrapes():
     frozen = simulate(trace, replace(config, state_sync=False)).summary()
     assert synced["completed"] == frozen["completed"] == len(trace)
     assert frozen["ttft_s"]["mean"] > 1.5 * synced["ttft_s"]["mean"], (synced["ttft_s"], frozen["ttft_s"])
+
+
+def test_unloaded_ttft_counts_each_chunked_prefill_step():
+    engine = EngineModelConfig()
+    one_step = engine.alltoall_s + engine.prefill_chunk_s(8192, 0)
+    assert unloaded_ttft_s(8192, engine) == pytest.approx(one_step)
+    # the second chunk attends over the first: dearer than the first
+    two_steps = unloaded_ttft_s(16384, engine)
+    assert two_steps == pytest.approx(one_step + engine.alltoall_s + engine.prefill_chunk_s(8192, 8192))
+    assert unloaded_ttft_s(1000, engine) < one_step
+
+
+def test_derived_slo_scales_with_each_prompt_and_with_the_trace():
+    engine = EngineModelConfig()
+    short = [TraceRequest(0.0, 1000, 10), TraceRequest(1.0, 1000, 10)]
+    slo = derived_slo(short, engine, scale=3.0)
+    assert slo.ttft_s == pytest.approx(engine.alltoall_s + engine.prefill_chunk_s(8192, 0))
+    assert slo.ttft_per_unloaded == 3.0
+    assert slo.tpot_s == pytest.approx(3.0 * (engine.alltoall_s + engine.prefill_chunk_s(1000, 0)))
+    long = [TraceRequest(0.0, 50_000, 10)]
+    assert derived_slo(long, engine).tpot_s > slo.tpot_s
+    with pytest.raises(ValueError):
+        derived_slo([], engine)
+    # a request meets a per-prompt TTFT objective that a flat one of the same base would fail
+    result = simulate([TraceRequest(0.0, 40_000, 2)], SimConfig(policy="round_robin", instances=1, dp_size=1))
+    assert result.summary(Slo(ttft_s=1.0, tpot_s=10.0))["slo_attainment"] == 0.0
+    assert result.summary(Slo(ttft_s=1.0, tpot_s=10.0, ttft_per_unloaded=1.0))["slo_attainment"] == 1.0
