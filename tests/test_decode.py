@@ -75,15 +75,18 @@ def test_lexicographic_key_buckets_requests_then_orders_by_kv():
     assert lexicographic_key(light_kv, bucket=1) > lexicographic_key(heavy_kv, bucket=1)
 
 
-def test_ranker_counts_placements_and_falls_back_when_every_candidate_is_an_outlier():
+def test_ranker_ranks_outliers_last_and_counts_placements():
     ranks = [rank("e", i, running=10, kv_tokens=1000) for i in range(5)] + [rank("e", 5, running=40)]
     ranker = DecodeRanker(ranks)
     assert ranker.outliers("e") == keys(5)
-    assert ranker.avoid_outliers(ranks) == ranks[:5]
-    assert ranker.avoid_outliers(ranks[5:]) == ranks[5:]  # nothing else serves: keep the outlier
-    ranker.place(RankKey("e", 0), 500)
-    assert ranker.loads[RankKey("e", 0)] == DecodeLoad(11, 1500)
-    assert ranker.key(RankKey("e", 0)) == (2, 1500)
+    # rank 5 holds no KV at all, yet its 40 requests make it an outlier: it comes after every other rank
+    assert min(ranks, key=lambda r: ranker.key(r.key)).key == RankKey("e", 0)
+    assert ranker.key(RankKey("e", 5)) == (1, 10, 0.0)
+    ranker.place(RankKey("e", 0), 50)
+    assert ranker.loads[RankKey("e", 0)] == DecodeLoad(11, 1050)
+    assert ranker.key(RankKey("e", 0)) == (0, 2, 1050)
+    ranker.place(RankKey("e", 0), 1000)  # now 2,050 KV tokens against its peers' 1,000: beyond the fence
+    assert ranker.key(RankKey("e", 0)) == (1, 3, 2050)
     assert DecodeRanker(ranks, iqr_k=None).outliers("e") == frozenset()
 
 

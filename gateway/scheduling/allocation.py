@@ -93,8 +93,8 @@ def water_fill(
         now: current time on the caller's clock (seconds), to age requests.
         max_wait_s: a request older than this is placed even where it does not fit (seconds).
         queue_steps: a rank's capacity in per-step prefill budgets (> 0; ``inf`` places everything at once).
-        decode: decode-aware choice (:mod:`gateway.scheduling.decode`): outlier ranks are avoided and ties in
-            the level go by its lexicographic key; ``None`` breaks them by running requests, then KV usage.
+        decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ties in the level go to non-outlier
+            ranks first, then by its lexicographic key; ``None`` breaks them by running requests, then KV usage.
 
     Returns:
         An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
@@ -130,7 +130,7 @@ def water_fill(
             best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
         else:
             ranked = decode
-            best = min(ranked.avoid_outliers(fitting), key=lambda r: (level[r.key], ranked.key(r.key), r.key))
+            best = min(fitting, key=lambda r: (level[r.key], ranked.key(r.key), r.key))
             ranked.place(best.key, request.prompt_tokens)
         level[best.key] += request.prompt_tokens
         result.assigned.append((request, best.key))

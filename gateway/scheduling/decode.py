@@ -12,13 +12,13 @@ its heaviest rank, and a rank's decode work grows with its running requests and 
 **Outliers** (Tukey's fences, J. W. Tukey, *Exploratory Data Analysis*, 1977): over a group of ranks, a rank
 whose value on either objective lies above ``Q3 + k * IQR`` (``IQR = Q3 - Q1``, quartiles by linear
 interpolation, :func:`statistics.quantiles` with ``method="inclusive"``; the IQR floored at one bucket, see
-:func:`iqr_outliers`) is an outlier and is avoided: another request there would lengthen every step of the
-group. With fewer than :data:`MIN_RANKS_FOR_QUARTILES` ranks
+:func:`iqr_outliers`) is an outlier and is ranked after every other rank: another request there would
+lengthen every step of the group. With fewer than :data:`MIN_RANKS_FOR_QUARTILES` ranks
 quartiles say nothing and no rank is an outlier.
 
-**Lexicographic choice** among the rest: fewest requests first, counted in buckets of ``bucket`` requests so
-that a difference of one or two requests (noise next to a decode batch of tens) does not override the
-second objective; then fewest KV tokens.
+**Lexicographic choice** among the rest (and then among the outliers): fewest requests first, counted in
+buckets of ``bucket`` requests so that a difference of one or two requests (noise next to a decode batch of
+tens) does not override the second objective; then fewest KV tokens.
 
 Pure functions over :class:`~gateway.scheduling.types.RankLoad` snapshots; the allocators call them
 (:func:`gateway.scheduling.allocation.water_fill`, :func:`gateway.scheduling.phase.phase_fill`).
@@ -146,14 +146,14 @@ class DecodeRanker:
             self._outliers[engine] = cached
         return cached
 
-    def avoid_outliers(self, candidates: list[RankLoad]) -> list[RankLoad]:
-        """``candidates`` without their groups' outliers; all of them if every one is an outlier."""
-        kept = [r for r in candidates if r.key not in self.outliers(r.key.engine)]
-        return kept or candidates
+    def is_outlier(self, rank: RankKey) -> bool:
+        """Whether ``rank`` is an outlier of its group (see :meth:`outliers`)."""
+        return rank in self.outliers(rank.engine)
 
-    def key(self, rank: RankKey) -> tuple[int, float]:
-        """Lexicographic key of ``rank`` with what was placed on it so far."""
-        return lexicographic_key(self.loads[rank], self.bucket)
+    def key(self, rank: RankKey) -> tuple[int, int, float]:
+        """Preference key of ``rank`` with what was placed on it so far: non-outliers first, then the
+        lexicographic key (smaller is better)."""
+        return (int(self.is_outlier(rank)), *lexicographic_key(self.loads[rank], self.bucket))
 
     def place(self, rank: RankKey, prompt_tokens: float) -> None:
         """Record a request of ``prompt_tokens`` tokens placed on ``rank``."""
