@@ -5,7 +5,8 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
 
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
   in the staggered window.
-- :meth:`Scheduler.poll` closes the window when it is due and places its batch by water-filling.
+- :meth:`Scheduler.poll` closes the window when it is due and places its batch (phase-aware placement or
+  water-filling, with the decode-aware choice; each component switchable in :class:`~gateway.config.WindowConfig`).
 - The driver reports each request's progress to :attr:`Scheduler.view` (first token, tokens, finish) and
   calls :meth:`Scheduler.notify_load_changed`; placements are recorded in the view here, so a burst cannot
   herd onto one rank between scrapes.
