@@ -43,7 +43,7 @@ from gateway.sim.simulate import SimConfig, SimResult, Slo, derived_slo, simulat
 
 TRACES = ("azure-conv", "azure-code", "mooncake-conv")
 LOADS = (0.5, 0.8, 0.95)
-CURVE_LOADS = (0.4, 0.5, 0.65, 0.8, 0.9, 0.95, 1.05)
+CURVE_LOADS = (0.5, 0.65, 0.8, 0.95, 1.1)
 ATTAINMENT_TARGET = 0.9
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", default=",".join(TRACES))
     ap.add_argument("--policies", default=",".join(get_args(PolicyName)))
-    ap.add_argument("--minutes", type=float, default=20.0, help="slice of each trace, minutes [20]")
+    ap.add_argument("--minutes", type=float, default=10.0, help="slice of each trace, minutes [10]")
     ap.add_argument("--instances", type=int, default=2, help="engine instances [2]")
     ap.add_argument("--dp-size", type=int, default=8, help="DP ranks per instance [8]")
     ap.add_argument("--slo-scale", type=float, default=3.0, help="scale of the derived SLO [3]")
@@ -140,7 +140,7 @@ def main() -> None:
         scale_for = {load: load / load_at_1 for load in CURVE_LOADS}
         print(f"{name}: {len(trace)} requests, capacity {capacity:,.0f} output tok/s, {slo}", file=sys.stderr)
         entry: dict[str, Any] = {"capacity_output_tok_s": capacity, "slo": slo.as_dict(), "loads": {}, "curve": {}}
-        search = partial(max_rate, trace=trace, slo=slo, lo=scale_for[0.4] / 8, hi=scale_for[1.05] * 2.5, args=args)
+        search = partial(max_rate, trace=trace, slo=slo, lo=scale_for[0.5] / 10, hi=scale_for[1.1] * 2, args=args)
         rates = dict(zip(policies, pool.map(search, policies), strict=True))
         entry["max_rate_rps"] = rates
         md += [

@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default="azure-conv")
     add_common_args(ap, minutes=10.0)
-    ap.add_argument("--dp-minutes", type=float, default=60.0, help="slice for the DP-size sweep, minutes [60]")
+    ap.add_argument("--dp-minutes", type=float, default=20.0, help="slice for the DP-size sweep, minutes [20]")
     ap.add_argument("--baselines", default="round_robin,least_tokens,sglang_total_tokens,vllm_internal")
     ap.add_argument("--output", type=Path, default=RESULTS / "sensitivity")
     args = ap.parse_args()
