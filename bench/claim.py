@@ -106,7 +106,7 @@ def main() -> None:
             out[name][load] = figures
         rates = entry["max_rate_rps"]
         rival = max((p for p in rates if p != "sbs"), key=lambda p: rates[p])
-        met = rates["sbs"] >= TARGET_RATE * rates[rival] and rates[rival] > 0
+        met = rates["sbs"] >= TARGET_RATE * rates[rival] and rates["sbs"] > 0
         delta = f"{rates['sbs'] / rates[rival] - 1:+.0%}" if rates[rival] > 0 else "–"
         out[name]["max_rate"] = {"sbs_rps": rates["sbs"], "best_baseline": rival, "baseline_rps": rates[rival]}
         md.append(
