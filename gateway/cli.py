@@ -314,6 +314,13 @@ def _write_plot(summaries: dict[str, Any], plot: str, title: str) -> None:
     show_default=True,
     help="Age of the scraped figures when the gateway gets them, seconds.",
 )
+@click.option(
+    "--slo-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Judge SLO attainment against the SLO derived from the engine model with this scale "
+    "(gateway.sim.simulate.derived_slo) [default: TTFT <= 2 s, TPOT <= 100 ms].",
+)
 @output_option
 @plot_option
 @no_progress_option
@@ -327,6 +334,7 @@ def simulate(
     seed: int,
     scrape_interval: float,
     scrape_lag: float,
+    slo_scale: float | None,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -348,7 +356,7 @@ def simulate(
     from tqdm import tqdm
 
     from gateway.replay.traces import load_trace, rescale, resolve_trace, window
-    from gateway.sim.simulate import SimConfig
+    from gateway.sim.simulate import SimConfig, Slo, derived_slo
     from gateway.sim.simulate import simulate as run_simulation
 
     try:
@@ -357,6 +365,9 @@ def simulate(
         raise click.ClickException(str(exc)) from exc
     _check_plot(plot)
     results = {}
+    slo = Slo()
+    if slo_scale is not None and requests:
+        slo = derived_slo(requests, SimConfig().engine, slo_scale)
     for policy in policies or ("sbs", "round_robin"):
         started = time.perf_counter()
         config = SimConfig(
@@ -369,7 +380,7 @@ def simulate(
         )
         bar = tqdm(total=len(requests), desc=policy, unit="req", file=sys.stderr, disable=no_progress, leave=False)
         with bar:
-            summary = run_simulation(requests, config, on_done=bar.update).summary()
+            summary = run_simulation(requests, config, on_done=bar.update).summary(slo)
         summary["wall_s"] = time.perf_counter() - started
         results[policy] = summary
         ttft, tpot = summary["ttft_s"], summary["tpot_s"]

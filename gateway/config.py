@@ -22,7 +22,16 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-PolicyName = Literal["sbs", "round_robin", "shortest_queue", "least_tokens", "power_of_two", "random", "vllm_internal"]
+PolicyName = Literal[
+    "sbs",
+    "round_robin",
+    "shortest_queue",
+    "least_tokens",
+    "sglang_total_tokens",
+    "power_of_two",
+    "random",
+    "vllm_internal",
+]
 """Scheduling policy: ``sbs`` (staggered windows + load-aware allocation) or an immediate-dispatch baseline."""
 
 EngineFlavor = Literal["sglang", "vllm"]
@@ -90,7 +99,7 @@ class WindowConfig(_Strict):
     allocator: Literal["water_fill", "phase_aware"] = "phase_aware"
     """How a window's batch is placed: prefill water-filling over all ranks, or by predicted time to first
     token using each instance's step phase (see :mod:`gateway.scheduling.phase`)."""
-    decode_stall_weight: float = Field(default=0.05, ge=0)
+    decode_stall_weight: float = Field(default=0.01, ge=0)
     """``phase_aware`` only: weight of one decoding request's stall against one waiting request's TTFT; higher
     trades TTFT for TPOT (see :data:`gateway.scheduling.phase.DECODE_STALL_WEIGHT`)."""
     queue_steps: PositiveFloat = 2.0
@@ -105,6 +114,25 @@ class WindowConfig(_Strict):
     queue_timeout_s: PositiveFloat = 60.0
     """A request still buffered this long after arriving (every rank full, or no healthy rank) gets 503 with
     ``Retry-After``, seconds. Must exceed ``max_wait_s`` to matter while some rank is healthy."""
+    adaptive_interval: bool = True
+    """Window length tracks the observed engine step time (``step_fraction`` of it, clamped to the bounds);
+    ``False`` keeps it at ``step_fraction * initial_step_s`` (clamped), for ablation."""
+    stagger: bool = True
+    """``phase_aware`` only: place by each instance's step phase, so batches meet instances as they start a step;
+    ``False`` treats every instance as ready now, for ablation."""
+    prefill_capacity: bool = True
+    """Water-filling's per-rank capacity model (``queue_steps`` budgets): what fits nowhere waits for the next
+    window; ``False`` places every request at once, for ablation."""
+    decode_aware: bool = True
+    """Decode-aware choice (two objectives, IQR outliers, lexicographic; :mod:`gateway.scheduling.decode`)
+    among ranks the prefill placement leaves equal; ``False`` falls back to running requests then KV usage."""
+    iqr_outliers: bool = True
+    """``decode_aware`` only: avoid ranks above ``Q3 + iqr_k * IQR`` on either objective."""
+    iqr_k: float = Field(default=1.5, ge=0)
+    """Fence multiplier of the outlier test (Tukey's 1.5, see :data:`gateway.scheduling.decode.IQR_K`)."""
+    running_bucket: int = Field(default=4, ge=1)
+    """``decode_aware`` only: bucket width of the requests objective, requests (see
+    :data:`gateway.scheduling.decode.RUNNING_BUCKET`)."""
 
     @model_validator(mode="after")
     def _check_bounds(self) -> WindowConfig:

@@ -115,3 +115,13 @@ def test_capacity_spans_queue_steps_budgets():
 def test_free_capacity_sums_usable_headroom(queue_steps, free):
     ranks = [rank("e", 0, queued=8000), rank("e", 1, queued=9000), rank("e", 2), rank("e", 3, usable=False)]
     assert free_prefill_capacity(ranks, queue_steps) == free
+
+
+def test_a_request_deferred_before_is_placed_ahead_of_a_longer_newcomer():
+    # room for one of the two: water-filling alone would take the longer newcomer and defer the old one again
+    ranks = [rank("e", 0, queued=100, budget=1000)]
+    old, new = req("old", 600, arrival_s=0.0), req("new", 800, arrival_s=0.5)
+    old.deferrals = 1
+    allocation = water_fill([new, old], ranks, now=1.0, max_wait_s=10, queue_steps=1)
+    assert [q.request_id for q, _ in allocation.assigned] == ["old"]
+    assert [q.request_id for q in allocation.deferred] == ["new"]

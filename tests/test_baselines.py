@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
+from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.baselines import make_immediate_policy
-from tests.helpers import rank, req
+from tests.helpers import MODEL, rank, req
 
 
 def choose_many(name: str, ranks, n: int, seed: int = 0) -> list[str]:
@@ -25,6 +26,9 @@ def test_round_robin_cycles_over_serving_usable_ranks():
     [
         ("shortest_queue", [dict(running=3, waiting=1), dict(running=1, waiting=1), dict(running=0, waiting=5)], 1),
         ("least_tokens", [dict(queued=100, kv_tokens=900), dict(queued=2000), dict(kv_tokens=500)], 2),
+        ("sglang_total_tokens", [dict(queued=100, kv_tokens=900), dict(queued=2000), dict(kv_tokens=500)], 2),
+        # equal tokens: SGLang breaks the tie by total requests (running + waiting)
+        ("sglang_total_tokens", [dict(kv_tokens=500, running=3), dict(kv_tokens=500, running=1, waiting=1)], 1),
         # vLLM weighs a waiting request as four running ones: 1*4+1=5, 0*4+6=6, 2*4+0=8
         ("vllm_internal", [dict(waiting=1, running=1), dict(running=6), dict(waiting=2)], 0),
     ],
@@ -38,6 +42,20 @@ def test_least_loaded_wins(name, loads, winner):
 def test_ties_are_spread_not_piled_on_rank_zero(name):
     ranks = [rank("e", i) for i in range(4)]
     assert Counter(choose_many(name, ranks, 8)) == {"e/0": 2, "e/1": 2, "e/2": 2, "e/3": 2}
+
+
+def test_sglang_total_tokens_takes_the_lowest_rank_on_a_full_tie_and_sees_its_own_dispatches_via_the_view():
+    ranks = [rank("e", i) for i in range(4)]
+    assert choose_many("sglang_total_tokens", ranks, 3) == ["e/0", "e/0", "e/0"]  # the snapshot is not updated
+    view = LoadView([EngineSpec("e", 4, frozenset({MODEL}), 8192)], stale_after_s=3.0)
+    policy = make_immediate_policy("sglang_total_tokens")
+    placed = []
+    for i in range(4):  # the optimistic update: each dispatch adds its prompt to the rank's tokens at once
+        key = policy.choose(req(f"r{i}", 100), view.snapshot(0.0))
+        assert key is not None
+        view.on_dispatch(f"r{i}", key, 100, 0.0, stream=True)
+        placed.append(str(key))
+    assert placed == ["e/0", "e/1", "e/2", "e/3"]
 
 
 def test_power_of_two_is_seeded_and_prefers_the_shorter_queue():

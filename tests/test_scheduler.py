@@ -165,3 +165,23 @@ def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted)
             pass
     assert taken == accepted
     assert len(scheduler.window) == accepted
+
+
+def test_adaptive_interval_switched_off_keeps_the_window_length():
+    for adaptive, expected in ((True, 0.1), (False, 0.05)):
+        scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update={"adaptive_interval": adaptive}))
+        scheduler.step_time.observe("a", 0.4)  # engine steps of 0.4 s: half of it is past the 0.1 s bound
+        scheduler.submit(req("r", 100), 0.0)
+        scheduler.poll(0.001)
+        assert scheduler.window.interval_s == pytest.approx(expected), f"adaptive={adaptive}"
+
+
+def test_prefill_capacity_switched_off_places_what_water_filling_would_defer():
+    # 4 ranks x 2 budgets of 8192 tokens hold 8 prompts of 8000; the 9th and 10th wait unless the model is off
+    for capacity, deferred in ((True, 2), (False, 0)):
+        scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update={"prefill_capacity": capacity}))
+        for i in range(10):
+            scheduler.submit(req(f"r{i}", 8000), 0.0)
+        outcome = scheduler.poll(1.0)
+        assert outcome is not None and outcome.deferred == deferred, f"prefill_capacity={capacity}"
+        assert len(outcome.assigned) == 10 - deferred

@@ -9,6 +9,12 @@ level, common when ranks are idle, are broken by decode load: fewest running req
 What fits nowhere waits for the next window instead of queuing inside an engine; a request that has waited
 ``max_wait_s`` is placed on the least-filled rank regardless, so nothing starves.
 
+Requests deferred before are placed first (:func:`placement_order`). Longest-first alone passes over short
+requests again and again during a burst: on 20 minutes of the Azure code trace at 80% load (2 x 8 ranks,
+``gateway simulate``) sbs had TTFT mean 3.89 s / p99 13.5 s, and 3.29 s / 8.6 s with deferred requests first
+(round robin: 3.96 s / 10.1 s; least tokens 3.71 s / 8.6 s); unchanged on Azure conv and Mooncake, where
+little is deferred.
+
 A rank's capacity is ``queue_steps`` budgets, not one: the gateway cannot see step boundaries, so the tokens it
 counts as queued include the step in progress, and the engine starts its next step the moment one ends, before
 the gateway hears of it. With one budget of capacity, requests held back would miss every next step; measured
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
 
 DEFAULT_QUEUE_STEPS = 2.0
@@ -57,6 +64,13 @@ def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float], queue_st
     return best
 
 
+def placement_order(batch: Iterable[PendingRequest]) -> list[PendingRequest]:
+    """The order in which a window's requests are placed: requests deferred by more windows first (so what
+    waited is not passed over again by newer arrivals), then longest prompt first (water-filling), then by
+    arrival."""
+    return sorted(batch, key=lambda q: (-q.deferrals, -q.prompt_tokens, q.arrival_s))
+
+
 def free_prefill_capacity(ranks: Iterable[RankLoad], queue_steps: float = DEFAULT_QUEUE_STEPS) -> float:
     """Total prefill tokens the usable ranks can still take (tokens, >= 0); see :func:`water_fill`."""
     return sum(max(0.0, r.prefill_budget * queue_steps - r.queued_prefill_tokens) for r in ranks if r.usable)
@@ -69,6 +83,7 @@ def water_fill(
     now: float,
     max_wait_s: float,
     queue_steps: float = DEFAULT_QUEUE_STEPS,
+    decode: DecodeRanker | None = None,
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
@@ -77,7 +92,9 @@ def water_fill(
         ranks: a snapshot of every DP rank's load.
         now: current time on the caller's clock (seconds), to age requests.
         max_wait_s: a request older than this is placed even where it does not fit (seconds).
-        queue_steps: a rank's capacity in per-step prefill budgets (> 0).
+        queue_steps: a rank's capacity in per-step prefill budgets (> 0; ``inf`` places everything at once).
+        decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ties in the level go to non-outlier
+            ranks first, then by its lexicographic key; ``None`` breaks them by running requests, then KV usage.
 
     Returns:
         An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
@@ -90,7 +107,7 @@ def water_fill(
     # Per model: the most prompt tokens any serving rank can still take (inf if one is idle), so that
     # requests which fit nowhere are deferred without scanning every rank (windows can hold thousands).
     headroom: dict[str, float] = {}
-    order = sorted(batch, key=lambda q: (-q.prompt_tokens, q.arrival_s))
+    order = placement_order(batch)
     for request in order:
         serving = serving_by_model.get(request.model)
         if serving is None:
@@ -109,7 +126,12 @@ def water_fill(
                 result.deferred.append(request)
                 continue
             fitting = serving
-        best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
+        if decode is None:
+            best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
+        else:
+            ranked = decode
+            best = min(fitting, key=lambda r: (level[r.key], ranked.key(r.key), r.key))
+            ranked.place(best.key, request.prompt_tokens)
         level[best.key] += request.prompt_tokens
         result.assigned.append((request, best.key))
         for model, ranks_of_model in serving_by_model.items():

@@ -13,8 +13,13 @@ the last scrape, so a burst does not herd onto one rank.
 - ``vllm_internal``: vLLM's own DP load balancer, the lowest ``waiting * 4 + running``
   (``vllm/v1/engine/core_client.py``, ``DPLBAsyncMPClient``).
 
-SGLang's ``minimum_tokens`` DP balancing (fewest tokens, updated optimistically on dispatch) is
-``least_tokens``: the load view adds each dispatched prompt at once.
+- ``sglang_total_tokens``: SGLang's DP controller rule ``--load-balance-method total_tokens``
+  (``python/sglang/srt/managers/data_parallel_controller.py``, ``DPBudget.dispatch``): the lowest
+  ``(total tokens, total requests)`` pair, lowest rank on a full tie, with an optimistic update: the chosen
+  rank's figures grow by the request's tokens and by one request at once, until the next load refresh
+  overwrites them. Here the load view does the optimistic update (it adds each dispatched prompt to the rank's
+  queued and KV tokens and one waiting request) and the refresh is the scrape. It differs from
+  ``least_tokens`` in the request-count tie-break and in breaking full ties by rank order, not by rotation.
 
 Ties go to the rank after the one chosen last, so equal loads are spread rather than piled on rank 0.
 """
@@ -80,6 +85,16 @@ class LeastTokens(_Rotating):
         return self._pick(_serving(request, ranks), lambda r: r.outstanding_tokens)
 
 
+class SglangTotalTokens:
+    name = "sglang_total_tokens"
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        candidates = _serving(request, ranks)
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (r.outstanding_tokens, r.queue_length)).key
+
+
 class PowerOfTwo:
     name = "power_of_two"
 
@@ -119,7 +134,7 @@ def make_immediate_policy(name: str, *, seed: int = 0) -> ImmediatePolicy:
 
     Raises:
         ValueError: ``name`` is not one of ``round_robin``, ``shortest_queue``, ``least_tokens``,
-            ``power_of_two``, ``random``, ``vllm_internal``.
+            ``sglang_total_tokens``, ``power_of_two``, ``random``, ``vllm_internal``.
     """
     if name == "round_robin":
         return RoundRobin()
@@ -127,6 +142,8 @@ def make_immediate_policy(name: str, *, seed: int = 0) -> ImmediatePolicy:
         return ShortestQueue()
     if name == "least_tokens":
         return LeastTokens()
+    if name == "sglang_total_tokens":
+        return SglangTotalTokens()
     if name == "power_of_two":
         return PowerOfTwo(seed)
     if name == "random":

@@ -5,7 +5,8 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
 
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
   in the staggered window.
-- :meth:`Scheduler.poll` closes the window when it is due and places its batch by water-filling.
+- :meth:`Scheduler.poll` closes the window when it is due and places its batch (phase-aware placement or
+  water-filling, with the decode-aware choice; each component switchable in :class:`~gateway.config.WindowConfig`).
 - The driver reports each request's progress to :attr:`Scheduler.view` (first token, tokens, finish) and
   calls :meth:`Scheduler.notify_load_changed`; placements are recorded in the view here, so a burst cannot
   herd onto one rank between scrapes.
@@ -13,12 +14,14 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from gateway.config import PolicyName, WindowConfig
 from gateway.load.view import LoadView
 from gateway.scheduling.allocation import free_prefill_capacity, water_fill
 from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
+from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.phase import phase_fill
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.step_time import StepTimeEstimator
@@ -133,29 +136,39 @@ class Scheduler:
         """Close the window if it is due and place its batch; ``None`` when it is not due."""
         if not self.batched or not len(self.window):
             return None
-        self.window.observe_step_time(self.step_time.estimate())
+        config = self.window_config
+        if config.adaptive_interval:
+            self.window.observe_step_time(self.step_time.estimate())
         snapshot = self.view.snapshot(now)
-        if not self.window.due(now, free_prefill_capacity(snapshot, self.window_config.queue_steps)):
+        queue_steps = config.queue_steps if config.prefill_capacity else math.inf
+        if not self.window.due(now, free_prefill_capacity(snapshot, queue_steps)):
             return None
         batch = self.window.take(now)
-        if self.window_config.allocator == "phase_aware":
+        decode = None
+        if config.decode_aware:
+            iqr_k = config.iqr_k if config.iqr_outliers else None
+            decode = DecodeRanker(snapshot, iqr_k=iqr_k, bucket=config.running_bucket)
+        if config.allocator == "phase_aware":
             allocation = phase_fill(
                 batch,
                 snapshot,
                 self.step_clock,
                 self._current_step_tokens,
                 now=now,
-                max_wait_s=self.window_config.max_wait_s,
-                queue_steps=self.window_config.queue_steps,
-                decode_stall_weight=self.window_config.decode_stall_weight,
+                max_wait_s=config.max_wait_s,
+                queue_steps=queue_steps,
+                decode_stall_weight=config.decode_stall_weight,
+                decode=decode,
+                stagger=config.stagger,
             )
         else:
             allocation = water_fill(
                 batch,
                 snapshot,
                 now=now,
-                max_wait_s=self.window_config.max_wait_s,
-                queue_steps=self.window_config.queue_steps,
+                max_wait_s=config.max_wait_s,
+                queue_steps=queue_steps,
+                decode=decode,
             )
         for request, key in allocation.assigned:
             self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)

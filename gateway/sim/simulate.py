@@ -22,7 +22,7 @@ from gateway.load.view import EngineSpec, LoadView
 from gateway.replay.stats import distribution
 from gateway.replay.traces import TraceRequest
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult
 
@@ -43,6 +43,9 @@ class SimConfig:
         scrape_lag_s: how old the figures are when the gateway receives them (engine logging interval plus
             the scrape's own latency), seconds.
         stale_after_s: the load view's staleness bound, seconds.
+        state_sync: the load view adds the gateway's own dispatches, first tokens and finishes between
+            scrapes (DESIGN.md §2, "robust state synchronization"); ``False`` makes every policy see each
+            engine's ranks as they were at its last scrape, for ablation.
         seed: seed of randomised policies.
     """
 
@@ -54,13 +57,74 @@ class SimConfig:
     scrape_interval_s: float = 0.5
     scrape_lag_s: float = 0.05
     stale_after_s: float = 3.0
+    state_sync: bool = True
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Slo:
+    """A service-level objective per request: TTFT <= ``ttft_s + ttft_per_unloaded * unloaded TTFT of its
+    prompt`` and TPOT <= ``tpot_s`` (a one-token request meets the TPOT objective trivially).
+
+    Attributes:
+        ttft_s: fixed TTFT allowance, seconds.
+        tpot_s: TPOT objective, seconds.
+        ttft_per_unloaded: multiple of the request's own unloaded TTFT (:func:`unloaded_ttft_s`) added to
+            ``ttft_s``; 0 gives a flat TTFT objective.
+    """
+
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+    ttft_per_unloaded: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON-able form."""
+        return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "ttft_per_unloaded": self.ttft_per_unloaded}
+
+
+def unloaded_ttft_s(prompt_tokens: int, engine: EngineModelConfig) -> float:
+    """Time to first token of a prompt alone on an idle instance: its chunked-prefill steps (each with the
+    instance's all-to-all), seconds."""
+    total, done = 0.0, 0
+    while done < prompt_tokens:
+        chunk = min(engine.max_prefill_tokens_per_step, prompt_tokens - done)
+        total += engine.alltoall_s + engine.prefill_chunk_s(chunk, done)
+        done += chunk
+    return total
+
+
+SLO_SCALE = 3.0
+"""Default ``scale`` of :func:`derived_slo`. DistServe (Zhong et al., OSDI 2024) sets SLOs as a multiple ("SLO
+scale") of a request's latency on an unloaded system; we take 3, the middle of the scales it sweeps."""
+
+
+def derived_slo(trace: list[TraceRequest], engine: EngineModelConfig, scale: float = SLO_SCALE) -> Slo:
+    """An SLO for ``trace`` on mixed (prefill + decode) engines, from the engine model alone.
+
+    - TTFT: the duration of one step whose heaviest rank prefills a full chunked-prefill budget (a prefill
+      step is non-preemptive, so any request may have to wait out one, DESIGN.md §1), plus ``scale`` times
+      the request's own unloaded TTFT (a 90k-token prompt cannot start in 2 s).
+    - TPOT: ``scale`` times the step of a decode batch that shares its step with one prefill of the trace's
+      mean prompt length (up to one budget): on a mixed engine every decode token waits for the prefill work
+      of requests arriving meanwhile, which a flat 100 ms ignores (a single 8k-token chunk takes 1.2 s).
+
+    Raises:
+        ValueError: empty trace or ``scale <= 0``.
+    """
+    if not trace or scale <= 0:
+        raise ValueError("need a non-empty trace and scale > 0")
+    budget = engine.max_prefill_tokens_per_step
+    full_step = engine.alltoall_s + engine.prefill_chunk_s(budget, 0)
+    mean_prompt = sum(r.prompt_tokens for r in trace) / len(trace)
+    shared_step = engine.alltoall_s + engine.prefill_chunk_s(min(round(mean_prompt), budget), 0)
+    return Slo(ttft_s=full_step, tpot_s=scale * shared_step, ttft_per_unloaded=scale)
 
 
 @dataclass(slots=True)
 class _Record:
     arrival_s: float
     output_tokens: int
+    unloaded_ttft_s: float = 0.0
     first_token_s: float | None = None
     done_s: float | None = None
 
@@ -89,25 +153,30 @@ class SimResult:
     """Per prefill-carrying step: max over ranks of work over the mean (1.0 = perfectly balanced)."""
     sim_end_s: float
 
-    def summary(self, *, slo_ttft_s: float = 2.0, slo_tpot_s: float = 0.1) -> dict[str, Any]:
+    def summary(self, slo: Slo | None = None) -> dict[str, Any]:
         """Figures in the shape ``gateway bench`` writes (``ttft_s``, ``tpot_s``, ``e2e_s``, throughput), plus
         SLO attainment and goodput.
 
         Args:
-            slo_ttft_s: TTFT objective (seconds).
-            slo_tpot_s: TPOT objective (seconds); a one-token request meets it trivially.
+            slo: the objective; default TTFT <= 2 s and TPOT <= 100 ms for every request.
 
         Returns:
             A JSON-able dict; ``slo_attainment`` is the fraction of all requests that met both objectives and
             ``goodput_rps`` those requests per second of the run.
         """
+        slo = slo or Slo()
         done = [r for r in self.records if r.done_s is not None and r.first_token_s is not None]
         ttft = [r.ttft_s for r in done]
         e2e = [r.e2e_s for r in done]
         tpot = [r.tpot_s for r in done if r.output_tokens > 1]
         span = (max(r.e2e_s + r.arrival_s for r in done) - self.records[0].arrival_s) if done else 0.0
         out_tokens = sum(r.output_tokens for r in done)
-        good = sum(1 for r in done if r.ttft_s <= slo_ttft_s and (r.output_tokens <= 1 or r.tpot_s <= slo_tpot_s))
+        good = sum(
+            1
+            for r in done
+            if r.ttft_s <= slo.ttft_s + slo.ttft_per_unloaded * r.unloaded_ttft_s
+            and (r.output_tokens <= 1 or r.tpot_s <= slo.tpot_s)
+        )
         return {
             "completed": len(done),
             "failed": len(self.records) - len(done),
@@ -115,11 +184,29 @@ class SimResult:
             "tpot_s": distribution(tpot),
             "e2e_s": distribution(e2e),
             "output_throughput_tok_s": out_tokens / span if span > 0 else 0.0,
-            "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
+            "slo": slo.as_dict(),
             "slo_attainment": good / len(self.records) if self.records else 0.0,
             "goodput_rps": good / span if span > 0 else 0.0,
             "step_imbalance": distribution(self.step_imbalance),
         }
+
+
+class _ScrapeOnlyView(LoadView):
+    """A load view without state synchronisation: between two scrapes of an engine its ranks' snapshot stays
+    what it was at the last scrape (before any scrape: the live local accounting, i.e. idle)."""
+
+    def __init__(self, engines: list[EngineSpec], *, stale_after_s: float) -> None:
+        super().__init__(engines, stale_after_s=stale_after_s)
+        self._frozen: dict[RankKey, RankLoad] = {}
+
+    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
+        super().on_scrape(engine, ranks, now)
+        for load in super().snapshot(now):
+            if load.key.engine == engine:
+                self._frozen[load.key] = load
+
+    def snapshot(self, now: float) -> list[RankLoad]:
+        return [self._frozen.get(load.key, load) for load in super().snapshot(now)]
 
 
 class _Sim:
@@ -131,14 +218,15 @@ class _Sim:
         self.trace = trace
         names = [f"i{n}" for n in range(config.instances)]
         budget = config.engine.max_prefill_tokens_per_step
-        self.view = LoadView(
-            [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names],
-            stale_after_s=config.stale_after_s,
-        )
+        specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
+        view_class = LoadView if config.state_sync else _ScrapeOnlyView
+        self.view = view_class(specs, stale_after_s=config.stale_after_s)
         self.scheduler = Scheduler(config.policy, self.view, config.window, seed=config.seed)
         self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
         self.busy: dict[str, StepResult | None] = {n: None for n in names}
-        self.records = [_Record(r.arrival_s, r.output_tokens) for r in trace]
+        self.records = [
+            _Record(r.arrival_s, r.output_tokens, unloaded_ttft_s(r.prompt_tokens, config.engine)) for r in trace
+        ]
         self.imbalance: list[float] = []
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()

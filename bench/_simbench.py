@@ -1,0 +1,88 @@
+"""Shared pieces of the virtual-time studies (``ablation.py``, ``sensitivity.py``): one simulated run of a policy
+with settings overridden, the load level of a trace slice, and the table row both print.
+
+Imported by the scripts beside it (``python bench/<script>.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from _harness import offered_load
+
+from gateway.config import WindowConfig
+from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
+from gateway.sim.simulate import SimConfig, Slo, derived_slo, simulate
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration to simulate: a policy, window settings changed from the defaults, and simulator
+    settings changed from ``SimConfig``'s (``instances``, ``dp_size``, ``scrape_interval_s``, ...)."""
+
+    name: str
+    policy: str = "sbs"
+    window: dict[str, Any] = field(default_factory=dict)
+    sim: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A trace slice at a rate scale, with the SLO it is judged against."""
+
+    trace: list[TraceRequest]
+    scale: float
+    slo: Slo
+
+
+def workload(name: str, minutes: float | None, load: float, instances: int, dp_size: int, slo_scale: float) -> Workload:
+    """The first ``minutes`` of trace ``name`` (all of it if ``None``), rescaled to ``load`` (fraction of the
+    capacity of ``instances`` x ``dp_size`` ranks, as in ``_harness.offered_load``), with its derived SLO."""
+    trace = window(load_trace(resolve_trace(name)), 0.0, None if minutes is None else minutes * 60)
+    load_at_1, _ = offered_load(trace, trace, 1.0, instances, dp_size)
+    return Workload(trace, load / load_at_1, derived_slo(trace, SimConfig().engine, slo_scale))
+
+
+def run_variant(variant: Variant, work: Workload) -> dict[str, Any]:
+    """Simulate ``variant`` on ``work``; the summary with ``wall_s`` (seconds this run took) added."""
+    base = SimConfig()
+    config = replace(
+        base,
+        policy=variant.policy,  # type: ignore[arg-type]
+        window=WindowConfig(**{**base.window.model_dump(), **variant.window}),
+        **variant.sim,
+    )
+    started = time.perf_counter()
+    summary = simulate(rescale(work.trace, work.scale), config).summary(work.slo)
+    summary["wall_s"] = time.perf_counter() - started
+    return summary
+
+
+def ms(x: float | None) -> str:
+    return "–" if x is None else f"{x * 1000:,.0f}"
+
+
+HEADER = [
+    "| TTFT mean | p50 | p99 (ms) | TPOT mean | p99 (ms) | output tok/s | goodput (req/s) | SLO met |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def row(s: dict[str, Any]) -> str:
+    """The figures of one summary as table cells (matching :data:`HEADER`)."""
+    t, p = s["ttft_s"], s["tpot_s"]
+    return (
+        f"| {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | {ms(p['mean'])} | {ms(p['p99'])} | "
+        f"{s['output_throughput_tok_s']:,.0f} | {s['goodput_rps']:.2f} | {s['slo_attainment']:.0%} |"
+    )
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, minutes: float | None) -> None:
+    """Options both studies share."""
+    ap.add_argument("--load", type=float, default=0.8, help="offered load, fraction of capacity [0.8]")
+    ap.add_argument("--minutes", type=float, default=minutes, help=f"slice of each trace, minutes [{minutes or 'all'}]")
+    ap.add_argument("--slo-scale", type=float, default=3.0, help="scale of the derived SLO [3]")
+    ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes [1]")

@@ -1,0 +1,161 @@
+"""Decode-aware rank choice: two objectives, outlier ranks found by the interquartile range, lexicographic choice.
+
+Our reading of SBS's decode allocation ("dual-objective, IQR-informed decode allocation with lexicographic
+selection", Tian et al., arXiv 2512.16134; DESIGN.md §2). A decode step of a DP+EP instance lasts as long as
+its heaviest rank, and a rank's decode work grows with its running requests and with their KV tokens
+(:meth:`gateway.sim.calibration.EngineModelConfig.decode_s`). So a rank is judged on two objectives:
+
+1. *requests*: the requests it holds, running or queued for prefill (those queued will be decoding by the
+   time a request placed now decodes);
+2. *KV tokens*: the KV tokens of those requests (local accounting: prompts plus generated tokens).
+
+**Outliers** (Tukey's fences, J. W. Tukey, *Exploratory Data Analysis*, 1977): over a group of ranks, a rank
+whose value on either objective lies above ``Q3 + k * IQR`` (``IQR = Q3 - Q1``, quartiles by linear
+interpolation, :func:`statistics.quantiles` with ``method="inclusive"``; the IQR floored at one bucket, see
+:func:`iqr_outliers`) is an outlier and is ranked after every other rank: another request there would
+lengthen every step of the group. With fewer than :data:`MIN_RANKS_FOR_QUARTILES` ranks
+quartiles say nothing and no rank is an outlier.
+
+**Lexicographic choice** among the rest (and then among the outliers): fewest requests first, counted in
+buckets of ``bucket`` requests so that a difference of one or two requests (noise next to a decode batch of
+tens) does not override the second objective; then fewest KV tokens.
+
+Pure functions over :class:`~gateway.scheduling.types.RankLoad` snapshots; the allocators call them
+(:func:`gateway.scheduling.allocation.water_fill`, :func:`gateway.scheduling.phase.phase_fill`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.scheduling.types import RankKey, RankLoad
+
+IQR_K = 1.5
+"""Default fence multiplier ``k``: Tukey's "outside" fence (Exploratory Data Analysis, 1977)."""
+
+RUNNING_BUCKET = 4
+"""Default bucket width of the requests objective, requests. On the calibrated engine model four requests'
+fixed decode cost (4 x ``decode_req_s`` = 0.48 ms a step) equals the attention cost of about 17k KV tokens
+(x ``decode_kv_s`` = 2.86e-8 s), a few long contexts: within such a band the KV objective decides."""
+
+MIN_RANKS_FOR_QUARTILES = 4
+"""Fewer ranks than this have no meaningful quartiles: no rank is called an outlier."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLoad:
+    """The two decode objectives of one rank: ``requests`` (running plus queued) and ``kv_tokens`` (tokens)."""
+
+    requests: float
+    kv_tokens: float
+
+    @classmethod
+    def of(cls, load: RankLoad) -> DecodeLoad:
+        """The objectives of a rank snapshot."""
+        return cls(load.running + load.waiting, load.kv_tokens)
+
+    def plus(self, prompt_tokens: float) -> DecodeLoad:
+        """The objectives after one more request of ``prompt_tokens`` tokens lands on the rank."""
+        return DecodeLoad(self.requests + 1, self.kv_tokens + prompt_tokens)
+
+
+def upper_fence(values: Sequence[float], k: float, min_spread: float = 0.0) -> float:
+    """``Q3 + k * max(Q3 - Q1, min_spread)`` of ``values``; ``inf`` with fewer than
+    :data:`MIN_RANKS_FOR_QUARTILES` values.
+
+    Raises:
+        ValueError: ``k`` or ``min_spread`` is negative.
+    """
+    if k < 0 or min_spread < 0:
+        raise ValueError(f"k and min_spread must be >= 0, got {k}, {min_spread}")
+    if len(values) < MIN_RANKS_FOR_QUARTILES:
+        return math.inf
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 + k * max(q3 - q1, min_spread)
+
+
+def iqr_outliers(loads: Mapping[RankKey, DecodeLoad], k: float = IQR_K, bucket: int = 1) -> frozenset[RankKey]:
+    """Ranks above the upper fence on either objective (see the module docstring).
+
+    The spread is floored at one bucket of requests (``bucket``) and, for KV, at that many requests of the
+    group's mean KV tokens per request: with no spread at all (every rank holding the same number of
+    requests, common right after a balanced batch) Tukey's fence would call a rank one request above its
+    peers an outlier, and differences within a bucket are what the lexicographic key already calls noise.
+
+    Args:
+        loads: the decode objectives of one group of ranks (the ranks of one instance: they step together).
+        k: fence multiplier (>= 0).
+        bucket: bucket width of the requests objective (>= 1).
+
+    Returns:
+        The outlier ranks; empty when fewer than :data:`MIN_RANKS_FOR_QUARTILES` ranks are given.
+
+    Raises:
+        ValueError: ``k`` is negative.
+    """
+    values = list(loads.values())
+    total_requests = sum(v.requests for v in values)
+    kv_per_request = sum(v.kv_tokens for v in values) / total_requests if total_requests else 0.0
+    requests_fence = upper_fence([v.requests for v in values], k, bucket)
+    kv_fence = upper_fence([v.kv_tokens for v in values], k, bucket * kv_per_request)
+    return frozenset(key for key, v in loads.items() if v.requests > requests_fence or v.kv_tokens > kv_fence)
+
+
+def lexicographic_key(load: DecodeLoad, bucket: int = RUNNING_BUCKET) -> tuple[int, float]:
+    """Sort key: requests in buckets of ``bucket`` (>= 1), then KV tokens; the smaller, the better."""
+    return (int(load.requests // bucket), load.kv_tokens)
+
+
+class DecodeRanker:
+    """Decode-aware preference over ranks, kept up to date while a batch is being placed.
+
+    Args:
+        ranks: a snapshot of the ranks.
+        iqr_k: fence multiplier, or ``None`` to call no rank an outlier (the IQR step switched off).
+        bucket: bucket width of the requests objective (>= 1).
+
+    Raises:
+        ValueError: ``bucket < 1`` or a negative ``iqr_k``.
+    """
+
+    def __init__(self, ranks: Sequence[RankLoad], *, iqr_k: float | None = IQR_K, bucket: int = RUNNING_BUCKET):
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        if iqr_k is not None and iqr_k < 0:
+            raise ValueError(f"iqr_k must be >= 0, got {iqr_k}")
+        self.iqr_k = iqr_k
+        self.bucket = bucket
+        self.loads = {r.key: DecodeLoad.of(r) for r in ranks}
+        self._groups: dict[str, list[RankKey]] = {}
+        for r in ranks:
+            self._groups.setdefault(r.key.engine, []).append(r.key)
+        self._outliers: dict[str, frozenset[RankKey]] = {}
+
+    def outliers(self, engine: str) -> frozenset[RankKey]:
+        """Outlier ranks of ``engine``'s group (cached until :meth:`place` changes the group)."""
+        cached = self._outliers.get(engine)
+        if cached is None:
+            if self.iqr_k is None:
+                cached = frozenset()
+            else:
+                group = {key: self.loads[key] for key in self._groups.get(engine, [])}
+                cached = iqr_outliers(group, self.iqr_k, self.bucket)
+            self._outliers[engine] = cached
+        return cached
+
+    def is_outlier(self, rank: RankKey) -> bool:
+        """Whether ``rank`` is an outlier of its group (see :meth:`outliers`)."""
+        return rank in self.outliers(rank.engine)
+
+    def key(self, rank: RankKey) -> tuple[int, int, float]:
+        """Preference key of ``rank`` with what was placed on it so far: non-outliers first, then the
+        lexicographic key (smaller is better)."""
+        return (int(self.is_outlier(rank)), *lexicographic_key(self.loads[rank], self.bucket))
+
+    def place(self, rank: RankKey, prompt_tokens: float) -> None:
+        """Record a request of ``prompt_tokens`` tokens placed on ``rank``."""
+        self.loads[rank] = self.loads[rank].plus(prompt_tokens)
+        self._outliers.pop(rank.engine, None)
