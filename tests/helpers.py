@@ -48,7 +48,7 @@ total = sum_samples
 """Sum of the samples ``name`` with ``labels`` in exposition text."""
 
 
-async def eventually(probe, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+async def eventually(probe, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
     """Poll ``probe`` (an async predicate) until it holds; fail after ``timeout_s``."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not await probe():

@@ -17,7 +17,7 @@ from tests.cluster import MODEL, Cluster, running_cluster
 from tests.helpers import eventually, total
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
-FAST_HEALTH = HealthConfig(probe_interval_s=0.05, probe_timeout_s=0.5, failure_threshold=2, open_s=0.3)
+FAST_HEALTH = HealthConfig(probe_interval_s=0.05, probe_timeout_s=5.0, failure_threshold=2, open_s=0.3)
 NO_BACKOFF = {"retry_backoff_s": 0.001, "retry_backoff_max_s": 0.001}
 
 
