@@ -223,6 +223,18 @@ def _engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def cpu_binding(dp_size: int, first_cpu: int = 0, cpus: Sequence[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving DP rank ``r`` the ``(first_cpu + r)``-th CPU of ``cpus`` (default: the
+    CPUs this process may use), cyclically; e.g. ``"0|1"``.
+
+    vLLM's ``auto`` binding reserves one CPU per server for its scheduler and pins every DP rank to what is left:
+    on this 2-CPU machine both ranks of a ``--data-parallel-size 2`` server landed on CPU 0 (vLLM 0.32,
+    ``vllm/utils/ompmultiprocessing.py``). An explicit list is split by local DP rank.
+    """
+    usable = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    return "|".join(str(usable[(first_cpu + rank) % len(usable)]) for rank in range(dp_size))
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
@@ -251,6 +263,7 @@ def launch(
     dp_size: int = 1,
     max_num_seqs: int = 16,
     root: Path | None = None,
+    first_cpu: int = 0,
     extra_args: Sequence[str] = (),
 ) -> Server:
     """Start one vLLM API server in its own session and return at once (see :func:`wait_ready`).
@@ -261,6 +274,8 @@ def launch(
         dp_size: ``--data-parallel-size`` (internal load balancing: one endpoint, ranks pinned by header).
         max_num_seqs: ``--max-num-seqs``, requests running at once per rank; more wait.
         root: cache root (default :func:`home`).
+        first_cpu: DP rank ``r`` runs its OpenMP threads on the ``(first_cpu + r)``-th usable CPU (see
+            :func:`cpu_binding`).
         extra_args: more ``api_server`` arguments.
 
     Raises:
@@ -286,13 +301,15 @@ def launch(
         "--disable-uvicorn-access-log",
         *extra_args,
     ]  # fmt: skip
+    # a binding the caller set wins
+    binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_binding(dp_size, first_cpu)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_engine_env(),
+            env=_engine_env({"VLLM_CPU_OMP_THREADS_BIND": binding}),
             start_new_session=True,
         )
     server = Server(f"vllm-{port}", f"http://127.0.0.1:{port}", proc.pid, model, dp_size, str(log), proc)
@@ -330,8 +347,11 @@ def start(
     max_num_seqs: int = 16,
     root: Path | None = None,
     timeout_s: float = READY_TIMEOUT_S,
+    extra_args: Sequence[str] = (),
 ) -> list[Server]:
     """Start ``count`` servers (ports ``port``, ``port+1``... or free ones) and wait until all are ready.
+
+    Options as for :func:`launch`; server ``i`` binds its DP ranks from CPU ``i * dp_size`` on.
 
     On any failure the servers already started are stopped before the error propagates.
 
@@ -347,8 +367,10 @@ def start(
                     model,
                     port=port + i if port else 0,
                     dp_size=dp_size,
+                    first_cpu=i * dp_size,
                     max_num_seqs=max_num_seqs,
                     root=root,
+                    extra_args=extra_args,
                 )
             )
         wait_ready(servers, timeout_s)
@@ -466,11 +488,17 @@ def recorded(root: Path | None = None) -> list[Server]:
 
 @contextlib.contextmanager
 def running(
-    model: str = "tiny", *, count: int = 1, port: int = 0, dp_size: int = 1, max_num_seqs: int = 16
+    model: str = "tiny",
+    *,
+    count: int = 1,
+    port: int = 0,
+    dp_size: int = 1,
+    max_num_seqs: int = 16,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[list[Server]]:
     """:func:`start` servers for the duration of the context, then :func:`stop` them (which checks that none of
     their processes is left)."""
-    servers = start(model, count=count, port=port, dp_size=dp_size, max_num_seqs=max_num_seqs)
+    servers = start(model, count=count, port=port, dp_size=dp_size, max_num_seqs=max_num_seqs, extra_args=extra_args)
     try:
         yield servers
     finally:
