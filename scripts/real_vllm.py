@@ -430,10 +430,12 @@ def _signal_all(pids: set[int], sig: signal.Signals) -> None:
             os.kill(p, sig)
 
 
-def _reap(server: Server) -> None:
-    """Collect the API server's exit status if this process started it (else it is someone else's to reap)."""
+def _reap(server: Server, wait_s: float = 0.0) -> None:
+    """Collect the API server's exit status, waiting up to ``wait_s``, if this process started it (else init
+    reaps it)."""
     if server.process is not None:
-        server.process.poll()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(timeout=wait_s)
 
 
 def stop_server(server: Server, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -458,6 +460,7 @@ def stop_server(server: Server, timeout_s: float = STOP_TIMEOUT_S) -> None:
         time.sleep(0.5)
         _reap(server)
         pids = {p for p in pids | process_tree(server.pid) if _alive(p)}
+    _reap(server, wait_s=1.0)  # it may have turned zombie after the last look
     if pids:
         raise RuntimeError(f"{server.name}: processes {sorted(pids)} still alive after SIGKILL")
     record = Path(server.log).with_suffix(".json")
@@ -522,7 +525,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("status", help="list the servers started and not stopped")
     sub.add_parser("python", help="print the engine venv's interpreter")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except (subprocess.CalledProcessError, FileNotFoundError, RuntimeError) as exc:
+        _log(f"FAILED: {exc}")
+        return 1
 
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "install":
         started = time.monotonic()
         install()
