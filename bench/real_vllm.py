@@ -11,7 +11,8 @@ lengths drawn once) three ways, each gateway run on a fresh gateway process, in 
 
 vLLM runs with prefix caching off: every run replays the same prompts, and a cache warmed by the previous run
 would favour the later ones. It reports TTFT, TPOT and throughput side by side (each run, then the mean over
-runs), and the gateway's added latency: the median TTFT of
+runs, with the CPU seconds vLLM's processes and the gateway's used during each replay), and the gateway's
+added latency: the median TTFT of
 single-token requests sent one at a time (so nothing queues), interleaved direct / through each gateway so that
 drift of this shared machine hits all alike, gateway minus direct.
 
@@ -48,6 +49,18 @@ POLICIES = ("round_robin", "sbs")
 DIRECT = "direct (vLLM internal LB)"
 
 
+def cpu_s(pids: set[int]) -> float:
+    """CPU time (user + system) used so far by the live processes ``pids``, seconds (from ``/proc``)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def mean_over_runs(results: dict[str, dict[str, Any]], names: list[str]) -> dict[str, dict[str, float]]:
     """Per configuration, the mean over its runs (``"<name> #<n>"``) of TTFT mean/p99, TPOT mean, output tok/s."""
     out = {}
@@ -58,6 +71,8 @@ def mean_over_runs(results: dict[str, dict[str, Any]], names: list[str]) -> dict
             "ttft_p99_s": statistics.fmean(s["ttft_s"]["p99"] for s in runs),
             "tpot_mean_s": statistics.fmean(s["tpot_s"]["mean"] for s in runs),
             "output_tok_s": statistics.fmean(s["output_throughput_tok_s"] for s in runs),
+            "vllm_cpu_s": statistics.fmean(s["vllm_cpu_s"] for s in runs),
+            "gateway_cpu_s": statistics.fmean(s["gateway_cpu_s"] for s in runs),
         }
     return out
 
@@ -130,8 +145,14 @@ def main() -> None:
             for name, policy in configs if repeat % 2 == 0 else configs[::-1]:
                 with Processes() as procs:
                     url = start_gateway(procs, engines, policy) if policy else vllm_url
+                    gateway = {p.pid for p in procs.procs}
+                    engine = real_vllm.process_tree(servers[0].pid)
+                    before = cpu_s(engine), cpu_s(gateway)
                     result = asyncio.run(replay(url, trace, model=MODEL, progress=sys.stderr.isatty()))
-                results[f"{name} #{repeat + 1}"] = summarize(result)
+                    after = cpu_s(engine), cpu_s(gateway)
+                summary = summarize(result)
+                summary["vllm_cpu_s"], summary["gateway_cpu_s"] = (a - b for a, b in zip(after, before, strict=True))
+                results[f"{name} #{repeat + 1}"] = summary
                 print(f"{name} #{repeat + 1}: done", file=sys.stderr)
         with Processes() as procs:
             targets = {"direct": vllm_url, **{f"gateway {p}": start_gateway(procs, engines, p) for p in POLICIES}}
@@ -150,10 +171,11 @@ def main() -> None:
         table,
         "",
         f"Mean over the {args.repeats} runs of each:",
-        f"{'':<28}{'TTFT mean ms':>14}{'TTFT p99 ms':>13}{'TPOT mean ms':>14}{'out tok/s':>11}",
+        f"{'':<28}{'TTFT mean ms':>14}{'TTFT p99 ms':>13}{'TPOT mean ms':>14}{'out tok/s':>11}{'vLLM CPU s':>12}"
+        f"{'gateway CPU s':>15}",
         *(
             f"{name:<28}{m['ttft_mean_s'] * 1000:>14.0f}{m['ttft_p99_s'] * 1000:>13.0f}{m['tpot_mean_s'] * 1000:>14.1f}"
-            f"{m['output_tok_s']:>11.1f}"
+            f"{m['output_tok_s']:>11.1f}{m['vllm_cpu_s']:>12.1f}{m['gateway_cpu_s']:>15.1f}"
             for name, m in means.items()
         ),
         "",
