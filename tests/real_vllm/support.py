@@ -1,0 +1,57 @@
+"""Reading a real vLLM's ``/metrics`` in tests (counters by label) and polling for a state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
+
+
+def series(text: str, name: str, key: str = "engine", **labels: str) -> dict[str, float]:
+    """Sum of sample ``name`` per value of label ``key`` over the series matching ``labels``.
+
+    On vLLM ``engine`` is the DP rank (``"0"``, ``"1"``...); on the gateway it is the engine's name and ``rank``
+    the DP rank.
+    """
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                value = sample.labels.get(key, "")
+                out[value] = out.get(value, 0.0) + sample.value
+    return out
+
+
+async def scrape(url: str) -> str:
+    """The ``/metrics`` text of the server at ``url``."""
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(url + "/metrics")
+        reply.raise_for_status()
+        return reply.text
+
+
+def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Increase of a counter between two :func:`series` readings (label values that did not move left out)."""
+    return {r: after[r] - before.get(r, 0.0) for r in sorted(after) if after[r] != before.get(r, 0.0)}
+
+
+async def until(probe: Callable[[], Awaitable[T]], holds: Callable[[T], bool], what: str, timeout_s: float = 60.0) -> T:
+    """Call ``probe`` every 0.1 s until ``holds`` its result; return that result.
+
+    Raises:
+        AssertionError: still not true after ``timeout_s``; the message gives ``what`` and the last result.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await probe()
+        if holds(value):
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"expected {what} within {timeout_s:.0f} s; last seen: {value!r}")
+        await asyncio.sleep(0.1)
