@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.config import EngineConfig, ScrapeConfig, Settings
+from gateway.config import EngineConfig, HealthConfig, ScrapeConfig, Settings
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
 from scripts import real_vllm
@@ -51,6 +51,13 @@ def engine_config(name: str, server: real_vllm.Server) -> EngineConfig:
 @contextlib.asynccontextmanager
 async def gateway(policy: str, *engines: EngineConfig) -> AsyncIterator[str]:
     """The gateway, in this event loop on 127.0.0.1, in front of ``engines``; yields its base URL."""
-    settings = Settings(policy=policy, engines=list(engines), scrape=ScrapeConfig(interval_s=0.2, timeout_s=2.0))
+    # On this 2-core machine vLLM's engine processes keep both cores busy while they generate, and its API server
+    # then answers /health and /metrics seconds late: a 1 s probe timeout would take the engine out of service.
+    settings = Settings(
+        policy=policy,
+        engines=list(engines),
+        scrape=ScrapeConfig(interval_s=0.2, timeout_s=2.0),
+        health=HealthConfig(probe_timeout_s=30.0),
+    )
     async with serve_in_background(create_app(settings)) as url:
         yield url

@@ -119,11 +119,15 @@ async def test_load_view_follows_a_burst(dp2: Server) -> None:
 
         burst = [asyncio.create_task(one(i)) for i in range(10)]
         full = {0: (2.0, 3.0), 1: (2.0, 3.0)}
-        await until(engine_view, lambda v: v == full, f"the engine's own gauges at {full}")
-        seen = await until(
-            gateway_view,
-            lambda v: v["running"] == {"0": 2.0, "1": 2.0} and v["waiting"] == {"0": 3.0, "1": 3.0},
-            "the gateway's load view at 2 running and 3 waiting per rank",
+        # Both views are polled at once: on this CPU a scrape of vLLM can take seconds while it generates, and
+        # the first round of the burst (2 running, 3 waiting per rank) lasts only a few.
+        _, seen = await asyncio.gather(
+            until(engine_view, lambda v: v == full, f"the engine's own gauges at {full}"),
+            until(
+                gateway_view,
+                lambda v: v["running"] == {"0": 2.0, "1": 2.0} and v["waiting"] == {"0": 3.0, "1": 3.0},
+                "the gateway's load view at 2 running and 3 waiting per rank",
+            ),
         )
         assert all(kv > 0 for kv in seen["kv_usage"].values()), seen
         assert all(n > 0 for n in await asyncio.gather(*burst))
