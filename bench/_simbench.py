@@ -7,8 +7,11 @@ Imported by the scripts beside it (``python bench/<script>.py`` puts this folder
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from _harness import offered_load
@@ -86,3 +89,15 @@ def add_common_args(ap: argparse.ArgumentParser, *, minutes: float | None) -> No
     ap.add_argument("--minutes", type=float, default=minutes, help=f"slice of each trace, minutes [{minutes or 'all'}]")
     ap.add_argument("--slo-scale", type=float, default=3.0, help="scale of the derived SLO [3]")
     ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes [1]")
+
+
+def write_outputs(output: Path, report: dict[str, Any], md: list[str], started: float, note: str = "") -> None:
+    """Stamp ``report`` with the elapsed time since ``started`` and write it as ``output``.json and ``md`` as
+    ``output``.md."""
+    elapsed = time.perf_counter() - started
+    report["elapsed_s"] = elapsed
+    md += ["", f"Generated in {elapsed:.0f} s{note}."]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    output.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {output}.md ({elapsed:.0f} s)", file=sys.stderr)

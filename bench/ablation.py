@@ -19,7 +19,6 @@ Writes ``bench/results/ablation.json`` (every figure) and ``ablation.md`` (table
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import RESULTS
-from _simbench import HEADER, Variant, add_common_args, row, run_variant, workload
+from _simbench import HEADER, Variant, add_common_args, row, run_variant, workload, write_outputs
 
 VARIANTS = [
     Variant("sbs, all on"),
@@ -80,13 +79,7 @@ def main() -> None:
                 delta = s["ttft_s"]["mean"] / base - 1
                 md.append(f"| {variant_name} {row(s)} {delta:+.0%} |")
             print(f"{name}: done", file=sys.stderr)
-    elapsed = time.perf_counter() - started
-    report["elapsed_s"] = elapsed
-    md += ["", f"Generated in {elapsed:.0f} s."]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.output.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.output}.md ({elapsed:.0f} s)", file=sys.stderr)
+    write_outputs(args.output, report, md, started)
 
 
 if __name__ == "__main__":

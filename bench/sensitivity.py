@@ -19,7 +19,6 @@ Writes ``bench/results/sensitivity.json`` and ``sensitivity.md``; the Markdown s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import RESULTS
-from _simbench import Variant, Workload, add_common_args, ms, run_variant, workload
+from _simbench import Variant, Workload, add_common_args, ms, run_variant, workload, write_outputs
 
 SCRAPE_INTERVALS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 SCRAPE_LAGS_S = (0.0, 0.05, 0.2, 0.5, 1.0)
@@ -148,13 +147,7 @@ def main() -> None:
         title = "window bounds [min_interval, max_interval]"
         report["sweeps"][title] = window_rows
         md += table(title, window_rows)
-    elapsed = time.perf_counter() - started
-    report["elapsed_s"] = elapsed
-    md += ["", f"Generated in {elapsed:.0f} s (wall clock, shared 2-core machine)."]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.output.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.output}.md ({elapsed:.0f} s)", file=sys.stderr)
+    write_outputs(args.output, report, md, started, " (wall clock, shared 2-core machine)")
 
 
 if __name__ == "__main__":
