@@ -100,5 +100,10 @@ class HangResponse(Response):
         self.init_headers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await wait_for_disconnect(receive)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once the client has disconnected (every other ASGI message is dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

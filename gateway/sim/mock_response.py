@@ -15,7 +15,7 @@ import json
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.sim.mock_faults import GenerateFault, InjectedCrash
+from gateway.sim.mock_faults import GenerateFault, InjectedCrash, wait_for_disconnect
 from gateway.sim.mock_protocol import (
     GenerationRequest,
     completion_response,
@@ -65,7 +65,7 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         produce = asyncio.ensure_future(self._stream(send) if self._request.stream else self._collect(send))
-        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watch = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             done, _ = await asyncio.wait({produce, watch}, return_when=asyncio.FIRST_COMPLETED)
             if produce in done and not isinstance(produce.exception(), OSError):
@@ -114,8 +114,3 @@ class GenerationResponse(Response):
 
 async def _send_body(send: Send, body: bytes, more: bool = True) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": more})
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
