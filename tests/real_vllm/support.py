@@ -28,8 +28,11 @@ def series(text: str, name: str, key: str = "engine", **labels: str) -> dict[str
 
 
 async def scrape(url: str) -> str:
-    """The ``/metrics`` text of the server at ``url``."""
-    async with httpx.AsyncClient() as http:
+    """The ``/metrics`` text of the server at ``url``.
+
+    The timeout is generous: while vLLM generates, its engine processes hold both cores of this machine and its
+    API server answers seconds late."""
+    async with httpx.AsyncClient(timeout=30.0) as http:
         reply = await http.get(url + "/metrics")
         reply.raise_for_status()
         return reply.text

@@ -30,6 +30,8 @@ MAX_NUM_SEQS = 2
 FIXED = {"ignore_eos": True}
 """Generate exactly ``max_tokens`` tokens: lengths are fixed, the text (random weights) is never looked at."""
 SUCCESS = "vllm:request_success_total"
+LONG_TOKENS = 1000
+"""Tokens of each long stream of the burst test: at 2 x 2 streams on this CPU, tens of seconds."""
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +97,11 @@ async def test_scraper_reads_both_ranks_of_the_real_metrics(dp2: Server) -> None
 
 
 async def test_load_view_follows_a_burst(dp2: Server) -> None:
-    """Ten streams on 2 ranks x 2 seats: the engine runs 2 and queues 3 per rank; the gateway's view agrees,
-    KV usage (scraped only) rises, and everything drains back to zero."""
+    """Four long streams fill the 2 x 2 seats, six short ones then queue behind them: the engine runs 2 and
+    queues 3 per rank, the gateway's view agrees, KV usage (scraped only) rises, and everything drains to zero.
+
+    The long streams hold that state for tens of seconds: on this 2-core machine a scrape of vLLM can take
+    seconds while it generates, so a state that lasted one short round could be missed by either view."""
     adapter = VllmAdapter()
 
     async def engine_view() -> dict[int, tuple[float, float]]:
@@ -104,33 +109,35 @@ async def test_load_view_follows_a_burst(dp2: Server) -> None:
 
     async with (
         gateway("round_robin", engine_config("dp2", dp2)) as url,
-        openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused") as client,
+        openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600) as client,
     ):
 
         async def gateway_view() -> dict[str, dict[str, float]]:
             text = await scrape(url)
             return {f: series(text, f"gateway_rank_{f}", key="rank") for f in ("running", "waiting", "kv_usage")}
 
-        async def one(i: int) -> int:
+        async def one(i: int, max_tokens: int) -> int:
             reply = await client.completions.create(
-                model=MODEL, prompt=f"request {i}", max_tokens=100, stream=True, extra_body=FIXED
+                model=MODEL, prompt=f"request {i}", max_tokens=max_tokens, stream=True, extra_body=FIXED
             )
             return sum([1 async for chunk in reply if chunk.choices])
 
-        burst = [asyncio.create_task(one(i)) for i in range(10)]
+        # round robin: long streams 0..3 go to ranks 0, 1, 0, 1 and take both seats of each rank
+        long = [asyncio.create_task(one(i, LONG_TOKENS)) for i in range(4)]
+        seated = {0: (2.0, 0.0), 1: (2.0, 0.0)}
+        await until(engine_view, lambda v: v == seated, f"the engine's own gauges at {seated}")
+        short = [asyncio.create_task(one(i, 4)) for i in range(4, 10)]
         full = {0: (2.0, 3.0), 1: (2.0, 3.0)}
-        # Both views are polled at once: on this CPU a scrape of vLLM can take seconds while it generates, and
-        # the first round of the burst (2 running, 3 waiting per rank) lasts only a few.
-        _, seen = await asyncio.gather(
-            until(engine_view, lambda v: v == full, f"the engine's own gauges at {full}"),
-            until(
-                gateway_view,
-                lambda v: v["running"] == {"0": 2.0, "1": 2.0} and v["waiting"] == {"0": 3.0, "1": 3.0},
-                "the gateway's load view at 2 running and 3 waiting per rank",
-            ),
+        await until(engine_view, lambda v: v == full, f"the engine's own gauges at {full}")
+        seen = await until(
+            gateway_view,
+            lambda v: v["running"] == {"0": 2.0, "1": 2.0} and v["waiting"] == {"0": 3.0, "1": 3.0},
+            "the gateway's load view at 2 running and 3 waiting per rank",
         )
         assert all(kv > 0 for kv in seen["kv_usage"].values()), seen
-        assert all(n > 0 for n in await asyncio.gather(*burst))
+        assert not any(task.done() for task in long), "a long stream ended before both views saw the burst"
+        assert await asyncio.gather(*long) == [LONG_TOKENS] * 4
+        assert await asyncio.gather(*short) == [4] * 6
         idle = {0: (0.0, 0.0), 1: (0.0, 0.0)}
         await until(engine_view, lambda v: v == idle, "the engine idle again")
         await until(
