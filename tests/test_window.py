@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.scheduling.step_time import StepTimeEstimator
 from gateway.scheduling.window import StaggeredWindow
 from tests.helpers import req
 
@@ -98,15 +97,3 @@ def test_rejects_inverted_bounds():
     with pytest.raises(ValueError):
         window(min_interval_s=0.5, max_interval_s=0.1)
 
-
-def test_step_time_estimator_ewma_per_engine():
-    est = StepTimeEstimator(0.05, alpha=0.5)
-    assert est.estimate() == 0.05
-    est.observe("a", 0.1)
-    est.observe("a", 0.2)
-    est.observe("b", 0.4)
-    est.observe("b", 100.0)  # a stall, ignored
-    est.observe("b", -1.0)
-    assert est.engine_estimate("a") == pytest.approx(0.15)
-    assert est.engine_estimate("c") == 0.05
-    assert est.estimate() == pytest.approx((0.15 + 0.4) / 2)

@@ -1,6 +1,6 @@
 """The scheduler as a synchronous state machine: requests in, placements on DP ranks out.
 
-It ties the pure pieces together (window, allocator or immediate policy, load view, step-time estimate) with
+It ties the pure pieces together (window, allocator or immediate policy, load view, step clock) with
 time passed in, so the gateway's asyncio dispatcher and a virtual-time simulation drive the very same code:
 
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
@@ -24,7 +24,6 @@ from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
 from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.phase import phase_fill
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.step_time import StepTimeEstimator
 from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.scheduling.window import StaggeredWindow
 
@@ -70,7 +69,6 @@ class Scheduler:
         self.view = view
         self.window_config = window
         self.batched = policy == "sbs"
-        self.step_time = StepTimeEstimator(window.initial_step_s)
         self.step_clock = StepClock(window.initial_step_s)
         self._current_step_tokens: dict[RankKey, float] = {}
         self._immediate: ImmediatePolicy | None = None if self.batched else make_immediate_policy(policy, seed=seed)
@@ -138,7 +136,7 @@ class Scheduler:
             return None
         config = self.window_config
         if config.adaptive_interval:
-            self.window.observe_step_time(self.step_time.estimate())
+            self.window.observe_step_time(self.step_clock.mean_step_s())
         snapshot = self.view.snapshot(now)
         queue_steps = config.queue_steps if config.prefill_capacity else math.inf
         if not self.window.due(now, free_prefill_capacity(snapshot, queue_steps)):
