@@ -96,4 +96,3 @@ def test_remove_drops_a_request_and_its_tokens():
 def test_rejects_inverted_bounds():
     with pytest.raises(ValueError):
         window(min_interval_s=0.5, max_interval_s=0.1)
-
