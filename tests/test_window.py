@@ -96,3 +96,17 @@ def test_remove_drops_a_request_and_its_tokens():
 def test_rejects_inverted_bounds():
     with pytest.raises(ValueError):
         window(min_interval_s=0.5, max_interval_s=0.1)
+
+
+def test_align_moves_the_open_windows_deadline_and_none_restores_the_grid_tick():
+    w = window()
+    w.align(0.5)  # empty: nothing to align
+    assert w.deadline is None and w.opened_s is None
+    w.add(req("a", 100, 0.011), now=0.011)
+    assert w.opened_s == 0.011
+    w.align(0.03)
+    assert w.deadline == 0.03 and w.due(0.03, free_capacity_tokens=10_000)
+    w.align(None)
+    assert w.deadline == pytest.approx(0.05)
+    w.take(0.05)
+    assert w.opened_s is None and w.deadline is None
