@@ -4,6 +4,8 @@ Components (switches in ``WindowConfig`` and ``SimConfig``):
 
 - adaptive interval (``window.adaptive_interval``): the window tracks the measured step time;
 - staggering (``window.stagger``): batches are placed by each instance's step phase;
+- step-aligned closes (``window.step_aligned_close``, off by default, so this row switches it *on*): the window
+  closes just before an instance's predicted step start instead of on its grid tick;
 - phase-aware placement (``window.allocator``): by predicted first-token time; off = prefill water-filling;
 - water-filling capacity (``window.prefill_capacity``): what does not fit a rank's budgets waits;
 - decode-aware choice (``window.decode_aware``): two objectives, lexicographic;
@@ -12,6 +14,7 @@ Components (switches in ``WindowConfig`` and ``SimConfig``):
 
     .venv/bin/python bench/ablation.py                          # Azure conv at 80% load
     .venv/bin/python bench/ablation.py --traces azure-conv,azure-code,mooncake-conv --jobs 2
+    .venv/bin/python bench/ablation.py --instances 4 --output bench/results/ablation-4x8   # 4 x 8 ranks
 
 Writes ``bench/results/ablation.json`` (every figure) and ``ablation.md`` (tables).
 """
@@ -22,6 +25,7 @@ import argparse
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,9 +34,10 @@ from _harness import RESULTS
 from _simbench import HEADER, Variant, add_common_args, row, run_variant, workload, write_outputs
 
 VARIANTS = [
-    Variant("sbs, all on"),
+    Variant("sbs, defaults"),
     Variant("- adaptive interval", window={"adaptive_interval": False}),
     Variant("- staggering (phase-blind)", window={"stagger": False}),
+    Variant("+ step-aligned closes", window={"step_aligned_close": True}),
     Variant("- phase-aware (water-filling only)", window={"allocator": "water_fill"}),
     Variant("- water-filling capacity (no deferral)", window={"prefill_capacity": False}),
     Variant("- decode-aware choice", window={"decode_aware": False}),
@@ -52,25 +57,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", default="azure-conv")
     add_common_args(ap, minutes=20.0)
+    ap.add_argument("--instances", type=int, default=2, help="engine instances of 8 DP ranks [2]")
     ap.add_argument("--output", type=Path, default=RESULTS / "ablation")
     args = ap.parse_args()
     started = time.perf_counter()
     command = ("python bench/ablation.py " + " ".join(sys.argv[1:])).strip()
-    cluster = "2 instances x 8 DP ranks"
+    cluster = f"{args.instances} instances x 8 DP ranks"
+    variants = [replace(v, sim={**v.sim, "instances": args.instances}) for v in VARIANTS]
     md = [
         "# sbs ablation (virtual time)",
         "",
         f"Made by `{command}`: {cluster} of the calibrated engine model, {args.minutes:g}-minute slice of each "
         f"trace at {args.load:.0%} load, SLO derived from the engine model (scale {args.slo_scale:g}). Each "
-        "sbs row switches one component off; the rest are immediate-dispatch baselines on the same work. "
-        "Times in ms; delta is TTFT mean against sbs with everything on.",
+        "sbs row switches one component off (or, marked +, one that is off by default on); the rest are "
+        "immediate-dispatch baselines on the same work. Times in ms; delta is TTFT mean against sbs with the "
+        "defaults.",
     ]
     report: dict[str, Any] = {"command": command, "traces": {}}
     with ProcessPoolExecutor(args.jobs) as pool:
         for name in args.traces.split(","):
-            work = workload(name, args.minutes, args.load, 2, 8, args.slo_scale)
-            summaries = list(pool.map(partial(run_variant, work=work), VARIANTS))
-            rows = {v.name: s for v, s in zip(VARIANTS, summaries, strict=True)}
+            work = workload(name, args.minutes, args.load, args.instances, 8, args.slo_scale)
+            summaries = list(pool.map(partial(run_variant, work=work), variants))
+            rows = {v.name: s for v, s in zip(variants, summaries, strict=True)}
             report["traces"][name] = {"rate_scale": work.scale, "slo": work.slo.as_dict(), "rows": rows}
             base = rows[VARIANTS[0].name]["ttft_s"]["mean"]
             md += ["", f"## {name}", "", f"{len(work.trace)} requests, rate x{work.scale:.2f}.", ""]

@@ -120,6 +120,14 @@ class WindowConfig(_Strict):
     stagger: bool = True
     """``phase_aware`` only: place by each instance's step phase, so batches meet instances as they start a step;
     ``False`` treats every instance as ready now, for ablation."""
+    step_aligned_close: bool = False
+    """Close the window ``close_lead_s`` before the next predicted step start of the busy instances (from the
+    step boundaries seen in token arrivals), so closes come about one step / instances apart and each batch meets
+    an instance as it starts a step; the adaptive grid tick stays when some instance is idle or unseen (see
+    :mod:`gateway.scheduling.stagger`). ``False``: the grid tick only."""
+    close_lead_s: float = Field(default=0.005, ge=0)
+    """``step_aligned_close`` only: how long before a predicted step start the window closes, seconds; covers
+    the dispatch latency and the error of the step-time prediction."""
     prefill_capacity: bool = True
     """Water-filling's per-rank capacity model (``queue_steps`` budgets): what fits nowhere waits for the next
     window; ``False`` places every request at once, for ablation."""

@@ -27,6 +27,28 @@ def test_step_clock_finds_boundaries_and_learns_the_duration_model():
     assert clock.time_to_next_step("e", 9.0) == 0.0  # overdue
 
 
+def test_step_clock_mean_step_time_is_an_ewma_per_engine_averaged_over_engines():
+    clock = StepClock(0.05, mean_alpha=0.5, max_step_s=30.0)
+    assert clock.mean_step_s() == 0.05  # nothing seen: the initial guess
+    for t in (0.0, 0.1, 0.3):  # engine "a": steps of 0.1 s then 0.2 s
+        clock.on_tokens("a", t)
+    clock.on_tokens("a", 0.301)  # same burst: no step
+    for t in (0.0, 0.4, 100.4):  # engine "b": a step of 0.4 s, then 100 s of silence (idle, not a step)
+        clock.on_tokens("b", t)
+    clock.on_tokens("c", 0.0)  # one boundary only: no step time yet
+    assert clock.engine_mean_step_s("a") == pytest.approx(0.15)
+    assert clock.engine_mean_step_s("b") == pytest.approx(0.4)
+    assert clock.engine_mean_step_s("c") == 0.05
+    assert clock.mean_step_s() == pytest.approx((0.15 + 0.4) / 2)
+
+
+@pytest.mark.parametrize("kw", [dict(initial_step_s=0.0), dict(alpha=0.0), dict(mean_alpha=1.5)])
+def test_step_clock_rejects_bad_settings(kw):
+    args = dict(initial_step_s=0.05) | kw
+    with pytest.raises(ValueError):
+        StepClock(**args)
+
+
 def busy_clock(ends: dict[str, float], step_s: float = 1.0) -> StepClock:
     clock = StepClock(step_s, initial_per_token_s=1e-4)
     for engine, last_boundary in ends.items():

@@ -170,9 +170,10 @@ def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted)
 def test_adaptive_interval_switched_off_keeps_the_window_length():
     for adaptive, expected in ((True, 0.1), (False, 0.05)):
         scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update={"adaptive_interval": adaptive}))
-        scheduler.step_time.observe("a", 0.4)  # engine steps of 0.4 s: half of it is past the 0.1 s bound
-        scheduler.submit(req("r", 100), 0.0)
-        scheduler.poll(0.001)
+        scheduler.on_engine_tokens("a", 0.0)  # a step boundary of engine "a" ...
+        scheduler.on_engine_tokens("a", 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
+        scheduler.submit(req("r", 100), 0.4)
+        scheduler.poll(0.401)
         assert scheduler.window.interval_s == pytest.approx(expected), f"adaptive={adaptive}"
 
 

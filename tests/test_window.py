@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.scheduling.step_time import StepTimeEstimator
 from gateway.scheduling.window import StaggeredWindow
 from tests.helpers import req
 
@@ -99,14 +98,15 @@ def test_rejects_inverted_bounds():
         window(min_interval_s=0.5, max_interval_s=0.1)
 
 
-def test_step_time_estimator_ewma_per_engine():
-    est = StepTimeEstimator(0.05, alpha=0.5)
-    assert est.estimate() == 0.05
-    est.observe("a", 0.1)
-    est.observe("a", 0.2)
-    est.observe("b", 0.4)
-    est.observe("b", 100.0)  # a stall, ignored
-    est.observe("b", -1.0)
-    assert est.engine_estimate("a") == pytest.approx(0.15)
-    assert est.engine_estimate("c") == 0.05
-    assert est.estimate() == pytest.approx((0.15 + 0.4) / 2)
+def test_align_moves_the_open_windows_deadline_and_none_restores_the_grid_tick():
+    w = window()
+    w.align(0.5)  # empty: nothing to align
+    assert w.deadline is None and w.opened_s is None
+    w.add(req("a", 100, 0.011), now=0.011)
+    assert w.opened_s == 0.011
+    w.align(0.03)
+    assert w.deadline == 0.03 and w.due(0.03, free_capacity_tokens=10_000)
+    w.align(None)
+    assert w.deadline == pytest.approx(0.05)
+    w.take(0.05)
+    assert w.opened_s is None and w.deadline is None

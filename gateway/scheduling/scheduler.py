@@ -1,12 +1,14 @@
 """The scheduler as a synchronous state machine: requests in, placements on DP ranks out.
 
-It ties the pure pieces together (window, allocator or immediate policy, load view, step-time estimate) with
+It ties the pure pieces together (window, allocator or immediate policy, load view, step clock) with
 time passed in, so the gateway's asyncio dispatcher and a virtual-time simulation drive the very same code:
 
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
   in the staggered window.
-- :meth:`Scheduler.poll` closes the window when it is due and places its batch (phase-aware placement or
-  water-filling, with the decode-aware choice; each component switchable in :class:`~gateway.config.WindowConfig`).
+- :meth:`Scheduler.poll` closes the window when it is due (its grid tick, or with ``step_aligned_close`` just
+  before the next predicted step start of an instance, :mod:`gateway.scheduling.stagger`) and places its batch
+  (phase-aware placement or water-filling, with the decode-aware choice; each component switchable in
+  :class:`~gateway.config.WindowConfig`).
 - The driver reports each request's progress to :attr:`Scheduler.view` (first token, tokens, finish) and
   calls :meth:`Scheduler.notify_load_changed`; placements are recorded in the view here, so a burst cannot
   herd onto one rank between scrapes.
@@ -23,9 +25,9 @@ from gateway.scheduling.allocation import free_prefill_capacity, water_fill
 from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
 from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.phase import phase_fill
+from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.step_time import StepTimeEstimator
-from gateway.scheduling.types import PendingRequest, RankKey
+from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.scheduling.window import StaggeredWindow
 
 
@@ -70,7 +72,6 @@ class Scheduler:
         self.view = view
         self.window_config = window
         self.batched = policy == "sbs"
-        self.step_time = StepTimeEstimator(window.initial_step_s)
         self.step_clock = StepClock(window.initial_step_s)
         self._current_step_tokens: dict[RankKey, float] = {}
         self._immediate: ImmediatePolicy | None = None if self.batched else make_immediate_policy(policy, seed=seed)
@@ -79,6 +80,11 @@ class Scheduler:
             max_interval_s=window.max_interval_s,
             step_fraction=window.step_fraction,
             initial_step_s=window.initial_step_s,
+        )
+        self.closing = (
+            StepAlignedClosing(window.close_lead_s, window.min_interval_s, window.max_interval_s)
+            if window.step_aligned_close
+            else None
         )
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
@@ -94,7 +100,10 @@ class Scheduler:
                 raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_requests} requests")
             if self.window.buffered_tokens + request.prompt_tokens > limits.max_buffered_tokens:
                 raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_tokens} prompt tokens")
+            opening = not len(self.window)
             self.window.add(request, now)
+            if opening:
+                self._align(self.view.snapshot(now))
             return None
         key = self._immediate.choose(request, self.view.snapshot(now))
         if key is None:
@@ -128,6 +137,14 @@ class Scheduler:
             heaviest = max(heaviest, current)
         self.step_clock.set_step_prefill(engine, heaviest)
 
+    def _align(self, snapshot: list[RankLoad]) -> None:
+        """Time the open window's close to the instances' next step starts (``step_aligned_close``)."""
+        opened = self.window.opened_s
+        if self.closing is None or opened is None:
+            return
+        starts = next_step_starts(snapshot, self.step_clock)
+        self.window.align(None if starts is None else self.closing.close_at(opened, starts))
+
     def notify_load_changed(self) -> None:
         """Some rank may have room again (a scrape, a first token, a finish)."""
         self.window.notify_capacity_freed()
@@ -138,8 +155,9 @@ class Scheduler:
             return None
         config = self.window_config
         if config.adaptive_interval:
-            self.window.observe_step_time(self.step_time.estimate())
+            self.window.observe_step_time(self.step_clock.mean_step_s())
         snapshot = self.view.snapshot(now)
+        self._align(snapshot)
         queue_steps = config.queue_steps if config.prefill_capacity else math.inf
         if not self.window.due(now, free_prefill_capacity(snapshot, queue_steps)):
             return None
@@ -173,4 +191,6 @@ class Scheduler:
         for request, key in allocation.assigned:
             self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
         self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
+        if len(self.window):
+            self._align(self.view.snapshot(now))
         return WindowOutcome(allocation.assigned, allocation.unplaceable, len(allocation.deferred))

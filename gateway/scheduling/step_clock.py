@@ -11,6 +11,11 @@ Step duration model (the form FairBatching-style load estimates use, DESIGN.md Â
 instance takes in the step (lockstep: the heaviest rank sets the pace). ``base`` (decode work plus all-to-all)
 and ``per_token`` are learnt online per instance by exponentially weighted averages: ``base`` from steps that
 carried no prefill, ``per_token`` from the excess of the others.
+
+The same boundaries give the plain mean step time (boundary to boundary, whatever the step carried) that the
+window's adaptive interval follows (:meth:`StepClock.mean_step_s`), and each instance's predicted next step start
+that step-aligned window closing aims at (:meth:`StepClock.next_step_start`,
+:mod:`gateway.scheduling.stagger`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class _EngineClock:
     base_s: float | None = None
     per_token_s: float | None = None
     step_prefill_tokens: float = 0.0
+    mean_step_s: float | None = None
 
 
 class StepClock:
@@ -34,7 +40,13 @@ class StepClock:
         initial_step_s: step duration assumed for an engine with no observation yet (seconds).
         initial_per_token_s: prefill seconds per token assumed before any is learnt.
         boundary_gap_s: a quiet gap at least this long between two chunks of one engine separates two steps.
-        alpha: weight of a new observation in the moving averages (0 < alpha <= 1).
+        alpha: weight of a new observation in the duration model's moving averages (0 < alpha <= 1).
+        mean_alpha: weight of a new step in the mean step time (0 < mean_alpha <= 1).
+        max_step_s: a step longer than this is a stall or an idle spell, not a step: it does not enter the mean
+            step time (seconds).
+
+    Raises:
+        ValueError: ``initial_step_s <= 0`` or a weight outside ``(0, 1]``.
     """
 
     def __init__(
@@ -44,11 +56,17 @@ class StepClock:
         initial_per_token_s: float = 1e-4,
         boundary_gap_s: float = 0.005,
         alpha: float = 0.1,
+        mean_alpha: float = 0.05,
+        max_step_s: float = 30.0,
     ) -> None:
+        if initial_step_s <= 0 or not 0 < alpha <= 1 or not 0 < mean_alpha <= 1:
+            raise ValueError("need initial_step_s > 0, 0 < alpha <= 1 and 0 < mean_alpha <= 1")
         self.initial_step_s = initial_step_s
         self.initial_per_token_s = initial_per_token_s
         self.boundary_gap_s = boundary_gap_s
         self.alpha = alpha
+        self.mean_alpha = mean_alpha
+        self.max_step_s = max_step_s
         self._engines: dict[str, _EngineClock] = {}
 
     def _get(self, engine: str) -> _EngineClock:
@@ -69,7 +87,11 @@ class StepClock:
         if not new_step:
             return False
         if c.last_boundary is not None:
-            self._learn(c, now - c.last_boundary, c.step_prefill_tokens)
+            duration = now - c.last_boundary
+            self._learn(c, duration, c.step_prefill_tokens)
+            if 0 < duration <= self.max_step_s:
+                m = c.mean_step_s
+                c.mean_step_s = duration if m is None else m + self.mean_alpha * (duration - m)
         c.last_boundary = now
         c.step_prefill_tokens = 0.0
         return True
@@ -93,13 +115,29 @@ class StepClock:
         per_token = c.per_token_s if c.per_token_s is not None else self.initial_per_token_s
         return base + per_token * prefill_tokens
 
-    def time_to_next_step(self, engine: str, now: float) -> float:
-        """Seconds until ``engine`` is predicted to start its next step (0 when overdue or never seen)."""
+    def mean_step_s(self) -> float:
+        """Mean step time over the engines whose steps were seen, each an exponentially weighted average of its
+        boundary-to-boundary times (seconds); ``initial_step_s`` before any step was seen."""
+        means = [c.mean_step_s for c in self._engines.values() if c.mean_step_s is not None]
+        return sum(means) / len(means) if means else self.initial_step_s
+
+    def engine_mean_step_s(self, engine: str) -> float:
+        """Mean step time of one engine (seconds); ``initial_step_s`` before any of its steps was seen."""
+        m = self._get(engine).mean_step_s
+        return self.initial_step_s if m is None else m
+
+    def next_step_start(self, engine: str) -> float | None:
+        """When ``engine`` is predicted to start its next step (seconds, on the clock of the token arrivals; may
+        lie in the past when the step is overdue), or ``None`` before any of its tokens was seen."""
         c = self._get(engine)
         if c.last_boundary is None:
-            return 0.0
-        end = c.last_boundary + self.predict(engine, c.step_prefill_tokens)
-        return max(0.0, end - now)
+            return None
+        return c.last_boundary + self.predict(engine, c.step_prefill_tokens)
+
+    def time_to_next_step(self, engine: str, now: float) -> float:
+        """Seconds until ``engine`` is predicted to start its next step (0 when overdue or never seen)."""
+        start = self.next_step_start(engine)
+        return 0.0 if start is None else max(0.0, start - now)
 
     def current_step_prefill_tokens(self, engine: str) -> float:
         """Most prefill tokens one rank of ``engine`` carries in the step in progress (as seen at its start)."""

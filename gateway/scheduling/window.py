@@ -9,6 +9,9 @@ tick. The interval tracks the engines' observed step time (``step_fraction * ste
 while the batch still gives the allocator a global view (our reading of SBS's adaptive interval,
 DESIGN.md §2). Different instances' windows can be offset by ``phase_s`` ("staggered").
 
+The deadline of an open window can instead be aligned to the engines' step boundaries (:meth:`align`, with a
+close time from :mod:`gateway.scheduling.stagger`); aligning to ``None`` goes back to the grid tick.
+
 A window also closes early when its buffered prompt tokens fill the free prefill capacity of the ranks: waiting
 longer cannot improve the placement. After a batch in which nothing could be placed, early closing is disarmed
 until a request arrives or capacity is reported freed, so a full cluster does not spin.
@@ -56,6 +59,8 @@ class StaggeredWindow:
         self._buffer: dict[str, PendingRequest] = {}
         self._tokens = 0
         self._deadline: float | None = None
+        self._tick: float | None = None
+        self._opened_s: float | None = None
         self._early_close_armed = True
 
     def observe_step_time(self, step_s: float) -> None:
@@ -88,6 +93,22 @@ class StaggeredWindow:
         """When the current window closes, or ``None`` when it is empty."""
         return self._deadline if self._buffer else None
 
+    @property
+    def opened_s(self) -> float | None:
+        """When the current window opened (its first request arrived, or deferred requests were put back), or
+        ``None`` when it is empty."""
+        return self._opened_s if self._buffer else None
+
+    def align(self, close_s: float | None) -> None:
+        """Set the open window's deadline to ``close_s`` (seconds), or back to its grid tick when ``None``; an
+        empty window ignores it."""
+        if self._buffer:
+            self._deadline = self._tick if close_s is None else close_s
+
+    def _open(self, now: float) -> None:
+        self._opened_s = now
+        self._tick = self._deadline = self.next_tick(now)
+
     def add(self, request: PendingRequest, now: float) -> None:
         """Buffer ``request``; an empty window opens and its deadline is set to the next tick.
 
@@ -97,7 +118,7 @@ class StaggeredWindow:
         if request.request_id in self._buffer:
             raise ValueError(f"request {request.request_id!r} is already in the window")
         if not self._buffer:
-            self._deadline = self.next_tick(now)
+            self._open(now)
         self._buffer[request.request_id] = request
         self._tokens += request.prompt_tokens
         self._early_close_armed = True
@@ -131,7 +152,7 @@ class StaggeredWindow:
         batch = list(self._buffer.values())
         self._buffer.clear()
         self._tokens = 0
-        self._deadline = None
+        self._deadline = self._tick = self._opened_s = None
         return batch
 
     def requeue(self, deferred: Iterable[PendingRequest], now: float, *, placed_any: bool) -> None:
@@ -139,7 +160,7 @@ class StaggeredWindow:
 
         Args:
             deferred: the requests to keep.
-            now: current time (seconds); the next deadline is the next tick after it.
+            now: current time (seconds); the window reopens then, its deadline the next tick after it.
             placed_any: whether the closed batch placed at least one request; if not, early closing is
                 disarmed until an arrival or :meth:`notify_capacity_freed`.
         """
@@ -154,6 +175,6 @@ class StaggeredWindow:
             self._buffer[request.request_id] = request
             self._tokens += request.prompt_tokens
         if self._buffer:
-            self._deadline = self.next_tick(now)
+            self._open(now)
         if not placed_any:
             self._early_close_armed = False

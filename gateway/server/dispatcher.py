@@ -167,11 +167,9 @@ class Dispatcher:
             self.scheduler.on_engine_tokens(engine, now)
         self.notify_load_changed()
 
-    def tokens(self, request_id: str, engine: str, n: int, gap_s: float) -> None:
-        """``n`` more tokens of ``request_id`` arrived from ``engine``, ``gap_s`` after the previous ones."""
+    def tokens(self, request_id: str, engine: str, n: int) -> None:
+        """``n`` more tokens of ``request_id`` arrived from ``engine`` (its step clock learns step times from them)."""
         self.view.on_tokens(request_id, n)
-        if n == 1:
-            self.scheduler.step_time.observe(engine, gap_s)
         if self.scheduler.batched:
             self.scheduler.on_engine_tokens(engine, self.clock())
 

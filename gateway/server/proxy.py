@@ -340,7 +340,6 @@ async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
     key, upstream = attempt.key, attempt.upstream
     idle_timeout = call.state.settings.upstream.idle_timeout_s
     started = False
-    last = call.arrival
     status = "200"
     end = StreamEnd()
     chunk = attempt.first_chunk or b""
@@ -356,10 +355,9 @@ async def _relay(call: _Call, attempt: _Attempt) -> AsyncIterator[bytes]:
                     metrics.ttft.labels(call.model_label).observe(now - call.arrival)
                     request_log().ttft_s = now - call.arrival
                     if events > 1:
-                        dispatcher.tokens(call.key, key.engine, events - 1, now - last)
+                        dispatcher.tokens(call.key, key.engine, events - 1)
                 else:
-                    dispatcher.tokens(call.key, key.engine, events, now - last)
-                last = now
+                    dispatcher.tokens(call.key, key.engine, events)
             yield chunk
             chunk = await upstream.next_chunk(idle_timeout)
         if not end.done:

@@ -4,8 +4,8 @@ Deterministic discrete-event simulation. It drives the very code the gateway run
 :class:`~gateway.scheduling.scheduler.Scheduler`, its window and allocator, the
 :class:`~gateway.load.view.LoadView`) against :class:`~gateway.sim.engine_model.EngineModel` instances, the
 same model the HTTP mock engine runs in real time. What the gateway would observe is fed to it the way it
-would see it: first tokens and finishes when a step ends, inter-token gaps as step times, and scrapes of each
-instance's per-rank gauges every ``scrape_interval_s``.
+would see it: first tokens, tokens and finishes when a step ends (the step clock infers the step boundaries and
+step times from them), and scrapes of each instance's per-rank gauges every ``scrape_interval_s``.
 """
 
 from __future__ import annotations
@@ -307,7 +307,6 @@ class _Sim:
                 self.view.on_finish(event.request_id, self.now)
                 finished += 1
         if result.tokens:
-            self.scheduler.step_time.observe(name, result.duration_s)
             self.scheduler.on_engine_tokens(name, self.now)
         self.scheduler.notify_load_changed()
         self.start_step(name)

@@ -1,0 +1,144 @@
+"""Step-aligned window closing: the pure close-time rule, and the scheduler timing its window with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import WindowConfig
+from gateway.load.view import EngineSpec, LoadView
+from gateway.scheduling.scheduler import Scheduler
+from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
+from gateway.scheduling.step_clock import StepClock
+from gateway.scheduling.types import RankKey
+from tests.helpers import MODEL, rank, req
+
+CLOSING = StepAlignedClosing(lead_s=0.005, min_interval_s=0.01, max_interval_s=0.5)
+
+
+@pytest.mark.parametrize(
+    ("opened_s", "starts", "close_s"),
+    [
+        (1.0, [1.2, 1.1], 1.095),  # lead_s before the instance that starts first
+        (1.0, [1.3], 1.295),
+        (1.0, [1.012], 1.01),  # its lead would fall inside min_interval_s: the shortest window
+        (1.0, [0.9, 1.3], 1.01),  # an overdue instance starts any moment: the shortest window
+        (1.0, [5.0], 1.5),  # far away: the longest window
+    ],
+)
+def test_close_lands_lead_before_the_earliest_predicted_step_start_within_the_bounds(opened_s, starts, close_s):
+    assert CLOSING.close_at(opened_s, starts) == pytest.approx(close_s)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(lead_s=-0.001), dict(min_interval_s=0.0), dict(min_interval_s=0.6, max_interval_s=0.5)],
+)
+def test_closing_rejects_bad_settings(kw):
+    args = dict(lead_s=0.005, min_interval_s=0.01, max_interval_s=0.5) | kw
+    with pytest.raises(ValueError):
+        StepAlignedClosing(**args)
+
+
+def test_close_needs_a_predicted_start():
+    with pytest.raises(ValueError):
+        CLOSING.close_at(1.0, [])
+
+
+def clock_with_boundaries(boundaries: dict[str, float]) -> StepClock:
+    clock = StepClock(0.1)
+    for engine, t in boundaries.items():
+        clock.on_tokens(engine, t)
+    return clock
+
+
+@pytest.mark.parametrize(
+    ("boundaries", "loads", "starts"),
+    [
+        # both busy and seen: each one's last boundary plus its predicted step (0.1 s, nothing learnt yet)
+        ({"a": 0.0, "b": 0.05}, {"a": dict(running=3), "b": dict(waiting=1)}, [0.1, 0.15]),
+        # "b" is idle: it can start at once, nothing to align to
+        ({"a": 0.0, "b": 0.05}, {"a": dict(running=3), "b": {}}, None),
+        # "b" is busy but none of its tokens were seen yet
+        ({"a": 0.0}, {"a": dict(running=3), "b": dict(running=3)}, None),
+        # "b" has no usable rank: it does not count
+        ({"a": 0.0}, {"a": dict(running=3), "b": dict(usable=False)}, [0.1]),
+    ],
+)
+def test_next_step_starts_of_the_instances(boundaries, loads, starts):
+    ranks = [rank(engine, i, **kw) for engine, kw in loads.items() for i in range(2)]
+    got = next_step_starts(ranks, clock_with_boundaries(boundaries))
+    assert got == (None if starts is None else pytest.approx(starts))
+
+
+WINDOW = WindowConfig(
+    min_interval_s=0.01,
+    max_interval_s=0.1,
+    step_fraction=0.5,
+    initial_step_s=0.1,
+    step_aligned_close=True,
+    close_lead_s=0.005,
+)
+
+
+def two_busy_instances() -> tuple[LoadView, Scheduler]:
+    """Instances "a" and "b" of 2 ranks, each decoding one request; steps of 0.1 s assumed."""
+    view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 8192) for e in ("a", "b")], stale_after_s=3.0)
+    scheduler = Scheduler("sbs", view, WINDOW)
+    for engine in ("a", "b"):
+        view.on_dispatch(f"decoding-{engine}", RankKey(engine, 0), 10, 0.0, stream=True)
+        view.on_first_token(f"decoding-{engine}", 0.0)
+    return view, scheduler
+
+
+def test_closes_are_staggered_across_the_instances_step_boundaries():
+    _, scheduler = two_busy_instances()
+    scheduler.on_engine_tokens("a", 0.0)  # "a" next starts at 0.1, "b" at 0.15
+    scheduler.on_engine_tokens("b", 0.05)
+    scheduler.submit(req("r1", 500, arrival_s=0.06), 0.06)
+    deadline = scheduler.next_deadline()
+    assert deadline == pytest.approx(0.095)  # just before "a" starts
+    assert scheduler.poll(0.09) is None
+    outcome = scheduler.poll(deadline)
+    assert outcome is not None and [(r.request_id, k.engine) for r, k in outcome.assigned] == [("r1", "a")]
+
+    scheduler.on_engine_tokens("a", 0.1)  # "a" started its step: next at 0.2; "b" is next, at 0.15
+    scheduler.submit(req("r2", 500, arrival_s=0.11), 0.11)
+    deadline = scheduler.next_deadline()
+    assert deadline == pytest.approx(0.145)
+    assert scheduler.poll(0.14) is None
+    outcome = scheduler.poll(deadline)
+    assert outcome is not None and [(r.request_id, k.engine) for r, k in outcome.assigned] == [("r2", "b")]
+
+
+def test_the_deadline_follows_a_boundary_seen_while_the_window_is_open():
+    _, scheduler = two_busy_instances()
+    scheduler.on_engine_tokens("a", 0.0)
+    scheduler.on_engine_tokens("b", 0.05)
+    scheduler.submit(req("r", 500, arrival_s=0.06), 0.06)
+    assert scheduler.next_deadline() == pytest.approx(0.095)
+    scheduler.on_engine_tokens("a", 0.07)  # "a" ended a step of 0.07 s, not 0.1: it learns, next start 0.14
+    assert scheduler.poll(0.08) is None
+    assert scheduler.next_deadline() == pytest.approx(0.135)
+
+
+def test_falls_back_to_the_grid_tick_while_an_instance_is_idle_or_unseen():
+    view, scheduler = two_busy_instances()
+    scheduler.submit(req("r1", 500, arrival_s=0.02), 0.02)  # no tokens seen from either instance yet
+    assert scheduler.next_deadline() == pytest.approx(0.05)  # the grid tick: interval 0.5 * 0.1 s
+    assert scheduler.poll(0.05) is not None
+    for engine in ("a", "b"):
+        scheduler.on_engine_tokens(engine, 0.06)  # both seen now ...
+    view.on_finish("r1", 0.06)
+    view.on_finish("decoding-b", 0.06)  # ... but "b" is idle
+    scheduler.submit(req("r2", 500, arrival_s=0.07), 0.07)
+    assert scheduler.next_deadline() == pytest.approx(0.1)
+
+
+def test_switched_off_the_window_keeps_its_grid_tick():
+    view, _ = two_busy_instances()
+    scheduler = Scheduler("sbs", view, WINDOW.model_copy(update={"step_aligned_close": False}))
+    scheduler.on_engine_tokens("a", 0.0)
+    scheduler.on_engine_tokens("b", 0.05)
+    scheduler.submit(req("r", 500, arrival_s=0.06), 0.06)
+    assert scheduler.next_deadline() == pytest.approx(0.1)
+    assert scheduler.poll(0.095) is None
