@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamUnavailableError
-from gateway.server.upstream import make_session, post_json
+from gateway.errors import UpstreamError, UpstreamUnavailableError
+from gateway.server.upstream import get_text, make_session, post_json
 
 ANSWER = b'{"ok": true}'
 
@@ -85,3 +86,49 @@ async def test_an_engine_that_keeps_dropping_connections_is_unavailable() -> Non
                 )
         finally:
             await session.close()
+
+
+@contextlib.asynccontextmanager
+async def hung_server() -> AsyncIterator[str]:
+    """A server that reads each request and never answers (it hangs up after 0.2 s to free the socket)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read(65536)
+            await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+
+
+async def test_a_get_text_loop_always_stops_when_cancelled() -> None:
+    """Cancelling a task that loops over timed-out GETs ends it, whenever the cancel lands.
+
+    With aiohttp's own ``ClientTimeout(total=...)`` about 5% of such cancels turned into a TimeoutError and the
+    loop went on (aiohttp issue #5979): the prober and the scraper then never stopped and shutdown hung.
+    """
+    rng = random.Random(1)
+    still_running = 0
+    async with hung_server() as url:
+        session = make_session(UpstreamConfig())
+
+        async def poll_forever() -> None:
+            while True:
+                with contextlib.suppress(UpstreamError):
+                    await get_text(session, url, 0.01, 1000)
+
+        try:
+            for _ in range(300):
+                task = asyncio.create_task(poll_forever())
+                await asyncio.sleep(rng.uniform(0.0, 0.03))
+                task.cancel()
+                done, _ = await asyncio.wait([task], timeout=1.0)
+                if not done:
+                    still_running += 1
+                    task.cancel()
+                    await asyncio.wait([task], timeout=1.0)
+        finally:
+            await session.close()
+    assert still_running == 0, f"{still_running} of 300 cancelled tasks went on running"

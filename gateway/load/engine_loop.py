@@ -41,6 +41,7 @@ class PerEngineLoop(ABC):
         self._task_prefix = task_prefix
         self._clock = clock
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     @abstractmethod
     async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
@@ -48,7 +49,7 @@ class PerEngineLoop(ABC):
 
     async def _loop(self, engine: EngineConfig, adapter: EngineAdapter) -> None:
         elapsed = 0.0
-        while True:
+        while not self._stopping:
             await asyncio.sleep(max(0.0, self._interval_s - elapsed))
             started = self._clock()
             await self.once(engine, adapter)
@@ -62,7 +63,12 @@ class PerEngineLoop(ABC):
         ]
 
     async def stop(self) -> None:
-        """Stop the tasks."""
+        """Stop the tasks and wait until they have ended.
+
+        A loop also checks a stop flag between two runs of :meth:`once`, so it ends even if a library it awaits
+        swallows the cancellation (aiohttp's own timeouts did, see :func:`gateway.server.upstream.get_text`).
+        """
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
