@@ -3,7 +3,8 @@
 For each trace slice and load level, simulate policies in virtual time and report TTFT by fifth of the slice
 (requests grouped by arrival) and the backlog when the last request arrives (requests arrived but without a
 first token). A load the cluster keeps up with shows flat TTFT across the fifths and a small backlog; an
-overload shows TTFT climbing fifth by fifth.
+overload shows TTFT climbing fifth by fifth. ``--arrivals poisson`` keeps each slice's requests and mean rate but
+draws the arrival times from a Poisson process (seed 0), which separates the capacity from the trace's bursts.
 
     .venv/bin/python bench/capacity_check.py --jobs 2     # writes bench/results/capacity_check.{json,md}
 """
@@ -11,26 +12,43 @@ overload shows TTFT climbing fifth by fifth.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from _harness import RESULTS
 from _simbench import write_outputs
 
-from gateway.replay.traces import load_trace, rescale, resolve_trace, window
+from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.capacity import cluster_load
 from gateway.sim.simulate import SimConfig, simulate
 
 FIFTHS = 5
 
 
-def check(name: str, minutes: float, load: float, policy: str, instances: int, dp_size: int) -> dict[str, Any]:
+def poisson(trace: list[TraceRequest], seed: int = 0) -> list[TraceRequest]:
+    """The same requests in the same order at the same mean rate, arriving as a Poisson process."""
+    rng = random.Random(seed)
+    rate = (len(trace) - 1) / (trace[-1].arrival_s - trace[0].arrival_s)
+    t, out = 0.0, []
+    for r in trace:
+        out.append(replace(r, arrival_s=t))
+        t += rng.expovariate(rate)
+    return out
+
+
+def check(
+    name: str, minutes: float, load: float, policy: str, instances: int, dp_size: int, arrivals: str
+) -> dict[str, Any]:
     """One simulation: TTFT mean per fifth of the slice (seconds) and the backlog at the last arrival."""
     trace = window(load_trace(resolve_trace(name)), 0.0, minutes * 60)
+    if arrivals == "poisson":
+        trace = poisson(trace)
     config = SimConfig(policy=policy, instances=instances, dp_size=dp_size)  # type: ignore[arg-type]
     capacity = cluster_load(trace, config.engine, instances, dp_size)
     result = simulate(rescale(trace, capacity.rate_scale_for(load)), config)
@@ -52,12 +70,13 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="slice of each trace, minutes [10]")
     ap.add_argument("--instances", type=int, default=2, help="engine instances [2]")
     ap.add_argument("--dp-size", type=int, default=8, help="DP ranks per instance [8]")
+    ap.add_argument("--arrivals", choices=("trace", "poisson"), default="trace", help="arrival times [trace]")
     ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes [1]")
     ap.add_argument("--output", type=Path, default=RESULTS / "capacity_check")
     args = ap.parse_args()
     started = time.perf_counter()
     jobs = [
-        (name, args.minutes, float(load), policy, args.instances, args.dp_size)
+        (name, args.minutes, float(load), policy, args.instances, args.dp_size, args.arrivals)
         for name in args.traces.split(",")
         for load in args.loads.split(",")
         for policy in args.policies.split(",")
@@ -67,9 +86,8 @@ def main() -> None:
     md = [
         "# Analytic load against the simulator",
         "",
-        f"Made by `python bench/capacity_check.py {' '.join(sys.argv[1:])}`".rstrip()
-        + "` ".strip()
-        + f" ({args.instances} x {args.dp_size} ranks, {args.minutes:g}-minute slices). TTFT mean (s) of each "
+        f"Made by `{' '.join(['python bench/capacity_check.py', *sys.argv[1:]])}` ({args.arrivals} arrivals, "
+        f"{args.instances} x {args.dp_size} ranks, {args.minutes:g}-minute slices). TTFT mean (s) of each "
         "fifth of the slice's requests by arrival; backlog: requests without a first token when the last one "
         "arrives.",
         "",

@@ -70,15 +70,22 @@ def request_rate(trace: list[TraceRequest], scale: float) -> float:
 
 
 def max_rate(policy: str, trace: list[TraceRequest], slo: Slo, lo: float, hi: float, args: argparse.Namespace) -> float:
-    """Highest request rate (req/s) with SLO attainment >= 90%, by bisection on the rate scale in [lo, hi]."""
+    """Highest request rate (req/s) with SLO attainment >= 90%, by bisection on the rate scale in [lo, hi]; when
+    even ``lo`` misses, the search moves to [lo / 20, lo] (twice at most) before giving 0 (a bursty trace can miss
+    the SLO far below its average capacity)."""
 
     def ok(scale: float) -> bool:
         summary = run(trace, scale, policy, args).summary(slo)
         return float(summary["slo_attainment"]) >= ATTAINMENT_TARGET
 
     if not ok(lo):
-        return 0.0
-    if ok(hi):
+        for _ in range(2):
+            lo, hi = lo / 20, lo
+            if ok(lo):
+                break
+        else:
+            return 0.0
+    elif ok(hi):
         return request_rate(trace, hi)
     for _ in range(args.bisection_steps):
         mid = (lo + hi) / 2
