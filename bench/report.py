@@ -145,7 +145,11 @@ def main() -> None:
         "all-to-all per step shared by prefill and decode, work spread evenly over the ranks, plus the time a long "
         "prompt's costly late chunks idle the other ranks of its instance) over ranks x the slice's span. 100% "
         "means a scheduler balancing every step perfectly just keeps up on average. It is an average: the "
-        "busiest minute's load is given per trace (Azure code's bursts reach about 3.6x its average).",
+        "busiest minute's load is given per trace (Azure code's bursts reach about 3.6x its average). And it is "
+        "a bound no policy here reaches in steady state: over the whole hour of Azure conv sbs keeps up only to "
+        "40-50% of it (lockstep steps last as long as the most prefill-loaded rank), while a 10-minute slice at "
+        "these rates ends before the running-request limit fills, so the 80% and 95% runs below are transients "
+        "(`bench/results/capacity_check*.md`).",
     ]
     report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "traces": {}}
     pool = ProcessPoolExecutor(args.jobs)
