@@ -1,4 +1,4 @@
-"""Shared pieces of the HTTP benchmarks: processes on loopback, trace slices, load estimate, result tables.
+"""Shared pieces of the HTTP benchmarks: processes on loopback, trace slices, load of a slice, result tables.
 
 Imported by the scripts beside it (``python bench/<script>.py`` puts this folder on ``sys.path``).
 """
@@ -22,7 +22,8 @@ import yaml
 
 from gateway.replay.client import run_bench
 from gateway.replay.traces import TraceRequest, rescale
-from gateway.sim.simulate import SimConfig, SimResult, simulate
+from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.capacity import Capacity, cluster_load
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -104,48 +105,16 @@ def write_slice(trace: list[TraceRequest], directory: str) -> str:
     return str(path)
 
 
-def sustained_output_tok_s(result: SimResult) -> float:
-    """Output tokens per second produced while requests were still arriving (tokens of a request spread
-    evenly between its first token and its end)."""
-    start = result.records[0].arrival_s
-    end = result.records[-1].arrival_s
-    produced = 0.0
-    for r in result.records:
-        if r.first_token_s is None or r.done_s is None or r.first_token_s >= end:
-            continue
-        if r.done_s <= end:
-            produced += r.output_tokens
-        else:
-            produced += r.output_tokens * (end - r.first_token_s) / (r.done_s - r.first_token_s)
-    return produced / (end - start)
+def slice_load(
+    slice_: list[TraceRequest], rate_scale: float, instances: int, dp_size: int, engine: EngineModelConfig | None = None
+) -> Capacity:
+    """The load a trace slice offers at ``rate_scale`` to ``instances`` x ``dp_size`` ranks of the engine model, and
+    the cluster's capacity for it (:func:`gateway.sim.capacity.cluster_load`: the engine time the work needs at the
+    engine model's most efficient operating point over ranks x span; policy-independent, no simulation).
 
-
-def offered_load(
-    slice_: list[TraceRequest], full: list[TraceRequest], rate_scale: float, instances: int, dp_size: int
-) -> tuple[float, float]:
-    """The offered load of a trace slice as a fraction of the simulated cluster's capacity, in virtual time.
-
-    Capacity is the output throughput the same cluster (same engine model, round robin) sustains when the whole
-    trace ``full`` arrives faster than it can serve: the arrival rate is doubled until the cluster falls behind
-    (sustained output below 90% of offered), and the best sustained throughput of that rate and 1.5x, 2x, 3x
-    it is taken. A long trace keeps ramp-up and drain effects small. The offered load is the slice's output
-    tokens per second at ``rate_scale``, in engine time (the engine clock speed cancels out: pass
-    ``rate_scale / speed``).
-
-    Returns:
-        ``(offered load fraction, capacity in output tokens per engine-second)``.
+    In engine time: for engines whose clock runs at ``speed``, pass ``rate_scale / speed``.
     """
-    config = SimConfig(policy="round_robin", instances=instances, dp_size=dp_size)
-    total_out = sum(r.output_tokens for r in full)
-    factor = 1.0
-    while True:
-        offered_full = total_out / ((full[-1].arrival_s - full[0].arrival_s) / factor)
-        if sustained_output_tok_s(simulate(rescale(full, factor), config)) < 0.9 * offered_full or factor > 1e3:
-            break
-        factor *= 2
-    capacity = max(sustained_output_tok_s(simulate(rescale(full, factor * k), config)) for k in (1.0, 1.5, 2.0, 3.0))
-    span = (slice_[-1].arrival_s - slice_[0].arrival_s) / rate_scale
-    return sum(r.output_tokens for r in slice_) / span / capacity, capacity
+    return cluster_load(rescale(slice_, rate_scale), engine or EngineModelConfig(), instances, dp_size)
 
 
 def _ms(value: float | None) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from _harness import offered_load
+from _harness import slice_load
 
 from gateway.config import WindowConfig
 from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
@@ -43,10 +43,10 @@ class Workload:
 
 def workload(name: str, minutes: float | None, load: float, instances: int, dp_size: int, slo_scale: float) -> Workload:
     """The first ``minutes`` of trace ``name`` (all of it if ``None``), rescaled to ``load`` (fraction of the
-    capacity of ``instances`` x ``dp_size`` ranks, as in ``_harness.offered_load``), with its derived SLO."""
+    capacity of ``instances`` x ``dp_size`` ranks, as in ``_harness.slice_load``), with its derived SLO."""
     trace = window(load_trace(resolve_trace(name)), 0.0, None if minutes is None else minutes * 60)
-    load_at_1, _ = offered_load(trace, trace, 1.0, instances, dp_size)
-    return Workload(trace, load / load_at_1, derived_slo(trace, SimConfig().engine, slo_scale))
+    scale = slice_load(trace, 1.0, instances, dp_size).rate_scale_for(load)
+    return Workload(trace, scale, derived_slo(trace, SimConfig().engine, slo_scale))
 
 
 def run_variant(variant: Variant, work: Workload) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _harness import RESULTS, offered_load
+from _harness import RESULTS, slice_load
 
 from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.calibration import EngineModelConfig
@@ -79,12 +79,15 @@ def main() -> None:
     out: dict[str, Any] = {}
     for name, entry in report["traces"].items():
         trace = window(load_trace(resolve_trace(name)), 0.0, minutes * 60)
-        load_at_1, _ = offered_load(trace, trace, 1.0, instances, dp_size)
+        # the rate scales the report ran at (older reports: recomputed the same way)
+        scales = entry.get("rate_scale") or {}
+        capacity = slice_load(trace, 1.0, instances, dp_size)
         out[name] = {}
         for load, rows in entry["loads"].items():
             if float(load) < 0.8:
                 continue
-            bound = fcfs_bound(rescale(trace, float(load) / load_at_1), engine, instances * dp_size)
+            scale = scales.get(load, capacity.rate_scale_for(float(load)))
+            bound = fcfs_bound(rescale(trace, scale), engine, instances * dp_size)
             figures = {}
             for figure in ("mean", "p99"):
                 rival, value = best(rows, figure)

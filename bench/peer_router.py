@@ -28,9 +28,9 @@ from _harness import (
     Processes,
     add_slice_args,
     free_port,
-    offered_load,
     replay_through,
     results_table,
+    slice_load,
     start_gateway,
     write_report,
 )
@@ -71,7 +71,7 @@ def main() -> None:
     router_python()
     full = load_trace(resolve_trace(args.trace))
     trace = window(full, args.start, args.minutes * 60)
-    load, _ = offered_load(trace, full, args.rate_scale / args.speed, args.instances, args.dp_size)
+    load = slice_load(trace, args.rate_scale / args.speed, args.instances, args.dp_size).load
     print(f"{len(trace)} requests, offered load {load:.0%} of capacity", file=sys.stderr)
     fronts = {f"sglang-router {p} --dp-aware": partial(start_router, policy=p) for p in args.router_policies.split(",")}
     fronts |= {f"gateway {p}": partial(start_gateway, policy=p) for p in args.gateway_policies.split(",")}
