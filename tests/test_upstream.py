@@ -91,16 +91,27 @@ async def test_an_engine_that_keeps_dropping_connections_is_unavailable() -> Non
 @contextlib.asynccontextmanager
 async def hung_server() -> AsyncIterator[str]:
     """A server that reads each request and never answers (it hangs up after 0.2 s to free the socket)."""
+    writers: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
+        writers.add(writer)
+        try:
             await reader.read(65536)
             await asyncio.sleep(0.2)
-        writer.close()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            writers.discard(writer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+    try:
+        async with server:
+            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+    finally:
+        for writer in list(writers):
+            writer.close()
+        await asyncio.sleep(0)
 
 
 async def test_a_get_text_loop_always_stops_when_cancelled() -> None:
