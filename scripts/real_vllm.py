@@ -223,6 +223,19 @@ def _engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+ENGINE_NICE = 10
+"""Niceness of the vLLM processes (inherited by all of them).
+
+On a GPU cluster the engines compute on their accelerators and the gateway has the host's CPU to itself. Here
+vLLM's CPU kernels keep both cores busy while they generate, and at equal priority the gateway and the client in
+front of it got the CPU only in slices: a test's poll loop that should run every 0.5 s ran every 2-6 s, and a
+state of the engine lasting 20 s could pass unseen. A lower priority for vLLM restores the usual arrangement."""
+
+
+def _lower_priority() -> None:
+    os.nice(ENGINE_NICE)
+
+
 def cpu_binding(dp_size: int, first_cpu: int = 0, cpus: Sequence[int] | None = None) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` giving DP rank ``r`` the ``(first_cpu + r)``-th CPU of ``cpus`` (default: the
     CPUs this process may use), cyclically; e.g. ``"0|1"``.
@@ -311,6 +324,7 @@ def launch(
             stderr=subprocess.STDOUT,
             env=_engine_env({"VLLM_CPU_OMP_THREADS_BIND": binding}),
             start_new_session=True,
+            preexec_fn=_lower_priority,
         )
     server = Server(f"vllm-{port}", f"http://127.0.0.1:{port}", proc.pid, model, dp_size, str(log), proc)
     (run_dir / f"{server.name}.json").write_text(json.dumps(server.record()))

