@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -55,3 +57,35 @@ async def eventually(probe, timeout_s: float = 15.0) -> None:  # type: ignore[no
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"condition {probe.__name__} still false after {timeout_s} s")
         await asyncio.sleep(0.05)
+
+
+Respond = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_http_server(respond: Respond) -> AsyncIterator[str]:
+    """A loopback server that reads a request head and lets ``respond`` write whatever bytes it likes."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await respond(writer)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            handlers.discard(task)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await server.wait_closed()

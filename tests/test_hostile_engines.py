@@ -26,39 +26,10 @@ from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import get_text, make_session
 from gateway.serving import serve_in_background
 from gateway.telemetry import GatewayMetrics
+from tests.helpers import Respond, raw_http_server
 
 MODEL = "m"
 GOOD_METRICS = 'vllm:num_requests_running{engine="0",model_name="m"} 2\nvllm:num_requests_waiting{engine="1"} 1\n'
-Respond = Callable[[asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def raw_http_server(respond: Respond) -> AsyncIterator[str]:
-    """A loopback server that reads a request head and lets ``respond`` write whatever bytes it likes."""
-    handlers: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await respond(writer)
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            handlers.discard(task)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        for task in list(handlers):
-            task.cancel()
-        await server.wait_closed()
 
 
 def head(length: int | None = None, *, chunked: bool = False) -> bytes:

@@ -12,6 +12,7 @@ import pytest
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError, UpstreamUnavailableError
 from gateway.server.upstream import get_text, make_session, post_json
+from tests.helpers import raw_http_server
 
 ANSWER = b'{"ok": true}'
 
@@ -88,30 +89,9 @@ async def test_an_engine_that_keeps_dropping_connections_is_unavailable() -> Non
             await session.close()
 
 
-@contextlib.asynccontextmanager
-async def hung_server() -> AsyncIterator[str]:
-    """A server that reads each request and never answers (it hangs up after 0.2 s to free the socket)."""
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        try:
-            await reader.read(65536)
-            await asyncio.sleep(0.2)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            writers.discard(writer)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        async with server:
-            yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
-    finally:
-        for writer in list(writers):
-            writer.close()
-        await asyncio.sleep(0)
+async def hang(writer: asyncio.StreamWriter) -> None:
+    """Answer nothing, then hang up after 0.2 s to free the socket."""
+    await asyncio.sleep(0.2)
 
 
 async def test_a_get_text_loop_always_stops_when_cancelled() -> None:
@@ -122,7 +102,7 @@ async def test_a_get_text_loop_always_stops_when_cancelled() -> None:
     """
     rng = random.Random(1)
     still_running = 0
-    async with hung_server() as url:
+    async with raw_http_server(hang) as url:
         session = make_session(UpstreamConfig())
 
         async def poll_forever() -> None:
