@@ -229,11 +229,25 @@ ENGINE_NICE = 10
 On a GPU cluster the engines compute on their accelerators and the gateway has the host's CPU to itself. Here
 vLLM's CPU kernels keep both cores busy while they generate, and at equal priority the gateway and the client in
 front of it got the CPU only in slices: a test's poll loop that should run every 0.5 s ran every 2-6 s, and a
-state of the engine lasting 20 s could pass unseen. A lower priority for vLLM restores the usual arrangement."""
+state of the engine lasting 20 s could pass unseen. A lower priority for vLLM restores the usual arrangement.
+
+The niceness is set twice, because the servers start in a session of their own (so that they can be stopped as
+one process group): with the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on
+here) each session is a CPU group of its own and a process's niceness only weighs against processes of its own
+session. Niceness 10 on the processes alone left the gateway's event loop runnable but unscheduled for up to
+45 s while vLLM generated (seen in ``/proc/<tid>/stat`` and ``schedstat``); niceness 10 on the session's
+autogroup too (``/proc/self/autogroup``, see ``sched(7)``) gives it its lower weight against every other
+session."""
+
+AUTOGROUP = Path("/proc/self/autogroup")
 
 
 def _lower_priority() -> None:
+    """Run in the server's process after ``setsid`` and before ``exec``: lower its and its session's priority."""
     os.nice(ENGINE_NICE)
+    # absent on kernels without CONFIG_SCHED_AUTOGROUP; raising an autogroup's niceness needs no privilege
+    with contextlib.suppress(OSError):
+        AUTOGROUP.write_text(f"{ENGINE_NICE}\n")
 
 
 def cpu_binding(dp_size: int, first_cpu: int = 0, cpus: Sequence[int] | None = None) -> str:

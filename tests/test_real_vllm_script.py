@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -79,3 +80,18 @@ def test_model_dir_rejects_unknown_models() -> None:
 def test_launch_says_what_to_run_when_nothing_is_installed(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="scripts/real-vllm install"):
         real_vllm.launch("tiny", root=tmp_path)
+
+
+def test_engine_processes_run_at_lower_priority_than_every_other_session() -> None:
+    """With autogroup scheduling a process's niceness weighs only within its session: the server's own session
+    must be niced too, or vLLM's CPU kernels starve the gateway however niced the processes are."""
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True, preexec_fn=real_vllm._lower_priority)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == real_vllm.ENGINE_NICE
+        autogroup = Path(f"/proc/{proc.pid}/autogroup")
+        if Path("/proc/self/autogroup").exists():
+            assert autogroup.read_text().split()[-1] == str(real_vllm.ENGINE_NICE), autogroup.read_text()
+            assert autogroup.read_text() != Path("/proc/self/autogroup").read_text(), "not a session of its own"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -31,7 +31,7 @@ async def scrape(url: str) -> str:
     """The ``/metrics`` text of the server at ``url``.
 
     The timeout is generous: while vLLM generates, its engine processes hold both cores of this machine and its
-    API server answers seconds late."""
+    API server (at a lower CPU priority than the tests) may answer late."""
     async with httpx.AsyncClient(timeout=30.0) as http:
         reply = await http.get(url + "/metrics")
         reply.raise_for_status()
