@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from gateway.config import WindowConfig
+from gateway.config import EngineConfig, Settings, WindowConfig
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import RankKey
+from gateway.server.dispatcher import Dispatcher
+from gateway.telemetry import GatewayMetrics
 from tests.helpers import MODEL, rank, req
 
 CLOSING = StepAlignedClosing(lead_s=0.005, min_interval_s=0.01, max_interval_s=0.5)
@@ -142,3 +146,41 @@ def test_switched_off_the_window_keeps_its_grid_tick():
     scheduler.submit(req("r", 500, arrival_s=0.06), 0.06)
     assert scheduler.next_deadline() == pytest.approx(0.1)
     assert scheduler.poll(0.095) is None
+
+
+def test_on_engine_tokens_says_which_chunks_begin_a_step():
+    _, scheduler = two_busy_instances()
+    assert scheduler.on_engine_tokens("a", 0.0)
+    assert not scheduler.on_engine_tokens("a", 0.001)  # the same burst of chunks: the same step end
+    assert scheduler.on_engine_tokens("a", 0.1)
+
+
+async def test_the_live_window_loop_closes_at_a_step_boundary_seen_while_it_sleeps():
+    """The loop sleeps until the close its last poll computed; a step boundary seen meanwhile can make the close
+    due much earlier, and must wake it (the simulator polls at every step end)."""
+    now = [0.0]
+    view = LoadView([EngineSpec("a", 2, frozenset({MODEL}), 8192)], stale_after_s=1e9)
+    settings = Settings(
+        policy="sbs",
+        window=WINDOW.model_copy(update={"max_interval_s": 1000.0, "initial_step_s": 500.0}),
+        engines=[EngineConfig(name="a", flavor="vllm", url="http://127.0.0.1:1", dp_size=2, models=[MODEL])],
+    )
+    d = Dispatcher(settings, view, GatewayMetrics(), clock=lambda: now[0])
+    view.on_dispatch("decoding", RankKey("a", 0), 10, 0.0, stream=True)
+    d.first_token("decoding", "a")  # a step boundary at 0; the next step predicted 500 s later
+    await d.start()
+    try:
+        waiter = asyncio.create_task(d.acquire(req("r", 100, arrival_s=0.01)))
+        now[0] = 0.01
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and d.scheduler.next_deadline() == pytest.approx(499.995)
+        now[0] = 0.2
+        d.tokens("decoding", "a", 1)  # the step ended after 0.2 s: the next is predicted to start at 0.4
+        await asyncio.sleep(0.05)
+        # the loop woke and re-timed the close (without the wake it would sleep on for 500 s)
+        assert d.scheduler.next_deadline() == pytest.approx(0.395)
+        now[0] = 0.395
+        key = await asyncio.wait_for(waiter, timeout=30)
+        assert key == RankKey("a", 1)
+    finally:
+        await d.stop()

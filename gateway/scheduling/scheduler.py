@@ -119,8 +119,10 @@ class Scheduler:
         """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
         return self.window.deadline
 
-    def on_engine_tokens(self, engine: str, now: float) -> None:
-        """Tokens from ``engine`` arrived (after the load view took them in): track its step phase.
+    def on_engine_tokens(self, engine: str, now: float) -> bool:
+        """Tokens from ``engine`` arrived (after the load view took them in): track its step phase; return whether
+        they began a new step (a step boundary of ``engine``), after which :meth:`poll` should run again, as
+        the close of the open window may now be due earlier (``step_aligned_close``).
 
         The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
         carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
@@ -136,6 +138,7 @@ class Scheduler:
             self._current_step_tokens[key] = current
             heaviest = max(heaviest, current)
         self.step_clock.set_step_prefill(engine, heaviest)
+        return new_step
 
     def _align(self, snapshot: list[RankLoad]) -> None:
         """Time the open window's close to the instances' next step starts (``step_aligned_close``)."""

@@ -168,10 +168,15 @@ class Dispatcher:
         self.notify_load_changed()
 
     def tokens(self, request_id: str, engine: str, n: int) -> None:
-        """``n`` more tokens of ``request_id`` arrived from ``engine`` (its step clock learns step times from them)."""
+        """``n`` more tokens of ``request_id`` arrived from ``engine`` (its step clock learns step times from them).
+
+        Tokens that begin a new step of ``engine`` wake the window loop while requests wait, as the simulator
+        polls at every step end: the window may close earlier than the loop's last deadline (step-aligned
+        closing re-times it to the new step), and ranks may have room again.
+        """
         self.view.on_tokens(request_id, n)
-        if self.scheduler.batched:
-            self.scheduler.on_engine_tokens(engine, self.clock())
+        if self.scheduler.batched and self.scheduler.on_engine_tokens(engine, self.clock()) and self._waiters:
+            self._wake.set()
 
     def finish(self, request_id: str) -> None:
         """``request_id`` ended (completed, failed or aborted)."""
