@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
+from gateway.config import WindowConfig
 from gateway.replay.client import run_bench
 from gateway.replay.traces import TraceRequest, rescale
 from gateway.sim.calibration import EngineModelConfig
@@ -86,11 +88,29 @@ def start_engines(
     return engines
 
 
+def gateway_variant(spec: str) -> dict[str, Any]:
+    """The gateway configuration named by ``spec``: a policy, then any ``+flag`` / ``-flag`` that switches a
+    boolean of the window configuration on or off (``sbs+step_aligned_close``, ``sbs-adaptive_interval``).
+
+    Raises:
+        ValueError: a flag that is not a boolean of :class:`~gateway.config.WindowConfig`.
+    """
+    policy, *flags = re.split(r"(?=[+-])", spec)
+    window: dict[str, bool] = {}
+    for flag in flags:
+        name = flag[1:]
+        if WindowConfig.model_fields.get(name) is None or WindowConfig.model_fields[name].annotation is not bool:
+            raise ValueError(f"{name!r} in {spec!r} is not a switch of the window configuration")
+        window[name] = flag[0] == "+"
+    return {"policy": policy, "window": window} if window else {"policy": policy}
+
+
 def start_gateway(procs: Processes, engines: list[dict[str, Any]], policy: str) -> str:
-    """Start ``gateway serve`` in front of ``engines`` with ``policy``; return its URL."""
+    """Start ``gateway serve`` in front of ``engines`` with ``policy`` (a :func:`gateway_variant` spec); return its
+    URL."""
     port = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump({"policy": policy, "engines": engines}, f)
+        yaml.safe_dump({**gateway_variant(policy), "engines": engines}, f)
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", f.name, "--port", str(port), "--log-level", "warning"]
     return procs.start(cmd, f"http://127.0.0.1:{port}", "/ready")
 

@@ -64,7 +64,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_slice_args(ap, minutes=3.0)
     ap.add_argument("--router-policies", default="round_robin,power_of_two", help="sglang-router policies")
-    ap.add_argument("--gateway-policies", default="sbs,round_robin", help="our gateway's policies")
+    ap.add_argument(
+        "--gateway-policies",
+        default="sbs,round_robin",
+        help="our gateway's policies, each with any +flag/-flag of the window configuration (sbs+step_aligned_close)",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS / "peer_router.json")
     args = ap.parse_args()
 

