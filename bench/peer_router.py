@@ -77,8 +77,9 @@ def main() -> None:
     trace = window(full, args.start, args.minutes * 60)
     load = slice_load(trace, args.rate_scale / args.speed, args.instances, args.dp_size).load
     print(f"{len(trace)} requests, offered load {load:.0%} of capacity", file=sys.stderr)
-    fronts = {f"sglang-router {p} --dp-aware": partial(start_router, policy=p) for p in args.router_policies.split(",")}
-    fronts |= {f"gateway {p}": partial(start_gateway, policy=p) for p in args.gateway_policies.split(",")}
+    routers, gateways = (filter(None, a.split(",")) for a in (args.router_policies, args.gateway_policies))
+    fronts = {f"sglang-router {p} --dp-aware": partial(start_router, policy=p) for p in routers}
+    fronts |= {f"gateway {p}": partial(start_gateway, policy=p) for p in gateways}
     results = {}
     for name, front in fronts.items():
         print(f"\n== {name}", file=sys.stderr)
