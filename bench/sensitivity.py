@@ -19,6 +19,7 @@ Writes ``bench/results/sensitivity.json`` and ``sensitivity.md``; the Markdown s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -147,7 +148,8 @@ def main() -> None:
         title = "window bounds [min_interval, max_interval]"
         report["sweeps"][title] = window_rows
         md += table(title, window_rows)
-    write_outputs(args.output, report, md, started, " (wall clock, shared 2-core machine)")
+    machine = f" (wall clock, {os.cpu_count()} cores, 5-minute load average {os.getloadavg()[1]:.1f} at the end)"
+    write_outputs(args.output, report, md, started, machine)
 
 
 if __name__ == "__main__":
