@@ -52,8 +52,8 @@ def engine_config(name: str, server: real_vllm.Server) -> EngineConfig:
 async def gateway(policy: str, *engines: EngineConfig) -> AsyncIterator[str]:
     """The gateway, in this event loop on 127.0.0.1, in front of ``engines``; yields its base URL."""
     # The gateway's own defaults, but for a faster scrape: the tests poll for states that last seconds. (vLLM runs
-    # at a lower CPU priority, see scripts/real_vllm.ENGINE_NICE; at equal priority its API server answered
-    # /health and /metrics seconds late on this 2-core machine and the default timeouts did not hold.)
+    # at a lower CPU priority, see scripts/real_vllm.ENGINE_NICE; without that, this process, gateway and test
+    # client alike, went unscheduled for seconds while vLLM generated on this 2-core machine.)
     settings = Settings(policy=policy, engines=list(engines), scrape=ScrapeConfig(interval_s=0.2))
     async with serve_in_background(create_app(settings)) as url:
         yield url
