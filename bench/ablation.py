@@ -38,6 +38,7 @@ VARIANTS = [
     Variant("- adaptive interval", window={"adaptive_interval": False}),
     Variant("- staggering (phase-blind)", window={"stagger": False}),
     Variant("+ step-aligned closes", window={"step_aligned_close": True}),
+    Variant("+ shortest prompt first", window={"shortest_first": True}),
     Variant("- phase-aware (water-filling only)", window={"allocator": "water_fill"}),
     Variant("- water-filling capacity (no deferral)", window={"prefill_capacity": False}),
     Variant("- decode-aware choice", window={"decode_aware": False}),

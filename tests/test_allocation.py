@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.config import WindowConfig
+from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.allocation import assigned_levels, free_prefill_capacity, water_fill
+from gateway.scheduling.scheduler import Scheduler
 from gateway.scheduling.types import RankKey
-from tests.helpers import rank, req
+from tests.helpers import MODEL, rank, req
 
 
 def placement(allocation) -> dict[str, str]:
@@ -125,3 +128,27 @@ def test_a_request_deferred_before_is_placed_ahead_of_a_longer_newcomer():
     allocation = water_fill([new, old], ranks, now=1.0, max_wait_s=10, queue_steps=1)
     assert [q.request_id for q, _ in allocation.assigned] == ["old"]
     assert [q.request_id for q in allocation.deferred] == ["new"]
+
+
+def test_shortest_first_places_the_short_prompt_even_ahead_of_one_deferred_before():
+    # room for one of the two: shortest first takes the newcomer and defers the old, longer one again
+    ranks = [rank("e", 0, queued=100, budget=1000)]
+    old, new = req("old", 800, arrival_s=0.0), req("new", 600, arrival_s=0.5)
+    old.deferrals = 3
+    allocation = water_fill([old, new], ranks, now=1.0, max_wait_s=10, queue_steps=1, shortest_first=True)
+    assert [q.request_id for q, _ in allocation.assigned] == ["new"]
+    assert [q.request_id for q in allocation.deferred] == ["old"]
+    # ... until it has waited max_wait_s: then it is placed wherever it does not fit
+    allocation = water_fill([old, new], ranks, now=10.0, max_wait_s=10, queue_steps=1, shortest_first=True)
+    assert sorted(q.request_id for q, _ in allocation.assigned) == ["new", "old"]
+
+
+def test_the_scheduler_passes_shortest_first_to_phase_aware_placement():
+    view = LoadView([EngineSpec("e", 1, frozenset({MODEL}), 1000)], stale_after_s=3.0)
+    window = WindowConfig(min_interval_s=0.01, max_interval_s=0.01, shortest_first=True, queue_steps=1)
+    scheduler = Scheduler("sbs", view, window)
+    view.on_dispatch("busy", RankKey("e", 0), 300, 0.0, stream=True)  # the rank has room for 700 more tokens
+    scheduler.submit(req("long", 650, arrival_s=0.0), 0.0)
+    scheduler.submit(req("short", 500, arrival_s=0.001), 0.001)
+    outcome = scheduler.poll(0.02)
+    assert outcome is not None and [q.request_id for q, _ in outcome.assigned] == ["short"]

@@ -64,10 +64,13 @@ def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float], queue_st
     return best
 
 
-def placement_order(batch: Iterable[PendingRequest]) -> list[PendingRequest]:
+def placement_order(batch: Iterable[PendingRequest], shortest_first: bool = False) -> list[PendingRequest]:
     """The order in which a window's requests are placed: requests deferred by more windows first (so what
     waited is not passed over again by newer arrivals), then longest prompt first (water-filling), then by
-    arrival."""
+    arrival. With ``shortest_first``: shortest prompt first whatever waited, then by arrival (only ``max_wait_s``
+    bounds how long a long prompt can be passed over)."""
+    if shortest_first:
+        return sorted(batch, key=lambda q: (q.prompt_tokens, q.arrival_s))
     return sorted(batch, key=lambda q: (-q.deferrals, -q.prompt_tokens, q.arrival_s))
 
 
@@ -84,6 +87,7 @@ def water_fill(
     max_wait_s: float,
     queue_steps: float = DEFAULT_QUEUE_STEPS,
     decode: DecodeRanker | None = None,
+    shortest_first: bool = False,
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
@@ -95,6 +99,7 @@ def water_fill(
         queue_steps: a rank's capacity in per-step prefill budgets (> 0; ``inf`` places everything at once).
         decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ties in the level go to non-outlier
             ranks first, then by its lexicographic key; ``None`` breaks them by running requests, then KV usage.
+        shortest_first: place the shortest prompts first (:func:`placement_order`).
 
     Returns:
         An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
@@ -107,7 +112,7 @@ def water_fill(
     # Per model: the most prompt tokens any serving rank can still take (inf if one is idle), so that
     # requests which fit nowhere are deferred without scanning every rank (windows can hold thousands).
     headroom: dict[str, float] = {}
-    order = placement_order(batch)
+    order = placement_order(batch, shortest_first)
     for request in order:
         serving = serving_by_model.get(request.model)
         if serving is None:

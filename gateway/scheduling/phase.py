@@ -62,6 +62,7 @@ def phase_fill(
     decode_stall_weight: float = DECODE_STALL_WEIGHT,
     decode: DecodeRanker | None = None,
     stagger: bool = True,
+    shortest_first: bool = False,
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
@@ -82,6 +83,8 @@ def phase_fill(
             first tokens, gave TTFT p99 1.70 s against 1.45 s (Azure conv, 20 minutes at 80% load, w=0.05).
         stagger: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
             (the staggering switched off, for ablation).
+        shortest_first: place the shortest prompts first instead of the longest
+            (:func:`~gateway.scheduling.allocation.placement_order`).
     """
     result = Allocation()
     level = {r.key: r.queued_prefill_tokens for r in ranks}
@@ -94,7 +97,7 @@ def phase_fill(
         if r.usable:
             inst.ranks.append(r)
     waiting_next = {e: sum(1 for r in inst.ranks if next_level[r.key] > 0) for e, inst in instances.items()}
-    for request in placement_order(batch):
+    for request in placement_order(batch, shortest_first):
         t = request.prompt_tokens
         forced = now - request.arrival_s >= max_wait_s
         best: tuple[tuple[float, ...], RankLoad] | None = None

@@ -181,6 +181,7 @@ class Scheduler:
                 decode_stall_weight=config.decode_stall_weight,
                 decode=decode,
                 stagger=config.stagger,
+                shortest_first=config.shortest_first,
             )
         else:
             allocation = water_fill(
@@ -190,6 +191,7 @@ class Scheduler:
                 max_wait_s=config.max_wait_s,
                 queue_steps=queue_steps,
                 decode=decode,
+                shortest_first=config.shortest_first,
             )
         for request, key in allocation.assigned:
             self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
