@@ -159,6 +159,7 @@ def main() -> None:
             targets = {"direct": vllm_url, **{f"gateway {p}": start_gateway(procs, engines, p) for p in POLICIES}}
             probe = asyncio.run(added_latency(targets, args.probe_rounds))
 
+    load_after = os.getloadavg()[1]
     table = results_table(dict(sorted(results.items())))
     means = mean_over_runs(results, [name for name, _ in configs])
     lines = [
@@ -166,7 +167,7 @@ def main() -> None:
         f"{args.requests} streaming requests, Poisson {args.rate}/s, prompts 32-512 tokens, {args.output_tokens} "
         f"output tokens (ignore_eos), seed {args.seed}.",
         f"Machine: {os.cpu_count()} cores, 5-minute load average {load_before:.1f} before the runs and "
-        f"{os.getloadavg()[1]:.1f} after them; vLLM's two DP",
+        f"{load_after:.1f} after them; vLLM's two DP",
         "ranks (one CPU each, at a lower CPU priority), the gateway process and the load generator all run on them, so",
         "the gateway's own CPU time slows the engine too. Compare the rows of one configuration before reading a",
         "difference: anything else running on the machine shows as a run slower than its repeats.",
@@ -196,7 +197,7 @@ def main() -> None:
     report = {
         "config": config,
         "cpus": os.cpu_count(),
-        "load_average_5min": {"before": load_before, "after": os.getloadavg()[1]},
+        "load_average_5min": {"before": load_before, "after": load_after},
         "runs": results,
         "means": means,
         "added_latency": probe,

@@ -27,12 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _simbench import Workload, ms, workload, write_outputs
+from _harness import RESULTS
+from _simbench import Workload, add_common_args, ms, workload, write_outputs
 
 from gateway.replay.traces import rescale
 from gateway.sim.simulate import SimConfig, simulate
 
-RESULTS = Path(__file__).parent / "results"
 POLICIES = ("sbs", "round_robin", "least_tokens", "sglang_total_tokens", "vllm_internal")
 TAIL = 0.01
 
@@ -60,9 +60,7 @@ def split(policy: str, work: Workload) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--traces", default="azure-conv,azure-code,mooncake-conv")
-    ap.add_argument("--load", type=float, default=0.8, help="offered load, fraction of capacity [0.8]")
-    ap.add_argument("--minutes", type=float, default=10.0, help="slice of each trace, minutes [10]")
-    ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes [1]")
+    add_common_args(ap, minutes=10.0)
     ap.add_argument("--output", type=Path, default=RESULTS / "tail")
     args = ap.parse_args()
     started = time.perf_counter()
@@ -77,7 +75,7 @@ def main() -> None:
     report: dict[str, Any] = {"command": command, "load": args.load, "traces": {}}
     with ProcessPoolExecutor(args.jobs) as pool:
         for trace in args.traces.split(","):
-            work = workload(trace, args.minutes, args.load, 2, 8, 3.0)
+            work = workload(trace, args.minutes, args.load, 2, 8, args.slo_scale)
             results = list(pool.map(split, POLICIES, [work] * len(POLICIES)))
             report["traces"][trace] = {"rate_scale": work.scale, "requests": len(work.trace), "runs": results}
             md += [
