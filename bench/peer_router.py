@@ -69,6 +69,11 @@ def main() -> None:
         default="sbs,round_robin",
         help="our gateway's policies, each with any +flag/-flag of the window configuration (sbs+step_aligned_close)",
     )
+    ap.add_argument(
+        "--load",
+        type=float,
+        help="offered load as a fraction of the slice's analytic capacity; sets --rate-scale for this slice (0.8)",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS / "peer_router.json")
     args = ap.parse_args()
 
@@ -76,7 +81,10 @@ def main() -> None:
     full = load_trace(resolve_trace(args.trace))
     trace = window(full, args.start, args.minutes * 60)
     load = slice_load(trace, args.rate_scale / args.speed, args.instances, args.dp_size).load
-    print(f"{len(trace)} requests, offered load {load:.0%} of capacity", file=sys.stderr)
+    if args.load is not None:  # the load is proportional to the rate scale: arrivals compress, the work does not
+        args.rate_scale *= args.load / load
+        load = slice_load(trace, args.rate_scale / args.speed, args.instances, args.dp_size).load
+    print(f"{len(trace)} requests, rate x{args.rate_scale:.3f}, offered load {load:.0%} of capacity", file=sys.stderr)
     routers, gateways = (filter(None, a.split(",")) for a in (args.router_policies, args.gateway_policies))
     fronts = {f"sglang-router {p} --dp-aware": partial(start_router, policy=p) for p in routers}
     fronts |= {f"gateway {p}": partial(start_gateway, policy=p) for p in gateways}
