@@ -6,6 +6,9 @@ Components (switches in ``WindowConfig`` and ``SimConfig``):
 - staggering (``window.stagger``): batches are placed by each instance's step phase;
 - step-aligned closes (``window.step_aligned_close``, off by default, so this row switches it *on*): the window
   closes just before an instance's predicted step start instead of on its grid tick;
+- shortest prompt first (``window.shortest_first``, off by default, so this row switches it *on*);
+- long-prefill isolation (``window.long_prefill_isolation``): long prompts kept together on instances already
+  prefilling one, short prompts off them;
 - phase-aware placement (``window.allocator``): by predicted first-token time; off = prefill water-filling;
 - water-filling capacity (``window.prefill_capacity``): what does not fit a rank's budgets waits;
 - decode-aware choice (``window.decode_aware``): two objectives, lexicographic;
@@ -39,6 +42,7 @@ VARIANTS = [
     Variant("- staggering (phase-blind)", window={"stagger": False}),
     Variant("+ step-aligned closes", window={"step_aligned_close": True}),
     Variant("+ shortest prompt first", window={"shortest_first": True}),
+    Variant("- long-prefill isolation", window={"long_prefill_isolation": False}),
     Variant("- phase-aware (water-filling only)", window={"allocator": "water_fill"}),
     Variant("- water-filling capacity (no deferral)", window={"prefill_capacity": False}),
     Variant("- decode-aware choice", window={"decode_aware": False}),

@@ -152,3 +152,16 @@ def test_the_scheduler_passes_shortest_first_to_phase_aware_placement():
     scheduler.submit(req("short", 500, arrival_s=0.001), 0.001)
     outcome = scheduler.poll(0.02)
     assert outcome is not None and [q.request_id for q, _ in outcome.assigned] == ["short"]
+
+
+@pytest.mark.parametrize(("isolation", "engine"), [(False, "a"), (True, "b")])
+def test_the_scheduler_passes_long_prefill_isolation_to_phase_aware_placement(isolation, engine):
+    view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 1000) for e in ("a", "b")], stale_after_s=3.0)
+    window = WindowConfig(min_interval_s=0.01, max_interval_s=0.01, long_prefill_isolation=isolation)
+    scheduler = Scheduler("sbs", view, window)
+    view.on_dispatch("long", RankKey("a", 0), 6000, 0.0, stream=True)  # over 5 budgets of 1000: a is slow
+    for index in (0, 1):
+        view.on_dispatch(f"b{index}", RankKey("b", index), 900, 0.0, stream=True)
+    scheduler.submit(req("short", 100, arrival_s=0.0), 0.0)  # by cost alone: a's free rank
+    outcome = scheduler.poll(0.02)
+    assert outcome is not None and [k.engine for _, k in outcome.assigned] == [engine]

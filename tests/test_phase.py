@@ -113,3 +113,45 @@ def test_phase_fill_defers_what_fits_nowhere_and_reports_unserved_models():
     )
     assert [r.request_id for r in allocation.deferred] == ["big"]
     assert [r.request_id for r in allocation.unplaceable] == ["other"]
+
+
+def slow_and_fast_instances(b_queued: float = 0.0) -> list:
+    """Instance ``a``: rank 0 holds 50,000 queued prompt tokens (over 5 budgets of 8192: a long prefill), rank 1
+    is free. Instance ``b``: two ranks holding ``b_queued`` tokens each."""
+    return [
+        rank("a", 0, running=1, queued=50_000),
+        rank("a", 1, running=1),
+        rank("b", 0, running=1, queued=b_queued),
+        rank("b", 1, running=1, queued=b_queued),
+    ]
+
+
+@pytest.mark.parametrize(("steps", "winner"), [(None, "b/0"), (5.0, "a/1")])
+def test_long_prefill_isolation_sends_a_long_prompt_to_the_instance_already_prefilling_one(steps, winner):
+    # b starts its next step sooner, so by cost alone the long prompt goes there and slows all of b's steps
+    clock = busy_clock({"a": 0.8, "b": 0.0})
+    allocation = phase_fill(
+        [req("long", 45_000)], slow_and_fast_instances(), clock, {}, now=1.5, max_wait_s=10, queue_steps=2,
+        long_prefill_steps=steps,
+    )  # fmt: skip
+    assert [str(k) for _, k in allocation.assigned] == [winner]
+
+
+@pytest.mark.parametrize(("steps", "winner"), [(None, "a/1"), (5.0, "b/0")])
+def test_long_prefill_isolation_keeps_a_short_prompt_off_the_slow_instance(steps, winner):
+    # a starts its next step much sooner, so by cost alone the short prompt would go there, into a's long steps
+    clock = busy_clock({"a": 0.0, "b": 1.4})
+    allocation = phase_fill(
+        [req("short", 500)], slow_and_fast_instances(), clock, {}, now=1.5, max_wait_s=10, queue_steps=2,
+        long_prefill_steps=steps,
+    )  # fmt: skip
+    assert [str(k) for _, k in allocation.assigned] == [winner]
+
+
+def test_long_prefill_isolation_still_uses_the_slow_instance_when_nothing_else_fits():
+    clock = busy_clock({"a": 0.8, "b": 0.0})
+    ranks = slow_and_fast_instances(b_queued=16_000)  # b is full: 2 budgets queued on each rank
+    allocation = phase_fill(
+        [req("short", 500)], ranks, clock, {}, now=1.5, max_wait_s=10, queue_steps=2, long_prefill_steps=5.0
+    )
+    assert [str(k) for _, k in allocation.assigned] == ["a/1"] and not allocation.deferred

@@ -182,6 +182,7 @@ class Scheduler:
                 decode=decode,
                 stagger=config.stagger,
                 shortest_first=config.shortest_first,
+                long_prefill_steps=config.long_prefill_steps if config.long_prefill_isolation else None,
             )
         else:
             allocation = water_fill(
