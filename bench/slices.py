@@ -41,12 +41,13 @@ TARGET = 0.7
 """sbs's TTFT mean and p99 at most 70% of the best baseline's (issue 3's target, DESIGN.md §2)."""
 
 
-def run(policy: str, trace: list[TraceRequest], scale: float, settings: dict[str, Any]) -> list[float]:
+def run(policy: str, trace: list[TraceRequest], scale: float, settings: dict[str, Any]) -> tuple[list[float], float]:
     """TTFT of every request of ``trace`` at ``scale`` under ``policy`` with the window ``settings`` changed from
-    the defaults (seconds, in trace order)."""
+    the defaults (seconds, in trace order), and the mean TPOT (seconds) over the requests of 2+ output tokens."""
     base = SimConfig()
     config = replace(base, policy=policy, window=WindowConfig(**{**base.window.model_dump(), **settings}))  # type: ignore[arg-type]
-    return [r.ttft_s for r in simulate(rescale(trace, scale), config).records]
+    records = simulate(rescale(trace, scale), config).records
+    return [r.ttft_s for r in records], statistics.fmean(r.tpot_s for r in records if r.output_tokens > 1)
 
 
 def p99(values: list[float]) -> float:
@@ -88,9 +89,14 @@ Slice = tuple[float, list[TraceRequest], float]
 
 
 def trace_section(
-    name: str, slices: list[Slice], per_slice: list[dict[str, list[float]]], args: argparse.Namespace
+    name: str,
+    slices: list[Slice],
+    per_slice: list[dict[str, list[float]]],
+    tpot: dict[str, float],
+    args: argparse.Namespace,
 ) -> tuple[list[str], dict[str, Any]]:
-    """The Markdown section and the JSON entry of one trace, from each slice's TTFTs per policy."""
+    """The Markdown section and the JSON entry of one trace, from each slice's TTFTs per policy and each policy's
+    TPOT mean over the slices."""
     md = [
         "",
         f"## {name}",
@@ -141,6 +147,13 @@ def trace_section(
             f"{value * 1000:,.0f} | {pct(sbs / value - 1)} | {pct(lo)} to {pct(hi)} | "
             f"{pct(statistics.fmean(d))} [{pct(min(d))}, {pct(max(d))}] | {on_target} of {len(d)} |"
         )
+    entry["tpot_mean_s"] = tpot
+    other = min((p for p in tpot if p != "sbs"), key=tpot.__getitem__)
+    md += [
+        "",
+        f"TPOT mean over the slices: sbs {tpot['sbs'] * 1000:,.0f} ms, best baseline {other} "
+        f"{tpot[other] * 1000:,.0f} ms ({pct(tpot['sbs'] / tpot[other] - 1)}).",
+    ]
     return md, entry
 
 
@@ -183,12 +196,13 @@ def main() -> None:
                 scale = slice_load(trace, 1.0, base.instances, base.dp_size).rate_scale_for(args.load)
                 slices.append((k * args.minutes, trace, scale))
             jobs = [(policy, trace, scale) for _, trace, scale in slices for policy in policies]
-            ttfts = list(pool.map(partial(run, settings=args.window), *zip(*jobs, strict=True)))
+            runs = list(pool.map(partial(run, settings=args.window), *zip(*jobs, strict=True)))
+            n = len(policies)
             per_slice = [
-                dict(zip(policies, ttfts[i * len(policies) : (i + 1) * len(policies)], strict=True))
-                for i in range(len(slices))
+                dict(zip(policies, (r[0] for r in runs[i * n : (i + 1) * n]), strict=True)) for i in range(len(slices))
             ]
-            section, entry = trace_section(name, slices, per_slice, args)
+            tpot = {p: statistics.fmean(r[1] for r in runs[i::n]) for i, p in enumerate(policies)}
+            section, entry = trace_section(name, slices, per_slice, tpot, args)
             md += section
             report["traces"][name] = entry
             print("\n".join(section), file=sys.stderr)
