@@ -321,6 +321,13 @@ def _write_plot(summaries: dict[str, Any], plot: str, title: str) -> None:
     help="Judge SLO attainment against the SLO derived from the engine model with this scale "
     "(gateway.sim.simulate.derived_slo) [default: TTFT <= 2 s, TPOT <= 100 ms].",
 )
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Gateway configuration (YAML, as for serve) whose window section sbs runs with [default: the defaults].",
+)
 @output_option
 @plot_option
 @no_progress_option
@@ -335,6 +342,7 @@ def simulate(
     scrape_interval: float,
     scrape_lag: float,
     slo_scale: float | None,
+    config_path: str | None,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -364,6 +372,10 @@ def simulate(
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     _check_plot(plot)
+    try:
+        window_settings = load_settings(config_path).window if config_path else SimConfig().window
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     results = {}
     slo = Slo()
     if slo_scale is not None and requests:
@@ -377,6 +389,7 @@ def simulate(
             seed=seed,
             scrape_interval_s=scrape_interval,
             scrape_lag_s=scrape_lag,
+            window=window_settings,
         )
         bar = tqdm(total=len(requests), desc=policy, unit="req", file=sys.stderr, disable=no_progress, leave=False)
         with bar:
