@@ -99,7 +99,7 @@ class WindowConfig(_Strict):
     allocator: Literal["water_fill", "phase_aware"] = "phase_aware"
     """How a window's batch is placed: prefill water-filling over all ranks, or by predicted time to first
     token using each instance's step phase (see :mod:`gateway.scheduling.phase`)."""
-    decode_stall_weight: float = Field(default=0.01, ge=0)
+    decode_stall_weight: float = Field(default=0.005, ge=0)
     """``phase_aware`` only: weight of one decoding request's stall against one waiting request's TTFT; higher
     trades TTFT for TPOT (see :data:`gateway.scheduling.phase.DECODE_STALL_WEIGHT`)."""
     queue_steps: PositiveFloat = 2.0

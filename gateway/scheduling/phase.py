@@ -48,14 +48,17 @@ from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
 
-DECODE_STALL_WEIGHT = 0.01
+DECODE_STALL_WEIGHT = 0.005
 """Default ``w``: how much one decoding request's stall counts against one waiting request's TTFT.
 
-It trades TTFT for TPOT. Simulated, 20 minutes of the Azure conversation trace on 2 x 8 ranks at 80% load
-(round robin: TTFT mean 534 ms, p99 1.52 s, TPOT mean 173 ms): w=0 gives TTFT mean 360 ms, p99 1.09 s, TPOT
-197 ms; w=0.01 gives 392 ms, 1.08 s, 171 ms; w=0.02 gives 424 ms, 1.22 s, 170 ms; w=0.05 gives 451 ms,
-1.45 s, 146 ms. The default is the lowest TTFT whose TPOT is still no worse than round robin's. On the
-prefill-heavy Azure code trace w changes TTFT by under 3%."""
+It trades TTFT for TPOT. Simulated over five consecutive 10-minute slices of the Azure conversation trace, each at
+80% of its capacity on 2 x 8 ranks (``python bench/slices.py --window '{"decode_stall_weight": w}'``; best
+baseline: TTFT mean 1,358 ms, p99 3,029 ms, TPOT mean 263 ms): w=0.01 gives TTFT mean 899 ms, p99 3,068 ms, TPOT
+194 ms; w=0.0075 865 ms, 3,005 ms, 198 ms; w=0.005 808 ms, 2,811 ms, 201 ms; w=0.0035 821 ms, 3,076 ms, 199 ms.
+On the Azure code and Mooncake slices 0.005 and 0.01 differ by 1% or less. Lower still is unstable: on the first
+20 minutes of Azure conversation at 80% load, w=0.002 gave TTFT p99 9.6 s and w=0 9.2 s against 2.1 s at 0.005
+(not investigated further). The default is the lowest TTFT measured, its TPOT still 24% below the best
+baseline's."""
 
 
 @dataclass(slots=True)
