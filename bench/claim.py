@@ -65,9 +65,35 @@ def best(rows: dict[str, dict[str, Any]], figure: str) -> tuple[str, float]:
     return name, rows[name]["ttft_s"][figure]
 
 
+def over_slices(slices: dict[str, Any], source: str) -> list[str]:
+    """The TTFT part of the claim over ``bench/slices.py``'s consecutive slices, as Markdown lines."""
+    config = slices["config"]
+    md = [
+        "",
+        f"## Over {config['slices']} slices",
+        "",
+        f"From `{source}` (`python bench/slices.py`): {config['slices']} consecutive "
+        f"{float(config['minutes']):g}-minute slices of each trace, each at {float(config['load']):.0%} of its own "
+        "capacity; sbs against the best baseline on all their requests pooled, and the spread of the per-slice deltas.",
+        "",
+        "| trace | figure | sbs | best baseline | delta | per-slice deltas: mean [min, max] | slices on target |",
+        "|---|---|---:|---|---:|---|---:|",
+    ]
+    for name, entry in slices["traces"].items():
+        for figure, f in entry["pooled"].items():
+            d = f["per_slice_deltas"]
+            md.append(
+                f"| {name} | TTFT {figure} | {f['sbs'] * 1000:,.0f} ms | {f['best']} "
+                f"{f['best_value'] * 1000:,.0f} ms | {f['delta']:+.0%} | "
+                f"{statistics.fmean(d):+.0%} [{min(d):+.0%}, {max(d):+.0%}] | {f['on_target']} of {len(d)} |"
+            )
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", type=Path, default=RESULTS / "report" / "report.json")
+    ap.add_argument("--slices", type=Path, default=RESULTS / "slices.json", help="bench/slices.py's figures, if any")
     ap.add_argument("--output", type=Path, default=RESULTS / "claim")
     args = ap.parse_args()
     report = json.loads(args.report.read_text())
@@ -131,6 +157,8 @@ def main() -> None:
             f"{delta} | {TARGET_RATE * rates[rival]:.2f} req/s | – | – | {'yes' if met else 'no'} |"
         )
         print(f"{name}: done", file=sys.stderr)
+    if args.slices.is_file():
+        md += over_slices(json.loads(args.slices.read_text()), args.slices.name)
     args.output.with_suffix(".json").write_text(json.dumps(out, indent=2))
     args.output.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {args.output}.md", file=sys.stderr)
