@@ -138,8 +138,9 @@ class WindowConfig(_Strict):
     """``phase_aware`` only: keep prompts longer than ``long_prefill_steps`` per-step budgets together on instances
     already prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a
     long-context chunk sets the step time of the whole instance (see :mod:`gateway.scheduling.phase`). Simulated
-    on Mooncake at 80% load it lowers TTFT mean by 28% and TPOT mean by 54% and raises TTFT p99 by 11% (the
-    longest prompts wait on each other's long steps); on the Azure traces nothing is that long. ``False``: off."""
+    on 20 minutes of Mooncake at 80% load (``bench/results/ablation.md``) it lowers TTFT mean by 27% and TPOT mean
+    by 51% and raises TTFT p99 by 22% (the longest prompts wait on each other's long steps); on the Azure traces
+    nothing is that long. ``False``: off."""
     long_prefill_steps: PositiveFloat = 5.0
     """``long_prefill_isolation`` only: a prompt is long past this many per-step prefill budgets (5 x 8192 =
     40,960 tokens)."""

@@ -31,8 +31,8 @@ So a prompt longer than ``long_prefill_steps`` per-step budgets goes, among the 
 already has a rank with that much queued (where it barely lengthens steps that are long anyway), and a shorter
 prompt goes, if it fits anywhere else, to an instance without one; within that choice the cost decides as above.
 Simulated on the first 10 minutes of the Mooncake conversation trace (2 x 8 ranks, 80% load), 5 budgets
-(40,960 tokens): TTFT mean 9.40 -> 6.76 s, TPOT mean 391 -> 180 ms, goodput 0.43 -> 0.56 req/s, TTFT p99
-78 -> 87 s (the longest prompts now share long steps with each other). 4 budgets gave 7.06 s, 6 gave 6.87 s,
+(40,960 tokens): TTFT mean 9.32 -> 6.76 s, TPOT mean 365 -> 180 ms, goodput 0.43 -> 0.56 req/s, TTFT p99
+78 -> 87 s (the longest prompts now share long steps with each other). 4 budgets gave 7.05 s, 6 gave 6.87 s,
 1 (all multi-step prompts) 10.4 s: too many requests crowd the long instance. On the Azure traces no prompt is
 that long and nothing changes. The level of a rank comes from the gateway's own accounting, so a non-streamed
 long prompt stops counting after ``nonstream_prefill_s``.
