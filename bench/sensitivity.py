@@ -1,13 +1,16 @@
 """Sensitivity of sbs against the best immediate-dispatch baseline, in virtual time.
 
-Four sweeps on one trace at one load, each changing one setting from the defaults (2 instances x 8 ranks,
+Five sweeps on one trace at one load, each changing one setting from the defaults (2 instances x 8 ranks,
 scrapes every 0.5 s arriving 0.05 s late, window 5 ms to 0.5 s):
 
 - scrape interval and scrape lag (how stale the metrics the allocator starts from are), and the scrape
   interval again with state synchronisation off (then the scrapes are all any policy sees);
 - DP size: 8, 32, 128 and 256 ranks in total at equal per-rank load (the rate grows with the ranks, the
   requests are the same);
-- window bounds (``min_interval_s`` x ``max_interval_s``); baselines have no window, so they run once.
+- window bounds (``min_interval_s`` x ``max_interval_s``); baselines have no window, so they run once;
+- the engines' chunked-prefill budget (``EngineModelConfig.max_prefill_tokens_per_step``, an engine setting, not
+  the gateway's) at the same rate: a smaller budget makes shorter steps, which a request arriving mid-step waits
+  out, at the price of less prefill per step.
 
 At each point every baseline in ``--baselines`` runs and the best by TTFT mean is the one compared.
 
@@ -30,12 +33,15 @@ from typing import Any
 from _harness import RESULTS
 from _simbench import Variant, Workload, add_common_args, ms, run_variant, workload, write_outputs
 
+from gateway.sim.calibration import EngineModelConfig
+
 SCRAPE_INTERVALS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 SCRAPE_LAGS_S = (0.0, 0.05, 0.2, 0.5, 1.0)
 TOTAL_RANKS = ((2, 4), (2, 16), (4, 32), (8, 32))  # (instances, dp_size): 8, 32, 128, 256 ranks
 MIN_INTERVALS_S = (0.001, 0.005, 0.02, 0.05)
 MAX_INTERVALS_S = (0.05, 0.5, 2.0)
 BASE_RANKS = 16  # the 2 x 8 cluster the load is measured on
+PREFILL_BUDGETS = (2048, 4096, 8192, 16384)
 
 
 def _run(job: tuple[Variant, Workload]) -> dict[str, Any]:
@@ -119,6 +125,13 @@ def main() -> None:
         "scrape lag (interval 0.5 s)": ([(f"{x:g} s", {}, {"scrape_lag_s": x}) for x in SCRAPE_LAGS_S], work),
         "scrape interval without state sync (every policy sees scrapes only)": (
             [(f"{x:g} s", {}, {"scrape_interval_s": x, "state_sync": False}) for x in SCRAPE_INTERVALS_S],
+            work,
+        ),
+        "chunked-prefill budget of the engines (same rate)": (
+            [
+                (f"{b:,} tokens", {}, {"engine": EngineModelConfig(max_prefill_tokens_per_step=b)})
+                for b in PREFILL_BUDGETS
+            ],
             work,
         ),
     }

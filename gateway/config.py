@@ -105,6 +105,10 @@ class WindowConfig(_Strict):
     queue_steps: PositiveFloat = 2.0
     """A DP rank's prefill capacity, in per-step token budgets: the step in progress plus the next one (see
     :mod:`gateway.scheduling.allocation`)."""
+    min_queue_tokens: int = Field(default=16_384, ge=0)
+    """A DP rank's prefill capacity is at least this many prompt tokens, whatever its budget: with small budgets
+    (2,048) two budgets would leave every longer prompt waiting for an idle rank (see
+    :mod:`gateway.scheduling.allocation`)."""
     max_buffered_requests: int = Field(default=10_000, ge=1)
     """The window holds at most this many requests; beyond it new requests get 503 with ``Retry-After``."""
     max_buffered_tokens: int = Field(default=20_000_000, ge=1)
@@ -135,15 +139,15 @@ class WindowConfig(_Strict):
     (2 x 8 ranks, 20-minute slices, ``bench/results/ablation.md``) it lowers Azure code's TTFT mean by 38% and
     raises its p99 by 14%, and makes Azure conversation (mean +7%, p99 +34%) and Mooncake (mean +13%) worse."""
     long_prefill_isolation: bool = True
-    """``phase_aware`` only: keep prompts longer than ``long_prefill_steps`` per-step budgets together on instances
+    """``phase_aware`` only: keep prompts longer than ``long_prefill_tokens`` together on instances
     already prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a
     long-context chunk sets the step time of the whole instance (see :mod:`gateway.scheduling.phase`). Simulated
     on 20 minutes of Mooncake at 80% load (``bench/results/ablation.md``) it lowers TTFT mean by 27% and TPOT mean
     by 51% and raises TTFT p99 by 22% (the longest prompts wait on each other's long steps); on the Azure traces
     nothing is that long. ``False``: off."""
-    long_prefill_steps: PositiveFloat = 5.0
-    """``long_prefill_isolation`` only: a prompt is long past this many per-step prefill budgets (5 x 8192 =
-    40,960 tokens)."""
+    long_prefill_tokens: int = Field(default=40_960, ge=1)
+    """``long_prefill_isolation`` only: a prompt longer than this is long, tokens. In tokens, not chunked-prefill
+    budgets: the step time a long prompt imposes grows with its context (see :mod:`gateway.scheduling.phase`)."""
     prefill_capacity: bool = True
     """Water-filling's per-rank capacity model (``queue_steps`` budgets): what fits nowhere waits for the next
     window; ``False`` places every request at once, for ablation."""

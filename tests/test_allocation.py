@@ -145,7 +145,9 @@ def test_shortest_first_places_the_short_prompt_even_ahead_of_one_deferred_befor
 
 def test_the_scheduler_passes_shortest_first_to_phase_aware_placement():
     view = LoadView([EngineSpec("e", 1, frozenset({MODEL}), 1000)], stale_after_s=3.0)
-    window = WindowConfig(min_interval_s=0.01, max_interval_s=0.01, shortest_first=True, queue_steps=1)
+    window = WindowConfig(
+        min_interval_s=0.01, max_interval_s=0.01, shortest_first=True, queue_steps=1, min_queue_tokens=0
+    )
     scheduler = Scheduler("sbs", view, window)
     view.on_dispatch("busy", RankKey("e", 0), 300, 0.0, stream=True)  # the rank has room for 700 more tokens
     scheduler.submit(req("long", 650, arrival_s=0.0), 0.0)
@@ -156,12 +158,35 @@ def test_the_scheduler_passes_shortest_first_to_phase_aware_placement():
 
 @pytest.mark.parametrize(("isolation", "engine"), [(False, "a"), (True, "b")])
 def test_the_scheduler_passes_long_prefill_isolation_to_phase_aware_placement(isolation, engine):
+    # budgets of 1000 tokens: 2 budgets of capacity, or the default floor of 16,384 tokens, hold b's 900 + 100
     view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 1000) for e in ("a", "b")], stale_after_s=3.0)
-    window = WindowConfig(min_interval_s=0.01, max_interval_s=0.01, long_prefill_isolation=isolation)
+    window = WindowConfig(
+        min_interval_s=0.01, max_interval_s=0.01, long_prefill_isolation=isolation, long_prefill_tokens=5000
+    )
     scheduler = Scheduler("sbs", view, window)
-    view.on_dispatch("long", RankKey("a", 0), 6000, 0.0, stream=True)  # over 5 budgets of 1000: a is slow
+    view.on_dispatch("long", RankKey("a", 0), 6000, 0.0, stream=True)  # over 5000 tokens: a is slow
     for index in (0, 1):
         view.on_dispatch(f"b{index}", RankKey("b", index), 900, 0.0, stream=True)
     scheduler.submit(req("short", 100, arrival_s=0.0), 0.0)  # by cost alone: a's free rank
     outcome = scheduler.poll(0.02)
     assert outcome is not None and [k.engine for _, k in outcome.assigned] == [engine]
+
+
+@pytest.mark.parametrize(("min_tokens", "placed"), [(0, False), (16_384, True)])
+def test_a_rank_takes_at_least_min_queue_tokens_whatever_its_budget(min_tokens, placed):
+    # budgets of 2048: two of them (4096) hold no 3000-token prompt behind 2000 queued; a 16,384-token floor does
+    ranks = [rank("e", 0, queued=2000, budget=2048)]
+    allocation = water_fill([req("r", 3000)], ranks, now=0.0, max_wait_s=10, queue_steps=2, min_queue_tokens=min_tokens)
+    assert bool(allocation.assigned) is placed and bool(allocation.deferred) is not placed
+    assert free_prefill_capacity(ranks, 2, min_tokens) == max(4096, min_tokens) - 2000
+
+
+@pytest.mark.parametrize(("min_tokens", "placed"), [(0, 0), (16_384, 1)])
+def test_the_scheduler_passes_min_queue_tokens_to_phase_aware_placement(min_tokens, placed):
+    view = LoadView([EngineSpec("e", 1, frozenset({MODEL}), 1000)], stale_after_s=3.0)
+    window = WindowConfig(min_interval_s=0.01, max_interval_s=0.01, min_queue_tokens=min_tokens)
+    scheduler = Scheduler("sbs", view, window)
+    view.on_dispatch("busy", RankKey("e", 0), 1500, 0.0, stream=True)  # 2 budgets of 1000 leave room for 500
+    scheduler.submit(req("r", 1000, arrival_s=0.0), 0.0)
+    outcome = scheduler.poll(0.02)
+    assert outcome is not None and (len(outcome.assigned), outcome.deferred) == (placed, 1 - placed)

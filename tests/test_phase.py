@@ -126,24 +126,24 @@ def slow_and_fast_instances(b_queued: float = 0.0) -> list:
     ]
 
 
-@pytest.mark.parametrize(("steps", "winner"), [(None, "b/0"), (5.0, "a/1")])
+@pytest.mark.parametrize(("steps", "winner"), [(None, "b/0"), (40_960, "a/1")])
 def test_long_prefill_isolation_sends_a_long_prompt_to_the_instance_already_prefilling_one(steps, winner):
     # b starts its next step sooner, so by cost alone the long prompt goes there and slows all of b's steps
     clock = busy_clock({"a": 0.8, "b": 0.0})
     allocation = phase_fill(
         [req("long", 45_000)], slow_and_fast_instances(), clock, {}, now=1.5, max_wait_s=10, queue_steps=2,
-        long_prefill_steps=steps,
+        long_prefill_tokens=steps,
     )  # fmt: skip
     assert [str(k) for _, k in allocation.assigned] == [winner]
 
 
-@pytest.mark.parametrize(("steps", "winner"), [(None, "a/1"), (5.0, "b/0")])
+@pytest.mark.parametrize(("steps", "winner"), [(None, "a/1"), (40_960, "b/0")])
 def test_long_prefill_isolation_keeps_a_short_prompt_off_the_slow_instance(steps, winner):
     # a starts its next step much sooner, so by cost alone the short prompt would go there, into a's long steps
     clock = busy_clock({"a": 0.0, "b": 1.4})
     allocation = phase_fill(
         [req("short", 500)], slow_and_fast_instances(), clock, {}, now=1.5, max_wait_s=10, queue_steps=2,
-        long_prefill_steps=steps,
+        long_prefill_tokens=steps,
     )  # fmt: skip
     assert [str(k) for _, k in allocation.assigned] == [winner]
 
@@ -152,6 +152,6 @@ def test_long_prefill_isolation_still_uses_the_slow_instance_when_nothing_else_f
     clock = busy_clock({"a": 0.8, "b": 0.0})
     ranks = slow_and_fast_instances(b_queued=16_000)  # b is full: 2 budgets queued on each rank
     allocation = phase_fill(
-        [req("short", 500)], ranks, clock, {}, now=1.5, max_wait_s=10, queue_steps=2, long_prefill_steps=5.0
+        [req("short", 500)], ranks, clock, {}, now=1.5, max_wait_s=10, queue_steps=2, long_prefill_tokens=40_960
     )
     assert [str(k) for _, k in allocation.assigned] == ["a/1"] and not allocation.deferred

@@ -123,9 +123,9 @@ def test_cli_simulate_runs_sbs_with_the_window_of_a_config_file(tmp_path):
     config.write_text("window:\n  long_prefill_isolation: false\n")
     mixed = run_cli([*args, "--config", str(config)], tmp_path / "b.json")
     assert mixed["sbs"]["ttft_s"] != isolated["sbs"]["ttft_s"], "the config's window settings were not used"
-    config.write_text("window:\n  long_prefill_steps: -1\n")
+    config.write_text("window:\n  long_prefill_tokens: 0\n")
     result = CliRunner().invoke(main, ["simulate", *args, "--config", str(config)])
-    assert result.exit_code != 0 and "long_prefill_steps" in result.output, result.output
+    assert result.exit_code != 0 and "long_prefill_tokens" in result.output, result.output
 
 
 def test_without_state_sync_a_burst_herds_between_scrapes():

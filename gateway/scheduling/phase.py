@@ -22,18 +22,21 @@ Measured in the virtual-time simulator (``gateway simulate``), 5 minutes of the 
 instances x 8 ranks at 10x its rate: mean TTFT 0.58 s against 0.94 s for round robin and 0.84 s for least
 tokens; water-filling alone gave 1.14 s.
 
-**Long-prefill isolation** (``long_prefill_steps``). The cost above counts prefill tokens, not their context, but
+**Long-prefill isolation** (``long_prefill_tokens``). The cost above counts prefill tokens, not their context, but
 attention makes a chunk's cost grow with the context before it: in the engine model
 (:mod:`gateway.sim.calibration`) an 8k-token chunk takes about 1.2 s at the start of a prompt and 10 s at 100k
 tokens in. In lockstep the rank carrying that chunk sets the step time of the whole instance, so every short
 prompt and every decode on the instance waits it out, for the many steps a long prompt's chunked prefill lasts.
-So a prompt longer than ``long_prefill_steps`` per-step budgets goes, among the ranks it fits, to an instance that
-already has a rank with that much queued (where it barely lengthens steps that are long anyway), and a shorter
+So a prompt longer than ``long_prefill_tokens`` goes, among the ranks it fits, to an instance that already has a
+rank with that much queued (where it barely lengthens steps that are long anyway), and a shorter
 prompt goes, if it fits anywhere else, to an instance without one; within that choice the cost decides as above.
-Simulated on the first 10 minutes of the Mooncake conversation trace (2 x 8 ranks, 80% load), 5 budgets
-(40,960 tokens): TTFT mean 9.32 -> 6.76 s, TPOT mean 365 -> 180 ms, goodput 0.43 -> 0.56 req/s, TTFT p99
-78 -> 87 s (the longest prompts now share long steps with each other). 4 budgets gave 7.05 s, 6 gave 6.87 s,
-1 (all multi-step prompts) 10.4 s: too many requests crowd the long instance. On the Azure traces no prompt is
+Simulated on the first 10 minutes of the Mooncake conversation trace (2 x 8 ranks, 80% load, 8,192-token budgets),
+40,960 tokens: TTFT mean 9.32 -> 6.76 s, TPOT mean 365 -> 180 ms, goodput 0.43 -> 0.56 req/s, TTFT p99
+78 -> 87 s (the longest prompts now share long steps with each other). 32,768 tokens gave 7.05 s, 49,152 gave
+6.87 s, 8,192 (every multi-step prompt) 10.4 s: too many requests crowd the long instance. The threshold is in
+tokens, not budgets, as the cost comes from the context: with 2,048-token budgets 40,960 tokens gave 6.38 s (least
+tokens 8.37 s) and 10,240 (5 budgets) 8.58 s; with 16,384-token budgets 7.83 s (sglang total tokens 11.42 s) and
+81,920 10.33 s. On the Azure traces no prompt is
 that long and nothing changes. The level of a rank comes from the gateway's own accounting, so a non-streamed
 long prompt stops counting after ``nonstream_prefill_s``.
 """
@@ -77,11 +80,12 @@ def phase_fill(
     now: float,
     max_wait_s: float,
     queue_steps: float,
+    min_queue_tokens: float = 0.0,
     decode_stall_weight: float = DECODE_STALL_WEIGHT,
     decode: DecodeRanker | None = None,
     stagger: bool = True,
     shortest_first: bool = False,
-    long_prefill_steps: float | None = None,
+    long_prefill_tokens: float | None = None,
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
@@ -94,6 +98,8 @@ def phase_fill(
         now: current time (seconds).
         max_wait_s: a request older than this is placed even where it does not fit (seconds).
         queue_steps: a rank's capacity in per-step prefill budgets.
+        min_queue_tokens: a rank's capacity is at least this many prompt tokens
+            (:func:`~gateway.scheduling.allocation.capacity_tokens`).
         decode_stall_weight: ``w`` above.
         decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ranks of equal cost are ordered by it
             (each instance's outlier ranks last, then the lexicographic key) before their next-step prefill
@@ -104,9 +110,9 @@ def phase_fill(
             (the staggering switched off, for ablation).
         shortest_first: place the shortest prompts first instead of the longest
             (:func:`~gateway.scheduling.allocation.placement_order`).
-        long_prefill_steps: long-prefill isolation (module docstring): a prompt longer than this many per-step
-            budgets of a rank is long, an instance with a rank holding more than that many queued tokens is slow,
-            and long prompts go to slow instances, others to the rest, where they fit; ``None`` switches it off.
+        long_prefill_tokens: long-prefill isolation (module docstring): a prompt longer than this (tokens) is long,
+            an instance with a rank holding more than that many queued prompt tokens is slow, and long prompts go to
+            slow instances, others to the rest, where they fit; ``None`` switches it off.
     """
     result = Allocation()
     level = {r.key: r.queued_prefill_tokens for r in ranks}
@@ -129,13 +135,13 @@ def phase_fill(
             if not candidates:
                 continue
             serves = True
-            fitting = [r for r in candidates if forced or fits(level[r.key], t, r, queue_steps)]
+            fitting = [r for r in candidates if forced or fits(level[r.key], t, r, queue_steps, min_queue_tokens)]
             if not fitting:
                 continue
             mismatch = 0.0
-            if long_prefill_steps is not None:
-                slow = any(level[r.key] > long_prefill_steps * r.prefill_budget for r in candidates)
-                mismatch = float(slow != (t > long_prefill_steps * max(r.prefill_budget for r in candidates)))
+            if long_prefill_tokens is not None:
+                slow = any(level[r.key] > long_prefill_tokens for r in candidates)
+                mismatch = float(slow != (t > long_prefill_tokens))
             heaviest = max(min(next_level[r.key], r.prefill_budget) for r in candidates)
             d_old = clock.predict(engine, heaviest)
             wait = clock.time_to_next_step(engine, now) if inst.busy and stagger else 0.0

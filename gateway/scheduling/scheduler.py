@@ -162,7 +162,7 @@ class Scheduler:
         snapshot = self.view.snapshot(now)
         self._align(snapshot)
         queue_steps = config.queue_steps if config.prefill_capacity else math.inf
-        if not self.window.due(now, free_prefill_capacity(snapshot, queue_steps)):
+        if not self.window.due(now, free_prefill_capacity(snapshot, queue_steps, config.min_queue_tokens)):
             return None
         batch = self.window.take(now)
         decode = None
@@ -178,11 +178,12 @@ class Scheduler:
                 now=now,
                 max_wait_s=config.max_wait_s,
                 queue_steps=queue_steps,
+                min_queue_tokens=config.min_queue_tokens,
                 decode_stall_weight=config.decode_stall_weight,
                 decode=decode,
                 stagger=config.stagger,
                 shortest_first=config.shortest_first,
-                long_prefill_steps=config.long_prefill_steps if config.long_prefill_isolation else None,
+                long_prefill_tokens=config.long_prefill_tokens if config.long_prefill_isolation else None,
             )
         else:
             allocation = water_fill(
@@ -191,6 +192,7 @@ class Scheduler:
                 now=now,
                 max_wait_s=config.max_wait_s,
                 queue_steps=queue_steps,
+                min_queue_tokens=config.min_queue_tokens,
                 decode=decode,
                 shortest_first=config.shortest_first,
             )
