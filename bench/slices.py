@@ -200,7 +200,7 @@ def main() -> None:
         f"({base.instances} x {base.dp_size} ranks, virtual time). Delta: sbs against the best baseline per "
         f"figure (the lowest of any baseline on that slice, or pooled); target {pct(TARGET - 1)}. Pooled: all the "
         f"slices' requests together, with a 95% paired bootstrap interval ({args.resamples} resamples; requests of "
-        "independent, so it is too narrow). See the module docstring.",
+        "one burst are not independent, so it is too narrow). See the module docstring.",
     ]
     report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "traces": {}}
     with ProcessPoolExecutor(args.jobs) as pool:
