@@ -136,8 +136,8 @@ class WindowConfig(_Strict):
     """Place a window's shortest prompts first, whatever waited longer (``max_wait_s`` still bounds the wait), so
     that when not all fit the long ones wait; ``False``: deferred requests first, then longest first (the
     water-filling order). A trade of the mean for the tail, for bursty prefill-heavy traffic: simulated at 80% load
-    (2 x 8 ranks, 20-minute slices, ``bench/results/ablation.md``) it lowers Azure code's TTFT mean by 38% and
-    raises its p99 by 14%, and makes Azure conversation (mean +7%, p99 +34%) and Mooncake (mean +13%) worse."""
+    (2 x 8 ranks, 20-minute slices, ``bench/results/ablation.md``) it lowers Azure code's TTFT mean by 39% and
+    raises its p99 by 12%, and makes Azure conversation (mean +13%, p99 3.2x) and Mooncake (mean +19%) worse."""
     long_prefill_isolation: bool = True
     """``phase_aware`` only: keep prompts longer than ``long_prefill_tokens`` together on instances
     already prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a
