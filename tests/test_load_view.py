@@ -103,6 +103,13 @@ def test_non_streamed_request_counts_as_prefill_until_its_estimate():
     assert loads(v, 12.0)["e/0"] == (0, 0, 0, 0)
 
 
+def test_a_long_non_streamed_prompt_counts_as_prefill_for_every_chunk_it_spans():
+    v = view()  # budgets of 8192 tokens, 1 s per chunk
+    v.on_dispatch("long", E0, 100_000, 10.0, stream=False)  # 13 chunks
+    assert loads(v, 22.9)["e/0"][:3] == (1, 0, 100_000)
+    assert loads(v, 23.0)["e/0"][:3] == (0, 1, 0)
+
+
 def test_bad_events_raise():
     v = view()
     v.on_dispatch("a", E0, 1, 0.0, stream=True)

@@ -11,12 +11,14 @@ uses local accounting alone.
 
 Prompt tokens still to prefill and KV tokens held are local accounting only: engines do not export them per
 request. A streamed request counts as waiting (queued for prefill) until its first token comes back; a
-non-streamed one until ``nonstream_prefill_s`` after dispatch, since its first token is not observable.
+non-streamed one, whose first token is not observable, for ``nonstream_prefill_s`` per chunked-prefill budget its
+prompt spans (a 100k-token prompt is prefilled over 13 steps of an 8k budget, not in one).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -78,7 +80,8 @@ class LoadView:
     Args:
         engines: the engines and their ranks.
         stale_after_s: scraped figures older than this are ignored (seconds).
-        nonstream_prefill_s: how long a non-streamed request counts as queued for prefill (seconds).
+        nonstream_prefill_s: how long a non-streamed request counts as queued for prefill, per chunked-prefill
+            budget of its rank that its prompt spans (seconds).
     """
 
     def __init__(
@@ -138,7 +141,8 @@ class LoadView:
         state.queued_prefill_tokens += prompt_tokens
         state.kv_tokens += prompt_tokens
         if not stream:
-            heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s, request_id))
+            chunks = max(1, math.ceil(prompt_tokens / state.spec.prefill_budget))
+            heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s * chunks, request_id))
 
     def on_first_token(self, request_id: str, now: float) -> None:
         """The first output token of ``request_id`` came back: its prefill is done. Unknown ids are ignored."""
