@@ -58,10 +58,11 @@ It trades TTFT for TPOT. Simulated over five consecutive 10-minute slices of the
 80% of its capacity on 2 x 8 ranks (``python bench/slices.py --window '{"decode_stall_weight": w}'``; best
 baseline: TTFT mean 1,358 ms, p99 3,029 ms, TPOT mean 263 ms): w=0.01 gives TTFT mean 899 ms, p99 3,068 ms, TPOT
 194 ms; w=0.0075 865 ms, 3,005 ms, 198 ms; w=0.005 808 ms, 2,811 ms, 201 ms; w=0.0035 821 ms, 3,076 ms, 199 ms.
-On the Azure code and Mooncake slices 0.005 and 0.01 differ by 1% or less. Lower still is unstable: on the first
-20 minutes of Azure conversation at 80% load, w=0.002 gave TTFT p99 9.6 s and w=0 9.2 s against 2.1 s at 0.005
-(not investigated further). The default is the lowest TTFT measured, its TPOT still 24% below the best
-baseline's."""
+At 95% load (``--load 0.95``) 0.005 gives TTFT mean 1,260 ms against 1,365 ms at 0.01 (best baseline 1,688 ms),
+the same p99. On the Azure code and Mooncake slices 0.005 and 0.01 differ by 1% or less. Lower still is unstable:
+on the first 20 minutes of Azure conversation at 80% load, w=0.002 gave TTFT p99 9.6 s and w=0 9.2 s against
+2.1 s at 0.005 (not investigated further). The default is the lowest TTFT measured, its TPOT still 24% below the
+best baseline's."""
 
 
 @dataclass(slots=True)
