@@ -36,9 +36,9 @@ Simulated on the first 10 minutes of the Mooncake conversation trace (2 x 8 rank
 6.87 s, 8,192 (every multi-step prompt) 10.4 s: too many requests crowd the long instance. The threshold is in
 tokens, not budgets, as the cost comes from the context: with 2,048-token budgets 40,960 tokens gave 6.38 s (least
 tokens 8.37 s) and 10,240 (5 budgets) 8.58 s; with 16,384-token budgets 7.83 s (sglang total tokens 11.42 s) and
-81,920 10.33 s. On the Azure traces no prompt is
-that long and nothing changes. The level of a rank comes from the gateway's own accounting, so a non-streamed
-long prompt stops counting after ``nonstream_prefill_s``.
+81,920 10.33 s. On the Azure traces no prompt is that long and nothing changes. The level of a rank comes from the
+gateway's own accounting (:mod:`gateway.load.view`): a non-streamed prompt, whose first token the gateway does not
+see, counts for an estimate of its prefill time.
 """
 
 from __future__ import annotations
