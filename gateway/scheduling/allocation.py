@@ -21,7 +21,7 @@ the gateway hears of it. With one budget of capacity, requests held back would m
 in the virtual-time simulator on 10 minutes of the Azure conversation trace (2 instances x 8 ranks, rate x15),
 ``queue_steps=1`` gave TTFT p50 2.3 s / p99 12.1 s against 1.6 s / 2.6 s with 2.
 
-A prompt longer than a rank's whole budget fits only a rank with nothing queued: chunked prefill then spreads
+A prompt longer than a rank's whole capacity fits only a rank with nothing queued: chunked prefill then spreads
 it over several steps.
 
 The capacity is also at least ``min_queue_tokens`` prompt tokens, whatever the budget. With a small chunked-prefill
