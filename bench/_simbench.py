@@ -49,17 +49,21 @@ def workload(name: str, minutes: float | None, load: float, instances: int, dp_s
     return Workload(trace, scale, derived_slo(trace, SimConfig().engine, slo_scale))
 
 
-def run_variant(variant: Variant, work: Workload) -> dict[str, Any]:
-    """Simulate ``variant`` on ``work``; the summary with ``wall_s`` (seconds this run took) added."""
+def sim_config(variant: Variant) -> SimConfig:
+    """The simulator configuration of ``variant``: the defaults with its policy, window and simulator settings."""
     base = SimConfig()
-    config = replace(
+    return replace(
         base,
         policy=variant.policy,  # type: ignore[arg-type]
         window=WindowConfig(**{**base.window.model_dump(), **variant.window}),
         **variant.sim,
     )
+
+
+def run_variant(variant: Variant, work: Workload) -> dict[str, Any]:
+    """Simulate ``variant`` on ``work``; the summary with ``wall_s`` (seconds this run took) added."""
     started = time.perf_counter()
-    summary = simulate(rescale(work.trace, work.scale), config).summary(work.slo)
+    summary = simulate(rescale(work.trace, work.scale), sim_config(variant)).summary(work.slo)
     summary["wall_s"] = time.perf_counter() - started
     return summary
 

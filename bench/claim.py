@@ -40,6 +40,17 @@ TARGET_TTFT = 0.7
 TARGET_RATE = 1.15
 
 
+def p99(values: list[float]) -> float:
+    """The 99th percentile of ``values`` by nearest rank (the value at index ``0.99 * (n - 1)`` once sorted)."""
+    ordered = sorted(values)
+    return ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def mean_and_p99(values: list[float]) -> dict[str, float]:
+    """``{"mean": ..., "p99": ...}`` of ``values`` (:func:`p99`)."""
+    return {"mean": statistics.fmean(values), "p99": p99(values)}
+
+
 def fcfs_bound(
     trace: list[TraceRequest], engine: EngineModelConfig, ranks: int, step_s: float | None = None
 ) -> dict[str, float]:
@@ -52,14 +63,12 @@ def fcfs_bound(
         backlog = max(0.0, backlog - capacity * (r.arrival_s - last)) + r.prompt_tokens
         last = r.arrival_s
         bounds.append(max(unloaded_ttft_s(r.prompt_tokens, engine), backlog / capacity))
-    bounds.sort()
-    return {"mean": statistics.fmean(bounds), "p99": bounds[int(0.99 * (len(bounds) - 1))]}
+    return mean_and_p99(bounds)
 
 
 def own_prefill_floor(trace: list[TraceRequest], engine: EngineModelConfig) -> dict[str, float]:
     """Mean and p99 of the requests' own unloaded TTFT (seconds): the floor of the module docstring."""
-    own = sorted(unloaded_ttft_s(r.prompt_tokens, engine) for r in trace)
-    return {"mean": statistics.fmean(own), "p99": own[int(0.99 * (len(own) - 1))]}
+    return mean_and_p99([unloaded_ttft_s(r.prompt_tokens, engine) for r in trace])
 
 
 def best(rows: dict[str, dict[str, Any]], figure: str) -> tuple[str, float]:

@@ -28,16 +28,15 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, get_args
 
 from _harness import RESULTS, slice_load
-from _simbench import add_common_args, write_outputs
-from claim import fcfs_bound
+from _simbench import Variant, add_common_args, sim_config, write_outputs
+from claim import fcfs_bound, mean_and_p99, p99
 
-from gateway.config import PolicyName, WindowConfig
+from gateway.config import PolicyName
 from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.simulate import SimConfig, simulate
 
@@ -49,20 +48,8 @@ TARGET = 0.7
 def run(policy: str, trace: list[TraceRequest], scale: float, settings: dict[str, Any]) -> tuple[list[float], float]:
     """TTFT of every request of ``trace`` at ``scale`` under ``policy`` with the window ``settings`` changed from
     the defaults (seconds, in trace order), and the mean TPOT (seconds) over the requests of 2+ output tokens."""
-    base = SimConfig()
-    config = replace(base, policy=policy, window=WindowConfig(**{**base.window.model_dump(), **settings}))  # type: ignore[arg-type]
-    records = simulate(rescale(trace, scale), config).records
+    records = simulate(rescale(trace, scale), sim_config(Variant(policy, policy, settings))).records
     return [r.ttft_s for r in records], statistics.fmean(r.tpot_s for r in records if r.output_tokens > 1)
-
-
-def p99(values: list[float]) -> float:
-    """The 99th percentile by nearest rank on the sorted values (as ``claim.py``'s bounds)."""
-    ordered = sorted(values)
-    return ordered[int(0.99 * (len(ordered) - 1))]
-
-
-def figures(ttfts: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(ttfts), "p99": p99(ttfts)}
 
 
 def best_baseline(per_policy: dict[str, dict[str, float]], figure: str) -> tuple[str, float]:
@@ -115,7 +102,7 @@ def trace_section(
     budget = engine.max_prefill_tokens_per_step
     deltas: dict[str, list[float]] = {"mean": [], "p99": []}
     for (start, trace, scale), runs in zip(slices, per_slice, strict=True):
-        figs = {p: figures(t) for p, t in runs.items()}
+        figs = {p: mean_and_p99(t) for p, t in runs.items()}
         bound = fcfs_bound(rescale(trace, scale), engine, ranks, engine.alltoall_s + engine.prefill_chunk_s(budget, 0))
         row: dict[str, Any] = {
             "start_min": start,
@@ -136,7 +123,7 @@ def trace_section(
             )
         entry["slices"].append(row)
     pooled = {p: [t for runs in per_slice for t in runs[p]] for p in per_slice[0]}
-    pooled_figs = entry["pooled_figures"] = {p: figures(t) for p, t in pooled.items()}
+    pooled_figs = entry["pooled_figures"] = {p: mean_and_p99(t) for p, t in pooled.items()}
     md += [
         "",
         "| over the slices | figure | sbs (ms) | best baseline (ms) | delta | 95% interval | "
