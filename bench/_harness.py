@@ -23,9 +23,9 @@ import yaml
 
 from gateway.config import WindowConfig
 from gateway.replay.client import run_bench
-from gateway.replay.traces import TraceRequest, rescale
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.capacity import Capacity, cluster_load
+from gateway.workload.traces import TraceRequest, rescale
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -17,8 +17,8 @@ from typing import Any
 from _harness import slice_load
 
 from gateway.config import WindowConfig
-from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.simulate import SimConfig, Slo, derived_slo, simulate
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 
 @dataclass(frozen=True)

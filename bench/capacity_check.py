@@ -24,9 +24,9 @@ from typing import Any
 from _harness import RESULTS
 from _simbench import write_outputs
 
-from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.capacity import cluster_load
 from gateway.sim.simulate import SimConfig, simulate
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 FIFTHS = 5
 

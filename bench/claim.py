@@ -32,9 +32,9 @@ from typing import Any
 
 from _harness import RESULTS, slice_load
 
-from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.simulate import unloaded_ttft_s
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 TARGET_TTFT = 0.7
 TARGET_RATE = 1.15

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _harness import RESULTS, add_slice_args, replay_through, results_table, slice_load, start_gateway, write_report
 
-from gateway.replay.traces import load_trace, resolve_trace, window
+from gateway.workload.traces import load_trace, resolve_trace, window
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from _harness import (
     write_report,
 )
 
-from gateway.replay.traces import load_trace, resolve_trace, window
+from gateway.workload.traces import load_trace, resolve_trace, window
 
 ROUTER_VENV = Path(__file__).parent / ".venv-sglang-router"
 ROUTER_PACKAGE = "sglang-router==0.3.2"

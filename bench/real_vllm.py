@@ -38,8 +38,8 @@ import aiohttp
 from _harness import RESULTS, Processes, results_table, start_gateway
 
 from gateway.replay.client import replay
-from gateway.replay.stats import summarize
-from gateway.replay.traces import TraceRequest
+from gateway.workload.stats import summarize
+from gateway.workload.traces import TraceRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts import real_vllm  # the repo root is not on sys.path when run as bench/real_vllm.py

@@ -41,9 +41,9 @@ import matplotlib.pyplot as plt
 from _harness import RESULTS, slice_load
 
 from gateway.config import PolicyName
-from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.capacity import peak_load
 from gateway.sim.simulate import SimConfig, SimResult, Slo, derived_slo, simulate
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 TRACES = ("azure-conv", "azure-code", "mooncake-conv")
 LOADS = (0.5, 0.8, 0.95)

@@ -37,8 +37,8 @@ from _simbench import Variant, add_common_args, sim_config, write_outputs
 from claim import fcfs_bound, mean_and_p99, p99
 
 from gateway.config import PolicyName
-from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.sim.simulate import SimConfig, simulate
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 TRACES = ("azure-conv", "azure-code", "mooncake-conv")
 TARGET = 0.7

@@ -5,7 +5,7 @@ serve``, policy ``sbs``) as processes on loopback, then, all at once:
 
 - replays the Azure conversation trace (the whole hour by default) at ``--rate-scale`` times its rate, output
   lengths capped at ``--max-output`` tokens to keep the relay's CPU within two cores;
-- cycles through the faults of :mod:`gateway.sim.mock_faults` on the engines every ``--fault-every`` seconds
+- cycles through the faults of :mod:`gateway.sim.mock_engine.faults` on the engines every ``--fault-every`` seconds
   (HTTP 500s, crashes mid-stream, hung requests, streams without ``[DONE]`` or going silent, failed and hung
   health checks, garbage and hung ``/metrics``), and kills one engine process outright and restarts it;
 - sends malformed requests (bad JSON, wrong types, absurd ``max_tokens``, empty messages, invalid UTF-8,
@@ -45,9 +45,9 @@ from _harness import RESULTS, Processes, free_port, start_engines, write_report
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.replay.client import replay
-from gateway.replay.stats import summarize
-from gateway.replay.traces import load_trace, resolve_trace, window
 from gateway.telemetry import sum_samples as metric
+from gateway.workload.stats import summarize
+from gateway.workload.traces import load_trace, resolve_trace, window
 
 MODEL = "deepseek-v3"
 EXPLICIT_FAILURES = ("HTTP ", "stream error")

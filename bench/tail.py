@@ -30,8 +30,8 @@ from typing import Any
 from _harness import RESULTS
 from _simbench import Workload, add_common_args, ms, workload, write_outputs
 
-from gateway.replay.traces import rescale
 from gateway.sim.simulate import SimConfig, simulate
+from gateway.workload.traces import rescale
 
 POLICIES = ("sbs", "round_robin", "least_tokens", "sglang_total_tokens", "vllm_internal")
 TAIL = 0.01

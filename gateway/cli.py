@@ -197,7 +197,7 @@ async def _serve(settings: Settings, log_level: str) -> None:
 )
 def mock_engine(flavor: str, dp_size: int, port: int, host: str, model: str, speed: float) -> None:
     """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API."""
-    from gateway.sim.mock_engine import MockEngineConfig, serve_mock_engine
+    from gateway.sim.mock_engine.app import MockEngineConfig, serve_mock_engine
 
     config = MockEngineConfig(flavor=flavor, dp_size=dp_size, model=model, speed=speed)  # type: ignore[arg-type]
     click.echo(f"simulated {flavor} engine, {dp_size} DP ranks, model {model}, on http://{host}:{port}", err=True)
@@ -363,9 +363,9 @@ def simulate(
 
     from tqdm import tqdm
 
-    from gateway.replay.traces import load_trace, rescale, resolve_trace, window
     from gateway.sim.simulate import SimConfig, Slo, derived_slo
     from gateway.sim.simulate import simulate as run_simulation
+    from gateway.workload.traces import load_trace, rescale, resolve_trace, window
 
     try:
         requests = rescale(window(load_trace(resolve_trace(trace)), 0.0, duration), rate_scale)

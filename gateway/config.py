@@ -180,7 +180,7 @@ class ScrapeConfig(_Strict):
     """Scraped figures older than this are ignored and the load view uses local accounting only, seconds."""
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest ``/metrics`` body read from an engine, bytes; a larger one fails the scrape (the rest is not
-    read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/fixtures/metrics``), mostly per-rank
+    read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/unit/fixtures/metrics``), mostly per-rank
     histograms, so 64 ranks behind one URL come to about 5 MiB: 32 MiB leaves room."""
 
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from gateway.config import EngineConfig
 from gateway.serving import serve_in_background
-from gateway.sim.mock_engine import MockEngineConfig, create_mock_engine_app
+from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
 
 EMBEDDED_MODEL = "deepseek-v3"
 EMBEDDED_ENGINES = (("sim-sglang", "sglang", 8), ("sim-vllm", "vllm", 8))

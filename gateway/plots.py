@@ -3,7 +3,7 @@
 One figure, one panel per latency (TTFT, TPOT, end-to-end): for each run (a bench replay, or a simulated
 policy) its mean, p50, p90 and p99 as grouped bars in milliseconds from zero, with each run's output
 throughput in the legend. Input is the summary dict both commands write as JSON
-(:func:`gateway.replay.stats.summarize`, :meth:`gateway.sim.simulate.SimResult.summary`).
+(:func:`gateway.workload.stats.summarize`, :meth:`gateway.sim.simulate.SimResult.summary`).
 
 matplotlib is optional (the ``bench`` extra): :func:`require_matplotlib` says how to install it.
 """

@@ -28,7 +28,7 @@ import yaml
 from gateway.config import EngineConfig, Settings
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
-from gateway.sim.mock_engine import MockEngineConfig, create_mock_engine_app
+from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
 
 READY_TIMEOUT_S = 30.0
 """How long Prometheus and the gateway's ``/ready`` get to come up, seconds."""

@@ -10,7 +10,7 @@ from typing import Any
 from gateway.config import EngineConfig, ScrapeConfig, Settings
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
-from gateway.sim.mock_engine import MockEngineConfig, create_mock_engine_app
+from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
 
 MODEL = "deepseek-v3"
 

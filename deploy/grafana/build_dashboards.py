@@ -3,7 +3,7 @@
     python deploy/grafana/build_dashboards.py
 
 The dashboards are written by this script so that every panel has the same shape and the queries live in one
-readable table; edit the tables below, not the JSON (tests/test_deploy_dashboards.py fails when the JSON is
+readable table; edit the tables below, not the JSON (tests/deploy/test_deploy_dashboards.py fails when the JSON is
 stale, and checks every metric a query names is one the gateway or a simulated engine exports).
 Queries use Grafana's ``$__rate_interval``; the datasource is the provisioned Prometheus (uid ``prometheus``).
 """

@@ -31,10 +31,10 @@ import aiohttp
 from tqdm import tqdm
 
 from gateway.replay.sse import SSEDecoder
-from gateway.replay.stats import ReplayResult, RequestRecord, format_table, summarize
-from gateway.replay.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 from gateway.scheduling.tokens import CHARS_PER_TOKEN, synthesize_prompt
 from gateway.server.upstream import KEEPALIVE_S
+from gateway.workload.stats import ReplayResult, RequestRecord, format_table, summarize
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 Endpoint = Literal["chat", "completions"]
 
@@ -256,7 +256,7 @@ async def replay(
         timeout_s: per-request limit on the whole exchange, seconds; exceeding it is a ``"timeout"`` failure.
 
     Returns:
-        A :class:`~gateway.replay.stats.ReplayResult`; failed requests are records, not exceptions.
+        A :class:`~gateway.workload.stats.ReplayResult`; failed requests are records, not exceptions.
 
     Raises:
         ValueError: bad ``duration_s``, ``timeout_s``, ``endpoint`` or ``rate_scale``.
@@ -330,7 +330,7 @@ def run_bench(
     to 0), then the first ``max_requests``. ``duration_s`` is the wall-time launch limit of :func:`replay`.
 
     Returns:
-        The :func:`~gateway.replay.stats.summarize` dict, ``config`` extended with ``trace``, ``trace_file``,
+        The :func:`~gateway.workload.stats.summarize` dict, ``config`` extended with ``trace``, ``trace_file``,
         ``start_s`` and ``max_requests``; also written as JSON to ``output`` (parent folders created).
 
     Raises:

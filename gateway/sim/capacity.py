@@ -37,7 +37,7 @@ average; the load scales exactly with the rate scale (the work is fixed, the spa
 minutes at 3.6x the slice's mean) is overloaded in its bursts well below load 1.0, which
 :func:`peak_load` measures.
 
-Calibration check (tests/test_capacity.py): 4096-token prompts with a 16384-token budget give 7.7k prompt
+Calibration check (tests/unit/test_capacity.py): 4096-token prompts with a 16384-token budget give 7.7k prompt
 tokens/s per rank, DeepSeek's published 7.8k per H800; 4k-context decode at 128 requests per rank gives the
 published 55 ms step.
 
@@ -64,8 +64,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.replay.traces import TraceRequest
 from gateway.sim.calibration import EngineModelConfig
+from gateway.workload.traces import TraceRequest
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Capacity:
     capacity_output_tok_s: float
 
     def rate_scale_for(self, load: float) -> float:
-        """The factor to :func:`~gateway.replay.traces.rescale` the trace by for it to offer ``load``."""
+        """The factor to :func:`~gateway.workload.traces.rescale` the trace by for it to offer ``load``."""
         return load / self.load
 
     def as_dict(self) -> dict[str, float | int | str]:

@@ -19,12 +19,12 @@ from typing import Any
 from gateway.config import PolicyName, WindowConfig
 from gateway.engines.base import RankMetrics
 from gateway.load.view import EngineSpec, LoadView
-from gateway.replay.stats import distribution
-from gateway.replay.traces import TraceRequest
 from gateway.scheduling.scheduler import Scheduler
 from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult
+from gateway.workload.stats import distribution
+from gateway.workload.traces import TraceRequest
 
 MODEL = "sim"
 

@@ -1,0 +1,305 @@
+"""A simulated SGLang or vLLM DP+EP engine behind an OpenAI-compatible HTTP API.
+
+:func:`create_mock_engine_app` builds a FastAPI app around one :class:`~gateway.sim.engine_model.EngineModel`;
+its lifespan owns the step-loop task (:class:`~gateway.sim.mock_engine.runtime.EngineRuntime`). Endpoints:
+
+- both flavours: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or SSE; rank pinning, errors
+  and output lengths as in :mod:`gateway.sim.mock_engine.protocol`), ``GET /v1/models``, ``GET /health``,
+  ``GET /metrics`` (:mod:`gateway.sim.mock_engine.metrics`);
+- SGLang flavour also: ``GET /health_generate``, ``GET /server_info`` (alias ``/get_server_info``),
+  ``GET /model_info`` (alias ``/get_model_info``), ``GET /v1/loads`` and ``GET /get_load`` (per-rank loads);
+- fault injection (simulation only): ``GET``/``PUT``/``DELETE /_sim/faults`` (:mod:`gateway.sim.mock_engine.faults`).
+
+Unpinned requests go where the real engine would put them: vLLM by its ``waiting * 4 + running`` rule,
+SGLang round robin. Run one from the shell with ``gateway mock-engine --flavor vllm --dp-size 4 --port 8001``
+or from Python with ``asyncio.run(serve_mock_engine(MockEngineConfig("vllm", 4), "127.0.0.1", 8001))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.engine_model import EngineModel
+from gateway.sim.mock_engine.faults import FaultInjector, FaultPlan, HangResponse, silence_injected_crashes
+from gateway.sim.mock_engine.metrics import MockEngineMetrics
+from gateway.sim.mock_engine.protocol import (
+    Flavor,
+    ProtocolError,
+    RequestKind,
+    bad_request,
+    error_body,
+    parse_generation_request,
+)
+from gateway.sim.mock_engine.response import GenerationResponse
+from gateway.sim.mock_engine.runtime import EngineRuntime
+
+SIMULATED_SGLANG_VERSION = "0.5.23-sim"
+"""``version`` reported by the SGLang flavour's ``/server_info`` (the SGLang version it imitates)."""
+
+
+SHUTDOWN_GRACE_S = 5
+"""Seconds uvicorn lets in-flight requests run on shutdown before cancelling them (which aborts them)."""
+
+
+@dataclass(frozen=True)
+class MockEngineConfig:
+    """Settings of one simulated engine instance.
+
+    Raises:
+        ValueError: on construction, for an unknown flavour, ``dp_size < 1``, ``speed <= 0`` or
+            ``max_model_len < 2``.
+    """
+
+    flavor: Flavor
+    """Which engine's HTTP API, rank pinning, errors and metrics to imitate: ``"sglang"`` or ``"vllm"``."""
+
+    dp_size: int
+    """Number of DP ranks of the instance."""
+
+    model: str = "deepseek-v3"
+    """Served model name: requests naming another model get 404; echoed in responses and metric labels."""
+
+    speed: float = 1.0
+    """Engine seconds per wall-clock second: each step sleeps ``duration_s / speed``. 1.0 is real time."""
+
+    engine_model: EngineModelConfig = field(default_factory=EngineModelConfig)
+    """Per-rank timing and capacity of the engine model."""
+
+    seed: int = 0
+    """Seeds the hash behind natural (non-``ignore_eos``) output lengths (response ids are random UUIDs, so
+    that engines sharing a seed never hand out the same id)."""
+
+    max_model_len: int = 131072
+    """Longest prompt + ``max_tokens`` accepted, tokens (DeepSeek-V3's 128k context); longer → HTTP 400."""
+
+    def __post_init__(self) -> None:
+        if self.flavor not in ("sglang", "vllm"):
+            raise ValueError(f"flavor must be 'sglang' or 'vllm', got {self.flavor!r}")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.speed <= 0:
+            raise ValueError(f"speed must be > 0, got {self.speed}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+class _MockEngine:
+    """The state behind one app: model, runtime, metrics, and the route handlers."""
+
+    def __init__(self, config: MockEngineConfig) -> None:
+        self.config = config
+        self.model = EngineModel(config.engine_model, config.dp_size)
+        self.metrics = MockEngineMetrics(config.flavor, config.model, config.dp_size, self.model.rank_stats)
+        self.runtime = EngineRuntime(self.model, config.speed, self.metrics)
+        self.faults = FaultInjector()
+        self.serving = False
+        self._created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.runtime.run(), name=f"mock-{self.config.flavor}-step-loop")
+        self.serving = True
+        try:
+            yield
+        finally:
+            self.serving = False
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def error(self, exc: ProtocolError) -> JSONResponse:
+        return JSONResponse(error_body(self.config.flavor, exc), status_code=exc.status)
+
+    async def generate(self, request: Request, kind: RequestKind) -> Response:
+        cfg = self.config
+        if not self.serving:
+            return self.error(ProtocolError(503, "The engine is not running.", "ServiceUnavailableError"))
+        try:
+            req = parse_generation_request(
+                kind=kind,
+                raw_body=await request.body(),
+                headers=request.headers,
+                flavor=cfg.flavor,
+                served_model=cfg.model,
+                dp_size=cfg.dp_size,
+                max_model_len=cfg.max_model_len,
+                seed=cfg.seed,
+            )
+            rank = req.rank if req.rank is not None else self._pick_rank()
+            fault = self.faults.request_fault(rank)
+            if fault == "http_500":
+                raise ProtocolError(500, "injected fault: internal error", "InternalServerError")
+            if fault == "hang":
+                return HangResponse()
+            try:
+                handle = self.runtime.submit(rank, req.prompt_tokens, req.output_tokens, req.finish_reason)
+            except ValueError as exc:
+                raise bad_request(str(exc), "max_tokens") from exc
+        except ProtocolError as exc:
+            return self.error(exc)
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        return GenerationResponse(
+            self.runtime, handle, req, response_id, int(time.time()), fault, self.faults.plan.after_chunks
+        )
+
+    def _pick_rank(self) -> int:
+        if self.config.flavor == "vllm":
+            return self.model.pick_rank_vllm()
+        return self.model.pick_rank_round_robin()
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self.generate(request, "completion")
+
+    async def models(self) -> dict[str, Any]:
+        card = {
+            "id": self.config.model,
+            "object": "model",
+            "created": self._created,
+            "owned_by": self.config.flavor,
+            "root": self.config.model,
+            "parent": None,
+            "max_model_len": self.config.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    async def health(self) -> Response:
+        fault = self.faults.plan.health
+        if fault != "ok":
+            self.faults.count(f"health_{fault}")
+            if fault == "hang":
+                return HangResponse()
+        return Response(status_code=200 if self.serving and fault == "ok" else 503)
+
+    async def metrics_text(self) -> Response:
+        plan = self.faults.plan
+        if plan.metrics != "ok":
+            self.faults.count(f"metrics_{plan.metrics}")
+        if plan.metrics == "hang":
+            return HangResponse()
+        if plan.metrics == "garbage":
+            return Response(b"\x00{not prometheus}\n# TYPE\nvllm:num_requests_running{engine=", media_type="text/plain")
+        if plan.metrics == "slow":
+            await asyncio.sleep(plan.metrics_delay_s)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def get_faults(self) -> dict[str, object]:
+        return self.faults.describe()
+
+    async def put_faults(self, plan: FaultPlan) -> dict[str, object]:
+        self.faults.plan = plan
+        return self.faults.describe()
+
+    async def delete_faults(self) -> dict[str, object]:
+        self.faults.plan = FaultPlan()
+        return self.faults.describe()
+
+    async def loads(self) -> list[dict[str, Any]]:
+        """Per-rank loads, the shape of SGLang's ``/get_load``: ``num_reqs`` counts running + waiting."""
+        return [
+            {
+                "dp_rank": s.rank,
+                "num_reqs": s.running + s.waiting,
+                "num_waiting_reqs": s.waiting,
+                "num_tokens": s.kv_used_tokens,
+            }
+            for s in self.model.rank_stats()
+        ]
+
+    async def server_info(self) -> dict[str, Any]:
+        cfg, em = self.config, self.config.engine_model
+        return {
+            "model_path": cfg.model,
+            "tokenizer_path": cfg.model,
+            "served_model_name": cfg.model,
+            "dp_size": cfg.dp_size,
+            "tp_size": cfg.dp_size,
+            "ep_size": cfg.dp_size,
+            "enable_dp_attention": True,
+            "load_balance_method": "round_robin",
+            "chunked_prefill_size": em.max_prefill_tokens_per_step,
+            "max_running_requests": em.max_running_requests,
+            "max_total_num_tokens": em.kv_capacity_tokens,
+            "context_length": cfg.max_model_len,
+            "disaggregation_mode": "null",
+            "internal_states": await self.loads(),
+            "version": SIMULATED_SGLANG_VERSION,
+        }
+
+    async def model_info(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"model_path": cfg.model, "tokenizer_path": cfg.model, "is_generation": True}
+
+
+def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
+    """Build the HTTP app of one simulated engine (see the module docstring for its endpoints).
+
+    The app's lifespan starts and stops the step loop; requests made without it running get HTTP 503
+    (remember that ``httpx.ASGITransport`` does not run lifespan: enter ``app.router.lifespan_context``).
+    """
+    engine = _MockEngine(config)
+    silence_injected_crashes()
+    app = FastAPI(
+        title=f"simulated {config.flavor} engine",
+        lifespan=engine.lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_api_route("/v1/chat/completions", engine.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", engine.completions, methods=["POST"])
+    app.add_api_route("/v1/models", engine.models, methods=["GET"])
+    app.add_api_route("/health", engine.health, methods=["GET"])
+    app.add_api_route("/metrics", engine.metrics_text, methods=["GET"])
+    app.add_api_route("/_sim/faults", engine.get_faults, methods=["GET"])
+    app.add_api_route("/_sim/faults", engine.put_faults, methods=["PUT"])
+    app.add_api_route("/_sim/faults", engine.delete_faults, methods=["DELETE"])
+    app.state.engine = engine
+    if config.flavor == "sglang":
+        app.add_api_route("/health_generate", engine.health, methods=["GET"])
+        for path in ("/server_info", "/get_server_info"):
+            app.add_api_route(path, engine.server_info, methods=["GET"])
+        for path in ("/model_info", "/get_model_info"):
+            app.add_api_route(path, engine.model_info, methods=["GET"])
+        for path in ("/v1/loads", "/get_load"):
+            app.add_api_route(path, engine.loads, methods=["GET"])
+    return app
+
+
+def mock_engine_server(config: MockEngineConfig, host: str, port: int) -> uvicorn.Server:
+    """A uvicorn server (log level warning, no websockets) for a new simulated engine app.
+
+    ``port=0`` picks a free port: read it from ``server.servers[0].sockets[0].getsockname()`` once
+    ``server.started`` is True.
+    """
+    app = create_mock_engine_app(config)
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        ws="none",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    return uvicorn.Server(uvicorn_config)
+
+
+async def serve_mock_engine(config: MockEngineConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve a simulated engine on ``host:port`` until the process is interrupted."""
+    await mock_engine_server(config, host, port).serve()

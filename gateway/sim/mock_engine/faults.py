@@ -1,0 +1,109 @@
+"""Fault injection for the simulated engines: make one misbehave on command, from a test or a soak run.
+
+A :class:`FaultPlan` is set with ``PUT /_sim/faults`` (JSON body, the fields below), read with
+``GET /_sim/faults`` (the plan plus how many faults were injected so far) and cleared with
+``DELETE /_sim/faults``. From Python, assign ``MockEngineHandle.faults`` in-process (see
+:func:`gateway.sim.mock_engine.app.create_mock_engine_app`). What each fault imitates:
+
+- ``generate="http_500"``: the engine answers ``500`` with its flavour's error body (an internal error).
+- ``generate="hang"``: the engine takes the request and never answers; it notices the client leaving.
+- ``generate="kill_mid_stream"``: the engine process dies while answering. The connection is dropped after
+  ``after_chunks`` token events of a stream (after half the body of a non-streamed answer), and the request is
+  aborted in the engine, counted as aborted like vLLM and SGLang do.
+- ``generate="end_without_done"``: the stream ends cleanly after ``after_chunks`` events, with no ``[DONE]``.
+- ``generate="stall_mid_stream"``: the stream goes silent after ``after_chunks`` events (a hung engine that had
+  started answering) until the client leaves.
+- ``health="fail"`` / ``"hang"``: ``GET /health`` answers 503 / never answers.
+- ``metrics="garbage"`` / ``"hang"`` / ``"slow"``: ``GET /metrics`` answers text that is not Prometheus
+  exposition / never answers / answers after ``metrics_delay_s``.
+
+``ranks`` limits request faults to those DP ranks (all when ``None``) and ``remaining`` to that many requests
+(then the plan goes back to ``"ok"``; without limit when ``None``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+GenerateFault = Literal["ok", "http_500", "hang", "kill_mid_stream", "end_without_done", "stall_mid_stream"]
+
+
+class FaultPlan(BaseModel):
+    """What a simulated engine does wrong (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generate: GenerateFault = "ok"
+    ranks: list[int] | None = None
+    after_chunks: int = Field(default=2, ge=0)
+    remaining: int | None = Field(default=None, ge=0)
+    health: Literal["ok", "fail", "hang"] = "ok"
+    metrics: Literal["ok", "garbage", "hang", "slow"] = "ok"
+    metrics_delay_s: float = Field(default=0.0, ge=0)
+
+
+class InjectedCrash(Exception):
+    """Raised inside a response to make the server drop the connection (an injected engine crash)."""
+
+
+class _DropInjectedCrashes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], InjectedCrash))
+
+
+def silence_injected_crashes() -> None:
+    """Keep uvicorn from logging a traceback for each injected crash (idempotent)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropInjectedCrashes) for f in logger.filters):
+        logger.addFilter(_DropInjectedCrashes())
+
+
+class FaultInjector:
+    """Holds the current plan and counts what was injected."""
+
+    def __init__(self) -> None:
+        self.plan = FaultPlan()
+        self.injected: dict[str, int] = {}
+
+    def request_fault(self, rank: int) -> GenerateFault:
+        """The fault to inject into a request placed on ``rank`` (``"ok"`` for none); counts it."""
+        plan = self.plan
+        if plan.generate == "ok" or (plan.ranks is not None and rank not in plan.ranks):
+            return "ok"
+        if plan.remaining is not None:
+            if plan.remaining == 0:
+                return "ok"
+            plan.remaining -= 1
+        self.count(plan.generate)
+        return plan.generate
+
+    def count(self, kind: str) -> None:
+        """Count one injected fault of ``kind``."""
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+
+    def describe(self) -> dict[str, object]:
+        """The plan and the counts, for ``GET /_sim/faults``."""
+        return {"plan": self.plan.model_dump(), "injected": dict(self.injected)}
+
+
+class HangResponse(Response):
+    """Never answers; returns when the client disconnects (a hung engine that still notices a closed socket)."""
+
+    def __init__(self) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await wait_for_disconnect(receive)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once the client has disconnected (every other ASGI message is dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

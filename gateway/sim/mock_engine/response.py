@@ -1,0 +1,116 @@
+"""The ASGI response of one generation: streams or collects its tokens, aborts it if the client leaves.
+
+Written as a plain ASGI callable (a Starlette ``Response`` subclass overriding ``__call__``) rather than a
+``StreamingResponse`` so that a client disconnect is seen at once, even while the request is still queued
+and no token is being sent: one task produces the answer, another watches ``receive()`` for
+``http.disconnect``; whichever ends first cancels the other. On any exit before the last token the request is
+aborted in the engine model (frees its KV) and counted as aborted, like vLLM and SGLang do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from gateway.sim.mock_engine.faults import GenerateFault, InjectedCrash, wait_for_disconnect
+from gateway.sim.mock_engine.protocol import (
+    GenerationRequest,
+    completion_response,
+    final_chunk,
+    sse_event,
+    token_chunk,
+    usage_chunk,
+)
+from gateway.sim.mock_engine.runtime import EngineRuntime, GenerationHandle
+
+
+class GenerationResponse(Response):
+    """Answer one accepted generation request (JSON, or SSE when ``request.stream``).
+
+    Args:
+        runtime: the engine runtime the request was submitted to.
+        handle: the submitted request.
+        request: the parsed request (shapes the answer).
+        response_id: ``chatcmpl-<hex>`` / ``cmpl-<hex>``.
+        created: Unix time of creation, seconds.
+        fault: an injected fault, ``kill_mid_stream``, ``end_without_done`` or ``stall_mid_stream`` (see
+            :mod:`gateway.sim.mock_engine.faults`), or ``"ok"``.
+        after_chunks: token events sent before the fault strikes.
+    """
+
+    def __init__(
+        self,
+        runtime: EngineRuntime,
+        handle: GenerationHandle,
+        request: GenerationRequest,
+        response_id: str,
+        created: int,
+        fault: GenerateFault = "ok",
+        after_chunks: int = 0,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.media_type = "text/event-stream" if request.stream else "application/json"
+        self.init_headers({"cache-control": "no-cache"} if request.stream else None)
+        self._runtime = runtime
+        self._handle = handle
+        self._request = request
+        self._id = response_id
+        self._created = created
+        self._fault = fault
+        self._after_chunks = after_chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        produce = asyncio.ensure_future(self._stream(send) if self._request.stream else self._collect(send))
+        watch = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({produce, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if produce in done and not isinstance(produce.exception(), OSError):
+                # re-raise a bug, or an InjectedCrash (the server then drops the connection); OSError = closed
+                # connection (ASGI spec >= 2.4 servers)
+                produce.result()
+        finally:
+            for task in (produce, watch):
+                task.cancel()
+            self._runtime.abort(self._handle)  # no-op when it finished
+            await asyncio.gather(produce, watch, return_exceptions=True)
+
+    async def _collect(self, send: Send) -> None:
+        while not (await self._handle.events.get()).finished:
+            pass
+        body = json.dumps(completion_response(self._request, self._id, self._created)).encode()
+        headers = [(b"content-length", str(len(body)).encode()), *self.raw_headers]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if self._fault == "kill_mid_stream":
+            await _send_body(send, body[: len(body) // 2])
+            raise InjectedCrash("killed mid-answer")
+        await _send_body(send, body, more=False)
+
+    async def _stream(self, send: Send) -> None:
+        req, rid, created = self._request, self._id, self._created
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        sent = 0
+        while True:
+            if sent == self._after_chunks and self._fault == "kill_mid_stream":
+                raise InjectedCrash("killed mid-stream")
+            if sent == self._after_chunks and self._fault == "end_without_done":
+                await _send_body(send, b"", more=False)
+                return
+            if sent == self._after_chunks and self._fault == "stall_mid_stream":
+                await asyncio.Event().wait()  # until the client leaves and this task is cancelled
+            event = await self._handle.events.get()
+            await _send_body(send, sse_event(token_chunk(req, rid, created, event.index)))
+            sent += 1
+            if event.finished:
+                break
+        tail = sse_event(final_chunk(req, rid, created))
+        if req.include_usage:
+            tail += sse_event(usage_chunk(req, rid, created))
+        await _send_body(send, tail + sse_event("[DONE]"), more=False)
+
+
+async def _send_body(send: Send, body: bytes, more: bool = True) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": more})
