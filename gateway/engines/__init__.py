@@ -1,6 +1,6 @@
 """Engine adapters, one module per flavour."""
 
-from gateway.engines.base import EngineAdapter, MetricsParseError, RankMetrics
+from gateway.engines.base import EngineAdapter, MetricsParseError
 from gateway.engines.sglang import SglangAdapter
 from gateway.engines.vllm import VllmAdapter
 
@@ -12,4 +12,4 @@ def adapter_for(flavor: str) -> EngineAdapter:
     return ADAPTERS[flavor]()
 
 
-__all__ = ["ADAPTERS", "EngineAdapter", "MetricsParseError", "RankMetrics", "adapter_for"]
+__all__ = ["ADAPTERS", "EngineAdapter", "MetricsParseError", "adapter_for"]

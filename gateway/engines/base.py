@@ -19,29 +19,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-
-@dataclass(frozen=True, slots=True)
-class RankMetrics:
-    """Load of one DP rank as the engine reports it.
-
-    Attributes:
-        running: requests decoding (or in a running batch).
-        waiting: requests queued, not yet scheduled.
-        kv_usage: KV cache usage, fraction 0–1, or ``None`` if not reported.
-        kv_used_tokens: KV cache tokens in use, or ``None`` if not reported.
-        kv_capacity_tokens: KV cache capacity in tokens, or ``None`` if not reported.
-    """
-
-    running: float = 0.0
-    waiting: float = 0.0
-    kv_usage: float | None = None
-    kv_used_tokens: float | None = None
-    kv_capacity_tokens: float | None = None
+from gateway.types import RankMetrics
 
 
 class MetricsParseError(ValueError):

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.config import HealthConfig
-from gateway.scheduling.types import RankKey
+from gateway.types import RankKey
 
 
 class BreakerState(enum.Enum):

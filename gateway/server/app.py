@@ -23,7 +23,6 @@ from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.tokens import CharTokenizer, Tokenizer
 from gateway.server.auth import ApiKeyMiddleware, key_rings
 from gateway.server.dispatcher import Dispatcher
 from gateway.server.request_context import RequestContextMiddleware
@@ -31,6 +30,7 @@ from gateway.server.routes import router
 from gateway.server.state import GatewayState
 from gateway.server.upstream import make_session
 from gateway.telemetry import GatewayMetrics
+from gateway.tokens import CharTokenizer, Tokenizer
 
 
 def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> GatewayState:
@@ -91,7 +91,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
     Args:
         settings: the gateway settings.
         tokenizer: counts prompt tokens for the allocator; the 4-characters-a-token heuristic of
-            :class:`~gateway.scheduling.tokens.CharTokenizer` when ``None``. Plug in the served model's real
+            :class:`~gateway.tokens.CharTokenizer` when ``None``. Plug in the served model's real
             tokenizer here for exact prefill balancing.
 
     Raises:

@@ -31,13 +31,13 @@ from gateway.errors import (
     normalize_engine_error,
 )
 from gateway.logs import REQUEST_ID_HEADER, request_log
-from gateway.scheduling.tokens import count_prompt_tokens
-from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import UpstreamResponse, post_json
 from gateway.server.validation import Route, parse_request
+from gateway.tokens import count_prompt_tokens
+from gateway.types import PendingRequest, RankKey
 
 log = logging.getLogger(__name__)
 

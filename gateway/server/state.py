@@ -14,9 +14,9 @@ from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
-from gateway.scheduling.tokens import Tokenizer
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
+from gateway.tokens import Tokenizer
 
 
 @dataclass(slots=True)

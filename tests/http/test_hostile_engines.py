@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gateway.config import EngineConfig, ScrapeConfig, Settings, UpstreamConfig
-from gateway.engines import EngineAdapter, RankMetrics, adapter_for
+from gateway.engines import EngineAdapter, adapter_for
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
@@ -26,6 +26,7 @@ from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import get_text, make_session
 from gateway.serving import serve_in_background
 from gateway.telemetry import GatewayMetrics
+from gateway.types import RankMetrics
 from tests.helpers import Respond, raw_http_server
 
 MODEL = "m"
