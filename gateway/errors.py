@@ -21,6 +21,7 @@ Errors are translated at the boundary (``raise ... from exc``) and rendered in o
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -154,39 +155,54 @@ _STATUS_TYPES = {
 }
 
 
-def normalize_engine_error(status: int, raw: bytes) -> dict[str, Any]:
-    """Turn an engine's error answer into an OpenAI-style error body.
+def engine_error_type(status: int) -> str:
+    """The OpenAI error ``type`` for an engine's HTTP error ``status`` when its body names none."""
+    return _STATUS_TYPES.get(status, "upstream_error")
 
-    vLLM answers ``{"error": {...}}`` (already OpenAI-shaped, kept as is); SGLang's non-streaming errors are
-    flat ``{"object": "error", "message", "type", "param", "code"}`` (DESIGN.md §3); FastAPI's own validation
-    errors are ``{"detail": ...}``; anything else is wrapped with its text.
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` parsed as a JSON object, or ``None`` when it is empty, not JSON, or not an object."""
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def openai_error_fields(parsed: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The inner ``error`` object of an OpenAI-shaped error body ``{"error": {"message", ...}}``, else ``None``."""
+    inner = parsed.get("error")
+    return inner if isinstance(inner, dict) and "message" in inner else None
+
+
+def engine_error_body(status: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style error body from an engine's error ``fields`` (``message`` required; ``type``,
+    ``param`` and ``code`` optional, the type then following ``status`` and the code being ``status``)."""
+    return error_body(
+        str(fields["message"]),
+        str(fields.get("type") or engine_error_type(status)),
+        param=fields.get("param"),
+        code=fields.get("code", status),
+    )
+
+
+def normalize_engine_error(status: int, raw: bytes) -> dict[str, Any]:
+    """Turn an engine's error answer into an OpenAI-style error body (the shapes every engine may send).
+
+    An OpenAI-shaped ``{"error": {...}}`` (vLLM's) is kept as is; FastAPI's own validation errors
+    ``{"detail": ...}`` take its text; anything else is wrapped with its text. Shapes particular to one engine
+    flavour are read by its adapter first (:meth:`gateway.engines.base.EngineAdapter.normalize_error`).
 
     Args:
         status: the engine's HTTP status.
         raw: the engine's response body.
     """
-    type_ = _STATUS_TYPES.get(status, "upstream_error")
-    try:
-        parsed = json.loads(raw) if raw else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        inner = parsed.get("error")
-        if isinstance(inner, dict) and "message" in inner:
-            return error_body(
-                str(inner["message"]),
-                str(inner.get("type") or type_),
-                param=inner.get("param"),
-                code=inner.get("code", status),
-            )
-        if "message" in parsed:
-            return error_body(
-                str(parsed["message"]),
-                str(parsed.get("type") or type_),
-                param=parsed.get("param"),
-                code=parsed.get("code", status),
-            )
+    parsed = json_object(raw)
+    if parsed is not None:
+        fields = openai_error_fields(parsed)
+        if fields is not None:
+            return engine_error_body(status, fields)
         if "detail" in parsed:
-            return error_body(str(parsed["detail"]), type_, code=status)
+            return error_body(str(parsed["detail"]), engine_error_type(status), code=status)
     text = raw.decode("utf-8", "replace").strip()[:500] or f"engine answered HTTP {status}"
-    return error_body(text, type_, code=status)
+    return error_body(text, engine_error_type(status), code=status)

@@ -1,5 +1,15 @@
-"""Engine adapters, one module per flavour."""
+"""Engine adapters, one module per flavour, and the client that talks HTTP to every engine.
 
+- :mod:`~gateway.engines.base`: the adapter protocol and pure ``/metrics`` parsing.
+- :mod:`~gateway.engines.sglang`, :mod:`~gateway.engines.vllm`: one adapter per flavour.
+- :mod:`~gateway.engines.client`: :class:`~gateway.engines.client.EngineClient`, the pooled HTTP client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import EngineConfig
 from gateway.engines.base import EngineAdapter, MetricsParseError
 from gateway.engines.sglang import SglangAdapter
 from gateway.engines.vllm import VllmAdapter
@@ -12,4 +22,31 @@ def adapter_for(flavor: str) -> EngineAdapter:
     return ADAPTERS[flavor]()
 
 
-__all__ = ["ADAPTERS", "EngineAdapter", "MetricsParseError", "adapter_for"]
+@dataclass(frozen=True, slots=True, eq=False)
+class Engine:
+    """One configured engine: its settings and the adapter of its flavour.
+
+    Attributes:
+        config: the engine's settings (name, URL, DP size, models).
+        adapter: how to pin its ranks, read its metrics and read its errors.
+    """
+
+    config: EngineConfig
+    adapter: EngineAdapter
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """The engine of ``config`` with its flavour's adapter."""
+        return cls(config, adapter_for(config.flavor))
+
+    @property
+    def name(self) -> str:
+        """The engine's name."""
+        return self.config.name
+
+    def url(self, path: str) -> str:
+        """The full URL of ``path`` (``/v1/completions``, ``/metrics``...) on this engine."""
+        return self.config.url + path
+
+
+__all__ = ["ADAPTERS", "Engine", "EngineAdapter", "MetricsParseError", "adapter_for"]

@@ -31,7 +31,6 @@ import aiohttp
 from tqdm import tqdm
 
 from gateway.replay.sse import SSEDecoder
-from gateway.server.upstream import KEEPALIVE_S
 from gateway.tokens import CHARS_PER_TOKEN, synthesize_prompt
 from gateway.workload.stats import ReplayResult, RequestRecord, format_table, summarize
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
@@ -40,6 +39,10 @@ Endpoint = Literal["chat", "completions"]
 
 _PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _DETAIL_CHARS = 200
+KEEPALIVE_S = 2.0
+"""Idle pooled connections to the server replayed against are closed after this long: below uvicorn's default
+``timeout_keep_alive`` of 5 s, which ``gateway serve`` and the vLLM and SGLang servers run with, so the pool
+rarely reuses a connection the server already closed."""
 
 
 class ReplayError(RuntimeError):

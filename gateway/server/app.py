@@ -17,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.config import Settings
-from gateway.engines import adapter_for
+from gateway.engines import Engine
+from gateway.engines.client import EngineClient
 from gateway.errors import error_body
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
@@ -28,15 +29,15 @@ from gateway.server.dispatcher import Dispatcher
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
-from gateway.server.upstream import make_session
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import CharTokenizer, Tokenizer
 
 
 def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> GatewayState:
-    """Build (but do not start) the gateway's resources. Must run inside an event loop (aiohttp session)."""
+    """Build (but do not start) the gateway's resources. Must run inside an event loop (the engine client's
+    connection pool)."""
     metrics = GatewayMetrics()
-    engines = {e.name: (e, adapter_for(e.flavor)) for e in settings.engines}
+    engines = {e.name: Engine.from_config(e) for e in settings.engines}
     view = LoadView(
         (EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines),
         stale_after_s=settings.scrape.stale_after_s,
@@ -46,10 +47,9 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     dispatcher = Dispatcher(settings, view, metrics, health)
     view.usable = health.usable
     metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
-    upstream = settings.upstream
-    session = make_session(upstream)
+    client = EngineClient(settings.upstream)
     prober = HealthProber(
-        session,
+        client,
         list(engines.values()),
         health,
         metrics,
@@ -58,7 +58,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         clock=dispatcher.clock,
     )
     scraper = MetricsScraper(
-        session,
+        client,
         list(engines.values()),
         view,
         metrics,
@@ -69,7 +69,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     return GatewayState(
         settings=settings,
         metrics=metrics,
-        session=session,
+        client=client,
         engines=engines,
         models=settings.served_models(),
         view=view,
@@ -112,7 +112,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
             await state.dispatcher.stop()
             await state.prober.stop()
             await state.scraper.stop()
-            await state.session.close()
+            await state.client.aclose()
 
     app = FastAPI(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.engines.client import UpstreamResponse
 from gateway.errors import (
     GatewayError,
     ModelNotFoundError,
@@ -28,13 +29,11 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
-    normalize_engine_error,
 )
 from gateway.logs import REQUEST_ID_HEADER, request_log
 from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
-from gateway.server.upstream import UpstreamResponse, post_json
 from gateway.server.validation import Route, parse_request
 from gateway.tokens import count_prompt_tokens
 from gateway.types import PendingRequest, RankKey
@@ -230,7 +229,8 @@ async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: di
                     final = True
             if final:
                 if isinstance(exc, _RetryableStatus):
-                    raise _EngineAnswer(exc.status, exc.raw) from None
+                    adapter = state.engines[key.engine].adapter
+                    raise _EngineAnswer(exc.status, adapter.normalize_error(exc.status, exc.raw)) from None
                 raise
             log.info("request %s: retrying on %s after %s failed: %s", call.request_id, next_key, key, exc.message)
             state.metrics.upstream_retries.labels(key.engine).inc()
@@ -246,12 +246,12 @@ async def _attempts(call: _Call, pending: PendingRequest, key: RankKey, body: di
 class _EngineAnswer(GatewayError):
     """The engine's own error answer (status and body), passed on to the client in OpenAI shape."""
 
-    def __init__(self, status: int, raw: bytes) -> None:
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
         super().__init__(f"engine answered HTTP {status}", status=status)
-        self.raw = raw
+        self._body = body
 
     def body(self) -> dict[str, Any]:
-        return normalize_engine_error(self.status, self.raw)
+        return self._body
 
 
 def _record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> None:
@@ -280,16 +280,16 @@ async def _try(call: _Call, key: RankKey, stream: bool, body: dict[str, object])
     """
     state = call.state
     config = state.settings.upstream
-    engine, adapter = state.engines[key.engine]
+    engine = state.engines[key.engine]
     headers = upstream_request_headers(call.request_id)
     sent = dict(body)
-    adapter.pin_rank(sent, headers, key.rank)
+    engine.adapter.pin_rank(sent, headers, key.rank)
     payload = json.dumps(sent, ensure_ascii=False).encode()
-    url = engine.url + ENGINE_PATHS[call.route]
+    url = engine.url(ENGINE_PATHS[call.route])
     headers_timeout = config.first_byte_timeout_s if stream else config.total_timeout_s
     first_byte_by = asyncio.get_running_loop().time() + config.first_byte_timeout_s
-    upstream = await post_json(
-        state.session, url, payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
+    upstream = await state.client.post_json(
+        url, payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
     )
     try:
         if upstream.status >= 500:
@@ -320,7 +320,7 @@ def _whole(call: _Call, attempt: _Attempt) -> Response:
     headers = {REQUEST_ID_HEADER: call.request_id}
     if upstream.status != 200:
         call.count(upstream.status)
-        body = normalize_engine_error(upstream.status, attempt.body)
+        body = call.state.engines[attempt.key.engine].adapter.normalize_error(upstream.status, attempt.body)
         return JSONResponse(body, upstream.status, headers=headers)
     elapsed = dispatcher.clock() - call.arrival
     request_log().ttft_s = elapsed

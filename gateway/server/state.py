@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import aiohttp
 from fastapi import Depends, Request
 
-from gateway.config import EngineConfig, Settings
-from gateway.engines import EngineAdapter
+from gateway.config import Settings
+from gateway.engines import Engine
+from gateway.engines.client import EngineClient
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
@@ -26,8 +26,8 @@ class GatewayState:
     Attributes:
         settings: the settings it was built from.
         metrics: its Prometheus metrics.
-        session: the HTTP session towards engines.
-        engines: engine name → (configuration, adapter).
+        client: the HTTP client towards engines.
+        engines: engine name → engine.
         models: models served by at least one engine.
         view: the per-rank load view.
         dispatcher: places requests on ranks.
@@ -41,8 +41,8 @@ class GatewayState:
 
     settings: Settings
     metrics: GatewayMetrics
-    session: aiohttp.ClientSession
-    engines: dict[str, tuple[EngineConfig, EngineAdapter]]
+    client: EngineClient
+    engines: dict[str, Engine]
     models: list[str]
     view: LoadView
     dispatcher: Dispatcher
