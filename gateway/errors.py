@@ -9,13 +9,19 @@ Hierarchy::
     ├── ModelNotFoundError    404     no engine serves the model
     ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
     ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
-    └── UpstreamError         502/…   an engine failed or answered with an error
-        ├── UpstreamUnavailableError 503  connection refused / reset before any byte  (retryable)
-        └── UpstreamTimeoutError     504  the engine did not answer in time
+    └── UpstreamError         502     an engine failed: broken connection or stream      (blame: rank)
+        ├── UpstreamUnavailableError 503  connection refused / reset before any byte     (blame: engine)
+        ├── UpstreamTimeoutError     504  the engine did not answer in time              (blame: rank)
+        └── UpstreamStatusError      5xx  the engine answered HTTP 5xx; its own body     (blame: rank)
+
+    ClientDisconnected                    the client went away first: nothing is answered (not a GatewayError)
 
 Errors are translated at the boundary (``raise ... from exc``) and rendered in one place,
 :func:`error_body`, so every error a client sees has the same shape:
 ``{"error": {"message": str, "type": str, "param": str | None, "code": str | int | None}}``.
+
+A failed try at an engine (an :class:`UpstreamError`) counts against a circuit breaker, the engine's or the DP
+rank's (its class's ``blame``), and in ``gateway_upstream_failures_total`` under its class's ``failure_kind``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from gateway.types import FailureScope
 
 
 class GatewayError(Exception):
@@ -116,10 +124,17 @@ class OverloadedError(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """An engine failed, or answered with an error that is passed on to the client."""
+    """An engine failed, or answered with an error that is passed on to the client.
+
+    Attributes:
+        failure_kind: the ``kind`` label of ``gateway_upstream_failures_total`` a failed try counts under.
+        blame: the circuit breaker a failed try counts against: the whole engine's or only the DP rank's.
+    """
 
     status = 502
     type = "upstream_error"
+    failure_kind = "stream_broken"
+    blame: FailureScope = "rank"
 
 
 class UpstreamUnavailableError(UpstreamError):
@@ -129,6 +144,8 @@ class UpstreamUnavailableError(UpstreamError):
     type = "service_unavailable"
     code = "engine_unavailable"
     retryable = True
+    failure_kind = "unavailable"
+    blame: FailureScope = "engine"
 
 
 class UpstreamTimeoutError(UpstreamError):
@@ -137,6 +154,26 @@ class UpstreamTimeoutError(UpstreamError):
     status = 504
     type = "timeout"
     code = "engine_timeout"
+    failure_kind = "timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The engine answered HTTP 5xx. Nothing reached the client, so the request may be sent elsewhere; when it
+    is not, the engine's own error (``engine_body``, already in OpenAI shape) is the answer, with its status.
+    """
+
+    failure_kind = "http_5xx"
+
+    def __init__(self, status: int, engine_body: dict[str, Any]) -> None:
+        super().__init__(f"the engine answered HTTP {status}", status=status)
+        self.engine_body = engine_body
+
+    def body(self) -> dict[str, Any]:
+        return self.engine_body
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before its answer was ready; nothing is sent back."""
 
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:

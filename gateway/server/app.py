@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -32,6 +33,10 @@ from gateway.server.state import GatewayState
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import CharTokenizer, Tokenizer
 
+NONSTREAM_PREFILL_STEPS = 4
+"""Engine steps (of ``window.initial_step_s``) a non-streamed request counts as queued for prefill per chunk of its
+prompt, since its first token is not seen: a margin set when the load view was written, not a measurement."""
+
 
 def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> GatewayState:
     """Build (but do not start) the gateway's resources. Must run inside an event loop (the engine client's
@@ -41,12 +46,13 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     view = LoadView(
         (EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines),
         stale_after_s=settings.scrape.stale_after_s,
-        nonstream_prefill_s=settings.window.initial_step_s * 4,
+        nonstream_prefill_s=settings.window.initial_step_s * NONSTREAM_PREFILL_STEPS,
     )
+    clock = time.monotonic
     health = HealthBook(view.keys, settings.health)
-    dispatcher = Dispatcher(settings, view, metrics, health)
+    dispatcher = Dispatcher(settings, view, metrics, health, clock=clock)
     view.usable = health.usable
-    metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
+    metrics.watch_load(lambda: view.snapshot(clock()))
     client = EngineClient(settings.upstream)
     prober = HealthProber(
         client,
@@ -55,7 +61,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         metrics,
         settings.health,
         on_change=dispatcher.notify_load_changed,
-        clock=dispatcher.clock,
+        clock=clock,
     )
     scraper = MetricsScraper(
         client,
@@ -64,7 +70,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         metrics,
         settings.scrape,
         on_update=dispatcher.notify_load_changed,
-        clock=dispatcher.clock,
+        clock=clock,
     )
     return GatewayState(
         settings=settings,
@@ -81,7 +87,16 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
             settings.upstream.retry_throttle_max_tokens, settings.upstream.retry_throttle_ratio
         ),
         tokenizer=tokenizer or CharTokenizer(),
+        clock=clock,
     )
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Put the gateway ``app`` in draining mode (``/ready`` answers 503); nothing to do before its lifespan has
+    started or once it drains."""
+    state = getattr(app.state, "gateway", None)
+    if isinstance(state, GatewayState) and not state.draining:
+        state.begin_drain()
 
 
 def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> FastAPI:

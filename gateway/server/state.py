@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -36,6 +38,8 @@ class GatewayState:
         prober: probes the engines' health endpoints.
         retry_throttle: stops retries while too many tries fail.
         tokenizer: counts prompt tokens for the allocator.
+        clock: the monotonic clock (seconds) of the dispatcher, the scraper, the prober and the front door.
+        retry_rng: draws the jitter of retry backoffs.
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
     """
 
@@ -51,6 +55,8 @@ class GatewayState:
     prober: HealthProber
     retry_throttle: RetryThrottle
     tokenizer: Tokenizer
+    clock: Callable[[], float]
+    retry_rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
 
     def begin_drain(self) -> None:
