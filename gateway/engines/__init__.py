@@ -1,8 +1,12 @@
-"""Engine adapters, one module per flavour, and the client that talks HTTP to every engine.
+"""Everything the gateway knows about the engines it routes to, one module per flavour.
 
-- :mod:`~gateway.engines.base`: the adapter protocol and pure ``/metrics`` parsing.
-- :mod:`~gateway.engines.sglang`, :mod:`~gateway.engines.vllm`: one adapter per flavour.
-- :mod:`~gateway.engines.client`: :class:`~gateway.engines.client.EngineClient`, the pooled HTTP client.
+- :mod:`.client`: ``EngineClient``, the one HTTP seam towards engines (aiohttp), the same for every flavour.
+- :mod:`.base`: ``EngineAdapter`` (pin a DP rank, parse ``/metrics`` into per-rank load, normalize errors) and
+  the pure metrics parser it builds on.
+- :mod:`.sglang`, :mod:`.vllm`: the two flavours; :data:`ADAPTERS` maps a configured ``flavor`` to its adapter,
+  and an :class:`Engine` pairs one configured engine with its adapter.
+
+Adding a flavour: ``docs/adding-an-engine.md``.
 """
 
 from __future__ import annotations
