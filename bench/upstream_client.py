@@ -2,7 +2,7 @@
 
 Starts a minimal JSON server (aiohttp.web, in its own process, so client and server do not share an event
 loop), then sends the same POSTs through each client from 50 concurrent workers and reports requests per
-second. The gateway's upstream seam (``gateway/server/upstream.py``) uses the faster one.
+second. The gateway's upstream seam (``gateway/engines/client.py``) uses the faster one.
 
     .venv/bin/python bench/upstream_client.py [--requests 5000] [--concurrency 50]
 

@@ -148,7 +148,7 @@ def serve(
 
 async def _serve(settings: Settings, log_level: str) -> None:
     from gateway.embedded import embedded_engines
-    from gateway.server.app import create_app
+    from gateway.server.app import begin_drain, create_app
     from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as stack:
@@ -179,7 +179,7 @@ async def _serve(settings: Settings, log_level: str) -> None:
             settings.port,
             ", ".join(settings.served_models()),
         )
-        await DrainingServer(config).serve()
+        await DrainingServer(config, on_drain=lambda: begin_drain(app)).serve()
 
 
 @main.command("mock-engine")

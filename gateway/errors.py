@@ -9,19 +9,28 @@ Hierarchy::
     ├── ModelNotFoundError    404     no engine serves the model
     ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
     ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
-    └── UpstreamError         502/…   an engine failed or answered with an error
-        ├── UpstreamUnavailableError 503  connection refused / reset before any byte  (retryable)
-        └── UpstreamTimeoutError     504  the engine did not answer in time
+    └── UpstreamError         502     an engine failed: broken connection or stream      (blame: rank)
+        ├── UpstreamUnavailableError 503  connection refused / reset before any byte     (blame: engine)
+        ├── UpstreamTimeoutError     504  the engine did not answer in time              (blame: rank)
+        └── UpstreamStatusError      5xx  the engine answered HTTP 5xx; its own body     (blame: rank)
+
+    ClientDisconnected                    the client went away first: nothing is answered (not a GatewayError)
 
 Errors are translated at the boundary (``raise ... from exc``) and rendered in one place,
 :func:`error_body`, so every error a client sees has the same shape:
 ``{"error": {"message": str, "type": str, "param": str | None, "code": str | int | None}}``.
+
+A failed try at an engine (an :class:`UpstreamError`) counts against a circuit breaker, the engine's or the DP
+rank's (its class's ``blame``), and in ``gateway_upstream_failures_total`` under its class's ``failure_kind``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
+
+from gateway.types import FailureScope
 
 
 class GatewayError(Exception):
@@ -115,10 +124,17 @@ class OverloadedError(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """An engine failed, or answered with an error that is passed on to the client."""
+    """An engine failed, or answered with an error that is passed on to the client.
+
+    Attributes:
+        failure_kind: the ``kind`` label of ``gateway_upstream_failures_total`` a failed try counts under.
+        blame: the circuit breaker a failed try counts against: the whole engine's or only the DP rank's.
+    """
 
     status = 502
     type = "upstream_error"
+    failure_kind = "stream_broken"
+    blame: FailureScope = "rank"
 
 
 class UpstreamUnavailableError(UpstreamError):
@@ -128,6 +144,8 @@ class UpstreamUnavailableError(UpstreamError):
     type = "service_unavailable"
     code = "engine_unavailable"
     retryable = True
+    failure_kind = "unavailable"
+    blame: FailureScope = "engine"
 
 
 class UpstreamTimeoutError(UpstreamError):
@@ -136,6 +154,26 @@ class UpstreamTimeoutError(UpstreamError):
     status = 504
     type = "timeout"
     code = "engine_timeout"
+    failure_kind = "timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The engine answered HTTP 5xx. Nothing reached the client, so the request may be sent elsewhere; when it
+    is not, the engine's own error (``engine_body``, already in OpenAI shape) is the answer, with its status.
+    """
+
+    failure_kind = "http_5xx"
+
+    def __init__(self, status: int, engine_body: dict[str, Any]) -> None:
+        super().__init__(f"the engine answered HTTP {status}", status=status)
+        self.engine_body = engine_body
+
+    def body(self) -> dict[str, Any]:
+        return self.engine_body
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before its answer was ready; nothing is sent back."""
 
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
@@ -154,39 +192,54 @@ _STATUS_TYPES = {
 }
 
 
-def normalize_engine_error(status: int, raw: bytes) -> dict[str, Any]:
-    """Turn an engine's error answer into an OpenAI-style error body.
+def engine_error_type(status: int) -> str:
+    """The OpenAI error ``type`` for an engine's HTTP error ``status`` when its body names none."""
+    return _STATUS_TYPES.get(status, "upstream_error")
 
-    vLLM answers ``{"error": {...}}`` (already OpenAI-shaped, kept as is); SGLang's non-streaming errors are
-    flat ``{"object": "error", "message", "type", "param", "code"}`` (DESIGN.md §3); FastAPI's own validation
-    errors are ``{"detail": ...}``; anything else is wrapped with its text.
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` parsed as a JSON object, or ``None`` when it is empty, not JSON, or not an object."""
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def openai_error_fields(parsed: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The inner ``error`` object of an OpenAI-shaped error body ``{"error": {"message", ...}}``, else ``None``."""
+    inner = parsed.get("error")
+    return inner if isinstance(inner, dict) and "message" in inner else None
+
+
+def engine_error_body(status: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style error body from an engine's error ``fields`` (``message`` required; ``type``,
+    ``param`` and ``code`` optional, the type then following ``status`` and the code being ``status``)."""
+    return error_body(
+        str(fields["message"]),
+        str(fields.get("type") or engine_error_type(status)),
+        param=fields.get("param"),
+        code=fields.get("code", status),
+    )
+
+
+def normalize_engine_error(status: int, raw: bytes) -> dict[str, Any]:
+    """Turn an engine's error answer into an OpenAI-style error body (the shapes every engine may send).
+
+    An OpenAI-shaped ``{"error": {...}}`` (vLLM's) is kept as is; FastAPI's own validation errors
+    ``{"detail": ...}`` take its text; anything else is wrapped with its text. Shapes particular to one engine
+    flavour are read by its adapter first (:meth:`gateway.engines.base.EngineAdapter.normalize_error`).
 
     Args:
         status: the engine's HTTP status.
         raw: the engine's response body.
     """
-    type_ = _STATUS_TYPES.get(status, "upstream_error")
-    try:
-        parsed = json.loads(raw) if raw else None
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        inner = parsed.get("error")
-        if isinstance(inner, dict) and "message" in inner:
-            return error_body(
-                str(inner["message"]),
-                str(inner.get("type") or type_),
-                param=inner.get("param"),
-                code=inner.get("code", status),
-            )
-        if "message" in parsed:
-            return error_body(
-                str(parsed["message"]),
-                str(parsed.get("type") or type_),
-                param=parsed.get("param"),
-                code=parsed.get("code", status),
-            )
+    parsed = json_object(raw)
+    if parsed is not None:
+        fields = openai_error_fields(parsed)
+        if fields is not None:
+            return engine_error_body(status, fields)
         if "detail" in parsed:
-            return error_body(str(parsed["detail"]), type_, code=status)
+            return error_body(str(parsed["detail"]), engine_error_type(status), code=status)
     text = raw.decode("utf-8", "replace").strip()[:500] or f"engine answered HTTP {status}"
-    return error_body(text, type_, code=status)
+    return error_body(text, engine_error_type(status), code=status)

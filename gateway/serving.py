@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -13,13 +13,22 @@ from starlette.types import ASGIApp
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose shutdown (SIGTERM, SIGINT) first puts the gateway app in draining mode.
+    """A uvicorn server whose shutdown (SIGTERM, SIGINT) first calls ``on_drain`` (the gateway app's
+    :func:`~gateway.server.app.begin_drain`, which puts it in draining mode).
 
     Then uvicorn's own graceful shutdown runs: it stops accepting connections, closes idle keep-alive ones, lets
     requests in flight (those still waiting in the staggered window included: the window keeps closing) finish
     for up to ``timeout_graceful_shutdown`` seconds, cancels what is left (which aborts it at the engines), and
     runs the app's lifespan shutdown. While draining, ``/ready`` answers 503. The process then exits with 0.
+
+    Args:
+        config: uvicorn's configuration.
+        on_drain: called at each shutdown signal, before uvicorn's own handling.
     """
+
+    def __init__(self, config: uvicorn.Config, *, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_drain = on_drain
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -32,11 +41,7 @@ class DrainingServer(uvicorn.Server):
                 self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        from gateway.server.state import GatewayState
-
-        state = getattr(getattr(self.config.app, "state", None), "gateway", None)
-        if isinstance(state, GatewayState) and not state.draining:
-            state.begin_drain()
+        self._on_drain()
         super().handle_exit(sig, frame)
 
 

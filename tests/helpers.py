@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.telemetry import sum_samples
+from gateway.types import PendingRequest, RankKey, RankLoad
 
 MODEL = "deepseek-v3"
 

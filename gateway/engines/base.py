@@ -1,7 +1,8 @@
 """The seam between the gateway and one kind of engine.
 
 An :class:`EngineAdapter` knows, for its engine flavour, how to pin a request to a DP rank, where the per-rank
-load metrics are and what they are called. Adding an engine is adding one module with one subclass.
+load metrics are and what they are called, and how its error answers look. Adding an engine is adding one
+module with one subclass.
 
 Metrics parsing is pure (exposition text in, per-rank figures out), with ``prometheus_client``'s parser; labels
 are read by name, never by position (multiprocess-mode servers sort them), series the adapter does not know are
@@ -19,29 +20,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-
-@dataclass(frozen=True, slots=True)
-class RankMetrics:
-    """Load of one DP rank as the engine reports it.
-
-    Attributes:
-        running: requests decoding (or in a running batch).
-        waiting: requests queued, not yet scheduled.
-        kv_usage: KV cache usage, fraction 0–1, or ``None`` if not reported.
-        kv_used_tokens: KV cache tokens in use, or ``None`` if not reported.
-        kv_capacity_tokens: KV cache capacity in tokens, or ``None`` if not reported.
-    """
-
-    running: float = 0.0
-    waiting: float = 0.0
-    kv_usage: float | None = None
-    kv_used_tokens: float | None = None
-    kv_capacity_tokens: float | None = None
+from gateway.errors import normalize_engine_error
+from gateway.types import RankMetrics
 
 
 class MetricsParseError(ValueError):
@@ -118,3 +102,11 @@ class EngineAdapter(ABC):
         Raises:
             MetricsParseError: the text is not valid exposition format.
         """
+
+    def normalize_error(self, status: int, raw: bytes) -> dict[str, Any]:
+        """The engine's error answer (HTTP ``status``, body ``raw``) as an OpenAI-style error body.
+
+        The shapes every engine may send are read by :func:`gateway.errors.normalize_engine_error`; an adapter
+        whose engine has a shape of its own reads that first.
+        """
+        return normalize_engine_error(status, raw)

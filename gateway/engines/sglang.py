@@ -6,8 +6,8 @@
 - Scheduler gauges (``--enable-metrics``, always multiprocess mode) carry ``model_name``, ``engine_type``,
   ``tp_rank``, ``pp_rank``, ``moe_ep_rank`` and, under DP attention, ``dp_rank``. Several TP ranks of one DP rank
   may each export a series: they are de-duplicated.
-- Non-streaming errors are flat ``{"object": "error", "message", ...}``; see
-  :func:`gateway.errors.normalize_engine_error`.
+- Non-streaming errors are flat ``{"object": "error", "message", "type", "param", "code"}``, read by
+  :meth:`SglangAdapter.normalize_error`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from gateway.engines.base import EngineAdapter, RankMetrics, read_rank_gauges, to_rank_metrics
+from gateway.engines.base import EngineAdapter, read_rank_gauges, to_rank_metrics
+from gateway.errors import engine_error_body, json_object, openai_error_fields
+from gateway.types import RankMetrics
 
 RANK_FIELD = "routed_dp_rank"
 LEGACY_RANK_FIELDS = ("data_parallel_rank",)
@@ -39,3 +41,9 @@ class SglangAdapter(EngineAdapter):
 
     def parse_metrics(self, text: str) -> dict[int, RankMetrics]:
         return to_rank_metrics(read_rank_gauges(text, METRIC_FIELDS, RANK_LABEL))
+
+    def normalize_error(self, status: int, raw: bytes) -> dict[str, Any]:
+        parsed = json_object(raw)
+        if parsed is not None and openai_error_fields(parsed) is None and "message" in parsed:
+            return engine_error_body(status, parsed)  # the flat shape
+        return super().normalize_error(status, raw)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from gateway.engines.base import EngineAdapter, RankMetrics, read_rank_gauges, to_rank_metrics
+from gateway.engines.base import EngineAdapter, read_rank_gauges, to_rank_metrics
+from gateway.types import RankMetrics
 
 RANK_HEADER = "X-data-parallel-rank"
 RANK_LABEL = "engine"

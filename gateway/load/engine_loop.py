@@ -8,10 +8,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-import aiohttp
-
-from gateway.config import EngineConfig
-from gateway.engines import EngineAdapter
+from gateway.engines import Engine
+from gateway.engines.client import EngineClient
 
 
 class PerEngineLoop(ABC):
@@ -20,8 +18,8 @@ class PerEngineLoop(ABC):
     delays nobody else.
 
     Args:
-        session: HTTP session towards the engines.
-        engines: ``(engine config, adapter)`` pairs.
+        client: HTTP client towards the engines.
+        engines: the engines.
         interval_s: time between two starts of :meth:`once` for one engine, seconds.
         task_prefix: asyncio task names are ``<task_prefix>-<engine>``.
         clock: monotonic clock in seconds.
@@ -29,13 +27,13 @@ class PerEngineLoop(ABC):
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        engines: Sequence[tuple[EngineConfig, EngineAdapter]],
+        client: EngineClient,
+        engines: Sequence[Engine],
         interval_s: float,
         task_prefix: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._session = session
+        self._client = client
         self._engines = list(engines)
         self._interval_s = interval_s
         self._task_prefix = task_prefix
@@ -44,29 +42,28 @@ class PerEngineLoop(ABC):
         self._stopping = False
 
     @abstractmethod
-    async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
+    async def once(self, engine: Engine) -> bool:
         """Do the action for one engine now; return whether it succeeded. Must never raise."""
 
-    async def _loop(self, engine: EngineConfig, adapter: EngineAdapter) -> None:
+    async def _loop(self, engine: Engine) -> None:
         elapsed = 0.0
         while not self._stopping:
             await asyncio.sleep(max(0.0, self._interval_s - elapsed))
             started = self._clock()
-            await self.once(engine, adapter)
+            await self.once(engine)
             elapsed = self._clock() - started
 
     async def start(self) -> None:
         """Run :meth:`once` for every engine, then keep running it on the interval."""
-        await asyncio.gather(*(self.once(e, a) for e, a in self._engines))
-        self._tasks = [
-            asyncio.create_task(self._loop(e, a), name=f"{self._task_prefix}-{e.name}") for e, a in self._engines
-        ]
+        await asyncio.gather(*(self.once(e) for e in self._engines))
+        self._tasks = [asyncio.create_task(self._loop(e), name=f"{self._task_prefix}-{e.name}") for e in self._engines]
 
     async def stop(self) -> None:
         """Stop the tasks and wait until they have ended.
 
         A loop also checks a stop flag between two runs of :meth:`once`, so it ends even if a library it awaits
-        swallows the cancellation (aiohttp's own timeouts did, see :func:`gateway.server.upstream.get_text`).
+        swallows the cancellation (aiohttp's own timeouts did, see
+        :meth:`gateway.engines.client.EngineClient.get_text`).
         """
         self._stopping = True
         for task in self._tasks:

@@ -11,7 +11,8 @@ the closed → open → half-open cycle):
   a time); for an engine, the next active ``/health`` probe. Its success closes the breaker; its failure opens
   it again for twice as long, up to ``max_open_s``.
 
-What counts against which breaker (see :meth:`HealthBook.record_failure`): an engine that cannot be reached, or
+What counts against which breaker (see :meth:`HealthBook.record_failure` and the ``blame`` of each
+:class:`~gateway.errors.UpstreamError`): an engine that cannot be reached, or
 fails its ``/health`` probe, is an engine failure (all its ranks stop taking requests); an HTTP 5xx, a timeout
 or a stream broken mid-way is a failure of the DP rank that served it.
 """
@@ -23,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.config import HealthConfig
-from gateway.scheduling.types import RankKey
+from gateway.types import FailureScope, RankKey
 
 
 class BreakerState(enum.Enum):
@@ -111,10 +112,6 @@ class CircuitBreaker:
         self.opened_total += 1
 
 
-FailureScope = str
-"""``"engine"`` (unreachable, failed probe) or ``"rank"`` (HTTP 5xx, timeout, broken stream)."""
-
-
 class HealthBook:
     """The breakers of every engine and DP rank.
 
@@ -175,10 +172,11 @@ class HealthBook:
         self._ranks[key].record_success(now)
 
     def record_failure(self, key: RankKey, scope: FailureScope, now: float) -> None:
-        """A request on ``key`` failed; ``scope`` says whether the engine or only the rank is to blame.
+        """A request on ``key`` failed; ``scope`` says whether the engine or only the rank is to blame (an
+        :class:`~gateway.errors.UpstreamError`'s ``blame``).
 
         Raises:
-            ValueError: unknown scope.
+            ValueError: ``scope`` is neither (only from callers mypy does not check).
         """
         if scope == "engine":
             self._engines[key.engine].record_failure(now)

@@ -11,14 +11,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import aiohttp
-
-from gateway.config import EngineConfig, HealthConfig
-from gateway.engines import EngineAdapter
+from gateway.config import HealthConfig
+from gateway.engines import Engine
+from gateway.engines.client import EngineClient
 from gateway.errors import UpstreamError
 from gateway.load.engine_loop import PerEngineLoop
 from gateway.load.health import BreakerState, HealthBook
-from gateway.server.upstream import get_text
 from gateway.telemetry import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -31,8 +29,8 @@ class HealthProber(PerEngineLoop):
     """Probes every engine's health endpoint and keeps ``gateway_engine_up`` current.
 
     Args:
-        session: HTTP session for the probes.
-        engines: ``(engine config, adapter)`` pairs.
+        client: HTTP client for the probes.
+        engines: the engines to probe.
         health: the breakers to feed.
         metrics: the gateway's metrics.
         config: probe interval and timeout.
@@ -42,8 +40,8 @@ class HealthProber(PerEngineLoop):
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        engines: Sequence[tuple[EngineConfig, EngineAdapter]],
+        client: EngineClient,
+        engines: Sequence[Engine],
         health: HealthBook,
         metrics: GatewayMetrics,
         config: HealthConfig,
@@ -51,7 +49,7 @@ class HealthProber(PerEngineLoop):
         on_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(session, engines, config.probe_interval_s, "probe", clock)
+        super().__init__(client, engines, config.probe_interval_s, "probe", clock)
         self._health = health
         self._metrics = metrics
         self._config = config
@@ -74,12 +72,11 @@ class HealthProber(PerEngineLoop):
         if changed and self._on_change is not None:
             self._on_change()
 
-    async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
+    async def once(self, engine: Engine) -> bool:
         """Probe one engine now, record the result and return it. Never raises."""
         try:
-            await get_text(
-                self._session, engine.url + adapter.health_path, self._config.probe_timeout_s, HEALTH_MAX_BYTES
-            )
+            url = engine.url(engine.adapter.health_path)
+            await self._client.get_text(url, self._config.probe_timeout_s, HEALTH_MAX_BYTES)
             ok = True
         except UpstreamError as exc:
             log.debug("health probe of %s failed: %s", engine.name, exc)

@@ -15,14 +15,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import aiohttp
-
-from gateway.config import EngineConfig, ScrapeConfig
-from gateway.engines import EngineAdapter, MetricsParseError
+from gateway.config import ScrapeConfig
+from gateway.engines import Engine, MetricsParseError
+from gateway.engines.client import EngineClient
 from gateway.errors import UpstreamError
 from gateway.load.engine_loop import PerEngineLoop
 from gateway.load.view import LoadView
-from gateway.server.upstream import get_text
 from gateway.telemetry import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -32,8 +30,8 @@ class MetricsScraper(PerEngineLoop):
     """Scrapes every engine's ``/metrics`` on an interval.
 
     Args:
-        session: HTTP session for the scrapes.
-        engines: ``(engine config, adapter)`` pairs.
+        client: HTTP client for the scrapes.
+        engines: the engines to scrape.
         view: the load view to update.
         metrics: the gateway's metrics (scrape counters).
         config: scrape interval and timeouts.
@@ -43,8 +41,8 @@ class MetricsScraper(PerEngineLoop):
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        engines: Sequence[tuple[EngineConfig, EngineAdapter]],
+        client: EngineClient,
+        engines: Sequence[Engine],
         view: LoadView,
         metrics: GatewayMetrics,
         config: ScrapeConfig,
@@ -52,18 +50,18 @@ class MetricsScraper(PerEngineLoop):
         on_update: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(session, engines, config.interval_s, "scrape", clock)
+        super().__init__(client, engines, config.interval_s, "scrape", clock)
         self._view = view
         self._metrics = metrics
         self._config = config
         self._on_update = on_update
 
-    async def once(self, engine: EngineConfig, adapter: EngineAdapter) -> bool:
+    async def once(self, engine: Engine) -> bool:
         """Scrape one engine now and update the view; return whether it succeeded. Never raises."""
         try:
-            url = engine.url + adapter.metrics_path
-            text = await get_text(self._session, url, self._config.timeout_s, self._config.max_response_bytes)
-            ranks = await asyncio.to_thread(adapter.parse_metrics, text)
+            url = engine.url(engine.adapter.metrics_path)
+            text = await self._client.get_text(url, self._config.timeout_s, self._config.max_response_bytes)
+            ranks = await asyncio.to_thread(engine.adapter.parse_metrics, text)
         except Exception as exc:  # UpstreamError, MetricsParseError expected; anything else is a bug, logged loudly
             self._view.on_scrape_failure(engine.name, self._clock())
             self._metrics.scrapes.labels(engine.name, "error").inc()
@@ -73,7 +71,9 @@ class MetricsScraper(PerEngineLoop):
             else:
                 log.exception("scrape of %s failed unexpectedly", engine.name)
             return False
-        self._view.on_scrape(engine.name, {r: m for r, m in ranks.items() if 0 <= r < engine.dp_size}, self._clock())
+        self._view.on_scrape(
+            engine.name, {r: m for r, m in ranks.items() if 0 <= r < engine.config.dp_size}, self._clock()
+        )
         self._metrics.scrapes.labels(engine.name, "ok").inc()
         if self._on_update is not None:
             self._on_update()

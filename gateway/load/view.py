@@ -22,8 +22,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from gateway.engines.base import RankMetrics
-from gateway.scheduling.types import RankKey, RankLoad
+from gateway.types import RankKey, RankLoad, RankMetrics
 
 
 @dataclass(frozen=True, slots=True)

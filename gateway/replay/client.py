@@ -10,7 +10,7 @@ HTTP goes through aiohttp with an unbounded connection pool: on the development 
 collapsed at about 50 concurrent streams, aiohttp did not.
 
 Every prompt starts with a short request-unique tag (the request's index) followed by
-:func:`~gateway.scheduling.tokens.synthesize_prompt` filler, keeping the gateway's token estimate exactly the
+:func:`~gateway.tokens.synthesize_prompt` filler, keeping the gateway's token estimate exactly the
 trace's count. Without the tag every prompt would share one long prefix and an engine's prefix cache would
 skip nearly all prefill work, which is what this benchmark is meant to load.
 """
@@ -31,8 +31,7 @@ import aiohttp
 from tqdm import tqdm
 
 from gateway.replay.sse import SSEDecoder
-from gateway.scheduling.tokens import CHARS_PER_TOKEN, synthesize_prompt
-from gateway.server.upstream import KEEPALIVE_S
+from gateway.tokens import CHARS_PER_TOKEN, synthesize_prompt
 from gateway.workload.stats import ReplayResult, RequestRecord, format_table, summarize
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
@@ -40,6 +39,10 @@ Endpoint = Literal["chat", "completions"]
 
 _PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _DETAIL_CHARS = 200
+KEEPALIVE_S = 2.0
+"""Idle pooled connections to the server replayed against are closed after this long: below uvicorn's default
+``timeout_keep_alive`` of 5 s, which ``gateway serve`` and the vLLM and SGLang servers run with, so the pool
+rarely reuses a connection the server already closed."""
 
 
 class ReplayError(RuntimeError):
@@ -48,7 +51,7 @@ class ReplayError(RuntimeError):
 
 def request_prompt(index: int, prompt_tokens: int) -> str:
     """The prompt of request ``index``: a unique 2-token tag then filler, ``prompt_tokens`` tokens in all by
-    the gateway's :class:`~gateway.scheduling.tokens.CharTokenizer` estimate (plain filler below 3 tokens)."""
+    the gateway's :class:`~gateway.tokens.CharTokenizer` estimate (plain filler below 3 tokens)."""
     if prompt_tokens < 3:
         return synthesize_prompt(prompt_tokens)
     tag = f"{index % 16**7:07x} "  # 8 characters = 2 estimated tokens, unique for 268M requests

@@ -37,7 +37,8 @@ import math
 from collections.abc import Iterable, Sequence
 
 from gateway.scheduling.decode import DecodeRanker
-from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
+from gateway.scheduling.types import Allocation
+from gateway.types import PendingRequest, RankKey, RankLoad
 
 DEFAULT_QUEUE_STEPS = 2.0
 """Default rank capacity, in per-step prefill budgets: the step in progress plus the next one."""

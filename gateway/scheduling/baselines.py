@@ -1,7 +1,7 @@
 """Immediate-dispatch baselines: each request is placed on a DP rank the moment it arrives.
 
 These are the routers SBS is measured against (DESIGN.md §5). Each policy looks at a snapshot of rank loads
-(:class:`~gateway.scheduling.types.RankLoad`) that already includes what the gateway itself dispatched since
+(:class:`~gateway.types.RankLoad`) that already includes what the gateway itself dispatched since
 the last scrape, so a burst does not herd onto one rank.
 
 - ``round_robin``: cycle through the ranks serving the model.
@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
+from gateway.types import PendingRequest, RankKey, RankLoad
 
 
 class ImmediatePolicy(Protocol):

@@ -20,7 +20,7 @@ quartiles say nothing and no rank is an outlier.
 buckets of ``bucket`` requests so that a difference of one or two requests (noise next to a decode batch of
 tens) does not override the second objective; then fewest KV tokens.
 
-Pure functions over :class:`~gateway.scheduling.types.RankLoad` snapshots; the allocators call them
+Pure functions over :class:`~gateway.types.RankLoad` snapshots; the allocators call them
 (:func:`gateway.scheduling.allocation.water_fill`, :func:`gateway.scheduling.phase.phase_fill`).
 """
 
@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.scheduling.types import RankKey, RankLoad
+from gateway.types import RankKey, RankLoad
 
 IQR_K = 1.5
 """Default fence multiplier ``k``: Tukey's "outside" fence (Exploratory Data Analysis, 1977)."""

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from gateway.scheduling.allocation import decode_load_key, fits, placement_order
 from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.types import Allocation, PendingRequest, RankKey, RankLoad
+from gateway.scheduling.types import Allocation
+from gateway.types import PendingRequest, RankKey, RankLoad
 
 DECODE_STALL_WEIGHT = 0.005
 """Default ``w``: how much one decoding request's stall counts against one waiting request's TTFT.

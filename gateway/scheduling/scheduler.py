@@ -27,8 +27,8 @@ from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.phase import phase_fill
 from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.scheduling.window import StaggeredWindow
+from gateway.types import PendingRequest, RankKey, RankLoad
 
 
 class NoServingRankError(LookupError):

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.types import RankLoad
+from gateway.types import RankLoad
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from gateway.scheduling.types import PendingRequest
+from gateway.types import PendingRequest
 
 
 class StaggeredWindow:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -17,59 +18,64 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.config import Settings
-from gateway.engines import adapter_for
+from gateway.engines import Engine
+from gateway.engines.client import EngineClient
 from gateway.errors import error_body
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.tokens import CharTokenizer, Tokenizer
 from gateway.server.auth import ApiKeyMiddleware, key_rings
 from gateway.server.dispatcher import Dispatcher
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
-from gateway.server.upstream import make_session
 from gateway.telemetry import GatewayMetrics
+from gateway.tokens import CharTokenizer, Tokenizer
+
+NONSTREAM_PREFILL_STEPS = 4
+"""Engine steps (of ``window.initial_step_s``) a non-streamed request counts as queued for prefill per chunk of its
+prompt, since its first token is not seen: a margin set when the load view was written, not a measurement."""
 
 
 def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> GatewayState:
-    """Build (but do not start) the gateway's resources. Must run inside an event loop (aiohttp session)."""
+    """Build (but do not start) the gateway's resources. Must run inside an event loop (the engine client's
+    connection pool)."""
     metrics = GatewayMetrics()
-    engines = {e.name: (e, adapter_for(e.flavor)) for e in settings.engines}
+    engines = {e.name: Engine.from_config(e) for e in settings.engines}
     view = LoadView(
         (EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines),
         stale_after_s=settings.scrape.stale_after_s,
-        nonstream_prefill_s=settings.window.initial_step_s * 4,
+        nonstream_prefill_s=settings.window.initial_step_s * NONSTREAM_PREFILL_STEPS,
     )
+    clock = time.monotonic
     health = HealthBook(view.keys, settings.health)
-    dispatcher = Dispatcher(settings, view, metrics, health)
+    dispatcher = Dispatcher(settings, view, metrics, health, clock=clock)
     view.usable = health.usable
-    metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
-    upstream = settings.upstream
-    session = make_session(upstream)
+    metrics.watch_load(lambda: view.snapshot(clock()))
+    client = EngineClient(settings.upstream)
     prober = HealthProber(
-        session,
+        client,
         list(engines.values()),
         health,
         metrics,
         settings.health,
         on_change=dispatcher.notify_load_changed,
-        clock=dispatcher.clock,
+        clock=clock,
     )
     scraper = MetricsScraper(
-        session,
+        client,
         list(engines.values()),
         view,
         metrics,
         settings.scrape,
         on_update=dispatcher.notify_load_changed,
-        clock=dispatcher.clock,
+        clock=clock,
     )
     return GatewayState(
         settings=settings,
         metrics=metrics,
-        session=session,
+        client=client,
         engines=engines,
         models=settings.served_models(),
         view=view,
@@ -81,7 +87,16 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
             settings.upstream.retry_throttle_max_tokens, settings.upstream.retry_throttle_ratio
         ),
         tokenizer=tokenizer or CharTokenizer(),
+        clock=clock,
     )
+
+
+def begin_drain(app: FastAPI) -> None:
+    """Put the gateway ``app`` in draining mode (``/ready`` answers 503); nothing to do before its lifespan has
+    started or once it drains."""
+    state = getattr(app.state, "gateway", None)
+    if isinstance(state, GatewayState) and not state.draining:
+        state.begin_drain()
 
 
 def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> FastAPI:
@@ -91,7 +106,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
     Args:
         settings: the gateway settings.
         tokenizer: counts prompt tokens for the allocator; the 4-characters-a-token heuristic of
-            :class:`~gateway.scheduling.tokens.CharTokenizer` when ``None``. Plug in the served model's real
+            :class:`~gateway.tokens.CharTokenizer` when ``None``. Plug in the served model's real
             tokenizer here for exact prefill balancing.
 
     Raises:
@@ -112,7 +127,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
             await state.dispatcher.stop()
             await state.prober.stop()
             await state.scraper.stop()
-            await state.session.close()
+            await state.client.aclose()
 
     app = FastAPI(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)

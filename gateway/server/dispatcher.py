@@ -20,8 +20,8 @@ from gateway.load.view import LoadView
 from gateway.logs import request_log
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
-from gateway.scheduling.types import PendingRequest, RankKey
 from gateway.telemetry import GatewayMetrics
+from gateway.types import PendingRequest, RankKey
 
 log = logging.getLogger(__name__)
 

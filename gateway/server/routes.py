@@ -46,7 +46,7 @@ async def ready(state: State) -> JSONResponse:
     """Readiness: 200 while at least one engine's circuit breaker lets traffic through and the gateway is not
     draining, else 503. The body gives each engine's breaker state, its DP ranks whose own breaker is not closed,
     and whether its last metrics scrape succeeded."""
-    now = state.dispatcher.clock()
+    now = state.clock()
     engines = state.health.describe(now)
     for name, entry in engines.items():
         entry["up"] = state.health.engine_up(name, now)
@@ -84,6 +84,6 @@ async def admin_state(state: State) -> dict[str, object]:
                 "kv_tokens": load.kv_tokens,
                 "kv_usage": load.kv_usage,
             }
-            for load in state.view.snapshot(dispatcher.clock())
+            for load in state.view.snapshot(state.clock())
         ],
     }

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated
 
-import aiohttp
 from fastapi import Depends, Request
 
-from gateway.config import EngineConfig, Settings
-from gateway.engines import EngineAdapter
+from gateway.config import Settings
+from gateway.engines import Engine
+from gateway.engines.client import EngineClient
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
-from gateway.scheduling.tokens import Tokenizer
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
+from gateway.tokens import Tokenizer
 
 
 @dataclass(slots=True)
@@ -26,8 +28,8 @@ class GatewayState:
     Attributes:
         settings: the settings it was built from.
         metrics: its Prometheus metrics.
-        session: the HTTP session towards engines.
-        engines: engine name → (configuration, adapter).
+        client: the HTTP client towards engines.
+        engines: engine name → engine.
         models: models served by at least one engine.
         view: the per-rank load view.
         dispatcher: places requests on ranks.
@@ -36,13 +38,15 @@ class GatewayState:
         prober: probes the engines' health endpoints.
         retry_throttle: stops retries while too many tries fail.
         tokenizer: counts prompt tokens for the allocator.
+        clock: the monotonic clock (seconds) of the dispatcher, the scraper, the prober and the front door.
+        retry_rng: draws the jitter of retry backoffs.
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
     """
 
     settings: Settings
     metrics: GatewayMetrics
-    session: aiohttp.ClientSession
-    engines: dict[str, tuple[EngineConfig, EngineAdapter]]
+    client: EngineClient
+    engines: dict[str, Engine]
     models: list[str]
     view: LoadView
     dispatcher: Dispatcher
@@ -51,6 +55,8 @@ class GatewayState:
     prober: HealthProber
     retry_throttle: RetryThrottle
     tokenizer: Tokenizer
+    clock: Callable[[], float]
+    retry_rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
 
     def begin_drain(self) -> None:

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import PolicyName, WindowConfig
-from gateway.engines.base import RankMetrics
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.types import PendingRequest, RankKey, RankLoad
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult
+from gateway.types import PendingRequest, RankKey, RankLoad, RankMetrics
 from gateway.workload.stats import distribution
 from gateway.workload.traces import TraceRequest
 

@@ -15,9 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gateway.config import EngineConfig, Settings
-from gateway.scheduling.tokens import Tokenizer
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
+from gateway.tokens import Tokenizer
 
 MODEL = "m"
 

@@ -17,15 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gateway.config import EngineConfig, ScrapeConfig, Settings, UpstreamConfig
-from gateway.engines import EngineAdapter, RankMetrics, adapter_for
+from gateway.engines import Engine, EngineAdapter, adapter_for
+from gateway.engines.client import EngineClient
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.server.app import create_app
 from gateway.server.stream_end import StreamEnd
-from gateway.server.upstream import get_text, make_session
 from gateway.serving import serve_in_background
 from gateway.telemetry import GatewayMetrics
+from gateway.types import RankMetrics
 from tests.helpers import Respond, raw_http_server
 
 MODEL = "m"
@@ -88,23 +89,23 @@ FAILING_METRICS = [
 ]
 
 
-def scraper_for(url: str, session: Any) -> tuple[MetricsScraper, LoadView, GatewayMetrics]:
+def scraper_for(url: str, client: EngineClient) -> tuple[MetricsScraper, LoadView, GatewayMetrics]:
     engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
     view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
     metrics = GatewayMetrics()
-    return MetricsScraper(session, [(engine, adapter_for("vllm"))], view, metrics, SCRAPE), view, metrics
+    return MetricsScraper(client, [Engine.from_config(engine)], view, metrics, SCRAPE), view, metrics
 
 
 @pytest.mark.parametrize(("respond", "error", "match"), FAILING_METRICS)
 async def test_hostile_metrics_fail_the_scrape_and_nothing_else(
     respond: Respond, error: type[Exception] | None, match: str
 ) -> None:
-    async with raw_http_server(respond) as url, make_session(UpstreamConfig()) as session:
+    async with raw_http_server(respond) as url, EngineClient(UpstreamConfig()) as client:
         if error is not None:  # the transport layer names what went wrong
             with pytest.raises(error, match=match):
-                await get_text(session, url + "/metrics", SCRAPE.timeout_s, SCRAPE.max_response_bytes)
-        scraper, view, metrics = scraper_for(url, session)
-        assert await scraper.once(*scraper._engines[0]) is False
+                await client.get_text(url + "/metrics", SCRAPE.timeout_s, SCRAPE.max_response_bytes)
+        scraper, view, metrics = scraper_for(url, client)
+        assert await scraper.once(scraper._engines[0]) is False
         assert view.engine_reachable("e") is False
         assert 'gateway_scrape_errors_total{engine="e"} 1.0' in metrics.render().decode()
 
@@ -118,9 +119,9 @@ async def test_nan_negative_and_out_of_range_figures_never_reach_the_load_view()
         'vllm:num_requests_running{engine="7"} 9\n'
         'vllm:kv_cache_usage_perc{engine="0"} +Inf\n'
     )
-    async with raw_http_server(whole(text.encode())) as url, make_session(UpstreamConfig()) as session:
-        scraper, view, _ = scraper_for(url, session)
-        assert await scraper.once(*scraper._engines[0]) is True
+    async with raw_http_server(whole(text.encode())) as url, EngineClient(UpstreamConfig()) as client:
+        scraper, view, _ = scraper_for(url, client)
+        assert await scraper.once(scraper._engines[0]) is True
     loads = {load.key.rank: (load.running, load.waiting, load.kv_usage) for load in view.snapshot(0.0)}
     assert loads == {0: (0.0, 0.0, None), 1: (0.0, 3.0, None)}
 
@@ -136,11 +137,11 @@ class ExplodingAdapter(EngineAdapter):
 
 
 async def test_an_unexpected_error_does_not_end_the_scraping_loop() -> None:
-    async with raw_http_server(whole(GOOD_METRICS.encode())) as url, make_session(UpstreamConfig()) as session:
+    async with raw_http_server(whole(GOOD_METRICS.encode())) as url, EngineClient(UpstreamConfig()) as client:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
         view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
         metrics = GatewayMetrics()
-        scraper = MetricsScraper(session, [(engine, ExplodingAdapter())], view, metrics, SCRAPE)
+        scraper = MetricsScraper(client, [Engine(engine, ExplodingAdapter())], view, metrics, SCRAPE)
         await scraper.start()
         try:
             for _ in range(200):  # bounded: the loop keeps scraping (and failing) on its 50 ms interval
@@ -171,11 +172,11 @@ class ThreadRecordingAdapter(EngineAdapter):
 async def test_metrics_are_parsed_off_the_event_loop() -> None:
     """A large body's parsing (milliseconds per 50 KB) must not stall the loop that closes windows."""
     adapter = ThreadRecordingAdapter()
-    async with raw_http_server(whole(GOOD_METRICS.encode())) as url, make_session(UpstreamConfig()) as session:
+    async with raw_http_server(whole(GOOD_METRICS.encode())) as url, EngineClient(UpstreamConfig()) as client:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
         view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
-        scraper = MetricsScraper(session, [(engine, adapter)], view, GatewayMetrics(), SCRAPE)
-        assert await scraper.once(engine, adapter) is True
+        scraper = MetricsScraper(client, [Engine(engine, adapter)], view, GatewayMetrics(), SCRAPE)
+        assert await scraper.once(scraper._engines[0]) is True
     assert len(adapter.threads) == 1 and adapter.threads[0] != threading.get_ident()
     assert {load.key.rank: load.running for load in view.snapshot(0.0)} == {0: 2.0, 1: 0.0}
 

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.replay.client import ReplayError, replay, request_body, request_prompt, run_bench
 from gateway.replay.sse import SSEDecoder
-from gateway.scheduling.tokens import count_prompt_tokens
+from gateway.tokens import count_prompt_tokens
 from gateway.workload.stats import (
     ReplayResult,
     RequestRecord,

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.config import UpstreamConfig
+from gateway.engines.client import EngineClient
 from gateway.errors import UpstreamError, UpstreamUnavailableError
-from gateway.server.upstream import get_text, make_session, post_json
 from tests.helpers import raw_http_server
 
 ANSWER = b'{"ok": true}'
@@ -53,16 +53,12 @@ async def keepalive_liar() -> AsyncIterator[tuple[str, list[int]]]:
 
 
 async def test_a_stale_pooled_connection_is_retried_on_a_fresh_one() -> None:
-    async with keepalive_liar() as (url, served):
-        session = make_session(UpstreamConfig())
-        try:
-            for _ in range(3):
-                resp = await post_json(session, url, b"{}", {}, headers_timeout_s=5, total_timeout_s=5)
-                assert resp.status == 200
-                assert await resp.read() == ANSWER
-                resp.close()
-        finally:
-            await session.close()
+    async with keepalive_liar() as (url, served), EngineClient(UpstreamConfig()) as client:
+        for _ in range(3):
+            resp = await client.post_json(url, b"{}", {}, headers_timeout_s=5, total_timeout_s=5)
+            assert resp.status == 200
+            assert await resp.read() == ANSWER
+            resp.close()
     assert len(served) == 3  # each request ran exactly once
 
 
@@ -73,20 +69,11 @@ async def test_an_engine_that_keeps_dropping_connections_is_unavailable() -> Non
 
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server:
-        session = make_session(UpstreamConfig())
-        try:
-            with pytest.raises(UpstreamUnavailableError):
-                await post_json(
-                    session,
-                    f"http://127.0.0.1:{port}/v1/completions",
-                    b"{}",
-                    {},
-                    headers_timeout_s=5,
-                    total_timeout_s=5,
-                )
-        finally:
-            await session.close()
+    async with server, EngineClient(UpstreamConfig()) as client:
+        with pytest.raises(UpstreamUnavailableError):
+            await client.post_json(
+                f"http://127.0.0.1:{port}/v1/completions", b"{}", {}, headers_timeout_s=5, total_timeout_s=5
+            )
 
 
 async def hang(writer: asyncio.StreamWriter) -> None:
@@ -103,12 +90,12 @@ async def test_a_get_text_loop_always_stops_when_cancelled() -> None:
     rng = random.Random(1)
     still_running = 0
     async with raw_http_server(hang) as url:
-        session = make_session(UpstreamConfig())
+        client = EngineClient(UpstreamConfig())
 
         async def poll_forever() -> None:
             while True:
                 with contextlib.suppress(UpstreamError):
-                    await get_text(session, url, 0.01, 1000)
+                    await client.get_text(url, 0.01, 1000)
 
         try:
             for _ in range(300):
@@ -121,5 +108,5 @@ async def test_a_get_text_loop_always_stops_when_cancelled() -> None:
                     task.cancel()
                     await asyncio.wait([task], timeout=1.0)
         finally:
-            await session.close()
+            await client.aclose()
     assert still_running == 0, f"{still_running} of 300 cancelled tasks went on running"

@@ -8,7 +8,7 @@ from gateway.config import WindowConfig
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.allocation import assigned_levels, free_prefill_capacity, water_fill
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.types import RankKey
+from gateway.types import RankKey
 from tests.helpers import MODEL, rank, req
 
 

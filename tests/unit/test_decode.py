@@ -10,7 +10,7 @@ from gateway.scheduling.allocation import water_fill
 from gateway.scheduling.decode import DecodeLoad, DecodeRanker, iqr_outliers, lexicographic_key, upper_fence
 from gateway.scheduling.phase import phase_fill
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.types import RankKey
+from gateway.types import RankKey
 from tests.helpers import rank, req
 
 

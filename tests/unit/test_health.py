@@ -10,9 +10,9 @@ from gateway.config import EngineConfig, HealthConfig, Settings, WindowConfig
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import BreakerState, CircuitBreaker, HealthBook, RetryThrottle
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.types import RankKey
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
+from gateway.types import RankKey
 from tests.helpers import MODEL, req, total
 
 CONFIG = HealthConfig(failure_threshold=3, open_s=1.0, max_open_s=4.0)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.engines.base import RankMetrics
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.baselines import make_immediate_policy
-from gateway.scheduling.types import RankKey
+from gateway.types import RankKey, RankMetrics
 from tests.helpers import MODEL, req
 
 E0 = RankKey("e", 0)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engines import EngineAdapter, MetricsParseError, RankMetrics
+from gateway.engines import EngineAdapter, MetricsParseError
 from gateway.engines.base import read_rank_gauges
 from gateway.engines.sglang import SglangAdapter
 from gateway.engines.vllm import VllmAdapter
+from gateway.types import RankMetrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.scheduling.phase import phase_fill
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.types import RankKey
+from gateway.types import RankKey
 from tests.helpers import rank, req
 
 

@@ -10,9 +10,9 @@ from gateway.config import EngineConfig, Settings, WindowConfig
 from gateway.errors import NoCapacityError
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
-from gateway.scheduling.types import RankKey
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
+from gateway.types import RankKey
 from tests.helpers import MODEL, req
 
 WINDOW = WindowConfig(

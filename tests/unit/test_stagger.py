@@ -11,9 +11,9 @@ from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.types import RankKey
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
+from gateway.types import RankKey
 from tests.helpers import MODEL, rank, req
 
 CLOSING = StepAlignedClosing(lead_s=0.005, min_interval_s=0.01, max_interval_s=0.5)

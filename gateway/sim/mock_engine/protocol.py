@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.scheduling.tokens import count_prompt_tokens
+from gateway.tokens import count_prompt_tokens
 
 Flavor = Literal["sglang", "vllm"]
 """Which real engine's HTTP surface a simulated engine imitates."""

@@ -1,0 +1,155 @@
+"""Sending a request to its DP rank and, while it fails before any byte reached the client, to other ranks.
+
+A try has failed when the engine cannot be reached, times out, answers HTTP 5xx, or (streams) breaks off before
+its first event; an answer that is not streamed is read whole before anything is sent on, so one that breaks
+off before its end is tried again too. Every failed try feeds the circuit breakers
+(:class:`~gateway.load.health.HealthBook`) and the retry throttle (:class:`~gateway.load.health.RetryThrottle`);
+what it counts as comes from its error class (``failure_kind``, ``blame``; see :mod:`gateway.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from dataclasses import dataclass
+
+from gateway.engines.client import UpstreamResponse
+from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.logs import request_log
+from gateway.server.headers import upstream_request_headers
+from gateway.server.state import GatewayState
+from gateway.types import PendingRequest, RankKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StartedAnswer:
+    """A request whose answer has begun at an engine: the rank, the response, and either (streams) its first
+    chunk or (anything else) its whole body."""
+
+    key: RankKey
+    upstream: UpstreamResponse
+    first_chunk: bytes | None = None
+    body: bytes = b""
+
+
+def backoff_s(tries: int, rng: random.Random, *, base_s: float, max_s: float) -> float:
+    """The wait before the next try after ``tries`` failed ones, seconds: exponential backoff with full jitter,
+    uniform in ``[0, min(max_s, base_s * 2**tries)]`` (M. Brooker, "Exponential Backoff And Jitter", AWS
+    Architecture Blog, 2015)."""
+    return rng.uniform(0, min(max_s, base_s * 2**tries))
+
+
+async def send_with_retries(
+    state: GatewayState, pending: PendingRequest, key: RankKey, path: str, body: dict[str, object], request_id: str
+) -> StartedAnswer:
+    """Send the request to ``key`` and, while it fails before any byte reached the client, to other ranks.
+
+    At most ``upstream.max_attempts`` tries, with :func:`backoff_s` between them, and none while retry
+    throttling is engaged. The request is released from the load view after each failed try and after the last
+    one (the caller releases it once the answer is over). A 5xx on the last try is answered with the engine's
+    own error body; any other status is returned as it is.
+
+    Args:
+        state: the running gateway.
+        pending: the request as placed (its ``request_id`` is the gateway's key in the load view).
+        key: the DP rank it was placed on.
+        path: the engine endpoint, e.g. ``/v1/chat/completions``.
+        body: the client's JSON body (each try pins its own copy to its rank).
+        request_id: the client's ``X-Request-Id`` (logged and sent upstream).
+
+    Raises:
+        GatewayError: the last try failed (its error), or no other rank is usable for a retry (the previous
+            try's error).
+    """
+    config = state.settings.upstream
+    failed: set[RankKey] = set()
+    tries = 1
+    while True:
+        try:
+            return await _try_once(state, key, pending.stream, path, body, request_id)
+        except UpstreamError as exc:
+            state.dispatcher.finish(pending.request_id)
+            record_failure(state, key, exc)
+            # nothing reached the client yet, so any failure may be retried; but a non-streamed request that
+            # timed out has used its whole total_timeout_s
+            total_spent = isinstance(exc, UpstreamTimeoutError) and not pending.stream
+            final = tries >= config.max_attempts or total_spent
+            if not final and not state.retry_throttle.allows_retry():
+                state.metrics.retries_throttled.inc()
+                final = True
+            if not final:
+                failed.add(key)
+                wait_s = backoff_s(
+                    tries, state.retry_rng, base_s=config.retry_backoff_s, max_s=config.retry_backoff_max_s
+                )
+                await asyncio.sleep(wait_s)
+                try:
+                    next_key = state.dispatcher.place_retry(pending, failed)
+                except GatewayError:
+                    final = True
+            if final:
+                raise
+            log.info("request %s: retrying on %s after %s failed: %s", request_id, next_key, key, exc.message)
+            state.metrics.upstream_retries.labels(key.engine).inc()
+            key = next_key
+            log_entry = request_log()
+            log_entry.engine, log_entry.rank = key.engine, key.rank
+            tries += 1
+        except BaseException:
+            state.dispatcher.finish(pending.request_id)
+            raise
+
+
+def record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> None:
+    """Feed a failed try on ``key`` to the circuit breakers, the retry throttle and
+    ``gateway_upstream_failures_total``."""
+    state.metrics.upstream_failures.labels(key.engine, exc.failure_kind).inc()
+    state.retry_throttle.on_failure()
+    state.health.record_failure(key, exc.blame, state.clock())
+    state.prober.publish()
+
+
+async def _try_once(
+    state: GatewayState, key: RankKey, stream: bool, path: str, body: dict[str, object], request_id: str
+) -> StartedAnswer:
+    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk; read any other
+    answer whole.
+
+    Raises:
+        UpstreamStatusError: the engine answered HTTP 5xx (the body is read, the response closed).
+        UpstreamError: the engine could not be reached, timed out, or the stream broke before its first chunk.
+    """
+    config = state.settings.upstream
+    engine = state.engines[key.engine]
+    headers = upstream_request_headers(request_id)
+    sent = dict(body)
+    engine.adapter.pin_rank(sent, headers, key.rank)
+    payload = json.dumps(sent, ensure_ascii=False).encode()
+    headers_timeout = config.first_byte_timeout_s if stream else config.total_timeout_s
+    first_byte_by = asyncio.get_running_loop().time() + config.first_byte_timeout_s
+    upstream = await state.client.post_json(
+        engine.url(path), payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
+    )
+    try:
+        if upstream.status >= 500:
+            raw = await upstream.read()
+            raise UpstreamStatusError(upstream.status, engine.adapter.normalize_error(upstream.status, raw))
+        answer = StartedAnswer(key, upstream)
+        if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
+            first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
+            if not first:
+                raise UpstreamError("the engine closed the stream before its first event")
+            answer.first_chunk = first
+        else:  # nothing is sent to the client before the whole answer is in, so a broken body is retried too
+            answer.body = await upstream.read()
+            upstream.close()
+    except BaseException:
+        upstream.close()
+        raise
+    state.health.record_success(key, state.clock())
+    state.retry_throttle.on_success()
+    return answer

@@ -1,0 +1,107 @@
+"""The gateway's vocabulary: DP ranks, their load, requests waiting to be placed, and what engines report.
+
+A leaf module: it imports nothing of the gateway and no third-party package, so the scheduling core, the load
+view, the engine adapters and the simulator can all share these names without importing each other. Pure
+data; token counts are tokens, times are seconds on whatever clock the caller passes in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class RankKey:
+    """One DP rank of one engine: ``(engine name, rank index in [0, dp_size))``."""
+
+    engine: str
+    rank: int
+
+    def __str__(self) -> str:
+        return f"{self.engine}/{self.rank}"
+
+
+@dataclass(frozen=True, slots=True)
+class RankLoad:
+    """What the scheduler knows about one DP rank at one instant (a snapshot).
+
+    Attributes:
+        key: the rank.
+        models: models the rank's engine serves.
+        prefill_budget: prefill tokens the rank takes per forward step (its per-step capacity; the engine's
+            ``prefill_budget_tokens`` setting).
+        running: requests decoding on the rank.
+        waiting: requests queued on the rank, not yet prefilled.
+        queued_prefill_tokens: prompt tokens sent to the rank and not yet prefilled (local accounting).
+        kv_tokens: KV cache tokens held by the rank's requests (local accounting, prompt + generated).
+        kv_usage: KV cache usage reported by the engine, fraction 0–1, or ``None`` when unknown.
+        usable: whether new requests may be placed on the rank.
+    """
+
+    key: RankKey
+    models: frozenset[str]
+    prefill_budget: int
+    running: float = 0.0
+    waiting: float = 0.0
+    queued_prefill_tokens: float = 0.0
+    kv_tokens: float = 0.0
+    kv_usage: float | None = None
+    usable: bool = True
+
+    @property
+    def queue_length(self) -> float:
+        """Waiting plus running requests (the shortest-queue baseline's load)."""
+        return self.waiting + self.running
+
+    @property
+    def outstanding_tokens(self) -> float:
+        """Tokens still to prefill plus KV tokens held (the least-tokens baseline's load)."""
+        return self.queued_prefill_tokens + self.kv_tokens
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A request the gateway holds until it is placed on a DP rank.
+
+    Attributes:
+        request_id: unique id.
+        model: requested model name.
+        prompt_tokens: estimated prompt tokens (see :mod:`gateway.tokens`).
+        max_output_tokens: output tokens the request may generate.
+        arrival_s: when the gateway received it (caller's clock, seconds).
+        stream: whether the client streams (the load view then sees its first token).
+        deferrals: how many closed windows could not place it.
+    """
+
+    request_id: str
+    model: str
+    prompt_tokens: int
+    max_output_tokens: int
+    arrival_s: float
+    stream: bool = True
+    deferrals: int = field(default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class RankMetrics:
+    """Load of one DP rank as the engine reports it (parsed from its ``/metrics`` by an engine adapter).
+
+    Attributes:
+        running: requests decoding (or in a running batch).
+        waiting: requests queued, not yet scheduled.
+        kv_usage: KV cache usage, fraction 0–1, or ``None`` if not reported.
+        kv_used_tokens: KV cache tokens in use, or ``None`` if not reported.
+        kv_capacity_tokens: KV cache capacity in tokens, or ``None`` if not reported.
+    """
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float | None = None
+    kv_used_tokens: float | None = None
+    kv_capacity_tokens: float | None = None
+
+
+FailureScope = Literal["engine", "rank"]
+"""What a failed request counts against: its whole engine (unreachable, failed ``/health`` probe) or only the
+DP rank that served it (HTTP 5xx, timeout, broken stream). See :mod:`gateway.load.health`."""
