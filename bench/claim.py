@@ -1,6 +1,6 @@
 """The paper's claim against our report, with the bound that explains where it cannot hold.
 
-Issue 3's target (DESIGN.md §2): at >= 80% load on each trace, sbs's TTFT mean and p99 at least 30% below the
+Issue 3's target (docs/design.md §6.4): at >= 80% load on each trace, sbs's TTFT mean and p99 at least 30% below the
 best immediate-dispatch baseline, and its maximum sustainable rate under the SLO at least 15% above. This
 script reads ``bench/results/report/report.json`` (``python bench/report.py``) and, for each trace and load,
 sets sbs against the best baseline *per figure* (the lowest TTFT mean and the lowest p99 may be two policies).

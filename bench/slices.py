@@ -42,7 +42,7 @@ from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_t
 
 TRACES = ("azure-conv", "azure-code", "mooncake-conv")
 TARGET = 0.7
-"""sbs's TTFT mean and p99 at most 70% of the best baseline's (issue 3's target, DESIGN.md §2)."""
+"""sbs's TTFT mean and p99 at most 70% of the best baseline's (issue 3's target, docs/design.md §6.4)."""
 
 
 def run(policy: str, trace: list[TraceRequest], scale: float, settings: dict[str, Any]) -> tuple[list[float], float]:

@@ -1,9 +1,9 @@
 """The one seam through which the gateway talks HTTP to engines: :class:`EngineClient`.
 
 One client per gateway owns the pooled connections to every engine; the front door, the metrics scraper and
-the health prober all go through it. Built on ``aiohttp``: on this machine (2 cores) plain
-``httpx.AsyncClient`` fell to about 160 req/s at 50 concurrent requests where aiohttp sustained 1,300–2,700
-req/s (DEVELOPERS.md; re-measure with ``bench/upstream_client.py``). Every aiohttp failure is translated here into a
+the health prober all go through it. Built on ``aiohttp``, many times faster than
+``httpx.AsyncClient`` at 50 concurrent requests (``bench/results/decisions.md#engine-http-client``; re-measure
+with ``bench/upstream_client.py``). Every aiohttp failure is translated here into a
 :class:`~gateway.errors.GatewayError`, so nothing outside this module sees an aiohttp exception.
 """
 
@@ -175,7 +175,7 @@ class EngineClient:
         """
         # asyncio.timeout, not aiohttp.ClientTimeout(total=...): aiohttp's own timer turns a cancellation of the
         # calling task that lands as the timeout fires into a TimeoutError (aiohttp issue #5979, still open on 3.14;
-        # measured here: 5% of cancels at random moments against a hung endpoint), so a prober or scraper cancelled
+        # measured: 5% of cancels at random moments against a hung endpoint), so a prober or scraper cancelled
         # at shutdown could carry on and never stop.
         try:
             async with asyncio.timeout(timeout_s), self._session.get(url) as resp:

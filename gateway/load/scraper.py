@@ -3,7 +3,7 @@
 Each engine is scraped on its own schedule (``scrape.interval_s``) with a total timeout (``scrape.timeout_s``)
 and a size bound (``scrape.max_response_bytes``), so a slow, hung or flooding engine delays nobody else. The
 text is parsed in a worker thread: a large body (a vLLM server with many DP ranks exports hundreds of KB,
-about 7 ms of parsing per 50 KB here) does not stall the event loop that closes windows and relays streams.
+several milliseconds of parsing per 50 KB) does not stall the event loop that closes windows and relays streams.
 A failed or unparsable scrape is counted and leaves the load view on local accounting for that engine; so
 does an unexpected error (logged with its traceback): nothing an engine sends can end its scraping loop.
 """

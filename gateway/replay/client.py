@@ -6,8 +6,8 @@ length (``max_tokens`` plus the vLLM/SGLang extensions ``ignore_eos`` and ``min_
 launched open loop at absolute offsets from one monotonic start, so a slow server does not slow the arrival
 process; the actual send lag is recorded.
 
-HTTP goes through aiohttp with an unbounded connection pool: on the development machine plain httpx
-collapsed at about 50 concurrent streams, aiohttp did not.
+HTTP goes through aiohttp with an unbounded connection pool: plain httpx falls far behind at 50 concurrent
+streams (``bench/results/decisions.md#engine-http-client``).
 
 Every prompt starts with a short request-unique tag (the request's index) followed by
 :func:`~gateway.tokens.synthesize_prompt` filler, keeping the gateway's token estimate exactly the

@@ -1,6 +1,6 @@
 """How an engine's SSE stream ended, and the events that close it cleanly for the client when it did not.
 
-A stream from vLLM or SGLang ends with ``data: [DONE]`` (DESIGN.md §3). One that breaks off (the connection
+A stream from vLLM or SGLang ends with ``data: [DONE]`` (docs/design.md §4.3). One that breaks off (the connection
 drops, or closes cleanly but early) or is not SSE at all must not look like a complete answer to the client:
 the relay then appends an OpenAI-style error event and ``data: [DONE]``, after a blank line if the engine's
 last event was cut, so the client's SSE parser sees the error as an event of its own. Only the last few bytes

@@ -1,6 +1,6 @@
 """Timing and capacity constants of the simulated DP+EP engine, calibrated on public numbers.
 
-Published numbers (DESIGN.md §4), all for DeepSeek-V3 unless noted:
+Published numbers (docs/design.md §5.1), all for DeepSeek-V3 unless noted:
 
 - DeepSeek inference-system overview (Feb 2025), H800, EP32 prefill: about 7.8k prompt tokens/s per GPU
   at 16k tokens per GPU per step of 4k-token prompts (so ≈ 2.1 s a step); decode: about 55 ms a step at

@@ -41,21 +41,9 @@ Calibration check (tests/unit/test_capacity.py): 4096-token prompts with a 16384
 tokens/s per rank, DeepSeek's published 7.8k per H800; 4k-context decode at 128 requests per rank gives the
 published 55 ms step.
 
-Checked against the simulator (``bench/capacity_check.py``, 2 x 8 ranks, results in ``bench/results/
-capacity_check*.md``; TTFT by fifth of the slice and the backlog when the last request arrives):
-
-- 10-minute slices, the report's: every policy's TTFT keeps climbing through the slice at 150% on all three
-  traces. At 95% sbs's levels off on Azure conv (0.4 s in the first fifth, 1.3 s in the last two) and
-  Mooncake (8-14 s, no trend); at 120% sbs still holds on Mooncake while round robin falls behind (75 s in the
-  last fifth). Azure code's TTFT follows its bursts at every load; with Poisson arrivals (same requests and
-  mean rate) it is flat at 80%, rises and levels at 95%, and climbs steadily at 120%.
-- But on Azure conv a 10-minute slice at these rates is a transient: rescaled 13-16x it lasts 40-45 s while a
-  request decodes for 100 s or more, so the running-request limit that binds the steady state never fills.
-  Over the whole hour (the steady state) sbs keeps up at 40-50% of this capacity and falls behind at 60%, round
-  robin already at 50%: in steady state each step carries a full decode batch and lasts as long as its most
-  prefill-loaded rank (the heaviest rank's work is 2.7x the mean under sbs at 80%), an imbalance this
-  definition assumes away. Read it as what a scheduler that balances every step could reach, not as what
-  today's policies sustain.
+It assumes every step perfectly balanced across ranks: read it as what such a scheduler could reach, not as what
+a given policy sustains. Checked against the simulator, and what the bound means in steady state:
+``bench/results/decisions.md#analytic-load``.
 """
 
 from __future__ import annotations

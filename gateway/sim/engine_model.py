@@ -5,7 +5,7 @@ step of the whole instance and returns how long it took (engine seconds) and whi
 produced; whoever drives the model (the HTTP mock engine in real time, a simulator in virtual time) owns
 the clock. Deterministic: the same calls give the same results.
 
-Per DP rank (DESIGN.md §1 and §4; constants and formulas in :mod:`gateway.sim.calibration`):
+Per DP rank (docs/design.md §1 and §5; constants and formulas in :mod:`gateway.sim.calibration`):
 
 - a FCFS *waiting* queue of requests not yet fully prefilled and a *running* set of decoding requests;
 - each step the rank decodes one token for every running request and prefills waiting requests in FCFS

@@ -1,4 +1,4 @@
-"""Prometheus ``/metrics`` of a simulated engine, with the real engines' names and labels (DESIGN.md §3).
+"""Prometheus ``/metrics`` of a simulated engine, with the real engines' names and labels (docs/design.md §4.1, §4.2).
 
 One :class:`MockEngineMetrics` per app: a private ``CollectorRegistry`` holding one custom collector, so
 nothing touches prometheus_client's global registry and no ``*_created`` series are emitted (as in the real

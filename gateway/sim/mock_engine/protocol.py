@@ -3,7 +3,7 @@
 Pure functions, no web framework: a request body (bytes) and headers in, a :class:`GenerationRequest` or a
 :class:`ProtocolError` out; response objects and SSE chunks as plain dicts.
 
-Flavours differ where the real engines differ (DESIGN.md §3):
+Flavours differ where the real engines differ (docs/design.md §4.1, §4.2):
 
 - rank pinning: vLLM reads the header ``X-data-parallel-rank``; SGLang reads the body field
   ``routed_dp_rank`` (or the older ``data_parallel_rank``);
