@@ -9,9 +9,11 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
   before the next predicted step start of an instance, :mod:`gateway.scheduling.stagger`) and places its batch
   (phase-aware placement or water-filling, with the decode-aware choice; each component switchable in
   :class:`~gateway.config.WindowConfig`).
-- The driver reports each request's progress to :attr:`Scheduler.view` (first token, tokens, finish) and
-  calls :meth:`Scheduler.notify_load_changed`; placements are recorded in the view here, so a burst cannot
-  herd onto one rank between scrapes.
+- The driver reports what it sees through the scheduler and nothing else: each request's progress
+  (:meth:`Scheduler.on_first_token`, :meth:`Scheduler.on_tokens`, :meth:`Scheduler.on_finish`) and the engines'
+  scrapes (:meth:`Scheduler.on_scrape`, :meth:`Scheduler.on_scrape_failure`). Each updates the load view, feeds
+  the step clock and re-arms the window's early closing in one place. Placements are recorded in the view here,
+  so a burst cannot herd onto one rank between scrapes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from gateway.config import PolicyName, WindowConfig
+from gateway.engines.base import RankMetrics
 from gateway.load.view import LoadView
 from gateway.scheduling.allocation import free_prefill_capacity, water_fill
 from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
@@ -74,6 +77,7 @@ class Scheduler:
         self.batched = policy == "sbs"
         self.step_clock = StepClock(window.initial_step_s)
         self._current_step_tokens: dict[RankKey, float] = {}
+        self._retry_policy = make_immediate_policy("vllm_internal", seed=seed)
         self._immediate: ImmediatePolicy | None = None if self.batched else make_immediate_policy(policy, seed=seed)
         self.window = StaggeredWindow(
             min_interval_s=window.min_interval_s,
@@ -111,6 +115,24 @@ class Scheduler:
         self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
         return key
 
+    def place_retry(self, request: PendingRequest, failed: set[RankKey], now: float) -> RankKey:
+        """Place a request again after it failed on the ranks in ``failed``, at once (it already waited its window).
+
+        The rank is chosen by vLLM's ``waiting * 4 + running`` rule among the usable ranks serving the model,
+        preferring engines where it has not failed yet.
+
+        Raises:
+            NoServingRankError: no other usable rank serves the model.
+        """
+        candidates = [r for r in self.view.snapshot(now) if r.key not in failed]
+        failed_engines = {k.engine for k in failed}
+        elsewhere = [r for r in candidates if r.key.engine not in failed_engines]
+        key = self._retry_policy.choose(request, elsewhere) or self._retry_policy.choose(request, candidates)
+        if key is None:
+            raise NoServingRankError(request.model)
+        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        return key
+
     def cancel(self, request_id: str) -> bool:
         """Drop a request still waiting in the window; return whether it was there."""
         return self.window.remove(request_id) is not None
@@ -119,10 +141,52 @@ class Scheduler:
         """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
         return self.window.deadline
 
-    def on_engine_tokens(self, engine: str, now: float) -> bool:
-        """Tokens from ``engine`` arrived (after the load view took them in): track its step phase; return whether
-        they began a new step (a step boundary of ``engine``), after which :meth:`poll` should run again, as
-        the close of the open window may now be due earlier (``step_aligned_close``).
+    # -- progress: every driver reports what it sees through these, and nothing else ---------------------
+
+    def on_first_token(self, request_id: str, engine: str, now: float) -> None:
+        """The first output token of ``request_id`` came back from ``engine``: its prefill is done, so its rank
+        has room again, and the token marks where ``engine`` is in its step."""
+        self.view.on_first_token(request_id, now)
+        self._track_step(engine, now)
+        self.window.notify_capacity_freed()
+
+    def on_tokens(self, request_id: str, engine: str, n: int, now: float) -> bool:
+        """``n`` more output tokens of ``request_id`` came back from ``engine``; return whether they began a new
+        step of ``engine`` (a step boundary), after which :meth:`poll` should run again: the close of the open
+        window may now be due earlier (``step_aligned_close``) and the ranks took in work, so early closing is
+        re-armed."""
+        self.view.on_tokens(request_id, n)
+        new_step = self._track_step(engine, now)
+        if new_step:
+            self.window.notify_capacity_freed()
+        return new_step
+
+    def on_finish(self, request_id: str, now: float) -> None:
+        """``request_id`` ended (completed, failed or aborted): its rank has room again."""
+        self.view.on_finish(request_id, now)
+        self.window.notify_capacity_freed()
+
+    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
+        """A scrape of ``engine`` succeeded with per-rank figures: the load view restarts from them.
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        self.view.on_scrape(engine, ranks, now)
+        self.window.notify_capacity_freed()
+
+    def on_scrape_failure(self, engine: str, now: float) -> None:
+        """A scrape of ``engine`` failed: the view counts it and falls back to local accounting once stale."""
+        self.view.on_scrape_failure(engine, now)
+
+    def on_capacity_changed(self) -> None:
+        """Some rank may take requests again for a reason the scheduler cannot see (a circuit breaker closed, a
+        scrape reported): re-arm early closing."""
+        self.window.notify_capacity_freed()
+
+    def _track_step(self, engine: str, now: float) -> bool:
+        """Feed the step clock with tokens from ``engine`` at ``now`` (after the load view took them in); return
+        whether they began a new step.
 
         The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
         carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
@@ -147,10 +211,6 @@ class Scheduler:
             return
         starts = next_step_starts(snapshot, self.step_clock)
         self.window.align(None if starts is None else self.closing.close_at(opened, starts))
-
-    def notify_load_changed(self) -> None:
-        """Some rank may have room again (a scrape, a first token, a finish)."""
-        self.window.notify_capacity_freed()
 
     def poll(self, now: float) -> WindowOutcome | None:
         """Close the window if it is due and place its batch; ``None`` when it is not due."""

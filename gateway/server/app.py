@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.config import Settings
+from gateway.dispatch import Dispatcher
 from gateway.engines import adapter_for
 from gateway.errors import error_body
 from gateway.load.health import HealthBook, RetryThrottle
@@ -24,8 +25,8 @@ from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.tokens import CharTokenizer, Tokenizer
+from gateway.scheduling.types import RankKey
 from gateway.server.auth import ApiKeyMiddleware, key_rings
-from gateway.server.dispatcher import Dispatcher
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
@@ -37,14 +38,15 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     """Build (but do not start) the gateway's resources. Must run inside an event loop (aiohttp session)."""
     metrics = GatewayMetrics()
     engines = {e.name: (e, adapter_for(e.flavor)) for e in settings.engines}
+    specs = [EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines]
+    health = HealthBook([RankKey(s.name, rank) for s in specs for rank in range(s.dp_size)], settings.health)
     view = LoadView(
-        (EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines),
+        specs,
         stale_after_s=settings.scrape.stale_after_s,
         nonstream_prefill_s=settings.window.initial_step_s * 4,
+        usable=health.usable,
     )
-    health = HealthBook(view.keys, settings.health)
     dispatcher = Dispatcher(settings, view, metrics, health)
-    view.usable = health.usable
     metrics.watch_load(lambda: view.snapshot(dispatcher.clock()))
     upstream = settings.upstream
     session = make_session(upstream)

@@ -147,11 +147,13 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             arrival_s=call.arrival,
             stream=parsed.stream,
         )
-        key = await _unless_disconnected(request, dispatcher.acquire(pending))
+        placement = await _unless_disconnected(request, dispatcher.acquire(pending))
     except GatewayError as exc:
         return call.error(exc)
     except ClientDisconnected:
         return call.client_closed()
+    key = placement.rank
+    request_log().window_id = placement.window_id
     request_log().placed(key.engine, key.rank, dispatcher.clock() - call.arrival)
     try:
         attempt = await _unless_disconnected(request, _attempts(call, pending, key, parsed.body))

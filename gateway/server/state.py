@@ -9,13 +9,13 @@ import aiohttp
 from fastapi import Depends, Request
 
 from gateway.config import EngineConfig, Settings
+from gateway.dispatch import Dispatcher
 from gateway.engines import EngineAdapter
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
 from gateway.scheduling.tokens import Tokenizer
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 
 

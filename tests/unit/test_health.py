@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 from gateway.config import EngineConfig, HealthConfig, Settings, WindowConfig
+from gateway.dispatch import Dispatcher
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import BreakerState, CircuitBreaker, HealthBook, RetryThrottle
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.types import RankKey
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from tests.helpers import MODEL, req, total
 

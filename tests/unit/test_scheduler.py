@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 from gateway.config import EngineConfig, Settings, WindowConfig
+from gateway.dispatch import Dispatcher
 from gateway.errors import NoCapacityError
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import RankKey
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from tests.helpers import MODEL, req
 
@@ -90,8 +90,9 @@ async def test_dispatcher_resolves_waiters_when_the_window_closes():
     assert not d.close_window_if_due()
     clock.now = 0.05
     assert d.close_window_if_due()
-    keys = await asyncio.gather(*tasks)
-    assert sorted(k.rank for k in keys) == [0, 1, 2]
+    placements = await asyncio.gather(*tasks)
+    assert sorted(p.rank.rank for p in placements) == [0, 1, 2]
+    assert {p.window_id for p in placements} == {1}
     for i in range(3):
         d.first_token(f"r{i}", "a")
         d.finish(f"r{i}")
@@ -125,8 +126,8 @@ async def test_dispatcher_immediate_unserved_model_is_no_capacity():
     d = dispatcher("least_tokens", FakeClock())
     with pytest.raises(NoCapacityError):
         await d.acquire(req("x", 1, model="other"))
-    key = await d.acquire(req("y", 1))
-    assert key.engine == "a"
+    placement = await d.acquire(req("y", 1))
+    assert placement.rank.engine == "a" and placement.window_id is None
 
 
 def test_sbs_phase_aware_sends_the_batch_to_the_instance_about_to_start_a_step():
@@ -137,8 +138,8 @@ def test_sbs_phase_aware_sends_the_batch_to_the_instance_about_to_start_a_step()
     for engine, rid in (("a", "x"), ("b", "y")):
         view.on_dispatch(rid, RankKey(engine, 0), 10, 0.0, stream=True)
         view.on_first_token(rid, 0.0)
-    scheduler.on_engine_tokens("b", 0.0)
-    scheduler.on_engine_tokens("a", 0.04)
+    scheduler.on_tokens("-", "b", 1, 0.0)
+    scheduler.on_tokens("-", "a", 1, 0.04)
     scheduler.submit(req("r", 500, arrival_s=0.045), 0.045)
     assert scheduler.next_deadline() == pytest.approx(0.05)
     outcome = scheduler.poll(0.05)  # "b" starts its next step in 0.05 s, "a" in 0.09 s
@@ -170,8 +171,8 @@ def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted)
 def test_adaptive_interval_switched_off_keeps_the_window_length():
     for adaptive, expected in ((True, 0.1), (False, 0.05)):
         scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update={"adaptive_interval": adaptive}))
-        scheduler.on_engine_tokens("a", 0.0)  # a step boundary of engine "a" ...
-        scheduler.on_engine_tokens("a", 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
+        scheduler.on_tokens("-", "a", 1, 0.0)  # a step boundary of engine "a" ...
+        scheduler.on_tokens("-", "a", 1, 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
         scheduler.submit(req("r", 100), 0.4)
         scheduler.poll(0.401)
         assert scheduler.window.interval_s == pytest.approx(expected), f"adaptive={adaptive}"
