@@ -48,7 +48,7 @@ class Dispatcher:
     """Places requests on DP ranks with the configured policy and keeps the load view current.
 
     Args:
-        settings: gateway settings (policy, window, seed).
+        settings: gateway settings (policy, window, allocator, decode, baselines).
         view: the load view shared with the scraper.
         metrics: the gateway's metrics.
         health: the engines' and ranks' circuit breakers (told of every placement); none when ``None``.
@@ -68,7 +68,14 @@ class Dispatcher:
         self.health = health
         self.clock = clock
         self.queue_timeout_s = settings.window.queue_timeout_s
-        self.scheduler = Scheduler(settings.policy, view, settings.window, seed=settings.seed)
+        self.scheduler = Scheduler(
+            settings.policy,
+            view,
+            window=settings.window,
+            allocator=settings.allocator,
+            decode=settings.decode,
+            seed=settings.baselines.seed,
+        )
         self._waiters: dict[str, asyncio.Future[Placement]] = {}
         self._windows_closed = 0
         self._wake = asyncio.Event()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import PolicyName, WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, WindowConfig
 from gateway.engines.base import RankMetrics
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
@@ -39,6 +39,8 @@ class SimConfig:
         dp_size: DP ranks per instance.
         engine: per-rank timing and capacity.
         window: window settings (``sbs``).
+        allocator: allocator settings (``sbs``).
+        decode: decode-aware choice settings (``sbs``); ``None`` switches it off.
         scrape_interval_s: time between two scrapes of an instance's metrics, seconds.
         scrape_lag_s: how old the figures are when the gateway receives them (engine logging interval plus
             the scrape's own latency), seconds.
@@ -54,6 +56,8 @@ class SimConfig:
     dp_size: int = 8
     engine: EngineModelConfig = field(default_factory=EngineModelConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
+    allocator: AllocatorConfig = field(default_factory=PhaseAwareConfig)
+    decode: DecodeConfig | None = field(default_factory=DecodeConfig)
     scrape_interval_s: float = 0.5
     scrape_lag_s: float = 0.05
     stale_after_s: float = 3.0
@@ -204,7 +208,14 @@ class _Sim:
         budget = config.engine.max_prefill_tokens_per_step
         specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
         view = LoadView(specs, stale_after_s=config.stale_after_s, state_sync=config.state_sync)
-        self.scheduler = Scheduler(config.policy, view, config.window, seed=config.seed)
+        self.scheduler = Scheduler(
+            config.policy,
+            view,
+            window=config.window,
+            allocator=config.allocator,
+            decode=config.decode,
+            seed=config.seed,
+        )
         self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
         self.busy: dict[str, StepResult | None] = {n: None for n in names}
         self.records = [

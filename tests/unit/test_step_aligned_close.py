@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from gateway.config import EngineConfig, Settings, WindowConfig
+from gateway.config import DecodeConfig, EngineConfig, PhaseAwareConfig, Settings, StepAlignedCloseConfig, WindowConfig
 from gateway.dispatch import Dispatcher
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
+from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import RankKey
 from gateway.telemetry import GatewayMetrics
@@ -79,15 +79,18 @@ WINDOW = WindowConfig(
     max_interval_s=0.1,
     step_fraction=0.5,
     initial_step_s=0.1,
-    step_aligned_close=True,
-    close_lead_s=0.005,
+    step_aligned_close=StepAlignedCloseConfig(lead_s=0.005),
 )
+
+
+def make_scheduler(view: LoadView, window: WindowConfig = WINDOW) -> Scheduler:
+    return Scheduler("sbs", view, window=window, allocator=PhaseAwareConfig(), decode=DecodeConfig())
 
 
 def two_busy_instances() -> tuple[LoadView, Scheduler]:
     """Instances "a" and "b" of 2 ranks, each decoding one request; steps of 0.1 s assumed."""
     view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 8192) for e in ("a", "b")], stale_after_s=3.0)
-    scheduler = Scheduler("sbs", view, WINDOW)
+    scheduler = make_scheduler(view)
     for engine in ("a", "b"):
         view.on_dispatch(f"decoding-{engine}", RankKey(engine, 0), 10, 0.0, stream=True)
         view.on_first_token(f"decoding-{engine}", 0.0)
@@ -140,7 +143,7 @@ def test_falls_back_to_the_grid_tick_while_an_instance_is_idle_or_unseen():
 
 def test_switched_off_the_window_keeps_its_grid_tick():
     view, _ = two_busy_instances()
-    scheduler = Scheduler("sbs", view, WINDOW.model_copy(update={"step_aligned_close": False}))
+    scheduler = make_scheduler(view, WINDOW.model_copy(update={"step_aligned_close": None}))
     scheduler.on_tokens("-", "a", 1, 0.0)
     scheduler.on_tokens("-", "b", 1, 0.05)
     scheduler.submit(req("r", 500, arrival_s=0.06), 0.06)
