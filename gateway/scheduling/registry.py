@@ -26,6 +26,7 @@ from gateway.scheduling.baselines import (
     ShortestQueue,
     VllmInternal,
 )
+from gateway.scheduling.least_waiting import LeastWaiting
 from gateway.scheduling.phase import PhaseAware
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation, PendingRequest, RankLoad
@@ -56,6 +57,7 @@ IMMEDIATE_POLICIES: dict[str, Callable[[int], ImmediatePolicy]] = {
     "power_of_two": PowerOfTwo,
     "random": RandomChoice,
     "vllm_internal": lambda seed: VllmInternal(),
+    "least_waiting": lambda seed: LeastWaiting(),
 }
 """Immediate-dispatch policy name → factory taking the seed."""
 
