@@ -4,18 +4,20 @@ It ties the pure pieces together (window, allocator or immediate policy, load vi
 time passed in, so the gateway's asyncio dispatcher and a virtual-time simulation drive the very same code:
 
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
-  in the staggered window.
+  in the batch window.
 - :meth:`Scheduler.poll` closes the window when it is due (its grid tick, or with ``step_aligned_close`` just
   before the next predicted step start of an instance, :mod:`gateway.scheduling.step_aligned_close`) and places
   its batch with the configured allocator (:data:`gateway.scheduling.registry.ALLOCATORS`: phase-aware placement
   or water-filling, with the decode-aware choice).
-
-The two modes are two small classes behind one protocol, :class:`_Immediate` and :class:`_Windowed`.
 - The driver reports what it sees through the scheduler and nothing else: each request's progress
   (:meth:`Scheduler.on_first_token`, :meth:`Scheduler.on_tokens`, :meth:`Scheduler.on_finish`) and the engines'
   scrapes (:meth:`Scheduler.on_scrape`, :meth:`Scheduler.on_scrape_failure`). Each updates the load view, feeds
   the step clock and re-arms the window's early closing in one place. Placements are recorded in the view here,
   so a burst cannot herd onto one rank between scrapes.
+
+The two modes, immediate dispatch and the window, are two small classes behind one protocol
+(:class:`_Immediate`, :class:`_Windowed`); the scheduler delegates ``submit`` and ``poll`` to the one its policy
+chose.
 """
 
 from __future__ import annotations
