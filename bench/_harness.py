@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.config import WindowConfig
+from gateway.config import DecodeConfig, PhaseAwareConfig
 from gateway.replay.client import run_bench
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.capacity import Capacity, cluster_load
@@ -88,21 +88,35 @@ def start_engines(
     return engines
 
 
+SWITCHES: dict[str, tuple[str, str, Any, Any]] = {
+    "adaptive_interval": ("window", "adaptive_interval", True, False),
+    "step_aligned_close": ("window", "step_aligned_close", {}, None),
+    "use_step_phase": ("allocator", "use_step_phase", True, False),
+    "shortest_first": ("allocator", "shortest_first", True, False),
+    "long_prefill_isolation": ("allocator", "long_prefill_tokens", PhaseAwareConfig().long_prefill_tokens, None),
+    "prefill_capacity": ("allocator", "queue_steps", PhaseAwareConfig().queue_steps, None),
+    "iqr_outliers": ("decode", "iqr_k", DecodeConfig().iqr_k, None),
+}
+"""Switches of the sbs configuration a :func:`gateway_variant` spec can flip: name → (section, setting, value when
+on, value when off)."""
+
+
 def gateway_variant(spec: str) -> dict[str, Any]:
-    """The gateway configuration named by ``spec``: a policy, then any ``+flag`` / ``-flag`` that switches a
-    boolean of the window configuration on or off (``sbs+step_aligned_close``, ``sbs-adaptive_interval``).
+    """The gateway configuration named by ``spec``: a policy, then any ``+switch`` / ``-switch`` of :data:`SWITCHES`
+    that turns a part of sbs on or off (``sbs+step_aligned_close``, ``sbs-long_prefill_isolation``).
 
     Raises:
-        ValueError: a flag that is not a boolean of :class:`~gateway.config.WindowConfig`.
+        ValueError: a switch not in :data:`SWITCHES`.
     """
     policy, *flags = re.split(r"(?=[+-])", spec)
-    window: dict[str, bool] = {}
+    config: dict[str, Any] = {"policy": policy}
     for flag in flags:
-        name = flag[1:]
-        if WindowConfig.model_fields.get(name) is None or WindowConfig.model_fields[name].annotation is not bool:
-            raise ValueError(f"{name!r} in {spec!r} is not a switch of the window configuration")
-        window[name] = flag[0] == "+"
-    return {"policy": policy, "window": window} if window else {"policy": policy}
+        switch = SWITCHES.get(flag[1:])
+        if switch is None:
+            raise ValueError(f"{flag[1:]!r} in {spec!r} is not one of the switches {sorted(SWITCHES)}")
+        section, name, on, off = switch
+        config.setdefault(section, {})[name] = on if flag[0] == "+" else off
+    return config
 
 
 def start_gateway(procs: Processes, engines: list[dict[str, Any]], policy: str) -> str:

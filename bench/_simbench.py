@@ -15,20 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from _harness import slice_load
+from pydantic import TypeAdapter
 
-from gateway.config import WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, WindowConfig
 from gateway.sim.simulate import SimConfig, Slo, derived_slo, simulate
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration to simulate: a policy, window settings changed from the defaults, and simulator
-    settings changed from ``SimConfig``'s (``instances``, ``dp_size``, ``scrape_interval_s``, ...)."""
+    """One configuration to simulate: a policy, scheduling settings changed from the defaults (nested as in the
+    gateway's YAML: ``{"window": {...}, "allocator": {...}, "decode": None}``, see :func:`scheduling_settings`),
+    and simulator settings changed from ``SimConfig``'s (``instances``, ``dp_size``, ``scrape_interval_s``, ...)."""
 
     name: str
     policy: str = "sbs"
-    window: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     sim: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,13 +51,37 @@ def workload(name: str, minutes: float | None, load: float, instances: int, dp_s
     return Workload(trace, scale, derived_slo(trace, SimConfig().engine, slo_scale))
 
 
-def sim_config(variant: Variant) -> SimConfig:
-    """The simulator configuration of ``variant``: the defaults with its policy, window and simulator settings."""
+def scheduling_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``window``, ``allocator`` and ``decode`` sections of the simulator's defaults with ``overrides`` (nested
+    as in the gateway's YAML) merged in, validated: an allocator of another ``kind`` starts from that kind's
+    defaults, ``"decode": None`` switches the decode-aware choice off.
+
+    Raises:
+        ValueError: a section or setting that does not exist (pydantic's validation error).
+    """
+    unknown = set(overrides) - {"window", "allocator", "decode"}
+    if unknown:
+        raise ValueError(f"not a scheduling section: {sorted(unknown)}")
     base = SimConfig()
+    allocator = overrides.get("allocator", {})
+    same_kind = allocator.get("kind", base.allocator.kind) == base.allocator.kind
+    decode = overrides.get("decode", {})
+    return {
+        "window": WindowConfig.model_validate({**base.window.model_dump(), **overrides.get("window", {})}),
+        "allocator": TypeAdapter(AllocatorConfig).validate_python(
+            {**(base.allocator.model_dump() if same_kind else {}), **allocator}
+        ),
+        "decode": None if decode is None else DecodeConfig.model_validate({**DecodeConfig().model_dump(), **decode}),
+    }
+
+
+def sim_config(variant: Variant) -> SimConfig:
+    """The simulator configuration of ``variant``: the defaults with its policy, scheduling and simulator
+    settings."""
     return replace(
-        base,
+        SimConfig(),
         policy=variant.policy,  # type: ignore[arg-type]
-        window=WindowConfig(**{**base.window.model_dump(), **variant.window}),
+        **scheduling_settings(variant.settings),
         **variant.sim,
     )
 

@@ -1,18 +1,18 @@
 """Ablation of sbs in virtual time: each component switched off in turn, against all on and immediate dispatch.
 
-Components (switches in ``WindowConfig`` and ``SimConfig``):
+Components (settings of the ``window``, ``allocator`` and ``decode`` sections, and of ``SimConfig``):
 
 - adaptive interval (``window.adaptive_interval``): the window tracks the measured step time;
-- staggering (``window.stagger``): batches are placed by each instance's step phase;
+- staggering (``allocator.use_step_phase``): batches are placed by each instance's step phase;
 - step-aligned closes (``window.step_aligned_close``, off by default, so this row switches it *on*): the window
   closes just before an instance's predicted step start instead of on its grid tick;
-- shortest prompt first (``window.shortest_first``, off by default, so this row switches it *on*);
-- long-prefill isolation (``window.long_prefill_isolation``): long prompts kept together on instances already
+- shortest prompt first (``allocator.shortest_first``, off by default, so this row switches it *on*);
+- long-prefill isolation (``allocator.long_prefill_tokens``): long prompts kept together on instances already
   prefilling one, short prompts off them;
-- phase-aware placement (``window.allocator``): by predicted first-token time; off = prefill water-filling;
-- water-filling capacity (``window.prefill_capacity``): what does not fit a rank's budgets waits;
-- decode-aware choice (``window.decode_aware``): two objectives, lexicographic;
-- IQR outliers (``window.iqr_outliers``): ranks beyond Tukey's fence are avoided;
+- phase-aware placement (``allocator.kind``): by predicted first-token time; off = prefill water-filling;
+- water-filling capacity (``allocator.queue_steps``): what does not fit a rank's budgets waits;
+- decode-aware choice (``decode``): two objectives, lexicographic;
+- IQR outliers (``decode.iqr_k``): ranks beyond Tukey's fence are avoided;
 - state synchronisation (``SimConfig.state_sync``): local accounting between scrapes.
 
     .venv/bin/python bench/ablation.py                          # Azure conv at 80% load
@@ -38,15 +38,15 @@ from _simbench import HEADER, Variant, add_common_args, row, run_variant, worklo
 
 VARIANTS = [
     Variant("sbs, defaults"),
-    Variant("- adaptive interval", window={"adaptive_interval": False}),
-    Variant("- staggering (phase-blind)", window={"stagger": False}),
-    Variant("+ step-aligned closes", window={"step_aligned_close": True}),
-    Variant("+ shortest prompt first", window={"shortest_first": True}),
-    Variant("- long-prefill isolation", window={"long_prefill_isolation": False}),
-    Variant("- phase-aware (water-filling only)", window={"allocator": "water_fill"}),
-    Variant("- water-filling capacity (no deferral)", window={"prefill_capacity": False}),
-    Variant("- decode-aware choice", window={"decode_aware": False}),
-    Variant("- IQR outliers", window={"iqr_outliers": False}),
+    Variant("- adaptive interval", settings={"window": {"adaptive_interval": False}}),
+    Variant("- staggering (phase-blind)", settings={"allocator": {"use_step_phase": False}}),
+    Variant("+ step-aligned closes", settings={"window": {"step_aligned_close": {}}}),
+    Variant("+ shortest prompt first", settings={"allocator": {"shortest_first": True}}),
+    Variant("- long-prefill isolation", settings={"allocator": {"long_prefill_tokens": None}}),
+    Variant("- phase-aware (water-filling only)", settings={"allocator": {"kind": "water_fill"}}),
+    Variant("- water-filling capacity (no deferral)", settings={"allocator": {"queue_steps": None}}),
+    Variant("- decode-aware choice", settings={"decode": None}),
+    Variant("- IQR outliers", settings={"decode": {"iqr_k": None}}),
     Variant("- state sync (scrapes only)", sim={"state_sync": False}),
     Variant("round_robin", policy="round_robin"),
     Variant("least_tokens", policy="least_tokens"),

@@ -57,7 +57,7 @@ def compare(
     """For each ``(label, window overrides, sim overrides)``: sbs and every baseline; the best baseline's figures."""
     jobs: list[tuple[Variant, Workload]] = []
     for label, window, sim in points:
-        jobs.append((Variant(label, "sbs", window, sim), work))
+        jobs.append((Variant(label, "sbs", {"window": window}, sim), work))
         jobs += [(Variant(label, b, {}, sim), work) for b in baselines]
     results = iter(pool.map(_run, jobs))
     out = []
@@ -156,7 +156,9 @@ def main() -> None:
             if lo <= hi
         ]
         first = compare(pool, points[:1], work, baselines)[0]
-        rest = pool.map(_run, [(Variant(label, "sbs", window, sim), work) for label, window, sim in points[1:]])
+        rest = pool.map(
+            _run, [(Variant(label, "sbs", {"window": window}, sim), work) for label, window, sim in points[1:]]
+        )
         window_rows = [first] + [{**first, "point": p[0], "sbs": sbs} for p, sbs in zip(points[1:], rest, strict=True)]
         title = "window bounds [min_interval, max_interval]"
         report["sweeps"][title] = window_rows

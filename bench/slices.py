@@ -46,8 +46,9 @@ TARGET = 0.7
 
 
 def run(policy: str, trace: list[TraceRequest], scale: float, settings: dict[str, Any]) -> tuple[list[float], float]:
-    """TTFT of every request of ``trace`` at ``scale`` under ``policy`` with the window ``settings`` changed from
-    the defaults (seconds, in trace order), and the mean TPOT (seconds) over the requests of 2+ output tokens."""
+    """TTFT of every request of ``trace`` at ``scale`` under ``policy`` with the scheduling ``settings`` changed from
+    the defaults (nested as in the gateway's YAML, :func:`_simbench.scheduling_settings`) (seconds, in trace
+    order), and the mean TPOT (seconds) over the requests of 2+ output tokens."""
     records = simulate(rescale(trace, scale), sim_config(Variant(policy, policy, settings))).records
     return [r.ttft_s for r in records], statistics.fmean(r.tpot_s for r in records if r.output_tokens > 1)
 
@@ -169,7 +170,10 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=300, help="bootstrap resamples [300]")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap [0]")
     ap.add_argument(
-        "--window", type=json.loads, default={}, help='window settings changed for sbs, JSON ({"shortest_first": true})'
+        "--settings",
+        type=json.loads,
+        default={},
+        help='scheduling settings changed for sbs, JSON as in the YAML ({"allocator": {"shortest_first": true}})',
     )
     ap.add_argument(
         "--output", type=Path, default=RESULTS / "slices", help="path without suffix [bench/results/slices]"
@@ -178,11 +182,11 @@ def main() -> None:
     started = time.perf_counter()
     policies = args.policies.split(",")
     base = SimConfig()
-    window_arg = f" --window '{json.dumps(args.window)}'" if args.window else ""
+    settings_arg = f" --settings '{json.dumps(args.settings)}'" if args.settings else ""
     md = [
         "# The claim over several slices",
         "",
-        f"Made by `python bench/slices.py --jobs {args.jobs}{window_arg}`: {args.slices} consecutive "
+        f"Made by `python bench/slices.py --jobs {args.jobs}{settings_arg}`: {args.slices} consecutive "
         f"{args.minutes:g}-minute slices of each trace, each at {args.load:.0%} of its own analytic capacity "
         f"({base.instances} x {base.dp_size} ranks, virtual time). Delta: sbs against the best baseline per "
         f"figure (the lowest of any baseline on that slice, or pooled); target {pct(TARGET - 1)}. Pooled: all the "
@@ -199,7 +203,7 @@ def main() -> None:
                 scale = slice_load(trace, 1.0, base.instances, base.dp_size).rate_scale_for(args.load)
                 slices.append((k * args.minutes, trace, scale))
             jobs = [(policy, trace, scale) for _, trace, scale in slices for policy in policies]
-            runs = list(pool.map(partial(run, settings=args.window), *zip(*jobs, strict=True)))
+            runs = list(pool.map(partial(run, settings=args.settings), *zip(*jobs, strict=True)))
             n = len(policies)
             per_slice = [
                 dict(zip(policies, (r[0] for r in runs[i * n : (i + 1) * n]), strict=True)) for i in range(len(slices))

@@ -326,7 +326,8 @@ def _write_plot(summaries: dict[str, Any], plot: str, title: str) -> None:
     "config_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Gateway configuration (YAML, as for serve) whose window section sbs runs with [default: the defaults].",
+    help="Gateway configuration (YAML, as for serve) whose window, allocator and decode sections sbs runs with "
+    "[default: the defaults].",
 )
 @output_option
 @plot_option
@@ -373,7 +374,7 @@ def simulate(
         raise click.ClickException(str(exc)) from exc
     _check_plot(plot)
     try:
-        window_settings = load_settings(config_path).window if config_path else SimConfig().window
+        scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     results = {}
@@ -383,13 +384,15 @@ def simulate(
     for policy in policies or ("sbs", "round_robin"):
         started = time.perf_counter()
         config = SimConfig(
-            policy=policy,  # type: ignore[arg-type]
+            policy=policy,
             instances=instances,
             dp_size=dp_size,
             seed=seed,
             scrape_interval_s=scrape_interval,
             scrape_lag_s=scrape_lag,
-            window=window_settings,
+            window=scheduling.window,
+            allocator=scheduling.allocator,
+            decode=scheduling.decode,
         )
         bar = tqdm(total=len(requests), desc=policy, unit="req", file=sys.stderr, disable=no_progress, leave=False)
         with bar:

@@ -11,10 +11,20 @@ Invalid settings raise :class:`ConfigError`, whose message names each offending 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,17 +32,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-PolicyName = Literal[
-    "sbs",
-    "round_robin",
-    "shortest_queue",
-    "least_tokens",
-    "sglang_total_tokens",
-    "power_of_two",
-    "random",
-    "vllm_internal",
-]
-"""Scheduling policy: ``sbs`` (staggered windows + load-aware allocation) or an immediate-dispatch baseline."""
+from gateway.scheduling.registry import IMMEDIATE_POLICIES
+
+if TYPE_CHECKING:
+    PolicyName = str
+else:
+    PolicyName = Literal[("sbs", *IMMEDIATE_POLICIES)]
+"""Scheduling policy: ``sbs`` (staggered windows + load-aware allocation) or an immediate-dispatch baseline (the
+names of :data:`gateway.scheduling.registry.IMMEDIATE_POLICIES`)."""
 
 EngineFlavor = Literal["sglang", "vllm"]
 EngineRole = Literal["mixed", "prefill", "decode"]
@@ -85,8 +92,16 @@ class EngineConfig(_Strict):
         return value
 
 
+class StepAlignedCloseConfig(_Strict):
+    """Step-aligned window closing (see :mod:`gateway.scheduling.step_aligned_close`)."""
+
+    lead_s: float = Field(default=0.005, ge=0)
+    """How long before a predicted step start the window closes, seconds; covers the dispatch latency and the
+    error of the step-time prediction."""
+
+
 class WindowConfig(_Strict):
-    """The staggered window (policy ``sbs``)."""
+    """The staggered window (policy ``sbs``): its interval, how it closes, and how much it may buffer."""
 
     min_interval_s: PositiveFloat = 0.005
     """Shortest window, seconds."""
@@ -96,77 +111,148 @@ class WindowConfig(_Strict):
     """Engine step time assumed before any is observed, seconds."""
     step_fraction: PositiveFloat = 0.1
     """Window length as a fraction of the observed engine step time (clamped to the bounds above)."""
-    allocator: Literal["water_fill", "phase_aware"] = "phase_aware"
-    """How a window's batch is placed: prefill water-filling over all ranks, or by predicted time to first
-    token using each instance's step phase (see :mod:`gateway.scheduling.phase`)."""
-    decode_stall_weight: float = Field(default=0.005, ge=0)
-    """``phase_aware`` only: weight of one decoding request's stall against one waiting request's TTFT; higher
-    trades TTFT for TPOT (see :data:`gateway.scheduling.phase.DECODE_STALL_WEIGHT`)."""
-    queue_steps: PositiveFloat = 2.0
-    """A DP rank's prefill capacity, in per-step token budgets: the step in progress plus the next one (see
-    :mod:`gateway.scheduling.allocation`)."""
-    min_queue_tokens: int = Field(default=16_384, ge=0)
-    """A DP rank's prefill capacity is at least this many prompt tokens, whatever its budget: with small budgets
-    (2,048) two budgets would leave every longer prompt waiting for an idle rank (see
-    :mod:`gateway.scheduling.allocation`)."""
+    adaptive_interval: bool = True
+    """Window length tracks the observed engine step time (``step_fraction`` of it, clamped to the bounds);
+    ``False`` keeps it at ``step_fraction * initial_step_s`` (clamped), for ablation."""
+    step_aligned_close: StepAlignedCloseConfig | None = None
+    """Close the window ``lead_s`` before the next predicted step start of the busy instances (from the
+    step boundaries seen in token arrivals), so closes come about one step / instances apart and each batch meets
+    an instance as it starts a step; the adaptive grid tick stays when some instance is idle or unseen (see
+    :mod:`gateway.scheduling.step_aligned_close`). ``{}`` switches it on with the default lead; ``None``: the grid
+    tick only."""
     max_buffered_requests: int = Field(default=10_000, ge=1)
     """The window holds at most this many requests; beyond it new requests get 503 with ``Retry-After``."""
     max_buffered_tokens: int = Field(default=20_000_000, ge=1)
     """The window holds at most this many prompt tokens (estimated); beyond it new requests get 503."""
-    max_wait_s: PositiveFloat = 10.0
-    """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
     queue_timeout_s: PositiveFloat = 60.0
     """A request still buffered this long after arriving (every rank full, or no healthy rank) gets 503 with
-    ``Retry-After``, seconds. Must exceed ``max_wait_s`` to matter while some rank is healthy."""
-    adaptive_interval: bool = True
-    """Window length tracks the observed engine step time (``step_fraction`` of it, clamped to the bounds);
-    ``False`` keeps it at ``step_fraction * initial_step_s`` (clamped), for ablation."""
-    stagger: bool = True
-    """``phase_aware`` only: place by each instance's step phase, so batches meet instances as they start a step;
-    ``False`` treats every instance as ready now, for ablation."""
-    step_aligned_close: bool = False
-    """Close the window ``close_lead_s`` before the next predicted step start of the busy instances (from the
-    step boundaries seen in token arrivals), so closes come about one step / instances apart and each batch meets
-    an instance as it starts a step; the adaptive grid tick stays when some instance is idle or unseen (see
-    :mod:`gateway.scheduling.stagger`). ``False``: the grid tick only."""
-    close_lead_s: float = Field(default=0.005, ge=0)
-    """``step_aligned_close`` only: how long before a predicted step start the window closes, seconds; covers
-    the dispatch latency and the error of the step-time prediction."""
-    shortest_first: bool = False
-    """Place a window's shortest prompts first, whatever waited longer (``max_wait_s`` still bounds the wait), so
-    that when not all fit the long ones wait; ``False``: deferred requests first, then longest first (the
-    water-filling order). A trade of the mean for the tail, for bursty prefill-heavy traffic: simulated at 80% load
-    (2 x 8 ranks, 20-minute slices, ``bench/results/ablation.md``) it lowers Azure code's TTFT mean by 39% and
-    raises its p99 by 12%, and makes Azure conversation (mean +13%, p99 3.2x) and Mooncake (mean +19%) worse."""
-    long_prefill_isolation: bool = True
-    """``phase_aware`` only: keep prompts longer than ``long_prefill_tokens`` together on instances
-    already prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a
-    long-context chunk sets the step time of the whole instance (see :mod:`gateway.scheduling.phase`). Simulated
-    on 20 minutes of Mooncake at 80% load (``bench/results/ablation.md``) it lowers TTFT mean by 27% and TPOT mean
-    by 51% and raises TTFT p99 by 22% (the longest prompts wait on each other's long steps); on the Azure traces
-    nothing is that long. ``False``: off."""
-    long_prefill_tokens: int = Field(default=40_960, ge=1)
-    """``long_prefill_isolation`` only: a prompt longer than this is long, tokens. In tokens, not chunked-prefill
-    budgets: the step time a long prompt imposes grows with its context (see :mod:`gateway.scheduling.phase`)."""
-    prefill_capacity: bool = True
-    """Water-filling's per-rank capacity model (``queue_steps`` budgets): what fits nowhere waits for the next
-    window; ``False`` places every request at once, for ablation."""
-    decode_aware: bool = True
-    """Decode-aware choice (two objectives, IQR outliers, lexicographic; :mod:`gateway.scheduling.decode`)
-    among ranks the prefill placement leaves equal; ``False`` falls back to running requests then KV usage."""
-    iqr_outliers: bool = True
-    """``decode_aware`` only: avoid ranks above ``Q3 + iqr_k * IQR`` on either objective."""
-    iqr_k: float = Field(default=1.5, ge=0)
-    """Fence multiplier of the outlier test (Tukey's 1.5, see :data:`gateway.scheduling.decode.IQR_K`)."""
-    running_bucket: int = Field(default=4, ge=1)
-    """``decode_aware`` only: bucket width of the requests objective, requests (see
-    :data:`gateway.scheduling.decode.RUNNING_BUCKET`)."""
+    ``Retry-After``, seconds. Must exceed ``allocator.max_wait_s`` to matter while some rank is healthy."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _refuse_moved(data, "window.", _MOVED_WINDOW_KEYS)
+            if isinstance(data.get("step_aligned_close"), bool):
+                raise ValueError(
+                    "window.step_aligned_close is a section now: {} (or {lead_s: ...}) switches it on, null off"
+                )
+        return data
 
     @model_validator(mode="after")
     def _check_bounds(self) -> WindowConfig:
         if self.min_interval_s > self.max_interval_s:
             raise ValueError("min_interval_s must not exceed max_interval_s")
         return self
+
+
+_MOVED_WINDOW_KEYS = {
+    "allocator": "allocator.kind",
+    "decode_stall_weight": "allocator.decode_stall_weight (kind phase_aware)",
+    "queue_steps": "allocator.queue_steps",
+    "min_queue_tokens": "allocator.min_queue_tokens",
+    "max_wait_s": "allocator.max_wait_s",
+    "stagger": "allocator.use_step_phase (kind phase_aware)",
+    "close_lead_s": "window.step_aligned_close.lead_s",
+    "shortest_first": "allocator.shortest_first",
+    "long_prefill_isolation": "allocator.long_prefill_tokens (kind phase_aware; null switches it off)",
+    "long_prefill_tokens": "allocator.long_prefill_tokens (kind phase_aware)",
+    "prefill_capacity": "allocator.queue_steps (null switches the capacity model off)",
+    "decode_aware": "decode (null switches the decode-aware choice off)",
+    "iqr_outliers": "decode.iqr_k (null switches the outlier test off)",
+    "iqr_k": "decode.iqr_k",
+    "running_bucket": "decode.running_bucket",
+}
+"""Keys of the flat ``window`` section before the allocator and decode settings got their own sections."""
+
+
+def _refuse_moved(data: dict[str, Any], prefix: str, moved: dict[str, str]) -> None:
+    found = [f"{prefix}{key} moved to {moved[key]}" for key in data if key in moved]
+    if found:
+        raise ValueError("; ".join(found))
+
+
+class _AllocatorBase(_Strict):
+    queue_steps: PositiveFloat | None = 2.0
+    """A DP rank's prefill capacity, in per-step token budgets: the step in progress plus the next one (see
+    :mod:`gateway.scheduling.allocation`); what fits nowhere waits for the next window. ``None`` places every
+    request at once (no capacity model), for ablation."""
+    min_queue_tokens: int = Field(default=16_384, ge=0)
+    """A DP rank's prefill capacity is at least this many prompt tokens, whatever its budget: with small budgets
+    (2,048) two budgets would leave every longer prompt waiting for an idle rank (see
+    :mod:`gateway.scheduling.allocation`)."""
+    max_wait_s: PositiveFloat = 10.0
+    """A request deferred this long (no rank had room) is dispatched to the least-loaded rank anyway."""
+    shortest_first: bool = False
+    """Place a window's shortest prompts first, whatever waited longer (``max_wait_s`` still bounds the wait), so
+    that when not all fit the long ones wait; ``False``: deferred requests first, then longest first (the
+    water-filling order). A trade of the mean for the tail, for bursty prefill-heavy traffic: simulated at 80% load
+    (2 x 8 ranks, 20-minute slices, ``bench/results/ablation.md``) it lowers Azure code's TTFT mean by 39% and
+    raises its p99 by 12%, and makes Azure conversation (mean +13%, p99 3.2x) and Mooncake (mean +19%) worse."""
+
+
+class WaterFillConfig(_AllocatorBase):
+    """Prefill water-filling over all ranks (see :mod:`gateway.scheduling.allocation`)."""
+
+    kind: Literal["water_fill"] = "water_fill"
+    """Allocator kind."""
+
+
+class PhaseAwareConfig(_AllocatorBase):
+    """Placement by predicted time to first token using each instance's step phase (see
+    :mod:`gateway.scheduling.phase`)."""
+
+    kind: Literal["phase_aware"] = "phase_aware"
+    """Allocator kind."""
+    decode_stall_weight: float = Field(default=0.005, ge=0)
+    """Weight of one decoding request's stall against one waiting request's TTFT; higher trades TTFT for TPOT
+    (see :data:`gateway.scheduling.phase.DECODE_STALL_WEIGHT`)."""
+    use_step_phase: bool = True
+    """Place by each instance's step phase, so batches meet instances as they start a step; ``False`` treats
+    every instance as ready now, for ablation."""
+    long_prefill_tokens: int | None = Field(default=40_960, ge=1)
+    """Long-prefill isolation: keep prompts longer than this many tokens together on instances already
+    prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a long-context
+    chunk sets the step time of the whole instance (see :mod:`gateway.scheduling.phase`). In tokens, not
+    chunked-prefill budgets: the step time a long prompt imposes grows with its context. Simulated on 20 minutes
+    of Mooncake at 80% load (``bench/results/ablation.md``) it lowers TTFT mean by 27% and TPOT mean by 51% and
+    raises TTFT p99 by 22% (the longest prompts wait on each other's long steps); on the Azure traces nothing is
+    that long. ``None``: off."""
+
+
+def _allocator_kind(data: Any) -> str:
+    if isinstance(data, dict):
+        return str(data.get("kind", "phase_aware"))
+    return str(getattr(data, "kind", "phase_aware"))
+
+
+AllocatorConfig = Annotated[
+    Annotated[WaterFillConfig, Tag("water_fill")] | Annotated[PhaseAwareConfig, Tag("phase_aware")],
+    Discriminator(_allocator_kind),
+]
+"""How a window's batch is placed, chosen by ``kind`` (``phase_aware`` when omitted); each kind takes only its
+own settings."""
+
+
+class DecodeConfig(_Strict):
+    """Decode-aware choice among ranks the prefill placement leaves equal (:mod:`gateway.scheduling.decode`).
+
+    Two objectives, IQR outliers, lexicographic. The whole section ``None`` falls back to running requests then
+    KV usage.
+    """
+
+    iqr_k: float | None = Field(default=1.5, ge=0)
+    """Avoid ranks above ``Q3 + iqr_k * IQR`` on either objective: the fence multiplier of the outlier test
+    (Tukey's 1.5, see :data:`gateway.scheduling.decode.IQR_K`); ``None`` switches the outlier test off."""
+    running_bucket: int = Field(default=4, ge=1)
+    """Bucket width of the requests objective, requests (see :data:`gateway.scheduling.decode.RUNNING_BUCKET`)."""
+
+
+class BaselinesConfig(_Strict):
+    """The immediate-dispatch baselines (:mod:`gateway.scheduling.baselines`)."""
+
+    seed: int = 0
+    """Seed of the randomised baselines (``power_of_two``, ``random``)."""
 
 
 class ScrapeConfig(_Strict):
@@ -316,9 +402,15 @@ class Settings(BaseSettings):
     before they skew the allocator's load accounting."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens assumed for load accounting when a request sets no ``max_tokens``."""
-    seed: int = 0
-    """Seed for randomised policies (``power_of_two``)."""
     window: WindowConfig = WindowConfig()
+    allocator: AllocatorConfig = PhaseAwareConfig()
+    """Policy ``sbs``: how a window's batch is placed, by ``kind``: ``phase_aware`` (by predicted time to first
+    token using each instance's step phase, :mod:`gateway.scheduling.phase`) or ``water_fill`` (prefill
+    water-filling over all ranks, :mod:`gateway.scheduling.allocation`)."""
+    decode: DecodeConfig | None = DecodeConfig()
+    """Policy ``sbs``: the decode-aware choice among ranks the prefill placement leaves equal; ``None`` falls
+    back to running requests then KV usage."""
+    baselines: BaselinesConfig = BaselinesConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
@@ -327,6 +419,13 @@ class Settings(BaseSettings):
     log: LogConfig = LogConfig()
     embedded_speed: PositiveFloat = 1.0
     """Clock speed of the embedded simulated engines (used only when ``engines`` is empty)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _refuse_moved(data, "", {"seed": "baselines.seed"})
+        return data
 
     @model_validator(mode="after")
     def _unique_engines(self) -> Settings:

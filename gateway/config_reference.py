@@ -37,21 +37,62 @@ ENGINES_TITLE = "`engines[]`: one entry per engine (environment: the whole list 
 
 def sections() -> list[tuple[str, type[BaseModel], str]]:
     """(YAML prefix, model, title) of each table: the top level, one engine, then every nested settings group
-    in declaration order, titled by its class docstring's first line."""
+    in declaration order (groups nested in a group right after it), titled by its class docstring's first line.
+    A group that is one of several kinds (the allocator) gets one table per kind."""
     out: list[tuple[str, type[BaseModel], str]] = [
         ("", Settings, "Top level"),
         ("engines[]", EngineConfig, ENGINES_TITLE),
     ]
-    for name, info in Settings.model_fields.items():
-        model = info.annotation
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            summary = (inspect.getdoc(model) or "").split("\n")[0].rstrip(".")
-            out.append((name, model, f"`{name}`: {_rst_to_markdown(summary)}"))
+    _nested_sections(Settings, "", out)
+    return out
+
+
+def _nested_sections(parent: type[BaseModel], prefix: str, out: list[tuple[str, type[BaseModel], str]]) -> None:
+    for name, info in parent.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        models = section_models(info)
+        for model in models:
+            first_paragraph = (inspect.getdoc(model) or "").split("\n\n")[0]
+            summary = _rst_to_markdown(" ".join(first_paragraph.split()).rstrip("."))
+            kind = model.model_fields.get("kind")
+            if len(models) > 1 and kind is not None:
+                title = f"`{path}` with `kind: {kind.default}`: {summary}"
+            else:
+                title = f"`{path}`: {summary}"
+            out.append((path, model, title))
+            _nested_sections(model, path, out)
+
+
+def section_models(info: FieldInfo) -> list[type[BaseModel]]:
+    """The settings groups a field holds: one model, the kinds of a tagged union, or none (a plain value)."""
+    annotation = info.annotation
+    candidates = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    out = []
+    for candidate in candidates:
+        while typing.get_origin(candidate) is typing.Annotated:
+            candidate = typing.get_args(candidate)[0]
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            out.append(candidate)
     return out
 
 
 def field_docs(model: type[BaseModel]) -> dict[str, str]:
-    """Field name → the docstring written under it in the class body (joined into one line)."""
+    """Field name → the docstring written under it in the class body (joined into one line), the model's base
+    classes' fields included."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ != BaseModel.__module__:
+            if cls.__module__.startswith("pydantic"):
+                continue
+            docs.update(_own_field_docs(cls))
+    return docs
+
+
+def _own_field_docs(model: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(model)))
     body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
@@ -78,6 +119,7 @@ def type_text(info: FieldInfo) -> str:
     ``list of str (length >= 1)``..."""
     annotation = info.annotation
     origin = typing.get_origin(annotation)
+    metadata = list(info.metadata)
     if origin is Literal:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
     if origin is list:
@@ -85,12 +127,18 @@ def type_text(info: FieldInfo) -> str:
         name = "engine" if item is EngineConfig else getattr(item, "__name__", str(item))
         text = f"list of {name}"
     elif origin in (typing.Union, types.UnionType):
-        names = [getattr(a, "__name__", str(a)) for a in typing.get_args(annotation)]
+        names = []
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is typing.Annotated:
+                arg, *extra = typing.get_args(arg)
+                for meta in extra:
+                    metadata += meta.metadata if isinstance(meta, FieldInfo) else [meta]
+            names.append(getattr(arg, "__name__", str(arg)))
         text = " or ".join("none" if n == "NoneType" else n for n in names)
     else:
         text = getattr(annotation, "__name__", str(annotation))
     bounds, length = [], ""
-    for meta in info.metadata:
+    for meta in metadata:
         if isinstance(meta, annotated_types.Gt):
             bounds.append(f"> {meta.gt}")
         elif isinstance(meta, annotated_types.Ge):
@@ -116,10 +164,14 @@ def default_text(info: FieldInfo) -> str:
     return f"`{value}`"
 
 
+def _optional(info: FieldInfo) -> bool:
+    return type(None) in typing.get_args(info.annotation)
+
+
 def env_var(prefix: str, name: str) -> str:
     if prefix == "engines[]":
         return "(in `GATEWAY_ENGINES`)"
-    path = [prefix, name] if prefix else [name]
+    path = [*prefix.split("."), name] if prefix else [name]
     return f"`{ENV_PREFIX}{'__'.join(p.upper() for p in path)}`"
 
 
@@ -130,11 +182,20 @@ def render() -> str:
         docs = field_docs(model)
         lines += [f"#### {title}", "", "| setting | environment | type | default | meaning |", "|---|---|---|---|---|"]
         for name, info in model.model_fields.items():
-            annotation = info.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                continue  # a nested section, listed below
             setting = f"`{prefix}.{name}`" if prefix and prefix != "engines[]" else f"`{name}`"
             meaning = _rst_to_markdown(docs.get(name, ""))
+            models = section_models(info)
+            if models:
+                value = info.get_default(call_default_factory=True)
+                if len(models) > 1:  # a tagged union: one table per kind below
+                    kinds = " \\| ".join(f"`{m.model_fields['kind'].default}`" for m in models)
+                    row = (f"section (below) by `kind`: {kinds}", f"`{value.kind}`")
+                elif _optional(info):
+                    row = ("section (below) or `null`", "`None`" if value is None else "on (its defaults)")
+                else:
+                    continue  # a plain nested section, listed below
+                lines.append(f"| {setting} | {env_var(prefix, name)} | {row[0]} | {row[1]} | {meaning} |")
+                continue
             lines.append(
                 f"| {setting} | {env_var(prefix, name)} | {type_text(info)} | {default_text(info)} | {meaning} |"
             )

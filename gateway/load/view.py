@@ -81,13 +81,28 @@ class LoadView:
         stale_after_s: scraped figures older than this are ignored (seconds).
         nonstream_prefill_s: how long a non-streamed request counts as queued for prefill, per chunked-prefill
             budget of its rank that its prompt spans (seconds).
+        usable: whether new requests may go to a rank at a time (the gateway passes its circuit breakers'
+            :meth:`~gateway.load.health.HealthBook.usable`); every rank is usable when ``None``.
+        state_sync: add the gateway's own dispatches, first tokens and finishes to the figures between scrapes
+            (DESIGN.md §2, "robust state synchronization"). ``False``, for ablation: between two scrapes of an
+            engine its ranks' snapshot stays what it was at the last scrape (before any scrape: the live local
+            accounting, i.e. idle).
     """
 
     def __init__(
-        self, engines: Iterable[EngineSpec], *, stale_after_s: float, nonstream_prefill_s: float = 1.0
+        self,
+        engines: Iterable[EngineSpec],
+        *,
+        stale_after_s: float,
+        nonstream_prefill_s: float = 1.0,
+        usable: Callable[[RankKey, float], bool] | None = None,
+        state_sync: bool = True,
     ) -> None:
         self.stale_after_s = stale_after_s
         self.nonstream_prefill_s = nonstream_prefill_s
+        self.state_sync = state_sync
+        self._usable = usable
+        self._frozen: dict[RankKey, RankLoad] = {}
         self._ranks: dict[RankKey, _RankState] = {}
         self._engines: dict[str, _EngineState] = {}
         for spec in engines:
@@ -98,8 +113,6 @@ class LoadView:
                 engine.ranks.append(key)
         self._inflight: dict[str, _InFlight] = {}
         self._nonstream_due: list[tuple[float, str]] = []
-        self.usable: Callable[[RankKey, float], bool] = lambda key, now: True
-        """Whether new requests may go to a rank at a time (the gateway plugs in its circuit breakers)."""
 
     @property
     def keys(self) -> list[RankKey]:
@@ -199,6 +212,10 @@ class LoadView:
             state.scraped = ranks.get(key.rank)
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = 0
+        if not self.state_sync:
+            for load in self._live_snapshot(now):
+                if load.key.engine == engine:
+                    self._frozen[load.key] = load
 
     def on_scrape_failure(self, engine: str, now: float) -> None:
         """A scrape of ``engine`` failed (unreachable, timeout, unparsable)."""
@@ -219,6 +236,12 @@ class LoadView:
 
     def snapshot(self, now: float) -> list[RankLoad]:
         """Every rank's load as the allocator should see it at ``now``."""
+        live = self._live_snapshot(now)
+        if self.state_sync:
+            return live
+        return [self._frozen.get(load.key, load) for load in live]
+
+    def _live_snapshot(self, now: float) -> list[RankLoad]:
         self._promote_nonstream(now)
         out: list[RankLoad] = []
         for key, s in self._ranks.items():
@@ -242,7 +265,7 @@ class LoadView:
                     kv_tokens=float(s.kv_tokens),
                     kv_usage=kv_usage,
                     prefill_budget=s.spec.prefill_budget,
-                    usable=self.usable(key, now),
+                    usable=True if self._usable is None else self._usable(key, now),
                 )
             )
         return out

@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from gateway.scheduling.decode import DecodeRanker
+from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.types import Allocation
 from gateway.types import PendingRequest, RankKey, RankLoad
+
+if TYPE_CHECKING:
+    from gateway.config import DecodeConfig, WaterFillConfig
 
 DEFAULT_QUEUE_STEPS = 2.0
 """Default rank capacity, in per-step prefill budgets: the step in progress plus the next one."""
@@ -170,3 +174,27 @@ def assigned_levels(allocation: Allocation, ranks: Sequence[RankLoad]) -> dict[R
     for request, key in allocation.assigned:
         level[key] += request.prompt_tokens
     return level
+
+
+class WaterFill:
+    """The ``water_fill`` allocator: :func:`water_fill` with its settings (``allocator`` section, kind
+    ``water_fill``) and the decode-aware choice (``decode`` section, ``None`` when off)."""
+
+    def __init__(self, settings: WaterFillConfig, decode: DecodeConfig | None) -> None:
+        self.settings = settings
+        self.decode = decode
+        self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
+
+    def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
+        """Place a window's batch (see :func:`water_fill`)."""
+        settings = self.settings
+        return water_fill(
+            batch,
+            ranks,
+            now=now,
+            max_wait_s=settings.max_wait_s,
+            queue_steps=self.queue_steps,
+            min_queue_tokens=settings.min_queue_tokens,
+            decode=decode_ranker(ranks, self.decode),
+            shortest_first=settings.shortest_first,
+        )

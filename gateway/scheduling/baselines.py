@@ -41,12 +41,13 @@ class ImmediatePolicy(Protocol):
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None: ...
 
 
-def _serving(request: PendingRequest, ranks: Sequence[RankLoad]) -> list[RankLoad]:
+def serving(request: PendingRequest, ranks: Sequence[RankLoad]) -> list[RankLoad]:
+    """The usable ranks that serve the request's model."""
     return [r for r in ranks if r.usable and request.model in r.models]
 
 
-class _Rotating:
-    """Shared helper: picks the minimum of a load function, ties broken by a rotating start."""
+class Rotating:
+    """Base of the policies that pick the minimum of a load function, ties broken by a rotating start."""
 
     name = "abstract"
 
@@ -64,32 +65,32 @@ class _Rotating:
         return rotated[best].key
 
 
-class RoundRobin(_Rotating):
+class RoundRobin(Rotating):
     name = "round_robin"
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        return self._pick(_serving(request, ranks), lambda r: 0.0)
+        return self._pick(serving(request, ranks), lambda r: 0.0)
 
 
-class ShortestQueue(_Rotating):
+class ShortestQueue(Rotating):
     name = "shortest_queue"
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        return self._pick(_serving(request, ranks), lambda r: r.queue_length)
+        return self._pick(serving(request, ranks), lambda r: r.queue_length)
 
 
-class LeastTokens(_Rotating):
+class LeastTokens(Rotating):
     name = "least_tokens"
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        return self._pick(_serving(request, ranks), lambda r: r.outstanding_tokens)
+        return self._pick(serving(request, ranks), lambda r: r.outstanding_tokens)
 
 
 class SglangTotalTokens:
     name = "sglang_total_tokens"
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        candidates = _serving(request, ranks)
+        candidates = serving(request, ranks)
         if not candidates:
             return None
         return min(candidates, key=lambda r: (r.outstanding_tokens, r.queue_length)).key
@@ -102,7 +103,7 @@ class PowerOfTwo:
         self._rng = random.Random(seed)
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        candidates = _serving(request, ranks)
+        candidates = serving(request, ranks)
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -118,36 +119,12 @@ class RandomChoice:
         self._rng = random.Random(seed)
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        candidates = _serving(request, ranks)
+        candidates = serving(request, ranks)
         return self._rng.choice(candidates).key if candidates else None
 
 
-class VllmInternal(_Rotating):
+class VllmInternal(Rotating):
     name = "vllm_internal"
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
-        return self._pick(_serving(request, ranks), lambda r: r.waiting * 4 + r.running)
-
-
-def make_immediate_policy(name: str, *, seed: int = 0) -> ImmediatePolicy:
-    """Build an immediate-dispatch policy by name.
-
-    Raises:
-        ValueError: ``name`` is not one of ``round_robin``, ``shortest_queue``, ``least_tokens``,
-            ``sglang_total_tokens``, ``power_of_two``, ``random``, ``vllm_internal``.
-    """
-    if name == "round_robin":
-        return RoundRobin()
-    if name == "shortest_queue":
-        return ShortestQueue()
-    if name == "least_tokens":
-        return LeastTokens()
-    if name == "sglang_total_tokens":
-        return SglangTotalTokens()
-    if name == "power_of_two":
-        return PowerOfTwo(seed)
-    if name == "random":
-        return RandomChoice(seed)
-    if name == "vllm_internal":
-        return VllmInternal()
-    raise ValueError(f"unknown immediate-dispatch policy {name!r}")
+        return self._pick(serving(request, ranks), lambda r: r.waiting * 4 + r.running)

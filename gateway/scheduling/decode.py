@@ -30,8 +30,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.types import RankKey, RankLoad
+
+if TYPE_CHECKING:
+    from gateway.config import DecodeConfig
 
 IQR_K = 1.5
 """Default fence multiplier ``k``: Tukey's "outside" fence (Exploratory Data Analysis, 1977)."""
@@ -159,3 +163,10 @@ class DecodeRanker:
         """Record a request of ``prompt_tokens`` tokens placed on ``rank``."""
         self.loads[rank] = self.loads[rank].plus(prompt_tokens)
         self._outliers.pop(rank.engine, None)
+
+
+def decode_ranker(ranks: Sequence[RankLoad], settings: DecodeConfig | None) -> DecodeRanker | None:
+    """The decode-aware choice over a snapshot with ``settings`` (``decode`` section), or ``None`` when it is off."""
+    if settings is None:
+        return None
+    return DecodeRanker(ranks, iqr_k=settings.iqr_k, bucket=settings.running_bucket)

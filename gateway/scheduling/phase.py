@@ -43,21 +43,27 @@ see, counts for an estimate of its prefill time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.scheduling.allocation import decode_load_key, fits, placement_order
-from gateway.scheduling.decode import DecodeRanker
+from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation
 from gateway.types import PendingRequest, RankKey, RankLoad
+
+if TYPE_CHECKING:
+    from gateway.config import DecodeConfig, PhaseAwareConfig
 
 DECODE_STALL_WEIGHT = 0.005
 """Default ``w``: how much one decoding request's stall counts against one waiting request's TTFT.
 
 It trades TTFT for TPOT. Simulated over five consecutive 10-minute slices of the Azure conversation trace, each at
-80% of its capacity on 2 x 8 ranks (``python bench/slices.py --window '{"decode_stall_weight": w}'``; best
-baseline: TTFT mean 1,358 ms, p99 3,029 ms, TPOT mean 263 ms): w=0.01 gives TTFT mean 899 ms, p99 3,068 ms, TPOT
+80% of its capacity on 2 x 8 ranks
+(``python bench/slices.py --settings '{"allocator": {"decode_stall_weight": w}}'``; best baseline: TTFT mean
+1,358 ms, p99 3,029 ms, TPOT mean 263 ms): w=0.01 gives TTFT mean 899 ms, p99 3,068 ms, TPOT
 194 ms; w=0.0075 865 ms, 3,005 ms, 198 ms; w=0.005 808 ms, 2,811 ms, 201 ms; w=0.0035 821 ms, 3,076 ms, 199 ms.
 At 95% load (``--load 0.95``) 0.005 gives TTFT mean 1,260 ms against 1,365 ms at 0.01 (best baseline 1,688 ms),
 the same p99. On the Azure code and Mooncake slices 0.005 and 0.01 differ by 1% or less. Lower still is unstable:
@@ -73,6 +79,37 @@ class _Instance:
     running: float
 
 
+def _placement_cost(
+    clock: StepClock,
+    engine: str,
+    tokens: float,
+    next_level: float,
+    budget: float,
+    heaviest: float,
+    wait: float,
+    stalled: float,
+) -> float:
+    """Predicted cost of placing ``tokens`` prompt tokens on a rank of ``engine`` (the module docstring's formula),
+    seconds.
+
+    Args:
+        clock: the step clock (``d_e``).
+        engine: the instance ``e``.
+        tokens: the request's prompt tokens ``t``.
+        next_level: prompt tokens already queued on the rank for the steps after the one in progress.
+        budget: the rank's per-step prefill budget.
+        heaviest: ``M_e``, the heaviest rank's prefill tokens bound for the next step.
+        wait: ``wait(e)``, seconds until the instance starts its next step.
+        stalled: ``n_e + w * running_e``, the requests a longer next step holds up.
+    """
+    steps_ahead, rest = divmod(next_level, budget)
+    if steps_ahead:  # the rank's queue already fills whole steps: the request waits them out
+        return wait + steps_ahead * clock.predict(engine, budget) + clock.predict(engine, rest + tokens)
+    d_old = clock.predict(engine, heaviest)
+    d_new = clock.predict(engine, max(heaviest, min(rest + tokens, budget)))
+    return wait + d_new + (d_new - d_old) * stalled
+
+
 def phase_fill(
     batch: Sequence[PendingRequest],
     ranks: Sequence[RankLoad],
@@ -85,7 +122,7 @@ def phase_fill(
     min_queue_tokens: float = 0.0,
     decode_stall_weight: float = DECODE_STALL_WEIGHT,
     decode: DecodeRanker | None = None,
-    stagger: bool = True,
+    use_step_phase: bool = True,
     shortest_first: bool = False,
     long_prefill_tokens: float | None = None,
 ) -> Allocation:
@@ -108,7 +145,7 @@ def phase_fill(
             level; ``None`` orders them by next-step level, then running requests and KV usage. The predicted
             first-token time stays first: dropping outliers from the candidates instead, at the price of later
             first tokens, gave TTFT p99 1.70 s against 1.45 s (Azure conv, 20 minutes at 80% load, w=0.05).
-        stagger: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
+        use_step_phase: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
             (the staggering switched off, for ablation).
         shortest_first: place the shortest prompts first instead of the longest
             (:func:`~gateway.scheduling.allocation.placement_order`).
@@ -145,17 +182,10 @@ def phase_fill(
                 slow = any(level[r.key] > long_prefill_tokens for r in candidates)
                 mismatch = float(slow != (t > long_prefill_tokens))
             heaviest = max(min(next_level[r.key], r.prefill_budget) for r in candidates)
-            d_old = clock.predict(engine, heaviest)
-            wait = clock.time_to_next_step(engine, now) if inst.busy and stagger else 0.0
+            wait = clock.time_to_next_step(engine, now) if inst.busy and use_step_phase else 0.0
             stalled = waiting_next[engine] + decode_stall_weight * inst.running
             for r in fitting:
-                budget = r.prefill_budget
-                steps_ahead, rest = divmod(next_level[r.key], budget)
-                if steps_ahead:  # the rank's queue already fills whole steps: the request waits them out
-                    cost = wait + steps_ahead * clock.predict(engine, budget) + clock.predict(engine, rest + t)
-                else:
-                    d_new = clock.predict(engine, max(heaviest, min(rest + t, budget)))
-                    cost = wait + d_new + (d_new - d_old) * stalled
+                cost = _placement_cost(clock, engine, t, next_level[r.key], r.prefill_budget, heaviest, wait, stalled)
                 key: tuple[float, ...]
                 if decode is None:
                     key = (mismatch, cost, next_level[r.key], *decode_load_key(r))
@@ -176,3 +206,34 @@ def phase_fill(
         result.assigned.append((request, chosen.key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
+
+
+class PhaseAware:
+    """The ``phase_aware`` allocator: :func:`phase_fill` with its settings (``allocator`` section, kind
+    ``phase_aware``), the decode-aware choice (``decode`` section, ``None`` when off) and the step clock the
+    scheduler feeds with token arrivals."""
+
+    def __init__(self, settings: PhaseAwareConfig, decode: DecodeConfig | None, clock: StepClock) -> None:
+        self.settings = settings
+        self.decode = decode
+        self.clock = clock
+        self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
+
+    def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
+        """Place a window's batch (see :func:`phase_fill`)."""
+        settings = self.settings
+        return phase_fill(
+            batch,
+            ranks,
+            self.clock,
+            self.clock.current_step_tokens,
+            now=now,
+            max_wait_s=settings.max_wait_s,
+            queue_steps=self.queue_steps,
+            min_queue_tokens=settings.min_queue_tokens,
+            decode_stall_weight=settings.decode_stall_weight,
+            decode=decode_ranker(ranks, self.decode),
+            use_step_phase=settings.use_step_phase,
+            shortest_first=settings.shortest_first,
+            long_prefill_tokens=settings.long_prefill_tokens,
+        )

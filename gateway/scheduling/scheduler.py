@@ -4,31 +4,37 @@ It ties the pure pieces together (window, allocator or immediate policy, load vi
 time passed in, so the gateway's asyncio dispatcher and a virtual-time simulation drive the very same code:
 
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
-  in the staggered window.
+  in the batch window.
 - :meth:`Scheduler.poll` closes the window when it is due (its grid tick, or with ``step_aligned_close`` just
-  before the next predicted step start of an instance, :mod:`gateway.scheduling.stagger`) and places its batch
-  (phase-aware placement or water-filling, with the decode-aware choice; each component switchable in
-  :class:`~gateway.config.WindowConfig`).
-- The driver reports each request's progress to :attr:`Scheduler.view` (first token, tokens, finish) and
-  calls :meth:`Scheduler.notify_load_changed`; placements are recorded in the view here, so a burst cannot
-  herd onto one rank between scrapes.
+  before the next predicted step start of an instance, :mod:`gateway.scheduling.step_aligned_close`) and places
+  its batch with the configured allocator (:data:`gateway.scheduling.registry.ALLOCATORS`: phase-aware placement
+  or water-filling, with the decode-aware choice).
+- The driver reports what it sees through the scheduler and nothing else: each request's progress
+  (:meth:`Scheduler.on_first_token`, :meth:`Scheduler.on_tokens`, :meth:`Scheduler.on_finish`) and the engines'
+  scrapes (:meth:`Scheduler.on_scrape`, :meth:`Scheduler.on_scrape_failure`). Each updates the load view, feeds
+  the step clock and re-arms the window's early closing in one place. Placements are recorded in the view here,
+  so a burst cannot herd onto one rank between scrapes.
+
+The two modes, immediate dispatch and the window, are two small classes behind one protocol
+(:class:`_Immediate`, :class:`_Windowed`); the scheduler delegates ``submit`` and ``poll`` to the one its policy
+chose.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from gateway.config import PolicyName, WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, PolicyName, WindowConfig
 from gateway.load.view import LoadView
-from gateway.scheduling.allocation import free_prefill_capacity, water_fill
-from gateway.scheduling.baselines import ImmediatePolicy, make_immediate_policy
-from gateway.scheduling.decode import DecodeRanker
-from gateway.scheduling.phase import phase_fill
-from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
+from gateway.scheduling.allocation import free_prefill_capacity
+from gateway.scheduling.baselines import ImmediatePolicy
+from gateway.scheduling.registry import ALLOCATORS, Allocator, make_immediate_policy
+from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
-from gateway.scheduling.window import StaggeredWindow
-from gateway.types import PendingRequest, RankKey, RankLoad
+from gateway.scheduling.window import BatchWindow
+from gateway.types import PendingRequest, RankKey, RankLoad, RankMetrics
 
 
 class NoServingRankError(LookupError):
@@ -54,38 +60,152 @@ class WindowOutcome:
     deferred: int = 0
 
 
+class _Mode(Protocol):
+    """How requests are placed: at once, or in batches when the window closes."""
+
+    batched: bool
+
+    def submit(self, request: PendingRequest, now: float) -> RankKey | None: ...
+
+    def poll(self, now: float) -> WindowOutcome | None: ...
+
+
+class _Immediate:
+    """An immediate-dispatch baseline places each request the moment it arrives."""
+
+    batched = False
+
+    def __init__(self, policy: ImmediatePolicy, view: LoadView) -> None:
+        self.policy = policy
+        self.view = view
+
+    def submit(self, request: PendingRequest, now: float) -> RankKey | None:
+        key = self.policy.choose(request, self.view.snapshot(now))
+        if key is None:
+            raise NoServingRankError(request.model)
+        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        return key
+
+    def poll(self, now: float) -> WindowOutcome | None:
+        return None
+
+
+class _Windowed:
+    """``sbs``: requests wait in the window, whose batch the allocator places when it closes."""
+
+    batched = True
+
+    def __init__(
+        self,
+        settings: WindowConfig,
+        allocator: Allocator,
+        queue_steps: float,
+        min_queue_tokens: float,
+        view: LoadView,
+        window: BatchWindow,
+        step_clock: StepClock,
+    ) -> None:
+        self.settings = settings
+        self.allocator = allocator
+        self.queue_steps = queue_steps
+        self.min_queue_tokens = min_queue_tokens
+        self.view = view
+        self.window = window
+        self.step_clock = step_clock
+        close = settings.step_aligned_close
+        self.closing = (
+            None
+            if close is None
+            else StepAlignedClosing(close.lead_s, settings.min_interval_s, settings.max_interval_s)
+        )
+
+    def submit(self, request: PendingRequest, now: float) -> RankKey | None:
+        limits = self.settings
+        if len(self.window) >= limits.max_buffered_requests:
+            raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_requests} requests")
+        if self.window.buffered_tokens + request.prompt_tokens > limits.max_buffered_tokens:
+            raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_tokens} prompt tokens")
+        opening = not len(self.window)
+        self.window.add(request, now)
+        if opening:
+            self._align(self.view.snapshot(now))
+        return None
+
+    def _align(self, snapshot: list[RankLoad]) -> None:
+        """Time the open window's close to the instances' next step starts (``step_aligned_close``)."""
+        opened = self.window.opened_s
+        if self.closing is None or opened is None:
+            return
+        starts = next_step_starts(snapshot, self.step_clock)
+        self.window.align(None if starts is None else self.closing.close_at(opened, starts))
+
+    def poll(self, now: float) -> WindowOutcome | None:
+        if not len(self.window):
+            return None
+        if self.settings.adaptive_interval:
+            self.window.observe_step_time(self.step_clock.mean_step_s())
+        snapshot = self.view.snapshot(now)
+        self._align(snapshot)
+        if not self.window.due(now, free_prefill_capacity(snapshot, self.queue_steps, self.min_queue_tokens)):
+            return None
+        allocation = self.allocator.place(self.window.take(now), snapshot, now)
+        for request, key in allocation.assigned:
+            self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
+        if len(self.window):
+            self._align(self.view.snapshot(now))
+        return WindowOutcome(allocation.assigned, allocation.unplaceable, len(allocation.deferred))
+
+
 class Scheduler:
     """Places requests on DP ranks with one policy.
 
     Args:
-        policy: ``sbs`` or an immediate-dispatch baseline name.
+        policy: ``sbs`` or an immediate-dispatch baseline name (:data:`gateway.scheduling.registry.IMMEDIATE_POLICIES`).
         view: the load view (shared with whoever feeds it scrapes and progress).
         window: window settings (used by ``sbs``).
+        allocator: allocator settings (used by ``sbs``), built by :data:`~gateway.scheduling.registry.ALLOCATORS`.
+        decode: decode-aware choice settings (used by ``sbs``); ``None`` switches it off.
         seed: seed of randomised baselines.
 
     Raises:
         ValueError: unknown policy.
     """
 
-    def __init__(self, policy: PolicyName, view: LoadView, window: WindowConfig, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        policy: PolicyName,
+        view: LoadView,
+        *,
+        window: WindowConfig,
+        allocator: AllocatorConfig,
+        decode: DecodeConfig | None,
+        seed: int = 0,
+    ) -> None:
         self.policy = policy
         self.view = view
-        self.window_config = window
-        self.batched = policy == "sbs"
         self.step_clock = StepClock(window.initial_step_s)
-        self._current_step_tokens: dict[RankKey, float] = {}
-        self._immediate: ImmediatePolicy | None = None if self.batched else make_immediate_policy(policy, seed=seed)
-        self.window = StaggeredWindow(
+        self.window = BatchWindow(
             min_interval_s=window.min_interval_s,
             max_interval_s=window.max_interval_s,
             step_fraction=window.step_fraction,
             initial_step_s=window.initial_step_s,
         )
-        self.closing = (
-            StepAlignedClosing(window.close_lead_s, window.min_interval_s, window.max_interval_s)
-            if window.step_aligned_close
-            else None
-        )
+        self._retry_policy = make_immediate_policy("vllm_internal", seed=seed)
+        self._mode: _Mode
+        if policy == "sbs":
+            queue_steps = math.inf if allocator.queue_steps is None else allocator.queue_steps
+            placer = ALLOCATORS[allocator.kind](allocator, decode, self.step_clock)
+            self._mode = _Windowed(
+                window, placer, queue_steps, allocator.min_queue_tokens, view, self.window, self.step_clock
+            )
+        else:
+            self._mode = _Immediate(make_immediate_policy(policy, seed=seed), view)
+
+    @property
+    def batched(self) -> bool:
+        """Whether requests wait in the window (``sbs``) rather than being placed on arrival."""
+        return self._mode.batched
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
         """Take a new request: return its rank if it was placed at once, ``None`` if it waits in the window.
@@ -94,18 +214,25 @@ class Scheduler:
             NoServingRankError: (immediate policies) no usable rank serves the request's model.
             WindowFullError: (``sbs``) the window is at its request or token bound.
         """
-        if self._immediate is None:
-            limits = self.window_config
-            if len(self.window) >= limits.max_buffered_requests:
-                raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_requests} requests")
-            if self.window.buffered_tokens + request.prompt_tokens > limits.max_buffered_tokens:
-                raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_tokens} prompt tokens")
-            opening = not len(self.window)
-            self.window.add(request, now)
-            if opening:
-                self._align(self.view.snapshot(now))
-            return None
-        key = self._immediate.choose(request, self.view.snapshot(now))
+        return self._mode.submit(request, now)
+
+    def poll(self, now: float) -> WindowOutcome | None:
+        """Close the window if it is due and place its batch; ``None`` when it is not due."""
+        return self._mode.poll(now)
+
+    def place_retry(self, request: PendingRequest, failed: set[RankKey], now: float) -> RankKey:
+        """Place a request again after it failed on the ranks in ``failed``, at once (it already waited its window).
+
+        The rank is chosen by vLLM's ``waiting * 4 + running`` rule among the usable ranks serving the model,
+        preferring engines where it has not failed yet.
+
+        Raises:
+            NoServingRankError: no other usable rank serves the model.
+        """
+        candidates = [r for r in self.view.snapshot(now) if r.key not in failed]
+        failed_engines = {k.engine for k in failed}
+        elsewhere = [r for r in candidates if r.key.engine not in failed_engines]
+        key = self._retry_policy.choose(request, elsewhere) or self._retry_policy.choose(request, candidates)
         if key is None:
             raise NoServingRankError(request.model)
         self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
@@ -119,86 +246,50 @@ class Scheduler:
         """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
         return self.window.deadline
 
-    def on_engine_tokens(self, engine: str, now: float) -> bool:
-        """Tokens from ``engine`` arrived (after the load view took them in): track its step phase; return whether
-        they began a new step (a step boundary of ``engine``), after which :meth:`poll` should run again, as
-        the close of the open window may now be due earlier (``step_aligned_close``).
+    # -- progress: every driver reports what it sees through these, and nothing else ---------------------
 
-        The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
-        carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
-        arriving in the burst shrink the queue while new dispatches only grow it.
-        """
-        queued = self.view.queued_prefill_tokens(engine)
-        new_step = self.step_clock.on_tokens(engine, now)
-        heaviest = 0.0
-        for key, tokens, budget in queued:
-            current = float(min(tokens, budget))
-            if not new_step:
-                current = min(current, self._current_step_tokens.get(key, current))
-            self._current_step_tokens[key] = current
-            heaviest = max(heaviest, current)
-        self.step_clock.set_step_prefill(engine, heaviest)
-        return new_step
-
-    def _align(self, snapshot: list[RankLoad]) -> None:
-        """Time the open window's close to the instances' next step starts (``step_aligned_close``)."""
-        opened = self.window.opened_s
-        if self.closing is None or opened is None:
-            return
-        starts = next_step_starts(snapshot, self.step_clock)
-        self.window.align(None if starts is None else self.closing.close_at(opened, starts))
-
-    def notify_load_changed(self) -> None:
-        """Some rank may have room again (a scrape, a first token, a finish)."""
+    def on_first_token(self, request_id: str, engine: str, now: float) -> None:
+        """The first output token of ``request_id`` came back from ``engine``: its prefill is done, so its rank
+        has room again, and the token marks where ``engine`` is in its step."""
+        self.view.on_first_token(request_id, now)
+        self._track_step(engine, now)
         self.window.notify_capacity_freed()
 
-    def poll(self, now: float) -> WindowOutcome | None:
-        """Close the window if it is due and place its batch; ``None`` when it is not due."""
-        if not self.batched or not len(self.window):
-            return None
-        config = self.window_config
-        if config.adaptive_interval:
-            self.window.observe_step_time(self.step_clock.mean_step_s())
-        snapshot = self.view.snapshot(now)
-        self._align(snapshot)
-        queue_steps = config.queue_steps if config.prefill_capacity else math.inf
-        if not self.window.due(now, free_prefill_capacity(snapshot, queue_steps, config.min_queue_tokens)):
-            return None
-        batch = self.window.take(now)
-        decode = None
-        if config.decode_aware:
-            iqr_k = config.iqr_k if config.iqr_outliers else None
-            decode = DecodeRanker(snapshot, iqr_k=iqr_k, bucket=config.running_bucket)
-        if config.allocator == "phase_aware":
-            allocation = phase_fill(
-                batch,
-                snapshot,
-                self.step_clock,
-                self._current_step_tokens,
-                now=now,
-                max_wait_s=config.max_wait_s,
-                queue_steps=queue_steps,
-                min_queue_tokens=config.min_queue_tokens,
-                decode_stall_weight=config.decode_stall_weight,
-                decode=decode,
-                stagger=config.stagger,
-                shortest_first=config.shortest_first,
-                long_prefill_tokens=config.long_prefill_tokens if config.long_prefill_isolation else None,
-            )
-        else:
-            allocation = water_fill(
-                batch,
-                snapshot,
-                now=now,
-                max_wait_s=config.max_wait_s,
-                queue_steps=queue_steps,
-                min_queue_tokens=config.min_queue_tokens,
-                decode=decode,
-                shortest_first=config.shortest_first,
-            )
-        for request, key in allocation.assigned:
-            self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
-        self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
-        if len(self.window):
-            self._align(self.view.snapshot(now))
-        return WindowOutcome(allocation.assigned, allocation.unplaceable, len(allocation.deferred))
+    def on_tokens(self, request_id: str, engine: str, n: int, now: float) -> bool:
+        """``n`` more output tokens of ``request_id`` came back from ``engine``; return whether they began a new
+        step of ``engine`` (a step boundary), after which :meth:`poll` should run again: the close of the open
+        window may now be due earlier (``step_aligned_close``) and the ranks took in work, so early closing is
+        re-armed."""
+        self.view.on_tokens(request_id, n)
+        new_step = self._track_step(engine, now)
+        if new_step:
+            self.window.notify_capacity_freed()
+        return new_step
+
+    def on_finish(self, request_id: str, now: float) -> None:
+        """``request_id`` ended (completed, failed or aborted): its rank has room again."""
+        self.view.on_finish(request_id, now)
+        self.window.notify_capacity_freed()
+
+    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
+        """A scrape of ``engine`` succeeded with per-rank figures: the load view restarts from them.
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        self.view.on_scrape(engine, ranks, now)
+        self.window.notify_capacity_freed()
+
+    def on_scrape_failure(self, engine: str, now: float) -> None:
+        """A scrape of ``engine`` failed: the view counts it and falls back to local accounting once stale."""
+        self.view.on_scrape_failure(engine, now)
+
+    def on_capacity_changed(self) -> None:
+        """Some rank may take requests again for a reason the scheduler cannot see (a circuit breaker closed, a
+        scrape reported): re-arm early closing."""
+        self.window.notify_capacity_freed()
+
+    def _track_step(self, engine: str, now: float) -> bool:
+        """Feed the step clock with tokens from ``engine`` at ``now`` (after the load view took them in); return
+        whether they began a new step."""
+        return self.step_clock.observe_tokens(engine, now, self.view.queued_prefill_tokens(engine))

@@ -15,12 +15,15 @@ carried no prefill, ``per_token`` from the excess of the others.
 The same boundaries give the plain mean step time (boundary to boundary, whatever the step carried) that the
 window's adaptive interval follows (:meth:`StepClock.mean_step_s`), and each instance's predicted next step start
 that step-aligned window closing aims at (:meth:`StepClock.next_step_start`,
-:mod:`gateway.scheduling.stagger`).
+:mod:`gateway.scheduling.step_aligned_close`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from gateway.types import RankKey
 
 
 @dataclass(slots=True)
@@ -68,6 +71,9 @@ class StepClock:
         self.mean_alpha = mean_alpha
         self.max_step_s = max_step_s
         self._engines: dict[str, _EngineClock] = {}
+        self.current_step_tokens: dict[RankKey, float] = {}
+        """Prompt tokens of each rank taken by the step in progress (the rest of its queued tokens wait for the
+        next step), as :meth:`observe_tokens` last saw them."""
 
     def _get(self, engine: str) -> _EngineClock:
         clock = self._engines.get(engine)
@@ -95,6 +101,26 @@ class StepClock:
         c.last_boundary = now
         c.step_prefill_tokens = 0.0
         return True
+
+    def observe_tokens(self, engine: str, now: float, queued: Iterable[tuple[RankKey, int, int]]) -> bool:
+        """Tokens from ``engine`` arrived at ``now``, with each of its ranks' ``(rank, prompt tokens queued, per-step
+        prefill budget)`` as the load view has them after taking the tokens in; return whether they began a new step.
+
+        The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
+        carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
+        arriving in the burst shrink the queue while new dispatches only grow it. The heaviest rank's figure
+        becomes the step's prefill (:meth:`set_step_prefill`).
+        """
+        new_step = self.on_tokens(engine, now)
+        heaviest = 0.0
+        for key, tokens, budget in queued:
+            current = float(min(tokens, budget))
+            if not new_step:
+                current = min(current, self.current_step_tokens.get(key, current))
+            self.current_step_tokens[key] = current
+            heaviest = max(heaviest, current)
+        self.set_step_prefill(engine, heaviest)
+        return new_step
 
     def set_step_prefill(self, engine: str, prefill_tokens: float) -> None:
         """The heaviest rank of ``engine`` prefills ``prefill_tokens`` in the step in progress (tokens)."""

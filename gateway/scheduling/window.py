@@ -1,16 +1,17 @@
-"""The staggered window: buffer requests, release them as one batch at each tick.
+"""The batch window: buffer requests, release them as one batch at each tick.
 
 A state machine with time passed in (``add``, ``due(now)``, ``take(now)``), so the same code runs under the
 gateway's asyncio loop and in a virtual-time simulation.
 
-Ticks lie on a grid ``phase_s + k * interval_s``; a request arriving to an empty window waits for the next grid
+Ticks lie on a grid ``k * interval_s``; a request arriving to an empty window waits for the next grid
 tick. The interval tracks the engines' observed step time (``step_fraction * step_s``, clamped to
 ``[min_interval_s, max_interval_s]``): the window is short next to a step, so holding a request costs little
 while the batch still gives the allocator a global view (our reading of SBS's adaptive interval,
-DESIGN.md §2). Different instances' windows can be offset by ``phase_s`` ("staggered").
+DESIGN.md §2). The staggering proper, batches meeting instances as they start a step, comes from the placement
+(:mod:`gateway.scheduling.phase`) and, when switched on, from step-aligned closing.
 
 The deadline of an open window can instead be aligned to the engines' step boundaries (:meth:`align`, with a
-close time from :mod:`gateway.scheduling.stagger`); aligning to ``None`` goes back to the grid tick.
+close time from :mod:`gateway.scheduling.step_aligned_close`); aligning to ``None`` goes back to the grid tick.
 
 A window also closes early when its buffered prompt tokens fill the free prefill capacity of the ranks: waiting
 longer cannot improve the placement. After a batch in which nothing could be placed, early closing is disarmed
@@ -25,7 +26,7 @@ from collections.abc import Iterable
 from gateway.types import PendingRequest
 
 
-class StaggeredWindow:
+class BatchWindow:
     """Buffer of requests waiting for the next tick.
 
     Args:
@@ -33,7 +34,6 @@ class StaggeredWindow:
         max_interval_s: longest tick interval (seconds, >= min_interval_s).
         step_fraction: interval as a fraction of the observed engine step time.
         initial_step_s: step time assumed before any is observed (seconds).
-        phase_s: offset of the tick grid (seconds), to stagger windows of different instances.
 
     Raises:
         ValueError: bounds are not positive or ``min_interval_s > max_interval_s``.
@@ -46,14 +46,12 @@ class StaggeredWindow:
         max_interval_s: float,
         step_fraction: float,
         initial_step_s: float,
-        phase_s: float = 0.0,
     ) -> None:
         if min_interval_s <= 0 or max_interval_s < min_interval_s or step_fraction <= 0:
             raise ValueError("need 0 < min_interval_s <= max_interval_s and step_fraction > 0")
         self.min_interval_s = min_interval_s
         self.max_interval_s = max_interval_s
         self.step_fraction = step_fraction
-        self.phase_s = phase_s
         self.interval_s = min_interval_s
         self.observe_step_time(initial_step_s)
         self._buffer: dict[str, PendingRequest] = {}
@@ -81,11 +79,11 @@ class StaggeredWindow:
 
     def next_tick(self, now: float) -> float:
         """The first grid tick strictly after ``now``."""
-        k = math.floor((now - self.phase_s) / self.interval_s) + 1
-        tick = self.phase_s + k * self.interval_s
+        k = math.floor(now / self.interval_s) + 1
+        tick = k * self.interval_s
         while tick <= now:  # floating-point rounding can land the tick on ``now`` itself
             k += 1
-            tick = self.phase_s + k * self.interval_s
+            tick = k * self.interval_s
         return tick
 
     @property

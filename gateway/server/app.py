@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import __version__
 from gateway.config import Settings
+from gateway.dispatch import Dispatcher
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.errors import error_body
@@ -26,12 +27,12 @@ from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.server.auth import ApiKeyMiddleware, key_rings
-from gateway.server.dispatcher import Dispatcher
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import CharTokenizer, Tokenizer
+from gateway.types import RankKey
 
 NONSTREAM_PREFILL_STEPS = 4
 """Engine steps (of ``window.initial_step_s``) a non-streamed request counts as queued for prefill per chunk of its
@@ -43,15 +44,16 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     connection pool)."""
     metrics = GatewayMetrics()
     engines = {e.name: Engine.from_config(e) for e in settings.engines}
+    specs = [EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines]
+    health = HealthBook([RankKey(s.name, rank) for s in specs for rank in range(s.dp_size)], settings.health)
     view = LoadView(
-        (EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines),
+        specs,
         stale_after_s=settings.scrape.stale_after_s,
         nonstream_prefill_s=settings.window.initial_step_s * NONSTREAM_PREFILL_STEPS,
+        usable=health.usable,
     )
     clock = time.monotonic
-    health = HealthBook(view.keys, settings.health)
     dispatcher = Dispatcher(settings, view, metrics, health, clock=clock)
-    view.usable = health.usable
     metrics.watch_load(lambda: view.snapshot(clock()))
     client = EngineClient(settings.upstream)
     prober = HealthProber(

@@ -104,11 +104,13 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             arrival_s=scope.arrival,
             stream=parsed.stream,
         )
-        key = await unless_disconnected(request, dispatcher.acquire(pending))
+        placement = await unless_disconnected(request, dispatcher.acquire(pending))
     except GatewayError as exc:
         return scope.error(exc)
     except ClientDisconnected:
         return scope.client_closed()
+    key = placement.rank
+    request_log().window_id = placement.window_id
     request_log().placed(key.engine, key.rank, state.clock() - scope.arrival)
     sending = send_with_retries(state, pending, key, ENGINE_PATHS[route], parsed.body, scope.request_id)
     try:

@@ -10,13 +10,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.config import Settings
+from gateway.dispatch import Dispatcher
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import Tokenizer
 

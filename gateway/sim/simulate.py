@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import PolicyName, WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, WindowConfig
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult
-from gateway.types import PendingRequest, RankKey, RankLoad, RankMetrics
+from gateway.types import PendingRequest, RankKey, RankMetrics
 from gateway.workload.stats import distribution
 from gateway.workload.traces import TraceRequest
 
@@ -38,6 +38,8 @@ class SimConfig:
         dp_size: DP ranks per instance.
         engine: per-rank timing and capacity.
         window: window settings (``sbs``).
+        allocator: allocator settings (``sbs``).
+        decode: decode-aware choice settings (``sbs``); ``None`` switches it off.
         scrape_interval_s: time between two scrapes of an instance's metrics, seconds.
         scrape_lag_s: how old the figures are when the gateway receives them (engine logging interval plus
             the scrape's own latency), seconds.
@@ -53,6 +55,8 @@ class SimConfig:
     dp_size: int = 8
     engine: EngineModelConfig = field(default_factory=EngineModelConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
+    allocator: AllocatorConfig = field(default_factory=PhaseAwareConfig)
+    decode: DecodeConfig | None = field(default_factory=DecodeConfig)
     scrape_interval_s: float = 0.5
     scrape_lag_s: float = 0.05
     stale_after_s: float = 3.0
@@ -192,24 +196,6 @@ class SimResult:
         }
 
 
-class _ScrapeOnlyView(LoadView):
-    """A load view without state synchronisation: between two scrapes of an engine its ranks' snapshot stays
-    what it was at the last scrape (before any scrape: the live local accounting, i.e. idle)."""
-
-    def __init__(self, engines: list[EngineSpec], *, stale_after_s: float) -> None:
-        super().__init__(engines, stale_after_s=stale_after_s)
-        self._frozen: dict[RankKey, RankLoad] = {}
-
-    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
-        super().on_scrape(engine, ranks, now)
-        for load in super().snapshot(now):
-            if load.key.engine == engine:
-                self._frozen[load.key] = load
-
-    def snapshot(self, now: float) -> list[RankLoad]:
-        return [self._frozen.get(load.key, load) for load in super().snapshot(now)]
-
-
 class _Sim:
     def __init__(
         self, trace: list[TraceRequest], config: SimConfig, on_done: Callable[[int], None] | None = None
@@ -220,9 +206,15 @@ class _Sim:
         names = [f"i{n}" for n in range(config.instances)]
         budget = config.engine.max_prefill_tokens_per_step
         specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
-        view_class = LoadView if config.state_sync else _ScrapeOnlyView
-        self.view = view_class(specs, stale_after_s=config.stale_after_s)
-        self.scheduler = Scheduler(config.policy, self.view, config.window, seed=config.seed)
+        view = LoadView(specs, stale_after_s=config.stale_after_s, state_sync=config.state_sync)
+        self.scheduler = Scheduler(
+            config.policy,
+            view,
+            window=config.window,
+            allocator=config.allocator,
+            decode=config.decode,
+            seed=config.seed,
+        )
         self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
         self.busy: dict[str, StepResult | None] = {n: None for n in names}
         self.records = [
@@ -301,16 +293,13 @@ class _Sim:
             record = self.records[int(event.request_id)]
             if event.index == 0:
                 record.first_token_s = self.now
-                self.view.on_first_token(event.request_id, self.now)
+                self.scheduler.on_first_token(event.request_id, name, self.now)
             else:
-                self.view.on_tokens(event.request_id, 1)
+                self.scheduler.on_tokens(event.request_id, name, 1, self.now)
             if event.finished:
                 record.done_s = self.now
-                self.view.on_finish(event.request_id, self.now)
+                self.scheduler.on_finish(event.request_id, self.now)
                 finished += 1
-        if result.tokens:
-            self.scheduler.on_engine_tokens(name, self.now)
-        self.scheduler.notify_load_changed()
         self.start_step(name)
         return finished
 
@@ -322,8 +311,7 @@ class _Sim:
         self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 
     def on_scrape_result(self, name: str, ranks: dict[int, RankMetrics]) -> None:
-        self.view.on_scrape(name, ranks, self.now)
-        self.scheduler.notify_load_changed()
+        self.scheduler.on_scrape(name, ranks, self.now)
 
     def poll(self) -> None:
         outcome = self.scheduler.poll(self.now)

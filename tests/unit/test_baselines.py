@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.baselines import make_immediate_policy
+from gateway.scheduling.registry import make_immediate_policy
 from tests.helpers import MODEL, rank, req
 
 
@@ -81,3 +81,10 @@ def test_random_is_seeded_and_covers_every_serving_rank():
     assert first == choose_many("random", ranks, 200, seed=3)
     assert first != choose_many("random", ranks, 200, seed=4)
     assert set(first) == {"e/0", "e/1", "e/2", "e/3"}
+
+
+def test_least_waiting_ignores_running_requests_and_rotates_ties():
+    ranks = [rank("a", 0, waiting=2, running=0), rank("a", 1, waiting=0, running=30), rank("b", 0, waiting=1)]
+    assert choose_many("least_waiting", ranks, 1) == ["a/1"], "fewest waiting, however many decode"
+    tied = [rank("a", 0), rank("a", 1), rank("b", 0, waiting=1)]
+    assert choose_many("least_waiting", tied, 4) == ["a/0", "a/1", "a/0", "a/1"]

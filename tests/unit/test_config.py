@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, EngineConfig, Settings, WindowConfig, load_settings
+from gateway.config import (
+    ConfigError,
+    DecodeConfig,
+    EngineConfig,
+    PhaseAwareConfig,
+    Settings,
+    StepAlignedCloseConfig,
+    WaterFillConfig,
+    WindowConfig,
+    load_settings,
+)
 
 ISSUE_EXAMPLE = """\
 policy: sbs
@@ -264,3 +275,78 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, ISSUE_EXAMPLE))
     with pytest.raises(ValueError, match="frozen"):
         settings.port = 1  # type: ignore[misc]
+
+
+SCHEDULING_EXAMPLE = """\
+policy: sbs
+window:
+  max_interval_s: 0.2
+  step_aligned_close: {lead_s: 0.01}
+allocator:
+  kind: phase_aware
+  decode_stall_weight: 0.01
+  long_prefill_tokens: null
+decode:
+  iqr_k: null
+baselines:
+  seed: 7
+"""
+
+
+def test_scheduling_sections_load(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, SCHEDULING_EXAMPLE))
+    assert settings.window.step_aligned_close == StepAlignedCloseConfig(lead_s=0.01)
+    assert settings.allocator == PhaseAwareConfig(decode_stall_weight=0.01, long_prefill_tokens=None)
+    assert settings.decode == DecodeConfig(iqr_k=None)
+    assert settings.baselines.seed == 7
+
+
+def test_allocator_kind_defaults_to_phase_aware_and_water_fill_takes_only_its_own_settings(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "allocator:\n  shortest_first: true\n")).allocator == PhaseAwareConfig(
+        shortest_first=True
+    )
+    water = load_settings(write(tmp_path, "allocator:\n  kind: water_fill\n  queue_steps: null\n")).allocator
+    assert water == WaterFillConfig(queue_steps=None)
+    with pytest.raises(ConfigError, match=r"allocator\.water_fill\.decode_stall_weight"):
+        load_settings(write(tmp_path, "allocator:\n  kind: water_fill\n  decode_stall_weight: 0.01\n"))
+
+
+def test_decode_null_switches_the_decode_aware_choice_off(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "decode: null\n")).decode is None
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "new_place"),
+    [
+        ("window:\n  allocator: water_fill\n", "allocator.kind"),
+        ("window:\n  decode_stall_weight: 0.01\n", "allocator.decode_stall_weight"),
+        ("window:\n  stagger: false\n", "allocator.use_step_phase"),
+        ("window:\n  long_prefill_isolation: false\n", "allocator.long_prefill_tokens"),
+        ("window:\n  prefill_capacity: false\n", "allocator.queue_steps"),
+        ("window:\n  decode_aware: false\n", "decode"),
+        ("window:\n  iqr_outliers: false\n", "decode.iqr_k"),
+        ("window:\n  close_lead_s: 0.01\n", "window.step_aligned_close.lead_s"),
+        ("window:\n  step_aligned_close: true\n", "window.step_aligned_close is a section"),
+        ("seed: 3\n", "baselines.seed"),
+    ],
+)
+def test_an_old_flat_key_names_its_new_place(tmp_path: Path, yaml_text: str, new_place: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(new_place)):
+        load_settings(write(tmp_path, yaml_text))
+
+
+def test_an_old_flat_key_from_the_environment_names_its_new_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_WINDOW__ALLOCATOR", "water_fill")
+    with pytest.raises(ConfigError, match=r"window\.allocator moved to allocator\.kind"):
+        load_settings()
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "power_of_two"])
+def test_the_policy_environment_shorthand_keeps_working(monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    monkeypatch.setenv("GATEWAY_POLICY", policy)
+    assert load_settings().policy == policy
+
+
+def test_allocator_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ALLOCATOR__DECODE_STALL_WEIGHT", "0.01")
+    assert load_settings().allocator == PhaseAwareConfig(decode_stall_weight=0.01)

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from gateway.config import EngineConfig, HealthConfig, Settings, WindowConfig
+from gateway.dispatch import Dispatcher
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import BreakerState, CircuitBreaker, HealthBook, RetryThrottle
 from gateway.load.view import EngineSpec, LoadView
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
 from tests.helpers import MODEL, req, total

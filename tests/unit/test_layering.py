@@ -39,7 +39,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"scheduling": ("gateway.scheduling",), "telemetry": ("gateway.telemetry",)},
     {
         "load monitors": ("gateway.load.engine_loop", "gateway.load.prober", "gateway.load.scraper"),
-        "dispatch": ("gateway.dispatch", "gateway.server.dispatcher"),  # either location
+        "dispatch": ("gateway.dispatch",),
     },
     {
         "front door": ("gateway.server",),

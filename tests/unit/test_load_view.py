@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.baselines import make_immediate_policy
+from gateway.scheduling.registry import make_immediate_policy
 from gateway.types import RankKey, RankMetrics
 from tests.helpers import MODEL, req
 
@@ -118,3 +118,23 @@ def test_bad_events_raise():
         v.on_dispatch("b", RankKey("e", 9), 1, 0.0, stream=True)
     with pytest.raises(KeyError):
         v.on_scrape("nope", {}, 0.0)
+
+
+def test_usable_comes_from_the_function_given_at_construction():
+    v = LoadView(
+        [EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=3.0, usable=lambda key, now: key.rank == 1
+    )
+    assert [r.usable for r in v.snapshot(0.0)] == [False, True]
+    assert all(r.usable for r in view().snapshot(0.0))
+
+
+def test_without_state_sync_the_snapshot_stays_as_at_the_last_scrape():
+    v = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=3.0, state_sync=False)
+    v.on_dispatch("before", E0, 500, 0.0, stream=True)
+    assert loads(v, 0.0)["e/0"] == (1, 0, 500, 500), "before any scrape: the live local accounting"
+    v.on_scrape("e", {0: RankMetrics(running=2, waiting=1, kv_usage=0.1), 1: RankMetrics(0, 0, 0.0)}, 1.0)
+    v.on_dispatch("after", E0, 700, 1.1, stream=True)
+    v.on_dispatch("other", E1, 300, 1.1, stream=True)
+    assert loads(v, 1.2) == {"e/0": (1, 2, 500, 500), "e/1": (0, 0, 0, 0)}, "frozen at the scrape"
+    v.on_scrape("e", {0: RankMetrics(2, 2, 0.1), 1: RankMetrics(0, 1, 0.0)}, 1.5)
+    assert loads(v, 1.6) == {"e/0": (2, 2, 1200, 1200), "e/1": (1, 0, 300, 300)}

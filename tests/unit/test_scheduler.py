@@ -6,18 +6,33 @@ import asyncio
 
 import pytest
 
-from gateway.config import EngineConfig, Settings, WindowConfig
+from gateway.config import (
+    AllocatorConfig,
+    DecodeConfig,
+    EngineConfig,
+    PhaseAwareConfig,
+    Settings,
+    WaterFillConfig,
+    WindowConfig,
+)
+from gateway.dispatch import Dispatcher
 from gateway.errors import NoCapacityError
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
 from tests.helpers import MODEL, req
 
-WINDOW = WindowConfig(
-    min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1, allocator="water_fill"
-)
+WINDOW = WindowConfig(min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1)
+
+
+def make_scheduler(
+    policy: str, view: LoadView, window: WindowConfig = WINDOW, allocator: AllocatorConfig | None = None
+) -> Scheduler:
+    """A scheduler with water-filling (unless told otherwise) and the default decode-aware choice."""
+    return Scheduler(
+        policy, view, window=window, allocator=allocator or WaterFillConfig(), decode=DecodeConfig(), seed=0
+    )
 
 
 def make_view(dp_size: int = 4, engines: tuple[str, ...] = ("a",)) -> LoadView:
@@ -26,7 +41,7 @@ def make_view(dp_size: int = 4, engines: tuple[str, ...] = ("a",)) -> LoadView:
 
 def test_immediate_policy_places_at_submit_and_records_it():
     view = make_view()
-    scheduler = Scheduler("round_robin", view, WINDOW)
+    scheduler = make_scheduler("round_robin", view, WINDOW)
     keys = [scheduler.submit(req(f"r{i}", 100), 0.0) for i in range(5)]
     assert keys == [RankKey("a", 0), RankKey("a", 1), RankKey("a", 2), RankKey("a", 3), RankKey("a", 0)]
     assert view.inflight_count() == 5
@@ -37,7 +52,7 @@ def test_immediate_policy_places_at_submit_and_records_it():
 
 def test_sbs_buffers_until_the_tick_then_places_the_batch_balanced():
     view = make_view()
-    scheduler = Scheduler("sbs", view, WINDOW)
+    scheduler = make_scheduler("sbs", view, WINDOW)
     for i, tokens in enumerate([4000, 100, 3000, 900, 2000]):
         assert scheduler.submit(req(f"r{i}", tokens, arrival_s=0.001 * i), 0.001 * i) is None
     assert scheduler.next_deadline() == pytest.approx(0.05)
@@ -52,14 +67,14 @@ def test_sbs_buffers_until_the_tick_then_places_the_batch_balanced():
 
 
 def test_sbs_cancel_removes_a_buffered_request():
-    scheduler = Scheduler("sbs", make_view(), WINDOW)
+    scheduler = make_scheduler("sbs", make_view(), WINDOW)
     scheduler.submit(req("a", 10), 0.0)
     assert scheduler.cancel("a") and not scheduler.cancel("a")
     assert scheduler.poll(1.0) is None
 
 
 def test_sbs_unserved_model_is_reported_unplaceable():
-    scheduler = Scheduler("sbs", make_view(), WINDOW)
+    scheduler = make_scheduler("sbs", make_view(), WINDOW)
     scheduler.submit(req("a", 10, model="other"), 0.0)
     outcome = scheduler.poll(1.0)
     assert outcome is not None and [r.request_id for r in outcome.unplaceable] == ["a"]
@@ -77,6 +92,7 @@ def dispatcher(policy: str, clock: FakeClock) -> Dispatcher:
     settings = Settings(
         policy=policy,
         window=WINDOW,
+        allocator=WaterFillConfig(),
         engines=[EngineConfig(name="a", flavor="vllm", url="http://127.0.0.1:1", dp_size=4, models=[MODEL])],
     )
     return Dispatcher(settings, make_view(), GatewayMetrics(), clock=clock)
@@ -90,8 +106,9 @@ async def test_dispatcher_resolves_waiters_when_the_window_closes():
     assert not d.close_window_if_due()
     clock.now = 0.05
     assert d.close_window_if_due()
-    keys = await asyncio.gather(*tasks)
-    assert sorted(k.rank for k in keys) == [0, 1, 2]
+    placements = await asyncio.gather(*tasks)
+    assert sorted(p.rank.rank for p in placements) == [0, 1, 2]
+    assert {p.window_id for p in placements} == {1}
     for i in range(3):
         d.first_token(f"r{i}", "a")
         d.finish(f"r{i}")
@@ -125,20 +142,19 @@ async def test_dispatcher_immediate_unserved_model_is_no_capacity():
     d = dispatcher("least_tokens", FakeClock())
     with pytest.raises(NoCapacityError):
         await d.acquire(req("x", 1, model="other"))
-    key = await d.acquire(req("y", 1))
-    assert key.engine == "a"
+    placement = await d.acquire(req("y", 1))
+    assert placement.rank.engine == "a" and placement.window_id is None
 
 
 def test_sbs_phase_aware_sends_the_batch_to_the_instance_about_to_start_a_step():
     view = make_view(dp_size=2, engines=("a", "b"))
-    window = WINDOW.model_copy(update={"allocator": "phase_aware"})
-    scheduler = Scheduler("sbs", view, window)
+    scheduler = make_scheduler("sbs", view, allocator=PhaseAwareConfig())
     # both instances are busy decoding; "a" ended a step just now, "b" half a step ago
     for engine, rid in (("a", "x"), ("b", "y")):
         view.on_dispatch(rid, RankKey(engine, 0), 10, 0.0, stream=True)
         view.on_first_token(rid, 0.0)
-    scheduler.on_engine_tokens("b", 0.0)
-    scheduler.on_engine_tokens("a", 0.04)
+    scheduler.on_tokens("-", "b", 1, 0.0)
+    scheduler.on_tokens("-", "a", 1, 0.04)
     scheduler.submit(req("r", 500, arrival_s=0.045), 0.045)
     assert scheduler.next_deadline() == pytest.approx(0.05)
     outcome = scheduler.poll(0.05)  # "b" starts its next step in 0.05 s, "a" in 0.09 s
@@ -155,7 +171,7 @@ def test_sbs_phase_aware_sends_the_batch_to_the_instance_about_to_start_a_step()
     ],
 )
 def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted):
-    scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update=limits))
+    scheduler = make_scheduler("sbs", make_view(), WINDOW.model_copy(update=limits))
     taken = 0
     for i, tokens in enumerate(prompts):
         try:
@@ -169,9 +185,9 @@ def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted)
 
 def test_adaptive_interval_switched_off_keeps_the_window_length():
     for adaptive, expected in ((True, 0.1), (False, 0.05)):
-        scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update={"adaptive_interval": adaptive}))
-        scheduler.on_engine_tokens("a", 0.0)  # a step boundary of engine "a" ...
-        scheduler.on_engine_tokens("a", 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
+        scheduler = make_scheduler("sbs", make_view(), WINDOW.model_copy(update={"adaptive_interval": adaptive}))
+        scheduler.on_tokens("-", "a", 1, 0.0)  # a step boundary of engine "a" ...
+        scheduler.on_tokens("-", "a", 1, 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
         scheduler.submit(req("r", 100), 0.4)
         scheduler.poll(0.401)
         assert scheduler.window.interval_s == pytest.approx(expected), f"adaptive={adaptive}"
@@ -180,7 +196,7 @@ def test_adaptive_interval_switched_off_keeps_the_window_length():
 def test_prefill_capacity_switched_off_places_what_water_filling_would_defer():
     # 4 ranks x 2 budgets of 8192 tokens hold 8 prompts of 8000; the 9th and 10th wait unless the model is off
     for capacity, deferred in ((True, 2), (False, 0)):
-        scheduler = Scheduler("sbs", make_view(), WINDOW.model_copy(update={"prefill_capacity": capacity}))
+        scheduler = make_scheduler("sbs", make_view(), allocator=WaterFillConfig(queue_steps=2.0 if capacity else None))
         for i in range(10):
             scheduler.submit(req(f"r{i}", 8000), 0.0)
         outcome = scheduler.poll(1.0)

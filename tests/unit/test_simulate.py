@@ -116,14 +116,14 @@ def test_cli_simulate_is_deterministic_for_a_seed(tmp_path):
     assert other["random"] != first["random"], "a different seed should change the random policy's placements"
 
 
-def test_cli_simulate_runs_sbs_with_the_window_of_a_config_file(tmp_path):
+def test_cli_simulate_runs_sbs_with_the_scheduling_sections_of_a_config_file(tmp_path):
     args = ["--trace", "mooncake-conv", "--duration", "300", "--rate-scale", "0.25", "--policy", "sbs"]
     isolated = run_cli(args, tmp_path / "a.json")
     config = tmp_path / "gateway.yaml"
-    config.write_text("window:\n  long_prefill_isolation: false\n")
+    config.write_text("allocator:\n  long_prefill_tokens: null\n")
     mixed = run_cli([*args, "--config", str(config)], tmp_path / "b.json")
-    assert mixed["sbs"]["ttft_s"] != isolated["sbs"]["ttft_s"], "the config's window settings were not used"
-    config.write_text("window:\n  long_prefill_tokens: 0\n")
+    assert mixed["sbs"]["ttft_s"] != isolated["sbs"]["ttft_s"], "the config's allocator settings were not used"
+    config.write_text("allocator:\n  long_prefill_tokens: 0\n")
     result = CliRunner().invoke(main, ["simulate", *args, "--config", str(config)])
     assert result.exit_code != 0 and "long_prefill_tokens" in result.output, result.output
 

@@ -1,8 +1,10 @@
-"""The asyncio side of the scheduler: a thin loop around :class:`~gateway.scheduling.scheduler.Scheduler`.
+"""The asyncio loop between the front door and the scheduler: a thin driver of
+:class:`~gateway.scheduling.scheduler.Scheduler`.
 
-A request handler calls :meth:`Dispatcher.acquire`, which returns the DP rank once the request is placed: at
-once for an immediate policy, when its window closes for ``sbs``. The handler then reports the request's
-progress (first token, tokens, finish) so the load view stays current between scrapes.
+A request handler calls :meth:`Dispatcher.acquire`, which returns a :class:`Placement` once the request is
+placed: at once for an immediate policy, when its window closes for ``sbs``. The handler then reports the
+request's progress (first token, tokens, finish), which the dispatcher hands to the scheduler's progress
+methods with the time, so the load view stays current between scrapes.
 """
 
 from __future__ import annotations
@@ -12,18 +14,30 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.config import Settings
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import HealthBook
 from gateway.load.view import LoadView
-from gateway.logs import request_log
-from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.telemetry import GatewayMetrics
 from gateway.types import PendingRequest, RankKey
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request was placed.
+
+    Attributes:
+        rank: the DP rank.
+        window_id: sequence number of the window that placed it (policy ``sbs``), ``None`` when placed at once.
+    """
+
+    rank: RankKey
+    window_id: int | None = None
 
 
 def _no_rank(model: str) -> NoCapacityError:
@@ -34,7 +48,7 @@ class Dispatcher:
     """Places requests on DP ranks with the configured policy and keeps the load view current.
 
     Args:
-        settings: gateway settings (policy, window, seed).
+        settings: gateway settings (policy, window, allocator, decode, baselines).
         view: the load view shared with the scraper.
         metrics: the gateway's metrics.
         health: the engines' and ranks' circuit breakers (told of every placement); none when ``None``.
@@ -54,9 +68,15 @@ class Dispatcher:
         self.health = health
         self.clock = clock
         self.queue_timeout_s = settings.window.queue_timeout_s
-        self.scheduler = Scheduler(settings.policy, view, settings.window, seed=settings.seed)
-        self._retry_policy = make_immediate_policy("vllm_internal", seed=settings.seed)
-        self._waiters: dict[str, asyncio.Future[tuple[RankKey, int]]] = {}
+        self.scheduler = Scheduler(
+            settings.policy,
+            view,
+            window=settings.window,
+            allocator=settings.allocator,
+            decode=settings.decode,
+            seed=settings.baselines.seed,
+        )
+        self._waiters: dict[str, asyncio.Future[Placement]] = {}
         self._windows_closed = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -80,8 +100,8 @@ class Dispatcher:
 
     # -- placing -----------------------------------------------------------------------------------------
 
-    async def acquire(self, request: PendingRequest) -> RankKey:
-        """Wait until ``request`` is placed on a DP rank and return it.
+    async def acquire(self, request: PendingRequest) -> Placement:
+        """Wait until ``request`` is placed on a DP rank and return where.
 
         The request then counts as in flight on that rank until :meth:`finish`. Cancelling the caller while
         it waits removes the request from the window.
@@ -100,16 +120,15 @@ class Dispatcher:
             raise OverloadedError(f"the gateway is overloaded: {exc}") from exc
         if key is not None:
             self._record_dispatch(key, request.prompt_tokens)
-            return key
-        future: asyncio.Future[tuple[RankKey, int]] = asyncio.get_running_loop().create_future()
+            return Placement(key)
+        future: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
         self._waiters[request.request_id] = future
         self.metrics.window_buffered.set(len(self.scheduler.window))
         self._wake.set()
         budget_s = max(0.0, request.arrival_s + self.queue_timeout_s - self.clock())
         try:
             async with asyncio.timeout(budget_s):
-                key, request_log().window_id = await future
-                return key
+                return await future
         except TimeoutError:
             self._abandon(request, future)
             self.metrics.rejected.labels("queue_deadline").inc()
@@ -121,7 +140,7 @@ class Dispatcher:
             self._abandon(request, future)
             raise
 
-    def _abandon(self, request: PendingRequest, future: asyncio.Future[tuple[RankKey, int]]) -> None:
+    def _abandon(self, request: PendingRequest, future: asyncio.Future[Placement]) -> None:
         """The waiter of ``request`` gave up: take it out of the window, or release it if it was just placed."""
         self._waiters.pop(request.request_id, None)
         placed = future.done() and not future.cancelled() and future.exception() is None
@@ -130,22 +149,16 @@ class Dispatcher:
         self.metrics.window_buffered.set(len(self.scheduler.window))
 
     def place_retry(self, request: PendingRequest, failed: set[RankKey]) -> RankKey:
-        """Place a request again after it failed on the ranks in ``failed``, at once (it already waited its window).
-
-        The rank is chosen by vLLM's ``waiting * 4 + running`` rule among the usable ranks serving the model,
-        preferring engines where it has not failed yet.
+        """Place a request again after it failed on the ranks in ``failed``, at once (it already waited its window;
+        see :meth:`~gateway.scheduling.scheduler.Scheduler.place_retry`).
 
         Raises:
             NoCapacityError: no other usable rank serves the model.
         """
-        now = self.clock()
-        candidates = [r for r in self.view.snapshot(now) if r.key not in failed]
-        failed_engines = {k.engine for k in failed}
-        elsewhere = [r for r in candidates if r.key.engine not in failed_engines]
-        key = self._retry_policy.choose(request, elsewhere) or self._retry_policy.choose(request, candidates)
-        if key is None:
-            raise _no_rank(request.model)
-        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        try:
+            key = self.scheduler.place_retry(request, failed, self.clock())
+        except NoServingRankError:
+            raise _no_rank(request.model) from None
         self._record_dispatch(key, request.prompt_tokens)
         return key
 
@@ -161,11 +174,8 @@ class Dispatcher:
 
     def first_token(self, request_id: str, engine: str) -> None:
         """The first output token of ``request_id`` arrived from ``engine``."""
-        now = self.clock()
-        self.view.on_first_token(request_id, now)
-        if self.scheduler.batched:
-            self.scheduler.on_engine_tokens(engine, now)
-        self.notify_load_changed()
+        self.scheduler.on_first_token(request_id, engine, self.clock())
+        self._wake_if_waiting()
 
     def tokens(self, request_id: str, engine: str, n: int) -> None:
         """``n`` more tokens of ``request_id`` arrived from ``engine`` (its step clock learns step times from them).
@@ -174,22 +184,23 @@ class Dispatcher:
         polls at every step end: the window may close earlier than the loop's last deadline (step-aligned
         closing re-times it to the new step), and ranks may have room again.
         """
-        self.view.on_tokens(request_id, n)
-        if self.scheduler.batched and self.scheduler.on_engine_tokens(engine, self.clock()) and self._waiters:
-            self._wake.set()
+        if self.scheduler.on_tokens(request_id, engine, n, self.clock()):
+            self._wake_if_waiting()
 
     def finish(self, request_id: str) -> None:
         """``request_id`` ended (completed, failed or aborted)."""
-        self.view.on_finish(request_id, self.clock())
+        self.scheduler.on_finish(request_id, self.clock())
         self.metrics.inflight.set(self.view.inflight_count())
-        self.notify_load_changed()
+        self._wake_if_waiting()
 
     def notify_load_changed(self) -> None:
-        """Some rank may have room again (a scrape, a first token, a finish): re-check the window."""
-        if self.scheduler.batched:
-            self.scheduler.notify_load_changed()
-            if self._waiters:
-                self._wake.set()
+        """Some rank may have room again (a scrape, a circuit breaker's change): re-check the window."""
+        self.scheduler.on_capacity_changed()
+        self._wake_if_waiting()
+
+    def _wake_if_waiting(self) -> None:
+        if self._waiters:
+            self._wake.set()
 
     # -- the window loop ---------------------------------------------------------------------------------
 
@@ -208,7 +219,7 @@ class Dispatcher:
             self.metrics.window_wait.observe(now - request.arrival_s)
             future = self._waiters.pop(request.request_id, None)
             if future is not None and not future.done():
-                future.set_result((key, window_id))
+                future.set_result(Placement(key, window_id))
             else:  # the client went away in the meantime
                 self.finish(request.request_id)
         for request in outcome.unplaceable:

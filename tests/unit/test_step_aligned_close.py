@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from gateway.config import EngineConfig, Settings, WindowConfig
+from gateway.config import DecodeConfig, EngineConfig, PhaseAwareConfig, Settings, StepAlignedCloseConfig, WindowConfig
+from gateway.dispatch import Dispatcher
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.stagger import StepAlignedClosing, next_step_starts
+from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
-from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
 from tests.helpers import MODEL, rank, req
@@ -79,15 +79,18 @@ WINDOW = WindowConfig(
     max_interval_s=0.1,
     step_fraction=0.5,
     initial_step_s=0.1,
-    step_aligned_close=True,
-    close_lead_s=0.005,
+    step_aligned_close=StepAlignedCloseConfig(lead_s=0.005),
 )
+
+
+def make_scheduler(view: LoadView, window: WindowConfig = WINDOW) -> Scheduler:
+    return Scheduler("sbs", view, window=window, allocator=PhaseAwareConfig(), decode=DecodeConfig())
 
 
 def two_busy_instances() -> tuple[LoadView, Scheduler]:
     """Instances "a" and "b" of 2 ranks, each decoding one request; steps of 0.1 s assumed."""
     view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 8192) for e in ("a", "b")], stale_after_s=3.0)
-    scheduler = Scheduler("sbs", view, WINDOW)
+    scheduler = make_scheduler(view)
     for engine in ("a", "b"):
         view.on_dispatch(f"decoding-{engine}", RankKey(engine, 0), 10, 0.0, stream=True)
         view.on_first_token(f"decoding-{engine}", 0.0)
@@ -96,8 +99,8 @@ def two_busy_instances() -> tuple[LoadView, Scheduler]:
 
 def test_closes_are_staggered_across_the_instances_step_boundaries():
     _, scheduler = two_busy_instances()
-    scheduler.on_engine_tokens("a", 0.0)  # "a" next starts at 0.1, "b" at 0.15
-    scheduler.on_engine_tokens("b", 0.05)
+    scheduler.on_tokens("-", "a", 1, 0.0)  # "a" next starts at 0.1, "b" at 0.15
+    scheduler.on_tokens("-", "b", 1, 0.05)
     scheduler.submit(req("r1", 500, arrival_s=0.06), 0.06)
     deadline = scheduler.next_deadline()
     assert deadline == pytest.approx(0.095)  # just before "a" starts
@@ -105,7 +108,7 @@ def test_closes_are_staggered_across_the_instances_step_boundaries():
     outcome = scheduler.poll(deadline)
     assert outcome is not None and [(r.request_id, k.engine) for r, k in outcome.assigned] == [("r1", "a")]
 
-    scheduler.on_engine_tokens("a", 0.1)  # "a" started its step: next at 0.2; "b" is next, at 0.15
+    scheduler.on_tokens("-", "a", 1, 0.1)  # "a" started its step: next at 0.2; "b" is next, at 0.15
     scheduler.submit(req("r2", 500, arrival_s=0.11), 0.11)
     deadline = scheduler.next_deadline()
     assert deadline == pytest.approx(0.145)
@@ -116,11 +119,11 @@ def test_closes_are_staggered_across_the_instances_step_boundaries():
 
 def test_the_deadline_follows_a_boundary_seen_while_the_window_is_open():
     _, scheduler = two_busy_instances()
-    scheduler.on_engine_tokens("a", 0.0)
-    scheduler.on_engine_tokens("b", 0.05)
+    scheduler.on_tokens("-", "a", 1, 0.0)
+    scheduler.on_tokens("-", "b", 1, 0.05)
     scheduler.submit(req("r", 500, arrival_s=0.06), 0.06)
     assert scheduler.next_deadline() == pytest.approx(0.095)
-    scheduler.on_engine_tokens("a", 0.07)  # "a" ended a step of 0.07 s, not 0.1: it learns, next start 0.14
+    scheduler.on_tokens("-", "a", 1, 0.07)  # "a" ended a step of 0.07 s, not 0.1: it learns, next start 0.14
     assert scheduler.poll(0.08) is None
     assert scheduler.next_deadline() == pytest.approx(0.135)
 
@@ -131,7 +134,7 @@ def test_falls_back_to_the_grid_tick_while_an_instance_is_idle_or_unseen():
     assert scheduler.next_deadline() == pytest.approx(0.05)  # the grid tick: interval 0.5 * 0.1 s
     assert scheduler.poll(0.05) is not None
     for engine in ("a", "b"):
-        scheduler.on_engine_tokens(engine, 0.06)  # both seen now ...
+        scheduler.on_tokens("-", engine, 1, 0.06)  # both seen now ...
     view.on_finish("r1", 0.06)
     view.on_finish("decoding-b", 0.06)  # ... but "b" is idle
     scheduler.submit(req("r2", 500, arrival_s=0.07), 0.07)
@@ -140,19 +143,19 @@ def test_falls_back_to_the_grid_tick_while_an_instance_is_idle_or_unseen():
 
 def test_switched_off_the_window_keeps_its_grid_tick():
     view, _ = two_busy_instances()
-    scheduler = Scheduler("sbs", view, WINDOW.model_copy(update={"step_aligned_close": False}))
-    scheduler.on_engine_tokens("a", 0.0)
-    scheduler.on_engine_tokens("b", 0.05)
+    scheduler = make_scheduler(view, WINDOW.model_copy(update={"step_aligned_close": None}))
+    scheduler.on_tokens("-", "a", 1, 0.0)
+    scheduler.on_tokens("-", "b", 1, 0.05)
     scheduler.submit(req("r", 500, arrival_s=0.06), 0.06)
     assert scheduler.next_deadline() == pytest.approx(0.1)
     assert scheduler.poll(0.095) is None
 
 
-def test_on_engine_tokens_says_which_chunks_begin_a_step():
+def test_on_tokens_says_which_chunks_begin_a_step():
     _, scheduler = two_busy_instances()
-    assert scheduler.on_engine_tokens("a", 0.0)
-    assert not scheduler.on_engine_tokens("a", 0.001)  # the same burst of chunks: the same step end
-    assert scheduler.on_engine_tokens("a", 0.1)
+    assert scheduler.on_tokens("-", "a", 1, 0.0)
+    assert not scheduler.on_tokens("-", "a", 1, 0.001)  # the same burst of chunks: the same step end
+    assert scheduler.on_tokens("-", "a", 1, 0.1)
 
 
 async def test_the_live_window_loop_closes_at_a_step_boundary_seen_while_it_sleeps():
@@ -180,7 +183,7 @@ async def test_the_live_window_loop_closes_at_a_step_boundary_seen_while_it_slee
         # the loop woke and re-timed the close (without the wake it would sleep on for 500 s)
         assert d.scheduler.next_deadline() == pytest.approx(0.395)
         now[0] = 0.395
-        key = await asyncio.wait_for(waiter, timeout=30)
-        assert key == RankKey("a", 1)
+        placement = await asyncio.wait_for(waiter, timeout=30)
+        assert placement.rank == RankKey("a", 1)
     finally:
         await d.stop()

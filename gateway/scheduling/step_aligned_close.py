@@ -2,7 +2,7 @@
 
 SBS's queueing argument (DESIGN.md §2): N instances fed by one queue whose batches leave at offsets of T/N
 (T = one step) make a request wait about T/(2N), against T/2 for N gated servers. The window's grid ticks
-(:class:`~gateway.scheduling.window.StaggeredWindow`) ignore where the instances are in their steps; here each
+(:class:`~gateway.scheduling.window.BatchWindow`) ignore where the instances are in their steps; here each
 close is timed to the instances' step boundaries instead. From the step clock
 (:class:`~gateway.scheduling.step_clock.StepClock`) every busy instance has a predicted next step start ``s_e``;
 the window opened at ``t0`` closes at
