@@ -32,14 +32,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from gateway.scheduling.registry import IMMEDIATE_POLICIES
+from gateway.scheduling.baselines import IMMEDIATE_POLICIES
 
 if TYPE_CHECKING:
     PolicyName = str
 else:
     PolicyName = Literal[("sbs", *IMMEDIATE_POLICIES)]
 """Scheduling policy: ``sbs`` (staggered windows + load-aware allocation) or an immediate-dispatch baseline (the
-names of :data:`gateway.scheduling.registry.IMMEDIATE_POLICIES`)."""
+names of :data:`gateway.scheduling.baselines.IMMEDIATE_POLICIES`)."""
 
 EngineFlavor = Literal["sglang", "vllm"]
 EngineRole = Literal["mixed", "prefill", "decode"]

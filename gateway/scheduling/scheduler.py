@@ -7,7 +7,7 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
   in the batch window.
 - :meth:`Scheduler.poll` closes the window when it is due (its grid tick, or with ``step_aligned_close`` just
   before the next predicted step start of an instance, :mod:`gateway.scheduling.step_aligned_close`) and places
-  its batch with the configured allocator (:data:`gateway.scheduling.registry.ALLOCATORS`: phase-aware placement
+  its batch with the configured allocator (:data:`gateway.scheduling.allocators.ALLOCATORS`: phase-aware placement
   or water-filling, with the decode-aware choice).
 - The driver reports what it sees through the scheduler and nothing else: each request's progress
   (:meth:`Scheduler.on_first_token`, :meth:`Scheduler.on_tokens`, :meth:`Scheduler.on_finish`) and the engines'
@@ -29,8 +29,9 @@ from typing import Protocol
 from gateway.config import AllocatorConfig, DecodeConfig, PolicyName, WindowConfig
 from gateway.load.view import LoadView
 from gateway.scheduling.allocation import free_prefill_capacity
-from gateway.scheduling.baselines import ImmediatePolicy
-from gateway.scheduling.registry import ALLOCATORS, Allocator, make_immediate_policy
+from gateway.scheduling.allocators import ALLOCATORS, Allocator
+from gateway.scheduling.baselines import make_immediate_policy
+from gateway.scheduling.baselines.base import ImmediatePolicy
 from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.window import BatchWindow
@@ -161,10 +162,11 @@ class Scheduler:
     """Places requests on DP ranks with one policy.
 
     Args:
-        policy: ``sbs`` or an immediate-dispatch baseline name (:data:`gateway.scheduling.registry.IMMEDIATE_POLICIES`).
+        policy: ``sbs`` or an immediate-dispatch baseline name
+            (:data:`gateway.scheduling.baselines.IMMEDIATE_POLICIES`).
         view: the load view (shared with whoever feeds it scrapes and progress).
         window: window settings (used by ``sbs``).
-        allocator: allocator settings (used by ``sbs``), built by :data:`~gateway.scheduling.registry.ALLOCATORS`.
+        allocator: allocator settings (used by ``sbs``), built by :data:`~gateway.scheduling.allocators.ALLOCATORS`.
         decode: decode-aware choice settings (used by ``sbs``); ``None`` switches it off.
         seed: seed of randomised baselines.
 

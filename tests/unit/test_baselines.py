@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.registry import make_immediate_policy
+from gateway.scheduling.baselines import make_immediate_policy
 from tests.helpers import MODEL, rank, req
 
 

@@ -22,6 +22,8 @@ PACKAGE_DIR = Path(gateway.__file__).parent
 
 LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"vocabulary": ("gateway.types",)},
+    # the immediate-dispatch policies and their registry, from which the configuration takes its policy names
+    {"baselines": ("gateway.scheduling.baselines",)},
     {
         "version": ("gateway",),  # the package itself: __version__ only
         "tokens": ("gateway.tokens",),

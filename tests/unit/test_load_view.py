@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.load.view import EngineSpec, LoadView
-from gateway.scheduling.registry import make_immediate_policy
+from gateway.scheduling.baselines import make_immediate_policy
 from gateway.types import RankKey, RankMetrics
 from tests.helpers import MODEL, req
 

@@ -8,7 +8,8 @@ from typing import get_args
 import pytest
 
 from gateway.config import AllocatorConfig, DecodeConfig, PolicyName
-from gateway.scheduling.registry import ALLOCATORS, IMMEDIATE_POLICIES, make_immediate_policy
+from gateway.scheduling.allocators import ALLOCATORS
+from gateway.scheduling.baselines import IMMEDIATE_POLICIES, make_immediate_policy
 from gateway.scheduling.step_clock import StepClock
 from tests.helpers import rank, req
 

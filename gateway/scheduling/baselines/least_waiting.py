@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.scheduling.baselines import Rotating, serving
+from gateway.scheduling.baselines.base import Rotating, serving
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 

@@ -1,6 +1,6 @@
 """Immediate-dispatch baselines: each request is placed on a DP rank the moment it arrives.
 
-These are the routers SBS is measured against (DESIGN.md §5). Each policy looks at a snapshot of rank loads
+These are the routers SBS is measured against (docs/design.md §6.3). Each policy looks at a snapshot of rank loads
 (:class:`~gateway.types.RankLoad`) that already includes what the gateway itself dispatched since
 the last scrape, so a burst does not herd onto one rank.
 
@@ -27,42 +27,10 @@ Ties go to the rank after the one chosen last, so equal loads are spread rather 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
+from gateway.scheduling.baselines.base import Rotating, serving
 from gateway.types import PendingRequest, RankKey, RankLoad
-
-
-class ImmediatePolicy(Protocol):
-    """Chooses a DP rank for one request, or ``None`` when no usable rank serves its model."""
-
-    name: str
-
-    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None: ...
-
-
-def serving(request: PendingRequest, ranks: Sequence[RankLoad]) -> list[RankLoad]:
-    """The usable ranks that serve the request's model."""
-    return [r for r in ranks if r.usable and request.model in r.models]
-
-
-class Rotating:
-    """Base of the policies that pick the minimum of a load function, ties broken by a rotating start."""
-
-    name = "abstract"
-
-    def __init__(self) -> None:
-        self._next = 0
-
-    def _pick(self, candidates: list[RankLoad], load: Callable[[RankLoad], float]) -> RankKey | None:
-        if not candidates:
-            return None
-        n = len(candidates)
-        start = self._next % n
-        rotated = candidates[start:] + candidates[:start]
-        best = min(range(n), key=lambda i: load(rotated[i]))
-        self._next = start + best + 1
-        return rotated[best].key
 
 
 class RoundRobin(Rotating):
