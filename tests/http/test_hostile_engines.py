@@ -20,13 +20,13 @@ from gateway.config import EngineConfig, ScrapeConfig, Settings, UpstreamConfig
 from gateway.engines import EngineAdapter, RankMetrics, adapter_for
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.load.scraper import MetricsScraper
-from gateway.load.view import EngineSpec, LoadView
-from gateway.server.app import create_app
+from gateway.load.view import LoadView
 from gateway.server.stream_end import StreamEnd
 from gateway.server.upstream import get_text, make_session
 from gateway.serving import serve_in_background
+from gateway.sim.cluster import running_gateway
 from gateway.telemetry import GatewayMetrics
-from tests.helpers import Respond, raw_http_server
+from tests.helpers import Respond, make_view, raw_http_server
 
 MODEL = "m"
 GOOD_METRICS = 'vllm:num_requests_running{engine="0",model_name="m"} 2\nvllm:num_requests_waiting{engine="1"} 1\n'
@@ -90,7 +90,7 @@ FAILING_METRICS = [
 
 def scraper_for(url: str, session: Any) -> tuple[MetricsScraper, LoadView, GatewayMetrics]:
     engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
-    view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+    view = make_view("e", dp_size=2, model=MODEL, stale_after_s=10)
     metrics = GatewayMetrics()
     return MetricsScraper(session, [(engine, adapter_for("vllm"))], view, metrics, SCRAPE), view, metrics
 
@@ -138,7 +138,7 @@ class ExplodingAdapter(EngineAdapter):
 async def test_an_unexpected_error_does_not_end_the_scraping_loop() -> None:
     async with raw_http_server(whole(GOOD_METRICS.encode())) as url, make_session(UpstreamConfig()) as session:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
-        view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+        view = make_view("e", dp_size=2, model=MODEL, stale_after_s=10)
         metrics = GatewayMetrics()
         scraper = MetricsScraper(session, [(engine, ExplodingAdapter())], view, metrics, SCRAPE)
         await scraper.start()
@@ -173,7 +173,7 @@ async def test_metrics_are_parsed_off_the_event_loop() -> None:
     adapter = ThreadRecordingAdapter()
     async with raw_http_server(whole(GOOD_METRICS.encode())) as url, make_session(UpstreamConfig()) as session:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
-        view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+        view = make_view("e", dp_size=2, model=MODEL, stale_after_s=10)
         scraper = MetricsScraper(session, [(engine, adapter)], view, GatewayMetrics(), SCRAPE)
         assert await scraper.once(engine, adapter) is True
     assert len(adapter.threads) == 1 and adapter.threads[0] != threading.get_ident()
@@ -222,7 +222,7 @@ async def test_hostile_metrics_do_not_block_dispatch(
             policy=policy, engines=[EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])]
         )
         settings = settings.model_copy(update={"scrape": SCRAPE})
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
+        gateway_url = await stack.enter_async_context(running_gateway(settings))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for _ in range(3):  # while scrapes keep failing in the background
@@ -281,7 +281,7 @@ async def test_a_broken_stream_ends_with_an_error_event_for_its_client_only(mode
         settings = Settings(
             policy="round_robin", engines=[EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])]
         )
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
+        gateway_url = await stack.enter_async_context(running_gateway(settings))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         broken, *others = await asyncio.gather(
             read_events(client, mode), *(read_events(client, "ok") for _ in range(3))

@@ -14,7 +14,7 @@ import httpx
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.e2e.test_front_door import closed_port
+from gateway.sim.cluster import free_port
 
 KEY = "sk-serve-test-5150"
 
@@ -22,7 +22,7 @@ KEY = "sk-serve-test-5150"
 def test_serve_writes_json_logs_and_checks_keys(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"# the test's key\n{KEY}\n", encoding="utf-8")
-    port = closed_port()
+    port = free_port()
     command = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-format", "json"]
     proc = subprocess.Popen(
         [*command, "--api-keys-file", str(keys)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True

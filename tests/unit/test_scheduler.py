@@ -8,11 +8,12 @@ import pytest
 
 from gateway.config import EngineConfig, Settings, WindowConfig
 from gateway.errors import NoCapacityError
-from gateway.load.view import EngineSpec, LoadView
+from gateway.load.view import LoadView
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.scheduling.types import RankKey
 from gateway.server.dispatcher import Dispatcher
 from gateway.telemetry import GatewayMetrics
+from tests import helpers
 from tests.helpers import MODEL, req
 
 WINDOW = WindowConfig(
@@ -21,7 +22,7 @@ WINDOW = WindowConfig(
 
 
 def make_view(dp_size: int = 4, engines: tuple[str, ...] = ("a",)) -> LoadView:
-    return LoadView([EngineSpec(e, dp_size, frozenset({MODEL}), 8192) for e in engines], stale_after_s=3.0)
+    return helpers.make_view(*engines, dp_size=dp_size)
 
 
 def test_immediate_policy_places_at_submit_and_records_it():
