@@ -41,10 +41,11 @@ from typing import Any
 
 import httpx
 import yaml
-from _harness import RESULTS, Processes, free_port, start_engines, write_report
+from _harness import RESULTS, Processes, start_engines, write_report
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.replay.client import replay
+from gateway.sim.cluster import free_port
 from gateway.telemetry import sum_samples as metric
 from gateway.workload.stats import summarize
 from gateway.workload.traces import load_trace, resolve_trace, window
