@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -50,7 +51,7 @@ def split(policy: str, work: Workload) -> dict[str, Any]:
     rows.sort(key=lambda r: r[0])
     tail = rows[-max(1, round(len(rows) * TAIL)) :]
 
-    def means(group: list[tuple[float, ...]]) -> dict[str, float]:
+    def means(group: Sequence[tuple[float, ...]]) -> dict[str, float]:
         names = ("ttft_s", "window_s", "engine_queue_s", "own_prefill_s", "prompt_tokens")
         return {name: statistics.fmean(r[i] for r in group) for i, name in enumerate(names)}
 

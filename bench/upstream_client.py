@@ -33,9 +33,12 @@ def serve(port: int) -> None:
         await request.read()
         return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
 
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handle)
-    app.router.add_get("/health", lambda request: web.Response())
+    app.router.add_get("/health", health)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
