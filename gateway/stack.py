@@ -181,8 +181,8 @@ async def running_stack(
             raise StackError(f"Prometheus configuration not readable: {exc}") from exc
     host = settings.host
     specs = [SimulatedEngine(e.name, e.flavor, e.dp_size, e.models[0]) for e in settings.engines]
-    async with contextlib.AsyncExitStack() as stack:
-        started = await stack.enter_async_context(simulated_engines(specs, engine_speed, host))
+    async with contextlib.AsyncExitStack() as exits:
+        started = await exits.enter_async_context(simulated_engines(specs, engine_speed, host))
         engines = [
             engine.model_copy(update={"url": s.url}) for engine, s in zip(settings.engines, started, strict=True)
         ]
@@ -193,7 +193,7 @@ async def running_stack(
             for configured, engine in zip(settings.engines, engines, strict=True)
         }
         gateway_settings = settings.model_copy(update={"engines": engines})
-        gateway = await stack.enter_async_context(running_gateway(gateway_settings, host=host, port=settings.port))
+        gateway = await exits.enter_async_context(running_gateway(gateway_settings, host=host, port=settings.port))
         await _wait_ready(gateway + "/ready", "the gateway")
         announce(f"gateway ({settings.policy}): {gateway}/v1")
         prometheus = None
@@ -207,5 +207,5 @@ async def running_stack(
                 rules_dir=prometheus_config.parent,
                 scrape_interval_s=scrape_interval_s,
             )
-            prometheus = await stack.enter_async_context(_prometheus(prometheus_binary, config, host, port, announce))
+            prometheus = await exits.enter_async_context(_prometheus(prometheus_binary, config, host, port, announce))
         yield StackUrls(gateway, {e.name: e.url for e in engines}, prometheus)

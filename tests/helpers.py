@@ -197,16 +197,16 @@ async def gateway_before(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of a gateway with ``policy`` and ``settings_extra`` in front of one ``flavor`` engine of 4 DP ranks
     serving :data:`ECHO_MODEL`: the one at ``url``, or else an :func:`echo_engine`."""
-    async with contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as exits:
         if url is None:
-            url = await stack.enter_async_context(serve_in_background(echo_engine()))
+            url = await exits.enter_async_context(serve_in_background(echo_engine()))
         settings = Settings(
             policy=policy,
             engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[ECHO_MODEL])],
             **settings_extra,
         )
-        gateway_url = await stack.enter_async_context(running_gateway(settings, tokenizer=tokenizer))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings, tokenizer=tokenizer))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         yield client
 
 

@@ -84,9 +84,9 @@ async def _serve(settings: Settings, log_level: str) -> None:
     from gateway.server.app import create_app
     from gateway.serving import DrainingServer
 
-    async with contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as exits:
         if not settings.engines:
-            engines = await stack.enter_async_context(embedded_engines(settings.embedded_speed))
+            engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed))
             settings = settings.model_copy(update={"engines": engines})
             for engine in engines:
                 log.info(

@@ -65,11 +65,11 @@ async def simulated_engines(
     Yields:
         The gateway's engine configurations, one per spec in the same order, each with the URL it listens on.
     """
-    async with contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as exits:
         engines = []
         for spec in specs:
             app = create_mock_engine_app(MockEngineConfig(spec.flavor, spec.dp_size, model=spec.model, speed=speed))
-            url = await stack.enter_async_context(serve_in_background(app, host))
+            url = await exits.enter_async_context(serve_in_background(app, host))
             engines.append(
                 EngineConfig(name=spec.name, flavor=spec.flavor, url=url, dp_size=spec.dp_size, models=[spec.model])
             )

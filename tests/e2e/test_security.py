@@ -188,13 +188,13 @@ def header_engine() -> FastAPI:
 
 
 async def test_hop_by_hop_and_client_headers_do_not_cross_and_the_client_cannot_pick_the_upstream() -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        engine_url = await stack.enter_async_context(serve_in_background(header_engine()))
+    async with contextlib.AsyncExitStack() as exits:
+        engine_url = await exits.enter_async_context(serve_in_background(header_engine()))
         settings = Settings(
             policy="round_robin", engines=[EngineConfig(name="e", flavor="vllm", url=engine_url, models=[MODEL])]
         )
-        gateway_url = await stack.enter_async_context(running_gateway(settings))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         sent_headers = {
             "Connection": "keep-alive, X-Private",
             "Keep-Alive": "timeout=5",

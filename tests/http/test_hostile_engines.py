@@ -216,14 +216,14 @@ async def garbage_metrics(request: Request) -> Response:
 async def test_hostile_metrics_do_not_block_dispatch(
     policy: str, metrics: Callable[[Request], Awaitable[Response]]
 ) -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(serve_in_background(engine_with_metrics(metrics)))
+    async with contextlib.AsyncExitStack() as exits:
+        url = await exits.enter_async_context(serve_in_background(engine_with_metrics(metrics)))
         settings = Settings(
             policy=policy, engines=[EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])]
         )
         settings = settings.model_copy(update={"scrape": SCRAPE})
-        gateway_url = await stack.enter_async_context(running_gateway(settings))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for _ in range(3):  # while scrapes keep failing in the background
             replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat) for _ in range(4)))
@@ -276,13 +276,13 @@ async def read_events(client: httpx.AsyncClient, mode: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["garbage", "cut-event", "no-done", "reset"])
 async def test_a_broken_stream_ends_with_an_error_event_for_its_client_only(mode: str) -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(serve_in_background(sse_engine()))
+    async with contextlib.AsyncExitStack() as exits:
+        url = await exits.enter_async_context(serve_in_background(sse_engine()))
         settings = Settings(
             policy="round_robin", engines=[EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])]
         )
-        gateway_url = await stack.enter_async_context(running_gateway(settings))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         broken, *others = await asyncio.gather(
             read_events(client, mode), *(read_events(client, "ok") for _ in range(3))
         )
