@@ -1,14 +1,14 @@
 """Simulated engines and a gateway on loopback: the one way to stand them up, in the current event loop.
 
-The embedded default (``gateway serve`` without engines), ``gateway stack``, the tests and the benchmarks all use
-it. Each server is uvicorn serving its app in this process's event loop (:func:`gateway.serving.serve_in_background`),
-on a port the OS picks, so that nothing collides:
+The embedded default (``gateway serve`` without engines), ``gateway stack`` and the tests use it. Each server is
+uvicorn serving its app in this process's event loop (:func:`gateway.serving.serve_in_background`), on a port the
+OS picks, so that nothing collides:
 
 - :func:`simulated_engines`: simulated engines (:mod:`gateway.sim.mock_engine`) of the given flavours, DP sizes
   and models; yields their gateway engine configurations;
 - :func:`running_gateway`: the gateway app built from settings; yields its base URL.
 
-And for servers in other processes (Prometheus, ``gateway serve`` started as a subprocess):
+And for servers in other processes (Prometheus, ``gateway serve`` as a subprocess, the benchmarks' processes):
 
 - :func:`free_port`: a port nothing listens on right now;
 - :func:`wait_ready`: poll a URL until it answers 200.
