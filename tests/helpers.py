@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from openai.types.chat import ChatCompletionChunk
 
-from gateway.config import EngineConfig, EngineFlavor, ScrapeConfig, Settings
+from gateway.config import EngineConfig, EngineFlavor, PolicyName, ScrapeConfig, Settings
 from gateway.load.view import EngineSpec, LoadView
 from gateway.logs import make_handler
 from gateway.scheduling.tokens import Tokenizer
@@ -135,7 +135,7 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    policy: str = "sbs", *, speed: float = 20.0, dp_size: int = 4, **settings: Any
+    policy: PolicyName = "sbs", *, speed: float = 20.0, dp_size: int = 4, **settings: Any
 ) -> AsyncIterator[Cluster]:
     """An SGLang- (``"sg"``) and a vLLM-flavoured (``"vl"``) simulated engine of ``dp_size`` ranks each, at clock
     speed ``speed``, behind a gateway with ``policy``, a 0.1 s scrape and ``settings``."""
@@ -190,7 +190,7 @@ def echo_engine() -> FastAPI:
 @contextlib.asynccontextmanager
 async def gateway_before(
     flavor: EngineFlavor,
-    policy: str = "round_robin",
+    policy: PolicyName = "round_robin",
     url: str | None = None,
     tokenizer: Tokenizer | None = None,
     **settings_extra: Any,

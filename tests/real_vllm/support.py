@@ -11,7 +11,7 @@ from typing import TypeVar
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import EngineConfig, ScrapeConfig, Settings
+from gateway.config import EngineConfig, PolicyName, ScrapeConfig, Settings
 from gateway.sim.cluster import running_gateway
 from scripts import real_vllm
 
@@ -71,7 +71,7 @@ def engine_config(name: str, server: real_vllm.Server) -> EngineConfig:
 
 
 @contextlib.asynccontextmanager
-async def gateway(policy: str, *engines: EngineConfig) -> AsyncIterator[str]:
+async def gateway(policy: PolicyName, *engines: EngineConfig) -> AsyncIterator[str]:
     """The gateway, in this event loop on 127.0.0.1, in front of ``engines``; yields its base URL."""
     # The gateway's own defaults, but for a faster scrape: the tests poll for states that last seconds. (vLLM runs
     # at a lower CPU priority, see scripts/real_vllm.ENGINE_NICE; without that, this process, gateway and test
