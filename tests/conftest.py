@@ -19,8 +19,7 @@ _HERE = Path(__file__).parent
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test with its tier, the folder under ``tests/`` it lives in."""
     for item in items:
-        folder = item.path.relative_to(_HERE).parts[0]
-        if folder in TIERS:
+        if item.path.is_relative_to(_HERE) and (folder := item.path.relative_to(_HERE).parts[0]) in TIERS:
             item.add_marker(folder)
 
 
