@@ -6,47 +6,26 @@ Imported by the scripts beside it (``python bench/<script>.py`` puts this folder
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import httpx
 import yaml
 
 from gateway.config import DecodeConfig, PhaseAwareConfig
 from gateway.replay.client import run_bench
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.capacity import Capacity, cluster_load
+from gateway.sim.cluster import free_port, wait_ready
 from gateway.workload.traces import TraceRequest, rescale
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, path: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    """Poll ``url + path`` until it answers 200; raise if the process exits or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + path, timeout=1).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url}{path} not ready after {timeout_s} s")
 
 
 class Processes:
@@ -58,10 +37,10 @@ class Processes:
     def start(self, cmd: Sequence[str], url: str, ready_path: str) -> str:
         proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
-        wait_ready(url, ready_path, proc)
+        asyncio.run(wait_ready(url + ready_path, timeout_s=60, is_alive=lambda: proc.poll() is None))
         return url
 
-    def __enter__(self) -> Processes:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

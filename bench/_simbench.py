@@ -18,7 +18,8 @@ from _harness import slice_load
 from pydantic import TypeAdapter
 
 from gateway.config import AllocatorConfig, DecodeConfig, WindowConfig
-from gateway.sim.simulate import SimConfig, Slo, derived_slo, simulate
+from gateway.sim.compare import timed_summary
+from gateway.sim.simulate import SimConfig, Slo, derived_slo
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 
@@ -80,7 +81,7 @@ def sim_config(variant: Variant) -> SimConfig:
     settings."""
     return replace(
         SimConfig(),
-        policy=variant.policy,  # type: ignore[arg-type]
+        policy=variant.policy,
         **scheduling_settings(variant.settings),
         **variant.sim,
     )
@@ -88,10 +89,7 @@ def sim_config(variant: Variant) -> SimConfig:
 
 def run_variant(variant: Variant, work: Workload) -> dict[str, Any]:
     """Simulate ``variant`` on ``work``; the summary with ``wall_s`` (seconds this run took) added."""
-    started = time.perf_counter()
-    summary = simulate(rescale(work.trace, work.scale), sim_config(variant)).summary(work.slo)
-    summary["wall_s"] = time.perf_counter() - started
-    return summary
+    return timed_summary(rescale(work.trace, work.scale), sim_config(variant), work.slo)
 
 
 def ms(x: float | None) -> str:

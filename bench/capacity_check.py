@@ -49,7 +49,7 @@ def check(
     trace = window(load_trace(resolve_trace(name)), 0.0, minutes * 60)
     if arrivals == "poisson":
         trace = poisson(trace)
-    config = SimConfig(policy=policy, instances=instances, dp_size=dp_size)  # type: ignore[arg-type]
+    config = SimConfig(policy=policy, instances=instances, dp_size=dp_size)
     capacity = cluster_load(trace, config.engine, instances, dp_size)
     result = simulate(rescale(trace, capacity.rate_scale_for(load)), config)
     records = result.records

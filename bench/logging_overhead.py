@@ -72,7 +72,7 @@ async def run(n: int) -> dict[str, Any]:
         RequestContextMiddleware(trivial_app, access_log_enabled=False), n
     )
     for fmt in ("json", "text"):
-        handler = with_logging(fmt)  # type: ignore[arg-type]
+        handler = with_logging(fmt)
         figures[f"request_id_access_log_{fmt}"] = await per_request_us(RequestContextMiddleware(trivial_app), n)
         handler.stream.close()  # type: ignore[attr-defined]
     handler = with_logging("json")

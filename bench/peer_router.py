@@ -27,7 +27,6 @@ from _harness import (
     RESULTS,
     Processes,
     add_slice_args,
-    free_port,
     replay_through,
     results_table,
     slice_load,
@@ -35,6 +34,7 @@ from _harness import (
     write_report,
 )
 
+from gateway.sim.cluster import free_port
 from gateway.workload.traces import load_trace, resolve_trace, window
 
 ROUTER_VENV = Path(__file__).parent / ".venv-sglang-router"

@@ -53,7 +53,7 @@ BOUND = {"prefill": "the chunked-prefill budget", "slots": "the running-request 
 
 
 def run(trace: list[TraceRequest], scale: float, policy: str, args: argparse.Namespace) -> SimResult:
-    config = SimConfig(policy=policy, instances=args.instances, dp_size=args.dp_size)  # type: ignore[arg-type]
+    config = SimConfig(policy=policy, instances=args.instances, dp_size=args.dp_size)
     return simulate(rescale(trace, scale), config)
 
 

@@ -143,7 +143,11 @@ def main() -> None:
         dp_work = workload(args.trace, args.dp_minutes, args.load, 2, 8, args.slo_scale)
         dp_rows = []
         for instances, dp in TOTAL_RANKS:
-            point = (f"{instances} x {dp} = {instances * dp} ranks", {}, {"instances": instances, "dp_size": dp})
+            point: tuple[str, dict[str, Any], dict[str, Any]] = (
+                f"{instances} x {dp} = {instances * dp} ranks",
+                {},
+                {"instances": instances, "dp_size": dp},
+            )
             dp_rows += compare(pool, [point], scaled(dp_work, instances * dp), baselines)
             print(f"DP size {instances * dp}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         title = f"DP size at equal per-rank load ({len(dp_work.trace)} requests)"

@@ -37,14 +37,15 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import yaml
-from _harness import RESULTS, Processes, free_port, start_engines, write_report
+from _harness import RESULTS, Processes, start_engines, write_report
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.replay.client import replay
+from gateway.sim.cluster import free_port
 from gateway.telemetry import sum_samples as metric
 from gateway.workload.stats import summarize
 from gateway.workload.traces import load_trace, resolve_trace, window
@@ -88,16 +89,17 @@ def rss_kib(pid: int) -> int:
 
 
 def metric_by(text: str, name: str, label: str) -> dict[str, float]:
-    out: Counter[str] = Counter()
+    out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == name:
-                out[s.labels.get(label, "")] += s.value
-    return dict(out)
+                key = s.labels.get(label, "")
+                out[key] = out.get(key, 0) + s.value
+    return out
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, procs: Processes, engines: list[dict[str, Any]]) -> None:
+    def __init__(self, args: argparse.Namespace, procs: SoakProcesses, engines: list[dict[str, Any]]) -> None:
         self.args = args
         self.procs = procs
         self.engines = {e["name"]: e for e in engines}
@@ -172,11 +174,12 @@ class SoakProcesses(Processes):
     def kill_and_restart(self, url: str, down_s: float) -> None:
         port = url.rsplit(":", 1)[1]
         for proc in self.procs:
-            if proc.poll() is None and "--port" in proc.args and proc.args[proc.args.index("--port") + 1] == port:
+            args = cast("list[str]", proc.args)  # Processes.start runs a list of strings
+            if proc.poll() is None and "--port" in args and args[args.index("--port") + 1] == port:
                 proc.kill()
                 proc.wait()
                 time.sleep(down_s)
-                self.start(list(proc.args), url, "/health")
+                self.start(list(args), url, "/health")
                 return
         raise RuntimeError(f"no running engine on {url}")
 

@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +41,7 @@ TAIL = 0.01
 def split(policy: str, work: Workload) -> dict[str, Any]:
     """Simulate ``policy`` on ``work``; the mean TTFT parts over all requests and over the slowest ``TAIL``."""
     trace = rescale(work.trace, work.scale)
-    records = simulate(trace, replace(SimConfig(), policy=policy)).records  # type: ignore[arg-type]
+    records = simulate(trace, replace(SimConfig(), policy=policy)).records
     rows = []
     for request, record in zip(trace, records, strict=True):
         assert record.sent_s is not None and record.first_token_s is not None
@@ -50,7 +51,7 @@ def split(policy: str, work: Workload) -> dict[str, Any]:
     rows.sort(key=lambda r: r[0])
     tail = rows[-max(1, round(len(rows) * TAIL)) :]
 
-    def means(group: list[tuple[float, ...]]) -> dict[str, float]:
+    def means(group: Sequence[tuple[float, ...]]) -> dict[str, float]:
         names = ("ttft_s", "window_s", "engine_queue_s", "own_prefill_s", "prompt_tokens")
         return {name: statistics.fmean(r[i] for r in group) for i, name in enumerate(names)}
 

@@ -15,13 +15,14 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import socket
 import time
 from pathlib import Path
 
 import aiohttp
 import httpx
 from aiohttp import web
+
+from gateway.sim.cluster import free_port, wait_ready
 
 RESULTS = Path(__file__).parent / "results"
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
@@ -32,8 +33,12 @@ def serve(port: int) -> None:
         await request.read()
         return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
 
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handle)
+    app.router.add_get("/health", health)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
@@ -74,18 +79,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=50)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = multiprocessing.Process(target=serve, args=(port,), daemon=True)
     server.start()
+    asyncio.run(wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=10, is_alive=server.is_alive))
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    for _ in range(100):
-        try:
-            httpx.post(url, content=BODY, timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
     results = {}
     for name, fn in (("httpx.AsyncClient", run_httpx), ("aiohttp.ClientSession", run_aiohttp)):
         asyncio.run(fn(url, 200, args.concurrency))  # warm-up

@@ -10,30 +10,23 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from gateway.config import EngineConfig
-from gateway.serving import serve_in_background
-from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
+from gateway.sim.cluster import LOOPBACK, SimulatedEngine, simulated_engines
 
 EMBEDDED_MODEL = "deepseek-v3"
-EMBEDDED_ENGINES = (("sim-sglang", "sglang", 8), ("sim-vllm", "vllm", 8))
-"""``(name, flavour, DP size)`` of each embedded engine."""
+EMBEDDED_ENGINES = (
+    SimulatedEngine("sim-sglang", "sglang", 8, EMBEDDED_MODEL),
+    SimulatedEngine("sim-vllm", "vllm", 8, EMBEDDED_MODEL),
+)
+"""The embedded engines."""
 
 
 @contextlib.asynccontextmanager
-async def embedded_engines(speed: float = 1.0, host: str = "127.0.0.1") -> AsyncIterator[list[EngineConfig]]:
+async def embedded_engines(speed: float = 1.0, host: str = LOOPBACK) -> AsyncIterator[list[EngineConfig]]:
     """Start the embedded simulated engines; yield their engine configurations; stop them on exit.
 
     Args:
         speed: the engines' clock speed (1.0 = real time, < 1 slower).
         host: loopback address to bind.
     """
-    async with contextlib.AsyncExitStack() as stack:
-        engines = []
-        for name, flavor, dp_size in EMBEDDED_ENGINES:
-            app = create_mock_engine_app(
-                MockEngineConfig(flavor=flavor, dp_size=dp_size, model=EMBEDDED_MODEL, speed=speed)  # type: ignore[arg-type]
-            )
-            url = await stack.enter_async_context(serve_in_background(app, host))
-            engines.append(
-                EngineConfig(name=name, flavor=flavor, url=url, dp_size=dp_size, models=[EMBEDDED_MODEL])  # type: ignore[arg-type]
-            )
+    async with simulated_engines(EMBEDDED_ENGINES, speed, host) as engines:
         yield engines

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import yaml
 
-from gateway.config import EngineConfig, Settings
-from gateway.server.app import create_app
-from gateway.serving import serve_in_background
-from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
+from gateway.config import Settings
+from gateway.sim.cluster import NotReady, SimulatedEngine, free_port, running_gateway, simulated_engines, wait_ready
 
 READY_TIMEOUT_S = 30.0
 """How long Prometheus and the gateway's ``/ready`` get to come up, seconds."""
@@ -101,14 +97,10 @@ def _netloc(url: str) -> str:
 
 async def _wait_ready(url: str, what: str, is_alive: Callable[[], bool] = lambda: True) -> None:
     """Poll ``url`` until it answers 200; raise :class:`StackError` after :data:`READY_TIMEOUT_S`."""
-    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while asyncio.get_running_loop().time() < deadline and is_alive():
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
-    raise StackError(f"{what} did not become ready at {url}")
+    try:
+        await wait_ready(url, timeout_s=READY_TIMEOUT_S, is_alive=is_alive)
+    except NotReady as exc:
+        raise StackError(f"{what} did not become ready at {url}") from exc
 
 
 @contextlib.asynccontextmanager
@@ -150,13 +142,6 @@ async def _prometheus(
                     await process.wait()
 
 
-def free_port(host: str) -> int:
-    """A port free on ``host`` right now (for Prometheus, which cannot report a port it picked itself)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def running_stack(
     settings: Settings,
@@ -195,19 +180,20 @@ async def running_stack(
         except OSError as exc:
             raise StackError(f"Prometheus configuration not readable: {exc}") from exc
     host = settings.host
-    async with contextlib.AsyncExitStack() as stack:
-        engines: list[EngineConfig] = []
-        moved: dict[str, str] = {}
-        for engine in settings.engines:
-            simulated = MockEngineConfig(engine.flavor, engine.dp_size, model=engine.models[0], speed=engine_speed)
-            app = create_mock_engine_app(simulated)
-            url = await stack.enter_async_context(serve_in_background(app, host))
-            moved[_netloc(engine.url)] = _netloc(url)
-            engines.append(engine.model_copy(update={"url": url}))
-            announce(f"engine {engine.name} ({engine.flavor}, {engine.dp_size} DP ranks): {url}")
+    specs = [SimulatedEngine(e.name, e.flavor, e.dp_size, e.models[0]) for e in settings.engines]
+    async with contextlib.AsyncExitStack() as exits:
+        started = await exits.enter_async_context(simulated_engines(specs, engine_speed, host))
+        engines = [
+            engine.model_copy(update={"url": s.url}) for engine, s in zip(settings.engines, started, strict=True)
+        ]
+        for engine in engines:
+            announce(f"engine {engine.name} ({engine.flavor}, {engine.dp_size} DP ranks): {engine.url}")
+        moved = {
+            _netloc(configured.url): _netloc(engine.url)
+            for configured, engine in zip(settings.engines, engines, strict=True)
+        }
         gateway_settings = settings.model_copy(update={"engines": engines})
-        gateway_app = create_app(gateway_settings)
-        gateway = await stack.enter_async_context(serve_in_background(gateway_app, host, settings.port))
+        gateway = await exits.enter_async_context(running_gateway(gateway_settings, host=host, port=settings.port))
         await _wait_ready(gateway + "/ready", "the gateway")
         announce(f"gateway ({settings.policy}): {gateway}/v1")
         prometheus = None
@@ -221,5 +207,5 @@ async def running_stack(
                 rules_dir=prometheus_config.parent,
                 scrape_interval_s=scrape_interval_s,
             )
-            prometheus = await stack.enter_async_context(_prometheus(prometheus_binary, config, host, port, announce))
+            prometheus = await exits.enter_async_context(_prometheus(prometheus_binary, config, host, port, announce))
         yield StackUrls(gateway, {e.name: e.url for e in engines}, prometheus)

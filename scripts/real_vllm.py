@@ -263,7 +263,8 @@ def cpu_binding(dp_size: int, first_cpu: int = 0, cpus: Sequence[int] | None = N
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now (the same as ``gateway.sim.cluster.free_port``, which this
+    standard-library-only script cannot import)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -293,7 +294,7 @@ def launch(
     first_cpu: int = 0,
     extra_args: Sequence[str] = (),
 ) -> Server:
-    """Start one vLLM API server in its own session and return at once (see :func:`wait_ready`).
+    """Start one vLLM API server in its own session and return at once (see :func:`wait_healthy`).
 
     Args:
         model: ``tiny`` or ``smollm2`` (built by :func:`install`).
@@ -345,7 +346,7 @@ def launch(
     return server
 
 
-def wait_ready(servers: Sequence[Server], timeout_s: float = READY_TIMEOUT_S) -> None:
+def wait_healthy(servers: Sequence[Server], timeout_s: float = READY_TIMEOUT_S) -> None:
     """Wait until every server answers ``/health`` with 200.
 
     Raises:
@@ -401,7 +402,7 @@ def start(
                     extra_args=extra_args,
                 )
             )
-        wait_ready(servers, timeout_s)
+        wait_healthy(servers, timeout_s)
     except BaseException:
         stop(servers)
         raise

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import httpx
 import openai
 
-from tests.cluster import MODEL, Cluster
+from tests.helpers import MODEL, Cluster
 
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 """Series Prometheus itself adds to every target."""

@@ -9,9 +9,9 @@ from types import ModuleType
 
 import yaml
 
-from tests.cluster import running_cluster
 from tests.deploy.tools import DEPLOY
 from tests.exported_metrics import PROMETHEUS_SERIES, exported_names, query_names, unknown_names
+from tests.helpers import Cluster
 
 GRAFANA = DEPLOY / "grafana"
 RULE_FILES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
@@ -63,9 +63,8 @@ def test_query_names_reads_series_names_only() -> None:
     assert query_names("histogram_quantile(0.9, sum by (le) (rate(vllm:ttft_bucket[5m])))") == {"vllm:ttft_bucket"}
 
 
-async def test_every_query_reads_an_exported_series() -> None:
-    async with running_cluster("sbs") as cluster:
-        exported = await exported_names(cluster)
+async def test_every_query_reads_an_exported_series(cluster: Cluster) -> None:
+    exported = await exported_names(cluster)
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     known = exported | recorded | PROMETHEUS_SERIES
     # the series the issue names must be among them, declared even before any label set is used

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.cluster import running_cluster
+from tests.helpers import Cluster
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,12 +40,11 @@ def test_simulate_writes_a_plot_and_the_figures(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000  # three panels of bars, not an empty canvas
 
 
-async def test_bench_writes_a_plot(tmp_path: Path) -> None:
+async def test_bench_writes_a_plot(tmp_path: Path, cluster: Cluster) -> None:
     png = tmp_path / "bench.png"
-    async with running_cluster("sbs") as cluster:
-        args = ["bench", "--url", cluster.gateway_url, "--trace", "azure-conv", "--max-requests", "4"]
-        args += ["--rate-scale", "50", "--plot", str(png), "--no-progress"]
-        result = await asyncio.to_thread(CliRunner().invoke, main, args)
+    args = ["bench", "--url", cluster.gateway_url, "--trace", "azure-conv", "--max-requests", "4"]
+    args += ["--rate-scale", "50", "--plot", str(png), "--no-progress"]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == PNG_MAGIC
 

@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from gateway.config import EngineConfig, Settings
 from gateway.server.app import create_app
-from tests.cluster import MODEL, running_cluster
-from tests.e2e.test_front_door import gateway_before
+from tests.helpers import MODEL, gateway_before, running_cluster
 
 MAX_TOKENS_LIMIT = 64
 """The fuzzed gateway's ``max_tokens_limit``: bounds the work a valid fuzzed request gives the engines."""
@@ -32,6 +31,19 @@ CHAT_OK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max
 @pytest.mark.parametrize(
     ("path", "payload", "status", "param"),
     [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", b"[1, 2]", 400, None),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model"),
+        ("/v1/chat/completions", b'{"model": 5, "messages": []}', 400, "model"),
+        ("/v1/chat/completions", b'{"model": "m"}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": []}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": ["hi"]}', 400, "messages[0]"),
+        ("/v1/completions", b'{"model": "m"}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "m", "prompt": 3}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "m", "prompt": "x", "stream": "yes"}', 400, "stream"),
+        ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": true}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "gpt-9", "prompt": "x"}', 404, "model"),
         ("/v1/chat/completions", b"", 400, None),
         ("/v1/chat/completions", b"null", 400, None),
         ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),

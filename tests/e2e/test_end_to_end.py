@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import MODEL, Cluster, running_cluster
+from tests.helpers import MODEL, Cluster, running_cluster, stream_chat
 
 POLICIES = ["sbs", "round_robin"]
 FIXED = {"ignore_eos": True}
-
-
-@pytest.fixture(params=POLICIES)
-async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    async with running_cluster(request.param) as c:
-        yield c
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -28,6 +21,7 @@ def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
+@pytest.mark.parametrize("cluster", POLICIES, indirect=True)
 async def test_async_client_chat_non_streaming(cluster: Cluster) -> None:
     client = openai.AsyncOpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused")
     reply = await client.chat.completions.create(
@@ -40,18 +34,11 @@ async def test_async_client_chat_non_streaming(cluster: Cluster) -> None:
     await client.close()
 
 
+@pytest.mark.parametrize("cluster", POLICIES, indirect=True)
 async def test_async_client_chat_streaming_with_usage(cluster: Cluster) -> None:
     client = openai.AsyncOpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused")
-    stream = await client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Tell me a story."}],
-        max_tokens=12,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body=FIXED,
-    )
     pieces, usage, finish = [], None, None
-    async for chunk in stream:
+    for chunk in await stream_chat(client, MODEL, max_tokens=12):
         if chunk.usage is not None:
             usage = chunk.usage
             assert chunk.choices == []
@@ -65,6 +52,7 @@ async def test_async_client_chat_streaming_with_usage(cluster: Cluster) -> None:
     await client.close()
 
 
+@pytest.mark.parametrize("cluster", POLICIES, indirect=True)
 async def test_sync_client_completions_streaming_and_not(cluster: Cluster) -> None:
     def run() -> tuple[int, int]:
         with openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused") as client:

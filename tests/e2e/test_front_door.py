@@ -3,87 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from gateway.config import EngineConfig, Settings
-from gateway.server.app import create_app
-from gateway.serving import serve_in_background
-from gateway.tokens import Tokenizer
+from gateway.sim.cluster import free_port
+from tests.helpers import CHAT, ECHO_MODEL, gateway_before
 
-MODEL = "m"
-
-
-def echo_engine() -> FastAPI:
-    """An engine that answers with what it received; body field ``fail`` makes it misbehave."""
-    app = FastAPI()
-
-    async def handle(request: Request) -> Response:
-        body = await request.json()
-        fail = body.get("fail")
-        if fail == "sglang-flat":
-            flat = {"object": "error", "message": "bad thing", "type": "BadRequestError", "param": None, "code": 400}
-            return JSONResponse(flat, 400)
-        if fail == "500":
-            return PlainTextResponse("engine exploded", 500)
-        if body.get("stream"):
-
-            async def events() -> AsyncIterator[bytes]:
-                for i in range(3):
-                    yield f"data: {json.dumps({'i': i})}\n\n".encode()
-                if fail == "mid-stream":
-                    # let the chunks reach the gateway first: aiohttp drops bytes that arrive in the same read
-                    # as a broken connection (StreamReader.readany raises before returning its buffer)
-                    await asyncio.sleep(0.1)
-                    raise RuntimeError("engine died mid-stream")
-                yield b"data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return JSONResponse({"echo_body": body, "echo_headers": dict(request.headers)})
-
-    app.add_api_route("/v1/chat/completions", handle, methods=["POST"])
-    app.add_api_route("/v1/completions", handle, methods=["POST"])
-    app.add_api_route("/metrics", lambda: PlainTextResponse(""), methods=["GET"])
-    app.add_api_route("/health", lambda: PlainTextResponse(""), methods=["GET"])
-    return app
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def gateway_before(
-    flavor: str,
-    policy: str = "round_robin",
-    url: str | None = None,
-    tokenizer: Tokenizer | None = None,
-    **settings_extra: Any,
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with contextlib.AsyncExitStack() as stack:
-        if url is None:
-            url = await stack.enter_async_context(serve_in_background(echo_engine()))
-        settings = Settings(
-            policy=policy,
-            engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[MODEL])],
-            **settings_extra,
-        )
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings, tokenizer=tokenizer)))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
-        yield client
-
-
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+MODEL = ECHO_MODEL
 
 
 async def test_unknown_fields_are_forwarded_untouched_and_sglang_rank_is_pinned_in_body() -> None:
@@ -140,36 +68,6 @@ async def test_engine_dying_mid_stream_gives_an_error_event_and_done() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "payload", "status", "param"),
-    [
-        ("/v1/chat/completions", b"{not json", 400, None),
-        ("/v1/chat/completions", b"[1, 2]", 400, None),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "model"),
-        ("/v1/chat/completions", b'{"model": 5, "messages": []}', 400, "model"),
-        ("/v1/chat/completions", b'{"model": "m"}', 400, "messages"),
-        ("/v1/chat/completions", b'{"model": "m", "messages": []}', 400, "messages"),
-        ("/v1/chat/completions", b'{"model": "m", "messages": ["hi"]}', 400, "messages[0]"),
-        ("/v1/completions", b'{"model": "m"}', 400, "prompt"),
-        ("/v1/completions", b'{"model": "m", "prompt": 3}', 400, "prompt"),
-        ("/v1/completions", b'{"model": "m", "prompt": "x", "stream": "yes"}', 400, "stream"),
-        ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
-        ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": true}', 400, "max_tokens"),
-        ("/v1/completions", b'{"model": "gpt-9", "prompt": "x"}', 404, "model"),
-    ],
-)
-async def test_bad_input_gets_an_openai_error(path: str, payload: bytes, status: int, param: str | None) -> None:
-    async with gateway_before("vllm") as client:
-        r = await client.post(path, content=payload, headers={"content-type": "application/json"})
-        assert r.status_code == status, r.text
-        error = r.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}
-        assert error["param"] == param and error["message"]
-        # the gateway still serves good requests afterwards
-        ok = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
-        assert ok.status_code == 200
-
-
-@pytest.mark.parametrize(
     ("flavor", "fail", "status", "message"),
     [("sglang", "sglang-flat", 400, "bad thing"), ("vllm", "500", 500, "engine exploded")],
 )
@@ -181,7 +79,7 @@ async def test_engine_errors_are_passed_on_in_openai_shape(flavor: str, fail: st
 
 
 async def test_unreachable_engine_is_a_503_and_not_ready() -> None:
-    async with gateway_before("vllm", url=f"http://127.0.0.1:{closed_port()}") as client:
+    async with gateway_before("vllm", url=f"http://127.0.0.1:{free_port()}") as client:
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "no_capacity"  # the first health probe already took it out

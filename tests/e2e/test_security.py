@@ -5,10 +5,8 @@ its content type reaches the client)."""
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
-import os
-from collections.abc import AsyncIterator, Iterator
+import hmac
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gateway.config import ConfigError, EngineConfig, SecurityConfig, Settings, load_settings
-from gateway.logs import make_handler
-from gateway.server import auth
-from gateway.server.app import create_app
 from gateway.server.auth import KeyRing, key_rings, read_key_file
 from gateway.server.headers import HOP_BY_HOP_HEADERS
 from gateway.serving import serve_in_background
-from tests.e2e.test_front_door import CHAT, MODEL, gateway_before
+from gateway.sim.cluster import running_gateway
+from tests.helpers import CHAT, ECHO_MODEL, captured_logs, gateway_before
 
+MODEL = ECHO_MODEL
 API_KEY = "sk-test-api-0123456789"
 ADMIN_KEY = "sk-test-admin-9876543210"
 
@@ -121,9 +118,6 @@ def test_key_files_skip_comments_and_blank_lines(tmp_path: Path) -> None:
 def test_keys_come_from_the_environment_and_never_show_in_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("GATEWAY_"):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("GATEWAY_SECURITY__API_KEYS", f'["{API_KEY}"]')
     settings = load_settings(security={"admin_keys": [ADMIN_KEY]})
     api, admin = key_rings(settings.security)
@@ -134,37 +128,19 @@ def test_keys_come_from_the_environment_and_never_show_in_settings(
         load_settings(security={"api_keys_file": str(tmp_path / "missing")})
 
 
-def test_every_key_is_compared_whatever_matches_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_key_is_compared_whatever_matches_first() -> None:
     """Constant time: the comparison count does not depend on where (or whether) the key matches."""
     calls = []
-    real = auth.hmac.compare_digest
 
     def counting(a: bytes, b: bytes) -> bool:
         calls.append((len(a), len(b)))
-        return real(a, b)
+        return hmac.compare_digest(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
-    ring = KeyRing(["first", "a-much-longer-second-key", "third"])
+    ring = KeyRing(["first", "a-much-longer-second-key", "third"], compare=counting)
     for presented, expected in (("first", True), ("third", True), ("nope", False), ("x" * 500, False)):
         calls.clear()
         assert ring.matches(presented) is expected
         assert calls == [(32, 32)] * 3, f"{presented!r}: {calls}"  # SHA-256 digests: lengths never differ
-
-
-@contextlib.contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
-    """Every record, DEBUG and up, of every logger, as JSON lines."""
-    stream = io.StringIO()
-    handler = make_handler("json", stream)
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 async def test_keys_and_prompts_are_never_logged() -> None:
@@ -212,13 +188,13 @@ def header_engine() -> FastAPI:
 
 
 async def test_hop_by_hop_and_client_headers_do_not_cross_and_the_client_cannot_pick_the_upstream() -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        engine_url = await stack.enter_async_context(serve_in_background(header_engine()))
+    async with contextlib.AsyncExitStack() as exits:
+        engine_url = await exits.enter_async_context(serve_in_background(header_engine()))
         settings = Settings(
             policy="round_robin", engines=[EngineConfig(name="e", flavor="vllm", url=engine_url, models=[MODEL])]
         )
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         sent_headers = {
             "Connection": "keep-alive, X-Private",
             "Keep-Alive": "timeout=5",

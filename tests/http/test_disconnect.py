@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.config import EngineConfig, Settings, WindowConfig
-from gateway.server.app import create_app
-from gateway.serving import serve_in_background
-from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
+from gateway.config import Settings, WindowConfig
+from gateway.sim.cluster import SimulatedEngine, running_gateway, simulated_engines
 from tests.helpers import eventually, total
 
 MODEL = "m"
@@ -20,22 +18,18 @@ SLOW = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
 
 
 @contextlib.asynccontextmanager
-async def stack(window: WindowConfig | None = None) -> AsyncIterator[tuple[str, str]]:
-    async with contextlib.AsyncExitStack() as es:
-        engine_app = create_mock_engine_app(MockEngineConfig(flavor="vllm", dp_size=2, model=MODEL, speed=1.0))
-        engine_url = await es.enter_async_context(serve_in_background(engine_app))
-        settings = Settings(
-            policy="sbs",
-            window=window or WindowConfig(),
-            engines=[EngineConfig(name="e", flavor="vllm", url=engine_url, dp_size=2, models=[MODEL])],
-        )
-        gateway_url = await es.enter_async_context(serve_in_background(create_app(settings)))
-        yield gateway_url, engine_url
+async def gateway_and_engine(window: WindowConfig | None = None) -> AsyncIterator[tuple[str, str]]:
+    """A gateway with the ``sbs`` policy and ``window`` in front of one simulated vLLM engine of 2 ranks, in real
+    time; yields both base URLs."""
+    async with simulated_engines([SimulatedEngine("e", "vllm", 2, MODEL)], speed=1.0) as engines:
+        settings = Settings(policy="sbs", window=window or WindowConfig(), engines=engines)
+        async with running_gateway(settings) as gateway_url:
+            yield gateway_url, engines[0].url
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_engine_aborts_when_the_client_leaves_mid_request(stream: bool) -> None:
-    async with stack() as (gateway_url, engine_url), httpx.AsyncClient() as http:
+    async with gateway_and_engine() as (gateway_url, engine_url), httpx.AsyncClient() as http:
         body = {**SLOW, "stream": stream}
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=0.5)) as impatient:
             if stream:  # read a few tokens, then hang up
@@ -68,7 +62,7 @@ async def test_engine_aborts_when_the_client_leaves_mid_request(stream: bool) ->
 async def test_a_request_waiting_in_the_window_is_dropped_when_its_client_leaves() -> None:
     # ticks lie on a grid: with 600 s windows the next tick is (almost surely) far beyond the client's patience
     window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0)
-    async with stack(window) as (gateway_url, engine_url), httpx.AsyncClient() as http:
+    async with gateway_and_engine(window) as (gateway_url, engine_url), httpx.AsyncClient() as http:
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=0.3)) as impatient:
             with pytest.raises(httpx.ReadTimeout):
                 await impatient.post(gateway_url + "/v1/chat/completions", json=SLOW)
@@ -87,7 +81,7 @@ async def test_a_request_waiting_in_the_window_is_dropped_when_its_client_leaves
 
 async def test_a_full_window_answers_503_with_retry_after_at_once() -> None:
     window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0, max_buffered_requests=2)
-    async with stack(window) as (gateway_url, _), httpx.AsyncClient() as http:
+    async with gateway_and_engine(window) as (gateway_url, _), httpx.AsyncClient() as http:
 
         async def waits() -> None:  # held in the window until cancelled below
             async with httpx.AsyncClient(timeout=60) as patient:

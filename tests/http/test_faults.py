@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from gateway.config import HealthConfig, UpstreamConfig
-from tests.cluster import MODEL, Cluster, running_cluster
-from tests.helpers import eventually, total
+from tests.helpers import MODEL, Cluster, eventually, running_cluster, total
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 FAST_HEALTH = HealthConfig(probe_interval_s=0.05, probe_timeout_s=5.0, failure_threshold=2, open_s=0.3)

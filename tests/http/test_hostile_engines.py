@@ -21,13 +21,13 @@ from gateway.engines import Engine, EngineAdapter, adapter_for
 from gateway.engines.client import EngineClient
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.load.scraper import MetricsScraper
-from gateway.load.view import EngineSpec, LoadView
-from gateway.server.app import create_app
+from gateway.load.view import LoadView
 from gateway.server.stream_end import StreamEnd
 from gateway.serving import serve_in_background
+from gateway.sim.cluster import running_gateway
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankMetrics
-from tests.helpers import Respond, raw_http_server
+from tests.helpers import Respond, make_view, raw_http_server
 
 MODEL = "m"
 GOOD_METRICS = 'vllm:num_requests_running{engine="0",model_name="m"} 2\nvllm:num_requests_waiting{engine="1"} 1\n'
@@ -91,7 +91,7 @@ FAILING_METRICS = [
 
 def scraper_for(url: str, client: EngineClient) -> tuple[MetricsScraper, LoadView, GatewayMetrics]:
     engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
-    view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+    view = make_view("e", dp_size=2, model=MODEL, stale_after_s=10)
     metrics = GatewayMetrics()
     return MetricsScraper(client, [Engine.from_config(engine)], view, metrics, SCRAPE), view, metrics
 
@@ -139,7 +139,7 @@ class ExplodingAdapter(EngineAdapter):
 async def test_an_unexpected_error_does_not_end_the_scraping_loop() -> None:
     async with raw_http_server(whole(GOOD_METRICS.encode())) as url, EngineClient(UpstreamConfig()) as client:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
-        view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+        view = make_view("e", dp_size=2, model=MODEL, stale_after_s=10)
         metrics = GatewayMetrics()
         scraper = MetricsScraper(client, [Engine(engine, ExplodingAdapter())], view, metrics, SCRAPE)
         await scraper.start()
@@ -174,7 +174,7 @@ async def test_metrics_are_parsed_off_the_event_loop() -> None:
     adapter = ThreadRecordingAdapter()
     async with raw_http_server(whole(GOOD_METRICS.encode())) as url, EngineClient(UpstreamConfig()) as client:
         engine = EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])
-        view = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=10)
+        view = make_view("e", dp_size=2, model=MODEL, stale_after_s=10)
         scraper = MetricsScraper(client, [Engine(engine, adapter)], view, GatewayMetrics(), SCRAPE)
         assert await scraper.once(scraper._engines[0]) is True
     assert len(adapter.threads) == 1 and adapter.threads[0] != threading.get_ident()
@@ -217,14 +217,14 @@ async def garbage_metrics(request: Request) -> Response:
 async def test_hostile_metrics_do_not_block_dispatch(
     policy: str, metrics: Callable[[Request], Awaitable[Response]]
 ) -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(serve_in_background(engine_with_metrics(metrics)))
+    async with contextlib.AsyncExitStack() as exits:
+        url = await exits.enter_async_context(serve_in_background(engine_with_metrics(metrics)))
         settings = Settings(
             policy=policy, engines=[EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])]
         )
         settings = settings.model_copy(update={"scrape": SCRAPE})
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for _ in range(3):  # while scrapes keep failing in the background
             replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat) for _ in range(4)))
@@ -277,13 +277,13 @@ async def read_events(client: httpx.AsyncClient, mode: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["garbage", "cut-event", "no-done", "reset"])
 async def test_a_broken_stream_ends_with_an_error_event_for_its_client_only(mode: str) -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(serve_in_background(sse_engine()))
+    async with contextlib.AsyncExitStack() as exits:
+        url = await exits.enter_async_context(serve_in_background(sse_engine()))
         settings = Settings(
             policy="round_robin", engines=[EngineConfig(name="e", flavor="vllm", url=url, dp_size=2, models=[MODEL])]
         )
-        gateway_url = await stack.enter_async_context(serve_in_background(create_app(settings)))
-        client = await stack.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
+        gateway_url = await exits.enter_async_context(running_gateway(settings))
+        client = await exits.enter_async_context(httpx.AsyncClient(base_url=gateway_url, timeout=10))
         broken, *others = await asyncio.gather(
             read_events(client, mode), *(read_events(client, "ok") for _ in range(3))
         )

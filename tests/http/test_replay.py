@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.replay.client import ReplayError, replay, request_body, request_prompt, run_bench
 from gateway.replay.sse import SSEDecoder
+from gateway.sim.cluster import free_port
 from gateway.tokens import count_prompt_tokens
 from gateway.workload.stats import (
     ReplayResult,
@@ -186,15 +186,8 @@ async def test_timeout_is_a_failure(server: str) -> None:
     assert [r.ok for r in result.records] == [False, True]
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_unreachable_server() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     result = await replay(url, burst(1), model="m", progress=False)
     assert summarize(result)["failures"] == {"ClientConnectorError": 1}
     with pytest.raises(ReplayError, match="/v1/models"):

@@ -21,8 +21,7 @@ from gateway.logs import (
     start_request,
 )
 from gateway.server.request_context import RequestContextMiddleware
-from tests.e2e.test_front_door import CHAT, gateway_before
-from tests.e2e.test_security import captured_logs
+from tests.helpers import CHAT, captured_logs, gateway_before
 
 
 @pytest.mark.parametrize(

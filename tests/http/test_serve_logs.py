@@ -3,18 +3,18 @@ request, API keys from a file, and nothing secret in the output."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.e2e.test_front_door import closed_port
+from gateway.sim.cluster import free_port, wait_ready
 
 KEY = "sk-serve-test-5150"
 
@@ -22,21 +22,16 @@ KEY = "sk-serve-test-5150"
 def test_serve_writes_json_logs_and_checks_keys(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"# the test's key\n{KEY}\n", encoding="utf-8")
-    port = closed_port()
+    port = free_port()
     command = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-format", "json"]
     proc = subprocess.Popen(
         [*command, "--api-keys-file", str(keys)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
     )
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            for _ in range(300):  # bounded wait for startup (embedded engines start first)
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            else:
-                raise AssertionError("the gateway did not start")
+        url = f"http://127.0.0.1:{port}"
+        # embedded engines start first
+        asyncio.run(wait_ready(url + "/health", timeout_s=30, is_alive=lambda: proc.poll() is None))
+        with httpx.Client(base_url=url, timeout=30) as client:
             chat = {"model": "deepseek-v3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             denied = client.post("/v1/chat/completions", json=chat, headers={"X-Request-Id": "cli-denied"})
             assert denied.status_code == 401, denied.text

@@ -16,18 +16,18 @@ import pytest
 
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
-from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
-from tests.e2e.test_front_door import closed_port
+from gateway.sim.cluster import NotReady, SimulatedEngine, free_port, simulated_engines, wait_ready
 from tests.helpers import eventually, total
 
 MODEL = "m"
+ENGINE = SimulatedEngine("e", "vllm", 2, MODEL)
 
 
 @contextlib.asynccontextmanager
 async def gateway_process(
     tmp_path: Path, engine_url: str, drain_s: int
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    port = closed_port()
+    port = free_port()
     config = {
         "policy": "sbs",
         "port": port,
@@ -52,15 +52,10 @@ async def gateway_process(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(timeout=2) as http:
-
-            async def ready() -> bool:
-                assert proc.returncode is None, log.read_text()
-                with contextlib.suppress(httpx.TransportError):
-                    return (await http.get(url + "/ready")).status_code == 200
-                return False
-
-            await eventually(ready, timeout_s=30)
+        try:
+            await wait_ready(url + "/ready", timeout_s=30, is_alive=lambda: proc.returncode is None)
+        except NotReady as exc:
+            pytest.fail(f"{exc}; its log:\n{log.read_text()}")
         yield url, proc
     finally:
         if proc.returncode is None:
@@ -80,8 +75,8 @@ async def wait_exit(proc: asyncio.subprocess.Process, timeout_s: float) -> int:
 
 
 async def test_sigterm_drains_buffered_and_in_flight_requests_with_zero_failures(tmp_path: Path) -> None:
-    engine = create_mock_engine_app(MockEngineConfig(flavor="vllm", dp_size=2, model=MODEL, speed=1.0))
-    async with serve_in_background(engine) as engine_url, gateway_process(tmp_path, engine_url, 30) as (url, proc):
+    async with simulated_engines([ENGINE]) as [engine], gateway_process(tmp_path, engine.url, 30) as (url, proc):
+        engine_url = engine.url
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "ignore_eos": True}
         started = asyncio.Event()
         first_events = 0
@@ -122,8 +117,8 @@ async def test_sigterm_drains_buffered_and_in_flight_requests_with_zero_failures
 
 
 async def test_past_the_drain_time_requests_are_cut_and_aborted_on_the_engine_none_orphaned(tmp_path: Path) -> None:
-    engine = create_mock_engine_app(MockEngineConfig(flavor="vllm", dp_size=2, model=MODEL, speed=1.0))
-    async with serve_in_background(engine) as engine_url, gateway_process(tmp_path, engine_url, 1) as (url, proc):
+    async with simulated_engines([ENGINE]) as [engine], gateway_process(tmp_path, engine.url, 1) as (url, proc):
+        engine_url = engine.url
         body = {"model": MODEL, "prompt": "x", "max_tokens": 100_000, "ignore_eos": True, "stream": True}
         async with httpx.AsyncClient(timeout=60) as http:
 
@@ -151,11 +146,10 @@ async def test_past_the_drain_time_requests_are_cut_and_aborted_on_the_engine_no
 
 
 async def test_ready_turns_503_once_draining_begins() -> None:
-    from gateway.config import EngineConfig, Settings
+    from gateway.config import Settings
 
-    engine = create_mock_engine_app(MockEngineConfig(flavor="vllm", dp_size=2, model=MODEL, speed=20.0))
-    async with serve_in_background(engine) as engine_url:
-        settings = Settings(engines=[EngineConfig(name="e", flavor="vllm", url=engine_url, dp_size=2, models=[MODEL])])
+    async with simulated_engines([ENGINE], speed=20.0) as engines:
+        settings = Settings(engines=engines)
         app = create_app(settings)
         async with serve_in_background(app) as url, httpx.AsyncClient() as http:
             assert (await http.get(url + "/ready")).status_code == 200

@@ -11,15 +11,10 @@ and stopped by PID with their whole process tree when the module ends.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.config import EngineConfig, ScrapeConfig, Settings
-from gateway.server.app import create_app
-from gateway.serving import serve_in_background
 from scripts import real_vllm
 
 SKIP_ENV = "SBS_SKIP_REAL_VLLM"
@@ -42,18 +37,3 @@ def vllm_installed() -> None:
             banner(f"REAL vLLM COULD NOT BE INSTALLED ({exc!r}); set {SKIP_ENV}=1 to skip these tests knowingly"),
             pytrace=False,
         )
-
-
-def engine_config(name: str, server: real_vllm.Server) -> EngineConfig:
-    return EngineConfig(name=name, flavor="vllm", url=server.url, dp_size=server.dp_size, models=[server.model])
-
-
-@contextlib.asynccontextmanager
-async def gateway(policy: str, *engines: EngineConfig) -> AsyncIterator[str]:
-    """The gateway, in this event loop on 127.0.0.1, in front of ``engines``; yields its base URL."""
-    # The gateway's own defaults, but for a faster scrape: the tests poll for states that last seconds. (vLLM runs
-    # at a lower CPU priority, see scripts/real_vllm.ENGINE_NICE; without that, this process, gateway and test
-    # client alike, went unscheduled for seconds while vLLM generated on this 2-core machine.)
-    settings = Settings(policy=policy, engines=list(engines), scrape=ScrapeConfig(interval_s=0.2))
-    async with serve_in_background(create_app(settings)) as url:
-        yield url

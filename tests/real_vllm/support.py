@@ -1,13 +1,19 @@
-"""Reading a real vLLM's ``/metrics`` in tests (counters by label) and polling for a state."""
+"""The gateway in front of real vLLM servers, reading a real vLLM's ``/metrics`` in tests (counters by label), and
+polling for a state."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import EngineConfig, PolicyName, ScrapeConfig, Settings
+from gateway.sim.cluster import running_gateway
+from scripts import real_vllm
 
 T = TypeVar("T")
 
@@ -58,3 +64,18 @@ async def until(probe: Callable[[], Awaitable[T]], holds: Callable[[T], bool], w
         if loop.time() > deadline:
             raise AssertionError(f"expected {what} within {timeout_s:.0f} s; last seen: {value!r}")
         await asyncio.sleep(0.1)
+
+
+def engine_config(name: str, server: real_vllm.Server) -> EngineConfig:
+    return EngineConfig(name=name, flavor="vllm", url=server.url, dp_size=server.dp_size, models=[server.model])
+
+
+@contextlib.asynccontextmanager
+async def gateway(policy: PolicyName, *engines: EngineConfig) -> AsyncIterator[str]:
+    """The gateway, in this event loop on 127.0.0.1, in front of ``engines``; yields its base URL."""
+    # The gateway's own defaults, but for a faster scrape: the tests poll for states that last seconds. (vLLM runs
+    # at a lower CPU priority, see scripts/real_vllm.ENGINE_NICE; without that, this process, gateway and test
+    # client alike, went unscheduled for seconds while vLLM generated on this 2-core machine.)
+    settings = Settings(policy=policy, engines=list(engines), scrape=ScrapeConfig(interval_s=0.2))
+    async with running_gateway(settings) as url:
+        yield url

@@ -16,8 +16,8 @@ import pytest
 
 from gateway.engines.vllm import VllmAdapter
 from scripts.real_vllm import Server, running
-from tests.real_vllm.conftest import engine_config, gateway
-from tests.real_vllm.support import moved, scrape, series, until
+from tests.helpers import stream_chat
+from tests.real_vllm.support import engine_config, gateway, moved, scrape, series, until
 
 pytestmark = pytest.mark.real_vllm
 
@@ -55,16 +55,8 @@ async def test_openai_client_chat_and_completions_streaming_and_not(gateway_url:
         assert chat.usage is not None and chat.usage.completion_tokens == 7, chat.usage
         assert chat.choices[0].finish_reason == "length"
 
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Tell me a story."}],
-            max_tokens=12,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=FIXED,
-        )
         chunks, usage, finish = 0, None, None
-        async for chunk in stream:
+        for chunk in await stream_chat(client, MODEL, max_tokens=12):
             if chunk.usage is not None:
                 usage = chunk.usage
             for choice in chunk.choices:

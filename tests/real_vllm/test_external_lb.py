@@ -9,8 +9,7 @@ import openai
 import pytest
 
 from scripts.real_vllm import Server, running
-from tests.real_vllm.conftest import engine_config, gateway
-from tests.real_vllm.support import moved, scrape, series
+from tests.real_vllm.support import engine_config, gateway, moved, scrape, series
 
 pytestmark = pytest.mark.real_vllm
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import DecodeConfig, PhaseAwareConfig, WindowConfig
-from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.allocation import assigned_levels, free_prefill_capacity, water_fill
 from gateway.scheduling.scheduler import Scheduler
 from gateway.types import RankKey
-from tests.helpers import MODEL, rank, req
+from tests.helpers import make_view, rank, req
 
 
 def placement(allocation) -> dict[str, str]:
@@ -147,7 +146,7 @@ TICK = WindowConfig(min_interval_s=0.01, max_interval_s=0.01)
 
 
 def test_the_scheduler_passes_shortest_first_to_phase_aware_placement():
-    view = LoadView([EngineSpec("e", 1, frozenset({MODEL}), 1000)], stale_after_s=3.0)
+    view = make_view("e", dp_size=1, budget=1000)
     allocator = PhaseAwareConfig(shortest_first=True, queue_steps=1, min_queue_tokens=0)
     scheduler = Scheduler("sbs", view, window=TICK, allocator=allocator, decode=DecodeConfig())
     view.on_dispatch("busy", RankKey("e", 0), 300, 0.0, stream=True)  # the rank has room for 700 more tokens
@@ -160,7 +159,7 @@ def test_the_scheduler_passes_shortest_first_to_phase_aware_placement():
 @pytest.mark.parametrize(("isolation", "engine"), [(False, "a"), (True, "b")])
 def test_the_scheduler_passes_long_prefill_isolation_to_phase_aware_placement(isolation, engine):
     # budgets of 1000 tokens: 2 budgets of capacity, or the default floor of 16,384 tokens, hold b's 900 + 100
-    view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 1000) for e in ("a", "b")], stale_after_s=3.0)
+    view = make_view("a", "b", dp_size=2, budget=1000)
     allocator = PhaseAwareConfig(long_prefill_tokens=5000 if isolation else None)
     scheduler = Scheduler("sbs", view, window=TICK, allocator=allocator, decode=DecodeConfig())
     view.on_dispatch("long", RankKey("a", 0), 6000, 0.0, stream=True)  # over 5000 tokens: a is slow
@@ -182,7 +181,7 @@ def test_a_rank_takes_at_least_min_queue_tokens_whatever_its_budget(min_tokens, 
 
 @pytest.mark.parametrize(("min_tokens", "placed"), [(0, 0), (16_384, 1)])
 def test_the_scheduler_passes_min_queue_tokens_to_phase_aware_placement(min_tokens, placed):
-    view = LoadView([EngineSpec("e", 1, frozenset({MODEL}), 1000)], stale_after_s=3.0)
+    view = make_view("e", dp_size=1, budget=1000)
     allocator = PhaseAwareConfig(min_queue_tokens=min_tokens)
     scheduler = Scheduler("sbs", view, window=TICK, allocator=allocator, decode=DecodeConfig())
     view.on_dispatch("busy", RankKey("e", 0), 1500, 0.0, stream=True)  # 2 budgets of 1000 leave room for 500

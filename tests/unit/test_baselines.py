@@ -6,9 +6,8 @@ from collections import Counter
 
 import pytest
 
-from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.baselines import make_immediate_policy
-from tests.helpers import MODEL, rank, req
+from tests.helpers import make_view, rank, req
 
 
 def choose_many(name: str, ranks, n: int, seed: int = 0) -> list[str]:
@@ -47,7 +46,7 @@ def test_ties_are_spread_not_piled_on_rank_zero(name):
 def test_sglang_total_tokens_takes_the_lowest_rank_on_a_full_tie_and_sees_its_own_dispatches_via_the_view():
     ranks = [rank("e", i) for i in range(4)]
     assert choose_many("sglang_total_tokens", ranks, 3) == ["e/0", "e/0", "e/0"]  # the snapshot is not updated
-    view = LoadView([EngineSpec("e", 4, frozenset({MODEL}), 8192)], stale_after_s=3.0)
+    view = make_view("e", dp_size=4)
     policy = make_immediate_policy("sglang_total_tokens")
     placed = []
     for i in range(4):  # the optimistic update: each dispatch adds its prompt to the rank's tokens at once

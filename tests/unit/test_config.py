@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -32,14 +31,6 @@ engines:
     role: mixed
     models: [deepseek-v3]
 """
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No GATEWAY_* variable of the machine running the tests leaks in."""
-    for name in list(os.environ):
-        if name.upper().startswith("GATEWAY_"):
-            monkeypatch.delenv(name)
 
 
 def write(tmp_path: Path, text: str, name: str = "gateway.yaml") -> Path:

@@ -10,10 +10,9 @@ from gateway.config import EngineConfig, HealthConfig, Settings, WindowConfig
 from gateway.dispatch import Dispatcher
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import BreakerState, CircuitBreaker, HealthBook, RetryThrottle
-from gateway.load.view import EngineSpec, LoadView
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
-from tests.helpers import MODEL, req, total
+from tests.helpers import MODEL, make_view, req, total
 
 CONFIG = HealthConfig(failure_threshold=3, open_s=1.0, max_open_s=4.0)
 
@@ -102,7 +101,7 @@ def make_dispatcher(window: WindowConfig, clock: list[float]) -> Dispatcher:
         for name in ("a", "b")
     ]
     settings = Settings(policy="sbs", window=window, engines=engines)
-    view = LoadView((EngineSpec(e.name, 2, frozenset(e.models), 8192) for e in engines), stale_after_s=3.0)
+    view = make_view(*(e.name for e in engines), dp_size=2)
     return Dispatcher(settings, view, GatewayMetrics(), clock=lambda: clock[0])
 
 

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.load.view import EngineSpec, LoadView
+from gateway.load.view import LoadView
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.types import RankKey, RankMetrics
-from tests.helpers import MODEL, req
+from tests.helpers import make_view, req
 
 E0 = RankKey("e", 0)
 E1 = RankKey("e", 1)
-
-
-def view(dp_size: int = 2, stale_after_s: float = 3.0) -> LoadView:
-    return LoadView(
-        [EngineSpec("e", dp_size, frozenset({MODEL}), 8192)], stale_after_s=stale_after_s, nonstream_prefill_s=1.0
-    )
 
 
 def loads(v: LoadView, now: float) -> dict[str, tuple[float, float, float, float]]:
@@ -24,7 +18,7 @@ def loads(v: LoadView, now: float) -> dict[str, tuple[float, float, float, float
 
 
 def test_local_accounting_follows_a_request_lifecycle():
-    v = view()
+    v = make_view()
     v.on_dispatch("a", E0, 1000, 0.0, stream=True)
     assert loads(v, 0.0)["e/0"] == (1, 0, 1000, 1000)
     v.on_first_token("a", 0.5)
@@ -36,7 +30,7 @@ def test_local_accounting_follows_a_request_lifecycle():
 
 
 def test_finish_before_first_token_releases_queued_prefill():
-    v = view()
+    v = make_view()
     v.on_dispatch("a", E1, 700, 0.0, stream=True)
     v.on_finish("a", 0.1)
     v.on_finish("a", 0.2)  # twice is harmless
@@ -46,7 +40,7 @@ def test_finish_before_first_token_releases_queued_prefill():
 
 def test_burst_between_scrapes_does_not_herd():
     """A stale-looking idle scrape must not make every request of a burst pick the same rank."""
-    v = view(dp_size=4)
+    v = make_view(dp_size=4)
     v.on_scrape("e", {i: RankMetrics() for i in range(4)}, 0.0)
     policy = make_immediate_policy("shortest_queue")
     chosen = []
@@ -59,7 +53,7 @@ def test_burst_between_scrapes_does_not_herd():
 
 
 def test_scrape_adds_other_clients_load_and_deltas_restart_at_each_scrape():
-    v = view()
+    v = make_view()
     v.on_dispatch("a", E0, 100, 0.0, stream=True)
     # the engine also runs 5 requests from elsewhere and has 2 waiting, ours among them
     v.on_scrape("e", {0: RankMetrics(running=5, waiting=2, kv_usage=0.4), 1: RankMetrics()}, 0.5)
@@ -73,7 +67,7 @@ def test_scrape_adds_other_clients_load_and_deltas_restart_at_each_scrape():
 
 
 def test_lagging_scrape_never_hides_what_the_gateway_has_in_flight():
-    v = view()
+    v = make_view()
     for i in range(3):
         v.on_dispatch(f"r{i}", E1, 100, 0.0, stream=True)
     v.on_scrape("e", {0: RankMetrics(), 1: RankMetrics()}, 0.01)  # the engine has not seen them yet
@@ -81,7 +75,7 @@ def test_lagging_scrape_never_hides_what_the_gateway_has_in_flight():
 
 
 def test_stale_or_failing_scrapes_fall_back_to_local_accounting():
-    v = view(stale_after_s=3.0)
+    v = make_view(stale_after_s=3.0)
     v.on_scrape("e", {0: RankMetrics(running=40, waiting=10, kv_usage=0.9)}, 0.0)
     assert loads(v, 2.0)["e/0"][:2] == (10, 40)
     v.on_scrape_failure("e", 2.5)
@@ -94,7 +88,7 @@ def test_stale_or_failing_scrapes_fall_back_to_local_accounting():
 
 
 def test_non_streamed_request_counts_as_prefill_until_its_estimate():
-    v = view()
+    v = make_view()
     v.on_dispatch("a", E0, 500, 10.0, stream=False)
     assert loads(v, 10.9)["e/0"][:3] == (1, 0, 500)
     assert loads(v, 11.0)["e/0"][:3] == (0, 1, 0)
@@ -103,14 +97,14 @@ def test_non_streamed_request_counts_as_prefill_until_its_estimate():
 
 
 def test_a_long_non_streamed_prompt_counts_as_prefill_for_every_chunk_it_spans():
-    v = view()  # budgets of 8192 tokens, 1 s per chunk
+    v = make_view()  # budgets of 8192 tokens, 1 s per chunk
     v.on_dispatch("long", E0, 100_000, 10.0, stream=False)  # 13 chunks
     assert loads(v, 22.9)["e/0"][:3] == (1, 0, 100_000)
     assert loads(v, 23.0)["e/0"][:3] == (0, 1, 0)
 
 
 def test_bad_events_raise():
-    v = view()
+    v = make_view()
     v.on_dispatch("a", E0, 1, 0.0, stream=True)
     with pytest.raises(ValueError):
         v.on_dispatch("a", E1, 1, 0.0, stream=True)
@@ -121,15 +115,13 @@ def test_bad_events_raise():
 
 
 def test_usable_comes_from_the_function_given_at_construction():
-    v = LoadView(
-        [EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=3.0, usable=lambda key, now: key.rank == 1
-    )
+    v = make_view(usable=lambda key, now: key.rank == 1)
     assert [r.usable for r in v.snapshot(0.0)] == [False, True]
-    assert all(r.usable for r in view().snapshot(0.0))
+    assert all(r.usable for r in make_view().snapshot(0.0))
 
 
 def test_without_state_sync_the_snapshot_stays_as_at_the_last_scrape():
-    v = LoadView([EngineSpec("e", 2, frozenset({MODEL}), 8192)], stale_after_s=3.0, state_sync=False)
+    v = make_view(state_sync=False)
     v.on_dispatch("before", E0, 500, 0.0, stream=True)
     assert loads(v, 0.0)["e/0"] == (1, 0, 500, 500), "before any scrape: the live local accounting"
     v.on_scrape("e", {0: RankMetrics(running=2, waiting=1, kv_usage=0.1), 1: RankMetrics(0, 0, 0.0)}, 1.0)

@@ -17,10 +17,11 @@ from gateway.config import (
 )
 from gateway.dispatch import Dispatcher
 from gateway.errors import NoCapacityError
-from gateway.load.view import EngineSpec, LoadView
+from gateway.load.view import LoadView
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
+from tests import helpers
 from tests.helpers import MODEL, req
 
 WINDOW = WindowConfig(min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1)
@@ -36,7 +37,7 @@ def make_scheduler(
 
 
 def make_view(dp_size: int = 4, engines: tuple[str, ...] = ("a",)) -> LoadView:
-    return LoadView([EngineSpec(e, dp_size, frozenset({MODEL}), 8192) for e in engines], stale_after_s=3.0)
+    return helpers.make_view(*engines, dp_size=dp_size)
 
 
 def test_immediate_policy_places_at_submit_and_records_it():

@@ -8,13 +8,13 @@ import pytest
 
 from gateway.config import DecodeConfig, EngineConfig, PhaseAwareConfig, Settings, StepAlignedCloseConfig, WindowConfig
 from gateway.dispatch import Dispatcher
-from gateway.load.view import EngineSpec, LoadView
+from gateway.load.view import LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
-from tests.helpers import MODEL, rank, req
+from tests.helpers import MODEL, make_view, rank, req
 
 CLOSING = StepAlignedClosing(lead_s=0.005, min_interval_s=0.01, max_interval_s=0.5)
 
@@ -89,7 +89,7 @@ def make_scheduler(view: LoadView, window: WindowConfig = WINDOW) -> Scheduler:
 
 def two_busy_instances() -> tuple[LoadView, Scheduler]:
     """Instances "a" and "b" of 2 ranks, each decoding one request; steps of 0.1 s assumed."""
-    view = LoadView([EngineSpec(e, 2, frozenset({MODEL}), 8192) for e in ("a", "b")], stale_after_s=3.0)
+    view = make_view("a", "b", dp_size=2)
     scheduler = make_scheduler(view)
     for engine in ("a", "b"):
         view.on_dispatch(f"decoding-{engine}", RankKey(engine, 0), 10, 0.0, stream=True)
@@ -162,7 +162,7 @@ async def test_the_live_window_loop_closes_at_a_step_boundary_seen_while_it_slee
     """The loop sleeps until the close its last poll computed; a step boundary seen meanwhile can make the close
     due much earlier, and must wake it (the simulator polls at every step end)."""
     now = [0.0]
-    view = LoadView([EngineSpec("a", 2, frozenset({MODEL}), 8192)], stale_after_s=1e9)
+    view = make_view("a", dp_size=2, stale_after_s=1e9)
     settings = Settings(
         policy="sbs",
         window=WINDOW.model_copy(update={"max_interval_s": 1000.0, "initial_step_s": 500.0}),

@@ -16,9 +16,9 @@ added latency: the median TTFT of
 single-token requests sent one at a time (so nothing queues), interleaved direct / through each gateway so that
 drift of this shared machine hits all alike, gateway minus direct.
 
-    .venv/bin/python bench/real_vllm.py [--requests 80] [--rate 3] [--output-tokens 48] [--repeats 3]
+    .venv/bin/python bench/direct_vs_gateway_vllm.py [--requests 80] [--rate 3] [--output-tokens 48] [--repeats 3]
 
-prints the tables and writes ``bench/results/real_vllm.json`` and ``.txt``.
+prints the tables and writes ``bench/results/direct_vs_gateway_vllm.json`` and ``.txt``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from gateway.workload.stats import summarize
 from gateway.workload.traces import TraceRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts import real_vllm  # the repo root is not on sys.path when run as bench/real_vllm.py
+from scripts import real_vllm  # the repo root is not on sys.path when run as bench/direct_vs_gateway_vllm.py
 
 MODEL = "smollm2"
 POLICIES = ("round_robin", "sbs")
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=8, help="vLLM --max-num-seqs per rank [8]")
     ap.add_argument("--probe-rounds", type=int, default=30, help="rounds of the added-latency probe [30]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", type=Path, default=RESULTS / "real_vllm.json")
+    ap.add_argument("--output", type=Path, default=RESULTS / "direct_vs_gateway_vllm.json")
     args = ap.parse_args()
 
     trace = workload(args.requests, args.rate, args.output_tokens, args.seed)

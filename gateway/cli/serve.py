@@ -1,0 +1,115 @@
+"""``gateway serve``: the gateway, in front of the configured engines or of the embedded simulated ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import click
+import uvicorn
+
+from gateway.cli.options import config_option, log_level_option, policy_option
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import configure_logging
+
+log = logging.getLogger("gateway.cli")
+
+
+@click.command()
+@config_option(
+    envvar="GATEWAY_CONFIG",
+    help="YAML configuration file (also GATEWAY_CONFIG). Without one, simulated engines start in-process.",
+)
+@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
+@policy_option("Scheduling policy, overriding the configuration [default: sbs].")
+@log_level_option("info")
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default=None,
+    help="Log lines as JSON objects (request id, engine, rank, window, timings as fields) or as text "
+    "[default: text; setting log.format].",
+)
+@click.option(
+    "--api-keys-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="File of API keys, one a line ('#' comments): clients must send 'Authorization: Bearer <key>' on /v1. "
+    "Also setting security.api_keys_file; keys themselves via GATEWAY_SECURITY__API_KEYS='[...]'.",
+)
+@click.option(
+    "--admin-keys-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="File of admin keys, one a line, for /admin/state, /docs, /openapi.json (and /metrics with "
+    "security.metrics_auth: admin).",
+)
+def serve(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    policy: str | None,
+    log_level: str,
+    log_format: str | None,
+    api_keys_file: str | None,
+    admin_keys_file: str | None,
+) -> None:
+    """Run the gateway.
+
+    With no configuration (no --config, no GATEWAY_CONFIG, no GATEWAY_ENGINES) it starts two simulated engines
+    in-process (SGLang- and vLLM-flavoured, 8 DP ranks each, model deepseek-v3), so the OpenAI endpoint answers
+    at once.
+    """
+    security = {"api_keys_file": api_keys_file, "admin_keys_file": admin_keys_file}
+    try:
+        settings = load_settings(
+            config_path,
+            host=host,
+            port=port,
+            policy=policy,
+            log={"format": log_format} if log_format else None,
+            security={k: v for k, v in security.items() if v} or None,
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    configure_logging(log_level, settings.log.format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings, log_level))
+
+
+async def _serve(settings: Settings, log_level: str) -> None:
+    from gateway.embedded import embedded_engines
+    from gateway.server.app import begin_drain, create_app
+    from gateway.serving import DrainingServer
+
+    async with contextlib.AsyncExitStack() as exits:
+        if not settings.engines:
+            engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed))
+            settings = settings.model_copy(update={"engines": engines})
+            for engine in engines:
+                log.info(
+                    "embedded %s engine %s: %s (%d DP ranks)", engine.flavor, engine.name, engine.url, engine.dp_size
+                )
+        try:
+            app = create_app(settings)
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the API keys: {exc}") from exc
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            log_config=None,  # keep configure_logging's format for uvicorn's own lines
+            access_log=False,  # the gateway writes its own access log (gateway.access), with request ids
+            timeout_graceful_shutdown=settings.shutdown.drain_timeout_s,
+        )
+        log.info(
+            "gateway (%s) on http://%s:%d/v1 serving %s",
+            settings.policy,
+            settings.host,
+            settings.port,
+            ", ".join(settings.served_models()),
+        )
+        await DrainingServer(config, on_drain=lambda: begin_drain(app)).serve()
