@@ -186,9 +186,8 @@ class _AllocatorBase(_Strict):
     shortest_first: bool = False
     """Place a window's shortest prompts first, whatever waited longer (``max_wait_s`` still bounds the wait), so
     that when not all fit the long ones wait; ``False``: deferred requests first, then longest first (the
-    water-filling order). A trade of the mean for the tail, for bursty prefill-heavy traffic: simulated at 80% load
-    (2 x 8 ranks, 20-minute slices, ``bench/results/ablation.md``) it lowers Azure code's TTFT mean by 39% and
-    raises its p99 by 12%, and makes Azure conversation (mean +13%, p99 3.2x) and Mooncake (mean +19%) worse."""
+    water-filling order). A trade of the tail for the mean, for bursty prefill-heavy traffic
+    (``bench/results/decisions.md#shortest-first``)."""
 
 
 class WaterFillConfig(_AllocatorBase):
@@ -206,7 +205,8 @@ class PhaseAwareConfig(_AllocatorBase):
     """Allocator kind."""
     decode_stall_weight: float = Field(default=0.005, ge=0)
     """Weight of one decoding request's stall against one waiting request's TTFT; higher trades TTFT for TPOT
-    (see :data:`gateway.scheduling.phase.DECODE_STALL_WEIGHT`)."""
+    (see :data:`gateway.scheduling.phase.DECODE_STALL_WEIGHT`,
+    ``bench/results/decisions.md#decode-stall-weight``)."""
     use_step_phase: bool = True
     """Place by each instance's step phase, so batches meet instances as they start a step; ``False`` treats
     every instance as ready now, for ablation."""
@@ -214,10 +214,9 @@ class PhaseAwareConfig(_AllocatorBase):
     """Long-prefill isolation: keep prompts longer than this many tokens together on instances already
     prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a long-context
     chunk sets the step time of the whole instance (see :mod:`gateway.scheduling.phase`). In tokens, not
-    chunked-prefill budgets: the step time a long prompt imposes grows with its context. Simulated on 20 minutes
-    of Mooncake at 80% load (``bench/results/ablation.md``) it lowers TTFT mean by 27% and TPOT mean by 51% and
-    raises TTFT p99 by 22% (the longest prompts wait on each other's long steps); on the Azure traces nothing is
-    that long. ``None``: off."""
+    chunked-prefill budgets: the step time a long prompt imposes grows with its context. It trades the longest
+    prompts' tail for everyone else's TTFT and TPOT (``bench/results/decisions.md#long-prefill-isolation``).
+    ``None``: off."""
 
 
 def _allocator_kind(data: Any) -> str:
@@ -302,9 +301,8 @@ class UpstreamConfig(_Strict):
     """Tokens a successful try gives back (see ``retry_throttle_max_tokens``). With 1.0 retries go on while at
     most about half the tries fail: one engine of two failing outright still has every request retried on the
     other (each retry's success pays back its failure), a cluster where every try times out stops retrying
-    after ten failures. gRFC A6's example uses 0.1, which throttles from about one failed try in eleven: an
-    engine crash would then reach clients as errors although the other engines are healthy (measured with
-    ``bench/soak.py``: 71 requests failed with 0.1 where the retries would have succeeded)."""
+    after ten failures. gRFC A6's example 0.1 throttles from about one failed try in eleven, too early when one
+    engine fails among healthy ones (``bench/results/decisions.md#retry-throttle-ratio``)."""
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> UpstreamConfig:

@@ -4,7 +4,7 @@ Pure state with time passed in; the scraper and the dispatcher feed it events.
 
 Scraped engine metrics lag (scrape interval, engine logging interval). Between scrapes the view adds what the
 gateway itself dispatched and subtracts what it saw start and finish, so a burst cannot all land on one rank
-("herding", DESIGN.md §2, §6). At each scrape the deltas restart from the engine's figures. The figures never
+("herding", ``docs/design.md`` §2.7, §7). At each scrape the deltas restart from the engine's figures. The figures never
 fall below what the gateway knows it has in flight on the rank (its own requests are a lower bound, whatever a
 lagging scrape says), and when the last good scrape is older than ``stale_after_s`` (or there was none) the view
 uses local accounting alone.
@@ -84,9 +84,9 @@ class LoadView:
         usable: whether new requests may go to a rank at a time (the gateway passes its circuit breakers'
             :meth:`~gateway.load.health.HealthBook.usable`); every rank is usable when ``None``.
         state_sync: add the gateway's own dispatches, first tokens and finishes to the figures between scrapes
-            (DESIGN.md §2, "robust state synchronization"). ``False``, for ablation: between two scrapes of an
-            engine its ranks' snapshot stays what it was at the last scrape (before any scrape: the live local
-            accounting, i.e. idle).
+            (``docs/design.md`` §2.7, "robust state synchronization"). ``False``, for ablation: between two
+            scrapes of an engine its ranks' snapshot stays what it was at the last scrape (before any scrape: the
+            live local accounting, i.e. idle).
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """Load-aware global allocation of a window's batch across DP ranks (policy ``sbs``).
 
 Prefill **water-filling** (our reading of Staggered Batch Scheduling, Tian et al., arXiv 2512.16134, §"Load-Aware
-Global Allocation"; see DESIGN.md §2): every DP rank has a per-step prefill capacity (its token budget) of which
-``queued_prefill_tokens`` are already taken. The window's requests are sorted by prompt length, longest first,
+Global Allocation"; see ``docs/design.md`` §2.5): every DP rank has a per-step prefill capacity (its token budget)
+of which ``queued_prefill_tokens`` are already taken. The window's requests are sorted by prompt length, longest first,
 and each is poured into the rank with the lowest filled level among those it fits in, so that the maximum
 per-rank prefill load of the next lockstep step (the step's makespan) stays as low as possible. Ties in the
 level, common when ranks are idle, are broken by decode load: fewest running requests, then least KV usage.
@@ -10,25 +10,19 @@ What fits nowhere waits for the next window instead of queuing inside an engine;
 ``max_wait_s`` is placed on the least-filled rank regardless, so nothing starves.
 
 Requests deferred before are placed first (:func:`placement_order`). Longest-first alone passes over short
-requests again and again during a burst: on 20 minutes of the Azure code trace at 80% load (2 x 8 ranks,
-``gateway simulate``) sbs had TTFT mean 3.89 s / p99 13.5 s, and 3.29 s / 8.6 s with deferred requests first
-(round robin: 3.96 s / 10.1 s; least tokens 3.71 s / 8.6 s); unchanged on Azure conv and Mooncake, where
-little is deferred.
+requests again and again during a burst (``bench/results/decisions.md#deferred-first``).
 
 A rank's capacity is ``queue_steps`` budgets, not one: the gateway cannot see step boundaries, so the tokens it
 counts as queued include the step in progress, and the engine starts its next step the moment one ends, before
-the gateway hears of it. With one budget of capacity, requests held back would miss every next step; measured
-in the virtual-time simulator on 10 minutes of the Azure conversation trace (2 instances x 8 ranks, rate x15),
-``queue_steps=1`` gave TTFT p50 2.3 s / p99 12.1 s against 1.6 s / 2.6 s with 2.
+the gateway hears of it. With one budget of capacity, requests held back would miss every next step
+(``bench/results/decisions.md#queue-steps``).
 
 A prompt longer than a rank's whole capacity fits only a rank with nothing queued: chunked prefill then spreads
 it over several steps.
 
 The capacity is also at least ``min_queue_tokens`` prompt tokens, whatever the budget. With a small chunked-prefill
-budget, two budgets leave every longer prompt waiting for an idle rank: simulated with 2,048-token budgets (the first
-10 minutes at 80% load, 2 x 8 ranks, ``bench/sensitivity.py``), sbs's TTFT mean was 808 ms on Azure conv and 7.1 s on
-Azure code against 581 ms and 5.5 s for least tokens; with at least 16,384 tokens (two budgets of 8,192, the
-setting the defaults were measured at) it was 535 ms and 4.0 s (TTFT p99 +7% and +22% against least tokens).
+budget, two budgets would leave every longer prompt waiting for an idle rank
+(``bench/results/decisions.md#min-queue-tokens``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Decode-aware rank choice: two objectives, outlier ranks found by the interquartile range, lexicographic choice.
 
 Our reading of SBS's decode allocation ("dual-objective, IQR-informed decode allocation with lexicographic
-selection", Tian et al., arXiv 2512.16134; DESIGN.md §2). A decode step of a DP+EP instance lasts as long as
+selection", Tian et al., arXiv 2512.16134; ``docs/design.md`` §2.6). A decode step of a DP+EP instance lasts as long as
 its heaviest rank, and a rank's decode work grows with its running requests and with their KV tokens
 (:meth:`gateway.sim.calibration.EngineModelConfig.decode_s`). So a rank is judged on two objectives:
 
@@ -43,7 +43,8 @@ IQR_K = 1.5
 RUNNING_BUCKET = 4
 """Default bucket width of the requests objective, requests. On the calibrated engine model four requests'
 fixed decode cost (4 x ``decode_req_s`` = 0.48 ms a step) equals the attention cost of about 17k KV tokens
-(x ``decode_kv_s`` = 2.86e-8 s), a few long contexts: within such a band the KV objective decides."""
+(x ``decode_kv_s`` = 2.86e-8 s), a few long contexts: within such a band the KV objective decides
+(``bench/results/decisions.md#running-bucket``)."""
 
 MIN_RANKS_FOR_QUARTILES = 4
 """Fewer ranks than this have no meaningful quartiles: no rank is called an outlier."""

@@ -16,11 +16,9 @@ request waits them out instead: ``wait(e) + k * d_e(budget) + d_e(rest + t)``. R
 first, each at its cheapest (instance, rank); ties go to the decode-aware choice
 (:mod:`gateway.scheduling.decode`: outliers last, then fewest requests in buckets, then least KV), then to the
 rank with fewer tokens bound for the next step. This is our reading of SBS's "waiting to accelerate" and staggering
-(DESIGN.md §2), applied to the whole cluster at once.
+(``docs/design.md`` §2.8), applied to the whole cluster at once.
 
-Measured in the virtual-time simulator (``gateway simulate``), 5 minutes of the Azure conversation trace on 2
-instances x 8 ranks at 10x its rate: mean TTFT 0.58 s against 0.94 s for round robin and 0.84 s for least
-tokens; water-filling alone gave 1.14 s.
+Why it is the default allocator: ``bench/results/decisions.md#allocator``.
 
 **Long-prefill isolation** (``long_prefill_tokens``). The cost above counts prefill tokens, not their context, but
 attention makes a chunk's cost grow with the context before it: in the engine model
@@ -28,17 +26,12 @@ attention makes a chunk's cost grow with the context before it: in the engine mo
 tokens in. In lockstep the rank carrying that chunk sets the step time of the whole instance, so every short
 prompt and every decode on the instance waits it out, for the many steps a long prompt's chunked prefill lasts.
 So a prompt longer than ``long_prefill_tokens`` goes, among the ranks it fits, to an instance that already has a
-rank with that much queued (where it barely lengthens steps that are long anyway), and a shorter
-prompt goes, if it fits anywhere else, to an instance without one; within that choice the cost decides as above.
-Simulated on the first 10 minutes of the Mooncake conversation trace (2 x 8 ranks, 80% load, 8,192-token budgets),
-40,960 tokens: TTFT mean 9.32 -> 6.76 s, TPOT mean 365 -> 180 ms, goodput 0.43 -> 0.56 req/s, TTFT p99
-78 -> 87 s (the longest prompts now share long steps with each other). 32,768 tokens gave 7.05 s, 49,152 gave
-6.87 s, 8,192 (every multi-step prompt) 10.4 s: too many requests crowd the long instance. The threshold is in
-tokens, not budgets, as the cost comes from the context: with 2,048-token budgets 40,960 tokens gave 6.38 s (least
-tokens 8.37 s) and 10,240 (5 budgets) 8.58 s; with 16,384-token budgets 7.83 s (sglang total tokens 11.42 s) and
-81,920 10.33 s. On the Azure traces no prompt is that long and nothing changes. The level of a rank comes from the
-gateway's own accounting (:mod:`gateway.load.view`): a non-streamed prompt, whose first token the gateway does not
-see, counts for an estimate of its prefill time.
+rank with that much queued (where it barely lengthens steps that are long anyway), and a shorter prompt goes, if
+it fits anywhere else, to an instance without one; within that choice the cost decides as above. The threshold is
+in tokens, not chunked-prefill budgets, as the cost comes from the context (measured:
+``bench/results/decisions.md#long-prefill-isolation``). The level of a rank comes from the gateway's own
+accounting (:mod:`gateway.load.view`): a non-streamed prompt, whose first token the gateway does not see, counts
+for an estimate of its prefill time.
 """
 
 from __future__ import annotations
@@ -60,16 +53,8 @@ if TYPE_CHECKING:
 DECODE_STALL_WEIGHT = 0.005
 """Default ``w``: how much one decoding request's stall counts against one waiting request's TTFT.
 
-It trades TTFT for TPOT. Simulated over five consecutive 10-minute slices of the Azure conversation trace, each at
-80% of its capacity on 2 x 8 ranks
-(``python bench/slices.py --settings '{"allocator": {"decode_stall_weight": w}}'``; best baseline: TTFT mean
-1,358 ms, p99 3,029 ms, TPOT mean 263 ms): w=0.01 gives TTFT mean 899 ms, p99 3,068 ms, TPOT
-194 ms; w=0.0075 865 ms, 3,005 ms, 198 ms; w=0.005 808 ms, 2,811 ms, 201 ms; w=0.0035 821 ms, 3,076 ms, 199 ms.
-At 95% load (``--load 0.95``) 0.005 gives TTFT mean 1,260 ms against 1,365 ms at 0.01 (best baseline 1,688 ms),
-the same p99. On the Azure code and Mooncake slices 0.005 and 0.01 differ by 1% or less. Lower still is unstable:
-on the first 20 minutes of Azure conversation at 80% load, w=0.002 gave TTFT p99 9.6 s and w=0 9.2 s against
-2.1 s at 0.005 (not investigated further). The default is the lowest TTFT measured, its TPOT still 24% below the
-best baseline's."""
+It trades TTFT for TPOT: higher favours the decoding requests. Chosen on five Azure conversation slices at 80%
+and 95% load: ``bench/results/decisions.md#decode-stall-weight``."""
 
 
 @dataclass(slots=True)
@@ -143,8 +128,7 @@ def phase_fill(
         decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ranks of equal cost are ordered by it
             (each instance's outlier ranks last, then the lexicographic key) before their next-step prefill
             level; ``None`` orders them by next-step level, then running requests and KV usage. The predicted
-            first-token time stays first: dropping outliers from the candidates instead, at the price of later
-            first tokens, gave TTFT p99 1.70 s against 1.45 s (Azure conv, 20 minutes at 80% load, w=0.05).
+            first-token time stays first (``bench/results/decisions.md#iqr-outliers``).
         use_step_phase: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
             (the staggering switched off, for ablation).
         shortest_first: place the shortest prompts first instead of the longest

@@ -1,6 +1,6 @@
 """Step-aligned window closing: close the window just before some instance starts its next step.
 
-SBS's queueing argument (DESIGN.md §2): N instances fed by one queue whose batches leave at offsets of T/N
+SBS's queueing argument (``docs/design.md`` §2.1): N instances fed by one queue whose batches leave at offsets of T/N
 (T = one step) make a request wait about T/(2N), against T/2 for N gated servers. The window's grid ticks
 (:class:`~gateway.scheduling.window.BatchWindow`) ignore where the instances are in their steps; here each
 close is timed to the instances' step boundaries instead. From the step clock

@@ -4,9 +4,9 @@ All DP ranks of an instance run forward steps in lockstep and every running requ
 of each step, so token chunks from one instance arrive in bursts, one burst per step end. The first chunk after
 a quiet gap of at least ``boundary_gap_s`` marks a step boundary. Knowing the last boundary and predicting the
 current step's duration tells when the instance will next start a step: the moment a request sent to it
-starts its prefill (DESIGN.md §2, "waiting to accelerate").
+starts its prefill (``docs/design.md`` §2.8, "waiting to accelerate").
 
-Step duration model (the form FairBatching-style load estimates use, DESIGN.md §2):
+Step duration model (the form FairBatching-style load estimates use, ``docs/design.md`` §3):
 ``duration = base + per_token * x`` where ``x`` is the largest number of prefill tokens one rank of the
 instance takes in the step (lockstep: the heaviest rank sets the pace). ``base`` (decode work plus all-to-all)
 and ``per_token`` are learnt online per instance by exponentially weighted averages: ``base`` from steps that

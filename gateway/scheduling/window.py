@@ -7,8 +7,8 @@ Ticks lie on a grid ``k * interval_s``; a request arriving to an empty window wa
 tick. The interval tracks the engines' observed step time (``step_fraction * step_s``, clamped to
 ``[min_interval_s, max_interval_s]``): the window is short next to a step, so holding a request costs little
 while the batch still gives the allocator a global view (our reading of SBS's adaptive interval,
-DESIGN.md §2). The staggering proper, batches meeting instances as they start a step, comes from the placement
-(:mod:`gateway.scheduling.phase`) and, when switched on, from step-aligned closing.
+``docs/design.md`` §2.4). The staggering proper, batches meeting instances as they start a step, comes from the
+placement (:mod:`gateway.scheduling.phase`) and, when switched on, from step-aligned closing.
 
 The deadline of an open window can instead be aligned to the engines' step boundaries (:meth:`align`, with a
 close time from :mod:`gateway.scheduling.step_aligned_close`); aligning to ``None`` goes back to the grid tick.

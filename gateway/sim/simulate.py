@@ -45,7 +45,7 @@ class SimConfig:
             the scrape's own latency), seconds.
         stale_after_s: the load view's staleness bound, seconds.
         state_sync: the load view adds the gateway's own dispatches, first tokens and finishes between
-            scrapes (DESIGN.md §2, "robust state synchronization"); ``False`` makes every policy see each
+            scrapes (``docs/design.md`` §2.7, "robust state synchronization"); ``False`` makes every policy see each
             engine's ranks as they were at its last scrape, for ablation.
         seed: seed of randomised policies.
     """
@@ -105,7 +105,7 @@ def derived_slo(trace: list[TraceRequest], engine: EngineModelConfig, scale: flo
     """An SLO for ``trace`` on mixed (prefill + decode) engines, from the engine model alone.
 
     - TTFT: the duration of one step whose heaviest rank prefills a full chunked-prefill budget (a prefill
-      step is non-preemptive, so any request may have to wait out one, DESIGN.md §1), plus ``scale`` times
+      step is non-preemptive, so any request may have to wait out one, ``docs/design.md`` §1), plus ``scale`` times
       the request's own unloaded TTFT (a 90k-token prompt cannot start in 2 s).
     - TPOT: ``scale`` times the step of a decode batch that shares its step with one prefill of the trace's
       mean prompt length (up to one budget): on a mixed engine every decode token waits for the prefill work
