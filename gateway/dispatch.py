@@ -22,7 +22,7 @@ from gateway.load.health import HealthBook
 from gateway.load.view import LoadView
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
 from gateway.telemetry import GatewayMetrics
-from gateway.types import PendingRequest, RankKey
+from gateway.types import PendingRequest, RankKey, RankMetrics
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,18 @@ class Dispatcher:
         self.metrics.inflight.set(self.view.inflight_count())
         self._wake_if_waiting()
 
+    def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
+        """A scrape of ``engine`` succeeded (the scraper's :class:`~gateway.load.scraper.ScrapeSink`): the
+        scheduler restarts the engine's load from it, and the window is re-checked."""
+        self.scheduler.on_scrape(engine, ranks, now)
+        self._wake_if_waiting()
+
+    def on_scrape_failure(self, engine: str, now: float) -> None:
+        """A scrape of ``engine`` failed."""
+        self.scheduler.on_scrape_failure(engine, now)
+
     def notify_load_changed(self) -> None:
-        """Some rank may have room again (a scrape, a circuit breaker's change): re-check the window."""
+        """Some rank may have room again (a circuit breaker's change): re-check the window."""
         self.scheduler.on_capacity_changed()
         self._wake_if_waiting()
 

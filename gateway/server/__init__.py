@@ -1,0 +1,8 @@
+"""The HTTP front door (FastAPI): OpenAI-compatible routes in, placed and relayed requests out.
+
+- :mod:`.app`: ``create_app(settings)`` and the lifespan that owns every resource; :mod:`.state`: ``GatewayState``.
+- :mod:`.request_context`, :mod:`.auth`: the plain-ASGI middlewares (request id and access log; API keys).
+- :mod:`.routes` → :mod:`.validation` → :mod:`.proxy` (place through :mod:`gateway.dispatch`, send, relay), with
+  :mod:`.retry` (tries, backoff, failure accounting), :mod:`.disconnect` (client-disconnect watching),
+  :mod:`.headers` and :mod:`.stream_end`; :mod:`.openapi`: the documented request shapes.
+"""

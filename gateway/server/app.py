@@ -68,10 +68,9 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     scraper = MetricsScraper(
         client,
         list(engines.values()),
-        view,
+        dispatcher,
         metrics,
         settings.scrape,
-        on_update=dispatcher.notify_load_changed,
         clock=clock,
     )
     return GatewayState(

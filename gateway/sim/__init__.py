@@ -1,0 +1,9 @@
+"""Simulated DP+EP engines, in virtual time and over HTTP, and the tools that run the gateway against them.
+
+- :mod:`.calibration`, :mod:`.engine_model`: the pure engine model and its published calibration
+  (``docs/design.md`` §5); :mod:`.capacity`: a trace's analytic load on it.
+- :mod:`.simulate`: the gateway's own scheduler against engine models, in virtual time; :mod:`.compare`: one
+  simulation per policy, as ``gateway simulate`` and the benchmarks run them.
+- :mod:`.mock_engine`: the engine model behind each flavour's HTTP API, in real time, with fault injection.
+- :mod:`.cluster`: simulated engines and a gateway on loopback (the embedded default, ``gateway stack``, tests).
+"""
