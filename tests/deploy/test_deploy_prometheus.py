@@ -20,7 +20,7 @@ def test_rules_are_valid() -> None:
 
 
 def test_alert_unit_tests_pass() -> None:
-    out = run_tool("promtool", "test", "rules", "tests/alerts_test.yml", cwd=PROMETHEUS)
+    out = run_tool("promtool", "test", "rules", str(PROMETHEUS / "tests" / "alerts_test.yml"), cwd=PROMETHEUS)
     assert "SUCCESS" in out.stdout + out.stderr
 
 
