@@ -65,6 +65,36 @@ from gateway.config import ConfigError, load_settings
     help="Gateway configuration (YAML, as for serve) whose window, allocator and decode sections sbs runs with "
     "[default: the defaults].",
 )
+@click.option(
+    "--estimate-error",
+    type=click.Choice(["none", "measured", "prose", "code", "chat", "chinese", "multilingual"]),
+    default="none",
+    show_default=True,
+    help="The gateway sees a prompt-token estimate with the error measured against DeepSeek-V3's tokenizer on "
+    "this kind of text (bench/results/token_estimate_error.md; measured = chat, with its template), while the "
+    "engines process the trace's count; none gives the gateway the exact count.",
+)
+@click.option(
+    "--nonstream-share",
+    type=click.FloatRange(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests not streamed: the gateway sees no first token of theirs, only their finish.",
+)
+@click.option(
+    "--dispatch-latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="One-way latency between gateway and engine, milliseconds (requests out, tokens and finishes back).",
+)
+@click.option(
+    "--dispatch-jitter-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Extra one-way delay per request and direction, uniform in [0, this], milliseconds.",
+)
 @output_option
 @plot_option
 @no_progress_option
@@ -80,6 +110,10 @@ def simulate(
     scrape_lag: float,
     slo_scale: float | None,
     config_path: str | None,
+    estimate_error: str,
+    nonstream_share: float,
+    dispatch_latency_ms: float,
+    dispatch_jitter_ms: float,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -90,14 +124,24 @@ def simulate(
     virtual clock: an hour of trace takes seconds, deterministically from --seed. Prints one line per policy
     (TTFT, TPOT, output throughput); --output keeps every figure as JSON, --plot draws them as a PNG.
 
+    By default the gateway knows everything at once: exact prompt tokens, every first token, no network. The
+    options --estimate-error, --nonstream-share and --dispatch-latency-ms/--dispatch-jitter-ms take that away
+    as a real gateway lacks it (gateway.sim.information), drawn per request from --seed.
+
     \b
     Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
       gateway simulate --trace azure-conv --duration 600 --policy sbs --policy round_robin \\
         --policy least_tokens --policy power_of_two --plot policies.png
+
+    \b
+    Example (what a real gateway knows: estimated prompts, 30% not streamed, 2 ms +- 1 ms to the engines):
+      gateway simulate --trace azure-conv --duration 600 --policy sbs --policy least_tokens \\
+        --estimate-error measured --nonstream-share 0.3 --dispatch-latency-ms 2 --dispatch-jitter-ms 1
     """
     import json
 
     from gateway.sim.compare import compare_policies, summary_line
+    from gateway.sim.information import InformationLimits, measured_estimate_error
     from gateway.sim.simulate import SimConfig, Slo, derived_slo
     from gateway.workload.traces import load_trace, rescale, resolve_trace, window
 
@@ -122,6 +166,12 @@ def simulate(
         window=scheduling.window,
         allocator=scheduling.allocator,
         decode=scheduling.decode,
+        limits=InformationLimits(
+            estimate_error=None if estimate_error == "none" else measured_estimate_error(estimate_error),
+            nonstream_share=nonstream_share,
+            dispatch_latency_s=dispatch_latency_ms / 1000,
+            dispatch_jitter_s=dispatch_jitter_ms / 1000,
+        ),
     )
     results = compare_policies(
         requests,

@@ -20,7 +20,8 @@ from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, Poli
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
-from gateway.sim.engine_model import EngineModel, StepResult
+from gateway.sim.engine_model import EngineModel, StepResult, TokenEvent
+from gateway.sim.information import InformationLimits, RequestView, draw_request_views
 from gateway.types import PendingRequest, RankKey, RankMetrics
 from gateway.workload.stats import distribution
 from gateway.workload.traces import TraceRequest
@@ -47,7 +48,9 @@ class SimConfig:
         state_sync: the load view adds the gateway's own dispatches, first tokens and finishes between
             scrapes (``docs/design.md`` §2.7, "robust state synchronization"); ``False`` makes every policy see each
             engine's ranks as they were at its last scrape, for ablation.
-        seed: seed of randomised policies.
+        seed: seed of randomised policies and of the information limits' draws.
+        limits: what the gateway does not know, or knows late (estimated prompt tokens, non-streamed requests,
+            dispatch latency); the default is the idealised gateway that knows everything at once.
     """
 
     policy: PolicyName = "sbs"
@@ -62,6 +65,7 @@ class SimConfig:
     stale_after_s: float = 3.0
     state_sync: bool = True
     seed: int = 0
+    limits: InformationLimits = field(default_factory=InformationLimits)
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,9 @@ class _Sim:
         self.seq = itertools.count()
         self.poll_at: float | None = None
         self.now = 0.0
+        self.views: list[RequestView] | None = None
+        if config.limits != InformationLimits():
+            self.views = draw_request_views([r.prompt_tokens for r in trace], config.limits, config.seed)
 
     def push(self, t: float, kind: str, data: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, data))
@@ -239,11 +246,13 @@ class _Sim:
             self.now, _, kind, data = heapq.heappop(self.events)
             if kind == "arrival":
                 self.on_arrival(data)
-            elif kind == "step_end":
-                finished = self.on_step_end(data)
+            elif kind in ("step_end", "progress"):
+                finished = self.on_step_end(data) if kind == "step_end" else self.progress(*data)
                 remaining -= finished
                 if finished and self.on_done is not None:
                     self.on_done(finished)
+            elif kind == "engine_arrival":
+                self.engine_arrival(*data)
             elif kind == "scrape":
                 self.on_scrape(data)
             elif kind == "scrape_result":
@@ -256,6 +265,9 @@ class _Sim:
     def on_arrival(self, index: int) -> None:
         r = self.trace[index]
         request = PendingRequest(str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now)
+        if self.views is not None:
+            view = self.views[index]
+            request = PendingRequest(str(index), MODEL, view.prompt_tokens, r.output_tokens, self.now, view.stream)
         key = self.scheduler.submit(request, self.now)
         if key is not None:
             self.send(index, key)
@@ -264,6 +276,9 @@ class _Sim:
     def send(self, index: int, key: RankKey) -> None:
         r = self.trace[index]
         self.records[index].sent_s = self.now
+        if self.views is not None and self.views[index].to_engine_s > 0:
+            self.push(self.now + self.views[index].to_engine_s, "engine_arrival", (index, key))
+            return
         self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
 
     def kick(self) -> None:
@@ -290,18 +305,36 @@ class _Sim:
         assert result is not None
         finished = 0
         for event in result.tokens:
-            record = self.records[int(event.request_id)]
-            if event.index == 0:
-                record.first_token_s = self.now
-                self.scheduler.on_first_token(event.request_id, name, self.now)
+            view = None if self.views is None else self.views[int(event.request_id)]
+            if view is not None and view.to_gateway_s > 0:
+                self.push(self.now + view.to_gateway_s, "progress", (event, name))
             else:
-                self.scheduler.on_tokens(event.request_id, name, 1, self.now)
-            if event.finished:
-                record.done_s = self.now
-                self.scheduler.on_finish(event.request_id, self.now)
-                finished += 1
+                finished += self.progress(event, name)
         self.start_step(name)
         return finished
+
+    def progress(self, event: TokenEvent, name: str) -> int:
+        """A token reaches the gateway: the client's record and the scheduler's progress protocol (no first token
+        or tokens of a non-streamed request, only its finish). Returns 1 if it finished the request, else 0."""
+        record = self.records[int(event.request_id)]
+        streamed = self.views is None or self.views[int(event.request_id)].stream
+        if event.index == 0:
+            record.first_token_s = self.now
+            if streamed:
+                self.scheduler.on_first_token(event.request_id, name, self.now)
+        elif streamed:
+            self.scheduler.on_tokens(event.request_id, name, 1, self.now)
+        if event.finished:
+            record.done_s = self.now
+            self.scheduler.on_finish(event.request_id, self.now)
+            return 1
+        return 0
+
+    def engine_arrival(self, index: int, key: RankKey) -> None:
+        """A request placed ``to_engine_s`` ago reaches its engine, which starts a step if it is idle."""
+        r = self.trace[index]
+        self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
+        self.kick()
 
     def on_scrape(self, name: str) -> None:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
