@@ -2,7 +2,7 @@
 
 The estimate is :func:`gateway.tokens.count_prompt_tokens` (four characters a token); the truth is DeepSeek-V3's
 tokenizer (:mod:`gateway.workload.tokenizer`), with the chat template rendered for chat requests as the engine
-renders it. The texts are real (``bench/data/text/README.md`` gives their sources and licences). Chunk sizes
+renders it. The texts are real (``gateway/data/text/README.md`` gives their sources and licences). Chunk sizes
 follow the Azure conversation trace's prompt lengths (its estimate, four characters a token, is the trace's
 count), capped at half the kind's text. Per kind, the ratio true / estimate is summarised (mean, p5, p50, p95)
 and fitted by a lognormal (mu and sigma of its log), the form ``gateway simulate --estimate-error`` draws from.
@@ -14,6 +14,9 @@ Kinds:
   alternating, each a slice of the prose or the code), counted by the engine after DeepSeek-V3's chat template;
 - ``chinese``: Chinese prose (simplified and traditional), as a prompt;
 - ``multilingual``: Japanese, Korean, Russian, Arabic, Hindi, Spanish, French and German prose, as a prompt.
+
+It also times the replay's prompt synthesis under the tokenizer (``gateway bench --prompts tokenizer``,
+:mod:`gateway.replay.prompts`): the one-off preparation and one 100k-token prompt.
 
     .venv/bin/python bench/token_estimate_error.py    # writes bench/results/token_estimate_error.{json,md}
 """
@@ -36,7 +39,7 @@ from gateway.workload.stats import percentile
 from gateway.workload.tokenizer import deepseek_tokenizer
 from gateway.workload.traces import load_trace, resolve_trace
 
-TEXT = Path(__file__).parent / "data" / "text"
+TEXT = Path(__file__).parent.parent / "gateway" / "data" / "text"
 SOURCES = {
     "prose": ["prose_en.md"],
     "code": ["code_python.py.txt"],
@@ -106,6 +109,23 @@ def summarise(pairs: list[tuple[int, int]]) -> dict[str, float]:
     }
 
 
+def synthesis_cost(n_tokens: int = 100_000, repeats: int = 200) -> dict[str, float]:
+    """Seconds to prepare the replay's prompt synthesis once, and per prompt of ``n_tokens`` tokens."""
+    from gateway.replay.prompts import tokenizer_prompts
+
+    deepseek_tokenizer()
+    start = time.perf_counter()
+    prompts = tokenizer_prompts()
+    prepared = time.perf_counter()
+    for index in range(repeats):
+        prompts.chat_content(index, n_tokens)
+    return {
+        "prompt_tokens": n_tokens,
+        "prepare_s": prepared - start,
+        "per_prompt_s": (time.perf_counter() - prepared) / repeats,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=400, help="chunks per kind")
@@ -124,7 +144,7 @@ def main() -> None:
         "",
         "Ratio true / estimate per chunk (above 1: the gateway underestimates). Chunks sized like the "
         f"`{args.trace}` trace's prompts; chat requests counted after DeepSeek-V3's chat template. Texts and "
-        "licences: `bench/data/text/README.md`. Command: `.venv/bin/python bench/token_estimate_error.py`.",
+        "licences: `gateway/data/text/README.md`. Command: `.venv/bin/python bench/token_estimate_error.py`.",
         "",
         "| kind | chunks | median estimate (tokens) | mean | p5 | p50 | p95 | lognormal mu | lognormal sigma |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -134,6 +154,13 @@ def main() -> None:
             f"| {kind} | {s['chunks']} | {s['estimate_tokens_p50']:.0f} | {s['mean']:.3f} | {s['p5']:.3f} | "
             f"{s['p50']:.3f} | {s['p95']:.3f} | {s['lognormal_mu']:.3f} | {s['lognormal_sigma']:.3f} |"
         )
+    cost = report["replay_synthesis"] = synthesis_cost()
+    md += [
+        "",
+        f"Replay prompt synthesis under the tokenizer (`gateway bench --prompts tokenizer`): prepared once in "
+        f"{cost['prepare_s']:.2f} s, then {cost['per_prompt_s'] * 1e3:.3f} ms per {cost['prompt_tokens']:,}-token "
+        "prompt (wall clock on the machine that ran this).",
+    ]
     print("\n".join(md))
     write_outputs(args.output, report, md, started)
 

@@ -37,6 +37,15 @@ from gateway.cli.options import (
     help="OpenAI API to call: /v1/chat/completions or /v1/completions.",
 )
 @click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Send at most this many requests.")
+@click.option(
+    "--prompts",
+    type=click.Choice(["estimate", "tokenizer"]),
+    default="estimate",
+    show_default=True,
+    help="Whose count of each synthesised prompt is the trace's: the gateway's estimate (four characters a "
+    "token), or DeepSeek-V3's tokenizer with its chat template (English prose, so the gateway's estimate is off as "
+    "on real traffic).",
+)
 @plot_option
 @no_progress_option
 def bench(
@@ -48,6 +57,7 @@ def bench(
     model: str | None,
     endpoint: Literal["chat", "completions"],
     max_requests: int | None,
+    prompts: Literal["estimate", "tokenizer"],
     plot: str | None,
     no_progress: bool,
 ) -> None:
@@ -76,6 +86,7 @@ def bench(
             endpoint=endpoint,
             max_requests=max_requests,
             progress=not no_progress,
+            prompts=prompts,
         )
     except (OSError, ValueError, ReplayError) as exc:
         raise click.ClickException(str(exc)) from exc

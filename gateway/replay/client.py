@@ -9,10 +9,14 @@ process; the actual send lag is recorded.
 HTTP goes through aiohttp with an unbounded connection pool: plain httpx falls far behind at 50 concurrent
 streams (``bench/results/decisions.md#engine-http-client``).
 
-Every prompt starts with a short request-unique tag (the request's index) followed by
-:func:`~gateway.tokens.synthesize_prompt` filler, keeping the gateway's token estimate exactly the
-trace's count. Without the tag every prompt would share one long prefix and an engine's prefix cache would
-skip nearly all prefill work, which is what this benchmark is meant to load.
+Every prompt starts with a short request-unique tag (the request's index); without it every prompt would share
+one long prefix and an engine's prefix cache would skip nearly all prefill work, which is what this benchmark is
+meant to load. What follows depends on ``prompts``:
+
+- ``"estimate"`` (the default): :func:`~gateway.tokens.synthesize_prompt` filler, so the gateway's token
+  estimate is exactly the trace's count (which flatters the gateway: it knows the engine's count);
+- ``"tokenizer"``: English prose (:mod:`gateway.replay.prompts`) whose count under DeepSeek-V3's tokenizer, chat
+  template included, is exactly the trace's count, so the gateway estimates it as it would real traffic.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from gateway.workload.stats import ReplayResult, RequestRecord, format_table, su
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 Endpoint = Literal["chat", "completions"]
+PromptCount = Literal["estimate", "tokenizer"]
+"""Whose count of a synthesised prompt is the trace's: the gateway's estimate, or DeepSeek-V3's tokenizer."""
 
 _PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _DETAIL_CHARS = 200
@@ -59,14 +65,29 @@ def request_prompt(index: int, prompt_tokens: int) -> str:
     return tag + synthesize_prompt(prompt_tokens - 2)
 
 
-def request_body(endpoint: Endpoint, model: str, index: int, prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
-    """The streaming request body asking for exactly ``output_tokens`` tokens after a synthesised prompt."""
+def request_body(
+    endpoint: Endpoint,
+    model: str,
+    index: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    prompts: PromptCount = "estimate",
+) -> dict[str, Any]:
+    """The streaming request body asking for exactly ``output_tokens`` tokens after a synthesised prompt of
+    ``prompt_tokens`` tokens as ``prompts`` counts them (see the module's docstring)."""
     body: dict[str, Any] = {"model": model}
-    prompt = request_prompt(index, prompt_tokens)
-    if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+    if prompts == "tokenizer":
+        from gateway.replay.prompts import tokenizer_prompts
+
+        synth = tokenizer_prompts()
+        if endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": synth.chat_content(index, prompt_tokens)}]
+        else:
+            body["prompt"] = synth.text(index, prompt_tokens)
+    elif endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": request_prompt(index, prompt_tokens)}]
     else:
-        body["prompt"] = prompt
+        body["prompt"] = request_prompt(index, prompt_tokens)
     body.update(
         max_tokens=output_tokens,
         ignore_eos=True,
@@ -243,6 +264,7 @@ async def replay(
     api_key: str | None = None,
     progress: bool = True,
     timeout_s: float = 600,
+    prompts: PromptCount = "estimate",
 ) -> ReplayResult:
     """Replay ``trace`` against the OpenAI-compatible server at ``url`` and record every request.
 
@@ -257,6 +279,8 @@ async def replay(
         api_key: sent as ``Authorization: Bearer``.
         progress: show a tqdm bar of completed requests on stderr.
         timeout_s: per-request limit on the whole exchange, seconds; exceeding it is a ``"timeout"`` failure.
+        prompts: whose count of each prompt is the trace's (``"estimate"``: the gateway's; ``"tokenizer"``:
+            DeepSeek-V3's, chat template included).
 
     Returns:
         A :class:`~gateway.workload.stats.ReplayResult`; failed requests are records, not exceptions.
@@ -271,6 +295,8 @@ async def replay(
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if endpoint not in _PATHS:
         raise ValueError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
+    if prompts not in ("estimate", "tokenizer"):
+        raise ValueError(f"prompts must be 'estimate' or 'tokenizer', got {prompts!r}")
     schedule = sorted(rescale(trace, rate_scale), key=lambda r: r.arrival_s)
     base = _base_url(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -297,7 +323,7 @@ async def replay(
                 async for index, req in _arrivals(schedule, t0, duration_s):
                     record = RequestRecord(index, req.arrival_s, req.prompt_tokens, req.output_tokens)
                     records.append(record)
-                    body = request_body(endpoint, model, index, req.prompt_tokens, req.output_tokens)
+                    body = request_body(endpoint, model, index, req.prompt_tokens, req.output_tokens, prompts)
                     tasks.create_task(run_one(body, record))
             wall_s = time.perf_counter() - t0
     return ReplayResult(
@@ -326,6 +352,7 @@ def run_bench(
     progress: bool = True,
     api_key: str | None = None,
     timeout_s: float = 600,
+    prompts: PromptCount = "estimate",
 ) -> dict[str, Any]:
     """Load a trace, replay it (:func:`replay`), print the table to stdout, write the summary JSON.
 
@@ -361,11 +388,12 @@ def run_bench(
             api_key=api_key,
             progress=progress,
             timeout_s=timeout_s,
+            prompts=prompts,
         )
     )
     summary = summarize(result)
     summary["config"].update(
-        trace=str(trace_name_or_path), trace_file=str(path), start_s=start_s, max_requests=max_requests
+        trace=str(trace_name_or_path), trace_file=str(path), start_s=start_s, max_requests=max_requests, prompts=prompts
     )
     print(format_table(summary), flush=True)
     if output is not None:

@@ -81,6 +81,13 @@ class DeepSeekTokenizer:
         """Tokens of ``text`` (>= 0)."""
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def pre_tokens(self, text: str) -> list[tuple[int, int]]:
+        """The ``(start, end)`` character spans of ``text``'s pre-tokens (the regex split before BPE; a text's
+        tokens are the sums of its pre-tokens')."""
+        pre_tokenizer = self._tokenizer.pre_tokenizer
+        assert pre_tokenizer is not None
+        return [span for _, span in pre_tokenizer.pre_tokenize_str(text)]
+
     def count_texts(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text, encoded as one batch (in parallel where the library can)."""
         return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
