@@ -67,12 +67,12 @@ from gateway.config import ConfigError, load_settings
 )
 @click.option(
     "--estimate-error",
-    type=click.Choice(["none", "measured", "prose", "code", "chat", "chinese", "multilingual"]),
     default="none",
     show_default=True,
-    help="The gateway sees a prompt-token estimate with the error measured against DeepSeek-V3's tokenizer on "
-    "this kind of text (bench/results/token_estimate_error.md; measured = chat, with its template), while the "
-    "engines process the trace's count; none gives the gateway the exact count.",
+    help="The gateway sees a prompt-token estimate while the engines process the trace's count: with the error "
+    "measured against DeepSeek-V3's tokenizer on a kind of text (measured, prose, code, chat, chinese, "
+    "multilingual; measured = chat, with its template; bench/results/token_estimate_error.md), or a lognormal "
+    "true/estimate ratio given as MU,SIGMA of its log (0,0.3); none gives the gateway the exact count.",
 )
 @click.option(
     "--nonstream-share",
@@ -141,7 +141,7 @@ def simulate(
     import json
 
     from gateway.sim.compare import compare_policies, summary_line
-    from gateway.sim.information import InformationLimits, measured_estimate_error
+    from gateway.sim.information import InformationLimits, parse_estimate_error
     from gateway.sim.simulate import SimConfig, Slo, derived_slo
     from gateway.workload.traces import load_trace, rescale, resolve_trace, window
 
@@ -150,6 +150,10 @@ def simulate(
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     check_plot(plot)
+    try:
+        error = parse_estimate_error(estimate_error)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--estimate-error") from exc
     try:
         scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
@@ -167,7 +171,7 @@ def simulate(
         allocator=scheduling.allocator,
         decode=scheduling.decode,
         limits=InformationLimits(
-            estimate_error=None if estimate_error == "none" else measured_estimate_error(estimate_error),
+            estimate_error=error,
             nonstream_share=nonstream_share,
             dispatch_latency_s=dispatch_latency_ms / 1000,
             dispatch_jitter_s=dispatch_jitter_ms / 1000,

@@ -68,6 +68,24 @@ def measured_estimate_error(name: str) -> TokenEstimateError:
     return MEASURED_ESTIMATE_ERRORS[key]
 
 
+def parse_estimate_error(spec: str) -> TokenEstimateError | None:
+    """An estimate error from its command-line form: ``none`` (exact counts), a measured kind (see
+    :func:`measured_estimate_error`), or ``MU,SIGMA`` of the lognormal (``0,0.3`` is unbiased with sigma 0.3).
+
+    Raises:
+        ValueError: neither form, or a sigma below 0.
+    """
+    if spec == "none":
+        return None
+    if "," in spec:
+        mu, _, sigma = spec.partition(",")
+        try:
+            return TokenEstimateError(float(mu), float(sigma))
+        except ValueError as exc:
+            raise ValueError(f"estimate error {spec!r}: MU,SIGMA must be numbers with sigma >= 0") from exc
+    return measured_estimate_error(spec)
+
+
 @dataclass(frozen=True)
 class InformationLimits:
     """What the simulated gateway does not know, or knows late. The defaults are the idealised gateway.

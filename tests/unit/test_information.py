@@ -16,6 +16,7 @@ from gateway.sim.information import (
     TokenEstimateError,
     draw_request_views,
     measured_estimate_error,
+    parse_estimate_error,
 )
 from gateway.sim.simulate import SimConfig, _Sim, simulate
 from gateway.types import PendingRequest
@@ -139,6 +140,31 @@ def test_switching_one_limit_on_leaves_the_others_draws_alone():
 )
 def test_measured_errors_by_name(name, kind):
     assert measured_estimate_error(name) == MEASURED_ESTIMATE_ERRORS[kind]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("none", None),
+        ("measured", MEASURED_ESTIMATE_ERRORS["chat"]),
+        ("chinese", MEASURED_ESTIMATE_ERRORS["chinese"]),
+        ("0,0.3", TokenEstimateError(0.0, 0.3)),
+        ("-0.1,0", TokenEstimateError(-0.1, 0.0)),
+    ],
+)
+def test_estimate_errors_from_the_command_line(spec, expected):
+    assert parse_estimate_error(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["0,-0.3", "a,b", "0.3", "klingon"])
+def test_a_bad_estimate_error_is_refused(spec):
+    with pytest.raises(ValueError):
+        parse_estimate_error(spec)
+
+
+def test_cli_simulate_refuses_a_bad_estimate_error():
+    result = CliRunner().invoke(main, ["simulate", "--trace", "azure-code", "--estimate-error", "0,-1"])
+    assert result.exit_code == 2 and "--estimate-error" in result.output
 
 
 def test_an_unknown_measured_error_names_the_known_ones():
