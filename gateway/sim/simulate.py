@@ -255,7 +255,9 @@ class _Sim:
 
     def on_arrival(self, index: int) -> None:
         r = self.trace[index]
-        request = PendingRequest(str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now)
+        request = PendingRequest(
+            str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now, prefix_blocks=r.hash_ids
+        )
         key = self.scheduler.submit(request, self.now)
         if key is not None:
             self.send(index, key)
