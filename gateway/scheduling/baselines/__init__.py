@@ -4,6 +4,9 @@
 - :mod:`.policies`: the routers SBS is measured against (round robin, shortest queue, least tokens, power of two,
   random, vLLM's and SGLang's own DP balancing rules).
 - :mod:`.least_waiting`: the fewest requests waiting for prefill.
+- :mod:`.least_load`, :mod:`.cache_aware`, :mod:`.prefix_hash`: the SGLang Model Gateway's (smg) policies, per DP
+  rank.
+- :mod:`.vllm_dplb`: vLLM 0.34's internal DP load balancer.
 
 :data:`IMMEDIATE_POLICIES` below is the registry: adding a policy is one module here plus one entry (and its import)
 in it; the configuration's ``policy`` names are read from it (``docs/adding-a-policy.md``). This package imports
@@ -15,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway.scheduling.baselines.base import ImmediatePolicy
+from gateway.scheduling.baselines.cache_aware import CacheAware
+from gateway.scheduling.baselines.least_load import LeastLoad
 from gateway.scheduling.baselines.least_waiting import LeastWaiting
 from gateway.scheduling.baselines.policies import (
     LeastTokens,
@@ -25,6 +30,8 @@ from gateway.scheduling.baselines.policies import (
     ShortestQueue,
     VllmInternal,
 )
+from gateway.scheduling.baselines.prefix_hash import PrefixHash
+from gateway.scheduling.baselines.vllm_dplb import VllmDplb
 
 IMMEDIATE_POLICIES: dict[str, Callable[[int], ImmediatePolicy]] = {
     "round_robin": lambda seed: RoundRobin(),
@@ -35,6 +42,10 @@ IMMEDIATE_POLICIES: dict[str, Callable[[int], ImmediatePolicy]] = {
     "random": RandomChoice,
     "vllm_internal": lambda seed: VllmInternal(),
     "least_waiting": lambda seed: LeastWaiting(),
+    "least_load": lambda seed: LeastLoad(),
+    "cache_aware": CacheAware,
+    "prefix_hash": lambda seed: PrefixHash(),
+    "vllm_dplb": lambda seed: VllmDplb(),
 }
 """Immediate-dispatch policy name (the ``policy`` setting) → factory taking the seed (``baselines.seed``; policies
 that draw no random numbers ignore it)."""

@@ -10,8 +10,9 @@ the last scrape, so a burst does not herd onto one rank.
 - ``power_of_two``: sample two ranks at random, take the one with the shorter queue
   (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001).
 - ``random``: a uniformly random rank (seeded).
-- ``vllm_internal``: vLLM's own DP load balancer, the lowest ``waiting * 4 + running``
-  (``vllm/v1/engine/core_client.py``, ``DPLBAsyncMPClient``).
+- ``vllm_internal``: vLLM's own DP load balancer as it was before 0.33, the lowest ``waiting * 4 + running``
+  (``vllm/v1/engine/core_client.py``, ``DPLBAsyncMPClient``); vLLM 0.33/0.34's rule is ``vllm_dplb``
+  (:mod:`.vllm_dplb`).
 
 - ``sglang_total_tokens``: SGLang's DP controller rule ``--load-balance-method total_tokens``
   (``python/sglang/srt/managers/data_parallel_controller.py``, ``DPBudget.dispatch``): the lowest
