@@ -1,4 +1,5 @@
-"""The peers' policies as baselines: smg's least_load, cache_aware and prefix_hash, vLLM 0.34's DP balancer."""
+"""The strongest alternatives as baselines: smg's least_load, cache_aware and prefix_hash, vLLM 0.34's DP balancer,
+and sbs's phase-aware cost without its window."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ from dataclasses import replace
 
 import pytest
 
+from gateway.config import PhaseAwareConfig
 from gateway.scheduling.baselines import make_immediate_policy
+from gateway.scheduling.baselines.base import ImmediatePolicy
 from gateway.scheduling.baselines.cache_aware import CacheAware
 from gateway.scheduling.baselines.least_load import least_load_score
 from gateway.scheduling.baselines.prefix_hash import PrefixHash
 from gateway.scheduling.baselines.vllm_dplb import vllm_dplb_score
+from gateway.scheduling.phase import PhaseAware
+from gateway.scheduling.scheduler import PhasePlacement
+from gateway.scheduling.step_clock import StepClock
 from gateway.types import PendingRequest, RankLoad
 from tests.helpers import rank, req
 
@@ -115,3 +121,48 @@ def test_prefix_hash_is_consistent_and_sheds_overload() -> None:
     assert shed != home
     assert shed == min((r for r in loaded if str(r.key) != home), key=lambda r: r.running).key.__str__()
     assert str(policy.choose(req("n", 10), loaded)) == shed, "no head: least loaded"
+
+
+def phase_policy(clock: StepClock) -> ImmediatePolicy:
+    return make_immediate_policy("phase_aware", steps=PhasePlacement(PhaseAwareConfig(), None, clock))
+
+
+def test_phase_aware_needs_the_scheduler_step_placement() -> None:
+    with pytest.raises(ValueError, match="step clock"):
+        make_immediate_policy("phase_aware")
+
+
+@pytest.mark.parametrize(
+    ("ranks", "winner", "why"),
+    [
+        ([rank("a", 0, running=4), rank("b", 0, running=4)], "b/0", "a is mid-step (0.4 s to go), b's step is overdue"),
+        ([rank("a", 0), rank("b", 0, running=4)], "a/0", "a is idle: no wait for its step"),
+        (
+            [rank("a", 0, running=4), rank("b", 0, running=4, queued=20000)],
+            "a/0",
+            "b's queue fills two whole steps of its 8k budget",
+        ),
+        ([rank("a", 0, running=4), rank("b", 0, usable=False)], "a/0", "only a is usable"),
+    ],
+)
+def test_phase_aware_places_each_request_at_its_soonest_first_token(
+    ranks: list[RankLoad], winner: str, why: str
+) -> None:
+    clock = StepClock(0.5)
+    clock.on_tokens("a", 9.9)  # a's step began at 9.9 s and is predicted to last 0.5 s
+    clock.on_tokens("b", 9.0)  # b's began at 9.0 s: overdue
+    assert str(phase_policy(clock).choose(req("r", 1000, arrival_s=10.0), ranks)) == winner, why
+
+
+def test_phase_aware_agrees_with_the_sbs_allocator_on_a_batch_of_one() -> None:
+    clock = StepClock(0.05)
+    allocator = PhaseAware(PhaseAwareConfig(queue_steps=None), None, clock)
+    policy = phase_policy(clock)
+    for loads in (
+        [rank("a", 0, queued=300), rank("a", 1), rank("b", 0, running=5), rank("b", 1, queued=9000)],
+        [rank("a", 0, queued=20000, running=2), rank("a", 1, queued=100), rank("b", 0, queued=50)],
+    ):
+        request = req("r", 4000)
+        expected = allocator.place([request], loads, 0.0).assigned[0][1]
+        assert policy.choose(request, loads) == expected
+    assert policy.choose(req("r", 1, model="other"), [rank("a", 0)]) is None
