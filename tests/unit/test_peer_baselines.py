@@ -3,6 +3,7 @@ and sbs's phase-aware cost without its window."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -32,18 +33,22 @@ def with_blocks(request_id: str, blocks: tuple[int, ...], arrival_s: float = 0.0
         (rank("a", 0, queued=4000), 2.0),  # 4,000 tokens at the default 2,000 tokens/s
         (rank("a", 0, queued=2000, kv_usage=0.5), 1.0 + 0.15),  # + λ k/(1-k) = 0.15 * 1
         (rank("a", 0, kv_usage=1.0), 0.15 * 0.999 / 0.001),  # k clamped to 0.999
-        (rank("a", 0, running=50, kv_tokens=9e5), 0.0),  # decoding requests and held KV do not count
+        (rank("a", 0, running=3, kv_tokens=9e5), 3 * 1024 / 2000),  # running at 1,024 tokens each; KV held: no
     ],
 )
-def test_least_load_score_is_seconds_of_queued_prefill_plus_kv_barrier(load: RankLoad, score: float) -> None:
+def test_least_load_score_is_seconds_of_queued_and_running_work_plus_kv_barrier(load: RankLoad, score: float) -> None:
     assert least_load_score(load) == pytest.approx(score)
 
 
-def test_least_load_picks_least_queued_work_first_on_ties() -> None:
+def test_least_load_picks_the_least_expected_wait_and_draws_ties() -> None:
     policy = make_immediate_policy("least_load")
     ranks = [rank("a", 0, queued=900), rank("a", 1, queued=100, kv_usage=0.9), rank("b", 0, queued=300)]
     assert str(policy.choose(req("r", 10), ranks)) == "b/0", "a/1's KV barrier (1.35 s) outweighs 0.1 s of work"
-    assert str(policy.choose(req("r", 10), [rank("a", 0), rank("a", 1)])) == "a/0"
+    busy = [rank("a", 0, running=1), rank("a", 1, queued=1000)]
+    assert str(policy.choose(req("r", 10), busy)) == "a/1", "1,000 queued tokens < one running request's 1,024"
+    tied = [rank("a", 0), rank("a", 1), rank("a", 2)]
+    picks = Counter(str(policy.choose(req(f"r{i}", 10), tied)) for i in range(300))
+    assert set(picks) == {"a/0", "a/1", "a/2"} and min(picks.values()) > 60, "ties drawn uniformly"
 
 
 @pytest.mark.parametrize(
@@ -70,31 +75,57 @@ def test_vllm_dplb_rotates_its_scan_start_by_one_each_pick() -> None:
 
 
 def test_cache_aware_follows_the_prefix_until_the_spill_gate() -> None:
-    policy = CacheAware(balance_abs_threshold=2, balance_rel_threshold=1.5)
-    ranks = [rank("a", 0, waiting=1), rank("a", 1), rank("a", 2)]
-    # no match yet: the least loaded rank (ties by requests sent there, then order)
-    assert str(policy.choose(with_blocks("r1", (1, 2, 3)), ranks)) == "a/1"
-    assert str(policy.choose(with_blocks("r2", (9, 8)), ranks)) == "a/2", "a/1 already took one"
-    # 2 of 3 blocks match (> 0.3): the holder of the matched prefix, though busier
-    busy = [rank("a", 0), rank("a", 1, running=2), rank("a", 2)]
-    assert str(policy.choose(with_blocks("r3", (1, 2, 7)), busy)) == "a/1"
-    # a match of 1 block in 4 (0.25) is a miss
-    assert str(policy.choose(with_blocks("r4", (1, 5, 6, 4)), busy)) == "a/0"
-    # the holder's load exceeds mean * 1.5 and mean + 2: spill to the least loaded, which becomes a holder
-    spill = [rank("a", 0, running=1), rank("a", 1, running=9), rank("a", 2, running=2)]
-    assert str(policy.choose(with_blocks("r5", (1, 2, 3)), spill)) == "a/0"
-    calm = [rank("a", 0, running=3), rank("a", 1, running=3), rank("a", 2)]
-    assert str(policy.choose(with_blocks("r6", (1, 2, 3)), calm)) in {"a/0", "a/1"}, "either holder"
-    # no blocks (an Azure trace): never a match
-    assert str(policy.choose(req("r7", 100), calm)) == "a/2"
-
-
-def test_cache_aware_holder_unusable_goes_to_first_candidate_without_insert() -> None:
     policy = CacheAware()
-    policy.choose(with_blocks("r1", (1, 2)), [rank("a", 0, waiting=5), rank("a", 1)])
-    ranks = [rank("a", 0, waiting=5), rank("a", 1, usable=False), rank("b", 0)]
-    assert str(policy.choose(with_blocks("r2", (1, 2)), ranks)) == "a/0"
-    assert str(policy.choose(with_blocks("r3", (1, 2)), ranks)) == "a/0", "still no holder inserted"
+    ranks = [rank("a", 0, queued=500), rank("a", 1), rank("a", 2, queued=100)]
+    # no match yet: the least expected wait
+    assert str(policy.choose(with_blocks("r1", (1, 2, 3)), ranks)) == "a/1"
+    # 2 of 3 blocks match (> 0.3): the holder of the matched prefix, though it has the most work
+    busy = [rank("a", 0), rank("a", 1, running=2, queued=3000), rank("a", 2)]
+    assert str(policy.choose(with_blocks("r2", (1, 2, 7)), busy)) == "a/1"
+    # a match of 1 block in 4 (0.25) is a miss
+    assert str(policy.choose(with_blocks("r3", (1, 5, 6, 4)), busy)) in {"a/0", "a/2"}
+    # no blocks (an Azure trace): never a match
+    assert str(policy.choose(req("r4", 100), busy)) in {"a/0", "a/2"}
+
+
+@pytest.mark.parametrize(
+    ("loads", "over"),
+    [
+        # mean 2: margin max(4, ceil(2 * 1.41)) = 4; the holder needs > 3 (1.5x) and > 6 requests
+        ((6, 0, 0), False),
+        ((7, 0, 0), True),
+        # mean 36: margin min(64, ceil(2 * 6)) = 12; > 54 (1.5x) and > 48
+        ((54, 36, 18), False),
+        ((55, 35, 18), True),
+        # mean 1,000: margin capped at 64; > 1,500 (1.5x) decides
+        ((1500, 750, 750), False),
+        ((1503, 750, 747), True),
+    ],
+)
+def test_cache_aware_spill_gate_margin_follows_the_mean(loads: tuple[int, int, int], over: bool) -> None:
+    policy = CacheAware()
+    mean = sum(loads) / 3
+    assert policy.over_gate(loads[0], mean) is over
+    policy.choose(with_blocks("seed", (1, 2)), [rank("a", 0), rank("a", 1, running=1), rank("a", 2, running=1)])
+    ranks = [rank("a", i, running=n) for i, n in enumerate(loads)]
+    chosen = str(policy.choose(with_blocks("hot", (1, 2)), ranks))
+    assert (chosen != "a/0") is over, "over the gate, the request spills off the holder"
+
+
+def test_cache_aware_spills_to_ranks_under_the_gate_and_they_become_holders() -> None:
+    policy = CacheAware()
+    policy.choose(with_blocks("seed", (1, 2)), [rank("a", 0), rank("a", 1, running=1), rank("a", 2, running=1)])
+    hot = [rank("a", 0, running=20), rank("a", 1, running=9), rank("a", 2, running=1)]  # mean 10, gate > 15 and > 17
+    assert str(policy.choose(with_blocks("r1", (1, 2)), hot)) == "a/2"
+    calm = [rank("a", 0, running=5), rank("a", 1, running=1), rank("a", 2, running=5)]
+    assert str(policy.choose(with_blocks("r2", (1, 2)), calm)) in {"a/0", "a/2"}, "either holder, never a/1"
+
+
+def test_cache_aware_unusable_holders_count_as_a_miss() -> None:
+    policy = CacheAware()
+    policy.choose(with_blocks("r1", (1, 2)), [rank("a", 0), rank("a", 1, running=1)])
+    ranks = [rank("a", 0, usable=False), rank("a", 1, running=1), rank("b", 0)]
+    assert str(policy.choose(with_blocks("r2", (1, 2)), ranks)) == "b/0"
 
 
 def test_cache_aware_evicts_least_recently_used_leaves_at_its_interval() -> None:

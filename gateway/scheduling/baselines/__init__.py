@@ -44,7 +44,7 @@ IMMEDIATE_POLICIES: dict[str, Callable[[PolicyContext], ImmediatePolicy]] = {
     "random": lambda ctx: RandomChoice(ctx.seed),
     "vllm_internal": lambda ctx: VllmInternal(),
     "least_waiting": lambda ctx: LeastWaiting(),
-    "least_load": lambda ctx: LeastLoad(),
+    "least_load": lambda ctx: LeastLoad(ctx.seed),
     "cache_aware": lambda ctx: CacheAware(ctx.seed),
     "prefix_hash": lambda ctx: PrefixHash(),
     "vllm_dplb": lambda ctx: VllmDplb(),

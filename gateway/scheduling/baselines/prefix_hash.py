@@ -1,9 +1,10 @@
 """``prefix_hash``: the SGLang Model Gateway's consistent-hashing prefix policy, with ``--dp-aware``.
 
-Source: smg-project/smg @f8daa88, ``model_gateway/src/policies/prefix_hash.rs`` (``PrefixHashPolicy``,
+Source: smg 1.13.0 (the PyPI source distribution; unchanged from smg-project/smg @f8daa88),
+``model_gateway/src/policies/prefix_hash.rs`` (``PrefixHashPolicy``,
 ``find_worker_with_load_balance``, ``load_ok``) and ``model_gateway/src/worker/hash_ring.rs`` (``HashRing``, 150
-virtual nodes per worker); defaults from ``bindings/python/src/smg/router_args.py`` (the same in the smg 1.13
-wheel). A worker is a DP rank (``--dp-aware``).
+virtual nodes per worker); defaults from ``bindings/python/src/smg/router_args.py``. A worker is a DP rank
+(``--dp-aware``).
 
 The request's prompt head is hashed onto a ring of the usable ranks serving its model; the rank there takes it
 unless it is overloaded: its load above both ``load_factor`` times and ``balance_abs_threshold`` more than the
