@@ -2,13 +2,25 @@
 
 A leaf module: it imports nothing of the gateway and no third-party package, so the scheduling core, the load
 view, the engine adapters and the simulator can all share these names without importing each other. Pure
-data; token counts are tokens, times are seconds on whatever clock the caller passes in.
+data and one pure function (:func:`prefix_block_hashes`); token counts are tokens, times are seconds on whatever
+clock the caller passes in.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
+
+PREFIX_BLOCK_TOKENS = 512
+"""Tokens per prompt block of :attr:`PendingRequest.prefix_blocks`: the block of the Mooncake traces' ``hash_ids``
+(Qin et al., "Mooncake", FAST'25, trace README: one id per 512-token block)."""
+
+PREFIX_BLOCK_CHARS = PREFIX_BLOCK_TOKENS * 4
+"""Characters of text per block when the prompt is hashed from its text: :data:`PREFIX_BLOCK_TOKENS` times the
+4 characters per token of the gateway's estimator (``gateway.tokens.CHARS_PER_TOKEN``; SMG's ``prefix_hash``
+uses the same 4 for untokenized requests, ``model_gateway/src/policies/prefix_hash.rs`` ``CHARS_PER_TOKEN``)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -72,6 +84,13 @@ class PendingRequest:
         arrival_s: when the gateway received it (caller's clock, seconds).
         stream: whether the client streams (the load view then sees its first token).
         deferrals: how many closed windows could not place it.
+        prefix_blocks: the prompt as a chain of block hashes, one per :data:`PREFIX_BLOCK_TOKENS` tokens (the
+            last block may be partial); block ``i``'s hash covers the whole prompt up to the end of block ``i``,
+            so two prompts share their first ``k`` hashes exactly when they share their first ``k`` blocks. The
+            front door hashes the request's text (:func:`prefix_block_hashes`), the simulator takes a Mooncake
+            trace's ``hash_ids``; empty when unknown (Azure traces carry none). Cache-aware policies match
+            prefixes on it at block granularity: a prefix shared for part of a block counts as unshared, and
+            text hashing aligns blocks on characters, not tokens.
     """
 
     request_id: str
@@ -81,6 +100,25 @@ class PendingRequest:
     arrival_s: float
     stream: bool = True
     deferrals: int = field(default=0)
+    prefix_blocks: tuple[int, ...] = ()
+
+
+def prefix_block_hashes(texts: Iterable[str], block_chars: int = PREFIX_BLOCK_CHARS) -> tuple[int, ...]:
+    """Chained hashes of consecutive ``block_chars``-character blocks of the concatenated ``texts`` (see
+    :attr:`PendingRequest.prefix_blocks`); the last block may be shorter, an empty text gives ``()``.
+
+    Each hash is the first 8 bytes of BLAKE2b over the previous block's digest and the block's UTF-8 bytes, as
+    an unsigned integer. The parts are joined with a NUL so ``["ab", "c"]`` and ``["a", "bc"]`` differ.
+    Cost: one pass of BLAKE2b over the prompt (``bench/prefix_hash_cost.py``).
+    """
+    text = "\0".join(texts)
+    blocks: list[int] = []
+    previous = b""
+    for start in range(0, len(text), block_chars):
+        digest = hashlib.blake2b(previous + text[start : start + block_chars].encode(), digest_size=8).digest()
+        blocks.append(int.from_bytes(digest, "big"))
+        previous = digest
+    return tuple(blocks)
 
 
 @dataclass(frozen=True, slots=True)

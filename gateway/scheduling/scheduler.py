@@ -23,10 +23,11 @@ chose.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.config import AllocatorConfig, DecodeConfig, PolicyName, WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, WindowConfig
 from gateway.load.view import LoadView
 from gateway.scheduling.allocation import free_prefill_capacity
 from gateway.scheduling.allocators import ALLOCATORS, Allocator
@@ -69,6 +70,28 @@ class _Mode(Protocol):
     def submit(self, request: PendingRequest, now: float) -> RankKey | None: ...
 
     def poll(self, now: float) -> WindowOutcome | None: ...
+
+
+class PhasePlacement:
+    """The step-aware placement an immediate policy may use (``phase_aware``,
+    :class:`~gateway.scheduling.baselines.base.StepPlacement`): the ``phase_aware`` allocator, with the scheduler's
+    step clock, placing a batch of one request, its capacity bound off (``queue_steps`` ``None``), so a request is
+    never deferred.
+
+    Args:
+        allocator: the allocator settings; a ``phase_aware`` section lends its settings, any other kind leaves
+            the ``phase_aware`` defaults.
+        decode: decode-aware choice settings, ``None`` when off.
+        clock: the scheduler's step clock.
+    """
+
+    def __init__(self, allocator: AllocatorConfig, decode: DecodeConfig | None, clock: StepClock) -> None:
+        settings = allocator if isinstance(allocator, PhaseAwareConfig) else PhaseAwareConfig()
+        self._allocator = ALLOCATORS["phase_aware"](settings.model_copy(update={"queue_steps": None}), decode, clock)
+
+    def place(self, request: PendingRequest, ranks: Sequence[RankLoad], now: float) -> RankKey | None:
+        assigned = self._allocator.place([request], ranks, now).assigned
+        return assigned[0][1] if assigned else None
 
 
 class _Immediate:
@@ -202,7 +225,8 @@ class Scheduler:
                 window, placer, queue_steps, allocator.min_queue_tokens, view, self.window, self.step_clock
             )
         else:
-            self._mode = _Immediate(make_immediate_policy(policy, seed=seed), view)
+            steps = PhasePlacement(allocator, decode, self.step_clock)
+            self._mode = _Immediate(make_immediate_policy(policy, seed=seed, steps=steps), view)
 
     @property
     def batched(self) -> bool:

@@ -264,10 +264,20 @@ class _Sim:
 
     def on_arrival(self, index: int) -> None:
         r = self.trace[index]
-        request = PendingRequest(str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now)
+        request = PendingRequest(
+            str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now, prefix_blocks=r.hash_ids
+        )
         if self.views is not None:
             view = self.views[index]
-            request = PendingRequest(str(index), MODEL, view.prompt_tokens, r.output_tokens, self.now, view.stream)
+            request = PendingRequest(
+                str(index),
+                MODEL,
+                view.prompt_tokens,
+                r.output_tokens,
+                self.now,
+                view.stream,
+                prefix_blocks=r.hash_ids,
+            )
         key = self.scheduler.submit(request, self.now)
         if key is not None:
             self.send(index, key)

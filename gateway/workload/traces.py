@@ -8,7 +8,8 @@ A trace is a list of :class:`TraceRequest` sorted by arrival, the first at 0 s. 
   with seven fractional digits (100 ns), one more than :func:`datetime.strptime` accepts, so the fraction
   is parsed separately.
 - Mooncake FAST'25 traces (Kimi), JSONL with ``timestamp`` (ms from trace start), ``input_length``,
-  ``output_length`` (``hash_ids`` is ignored).
+  ``output_length`` and ``hash_ids`` (one id per 512-token block of the prompt, equal ids for equal prefixes;
+  kept as :attr:`TraceRequest.hash_ids`). Azure traces carry no prompt content, so their ``hash_ids`` are empty.
 
 Bundled traces are addressed by name through :func:`resolve_trace`: ``azure-conv``, ``azure-code``,
 ``mooncake-conv``.
@@ -20,7 +21,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -46,11 +47,14 @@ class TraceRequest:
             after :func:`window`).
         prompt_tokens: prompt (context) tokens, >= 1.
         output_tokens: tokens to generate, >= 1.
+        hash_ids: the prompt's block ids, one per 512-token block (Mooncake's ``hash_ids``; the simulator
+            passes them on as :attr:`gateway.types.PendingRequest.prefix_blocks`); empty for Azure traces.
     """
 
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] = ()
 
 
 def resolve_trace(name_or_path: str | Path) -> Path:
@@ -95,7 +99,7 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
         return []
     # Re-base in the file's own unit first (exact for integer stamps), then convert to seconds.
     t0 = rows[0][0]
-    return [TraceRequest((stamp - t0) / units_per_s, prompt, out) for stamp, prompt, out in rows]
+    return [TraceRequest((stamp - t0) / units_per_s, prompt, out, ids) for stamp, prompt, out, ids in rows]
 
 
 def rescale(trace: Iterable[TraceRequest], rate_scale: float) -> list[TraceRequest]:
@@ -106,7 +110,7 @@ def rescale(trace: Iterable[TraceRequest], rate_scale: float) -> list[TraceReque
     """
     if not (math.isfinite(rate_scale) and rate_scale > 0):
         raise ValueError(f"rate_scale must be a finite number > 0, got {rate_scale}")
-    return [TraceRequest(r.arrival_s / rate_scale, r.prompt_tokens, r.output_tokens) for r in trace]
+    return [replace(r, arrival_s=r.arrival_s / rate_scale) for r in trace]
 
 
 def window(trace: Iterable[TraceRequest], start_s: float, duration_s: float | None = None) -> list[TraceRequest]:
@@ -122,11 +126,7 @@ def window(trace: Iterable[TraceRequest], start_s: float, duration_s: float | No
     if duration_s is not None and not duration_s > 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
     end_s = math.inf if duration_s is None else start_s + duration_s
-    return [
-        TraceRequest(r.arrival_s - start_s, r.prompt_tokens, r.output_tokens)
-        for r in trace
-        if start_s <= r.arrival_s < end_s
-    ]
+    return [replace(r, arrival_s=r.arrival_s - start_s) for r in trace if start_s <= r.arrival_s < end_s]
 
 
 def _is_jsonl(path: Path, text: str) -> bool:
@@ -157,6 +157,13 @@ def _tokens(value: Any, what: str) -> int:
     return max(value, 1)
 
 
+def _hash_ids(value: Any) -> tuple[int, ...]:
+    """Mooncake's ``hash_ids``: a list of integer block ids."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"hash_ids must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
 def _azure_ns(stamp: str) -> int:
     """Integer nanoseconds since the epoch (as naive UTC) of ``YYYY-MM-DD HH:MM:SS[.f…]``, up to 9
     fraction digits. Integers keep the 100 ns digits exact; a float of epoch seconds would round them
@@ -172,8 +179,8 @@ def _azure_ns(stamp: str) -> int:
     return whole_s * 10**9 + int(frac.ljust(9, "0") or 0)
 
 
-_Row = tuple[int | float, int, int]
-"""(arrival in the file's unit, prompt tokens, output tokens)."""
+_Row = tuple[int | float, int, int, tuple[int, ...]]
+"""(arrival in the file's unit, prompt tokens, output tokens, block ids)."""
 
 
 def _parse_azure(path: Path, lines: list[str]) -> Iterator[_Row]:
@@ -198,6 +205,7 @@ def _parse_azure(path: Path, lines: list[str]) -> Iterator[_Row]:
                 _azure_ns(row[idx[0]]),
                 _tokens(row[idx[1]], "ContextTokens"),
                 _tokens(row[idx[2]], "GeneratedTokens"),
+                (),
             )
         except ValueError as exc:
             raise ValueError(f"{path}:{lineno}: {exc}") from exc
@@ -224,6 +232,7 @@ def _parse_mooncake(path: Path, lines: list[str]) -> Iterator[_Row]:
                 stamp,
                 _tokens(obj["input_length"], "input_length"),
                 _tokens(obj["output_length"], "output_length"),
+                _hash_ids(obj.get("hash_ids", [])),
             )
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"{path}:{lineno}: {exc}") from exc

@@ -25,7 +25,13 @@ def test_round_robin_cycles_over_serving_usable_ranks():
     [
         ("shortest_queue", [dict(running=3, waiting=1), dict(running=1, waiting=1), dict(running=0, waiting=5)], 1),
         ("least_tokens", [dict(queued=100, kv_tokens=900), dict(queued=2000), dict(kv_tokens=500)], 2),
-        ("sglang_total_tokens", [dict(queued=100, kv_tokens=900), dict(queued=2000), dict(kv_tokens=500)], 2),
+        # as the load view keeps them, a waiting prompt is in both queued and KV tokens: total tokens count it once
+        (
+            "sglang_total_tokens",
+            [dict(queued=100, kv_tokens=1000), dict(queued=2000, kv_tokens=2000), dict(kv_tokens=500)],
+            2,
+        ),
+        ("sglang_total_tokens", [dict(queued=1000, kv_tokens=1000), dict(kv_tokens=1500)], 0),
         # equal tokens: SGLang breaks the tie by total requests (running + waiting)
         ("sglang_total_tokens", [dict(kv_tokens=500, running=3), dict(kv_tokens=500, running=1, waiting=1)], 1),
         # vLLM weighs a waiting request as four running ones: 1*4+1=5, 0*4+6=6, 2*4+0=8

@@ -7,9 +7,10 @@ from typing import get_args
 
 import pytest
 
-from gateway.config import AllocatorConfig, DecodeConfig, PolicyName
+from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName
 from gateway.scheduling.allocators import ALLOCATORS
 from gateway.scheduling.baselines import IMMEDIATE_POLICIES, make_immediate_policy
+from gateway.scheduling.scheduler import PhasePlacement
 from gateway.scheduling.step_clock import StepClock
 from tests.helpers import rank, req
 
@@ -30,7 +31,8 @@ def test_the_configuration_kinds_are_exactly_the_registered_allocators() -> None
 
 @pytest.mark.parametrize("name", sorted(IMMEDIATE_POLICIES))
 def test_every_registered_policy_builds_under_its_name_and_places(name: str) -> None:
-    policy = make_immediate_policy(name, seed=1)
+    steps = PhasePlacement(PhaseAwareConfig(), DecodeConfig(), StepClock(0.05))  # what the scheduler passes
+    policy = make_immediate_policy(name, seed=1, steps=steps)
     assert policy.name == name
     assert policy.choose(req("r", 100), [rank("e", 0), rank("e", 1)]) is not None
 

@@ -65,10 +65,11 @@ def test_azure_conv_first_rows() -> None:
 def test_mooncake_first_rows_share_timestamp() -> None:
     trace = load_trace(resolve_trace("mooncake-conv"))
     assert trace[:3] == [
-        TraceRequest(0.0, 6758, 500),
-        TraceRequest(0.0, 7322, 490),
-        TraceRequest(0.0, 7236, 794),
+        TraceRequest(0.0, 6758, 500, tuple(range(14))),
+        TraceRequest(0.0, 7322, 490, (0, *range(14, 28))),
+        TraceRequest(0.0, 7236, 794, (0, *range(28, 42))),
     ]
+    assert all(len(r.hash_ids) == -(-r.prompt_tokens // 512) for r in trace), "one id per 512-token block"
 
 
 def test_azure_seven_fraction_digits_are_exact(tmp_path: Path) -> None:
@@ -96,8 +97,19 @@ def test_mooncake_ms_and_sorting(tmp_path: Path) -> None:
     assert load_trace(path) == [
         TraceRequest(0.0, 1, 2),
         TraceRequest(0.5005, 7, 8),
-        TraceRequest(3.0, 3, 4),
+        TraceRequest(3.0, 3, 4, (1,)),
     ]
+
+
+def test_hash_ids_survive_rescale_and_window_and_azure_has_none(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "t.jsonl", '{"timestamp": 1000, "input_length": 3, "output_length": 4, "hash_ids": [7, 9]}\n'
+    )
+    assert window(rescale(load_trace(path), 2.0), 0.0) == [TraceRequest(0.0, 3, 4, (7, 9))]
+    assert all(r.hash_ids == () for r in load_trace(resolve_trace("azure-conv"))[:100])
+    bad = write(tmp_path, "bad.jsonl", '{"timestamp": 0, "input_length": 3, "output_length": 4, "hash_ids": "x"}\n')
+    with pytest.raises(ValueError, match="hash_ids"):
+        load_trace(bad)
 
 
 def test_zero_tokens_clamped_to_one(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """What every immediate-dispatch policy is: a choice of one DP rank per request from a load snapshot.
 
 - :class:`ImmediatePolicy`: the protocol the scheduler calls, ``choose(request, ranks) -> rank or None``.
+- :class:`PolicyContext`: what a policy's factory gets: the seed, and the scheduler's :class:`StepPlacement`
+  for a policy that places by the engines' step phase.
 - :func:`serving`, :class:`Rotating`: the helpers most policies build on (the usable ranks serving a request's
   model; the minimum of a load function with ties broken by a rotating start).
 """
@@ -8,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.types import PendingRequest, RankKey, RankLoad
@@ -19,6 +22,28 @@ class ImmediatePolicy(Protocol):
     name: str
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None: ...
+
+
+class StepPlacement(Protocol):
+    """The scheduler's step-aware placement of one request: its batch allocator (``phase_aware``, with the step
+    clock the scheduler feeds with token arrivals and the prompt tokens each rank's current step took) applied to a
+    batch of one at ``now``, with no capacity bound. Built by the scheduler
+    (:class:`gateway.scheduling.scheduler.PhasePlacement`)."""
+
+    def place(self, request: PendingRequest, ranks: Sequence[RankLoad], now: float) -> RankKey | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What an immediate-dispatch policy's factory gets (:data:`gateway.scheduling.baselines.IMMEDIATE_POLICIES`).
+
+    Attributes:
+        seed: seed of randomised policies (``baselines.seed``).
+        steps: the scheduler's step-aware placement; ``None`` outside a scheduler.
+    """
+
+    seed: int = 0
+    steps: StepPlacement | None = None
 
 
 def serving(request: PendingRequest, ranks: Sequence[RankLoad]) -> list[RankLoad]:

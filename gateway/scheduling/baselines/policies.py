@@ -10,16 +10,21 @@ the last scrape, so a burst does not herd onto one rank.
 - ``power_of_two``: sample two ranks at random, take the one with the shorter queue
   (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001).
 - ``random``: a uniformly random rank (seeded).
-- ``vllm_internal``: vLLM's own DP load balancer, the lowest ``waiting * 4 + running``
-  (``vllm/v1/engine/core_client.py``, ``DPLBAsyncMPClient``).
+- ``vllm_internal``: vLLM's own DP load balancer as it was before 0.33, the lowest ``waiting * 4 + running``
+  (``vllm/v1/engine/core_client.py``, ``DPLBAsyncMPClient``); vLLM 0.33/0.34's rule is ``vllm_dplb``
+  (:mod:`.vllm_dplb`).
 
 - ``sglang_total_tokens``: SGLang's DP controller rule ``--load-balance-method total_tokens``
-  (``python/sglang/srt/managers/data_parallel_controller.py``, ``DPBudget.dispatch``): the lowest
-  ``(total tokens, total requests)`` pair, lowest rank on a full tie, with an optimistic update: the chosen
-  rank's figures grow by the request's tokens and by one request at once, until the next load refresh
-  overwrites them. Here the load view does the optimistic update (it adds each dispatched prompt to the rank's
-  queued and KV tokens and one waiting request) and the refresh is the scrape. It differs from
-  ``least_tokens`` in the request-count tie-break and in breaking full ties by rank order, not by rotation.
+  (``python/sglang/srt/managers/data_parallel_controller.py``, ``DPBudget.dispatch`` and ``update_budget``): the
+  lowest ``(total tokens, total requests)`` pair, lowest rank on a full tie. A rank's total tokens are its
+  ``num_total_tokens`` load report: the KV tokens in use plus the full length of every waiting request
+  (``scheduler_components/load_inquirer.py``: ``num_used_tokens + sum(req.seqlen for waiting queues)``); its
+  total requests are running + waiting. The chosen rank's figures grow at once by the request's tokens and one
+  request (the optimistic update), until the next load report overwrites them. Here that is
+  ``RankLoad.kv_tokens``, which the load view grows by each dispatched prompt at once and by every token
+  generated, so it already counts waiting prompts once, and ``queue_length``; the refresh is the scrape. It
+  differs from ``least_tokens`` (which also adds the queued prompt tokens, counting a waiting prompt twice) and
+  breaks full ties by rank order, not by rotation.
 
 Ties go to the rank after the one chosen last, so equal loads are spread rather than piled on rank 0.
 """
@@ -61,7 +66,7 @@ class SglangTotalTokens:
         candidates = serving(request, ranks)
         if not candidates:
             return None
-        return min(candidates, key=lambda r: (r.outstanding_tokens, r.queue_length)).key
+        return min(candidates, key=lambda r: (r.kv_tokens, r.queue_length)).key
 
 
 class PowerOfTwo:

@@ -1,0 +1,72 @@
+"""``prefix_hash``: the SGLang Model Gateway's consistent-hashing prefix policy, with ``--dp-aware``.
+
+Source: smg 1.13.0 (the PyPI source distribution; unchanged from smg-project/smg @f8daa88),
+``model_gateway/src/policies/prefix_hash.rs`` (``PrefixHashPolicy``,
+``find_worker_with_load_balance``, ``load_ok``) and ``model_gateway/src/worker/hash_ring.rs`` (``HashRing``, 150
+virtual nodes per worker); defaults from ``bindings/python/src/smg/router_args.py``. A worker is a DP rank
+(``--dp-aware``).
+
+The request's prompt head is hashed onto a ring of the usable ranks serving its model; the rank there takes it
+unless it is overloaded: its load above both ``load_factor`` times and ``balance_abs_threshold`` more than the
+mean load counting the new request, ``(total + 1) / n``. An overloaded target hands the request to the least
+loaded rank that is not overloaded, or keeps it when all are. A request without a head goes to the least loaded
+rank. Load is smg's router-side in-flight count; here the rank's waiting + running requests.
+
+**Blocks, not tokens.** smg hashes the first ``prefix_token_count`` = 256 tokens (or 1,024 characters). Here the
+head is the prompt's first 512-token block (:attr:`~gateway.types.PendingRequest.prefix_blocks`), so two prompts
+that share 256 tokens but not 512 hash apart, where smg would group them. Ring positions use BLAKE2b where smg
+uses BLAKE3 (positions differ; the spread over ranks is the same in kind).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Sequence
+
+from gateway.scheduling.baselines.base import serving
+from gateway.types import PendingRequest, RankKey, RankLoad
+
+LOAD_FACTOR = 1.25
+"""Overload threshold, multiple of the mean load (``--prefix-hash-load-factor``)."""
+
+BALANCE_ABS_THRESHOLD = 10
+"""Overload threshold, requests above the mean load (``--prefix-hash-balance-abs-threshold``)."""
+
+VIRTUAL_NODES = 150
+"""Ring positions per rank (``VIRTUAL_NODES_PER_WORKER`` in ``hash_ring.rs``)."""
+
+
+def _position(label: str) -> int:
+    return int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "big")
+
+
+class PrefixHash:
+    name = "prefix_hash"
+
+    def __init__(self) -> None:
+        self._rings: dict[tuple[RankKey, ...], tuple[list[int], list[RankKey]]] = {}
+
+    def _ring(self, keys: tuple[RankKey, ...]) -> tuple[list[int], list[RankKey]]:
+        ring = self._rings.get(keys)
+        if ring is None:
+            entries = sorted((_position(f"{key}#{v}"), key) for key in keys for v in range(VIRTUAL_NODES))
+            ring = ([p for p, _ in entries], [k for _, k in entries])
+            self._rings[keys] = ring
+        return ring
+
+    def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
+        candidates = serving(request, ranks)
+        if not candidates:
+            return None
+        if not request.prefix_blocks:
+            return min(candidates, key=lambda r: r.queue_length).key
+        positions, owners = self._ring(tuple(r.key for r in candidates))
+        target_key = owners[bisect.bisect_left(positions, _position(str(request.prefix_blocks[0]))) % len(owners)]
+        target = next(r for r in candidates if r.key == target_key)
+        mean = (sum(r.queue_length for r in candidates) + 1) / len(candidates)
+        threshold = max(mean * LOAD_FACTOR, mean + BALANCE_ABS_THRESHOLD)
+        if target.queue_length <= threshold:
+            return target.key
+        fine = [r for r in candidates if r.queue_length <= threshold]
+        return min(fine, key=lambda r: r.queue_length).key if fine else target.key
