@@ -65,6 +65,27 @@ from gateway.config import ConfigError, load_settings
     help="Gateway configuration (YAML, as for serve) whose window, allocator and decode sections sbs runs with "
     "[default: the defaults].",
 )
+@click.option(
+    "--engine-profile",
+    type=click.Choice(["idealised", "as-shipped"]),
+    default="idealised",
+    show_default=True,
+    help="Engine model: idealised, or the engine as shipped with its defaults (gateway.sim.calibration).",
+)
+@click.option(
+    "--engine-flavor",
+    type=click.Choice(["sglang", "vllm"]),
+    default="sglang",
+    show_default=True,
+    help="Whose defaults and step rules --engine-profile as-shipped follows.",
+)
+@click.option(
+    "--prefill-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Rescale the engine's prefill to this many prompt tokens/s per GPU at the calibration point "
+    "(production: about 4000) [default: DeepSeek's profile figure, 7.8k].",
+)
 @output_option
 @plot_option
 @no_progress_option
@@ -80,6 +101,9 @@ def simulate(
     scrape_lag: float,
     slo_scale: float | None,
     config_path: str | None,
+    engine_profile: str,
+    engine_flavor: str,
+    prefill_rate: float | None,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -97,6 +121,7 @@ def simulate(
     """
     import json
 
+    from gateway.cli.engine_options import engine_model_config
     from gateway.sim.compare import compare_policies, summary_line
     from gateway.sim.simulate import SimConfig, Slo, derived_slo
     from gateway.workload.traces import load_trace, rescale, resolve_trace, window
@@ -110,10 +135,12 @@ def simulate(
         scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    engine = engine_model_config(engine_profile, engine_flavor, dp_size, prefill_rate)  # type: ignore[arg-type]
     slo = Slo()
     if slo_scale is not None and requests:
-        slo = derived_slo(requests, SimConfig().engine, slo_scale)
+        slo = derived_slo(requests, engine, slo_scale)
     base = SimConfig(
+        engine=engine,
         instances=instances,
         dp_size=dp_size,
         seed=seed,
