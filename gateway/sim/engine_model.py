@@ -88,6 +88,7 @@ class RankStats:
         kv_capacity_tokens: the rank's KV capacity, tokens.
         kv_usage: ``kv_used_tokens / kv_capacity_tokens``, fraction 0–1.
         preemptions: requests preempted (vLLM) or retracted (SGLang) on the rank so far.
+        new_token_ratio: SGLang's current new-token ratio on the rank (admission estimate), fraction 0-1.
     """
 
     rank: int
@@ -98,6 +99,7 @@ class RankStats:
     kv_capacity_tokens: int
     kv_usage: float
     preemptions: int = 0
+    new_token_ratio: float = 0.0
 
 
 @dataclass(eq=False, slots=True)
@@ -273,6 +275,7 @@ class EngineModel:
                 kv_capacity_tokens=cap,
                 kv_usage=r.kv_used / cap,
                 preemptions=r.preemptions,
+                new_token_ratio=r.new_token_ratio,
             )
             for i, r in enumerate(self._ranks)
         ]
@@ -397,6 +400,7 @@ class EngineModel:
         cfg = self.config
         admission = cfg.admission
         offset = self._sglang_running_offset(rank) if admission == "sglang" else 0.0
+        free = cfg.kv_capacity_tokens - rank.kv_used  # SGLang's budget is taken once per pass
         work = 0.0
         for req in list(rank.waiting.values()):
             if budget == 0:
@@ -409,7 +413,7 @@ class EngineModel:
             chunk = min(remaining, budget)
             if admission == "sglang":
                 need = remaining + self._sglang_max_new(req)
-                if not req.admitted and need >= cfg.kv_capacity_tokens - rank.kv_used - offset:
+                if not req.admitted and need >= free - offset:
                     break  # SGLang: NO_TOKEN
                 offset += need
                 chunk = min(chunk, cfg.kv_capacity_tokens - rank.kv_used)
