@@ -254,6 +254,11 @@ class EngineModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.join_lag_steps not in (0, 1):
             raise ValueError(f"join_lag_steps must be 0 or 1, got {self.join_lag_steps}")
+        if self.admission != "reserve_output" and self.admission != self.step_composition:
+            raise ValueError(
+                f"admission={self.admission!r} needs step_composition={self.admission!r} (its preemption or "
+                f"retraction runs in that engine's step), got {self.step_composition!r}"
+            )
         if not 0.0 <= self.routed_expert_fraction <= 1.0:
             raise ValueError(f"routed_expert_fraction must be in [0, 1], got {self.routed_expert_fraction}")
 

@@ -114,6 +114,21 @@ def test_alltoall_follows_deepep_low_latency_table(ep_size: int, per_layer_us: f
     assert alltoall_s_for_ep(ep_size) == pytest.approx(DEEPSEEK_V3_MOE_LAYERS * per_layer_us * 1e-6, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"admission": "vllm"},  # vLLM's preemption lives in its running-first step
+        {"admission": "sglang", "step_composition": "vllm"},  # SGLang's retraction lives in its decode step
+        {"join_lag_steps": 2},
+        {"routed_expert_fraction": 1.5},
+        {"kv_block_size": 0},
+    ],
+)
+def test_settings_that_cannot_hold_are_refused(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        replace(IDEALISED, **overrides)
+
+
 # --- calibration under the as-shipped profiles -----------------------------------------------------------
 
 
