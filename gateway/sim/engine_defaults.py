@@ -53,8 +53,8 @@ DEEPEP_LOW_LATENCY_US: tuple[tuple[int, float, float], ...] = (
     (256, 194.0, 360.0),
 )
 """DeepEP's published low-latency all-to-all per MoE layer, H800 with CX7 400 Gb/s, 128 tokens, hidden 7168, top-8,
-FP8 dispatch and BF16 combine: (EP size, dispatch µs, combine µs) (deepseek-ai/DeepEP ``docs/legacy.md``,
-"Low-latency kernels with pure RDMA", the V1 table)."""
+FP8 dispatch and BF16 combine: (EP size, dispatch µs, combine µs) (deepseek-ai/DeepEP, the V1 page ``legacy.md``,
+"Low-latency kernels with pure RDMA")."""
 
 
 def sglang_chunk_per_rank(chunked_prefill_size: int | None, dp_size: int, enable_dp_attention: bool = True) -> int:
