@@ -1,5 +1,6 @@
 """The ``gateway`` command line: the group and its commands, one module each (``serve``, ``mock-engine``,
-``bench``, ``simulate``, ``stack``); the options several commands share are in :mod:`gateway.cli.options`."""
+``bench``, ``simulate``, ``stack``); the options several commands share are in :mod:`gateway.cli.options`, the
+engine-model options of ``mock-engine`` and ``simulate`` in :mod:`gateway.cli.engine_options`."""
 
 from __future__ import annotations
 

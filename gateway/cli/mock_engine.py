@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import click
+
+from gateway.cli.engine_options import engine_flag_options, engine_model_config
 
 
 @click.command("mock-engine")
@@ -21,11 +24,45 @@ import click
     show_default=True,
     help="Engine clock speed: X times real time (below 1 is slower).",
 )
-def mock_engine(flavor: str, dp_size: int, port: int, host: str, model: str, speed: float) -> None:
-    """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API."""
+@click.option(
+    "--profile",
+    type=click.Choice(["idealised", "as-shipped"]),
+    default="idealised",
+    show_default=True,
+    help="Engine model: idealised, or the engine as shipped (its budgets, step rules, admission; its flags below).",
+)
+@engine_flag_options
+def mock_engine(
+    flavor: str,
+    dp_size: int,
+    port: int,
+    host: str,
+    model: str,
+    speed: float,
+    profile: str,
+    prefill_rate: float | None,
+    **engine_flags: Any,
+) -> None:
+    """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API.
+
+    \b
+    Example (SGLang as shipped at DP 8: 1,024 prefill tokens a rank a step):
+      gateway mock-engine --flavor sglang --dp-size 8 --port 8001 --profile as-shipped --chunked-prefill-size 8192
+    """
     from gateway.sim.mock_engine.app import MockEngineConfig, serve_mock_engine
 
-    config = MockEngineConfig(flavor=flavor, dp_size=dp_size, model=model, speed=speed)  # type: ignore[arg-type]
-    click.echo(f"simulated {flavor} engine, {dp_size} DP ranks, model {model}, on http://{host}:{port}", err=True)
+    engine_model = engine_model_config(profile, flavor, dp_size, prefill_rate, **engine_flags)  # type: ignore[arg-type]
+    config = MockEngineConfig(
+        flavor=flavor,  # type: ignore[arg-type]
+        dp_size=dp_size,
+        model=model,
+        speed=speed,
+        engine_model=engine_model,
+    )
+    click.echo(
+        f"simulated {flavor} engine ({profile}), {dp_size} DP ranks, model {model}, "
+        f"{engine_model.max_prefill_tokens_per_step} prefill tokens a rank a step, on http://{host}:{port}",
+        err=True,
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_mock_engine(config, host, port))

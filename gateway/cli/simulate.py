@@ -95,6 +95,27 @@ from gateway.config import ConfigError, load_settings
     show_default=True,
     help="Extra one-way delay per request and direction, uniform in [0, this], milliseconds.",
 )
+@click.option(
+    "--engine-profile",
+    type=click.Choice(["idealised", "as-shipped"]),
+    default="idealised",
+    show_default=True,
+    help="Engine model: idealised, or the engine as shipped with its defaults (gateway.sim.calibration).",
+)
+@click.option(
+    "--engine-flavor",
+    type=click.Choice(["sglang", "vllm"]),
+    default="sglang",
+    show_default=True,
+    help="Whose defaults and step rules --engine-profile as-shipped follows.",
+)
+@click.option(
+    "--prefill-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Rescale the engine's prefill to this many prompt tokens/s per GPU at the calibration point "
+    "(production: about 4000) [default: DeepSeek's profile figure, 7.8k].",
+)
 @output_option
 @plot_option
 @no_progress_option
@@ -114,6 +135,9 @@ def simulate(
     nonstream_share: float,
     dispatch_latency_ms: float,
     dispatch_jitter_ms: float,
+    engine_profile: str,
+    engine_flavor: str,
+    prefill_rate: float | None,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -126,7 +150,8 @@ def simulate(
 
     By default the gateway knows everything at once: exact prompt tokens, every first token, no network. The
     options --estimate-error, --nonstream-share and --dispatch-latency-ms/--dispatch-jitter-ms take that away
-    as a real gateway lacks it (gateway.sim.information), drawn per request from --seed.
+    as a real gateway lacks it (gateway.sim.information), drawn per request from --seed. --engine-profile
+    as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model.
 
     \b
     Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
@@ -140,6 +165,7 @@ def simulate(
     """
     import json
 
+    from gateway.cli.engine_options import engine_model_config
     from gateway.sim.compare import compare_policies, summary_line
     from gateway.sim.information import InformationLimits, parse_estimate_error
     from gateway.sim.simulate import SimConfig, Slo, derived_slo
@@ -158,10 +184,12 @@ def simulate(
         scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    engine = engine_model_config(engine_profile, engine_flavor, dp_size, prefill_rate)  # type: ignore[arg-type]
     slo = Slo()
     if slo_scale is not None and requests:
-        slo = derived_slo(requests, SimConfig().engine, slo_scale)
+        slo = derived_slo(requests, engine, slo_scale)
     base = SimConfig(
+        engine=engine,
         instances=instances,
         dp_size=dp_size,
         seed=seed,

@@ -1,7 +1,8 @@
 """Simulated DP+EP engines, in virtual time and over HTTP, and the tools that run the gateway against them.
 
-- :mod:`.calibration`, :mod:`.engine_model`: the pure engine model and its published calibration
-  (``docs/design.md`` §5); :mod:`.capacity`: a trace's analytic load on it.
+- :mod:`.engine_defaults`, :mod:`.calibration`, :mod:`.engine_model`: what SGLang and vLLM do by default, the
+  engine model's settings (idealised or as shipped) with their published calibration (``docs/design.md`` §5), and
+  the pure engine model; :mod:`.capacity`: a trace's analytic load on it.
 - :mod:`.simulate`: the gateway's own scheduler against engine models, in virtual time; :mod:`.compare`: one
   simulation per policy, as ``gateway simulate`` and the benchmarks run them.
 - :mod:`.mock_engine`: the engine model behind each flavour's HTTP API, in real time, with fault injection.

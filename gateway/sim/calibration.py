@@ -19,12 +19,38 @@ Derived model (our fit, labelled "derived" below). For one DP rank in one step:
   2.10 / 1.83 = 1.147 matches 57.7k / 50.3k = 1.147.
 - decode: ``decode_req_s * running + decode_kv_s * kv_tokens_of_running``.
   Check: 128 × 1.2e-4 + 128·4096 × 2.86e-8 + 0.0248 ≈ 0.0154 + 0.0150 + 0.0248 ≈ 55 ms (published 55 ms).
-- step time of the whole instance = ``alltoall_s + max over ranks(per-rank prefill + decode work)``.
+- step time of the whole instance = ``alltoall_s + max over ranks(per-rank work) + mean over ranks(EP-shared
+  work)``; the EP-shared part is ``routed_expert_fraction`` of the linear terms (0 in the idealised profile, so the
+  step is the heaviest rank's work plus the all-to-all).
+
+Which published figure sets the timescale: DeepSeek's *profile* prefill rate (7.8k tokens/s per H800, two-batch
+overlap, 16k tokens per GPU per step) and its decode-instance step (55 ms). DeepSeek's production statistics of the
+same overview (about 32.2k prompt tokens/s per node excluding cache hits, about 4k per GPU) are about 1.9x slower
+on prefill; :meth:`EngineModelConfig.with_prefill_rate` rescales the prefill terms to such a rate
+(``PRODUCTION_PREFILL_TOKENS_PER_S``) as a sensitivity point.
+
+Two profiles (:meth:`EngineModelConfig.as_shipped`, the engines' own defaults and step rules, sources in
+:mod:`gateway.sim.engine_defaults`; and the default ``EngineModelConfig()``, the *idealised* engine every figure so
+far was computed with: 8,192 prefill tokens per rank per step beside all its decodes, a request joining the next
+step, all work charged to its own rank, admission reserving the true output).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from gateway.sim.engine_defaults import (
+    DEEPSEEK_V3_CONTEXT_LENGTH,
+    SGLANG_DP_ATTENTION_CONSERVATIVENESS,
+    VLLM_BLOCK_SIZE,
+    VLLM_DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    VLLM_DEFAULT_MAX_NUM_SEQS,
+    EngineFlavor,
+    deepep_alltoall_per_layer_s,
+    sglang_chunk_per_rank,
+    sglang_max_running_per_rank,
+)
 
 DEEPEP_EP32_DISPATCH_S = 155e-6
 """DeepEP all-to-all dispatch latency per MoE layer at EP32, seconds (DeepEP README, H800)."""
@@ -34,6 +60,81 @@ DEEPEP_EP32_COMBINE_S = 273e-6
 
 DEEPSEEK_V3_MOE_LAYERS = 58
 """Number of MoE layers of DeepSeek-V3 (61 layers, the first 3 dense; model card)."""
+
+ROUTED_EXPERT_LINEAR_FRACTION = 20.43 / 35.59
+"""Share of DeepSeek-V3's per-token linear (GEMM) work in its routed experts, fraction (about 0.574). Derived from
+its config.json (hidden 7168, 61 layers of which 58 MoE, 8 of 256 routed experts active plus 1 shared, expert
+intermediate 2048, dense intermediate 18432, MLA with q_lora 1536, kv_lora 512, 128 heads of 128 + 64 / 128):
+routed 8 x 3 x 7168 x 2048 x 58 = 20.43 B active parameters; shared expert and dense FFN
+3 x 7168 x 2048 x 58 + 3 x 3 x 7168 x 18432 = 3.74 B; attention projections
+(7168 x 1536 + 1536 x 24576 + 7168 x 576 + 512 x 32768 + 16384 x 7168) x 61 = 11.41 B; 20.43 / 35.59 = 0.574.
+Under expert parallelism a GPU runs its experts on the tokens routed to it from every rank, so this share of the
+linear cost follows the mean tokens over the EP group, not the rank's own."""
+
+PRODUCTION_PREFILL_TOKENS_PER_S = 4000.0
+"""DeepSeek's production prefill rate per H800 GPU, prompt tokens/s (inference-system overview, Feb 2025: about
+32.2k tokens/s per node excluding cache hits, 8 GPUs a node); a sensitivity point for
+:meth:`EngineModelConfig.with_prefill_rate`."""
+
+CALIBRATION_PROMPT_TOKENS = 4096
+"""Prompt length of the prefill calibration point (DeepSeek: 4k-token prompts), tokens."""
+
+CALIBRATION_STEP_TOKENS = 16384
+"""Prefill tokens per GPU per step of the calibration point (DeepSeek: 16k), tokens."""
+
+StepComposition = Literal["idealised", "sglang", "vllm"]
+"""How a DP rank composes one step (see :class:`EngineModelConfig.step_composition`)."""
+
+Admission = Literal["reserve_output", "sglang", "vllm"]
+"""How a DP rank admits a waiting request (see :class:`EngineModelConfig.admission`)."""
+
+
+def alltoall_s_for_ep(ep_size: int) -> float:
+    """All-to-all latency per step at ``ep_size`` GPUs: 58 MoE layers x DeepEP low-latency dispatch + combine
+    (:func:`gateway.sim.engine_defaults.deepep_alltoall_per_layer_s`, interpolated between published EP sizes),
+    seconds. EP8: 11.1 ms; EP32: 24.8 ms."""
+    return DEEPSEEK_V3_MOE_LAYERS * deepep_alltoall_per_layer_s(ep_size)
+
+
+@dataclass(frozen=True)
+class NewTokenRatio:
+    """SGLang's estimate of how much of its ``max_new_tokens`` a running request will still use, for admission
+    (sglang/srt/managers/scheduler_components/new_token_ratio_tracker.py and schedule_policy.py ``PrefillAdder``,
+    environment defaults in sglang/srt/environ.py; SGLang 0.5.23).
+
+    The ratio starts at ``min(init x conservativeness, 1)``, falls by ``(init - min) / decay_steps`` each decode
+    step to ``init x min_factor``, returns to its start when the rank goes idle, and after a retraction is set to
+    ``(decoded + retract_decode_steps x n) / (sum of max_new_tokens + 1)`` over the requests kept.
+    """
+
+    init: float = 0.7
+    """``SGLANG_INIT_NEW_TOKEN_RATIO``, fraction."""
+    min_factor: float = 0.14
+    """``SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR``, fraction of the initial ratio."""
+    decay_steps: int = 600
+    """``SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS``, decode steps."""
+    retract_decode_steps: int = 20
+    """``SGLANG_RETRACT_DECODE_STEPS``, tokens per kept request in the post-retraction estimate."""
+    clip_max_new_tokens: int = 4096
+    """``SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION``: ``max_new_tokens`` is clipped to this for the estimate, tokens."""
+    schedule_conservativeness: float = 1.0
+    """``--schedule-conservativeness`` as the scheduler sees it (SGLang multiplies the flag by 0.3 under DP
+    attention: :data:`gateway.sim.engine_defaults.SGLANG_DP_ATTENTION_CONSERVATIVENESS`)."""
+
+    @property
+    def start(self) -> float:
+        """The ratio at start and after idle, fraction."""
+        return min(self.init * self.schedule_conservativeness, 1.0)
+
+    @property
+    def floor(self) -> float:
+        """The lowest the ratio decays to, fraction."""
+        return min(self.start * self.min_factor, 1.0)
+
+    @property
+    def decay(self) -> float:
+        """Fall per decode step, fraction."""
+        return (self.start - self.floor) / self.decay_steps
 
 
 @dataclass(frozen=True)
@@ -62,29 +163,200 @@ class EngineModelConfig:
 
     alltoall_s: float = DEEPSEEK_V3_MOE_LAYERS * (DEEPEP_EP32_DISPATCH_S + DEEPEP_EP32_COMBINE_S)
     """All-to-all latency paid by every step of the instance, seconds: 58 MoE layers × (155 + 273) µs
-    (DeepEP EP32 dispatch + combine) ≈ 24.8 ms. Derived."""
+    (DeepEP EP32 dispatch + combine) ≈ 24.8 ms, whatever the instance's EP size. Derived; the as-shipped
+    profiles use the instance's own EP size (:func:`alltoall_s_for_ep`)."""
 
     max_prefill_tokens_per_step: int = 8192
-    """Chunked-prefill budget, new prompt tokens per rank per step (SGLang ``--chunked-prefill-size``,
-    vLLM ``--max-num-batched-tokens``); 8192 is a common production setting, the calibration point above
-    used 16384. Decode tokens do not count against it (SGLang semantics)."""
+    """Token budget of one rank's step, tokens: SGLang's per-rank chunk (``--chunked-prefill-size`` over the DP
+    size under DP attention), vLLM's ``--max-num-batched-tokens`` (per DP rank). The idealised 8192 is a tuned
+    setting, not SGLang's shipped 1,024 at DP 8; the calibration point above used 16384. Whether decode tokens
+    count against it depends on ``step_composition`` (idealised: no)."""
 
     max_running_requests: int = 256
     """Most requests one rank holds at once (decoding plus admitted to prefill), requests (SGLang
-    ``--max-running-requests``, vLLM ``--max-num-seqs``; 256 is vLLM's classic default)."""
+    ``--max-running-requests`` over the DP size, vLLM ``--max-num-seqs``; 256 is vLLM's default on GPUs under
+    70 GB, 1,024 on H100/H800: see :meth:`as_shipped`)."""
 
     kv_capacity_tokens: int = 600_000
     """KV cache capacity of one rank, tokens. Derived: ≈ 50 GB of HBM free for KV on an 80 GB H800 after
     the DP+EP weight shard, / ≈ 70 KB per token (DeepSeek) ≈ 700k; rounded down to 600k to stay
     conservative (activations, CUDA graphs and fragmentation take some of it)."""
 
+    step_composition: StepComposition = "idealised"
+    """What one rank's step holds. ``"idealised"``: every running request decodes *and* waiting requests prefill
+    up to ``max_prefill_tokens_per_step``, decode tokens not counted. ``"sglang"``: a rank whose scheduler forms a
+    prefill batch runs only that batch and its decodes wait the step ("Run prefill first if possible",
+    sglang/srt/managers/scheduler.py ``get_next_batch_to_run``), unless ``enable_mixed_chunk``. ``"vllm"``: running
+    requests first (decodes, then unfinished chunked prefills), then new requests, all under one budget of
+    ``max_prefill_tokens_per_step`` tokens that counts decode tokens (vllm/v1/core/sched/scheduler.py
+    ``Scheduler.schedule``)."""
+
+    enable_mixed_chunk: bool = False
+    """SGLang ``--enable-mixed-chunk`` (default False, sglang/srt/arg_groups/fields/schedule.py): a prefill step
+    also decodes the rank's running requests, whose tokens are taken from the chunk budget (``PrefillAdder``:
+    ``rem_chunk_tokens -= num_mixed_decode_tokens``). Only read with ``step_composition="sglang"``."""
+
+    join_lag_steps: int = 0
+    """Extra steps before a request that reaches a rank during step k may run: 0 joins k+1; 1 joins k+2, as under
+    SGLang's overlap scheduler (``event_loop_overlap`` forms batch k+1 while batch k runs; on by default,
+    ``--disable-overlap-schedule``) and vLLM's async scheduling (``step_with_batch_queue`` with a queue of 2;
+    on by default, vllm/config/vllm.py). When nothing else would run in k+1 the request joins k+1 (see
+    ``idle_rank_joins_next_step``)."""
+
+    idle_rank_joins_next_step: bool = False
+    """With ``join_lag_steps``: a rank with no work of its own in step k+1 takes a request arriving during k into
+    k+1. vLLM (True): an engine core without requests runs its dummy batch synchronously
+    (vllm/v1/engine/core.py ``DPEngineCoreProc.run_busy_loop``), so nothing was scheduled ahead. SGLang (False):
+    DP attention turns an empty local batch into an IDLE batch that is launched ahead like any other, so the lag
+    holds unless every rank of the instance is idle."""
+
+    routed_expert_fraction: float = 0.0
+    """Fraction 0-1 of the linear prefill cost (``prefill_token_s``) and per-request decode cost
+    (``decode_req_s``) that follows the *mean* over the instance's ranks rather than the rank's own work: the routed
+    experts, which under EP run on tokens from every rank. 0 charges everything to its own rank; the as-shipped
+    profiles use :data:`ROUTED_EXPERT_LINEAR_FRACTION` (derived). A perfectly balanced step costs the same either
+    way."""
+
+    admission: Admission = "reserve_output"
+    """When a rank admits a waiting request (it also needs a running slot under ``max_running_requests``).
+    ``"reserve_output"``: its prompt plus its true output fit the unreserved KV, so nothing is ever preempted.
+    ``"sglang"``: prompt plus ``min(max_new_tokens, clip)`` fit the free KV less the running requests' remaining
+    ``max_new_tokens`` times ``new_token_ratio``; a decode step without room retracts requests (the fewest output
+    tokens first, then the longest prompt) to the back of the queue (sglang/srt/managers/schedule_batch.py
+    ``retract_decode``). ``"vllm"``: the KV blocks of the tokens scheduled this step fit the free blocks; a running
+    request that cannot get a block preempts the newest running request (recompute: its KV is freed and it
+    prefills prompt plus output so far again, from the front of the queue), and no new request is admitted in a
+    step that preempted (vllm/v1/core/sched/scheduler.py ``schedule``, ``_preempt_request``). Neither engine
+    knows the true output length."""
+
+    kv_block_size: int = 1
+    """KV allocation granularity for ``admission="vllm"``, tokens (vLLM: :data:`VLLM_BLOCK_SIZE`)."""
+
+    new_token_ratio: NewTokenRatio = field(default_factory=NewTokenRatio)
+    """SGLang's admission estimate, read with ``admission="sglang"``."""
+
+    context_length: int = 131_072
+    """``max_new_tokens`` the engine assumes for a request that gives no ``max_tokens``: the rest of this context,
+    tokens (the mock engine's ``max_model_len``, DeepSeek-V3's 128k)."""
+
     def __post_init__(self) -> None:
         for name in ("prefill_token_s", "prefill_attn_s", "decode_req_s", "decode_kv_s", "alltoall_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_prefill_tokens_per_step", "max_running_requests", "kv_capacity_tokens"):
+        for name in (
+            "max_prefill_tokens_per_step",
+            "max_running_requests",
+            "kv_capacity_tokens",
+            "kv_block_size",
+            "context_length",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.join_lag_steps not in (0, 1):
+            raise ValueError(f"join_lag_steps must be 0 or 1, got {self.join_lag_steps}")
+        if self.admission != "reserve_output" and self.admission != self.step_composition:
+            raise ValueError(
+                f"admission={self.admission!r} needs step_composition={self.admission!r} (its preemption or "
+                f"retraction runs in that engine's step), got {self.step_composition!r}"
+            )
+        if not 0.0 <= self.routed_expert_fraction <= 1.0:
+            raise ValueError(f"routed_expert_fraction must be in [0, 1], got {self.routed_expert_fraction}")
+
+    @classmethod
+    def as_shipped(
+        cls,
+        flavor: EngineFlavor,
+        dp_size: int,
+        *,
+        chunked_prefill_size: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_running_requests: int | None = None,
+        max_num_seqs: int | None = None,
+        enable_mixed_chunk: bool = False,
+        schedule_conservativeness: float = 1.0,
+        disable_overlap_schedule: bool = False,
+        async_scheduling: bool = True,
+    ) -> EngineModelConfig:
+        """The engine model as ``flavor`` ships it on ``dp_size`` H800 GPUs with DP attention and EP over all of
+        them, given that engine's own flags (``None`` = its default; a flag of the other engine is refused).
+
+        Both: all-to-all by EP size (:func:`alltoall_s_for_ep`), :data:`ROUTED_EXPERT_LINEAR_FRACTION` of the linear
+        cost shared over the EP group, join lag 1 (overlap / async scheduling on), the idealised timing constants
+        (see the module docstring for the timescale). SGLang: ``--chunked-prefill-size`` over the DP size per rank,
+        prefill-or-decode steps, new-token-ratio admission with conservativeness x 0.3, ``--max-running-requests``
+        over the DP size. vLLM: ``--max-num-batched-tokens`` (8,192) per rank counting decodes, decode-first mixed
+        steps, block admission with preemption, ``--max-num-seqs`` (1,024) per rank. Sources:
+        :mod:`gateway.sim.engine_defaults`.
+
+        Raises:
+            ValueError: unknown flavour, ``dp_size < 1``, or a flag of the other engine.
+        """
+        if dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+        base = replace(
+            cls(), alltoall_s=alltoall_s_for_ep(dp_size), routed_expert_fraction=ROUTED_EXPERT_LINEAR_FRACTION
+        )
+        if flavor == "sglang":
+            if max_num_batched_tokens is not None or max_num_seqs is not None or not async_scheduling:
+                raise ValueError("--max-num-batched-tokens, --max-num-seqs and async scheduling are vLLM settings")
+            return replace(
+                base,
+                max_prefill_tokens_per_step=sglang_chunk_per_rank(chunked_prefill_size, dp_size, dp_size > 1),
+                max_running_requests=sglang_max_running_per_rank(
+                    max_running_requests, dp_size, base.kv_capacity_tokens, DEEPSEEK_V3_CONTEXT_LENGTH
+                ),
+                step_composition="sglang",
+                enable_mixed_chunk=enable_mixed_chunk,
+                join_lag_steps=0 if disable_overlap_schedule else 1,
+                idle_rank_joins_next_step=False,
+                admission="sglang",
+                new_token_ratio=NewTokenRatio(
+                    schedule_conservativeness=schedule_conservativeness
+                    * (SGLANG_DP_ATTENTION_CONSERVATIVENESS if dp_size > 1 else 1.0)
+                ),
+            )
+        if flavor == "vllm":
+            if chunked_prefill_size is not None or max_running_requests is not None or enable_mixed_chunk:
+                raise ValueError(
+                    "--chunked-prefill-size, --max-running-requests and --enable-mixed-chunk are SGLang settings"
+                )
+            if disable_overlap_schedule or schedule_conservativeness != 1.0:
+                raise ValueError("--disable-overlap-schedule and --schedule-conservativeness are SGLang settings")
+            return replace(
+                base,
+                max_prefill_tokens_per_step=max_num_batched_tokens or VLLM_DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                max_running_requests=max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS,
+                step_composition="vllm",
+                join_lag_steps=1 if async_scheduling else 0,
+                idle_rank_joins_next_step=True,
+                admission="vllm",
+                kv_block_size=VLLM_BLOCK_SIZE,
+            )
+        raise ValueError(f"flavor must be 'sglang' or 'vllm', got {flavor!r}")
+
+    def calibration_prefill_tokens_per_s(self) -> float:
+        """Prefill tokens/s of one rank at the calibration point: ``CALIBRATION_STEP_TOKENS`` tokens a step of
+        ``CALIBRATION_PROMPT_TOKENS``-token prompts, each step paying the all-to-all."""
+        prompts = CALIBRATION_STEP_TOKENS // CALIBRATION_PROMPT_TOKENS
+        step = self.alltoall_s + prompts * self.prefill_chunk_s(CALIBRATION_PROMPT_TOKENS, 0)
+        return CALIBRATION_STEP_TOKENS / step
+
+    def with_prefill_rate(self, tokens_per_s: float) -> EngineModelConfig:
+        """This configuration with both prefill terms scaled by one factor so that the calibration point runs at
+        ``tokens_per_s`` per rank (e.g. :data:`PRODUCTION_PREFILL_TOKENS_PER_S`); decode is unchanged.
+
+        Raises:
+            ValueError: a rate the all-to-all alone already exceeds, or not positive.
+        """
+        if tokens_per_s <= 0:
+            raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
+        prompts = CALIBRATION_STEP_TOKENS // CALIBRATION_PROMPT_TOKENS
+        work = prompts * self.prefill_chunk_s(CALIBRATION_PROMPT_TOKENS, 0)
+        target_work = CALIBRATION_STEP_TOKENS / tokens_per_s - self.alltoall_s
+        if target_work <= 0:
+            raise ValueError(f"{tokens_per_s} tokens/s is beyond what the all-to-all alone allows")
+        factor = target_work / work
+        return replace(self, prefill_token_s=self.prefill_token_s * factor, prefill_attn_s=self.prefill_attn_s * factor)
 
     def prefill_chunk_s(self, chunk_tokens: int, context_tokens: int) -> float:
         """Seconds one rank spends prefilling ``chunk_tokens`` new tokens after ``context_tokens`` tokens

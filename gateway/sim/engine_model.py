@@ -5,21 +5,30 @@ step of the whole instance and returns how long it took (engine seconds) and whi
 produced; whoever drives the model (the HTTP mock engine in real time, a simulator in virtual time) owns
 the clock. Deterministic: the same calls give the same results.
 
-Per DP rank (docs/design.md §1 and §5; constants and formulas in :mod:`gateway.sim.calibration`):
+Per DP rank (docs/design.md §1 and §5; constants, formulas and every option's source in
+:mod:`gateway.sim.calibration`):
 
 - a FCFS *waiting* queue of requests not yet fully prefilled and a *running* set of decoding requests;
-- each step the rank decodes one token for every running request and prefills waiting requests in FCFS
-  order up to ``max_prefill_tokens_per_step`` new tokens (chunked prefill: a long prompt is split over
-  several steps);
-- a waiting request is *admitted* (may start prefill) only when its prompt plus its output tokens fit the
-  rank's unreserved KV capacity and the rank holds fewer than ``max_running_requests``; otherwise it and
-  everything behind it waits (head-of-line blocking). Reserving the full output up front means a rank never
-  runs out of KV mid-decode, so the model never preempts;
-- the step that completes a request's prefill emits its first output token; each later step emits one;
-  a request that has produced its ``output_tokens`` finishes and frees its KV.
+- a step's content follows ``step_composition``: idealised (every running request decodes one token and waiting
+  requests prefill FCFS up to the budget, chunking a long prompt over several steps), SGLang (prefill *or* decode,
+  or both with ``enable_mixed_chunk``) or vLLM (running requests first, then new ones, under one token budget);
+- a waiting request is *admitted* (may start prefill) under ``max_running_requests`` and the ``admission`` rule:
+  idealised, its prompt plus its true output fit the unreserved KV (so nothing is ever preempted); SGLang's
+  new-token ratio with retraction; vLLM's block allocation with preemption. A request admission refuses blocks
+  everything behind it (head-of-line blocking);
+- a preempted or retracted request loses its KV and prefills its prompt plus its output so far again;
+- the step that completes a request's prefill emits its next output token (the first, unless it was preempted);
+  each later step that decodes it emits one; a request that has produced its ``output_tokens`` finishes and
+  frees its KV;
+- with ``join_lag_steps`` a request reaching a rank while a step runs joins the step after next.
 
-Instance step time = ``alltoall_s + max over ranks(prefill work + decode work)``: a rank with nothing to
-do runs a dummy step and waits for the slowest. With no work on any rank there is no step.
+Instance step time = ``alltoall_s + max over ranks(own work) + mean over ranks(EP-shared work)``: a rank with
+nothing to do runs a dummy step and waits for the slowest. With no work on any rank there is no step.
+
+The step is built in three stages, each a method, so that more engine behaviour (a prefix cache per rank, the
+engines' own prefill alignment, other batch formation) plugs in as one more option: which waiting requests a
+rank may consider (:meth:`EngineModel._join_limits`), what each rank runs (``_step_<composition>``, using
+``_prefill`` and the admission rules), and the cost of the lockstep step (:meth:`EngineModel._duration`).
 """
 
 from __future__ import annotations
@@ -55,8 +64,8 @@ class StepResult:
         tokens: the output tokens produced at the end of the step, rank by rank.
         prefill_tokens_per_rank: new prompt tokens prefilled by each rank, length ``dp_size``.
         decode_reqs_per_rank: requests decoded by each rank, length ``dp_size``.
-        work_s_per_rank: each rank's own work, seconds, excluding all-to-all, length ``dp_size``; the
-            gap to the maximum is that rank's idle (bubble) time.
+        work_s_per_rank: each rank's work, seconds, excluding all-to-all, length ``dp_size``: its own work plus
+            the mean EP-shared work; the gap to the maximum is that rank's idle (bubble) time.
     """
 
     duration_s: float
@@ -78,6 +87,8 @@ class RankStats:
         kv_used_tokens: tokens held in the rank's KV cache (prefilled prompt + generated), tokens.
         kv_capacity_tokens: the rank's KV capacity, tokens.
         kv_usage: ``kv_used_tokens / kv_capacity_tokens``, fraction 0–1.
+        preemptions: requests preempted (vLLM) or retracted (SGLang) on the rank so far.
+        new_token_ratio: SGLang's current new-token ratio on the rank (admission estimate), fraction 0-1.
     """
 
     rank: int
@@ -87,21 +98,25 @@ class RankStats:
     kv_used_tokens: int
     kv_capacity_tokens: int
     kv_usage: float
+    preemptions: int = 0
+    new_token_ratio: float = 0.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     request_id: str
     rank: int
     prompt_tokens: int
     output_tokens: int
+    max_new_tokens: int  # what the engine believes it may generate (never the true output)
+    ignore_eos: bool
+    ready_step: int  # first step index it may join
+    prefill_target: int  # tokens to prefill: the prompt, plus the output so far after a preemption
     prefilled: int = 0
     generated: int = 0
+    kv: int = 0
     admitted: bool = False
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.prefilled + self.generated
+    admit_seq: int = 0
 
     @property
     def kv_reservation(self) -> int:
@@ -110,18 +125,37 @@ class _Request:
 
 @dataclass(eq=False)
 class _Rank:
+    new_token_ratio: float
     waiting: dict[str, _Request] = field(default_factory=dict)  # insertion order = FCFS
-    running: dict[str, _Request] = field(default_factory=dict)
+    running: dict[str, _Request] = field(default_factory=dict)  # insertion order = prefill completion
     kv_used: int = 0
+    kv_blocks: int = 0
     kv_reserved: int = 0
     admitted: int = 0  # running + admitted waiting
+    preemptions: int = 0
+
+
+@dataclass(slots=True)
+class _RankStep:
+    """What one rank did in a step: seconds of work, the part of it that is linear (for EP sharing), prompt
+    tokens prefilled, requests decoded, tokens emitted."""
+
+    work_s: float = 0.0
+    linear_s: float = 0.0
+    prefill_tokens: int = 0
+    decoded: int = 0
+    tokens: list[TokenEvent] = field(default_factory=list)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class EngineModel:
     """One engine instance of ``dp_size`` DP ranks (see the module docstring for the rules).
 
     Args:
-        config: per-rank timing and capacity.
+        config: per-rank timing, capacity and engine behaviour.
         dp_size: number of DP ranks (>= 1).
 
     Raises:
@@ -133,35 +167,56 @@ class EngineModel:
             raise ValueError(f"dp_size must be >= 1, got {dp_size}")
         self.config = config
         self.dp_size = dp_size
-        self._ranks = [_Rank() for _ in range(dp_size)]
+        self._ranks = [_Rank(config.new_token_ratio.start) for _ in range(dp_size)]
         self._requests: dict[str, _Request] = {}
         self._next_round_robin = 0
+        self._steps = 0  # steps run so far; the index of the next one
+        self._in_step = False  # the last step() call handed out a step the driver is still running
+        self._admissions = 0
 
-    def add_request(self, request_id: str, rank: int, prompt_tokens: int, output_tokens: int) -> None:
-        """Queue a request on a DP rank; it joins at the next step.
+    def add_request(
+        self,
+        request_id: str,
+        rank: int,
+        prompt_tokens: int,
+        output_tokens: int,
+        *,
+        max_new_tokens: int | None = None,
+        ignore_eos: bool = False,
+    ) -> None:
+        """Queue a request on a DP rank; it joins at the next step (the one after with ``join_lag_steps`` while a
+        step runs).
 
         Args:
             request_id: unique among the requests in the model.
             rank: DP rank, ``0 <= rank < dp_size``.
             prompt_tokens: prompt length, tokens (>= 1).
-            output_tokens: exact number of output tokens to generate (>= 1).
+            output_tokens: exact number of output tokens to generate (>= 1); only the step loop knows it.
+            max_new_tokens: the request's ``max_tokens`` as the engine sees it, what admission may assume; None
+                means the rest of ``config.context_length``.
+            ignore_eos: the request asked to ignore end-of-sequence (SGLang then reserves its whole
+                ``max_new_tokens``).
 
         Raises:
             ValueError: bad rank, duplicate id, non-positive lengths, or a request whose prompt plus
                 output exceeds one rank's KV capacity (it could never be admitted).
         """
+        cfg = self.config
         if not 0 <= rank < self.dp_size:
             raise ValueError(f"rank must be in [0, {self.dp_size}), got {rank}")
         if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if prompt_tokens < 1 or output_tokens < 1:
             raise ValueError(f"prompt_tokens and output_tokens must be >= 1, got {prompt_tokens}, {output_tokens}")
-        if prompt_tokens + output_tokens > self.config.kv_capacity_tokens:
+        if prompt_tokens + output_tokens > cfg.kv_capacity_tokens:
             raise ValueError(
                 f"prompt_tokens + output_tokens = {prompt_tokens + output_tokens} exceeds the KV capacity "
-                f"of a rank ({self.config.kv_capacity_tokens} tokens)"
+                f"of a rank ({cfg.kv_capacity_tokens} tokens)"
             )
-        req = _Request(request_id, rank, prompt_tokens, output_tokens)
+        if max_new_tokens is None:
+            max_new_tokens = max(1, cfg.context_length - prompt_tokens)
+        ready = self._steps + (cfg.join_lag_steps if self._in_step else 0)
+        req = _Request(request_id, rank, prompt_tokens, output_tokens, max_new_tokens, ignore_eos, ready, prompt_tokens)
         self._requests[request_id] = req
         self._ranks[rank].waiting[request_id] = req
 
@@ -187,27 +242,25 @@ class EngineModel:
         """
         n = self.dp_size
         if not self.has_work():
+            self._in_step = False
+            for rank in self._ranks:
+                rank.new_token_ratio = self.config.new_token_ratio.start  # SGLang resets it when idle
             return StepResult(0.0, [], [0] * n, [0] * n, [0.0] * n)
-        tokens: list[TokenEvent] = []
-        prefill_tokens = [0] * n
-        decode_reqs = [0] * n
-        work = [0.0] * n
-        for index, rank in enumerate(self._ranks):
-            decoding = list(rank.running.values())
-            if decoding:
-                kv = sum(r.kv_tokens for r in decoding)
-                work[index] += self.config.decode_s(len(decoding), kv)
-            completed: list[_Request] = []
-            work[index] += self._prefill(rank, completed, prefill_tokens, index)
-            decode_reqs[index] = len(decoding)
-            for req in decoding:
-                tokens.append(self._emit(rank, req))
-            for req in completed:
-                del rank.waiting[req.request_id]
-                rank.running[req.request_id] = req
-                tokens.append(self._emit(rank, req))
-        duration = self.config.alltoall_s + max(work)
-        return StepResult(duration, tokens, prefill_tokens, decode_reqs, work)
+        limits = self._join_limits()
+        composition = self.config.step_composition
+        steps: list[_RankStep] = []
+        for rank, limit in zip(self._ranks, limits, strict=True):
+            if composition == "idealised":
+                steps.append(self._step_idealised(rank, limit))
+            elif composition == "sglang":
+                steps.append(self._step_sglang(rank, limit))
+            else:
+                steps.append(self._step_vllm(rank, limit))
+        self._steps += 1
+        self._in_step = True
+        duration, work = self._duration(steps)
+        tokens = [t for s in steps for t in s.tokens]
+        return StepResult(duration, tokens, [s.prefill_tokens for s in steps], [s.decoded for s in steps], work)
 
     def rank_stats(self) -> list[RankStats]:
         """Per-rank snapshot, index = DP rank."""
@@ -217,10 +270,12 @@ class EngineModel:
                 rank=i,
                 running=len(r.running),
                 waiting=len(r.waiting),
-                waiting_prompt_tokens=sum(q.prompt_tokens - q.prefilled for q in r.waiting.values()),
+                waiting_prompt_tokens=sum(q.prefill_target - q.prefilled for q in r.waiting.values()),
                 kv_used_tokens=r.kv_used,
                 kv_capacity_tokens=cap,
                 kv_usage=r.kv_used / cap,
+                preemptions=r.preemptions,
+                new_token_ratio=r.new_token_ratio,
             )
             for i, r in enumerate(self._ranks)
         ]
@@ -238,43 +293,272 @@ class EngineModel:
         self._next_round_robin = (rank + 1) % self.dp_size
         return rank
 
-    def _prefill(self, rank: _Rank, completed: list[_Request], prefill_tokens: list[int], index: int) -> float:
-        """Prefill FCFS up to the token budget; appends requests whose prefill completes. Returns seconds."""
+    # --- stage 1: which waiting requests a rank may consider ---------------------------------------------
+
+    def _join_limits(self) -> list[int | None]:
+        """Per rank, the highest ``ready_step`` a waiting request may have to join this step; None = any.
+
+        Without join lag every request may join. With it, a request that arrived during the running step waits
+        one more, unless its rank has nothing else to run (vLLM) or the whole instance has nothing else (SGLang).
+        """
+        if not self.config.join_lag_steps:
+            return [None] * self.dp_size
+        index = self._steps
+        own = [bool(r.running) or any(q.ready_step <= index for q in r.waiting.values()) for r in self._ranks]
+        if self.config.idle_rank_joins_next_step:
+            return [index if busy else None for busy in own]
+        limit = index if any(own) else None
+        return [limit] * self.dp_size
+
+    # --- stage 2: what each rank runs ------------------------------------------------------------------------
+
+    def _step_idealised(self, rank: _Rank, limit: int | None) -> _RankStep:
+        """Decode every running request and prefill FCFS up to the budget, decode tokens not counted."""
         cfg = self.config
+        out = _RankStep()
+        decoding = list(rank.running.values())
+        if decoding:
+            out.work_s += cfg.decode_s(len(decoding), sum(r.kv for r in decoding))
+        completed: list[_Request] = []
+        out.work_s += self._prefill(rank, cfg.max_prefill_tokens_per_step, completed, out, limit)
+        self._finish_step(rank, decoding, completed, out)
+        return out
+
+    def _step_sglang(self, rank: _Rank, limit: int | None) -> _RankStep:
+        """SGLang: a prefill batch if one can be formed (the rank's decodes wait), else a decode batch; with
+        ``enable_mixed_chunk`` the decodes ride along and their tokens come out of the chunk budget."""
+        cfg = self.config
+        out = _RankStep()
+        mixed = cfg.enable_mixed_chunk and bool(rank.running)
+        budget = cfg.max_prefill_tokens_per_step - (len(rank.running) if mixed else 0)
+        completed: list[_Request] = []
+        prefill_s = self._prefill(rank, max(0, budget), completed, out, limit) if budget > 0 else 0.0
+        decoding: list[_Request] = []
+        if out.prefill_tokens == 0 or mixed:
+            decoding = self._sglang_decode_batch(rank)
+            if decoding:
+                out.work_s += cfg.decode_s(len(decoding), sum(r.kv for r in decoding))
+        out.work_s += prefill_s
+        self._finish_step(rank, decoding, completed, out)
+        return out
+
+    def _step_vllm(self, rank: _Rank, limit: int | None) -> _RankStep:
+        """vLLM: running requests first (decodes, then unfinished chunked prefills), each allocating the KV blocks
+        of its tokens and preempting the newest running request when none are free; then, if nothing was
+        preempted, new requests FCFS; one token budget for all."""
+        cfg = self.config
+        out = _RankStep()
         budget = cfg.max_prefill_tokens_per_step
+        candidates = list(rank.running.values()) + [q for q in rank.waiting.values() if q.admitted]
+        preempted: set[str] = set()
+        decoding: list[_Request] = []
+        chunks: list[tuple[_Request, int]] = []
+        for i, req in enumerate(candidates):
+            if budget == 0:
+                break
+            if req.request_id in preempted:
+                continue
+            is_decode = req.request_id in rank.running
+            n = 1 if is_decode else min(req.prefill_target - req.prefilled, budget)
+            if cfg.admission == "vllm":
+                while self._blocks_needed(req, n) > self._free_blocks(rank):
+                    victim = next(v for v in reversed(candidates[i:]) if v.request_id not in preempted)
+                    self._preempt(rank, victim, front=True)
+                    preempted.add(victim.request_id)
+                    if victim is req:
+                        break
+                if req.request_id in preempted:
+                    break
+            if is_decode:
+                decoding.append(req)
+            else:
+                chunks.append((req, n))
+            budget -= n
+        if decoding:
+            out.work_s += cfg.decode_s(len(decoding), sum(r.kv for r in decoding))
+        completed: list[_Request] = []
+        for req, n in chunks:
+            out.work_s += self._run_chunk(rank, req, n, out)
+            if req.prefilled == req.prefill_target:
+                completed.append(req)
+        if not preempted and budget > 0:
+            out.work_s += self._prefill(rank, budget, completed, out, limit, new_only=True)
+        self._finish_step(rank, decoding, completed, out)
+        return out
+
+    def _prefill(
+        self,
+        rank: _Rank,
+        budget: int,
+        completed: list[_Request],
+        out: _RankStep,
+        limit: int | None,
+        new_only: bool = False,
+    ) -> float:
+        """Prefill FCFS up to ``budget`` tokens, admitting requests by the configured rule; appends requests whose
+        prefill completes. Returns seconds."""
+        cfg = self.config
+        admission = cfg.admission
+        offset = self._sglang_running_offset(rank) if admission == "sglang" else 0.0
+        free = cfg.kv_capacity_tokens - rank.kv_used  # SGLang's budget is taken once per pass
         work = 0.0
         for req in list(rank.waiting.values()):
             if budget == 0:
                 break
+            if limit is not None and req.ready_step > limit:
+                continue
+            if req.admitted and new_only:
+                continue
+            remaining = req.prefill_target - req.prefilled
+            chunk = min(remaining, budget)
+            if admission == "sglang":
+                need = remaining + self._sglang_max_new(req)
+                if not req.admitted and need >= free - offset:
+                    break  # SGLang: NO_TOKEN
+                offset += need
+                chunk = min(chunk, cfg.kv_capacity_tokens - rank.kv_used)
+                if chunk <= 0:
+                    break
             if not req.admitted:
-                fits_kv = rank.kv_reserved + req.kv_reservation <= cfg.kv_capacity_tokens
-                if not fits_kv or rank.admitted >= cfg.max_running_requests:
+                if rank.admitted >= cfg.max_running_requests:
                     break  # head-of-line blocking
+                if admission == "reserve_output":
+                    if rank.kv_reserved + req.kv_reservation > cfg.kv_capacity_tokens:
+                        break
+                    rank.kv_reserved += req.kv_reservation
+                elif admission == "vllm" and self._blocks_needed(req, chunk) > self._free_blocks(rank):
+                    break
                 req.admitted = True
                 rank.admitted += 1
-                rank.kv_reserved += req.kv_reservation
-            chunk = min(req.prompt_tokens - req.prefilled, budget)
-            work += cfg.prefill_chunk_s(chunk, req.prefilled)
-            req.prefilled += chunk
-            rank.kv_used += chunk
+                self._admissions += 1
+                req.admit_seq = self._admissions
+            work += self._run_chunk(rank, req, chunk, out)
             budget -= chunk
-            prefill_tokens[index] += chunk
-            if req.prefilled == req.prompt_tokens:
+            if req.prefilled == req.prefill_target:
                 completed.append(req)
         return work
 
+    def _run_chunk(self, rank: _Rank, req: _Request, chunk: int, out: _RankStep) -> float:
+        """Prefill ``chunk`` tokens of ``req``: KV grows, the step's counters too. Returns seconds."""
+        cfg = self.config
+        seconds = cfg.prefill_chunk_s(chunk, req.prefilled)
+        if cfg.kv_block_size > 1:
+            rank.kv_blocks += _ceil_div(req.kv + chunk, cfg.kv_block_size) - _ceil_div(req.kv, cfg.kv_block_size)
+        else:
+            rank.kv_blocks += chunk
+        req.prefilled += chunk
+        req.kv += chunk
+        rank.kv_used += chunk
+        out.prefill_tokens += chunk
+        return seconds
+
+    def _finish_step(self, rank: _Rank, decoding: list[_Request], completed: list[_Request], out: _RankStep) -> None:
+        """Emit the decoded requests' tokens, then move completed prefills to running and emit theirs."""
+        cfg = self.config
+        out.decoded = len(decoding)
+        if cfg.routed_expert_fraction:
+            out.linear_s = cfg.prefill_token_s * out.prefill_tokens + cfg.decode_req_s * len(decoding)
+        for req in decoding:
+            out.tokens.append(self._emit(rank, req))
+        for req in completed:
+            del rank.waiting[req.request_id]
+            rank.running[req.request_id] = req
+            out.tokens.append(self._emit(rank, req))
+
+    # --- admission rules -------------------------------------------------------------------------------------
+
+    def _sglang_max_new(self, req: _Request) -> int:
+        """The tokens SGLang expects ``req`` may still generate: ``max_new_tokens`` less its output, clipped."""
+        return min(max(req.max_new_tokens - req.generated, 0), self.config.new_token_ratio.clip_max_new_tokens)
+
+    def _sglang_running_offset(self, rank: _Rank) -> float:
+        """KV tokens SGLang holds back for the running requests' future output (``PrefillAdder``): each one's
+        remaining clipped ``max_new_tokens`` times the new-token ratio (1 for ``ignore_eos`` requests)."""
+        ratio = rank.new_token_ratio
+        return sum(self._sglang_max_new(r) * (1.0 if r.ignore_eos else ratio) for r in rank.running.values())
+
+    def _sglang_decode_batch(self, rank: _Rank) -> list[_Request]:
+        """The running requests a SGLang decode step runs. With SGLang admission: if the KV cannot take one more
+        token each, retract requests (fewest output tokens first, then longest prompt; at least one, never the
+        last) and re-estimate the new-token ratio from the kept ones; else the ratio decays one step."""
+        cfg = self.config
+        decoding = list(rank.running.values())
+        if not decoding or cfg.admission != "sglang":
+            return decoding
+        ratio = cfg.new_token_ratio
+        if cfg.kv_capacity_tokens - rank.kv_used >= len(decoding):
+            rank.new_token_ratio = max(rank.new_token_ratio - ratio.decay, ratio.floor)
+            return decoding
+        keep = sorted(decoding, key=lambda r: (r.generated, -r.prompt_tokens), reverse=True)
+        while len(keep) > 1:
+            self._preempt(rank, keep.pop(), front=False)
+            if cfg.kv_capacity_tokens - rank.kv_used >= len(keep):
+                break
+        decoded = sum(r.generated for r in keep)
+        max_new = sum(r.max_new_tokens for r in keep)
+        rank.new_token_ratio = min(1.0, (decoded + ratio.retract_decode_steps * len(keep)) / (max_new + 1))
+        return [r for r in decoding if r.request_id in rank.running]
+
+    def _blocks_needed(self, req: _Request, tokens: int) -> int:
+        size = self.config.kv_block_size
+        return _ceil_div(req.kv + tokens, size) - _ceil_div(req.kv, size)
+
+    def _free_blocks(self, rank: _Rank) -> int:
+        return self.config.kv_capacity_tokens // self.config.kv_block_size - rank.kv_blocks
+
+    def _preempt(self, rank: _Rank, req: _Request, front: bool) -> None:
+        """Free ``req``'s KV and queue it to prefill its prompt and output so far again (vLLM at the front of the
+        queue, SGLang's retraction at the back)."""
+        rank.running.pop(req.request_id, None)
+        rank.waiting.pop(req.request_id, None)
+        self._free_kv(rank, req)
+        req.kv = 0
+        req.prefilled = 0
+        req.prefill_target = req.prompt_tokens + req.generated
+        req.ready_step = 0
+        rank.preemptions += 1
+        if front:
+            rank.waiting = {req.request_id: req, **rank.waiting}
+        else:
+            rank.waiting[req.request_id] = req
+
+    # --- stage 3: the lockstep step's cost -------------------------------------------------------------------
+
+    def _duration(self, steps: list[_RankStep]) -> tuple[float, list[float]]:
+        """Step time and each rank's work: all-to-all + max over ranks of own work + mean of the EP-shared part
+        (``routed_expert_fraction`` of each rank's linear cost)."""
+        work = [s.work_s for s in steps]
+        share = self.config.routed_expert_fraction
+        if not share:
+            return self.config.alltoall_s + max(work), work
+        shared = [share * s.linear_s for s in steps]
+        mean_shared = sum(shared) / len(shared)
+        work = [w - sh + mean_shared for w, sh in zip(work, shared, strict=True)]
+        return self.config.alltoall_s + max(work), work
+
+    # --- bookkeeping -----------------------------------------------------------------------------------------
+
     def _emit(self, rank: _Rank, req: _Request) -> TokenEvent:
         event = TokenEvent(req.request_id, req.rank, req.generated, req.generated + 1 == req.output_tokens)
+        if req.kv % self.config.kv_block_size == 0:
+            rank.kv_blocks += 1
         req.generated += 1
+        req.kv += 1
         rank.kv_used += 1
         if event.finished:
             del rank.running[req.request_id]
             self._release(rank, req)
         return event
 
+    def _free_kv(self, rank: _Rank, req: _Request) -> None:
+        rank.kv_used -= req.kv
+        rank.kv_blocks -= _ceil_div(req.kv, self.config.kv_block_size)
+        if req.admitted:
+            req.admitted = False
+            rank.admitted -= 1
+            if self.config.admission == "reserve_output":
+                rank.kv_reserved -= req.kv_reservation
+
     def _release(self, rank: _Rank, req: _Request) -> None:
         del self._requests[req.request_id]
-        rank.kv_used -= req.kv_tokens
-        if req.admitted:
-            rank.admitted -= 1
-            rank.kv_reserved -= req.kv_reservation
+        self._free_kv(rank, req)

@@ -75,7 +75,8 @@ class MockEngineConfig:
     """Engine seconds per wall-clock second: each step sleeps ``duration_s / speed``. 1.0 is real time."""
 
     engine_model: EngineModelConfig = field(default_factory=EngineModelConfig)
-    """Per-rank timing and capacity of the engine model."""
+    """Per-rank timing, capacity and engine behaviour of the engine model: the idealised default, or the engine
+    as shipped (:meth:`EngineModelConfig.as_shipped`; ``gateway mock-engine --profile as-shipped``)."""
 
     seed: int = 0
     """Seeds the hash behind natural (non-``ignore_eos``) output lengths (response ids are random UUIDs, so
@@ -144,7 +145,14 @@ class _MockEngine:
             if fault == "hang":
                 return HangResponse()
             try:
-                handle = self.runtime.submit(rank, req.prompt_tokens, req.output_tokens, req.finish_reason)
+                handle = self.runtime.submit(
+                    rank,
+                    req.prompt_tokens,
+                    req.output_tokens,
+                    req.finish_reason,
+                    max_new_tokens=req.max_tokens,
+                    ignore_eos=req.ignore_eos,
+                )
             except ValueError as exc:
                 raise bad_request(str(exc), "max_tokens") from exc
         except ProtocolError as exc:

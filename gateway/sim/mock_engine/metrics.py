@@ -205,10 +205,11 @@ class MockEngineMetrics(Collector):
             for s in stats:
                 gauge.add_metric(list(self._labels(s.rank)), float(getattr(s, attr)))
             yield gauge
+        preemptions = [s.preemptions for s in stats]
         counters = (
             ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
             ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
-            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", [0] * self.dp_size),
+            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", preemptions),
         )
         for name, doc, values in counters:
             counter = CounterMetricFamily(name, doc, labels=names)

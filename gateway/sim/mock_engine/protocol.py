@@ -88,6 +88,8 @@ class GenerationRequest:
         stream: answer as server-sent events.
         include_usage: with ``stream``, send a final usage chunk (``stream_options.include_usage``).
         rank: the DP rank the request is pinned to, or None to let the engine choose.
+        ignore_eos: the request asked to ignore end-of-sequence (SGLang's admission then reserves its whole
+            ``max_tokens``).
     """
 
     kind: RequestKind
@@ -99,6 +101,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     rank: int | None
+    ignore_eos: bool = False
 
 
 def natural_length(body: Mapping[str, Any], seed: int) -> int:
@@ -208,10 +211,8 @@ def parse_generation_request(
     stream = _bool_field(body, "stream")
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    if _bool_field(body, "ignore_eos"):
-        output_tokens = max_tokens
-    else:
-        output_tokens = min(max_tokens, max(min_tokens, natural_length(body, seed)))
+    ignore_eos = _bool_field(body, "ignore_eos")
+    output_tokens = max_tokens if ignore_eos else min(max_tokens, max(min_tokens, natural_length(body, seed)))
     return GenerationRequest(
         kind=kind,
         model=model if isinstance(model, str) else served_model,
@@ -222,6 +223,7 @@ def parse_generation_request(
         stream=stream,
         include_usage=include_usage,
         rank=pinned_rank(flavor, body, headers, dp_size),
+        ignore_eos=ignore_eos,
     )
 
 

@@ -2,9 +2,9 @@
 
 One asyncio task (:meth:`EngineRuntime.run`) waits until the model has work, runs ``model.step()``, sleeps
 the step's engine time divided by ``speed``, then delivers the step's tokens to per-request queues. Requests
-submitted while a step is running join the next step, as in a real engine (a step is non-preemptive).
-Tokens of requests aborted in the meantime are dropped. An :class:`RuntimeObserver` (the metrics) sees every
-delivered token, abort and step, stamped with the wall clock.
+submitted while a step is running join the next step (the one after with the model's ``join_lag_steps``), as
+in a real engine (a step is non-preemptive). Tokens of requests aborted in the meantime are dropped. An
+:class:`RuntimeObserver` (the metrics) sees every delivered token, abort and step, stamped with the wall clock.
 """
 
 from __future__ import annotations
@@ -98,15 +98,21 @@ class EngineRuntime:
         prompt_tokens: int,
         output_tokens: int,
         finish_reason: Literal["length", "stop"],
+        *,
+        max_new_tokens: int | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationHandle:
-        """Queue a request on a DP rank; read its tokens from ``handle.events``.
+        """Queue a request on a DP rank; read its tokens from ``handle.events``. ``max_new_tokens`` (the request's
+        ``max_tokens``) and ``ignore_eos`` are what the engine's admission may know of its output.
 
         Raises:
             ValueError: from :meth:`EngineModel.add_request` (bad rank, request larger than a rank's KV).
         """
         self._counter += 1
         request_id = f"req-{self._counter}"
-        self.model.add_request(request_id, rank, prompt_tokens, output_tokens)
+        self.model.add_request(
+            request_id, rank, prompt_tokens, output_tokens, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+        )
         handle = GenerationHandle(request_id, rank, prompt_tokens, output_tokens, finish_reason, self._clock())
         self._live[request_id] = handle
         self._wake.set()
