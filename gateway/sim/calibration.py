@@ -239,6 +239,16 @@ class EngineModelConfig:
     """``max_new_tokens`` the engine assumes for a request that gives no ``max_tokens``: the rest of this context,
     tokens (the mock engine's ``max_model_len``, DeepSeek-V3's 128k)."""
 
+    enable_prefix_caching: bool = False
+    """A prefix cache per DP rank (vLLM ``--enable-prefix-caching``, on by default: vllm/config/cache.py
+    ``CacheConfig.enable_prefix_caching = True``; SGLang's radix cache, on unless ``--disable-radix-cache``:
+    sglang/srt/arg_groups/fields/memory.py). Prompt blocks a request computed stay in its rank's KV cache after it
+    leaves and a later request on the same rank whose prompt starts with them skips their prefill; blocks held by
+    a request are never evicted, idle ones are evicted least recently used first when the rank's KV is needed.
+    Granularity: the prompt block ids the driver passes (Mooncake's 512-token ``hash_ids`` in the simulator), each
+    cached in whole ``kv_block_size`` blocks (see :meth:`gateway.sim.engine_model.EngineModel.add_request`).
+    Off in the idealised profile."""
+
     def __post_init__(self) -> None:
         for name in ("prefill_token_s", "prefill_attn_s", "decode_req_s", "decode_kv_s", "alltoall_s"):
             if getattr(self, name) < 0:
@@ -276,6 +286,8 @@ class EngineModelConfig:
         schedule_conservativeness: float = 1.0,
         disable_overlap_schedule: bool = False,
         async_scheduling: bool = True,
+        disable_radix_cache: bool = False,
+        enable_prefix_caching: bool = True,
     ) -> EngineModelConfig:
         """The engine model as ``flavor`` ships it on ``dp_size`` H800 GPUs with DP attention and EP over all of
         them, given that engine's own flags (``None`` = its default; a flag of the other engine is refused).
@@ -285,8 +297,9 @@ class EngineModelConfig:
         (see the module docstring for the timescale). SGLang: ``--chunked-prefill-size`` over the DP size per rank,
         prefill-or-decode steps, new-token-ratio admission with conservativeness x 0.3, ``--max-running-requests``
         over the DP size. vLLM: ``--max-num-batched-tokens`` (8,192) per rank counting decodes, decode-first mixed
-        steps, block admission with preemption, ``--max-num-seqs`` (1,024) per rank. Sources:
-        :mod:`gateway.sim.engine_defaults`.
+        steps, block admission with preemption, ``--max-num-seqs`` (1,024) per rank. Both: a prefix cache per rank
+        (``enable_prefix_caching``) unless SGLang's ``--disable-radix-cache`` or vLLM's
+        ``--no-enable-prefix-caching``. Sources: :mod:`gateway.sim.engine_defaults`.
 
         Raises:
             ValueError: unknown flavour, ``dp_size < 1``, or a flag of the other engine.
@@ -299,8 +312,11 @@ class EngineModelConfig:
         if flavor == "sglang":
             if max_num_batched_tokens is not None or max_num_seqs is not None or not async_scheduling:
                 raise ValueError("--max-num-batched-tokens, --max-num-seqs and async scheduling are vLLM settings")
+            if not enable_prefix_caching:
+                raise ValueError("--no-enable-prefix-caching is a vLLM setting (SGLang: --disable-radix-cache)")
             return replace(
                 base,
+                enable_prefix_caching=not disable_radix_cache,
                 max_prefill_tokens_per_step=sglang_chunk_per_rank(chunked_prefill_size, dp_size, dp_size > 1),
                 max_running_requests=sglang_max_running_per_rank(
                     max_running_requests, dp_size, base.kv_capacity_tokens, DEEPSEEK_V3_CONTEXT_LENGTH
@@ -320,10 +336,14 @@ class EngineModelConfig:
                 raise ValueError(
                     "--chunked-prefill-size, --max-running-requests and --enable-mixed-chunk are SGLang settings"
                 )
-            if disable_overlap_schedule or schedule_conservativeness != 1.0:
-                raise ValueError("--disable-overlap-schedule and --schedule-conservativeness are SGLang settings")
+            if disable_overlap_schedule or schedule_conservativeness != 1.0 or disable_radix_cache:
+                raise ValueError(
+                    "--disable-overlap-schedule, --schedule-conservativeness and --disable-radix-cache are SGLang "
+                    "settings"
+                )
             return replace(
                 base,
+                enable_prefix_caching=enable_prefix_caching,
                 max_prefill_tokens_per_step=max_num_batched_tokens or VLLM_DEFAULT_MAX_NUM_BATCHED_TOKENS,
                 max_running_requests=max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS,
                 step_composition="vllm",

@@ -33,9 +33,13 @@ rank may consider (:meth:`EngineModel._join_limits`), what each rank runs (``_st
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.sim.calibration import EngineModelConfig
+from gateway.types import PREFIX_BLOCK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,12 @@ class RankStats:
         kv_usage: ``kv_used_tokens / kv_capacity_tokens``, fraction 0–1.
         preemptions: requests preempted (vLLM) or retracted (SGLang) on the rank so far.
         new_token_ratio: SGLang's current new-token ratio on the rank (admission estimate), fraction 0-1.
+        prefix_cache_queries: prompt tokens of the requests the rank admitted that looked up its prefix cache, not
+            counting re-admissions after a preemption (vLLM's ``vllm:prefix_cache_queries``), tokens.
+        prefix_cache_hits: of those, the tokens found in the cache (``vllm:prefix_cache_hits``), tokens.
+        cache_hit_rate: SGLang's ``sglang:cache_hit_rate``: cached tokens over cached plus prefilled tokens of the
+            rank's latest step that prefilled, fraction 0-1.
+        prefix_cache_tokens: tokens the rank's prefix cache holds, referenced by requests or idle, tokens.
     """
 
     rank: int
@@ -100,6 +110,10 @@ class RankStats:
     kv_usage: float
     preemptions: int = 0
     new_token_ratio: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    cache_hit_rate: float = 0.0
+    prefix_cache_tokens: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -117,10 +131,44 @@ class _Request:
     kv: int = 0
     admitted: bool = False
     admit_seq: int = 0
+    prefix_blocks: tuple[int, ...] = ()  # the prompt's chained block ids, one per prefix_block_tokens
+    prefix_block_tokens: int = PREFIX_BLOCK_TOKENS
+    cache_refs: list[_CachedBlock] = field(default_factory=list)  # cached blocks it holds a reference on
+    cache_next: int = 0  # index of the next prompt block to insert into the cache
 
     @property
     def kv_reservation(self) -> int:
         return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(eq=False, slots=True)
+class _CachedBlock:
+    """One prompt block in a rank's prefix cache: its id, KV tokens and KV blocks, the requests holding it, and
+    the first step that may hit it (the step after the one that computed it)."""
+
+    key: int
+    tokens: int
+    blocks: int
+    ready_step: int
+    refs: int = 0
+
+
+@dataclass(eq=False)
+class _PrefixCache:
+    """A rank's prefix cache: every cached block by id, the unreferenced ones in eviction order (least recently
+    used first), and the hit counters the engines export."""
+
+    blocks: dict[int, _CachedBlock] = field(default_factory=dict)
+    idle: OrderedDict[int, _CachedBlock] = field(default_factory=OrderedDict)
+    idle_tokens: int = 0
+    idle_blocks: int = 0
+    queries: int = 0
+    hits: int = 0
+    batch_step: int = -1  # the step whose hits and prefilled tokens are being summed
+    batch_hits: int = 0
+    batch_input: int = 0
+    hit_rate: float = 0.0  # SGLang's gauge, from the latest finished step that prefilled
+    tokens: int = 0  # tokens of every cached block, referenced or idle
 
 
 @dataclass(eq=False)
@@ -133,6 +181,7 @@ class _Rank:
     kv_reserved: int = 0
     admitted: int = 0  # running + admitted waiting
     preemptions: int = 0
+    cache: _PrefixCache | None = None
 
 
 @dataclass(slots=True)
@@ -168,6 +217,9 @@ class EngineModel:
         self.config = config
         self.dp_size = dp_size
         self._ranks = [_Rank(config.new_token_ratio.start) for _ in range(dp_size)]
+        if config.enable_prefix_caching:
+            for rank in self._ranks:
+                rank.cache = _PrefixCache()
         self._requests: dict[str, _Request] = {}
         self._next_round_robin = 0
         self._steps = 0  # steps run so far; the index of the next one
@@ -183,6 +235,8 @@ class EngineModel:
         *,
         max_new_tokens: int | None = None,
         ignore_eos: bool = False,
+        prefix_blocks: Sequence[int] = (),
+        prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
     ) -> None:
         """Queue a request on a DP rank; it joins at the next step (the one after with ``join_lag_steps`` while a
         step runs).
@@ -196,6 +250,11 @@ class EngineModel:
                 means the rest of ``config.context_length``.
             ignore_eos: the request asked to ignore end-of-sequence (SGLang then reserves its whole
                 ``max_new_tokens``).
+            prefix_blocks: the prompt's block ids, one per ``prefix_block_tokens`` tokens (the last block may be
+                partial), chained: equal ids at position ``i`` mean equal prompts up to the end of block ``i``
+                (Mooncake's ``hash_ids``, or hashes of token blocks). Read only with
+                ``config.enable_prefix_caching`` (see :meth:`_cache_hit`); empty means nothing can be shared.
+            prefix_block_tokens: tokens per prefix block (Mooncake: 512), a multiple of ``config.kv_block_size``.
 
         Raises:
             ValueError: bad rank, duplicate id, non-positive lengths, or a request whose prompt plus
@@ -217,6 +276,14 @@ class EngineModel:
             max_new_tokens = max(1, cfg.context_length - prompt_tokens)
         ready = self._steps + (cfg.join_lag_steps if self._in_step else 0)
         req = _Request(request_id, rank, prompt_tokens, output_tokens, max_new_tokens, ignore_eos, ready, prompt_tokens)
+        if self.config.enable_prefix_caching and prefix_blocks:
+            if prefix_block_tokens < 1 or prefix_block_tokens % cfg.kv_block_size:
+                raise ValueError(
+                    f"prefix_block_tokens must be a positive multiple of kv_block_size ({cfg.kv_block_size}), "
+                    f"got {prefix_block_tokens}"
+                )
+            req.prefix_blocks = tuple(prefix_blocks)
+            req.prefix_block_tokens = prefix_block_tokens
         self._requests[request_id] = req
         self._ranks[rank].waiting[request_id] = req
 
@@ -276,6 +343,7 @@ class EngineModel:
                 kv_usage=r.kv_used / cap,
                 preemptions=r.preemptions,
                 new_token_ratio=r.new_token_ratio,
+                **self._cache_stats(r),
             )
             for i, r in enumerate(self._ranks)
         ]
@@ -402,6 +470,7 @@ class EngineModel:
         offset = self._sglang_running_offset(rank) if admission == "sglang" else 0.0
         free = cfg.kv_capacity_tokens - rank.kv_used  # SGLang's budget is taken once per pass
         work = 0.0
+        tried: _Request | None = None  # the last request that looked up the prefix cache
         for req in list(rank.waiting.values()):
             if budget == 0:
                 break
@@ -409,6 +478,9 @@ class EngineModel:
                 continue
             if req.admitted and new_only:
                 continue
+            if rank.cache is not None and not req.admitted:
+                self._cache_hit(rank, req)
+                tried = req
             remaining = req.prefill_target - req.prefilled
             chunk = min(remaining, budget)
             if admission == "sglang":
@@ -436,6 +508,8 @@ class EngineModel:
             budget -= chunk
             if req.prefilled == req.prefill_target:
                 completed.append(req)
+        if tried is not None and not tried.admitted:
+            self._cache_unhit(rank, tried)  # admission refused it: it holds nothing while it waits
         return work
 
     def _run_chunk(self, rank: _Rank, req: _Request, chunk: int, out: _RankStep) -> float:
@@ -450,6 +524,8 @@ class EngineModel:
         req.kv += chunk
         rank.kv_used += chunk
         out.prefill_tokens += chunk
+        if rank.cache is not None:
+            self._cache_computed(rank, req, chunk)
         return seconds
 
     def _finish_step(self, rank: _Rank, decoding: list[_Request], completed: list[_Request], out: _RankStep) -> None:
@@ -522,6 +598,148 @@ class EngineModel:
         else:
             rank.waiting[req.request_id] = req
 
+    # --- the prefix cache (with ``enable_prefix_caching``) ----------------------------------------------------
+
+    def _cache_hit(self, rank: _Rank, req: _Request) -> None:
+        """Look ``req`` up in its rank's cache before admission: the longest run of its leading prompt blocks held
+        there (and computed by an earlier step) becomes prefilled, and the request references those blocks, so
+        they cannot be evicted while it runs and cost no prefill. Both engines compute at least the prompt's last
+        token (vLLM ``Request.get_max_cache_hit_length``: ``num_tokens - 1``; SGLang likewise keeps one token to
+        extend), so a hit stops before a block that would cover the whole prompt. Counts the lookup in vLLM's
+        ``vllm:prefix_cache_queries``/``_hits`` unless the request was preempted before (vLLM counts those apart,
+        ``PrefixCacheStats.record``)."""
+        cache = rank.cache
+        assert cache is not None
+        self._cache_roll(cache)
+        fresh = req.generated == 0
+        if fresh:
+            cache.queries += req.prompt_tokens
+        if req.prefilled or not req.prefix_blocks:
+            return
+        limit = req.prompt_tokens - 1
+        hit = 0
+        refs: list[_CachedBlock] = []
+        for key in req.prefix_blocks:
+            block = cache.blocks.get(key)
+            if block is None or block.ready_step > self._steps or hit + block.tokens > limit:
+                break
+            hit += block.tokens
+            refs.append(block)
+        if not refs:
+            return
+        for block in refs:
+            if block.refs == 0:
+                del cache.idle[block.key]
+                cache.idle_tokens -= block.tokens
+                cache.idle_blocks -= block.blocks
+                rank.kv_used += block.tokens
+                rank.kv_blocks += block.blocks
+            block.refs += 1
+        req.cache_refs = refs
+        req.cache_next = len(refs)
+        req.prefilled = req.kv = hit
+        cache.batch_hits += hit
+        if fresh:
+            cache.hits += hit
+
+    def _cache_unhit(self, rank: _Rank, req: _Request) -> None:
+        """Undo :meth:`_cache_hit` for a request admission refused: it holds no blocks while it waits (its blocks go
+        back to the idle list as just used, as SGLang's prefix match refreshes them)."""
+        cache = rank.cache
+        assert cache is not None
+        if req.generated == 0:
+            cache.queries -= req.prompt_tokens
+            cache.hits -= req.prefilled
+        cache.batch_hits -= req.prefilled
+        self._free_kv(rank, req)
+        req.kv = req.prefilled = 0
+
+    def _cache_computed(self, rank: _Rank, req: _Request, chunk: int) -> None:
+        """``req`` just prefilled ``chunk`` tokens: each prompt block now wholly computed enters the cache, held by
+        ``req``, hittable from the next step on. Only whole KV blocks are cached (vLLM caches full blocks,
+        ``kv_block_size`` tokens; SGLang's page is 1 token), so a partial last prompt block is cached rounded
+        down. A block already cached (computed meanwhile by another request) stays the request's own copy."""
+        cache = rank.cache
+        assert cache is not None
+        self._cache_roll(cache)
+        cache.batch_input += chunk
+        size, page = req.prefix_block_tokens, self.config.kv_block_size
+        while req.cache_next < len(req.prefix_blocks):
+            i = req.cache_next
+            end = min((i + 1) * size, req.prompt_tokens)
+            if end > req.prefilled:
+                break
+            req.cache_next += 1
+            key = req.prefix_blocks[i]
+            tokens = (end - i * size) // page * page
+            if tokens == 0 or key in cache.blocks:
+                continue
+            block = _CachedBlock(key, tokens, tokens // page, self._steps + 1, refs=1)
+            cache.blocks[key] = block
+            cache.tokens += tokens
+            req.cache_refs.append(block)
+        self._cache_fit(rank)
+
+    def _cache_release(self, rank: _Rank, req: _Request) -> None:
+        """``req`` leaves the rank or is preempted (its KV, counted whole, was just freed): the blocks it held and no
+        other request holds become idle, last block first, so that the least recently used block, and within a
+        prompt its tail, is evicted first (vLLM ``BlockPool.free_blocks`` frees a request's blocks in reverse
+        order; SGLang's radix cache evicts least recently used leaves first)."""
+        cache = rank.cache
+        assert cache is not None
+        for block in reversed(req.cache_refs):
+            rank.kv_used += block.tokens
+            rank.kv_blocks += block.blocks
+            block.refs -= 1
+            if block.refs == 0:
+                rank.kv_used -= block.tokens
+                rank.kv_blocks -= block.blocks
+                cache.idle[block.key] = block
+                cache.idle_tokens += block.tokens
+                cache.idle_blocks += block.blocks
+        req.cache_refs = []
+        req.cache_next = 0
+
+    def _cache_fit(self, rank: _Rank) -> None:
+        """Evict idle blocks, least recently used first, while the KV the requests use plus the idle cache exceeds
+        the rank's capacity (both engines count idle cached blocks as free and evict them on allocation)."""
+        cache = rank.cache
+        assert cache is not None
+        cfg = self.config
+        capacity_blocks = cfg.kv_capacity_tokens // cfg.kv_block_size
+        while cache.idle and (
+            rank.kv_used + cache.idle_tokens > cfg.kv_capacity_tokens
+            or rank.kv_blocks + cache.idle_blocks > capacity_blocks
+        ):
+            key, block = cache.idle.popitem(last=False)
+            del cache.blocks[key]
+            cache.idle_tokens -= block.tokens
+            cache.idle_blocks -= block.blocks
+            cache.tokens -= block.tokens
+
+    def _cache_roll(self, cache: _PrefixCache) -> None:
+        """Close the step whose hits and prefilled tokens ``cache`` sums once a later step runs: SGLang sets
+        ``sglang:cache_hit_rate`` after each prefill batch to its cached tokens over cached plus new tokens
+        (sglang/srt/managers/scheduler_components/metrics_reporter.py ``report_prefill_stats``)."""
+        if cache.batch_step == self._steps:
+            return
+        if cache.batch_input > 0:
+            cache.hit_rate = cache.batch_hits / (cache.batch_hits + cache.batch_input)
+        cache.batch_step, cache.batch_hits, cache.batch_input = self._steps, 0, 0
+
+    def _cache_stats(self, rank: _Rank) -> dict[str, Any]:
+        """The prefix-cache fields of :class:`RankStats` (all 0 without a cache)."""
+        cache = rank.cache
+        if cache is None:
+            return {}
+        self._cache_roll(cache)
+        return {
+            "prefix_cache_queries": cache.queries,
+            "prefix_cache_hits": cache.hits,
+            "cache_hit_rate": cache.hit_rate,
+            "prefix_cache_tokens": cache.tokens,
+        }
+
     # --- stage 3: the lockstep step's cost -------------------------------------------------------------------
 
     def _duration(self, steps: list[_RankStep]) -> tuple[float, list[float]]:
@@ -545,6 +763,8 @@ class EngineModel:
         req.generated += 1
         req.kv += 1
         rank.kv_used += 1
+        if rank.cache is not None:
+            self._cache_fit(rank)
         if event.finished:
             del rank.running[req.request_id]
             self._release(rank, req)
@@ -553,6 +773,8 @@ class EngineModel:
     def _free_kv(self, rank: _Rank, req: _Request) -> None:
         rank.kv_used -= req.kv
         rank.kv_blocks -= _ceil_div(req.kv, self.config.kv_block_size)
+        if rank.cache is not None:
+            self._cache_release(rank, req)
         if req.admitted:
             req.admitted = False
             rank.admitted -= 1

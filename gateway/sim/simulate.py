@@ -289,7 +289,9 @@ class _Sim:
         if self.views is not None and self.views[index].to_engine_s > 0:
             self.push(self.now + self.views[index].to_engine_s, "engine_arrival", (index, key))
             return
-        self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
+        self.engines[key.engine].add_request(
+            str(index), key.rank, r.prompt_tokens, r.output_tokens, prefix_blocks=r.hash_ids
+        )
 
     def kick(self) -> None:
         """Idle instances with work start a step (after a whole batch has been handed over)."""
@@ -343,7 +345,9 @@ class _Sim:
     def engine_arrival(self, index: int, key: RankKey) -> None:
         """A request placed ``to_engine_s`` ago reaches its engine, which starts a step if it is idle."""
         r = self.trace[index]
-        self.engines[key.engine].add_request(str(index), key.rank, r.prompt_tokens, r.output_tokens)
+        self.engines[key.engine].add_request(
+            str(index), key.rank, r.prompt_tokens, r.output_tokens, prefix_blocks=r.hash_ids
+        )
         self.kick()
 
     def on_scrape(self, name: str) -> None:

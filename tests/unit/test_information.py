@@ -74,10 +74,10 @@ class Spy:
         for engine in self.sim.engines.values():
             add = engine.add_request
 
-            def spy_add(request_id: str, rank: int, prompt: int, output: int, add: Any = add) -> None:
+            def spy_add(request_id: str, rank: int, prompt: int, output: int, add: Any = add, **options: Any) -> None:
                 self.engine_prompts[request_id] = prompt
                 self.engine_arrivals[request_id] = self.sim.now
-                add(request_id, rank, prompt, output)
+                add(request_id, rank, prompt, output, **options)
 
             engine.add_request = spy_add  # type: ignore[method-assign]
 
