@@ -8,9 +8,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.sim.calibration import EngineModelConfig
-from gateway.sim.engine_model import EngineModel
+from gateway.sim.engine_model import EngineModel, RankStats
+from gateway.sim.mock_engine.metrics import MockEngineMetrics
 
 CACHED = replace(EngineModelConfig(), enable_prefix_caching=True)
 FLAVOURS: dict[str, dict[str, Any]] = {
@@ -188,3 +190,37 @@ def test_the_other_engines_cache_flag_is_refused(flavor: Any, flags: dict[str, A
 def test_prefix_blocks_must_be_whole_kv_blocks() -> None:
     with pytest.raises(ValueError, match="prefix_block_tokens"):
         model("vllm").add_request("a", 0, 100, 1, prefix_blocks=(1,), prefix_block_tokens=40)
+
+
+def rendered_samples(flavor: Any, stats: list[RankStats]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    metrics = MockEngineMetrics(flavor, "m", len(stats), lambda: stats)
+    text = metrics.render().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def cache_stats(rank: int, queries: int, hits: int, rate: float) -> RankStats:
+    return RankStats(rank, 0, 0, 0, 0, 100, 0.0, prefix_cache_queries=queries, prefix_cache_hits=hits,
+                     cache_hit_rate=rate)  # fmt: skip
+
+
+def test_vllm_exports_prefix_cache_queries_and_hits_per_engine() -> None:
+    samples = rendered_samples("vllm", [cache_stats(0, 1000, 250, 0.5), cache_stats(1, 40, 0, 0.0)])
+    for rank, queries, hits in ((0, 1000, 250), (1, 40, 0)):
+        labels = frozenset({"model_name": "m", "engine": str(rank)}.items())
+        assert samples["vllm:prefix_cache_queries_total", labels] == queries
+        assert samples["vllm:prefix_cache_hits_total", labels] == hits
+
+
+def test_sglang_exports_its_cache_hit_rate_and_effective_tokens_per_dp_rank() -> None:
+    samples = rendered_samples("sglang", [cache_stats(0, 1000, 250, 0.5), cache_stats(1, 40, 0, 0.0)])
+    for rank, rate, hits, uncached in ((0, 0.5, 250, 750), (1, 0.0, 0, 40)):
+        base = {"model_name": "m", "engine_type": "unified", "tp_rank": "0", "pp_rank": "0"}
+        labels = {**base, "moe_ep_rank": str(rank), "dp_rank": str(rank)}
+        assert samples["sglang:cache_hit_rate", frozenset(labels.items())] == rate
+        name = "sglang:prefill_effective_tokens_total"
+        assert samples[name, frozenset({**labels, "mode": "device_hit"}.items())] == hits
+        assert samples[name, frozenset({**labels, "mode": "input"}.items())] == uncached

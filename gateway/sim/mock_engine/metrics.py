@@ -8,14 +8,18 @@ are accumulated from the runtime's events (latencies in wall-clock seconds).
 vLLM flavour (every series labelled ``model_name`` and ``engine`` = DP rank):
 ``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (gauges);
 ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``, ``vllm:num_preemptions_total``,
-``vllm:request_success_total{finished_reason=stop|length|abort|error}`` (counters);
+``vllm:request_success_total{finished_reason=stop|length|abort|error}``, ``vllm:prefix_cache_queries_total`` and
+``vllm:prefix_cache_hits_total`` (prompt tokens looked up in and found in the rank's prefix cache, re-admissions
+after a preemption not counted; vllm/v1/metrics/loggers.py, 0.34) (counters);
 ``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds``,
 ``vllm:e2e_request_latency_seconds``, ``vllm:iteration_tokens_total`` (histograms).
 
 SGLang flavour: per-rank scheduler gauges labelled ``model_name``, ``engine_type="unified"``,
 ``tp_rank="0"``, ``pp_rank="0"``, ``moe_ep_rank`` and ``dp_rank`` (both = DP rank): ``sglang:num_running_reqs``,
 ``sglang:num_queue_reqs``, ``sglang:token_usage``, ``sglang:num_used_tokens``, ``sglang:max_total_num_tokens``,
-``sglang:gen_throughput``, ``sglang:cache_hit_rate`` (always 0: the model has no prefix cache); tokenizer-side
+``sglang:gen_throughput``, ``sglang:cache_hit_rate`` (cached over cached plus prefilled tokens of the rank's latest
+prefill step; 0 without a prefix cache) and the counter ``sglang:prefill_effective_tokens_total{mode=input|device_hit}``
+(prompt tokens prefilled and found in the cache; sglang/srt/observability/metrics_collector.py, 0.5.23); tokenizer-side
 series labelled ``model_name`` only: ``sglang:prompt_tokens_total``, ``sglang:generation_tokens_total``,
 ``sglang:num_aborted_requests_total``, ``sglang:num_requests_total`` (counters) and the three latency
 histograms ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``,
@@ -210,6 +214,16 @@ class MockEngineMetrics(Collector):
             ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
             ("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens),
             ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", preemptions),
+            (
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                [s.prefix_cache_queries for s in stats],
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                [s.prefix_cache_hits for s in stats],
+            ),
         )
         for name, doc, values in counters:
             counter = CounterMetricFamily(name, doc, labels=names)
@@ -245,7 +259,7 @@ class MockEngineMetrics(Collector):
                 "The generation throughput (token/s).",
                 lambda s: self.gen_throughput(s.rank),
             ),
-            ("sglang:cache_hit_rate", "The prefix cache hit rate.", lambda s: 0.0),
+            ("sglang:cache_hit_rate", "The prefix cache hit rate.", lambda s: s.cache_hit_rate),
         )
         for name, doc, value in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=names)
@@ -253,6 +267,17 @@ class MockEngineMetrics(Collector):
                 rank = str(s.rank)
                 gauge.add_metric([self.model_name, "unified", "0", "0", rank, rank], float(value(s)))
             yield gauge
+        effective = CounterMetricFamily(
+            "sglang:prefill_effective_tokens",
+            "Effective prefill tokens with retracted-request re-counts excluded. mode: device_hit, input.",
+            labels=[*names, "mode"],
+        )
+        for s in stats:
+            rank = str(s.rank)
+            labels = [self.model_name, "unified", "0", "0", rank, rank]
+            effective.add_metric([*labels, "input"], float(s.prefix_cache_queries - s.prefix_cache_hits))
+            effective.add_metric([*labels, "device_hit"], float(s.prefix_cache_hits))
+        yield effective
         finished = sum(self.finished.values())
         aborted = sum(self.finished[rank, "abort"] for rank in range(self.dp_size))
         counters = (
