@@ -27,6 +27,8 @@ ENGINE_FLAGS: dict[str, tuple[str, str]] = {
     "max_num_batched_tokens": ("--max-num-batched-tokens", "vllm"),
     "max_num_seqs": ("--max-num-seqs", "vllm"),
     "async_scheduling": ("--async-scheduling/--no-async-scheduling", "vllm"),
+    "disable_radix_cache": ("--disable-radix-cache", "sglang"),
+    "enable_prefix_caching": ("--enable-prefix-caching/--no-enable-prefix-caching", "vllm"),
 }
 """Each engine flag: its parameter name, its command-line name and the engine that owns it."""
 
@@ -73,6 +75,13 @@ def engine_flag_options(f: F) -> F:
             show_default=True,
             help="vLLM: schedule one step ahead (a request joins the step after next).",
         ),
+        click.option("--disable-radix-cache", is_flag=True, help="SGLang: no prefix cache (radix cache)."),
+        click.option(
+            "--enable-prefix-caching/--no-enable-prefix-caching",
+            default=True,
+            show_default=True,
+            help="vLLM: a prefix cache per DP rank.",
+        ),
         click.option(
             "--prefill-rate",
             type=click.FloatRange(min=0, min_open=True),
@@ -99,6 +108,8 @@ def engine_model_config(
         "schedule_conservativeness": 1.0,
         "disable_overlap_schedule": False,
         "async_scheduling": True,
+        "disable_radix_cache": False,
+        "enable_prefix_caching": True,
     }
     given = {k: v for k, v in flags.items() if v is not None and v != defaults.get(k)}
     if profile == "idealised":

@@ -31,6 +31,14 @@ from gateway.cli.engine_options import engine_flag_options, engine_model_config
     show_default=True,
     help="Engine model: idealised, or the engine as shipped (its budgets, step rules, admission; its flags below).",
 )
+@click.option(
+    "--tokenizer",
+    type=click.Choice(["estimate", "deepseek"]),
+    default="estimate",
+    show_default=True,
+    help="Who counts prompt tokens and cuts prompts into prefix-cache blocks: the gateway's estimator, or "
+    "DeepSeek-V3's tokenizer with its chat template (as the real engine).",
+)
 @engine_flag_options
 def mock_engine(
     flavor: str,
@@ -40,6 +48,7 @@ def mock_engine(
     model: str,
     speed: float,
     profile: str,
+    tokenizer: str,
     prefill_rate: float | None,
     **engine_flags: Any,
 ) -> None:
@@ -58,6 +67,7 @@ def mock_engine(
         model=model,
         speed=speed,
         engine_model=engine_model,
+        tokenizer=tokenizer,  # type: ignore[arg-type]
     )
     click.echo(
         f"simulated {flavor} engine ({profile}), {dp_size} DP ranks, model {model}, "

@@ -9,9 +9,12 @@ process; the actual send lag is recorded.
 HTTP goes through aiohttp with an unbounded connection pool: plain httpx falls far behind at 50 concurrent
 streams (``bench/results/decisions.md#engine-http-client``).
 
-Every prompt starts with a short request-unique tag (the request's index); without it every prompt would share
-one long prefix and an engine's prefix cache would skip nearly all prefill work, which is what this benchmark is
-meant to load. What follows depends on ``prompts``:
+A trace with block ids (Mooncake's ``hash_ids``, one per 512-token block, equal ids for equal prefixes) gets
+prompts that share text exactly where the ids are shared: each block id maps to a fixed text of 512 tokens (as
+``prompts`` counts them), and a prompt is its blocks' texts in order, so a real or simulated engine's prefix cache
+sees the reuse the trace records. Azure traces have no block ids: there every prompt starts with a short
+request-unique tag (the request's index); without it every prompt would share one long prefix and an engine's
+prefix cache would skip nearly all prefill work. What fills the prompts depends on ``prompts``:
 
 - ``"estimate"`` (the default): :func:`~gateway.tokens.synthesize_prompt` filler, so the gateway's token
   estimate is exactly the trace's count (which flatters the gateway: it knows the engine's count);
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 from gateway.replay.sse import SSEDecoder
 from gateway.tokens import CHARS_PER_TOKEN, synthesize_prompt
+from gateway.types import PREFIX_BLOCK_TOKENS
 from gateway.workload.stats import ReplayResult, RequestRecord, format_table, summarize
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
@@ -65,6 +69,22 @@ def request_prompt(index: int, prompt_tokens: int) -> str:
     return tag + synthesize_prompt(prompt_tokens - 2)
 
 
+def block_prompt(index: int, block_ids: Sequence[int], prompt_tokens: int) -> str:
+    """The prompt of request ``index`` made of its blocks, ``prompt_tokens`` tokens by the gateway's estimate: each
+    block ``b`` is the 8-character tag ``b`` (2 estimated tokens) then filler, 512 tokens (the last blocks
+    shortened to fit); tokens past the last block get the request's own tag."""
+    parts, left = [], prompt_tokens
+    for block_id in block_ids:
+        if left == 0:
+            break
+        take = min(PREFIX_BLOCK_TOKENS, left)
+        parts.append(request_prompt(block_id, take))
+        left -= take
+    if left:
+        parts.append(request_prompt(index, left))
+    return "".join(parts)
+
+
 def request_body(
     endpoint: Endpoint,
     model: str,
@@ -72,22 +92,33 @@ def request_body(
     prompt_tokens: int,
     output_tokens: int,
     prompts: PromptCount = "estimate",
+    block_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The streaming request body asking for exactly ``output_tokens`` tokens after a synthesised prompt of
-    ``prompt_tokens`` tokens as ``prompts`` counts them (see the module's docstring)."""
+    ``prompt_tokens`` tokens as ``prompts`` counts them, made of ``block_ids``' texts when given (see the module's
+    docstring)."""
     body: dict[str, Any] = {"model": model}
     if prompts == "tokenizer":
         from gateway.replay.prompts import tokenizer_prompts
 
         synth = tokenizer_prompts()
         if endpoint == "chat":
-            body["messages"] = [{"role": "user", "content": synth.chat_content(index, prompt_tokens)}]
+            content = (
+                synth.chat_content_blocks(index, block_ids, prompt_tokens)
+                if block_ids
+                else synth.chat_content(index, prompt_tokens)
+            )
+            body["messages"] = [{"role": "user", "content": content}]
         else:
-            body["prompt"] = synth.text(index, prompt_tokens)
-    elif endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": request_prompt(index, prompt_tokens)}]
+            body["prompt"] = (
+                synth.blocks_text(index, block_ids, prompt_tokens) if block_ids else synth.text(index, prompt_tokens)
+            )
     else:
-        body["prompt"] = request_prompt(index, prompt_tokens)
+        text = block_prompt(index, block_ids, prompt_tokens) if block_ids else request_prompt(index, prompt_tokens)
+        if endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = text
     body.update(
         max_tokens=output_tokens,
         ignore_eos=True,
@@ -323,7 +354,9 @@ async def replay(
                 async for index, req in _arrivals(schedule, t0, duration_s):
                     record = RequestRecord(index, req.arrival_s, req.prompt_tokens, req.output_tokens)
                     records.append(record)
-                    body = request_body(endpoint, model, index, req.prompt_tokens, req.output_tokens, prompts)
+                    body = request_body(
+                        endpoint, model, index, req.prompt_tokens, req.output_tokens, prompts, req.hash_ids
+                    )
                     tasks.create_task(run_one(body, record))
             wall_s = time.perf_counter() - t0
     return ReplayResult(

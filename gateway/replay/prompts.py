@@ -11,6 +11,11 @@ The prose is split once; it is cut only before a pre-token that is a space and a
 leaves intact, and topped up with `` a`` pre-tokens (one token each). A prompt is a request-unique tag (so no two
 prompts share a prefix an engine could cache), then the prose from its start, repeated if needed, then the
 top-up. Preparing the prose takes a few tenths of a second once; a prompt then costs a string slice.
+
+Prompts with block ids (Mooncake's ``hash_ids``, one per 512 tokens): the prompt is the concatenation of one text per
+block, each a function of the block id alone (:meth:`TokenizerPrompts.block_text`: a tag spelling the id, then the
+prose), so two requests whose leading ids are equal send the same leading text, token for token; a block's text
+starts with a space and a word and ends at a cut or a ``PAD``, so the concatenation counts the sum of its blocks.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import bisect
 import functools
 import importlib.resources
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.types import PREFIX_BLOCK_TOKENS
 from gateway.workload.tokenizer import DeepSeekTokenizer, deepseek_tokenizer
 
 PAD = " a"
@@ -87,10 +94,47 @@ class TokenizerPrompts:
             return PAD * n_tokens
         return tag + self._filler.take(n_tokens - tag_tokens)
 
+    def _tagged(self, tag: str, n_tokens: int) -> str:
+        tag_tokens = self._tokenizer.count_text(tag)
+        return PAD * n_tokens if n_tokens < tag_tokens else tag + self._filler.take(n_tokens - tag_tokens)
+
+    def block_text(self, block_id: int, n_tokens: int) -> str:
+        """The text of block ``block_id``, ``n_tokens`` tokens long (``PREFIX_BLOCK_TOKENS`` for a whole block)."""
+        return self._tagged(" Block" + _letters(block_id), n_tokens)
+
+    def blocks_text(self, index: int, block_ids: Sequence[int], n_tokens: int) -> str:
+        """A text of exactly ``n_tokens`` tokens made of the blocks ``block_ids`` (512 tokens each, the last ones
+        shortened to fit), then, past the last block, a tail unique to request ``index``."""
+        parts, left = [], n_tokens
+        for block_id in block_ids:
+            if left == 0:
+                break
+            take = min(PREFIX_BLOCK_TOKENS, left)
+            parts.append(self.block_text(block_id, take))
+            left -= take
+        if left:
+            parts.append(self._tagged(" Request" + _letters(index), left))
+        return "".join(parts)
+
     def chat_content(self, index: int, prompt_tokens: int) -> str:
         """The one user message whose chat request counts ``prompt_tokens`` tokens after the chat template (the
         template's own :data:`CHAT_TEMPLATE_TOKENS` included; an empty message below that)."""
         return self.text(index, max(0, prompt_tokens - CHAT_TEMPLATE_TOKENS))
+
+    def chat_content_blocks(self, index: int, block_ids: Sequence[int], prompt_tokens: int) -> str:
+        """The one user message of :meth:`chat_content` made of blocks (:meth:`blocks_text`); the chat template's
+        tokens come off the end, so every block but the last ones keeps its 512 tokens."""
+        return self.blocks_text(index, block_ids, max(0, prompt_tokens - CHAT_TEMPLATE_TOKENS))
+
+
+def _letters(n: int) -> str:
+    """``n`` (>= 0) spelled in lower-case letters, base 26, so that a tag is a single word."""
+    out = ""
+    while True:
+        n, digit = divmod(n, 26)
+        out = chr(ord("a") + digit) + out
+        if n == 0:
+            return out
 
 
 @functools.cache

@@ -35,9 +35,12 @@ from gateway.sim.engine_model import EngineModel
 from gateway.sim.mock_engine.faults import FaultInjector, FaultPlan, HangResponse, silence_injected_crashes
 from gateway.sim.mock_engine.metrics import MockEngineMetrics
 from gateway.sim.mock_engine.protocol import (
+    MIN_PREFIX_BLOCK_TOKENS,
     Flavor,
+    PrefixTokenizer,
     ProtocolError,
     RequestKind,
+    TokenIdEncoder,
     bad_request,
     error_body,
     parse_generation_request,
@@ -85,6 +88,11 @@ class MockEngineConfig:
     max_model_len: int = 131072
     """Longest prompt + ``max_tokens`` accepted, tokens (DeepSeek-V3's 128k context); longer → HTTP 400."""
 
+    tokenizer: PrefixTokenizer = "estimate"
+    """Who counts a prompt's tokens and cuts it into prefix blocks: ``"estimate"``, the gateway's own estimator
+    (four characters a token), or ``"deepseek"``, DeepSeek-V3's tokenizer after its chat template, as the real
+    engine counts (:func:`gateway.sim.mock_engine.protocol.prompt_blocks`)."""
+
     def __post_init__(self) -> None:
         if self.flavor not in ("sglang", "vllm"):
             raise ValueError(f"flavor must be 'sglang' or 'vllm', got {self.flavor!r}")
@@ -105,6 +113,13 @@ class _MockEngine:
         self.metrics = MockEngineMetrics(config.flavor, config.model, config.dp_size, self.model.rank_stats)
         self.runtime = EngineRuntime(self.model, config.speed, self.metrics)
         self.faults = FaultInjector()
+        em = config.engine_model
+        self.prefix_block_tokens = max(em.kv_block_size, MIN_PREFIX_BLOCK_TOKENS) if em.enable_prefix_caching else None
+        self.tokenizer: TokenIdEncoder | None = None
+        if config.tokenizer == "deepseek":
+            from gateway.workload.tokenizer import deepseek_tokenizer
+
+            self.tokenizer = deepseek_tokenizer()
         self.serving = False
         self._created = int(time.time())
 
@@ -137,6 +152,8 @@ class _MockEngine:
                 dp_size=cfg.dp_size,
                 max_model_len=cfg.max_model_len,
                 seed=cfg.seed,
+                prefix_block_tokens=self.prefix_block_tokens,
+                tokenizer=self.tokenizer,
             )
             rank = req.rank if req.rank is not None else self._pick_rank()
             fault = self.faults.request_fault(rank)
@@ -152,6 +169,8 @@ class _MockEngine:
                     req.finish_reason,
                     max_new_tokens=req.max_tokens,
                     ignore_eos=req.ignore_eos,
+                    prefix_blocks=req.prefix_blocks,
+                    prefix_block_tokens=self.prefix_block_tokens or 1,
                 )
             except ValueError as exc:
                 raise bad_request(str(exc), "max_tokens") from exc

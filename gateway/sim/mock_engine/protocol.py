@@ -10,6 +10,12 @@ Flavours differ where the real engines differ (docs/design.md §4.1, §4.2):
 - error bodies: vLLM ``{"error": {"message", "type", "param", "code"}}``; SGLang a flat
   ``{"object": "error", "message", "type", "param", "code"}``.
 
+Prompt tokens and prefix blocks (:func:`prompt_blocks`): by default the prompt is counted with the gateway's own
+estimator (:func:`gateway.tokens.count_prompt_tokens`) and its prefix blocks are hashed from its text, four characters
+a token; with DeepSeek-V3's tokenizer (``MockEngineConfig.tokenizer``) the prompt is rendered with the chat template
+and encoded, as the engine does, and the blocks are hashes of its token ids, as vLLM's and SGLang's prefix caches see
+them.
+
 Output length: with ``ignore_eos`` exactly ``max_tokens``; otherwise ``min(max_tokens, max(min_tokens, L))``
 where L, the length at which the simulated model "emits EOS", is 16..256 tokens derived from a BLAKE2 hash of
 the seed and the prompt, so the same prompt always gives the same answer length.
@@ -19,11 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from gateway.tokens import count_prompt_tokens
+from gateway.tokens import CHARS_PER_TOKEN, count_prompt_tokens
 
 Flavor = Literal["sglang", "vllm"]
 """Which real engine's HTTP surface a simulated engine imitates."""
@@ -48,6 +54,91 @@ VLLM_RANK_HEADER = "x-data-parallel-rank"
 
 SGLANG_RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank")
 """SGLang's rank-pinning body fields, newest first."""
+
+
+PrefixTokenizer = Literal["estimate", "deepseek"]
+"""Whose count a simulated engine gives a prompt: the gateway's estimator, or DeepSeek-V3's tokenizer."""
+
+MIN_PREFIX_BLOCK_TOKENS = 16
+"""Tokens per prefix block the mock engine hashes at least: the engine's KV block when larger (vLLM), else this
+(SGLang's radix cache matches single tokens; hashing each token would cost a hash per token, so a shared prefix is
+found to within 16 tokens)."""
+
+
+class TokenIdEncoder(Protocol):
+    """What the mock engine needs of a real tokenizer (:class:`gateway.workload.tokenizer.DeepSeekTokenizer`)."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, special-token strings recognised, no BOS added."""
+        ...
+
+
+def _chained(chunks: Iterator[bytes]) -> tuple[int, ...]:
+    """Chained 8-byte BLAKE2b hashes: each covers its chunk and every chunk before it."""
+    blocks: list[int] = []
+    previous = b""
+    for chunk in chunks:
+        previous = hashlib.blake2b(previous + chunk, digest_size=8).digest()
+        blocks.append(int.from_bytes(previous, "big"))
+    return tuple(blocks)
+
+
+def _prompt_text(body: Mapping[str, Any]) -> str:
+    """The prompt's text for text-block hashing: the messages' text parts with their roles, or the prompt strings."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for m in messages:
+            if not isinstance(m, Mapping):
+                continue
+            content = m.get("content")
+            parts.append(str(m.get("role", "")) + "\0")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+        return "".join(parts)
+    prompt = body.get("prompt")
+    items: Sequence[Any] = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+    return "\0".join(p if isinstance(p, str) else json.dumps(p) for p in items)
+
+
+def prompt_blocks(
+    body: Mapping[str, Any], block_tokens: int | None, tokenizer: TokenIdEncoder | None = None
+) -> tuple[int, tuple[int, ...]]:
+    """The prompt tokens of a request body and its prefix blocks (chained hashes, one per ``block_tokens`` tokens;
+    see :meth:`gateway.sim.engine_model.EngineModel.add_request`); ``block_tokens=None`` skips the blocks.
+
+    With ``tokenizer``: the body rendered as DeepSeek-V3's engine renders it (chat template; a completion prompt
+    as is) and encoded; the blocks hash the token ids. Without: the gateway's estimate, and blocks of
+    ``block_tokens`` x 4 characters of the prompt's text (two prompts that share their leading text share their
+    leading blocks, to the estimator's resolution).
+    """
+    if tokenizer is None:
+        tokens = count_prompt_tokens(body)
+        if block_tokens is None:
+            return tokens, ()
+        text = _prompt_text(body).encode()
+        step = block_tokens * CHARS_PER_TOKEN
+        return tokens, _chained(text[i : i + step] for i in range(0, len(text), step))
+    from gateway.workload.tokenizer import render_chat
+
+    messages = body.get("messages")
+    prompt = body.get("prompt")
+    ids: list[int]
+    if isinstance(messages, list):
+        ids = tokenizer.encode(render_chat([m for m in messages if isinstance(m, Mapping)]))
+    elif isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(p, int) for p in prompt):
+        ids = list(prompt)
+    else:
+        ids = [t for p in prompt or () for t in (tokenizer.encode(p) if isinstance(p, str) else list(p))]
+    if block_tokens is None:
+        return len(ids), ()
+    data = b"".join(t.to_bytes(4, "little") for t in ids)
+    step = block_tokens * 4
+    return len(ids), _chained(data[i : i + step] for i in range(0, len(data), step))
 
 
 class ProtocolError(Exception):
@@ -90,6 +181,7 @@ class GenerationRequest:
         rank: the DP rank the request is pinned to, or None to let the engine choose.
         ignore_eos: the request asked to ignore end-of-sequence (SGLang's admission then reserves its whole
             ``max_tokens``).
+        prefix_blocks: the prompt's prefix blocks (:func:`prompt_blocks`); empty unless asked for.
     """
 
     kind: RequestKind
@@ -102,6 +194,7 @@ class GenerationRequest:
     include_usage: bool
     rank: int | None
     ignore_eos: bool = False
+    prefix_blocks: tuple[int, ...] = ()
 
 
 def natural_length(body: Mapping[str, Any], seed: int) -> int:
@@ -168,8 +261,11 @@ def parse_generation_request(
     dp_size: int,
     max_model_len: int,
     seed: int,
+    prefix_block_tokens: int | None = None,
+    tokenizer: TokenIdEncoder | None = None,
 ) -> GenerationRequest:
-    """Validate a ``/v1/chat/completions`` or ``/v1/completions`` request.
+    """Validate a ``/v1/chat/completions`` or ``/v1/completions`` request; its prompt is counted (and, with
+    ``prefix_block_tokens``, cut into prefix blocks) by :func:`prompt_blocks` with ``tokenizer``.
 
     Raises:
         ProtocolError: 400 for a malformed body, bad field, bad rank pin or a request longer than
@@ -200,7 +296,8 @@ def parse_generation_request(
     min_tokens = _int_field(body, "min_tokens", 0) or 0
     if min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
-    prompt_tokens = max(1, count_prompt_tokens(body))
+    counted, prefix_blocks = prompt_blocks(body, prefix_block_tokens, tokenizer)
+    prompt_tokens = max(1, counted)
     if prompt_tokens + max_tokens > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
@@ -224,6 +321,7 @@ def parse_generation_request(
         include_usage=include_usage,
         rank=pinned_rank(flavor, body, headers, dp_size),
         ignore_eos=ignore_eos,
+        prefix_blocks=prefix_blocks,
     )
 
 

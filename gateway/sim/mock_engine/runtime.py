@@ -101,9 +101,12 @@ class EngineRuntime:
         *,
         max_new_tokens: int | None = None,
         ignore_eos: bool = False,
+        prefix_blocks: tuple[int, ...] = (),
+        prefix_block_tokens: int = 1,
     ) -> GenerationHandle:
         """Queue a request on a DP rank; read its tokens from ``handle.events``. ``max_new_tokens`` (the request's
-        ``max_tokens``) and ``ignore_eos`` are what the engine's admission may know of its output.
+        ``max_tokens``) and ``ignore_eos`` are what the engine's admission may know of its output; ``prefix_blocks`` (of
+        ``prefix_block_tokens`` tokens each) is what its prefix cache sees of the prompt.
 
         Raises:
             ValueError: from :meth:`EngineModel.add_request` (bad rank, request larger than a rank's KV).
@@ -111,7 +114,14 @@ class EngineRuntime:
         self._counter += 1
         request_id = f"req-{self._counter}"
         self.model.add_request(
-            request_id, rank, prompt_tokens, output_tokens, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+            request_id,
+            rank,
+            prompt_tokens,
+            output_tokens,
+            max_new_tokens=max_new_tokens,
+            ignore_eos=ignore_eos,
+            prefix_blocks=prefix_blocks,
+            prefix_block_tokens=prefix_block_tokens,
         )
         handle = GenerationHandle(request_id, rank, prompt_tokens, output_tokens, finish_reason, self._clock())
         self._live[request_id] = handle
