@@ -161,6 +161,9 @@ class SimResult:
     step_imbalance: list[float]
     """Per prefill-carrying step: max over ranks of work over the mean (1.0 = perfectly balanced)."""
     sim_end_s: float
+    prefix_cache_hit_rate: float | None = None
+    """Prompt tokens found in the ranks' prefix caches over prompt tokens looked up, fraction 0-1 (vLLM's
+    ``prefix_cache_hits / prefix_cache_queries`` summed over ranks); None when the engines have no prefix cache."""
 
     def summary(self, slo: Slo | None = None) -> dict[str, Any]:
         """Figures in the shape ``gateway bench`` writes (``ttft_s``, ``tpot_s``, ``e2e_s``, throughput), plus
@@ -197,7 +200,7 @@ class SimResult:
             "slo_attainment": good / len(self.records) if self.records else 0.0,
             "goodput_rps": good / span if span > 0 else 0.0,
             "step_imbalance": distribution(self.step_imbalance),
-        }
+        } | ({} if self.prefix_cache_hit_rate is None else {"prefix_cache_hit_rate": self.prefix_cache_hit_rate})
 
 
 class _Sim:
@@ -260,7 +263,12 @@ class _Sim:
             elif kind == "poll" and self.poll_at == self.now:
                 self.poll_at = None
             self.poll()
-        return SimResult(self.records, self.imbalance, self.now)
+        hit_rate = None
+        if self.config.engine.enable_prefix_caching:
+            stats = [s for engine in self.engines.values() for s in engine.rank_stats()]
+            queries = sum(s.prefix_cache_queries for s in stats)
+            hit_rate = sum(s.prefix_cache_hits for s in stats) / queries if queries else 0.0
+        return SimResult(self.records, self.imbalance, self.now, hit_rate)
 
     def on_arrival(self, index: int) -> None:
         r = self.trace[index]

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, RankStats
 from gateway.sim.mock_engine.metrics import MockEngineMetrics
+from gateway.sim.simulate import SimConfig, simulate
+from gateway.workload.traces import TraceRequest
 
 CACHED = replace(EngineModelConfig(), enable_prefix_caching=True)
 FLAVOURS: dict[str, dict[str, Any]] = {
@@ -224,3 +226,27 @@ def test_sglang_exports_its_cache_hit_rate_and_effective_tokens_per_dp_rank() ->
         name = "sglang:prefill_effective_tokens_total"
         assert samples[name, frozenset({**labels, "mode": "device_hit"}.items())] == hits
         assert samples[name, frozenset({**labels, "mode": "input"}.items())] == uncached
+
+
+def conversation_trace() -> list[TraceRequest]:
+    """Ten conversations of three turns: each turn's prompt starts with the whole previous turn's blocks."""
+    trace = []
+    for turn in range(3):
+        for conversation in range(10):
+            blocks = tuple(1000 * conversation + b for b in range(2 * turn + 2))
+            trace.append(TraceRequest(20.0 * turn + 0.1 * conversation, 512 * len(blocks), 20, blocks))
+    return trace
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
+def test_the_simulator_passes_the_traces_blocks_and_reports_the_hit_rate_only_with_a_cache(policy: Any) -> None:
+    trace = conversation_trace()
+    plain = simulate(trace, SimConfig(policy=policy, instances=1, dp_size=2)).summary()
+    assert "prefix_cache_hit_rate" not in plain
+    cached = simulate(trace, SimConfig(policy=policy, instances=1, dp_size=2, engine=CACHED)).summary()
+    assert cached["completed"] == len(trace)
+    assert 0.0 < cached["prefix_cache_hit_rate"] < 1.0
+    assert cached == simulate(trace, SimConfig(policy=policy, instances=1, dp_size=2, engine=CACHED)).summary()
+    if policy == "cache_aware":  # every later turn goes where its conversation is cached: all its old blocks hit
+        reused = sum(512 * (2 * turn) for turn in (1, 2)) * 10
+        assert cached["prefix_cache_hit_rate"] == pytest.approx(reused / sum(r.prompt_tokens for r in trace))
