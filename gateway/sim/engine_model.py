@@ -672,8 +672,8 @@ class EngineModel:
             req.cache_next += 1
             key = req.prefix_blocks[i]
             tokens = (end - i * size) // page * page
-            if tokens == 0 or key in cache.blocks:
-                continue
+            if tokens <= 0 or key in cache.blocks:
+                continue  # no whole KV block (or a block id past the prompt's end), or cached already
             block = _CachedBlock(key, tokens, tokens // page, self._steps + 1, refs=1)
             cache.blocks[key] = block
             cache.tokens += tokens

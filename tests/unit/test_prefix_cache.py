@@ -250,3 +250,12 @@ def test_the_simulator_passes_the_traces_blocks_and_reports_the_hit_rate_only_wi
     if policy == "cache_aware":  # every later turn goes where its conversation is cached: all its old blocks hit
         reused = sum(512 * (2 * turn) for turn in (1, 2)) * 10
         assert cached["prefix_cache_hit_rate"] == pytest.approx(reused / sum(r.prompt_tokens for r in trace))
+
+
+def test_block_ids_past_the_prompts_end_are_ignored() -> None:
+    m = model()
+    m.add_request("a", 0, 600, 1, prefix_blocks=(1, 2, 3, 4))  # 600 tokens: blocks 3 and 4 hold nothing
+    prefilled(m)
+    assert m.rank_stats()[0].prefix_cache_tokens == 600
+    m.add_request("b", 0, 1200, 1, prefix_blocks=(1, 2, 3))
+    assert prefilled(m) == 1200 - 600
