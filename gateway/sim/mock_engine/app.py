@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -143,7 +144,8 @@ class _MockEngine:
         if not self.serving:
             return self.error(ProtocolError(503, "The engine is not running.", "ServiceUnavailableError"))
         try:
-            req = parse_generation_request(
+            parse = functools.partial(
+                parse_generation_request,
                 kind=kind,
                 raw_body=await request.body(),
                 headers=request.headers,
@@ -155,6 +157,8 @@ class _MockEngine:
                 prefix_block_tokens=self.prefix_block_tokens,
                 tokenizer=self.tokenizer,
             )
+            # encoding a long prompt takes tens of milliseconds: off the event loop, which runs the steps
+            req = await asyncio.to_thread(parse) if self.tokenizer is not None else parse()
             rank = req.rank if req.rank is not None else self._pick_rank()
             fault = self.faults.request_fault(rank)
             if fault == "http_500":
