@@ -20,8 +20,8 @@ preset's engine model), TTFT 2 s with TPOT 50 ms and 100 ms, and the derived TTF
 flat 2 s is out of reach for Mooncake's long prompts; the unified model's TPOT rarely meets 100 ms, and a
 prefill-only instance meets any TPOT objective trivially).
 
-    .venv/bin/python bench/evaluate.py --jobs 2          # writes bench/results/evaluation.{json,md}
-    .venv/bin/python bench/evaluate.py --quick           # a one-minute smoke test (bench/results/evaluation_quick.*)
+    .venv/bin/python bench/evaluate.py --jobs 2          # writes evaluation.{json,md} in bench/results/
+    .venv/bin/python bench/evaluate.py --quick           # a one-minute smoke test: evaluation_quick.{json,md}
 """
 
 from __future__ import annotations
@@ -456,7 +456,9 @@ def main() -> None:
     ap.add_argument("--policies", help="comma-separated [every registered policy]")
     ap.add_argument("--rate-policies", help="baselines whose sustainable rate is searched [every baseline]")
     ap.add_argument("--steady-minutes", type=float, help="steady-state run length, minutes [the whole trace]")
-    ap.add_argument("--output", type=Path, help="path without suffix [bench/results/evaluation]")
+    ap.add_argument(
+        "--output", type=Path, help="path without suffix [evaluation, or evaluation_quick, in bench/results/]"
+    )
     args = ap.parse_args()
     plan = QUICK if args.quick else Plan()
     lists: dict[str, Any] = {n: tuple(getattr(args, n).split(",")) for n in LIST_OPTIONS if getattr(args, n)}
