@@ -20,6 +20,13 @@ preset's engine model), TTFT 2 s with TPOT 50 ms and 100 ms, and the derived TTF
 flat 2 s is out of reach for Mooncake's long prompts; the unified model's TPOT rarely meets 100 ms, and a
 prefill-only instance meets any TPOT objective trivially).
 
+Cost of the full run (measured December 2026, one least_tokens hour at 2 x 8 under ``realistic-sglang``: 22 s of
+CPU for Azure conv at 40% of its analytic capacity, 38 s at 100%, 59 s for Mooncake at 40%): per preset, trace and
+mode about 13 x 7 rate-search runs, 42 steady runs and 70 ten-minute slices, some 145 hour-long simulations; 18
+cases make about 2,600, some 25 CPU-hours, 13 hours at ``--jobs 2`` on an idle 2-core machine. ``--presets
+realistic-sglang,idealised``, a shorter ``--rate-policies`` list or fewer ``--bisection-steps`` cut it in
+proportion.
+
     .venv/bin/python bench/evaluate.py --jobs 2          # writes evaluation.{json,md} in bench/results/
     .venv/bin/python bench/evaluate.py --quick           # a one-minute smoke test: evaluation_quick.{json,md}
 """
@@ -456,6 +463,7 @@ def main() -> None:
     ap.add_argument("--policies", help="comma-separated [every registered policy]")
     ap.add_argument("--rate-policies", help="baselines whose sustainable rate is searched [every baseline]")
     ap.add_argument("--steady-minutes", type=float, help="steady-state run length, minutes [the whole trace]")
+    ap.add_argument("--bisection-steps", type=int, help="bisections of each rate search [5; --quick: 2]")
     ap.add_argument(
         "--output", type=Path, help="path without suffix [evaluation, or evaluation_quick, in bench/results/]"
     )
@@ -465,6 +473,8 @@ def main() -> None:
     plan = replace(plan, **lists)
     if args.steady_minutes is not None:
         plan = replace(plan, steady_minutes=args.steady_minutes)
+    if args.bisection_steps is not None:
+        plan = replace(plan, bisection_steps=args.bisection_steps)
     output = args.output or RESULTS / ("evaluation_quick" if args.quick else "evaluation")
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
