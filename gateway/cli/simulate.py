@@ -116,6 +116,19 @@ from gateway.config import ConfigError, load_settings
     help="Rescale the engine's prefill to this many prompt tokens/s per GPU at the calibration point "
     "(production: about 4000) [default: DeepSeek's profile figure, 7.8k].",
 )
+@click.option(
+    "--preset",
+    type=click.Choice(["idealised", "realistic-sglang", "realistic-vllm"]),
+    default=None,
+    help="A named engine model and information limits in one (gateway.sim.presets): realistic-* is the engine "
+    "as shipped, the measured estimate error, 30% not streamed and 2 ms + up to 1 ms dispatch latency; "
+    "replaces --engine-profile/--engine-flavor and the information-limit options, and prints its settings.",
+)
+@click.option(
+    "--prefill-only",
+    is_flag=True,
+    help="Prefill-only instances (the P/D setting): every output is one token, so nothing decodes.",
+)
 @output_option
 @plot_option
 @no_progress_option
@@ -138,6 +151,8 @@ def simulate(
     engine_profile: str,
     engine_flavor: str,
     prefill_rate: float | None,
+    preset: str | None,
+    prefill_only: bool,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -175,6 +190,10 @@ def simulate(
         requests = rescale(window(load_trace(resolve_trace(trace)), 0.0, duration), rate_scale)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if prefill_only:
+        from gateway.sim.presets import prefill_only as prefill_only_trace
+
+        requests = prefill_only_trace(requests)
     check_plot(plot)
     try:
         error = parse_estimate_error(estimate_error)
@@ -205,6 +224,24 @@ def simulate(
             dispatch_jitter_s=dispatch_jitter_ms / 1000,
         ),
     )
+    if preset is not None:
+        from gateway.sim.presets import preset as named_preset
+
+        given = {
+            "--estimate-error": estimate_error != "none",
+            "--nonstream-share": nonstream_share != 0,
+            "--dispatch-latency-ms": dispatch_latency_ms != 0,
+            "--dispatch-jitter-ms": dispatch_jitter_ms != 0,
+            "--engine-profile": engine_profile != "idealised",
+            "--prefill-rate": prefill_rate is not None,
+        }
+        if any(given.values()):
+            raise click.UsageError(f"--preset replaces {', '.join(k for k, v in given.items() if v)}")
+        chosen = named_preset(preset, dp_size)
+        base = chosen.apply(base)
+        if slo_scale is not None and requests:
+            slo = derived_slo(requests, chosen.engine, slo_scale)
+        click.echo(f"preset {chosen.describe()}")
     results = compare_policies(
         requests,
         policies or ("sbs", "round_robin"),

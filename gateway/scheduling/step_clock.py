@@ -34,6 +34,11 @@ class _EngineClock:
     per_token_s: float | None = None
     step_prefill_tokens: float = 0.0
     mean_step_s: float | None = None
+    step_keys: list[RankKey] | None = None
+    """The ranks as :meth:`StepClock.observe_tokens` last saw them at a step start, in the view's order."""
+    step_tokens: list[float] | None = None
+    """Each of those ranks' figure in :attr:`StepClock.current_step_tokens`, in the same order (a mirror that
+    spares the dictionary within a step)."""
 
 
 class StepClock:
@@ -112,15 +117,44 @@ class StepClock:
         becomes the step's prefill (:meth:`set_step_prefill`).
         """
         new_step = self.on_tokens(engine, now)
+        c = self._engines[engine]
+        figures = self.current_step_tokens
+        ranks = queued if isinstance(queued, list) else list(queued)
+        if not new_step and c.step_keys is not None and c.step_tokens is not None and self._fall(c, ranks):
+            return new_step
         heaviest = 0.0
-        for key, tokens, budget in queued:
+        keys, values = [], []
+        for key, tokens, budget in ranks:
             current = float(min(tokens, budget))
             if not new_step:
-                current = min(current, self.current_step_tokens.get(key, current))
-            self.current_step_tokens[key] = current
+                current = min(current, figures.get(key, current))
+            figures[key] = current
             heaviest = max(heaviest, current)
+            keys.append(key)
+            values.append(current)
+        c.step_keys, c.step_tokens = keys, values
         self.set_step_prefill(engine, heaviest)
         return new_step
+
+    def _fall(self, c: _EngineClock, ranks: list[tuple[RankKey, int, int]]) -> bool:
+        """Within a step, lower each rank's figure to what it has queued now, through the mirror of
+        :attr:`current_step_tokens` kept since the step started (each figure can only fall, so only one that falls
+        is written back); return ``False``, having changed nothing the general path would not, if the ranks are
+        not those of the step's start."""
+        keys, values = c.step_keys, c.step_tokens
+        assert keys is not None and values is not None
+        if len(ranks) != len(keys):
+            return False
+        figures = self.current_step_tokens
+        for i, (key, tokens, budget) in enumerate(ranks):
+            if key is not keys[i]:
+                return False
+            current = float(min(tokens, budget))
+            if current < values[i]:
+                values[i] = current
+                figures[key] = current
+        c.step_prefill_tokens = max([0.0, *values])
+        return True
 
     def set_step_prefill(self, engine: str, prefill_tokens: float) -> None:
         """The heaviest rank of ``engine`` prefills ``prefill_tokens`` in the step in progress (tokens)."""

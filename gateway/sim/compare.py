@@ -65,11 +65,12 @@ def compare_policies(
 
 
 def summary_line(policy: str, summary: dict[str, Any]) -> str:
-    """One line of a :func:`timed_summary`: requests completed, TTFT p50 and p99, TPOT mean, output throughput
-    and the run's wall time."""
+    """One line of a :func:`timed_summary`: requests completed, TTFT p50 and p99, TPOT mean (– when no request
+    had two tokens), output throughput and the run's wall time."""
     ttft, tpot = summary["ttft_s"], summary["tpot_s"]
+    tpot_mean = "–" if tpot["mean"] is None else f"{tpot['mean'] * 1000:.1f}"
     return (
         f"{policy:<15} completed {summary['completed']:>6}  TTFT p50 {ttft['p50']:.3f} s  p99 {ttft['p99']:.3f} s  "
-        f"TPOT mean {tpot['mean'] * 1000:.1f} ms  output {summary['output_throughput_tok_s']:.0f} tok/s  "
+        f"TPOT mean {tpot_mean} ms  output {summary['output_throughput_tok_s']:.0f} tok/s  "
         f"({summary['wall_s']:.1f} s wall)"
     )

@@ -165,6 +165,32 @@ class SimResult:
     """Prompt tokens found in the ranks' prefix caches over prompt tokens looked up, fraction 0-1 (vLLM's
     ``prefix_cache_hits / prefix_cache_queries`` summed over ranks); None when the engines have no prefix cache."""
 
+    def met(self, slo: Slo) -> int:
+        """How many requests completed within both of ``slo``'s objectives."""
+        return sum(
+            1
+            for r in self.records
+            if r.done_s is not None
+            and r.first_token_s is not None
+            and r.ttft_s <= slo.ttft_s + slo.ttft_per_unloaded * r.unloaded_ttft_s
+            and (r.output_tokens <= 1 or r.tpot_s <= slo.tpot_s)
+        )
+
+    def span_s(self) -> float:
+        """First arrival to last completion, seconds (0 when nothing completed): what goodput divides by."""
+        done = [r.done_s for r in self.records if r.done_s is not None and r.first_token_s is not None]
+        return max(done) - self.records[0].arrival_s if done else 0.0
+
+    def goodput(self, slo: Slo) -> dict[str, float]:
+        """``{"slo_attainment", "goodput_rps"}`` under ``slo``: the fraction of all requests that met both
+        objectives, and those requests per second of :meth:`span_s` (the figures :meth:`summary` gives for its
+        one SLO)."""
+        good, span = self.met(slo), self.span_s()
+        return {
+            "slo_attainment": good / len(self.records) if self.records else 0.0,
+            "goodput_rps": good / span if span > 0 else 0.0,
+        }
+
     def summary(self, slo: Slo | None = None) -> dict[str, Any]:
         """Figures in the shape ``gateway bench`` writes (``ttft_s``, ``tpot_s``, ``e2e_s``, throughput), plus
         SLO attainment and goodput.
@@ -183,12 +209,7 @@ class SimResult:
         tpot = [r.tpot_s for r in done if r.output_tokens > 1]
         span = (max(r.e2e_s + r.arrival_s for r in done) - self.records[0].arrival_s) if done else 0.0
         out_tokens = sum(r.output_tokens for r in done)
-        good = sum(
-            1
-            for r in done
-            if r.ttft_s <= slo.ttft_s + slo.ttft_per_unloaded * r.unloaded_ttft_s
-            and (r.output_tokens <= 1 or r.tpot_s <= slo.tpot_s)
-        )
+        good = self.met(slo)
         return {
             "completed": len(done),
             "failed": len(self.records) - len(done),
