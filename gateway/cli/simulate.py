@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from gateway.cli.engine_options import simulate_alignment_options
 from gateway.cli.options import (
     POLICIES,
     check_plot,
@@ -116,6 +117,7 @@ from gateway.config import ConfigError, load_settings
     help="Rescale the engine's prefill to this many prompt tokens/s per GPU at the calibration point "
     "(production: about 4000) [default: DeepSeek's profile figure, 7.8k].",
 )
+@simulate_alignment_options
 @output_option
 @plot_option
 @no_progress_option
@@ -138,6 +140,10 @@ def simulate(
     engine_profile: str,
     engine_flavor: str,
     prefill_rate: float | None,
+    enable_prefill_delayer: bool,
+    prefill_delayer_max_delay_passes: int | None,
+    prefill_delayer_token_usage_low_watermark: float | None,
+    prefill_schedule_interval: int | None,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -151,7 +157,9 @@ def simulate(
     By default the gateway knows everything at once: exact prompt tokens, every first token, no network. The
     options --estimate-error, --nonstream-share and --dispatch-latency-ms/--dispatch-jitter-ms take that away
     as a real gateway lacks it (gateway.sim.information), drawn per request from --seed. --engine-profile
-    as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model.
+    as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model; with
+    it, --engine-prefill-delayer (SGLang) or --prefill-schedule-interval (vLLM) switches on the engine's own prefill
+    alignment.
 
     \b
     Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
@@ -184,7 +192,23 @@ def simulate(
         scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    engine = engine_model_config(engine_profile, engine_flavor, dp_size, prefill_rate)  # type: ignore[arg-type]
+    try:
+        engine = engine_model_config(
+            engine_profile,  # type: ignore[arg-type]
+            engine_flavor,
+            dp_size,
+            prefill_rate,
+            enable_prefill_delayer=enable_prefill_delayer,
+            prefill_delayer_max_delay_passes=prefill_delayer_max_delay_passes,
+            prefill_delayer_token_usage_low_watermark=prefill_delayer_token_usage_low_watermark,
+            prefill_schedule_interval=prefill_schedule_interval,
+        )
+    except click.UsageError as exc:
+        raise click.UsageError(
+            exc.message.replace("--enable-prefill-delayer", "--engine-prefill-delayer").replace(
+                "--profile", "--engine-profile"
+            )
+        ) from exc
     slo = Slo()
     if slo_scale is not None and requests:
         slo = derived_slo(requests, engine, slo_scale)
