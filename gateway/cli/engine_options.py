@@ -77,10 +77,38 @@ def _alignment_options(delayer_flag: str) -> list[Callable[[F], F]]:
     ]
 
 
-def simulate_alignment_options(f: F) -> F:
-    """Add the engines' own prefill alignment to ``gateway simulate`` (SGLang's delayer as
-    ``--engine-prefill-delayer``)."""
-    for decorator in reversed(_alignment_options("--engine-prefill-delayer")):
+def _batching_options() -> list[Callable[[F], F]]:
+    """Batch formation (:attr:`gateway.sim.calibration.EngineModelConfig.batching`) and FairBatching's SLOs."""
+    return [
+        click.option(
+            "--batching",
+            type=click.Choice(["default", "stall-free", "fairbatching"]),
+            default="default",
+            show_default=True,
+            help="Batch formation: the engine's own, Sarathi's stall-free (decodes first, then prefill in one token "
+            "budget), or FairBatching (a time budget from the requests' slack; idealised admission only).",
+        ),
+        click.option(
+            "--ttft-slo",
+            type=click.FloatRange(min=0, min_open=True),
+            default=2.0,
+            show_default=True,
+            help="FairBatching's TTFT objective, seconds.",
+        ),
+        click.option(
+            "--tpot-slo",
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.1,
+            show_default=True,
+            help="FairBatching's TPOT objective, seconds.",
+        ),
+    ]
+
+
+def simulate_engine_options(f: F) -> F:
+    """Add the engines' own prefill alignment (SGLang's delayer as ``--engine-prefill-delayer``) and the batch
+    formation to ``gateway simulate``."""
+    for decorator in reversed([*_alignment_options("--engine-prefill-delayer"), *_batching_options()]):
         f = decorator(f)
     return f
 
@@ -128,6 +156,7 @@ def engine_flag_options(f: F) -> F:
             help="vLLM: schedule one step ahead (a request joins the step after next).",
         ),
         *_alignment_options("--enable-prefill-delayer"),
+        *_batching_options(),
         click.option(
             "--prefill-rate",
             type=click.FloatRange(min=0, min_open=True),
@@ -142,13 +171,24 @@ def engine_flag_options(f: F) -> F:
 
 
 def engine_model_config(
-    profile: Profile, flavor: str, dp_size: int, prefill_rate: float | None, **flags: Any
+    profile: Profile,
+    flavor: str,
+    dp_size: int,
+    prefill_rate: float | None,
+    *,
+    batching: str = "default",
+    ttft_slo: float = 2.0,
+    tpot_slo: float = 0.1,
+    **flags: Any,
 ) -> EngineModelConfig:
-    """The engine model for ``profile`` and the engine flags given on the command line.
+    """The engine model for ``profile``, the engine flags given on the command line and the batch formation
+    (``stall-free`` or ``fairbatching`` with its TTFT and TPOT objectives, seconds; any profile whose admission
+    allows it).
 
     Raises:
         click.UsageError: an engine flag with the idealised profile, a flag of the other engine, or SGLang's
-            prefill delayer without its overlap scheduler (SGLang refuses it too).
+            prefill delayer without its overlap scheduler (SGLang refuses it too), or a batch formation the
+            profile's admission cannot run.
     """
     defaults = {
         "enable_mixed_chunk": False,
@@ -172,4 +212,8 @@ def engine_model_config(
         alignment = {k: given.pop(k) for k in ALIGNMENT_FLAGS if k in given}
         shipped = {k: v for k, v in flags.items() if k not in ALIGNMENT_FLAGS}
         config = replace(EngineModelConfig.as_shipped(flavor, dp_size, **shipped), **alignment)  # type: ignore[arg-type]
+    try:
+        config = replace(config, batching=batching.replace("-", "_"), ttft_slo_s=ttft_slo, tpot_slo_s=tpot_slo)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.UsageError(f"--batching {batching}: {exc}") from exc
     return config.with_prefill_rate(prefill_rate) if prefill_rate is not None else config

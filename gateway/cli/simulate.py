@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.engine_options import simulate_alignment_options
+from gateway.cli.engine_options import simulate_engine_options
 from gateway.cli.options import (
     POLICIES,
     check_plot,
@@ -117,7 +117,7 @@ from gateway.config import ConfigError, load_settings
     help="Rescale the engine's prefill to this many prompt tokens/s per GPU at the calibration point "
     "(production: about 4000) [default: DeepSeek's profile figure, 7.8k].",
 )
-@simulate_alignment_options
+@simulate_engine_options
 @output_option
 @plot_option
 @no_progress_option
@@ -144,6 +144,9 @@ def simulate(
     prefill_delayer_max_delay_passes: int | None,
     prefill_delayer_token_usage_low_watermark: float | None,
     prefill_schedule_interval: int | None,
+    batching: str,
+    ttft_slo: float,
+    tpot_slo: float,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -159,7 +162,7 @@ def simulate(
     as a real gateway lacks it (gateway.sim.information), drawn per request from --seed. --engine-profile
     as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model; with
     it, --engine-prefill-delayer (SGLang) or --prefill-schedule-interval (vLLM) switches on the engine's own prefill
-    alignment.
+    alignment. --batching chooses the batch formation (stall-free, or FairBatching with --ttft-slo/--tpot-slo).
 
     \b
     Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
@@ -202,6 +205,9 @@ def simulate(
             prefill_delayer_max_delay_passes=prefill_delayer_max_delay_passes,
             prefill_delayer_token_usage_low_watermark=prefill_delayer_token_usage_low_watermark,
             prefill_schedule_interval=prefill_schedule_interval,
+            batching=batching,
+            ttft_slo=ttft_slo,
+            tpot_slo=tpot_slo,
         )
     except click.UsageError as exc:
         raise click.UsageError(

@@ -268,6 +268,27 @@ class EngineModelConfig:
     prefill-carrying step drains its queue (``prefill_capacity_bound``, vllm/v1/core/sched/scheduler.py). On one rank
     (``dp_size == 1``) vLLM counts N executed steps from the last prefill-carrying step instead."""
 
+    batching: Batching = "default"
+    """How a rank forms a batch of decodes and prefill. ``"default"``: as ``step_composition`` says.
+    ``"stall_free"``: Sarathi-Serve's stall-free batching (Agrawal et al., OSDI 2024): every running request decodes
+    first, then prefill chunks fill what is left of one token budget, ``max_prefill_tokens_per_step``, that counts the
+    decode tokens; this is the step vLLM ships (``step_composition="vllm"``), which it reuses, so with the vLLM profile
+    it changes nothing. ``"fairbatching"``: our reading of FairBatching (Lyu et al., arXiv 2510.14392; only its
+    abstract and third-party summaries were readable): token j of a request is due at ``arrival + ttft_slo_s + j x
+    tpot_slo_s``; a step's *time* budget replaces the token budget and is the least slack (due time of the next token
+    less now) over the instance's running and waiting requests, at least ``tpot_slo_s``; decodes due before the budget
+    plus one ``tpot_slo_s`` always run, prefill fills the rest of the budget FCFS, and decodes with more slack run
+    only in the time prefill leaves (prefill takes time from decodes that have slack, never from the others). Time is
+    the engine's own step cost (an exact estimator, which FairBatching fits); arrival is when the request reached the
+    engine, on the engine's clock (the sum of its step times). Neither is available with SGLang's admission
+    (``--enable-mixed-chunk`` is SGLang's stall-free batching); FairBatching needs ``admission="reserve_output"``."""
+
+    ttft_slo_s: float = 2.0
+    """FairBatching's TTFT objective, seconds (read with ``batching="fairbatching"``)."""
+
+    tpot_slo_s: float = 0.1
+    """FairBatching's TPOT objective, seconds (read with ``batching="fairbatching"``)."""
+
     def __post_init__(self) -> None:
         for name in ("prefill_token_s", "prefill_attn_s", "decode_req_s", "decode_kv_s", "alltoall_s"):
             if getattr(self, name) < 0:
@@ -295,6 +316,15 @@ class EngineModelConfig:
                 "prefill_delayer_max_delay_passes and prefill_schedule_interval must be >= 1, got "
                 f"{self.prefill_delayer_max_delay_passes}, {self.prefill_schedule_interval}"
             )
+        if self.batching != "default" and self.admission == "sglang":
+            raise ValueError(
+                f"batching={self.batching!r} needs vLLM's or the idealised admission (SGLang's stall-free batching is "
+                "enable_mixed_chunk)"
+            )
+        if self.batching == "fairbatching" and self.admission != "reserve_output":
+            raise ValueError("batching='fairbatching' needs admission='reserve_output' (no preemption in its step)")
+        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
+            raise ValueError(f"ttft_slo_s and tpot_slo_s must be > 0, got {self.ttft_slo_s}, {self.tpot_slo_s}")
         watermark = self.prefill_delayer_token_usage_low_watermark
         if watermark is not None and not 0.0 <= watermark <= 1.0:
             raise ValueError(f"prefill_delayer_token_usage_low_watermark must be in [0, 1], got {watermark}")

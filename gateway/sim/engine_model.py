@@ -38,6 +38,7 @@ what each rank runs (``_step_<composition>``, using
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -129,6 +130,7 @@ class _Request:
     kv: int = 0
     admitted: bool = False
     admit_seq: int = 0
+    arrival_s: float = 0.0  # on the engine's clock (FairBatching's deadlines)
 
     @property
     def kv_reservation(self) -> int:
@@ -195,6 +197,7 @@ class EngineModel:
         self._delayer_attempts = [0] * dp_size  # SGLang PrefillDelayer: this pass's attempted prefill batch per rank
         self._busy_steps = 0  # steps since the instance was last idle (vLLM's DP step_counter)
         self._last_prefill_step = -config.prefill_schedule_interval  # vLLM's local cadence (one rank)
+        self._clock_s = 0.0  # engine time at the start of the next step: the sum of step durations
 
     def add_request(
         self,
@@ -239,6 +242,7 @@ class EngineModel:
             max_new_tokens = max(1, cfg.context_length - prompt_tokens)
         ready = self._steps + (cfg.join_lag_steps if self._in_step else 0)
         req = _Request(request_id, rank, prompt_tokens, output_tokens, max_new_tokens, ignore_eos, ready, prompt_tokens)
+        req.arrival_s = self._clock_s
         self._requests[request_id] = req
         self._ranks[rank].waiting[request_id] = req
 
@@ -272,9 +276,15 @@ class EngineModel:
         limits = self._join_limits()
         gates = self._prefill_gates(limits)
         composition = self.config.step_composition
+        batching = self.config.batching
+        budget_s = self._fairbatching_budget_s(limits) if batching == "fairbatching" else 0.0
         steps: list[_RankStep] = []
         for rank, limit, gate in zip(self._ranks, limits, gates, strict=True):
-            if composition == "idealised":
+            if batching == "fairbatching":
+                steps.append(self._step_fairbatching(rank, limit, gate, budget_s))
+            elif batching == "stall_free":
+                steps.append(self._step_vllm(rank, limit, gate))
+            elif composition == "idealised":
                 steps.append(self._step_idealised(rank, limit, gate))
             elif composition == "sglang":
                 steps.append(self._step_sglang(rank, limit, gate))
@@ -285,6 +295,7 @@ class EngineModel:
         self._busy_steps += 1
         self._in_step = True
         duration, work = self._duration(steps)
+        self._clock_s += duration
         tokens = [t for s in steps for t in s.tokens]
         return StepResult(duration, tokens, [s.prefill_tokens for s in steps], [s.decoded for s in steps], work)
 
@@ -518,6 +529,75 @@ class EngineModel:
             out.work_s += self._prefill(rank, budget, completed, out, limit, new_only=True)
         self._finish_step(rank, decoding, completed, out)
         return out
+
+    def _step_fairbatching(self, rank: _Rank, limit: int | None, gate: PrefillGate, budget_s: float) -> _RankStep:
+        """FairBatching (our reading, see ``EngineModelConfig.batching``): the decodes that cannot wait run, prefill
+        fills the step's time budget FCFS, and the decodes with slack run in what time is left."""
+        cfg = self.config
+        out = _RankStep()
+        now = self._clock_s
+        by_slack = sorted(rank.running.values(), key=lambda r: self._due_s(r) - now)
+        urgent = [r for r in by_slack if self._due_s(r) - now < budget_s + cfg.tpot_slo_s]
+        spare = by_slack[len(urgent) :]
+        left = budget_s - cfg.alltoall_s - cfg.decode_s(len(urgent), sum(r.kv for r in urgent))
+        completed: list[_Request] = []
+        prefill_s = 0.0
+        if gate != "closed" and left > 0:
+            tokens = self._tokens_in_time(rank, limit, gate == "admitted", left)
+            if tokens:
+                prefill_s = self._prefill(rank, tokens, completed, out, limit, admitted_only=gate == "admitted")
+        left -= prefill_s
+        decoding = list(urgent)
+        for req in spare:
+            cost = cfg.decode_s(1, req.kv)
+            if cost > left:
+                break
+            decoding.append(req)
+            left -= cost
+        if decoding:
+            out.work_s += cfg.decode_s(len(decoding), sum(r.kv for r in decoding))
+        out.work_s += prefill_s
+        self._finish_step(rank, decoding, completed, out)
+        return out
+
+    def _due_s(self, req: _Request) -> float:
+        """FairBatching's deadline of ``req``'s next token: ``arrival + ttft_slo + j x tpot_slo``, engine seconds."""
+        return req.arrival_s + self.config.ttft_slo_s + req.generated * self.config.tpot_slo_s
+
+    def _fairbatching_budget_s(self, limits: list[int | None]) -> float:
+        """The step's time budget: the least slack over the instance's running and joinable waiting requests, at
+        least one ``tpot_slo_s``, seconds."""
+        cfg = self.config
+        now = self._clock_s
+        least = math.inf
+        for rank, limit in zip(self._ranks, limits, strict=True):
+            for req in rank.running.values():
+                least = min(least, self._due_s(req) - now)
+            for req in rank.waiting.values():
+                if limit is None or req.ready_step <= limit:
+                    least = min(least, self._due_s(req) - now)
+        return max(least, cfg.tpot_slo_s) if least < math.inf else cfg.tpot_slo_s
+
+    def _tokens_in_time(self, rank: _Rank, limit: int | None, admitted_only: bool, seconds: float) -> int:
+        """Prompt tokens FCFS prefill can take in ``seconds`` of work (the chunk cost of
+        :meth:`EngineModelConfig.prefill_chunk_s` solved for the chunk), the order :meth:`_prefill` takes them in."""
+        cfg = self.config
+        tokens = 0
+        for req in rank.waiting.values():
+            if (limit is not None and req.ready_step > limit) or (admitted_only and not req.admitted):
+                continue
+            remaining = req.prefill_target - req.prefilled
+            a = cfg.prefill_attn_s / 2
+            b = cfg.prefill_token_s + cfg.prefill_attn_s * req.prefilled
+            fits = seconds / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a)
+            chunk = min(remaining, math.floor(fits))
+            if chunk <= 0:
+                break
+            tokens += chunk
+            seconds -= cfg.prefill_chunk_s(chunk, req.prefilled)
+            if chunk < remaining:
+                break
+        return tokens
 
     def _prefill(
         self,
