@@ -116,3 +116,26 @@ def test_fairbatching_without_prefill_decodes_everything() -> None:
 def test_batching_that_the_admission_cannot_run_is_refused(overrides: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         replace(LINEAR, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("profile", "flavor", "batching", "expected"),
+    [
+        ("idealised", "sglang", "fairbatching", "fairbatching"),
+        ("idealised", "sglang", "stall-free", "stall_free"),
+        ("as-shipped", "vllm", "stall-free", "stall_free"),
+        ("as-shipped", "sglang", "stall-free", None),  # SGLang's own is --enable-mixed-chunk
+        ("as-shipped", "vllm", "fairbatching", None),  # FairBatching's step does not preempt
+    ],
+)
+def test_batching_on_the_command_line(profile: str, flavor: str, batching: str, expected: str | None) -> None:
+    import click
+
+    from gateway.cli.engine_options import engine_model_config
+
+    if expected is None:
+        with pytest.raises(click.UsageError, match="--batching"):
+            engine_model_config(profile, flavor, 8, None, batching=batching)  # type: ignore[arg-type]
+        return
+    config = engine_model_config(profile, flavor, 8, None, batching=batching, ttft_slo=1.5, tpot_slo=0.05)  # type: ignore[arg-type]
+    assert (config.batching, config.ttft_slo_s, config.tpot_slo_s) == (expected, 1.5, 0.05)
