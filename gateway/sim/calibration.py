@@ -276,12 +276,14 @@ class EngineModelConfig:
     it changes nothing. ``"fairbatching"``: our reading of FairBatching (Lyu et al., arXiv 2510.14392; only its
     abstract and third-party summaries were readable): token j of a request is due at ``arrival + ttft_slo_s + j x
     tpot_slo_s``; a step's *time* budget replaces the token budget and is the least slack (due time of the next token
-    less now) over the instance's running and waiting requests, at least ``tpot_slo_s``; decodes due before the budget
-    plus one ``tpot_slo_s`` always run, prefill fills the rest of the budget FCFS, and decodes with more slack run
-    only in the time prefill leaves (prefill takes time from decodes that have slack, never from the others). Time is
-    the engine's own step cost (an exact estimator, which FairBatching fits); arrival is when the request reached the
-    engine, on the engine's clock (the sum of its step times). Neither is available with SGLang's admission
-    (``--enable-mixed-chunk`` is SGLang's stall-free batching); FairBatching needs ``admission="reserve_output"``."""
+    less now) over the instance's decoding requests, between ``tpot_slo_s`` and half of ``ttft_slo_s`` (our bounds;
+    half the TTFT objective when nothing decodes, so that a request arriving during a step can still be prefilled in
+    the next within its objective); decodes due before the budget plus one ``tpot_slo_s`` always run, prefill fills
+    the rest of the budget FCFS, and decodes with more slack run only in the time prefill leaves (prefill takes time
+    from decodes that have slack, never from the others). Time is the engine's own step cost (an exact estimator,
+    which FairBatching fits); arrival is when the request reached the engine, on the engine's clock (the sum of its
+    step times). Neither is available with SGLang's admission (``--enable-mixed-chunk`` is SGLang's stall-free
+    batching); FairBatching needs ``admission="reserve_output"``."""
 
     ttft_slo_s: float = 2.0
     """FairBatching's TTFT objective, seconds (read with ``batching="fairbatching"``)."""

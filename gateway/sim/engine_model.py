@@ -277,7 +277,7 @@ class EngineModel:
         gates = self._prefill_gates(limits)
         composition = self.config.step_composition
         batching = self.config.batching
-        budget_s = self._fairbatching_budget_s(limits) if batching == "fairbatching" else 0.0
+        budget_s = self._fairbatching_budget_s() if batching == "fairbatching" else 0.0
         steps: list[_RankStep] = []
         for rank, limit, gate in zip(self._ranks, limits, gates, strict=True):
             if batching == "fairbatching":
@@ -564,19 +564,14 @@ class EngineModel:
         """FairBatching's deadline of ``req``'s next token: ``arrival + ttft_slo + j x tpot_slo``, engine seconds."""
         return req.arrival_s + self.config.ttft_slo_s + req.generated * self.config.tpot_slo_s
 
-    def _fairbatching_budget_s(self, limits: list[int | None]) -> float:
-        """The step's time budget: the least slack over the instance's running and joinable waiting requests, at
-        least one ``tpot_slo_s``, seconds."""
+    def _fairbatching_budget_s(self) -> float:
+        """The step's time budget: the least slack over the instance's running (decoding) requests, at most half the
+        TTFT objective (so a request arriving during a step can still have its prefill in the next within its
+        objective) and at least one TPOT objective, seconds; half the TTFT objective when nothing decodes."""
         cfg = self.config
         now = self._clock_s
-        least = math.inf
-        for rank, limit in zip(self._ranks, limits, strict=True):
-            for req in rank.running.values():
-                least = min(least, self._due_s(req) - now)
-            for req in rank.waiting.values():
-                if limit is None or req.ready_step <= limit:
-                    least = min(least, self._due_s(req) - now)
-        return max(least, cfg.tpot_slo_s) if least < math.inf else cfg.tpot_slo_s
+        least = min((self._due_s(r) - now for rank in self._ranks for r in rank.running.values()), default=math.inf)
+        return max(min(least, cfg.ttft_slo_s / 2), cfg.tpot_slo_s)
 
     def _tokens_in_time(self, rank: _Rank, limit: int | None, admitted_only: bool, seconds: float) -> int:
         """Prompt tokens FCFS prefill can take in ``seconds`` of work (the chunk cost of

@@ -53,48 +53,63 @@ def test_stall_free_is_the_vllm_step() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ttft_slo", "tpot_slo", "budget"),
+    ("ttft_slo", "tpot_slo", "decode_steps", "budget", "decoded"),
     [
-        (1.0, 0.1, 1.0),  # the waiting prompt's first-token slack (1.0 s) is the least
-        (0.5, 0.2, 0.5),
-        (2.0, 0.05, 1.95),  # the decode's next token is due first: 2.0 + 0.05 - 0.1 s from now
-        (0.05, 0.1, 0.1),  # every slack below one TPOT objective: the budget is one TPOT objective
+        # the decode's slack (1.0 s) is above half the TTFT objective: capped there; with a TPOT objective of slack
+        # to spare beyond the step, the decode gives its time to prefill
+        (1.0, 0.1, 0, 0.5, 0),
+        (0.5, 0.2, 0, 0.25, 0),
+        # 200 steps of 10 ms against a 5 ms objective ate 1 s of slack (1.905 - 1.0): the decode is due, it runs
+        (2.0, 0.005, 200, 0.905, 1),
+        (0.1, 0.2, 0, 0.2, 1),  # below one TPOT objective: the budget is one TPOT objective
     ],
 )
-def test_fairbatching_step_budget_is_the_least_slack(ttft_slo: float, tpot_slo: float, budget: float) -> None:
+def test_fairbatching_step_budget_is_the_decodes_least_slack(
+    ttft_slo: float, tpot_slo: float, decode_steps: int, budget: float, decoded: int
+) -> None:
     """A request decodes (its 100-token prefill took 0.1 s); a long prompt arrives. The step lasts its time budget:
-    the least slack, at least one TPOT objective; prefill fills what the urgent decode leaves."""
+    the least slack of the decodes, between one TPOT objective and half the TTFT objective; prefill fills what the
+    decode leaves."""
     m = model(batching="fairbatching", ttft_slo_s=ttft_slo, tpot_slo_s=tpot_slo)
-    m.add_request("r", 0, 100, 1000)
+    m.add_request("r", 0, 100, 10_000)
     assert m.step().duration_s == pytest.approx(0.1)
+    for _ in range(decode_steps):
+        assert m.step().duration_s == pytest.approx(0.01)
     m.add_request("q", 0, 100_000, 10)
     result = m.step()
-    assert result.decode_reqs_per_rank == [1]
+    assert result.decode_reqs_per_rank == [decoded]
     assert result.duration_s == pytest.approx(budget, abs=1e-3)
-    assert abs(result.prefill_tokens_per_rank[0] - (budget - 0.01) * 1000) <= 1
+    assert abs(result.prefill_tokens_per_rank[0] - (budget - 0.01 * decoded) * 1000) <= 1
+
+
+def test_fairbatching_step_without_decodes_is_half_the_ttft_objective() -> None:
+    m = model(batching="fairbatching", ttft_slo_s=1.0, tpot_slo_s=0.1)
+    m.add_request("q", 0, 100_000, 10)
+    assert m.step().prefill_tokens_per_rank == [500]
 
 
 @pytest.mark.parametrize(
     ("prompt", "decoded", "prefilled"),
     [
         (100, 2, 100),  # prefill fits: the decode with slack runs too
-        # prefill needs the time: the decode with slack waits; the urgent one (due 0.99 s from now, the budget) runs
-        (100_000, 1, 980),
+        (100_000, 1, 790),  # prefill needs the time: the decode with slack waits, the urgent one runs
     ],
 )
 def test_fairbatching_prefill_takes_time_only_from_decodes_with_slack(
     prompt: int, decoded: int, prefilled: int
 ) -> None:
-    m = model(batching="fairbatching", ttft_slo_s=1.0, tpot_slo_s=0.1)
-    m.add_request("ahead", 0, 100, 1000)
-    for _ in range(21):
-        m.step()  # 20 decode steps of 10 ms against a 100 ms objective: "ahead" banks about 1.8 s of slack
-    m.add_request("fresh", 0, 100, 1000)
-    m.step()  # its prefill: its next token is due about 1.0 s from now
+    """ "late" decodes 10 ms steps against a 5 ms objective until 0.8 s of slack is left; "fresh" has just had its
+    first token (1.9 s of slack). A prompt arrives: the budget is 0.8 s."""
+    m = model(batching="fairbatching", ttft_slo_s=2.0, tpot_slo_s=0.005)
+    m.add_request("late", 0, 100, 10_000)
+    for _ in range(201):
+        m.step()
+    m.add_request("fresh", 0, 100, 10_000)
+    m.step()
     m.add_request("q", 0, prompt, 10)
     result = m.step()
     assert result.decode_reqs_per_rank == [decoded]
-    assert result.prefill_tokens_per_rank == [prefilled]
+    assert abs(result.prefill_tokens_per_rank[0] - prefilled) <= 1
 
 
 def test_fairbatching_without_prefill_decodes_everything() -> None:
