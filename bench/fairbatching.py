@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", default="azure-conv")
     parser.add_argument("--minutes", type=float, default=20.0, help="minutes of trace replayed")
-    parser.add_argument("--scales", default="0.2,0.3,0.4,0.5,0.6", help="rate scales of the grid")
+    parser.add_argument("--scales", default="0.3,0.45,0.6,0.75,0.9", help="rate scales of the grid")
     parser.add_argument("--tpot-slos", default="0.1,0.05", help="TPOT objectives, seconds")
     parser.add_argument("--ttft-slo", type=float, default=2.0, help="TTFT objective, seconds")
     parser.add_argument("--refine", type=int, default=3, help="bisection rounds of the capacity search")
