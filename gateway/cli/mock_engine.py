@@ -50,6 +50,9 @@ def mock_engine(
     profile: str,
     tokenizer: str,
     prefill_rate: float | None,
+    batching: str,
+    ttft_slo: float,
+    tpot_slo: float,
     **engine_flags: Any,
 ) -> None:
     """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API.
@@ -57,10 +60,24 @@ def mock_engine(
     \b
     Example (SGLang as shipped at DP 8: 1,024 prefill tokens a rank a step):
       gateway mock-engine --flavor sglang --dp-size 8 --port 8001 --profile as-shipped --chunked-prefill-size 8192
+
+    \b
+    Example (SGLang as shipped with its PrefillDelayer; vLLM with its prefill cadence):
+      gateway mock-engine --flavor sglang --port 8001 --profile as-shipped --enable-prefill-delayer
+      gateway mock-engine --flavor vllm --port 8002 --profile as-shipped --prefill-schedule-interval 2
     """
     from gateway.sim.mock_engine.app import MockEngineConfig, serve_mock_engine
 
-    engine_model = engine_model_config(profile, flavor, dp_size, prefill_rate, **engine_flags)  # type: ignore[arg-type]
+    engine_model = engine_model_config(
+        profile,  # type: ignore[arg-type]
+        flavor,
+        dp_size,
+        prefill_rate,
+        batching=batching,
+        ttft_slo=ttft_slo,
+        tpot_slo=tpot_slo,
+        **engine_flags,
+    )
     config = MockEngineConfig(
         flavor=flavor,  # type: ignore[arg-type]
         dp_size=dp_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from gateway.cli.engine_options import simulate_engine_options
 from gateway.cli.options import (
     POLICIES,
     check_plot,
@@ -129,6 +130,7 @@ from gateway.config import ConfigError, load_settings
     is_flag=True,
     help="Prefill-only instances (the P/D setting): every output is one token, so nothing decodes.",
 )
+@simulate_engine_options
 @output_option
 @plot_option
 @no_progress_option
@@ -153,6 +155,13 @@ def simulate(
     prefill_rate: float | None,
     preset: str | None,
     prefill_only: bool,
+    enable_prefill_delayer: bool,
+    prefill_delayer_max_delay_passes: int | None,
+    prefill_delayer_token_usage_low_watermark: float | None,
+    prefill_schedule_interval: int | None,
+    batching: str,
+    ttft_slo: float,
+    tpot_slo: float,
     output: str | None,
     plot: str | None,
     no_progress: bool,
@@ -166,7 +175,9 @@ def simulate(
     By default the gateway knows everything at once: exact prompt tokens, every first token, no network. The
     options --estimate-error, --nonstream-share and --dispatch-latency-ms/--dispatch-jitter-ms take that away
     as a real gateway lacks it (gateway.sim.information), drawn per request from --seed. --engine-profile
-    as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model.
+    as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model; with
+    it, --engine-prefill-delayer (SGLang) or --prefill-schedule-interval (vLLM) switches on the engine's own prefill
+    alignment. --batching chooses the batch formation (stall-free, or FairBatching with --ttft-slo/--tpot-slo).
 
     \b
     Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
@@ -203,7 +214,42 @@ def simulate(
         scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    engine = engine_model_config(engine_profile, engine_flavor, dp_size, prefill_rate)  # type: ignore[arg-type]
+    if preset is not None:
+        given = {
+            "--estimate-error": estimate_error != "none",
+            "--nonstream-share": nonstream_share != 0,
+            "--dispatch-latency-ms": dispatch_latency_ms != 0,
+            "--dispatch-jitter-ms": dispatch_jitter_ms != 0,
+            "--engine-profile": engine_profile != "idealised",
+            "--prefill-rate": prefill_rate is not None,
+            "--engine-prefill-delayer": enable_prefill_delayer,
+            "--prefill-delayer-max-delay-passes": prefill_delayer_max_delay_passes is not None,
+            "--prefill-delayer-token-usage-low-watermark": prefill_delayer_token_usage_low_watermark is not None,
+            "--prefill-schedule-interval": prefill_schedule_interval not in (None, 1),
+            "--batching": batching != "default",
+        }
+        if any(given.values()):
+            raise click.UsageError(f"--preset replaces {', '.join(k for k, v in given.items() if v)}")
+    try:
+        engine = engine_model_config(
+            engine_profile,  # type: ignore[arg-type]
+            engine_flavor,
+            dp_size,
+            prefill_rate,
+            enable_prefill_delayer=enable_prefill_delayer,
+            prefill_delayer_max_delay_passes=prefill_delayer_max_delay_passes,
+            prefill_delayer_token_usage_low_watermark=prefill_delayer_token_usage_low_watermark,
+            prefill_schedule_interval=prefill_schedule_interval,
+            batching=batching,
+            ttft_slo=ttft_slo,
+            tpot_slo=tpot_slo,
+        )
+    except click.UsageError as exc:
+        raise click.UsageError(
+            exc.message.replace("--enable-prefill-delayer", "--engine-prefill-delayer").replace(
+                "--profile", "--engine-profile"
+            )
+        ) from exc
     slo = Slo()
     if slo_scale is not None and requests:
         slo = derived_slo(requests, engine, slo_scale)
@@ -227,16 +273,6 @@ def simulate(
     if preset is not None:
         from gateway.sim.presets import preset as named_preset
 
-        given = {
-            "--estimate-error": estimate_error != "none",
-            "--nonstream-share": nonstream_share != 0,
-            "--dispatch-latency-ms": dispatch_latency_ms != 0,
-            "--dispatch-jitter-ms": dispatch_jitter_ms != 0,
-            "--engine-profile": engine_profile != "idealised",
-            "--prefill-rate": prefill_rate is not None,
-        }
-        if any(given.values()):
-            raise click.UsageError(f"--preset replaces {', '.join(k for k, v in given.items() if v)}")
         chosen = named_preset(preset, dp_size)
         base = chosen.apply(base)
         if slo_scale is not None and requests:

@@ -43,6 +43,7 @@ from typing import Literal
 from gateway.sim.engine_defaults import (
     DEEPSEEK_V3_CONTEXT_LENGTH,
     SGLANG_DP_ATTENTION_CONSERVATIVENESS,
+    SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES,
     VLLM_BLOCK_SIZE,
     VLLM_DEFAULT_MAX_NUM_BATCHED_TOKENS,
     VLLM_DEFAULT_MAX_NUM_SEQS,
@@ -87,6 +88,9 @@ StepComposition = Literal["idealised", "sglang", "vllm"]
 
 Admission = Literal["reserve_output", "sglang", "vllm"]
 """How a DP rank admits a waiting request (see :class:`EngineModelConfig.admission`)."""
+
+Batching = Literal["default", "stall_free", "fairbatching"]
+"""How a rank forms a mixed prefill/decode batch (see :class:`EngineModelConfig.batching`)."""
 
 
 def alltoall_s_for_ep(ep_size: int) -> float:
@@ -249,6 +253,54 @@ class EngineModelConfig:
     cached in whole ``kv_block_size`` blocks (see :meth:`gateway.sim.engine_model.EngineModel.add_request`).
     Off in the idealised profile."""
 
+    enable_prefill_delayer: bool = False
+    """SGLang ``--enable-prefill-delayer`` (default False; SGLang 0.5.23 sglang/srt/managers/prefill_delayer.py,
+    flags in sglang/srt/arg_groups/fields/schedule.py). Before each pass the ranks all-gather whether each has a
+    request it could admit to prefill. Some but not all ("mixed"): prefill is held on every rank (a rank part-way
+    through a chunked prompt still continues it) for up to ``prefill_delayer_max_delay_passes - 1`` passes, then let
+    through. All: held the same way while a rank's free running slots are fewer than the largest recent prefill batch
+    (``max_running_requests - running < max_prefill_bs`` over the ranks, the last 16 prefill attempts), except the
+    first time. SGLang refuses it without DP attention or with ``--disable-overlap-schedule``; the model does not."""
+
+    prefill_delayer_max_delay_passes: int = SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES
+    """SGLang ``--prefill-delayer-max-delay-passes`` (default 30): a hold lasts at most this many passes less one."""
+
+    prefill_delayer_token_usage_low_watermark: float | None = None
+    """SGLang ``--prefill-delayer-token-usage-low-watermark`` (default None = off), fraction 0-1: a rank that could
+    prefill and whose KV usage is below it lets prefill through on every rank at once."""
+
+    prefill_schedule_interval: int = 1
+    """vLLM ``--prefill-schedule-interval`` (default 1 = off; vLLM 0.34.0 vllm/config/scheduler.py, PR #44558, which
+    found 2 best): with N > 1 a rank that has requests decoding runs no prefill at all (neither new requests nor
+    chunks of admitted ones) on steps whose index within the busy period is not a multiple of N, the same steps on
+    every rank (``DPEngineCoreProc._should_throttle_prefills``: the DP-synchronised ``step_counter``, reset when the
+    instance goes idle). A rank whose last prefill-carrying step left requests waiting is not held until a
+    prefill-carrying step drains its queue (``prefill_capacity_bound``, vllm/v1/core/sched/scheduler.py). On one rank
+    (``dp_size == 1``) vLLM counts N executed steps from the last prefill-carrying step instead."""
+
+    batching: Batching = "default"
+    """How a rank forms a batch of decodes and prefill. ``"default"``: as ``step_composition`` says.
+    ``"stall_free"``: Sarathi-Serve's stall-free batching (Agrawal et al., OSDI 2024): every running request decodes
+    first, then prefill chunks fill what is left of one token budget, ``max_prefill_tokens_per_step``, that counts the
+    decode tokens; this is the step vLLM ships (``step_composition="vllm"``), which it reuses, so with the vLLM profile
+    it changes nothing. ``"fairbatching"``: our reading of FairBatching (Lyu et al., arXiv 2510.14392; only its
+    abstract and third-party summaries were readable): token j of a request is due at ``arrival + ttft_slo_s + j x
+    tpot_slo_s``; a step's *time* budget replaces the token budget and is the least slack (due time of the next token
+    less now) over the instance's decoding requests, between ``tpot_slo_s`` and half of ``ttft_slo_s`` (our bounds;
+    half the TTFT objective when nothing decodes, so that a request arriving during a step can still be prefilled in
+    the next within its objective); decodes due before the budget plus one ``tpot_slo_s`` always run, prefill fills
+    the rest of the budget FCFS, and decodes with more slack run only in the time prefill leaves (prefill takes time
+    from decodes that have slack, never from the others). Time is the engine's own step cost (an exact estimator,
+    which FairBatching fits); arrival is when the request reached the engine, on the engine's clock (the sum of its
+    step times). Neither is available with SGLang's admission (``--enable-mixed-chunk`` is SGLang's stall-free
+    batching); FairBatching needs ``admission="reserve_output"``."""
+
+    ttft_slo_s: float = 2.0
+    """FairBatching's TTFT objective, seconds (read with ``batching="fairbatching"``)."""
+
+    tpot_slo_s: float = 0.1
+    """FairBatching's TPOT objective, seconds (read with ``batching="fairbatching"``)."""
+
     def __post_init__(self) -> None:
         for name in ("prefill_token_s", "prefill_attn_s", "decode_req_s", "decode_kv_s", "alltoall_s"):
             if getattr(self, name) < 0:
@@ -271,6 +323,23 @@ class EngineModelConfig:
             )
         if not 0.0 <= self.routed_expert_fraction <= 1.0:
             raise ValueError(f"routed_expert_fraction must be in [0, 1], got {self.routed_expert_fraction}")
+        if self.prefill_delayer_max_delay_passes < 1 or self.prefill_schedule_interval < 1:
+            raise ValueError(
+                "prefill_delayer_max_delay_passes and prefill_schedule_interval must be >= 1, got "
+                f"{self.prefill_delayer_max_delay_passes}, {self.prefill_schedule_interval}"
+            )
+        if self.batching != "default" and self.admission == "sglang":
+            raise ValueError(
+                f"batching={self.batching!r} needs vLLM's or the idealised admission (SGLang's stall-free batching is "
+                "enable_mixed_chunk)"
+            )
+        if self.batching == "fairbatching" and self.admission != "reserve_output":
+            raise ValueError("batching='fairbatching' needs admission='reserve_output' (no preemption in its step)")
+        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
+            raise ValueError(f"ttft_slo_s and tpot_slo_s must be > 0, got {self.ttft_slo_s}, {self.tpot_slo_s}")
+        watermark = self.prefill_delayer_token_usage_low_watermark
+        if watermark is not None and not 0.0 <= watermark <= 1.0:
+            raise ValueError(f"prefill_delayer_token_usage_low_watermark must be in [0, 1], got {watermark}")
 
     @classmethod
     def as_shipped(

@@ -112,3 +112,17 @@ def deepep_alltoall_per_layer_s(ep_size: int) -> float:
     lo = hi - 1
     t = (math.log2(ep_size) - math.log2(sizes[lo])) / (math.log2(sizes[hi]) - math.log2(sizes[lo]))
     return (totals[lo] + t * (totals[hi] - totals[lo])) * 1e-6
+
+
+SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES = 30
+"""SGLang's ``--prefill-delayer-max-delay-passes`` default, forward passes (sglang/srt/arg_groups/fields/schedule.py;
+``--enable-prefill-delayer`` itself defaults to False)."""
+
+SGLANG_PREFILL_DELAYER_MAX_PREFILL_BS_WINDOW = 16
+"""Prefill attempts over which SGLang's PrefillDelayer takes its largest recent prefill batch, ``max_prefill_bs``
+(``SGLANG_PREFILL_DELAYER_MAX_PREFILL_BS_WINDOW_SIZE``, sglang/srt/environ.py; ``RecentPrefillBatchSizeTracker`` in
+sglang/srt/managers/prefill_delayer.py)."""
+
+VLLM_RECOMMENDED_PREFILL_SCHEDULE_INTERVAL = 2
+"""The ``--prefill-schedule-interval`` vLLM PR #44558 found best on DeepSeek-R1 at DP 8 with EP (the default is 1,
+off)."""

@@ -20,26 +20,37 @@ Per DP rank (docs/design.md §1 and §5; constants, formulas and every option's 
 - the step that completes a request's prefill emits its next output token (the first, unless it was preempted);
   each later step that decodes it emits one; a request that has produced its ``output_tokens`` finishes and
   frees its KV;
-- with ``join_lag_steps`` a request reaching a rank while a step runs joins the step after next.
+- with ``join_lag_steps`` a request reaching a rank while a step runs joins the step after next;
+- the engines' own prefill alignment, off by default, gates what prefill a rank may run in a step: SGLang's
+  PrefillDelayer (all ranks hold new prefill together for a bounded number of passes until every rank can prefill)
+  and vLLM's ``prefill_schedule_interval`` (a rank with decodes prefills only on every Nth step, the same steps on
+  every rank).
 
 Instance step time = ``alltoall_s + max over ranks(own work) + mean over ranks(EP-shared work)``: a rank with
 nothing to do runs a dummy step and waits for the slowest. With no work on any rank there is no step.
 
 The step is built in three stages, each a method, so that more engine behaviour (a prefix cache per rank, the
 engines' own prefill alignment, other batch formation) plugs in as one more option: which waiting requests a
-rank may consider (:meth:`EngineModel._join_limits`), what each rank runs (``_step_<composition>``, using
+rank may consider (:meth:`EngineModel._join_limits`) and what prefill it may run (:meth:`EngineModel._prefill_gates`),
+what each rank runs (``_step_<composition>``, using
 ``_prefill`` and the admission rules), and the cost of the lockstep step (:meth:`EngineModel._duration`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.engine_defaults import SGLANG_PREFILL_DELAYER_MAX_PREFILL_BS_WINDOW
 from gateway.types import PREFIX_BLOCK_TOKENS
+
+PrefillGate = Literal["open", "admitted", "closed"]
+"""What prefill a rank may run in a step: any (``open``), only requests already admitted, i.e. the rest of a chunked
+prompt (``admitted``), or none (``closed``)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,7 @@ class _Request:
     prefix_block_tokens: int = PREFIX_BLOCK_TOKENS
     cache_refs: list[_CachedBlock] = field(default_factory=list)  # cached blocks it holds a reference on
     cache_next: int = 0  # index of the next prompt block to insert into the cache
+    arrival_s: float = 0.0  # on the engine's clock (FairBatching's deadlines)
 
     @property
     def kv_reservation(self) -> int:
@@ -182,6 +194,10 @@ class _Rank:
     admitted: int = 0  # running + admitted waiting
     preemptions: int = 0
     cache: _PrefixCache | None = None
+    recent_prefill_bs: deque[int] = field(
+        default_factory=lambda: deque(maxlen=SGLANG_PREFILL_DELAYER_MAX_PREFILL_BS_WINDOW)
+    )  # SGLang PrefillDelayer: requests per recent prefill attempt
+    prefill_capacity_bound: bool = False  # vLLM: its last prefill-carrying step left requests waiting
 
 
 @dataclass(slots=True)
@@ -192,6 +208,7 @@ class _RankStep:
     work_s: float = 0.0
     linear_s: float = 0.0
     prefill_tokens: int = 0
+    prefill_reqs: int = 0
     decoded: int = 0
     tokens: list[TokenEvent] = field(default_factory=list)
 
@@ -225,6 +242,12 @@ class EngineModel:
         self._steps = 0  # steps run so far; the index of the next one
         self._in_step = False  # the last step() call handed out a step the driver is still running
         self._admissions = 0
+        self._delayed_passes: int | None = None  # SGLang PrefillDelayer: passes held so far (None = not holding)
+        self._skip_first_delay = True  # SGLang PrefillDelayer: the first slot-condition hold is skipped
+        self._delayer_attempts = [0] * dp_size  # SGLang PrefillDelayer: this pass's attempted prefill batch per rank
+        self._busy_steps = 0  # steps since the instance was last idle (vLLM's DP step_counter)
+        self._last_prefill_step = -config.prefill_schedule_interval  # vLLM's local cadence (one rank)
+        self._clock_s = 0.0  # engine time at the start of the next step: the sum of step durations
 
     def add_request(
         self,
@@ -284,6 +307,7 @@ class EngineModel:
                 )
             req.prefix_blocks = tuple(prefix_blocks)
             req.prefix_block_tokens = prefix_block_tokens
+        req.arrival_s = self._clock_s
         self._requests[request_id] = req
         self._ranks[rank].waiting[request_id] = req
 
@@ -310,22 +334,33 @@ class EngineModel:
         n = self.dp_size
         if not self.has_work():
             self._in_step = False
+            self._busy_steps = 0  # vLLM: a new DP wave starts with step_counter 0
             for rank in self._ranks:
                 rank.new_token_ratio = self.config.new_token_ratio.start  # SGLang resets it when idle
             return StepResult(0.0, [], [0] * n, [0] * n, [0.0] * n)
         limits = self._join_limits()
+        gates = self._prefill_gates(limits)
         composition = self.config.step_composition
+        batching = self.config.batching
+        budget_s = self._fairbatching_budget_s() if batching == "fairbatching" else 0.0
         steps: list[_RankStep] = []
-        for rank, limit in zip(self._ranks, limits, strict=True):
-            if composition == "idealised":
-                steps.append(self._step_idealised(rank, limit))
+        for rank, limit, gate in zip(self._ranks, limits, gates, strict=True):
+            if batching == "fairbatching":
+                steps.append(self._step_fairbatching(rank, limit, gate, budget_s))
+            elif batching == "stall_free":
+                steps.append(self._step_vllm(rank, limit, gate))
+            elif composition == "idealised":
+                steps.append(self._step_idealised(rank, limit, gate))
             elif composition == "sglang":
-                steps.append(self._step_sglang(rank, limit))
+                steps.append(self._step_sglang(rank, limit, gate))
             else:
-                steps.append(self._step_vllm(rank, limit))
+                steps.append(self._step_vllm(rank, limit, gate))
+        self._after_prefill_gates(gates, limits, steps)
         self._steps += 1
+        self._busy_steps += 1
         self._in_step = True
         duration, work = self._duration(steps)
+        self._clock_s += duration
         tokens = [t for s in steps for t in s.tokens]
         return StepResult(duration, tokens, [s.prefill_tokens for s in steps], [s.decoded for s in steps], work)
 
@@ -378,9 +413,109 @@ class EngineModel:
         limit = index if any(own) else None
         return [limit] * self.dp_size
 
+    def _prefill_gates(self, limits: list[int | None]) -> list[PrefillGate]:
+        """Per rank, what prefill the engines' own alignment lets it run this step: SGLang's PrefillDelayer (every
+        rank holds new prefill together) and vLLM's ``prefill_schedule_interval`` (a rank with decodes runs no
+        prefill off the cadence). Both off: every rank open."""
+        cfg = self.config
+        gates: list[PrefillGate] = ["open"] * self.dp_size
+        if cfg.enable_prefill_delayer and self._prefill_delayer_holds(limits):
+            gates = ["admitted"] * self.dp_size
+        if cfg.prefill_schedule_interval > 1 and self._off_cadence():
+            gates = [
+                "closed" if r.running and not r.prefill_capacity_bound else g
+                for r, g in zip(self._ranks, gates, strict=True)
+            ]
+        return gates
+
+    def _off_cadence(self) -> bool:
+        """vLLM: whether this step is off the prefill cadence. Under DP the ranks share a step counter that restarts
+        when the instance goes idle (``step_counter % N != 0``); one rank counts from its last prefill-carrying step."""
+        interval = self.config.prefill_schedule_interval
+        if self.dp_size > 1:
+            return self._busy_steps % interval != 0
+        return (self._steps + 1) - self._last_prefill_step < interval
+
+    def _prefill_delayer_holds(self, limits: list[int | None]) -> bool:
+        """SGLang PrefillDelayer's negotiation for this pass (``_negotiate_should_allow_prefill_pure``): True holds new
+        prefill on every rank. Records each rank's attempted prefill batch for the ``max_prefill_bs`` tracker."""
+        cfg = self.config
+        watermark = cfg.prefill_delayer_token_usage_low_watermark
+        prefillable: list[bool] = []
+        force = False
+        self._delayer_attempts = [0] * self.dp_size
+        for i, (rank, limit) in enumerate(zip(self._ranks, limits, strict=True)):
+            can = self._can_prefill(rank, limit)
+            prefillable.append(can)
+            if not can:
+                continue
+            force = force or (watermark is not None and rank.kv_used / cfg.kv_capacity_tokens < watermark)
+            queued = sum(1 for q in rank.waiting.values() if limit is None or q.ready_step <= limit)
+            self._delayer_attempts[i] = min(max(queued, 1), max(cfg.max_running_requests - len(rank.running), 1))
+        if not any(prefillable) or force:
+            self._delayed_passes = None
+            return False
+        if all(prefillable):
+            running = max(len(r.running) for r in self._ranks)
+            max_prefill_bs = max(max(r.recent_prefill_bs, default=0) for r in self._ranks)
+            if cfg.max_running_requests - running >= max_prefill_bs:
+                self._delayed_passes = None
+                return False
+            if self._skip_first_delay:
+                self._skip_first_delay = False
+                self._delayed_passes = None
+                return False
+        passes = self._delayed_passes or 0
+        if passes < cfg.prefill_delayer_max_delay_passes - 1:
+            self._delayed_passes = passes + 1
+            return True
+        self._delayed_passes = None  # wait_timeout
+        return False
+
+    def _can_prefill(self, rank: _Rank, limit: int | None) -> bool:
+        """Whether ``rank`` would put a request in a prefill batch this pass: one part-way through its prompt, or the
+        first waiting one if it passes admission (a running slot and the admission rule's KV check)."""
+        cfg = self.config
+        head: _Request | None = None
+        for req in rank.waiting.values():
+            if limit is not None and req.ready_step > limit:
+                continue
+            if req.admitted:
+                return True
+            head = req
+            break
+        if head is None or rank.admitted >= cfg.max_running_requests:
+            return False
+        remaining = head.prefill_target - head.prefilled
+        if cfg.admission == "sglang":
+            free = cfg.kv_capacity_tokens - rank.kv_used
+            return remaining + self._sglang_max_new(head) < free - self._sglang_running_offset(rank)
+        if cfg.admission == "reserve_output":
+            return rank.kv_reserved + head.kv_reservation <= cfg.kv_capacity_tokens
+        chunk = min(remaining, cfg.max_prefill_tokens_per_step)
+        return self._blocks_needed(head, chunk) <= self._free_blocks(rank)
+
+    def _after_prefill_gates(self, gates: list[PrefillGate], limits: list[int | None], steps: list[_RankStep]) -> None:
+        """Update the alignment state from what the step ran: SGLang's recent prefill batch sizes (the actual batch,
+        or the attempted one when held), vLLM's per-rank ``prefill_capacity_bound`` and one rank's last prefill step."""
+        cfg = self.config
+        if cfg.enable_prefill_delayer:
+            for rank, attempt, step in zip(self._ranks, self._delayer_attempts, steps, strict=True):
+                observed = step.prefill_reqs or attempt
+                if observed > 0:
+                    rank.recent_prefill_bs.append(observed)
+        if cfg.prefill_schedule_interval > 1:
+            for rank, gate, limit in zip(self._ranks, gates, limits, strict=True):
+                if gate != "closed":
+                    rank.prefill_capacity_bound = any(
+                        not q.admitted and (limit is None or q.ready_step <= limit) for q in rank.waiting.values()
+                    )
+            if any(s.prefill_tokens for s in steps):
+                self._last_prefill_step = self._steps + 1
+
     # --- stage 2: what each rank runs ------------------------------------------------------------------------
 
-    def _step_idealised(self, rank: _Rank, limit: int | None) -> _RankStep:
+    def _step_idealised(self, rank: _Rank, limit: int | None, gate: PrefillGate) -> _RankStep:
         """Decode every running request and prefill FCFS up to the budget, decode tokens not counted."""
         cfg = self.config
         out = _RankStep()
@@ -388,19 +523,24 @@ class EngineModel:
         if decoding:
             out.work_s += cfg.decode_s(len(decoding), sum(r.kv for r in decoding))
         completed: list[_Request] = []
-        out.work_s += self._prefill(rank, cfg.max_prefill_tokens_per_step, completed, out, limit)
+        budget = 0 if gate == "closed" else cfg.max_prefill_tokens_per_step
+        out.work_s += self._prefill(rank, budget, completed, out, limit, admitted_only=gate == "admitted")
         self._finish_step(rank, decoding, completed, out)
         return out
 
-    def _step_sglang(self, rank: _Rank, limit: int | None) -> _RankStep:
+    def _step_sglang(self, rank: _Rank, limit: int | None, gate: PrefillGate) -> _RankStep:
         """SGLang: a prefill batch if one can be formed (the rank's decodes wait), else a decode batch; with
         ``enable_mixed_chunk`` the decodes ride along and their tokens come out of the chunk budget."""
         cfg = self.config
         out = _RankStep()
         mixed = cfg.enable_mixed_chunk and bool(rank.running)
         budget = cfg.max_prefill_tokens_per_step - (len(rank.running) if mixed else 0)
+        if gate == "closed":
+            budget = 0
         completed: list[_Request] = []
-        prefill_s = self._prefill(rank, max(0, budget), completed, out, limit) if budget > 0 else 0.0
+        prefill_s = (
+            self._prefill(rank, budget, completed, out, limit, admitted_only=gate == "admitted") if budget > 0 else 0.0
+        )
         decoding: list[_Request] = []
         if out.prefill_tokens == 0 or mixed:
             decoding = self._sglang_decode_batch(rank)
@@ -410,14 +550,16 @@ class EngineModel:
         self._finish_step(rank, decoding, completed, out)
         return out
 
-    def _step_vllm(self, rank: _Rank, limit: int | None) -> _RankStep:
+    def _step_vllm(self, rank: _Rank, limit: int | None, gate: PrefillGate) -> _RankStep:
         """vLLM: running requests first (decodes, then unfinished chunked prefills), each allocating the KV blocks
         of its tokens and preempting the newest running request when none are free; then, if nothing was
         preempted, new requests FCFS; one token budget for all."""
         cfg = self.config
         out = _RankStep()
         budget = cfg.max_prefill_tokens_per_step
-        candidates = list(rank.running.values()) + [q for q in rank.waiting.values() if q.admitted]
+        candidates = list(rank.running.values())
+        if gate != "closed":
+            candidates += [q for q in rank.waiting.values() if q.admitted]
         preempted: set[str] = set()
         decoding: list[_Request] = []
         chunks: list[tuple[_Request, int]] = []
@@ -449,10 +591,74 @@ class EngineModel:
             out.work_s += self._run_chunk(rank, req, n, out)
             if req.prefilled == req.prefill_target:
                 completed.append(req)
-        if not preempted and budget > 0:
+        if not preempted and budget > 0 and gate == "open":
             out.work_s += self._prefill(rank, budget, completed, out, limit, new_only=True)
         self._finish_step(rank, decoding, completed, out)
         return out
+
+    def _step_fairbatching(self, rank: _Rank, limit: int | None, gate: PrefillGate, budget_s: float) -> _RankStep:
+        """FairBatching (our reading, see ``EngineModelConfig.batching``): the decodes that cannot wait run, prefill
+        fills the step's time budget FCFS, and the decodes with slack run in what time is left."""
+        cfg = self.config
+        out = _RankStep()
+        now = self._clock_s
+        by_slack = sorted(rank.running.values(), key=lambda r: self._due_s(r) - now)
+        urgent = [r for r in by_slack if self._due_s(r) - now < budget_s + cfg.tpot_slo_s]
+        spare = by_slack[len(urgent) :]
+        left = budget_s - cfg.alltoall_s - cfg.decode_s(len(urgent), sum(r.kv for r in urgent))
+        completed: list[_Request] = []
+        prefill_s = 0.0
+        if gate != "closed" and left > 0:
+            tokens = self._tokens_in_time(rank, limit, gate == "admitted", left)
+            if tokens:
+                prefill_s = self._prefill(rank, tokens, completed, out, limit, admitted_only=gate == "admitted")
+        left -= prefill_s
+        decoding = list(urgent)
+        for req in spare:
+            cost = cfg.decode_s(1, req.kv)
+            if cost > left:
+                break
+            decoding.append(req)
+            left -= cost
+        if decoding:
+            out.work_s += cfg.decode_s(len(decoding), sum(r.kv for r in decoding))
+        out.work_s += prefill_s
+        self._finish_step(rank, decoding, completed, out)
+        return out
+
+    def _due_s(self, req: _Request) -> float:
+        """FairBatching's deadline of ``req``'s next token: ``arrival + ttft_slo + j x tpot_slo``, engine seconds."""
+        return req.arrival_s + self.config.ttft_slo_s + req.generated * self.config.tpot_slo_s
+
+    def _fairbatching_budget_s(self) -> float:
+        """The step's time budget: the least slack over the instance's running (decoding) requests, at most half the
+        TTFT objective (so a request arriving during a step can still have its prefill in the next within its
+        objective) and at least one TPOT objective, seconds; half the TTFT objective when nothing decodes."""
+        cfg = self.config
+        now = self._clock_s
+        least = min((self._due_s(r) - now for rank in self._ranks for r in rank.running.values()), default=math.inf)
+        return max(min(least, cfg.ttft_slo_s / 2), cfg.tpot_slo_s)
+
+    def _tokens_in_time(self, rank: _Rank, limit: int | None, admitted_only: bool, seconds: float) -> int:
+        """Prompt tokens FCFS prefill can take in ``seconds`` of work (the chunk cost of
+        :meth:`EngineModelConfig.prefill_chunk_s` solved for the chunk), the order :meth:`_prefill` takes them in."""
+        cfg = self.config
+        tokens = 0
+        for req in rank.waiting.values():
+            if (limit is not None and req.ready_step > limit) or (admitted_only and not req.admitted):
+                continue
+            remaining = req.prefill_target - req.prefilled
+            a = cfg.prefill_attn_s / 2
+            b = cfg.prefill_token_s + cfg.prefill_attn_s * req.prefilled
+            fits = seconds / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a)
+            chunk = min(remaining, math.floor(fits))
+            if chunk <= 0:
+                break
+            tokens += chunk
+            seconds -= cfg.prefill_chunk_s(chunk, req.prefilled)
+            if chunk < remaining:
+                break
+        return tokens
 
     def _prefill(
         self,
@@ -462,9 +668,10 @@ class EngineModel:
         out: _RankStep,
         limit: int | None,
         new_only: bool = False,
+        admitted_only: bool = False,
     ) -> float:
-        """Prefill FCFS up to ``budget`` tokens, admitting requests by the configured rule; appends requests whose
-        prefill completes. Returns seconds."""
+        """Prefill FCFS up to ``budget`` tokens, admitting requests by the configured rule (none with
+        ``admitted_only``); appends requests whose prefill completes. Returns seconds."""
         cfg = self.config
         admission = cfg.admission
         offset = self._sglang_running_offset(rank) if admission == "sglang" else 0.0
@@ -477,6 +684,8 @@ class EngineModel:
             if limit is not None and req.ready_step > limit:
                 continue
             if req.admitted and new_only:
+                continue
+            if admitted_only and not req.admitted:
                 continue
             if rank.cache is not None and not req.admitted:
                 self._cache_hit(rank, req)
@@ -526,6 +735,7 @@ class EngineModel:
         out.prefill_tokens += chunk
         if rank.cache is not None:
             self._cache_computed(rank, req, chunk)
+        out.prefill_reqs += 1
         return seconds
 
     def _finish_step(self, rank: _Rank, decoding: list[_Request], completed: list[_Request], out: _RankStep) -> None:
