@@ -120,6 +120,25 @@ def main() -> None:
     args.output.with_suffix(".md").write_text(markdown(command, len(trace), load, table, results))
 
 
+NOTES = """
+Reading this table:
+
+- smg 1.13 under `--dp-aware` over HTTP does not get engine load: it makes one worker per rank with the URL
+  `http://host:port@rank` and its load monitor probes `{worker.url()}/loads`, `/v1/loads?include=...` and
+  `/metrics` on that URL (`model_gateway/src/worker/monitor.rs`, `NativeLoadsPath::probe_url` and
+  `fetch_http_load_sglang`; `base_url()` is never used there). An HTTP client reads `127.0.0.1:port` as user
+  information and `rank` as the host, so the polls go to `0.0.0.0:80` and fail; `/get_loads` on smg stays empty and
+  the engines serve no load poll (table above). Without `--dp-aware`, smg polls the same engines' `/v1/loads` and
+  holds one load per rank, so the engines' answer is accepted. Under `--dp-aware` both smg policies therefore run on
+  router-side state alone: `least_load` on its dispatch tally (trimmed each tick to the requests smg still holds),
+  `cache_aware` on in-flight counts. (A listener on port 80 received smg's `GET /v1/loads?include=core,disagg,...`
+  with the engine's `host:port` as Basic credentials.)
+- The simulated engines have no prefix cache in this round, and the replay's prompts share no prefix (a unique
+  tag, then filler; Azure conversation carries no prefix information), so smg's `cache_aware` misses its tree on
+  every request and places by load, and no cache-aware policy can show a benefit here.
+"""
+
+
 def markdown(command: str, requests: int, load: float, table: str, results: dict[str, dict[str, Any]]) -> str:
     """The run as a short Markdown note: command, table, and what the engines saw."""
     lines = [
@@ -151,7 +170,7 @@ def markdown(command: str, requests: int, load: float, table: str, results: dict
             )
         if held is not None:
             lines.append(f"| {name} | smg `/get_loads` | {held['loads']} rank loads held | | | | |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 if __name__ == "__main__":
