@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import venv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -34,8 +35,10 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, cmd: Sequence[str], url: str, ready_path: str) -> str:
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, cmd: Sequence[str], url: str, ready_path: str, log: Path | None = None) -> str:
+        """Start ``cmd`` (its output to ``log``, or discarded) and wait until ``url + ready_path`` answers 200."""
+        out = subprocess.DEVNULL if log is None else log.open("wb")
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
         self.procs.append(proc)
         asyncio.run(wait_ready(url + ready_path, timeout_s=60, is_alive=lambda: proc.poll() is None))
         return url
@@ -51,6 +54,17 @@ class Processes:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def peer_venv(directory: Path, package: str) -> Path:
+    """The ``bin`` folder of a virtual environment holding a peer router, created with ``package`` installed the
+    first time (``directory`` is git-ignored; later runs reuse it)."""
+    bin_dir = directory / "bin"
+    if not (bin_dir / "python").exists():
+        print(f"installing {package} into {directory}", file=sys.stderr)
+        venv.create(directory, with_pip=True)
+        subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", package], check=True)
+    return bin_dir
 
 
 def start_engines(
@@ -168,14 +182,22 @@ def replay_through(
     flavors: Sequence[str],
     trace: list[TraceRequest],
     args: argparse.Namespace,
+    probe: Callable[[list[dict[str, Any]], str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Start fresh engines and the front (gateway or router) built by ``front``, replay ``trace``, stop all."""
+    """Start fresh engines and the front (gateway or router) built by ``front``, replay ``trace``, stop all.
+
+    ``probe(engines, front_url)``, if given, runs after the replay while everything is still up; what it returns
+    is added to the summary under ``"probe"``.
+    """
     with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
         engines = start_engines(procs, flavors, args.dp_size, args.speed, args.model)
         url = front(procs, engines)
-        return run_bench(
+        summary = run_bench(
             url, write_slice(trace, tmp), rate_scale=args.rate_scale, model=args.model, progress=sys.stderr.isatty()
         )
+        if probe is not None:
+            summary["probe"] = probe(engines, url)
+        return summary
 
 
 def write_report(args: argparse.Namespace, **fields: Any) -> None:

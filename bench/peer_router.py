@@ -17,9 +17,7 @@ prints one table and writes ``bench/results/peer_router.json``.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import venv
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from _harness import (
     RESULTS,
     Processes,
     add_slice_args,
+    peer_venv,
     replay_through,
     results_table,
     slice_load,
@@ -44,12 +43,7 @@ ROUTER_PACKAGE = "sglang-router==0.3.2"
 
 def router_python() -> Path:
     """The router venv's interpreter, creating the venv and installing sglang-router the first time."""
-    python = ROUTER_VENV / "bin" / "python"
-    if not python.exists():
-        print(f"installing {ROUTER_PACKAGE} into {ROUTER_VENV}", file=sys.stderr)
-        venv.create(ROUTER_VENV, with_pip=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", ROUTER_PACKAGE], check=True)
-    return python
+    return peer_venv(ROUTER_VENV, ROUTER_PACKAGE) / "python"
 
 
 def start_router(procs: Processes, engines: list[dict[str, object]], policy: str) -> str:

@@ -196,8 +196,10 @@ async def test_sglang_pinned_rank_gauges_move(field: str) -> None:
             await asyncio.sleep(POLL_S)
         assert [sample(samples, "sglang:num_running_reqs", dp_rank=str(r)) for r in range(4)] == [0, 1, 0, 0]
         assert sample(samples, "sglang:num_used_tokens", dp_rank="1") > 0
-        loads = (await client.get("/v1/loads")).json()
+        loads = (await client.get("/get_load")).json()
         assert [entry["num_reqs"] for entry in loads] == [0, 1, 0, 0]
+        v1_loads = (await client.get("/v1/loads", params={"include": "core"})).json()["loads"]
+        assert [entry["num_running_reqs"] for entry in v1_loads] == [0, 1, 0, 0]
         task.cancel()  # the in-process client goes away: the engine aborts the request
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -290,6 +292,88 @@ async def test_sglang_extra_endpoints() -> None:
         loads = (await client.get("/get_load")).json()
     assert (info["dp_size"], info["model_path"], info["served_model_name"]) == (2, MODEL, MODEL)
     assert loads == [{"dp_rank": r, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0} for r in range(2)]
+
+
+CORE_LOAD_FIELDS = {
+    "dp_rank",
+    "num_running_reqs",
+    "num_waiting_reqs",
+    "num_waiting_uncached_tokens",
+    "num_used_tokens",
+    "num_total_tokens",
+    "max_total_num_tokens",
+    "max_running_requests",
+    "token_usage",
+    "gen_throughput",
+    "cache_hit_rate",
+    "utilization",
+}
+"""SGLang 0.5.23's core ``/v1/loads`` fields (``LoadSnapshot.to_dict``)."""
+
+
+@pytest.mark.parametrize(
+    ("include", "sections"),
+    [
+        ("core", set()),
+        ("core,disagg,queues,memory", {"disaggregation", "queues", "memory"}),  # what smg 1.13 asks for
+        (None, {"memory", "speculative", "lora", "disaggregation", "queues"}),
+    ],
+)
+async def test_sglang_v1_loads_shape(include: str | None, sections: set[str]) -> None:
+    async with engine_client("sglang", dp_size=2) as client:
+        params = {} if include is None else {"include": include}
+        body = (await client.get("/v1/loads", params=params)).json()
+    assert set(body) == {"timestamp", "version", "loads"}
+    assert [load["dp_rank"] for load in body["loads"]] == [0, 1]
+    for load in body["loads"]:
+        assert set(load) == CORE_LOAD_FIELDS | sections
+        assert (load["num_running_reqs"], load["num_waiting_reqs"], load["token_usage"]) == (0, 0, 0.0)
+        assert load["max_total_num_tokens"] > 0 and load["max_running_requests"] > 0
+        if "queues" in sections:
+            assert load["queues"] == {"waiting": 0, "grammar": 0, "paused": 0, "retracted": 0}
+        if "disaggregation" in sections:
+            assert load["disaggregation"]["mode"] == "null"
+
+
+async def test_sglang_v1_loads_counts_a_pinned_request_and_filters_by_rank() -> None:
+    async with engine_client("sglang", dp_size=2, speed=1e-6) as client:  # a step lasts for ever: the request stays
+        body = completion_body(prompt="word " * 400, max_tokens=4, data_parallel_rank=1)
+        task = asyncio.create_task(client.post("/v1/completions", json=body))
+        for _ in range(POLLS):
+            loads = (await client.get("/v1/loads", params={"include": "core"})).json()["loads"]
+            if loads[1]["num_waiting_reqs"] + loads[1]["num_running_reqs"] == 1:
+                break
+            await asyncio.sleep(POLL_S)
+        only_rank_1 = (await client.get("/v1/loads", params={"dp_rank": 1})).json()["loads"]
+        out_of_range = (await client.get("/v1/loads", params={"dp_rank": 2})).json()["loads"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [load["num_waiting_reqs"] + load["num_running_reqs"] for load in loads] == [0, 1]
+    rank_1 = loads[1]
+    assert rank_1["num_used_tokens"] + rank_1["num_waiting_uncached_tokens"] > 0
+    assert rank_1["num_total_tokens"] == rank_1["num_used_tokens"] + rank_1["num_waiting_uncached_tokens"]
+    assert [load["dp_rank"] for load in only_rank_1] == [1]
+    assert out_of_range == []
+
+
+async def test_sglang_v1_loads_refuses_an_unknown_section() -> None:
+    async with engine_client("sglang") as client:
+        response = await client.get("/v1/loads", params={"include": "core,bogus"})
+    assert response.status_code == 400
+    assert "bogus" in response.json()["detail"]
+
+
+async def test_sim_requests_counts_pinned_and_placed_ranks_and_load_polls() -> None:
+    async with engine_client("sglang", dp_size=2) as client:
+        for body in (completion_body(max_tokens=2, data_parallel_rank=1), completion_body(max_tokens=2)):
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+        for path in ("/v1/loads", "/v1/loads", "/get_load", "/metrics", "/server_info"):
+            await client.get(path)
+        seen = (await client.get("/_sim/requests")).json()
+    assert seen["pinned"] == [0, 1]
+    assert sum(seen["placed"]) == 1
+    assert seen["polls"] == {"/v1/loads": 2, "/get_load": 1, "/metrics": 1}
 
 
 async def test_vllm_has_no_sglang_endpoints() -> None:

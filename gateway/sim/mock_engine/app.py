@@ -7,8 +7,13 @@ its lifespan owns the step-loop task (:class:`~gateway.sim.mock_engine.runtime.E
   and output lengths as in :mod:`gateway.sim.mock_engine.protocol`), ``GET /v1/models``, ``GET /health``,
   ``GET /metrics`` (:mod:`gateway.sim.mock_engine.metrics`);
 - SGLang flavour also: ``GET /health_generate``, ``GET /server_info`` (alias ``/get_server_info``),
-  ``GET /model_info`` (alias ``/get_model_info``), ``GET /v1/loads`` and ``GET /get_load`` (per-rank loads);
-- fault injection (simulation only): ``GET``/``PUT``/``DELETE /_sim/faults`` (:mod:`gateway.sim.mock_engine.faults`).
+  ``GET /model_info`` (alias ``/get_model_info``), ``GET /v1/loads`` (per-rank loads in SGLang 0.5.23's shape,
+  :func:`sglang_v1_loads`; what the SGLang Model Gateway polls) and ``GET /get_load`` (the older bare list that
+  sglang-router 0.3 polls);
+- fault injection (simulation only): ``GET``/``PUT``/``DELETE /_sim/faults`` (:mod:`gateway.sim.mock_engine.faults`);
+- what the engine was asked (simulation only): ``GET /_sim/requests``, requests accepted per DP rank, pinned by the
+  caller or placed by the engine, and the load polls served (``/v1/loads``, ``/get_load``, ``/metrics``), so a
+  benchmark can show whether a router in front pinned ranks and polled loads.
 
 Unpinned requests go where the real engine would put them: vLLM by its ``waiting * 4 + running`` rule,
 SGLang round robin. Run one from the shell with ``gateway mock-engine --flavor vllm --dp-size 4 --port 8001``
@@ -22,8 +27,9 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
@@ -32,7 +38,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.sim.calibration import EngineModelConfig
-from gateway.sim.engine_model import EngineModel
+from gateway.sim.engine_model import EngineModel, RankStats
 from gateway.sim.mock_engine.faults import FaultInjector, FaultPlan, HangResponse, silence_injected_crashes
 from gateway.sim.mock_engine.metrics import MockEngineMetrics
 from gateway.sim.mock_engine.protocol import (
@@ -51,6 +57,79 @@ from gateway.sim.mock_engine.runtime import EngineRuntime
 
 SIMULATED_SGLANG_VERSION = "0.5.23-sim"
 """``version`` reported by the SGLang flavour's ``/server_info`` (the SGLang version it imitates)."""
+
+
+V1_LOADS_SECTIONS = frozenset({"all", "core", "memory", "spec", "lora", "disagg", "queues"})
+"""The ``include`` values SGLang's ``GET /v1/loads`` accepts (``LoadSnapshot.VALID_SECTIONS``,
+sglang/srt/entrypoints/v1_loads.py); anything else is HTTP 400."""
+
+
+def sglang_v1_loads(
+    stats: list[RankStats],
+    include: str | None,
+    max_running_requests: int,
+    gen_throughput: Callable[[int], float],
+    dp_rank: int | None = None,
+) -> dict[str, Any]:
+    """The body of SGLang's ``GET /v1/loads`` for the ranks in ``stats``, as SGLang 0.5.23 sends it.
+
+    Shape (sglang/srt/entrypoints/v1_loads.py and ``LoadSnapshot.to_dict``): ``{"timestamp", "version",
+    "loads": [per rank]}``; per rank the twelve core fields always, then the sections ``include`` (comma-separated,
+    default ``all``) names: ``memory``, ``speculative`` and ``lora`` (``null`` here, as SGLang sends a section whose
+    feature is off or whose figures it cannot read), ``disaggregation`` (mode ``"null"``, queues 0) and ``queues``.
+    ``dp_rank`` outside the ranks gives an empty list, as SGLang does.
+
+    The simulated engine has no prefix cache in this form, so every waiting token is uncached
+    (``num_waiting_uncached_tokens``) and ``cache_hit_rate`` is 0; ``num_total_tokens`` is the KV in use plus the
+    waiting prompt tokens still to prefill (SGLang adds each waiting request's whole ``seqlen``); ``utilization``
+    is 0, as SGLang 0.5.23 reports it (its setter is never reached).
+
+    Raises:
+        ValueError: a section not in :data:`V1_LOADS_SECTIONS` (SGLang answers HTTP 400).
+    """
+    sections = {s.strip() for s in include.split(",")} if include else {"all"}
+    if unknown := sections - V1_LOADS_SECTIONS:
+        raise ValueError(f"Invalid include sections: {sorted(unknown)}. Valid options: {sorted(V1_LOADS_SECTIONS)}")
+    wanted = V1_LOADS_SECTIONS if "all" in sections else sections
+    loads = []
+    for s in stats:
+        if dp_rank is not None and s.rank != dp_rank:
+            continue
+        load: dict[str, Any] = {
+            "dp_rank": s.rank,
+            "num_running_reqs": s.running,
+            "num_waiting_reqs": s.waiting,
+            "num_waiting_uncached_tokens": s.waiting_prompt_tokens,
+            "num_used_tokens": s.kv_used_tokens,
+            "num_total_tokens": s.kv_used_tokens + s.waiting_prompt_tokens,
+            "max_total_num_tokens": s.kv_capacity_tokens,
+            "max_running_requests": max_running_requests,
+            "token_usage": round(s.kv_usage, 4),
+            "gen_throughput": round(gen_throughput(s.rank), 2),
+            "cache_hit_rate": 0.0,
+            "utilization": 0.0,
+        }
+        if "memory" in wanted:
+            load["memory"] = None
+        if "spec" in wanted:
+            load["speculative"] = None
+        if "lora" in wanted:
+            load["lora"] = None
+        if "disagg" in wanted:
+            load["disaggregation"] = {
+                "mode": "null",
+                "prefill_bootstrap_queue_reqs": 0,
+                "prefill_inflight_queue_reqs": 0,
+                "decode_prealloc_queue_reqs": 0,
+                "decode_transfer_queue_reqs": 0,
+                "decode_retracted_queue_reqs": 0,
+                "kv_transfer_speed_gb_s": 0.0,
+                "kv_transfer_latency_ms": 0.0,
+            }
+        if "queues" in wanted:
+            load["queues"] = {"waiting": s.waiting, "grammar": 0, "paused": 0, "retracted": 0}
+        loads.append(load)
+    return {"timestamp": datetime.now(UTC).isoformat(), "version": SIMULATED_SGLANG_VERSION, "loads": loads}
 
 
 SHUTDOWN_GRACE_S = 5
@@ -123,6 +202,9 @@ class _MockEngine:
             self.tokenizer = deepseek_tokenizer()
         self.serving = False
         self._created = int(time.time())
+        self.pinned = [0] * config.dp_size
+        self.placed = [0] * config.dp_size
+        self.polls = {"/v1/loads": 0, "/get_load": 0, "/metrics": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
@@ -160,6 +242,7 @@ class _MockEngine:
             # encoding a long prompt takes tens of milliseconds: off the event loop, which runs the steps
             req = await asyncio.to_thread(parse) if self.tokenizer is not None else parse()
             rank = req.rank if req.rank is not None else self._pick_rank()
+            (self.placed if req.rank is None else self.pinned)[rank] += 1
             fault = self.faults.request_fault(rank)
             if fault == "http_500":
                 raise ProtocolError(500, "injected fault: internal error", "InternalServerError")
@@ -218,6 +301,7 @@ class _MockEngine:
         return Response(status_code=200 if self.serving and fault == "ok" else 503)
 
     async def metrics_text(self) -> Response:
+        self.polls["/metrics"] += 1
         plan = self.faults.plan
         if plan.metrics != "ok":
             self.faults.count(f"metrics_{plan.metrics}")
@@ -228,6 +312,11 @@ class _MockEngine:
         if plan.metrics == "slow":
             await asyncio.sleep(plan.metrics_delay_s)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def requests_seen(self) -> dict[str, object]:
+        """Generation requests accepted per DP rank (``pinned``: the caller named the rank; ``placed``: the engine
+        chose it) and load polls served per route, since start."""
+        return {"pinned": self.pinned, "placed": self.placed, "polls": self.polls}
 
     async def get_faults(self) -> dict[str, object]:
         return self.faults.describe()
@@ -240,8 +329,27 @@ class _MockEngine:
         self.faults.plan = FaultPlan()
         return self.faults.describe()
 
+    async def v1_loads(self, include: str | None = None, dp_rank: int | None = None) -> Response:
+        """SGLang's ``GET /v1/loads`` (:func:`sglang_v1_loads`); an unknown ``include`` section is HTTP 400."""
+        self.polls["/v1/loads"] += 1
+        try:
+            body = sglang_v1_loads(
+                self.model.rank_stats(),
+                include,
+                self.config.engine_model.max_running_requests,
+                self.metrics.gen_throughput,
+                dp_rank,
+            )
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse(body)
+
     async def loads(self) -> list[dict[str, Any]]:
-        """Per-rank loads, the shape of SGLang's ``/get_load``: ``num_reqs`` counts running + waiting."""
+        """Per-rank loads, the shape of SGLang's older ``/get_load``: ``num_reqs`` counts running + waiting."""
+        self.polls["/get_load"] += 1
+        return self._get_load_rows()
+
+    def _get_load_rows(self) -> list[dict[str, Any]]:
         return [
             {
                 "dp_rank": s.rank,
@@ -268,7 +376,7 @@ class _MockEngine:
             "max_total_num_tokens": em.kv_capacity_tokens,
             "context_length": cfg.max_model_len,
             "disaggregation_mode": "null",
-            "internal_states": await self.loads(),
+            "internal_states": self._get_load_rows(),
             "version": SIMULATED_SGLANG_VERSION,
         }
 
@@ -300,6 +408,7 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
     app.add_api_route("/_sim/faults", engine.get_faults, methods=["GET"])
     app.add_api_route("/_sim/faults", engine.put_faults, methods=["PUT"])
     app.add_api_route("/_sim/faults", engine.delete_faults, methods=["DELETE"])
+    app.add_api_route("/_sim/requests", engine.requests_seen, methods=["GET"])
     app.state.engine = engine
     if config.flavor == "sglang":
         app.add_api_route("/health_generate", engine.health, methods=["GET"])
@@ -307,8 +416,8 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
             app.add_api_route(path, engine.server_info, methods=["GET"])
         for path in ("/model_info", "/get_model_info"):
             app.add_api_route(path, engine.model_info, methods=["GET"])
-        for path in ("/v1/loads", "/get_load"):
-            app.add_api_route(path, engine.loads, methods=["GET"])
+        app.add_api_route("/v1/loads", engine.v1_loads, methods=["GET"])
+        app.add_api_route("/get_load", engine.loads, methods=["GET"])
     return app
 
 
