@@ -20,6 +20,7 @@ MARKDOWN_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 ELSEWHERE = {
     "tests/v1/kv_connector/nixl_integration/toy_proxy_server.py": "a file of vLLM's repository, cited as a source",
     "bench/.venv-sglang-router": "the virtual environment bench/peer_router.py creates",
+    "bench/.venv-smg": "the virtual environment bench/smg_router.py creates",
     "bench/results/tmp": "scratch output of the benchmarks, ignored by git",
     "bench/results/ablation-4x8": "an output name in an example command of bench/ablation.py",
 }
