@@ -1,4 +1,4 @@
-"""Prompt-token estimation at the gateway.
+"""What the gateway reads from an OpenAI request's prompt: its estimated tokens and its text.
 
 The gateway must know roughly how many prompt tokens a request carries before it reaches an engine, to
 balance prefill work across DP ranks. Running the model's real tokenizer in the gateway is possible (plug one
@@ -10,14 +10,17 @@ help.openai.com "What are tokens and how to count them"). Pre-tokenized prompts 
 counted exactly. Chat messages are the sum over their text content; non-text parts (images, audio) count as
 ``NON_TEXT_PART_TOKENS`` each, a rough placeholder.
 
-The simulated engines use the same tokenizer, and the trace replay synthesises prompts with
-:func:`synthesize_prompt`, whose estimate is exactly the requested count, so a trace's token counts survive
-the round trip.
+By default the simulated engines count with the same heuristic and the trace replay synthesises prompts with
+:func:`synthesize_prompt`, whose estimate is exactly the requested count; ``gateway mock-engine --tokenizer
+deepseek`` and ``gateway bench --prompts tokenizer`` count with DeepSeek-V3's own tokenizer instead
+(:mod:`gateway.workload.tokenizer`), as a real engine does.
+
+:func:`prompt_texts` gives the prompt's text in order, which the front door hashes into prefix blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 CHARS_PER_TOKEN = 4
@@ -88,6 +91,35 @@ def count_prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer | None = N
                 total += len(p)
         return total
     return 0
+
+
+def prompt_texts(body: Mapping[str, object]) -> Iterator[str]:
+    """The prompt's text of an OpenAI request body in order, for its prefix block hashes
+    (:func:`gateway.types.prefix_block_hashes`): each message's role and text parts, or the ``prompt`` strings
+    (token-id prompts as their decimal ids). Shapes it does not understand give nothing."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, Mapping):
+                continue
+            yield str(message.get("role", ""))
+            content = message.get("content")
+            if isinstance(content, str):
+                yield content
+            elif isinstance(content, list):
+                yield from (p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+        return
+    prompt = body.get("prompt")
+    parts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt if isinstance(prompt, list) else []
+    for part in parts:
+        if isinstance(part, str):
+            yield part
+        elif isinstance(part, list) and _is_ids(part):
+            yield " ".join(map(str, part))
+
+
+def _is_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
 
 
 def synthesize_prompt(n_tokens: int) -> str:

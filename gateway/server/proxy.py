@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -27,41 +27,13 @@ from gateway.server.retry import StartedAnswer, record_failure, send_with_retrie
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
 from gateway.server.validation import Route, parse_request
-from gateway.tokens import count_prompt_tokens
+from gateway.tokens import count_prompt_tokens, prompt_texts
 from gateway.types import PendingRequest, prefix_block_hashes
 
 log = logging.getLogger(__name__)
 
 ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 CLIENT_CLOSED_STATUS = 499
-
-
-def _prompt_texts(body: Mapping[str, object]) -> Iterator[str]:
-    """The prompt's text in order, for its prefix block hashes: each message's role and text parts, or the
-    ``prompt`` strings (token-id prompts as their decimal ids)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, Mapping):
-                continue
-            yield str(message.get("role", ""))
-            content = message.get("content")
-            if isinstance(content, str):
-                yield content
-            elif isinstance(content, list):
-                yield from (p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
-        return
-    prompt = body.get("prompt")
-    parts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt if isinstance(prompt, list) else []
-    for part in parts:
-        if isinstance(part, str):
-            yield part
-        elif isinstance(part, list) and _is_ids(part):
-            yield " ".join(map(str, part))
-
-
-def _is_ids(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
 
 
 @dataclass(slots=True)
@@ -131,7 +103,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
             max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
             arrival_s=scope.arrival,
             stream=parsed.stream,
-            prefix_blocks=prefix_block_hashes(_prompt_texts(parsed.body)),
+            prefix_blocks=prefix_block_hashes(prompt_texts(parsed.body)),
         )
         placement = await unless_disconnected(request, dispatcher.acquire(pending))
     except GatewayError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.server.proxy import _prompt_texts
+from gateway.tokens import prompt_texts
 from gateway.types import PREFIX_BLOCK_CHARS, prefix_block_hashes
 
 
@@ -39,4 +39,4 @@ def test_prompts_share_leading_hashes_exactly_as_long_as_they_share_blocks() -> 
     ],
 )
 def test_the_front_door_hashes_the_prompt_text_in_order(body: dict[str, object], texts: list[str]) -> None:
-    assert list(_prompt_texts(body)) == texts
+    assert list(prompt_texts(body)) == texts
