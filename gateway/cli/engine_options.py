@@ -107,10 +107,22 @@ def _batching_options() -> list[Callable[[F], F]]:
     ]
 
 
+def _prefill_rate_option() -> Callable[[F], F]:
+    """``--prefill-rate``: the engine's prefill rescaled (:meth:`EngineModelConfig.with_prefill_rate`)."""
+    return click.option(
+        "--prefill-rate",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Rescale prefill to this many prompt tokens/s per GPU at the calibration point (DeepSeek's profile "
+        f"figure is 7.8k; production about {PRODUCTION_PREFILL_TOKENS_PER_S:,.0f}) [default: 7.8k].",
+    )
+
+
 def simulate_engine_options(f: F) -> F:
-    """Add the engines' own prefill alignment (SGLang's delayer as ``--engine-prefill-delayer``) and the batch
-    formation to ``gateway simulate``."""
-    for decorator in reversed([*_alignment_options("--engine-prefill-delayer"), *_batching_options()]):
+    """Add the prefill rate, the engines' own prefill alignment (SGLang's delayer as ``--engine-prefill-delayer``)
+    and the batch formation to ``gateway simulate``."""
+    decorators = [_prefill_rate_option(), *_alignment_options("--engine-prefill-delayer"), *_batching_options()]
+    for decorator in reversed(decorators):
         f = decorator(f)
     return f
 
@@ -166,13 +178,7 @@ def engine_flag_options(f: F) -> F:
         ),
         *_alignment_options("--enable-prefill-delayer"),
         *_batching_options(),
-        click.option(
-            "--prefill-rate",
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            help="Rescale prefill to this many prompt tokens/s per GPU at the calibration point (DeepSeek's profile "
-            f"figure is 7.8k; production about {PRODUCTION_PREFILL_TOKENS_PER_S:,.0f}) [default: 7.8k].",
-        ),
+        _prefill_rate_option(),
     ]
     for decorator in reversed(decorators):
         f = decorator(f)

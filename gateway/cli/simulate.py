@@ -111,13 +111,6 @@ from gateway.config import ConfigError, load_settings
     help="Whose defaults and step rules --engine-profile as-shipped follows.",
 )
 @click.option(
-    "--prefill-rate",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Rescale the engine's prefill to this many prompt tokens/s per GPU at the calibration point "
-    "(production: about 4000) [default: DeepSeek's profile figure, 7.8k].",
-)
-@click.option(
     "--preset",
     type=click.Choice(["idealised", "realistic-sglang", "realistic-vllm"]),
     default=None,
