@@ -112,11 +112,14 @@ from gateway.config import ConfigError, load_settings
 )
 @click.option(
     "--preset",
-    type=click.Choice(["idealised", "realistic-sglang", "realistic-vllm"]),
+    type=click.Choice(
+        ["idealised", "realistic-sglang", "realistic-sglang-aligned", "realistic-vllm", "realistic-vllm-aligned"]
+    ),
     default=None,
     help="A named engine model and information limits in one (gateway.sim.presets): realistic-* is the engine "
     "as shipped, the measured estimate error, 30% not streamed and 2 ms + up to 1 ms dispatch latency; "
-    "replaces --engine-profile/--engine-flavor and the information-limit options, and prints its settings.",
+    "-aligned adds the engine's own prefill alignment (SGLang --enable-prefill-delayer, vLLM "
+    "--prefill-schedule-interval 2); replaces --engine-profile/--engine-flavor and the information-limit options, and prints its settings.",
 )
 @click.option(
     "--prefill-only",

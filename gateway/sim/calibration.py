@@ -357,6 +357,8 @@ class EngineModelConfig:
         async_scheduling: bool = True,
         disable_radix_cache: bool = False,
         enable_prefix_caching: bool = True,
+        enable_prefill_delayer: bool = False,
+        prefill_schedule_interval: int = 1,
     ) -> EngineModelConfig:
         """The engine model as ``flavor`` ships it on ``dp_size`` H800 GPUs with DP attention and EP over all of
         them, given that engine's own flags (``None`` = its default; a flag of the other engine is refused).
@@ -368,7 +370,10 @@ class EngineModelConfig:
         over the DP size. vLLM: ``--max-num-batched-tokens`` (8,192) per rank counting decodes, decode-first mixed
         steps, block admission with preemption, ``--max-num-seqs`` (1,024) per rank. Both: a prefix cache per rank
         (``enable_prefix_caching``) unless SGLang's ``--disable-radix-cache`` or vLLM's
-        ``--no-enable-prefix-caching``. Sources: :mod:`gateway.sim.engine_defaults`.
+        ``--no-enable-prefix-caching``. The engines' own prefill alignment is off unless asked for: SGLang's
+        ``--enable-prefill-delayer`` (:attr:`enable_prefill_delayer`, its other options at their defaults) and
+        vLLM's ``--prefill-schedule-interval`` (:attr:`prefill_schedule_interval`). Sources:
+        :mod:`gateway.sim.engine_defaults`.
 
         Raises:
             ValueError: unknown flavour, ``dp_size < 1``, or a flag of the other engine.
@@ -383,6 +388,8 @@ class EngineModelConfig:
                 raise ValueError("--max-num-batched-tokens, --max-num-seqs and async scheduling are vLLM settings")
             if not enable_prefix_caching:
                 raise ValueError("--no-enable-prefix-caching is a vLLM setting (SGLang: --disable-radix-cache)")
+            if prefill_schedule_interval != 1:
+                raise ValueError("--prefill-schedule-interval is a vLLM setting (SGLang: --enable-prefill-delayer)")
             return replace(
                 base,
                 enable_prefix_caching=not disable_radix_cache,
@@ -395,6 +402,7 @@ class EngineModelConfig:
                 join_lag_steps=0 if disable_overlap_schedule else 1,
                 idle_rank_joins_next_step=False,
                 admission="sglang",
+                enable_prefill_delayer=enable_prefill_delayer,
                 new_token_ratio=NewTokenRatio(
                     schedule_conservativeness=schedule_conservativeness
                     * (SGLANG_DP_ATTENTION_CONSERVATIVENESS if dp_size > 1 else 1.0)
@@ -405,10 +413,15 @@ class EngineModelConfig:
                 raise ValueError(
                     "--chunked-prefill-size, --max-running-requests and --enable-mixed-chunk are SGLang settings"
                 )
-            if disable_overlap_schedule or schedule_conservativeness != 1.0 or disable_radix_cache:
+            if (
+                disable_overlap_schedule
+                or schedule_conservativeness != 1.0
+                or disable_radix_cache
+                or enable_prefill_delayer
+            ):
                 raise ValueError(
-                    "--disable-overlap-schedule, --schedule-conservativeness and --disable-radix-cache are SGLang "
-                    "settings"
+                    "--disable-overlap-schedule, --schedule-conservativeness, --disable-radix-cache and "
+                    "--enable-prefill-delayer are SGLang settings"
                 )
             return replace(
                 base,
@@ -420,6 +433,7 @@ class EngineModelConfig:
                 idle_rank_joins_next_step=True,
                 admission="vllm",
                 kv_block_size=VLLM_BLOCK_SIZE,
+                prefill_schedule_interval=prefill_schedule_interval,
             )
         raise ValueError(f"flavor must be 'sglang' or 'vllm', got {flavor!r}")
 

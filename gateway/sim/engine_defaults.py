@@ -39,10 +39,11 @@ default backend is ``allgather_reducescatter`` (vllm/config/parallel.py), which 
 VLLM_DEFAULT_MAX_NUM_SEQS = 1024
 """vLLM's ``--max-num-seqs`` on the same GPUs (``get_batch_defaults``; 256 on smaller GPUs), per engine core."""
 
-VLLM_BLOCK_SIZE = 16
-"""KV block size used for vLLM's block accounting, tokens (vLLM's classic CUDA default; 0.34 lets the attention
-backend choose when ``--block-size`` is unset, vllm/config/cache.py). At 600k tokens a rank the rounding moves
-admission by well under 1%."""
+VLLM_BLOCK_SIZE = 64
+"""KV block size of vLLM serving DeepSeek-V3 on Hopper, tokens: with ``--block-size`` unset, an MLA model on the
+FlashMLA backend (the default for MLA on SM90) is forced to 64-token blocks (vllm/platforms/cuda.py, "Forcing kv
+cache block size to 64 for FlashMLA backend"). Used for vLLM's block admission and its prefix cache, which caches
+whole blocks only."""
 
 DEEPEP_LOW_LATENCY_US: tuple[tuple[int, float, float], ...] = (
     (8, 77.0, 114.0),

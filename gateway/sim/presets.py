@@ -6,6 +6,8 @@
   (:meth:`EngineModelConfig.as_shipped` for the instance's DP size), the gateway's measured prompt-token estimate
   error (:data:`gateway.sim.information.MEASURED`), :data:`NONSTREAM_SHARE` of requests not streamed, and
   :data:`DISPATCH_LATENCY_S` plus up to :data:`DISPATCH_JITTER_S` each way between gateway and engine.
+- ``realistic-sglang-aligned`` / ``realistic-vllm-aligned``: the same with the engine's own prefill alignment
+  switched on (:data:`ALIGNMENT`): what a user can do instead of deploying a gateway.
 
 A preset is applied to a :class:`~gateway.sim.simulate.SimConfig` (:meth:`Preset.apply`) and lists every setting
 it implies (:meth:`Preset.settings`) so that a report can print them. Engine options that are not part of the
@@ -46,7 +48,18 @@ as :data:`DISPATCH_LATENCY_S`)."""
 PresetName = str
 """A preset's name: one of :data:`PRESET_NAMES`."""
 
-PRESET_NAMES: tuple[str, ...] = ("idealised", *(f"realistic-{f}" for f in get_args(EngineFlavor)))
+ALIGNMENT: dict[str, dict[str, Any]] = {
+    "sglang": {"enable_prefill_delayer": True},
+    "vllm": {"prefill_schedule_interval": 2},
+}
+"""The engine flags of each flavour's ``-aligned`` preset: SGLang's PrefillDelayer with its default options
+(``--enable-prefill-delayer``) and vLLM's ``--prefill-schedule-interval 2`` (the value vLLM PR #44558 found best on
+DeepSeek-R1 at DP 8)."""
+
+PRESET_NAMES: tuple[str, ...] = (
+    "idealised",
+    *(f"realistic-{f}{s}" for f in get_args(EngineFlavor) for s in ("", "-aligned")),
+)
 """The named presets, as ``gateway simulate --preset`` and the benches take them."""
 
 
@@ -135,13 +148,14 @@ def realistic(
     """
     flags = dict(engine_flags or {})
     engine = EngineModelConfig.as_shipped(flavor, dp_size, **flags)
+    name = f"realistic-{flavor}" + ("-aligned" if flags == ALIGNMENT[flavor] else "")
     limits = InformationLimits(
         estimate_error=measured_estimate_error(estimate_error),
         nonstream_share=nonstream_share,
         dispatch_latency_s=dispatch_latency_s,
         dispatch_jitter_s=dispatch_jitter_s,
     )
-    return Preset(f"realistic-{flavor}", engine, limits, flags)
+    return Preset(name, engine, limits, flags)
 
 
 def preset(name: PresetName, dp_size: int) -> Preset:
@@ -152,10 +166,11 @@ def preset(name: PresetName, dp_size: int) -> Preset:
     """
     if name == "idealised":
         return idealised()
-    flavor = name.removeprefix("realistic-")
-    if name.startswith("realistic-") and flavor in get_args(EngineFlavor):
-        return realistic(flavor, dp_size)  # type: ignore[arg-type]
-    raise ValueError(f"unknown preset {name!r}; one of {list(PRESET_NAMES)}")
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {name!r}; one of {list(PRESET_NAMES)}")
+    flavor = name.removeprefix("realistic-").removesuffix("-aligned")
+    aligned = name.endswith("-aligned")
+    return realistic(flavor, dp_size, engine_flags=ALIGNMENT[flavor] if aligned else None)  # type: ignore[arg-type]
 
 
 def prefill_only(trace: Sequence[TraceRequest]) -> list[TraceRequest]:

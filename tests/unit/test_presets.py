@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -47,7 +48,36 @@ def test_unknown_preset_and_foreign_flags_are_refused():
         preset("realistic", 8)
     with pytest.raises(ValueError, match="vLLM settings"):
         realistic("sglang", 8, engine_flags={"max_num_seqs": 64})
-    assert set(PRESET_NAMES) == {"idealised", "realistic-sglang", "realistic-vllm"}
+    assert set(PRESET_NAMES) == {
+        "idealised",
+        "realistic-sglang",
+        "realistic-sglang-aligned",
+        "realistic-vllm",
+        "realistic-vllm-aligned",
+    }
+    with pytest.raises(ValueError, match="vLLM setting"):
+        realistic("sglang", 8, engine_flags={"prefill_schedule_interval": 2})
+    with pytest.raises(ValueError, match="SGLang settings"):
+        realistic("vllm", 8, engine_flags={"enable_prefill_delayer": True})
+
+
+@pytest.mark.parametrize(
+    ("flavor", "field", "on", "off"),
+    [("sglang", "enable_prefill_delayer", True, False), ("vllm", "prefill_schedule_interval", 2, 1)],
+)
+def test_aligned_preset_is_realistic_with_the_engines_own_alignment_on(flavor, field, on, off):
+    plain, aligned = preset(f"realistic-{flavor}", 8), preset(f"realistic-{flavor}-aligned", 8)
+    assert getattr(plain.engine, field) == off and getattr(aligned.engine, field) == on
+    assert replace(aligned.engine, **{field: off}) == plain.engine
+    assert aligned.limits == plain.limits
+    assert aligned.name == f"realistic-{flavor}-aligned" and field in aligned.describe()
+
+
+def test_cli_offers_every_preset():
+    from gateway.cli.simulate import simulate
+
+    (option,) = [p for p in simulate.params if p.name == "preset"]
+    assert tuple(option.type.choices) == PRESET_NAMES
 
 
 def test_prefill_only_sets_every_output_to_one_and_nothing_decodes():
