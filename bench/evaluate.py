@@ -20,12 +20,15 @@ preset's engine model), TTFT 2 s with TPOT 50 ms and 100 ms, and the derived TTF
 flat 2 s is out of reach for Mooncake's long prompts; the unified model's TPOT rarely meets 100 ms, and a
 prefill-only instance meets any TPOT objective trivially).
 
-Cost of the full run (measured December 2026, one least_tokens hour at 2 x 8 under ``realistic-sglang``: 22 s of
-CPU for Azure conv at 40% of its analytic capacity, 38 s at 100%, 59 s for Mooncake at 40%): per preset, trace and
-mode about 13 x 7 rate-search runs, 42 steady runs and 70 ten-minute slices, some 145 hour-long simulations; 18
-cases make about 2,600, some 25 CPU-hours, 13 hours at ``--jobs 2`` on an idle 2-core machine. ``--presets
-realistic-sglang,idealised``, a shorter ``--rate-policies`` list or fewer ``--bisection-steps`` cut it in
-proportion.
+The default plan is cut to what one session can run (about 9,000 CPU-seconds, some 80 minutes at ``--jobs 2`` on an
+idle 2-core machine; measured December 2026: a 20-minute steady run at 2 x 8 under ``realistic-sglang`` takes
+about 13 s of CPU on Azure conv, 17 s on Mooncake, 1 s on Azure code and 5 s prefill-only): four presets
+(``realistic-sglang`` as the headline, ``realistic-sglang-aligned`` for the engine's own prefill alignment,
+``realistic-vllm``, and ``idealised`` as the labelled column); the first 20 minutes of each trace as the
+steady-state run; :data:`REPORT_POLICIES` (sbs and the strongest baselines of issue 13, one per rule); the rate
+searched for ``cache_aware`` (the SGLang Model Gateway's default) and ``phase_aware`` (sbs's cost placed at once),
+4 bisections. Every one of these is an option; the whole hour, every policy and every baseline's rate search is
+``--steady-minutes 0 --policies all --rate-policies all`` (some 25 CPU-hours).
 
     .venv/bin/python bench/evaluate.py --jobs 2          # writes evaluation.{json,md} in bench/results/
     .venv/bin/python bench/evaluate.py --quick           # a one-minute smoke test: evaluation_quick.{json,md}
@@ -63,6 +66,20 @@ FIXED_TPOT_S = (0.05, 0.1)
 """Fixed SLOs (issue 13): TTFT 2 s, TPOT 50 and 100 ms (production DeepSeek runs at 45-50 ms TPOT)."""
 FIFTHS = 5
 QUICK_POLICIES = ("sbs", "least_tokens", "phase_aware")
+REPORT_POLICIES = (
+    "sbs",
+    "phase_aware",
+    "cache_aware",
+    "least_load",
+    "prefix_hash",
+    "sglang_total_tokens",
+    "vllm_dplb",
+    "least_tokens",
+)
+"""The report's policies: sbs; the same cost without a window; the SGLang Model Gateway's ``cache_aware``,
+``least_load`` and ``prefix_hash``; SGLang's and vLLM 0.34's own DP balancing; and ``least_tokens``, the earlier
+reports' baseline. The other registered baselines (round robin, random, power of two, shortest queue,
+least_waiting, vllm_internal) are weaker rules of the same kinds and join with ``--policies all``."""
 LIST_OPTIONS = ("presets", "traces", "policies", "rate_policies")
 
 
@@ -87,17 +104,17 @@ class Plan:
         seed: the simulations' seed (information limits' draws, randomised policies).
     """
 
-    presets: tuple[str, ...] = ("realistic-sglang", "realistic-vllm", "idealised")
+    presets: tuple[str, ...] = ("realistic-sglang", "realistic-sglang-aligned", "realistic-vllm", "idealised")
     traces: tuple[str, ...] = TRACES
     modes: tuple[str, ...] = MODES
-    policies: tuple[str, ...] = get_args(PolicyName)
-    rate_policies: tuple[str, ...] = tuple(p for p in get_args(PolicyName) if p != "sbs")
-    steady_minutes: float | None = None
+    policies: tuple[str, ...] = REPORT_POLICIES
+    rate_policies: tuple[str, ...] = ("cache_aware", "phase_aware")
+    steady_minutes: float | None = 20.0
     transient_minutes: float = 10.0
     transient_slices: int = 5
     instances: int = 2
     dp_size: int = 8
-    bisection_steps: int = 5
+    bisection_steps: int = 4
     rate_range: tuple[float, float] = (0.1, 1.0)
     slo_scale: float = 3.0
     seed: int = 0
@@ -279,12 +296,18 @@ def evaluate_case(
     return case
 
 
-def evaluate(plan: Plan, pool: Executor, load: Callable[[str], list[TraceRequest]] | None = None) -> dict[str, Any]:
+def evaluate(
+    plan: Plan,
+    pool: Executor,
+    load: Callable[[str], list[TraceRequest]] | None = None,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Every case of ``plan``: ``{"plan", "presets": {name: settings}, "cases": {preset: {trace: {mode: case}}}}``.
 
     Args:
         pool: where the simulations run (a process pool, or any executor).
         load: trace name → its requests (default: the bundled trace).
+        on_case: called with the report so far after each case (to write partial results).
     """
     loader = load or (lambda name: load_trace(resolve_trace(name)))
     report: dict[str, Any] = {
@@ -298,6 +321,8 @@ def evaluate(plan: Plan, pool: Executor, load: Callable[[str], list[TraceRequest
                 case = evaluate_case(plan, name, trace_name, mode, pool, loader)
                 report["cases"].setdefault(name, {}).setdefault(trace_name, {})[mode] = case
                 print(f"{name} {trace_name} {mode}: reference {case['reference']}", file=sys.stderr)
+                if on_case is not None:
+                    on_case(report)
     return report
 
 
@@ -365,7 +390,8 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
     ]
     for name in report["presets"]:
         md += [f"- `{name}`: {preset(name, plan['dp_size']).describe()}"]
-    md += ["", "Every setting of each preset is in the JSON (`presets`)."]
+    md += ["", "Every setting of each preset is in the JSON (`presets`).", ""]
+    md += summary(report)
     for name, traces in report["cases"].items():
         md += ["", f"## Preset `{name}`" + (" (headline)" if name == plan["presets"][0] else " (labelled column)")]
         for trace_name, modes in traces.items():
@@ -402,6 +428,42 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
                     if "sbs" in pooled and len(pooled) > 1:
                         per_slice = {f: transient_deltas(pieces, f) for f in ("mean", "p99")}
                         md += ["", sbs_line(pooled, per_slice, "per slice")]
+    return md
+
+
+def summary(report: dict[str, Any]) -> list[str]:
+    """One table over every case: sbs's TTFT mean and p99 against the best baseline for that figure at each steady
+    load (mean over the fifths [min, max]) and in the transients (per slice); goodput is in the detail."""
+    md = [
+        "## Summary: sbs against the best baseline per figure",
+        "",
+        "Each cell: sbs's TTFT over the best baseline's for that figure, minus 1 (negative: sbs is faster), pooled "
+        "over the run, then the per-slice mean [min, max] in brackets. Steady loads are fractions of the reference "
+        f"rate; transients are the {report['plan']['transient_minutes']:g}-minute slices at {TRANSIENT_LOAD:.0%} of "
+        "their analytic capacity.",
+        "",
+        "| preset | trace | mode | load | TTFT mean | TTFT p99 | best baseline (mean / p99) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, traces in report["cases"].items():
+        for trace_name, modes in traces.items():
+            for mode, case in modes.items():
+                entries = [(f"{float(load):.0%}", e["rows"], True) for load, e in case["steady"].items()]
+                pieces = case["transient"]["slices"]
+                if pieces:
+                    entries.append(("transient", pooled_rows(pieces), False))
+                for label, rows, steady in entries:
+                    if "sbs" not in rows or len(rows) < 2:
+                        continue
+                    cells, best = [], []
+                    for figure in ("mean", "p99"):
+                        other = best_ttft(rows, figure)
+                        best.append(other)
+                        pooled = rows["sbs"]["ttft_s"][figure] / rows[other]["ttft_s"][figure] - 1
+                        per = deltas_per_fifth(rows, figure) if steady else transient_deltas(pieces, figure)
+                        cells.append(f"{pct(pooled)} ({spread(per)})")
+                    row = [name, trace_name, mode, label, *cells, " / ".join(best)]
+                    md.append("| " + " | ".join(row) + " |")
     return md
 
 
@@ -454,41 +516,60 @@ def runs_in(report: dict[str, Any]) -> tuple[int, float]:
     return count, wall
 
 
+def parse_list(name: str, value: str) -> tuple[str, ...]:
+    """A comma-separated option; ``all`` for ``--policies`` / ``--rate-policies`` is every registered policy
+    (every baseline for the rate search)."""
+    if value == "all" and name == "policies":
+        return tuple(get_args(PolicyName))
+    if value == "all" and name == "rate_policies":
+        return tuple(p for p in get_args(PolicyName) if p != "sbs")
+    return tuple(value.split(","))
+
+
+def write(output: Path, report: dict[str, Any], command: str, footer: str) -> None:
+    """``report`` as ``output``.json and its Markdown as ``output``.md."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    output.with_suffix(".md").write_text("\n".join([*markdown(report, command), "", footer]) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke test: two presets, one trace, three policies")
     ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes [1]")
-    ap.add_argument("--presets", help=f"comma-separated, of {', '.join(PRESET_NAMES)} [all; the first is the headline]")
+    ap.add_argument(
+        "--presets", help=f"comma-separated, of {', '.join(PRESET_NAMES)} [Plan.presets; the first is the headline]"
+    )
     ap.add_argument("--traces", help=f"comma-separated [{','.join(TRACES)}]")
-    ap.add_argument("--policies", help="comma-separated [every registered policy]")
-    ap.add_argument("--rate-policies", help="baselines whose sustainable rate is searched [every baseline]")
-    ap.add_argument("--steady-minutes", type=float, help="steady-state run length, minutes [the whole trace]")
-    ap.add_argument("--bisection-steps", type=int, help="bisections of each rate search [5; --quick: 2]")
+    ap.add_argument("--policies", help="comma-separated, or all [REPORT_POLICIES]")
+    ap.add_argument("--rate-policies", help="baselines whose sustainable rate is searched, or all [Plan.rate_policies]")
+    ap.add_argument("--steady-minutes", type=float, help="steady-state run length, minutes; 0 = the whole trace [20]")
+    ap.add_argument("--bisection-steps", type=int, help="bisections of each rate search [4; --quick: 2]")
     ap.add_argument(
         "--output", type=Path, help="path without suffix [evaluation, or evaluation_quick, in bench/results/]"
     )
     args = ap.parse_args()
     plan = QUICK if args.quick else Plan()
-    lists: dict[str, Any] = {n: tuple(getattr(args, n).split(",")) for n in LIST_OPTIONS if getattr(args, n)}
+    lists: dict[str, Any] = {n: parse_list(n, getattr(args, n)) for n in LIST_OPTIONS if getattr(args, n)}
     plan = replace(plan, **lists)
     if args.steady_minutes is not None:
-        plan = replace(plan, steady_minutes=args.steady_minutes)
+        plan = replace(plan, steady_minutes=args.steady_minutes or None)
     if args.bisection_steps is not None:
         plan = replace(plan, bisection_steps=args.bisection_steps)
     output = args.output or RESULTS / ("evaluation_quick" if args.quick else "evaluation")
+    command = " ".join(["python bench/evaluate.py", *sys.argv[1:]])
     started = time.perf_counter()
+
+    def partial(report: dict[str, Any]) -> None:
+        write(output, report, command, f"Partial: {time.perf_counter() - started:.0f} s so far, still running.")
+
     with ProcessPoolExecutor(args.jobs) as pool:
-        report = evaluate(plan, pool)
+        report = evaluate(plan, pool, on_case=partial)
     elapsed = time.perf_counter() - started
     count, wall = runs_in(report)
     report["elapsed_s"] = elapsed
     report["simulations"] = count
-    command = " ".join(["python bench/evaluate.py", *sys.argv[1:]])
-    md = markdown(report, command)
-    md += ["", f"Generated in {elapsed:.0f} s ({count} simulations, {args.jobs} in parallel)."]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    output.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write(output, report, command, f"Generated in {elapsed:.0f} s ({count} simulations, {args.jobs} in parallel).")
     print(f"wrote {output}.md ({elapsed:.0f} s, {count} simulations, {wall:.0f} s of load runs)", file=sys.stderr)
 
 
