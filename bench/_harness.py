@@ -20,7 +20,7 @@ from typing import Any, Self
 import yaml
 
 from gateway.config import DecodeConfig, PhaseAwareConfig
-from gateway.replay.client import run_bench
+from gateway.replay.client import PromptCount, run_bench
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.capacity import Capacity, cluster_load
 from gateway.sim.cluster import free_port, wait_ready
@@ -68,14 +68,23 @@ def peer_venv(directory: Path, package: str) -> Path:
 
 
 def start_engines(
-    procs: Processes, flavors: Sequence[str], dp_size: int, speed: float, model: str
+    procs: Processes,
+    flavors: Sequence[str],
+    dp_size: int,
+    speed: float,
+    model: str,
+    *,
+    profile: str = "idealised",
+    tokenizer: str = "estimate",
 ) -> list[dict[str, Any]]:
-    """Start one simulated engine per flavour; return their gateway engine configurations."""
+    """Start one simulated engine per flavour (``gateway mock-engine --profile profile --tokenizer tokenizer``;
+    the as-shipped profile has a prefix cache per DP rank); return their gateway engine configurations."""
     engines = []
     for i, flavor in enumerate(flavors):
         port = free_port()
         cmd = [sys.executable, "-m", "gateway", "mock-engine", "--flavor", flavor, "--dp-size", str(dp_size)]
         cmd += ["--port", str(port), "--model", model, "--speed", str(speed)]
+        cmd += ["--profile", profile, "--tokenizer", tokenizer]
         url = procs.start(cmd, f"http://127.0.0.1:{port}", "/health")
         engines.append({"name": f"{flavor}{i}", "flavor": flavor, "url": url, "dp_size": dp_size, "models": [model]})
     return engines
@@ -127,7 +136,13 @@ def write_slice(trace: list[TraceRequest], directory: str) -> str:
     path = Path(directory) / "slice.jsonl"
     with path.open("w") as f:
         for r in trace:
-            row = {"timestamp": r.arrival_s * 1000, "input_length": r.prompt_tokens, "output_length": r.output_tokens}
+            row: dict[str, Any] = {
+                "timestamp": r.arrival_s * 1000,
+                "input_length": r.prompt_tokens,
+                "output_length": r.output_tokens,
+            }
+            if r.hash_ids:
+                row["hash_ids"] = list(r.hash_ids)
             f.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -175,6 +190,19 @@ def add_slice_args(ap: argparse.ArgumentParser, *, minutes: float) -> None:
     ap.add_argument("--instances", type=int, default=2, help="engine instances [2]")
     ap.add_argument("--dp-size", type=int, default=4, help="DP ranks per instance [4]")
     ap.add_argument("--model", default="deepseek-v3")
+    ap.add_argument(
+        "--engine-profile",
+        choices=("idealised", "as-shipped"),
+        default="idealised",
+        help="the simulated engines' model; as-shipped has a prefix cache per DP rank [idealised]",
+    )
+    ap.add_argument(
+        "--prompts",
+        choices=("estimate", "tokenizer"),
+        default="estimate",
+        help="replay prompts counted by the gateway's estimator, or real prose counted by DeepSeek-V3's tokenizer "
+        "(the engines then count with it too); Mooncake's hash_ids become shared prompt text either way [estimate]",
+    )
 
 
 def replay_through(
@@ -190,10 +218,20 @@ def replay_through(
     is added to the summary under ``"probe"``.
     """
     with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
-        engines = start_engines(procs, flavors, args.dp_size, args.speed, args.model)
+        profile = getattr(args, "engine_profile", "idealised")
+        prompts: PromptCount = "tokenizer" if getattr(args, "prompts", "estimate") == "tokenizer" else "estimate"
+        tokenizer = "deepseek" if prompts == "tokenizer" else "estimate"
+        engines = start_engines(
+            procs, flavors, args.dp_size, args.speed, args.model, profile=profile, tokenizer=tokenizer
+        )
         url = front(procs, engines)
         summary = run_bench(
-            url, write_slice(trace, tmp), rate_scale=args.rate_scale, model=args.model, progress=sys.stderr.isatty()
+            url,
+            write_slice(trace, tmp),
+            rate_scale=args.rate_scale,
+            model=args.model,
+            progress=sys.stderr.isatty(),
+            prompts=prompts,
         )
         if probe is not None:
             summary["probe"] = probe(engines, url)

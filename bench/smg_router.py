@@ -117,7 +117,14 @@ def main() -> None:
     print("\n" + table)
     command = shlex.join([".venv/bin/python", "bench/smg_router.py", *sys.argv[1:]])
     write_report(args, router=SMG_PACKAGE, command=command, requests=len(trace), offered_load=load, runs=results)
-    args.output.with_suffix(".md").write_text(markdown(command, len(trace), load, table, results))
+    engines = (
+        "SGLang-flavoured simulated engines as shipped (a prefix cache per DP rank)"
+        if args.engine_profile == "as-shipped"
+        else "SGLang-flavoured simulated engines, idealised (no prefix cache)"
+    ) + (", prompts of prose counted by DeepSeek-V3's tokenizer" if args.prompts == "tokenizer" else "")
+    if any(r.hash_ids for r in trace):
+        engines += ", prompts sharing text where the trace's hash_ids share blocks"
+    args.output.with_suffix(".md").write_text(markdown(command, len(trace), load, table, results, engines))
 
 
 NOTES = """
@@ -139,15 +146,17 @@ Reading this table:
 """
 
 
-def markdown(command: str, requests: int, load: float, table: str, results: dict[str, dict[str, Any]]) -> str:
+def markdown(
+    command: str, requests: int, load: float, table: str, results: dict[str, dict[str, Any]], engines: str
+) -> str:
     """The run as a short Markdown note: command, table, and what the engines saw."""
     lines = [
         "# smg 1.13 against the gateway over HTTP",
         "",
         f"`{command}`",
         "",
-        f"{requests} requests, offered load {load:.0%} of the engine model's capacity; SGLang-flavoured simulated",
-        "engines (no prefix cache in this round), fresh processes per run, replay by `gateway bench`.",
+        f"{requests} requests, offered load {load:.0%} of the engine model's capacity; {engines}; fresh processes per",
+        "run, replay by `gateway bench`.",
         "",
         "```",
         table,
@@ -156,20 +165,22 @@ def markdown(command: str, requests: int, load: float, table: str, results: dict
         "What the engines saw (`/_sim/requests`: requests pinned to each DP rank by the front, requests the engine",
         "placed itself, load polls served) and, for smg, how many rank loads smg held at the end (`/get_loads`):",
         "",
-        "| run | engine | pinned per rank | placed by engine | /v1/loads | /get_load | /metrics |",
-        "|---|---|---|---|---|---|---|",
+        "| run | engine | pinned per rank | placed by engine | /v1/loads | /get_load | /metrics | prefix-cache hits |",
+        "|---|---|---|---|---|---|---|---:|",
     ]
     for name, summary in results.items():
         probe = dict(summary.get("probe", {}))
         held = probe.pop("smg_get_loads", None)
         for engine, seen in probe.items():
             polls = seen["polls"]
+            queries = sum(seen.get("prefix_cache_queries", []))
+            hits = f"{sum(seen.get('prefix_cache_hits', [])) / queries:.1%}" if queries else "–"
             lines.append(
                 f"| {name} | {engine} | {seen['pinned']} | {sum(seen['placed'])} | {polls['/v1/loads']} "
-                f"| {polls['/get_load']} | {polls['/metrics']} |"
+                f"| {polls['/get_load']} | {polls['/metrics']} | {hits} |"
             )
         if held is not None:
-            lines.append(f"| {name} | smg `/get_loads` | {held['loads']} rank loads held | | | | |")
+            lines.append(f"| {name} | smg `/get_loads` | {held['loads']} rank loads held | | | | | |")
     return "\n".join(lines) + "\n" + NOTES
 
 

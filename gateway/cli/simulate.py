@@ -119,7 +119,8 @@ from gateway.config import ConfigError, load_settings
     help="A named engine model and information limits in one (gateway.sim.presets): realistic-* is the engine "
     "as shipped, the measured estimate error, 30% not streamed and 2 ms + up to 1 ms dispatch latency; "
     "-aligned adds the engine's own prefill alignment (SGLang --enable-prefill-delayer, vLLM "
-    "--prefill-schedule-interval 2); replaces --engine-profile/--engine-flavor and the information-limit options, and prints its settings.",
+    "--prefill-schedule-interval 2); replaces --engine-profile/--engine-flavor and the information-limit "
+    "options, and prints its settings.",
 )
 @click.option(
     "--prefill-only",

@@ -18,6 +18,7 @@ deterministic, at most ``steps + 2`` runs, and exact to ``(hi - lo) / 2**steps``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,12 +120,14 @@ class SustainableRate:
 def max_sustainable_scale(
     sustainable: Callable[[float], bool], lo: float, hi: float, steps: int = 6
 ) -> SustainableRate:
-    """The highest rate scale in ``[lo, hi]`` at which ``sustainable(scale)`` holds, by bisection.
+    """The highest rate scale in ``[lo, hi]`` at which ``sustainable(scale)`` holds, by geometric bisection.
 
     ``sustainable`` is assumed monotone (true below some scale, false above). ``lo`` is tried first: if it fails
     the answer is 0.0. Then ``hi``: if it holds the answer is ``hi`` (the search range was too small). Otherwise
-    ``steps`` bisections, so at most ``steps + 2`` calls, and the answer is within ``(hi - lo) / 2**steps`` below
-    the true threshold.
+    ``steps`` bisections at the geometric mean ``sqrt(lo x hi)`` (a rate scale is a ratio, and bursty traces such as
+    Azure code sustain a small fraction of their analytic capacity, so the range spans orders of magnitude), so at
+    most ``steps + 2`` calls, and the answer is within a factor ``(hi / lo) ** (1 / 2**steps)`` below the true
+    threshold.
 
     Raises:
         ValueError: ``not 0 < lo < hi`` or ``steps < 0``.
@@ -143,6 +146,6 @@ def max_sustainable_scale(
     if ok(hi):
         return SustainableRate(hi, probes)
     for _ in range(steps):
-        mid = (lo + hi) / 2
+        mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return SustainableRate(lo, probes)

@@ -315,8 +315,16 @@ class _MockEngine:
 
     async def requests_seen(self) -> dict[str, object]:
         """Generation requests accepted per DP rank (``pinned``: the caller named the rank; ``placed``: the engine
-        chose it) and load polls served per route, since start."""
-        return {"pinned": self.pinned, "placed": self.placed, "polls": self.polls}
+        chose it), load polls served per route, and per DP rank the prompt tokens looked up in and found in its
+        prefix cache (``prefix_cache_queries`` / ``prefix_cache_hits``, zeros without one), since start."""
+        stats = self.model.rank_stats()
+        return {
+            "pinned": self.pinned,
+            "placed": self.placed,
+            "polls": self.polls,
+            "prefix_cache_queries": [s.prefix_cache_queries for s in stats],
+            "prefix_cache_hits": [s.prefix_cache_hits for s in stats],
+        }
 
     async def get_faults(self) -> dict[str, object]:
         return self.faults.describe()
