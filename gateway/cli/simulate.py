@@ -116,7 +116,8 @@ from gateway.config import ConfigError, load_settings
         ["idealised", "realistic-sglang", "realistic-sglang-aligned", "realistic-vllm", "realistic-vllm-aligned"]
     ),
     default=None,
-    help="A named engine model and information limits in one (gateway.sim.presets): realistic-* is the engine "
+    help="A named engine model and information limits in one (gateway.sim.presets) [realistic-sglang when no "
+    "engine or information-limit option is given]: realistic-* is the engine "
     "as shipped, the measured estimate error, 30% not streamed and 2 ms + up to 1 ms dispatch latency; "
     "-aligned adds the engine's own prefill alignment (SGLang --enable-prefill-delayer, vLLM "
     "--prefill-schedule-interval 2); replaces --engine-profile/--engine-flavor and the information-limit "
@@ -169,20 +170,24 @@ def simulate(
     virtual clock: an hour of trace takes seconds, deterministically from --seed. Prints one line per policy
     (TTFT, TPOT, output throughput); --output keeps every figure as JSON, --plot draws them as a PNG.
 
-    By default the gateway knows everything at once: exact prompt tokens, every first token, no network. The
-    options --estimate-error, --nonstream-share and --dispatch-latency-ms/--dispatch-jitter-ms take that away
-    as a real gateway lacks it (gateway.sim.information), drawn per request from --seed. --engine-profile
-    as-shipped runs the engines with their shipped defaults and step rules instead of the idealised model; with
-    it, --engine-prefill-delayer (SGLang) or --prefill-schedule-interval (vLLM) switches on the engine's own prefill
+    By default it runs the preset realistic-sglang (gateway.sim.presets): SGLang as shipped on DP+EP instances and
+    what a real gateway knows (the measured prompt-token estimate error, 30% of requests not streamed, 2 ms + up to
+    1 ms dispatch latency), drawn per request from --seed. --preset names another (idealised: the model every
+    figure before December 2026 used, where the gateway knows everything at once). Without --preset, any engine or
+    information-limit option builds the run from the idealised model instead: --estimate-error, --nonstream-share
+    and --dispatch-latency-ms/--dispatch-jitter-ms take information away (gateway.sim.information);
+    --engine-profile as-shipped runs the engines with their shipped defaults and step rules; with it,
+    --engine-prefill-delayer (SGLang) or --prefill-schedule-interval (vLLM) switches on the engine's own prefill
     alignment. --batching chooses the batch formation (stall-free, or FairBatching with --ttft-slo/--tpot-slo).
 
     \b
-    Example (every immediate-dispatch baseline against sbs, 10 minutes of trace):
+    Example (sbs against immediate-dispatch baselines, 10 minutes of trace, realistic-sglang):
       gateway simulate --trace azure-conv --duration 600 --policy sbs --policy round_robin \\
         --policy least_tokens --policy power_of_two --plot policies.png
 
     \b
-    Example (what a real gateway knows: estimated prompts, 30% not streamed, 2 ms +- 1 ms to the engines):
+    Example (the idealised model with only the information limits: estimated prompts, 30% not streamed, 2 ms +- 1 ms
+    to the engines):
       gateway simulate --trace azure-conv --duration 600 --policy sbs --policy least_tokens \\
         --estimate-error measured --nonstream-share 0.3 --dispatch-latency-ms 2 --dispatch-jitter-ms 1
     """
@@ -211,22 +216,26 @@ def simulate(
         scheduling = load_settings(config_path) if config_path else SimConfig()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    if preset is not None:
-        given = {
-            "--estimate-error": estimate_error != "none",
-            "--nonstream-share": nonstream_share != 0,
-            "--dispatch-latency-ms": dispatch_latency_ms != 0,
-            "--dispatch-jitter-ms": dispatch_jitter_ms != 0,
-            "--engine-profile": engine_profile != "idealised",
-            "--prefill-rate": prefill_rate is not None,
-            "--engine-prefill-delayer": enable_prefill_delayer,
-            "--prefill-delayer-max-delay-passes": prefill_delayer_max_delay_passes is not None,
-            "--prefill-delayer-token-usage-low-watermark": prefill_delayer_token_usage_low_watermark is not None,
-            "--prefill-schedule-interval": prefill_schedule_interval not in (None, 1),
-            "--batching": batching != "default",
-        }
-        if any(given.values()):
-            raise click.UsageError(f"--preset replaces {', '.join(k for k, v in given.items() if v)}")
+    given = {
+        "--estimate-error": estimate_error != "none",
+        "--nonstream-share": nonstream_share != 0,
+        "--dispatch-latency-ms": dispatch_latency_ms != 0,
+        "--dispatch-jitter-ms": dispatch_jitter_ms != 0,
+        "--engine-profile": engine_profile != "idealised",
+        "--engine-flavor": engine_flavor != "sglang",
+        "--prefill-rate": prefill_rate is not None,
+        "--engine-prefill-delayer": enable_prefill_delayer,
+        "--prefill-delayer-max-delay-passes": prefill_delayer_max_delay_passes is not None,
+        "--prefill-delayer-token-usage-low-watermark": prefill_delayer_token_usage_low_watermark is not None,
+        "--prefill-schedule-interval": prefill_schedule_interval not in (None, 1),
+        "--batching": batching != "default",
+    }
+    if preset is not None and any(given.values()):
+        raise click.UsageError(f"--preset replaces {', '.join(k for k, v in given.items() if v)}")
+    if preset is None and not any(given.values()):
+        from gateway.sim.presets import DEFAULT_PRESET
+
+        preset = DEFAULT_PRESET
     try:
         engine = engine_model_config(
             engine_profile,  # type: ignore[arg-type]

@@ -62,6 +62,9 @@ PRESET_NAMES: tuple[str, ...] = (
 )
 """The named presets, as ``gateway simulate --preset`` and the benches take them."""
 
+DEFAULT_PRESET = "realistic-sglang"
+"""The preset ``gateway simulate`` runs when given no preset and no engine or information-limit option."""
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -106,14 +106,28 @@ def run_cli(args: list[str], out) -> dict:
 
 
 def test_cli_simulate_is_deterministic_for_a_seed(tmp_path):
+    # idealised: the realistic default draws each request's estimate error and streaming from the seed as well
     args = ["--trace", "azure-conv", "--duration", "120", "--rate-scale", "4", "--instances", "2", "--dp-size", "4"]
-    args += ["--policy", "sbs", "--policy", "random", "--policy", "power_of_two"]
+    args += ["--policy", "sbs", "--policy", "random", "--policy", "power_of_two", "--preset", "idealised"]
     first = run_cli([*args, "--seed", "3"], tmp_path / "a.json")
     again = run_cli([*args, "--seed", "3"], tmp_path / "b.json")
     assert first == again
     other = run_cli([*args, "--seed", "4"], tmp_path / "c.json")
     assert other["sbs"] == first["sbs"]  # sbs draws no random numbers
     assert other["random"] != first["random"], "a different seed should change the random policy's placements"
+
+
+def test_cli_simulate_runs_realistic_sglang_unless_told_otherwise(tmp_path):
+    args = ["simulate", "--trace", "azure-code", "--duration", "30", "--policy", "sbs", "--no-progress"]
+    default = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "a.json")])
+    named = CliRunner().invoke(main, [*args, "--preset", "realistic-sglang", "--output", str(tmp_path / "b.json")])
+    custom = CliRunner().invoke(main, [*args, "--nonstream-share", "0.3", "--output", str(tmp_path / "c.json")])
+    assert default.exit_code == named.exit_code == custom.exit_code == 0, default.output + custom.output
+    assert "preset realistic-sglang:" in default.output and "preset" not in custom.output
+    figures = [json.loads((tmp_path / f"{n}.json").read_text())["sbs"] for n in "abc"]
+    for f in figures:
+        f.pop("wall_s")
+    assert figures[0] == figures[1] != figures[2]
 
 
 def test_cli_simulate_runs_sbs_with_the_scheduling_sections_of_a_config_file(tmp_path):
