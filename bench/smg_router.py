@@ -140,9 +140,17 @@ Reading this table:
   router-side state alone: `least_load` on its dispatch tally (trimmed each tick to the requests smg still holds),
   `cache_aware` on in-flight counts. (A listener on port 80 received smg's `GET /v1/loads?include=core,disagg,...`
   with the engine's `host:port` as Basic credentials.)
-- The simulated engines have no prefix cache in this round, and the replay's prompts share no prefix (a unique
+"""
+
+NO_CACHE_NOTE = """- The simulated engines have no prefix cache here, and the replay's prompts share no prefix (a unique
   tag, then filler; Azure conversation carries no prefix information), so smg's `cache_aware` misses its tree on
   every request and places by load, and no cache-aware policy can show a benefit here.
+"""
+
+CACHE_NOTE = """- The simulated engines run as shipped with a prefix cache per DP rank (`--profile as-shipped`), and the
+  replay's prompts share text exactly where the trace's `hash_ids` share 512-token blocks, so a request placed on
+  a rank that served its conversation's earlier turns skips their prefill. The last column is the share of prompt
+  tokens each engine found in its ranks' caches (`/_sim/requests`).
 """
 
 
@@ -181,7 +189,7 @@ def markdown(
             )
         if held is not None:
             lines.append(f"| {name} | smg `/get_loads` | {held['loads']} rank loads held | | | | | |")
-    return "\n".join(lines) + "\n" + NOTES
+    return "\n".join(lines) + "\n" + NOTES + (CACHE_NOTE if "prefix cache per DP rank" in engines else NO_CACHE_NOTE)
 
 
 if __name__ == "__main__":
