@@ -1,7 +1,7 @@
 """The evaluation of issue 13: every policy under the realistic preset, steady state first, in virtual time.
 
-For each preset (``gateway.sim.presets``: ``realistic-sglang`` and ``realistic-vllm`` first, ``idealised`` kept as
-a labelled column), each trace (Azure 2023 conversation and code, Mooncake conversation) and each instance mode
+For each preset (``gateway.sim.presets``: the realistic ones first, ``idealised`` kept as a labelled column), each
+trace (Azure 2023 conversation and code, Mooncake conversation) and each instance mode
 (``unified``: prefill and decode on every rank; ``prefill-only``: every output one token, the P/D prefill pool,
 ``gateway.sim.presets.prefill_only``):
 
@@ -9,8 +9,8 @@ a labelled column), each trace (Azure 2023 conversation and code, Mooncake conve
    steady-state run (the whole trace hour, or ``--steady-minutes``): the highest rate scale at which the backlog
    does not grow over the second half and at least 90% of requests meet the derived SLO, by geometric bisection
    over ``Plan.rate_range`` (fractions of the run's analytic capacity, ``gateway.sim.capacity``: 1% to 100%, since
-   bursty Azure code sustains under 10% of its mean-rate capacity). The best baseline's is
-   the reference rate.
+   bursty Azure code sustains under 10% of its mean-rate capacity; the top of the range is never run). The best
+   baseline's is the reference rate.
 2. **Steady state (primary)**: every policy on the same run at 50%, 70% and 90% of the reference rate. Five slices
    per figure: the run's requests in fifths by arrival, sbs against the best baseline per fifth, with the spread.
 3. **Transients (secondary)**: every policy on ``--transient-slices`` consecutive ``--transient-minutes`` slices,
@@ -21,16 +21,17 @@ preset's engine model), TTFT 2 s with TPOT 50 ms and 100 ms, and the derived TTF
 flat 2 s is out of reach for Mooncake's long prompts; the unified model's TPOT rarely meets 100 ms, and a
 prefill-only instance meets any TPOT objective trivially).
 
-The default plan is cut to what one session can run (about 9,000 CPU-seconds, some 80 minutes at ``--jobs 2`` on an
-idle 2-core machine; measured December 2026: a 20-minute steady run at 2 x 8 under ``realistic-sglang`` takes
-about 13 s of CPU on Azure conv, 17 s on Mooncake, 1 s on Azure code and 5 s prefill-only): four presets
-(``realistic-sglang`` as the headline, ``realistic-sglang-aligned`` for the engine's own prefill alignment,
-``realistic-vllm``, and ``idealised`` as the labelled column); the first 20 minutes of each trace as the
-steady-state run; :data:`REPORT_POLICIES` (sbs and the strongest baselines of issue 13, one per rule); the rate
-searched for ``cache_aware`` (the SGLang Model Gateway's default) and ``phase_aware`` (sbs's cost placed at once),
-5 geometric bisections over 1-100% of the analytic capacity (each answer within a factor 1.155 below
-the threshold). Every one of these is an option; the whole hour, every policy and every baseline's rate search is
-``--steady-minutes 0 --policies all --rate-policies all`` (some 25 CPU-hours).
+The default plan is cut to what one session can run (measured December 2026: a 20-minute steady run at 2 x 8 under
+``realistic-sglang`` takes about 13 s of CPU on Azure conv and 17 s on Mooncake near the reference rate, 5 s
+prefill-only, several times more when overloaded; the whole plan about 75 minutes at ``--jobs 2``): three presets
+(``realistic-sglang`` as the headline, ``realistic-sglang-aligned`` for the engine's own prefill alignment, and
+``idealised`` as the labelled column; ``--presets`` adds ``realistic-vllm`` and ``realistic-vllm-aligned``); the
+first 20 minutes of each trace as the steady-state run; :data:`REPORT_POLICIES` (sbs and the strongest baselines
+of issue 13, one per rule); the rate searched for ``cache_aware`` (the SGLang Model Gateway's default) and
+``phase_aware`` (sbs's cost placed at once), 5 geometric bisections over 1-100% of the analytic capacity (each
+answer within a factor 1.155 below the threshold). Every one of these is an option; the whole hour, every policy
+and every baseline's rate search is ``--steady-minutes 0 --policies all --rate-policies all`` (some 25
+CPU-hours).
 
     .venv/bin/python bench/evaluate.py --jobs 2          # writes evaluation.{json,md} in bench/results/
     .venv/bin/python bench/evaluate.py --quick           # a one-minute smoke test: evaluation_quick.{json,md}
@@ -100,13 +101,13 @@ class Plan:
         transient_slices: consecutive transient slices per trace.
         instances: engine instances.
         dp_size: DP ranks per instance.
-        bisection_steps: bisections of the rate search (at most ``steps + 2`` runs per baseline).
+        bisection_steps: bisections of the rate search (``steps + 1`` runs per baseline).
         rate_range: the rate search's range, fractions of the steady run's analytic capacity.
         slo_scale: scale of the derived SLO.
         seed: the simulations' seed (information limits' draws, randomised policies).
     """
 
-    presets: tuple[str, ...] = ("realistic-sglang", "realistic-sglang-aligned", "realistic-vllm", "idealised")
+    presets: tuple[str, ...] = ("realistic-sglang", "realistic-sglang-aligned", "idealised")
     traces: tuple[str, ...] = TRACES
     modes: tuple[str, ...] = MODES
     policies: tuple[str, ...] = REPORT_POLICIES

@@ -122,10 +122,11 @@ def test_max_sustainable_scale_bisects_within_its_budget():
         return scale <= 3.3
 
     found = max_sustainable_scale(sustainable, 1.0, 9.0, steps=6)
-    assert 3.3 - 8.0 / 2**6 <= found.scale <= 3.3
-    assert len(calls) == 8 and [s for s, _ in found.probes] == calls
+    assert 3.3 / 9.0 ** (1 / 2**6) <= found.scale <= 3.3
+    assert len(calls) == 7 and [s for s, _ in found.probes] == calls and 9.0 not in calls
     assert max_sustainable_scale(lambda s: False, 1.0, 2.0).scale == 0.0
-    assert max_sustainable_scale(lambda s: True, 1.0, 2.0).scale == 2.0
+    always = max_sustainable_scale(lambda s: True, 1.0, 2.0, steps=4)
+    assert 2.0 / 2.0 ** (1 / 2**4) <= always.scale < 2.0
     with pytest.raises(ValueError):
         max_sustainable_scale(sustainable, 2.0, 1.0)
 
