@@ -126,7 +126,7 @@ def test_max_sustainable_scale_bisects_within_its_budget():
     assert len(calls) == 7 and [s for s, _ in found.probes] == calls and 9.0 not in calls
     assert max_sustainable_scale(lambda s: False, 1.0, 2.0).scale == 0.0
     always = max_sustainable_scale(lambda s: True, 1.0, 2.0, steps=4)
-    assert 2.0 / 2.0 ** (1 / 2**4) <= always.scale < 2.0
+    assert always.scale == pytest.approx(2.0 / 2.0 ** (1 / 2**4)) and len(always.probes) == 5
     with pytest.raises(ValueError):
         max_sustainable_scale(sustainable, 2.0, 1.0)
 
