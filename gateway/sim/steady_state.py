@@ -132,6 +132,8 @@ def max_sustainable_scale(
     Raises:
         ValueError: ``not 0 < lo < hi`` or ``steps < 0``.
     """
+    if not 0 < lo < hi or steps < 0:
+        raise ValueError(f"need 0 < lo < hi and steps >= 0, got lo={lo}, hi={hi}, steps={steps}")
     probes: list[tuple[float, bool]] = []
 
     def ok(scale: float) -> bool:
