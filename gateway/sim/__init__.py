@@ -2,7 +2,8 @@
 
 - :mod:`.engine_defaults`, :mod:`.calibration`, :mod:`.engine_model`: what SGLang and vLLM do by default, the
   engine model's settings (idealised or as shipped) with their published calibration (``docs/design.md`` §5), and
-  the pure engine model; :mod:`.capacity`: a trace's analytic load on it.
+  the pure engine model, whose parts (a rank's state, step composition, admission, prefix cache, prefill alignment,
+  FairBatching) are :mod:`.engine`; :mod:`.capacity`: a trace's analytic load on it.
 - :mod:`.simulate`: the gateway's own scheduler against engine models, in virtual time; :mod:`.compare`: one
   simulation per policy, as ``gateway simulate`` and the benchmarks run them; :mod:`.information`: what a real
   gateway knows; :mod:`.presets`: named engine models and information limits (``idealised``, ``realistic-*``) and

@@ -32,6 +32,15 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "logs": ("gateway.logs",),
         "plots": ("gateway.plots",),
     },
+    # the simulated engine: its settings and the pure model with its parts (no simulator, no mock engine, no HTTP)
+    {
+        "engine model": (
+            "gateway.sim.engine_defaults",
+            "gateway.sim.calibration",
+            "gateway.sim.engine_model",
+            "gateway.sim.engine",
+        )
+    },
     {
         "engines": ("gateway.engines",),
         # the load's pure state (view, health); its asyncio loops are "load monitors" above
