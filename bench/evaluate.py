@@ -304,6 +304,7 @@ def evaluate(
     pool: Executor,
     load: Callable[[str], list[TraceRequest]] | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every case of ``plan``: ``{"plan", "presets": {name: settings}, "cases": {preset: {trace: {mode: case}}}}``.
 
@@ -311,6 +312,8 @@ def evaluate(
         pool: where the simulations run (a process pool, or any executor).
         load: trace name → its requests (default: the bundled trace).
         on_case: called with the report so far after each case (to write partial results).
+        reuse: an earlier report whose cases are taken as they are where its plan (presets aside) and the
+            preset's settings equal this one's (:func:`reusable`); their names go in ``report["reused"]``.
     """
     loader = load or (lambda name: load_trace(resolve_trace(name)))
     report: dict[str, Any] = {
@@ -318,15 +321,36 @@ def evaluate(
         "presets": {name: preset(name, plan.dp_size).settings() for name in plan.presets},
         "cases": {},
     }
+    report["reused"] = []
     for name in plan.presets:
         for trace_name in plan.traces:
             for mode in plan.modes:
-                case = evaluate_case(plan, name, trace_name, mode, pool, loader)
+                case = reusable(reuse, report, name, trace_name, mode)
+                if case is not None:
+                    report["reused"].append(f"{name} {trace_name} {mode}")
+                else:
+                    case = evaluate_case(plan, name, trace_name, mode, pool, loader)
                 report["cases"].setdefault(name, {}).setdefault(trace_name, {})[mode] = case
                 print(f"{name} {trace_name} {mode}: reference {case['reference']}", file=sys.stderr)
                 if on_case is not None:
                     on_case(report)
     return report
+
+
+def reusable(
+    earlier: dict[str, Any] | None, report: dict[str, Any], name: str, trace: str, mode: str
+) -> dict[str, Any] | None:
+    """``earlier``'s case for ``name``, ``trace`` and ``mode`` if it ran the same plan (presets aside) and the
+    preset had the same settings, else ``None``."""
+    if earlier is None:
+        return None
+    plan = {k: v for k, v in report["plan"].items() if k != "presets"}
+    then = {k: v for k, v in earlier["plan"].items() if k != "presets"}
+    same = json.loads(json.dumps(plan)) == then and earlier["presets"].get(name) == json.loads(
+        json.dumps(report["presets"][name])
+    )
+    case: dict[str, Any] | None = earlier["cases"].get(name, {}).get(trace, {}).get(mode)
+    return case if same else None
 
 
 def ms(x: float | None) -> str:
@@ -392,6 +416,11 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
         "## Presets",
         "",
     ]
+    if report.get("reused"):
+        md[-2:-2] = [
+            f"Cases taken from an earlier run of the same plan and preset settings: {', '.join(report['reused'])}.",
+            "",
+        ]
     for name in report["presets"]:
         md += [f"- `{name}`: {preset(name, plan['dp_size']).describe()}"]
     md += ["", "Every setting of each preset is in the JSON (`presets`).", ""]
@@ -552,6 +581,13 @@ def main() -> None:
     ap.add_argument(
         "--output", type=Path, help="path without suffix [evaluation, or evaluation_quick, in bench/results/]"
     )
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier report (JSON) whose cases are kept where the plan and the preset's settings are the same "
+        "(an interrupted run resumes; a preset whose engine model changed in a way its settings do not show must "
+        "not be reused)",
+    )
     args = ap.parse_args()
     plan = QUICK if args.quick else Plan()
     lists: dict[str, Any] = {n: parse_list(n, getattr(args, n)) for n in LIST_OPTIONS if getattr(args, n)}
@@ -567,8 +603,9 @@ def main() -> None:
     def partial(report: dict[str, Any]) -> None:
         write(output, report, command, f"Partial: {time.perf_counter() - started:.0f} s so far, still running.")
 
+    reuse = json.loads(args.reuse.read_text()) if args.reuse else None
     with ProcessPoolExecutor(args.jobs) as pool:
-        report = evaluate(plan, pool, on_case=partial)
+        report = evaluate(plan, pool, on_case=partial, reuse=reuse)
     elapsed = time.perf_counter() - started
     count, wall = runs_in(report)
     report["elapsed_s"] = elapsed

@@ -119,6 +119,13 @@ SGLANG_PREFILL_DELAYER_MAX_DELAY_PASSES = 30
 """SGLang's ``--prefill-delayer-max-delay-passes`` default, forward passes (sglang/srt/arg_groups/fields/schedule.py;
 ``--enable-prefill-delayer`` itself defaults to False)."""
 
+SGLANG_HELD_PASS_S = 0.001
+"""Duration of a scheduler pass in which SGLang's PrefillDelayer holds prefill and no rank has anything to run,
+seconds: assumed, not measured. Such a pass runs no forward (with DP attention the ranks run idle batches only when
+some rank has a batch); it costs the delayer's all-gather over the CPU (gloo) group of the DP ranks and one turn of
+the scheduler loop (sglang/srt/managers/prefill_delayer.py, ``cpu_group``), a millisecond at most on one host,
+against the ~11 ms all-to-all of a forward pass at EP 8."""
+
 SGLANG_PREFILL_DELAYER_MAX_PREFILL_BS_WINDOW = 16
 """Prefill attempts over which SGLang's PrefillDelayer takes its largest recent prefill batch, ``max_prefill_bs``
 (``SGLANG_PREFILL_DELAYER_MAX_PREFILL_BS_WINDOW_SIZE``, sglang/srt/environ.py; ``RecentPrefillBatchSizeTracker`` in

@@ -53,6 +53,7 @@ from gateway.sim.engine.fairbatching import FairBatching
 from gateway.sim.engine.prefill_alignment import PrefillAlignment
 from gateway.sim.engine.prefix_cache import PrefixCache
 from gateway.sim.engine.rank import Rank, RankStep, Request
+from gateway.sim.engine_defaults import SGLANG_HELD_PASS_S
 from gateway.types import PREFIX_BLOCK_TOKENS
 
 
@@ -280,6 +281,8 @@ class EngineModel:
         self._steps += 1
         self._in_step = True
         duration, work = self._duration(steps)
+        if "open" not in gates and not any(s.prefill_tokens or s.decoding for s in steps):
+            duration, work = SGLANG_HELD_PASS_S, [0.0] * n  # a held pass with no forward (SGLANG_HELD_PASS_S)
         self._clock_s += duration
         prefill_tokens = [s.prefill_tokens for s in steps]
         return StepResult(duration, tokens, prefill_tokens, [len(s.decoding) for s in steps], work)

@@ -55,7 +55,13 @@ def test_evaluation_core_on_a_tiny_slice(evaluate_module):
     with ThreadPoolExecutor(1) as pool:
         report = ev.evaluate(plan, pool, load=tiny)
         again = ev.evaluate(plan, pool, load=tiny)
+        earlier = json.loads(json.dumps(report))
+        resumed = ev.evaluate(plan, pool, load=tiny, reuse=earlier)
+        earlier["presets"]["idealised"]["engine"]["alltoall_s"] = 1.0  # a preset whose settings changed is rerun
+        partly = ev.evaluate(plan, pool, load=tiny, reuse=earlier)
     assert strip_wall(report) == strip_wall(again)
+    assert resumed["cases"] == earlier["cases"] and len(resumed["reused"]) == 4
+    assert partly["reused"] == ["realistic-sglang azure-conv unified", "realistic-sglang azure-conv prefill-only"]
     json.dumps(report)
     assert set(report["presets"]) == {"realistic-sglang", "idealised"}
     assert report["presets"]["realistic-sglang"]["nonstream_share"] == 0.3
@@ -69,7 +75,7 @@ def test_evaluation_core_on_a_tiny_slice(evaluate_module):
             "derived TTFT/100ms",
         }
         probes = case["max_sustainable"]["least_tokens"]["probes"]
-        assert 1 <= len(probes) <= plan.bisection_steps + 2
+        assert 1 <= len(probes) <= plan.bisection_steps + 1
         assert set(case["steady"]) == {"0.5", "0.7", "0.9"}
         assert len(case["transient"]["slices"]) == 5
         for piece in case["transient"]["slices"]:

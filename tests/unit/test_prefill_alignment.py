@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.engine_defaults import SGLANG_HELD_PASS_S
 from gateway.sim.engine_model import EngineModel
 
 IDEALISED = EngineModelConfig()
@@ -61,6 +62,24 @@ def test_delayer_holds_a_mixed_instance_at_most_its_bound(
             m.add_request("late", 1, 500, 10)
         seen += prefilling_ranks(m, 1)
     assert seen == expected
+
+
+def test_a_held_pass_with_nothing_to_run_costs_no_forward() -> None:
+    m = model(2, enable_prefill_delayer=True)
+    m.add_request("a", 0, 100, 10)
+    m.add_request("b", 1, 100, 10)
+    m.step()  # both ranks prefill together: nothing held
+    while m.has_work():
+        m.step()
+    m.add_request("new", 0, 500, 10)  # mixed, and nothing runs anywhere: the pass is held without a forward
+    held = m.step()
+    assert held.prefill_tokens_per_rank == [0, 0] and held.duration_s == SGLANG_HELD_PASS_S
+    decoding = model(2, enable_prefill_delayer=True)
+    start_decoding(decoding, 0, 1)
+    start_decoding(decoding, 1, 1)
+    decoding.step()
+    decoding.add_request("new", 0, 500, 10)  # held while the ranks decode: a full forward pass
+    assert decoding.step().duration_s >= IDEALISED.alltoall_s
 
 
 def test_delayer_off_prefills_at_once() -> None:
