@@ -11,7 +11,9 @@ trace (Azure 2023 conversation and code, Mooncake conversation) and each instanc
    over ``Plan.rate_range`` (fractions of the run's analytic capacity, ``gateway.sim.capacity``: 1% to 100%, since
    bursty Azure code sustains under 10% of its mean-rate capacity; the top of the range is never run). The best
    baseline's is the reference rate.
-2. **Steady state (primary)**: every policy on the same run at 50%, 70% and 90% of the reference rate. Five slices
+2. **Steady state (primary)**: every policy on the same run at 50%, 70% and 90% of the reference rate (for an
+   ``-aligned`` preset, the same flavour's plain preset's reference: the same traffic with the engine's own
+   alignment on). Five slices
    per figure: the run's requests in fifths by arrival, sbs against the best baseline per fifth, with the spread.
 3. **Transients (secondary)**: every policy on ``--transient-slices`` consecutive ``--transient-minutes`` slices,
    each at 80% of its own analytic capacity (the earlier reports' setting), pooled, with the per-slice spread.
@@ -229,9 +231,20 @@ def deltas_per_fifth(rows: dict[str, dict[str, Any]], figure: str) -> list[float
 
 
 def evaluate_case(
-    plan: Plan, preset_name: str, trace_name: str, mode: str, pool: Executor, load: Callable[[str], list[TraceRequest]]
+    plan: Plan,
+    preset_name: str,
+    trace_name: str,
+    mode: str,
+    pool: Executor,
+    load: Callable[[str], list[TraceRequest]],
+    shared_reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One preset, trace and mode: the rate search, the steady-state runs and the transients."""
+    """One preset, trace and mode: the rate search, the steady-state runs and the transients.
+
+    ``shared_reference`` (``{"policy", "scale", "preset"}``), given for an ``-aligned`` preset, sets the steady
+    loads from the same flavour's plain preset's reference, so that both run the same traffic (the engine's own
+    alignment switched on or not); the aligned preset's own sustainable rates are still searched and reported.
+    """
     transform: Callable[[list[TraceRequest]], list[TraceRequest]] = prefill_only if mode == "prefill-only" else list
     full = load(trace_name)
     steady = transform(window(full, 0.0, None if plan.steady_minutes is None else plan.steady_minutes * 60))
@@ -255,6 +268,9 @@ def evaluate_case(
     rates = {s["policy"]: s for s in searches}
     reference = max(rates, key=lambda p: rates[p]["scale"])
     ref_scale = rates[reference]["scale"]
+    ref_from = preset_name
+    if shared_reference is not None:
+        reference, ref_scale, ref_from = (shared_reference[k] for k in ("policy", "scale", "preset"))
     case: dict[str, Any] = {
         "capacity": capacity.as_dict(),
         "slos": {name: slo.as_dict() for name, slo in slos.items()},
@@ -267,7 +283,7 @@ def evaluate_case(
             }
             for p, s in rates.items()
         },
-        "reference": {"policy": reference, "scale": ref_scale},
+        "reference": {"policy": reference, "scale": ref_scale, "preset": ref_from},
         "steady": {},
         "transient": {},
     }
@@ -326,10 +342,14 @@ def evaluate(
         for trace_name in plan.traces:
             for mode in plan.modes:
                 case = reusable(reuse, report, name, trace_name, mode)
+                plain = report["cases"].get(name.removesuffix("-aligned"), {}).get(trace_name, {}).get(mode)
+                shared = None
+                if name.endswith("-aligned") and plain is not None:
+                    shared = plain["reference"] | {"preset": name.removesuffix("-aligned")}
                 if case is not None:
                     report["reused"].append(f"{name} {trace_name} {mode}")
                 else:
-                    case = evaluate_case(plan, name, trace_name, mode, pool, loader)
+                    case = evaluate_case(plan, name, trace_name, mode, pool, loader, shared)
                 report["cases"].setdefault(name, {}).setdefault(trace_name, {})[mode] = case
                 print(f"{name} {trace_name} {mode}: reference {case['reference']}", file=sys.stderr)
                 if on_case is not None:
@@ -438,11 +458,15 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
                     f"{d['ttft_per_unloaded']:g} x unloaded TTFT, TPOT <= {d['tpot_s'] * 1000:,.0f} ms."
                 )
                 rates = case["max_sustainable"]
+                ref = case["reference"]
+                ref_text = f"reference {ref['policy']}"
+                if ref.get("preset", name) != name:
+                    ref_text += f" of `{ref['preset']}` (the same traffic, the engine's own alignment off)"
                 md += [
                     "",
                     "Maximum sustainable rate: "
                     + ", ".join(f"{p} {r['rps']:.2f} req/s (x{r['scale']:.2f})" for p, r in rates.items())
-                    + f"; reference {case['reference']['policy']}.",
+                    + f"; {ref_text}.",
                 ]
                 if not case["steady"]:
                     md += ["", "No baseline is sustainable at the bottom of the search range: no steady-state runs."]

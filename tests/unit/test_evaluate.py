@@ -90,3 +90,28 @@ def test_evaluation_core_on_a_tiny_slice(evaluate_module):
     assert "## Preset `realistic-sglang` (headline)" in md and "## Preset `idealised` (labelled column)" in md
     assert "### azure-conv, prefill-only" in md and "goodput 2s/50ms" in md
     assert ev.runs_in(report)[0] > 0
+
+
+def test_an_aligned_preset_runs_the_plain_presets_traffic(evaluate_module):
+    ev = evaluate_module
+    plan = ev.Plan(
+        presets=("realistic-sglang", "realistic-sglang-aligned"),
+        traces=("azure-conv",),
+        modes=("unified",),
+        policies=("sbs", "least_tokens"),
+        rate_policies=("least_tokens",),
+        steady_minutes=0.5,
+        transient_minutes=0.1,
+        transient_slices=1,
+        instances=1,
+        dp_size=2,
+        bisection_steps=1,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        report = ev.evaluate(plan, pool, load=tiny)
+    plain = report["cases"]["realistic-sglang"]["azure-conv"]["unified"]
+    aligned = report["cases"]["realistic-sglang-aligned"]["azure-conv"]["unified"]
+    assert aligned["reference"] == plain["reference"] | {"preset": "realistic-sglang"}
+    assert [e["scale"] for e in aligned["steady"].values()] == [e["scale"] for e in plain["steady"].values()]
+    assert "least_tokens" in aligned["max_sustainable"]
+    assert "the engine's own alignment off" in "\n".join(ev.markdown(report, "test"))
