@@ -445,6 +445,7 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
         md += [f"- `{name}`: {preset(name, plan['dp_size']).describe()}"]
     md += ["", "Every setting of each preset is in the JSON (`presets`).", ""]
     md += summary(report)
+    md += alignment(report)
     for name, traces in report["cases"].items():
         md += ["", f"## Preset `{name}`" + (" (headline)" if name == plan["presets"][0] else " (labelled column)")]
         for trace_name, modes in traces.items():
@@ -522,6 +523,47 @@ def summary(report: dict[str, Any]) -> list[str]:
                     row = [name, trace_name, mode, label, *cells, " / ".join(best)]
                     md.append("| " + " | ".join(row) + " |")
     return md
+
+
+def alignment(report: dict[str, Any]) -> list[str]:
+    """Each plain realistic preset against its ``-aligned`` twin on the same traffic: the best baseline and sbs, with
+    the engine's own prefill alignment off and on, at each steady load (TTFT mean / p99 and TPOT mean, ms)."""
+    md: list[str] = []
+    for name in report["cases"]:
+        twin = report["cases"].get(f"{name}-aligned")
+        if twin is None:
+            continue
+        md += [
+            "",
+            f"## The engine's own alignment: `{name}` against `{name}-aligned`, the same traffic",
+            "",
+            "Best baseline = the lowest TTFT mean among the baselines in that run. TTFT mean / p99, TPOT mean, ms.",
+            "",
+            "| trace | mode | load | best baseline, off | best baseline, on | sbs, off | sbs, on |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for trace_name, modes in report["cases"][name].items():
+            for mode, case in modes.items():
+                other = twin.get(trace_name, {}).get(mode)
+                if other is None:
+                    continue
+                for load, entry in case["steady"].items():
+                    twin_entry = other["steady"].get(load)
+                    if twin_entry is None:
+                        continue
+                    cells = []
+                    for rows in (entry["rows"], twin_entry["rows"]):
+                        best = best_ttft(rows, "mean")
+                        cells.append(f"{best} {figures(rows[best])}")
+                    cells += [figures(entry["rows"]["sbs"]), figures(twin_entry["rows"]["sbs"])]
+                    md.append(f"| {trace_name} | {mode} | {float(load):.0%} | " + " | ".join(cells) + " |")
+    return md
+
+
+def figures(row: dict[str, Any]) -> str:
+    """``TTFT mean / p99, TPOT mean`` of one row, ms."""
+    t, p = row["ttft_s"], row["tpot_s"]
+    return f"{ms(t['mean'])} / {ms(t['p99'])}, {ms(p['mean'])}"
 
 
 def mean_of(values: list[float | None]) -> float | None:
@@ -606,6 +648,11 @@ def main() -> None:
         "--output", type=Path, help="path without suffix [evaluation, or evaluation_quick, in bench/results/]"
     )
     ap.add_argument(
+        "--render",
+        action="store_true",
+        help="only write the Markdown again from the report's JSON (``--output``), running nothing",
+    )
+    ap.add_argument(
         "--reuse",
         type=Path,
         help="an earlier report (JSON) whose cases are kept where the plan and the preset's settings are the same "
@@ -621,6 +668,11 @@ def main() -> None:
     if args.bisection_steps is not None:
         plan = replace(plan, bisection_steps=args.bisection_steps)
     output = args.output or RESULTS / ("evaluation_quick" if args.quick else "evaluation")
+    if args.render:
+        report = json.loads(output.with_suffix(".json").read_text())
+        footer = f"Generated in {report['elapsed_s']:.0f} s ({report['simulations']} simulations)."
+        write(output, report, report.get("command", "python bench/evaluate.py"), footer)
+        return
     command = " ".join(["python bench/evaluate.py", *sys.argv[1:]])
     started = time.perf_counter()
 
@@ -634,6 +686,7 @@ def main() -> None:
     count, wall = runs_in(report)
     report["elapsed_s"] = elapsed
     report["simulations"] = count
+    report["command"] = command
     write(output, report, command, f"Generated in {elapsed:.0f} s ({count} simulations, {args.jobs} in parallel).")
     print(f"wrote {output}.md ({elapsed:.0f} s, {count} simulations, {wall:.0f} s of load runs)", file=sys.stderr)
 

@@ -114,4 +114,5 @@ def test_an_aligned_preset_runs_the_plain_presets_traffic(evaluate_module):
     assert aligned["reference"] == plain["reference"] | {"preset": "realistic-sglang"}
     assert [e["scale"] for e in aligned["steady"].values()] == [e["scale"] for e in plain["steady"].values()]
     assert "least_tokens" in aligned["max_sustainable"]
-    assert "the engine's own alignment off" in "\n".join(ev.markdown(report, "test"))
+    md = "\n".join(ev.markdown(report, "test"))
+    assert "the engine's own alignment off" in md and "against `realistic-sglang-aligned`, the same traffic" in md
