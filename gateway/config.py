@@ -277,8 +277,12 @@ class UpstreamConfig(_Strict):
     first_byte_timeout_s: PositiveFloat = 300.0
     """Longest wait from sending a request to its first answer byte (for a stream: its first event), seconds.
     Covers the engine's queueing and prefill, so it must exceed the longest prefill expected under load."""
-    idle_timeout_s: PositiveFloat = 60.0
-    """Longest silence between two chunks of an answer once it has started, seconds."""
+    idle_timeout_s: PositiveFloat = 300.0
+    """Longest silence between two chunks of an answer once it has started, seconds. Must exceed the longest pause
+    an engine puts in a stream under load: SGLang retracts running requests when KV runs short and prefills them
+    again later (vLLM preempts and recomputes), with no token in between; the simulated SGLang as shipped paused
+    a Mooncake stream for 107 s at 64% load (``bench/results/smg_router_mooncake.md``), where 60 s cut 4-8 of
+    217 streams that smg, which has no such limit, completed."""
     total_timeout_s: PositiveFloat = 1800.0
     """Longest a whole request may take at the engine, from sending it to its last byte, seconds."""
     max_connections: int = Field(default=0, ge=0)
