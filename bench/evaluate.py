@@ -25,12 +25,12 @@ prefill-only instance meets any TPOT objective trivially).
 
 The default plan is cut to what one session can run (measured December 2026: a 20-minute steady run at 2 x 8 under
 ``realistic-sglang`` takes about 13 s of CPU on Azure conv and 17 s on Mooncake near the reference rate, 5 s
-prefill-only, several times more when overloaded; the whole plan about 75 minutes at ``--jobs 2``): three presets
-(``realistic-sglang`` as the headline, ``realistic-sglang-aligned`` for the engine's own prefill alignment, and
-``idealised`` as the labelled column; ``--presets`` adds ``realistic-vllm`` and ``realistic-vllm-aligned``); the
-first 20 minutes of each trace as the steady-state run; :data:`REPORT_POLICIES` (sbs and the strongest baselines
+prefill-only, several times more when overloaded; the whole plan about 100 minutes at ``--jobs 2``): five presets
+(``realistic-sglang`` as the headline, ``realistic-vllm``, each with its ``-aligned`` twin for the engine's own
+prefill alignment, and ``idealised`` as the labelled column); the first 20 minutes of each trace as the steady-state run; :data:`REPORT_POLICIES` (sbs and the strongest baselines
 of issue 13, one per rule); the rate searched for ``cache_aware`` (the SGLang Model Gateway's default) and
-``phase_aware`` (sbs's cost placed at once), 5 geometric bisections over 1-100% of the analytic capacity (each
+``phase_aware`` (sbs's cost placed at once; ``cache_aware`` places a prompt that shares no block with an earlier
+one exactly as ``least_load`` does, so on the Azure traces the search covers that too), 5 geometric bisections over 1-100% of the analytic capacity (each
 answer within a factor 1.155 below the threshold). Every one of these is an option; the whole hour, every policy
 and every baseline's rate search is ``--steady-minutes 0 --policies all --rate-policies all`` (some 25
 CPU-hours).
@@ -109,7 +109,13 @@ class Plan:
         seed: the simulations' seed (information limits' draws, randomised policies).
     """
 
-    presets: tuple[str, ...] = ("realistic-sglang", "realistic-sglang-aligned", "idealised")
+    presets: tuple[str, ...] = (
+        "realistic-sglang",
+        "realistic-sglang-aligned",
+        "realistic-vllm",
+        "realistic-vllm-aligned",
+        "idealised",
+    )
     traces: tuple[str, ...] = TRACES
     modes: tuple[str, ...] = MODES
     policies: tuple[str, ...] = REPORT_POLICIES
@@ -320,7 +326,7 @@ def evaluate(
     pool: Executor,
     load: Callable[[str], list[TraceRequest]] | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
-    reuse: dict[str, Any] | None = None,
+    reuse: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Every case of ``plan``: ``{"plan", "presets": {name: settings}, "cases": {preset: {trace: {mode: case}}}}``.
 
@@ -328,8 +334,9 @@ def evaluate(
         pool: where the simulations run (a process pool, or any executor).
         load: trace name → its requests (default: the bundled trace).
         on_case: called with the report so far after each case (to write partial results).
-        reuse: an earlier report whose cases are taken as they are where its plan (presets aside) and the
-            preset's settings equal this one's (:func:`reusable`); their names go in ``report["reused"]``.
+        reuse: earlier reports whose cases are taken as they are where the report's plan (presets aside) and the
+            preset's settings equal this one's (:func:`reusable`; the first such report wins); their names go in
+            ``report["reused"]``.
     """
     loader = load or (lambda name: load_trace(resolve_trace(name)))
     report: dict[str, Any] = {
@@ -338,10 +345,13 @@ def evaluate(
         "cases": {},
     }
     report["reused"] = []
+    earlier = list(reuse)
     for name in plan.presets:
         for trace_name in plan.traces:
             for mode in plan.modes:
-                case = reusable(reuse, report, name, trace_name, mode)
+                case = next(
+                    (c for c in (reusable(e, report, name, trace_name, mode) for e in earlier) if c is not None), None
+                )
                 plain = report["cases"].get(name.removesuffix("-aligned"), {}).get(trace_name, {}).get(mode)
                 shared = None
                 if name.endswith("-aligned") and plain is not None:
@@ -358,12 +368,10 @@ def evaluate(
 
 
 def reusable(
-    earlier: dict[str, Any] | None, report: dict[str, Any], name: str, trace: str, mode: str
+    earlier: dict[str, Any], report: dict[str, Any], name: str, trace: str, mode: str
 ) -> dict[str, Any] | None:
     """``earlier``'s case for ``name``, ``trace`` and ``mode`` if it ran the same plan (presets aside) and the
     preset had the same settings, else ``None``."""
-    if earlier is None:
-        return None
     plan = {k: v for k, v in report["plan"].items() if k != "presets"}
     then = {k: v for k, v in earlier["plan"].items() if k != "presets"}
     same = json.loads(json.dumps(plan)) == then and earlier["presets"].get(name) == json.loads(
@@ -632,6 +640,20 @@ def write(output: Path, report: dict[str, Any], command: str, footer: str) -> No
     output.with_suffix(".md").write_text("\n".join([*markdown(report, command), "", footer]) + "\n")
 
 
+def without_reuse(argv: list[str]) -> list[str]:
+    """The command line without its ``--reuse`` options (the report's command is the one that regenerates it)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--reuse":
+            skip = True
+        elif not arg.startswith("--reuse="):
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke test: two presets, one trace, three policies")
@@ -655,9 +677,11 @@ def main() -> None:
     ap.add_argument(
         "--reuse",
         type=Path,
-        help="an earlier report (JSON) whose cases are kept where the plan and the preset's settings are the same "
-        "(an interrupted run resumes; a preset whose engine model changed in a way its settings do not show must "
-        "not be reused)",
+        action="append",
+        default=[],
+        help="an earlier report (JSON; repeatable, the first match wins) whose cases are kept where the plan and "
+        "the preset's settings are the same (an interrupted run resumes, or separate runs make one report; a "
+        "preset whose engine model changed in a way its settings do not show must not be reused)",
     )
     args = ap.parse_args()
     plan = QUICK if args.quick else Plan()
@@ -670,16 +694,18 @@ def main() -> None:
     output = args.output or RESULTS / ("evaluation_quick" if args.quick else "evaluation")
     if args.render:
         report = json.loads(output.with_suffix(".json").read_text())
-        footer = f"Generated in {report['elapsed_s']:.0f} s ({report['simulations']} simulations)."
+        footer = report.get(
+            "footer", f"Generated in {report['elapsed_s']:.0f} s ({report['simulations']} simulations)."
+        )
         write(output, report, report.get("command", "python bench/evaluate.py"), footer)
         return
-    command = " ".join(["python bench/evaluate.py", *sys.argv[1:]])
+    command = " ".join(["python bench/evaluate.py", *without_reuse(sys.argv[1:])])
     started = time.perf_counter()
 
     def partial(report: dict[str, Any]) -> None:
         write(output, report, command, f"Partial: {time.perf_counter() - started:.0f} s so far, still running.")
 
-    reuse = json.loads(args.reuse.read_text()) if args.reuse else None
+    reuse = [json.loads(path.read_text()) for path in args.reuse]
     with ProcessPoolExecutor(args.jobs) as pool:
         report = evaluate(plan, pool, on_case=partial, reuse=reuse)
     elapsed = time.perf_counter() - started
@@ -687,7 +713,14 @@ def main() -> None:
     report["elapsed_s"] = elapsed
     report["simulations"] = count
     report["command"] = command
-    write(output, report, command, f"Generated in {elapsed:.0f} s ({count} simulations, {args.jobs} in parallel).")
+    footer = f"Generated in {elapsed:.0f} s ({count} simulations, {args.jobs} in parallel)."
+    if report["reused"]:
+        earlier = "; ".join(
+            f"`{e.get('command', p)}` ({e.get('elapsed_s', 0):.0f} s)" for p, e in zip(args.reuse, reuse, strict=True)
+        )
+        footer += f" The reused cases came from earlier runs of the same code: {earlier}; the count includes them."
+    report["footer"] = footer
+    write(output, report, command, footer)
     print(f"wrote {output}.md ({elapsed:.0f} s, {count} simulations, {wall:.0f} s of load runs)", file=sys.stderr)
 
 

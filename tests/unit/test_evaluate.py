@@ -56,11 +56,15 @@ def test_evaluation_core_on_a_tiny_slice(evaluate_module):
         report = ev.evaluate(plan, pool, load=tiny)
         again = ev.evaluate(plan, pool, load=tiny)
         earlier = json.loads(json.dumps(report))
-        resumed = ev.evaluate(plan, pool, load=tiny, reuse=earlier)
+        resumed = ev.evaluate(plan, pool, load=tiny, reuse=[earlier])
+        halves = [json.loads(json.dumps(report)) for _ in range(2)]
+        del halves[0]["cases"]["idealised"], halves[1]["cases"]["realistic-sglang"]
+        merged = ev.evaluate(plan, pool, load=tiny, reuse=halves)  # two reports, one preset each, make one
         earlier["presets"]["idealised"]["engine"]["alltoall_s"] = 1.0  # a preset whose settings changed is rerun
-        partly = ev.evaluate(plan, pool, load=tiny, reuse=earlier)
+        partly = ev.evaluate(plan, pool, load=tiny, reuse=[earlier])
     assert strip_wall(report) == strip_wall(again)
     assert resumed["cases"] == earlier["cases"] and len(resumed["reused"]) == 4
+    assert merged["cases"] == json.loads(json.dumps(report["cases"])) and len(merged["reused"]) == 4
     assert partly["reused"] == ["realistic-sglang azure-conv unified", "realistic-sglang azure-conv prefill-only"]
     json.dumps(report)
     assert set(report["presets"]) == {"realistic-sglang", "idealised"}
