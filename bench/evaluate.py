@@ -27,13 +27,13 @@ The default plan is cut to what one session can run (measured December 2026: a 2
 ``realistic-sglang`` takes about 13 s of CPU on Azure conv and 17 s on Mooncake near the reference rate, 5 s
 prefill-only, several times more when overloaded; the whole plan about 100 minutes at ``--jobs 2``): five presets
 (``realistic-sglang`` as the headline, ``realistic-vllm``, each with its ``-aligned`` twin for the engine's own
-prefill alignment, and ``idealised`` as the labelled column); the first 20 minutes of each trace as the steady-state run; :data:`REPORT_POLICIES` (sbs and the strongest baselines
-of issue 13, one per rule); the rate searched for ``cache_aware`` (the SGLang Model Gateway's default) and
-``phase_aware`` (sbs's cost placed at once; ``cache_aware`` places a prompt that shares no block with an earlier
-one exactly as ``least_load`` does, so on the Azure traces the search covers that too), 5 geometric bisections over 1-100% of the analytic capacity (each
-answer within a factor 1.155 below the threshold). Every one of these is an option; the whole hour, every policy
-and every baseline's rate search is ``--steady-minutes 0 --policies all --rate-policies all`` (some 25
-CPU-hours).
+prefill alignment, and ``idealised`` as the labelled column); the first 20 minutes of each trace as the steady-state
+run; :data:`REPORT_POLICIES` (sbs and the strongest baselines of issue 13, one per rule); the rate searched for
+``cache_aware`` (the SGLang Model Gateway's default) and ``phase_aware`` (sbs's cost placed at once; ``cache_aware``
+places a prompt that shares no block with an earlier one exactly as ``least_load`` does, so on the Azure traces the
+search covers that too), 5 geometric bisections over 1-100% of the analytic capacity (each answer within a factor
+1.155 below the threshold). Every one of these is an option; the whole hour, every policy and every baseline's rate
+search is ``--steady-minutes 0 --policies all --rate-policies all`` (some 25 CPU-hours).
 
     .venv/bin/python bench/evaluate.py --jobs 2          # writes evaluation.{json,md} in bench/results/
     .venv/bin/python bench/evaluate.py --quick           # a one-minute smoke test: evaluation_quick.{json,md}
@@ -640,16 +640,17 @@ def write(output: Path, report: dict[str, Any], command: str, footer: str) -> No
     output.with_suffix(".md").write_text("\n".join([*markdown(report, command), "", footer]) + "\n")
 
 
-def without_reuse(argv: list[str]) -> list[str]:
-    """The command line without its ``--reuse`` options (the report's command is the one that regenerates it)."""
+def without(argv: list[str], *options: str) -> list[str]:
+    """The command line without ``options`` and their values (the report's command is the one that regenerates
+    it, whatever it reused; where an earlier run wrote its report is not part of how it ran)."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--reuse":
+        elif arg in options:
             skip = True
-        elif not arg.startswith("--reuse="):
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
             out.append(arg)
     return out
 
@@ -699,7 +700,7 @@ def main() -> None:
         )
         write(output, report, report.get("command", "python bench/evaluate.py"), footer)
         return
-    command = " ".join(["python bench/evaluate.py", *without_reuse(sys.argv[1:])])
+    command = " ".join(["python bench/evaluate.py", *without(sys.argv[1:], "--reuse")])
     started = time.perf_counter()
 
     def partial(report: dict[str, Any]) -> None:
@@ -716,7 +717,9 @@ def main() -> None:
     footer = f"Generated in {elapsed:.0f} s ({count} simulations, {args.jobs} in parallel)."
     if report["reused"]:
         earlier = "; ".join(
-            f"`{e.get('command', p)}` ({e.get('elapsed_s', 0):.0f} s)" for p, e in zip(args.reuse, reuse, strict=True)
+            f"`{' '.join(without(e.get('command', str(p)).split(), '--reuse', '--output'))}` "
+            f"({e.get('elapsed_s', 0):.0f} s)"
+            for p, e in zip(args.reuse, reuse, strict=True)
         )
         footer += f" The reused cases came from earlier runs of the same code: {earlier}; the count includes them."
     report["footer"] = footer
