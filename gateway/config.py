@@ -210,7 +210,7 @@ class PhaseAwareConfig(_AllocatorBase):
     use_step_phase: bool = True
     """Place by each instance's step phase, so batches meet instances as they start a step; ``False`` treats
     every instance as ready now, for ablation."""
-    long_prefill_tokens: int | None = Field(default=40_960, ge=1)
+    long_prefill_tokens: int | None = Field(default=65_536, ge=1)
     """Long-prefill isolation: keep prompts longer than this many tokens together on instances already
     prefilling one, and shorter prompts off those instances where they fit elsewhere: in lockstep a long-context
     chunk sets the step time of the whole instance (see :mod:`gateway.scheduling.phase`). In tokens, not

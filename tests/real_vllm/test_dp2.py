@@ -238,3 +238,39 @@ async def test_engine_errors_come_back_openai_style(gateway_url: str, stream: bo
             gateway_url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 100_000}
         )
     assert raw.status_code == 400 and list(raw.json()) == ["error"], raw.text
+
+
+async def multi_turn_prefix_hits_from(gateway_url: str, dp2: Server, first: int) -> tuple[float, float]:
+    """Four conversations of three turns each, one after another, through the gateway: each turn's prompt is the
+    conversation so far (a 2,400-character system prompt of its own, then the turns); returns the prefix-cache hit
+    tokens and query tokens vLLM counted meanwhile, summed over its ranks."""
+    hits_before = series(await scrape(dp2.url), "vllm:prefix_cache_hits_total")
+    queries_before = series(await scrape(dp2.url), "vllm:prefix_cache_queries_total")
+    async with openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="unused") as client:
+        for conversation in range(first, first + 4):
+            system = f"Conversation {conversation}. " + " ".join(f"fact {conversation}.{i}" for i in range(240))
+            messages = [{"role": "system", "content": system}]
+            for turn in range(3):
+                messages.append({"role": "user", "content": f"Question {turn} of conversation {conversation}?"})
+                reply = await client.chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=8, temperature=0.0, extra_body=FIXED
+                )
+                messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+    hits = moved(hits_before, series(await scrape(dp2.url), "vllm:prefix_cache_hits_total"))
+    queries = moved(queries_before, series(await scrape(dp2.url), "vllm:prefix_cache_queries_total"))
+    return sum(hits.values()), sum(queries.values())
+
+
+async def test_multi_turn_conversations_hit_vllm_s_prefix_cache_more_through_sbs_than_round_robin(
+    dp2: Server,
+) -> None:
+    """sbs keeps a conversation on the DP rank that holds its earlier turns (the gateway's prefix index); round
+    robin alternates ranks, so every other turn finds nothing of its conversation cached. vLLM's own counters
+    judge. Each policy gets its own conversations (other system prompts), so neither profits from the other's."""
+    rates = {}
+    for policy, offset in (("round_robin", 0), ("sbs", 100)):
+        async with gateway(policy, engine_config("dp2", dp2)) as url:
+            hits, queries = await multi_turn_prefix_hits_from(url, dp2, offset)
+        assert queries > 0
+        rates[policy] = hits / queries
+    assert rates["sbs"] > rates["round_robin"] + 0.1, rates
