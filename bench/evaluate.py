@@ -220,18 +220,24 @@ def request_rate(trace: list[TraceRequest], scale: float) -> float:
     return len(trace) / ((trace[-1].arrival_s - trace[0].arrival_s) / scale)
 
 
-def best_ttft(rows: dict[str, dict[str, Any]], figure: str) -> str:
-    """The baseline with the lowest TTFT ``figure`` among ``rows``."""
-    return min((p for p in rows if p != "sbs"), key=lambda p: float(rows[p]["ttft_s"][figure]))
+OWN_FORMS = ("sbs", "phase_aware")
+"""sbs and its own cost placed without a window: left out of the "best peer" comparisons."""
 
 
-def deltas_per_fifth(rows: dict[str, dict[str, Any]], figure: str) -> list[float]:
-    """sbs's TTFT ``figure`` over the best baseline's, minus 1, in each fifth (best per fifth)."""
+def best_ttft(rows: dict[str, dict[str, Any]], figure: str, exclude: tuple[str, ...] = ("sbs",)) -> str:
+    """The baseline with the lowest TTFT ``figure`` among ``rows``, not counting the policies in ``exclude``."""
+    return min((p for p in rows if p not in exclude), key=lambda p: float(rows[p]["ttft_s"][figure]))
+
+
+def deltas_per_fifth(rows: dict[str, dict[str, Any]], figure: str, exclude: tuple[str, ...] = ("sbs",)) -> list[float]:
+    """sbs's TTFT ``figure`` over the best baseline's (not counting ``exclude``), minus 1, in each fifth (best per
+    fifth)."""
     out = []
     for i in range(FIFTHS):
         have = {p: r["fifths"][i][figure] for p, r in rows.items() if r["fifths"][i]}
-        if "sbs" in have and len(have) > 1:
-            other = min((p for p in have if p != "sbs"), key=have.__getitem__)
+        others = [p for p in have if p not in exclude]
+        if "sbs" in have and others:
+            other = min(others, key=have.__getitem__)
             out.append(have["sbs"] / have[other] - 1)
     return out
 
@@ -452,7 +458,8 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
     for name in report["presets"]:
         md += [f"- `{name}`: {preset(name, plan['dp_size']).describe()}"]
     md += ["", "Every setting of each preset is in the JSON (`presets`).", ""]
-    md += summary(report)
+    md += summary(report, OWN_FORMS)
+    md += ["", *summary(report)]
     md += alignment(report)
     for name, traces in report["cases"].items():
         md += ["", f"## Preset `{name}`" + (" (headline)" if name == plan["presets"][0] else " (labelled column)")]
@@ -497,11 +504,15 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
     return md
 
 
-def summary(report: dict[str, Any]) -> list[str]:
-    """One table over every case: sbs's TTFT mean and p99 against the best baseline for that figure at each steady
-    load (mean over the fifths [min, max]) and in the transients (per slice); goodput is in the detail."""
+def summary(report: dict[str, Any], exclude: tuple[str, ...] = ("sbs",)) -> list[str]:
+    """One table over every case: sbs's TTFT mean and p99 against the best baseline for that figure (not counting
+    ``exclude``) at each steady load (mean over the fifths [min, max]) and in the transients (per slice); goodput
+    is in the detail."""
+    peers = exclude != ("sbs",)
     md = [
-        "## Summary: sbs against the best baseline per figure",
+        "## Summary: sbs against the best peer policy per figure (phase_aware, its own cost without a window, left out)"
+        if peers
+        else "## Summary: sbs against the best baseline per figure (phase_aware included)",
         "",
         "Each cell: sbs's TTFT over the best baseline's for that figure, minus 1 (negative: sbs is faster), pooled "
         "over the run, then the per-slice mean [min, max] in brackets. Steady loads are fractions of the reference "
@@ -523,10 +534,14 @@ def summary(report: dict[str, Any]) -> list[str]:
                         continue
                     cells, best = [], []
                     for figure in ("mean", "p99"):
-                        other = best_ttft(rows, figure)
+                        other = best_ttft(rows, figure, exclude)
                         best.append(other)
                         pooled = rows["sbs"]["ttft_s"][figure] / rows[other]["ttft_s"][figure] - 1
-                        per = deltas_per_fifth(rows, figure) if steady else transient_deltas(pieces, figure)
+                        per = (
+                            deltas_per_fifth(rows, figure, exclude)
+                            if steady
+                            else transient_deltas(pieces, figure, exclude)
+                        )
                         cells.append(f"{pct(pooled)} ({spread(per)})")
                     row = [name, trace_name, mode, label, *cells, " / ".join(best)]
                     md.append("| " + " | ".join(row) + " |")
@@ -597,11 +612,11 @@ def pooled_rows(pieces: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def transient_deltas(pieces: list[dict[str, Any]], figure: str) -> list[float]:
+def transient_deltas(pieces: list[dict[str, Any]], figure: str, exclude: tuple[str, ...] = ("sbs",)) -> list[float]:
     out = []
     for piece in pieces:
         rows = piece["rows"]
-        other = best_ttft(rows, figure)
+        other = best_ttft(rows, figure, exclude)
         out.append(rows["sbs"]["ttft_s"][figure] / rows[other]["ttft_s"][figure] - 1)
     return out
 
