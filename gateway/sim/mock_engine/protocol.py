@@ -8,7 +8,17 @@ Flavours differ where the real engines differ (docs/design.md §4.1, §4.2):
 - rank pinning: vLLM reads the header ``X-data-parallel-rank``; SGLang reads the body field
   ``routed_dp_rank`` (or the older ``data_parallel_rank``);
 - error bodies: vLLM ``{"error": {"message", "type", "param", "code"}}``; SGLang a flat
-  ``{"object": "error", "message", "type", "param", "code"}``.
+  ``{"object": "error", "message", "type", "param", "code"}``;
+- how a choice says why it stopped, beside ``finish_reason``: vLLM ``stop_reason`` (the stop string or token
+  that matched, ``null`` for EOS and length; vllm/entrypoints/openai/chat_completion/serving.py), SGLang
+  ``matched_stop`` (the EOS token id for a natural stop, absent for length; serving_chat.py
+  ``_build_chat_response``), on the non-streamed choice and on the streamed chunk that finishes the choice.
+
+``n`` choices (``n`` > 1) share one generation in the engine model (the simulated engine's load is that of one
+sequence; the real engines run ``n``): every choice gets the same tokens. As both engines stream them, each chunk
+carries one choice, the choices of one step interleaved by ``index``; ``usage`` counts the prompt once and the
+output tokens of every choice (vLLM ``chat_completion_stream_generator``; SGLang
+``UsageProcessor.calculate_streaming_usage``).
 
 Prompt tokens and prefix blocks (:func:`prompt_blocks`): by default the prompt is counted with the gateway's own
 estimator (:func:`gateway.tokens.count_prompt_tokens`) and its prefix blocks are hashed from its text, four characters
@@ -54,6 +64,13 @@ VLLM_RANK_HEADER = "x-data-parallel-rank"
 
 SGLANG_RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank")
 """SGLang's rank-pinning body fields, newest first."""
+
+SGLANG_EOS_TOKEN_ID = 1
+"""The ``matched_stop`` SGLang reports for a natural stop: the EOS token's id (DeepSeek-V3's
+``<｜end▁of▁sentence｜>`` is 1 in its tokenizer.json)."""
+
+MAX_N = 16
+"""Most choices a request may ask for (``n``); our bound, the engines take more."""
 
 
 PrefixTokenizer = Literal["estimate", "deepseek"]
@@ -182,6 +199,8 @@ class GenerationRequest:
         ignore_eos: the request asked to ignore end-of-sequence (SGLang's admission then reserves its whole
             ``max_tokens``).
         prefix_blocks: the prompt's prefix blocks (:func:`prompt_blocks`); empty unless asked for.
+        n: how many choices the answer has (they share one generation, see the module docstring).
+        flavor: the engine flavour answering (shapes ``stop_reason`` / ``matched_stop``).
     """
 
     kind: RequestKind
@@ -195,6 +214,8 @@ class GenerationRequest:
     rank: int | None
     ignore_eos: bool = False
     prefix_blocks: tuple[int, ...] = ()
+    n: int = 1
+    flavor: Flavor = "vllm"
 
 
 def natural_length(body: Mapping[str, Any], seed: int) -> int:
@@ -286,9 +307,9 @@ def parse_generation_request(
             raise bad_request("messages must be a non-empty list", "messages")
     elif not isinstance(body.get("prompt"), str | list):
         raise bad_request("prompt must be a string or a list", "prompt")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad_request("the simulated engine supports only n = 1", "n")
+    n = _int_field(body, "n", 1) or 1
+    if n > MAX_N:
+        raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
     max_tokens = (_int_field(body, "max_completion_tokens", 1) if kind == "chat" else None) or _int_field(
         body, "max_tokens", 1
     )
@@ -322,16 +343,26 @@ def parse_generation_request(
         rank=pinned_rank(flavor, body, headers, dp_size),
         ignore_eos=ignore_eos,
         prefix_blocks=prefix_blocks,
+        n=n,
+        flavor=flavor,
     )
 
 
 def usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
-    """The OpenAI ``usage`` object."""
+    """The OpenAI ``usage`` object, for ``completion_tokens`` per choice."""
+    completion = completion_tokens * req.n
     return {
         "prompt_tokens": req.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": req.prompt_tokens + completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": req.prompt_tokens + completion,
     }
+
+
+def _stop_detail(req: GenerationRequest) -> dict[str, Any]:
+    """The flavour's field beside ``finish_reason`` (see the module docstring)."""
+    if req.flavor == "vllm":
+        return {"stop_reason": None}
+    return {"matched_stop": SGLANG_EOS_TOKEN_ID} if req.finish_reason == "stop" else {}
 
 
 def _envelope(req: GenerationRequest, response_id: str, created: int, chunk: bool) -> dict[str, Any]:
@@ -344,40 +375,50 @@ def _envelope(req: GenerationRequest, response_id: str, created: int, chunk: boo
 def completion_response(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
     """The non-streaming ``chat.completion`` / ``text_completion`` object for a finished request."""
     text = TOKEN_TEXT * req.output_tokens
-    choice: dict[str, Any] = {"index": 0}
-    if req.kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    choice.update(logprobs=None, finish_reason=req.finish_reason)
+    choices = []
+    for index in range(req.n):
+        choice: dict[str, Any] = {"index": index}
+        if req.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=req.finish_reason, **_stop_detail(req))
+        choices.append(choice)
     return {
         **_envelope(req, response_id, created, chunk=False),
-        "choices": [choice],
+        "choices": choices,
         "usage": usage(req, req.output_tokens),
     }
 
 
-def token_chunk(req: GenerationRequest, response_id: str, created: int, index: int) -> dict[str, Any]:
-    """The SSE chunk carrying output token ``index`` (the first chat chunk also carries the role)."""
-    choice: dict[str, Any] = {"index": 0}
-    if req.kind == "chat":
-        delta = {"role": "assistant", "content": TOKEN_TEXT} if index == 0 else {"content": TOKEN_TEXT}
-        choice["delta"] = delta
-    else:
-        choice["text"] = TOKEN_TEXT
-    choice.update(logprobs=None, finish_reason=None)
-    return {**_envelope(req, response_id, created, chunk=True), "choices": [choice]}
+def token_chunks(req: GenerationRequest, response_id: str, created: int, index: int) -> list[dict[str, Any]]:
+    """The SSE chunks carrying output token ``index``, one per choice (the first chat chunk of a choice also
+    carries the role)."""
+    chunks = []
+    for choice_index in range(req.n):
+        choice: dict[str, Any] = {"index": choice_index}
+        if req.kind == "chat":
+            delta = {"role": "assistant", "content": TOKEN_TEXT} if index == 0 else {"content": TOKEN_TEXT}
+            choice["delta"] = delta
+        else:
+            choice["text"] = TOKEN_TEXT
+        choice.update(logprobs=None, finish_reason=None)
+        chunks.append({**_envelope(req, response_id, created, chunk=True), "choices": [choice]})
+    return chunks
 
 
-def final_chunk(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
-    """The SSE chunk with the ``finish_reason`` and no new text."""
-    choice: dict[str, Any] = {"index": 0}
-    if req.kind == "chat":
-        choice["delta"] = {}
-    else:
-        choice["text"] = ""
-    choice.update(logprobs=None, finish_reason=req.finish_reason)
-    return {**_envelope(req, response_id, created, chunk=True), "choices": [choice]}
+def final_chunks(req: GenerationRequest, response_id: str, created: int) -> list[dict[str, Any]]:
+    """The SSE chunks with each choice's ``finish_reason`` and no new text."""
+    chunks = []
+    for choice_index in range(req.n):
+        choice: dict[str, Any] = {"index": choice_index}
+        if req.kind == "chat":
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        choice.update(logprobs=None, finish_reason=req.finish_reason, **_stop_detail(req))
+        chunks.append({**_envelope(req, response_id, created, chunk=True), "choices": [choice]})
+    return chunks
 
 
 def usage_chunk(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
