@@ -214,9 +214,10 @@ class CompletionAssembler:
         if ("error" in chunk or chunk.get("object") == "error") and "choices" not in chunk:
             self.error = chunk
             return
-        for key in ("id", "created", "model"):
-            if key not in self._envelope and chunk.get(key) is not None:
-                self._envelope[key] = chunk[key]
+        if len(self._envelope) < 3:
+            for key in ("id", "created", "model"):
+                if key not in self._envelope and chunk.get(key) is not None:
+                    self._envelope[key] = chunk[key]
         choices = chunk.get("choices")
         usage = chunk.get("usage")
         if isinstance(usage, dict):
