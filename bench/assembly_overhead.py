@@ -9,8 +9,11 @@ Two measurements:
 2. Over HTTP: ``gateway serve`` (round robin) in front of one simulated vLLM (``gateway mock-engine``, 2 DP ranks,
    its clock ``--speed`` times real time so the engine is rarely the bottleneck), ``--requests`` non-streamed
    chat requests of exactly ``--tokens`` output tokens at ``--concurrency``, with assembly on and then off:
-   requests per second, and the gateway process's CPU time per request (user + system, from
-   ``/proc/<pid>/stat``, so Linux only).
+   requests per second, and the gateway's and the engine's CPU time per request (user + system, from
+   ``/proc/<pid>/stat``, so Linux only). The simulated engine is the bottleneck here, and it serves non-streamed
+   answers more slowly than streams (one Python process generating every rank's tokens), so requests per second
+   says more about it than about the gateway (its own rate, streamed and not, without the gateway, is measured
+   too); the gateway's CPU per request is the cost of assembly.
 
     .venv/bin/python bench/assembly_overhead.py [--requests 600] [--concurrency 16] [--tokens 128]
 
@@ -96,8 +99,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(url: str, requests: int, concurrency: int, tokens: int) -> float:
-    """Send ``requests`` non-streamed chats, ``concurrency`` at a time; return the wall seconds."""
+async def drive(url: str, requests: int, concurrency: int, tokens: int, stream: bool = False) -> float:
+    """Send ``requests`` chats (non-streamed unless ``stream``), ``concurrency`` at a time; return the wall
+    seconds."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -110,8 +114,12 @@ async def drive(url: str, requests: int, concurrency: int, tokens: int) -> float
                 "messages": [{"role": "user", "content": f"request {i}: tell me about the sea"}],
                 "max_tokens": tokens,
                 "ignore_eos": True,
+                "stream": stream,
             }
             async with session.post(url + "/v1/chat/completions", json=body) as r:
+                if stream:
+                    assert r.status == 200 and (await r.read()).endswith(b"data: [DONE]\n\n")
+                    continue
                 answer = await r.json()
                 assert r.status == 200 and answer["usage"]["completion_tokens"] == tokens, answer
 
@@ -121,7 +129,9 @@ async def drive(url: str, requests: int, concurrency: int, tokens: int) -> float
     return time.perf_counter() - started
 
 
-def http_run(engines: list[dict[str, Any]], assemble: bool, args: argparse.Namespace) -> dict[str, float]:
+def http_run(
+    engines: list[dict[str, Any]], engine_pid: int, assemble: bool, args: argparse.Namespace
+) -> dict[str, float]:
     with Processes() as procs:
         port = free_port()
         config = {"policy": "round_robin", "engines": engines, "upstream": {"stream_nonstreamed": assemble}}
@@ -131,13 +141,14 @@ def http_run(engines: list[dict[str, Any]], assemble: bool, args: argparse.Names
         url = procs.start([*cmd, "--log-level", "warning"], f"http://127.0.0.1:{port}", "/ready")
         pid = procs.procs[-1].pid
         asyncio.run(drive(url, min(50, args.requests), args.concurrency, args.tokens))  # warm up
-        before = cpu_s(pid)
+        before, engine_before = cpu_s(pid), cpu_s(engine_pid)
         wall = asyncio.run(drive(url, args.requests, args.concurrency, args.tokens))
-        used = cpu_s(pid) - before
+        used, engine_used = cpu_s(pid) - before, cpu_s(engine_pid) - engine_before
     return {
         "requests_per_s": args.requests / wall,
         "gateway_cpu_ms_per_request": used / args.requests * 1e3,
         "gateway_cpu_fraction": used / wall,
+        "engine_cpu_ms_per_request": engine_used / args.requests * 1e3,
     }
 
 
@@ -169,13 +180,20 @@ def main() -> None:
     http: dict[str, dict[str, float]] = {}
     with Processes() as procs:
         engines = start_engines(procs, ["vllm"], 2, args.speed, MODEL)
+        engine_pid = procs.procs[0].pid
+        for streamed in (True, False):
+            name = "engine_direct_" + ("stream" if streamed else "nonstreamed")
+            wall = asyncio.run(drive(engines[0]["url"], args.requests, args.concurrency, args.tokens, streamed))
+            http[name] = {"requests_per_s": args.requests / wall}
+            print(f"{name:27s}: {args.requests / wall:7.1f} requests/s (no gateway)")
         for assemble in (True, False):
             name = "assembly_on" if assemble else "assembly_off"
-            http[name] = http_run(engines, assemble, args)
+            http[name] = http_run(engines, engine_pid, assemble, args)
             h = http[name]
             print(
                 f"{name:13s}: {h['requests_per_s']:7.1f} requests/s, gateway CPU "
-                f"{h['gateway_cpu_ms_per_request']:6.2f} ms/request ({h['gateway_cpu_fraction']:.0%} of a core)"
+                f"{h['gateway_cpu_ms_per_request']:6.2f} ms/request ({h['gateway_cpu_fraction']:.0%} of a core), "
+                f"engine CPU {h['engine_cpu_ms_per_request']:6.2f} ms/request"
             )
     report = {
         "command": " ".join(["python", "bench/assembly_overhead.py", *sys.argv[1:]]),
