@@ -7,15 +7,18 @@ Two measurements:
    serialise), against what the gateway does with a non-streamed body when assembly is off (parse it for its
    ``usage``). Microseconds per answer, best of ``--repeat`` rounds.
 2. Over HTTP: ``gateway serve`` (round robin) in front of one simulated vLLM (``gateway mock-engine``, 2 DP ranks,
-   its clock ``--speed`` times real time so the engine is rarely the bottleneck), ``--requests`` non-streamed
-   chat requests of exactly ``--tokens`` output tokens at ``--concurrency``, with assembly on and then off:
-   requests per second, and the gateway's and the engine's CPU time per request (user + system, from
-   ``/proc/<pid>/stat``, so Linux only). The simulated engine is the bottleneck here, and it serves non-streamed
-   answers more slowly than streams (one Python process generating every rank's tokens), so requests per second
-   says more about it than about the gateway (its own rate, streamed and not, without the gateway, is measured
-   too); the gateway's CPU per request is the cost of assembly.
+   its clock ``--speed`` times real time), ``--requests`` non-streamed chat requests of exactly ``--tokens``
+   output tokens at ``--concurrency``, with assembly on and then off: requests per second, and the gateway's and
+   the engine's CPU time per request (user + system, from ``/proc/<pid>/stat``, so Linux only). The engine's own
+   rate without the gateway, streamed and not, is measured too, and so is the gateway relaying client streams
+   (the same reads and progress reports as assembly, without the assembling). Keep ``--speed`` so that an engine
+   step lasts well over a millisecond of wall time: asyncio sleeps no shorter than the event loop's 1 ms timer
+   resolution while the loop is idle, and a shorter step then runs faster for streams (whose writes keep waking
+   the loop) than for non-streamed answers (at ``--speed 200`` the engine served 110 non-streamed and 300-420
+   streamed requests per second), which would credit the gateway with the engine's artefact (CPython
+   ``Lib/selectors.py``, ``EpollSelector.select`` rounds its timeout up to whole milliseconds).
 
-    .venv/bin/python bench/assembly_overhead.py [--requests 600] [--concurrency 16] [--tokens 128]
+    .venv/bin/python bench/assembly_overhead.py [--requests 600] [--concurrency 32] [--tokens 128]
 
 prints the figures and writes ``bench/results/assembly_overhead.json``.
 """
@@ -130,7 +133,7 @@ async def drive(url: str, requests: int, concurrency: int, tokens: int, stream: 
 
 
 def http_run(
-    engines: list[dict[str, Any]], engine_pid: int, assemble: bool, args: argparse.Namespace
+    engines: list[dict[str, Any]], engine_pid: int, assemble: bool, args: argparse.Namespace, stream: bool = False
 ) -> dict[str, float]:
     with Processes() as procs:
         port = free_port()
@@ -140,9 +143,9 @@ def http_run(
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", f.name, "--port", str(port)]
         url = procs.start([*cmd, "--log-level", "warning"], f"http://127.0.0.1:{port}", "/ready")
         pid = procs.procs[-1].pid
-        asyncio.run(drive(url, min(50, args.requests), args.concurrency, args.tokens))  # warm up
+        asyncio.run(drive(url, min(50, args.requests), args.concurrency, args.tokens, stream))  # warm up
         before, engine_before = cpu_s(pid), cpu_s(engine_pid)
-        wall = asyncio.run(drive(url, args.requests, args.concurrency, args.tokens))
+        wall = asyncio.run(drive(url, args.requests, args.concurrency, args.tokens, stream))
         used, engine_used = cpu_s(pid) - before, cpu_s(engine_pid) - engine_before
     return {
         "requests_per_s": args.requests / wall,
@@ -155,26 +158,26 @@ def http_run(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=600)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128, help="output tokens of every answer")
-    ap.add_argument("--speed", type=float, default=200.0, help="the simulated engine's clock speed")
+    ap.add_argument("--speed", type=float, default=10.0, help="the simulated engine's clock speed")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--output", type=Path, default=RESULTS / "assembly_overhead.json")
     args = ap.parse_args()
 
     micro: dict[str, dict[str, float]] = {}
     for tokens in (16, args.tokens, 1024):
-        stream, body = recorded_stream(tokens)
+        recorded, body = recorded_stream(tokens)
         rounds = max(20, 20_000 // tokens)
         micro[str(tokens)] = {
-            "assemble_us": best_us(lambda s=stream: assemble_once(s, 4096), args.repeat, rounds),
+            "assemble_us": best_us(lambda s=recorded: assemble_once(s, 4096), args.repeat, rounds),
             "parse_body_us": best_us(lambda b=body: json.loads(b), args.repeat, rounds),
-            "stream_bytes": len(stream),
+            "stream_bytes": len(recorded),
         }
         m = micro[str(tokens)]
         print(
             f"{tokens:5d} tokens: assemble {m['assemble_us']:8.1f} us/answer "
-            f"(non-streamed body parsed: {m['parse_body_us']:6.1f} us; stream {len(stream)} bytes)"
+            f"(non-streamed body parsed: {m['parse_body_us']:6.1f} us; stream {len(recorded)} bytes)"
         )
 
     http: dict[str, dict[str, float]] = {}
@@ -186,9 +189,12 @@ def main() -> None:
             wall = asyncio.run(drive(engines[0]["url"], args.requests, args.concurrency, args.tokens, streamed))
             http[name] = {"requests_per_s": args.requests / wall}
             print(f"{name:27s}: {args.requests / wall:7.1f} requests/s (no gateway)")
-        for assemble in (True, False):
-            name = "assembly_on" if assemble else "assembly_off"
-            http[name] = http_run(engines, engine_pid, assemble, args)
+        for name, assemble, stream in (
+            ("assembly_on", True, False),
+            ("assembly_off", False, False),
+            ("client_stream", True, True),
+        ):
+            http[name] = http_run(engines, engine_pid, assemble, args, stream)
             h = http[name]
             print(
                 f"{name:13s}: {h['requests_per_s']:7.1f} requests/s, gateway CPU "

@@ -26,7 +26,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -67,6 +67,7 @@ class _RequestScope:
     arrival: float
     model_label: str = "unknown"
     estimated_prompt_tokens: int = 0
+    """The gateway's estimate of the prompt's tokens (what the engine's ``usage.prompt_tokens`` is compared with)."""
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     """The gateway's own id for the request in the window and the load view."""
 
@@ -124,7 +125,7 @@ class _Upstream:
 
     body: dict[str, Any]
     assemble: bool = False
-    usage: str | None = None
+    usage: Literal["watch", "strip"] | None = None
 
 
 def _upstream(parsed: ParsedRequest, stream_nonstreamed: bool, stream_usage: bool) -> _Upstream:
