@@ -31,7 +31,14 @@ from typing import Any, Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.errors import ClientDisconnected, GatewayError, ModelNotFoundError, PayloadTooLargeError, UpstreamError
+from gateway.errors import (
+    ClientDisconnected,
+    GatewayError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    UpstreamError,
+    UpstreamStatusError,
+)
 from gateway.logs import REQUEST_ID_HEADER, request_log
 from gateway.server.assemble import (
     DONE,
@@ -257,6 +264,13 @@ class _Progress:
         return True
 
 
+def _error_status(event: dict[str, Any]) -> int:
+    """The HTTP status of an engine's error event: its ``code`` when that is an HTTP error status, else 502."""
+    fields = event.get("error", event)
+    code = fields.get("code") if isinstance(fields, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 502
+
+
 class _Assembly:
     """The non-streamed answer of a request the engine streams: reads each try's stream whole (the ``consume``
     of :func:`~gateway.server.retry.send_with_retries`), reporting progress as :func:`_relay` does, then answers
@@ -271,6 +285,7 @@ class _Assembly:
         """Read the stream of one try to its end.
 
         Raises:
+            UpstreamStatusError: the stream carried the engine's error event with a 5xx code (or none: 502).
             UpstreamError: the stream broke, went silent for ``upstream.idle_timeout_s`` (504), ended before
                 ``[DONE]``, or carried an event that is not JSON.
         """
@@ -294,7 +309,12 @@ class _Assembly:
                 except ValueError as exc:
                     raise UpstreamError(f"the engine's stream carried an event that is not JSON: {exc}") from exc
             chunk = await answer.upstream.next_chunk(idle_timeout)
-        if not done and assembler.error is None:
+        if assembler.error is not None:
+            status = _error_status(assembler.error)
+            if status >= 500:  # as the engine's 5xx to a non-streamed request: tried again elsewhere
+                adapter = self.scope.state.engines[answer.key.engine].adapter
+                raise UpstreamStatusError(status, adapter.normalize_error(status, json.dumps(assembler.error).encode()))
+        elif not done:
             raise UpstreamError("the engine's stream ended before its end marker (data: [DONE])")
 
     def response(self, answer: StartedAnswer) -> Response:
@@ -311,9 +331,7 @@ class _Assembly:
         headers = {REQUEST_ID_HEADER: scope.request_id}
         error = self.assembler.error
         if error is not None:
-            fields = error.get("error", error)
-            code = fields.get("code") if isinstance(fields, dict) else None
-            status = code if isinstance(code, int) and 400 <= code < 600 else 502
+            status = _error_status(error)
             scope.count(status)
             body = state.engines[answer.key.engine].adapter.normalize_error(status, json.dumps(error).encode())
             return JSONResponse(body, status, headers=headers)

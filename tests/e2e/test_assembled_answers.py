@@ -15,13 +15,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from gateway.config import EngineFlavor, HealthConfig, ScrapeConfig, Settings, UpstreamConfig
 from gateway.server.app import create_app
 from gateway.server.state import GatewayState
 from gateway.serving import serve_in_background
 from gateway.sim.cluster import SimulatedEngine, simulated_engines
-from tests.helpers import MODEL, eventually, total
+from tests.helpers import CHAT as ECHO_CHAT
+from tests.helpers import ECHO_MODEL, MODEL, eventually, total
+from tests.helpers import gateway_before as echo_gateway
 
 FLAVORS: list[EngineFlavor] = ["sglang", "vllm"]
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 40}
@@ -187,3 +190,41 @@ async def test_a_client_that_leaves_aborts_the_engine_request() -> None:
 
 async def _finished(setup: Setup) -> bool:
     return bool(setup.progress) and setup.progress[-1][0] == "finish"
+
+
+def _erring_engine(code: int, tries: list[int]) -> FastAPI:
+    """An engine whose stream starts, then carries an error event with ``code`` (as vLLM and SGLang send an
+    error after the stream began), then ``[DONE]``; ``tries`` counts the requests."""
+    app = FastAPI()
+
+    async def handle() -> StreamingResponse:
+        tries.append(1)
+
+        async def events() -> AsyncIterator[bytes]:
+            role = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": ECHO_MODEL}
+            yield b"data: " + json.dumps({**role, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}).encode()
+            error = {"message": "the engine gave up", "type": "EngineError", "param": None, "code": code}
+            yield b"\n\ndata: " + json.dumps({"error": error}).encode() + b"\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app.add_api_route("/v1/chat/completions", handle, methods=["POST"])
+    app.add_api_route("/metrics", lambda: PlainTextResponse(""), methods=["GET"])
+    app.add_api_route("/health", lambda: PlainTextResponse(""), methods=["GET"])
+    return app
+
+
+@pytest.mark.parametrize(("code", "tries"), [(400, 1), (500, 2)])
+async def test_an_engine_error_in_the_stream_is_answered_with_its_status_after_retries_for_5xx(
+    code: int, tries: int
+) -> None:
+    made: list[int] = []
+    upstream = UpstreamConfig(max_attempts=2, retry_backoff_s=0.001, retry_backoff_max_s=0.001)
+    async with (
+        serve_in_background(_erring_engine(code, made)) as url,
+        echo_gateway("vllm", url=url, upstream=upstream) as client,
+    ):
+        r = await client.post("/v1/chat/completions", json=ECHO_CHAT)
+    assert r.status_code == code
+    assert r.json()["error"]["message"] == "the engine gave up"
+    assert len(made) == tries
