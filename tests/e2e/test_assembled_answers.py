@@ -109,6 +109,25 @@ async def test_the_assembled_answer_is_what_the_engine_answers_non_streamed(
     assert total(metrics, "gateway_prompt_tokens_estimate_ratio_count", model=MODEL) == 1
 
 
+LOGPROBS = {"chat": {"logprobs": True, "top_logprobs": 2}, "completions": {"logprobs": 2}}
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_logprobs_of_every_choice_are_assembled_as_the_engine_sends_them(
+    flavor: EngineFlavor, route: str
+) -> None:
+    body = {**(CHAT if route == "chat" else COMPLETION), "n": 2, "max_tokens": 12, **LOGPROBS[route]}
+    async with gateway_before(flavor) as setup, httpx.AsyncClient(timeout=30) as http:
+        via_gateway = await http.post(setup.gateway_url + PATHS[route], json=body)
+        direct = await http.post(setup.engine_url + PATHS[route], json=body)
+    assert via_gateway.status_code == direct.status_code == 200, via_gateway.text
+    assembled = via_gateway.json()
+    assert _meaning(assembled) == _meaning(direct.json())
+    logprobs = assembled["choices"][1]["logprobs"]
+    assert len(logprobs["content" if route == "chat" else "tokens"]) == 12
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 async def test_switched_off_the_request_goes_as_sent_and_its_first_token_is_not_seen(flavor: EngineFlavor) -> None:
     upstream = UpstreamConfig(stream_nonstreamed=False)

@@ -14,6 +14,13 @@ Flavours differ where the real engines differ (docs/design.md §4.1, §4.2):
   ``matched_stop`` (the EOS token id for a natural stop, absent for length; serving_chat.py
   ``_build_chat_response``), on the non-streamed choice and on the streamed chunk that finishes the choice.
 
+Logprobs, when asked (chat ``logprobs: true`` with ``top_logprobs`` alternatives; completions ``logprobs: k``), in
+vLLM's shapes (``ChatCompletionLogProbs`` / ``CompletionLogProbs``, vllm/entrypoints/openai/chat_completion/protocol.py
+and completion/protocol.py), the same in both flavours: chat ``{"content": [{"token", "logprob", "bytes",
+"top_logprobs": [...]}]}``; completions ``{"text_offset", "token_logprobs", "tokens", "top_logprobs"}``, offsets
+counted from the answer's start. A streamed chunk carries its own token's entries. The values are made up
+(:func:`token_logprob`), deterministic per token position.
+
 ``n`` choices (``n`` > 1) share one generation in the engine model (the simulated engine's load is that of one
 sequence; the real engines run ``n``): every choice gets the same tokens. As both engines stream them, each chunk
 carries one choice, the choices of one step interleaved by ``index``; ``usage`` counts the prompt once and the
@@ -71,6 +78,12 @@ SGLANG_EOS_TOKEN_ID = 1
 
 MAX_N = 16
 """Most choices a request may ask for (``n``); our bound, the engines take more."""
+
+MAX_LOGPROBS = 20
+"""Most alternatives per token a request may ask for: vLLM's default ``max_logprobs`` (vllm/config/model.py)."""
+
+ALTERNATIVE_TOKENS = tuple(f" alt{i}" for i in range(MAX_LOGPROBS))
+"""The made-up tokens offered as less likely alternatives in ``top_logprobs``."""
 
 
 PrefixTokenizer = Literal["estimate", "deepseek"]
@@ -201,6 +214,7 @@ class GenerationRequest:
         prefix_blocks: the prompt's prefix blocks (:func:`prompt_blocks`); empty unless asked for.
         n: how many choices the answer has (they share one generation, see the module docstring).
         flavor: the engine flavour answering (shapes ``stop_reason`` / ``matched_stop``).
+        logprobs: alternatives per token when logprobs were asked for (0: the chosen token's only), else None.
     """
 
     kind: RequestKind
@@ -216,6 +230,7 @@ class GenerationRequest:
     prefix_blocks: tuple[int, ...] = ()
     n: int = 1
     flavor: Flavor = "vllm"
+    logprobs: int | None = None
 
 
 def natural_length(body: Mapping[str, Any], seed: int) -> int:
@@ -330,6 +345,14 @@ def parse_generation_request(
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     ignore_eos = _bool_field(body, "ignore_eos")
+    logprobs: int | None
+    if kind == "chat":
+        top = _int_field(body, "top_logprobs", 0)
+        logprobs = (top or 0) if _bool_field(body, "logprobs") else None
+    else:
+        logprobs = _int_field(body, "logprobs", 0)
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise bad_request(f"at most {MAX_LOGPROBS} logprobs may be asked for, got {logprobs}", "logprobs")
     output_tokens = max_tokens if ignore_eos else min(max_tokens, max(min_tokens, natural_length(body, seed)))
     return GenerationRequest(
         kind=kind,
@@ -345,6 +368,7 @@ def parse_generation_request(
         prefix_blocks=prefix_blocks,
         n=n,
         flavor=flavor,
+        logprobs=logprobs,
     )
 
 
@@ -365,6 +389,44 @@ def _stop_detail(req: GenerationRequest) -> dict[str, Any]:
     return {"matched_stop": SGLANG_EOS_TOKEN_ID} if req.finish_reason == "stop" else {}
 
 
+def token_logprob(index: int) -> float:
+    """The made-up logprob of output token ``index``: -0.01 to -1.00, cycling, so tokens differ."""
+    return -round(0.01 * (index % 100 + 1), 2)
+
+
+def _chat_logprob(req: GenerationRequest, index: int) -> dict[str, Any]:
+    chosen = token_logprob(index)
+    top = [(TOKEN_TEXT, chosen), *((t, chosen - 1.0 - i) for i, t in enumerate(ALTERNATIVE_TOKENS))]
+    return {
+        "token": TOKEN_TEXT,
+        "logprob": chosen,
+        "bytes": list(TOKEN_TEXT.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top[: req.logprobs or 0]],
+    }
+
+
+def _completion_top_logprobs(index: int, k: int) -> dict[str, float]:
+    """The chosen token and ``k`` alternatives (vLLM's completions list the sampled token beside the top ``k``)."""
+    chosen = token_logprob(index)
+    alternatives = ((t, chosen - 1.0 - j) for j, t in enumerate(ALTERNATIVE_TOKENS[:k]))
+    return dict([(TOKEN_TEXT, chosen), *alternatives])
+
+
+def _logprobs(req: GenerationRequest, first: int, count: int) -> dict[str, Any] | None:
+    """The ``logprobs`` of output tokens ``first`` .. ``first + count - 1``, or None when not asked for."""
+    if req.logprobs is None:
+        return None
+    indices = range(first, first + count)
+    if req.kind == "chat":
+        return {"content": [_chat_logprob(req, i) for i in indices]}
+    return {
+        "text_offset": [i * len(TOKEN_TEXT) for i in indices],
+        "token_logprobs": [token_logprob(i) for i in indices],
+        "tokens": [TOKEN_TEXT] * count,
+        "top_logprobs": [_completion_top_logprobs(i, req.logprobs) for i in indices],
+    }
+
+
 def _envelope(req: GenerationRequest, response_id: str, created: int, chunk: bool) -> dict[str, Any]:
     obj = "text_completion"
     if req.kind == "chat":
@@ -382,7 +444,9 @@ def completion_response(req: GenerationRequest, response_id: str, created: int) 
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        choice.update(logprobs=None, finish_reason=req.finish_reason, **_stop_detail(req))
+        choice.update(
+            logprobs=_logprobs(req, 0, req.output_tokens), finish_reason=req.finish_reason, **_stop_detail(req)
+        )
         choices.append(choice)
     return {
         **_envelope(req, response_id, created, chunk=False),
@@ -402,7 +466,7 @@ def token_chunks(req: GenerationRequest, response_id: str, created: int, index: 
             choice["delta"] = delta
         else:
             choice["text"] = TOKEN_TEXT
-        choice.update(logprobs=None, finish_reason=None)
+        choice.update(logprobs=_logprobs(req, index, 1), finish_reason=None)
         chunks.append({**_envelope(req, response_id, created, chunk=True), "choices": [choice]})
     return chunks
 
