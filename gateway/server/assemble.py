@@ -101,12 +101,13 @@ class _ToolCall:
             if isinstance(function.get("arguments"), str):
                 self.arguments.append(function["arguments"])
 
-    def result(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": self.type or "function",
-            "function": {"name": self.name, "arguments": "".join(self.arguments)},
-        }
+    def result(self, index: int | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id}
+        if index is not None:
+            out["index"] = index
+        out["type"] = self.type or "function"
+        out["function"] = {"name": self.name, "arguments": "".join(self.arguments)}
+        return out
 
 
 @dataclass(slots=True)
@@ -166,7 +167,7 @@ class _Choice:
             else:
                 self.logprobs[key] = _last(previous, value)
 
-    def result(self, route: Route) -> dict[str, Any]:
+    def result(self, route: Route, tool_call_index: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index}
         if route == "chat":
             message: dict[str, Any] = {"role": self.role or "assistant"}
@@ -177,7 +178,9 @@ class _Choice:
             for key, value in self.delta_other.items():
                 message.setdefault(key, value)
             if self.tool_calls:
-                message["tool_calls"] = [self.tool_calls[i].result() for i in sorted(self.tool_calls)]
+                message["tool_calls"] = [
+                    self.tool_calls[i].result(i if tool_call_index else None) for i in sorted(self.tool_calls)
+                ]
             out["message"] = message
         else:
             out["text"] = "".join(self.texts.get("text", ()))
@@ -194,10 +197,17 @@ class CompletionAssembler:
     The answer has the stream's ``id``, ``created`` and ``model`` (first chunk), the non-streamed ``object``,
     the choices in ``index`` order, ``usage`` (the usage-only chunk's, else the last chunk's that carried one),
     and every other top-level field with its last non-null value (``system_fingerprint``...).
+
+    Args:
+        route: which endpoint's answer to build.
+        tool_call_index: give each assembled tool call its ``index``, as SGLang's non-streamed answer does
+            (``ToolCall(id=..., index=..., function=...)`` in serving_chat.py ``_process_tool_calls``); vLLM's
+            and OpenAI's carry none.
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, *, tool_call_index: bool = False) -> None:
         self.route = route
+        self.tool_call_index = tool_call_index
         self._envelope: dict[str, Any] = {}
         self._choices: dict[int, _Choice] = {}
         self._final_usage: dict[str, Any] | None = None
@@ -246,7 +256,7 @@ class CompletionAssembler:
             "object": _OBJECTS[self.route],
             "created": self._envelope.get("created"),
             "model": self._envelope.get("model"),
-            "choices": [self._choices[i].result(self.route) for i in sorted(self._choices)],
+            "choices": [self._choices[i].result(self.route, self.tool_call_index) for i in sorted(self._choices)],
         }
         if self.usage is not None:
             answer["usage"] = self.usage
@@ -255,9 +265,9 @@ class CompletionAssembler:
         return answer
 
 
-def assemble(route: Route, events: Iterable[Any]) -> dict[str, Any]:
+def assemble(route: Route, events: Iterable[Any], *, tool_call_index: bool = False) -> dict[str, Any]:
     """The non-streamed answer of a whole stream's parsed ``data`` objects (see :class:`CompletionAssembler`)."""
-    assembler = CompletionAssembler(route)
+    assembler = CompletionAssembler(route, tool_call_index=tool_call_index)
     for event in events:
         assembler.add(event)
     return assembler.result()

@@ -289,7 +289,8 @@ class _Assembly:
             UpstreamError: the stream broke, went silent for ``upstream.idle_timeout_s`` (504), ended before
                 ``[DONE]``, or carried an event that is not JSON.
         """
-        self.assembler = assembler = CompletionAssembler(self.scope.route)
+        flavor = self.scope.state.engines[answer.key.engine].config.flavor
+        self.assembler = assembler = CompletionAssembler(self.scope.route, tool_call_index=flavor == "sglang")
         self.progress = progress = _Progress(self.scope, answer.key.engine)
         idle_timeout = self.scope.state.settings.upstream.idle_timeout_s
         events = SSEEvents()

@@ -128,6 +128,40 @@ async def test_logprobs_of_every_choice_are_assembled_as_the_engine_sends_them(
     assert len(logprobs["content" if route == "chat" else "tokens"]) == 12
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+    for name in ("get_weather", "get_time")
+]
+
+
+def _without_call_ids(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer whose tool calls' ids (random in both engines) are blanked, ``id`` and ``created`` dropped."""
+    out = _meaning(answer)
+    out["choices"] = [
+        {**c, "message": {**c["message"], "tool_calls": [{**t, "id": "-"} for t in c["message"]["tool_calls"]]}}
+        for c in answer["choices"]
+    ]
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_tool_calls_are_assembled_as_the_engine_sends_them(
+    flavor: EngineFlavor, tool_choice: Any, n: int
+) -> None:
+    body = {**CHAT, "max_tokens": 10, "n": n, "tools": TOOLS, "tool_choice": tool_choice}
+    async with gateway_before(flavor) as setup, httpx.AsyncClient(timeout=30) as http:
+        via_gateway = await http.post(setup.gateway_url + PATHS["chat"], json=body)
+        direct = await http.post(setup.engine_url + PATHS["chat"], json=body)
+    assert via_gateway.status_code == direct.status_code == 200, via_gateway.text
+    assembled = via_gateway.json()
+    assert _without_call_ids(assembled) == _without_call_ids(direct.json())
+    calls = [c["message"]["tool_calls"] for c in assembled["choices"]]
+    assert len(calls) == n and all(len(c) == 1 and json.loads(c[0]["function"]["arguments"]) for c in calls)
+    assert calls[0][0]["function"]["name"] == ("get_weather" if tool_choice == "required" else "get_time")
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 async def test_switched_off_the_request_goes_as_sent_and_its_first_token_is_not_seen(flavor: EngineFlavor) -> None:
     upstream = UpstreamConfig(stream_nonstreamed=False)

@@ -21,6 +21,15 @@ and completion/protocol.py), the same in both flavours: chat ``{"content": [{"to
 counted from the answer's start. A streamed chunk carries its own token's entries. The values are made up
 (:func:`token_logprob`), deterministic per token position.
 
+Tool calls: a chat request naming a function in ``tool_choice`` (or ``"required"``, which calls the first of its
+``tools``) is answered with one call of it whose ``arguments`` are ``{"text": "<the tokens>"}``: streamed as
+``delta.tool_calls`` (the ``id``, ``type`` and ``function.name`` with the first piece of the arguments, then one
+piece a token, the closing ``"}`` on the finishing chunk), non-streamed as ``message.tool_calls`` with ``content``
+``""``. As the engines differ: a natural stop finishes as ``"tool_calls"``, except vLLM's named call (``"stop"``;
+vllm/entrypoints/openai/chat_completion/serving.py); ids are vLLM's ``chatcmpl-tool-<hex>`` (``make_tool_call_id``)
+and SGLang's ``call_<24 hex>``, and SGLang's non-streamed call carries its ``index`` (serving_chat.py
+``_process_tool_calls``).
+
 ``n`` choices (``n`` > 1) share one generation in the engine model (the simulated engine's load is that of one
 sequence; the real engines run ``n``): every choice gets the same tokens. As both engines stream them, each chunk
 carries one choice, the choices of one step interleaved by ``index``; ``usage`` counts the prompt once and the
@@ -215,6 +224,8 @@ class GenerationRequest:
         n: how many choices the answer has (they share one generation, see the module docstring).
         flavor: the engine flavour answering (shapes ``stop_reason`` / ``matched_stop``).
         logprobs: alternatives per token when logprobs were asked for (0: the chosen token's only), else None.
+        tool_call: the function the answer calls (see the module docstring), or None for a text answer.
+        tool_choice_named: ``tool_choice`` named the function (rather than ``"required"``).
     """
 
     kind: RequestKind
@@ -231,6 +242,8 @@ class GenerationRequest:
     n: int = 1
     flavor: Flavor = "vllm"
     logprobs: int | None = None
+    tool_call: str | None = None
+    tool_choice_named: bool = False
 
 
 def natural_length(body: Mapping[str, Any], seed: int) -> int:
@@ -353,6 +366,7 @@ def parse_generation_request(
         logprobs = _int_field(body, "logprobs", 0)
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise bad_request(f"at most {MAX_LOGPROBS} logprobs may be asked for, got {logprobs}", "logprobs")
+    tool_call, named = _tool_call(body) if kind == "chat" else (None, False)
     output_tokens = max_tokens if ignore_eos else min(max_tokens, max(min_tokens, natural_length(body, seed)))
     return GenerationRequest(
         kind=kind,
@@ -369,7 +383,35 @@ def parse_generation_request(
         n=n,
         flavor=flavor,
         logprobs=logprobs,
+        tool_call=tool_call,
+        tool_choice_named=named,
     )
+
+
+def _tool_call(body: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """The function a chat body makes the answer call, and whether ``tool_choice`` named it.
+
+    Raises:
+        ProtocolError: 400 for a ``tool_choice`` that names no listed tool, or ``"required"`` without tools.
+    """
+    choice = body.get("tool_choice")
+    tools = body.get("tools")
+    names = [
+        t["function"]["name"]
+        for t in (tools if isinstance(tools, list) else [])
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+    ]
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if name not in names:
+            raise bad_request(f"Tool '{name}' not found in tools list.", "tool_choice")
+        return name, True
+    if choice == "required":
+        if not names:
+            raise bad_request("Tools cannot be empty if tool choice is set to required.", "tool_choice")
+        return names[0], False
+    return None, False
 
 
 def usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
@@ -382,11 +424,48 @@ def usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _finish_reason(req: GenerationRequest) -> str:
+    """``finish_reason`` of every choice (a tool call's, see the module docstring)."""
+    if req.tool_call is None or req.finish_reason != "stop":
+        return req.finish_reason
+    return "stop" if req.flavor == "vllm" and req.tool_choice_named else "tool_calls"
+
+
 def _stop_detail(req: GenerationRequest) -> dict[str, Any]:
     """The flavour's field beside ``finish_reason`` (see the module docstring)."""
     if req.flavor == "vllm":
         return {"stop_reason": None}
-    return {"matched_stop": SGLANG_EOS_TOKEN_ID} if req.finish_reason == "stop" else {}
+    return {"matched_stop": SGLANG_EOS_TOKEN_ID} if _finish_reason(req) == "stop" else {}
+
+
+ARGUMENTS_OPEN = '{"text": "'
+ARGUMENTS_CLOSE = '"}'
+
+
+def _tool_call_id(req: GenerationRequest, response_id: str) -> str:
+    hex_part = response_id.rsplit("-", 1)[-1]
+    return f"chatcmpl-tool-{hex_part}" if req.flavor == "vllm" else f"call_{hex_part[:24]}"
+
+
+def _tool_call_message(req: GenerationRequest, response_id: str, text: str) -> dict[str, Any]:
+    call: dict[str, Any] = {"id": _tool_call_id(req, response_id)}
+    if req.flavor == "sglang":
+        call["index"] = 0
+    call["type"] = "function"
+    call["function"] = {"name": req.tool_call, "arguments": ARGUMENTS_OPEN + text + ARGUMENTS_CLOSE}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def _tool_call_delta(req: GenerationRequest, response_id: str, index: int) -> dict[str, Any]:
+    if index == 0:
+        call = {
+            "id": _tool_call_id(req, response_id),
+            "type": "function",
+            "index": 0,
+            "function": {"name": req.tool_call, "arguments": ARGUMENTS_OPEN + TOKEN_TEXT},
+        }
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": TOKEN_TEXT}}]}
 
 
 def token_logprob(index: int) -> float:
@@ -441,11 +520,15 @@ def completion_response(req: GenerationRequest, response_id: str, created: int) 
     for index in range(req.n):
         choice: dict[str, Any] = {"index": index}
         if req.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = (
+                {"role": "assistant", "content": text}
+                if req.tool_call is None
+                else _tool_call_message(req, response_id, text)
+            )
         else:
             choice["text"] = text
         choice.update(
-            logprobs=_logprobs(req, 0, req.output_tokens), finish_reason=req.finish_reason, **_stop_detail(req)
+            logprobs=_logprobs(req, 0, req.output_tokens), finish_reason=_finish_reason(req), **_stop_detail(req)
         )
         choices.append(choice)
     return {
@@ -461,7 +544,9 @@ def token_chunks(req: GenerationRequest, response_id: str, created: int, index: 
     chunks = []
     for choice_index in range(req.n):
         choice: dict[str, Any] = {"index": choice_index}
-        if req.kind == "chat":
+        if req.kind == "chat" and req.tool_call is not None:
+            choice["delta"] = _tool_call_delta(req, response_id, index)
+        elif req.kind == "chat":
             delta = {"role": "assistant", "content": TOKEN_TEXT} if index == 0 else {"content": TOKEN_TEXT}
             choice["delta"] = delta
         else:
@@ -476,11 +561,13 @@ def final_chunks(req: GenerationRequest, response_id: str, created: int) -> list
     chunks = []
     for choice_index in range(req.n):
         choice: dict[str, Any] = {"index": choice_index}
-        if req.kind == "chat":
+        if req.kind == "chat" and req.tool_call is not None:
+            choice["delta"] = {"tool_calls": [{"index": 0, "function": {"arguments": ARGUMENTS_CLOSE}}]}
+        elif req.kind == "chat":
             choice["delta"] = {}
         else:
             choice["text"] = ""
-        choice.update(logprobs=None, finish_reason=req.finish_reason, **_stop_detail(req))
+        choice.update(logprobs=None, finish_reason=_finish_reason(req), **_stop_detail(req))
         chunks.append({**_envelope(req, response_id, created, chunk=True), "choices": [choice]})
     return chunks
 
