@@ -269,3 +269,16 @@ def test_stripping_deletes_usage_an_engine_put_on_a_chunk_with_choices() -> None
     relayed = usage.feed(_sse(chunk))
     assert json.loads(event_data(relayed) or "") == _chunk(SGLANG, {"index": 0, "delta": {"content": "a"}})
     assert usage.prompt_tokens == 3
+
+
+def test_sglang_tool_calls_keep_their_index_as_its_non_streamed_answer_does() -> None:
+    call = {"id": "call_1", "index": 0, "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    events = [
+        _chunk(SGLANG, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}),
+        _chunk(SGLANG, {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}),
+        _chunk(SGLANG, {"index": 0, "delta": {}, "finish_reason": "tool_calls", "matched_stop": None}),
+    ]
+    sglang = assemble("chat", events, tool_call_index=True)["choices"][0]["message"]["tool_calls"]
+    assert sglang == [call]
+    vllm = assemble("chat", events)["choices"][0]["message"]["tool_calls"]
+    assert vllm == [{k: v for k, v in call.items() if k != "index"}]
