@@ -247,6 +247,17 @@ class DecodeConfig(_Strict):
     """Bucket width of the requests objective, requests (see :data:`gateway.scheduling.decode.RUNNING_BUCKET`)."""
 
 
+class PrefixCacheConfig(_Strict):
+    """The gateway's index of what each DP rank's prefix cache probably holds (:mod:`gateway.scheduling.prefix_index`),
+    from the prompts it placed there: placements count only the prompt tokens a rank must actually prefill, and the
+    load view queues only those. The whole section ``None`` switches it off."""
+
+    capacity_tokens: int = Field(default=600_000, ge=512)
+    """Prefix-cache capacity of one DP rank, tokens, beyond which the index forgets least recently used blocks: the
+    engine's KV capacity per rank (SGLang's ``sglang:max_total_num_tokens``; vLLM's ``num_gpu_blocks`` times its
+    block size). The default is the simulated DeepSeek-V3 rank's (:mod:`gateway.sim.calibration`)."""
+
+
 class BaselinesConfig(_Strict):
     """The immediate-dispatch baselines (:mod:`gateway.scheduling.baselines`)."""
 
@@ -425,6 +436,9 @@ class Settings(BaseSettings):
     decode: DecodeConfig | None = DecodeConfig()
     """Policy ``sbs``: the decode-aware choice among ranks the prefill placement leaves equal; ``None`` falls
     back to running requests then KV usage."""
+    prefix_cache: PrefixCacheConfig | None = PrefixCacheConfig()
+    """The index of each rank's prefix cache every policy's placements are recorded in, and ``sbs`` and
+    ``phase_aware`` place by; ``None`` switches it off."""
     baselines: BaselinesConfig = BaselinesConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()

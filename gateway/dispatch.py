@@ -74,6 +74,7 @@ class Dispatcher:
             window=settings.window,
             allocator=settings.allocator,
             decode=settings.decode,
+            prefix_cache=settings.prefix_cache,
             seed=settings.baselines.seed,
         )
         self._waiters: dict[str, asyncio.Future[Placement]] = {}

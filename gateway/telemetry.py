@@ -11,7 +11,11 @@ Series (all prefixed ``gateway_``):
 - ``dispatched_requests_total{engine, rank}``, ``dispatched_prompt_tokens_total{engine, rank}``.
 - ``scrapes_total{engine, result}`` (``ok``|``error``), ``scrape_errors_total{engine}``.
 - ``rank_running``, ``rank_waiting``, ``rank_queued_prefill_tokens``, ``rank_kv_usage`` ``{engine, rank}``: the
-  load view as the allocator sees it, read at scrape time.
+  load view as the allocator sees it, read at scrape time; ``rank_drain_seconds{engine, rank}``: the same queue in
+  seconds of work, by the engine's fitted step-time model (:meth:`gateway.scheduling.step_clock.StepClock.drain_s`).
+- ``step_model_seconds{engine, term}`` (``a``: seconds per step; ``b``, ``c``: seconds per prefill token of the
+  heaviest rank and of the ranks' mean) and ``step_model_timed_steps{engine}``: each engine's step-time model as
+  fitted so far (:class:`gateway.scheduling.step_clock.StepTimeModel`).
 - ``inflight_requests``: requests dispatched and not finished.
 - ``engine_up{engine}``: 1 while the engine's circuit breaker lets traffic through, 0 while it is open.
 - ``health_checks_total{engine, result}`` (``ok``|``error``): active ``/health`` probes.
@@ -28,14 +32,14 @@ Series (all prefixed ``gateway_``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gateway.types import RankLoad
+from gateway.types import RankKey, RankLoad
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300, 600)
 """Seconds; reach to 10 minutes because slowed simulated engines and long generations are normal."""
@@ -46,8 +50,15 @@ ESTIMATE_RATIO_BUCKETS = (0.25, 0.35, 0.5, 0.71, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1,
 
 
 class _LoadCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Sequence[RankLoad]]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Sequence[RankLoad]],
+        drain: Callable[[], Mapping[RankKey, float]] | None,
+        models: Callable[[], Mapping[str, tuple[float, float, float, int]]] | None,
+    ) -> None:
         self._snapshot = snapshot
+        self._drain = drain
+        self._models = models
 
     def collect(self) -> Iterator[Metric]:
         fams = {
@@ -76,6 +87,30 @@ class _LoadCollector(Collector):
             if load.kv_usage is not None:
                 fams["kv_usage"].add_metric(labels, load.kv_usage)
         yield from fams.values()
+        if self._drain is not None:
+            drain = GaugeMetricFamily(
+                "gateway_rank_drain_seconds",
+                "Predicted seconds for the rank to prefill its queued prompt tokens (fitted step-time model)",
+                labels=["engine", "rank"],
+            )
+            for key, seconds in self._drain().items():
+                drain.add_metric([key.engine, str(key.rank)], seconds)
+            yield drain
+        if self._models is not None:
+            terms = GaugeMetricFamily(
+                "gateway_step_model_seconds",
+                "Fitted step-time model: a (s per step), b and c (s per prefill token: heaviest rank, mean)",
+                labels=["engine", "term"],
+            )
+            timed = GaugeMetricFamily(
+                "gateway_step_model_timed_steps", "Steps the step-time model was fitted on", labels=["engine"]
+            )
+            for engine, (a, b, c, n) in self._models().items():
+                for term, value in (("a", a), ("b", b), ("c", c)):
+                    terms.add_metric([engine, term], value)
+                timed.add_metric([engine], n)
+            yield terms
+            yield timed
 
 
 class GatewayMetrics:
@@ -155,9 +190,15 @@ class GatewayMetrics:
             registry=r,
         )
 
-    def watch_load(self, snapshot: Callable[[], Sequence[RankLoad]]) -> None:
-        """Export the load view: ``snapshot`` is called at each scrape of ``/metrics``."""
-        self.registry.register(_LoadCollector(snapshot))
+    def watch_load(
+        self,
+        snapshot: Callable[[], Sequence[RankLoad]],
+        drain: Callable[[], Mapping[RankKey, float]] | None = None,
+        models: Callable[[], Mapping[str, tuple[float, float, float, int]]] | None = None,
+    ) -> None:
+        """Export the load view: ``snapshot`` (and ``drain``, the ranks' load in seconds, and ``models``, the engines'
+        fitted step-time models, when given) are called at each scrape of ``/metrics``."""
+        self.registry.register(_LoadCollector(snapshot, drain, models))
 
     def render(self) -> bytes:
         """Exposition text of every metric."""

@@ -33,9 +33,11 @@ MODEL = "deepseek-v3"
 """The model of the simulated engines and of the table tests."""
 
 
-def req(request_id: str, prompt_tokens: int, arrival_s: float = 0.0, model: str = MODEL) -> PendingRequest:
-    """A pending request with 128 output tokens."""
-    return PendingRequest(request_id, model, prompt_tokens, 128, arrival_s)
+def req(
+    request_id: str, prompt_tokens: int, arrival_s: float = 0.0, model: str = MODEL, blocks: tuple[int, ...] = ()
+) -> PendingRequest:
+    """A pending request with 128 output tokens (and the prefix blocks ``blocks``)."""
+    return PendingRequest(request_id, model, prompt_tokens, 128, arrival_s, prefix_blocks=blocks)
 
 
 def rank(

@@ -47,6 +47,7 @@ class _InFlight:
     key: RankKey
     prompt_tokens: int
     dispatched_at: float
+    prefill_tokens: int
     started: bool = False
     generated: int = 0
 
@@ -115,6 +116,11 @@ class LoadView:
         self._nonstream_due: list[tuple[float, str]] = []
 
     @property
+    def engine_names(self) -> list[str]:
+        """The engines, in configuration order."""
+        return list(self._engines)
+
+    @property
     def keys(self) -> list[RankKey]:
         """All DP ranks, engine by engine."""
         return list(self._ranks)
@@ -131,14 +137,37 @@ class LoadView:
             out.append((key, state.queued_prefill_tokens, state.spec.prefill_budget))
         return out
 
+    def rank_of(self, request_id: str) -> RankKey | None:
+        """The rank ``request_id`` was dispatched to, or ``None`` if it is not in flight."""
+        item = self._inflight.get(request_id)
+        return None if item is None else item.key
+
+    def decodes_next_step(self, engine: str) -> bool:
+        """Whether some rank of ``engine`` has requests decoding (first token seen, not finished) and no prompt
+        tokens queued, by the gateway's own accounting: such a rank decodes in the engine's next step, so that
+        step ends with tokens the gateway sees (:mod:`gateway.scheduling.step_clock`).
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        for key in self._engines[engine].ranks:
+            state = self._ranks[key]
+            if state.local_running > 0 and state.queued_prefill_tokens <= 0:
+                return True
+        return False
+
     def inflight_count(self) -> int:
         """Requests dispatched and not yet finished."""
         return len(self._inflight)
 
     # -- dispatch events ---------------------------------------------------------------------------------
 
-    def on_dispatch(self, request_id: str, key: RankKey, prompt_tokens: int, now: float, *, stream: bool) -> None:
-        """The gateway sent ``request_id`` to rank ``key``.
+    def on_dispatch(
+        self, request_id: str, key: RankKey, prompt_tokens: int, now: float, *, stream: bool, cached_tokens: int = 0
+    ) -> None:
+        """The gateway sent ``request_id`` to rank ``key``; the rank's prefix cache probably holds ``cached_tokens``
+        of its ``prompt_tokens`` (:mod:`gateway.scheduling.prefix_index`), so only the rest queue for prefill, while
+        the whole prompt takes KV.
 
         Raises:
             KeyError: ``key`` is not a known rank.
@@ -147,13 +176,14 @@ class LoadView:
         state = self._ranks[key]
         if request_id in self._inflight:
             raise ValueError(f"request {request_id!r} is already in flight")
-        self._inflight[request_id] = _InFlight(key, prompt_tokens, now)
+        prefill = max(0, prompt_tokens - cached_tokens)
+        self._inflight[request_id] = _InFlight(key, prompt_tokens, now, prefill)
         state.local_waiting += 1
         state.dispatched_since += 1
-        state.queued_prefill_tokens += prompt_tokens
+        state.queued_prefill_tokens += prefill
         state.kv_tokens += prompt_tokens
         if not stream:
-            chunks = max(1, math.ceil(prompt_tokens / state.spec.prefill_budget))
+            chunks = max(1, math.ceil(prefill / state.spec.prefill_budget))
             heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s * chunks, request_id))
 
     def on_first_token(self, request_id: str, now: float) -> None:
@@ -166,7 +196,7 @@ class LoadView:
         state.local_waiting -= 1
         state.local_running += 1
         state.started_since += 1
-        state.queued_prefill_tokens -= item.prompt_tokens
+        state.queued_prefill_tokens -= item.prefill_tokens
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
@@ -188,7 +218,7 @@ class LoadView:
         else:
             state.local_waiting -= 1
             state.finished_waiting_since += 1
-            state.queued_prefill_tokens -= item.prompt_tokens
+            state.queued_prefill_tokens -= item.prefill_tokens
 
     def _promote_nonstream(self, now: float) -> None:
         while self._nonstream_due and self._nonstream_due[0][0] <= now:

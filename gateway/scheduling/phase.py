@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from gateway.scheduling.allocation import decode_load_key, fits, placement_order
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
+from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.types import Allocation
 from gateway.types import PendingRequest, RankKey, RankLoad
@@ -71,6 +72,8 @@ def _placement_cost(
     next_level: float,
     budget: float,
     heaviest: float,
+    mean: float,
+    ranks: int,
     wait: float,
     stalled: float,
 ) -> float:
@@ -78,21 +81,41 @@ def _placement_cost(
     seconds.
 
     Args:
-        clock: the step clock (``d_e``).
+        clock: the step clock (the instance's step-time model).
         engine: the instance ``e``.
         tokens: the request's prompt tokens ``t``.
         next_level: prompt tokens already queued on the rank for the steps after the one in progress.
         budget: the rank's per-step prefill budget.
-        heaviest: ``M_e``, the heaviest rank's prefill tokens bound for the next step.
+        heaviest: ``H_e``, the heaviest rank's prefill tokens bound for the next step.
+        mean: ``S_e``, the ranks' mean prefill tokens bound for the next step.
+        ranks: the instance's DP ranks.
         wait: ``wait(e)``, seconds until the instance starts its next step.
         stalled: ``n_e + w * running_e``, the requests a longer next step holds up.
     """
-    steps_ahead, rest = divmod(next_level, budget)
-    if steps_ahead:  # the rank's queue already fills whole steps: the request waits them out
-        return wait + steps_ahead * clock.predict(engine, budget) + clock.predict(engine, rest + tokens)
-    d_old = clock.predict(engine, heaviest)
-    d_new = clock.predict(engine, max(heaviest, min(rest + tokens, budget)))
-    return wait + d_new + (d_new - d_old) * stalled
+    total = next_level + tokens
+    first_old = min(next_level, budget)
+    first_new = min(total, budget)
+    mean_new = mean + (first_new - first_old) / ranks
+    d_old = clock.predict(engine, heaviest, mean)
+    d_new = clock.predict(engine, max(heaviest, first_new), mean_new)
+    own = wait + d_new + max(0.0, total - budget) / budget * clock.predict(engine, budget, mean_new)
+    return own + (d_new - d_old) * stalled
+
+
+def _matched(
+    prefix: PrefixIndex, staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]], blocks: tuple[int, ...]
+) -> dict[RankKey, int]:
+    """Leading blocks of ``blocks`` each rank holds: in the index, or placed there earlier in this batch."""
+    matched = prefix.match(blocks)
+    for key, other in staged.get(blocks[0], ()) if blocks else ():
+        common = 0
+        for a, b in zip(blocks, other, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common > matched.get(key, 0):
+            matched[key] = common
+    return matched
 
 
 def phase_fill(
@@ -110,6 +133,7 @@ def phase_fill(
     use_step_phase: bool = True,
     shortest_first: bool = False,
     long_prefill_tokens: float | None = None,
+    prefix: PrefixIndex | None = None,
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
@@ -136,6 +160,10 @@ def phase_fill(
         long_prefill_tokens: long-prefill isolation (module docstring): a prompt longer than this (tokens) is long,
             an instance with a rank holding more than that many queued prompt tokens is slow, and long prompts go to
             slow instances, others to the rest, where they fit; ``None`` switches it off.
+        prefix: the prefix index: on each rank a request counts only the prompt tokens the rank's prefix cache
+            probably lacks, counting the blocks of the requests placed before it in this batch as if they were
+            already in the index (the scheduler enters them in that order when it dispatches them), so that
+            requests sharing a prefix go together where the cost allows; ``None``: every prompt counts whole.
     """
     result = Allocation()
     level = {r.key: r.queued_prefill_tokens for r in ranks}
@@ -148,43 +176,70 @@ def phase_fill(
         if r.usable:
             inst.ranks.append(r)
     waiting_next = {e: sum(1 for r in inst.ranks if next_level[r.key] > 0) for e, inst in instances.items()}
+    staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]] = {}  # first block -> this batch's placements
     for request in placement_order(batch, shortest_first):
         t = request.prompt_tokens
+        matched = _matched(prefix, staged, request.prefix_blocks) if prefix is not None else {}
         forced = now - request.arrival_s >= max_wait_s
-        best: tuple[tuple[float, ...], RankLoad] | None = None
+        best: tuple[tuple[float, ...], RankLoad, int] | None = None
         serves = False
         for engine, inst in instances.items():
             candidates = [r for r in inst.ranks if request.model in r.models]
             if not candidates:
                 continue
             serves = True
-            fitting = [r for r in candidates if forced or fits(level[r.key], t, r, queue_steps, min_queue_tokens)]
+            uncached_of = (
+                {}
+                if prefix is None
+                else {r.key: t - prefix.cached_tokens(matched[r.key], t) for r in candidates if r.key in matched}
+            )
+            fitting = [
+                r
+                for r in candidates
+                if forced or fits(level[r.key], uncached_of.get(r.key, t), r, queue_steps, min_queue_tokens)
+            ]
             if not fitting:
                 continue
             mismatch = 0.0
             if long_prefill_tokens is not None:
                 slow = any(level[r.key] > long_prefill_tokens for r in candidates)
                 mismatch = float(slow != (t > long_prefill_tokens))
-            heaviest = max(min(next_level[r.key], r.prefill_budget) for r in candidates)
+            firsts = [min(next_level[r.key], r.prefill_budget) for r in candidates]
+            heaviest, mean = max(firsts), sum(firsts) / len(firsts)
+            total_level = sum(level[r.key] for r in candidates)
             wait = clock.time_to_next_step(engine, now) if inst.busy and use_step_phase else 0.0
             stalled = waiting_next[engine] + decode_stall_weight * inst.running
             for r in fitting:
-                cost = _placement_cost(clock, engine, t, next_level[r.key], r.prefill_budget, heaviest, wait, stalled)
+                cost = _placement_cost(
+                    clock,
+                    engine,
+                    uncached_of.get(r.key, t),
+                    next_level[r.key],
+                    r.prefill_budget,
+                    heaviest,
+                    mean,
+                    len(candidates),
+                    wait,
+                    stalled,
+                )
+                work = uncached_of.get(r.key, t)
                 key: tuple[float, ...]
                 if decode is None:
-                    key = (mismatch, cost, next_level[r.key], *decode_load_key(r))
+                    key = (mismatch, cost, work, next_level[r.key], total_level, *decode_load_key(r))
                 else:
-                    key = (mismatch, cost, *decode.key(r.key), next_level[r.key])
+                    key = (mismatch, cost, work, *decode.key(r.key), next_level[r.key], total_level)
                 if best is None or key < best[0]:
-                    best = (key, r)
+                    best = (key, r, work)
         if best is None:
             (result.deferred if serves else result.unplaceable).append(request)
             continue
-        chosen = best[1]
+        chosen, uncached = best[1], best[2]
         if next_level[chosen.key] == 0:
             waiting_next[chosen.key.engine] += 1
-        level[chosen.key] += t
-        next_level[chosen.key] += t
+        level[chosen.key] += uncached
+        next_level[chosen.key] += uncached
+        if prefix is not None and request.prefix_blocks:
+            staged.setdefault(request.prefix_blocks[0], []).append((chosen.key, request.prefix_blocks))
         if decode is not None:
             decode.place(chosen.key, t)
         result.assigned.append((request, chosen.key))
@@ -197,10 +252,17 @@ class PhaseAware:
     ``phase_aware``), the decode-aware choice (``decode`` section, ``None`` when off) and the step clock the
     scheduler feeds with token arrivals."""
 
-    def __init__(self, settings: PhaseAwareConfig, decode: DecodeConfig | None, clock: StepClock) -> None:
+    def __init__(
+        self,
+        settings: PhaseAwareConfig,
+        decode: DecodeConfig | None,
+        clock: StepClock,
+        prefix: PrefixIndex | None = None,
+    ) -> None:
         self.settings = settings
         self.decode = decode
         self.clock = clock
+        self.prefix = prefix
         self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
 
     def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
@@ -220,4 +282,5 @@ class PhaseAware:
             use_step_phase=settings.use_step_phase,
             shortest_first=settings.shortest_first,
             long_prefill_tokens=settings.long_prefill_tokens,
+            prefix=self.prefix,
         )

@@ -27,12 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, PrefixCacheConfig, WindowConfig
 from gateway.load.view import LoadView
 from gateway.scheduling.allocation import free_prefill_capacity
 from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.baselines.base import ImmediatePolicy
+from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.window import BatchWindow
@@ -83,15 +84,44 @@ class PhasePlacement:
             the ``phase_aware`` defaults.
         decode: decode-aware choice settings, ``None`` when off.
         clock: the scheduler's step clock.
+        prefix: the scheduler's prefix index, ``None`` when off.
     """
 
-    def __init__(self, allocator: AllocatorConfig, decode: DecodeConfig | None, clock: StepClock) -> None:
+    def __init__(
+        self,
+        allocator: AllocatorConfig,
+        decode: DecodeConfig | None,
+        clock: StepClock,
+        prefix: PrefixIndex | None = None,
+    ) -> None:
         settings = allocator if isinstance(allocator, PhaseAwareConfig) else PhaseAwareConfig()
-        self._allocator = ALLOCATORS["phase_aware"](settings.model_copy(update={"queue_steps": None}), decode, clock)
+        self._allocator = ALLOCATORS["phase_aware"](
+            settings.model_copy(update={"queue_steps": None}), decode, clock, prefix
+        )
 
     def place(self, request: PendingRequest, ranks: Sequence[RankLoad], now: float) -> RankKey | None:
         assigned = self._allocator.place([request], ranks, now).assigned
         return assigned[0][1] if assigned else None
+
+
+def record_dispatch(
+    view: LoadView,
+    prefix: PrefixIndex | None,
+    request: PendingRequest,
+    key: RankKey,
+    now: float,
+    cached: int | None = None,
+) -> None:
+    """Record that ``request`` goes to rank ``key``: the load view queues the prompt tokens the rank's prefix cache
+    probably lacks (``cached``, or looked up in the index), and the index takes its blocks."""
+    if prefix is not None:
+        if cached is None:
+            matched = prefix.match(request.prefix_blocks).get(key, 0)
+            cached = prefix.cached_tokens(matched, request.prompt_tokens)
+        prefix.insert(key, request.prefix_blocks)
+    view.on_dispatch(
+        request.request_id, key, request.prompt_tokens, now, stream=request.stream, cached_tokens=cached or 0
+    )
 
 
 class _Immediate:
@@ -99,15 +129,16 @@ class _Immediate:
 
     batched = False
 
-    def __init__(self, policy: ImmediatePolicy, view: LoadView) -> None:
+    def __init__(self, policy: ImmediatePolicy, view: LoadView, prefix: PrefixIndex | None) -> None:
         self.policy = policy
         self.view = view
+        self.prefix = prefix
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
         key = self.policy.choose(request, self.view.snapshot(now))
         if key is None:
             raise NoServingRankError(request.model)
-        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        record_dispatch(self.view, self.prefix, request, key, now)
         return key
 
     def poll(self, now: float) -> WindowOutcome | None:
@@ -128,8 +159,10 @@ class _Windowed:
         view: LoadView,
         window: BatchWindow,
         step_clock: StepClock,
+        prefix: PrefixIndex | None,
     ) -> None:
         self.settings = settings
+        self.prefix = prefix
         self.allocator = allocator
         self.queue_steps = queue_steps
         self.min_queue_tokens = min_queue_tokens
@@ -174,7 +207,7 @@ class _Windowed:
             return None
         allocation = self.allocator.place(self.window.take(now), snapshot, now)
         for request, key in allocation.assigned:
-            self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+            record_dispatch(self.view, self.prefix, request, key, now)
         self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
         if len(self.window):
             self._align(self.view.snapshot(now))
@@ -191,6 +224,8 @@ class Scheduler:
         window: window settings (used by ``sbs``).
         allocator: allocator settings (used by ``sbs``), built by :data:`~gateway.scheduling.allocators.ALLOCATORS`.
         decode: decode-aware choice settings (used by ``sbs``); ``None`` switches it off.
+        prefix_cache: the prefix index's settings (every placement is recorded in it; ``sbs`` and ``phase_aware``
+            place by it); ``None`` switches it off.
         seed: seed of randomised baselines.
 
     Raises:
@@ -205,11 +240,13 @@ class Scheduler:
         window: WindowConfig,
         allocator: AllocatorConfig,
         decode: DecodeConfig | None,
+        prefix_cache: PrefixCacheConfig | None = None,
         seed: int = 0,
     ) -> None:
         self.policy = policy
         self.view = view
         self.step_clock = StepClock(window.initial_step_s)
+        self.prefix = None if prefix_cache is None else PrefixIndex(prefix_cache.capacity_tokens)
         self.window = BatchWindow(
             min_interval_s=window.min_interval_s,
             max_interval_s=window.max_interval_s,
@@ -220,13 +257,13 @@ class Scheduler:
         self._mode: _Mode
         if policy == "sbs":
             queue_steps = math.inf if allocator.queue_steps is None else allocator.queue_steps
-            placer = ALLOCATORS[allocator.kind](allocator, decode, self.step_clock)
+            placer = ALLOCATORS[allocator.kind](allocator, decode, self.step_clock, self.prefix)
             self._mode = _Windowed(
-                window, placer, queue_steps, allocator.min_queue_tokens, view, self.window, self.step_clock
+                window, placer, queue_steps, allocator.min_queue_tokens, view, self.window, self.step_clock, self.prefix
             )
         else:
-            steps = PhasePlacement(allocator, decode, self.step_clock)
-            self._mode = _Immediate(make_immediate_policy(policy, seed=seed, steps=steps), view)
+            steps = PhasePlacement(allocator, decode, self.step_clock, self.prefix)
+            self._mode = _Immediate(make_immediate_policy(policy, seed=seed, steps=steps), view, self.prefix)
 
     @property
     def batched(self) -> bool:
@@ -261,7 +298,7 @@ class Scheduler:
         key = self._retry_policy.choose(request, elsewhere) or self._retry_policy.choose(request, candidates)
         if key is None:
             raise NoServingRankError(request.model)
-        self.view.on_dispatch(request.request_id, key, request.prompt_tokens, now, stream=request.stream)
+        record_dispatch(self.view, self.prefix, request, key, now)
         return key
 
     def cancel(self, request_id: str) -> bool:
@@ -271,6 +308,22 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
         return self.window.deadline
+
+    def drain_seconds(self) -> dict[RankKey, float]:
+        """Every rank's load in seconds of work (:meth:`StepClock.drain_s
+        <gateway.scheduling.step_clock.StepClock.drain_s>`), from the load view's queued prompt tokens."""
+        out: dict[RankKey, float] = {}
+        for engine in self.view.engine_names:
+            out |= self.step_clock.drain_s(engine, self.view.queued_prefill_tokens(engine))
+        return out
+
+    def step_models(self) -> dict[str, tuple[float, float, float, int]]:
+        """Each engine's fitted step-time model: ``(a s, b s/token, c s/token, timed steps observed)``."""
+        out = {}
+        for engine in self.view.engine_names:
+            model = self.step_clock.model(engine)
+            out[engine] = (*model.coefficients, model.observations)
+        return out
 
     # -- progress: every driver reports what it sees through these, and nothing else ---------------------
 
@@ -293,8 +346,12 @@ class Scheduler:
         return new_step
 
     def on_finish(self, request_id: str, now: float) -> None:
-        """``request_id`` ended (completed, failed or aborted): its rank has room again."""
+        """``request_id`` ended (completed, failed or aborted): its rank has room again, and if that leaves no rank
+        of its engine decoding, the engine's step in progress may end without tokens (so it is not timed)."""
+        key = self.view.rank_of(request_id)
         self.view.on_finish(request_id, now)
+        if key is not None:
+            self.step_clock.still_timed(key.engine, self.view.decodes_next_step(key.engine))
         self.window.notify_capacity_freed()
 
     def on_scrape(self, engine: str, ranks: dict[int, RankMetrics], now: float) -> None:
@@ -318,4 +375,6 @@ class Scheduler:
     def _track_step(self, engine: str, now: float) -> bool:
         """Feed the step clock with tokens from ``engine`` at ``now`` (after the load view took them in); return
         whether they began a new step."""
-        return self.step_clock.observe_tokens(engine, now, self.view.queued_prefill_tokens(engine))
+        return self.step_clock.observe_tokens(
+            engine, now, self.view.queued_prefill_tokens(engine), decodes_next=self.view.decodes_next_step(engine)
+        )

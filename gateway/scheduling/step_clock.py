@@ -6,13 +6,21 @@ a quiet gap of at least ``boundary_gap_s`` marks a step boundary. Knowing the la
 current step's duration tells when the instance will next start a step: the moment a request sent to it
 starts its prefill (``docs/design.md`` §2.8, "waiting to accelerate").
 
-Step duration model (the form FairBatching-style load estimates use, ``docs/design.md`` §3):
-``duration = base + per_token * x`` where ``x`` is the largest number of prefill tokens one rank of the
-instance takes in the step (lockstep: the heaviest rank sets the pace). ``base`` (decode work plus all-to-all)
-and ``per_token`` are learnt online per instance by exponentially weighted averages: ``base`` from steps that
-carried no prefill, ``per_token`` from the excess of the others.
+Step duration model (:class:`StepTimeModel`): ``duration = a + b * H + c * S``, where ``H`` is the largest number
+of prefill tokens one rank of the instance takes in the step (lockstep: the heaviest rank sets the pace) and ``S``
+the mean over its ranks (the routed experts' work is spread over the EP group, so it follows the mean). It is
+FairBatching's linear step-time model (arXiv 2510.14392, §4: ``a + b * new_tokens + c * kv_tokens`` per step),
+read per lockstep instance: its ``new_tokens`` is the heaviest rank's, and the EP-shared part of the linear cost
+takes the place of the KV term (decode attention is a small part of a DeepSeek-V3 step at these batch sizes; the
+coefficients absorb it). The coefficients are fitted online per instance by exponentially weighted least squares,
+**only from steps the gateway can time**: the interval between two bursts is one step only if every
+step emits a token, which the gateway knows when, at the first burst, some rank of the instance had requests
+decoding and no prompt tokens queued (so it decodes in the next step, whatever the others do). On a prefill-only
+instance, where first tokens are the only tokens, no interval qualifies and the model keeps its prior, the same
+for every instance (so the placement cost stays a comparison of queued work, never a feedback loop between an
+instance whose steps look long because it is rarely timed and the traffic it is therefore denied).
 
-The same boundaries give the plain mean step time (boundary to boundary, whatever the step carried) that the
+The same timed steps give the plain mean step time (boundary to boundary, whatever the step carried) that the
 window's adaptive interval follows (:meth:`StepClock.mean_step_s`), and each instance's predicted next step start
 that step-aligned window closing aims at (:meth:`StepClock.next_step_start`,
 :mod:`gateway.scheduling.step_aligned_close`).
@@ -20,6 +28,7 @@ that step-aligned window closing aims at (:meth:`StepClock.next_step_start`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,17 +37,137 @@ from gateway.types import RankKey
 
 @dataclass(slots=True)
 class _EngineClock:
+    model: StepTimeModel
     last_boundary: float | None = None
     last_token: float | None = None
-    base_s: float | None = None
-    per_token_s: float | None = None
     step_prefill_tokens: float = 0.0
+    step_mean_tokens: float = 0.0
+    timed: bool = False
+    """Whether the step in progress ends with a burst of tokens (some rank decodes in it), so its duration is
+    measurable at the next boundary."""
     mean_step_s: float | None = None
     step_keys: list[RankKey] | None = None
     """The ranks as :meth:`StepClock.observe_tokens` last saw them at a step start, in the view's order."""
     step_tokens: list[float] | None = None
     """Each of those ranks' figure in :attr:`StepClock.current_step_tokens`, in the same order (a mirror that
     spares the dictionary within a step)."""
+
+
+class StepTimeModel:
+    """``duration = a + b * H + c * S`` seconds for one instance's lockstep step (module docstring), fitted by
+    exponentially weighted least squares: the sums ``Σ λ^k x xᵀ`` and ``Σ λ^k x d`` over the timed steps
+    (``x = (1, H, S)``, features in thousands of tokens) are kept, and the coefficients solve the normal
+    equations with a ridge ``ρ`` towards the prior (Hastie, Tibshirani and Friedman, *The Elements of Statistical
+    Learning*, 2nd ed., §3.4.1), under ``b, c >= 0``. Unlike recursive least squares it cannot wind up: a
+    direction the recent steps do not excite (no step with prefill for a while) fades to the prior instead of
+    blowing up.
+
+    Args:
+        a_s: prior ``a``, seconds.
+        b_s_per_token: prior ``b``, seconds per token.
+        c_s_per_token: prior ``c``, seconds per token.
+        forgetting: weight ``0 < λ <= 1`` of the past at each timed step (the fit spans about ``1 / (1 - λ)``
+            steps).
+        prior_steps: the ridge ``ρ``: how many steps' worth of evidence the prior counts for (by default next to
+            none: the first timed step replaces the prior, which then only fills directions no step has excited).
+
+    Raises:
+        ValueError: a weight out of range.
+    """
+
+    def __init__(
+        self,
+        a_s: float,
+        b_s_per_token: float,
+        c_s_per_token: float = 0.0,
+        *,
+        forgetting: float = 0.999,
+        prior_steps: float = 1e-9,
+    ) -> None:
+        if not 0 < forgetting <= 1 or prior_steps <= 0:
+            raise ValueError("need 0 < forgetting <= 1 and prior_steps > 0")
+        self.prior = (a_s, b_s_per_token * 1000.0, c_s_per_token * 1000.0)
+        self.theta = list(self.prior)
+        self.forgetting = forgetting
+        self.ridge = prior_steps
+        self._xx = [[0.0] * 3 for _ in range(3)]
+        self._xy = [0.0] * 3
+        self._dirty = False  # steps came in since the coefficients were last solved
+        self.observations = 0
+
+    def predict(self, heaviest: float, mean: float) -> float:
+        """Predicted step duration, seconds, for ``heaviest`` and ``mean`` prefill tokens per rank (>= 0)."""
+        if self._dirty:
+            self.theta = self._solve()
+            self._dirty = False
+        a, b, c = self.theta
+        return max(0.0, a + b * heaviest / 1000.0 + c * mean / 1000.0)
+
+    def observe(self, duration_s: float, heaviest: float, mean: float) -> None:
+        """One timed step: its duration (seconds) and its ``H`` and ``S`` (tokens)."""
+        x = (1.0, heaviest / 1000.0, mean / 1000.0)
+        lam = self.forgetting
+        for i in range(3):
+            self._xy[i] = lam * self._xy[i] + x[i] * duration_s
+            row = self._xx[i]
+            for j in range(3):
+                row[j] = lam * row[j] + x[i] * x[j]
+        self._dirty = True
+        self.observations += 1
+
+    def _solve(self) -> list[float]:
+        """The ridge solution with ``b, c >= 0``: the unconstrained one if feasible, else the best feasible one
+        with ``b`` or ``c`` (or both) held at 0."""
+        best: list[float] | None = None
+        best_loss = math.inf
+        for free in ((0, 1, 2), (0, 1), (0, 2), (0,)):
+            theta = self._solve_on(free)
+            if theta is None or theta[1] < 0 or theta[2] < 0:
+                continue
+            loss = self._loss(theta)
+            if loss < best_loss:
+                best, best_loss = theta, loss
+            if free == (0, 1, 2):
+                break  # the unconstrained optimum is feasible
+        return best if best is not None else [self.prior[0], 0.0, 0.0]
+
+    def _solve_on(self, free: tuple[int, ...]) -> list[float] | None:
+        """Minimise the ridge loss over the coefficients in ``free``, the others at 0 (Gaussian elimination)."""
+        n = len(free)
+        m = [[self._xx[i][j] + (self.ridge if i == j else 0.0) for j in free] for i in free]
+        v = [self._xy[i] + self.ridge * self.prior[i] for i in free]
+        for col in range(n):
+            pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+            if abs(m[pivot][col]) < 1e-300:
+                return None
+            m[col], m[pivot] = m[pivot], m[col]
+            v[col], v[pivot] = v[pivot], v[col]
+            for r in range(col + 1, n):
+                f = m[r][col] / m[col][col]
+                for k in range(col, n):
+                    m[r][k] -= f * m[col][k]
+                v[r] -= f * v[col]
+        sol = [0.0] * n
+        for r in range(n - 1, -1, -1):
+            sol[r] = (v[r] - sum(m[r][k] * sol[k] for k in range(r + 1, n))) / m[r][r]
+        theta = [0.0, 0.0, 0.0]
+        for i, value in zip(free, sol, strict=True):
+            theta[i] = value
+        return theta
+
+    def _loss(self, theta: list[float]) -> float:
+        """The weighted squared error plus the ridge, up to a constant."""
+        quad = sum(theta[i] * self._xx[i][j] * theta[j] for i in range(3) for j in range(3))
+        lin = sum(theta[i] * self._xy[i] for i in range(3))
+        ridge = sum((t - p) ** 2 for t, p in zip(theta, self.prior, strict=True))
+        return quad - 2 * lin + self.ridge * ridge
+
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """``(a, b, c)``: seconds, seconds per token, seconds per token."""
+        self.predict(0.0, 0.0)  # solves if a step came in since
+        a, b, c = self.theta
+        return a, b / 1000.0, c / 1000.0
 
 
 class StepClock:
@@ -48,7 +177,7 @@ class StepClock:
         initial_step_s: step duration assumed for an engine with no observation yet (seconds).
         initial_per_token_s: prefill seconds per token assumed before any is learnt.
         boundary_gap_s: a quiet gap at least this long between two chunks of one engine separates two steps.
-        alpha: weight of a new observation in the duration model's moving averages (0 < alpha <= 1).
+        forgetting: the step-time model's forgetting factor (:class:`StepTimeModel`).
         mean_alpha: weight of a new step in the mean step time (0 < mean_alpha <= 1).
         max_step_s: a step longer than this is a stall or an idle spell, not a step: it does not enter the mean
             step time (seconds).
@@ -63,16 +192,16 @@ class StepClock:
         *,
         initial_per_token_s: float = 1e-4,
         boundary_gap_s: float = 0.005,
-        alpha: float = 0.1,
+        forgetting: float = 0.999,
         mean_alpha: float = 0.05,
         max_step_s: float = 30.0,
     ) -> None:
-        if initial_step_s <= 0 or not 0 < alpha <= 1 or not 0 < mean_alpha <= 1:
-            raise ValueError("need initial_step_s > 0, 0 < alpha <= 1 and 0 < mean_alpha <= 1")
+        if initial_step_s <= 0 or not 0 < forgetting <= 1 or not 0 < mean_alpha <= 1:
+            raise ValueError("need initial_step_s > 0, 0 < forgetting <= 1 and 0 < mean_alpha <= 1")
         self.initial_step_s = initial_step_s
         self.initial_per_token_s = initial_per_token_s
         self.boundary_gap_s = boundary_gap_s
-        self.alpha = alpha
+        self.forgetting = forgetting
         self.mean_alpha = mean_alpha
         self.max_step_s = max_step_s
         self._engines: dict[str, _EngineClock] = {}
@@ -83,7 +212,8 @@ class StepClock:
     def _get(self, engine: str) -> _EngineClock:
         clock = self._engines.get(engine)
         if clock is None:
-            clock = self._engines[engine] = _EngineClock()
+            model = StepTimeModel(self.initial_step_s, self.initial_per_token_s, forgetting=self.forgetting)
+            clock = self._engines[engine] = _EngineClock(model)
         return clock
 
     def on_tokens(self, engine: str, now: float) -> bool:
@@ -99,25 +229,34 @@ class StepClock:
             return False
         if c.last_boundary is not None:
             duration = now - c.last_boundary
-            self._learn(c, duration, c.step_prefill_tokens)
-            if 0 < duration <= self.max_step_s:
+            if c.timed and 0 < duration <= self.max_step_s:
+                c.model.observe(duration, c.step_prefill_tokens, c.step_mean_tokens)
                 m = c.mean_step_s
                 c.mean_step_s = duration if m is None else m + self.mean_alpha * (duration - m)
         c.last_boundary = now
         c.step_prefill_tokens = 0.0
+        c.step_mean_tokens = 0.0
+        c.timed = False
         return True
 
-    def observe_tokens(self, engine: str, now: float, queued: Iterable[tuple[RankKey, int, int]]) -> bool:
+    def observe_tokens(
+        self, engine: str, now: float, queued: Iterable[tuple[RankKey, int, int]], *, decodes_next: bool = False
+    ) -> bool:
         """Tokens from ``engine`` arrived at ``now``, with each of its ranks' ``(rank, prompt tokens queued, per-step
         prefill budget)`` as the load view has them after taking the tokens in; return whether they began a new step.
 
         The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
         carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
         arriving in the burst shrink the queue while new dispatches only grow it. The heaviest rank's figure
-        becomes the step's prefill (:meth:`set_step_prefill`).
+        and the mean become the step's ``H`` and ``S`` (:meth:`set_step_prefill`).
+
+        ``decodes_next``: some rank of ``engine`` has requests decoding and no prompt tokens queued now, so the
+        step in progress ends with tokens and its duration can be measured (module docstring); the burst's last
+        chunk decides.
         """
         new_step = self.on_tokens(engine, now)
         c = self._engines[engine]
+        c.timed = decodes_next
         figures = self.current_step_tokens
         ranks = queued if isinstance(queued, list) else list(queued)
         if not new_step and c.step_keys is not None and c.step_tokens is not None and self._fall(c, ranks):
@@ -133,8 +272,15 @@ class StepClock:
             keys.append(key)
             values.append(current)
         c.step_keys, c.step_tokens = keys, values
-        self.set_step_prefill(engine, heaviest)
+        self.set_step_prefill(engine, heaviest, sum(values) / len(values) if values else 0.0)
         return new_step
+
+    def still_timed(self, engine: str, decodes_next: bool) -> None:
+        """A request of ``engine`` finished: the step in progress stays timed only if some rank still decodes in
+        it (a request whose first token was also its last counted as decoding when that token came)."""
+        c = self._engines.get(engine)
+        if c is not None:
+            c.timed = c.timed and decodes_next
 
     def _fall(self, c: _EngineClock, ranks: list[tuple[RankKey, int, int]]) -> bool:
         """Within a step, lower each rank's figure to what it has queued now, through the mirror of
@@ -146,6 +292,7 @@ class StepClock:
         if len(ranks) != len(keys):
             return False
         figures = self.current_step_tokens
+        fell = False
         for i, (key, tokens, budget) in enumerate(ranks):
             if key is not keys[i]:
                 return False
@@ -153,31 +300,45 @@ class StepClock:
             if current < values[i]:
                 values[i] = current
                 figures[key] = current
-        c.step_prefill_tokens = max([0.0, *values])
+                fell = True
+        if fell:
+            c.step_prefill_tokens = max([0.0, *values])
+            c.step_mean_tokens = sum(values) / len(values) if values else 0.0
         return True
 
-    def set_step_prefill(self, engine: str, prefill_tokens: float) -> None:
-        """The heaviest rank of ``engine`` prefills ``prefill_tokens`` in the step in progress (tokens)."""
-        self._get(engine).step_prefill_tokens = prefill_tokens
-
-    def _learn(self, c: _EngineClock, duration: float, prefill_tokens: float) -> None:
-        if prefill_tokens <= 0:
-            c.base_s = duration if c.base_s is None else c.base_s + self.alpha * (duration - c.base_s)
-            return
-        base = c.base_s if c.base_s is not None else 0.0
-        sample = max(0.0, duration - base) / prefill_tokens
-        c.per_token_s = sample if c.per_token_s is None else c.per_token_s + self.alpha * (sample - c.per_token_s)
-
-    def predict(self, engine: str, prefill_tokens: float) -> float:
-        """Predicted duration of a step of ``engine`` whose heaviest rank prefills ``prefill_tokens`` (s)."""
+    def set_step_prefill(self, engine: str, prefill_tokens: float, mean_tokens: float | None = None) -> None:
+        """The heaviest rank of ``engine`` prefills ``prefill_tokens`` in the step in progress, and its ranks
+        ``mean_tokens`` on average (tokens; ``None``: as many as the heaviest, a one-rank instance)."""
         c = self._get(engine)
-        base = c.base_s if c.base_s is not None else self.initial_step_s
-        per_token = c.per_token_s if c.per_token_s is not None else self.initial_per_token_s
-        return base + per_token * prefill_tokens
+        c.step_prefill_tokens = prefill_tokens
+        c.step_mean_tokens = prefill_tokens if mean_tokens is None else mean_tokens
+
+    def predict(self, engine: str, prefill_tokens: float, mean_tokens: float | None = None) -> float:
+        """Predicted duration of a step of ``engine`` whose heaviest rank prefills ``prefill_tokens`` and whose
+        ranks ``mean_tokens`` on average (seconds; ``mean_tokens`` ``None``: as many as the heaviest)."""
+        mean = prefill_tokens if mean_tokens is None else mean_tokens
+        return self._get(engine).model.predict(prefill_tokens, mean)
+
+    def model(self, engine: str) -> StepTimeModel:
+        """The step-time model of ``engine`` (fitted, or its prior)."""
+        return self._get(engine).model
+
+    def drain_s(self, engine: str, queued: Iterable[tuple[RankKey, int, int]]) -> dict[RankKey, float]:
+        """Load in seconds of work: for each rank of ``engine`` (given as ``(rank, prompt tokens queued, per-step
+        prefill budget)``), the predicted time to prefill what it has queued, seconds: as many steps as its
+        queue fills budgets (at least one when anything is queued), each as long as the step-time model predicts
+        for the instance's next step (its heaviest and mean rank figures, each rank capped at its budget).
+        FairBatching's load estimate for upper-level schedulers (arXiv 2510.14392, §4.3), per DP rank."""
+        ranks = list(queued)
+        if not ranks:
+            return {}
+        firsts = [min(tokens, budget) for _, tokens, budget in ranks]
+        step = self._get(engine).model.predict(max(firsts), sum(firsts) / len(firsts))
+        return {key: 0.0 if tokens <= 0 else max(1.0, tokens / budget) * step for key, tokens, budget in ranks}
 
     def mean_step_s(self) -> float:
-        """Mean step time over the engines whose steps were seen, each an exponentially weighted average of its
-        boundary-to-boundary times (seconds); ``initial_step_s`` before any step was seen."""
+        """Mean step time over the engines whose steps were timed, each an exponentially weighted average of its
+        timed steps' boundary-to-boundary times (seconds); ``initial_step_s`` before any step was timed."""
         means = [c.mean_step_s for c in self._engines.values() if c.mean_step_s is not None]
         return sum(means) / len(means) if means else self.initial_step_s
 
@@ -192,7 +353,7 @@ class StepClock:
         c = self._get(engine)
         if c.last_boundary is None:
             return None
-        return c.last_boundary + self.predict(engine, c.step_prefill_tokens)
+        return c.last_boundary + c.model.predict(c.step_prefill_tokens, c.step_mean_tokens)
 
     def time_to_next_step(self, engine: str, now: float) -> float:
         """Seconds until ``engine`` is predicted to start its next step (0 when overdue or never seen)."""

@@ -54,7 +54,9 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     )
     clock = time.monotonic
     dispatcher = Dispatcher(settings, view, metrics, health, clock=clock)
-    metrics.watch_load(lambda: view.snapshot(clock()))
+    metrics.watch_load(
+        lambda: view.snapshot(clock()), dispatcher.scheduler.drain_seconds, dispatcher.scheduler.step_models
+    )
     client = EngineClient(settings.upstream)
     prober = HealthProber(
         client,

@@ -240,6 +240,11 @@ class EngineModel:
         self._release(rank, req)
         return True
 
+    @property
+    def steps_run(self) -> int:
+        """Lockstep steps run so far."""
+        return self._steps
+
     def has_work(self) -> bool:
         """True if any rank has a waiting or running request (so :meth:`step` would run a step)."""
         return any(r.waiting or r.running for r in self._ranks)

@@ -100,6 +100,10 @@ class InformationLimits:
             the gateway as long after they happen.
         dispatch_jitter_s: each request's extra delay in each direction, uniform in ``[0, dispatch_jitter_s]``,
             seconds (drawn once per request and direction, so a request's tokens keep their order).
+        stream_upstream: the gateway streams from the engine even when the client asked for a whole answer and
+            assembles that answer itself (the live gateway's ``upstream.stream_nonstreamed``), so it sees every
+            request's first token and tokens whatever ``nonstream_share`` says; ``nonstream_share`` then only
+            describes the clients.
 
     The draws are seeded by the simulation's ``seed`` (:func:`draw_request_views`).
     """
@@ -108,6 +112,7 @@ class InformationLimits:
     nonstream_share: float = 0.0
     dispatch_latency_s: float = 0.0
     dispatch_jitter_s: float = 0.0
+    stream_upstream: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.nonstream_share <= 1:
@@ -127,7 +132,8 @@ class RequestView:
 
     Attributes:
         prompt_tokens: the gateway's prompt-token figure (the estimate, or the trace's count).
-        stream: whether the client streams it.
+        stream: whether the gateway sees its first token and tokens: the client streams it, or the gateway
+            streams from the engine anyway (:attr:`InformationLimits.stream_upstream`).
         to_engine_s: delay from placement to the engine, seconds.
         to_gateway_s: delay of its tokens and finish from the engine back to the gateway, seconds.
     """
@@ -151,6 +157,8 @@ def draw_request_views(prompt_tokens: list[int], limits: InformationLimits, seed
     if limits.nonstream_share > 0:
         rng = random.Random(f"{seed}:stream")
         streams = [rng.random() >= limits.nonstream_share for _ in prompt_tokens]
+        if limits.stream_upstream:
+            streams = [True] * len(prompt_tokens)
     rng = random.Random(f"{seed}:dispatch")
     base, jitter = limits.dispatch_latency_s, limits.dispatch_jitter_s
     views = []

@@ -101,6 +101,7 @@ class Preset:
             "nonstream_share": self.limits.nonstream_share,
             "dispatch_latency_s": self.limits.dispatch_latency_s,
             "dispatch_jitter_s": self.limits.dispatch_jitter_s,
+            "stream_upstream": self.limits.stream_upstream,
         }
 
     def describe(self) -> str:
@@ -109,11 +110,13 @@ class Preset:
         error = lim.estimate_error
         estimate = "exact prompt counts" if error is None else f"estimate error mu {error.mu:g} sigma {error.sigma:g}"
         flags = "".join(f", {k}={v}" for k, v in self.engine_flags.items())
+        upstream = " (the gateway streams them from the engine)" if lim.stream_upstream and lim.nonstream_share else ""
         return (
             f"{self.name}: {e.step_composition} steps, {e.max_prefill_tokens_per_step:,} prefill tokens per rank per "
             f"step, join lag {e.join_lag_steps}, routed-expert share {e.routed_expert_fraction:.2f}, admission "
             f"{e.admission}, {e.max_running_requests:,} running requests per rank, all-to-all "
-            f"{e.alltoall_s * 1000:.1f} ms{flags}; {estimate}, {lim.nonstream_share:.0%} not streamed, dispatch "
+            f"{e.alltoall_s * 1000:.1f} ms{flags}; {estimate}, {lim.nonstream_share:.0%} not streamed"
+            f"{upstream}, dispatch "
             f"{lim.dispatch_latency_s * 1000:g} ms + up to {lim.dispatch_jitter_s * 1000:g} ms"
         )
 
@@ -132,6 +135,7 @@ def realistic(
     dispatch_jitter_s: float = DISPATCH_JITTER_S,
     estimate_error: str = "measured",
     engine_flags: Mapping[str, Any] | None = None,
+    stream_upstream: bool = True,
 ) -> Preset:
     """The engine ``flavor`` as shipped on instances of ``dp_size`` ranks, and what a real gateway knows.
 
@@ -145,6 +149,8 @@ def realistic(
             (``measured`` = :data:`~gateway.sim.information.MEASURED`).
         engine_flags: the engine's own flags for ``EngineModelConfig.as_shipped`` (e.g.
             ``{"chunked_prefill_size": 16384}``); options the as-shipped profile gains later join here.
+        stream_upstream: the gateway streams every request from the engine (its default,
+            ``upstream.stream_nonstreamed``), so it sees the first tokens of the ``nonstream_share`` too.
 
     Raises:
         ValueError: an unknown flavour or kind of text, a flag of the other engine, or a limit out of range.
@@ -157,6 +163,7 @@ def realistic(
         nonstream_share=nonstream_share,
         dispatch_latency_s=dispatch_latency_s,
         dispatch_jitter_s=dispatch_jitter_s,
+        stream_upstream=stream_upstream,
     )
     return Preset(name, engine, limits, flags)
 

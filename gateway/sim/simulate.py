@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, WindowConfig
+from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, PrefixCacheConfig, WindowConfig
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
@@ -41,6 +41,8 @@ class SimConfig:
         window: window settings (``sbs``).
         allocator: allocator settings (``sbs``).
         decode: decode-aware choice settings (``sbs``); ``None`` switches it off.
+        prefix_cache: the gateway's prefix index (every policy's placements are recorded in it; ``sbs`` and
+            ``phase_aware`` place by it); ``None`` switches it off.
         scrape_interval_s: time between two scrapes of an instance's metrics, seconds.
         scrape_lag_s: how old the figures are when the gateway receives them (engine logging interval plus
             the scrape's own latency), seconds.
@@ -60,6 +62,7 @@ class SimConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     allocator: AllocatorConfig = field(default_factory=PhaseAwareConfig)
     decode: DecodeConfig | None = field(default_factory=DecodeConfig)
+    prefix_cache: PrefixCacheConfig | None = field(default_factory=PrefixCacheConfig)
     scrape_interval_s: float = 0.5
     scrape_lag_s: float = 0.05
     stale_after_s: float = 3.0
@@ -241,6 +244,7 @@ class _Sim:
             window=config.window,
             allocator=config.allocator,
             decode=config.decode,
+            prefix_cache=config.prefix_cache,
             seed=config.seed,
         )
         self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}

@@ -113,6 +113,9 @@ async def test_models_health_ready_metrics_and_unknown_routes() -> None:
         'gateway_dispatched_prompt_tokens_total{engine="e"',
         'gateway_scrapes_total{engine="e",result="ok"}',
         'gateway_rank_running{engine="e",rank="3"}',
+        'gateway_rank_drain_seconds{engine="e",rank="3"}',
+        'gateway_step_model_seconds{engine="e",term="c"}',
+        'gateway_step_model_timed_steps{engine="e"}',
         "gateway_window_interval_seconds",
     ):
         assert name in text, f"{name!r} missing from /metrics"

@@ -113,6 +113,7 @@ def test_estimates_follow_the_lognormal_they_are_drawn_from():
         (InformationLimits(), 1.0, (0.0, 0.0)),
         (InformationLimits(nonstream_share=0.3), 0.7, (0.0, 0.0)),
         (InformationLimits(nonstream_share=1.0), 0.0, (0.0, 0.0)),
+        (InformationLimits(nonstream_share=0.3, stream_upstream=True), 1.0, (0.0, 0.0)),  # the gateway streams
         (InformationLimits(dispatch_latency_s=0.002), 1.0, (0.002, 0.002)),
         (InformationLimits(dispatch_latency_s=0.002, dispatch_jitter_s=0.001), 1.0, (0.002, 0.003)),
     ],

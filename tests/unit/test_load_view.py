@@ -130,3 +130,19 @@ def test_without_state_sync_the_snapshot_stays_as_at_the_last_scrape():
     assert loads(v, 1.2) == {"e/0": (1, 2, 500, 500), "e/1": (0, 0, 0, 0)}, "frozen at the scrape"
     v.on_scrape("e", {0: RankMetrics(2, 2, 0.1), 1: RankMetrics(0, 1, 0.0)}, 1.5)
     assert loads(v, 1.6) == {"e/0": (2, 2, 1200, 1200), "e/1": (1, 0, 300, 300)}
+
+
+def test_a_rank_decoding_with_nothing_queued_makes_the_next_step_end_with_tokens():
+    view = make_view("e", dp_size=2, stale_after_s=1e9)
+    assert not view.decodes_next_step("e")
+    view.on_dispatch("r0", RankKey("e", 0), 100, 0.0, stream=True)
+    view.on_dispatch("r1", RankKey("e", 1), 100, 0.0, stream=True)
+    view.on_first_token("r0", 0.1)
+    assert view.decodes_next_step("e")  # rank 0 decodes r0 next step
+    view.on_dispatch("r2", RankKey("e", 0), 100, 0.1, stream=True)
+    assert not view.decodes_next_step("e")  # rank 0 prefills r2 instead (SGLang: prefill or decode per rank)
+    view.on_first_token("r2", 0.2)
+    assert view.rank_of("r2") == RankKey("e", 0) and view.rank_of("nope") is None
+    view.on_finish("r0", 0.3)
+    view.on_finish("r2", 0.3)
+    assert not view.decodes_next_step("e")

@@ -2,47 +2,87 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from gateway.scheduling.phase import phase_fill
-from gateway.scheduling.step_clock import StepClock
+from gateway.scheduling.prefix_index import PrefixIndex
+from gateway.scheduling.step_clock import StepClock, StepTimeModel
 from gateway.types import RankKey
 from tests.helpers import rank, req
 
 
-def test_step_clock_finds_boundaries_and_learns_the_duration_model():
-    clock = StepClock(0.05, initial_per_token_s=1e-3, boundary_gap_s=0.005, alpha=1.0)
+def test_step_time_model_recovers_the_coefficients_of_timed_steps():
+    """Recursive least squares on steps ``d = 0.011 + 4.6e-5 * H + 6.1e-5 * S`` (the simulated SGLang rank's shape),
+    from a wrong prior, with varied H and S."""
+    model = StepTimeModel(0.05, 1e-4)
+    for i in range(400):
+        heaviest = float((i * 37) % 1024)
+        mean = heaviest * ((i * 11) % 8 + 1) / 8
+        model.observe(0.011 + 4.6e-5 * heaviest + 6.1e-5 * mean, heaviest, mean)
+    a, b, c = model.coefficients
+    assert a == pytest.approx(0.011, rel=0.02)
+    assert b == pytest.approx(4.6e-5, rel=0.02) and c == pytest.approx(6.1e-5, rel=0.02)
+    assert model.predict(1024, 512) == pytest.approx(0.011 + 4.6e-5 * 1024 + 6.1e-5 * 512, rel=0.01)
+    assert model.observations == 400
+
+
+def test_step_clock_learns_only_from_steps_that_end_with_tokens():
+    clock = StepClock(0.05, initial_per_token_s=1e-3, boundary_gap_s=0.005)
+    queued = [(RankKey("e", 0), 0, 1000), (RankKey("e", 1), 400, 1000)]
     assert clock.time_to_next_step("e", 0.0) == 0.0  # never seen: assume it can start now
-    assert clock.on_tokens("e", 0.000)
-    assert not clock.on_tokens("e", 0.002)  # same burst
+    assert clock.observe_tokens("e", 0.000, queued)  # nobody decodes: the step may end silently
+    assert not clock.observe_tokens("e", 0.002, queued)  # same burst
     assert clock.predict("e", 0) == 0.05 and clock.predict("e", 100) == pytest.approx(0.15)
-    assert clock.on_tokens("e", 0.100)  # a decode-only step of 0.1 s
-    assert clock.predict("e", 0) == pytest.approx(0.1)
-    clock.set_step_prefill("e", 1000)
-    assert clock.time_to_next_step("e", 0.15) == pytest.approx(0.1 + 1.0 - 0.05)  # per-token still the guess
-    assert clock.on_tokens("e", 0.400)  # 0.3 s with 1000 prefill tokens: 0.2 s over the base
-    assert clock.predict("e", 2000) == pytest.approx(0.1 + 2000 * 2e-4)
-    assert clock.current_step_prefill_tokens("e") == 0
-    assert clock.time_to_next_step("e", 0.45) == pytest.approx(0.05)
-    assert clock.time_to_next_step("e", 9.0) == 0.0  # overdue
+    assert clock.current_step_prefill_tokens("e") == 400
+    assert clock.time_to_next_step("e", 0.1) == pytest.approx(0.05 + 0.4 - 0.1)
+    clock.observe_tokens("e", 2.0, queued)  # 2 s later: several steps, or an idle spell; not learnt
+    assert clock.model("e").observations == 0
+    clock.observe_tokens("e", 2.1, queued, decodes_next=True)  # rank 0 decodes: the next burst ends this step
+    clock.observe_tokens("e", 2.2, queued)
+    assert clock.model("e").observations == 1
+    clock.observe_tokens("e", 2.3, queued, decodes_next=True)
+    clock.still_timed("e", decodes_next=False)  # its only decoding request finished with that token
+    clock.observe_tokens("e", 3.0, queued)
+    assert clock.model("e").observations == 1
 
 
-def test_step_clock_mean_step_time_is_an_ewma_per_engine_averaged_over_engines():
+def test_step_clock_mean_step_time_is_an_ewma_of_timed_steps_per_engine_averaged_over_engines():
     clock = StepClock(0.05, mean_alpha=0.5, max_step_s=30.0)
     assert clock.mean_step_s() == 0.05  # nothing seen: the initial guess
+
+    def burst(engine: str, t: float, decodes_next: bool = True) -> None:
+        clock.observe_tokens(engine, t, [], decodes_next=decodes_next)
+
     for t in (0.0, 0.1, 0.3):  # engine "a": steps of 0.1 s then 0.2 s
-        clock.on_tokens("a", t)
-    clock.on_tokens("a", 0.301)  # same burst: no step
+        burst("a", t)
+    burst("a", 0.301)  # same burst: no step
     for t in (0.0, 0.4, 100.4):  # engine "b": a step of 0.4 s, then 100 s of silence (idle, not a step)
-        clock.on_tokens("b", t)
-    clock.on_tokens("c", 0.0)  # one boundary only: no step time yet
+        burst("b", t)
+    burst("c", 0.0)  # one boundary only: no step time yet
+    for t in (0.0, 0.7, 0.8):  # engine "d": nobody decoded at 0.0, so 0.7 s may be several steps; then 0.1 s
+        burst("d", t, decodes_next=t > 0)
     assert clock.engine_mean_step_s("a") == pytest.approx(0.15)
     assert clock.engine_mean_step_s("b") == pytest.approx(0.4)
     assert clock.engine_mean_step_s("c") == 0.05
-    assert clock.mean_step_s() == pytest.approx((0.15 + 0.4) / 2)
+    assert clock.engine_mean_step_s("d") == pytest.approx(0.1)
+    assert clock.mean_step_s() == pytest.approx((0.15 + 0.4 + 0.1) / 3)
 
 
-@pytest.mark.parametrize("kw", [dict(initial_step_s=0.0), dict(alpha=0.0), dict(mean_alpha=1.5)])
+def test_drain_seconds_count_whole_steps_of_the_instance_s_next_step_length():
+    clock = StepClock(0.01, initial_per_token_s=1e-5)  # prior: 10 ms + 10 us per token of the heaviest rank
+    queued = [(RankKey("e", 0), 3000, 1000), (RankKey("e", 1), 200, 1000), (RankKey("e", 2), 0, 1000)]
+    step = 0.01 + 1000 * 1e-5  # the heaviest rank fills its budget
+    assert clock.drain_s("e", queued) == {
+        RankKey("e", 0): pytest.approx(3 * step),
+        RankKey("e", 1): pytest.approx(step),  # less than a budget still takes a step
+        RankKey("e", 2): 0.0,
+    }
+    assert clock.drain_s("e", []) == {}
+
+
+@pytest.mark.parametrize("kw", [dict(initial_step_s=0.0), dict(forgetting=0.0), dict(mean_alpha=1.5)])
 def test_step_clock_rejects_bad_settings(kw):
     args = dict(initial_step_s=0.05) | kw
     with pytest.raises(ValueError):
@@ -155,3 +195,21 @@ def test_long_prefill_isolation_still_uses_the_slow_instance_when_nothing_else_f
         [req("short", 500)], ranks, clock, {}, now=1.5, max_wait_s=10, queue_steps=2, long_prefill_tokens=40_960
     )
     assert [str(k) for _, k in allocation.assigned] == ["a/1"] and not allocation.deferred
+
+
+def test_phase_fill_counts_only_what_a_rank_must_prefill_and_groups_a_shared_prefix():
+    """Rank a/1 holds the first 8 blocks (4,096 tokens) of the prompt: the request goes there although a/0 is as
+    idle, and a second request of the batch sharing that prefix follows it; an unrelated prompt does not."""
+    clock = busy_clock({})
+    index = PrefixIndex(100_000)
+    index.insert(RankKey("a", 1), tuple(range(8)))
+    ranks = [rank("a", 0), rank("a", 1, queued=2000), rank("a", 2)]
+    shared = req("s1", 4600, blocks=tuple(range(9)))
+    follower = req("s2", 4500, blocks=(*range(8), 99))
+    other = req("o", 4700, blocks=(50, 51))
+    allocation = phase_fill(
+        [shared, follower, other], ranks, clock, {}, now=0.0, max_wait_s=10, queue_steps=math.inf, prefix=index
+    )
+    placed = {r.request_id: str(k) for r, k in allocation.assigned}
+    assert placed["s1"] == placed["s2"] == "a/1"
+    assert placed["o"] != "a/1"

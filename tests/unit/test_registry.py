@@ -40,6 +40,6 @@ def test_every_registered_policy_builds_under_its_name_and_places(name: str) -> 
 @pytest.mark.parametrize("config", allocator_configs(), ids=lambda c: c.__name__)
 def test_every_registered_allocator_builds_from_its_defaults_and_places(config: type) -> None:
     settings = typing.cast(typing.Any, config)()
-    allocator = ALLOCATORS[settings.kind](settings, DecodeConfig(), StepClock(0.05))
+    allocator = ALLOCATORS[settings.kind](settings, DecodeConfig(), StepClock(0.05), None)
     allocation = allocator.place([req("r", 100)], [rank("e", 0), rank("e", 1)], 0.0)
     assert [request.request_id for request, _ in allocation.assigned] == ["r"]

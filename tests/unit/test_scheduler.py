@@ -186,9 +186,11 @@ def test_the_window_is_bounded_in_requests_and_tokens(limits, prompts, accepted)
 
 def test_adaptive_interval_switched_off_keeps_the_window_length():
     for adaptive, expected in ((True, 0.1), (False, 0.05)):
-        scheduler = make_scheduler("sbs", make_view(), WINDOW.model_copy(update={"adaptive_interval": adaptive}))
-        scheduler.on_tokens("-", "a", 1, 0.0)  # a step boundary of engine "a" ...
-        scheduler.on_tokens("-", "a", 1, 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
+        view = make_view()
+        scheduler = make_scheduler("sbs", view, WINDOW.model_copy(update={"adaptive_interval": adaptive}))
+        view.on_dispatch("d", RankKey("a", 0), 10, 0.0, stream=True)
+        scheduler.on_first_token("d", "a", 0.0)  # a step boundary of engine "a", whose rank 0 decodes "d" ...
+        scheduler.on_tokens("d", "a", 1, 0.4)  # ... and the next: steps of 0.4 s, half of it past the 0.1 s bound
         scheduler.submit(req("r", 100), 0.4)
         scheduler.poll(0.401)
         assert scheduler.window.interval_s == pytest.approx(expected), f"adaptive={adaptive}"
