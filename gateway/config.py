@@ -319,6 +319,19 @@ class UpstreamConfig(_Strict):
     after ten failures. gRFC A6's example 0.1 throttles from about one failed try in eleven, too early when one
     engine fails among healthy ones (``bench/results/decisions.md#retry-throttle-ratio``)."""
 
+    stream_nonstreamed: bool = True
+    """Ask the engine for a stream when the client asked for one JSON answer (``stream`` false or absent on
+    ``/v1/chat/completions`` and ``/v1/completions``) and assemble the answer in the gateway
+    (:mod:`gateway.server.assemble`): the scheduler then sees the request's first token and its step boundaries,
+    as it does for streams. Off: the request goes to the engine as sent, and the load view guesses when its
+    prefill ends (:class:`~gateway.load.view.LoadView`). Requests with ``stream_options``, ``best_of`` or
+    ``use_beam_search`` always go as sent."""
+    stream_usage: bool = True
+    """Ask the engine for usage on a stream whose client did not (``stream_options.include_usage``), to read
+    the prompt tokens the engine counted, and drop the usage from the stream before relaying it, so the client
+    sees what it asked for. A stream that asked for ``continuous_usage_stats`` alone goes as sent (vLLM and
+    SGLang read it differently)."""
+
     @model_validator(mode="after")
     def _check_timeouts(self) -> UpstreamConfig:
         if self.first_byte_timeout_s > self.total_timeout_s or self.idle_timeout_s > self.total_timeout_s:

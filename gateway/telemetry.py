@@ -26,6 +26,8 @@ Series (all prefixed ``gateway_``):
 - ``rejected_requests_total{reason}`` (``window_full``|``queue_deadline``|``draining``|``no_healthy_engine``):
   requests turned away with 429/503 before reaching an engine.
 - ``draining``: 1 once shutdown has begun.
+- ``prompt_tokens_estimate_ratio{model}``: the prompt tokens an engine reported (``usage.prompt_tokens``)
+  divided by the gateway's estimate for the same request (1 is exact, 2 an estimate half the truth).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32,
 """Seconds; reach to 10 minutes because slowed simulated engines and long generations are normal."""
 WINDOW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ESTIMATE_RATIO_BUCKETS = (0.25, 0.35, 0.5, 0.71, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.41, 2.0, 2.83, 4.0)
+"""Reported/estimated prompt tokens: factors of sqrt(2) from 1/4 to 4, finer within 25% of exact."""
 
 
 class _LoadCollector(Collector):
@@ -178,6 +182,13 @@ class GatewayMetrics:
             "gateway_rejected_requests", "Requests turned away before reaching an engine", ["reason"], registry=r
         )
         self.draining = Gauge("gateway_draining", "1 once graceful shutdown has begun", registry=r)
+        self.prompt_tokens_ratio = Histogram(
+            "gateway_prompt_tokens_estimate_ratio",
+            "Prompt tokens the engine reported divided by the gateway's estimate",
+            ["model"],
+            buckets=ESTIMATE_RATIO_BUCKETS,
+            registry=r,
+        )
 
     def watch_load(
         self,

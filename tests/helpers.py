@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from openai.types.chat import ChatCompletionChunk
 
-from gateway.config import EngineConfig, EngineFlavor, PolicyName, ScrapeConfig, Settings
+from gateway.config import EngineConfig, EngineFlavor, PolicyName, ScrapeConfig, Settings, UpstreamConfig
 from gateway.load.view import EngineSpec, LoadView
 from gateway.logs import make_handler
 from gateway.serving import serve_in_background
@@ -204,10 +204,13 @@ async def gateway_before(
     **settings_extra: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of a gateway with ``policy`` and ``settings_extra`` in front of one ``flavor`` engine of 4 DP ranks
-    serving :data:`ECHO_MODEL`: the one at ``url``, or else an :func:`echo_engine`."""
+    serving :data:`ECHO_MODEL`: the one at ``url``, or else an :func:`echo_engine`. In front of the echo engine,
+    whose answers are no completions, the gateway sends requests as the client sent them (no stream asked for a
+    non-streamed request, no usage asked for) unless ``settings_extra`` sets ``upstream``."""
     async with contextlib.AsyncExitStack() as exits:
         if url is None:
             url = await exits.enter_async_context(serve_in_background(echo_engine()))
+            settings_extra.setdefault("upstream", UpstreamConfig(stream_nonstreamed=False, stream_usage=False))
         settings = Settings(
             policy=policy,
             engines=[EngineConfig(name="e", flavor=flavor, url=url, dp_size=4, models=[ECHO_MODEL])],

@@ -4,5 +4,6 @@
 - :mod:`.request_context`, :mod:`.auth`: the plain-ASGI middlewares (request id and access log; API keys).
 - :mod:`.routes` → :mod:`.validation` → :mod:`.proxy` (place through :mod:`gateway.dispatch`, send, relay), with
   :mod:`.retry` (tries, backoff, failure accounting), :mod:`.disconnect` (client-disconnect watching),
-  :mod:`.headers` and :mod:`.stream_end`; :mod:`.openapi`: the documented request shapes.
+  :mod:`.headers`, :mod:`.stream_end` and :mod:`.assemble` (non-streamed answers built from the engine's stream, usage
+  read from streams); :mod:`.openapi`: the documented request shapes.
 """

@@ -2,7 +2,8 @@
 
 A try has failed when the engine cannot be reached, times out, answers HTTP 5xx, or (streams) breaks off before
 its first event; an answer that is not streamed is read whole before anything is sent on, so one that breaks
-off before its end is tried again too. Every failed try feeds the circuit breakers
+off before its end is tried again too, and so is a stream read whole by a ``consume`` callback (the non-streamed
+answer the gateway assembles from a stream, :mod:`gateway.server.assemble`). Every failed try feeds the circuit breakers
 (:class:`~gateway.load.health.HealthBook`) and the retry throttle (:class:`~gateway.load.health.RetryThrottle`);
 what it counts as comes from its error class (``failure_kind``, ``blame``; see :mod:`gateway.errors`).
 """
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.engines.client import UpstreamResponse
@@ -43,8 +45,19 @@ def backoff_s(tries: int, rng: random.Random, *, base_s: float, max_s: float) ->
     return rng.uniform(0, min(max_s, base_s * 2**tries))
 
 
+Consume = Callable[[StartedAnswer], Awaitable[None]]
+"""Reads a started stream to its end within its try (raising :class:`~gateway.errors.UpstreamError` if it
+breaks, which fails the try)."""
+
+
 async def send_with_retries(
-    state: GatewayState, pending: PendingRequest, key: RankKey, path: str, body: dict[str, object], request_id: str
+    state: GatewayState,
+    pending: PendingRequest,
+    key: RankKey,
+    path: str,
+    body: dict[str, object],
+    request_id: str,
+    consume: Consume | None = None,
 ) -> StartedAnswer:
     """Send the request to ``key`` and, while it fails before any byte reached the client, to other ranks.
 
@@ -60,6 +73,8 @@ async def send_with_retries(
         path: the engine endpoint, e.g. ``/v1/chat/completions``.
         body: the client's JSON body (each try pins its own copy to its rank).
         request_id: the client's ``X-Request-Id`` (logged and sent upstream).
+        consume: for a stream nothing of which is relayed, reads it whole within the try (the response is then
+            closed when the answer is returned).
 
     Raises:
         GatewayError: the last try failed (its error), or no other rank is usable for a retry (the previous
@@ -70,7 +85,7 @@ async def send_with_retries(
     tries = 1
     while True:
         try:
-            return await _try_once(state, key, pending.stream, path, body, request_id)
+            return await _try_once(state, key, pending.stream, path, body, request_id, consume)
         except UpstreamError as exc:
             state.dispatcher.finish(pending.request_id)
             record_failure(state, key, exc)
@@ -114,14 +129,21 @@ def record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> Non
 
 
 async def _try_once(
-    state: GatewayState, key: RankKey, stream: bool, path: str, body: dict[str, object], request_id: str
+    state: GatewayState,
+    key: RankKey,
+    stream: bool,
+    path: str,
+    body: dict[str, object],
+    request_id: str,
+    consume: Consume | None = None,
 ) -> StartedAnswer:
-    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk; read any other
-    answer whole.
+    """One try on ``key``: send, wait for the headers and, for a 200 stream, for its first chunk (then, with
+    ``consume``, for the rest of it); read any other answer whole.
 
     Raises:
         UpstreamStatusError: the engine answered HTTP 5xx (the body is read, the response closed).
-        UpstreamError: the engine could not be reached, timed out, or the stream broke before its first chunk.
+        UpstreamError: the engine could not be reached, timed out, or the stream broke before its first chunk
+            (with ``consume``: before its end).
     """
     config = state.settings.upstream
     engine = state.engines[key.engine]
@@ -144,6 +166,9 @@ async def _try_once(
             if not first:
                 raise UpstreamError("the engine closed the stream before its first event")
             answer.first_chunk = first
+            if consume is not None:
+                await consume(answer)
+                upstream.close()
         else:  # nothing is sent to the client before the whole answer is in, so a broken body is retried too
             answer.body = await upstream.read()
             upstream.close()

@@ -59,6 +59,12 @@ class GatewayState:
     retry_rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
 
+    def prompt_tokens_reported(self, model: str, estimated: int, reported: int) -> None:
+        """An engine reported ``reported`` prompt tokens (its ``usage.prompt_tokens``) for a request of ``model``
+        whose prompt the gateway estimated at ``estimated`` tokens: observed in
+        ``gateway_prompt_tokens_estimate_ratio`` as ``reported / estimated`` (an estimate below 1 counts as 1)."""
+        self.metrics.prompt_tokens_ratio.labels(model).observe(reported / max(1, estimated))
+
     def begin_drain(self) -> None:
         """Graceful shutdown began: report not ready (new traffic goes elsewhere); in-flight work goes on."""
         self.draining = True

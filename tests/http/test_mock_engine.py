@@ -253,7 +253,10 @@ async def test_unknown_model_is_404(flavor: Flavor) -> None:
         ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": "9"}).encode()),
         ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 5, "min_tokens": 6}).encode()),
         ("/v1/completions", json.dumps({"prompt": "x", "stream": "yes"}).encode()),
-        ("/v1/completions", json.dumps({"prompt": "x", "n": 2}).encode()),
+        ("/v1/completions", json.dumps({"prompt": "x", "n": 0}).encode()),
+        ("/v1/completions", json.dumps({"prompt": "x", "n": 17}).encode()),
+        ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 21}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}).encode()),
         ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 131_072}).encode()),
     ],
 )

@@ -8,7 +8,33 @@ Flavours differ where the real engines differ (docs/design.md §4.1, §4.2):
 - rank pinning: vLLM reads the header ``X-data-parallel-rank``; SGLang reads the body field
   ``routed_dp_rank`` (or the older ``data_parallel_rank``);
 - error bodies: vLLM ``{"error": {"message", "type", "param", "code"}}``; SGLang a flat
-  ``{"object": "error", "message", "type", "param", "code"}``.
+  ``{"object": "error", "message", "type", "param", "code"}``;
+- how a choice says why it stopped, beside ``finish_reason``: vLLM ``stop_reason`` (the stop string or token
+  that matched, ``null`` for EOS and length; vllm/entrypoints/openai/chat_completion/serving.py), SGLang
+  ``matched_stop`` (the EOS token id for a natural stop, absent for length; serving_chat.py
+  ``_build_chat_response``), on the non-streamed choice and on the streamed chunk that finishes the choice.
+
+Logprobs, when asked (chat ``logprobs: true`` with ``top_logprobs`` alternatives; completions ``logprobs: k``), in
+vLLM's shapes (``ChatCompletionLogProbs`` / ``CompletionLogProbs``, vllm/entrypoints/openai/chat_completion/protocol.py
+and completion/protocol.py), the same in both flavours: chat ``{"content": [{"token", "logprob", "bytes",
+"top_logprobs": [...]}]}``; completions ``{"text_offset", "token_logprobs", "tokens", "top_logprobs"}``, offsets
+counted from the answer's start. A streamed chunk carries its own token's entries. The values are made up
+(:func:`token_logprob`), deterministic per token position.
+
+Tool calls: a chat request naming a function in ``tool_choice`` (or ``"required"``, which calls the first of its
+``tools``) is answered with one call of it whose ``arguments`` are ``{"text": "<the tokens>"}``: streamed as
+``delta.tool_calls`` (the ``id``, ``type`` and ``function.name`` with the first piece of the arguments, then one
+piece a token, the closing ``"}`` on the finishing chunk), non-streamed as ``message.tool_calls`` with ``content``
+``""``. As the engines differ: a natural stop finishes as ``"tool_calls"``, except vLLM's named call (``"stop"``;
+vllm/entrypoints/openai/chat_completion/serving.py); ids are vLLM's ``chatcmpl-tool-<hex>`` (``make_tool_call_id``)
+and SGLang's ``call_<24 hex>``, and SGLang's non-streamed call carries its ``index`` (serving_chat.py
+``_process_tool_calls``).
+
+``n`` choices (``n`` > 1) share one generation in the engine model (the simulated engine's load is that of one
+sequence; the real engines run ``n``): every choice gets the same tokens. As both engines stream them, each chunk
+carries one choice, the choices of one step interleaved by ``index``; ``usage`` counts the prompt once and the
+output tokens of every choice (vLLM ``chat_completion_stream_generator``; SGLang
+``UsageProcessor.calculate_streaming_usage``).
 
 Prompt tokens and prefix blocks (:func:`prompt_blocks`): by default the prompt is counted with the gateway's own
 estimator (:func:`gateway.tokens.count_prompt_tokens`) and its prefix blocks are hashed from its text, four characters
@@ -54,6 +80,19 @@ VLLM_RANK_HEADER = "x-data-parallel-rank"
 
 SGLANG_RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank")
 """SGLang's rank-pinning body fields, newest first."""
+
+SGLANG_EOS_TOKEN_ID = 1
+"""The ``matched_stop`` SGLang reports for a natural stop: the EOS token's id (DeepSeek-V3's
+``<｜end▁of▁sentence｜>`` is 1 in its tokenizer.json)."""
+
+MAX_N = 16
+"""Most choices a request may ask for (``n``); our bound, the engines take more."""
+
+MAX_LOGPROBS = 20
+"""Most alternatives per token a request may ask for: vLLM's default ``max_logprobs`` (vllm/config/model.py)."""
+
+ALTERNATIVE_TOKENS = tuple(f" alt{i}" for i in range(MAX_LOGPROBS))
+"""The made-up tokens offered as less likely alternatives in ``top_logprobs``."""
 
 
 PrefixTokenizer = Literal["estimate", "deepseek"]
@@ -182,6 +221,11 @@ class GenerationRequest:
         ignore_eos: the request asked to ignore end-of-sequence (SGLang's admission then reserves its whole
             ``max_tokens``).
         prefix_blocks: the prompt's prefix blocks (:func:`prompt_blocks`); empty unless asked for.
+        n: how many choices the answer has (they share one generation, see the module docstring).
+        flavor: the engine flavour answering (shapes ``stop_reason`` / ``matched_stop``).
+        logprobs: alternatives per token when logprobs were asked for (0: the chosen token's only), else None.
+        tool_call: the function the answer calls (see the module docstring), or None for a text answer.
+        tool_choice_named: ``tool_choice`` named the function (rather than ``"required"``).
     """
 
     kind: RequestKind
@@ -195,6 +239,11 @@ class GenerationRequest:
     rank: int | None
     ignore_eos: bool = False
     prefix_blocks: tuple[int, ...] = ()
+    n: int = 1
+    flavor: Flavor = "vllm"
+    logprobs: int | None = None
+    tool_call: str | None = None
+    tool_choice_named: bool = False
 
 
 def natural_length(body: Mapping[str, Any], seed: int) -> int:
@@ -286,9 +335,9 @@ def parse_generation_request(
             raise bad_request("messages must be a non-empty list", "messages")
     elif not isinstance(body.get("prompt"), str | list):
         raise bad_request("prompt must be a string or a list", "prompt")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad_request("the simulated engine supports only n = 1", "n")
+    n = _int_field(body, "n", 1) or 1
+    if n > MAX_N:
+        raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
     max_tokens = (_int_field(body, "max_completion_tokens", 1) if kind == "chat" else None) or _int_field(
         body, "max_tokens", 1
     )
@@ -309,6 +358,15 @@ def parse_generation_request(
     options = body.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     ignore_eos = _bool_field(body, "ignore_eos")
+    logprobs: int | None
+    if kind == "chat":
+        top = _int_field(body, "top_logprobs", 0)
+        logprobs = (top or 0) if _bool_field(body, "logprobs") else None
+    else:
+        logprobs = _int_field(body, "logprobs", 0)
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise bad_request(f"at most {MAX_LOGPROBS} logprobs may be asked for, got {logprobs}", "logprobs")
+    tool_call, named = _tool_call(body) if kind == "chat" else (None, False)
     output_tokens = max_tokens if ignore_eos else min(max_tokens, max(min_tokens, natural_length(body, seed)))
     return GenerationRequest(
         kind=kind,
@@ -322,15 +380,129 @@ def parse_generation_request(
         rank=pinned_rank(flavor, body, headers, dp_size),
         ignore_eos=ignore_eos,
         prefix_blocks=prefix_blocks,
+        n=n,
+        flavor=flavor,
+        logprobs=logprobs,
+        tool_call=tool_call,
+        tool_choice_named=named,
     )
 
 
+def _tool_call(body: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """The function a chat body makes the answer call, and whether ``tool_choice`` named it.
+
+    Raises:
+        ProtocolError: 400 for a ``tool_choice`` that names no listed tool, or ``"required"`` without tools.
+    """
+    choice = body.get("tool_choice")
+    tools = body.get("tools")
+    names = [
+        t["function"]["name"]
+        for t in (tools if isinstance(tools, list) else [])
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+    ]
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if name not in names:
+            raise bad_request(f"Tool '{name}' not found in tools list.", "tool_choice")
+        return name, True
+    if choice == "required":
+        if not names:
+            raise bad_request("Tools cannot be empty if tool choice is set to required.", "tool_choice")
+        return names[0], False
+    return None, False
+
+
 def usage(req: GenerationRequest, completion_tokens: int) -> dict[str, int]:
-    """The OpenAI ``usage`` object."""
+    """The OpenAI ``usage`` object, for ``completion_tokens`` per choice."""
+    completion = completion_tokens * req.n
     return {
         "prompt_tokens": req.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": req.prompt_tokens + completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": req.prompt_tokens + completion,
+    }
+
+
+def _finish_reason(req: GenerationRequest) -> str:
+    """``finish_reason`` of every choice (a tool call's, see the module docstring)."""
+    if req.tool_call is None or req.finish_reason != "stop":
+        return req.finish_reason
+    return "stop" if req.flavor == "vllm" and req.tool_choice_named else "tool_calls"
+
+
+def _stop_detail(req: GenerationRequest) -> dict[str, Any]:
+    """The flavour's field beside ``finish_reason`` (see the module docstring)."""
+    if req.flavor == "vllm":
+        return {"stop_reason": None}
+    return {"matched_stop": SGLANG_EOS_TOKEN_ID} if _finish_reason(req) == "stop" else {}
+
+
+ARGUMENTS_OPEN = '{"text": "'
+ARGUMENTS_CLOSE = '"}'
+
+
+def _tool_call_id(req: GenerationRequest, response_id: str) -> str:
+    hex_part = response_id.rsplit("-", 1)[-1]
+    return f"chatcmpl-tool-{hex_part}" if req.flavor == "vllm" else f"call_{hex_part[:24]}"
+
+
+def _tool_call_message(req: GenerationRequest, response_id: str, text: str) -> dict[str, Any]:
+    call: dict[str, Any] = {"id": _tool_call_id(req, response_id)}
+    if req.flavor == "sglang":
+        call["index"] = 0
+    call["type"] = "function"
+    call["function"] = {"name": req.tool_call, "arguments": ARGUMENTS_OPEN + text + ARGUMENTS_CLOSE}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def _tool_call_delta(req: GenerationRequest, response_id: str, index: int) -> dict[str, Any]:
+    if index == 0:
+        call = {
+            "id": _tool_call_id(req, response_id),
+            "type": "function",
+            "index": 0,
+            "function": {"name": req.tool_call, "arguments": ARGUMENTS_OPEN + TOKEN_TEXT},
+        }
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": TOKEN_TEXT}}]}
+
+
+def token_logprob(index: int) -> float:
+    """The made-up logprob of output token ``index``: -0.01 to -1.00, cycling, so tokens differ."""
+    return -round(0.01 * (index % 100 + 1), 2)
+
+
+def _chat_logprob(req: GenerationRequest, index: int) -> dict[str, Any]:
+    chosen = token_logprob(index)
+    top = [(TOKEN_TEXT, chosen), *((t, chosen - 1.0 - i) for i, t in enumerate(ALTERNATIVE_TOKENS))]
+    return {
+        "token": TOKEN_TEXT,
+        "logprob": chosen,
+        "bytes": list(TOKEN_TEXT.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top[: req.logprobs or 0]],
+    }
+
+
+def _completion_top_logprobs(index: int, k: int) -> dict[str, float]:
+    """The chosen token and ``k`` alternatives (vLLM's completions list the sampled token beside the top ``k``)."""
+    chosen = token_logprob(index)
+    alternatives = ((t, chosen - 1.0 - j) for j, t in enumerate(ALTERNATIVE_TOKENS[:k]))
+    return dict([(TOKEN_TEXT, chosen), *alternatives])
+
+
+def _logprobs(req: GenerationRequest, first: int, count: int) -> dict[str, Any] | None:
+    """The ``logprobs`` of output tokens ``first`` .. ``first + count - 1``, or None when not asked for."""
+    if req.logprobs is None:
+        return None
+    indices = range(first, first + count)
+    if req.kind == "chat":
+        return {"content": [_chat_logprob(req, i) for i in indices]}
+    return {
+        "text_offset": [i * len(TOKEN_TEXT) for i in indices],
+        "token_logprobs": [token_logprob(i) for i in indices],
+        "tokens": [TOKEN_TEXT] * count,
+        "top_logprobs": [_completion_top_logprobs(i, req.logprobs) for i in indices],
     }
 
 
@@ -344,40 +516,60 @@ def _envelope(req: GenerationRequest, response_id: str, created: int, chunk: boo
 def completion_response(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
     """The non-streaming ``chat.completion`` / ``text_completion`` object for a finished request."""
     text = TOKEN_TEXT * req.output_tokens
-    choice: dict[str, Any] = {"index": 0}
-    if req.kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    choice.update(logprobs=None, finish_reason=req.finish_reason)
+    choices = []
+    for index in range(req.n):
+        choice: dict[str, Any] = {"index": index}
+        if req.kind == "chat":
+            choice["message"] = (
+                {"role": "assistant", "content": text}
+                if req.tool_call is None
+                else _tool_call_message(req, response_id, text)
+            )
+        else:
+            choice["text"] = text
+        choice.update(
+            logprobs=_logprobs(req, 0, req.output_tokens), finish_reason=_finish_reason(req), **_stop_detail(req)
+        )
+        choices.append(choice)
     return {
         **_envelope(req, response_id, created, chunk=False),
-        "choices": [choice],
+        "choices": choices,
         "usage": usage(req, req.output_tokens),
     }
 
 
-def token_chunk(req: GenerationRequest, response_id: str, created: int, index: int) -> dict[str, Any]:
-    """The SSE chunk carrying output token ``index`` (the first chat chunk also carries the role)."""
-    choice: dict[str, Any] = {"index": 0}
-    if req.kind == "chat":
-        delta = {"role": "assistant", "content": TOKEN_TEXT} if index == 0 else {"content": TOKEN_TEXT}
-        choice["delta"] = delta
-    else:
-        choice["text"] = TOKEN_TEXT
-    choice.update(logprobs=None, finish_reason=None)
-    return {**_envelope(req, response_id, created, chunk=True), "choices": [choice]}
+def token_chunks(req: GenerationRequest, response_id: str, created: int, index: int) -> list[dict[str, Any]]:
+    """The SSE chunks carrying output token ``index``, one per choice (the first chat chunk of a choice also
+    carries the role)."""
+    chunks = []
+    for choice_index in range(req.n):
+        choice: dict[str, Any] = {"index": choice_index}
+        if req.kind == "chat" and req.tool_call is not None:
+            choice["delta"] = _tool_call_delta(req, response_id, index)
+        elif req.kind == "chat":
+            delta = {"role": "assistant", "content": TOKEN_TEXT} if index == 0 else {"content": TOKEN_TEXT}
+            choice["delta"] = delta
+        else:
+            choice["text"] = TOKEN_TEXT
+        choice.update(logprobs=_logprobs(req, index, 1), finish_reason=None)
+        chunks.append({**_envelope(req, response_id, created, chunk=True), "choices": [choice]})
+    return chunks
 
 
-def final_chunk(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:
-    """The SSE chunk with the ``finish_reason`` and no new text."""
-    choice: dict[str, Any] = {"index": 0}
-    if req.kind == "chat":
-        choice["delta"] = {}
-    else:
-        choice["text"] = ""
-    choice.update(logprobs=None, finish_reason=req.finish_reason)
-    return {**_envelope(req, response_id, created, chunk=True), "choices": [choice]}
+def final_chunks(req: GenerationRequest, response_id: str, created: int) -> list[dict[str, Any]]:
+    """The SSE chunks with each choice's ``finish_reason`` and no new text."""
+    chunks = []
+    for choice_index in range(req.n):
+        choice: dict[str, Any] = {"index": choice_index}
+        if req.kind == "chat" and req.tool_call is not None:
+            choice["delta"] = {"tool_calls": [{"index": 0, "function": {"arguments": ARGUMENTS_CLOSE}}]}
+        elif req.kind == "chat":
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        choice.update(logprobs=None, finish_reason=_finish_reason(req), **_stop_detail(req))
+        chunks.append({**_envelope(req, response_id, created, chunk=True), "choices": [choice]})
+    return chunks
 
 
 def usage_chunk(req: GenerationRequest, response_id: str, created: int) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from gateway.sim.mock_engine.faults import GenerateFault, InjectedCrash, wait_fo
 from gateway.sim.mock_engine.protocol import (
     GenerationRequest,
     completion_response,
-    final_chunk,
+    final_chunks,
     sse_event,
-    token_chunk,
+    token_chunks,
     usage_chunk,
 )
 from gateway.sim.mock_engine.runtime import EngineRuntime, GenerationHandle
@@ -102,11 +102,12 @@ class GenerationResponse(Response):
             if sent == self._after_chunks and self._fault == "stall_mid_stream":
                 await asyncio.Event().wait()  # until the client leaves and this task is cancelled
             event = await self._handle.events.get()
-            await _send_body(send, sse_event(token_chunk(req, rid, created, event.index)))
+            chunks = token_chunks(req, rid, created, event.index)
+            await _send_body(send, b"".join(sse_event(chunk) for chunk in chunks))
             sent += 1
             if event.finished:
                 break
-        tail = sse_event(final_chunk(req, rid, created))
+        tail = b"".join(sse_event(chunk) for chunk in final_chunks(req, rid, created))
         if req.include_usage:
             tail += sse_event(usage_chunk(req, rid, created))
         await _send_body(send, tail + sse_event("[DONE]"), more=False)
