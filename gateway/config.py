@@ -92,6 +92,30 @@ class EngineConfig(_Strict):
         return value
 
 
+class ModelConfig(_Strict):
+    """How the gateway counts one served model's prompt tokens (see :mod:`gateway.tokens`)."""
+
+    tokenizer: Path | None = None
+    """The model's Hugging Face ``tokenizer.json``: prompts are counted with it, chat requests after the chat
+    template found next to it (``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``; see
+    :mod:`gateway.tokenizer_file`). Loaded at start; a file that cannot be read stops the start. ``None``: the
+    four-characters-a-token heuristic."""
+    chat_template: bool = True
+    """Count a chat request's prompt after rendering the chat template next to ``tokenizer`` (role markers, BOS,
+    the generation prompt); ``False`` counts the messages' contents only."""
+    online_correction: bool = True
+    """Scale the count by a factor learnt from the prompt tokens the engines report for this model
+    (:class:`gateway.tokens.PromptTokenCorrection`); ``False`` keeps the raw count (the factor is still learnt
+    and exported)."""
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"tokenizer file not found: {value}")
+        return value
+
+
 class StepAlignedCloseConfig(_Strict):
     """Step-aligned window closing (see :mod:`gateway.scheduling.step_aligned_close`)."""
 
@@ -404,6 +428,9 @@ class Settings(BaseSettings):
     before they skew the allocator's load accounting."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens assumed for load accounting when a request sets no ``max_tokens``."""
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    """Per served model (the ``model`` clients send): how its prompt tokens are counted. A model without an entry
+    uses the defaults of :class:`ModelConfig`."""
     window: WindowConfig = WindowConfig()
     allocator: AllocatorConfig = PhaseAwareConfig()
     """Policy ``sbs``: how a window's batch is placed, by ``kind``: ``phase_aware`` (by predicted time to first
@@ -435,6 +462,14 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"engines: duplicate engine names {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _models_served(self) -> Settings:
+        served = set(self.served_models())
+        unserved = sorted(m for m in self.models if m not in served)
+        if self.engines and unserved:
+            raise ValueError(f"models: no engine serves {unserved} (engines[].models lists the served names)")
         return self
 
     def served_models(self) -> list[str]:

@@ -22,17 +22,22 @@ Series (all prefixed ``gateway_``):
 - ``rejected_requests_total{reason}`` (``window_full``|``queue_deadline``|``draining``|``no_healthy_engine``):
   requests turned away with 429/503 before reaching an engine.
 - ``draining``: 1 once shutdown has begun.
+- ``prompt_token_correction{model}``: the factor the online correction scales each prompt-token estimate by
+  (:class:`gateway.tokens.PromptTokenCorrection`; 1 until the engines report counts), and
+  ``prompt_token_estimate_error{model}``, the exponentially weighted mean of ``|ln(reported / estimated)|`` over
+  the requests the engines reported on (0.1 is about 10% off); ``prompt_token_observations_total{model}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from gateway.tokens import PromptTokenCorrection
 from gateway.types import RankLoad
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300, 600)
@@ -72,6 +77,33 @@ class _LoadCollector(Collector):
             if load.kv_usage is not None:
                 fams["kv_usage"].add_metric(labels, load.kv_usage)
         yield from fams.values()
+
+
+class _PromptTokenCollector(Collector):
+    def __init__(self, corrections: Callable[[], Mapping[str, PromptTokenCorrection]]) -> None:
+        self._corrections = corrections
+
+    def collect(self) -> Iterator[Metric]:
+        factor = GaugeMetricFamily(
+            "gateway_prompt_token_correction",
+            "Factor the online correction scales prompt-token estimates by, per model",
+            labels=["model"],
+        )
+        error = GaugeMetricFamily(
+            "gateway_prompt_token_estimate_error",
+            "EW mean of |ln(reported / estimated)| prompt tokens, per model",
+            labels=["model"],
+        )
+        observed = CounterMetricFamily(
+            "gateway_prompt_token_observations",
+            "Engine-reported prompt-token counts the correction learnt from, per model",
+            labels=["model"],
+        )
+        for model, correction in sorted(self._corrections().items()):
+            factor.add_metric([model], correction.factor)
+            error.add_metric([model], correction.abs_log_error)
+            observed.add_metric([model], correction.observations)
+        yield from (factor, error, observed)
 
 
 class GatewayMetrics:
@@ -147,6 +179,11 @@ class GatewayMetrics:
     def watch_load(self, snapshot: Callable[[], Sequence[RankLoad]]) -> None:
         """Export the load view: ``snapshot`` is called at each scrape of ``/metrics``."""
         self.registry.register(_LoadCollector(snapshot))
+
+    def watch_prompt_tokens(self, corrections: Callable[[], Mapping[str, PromptTokenCorrection]]) -> None:
+        """Export the prompt-token corrections: ``corrections`` (model → correction) is called at each scrape of
+        ``/metrics``."""
+        self.registry.register(_PromptTokenCollector(corrections))
 
     def render(self) -> bytes:
         """Exposition text of every metric."""
