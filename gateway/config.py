@@ -103,6 +103,10 @@ class ModelConfig(_Strict):
     chat_template: bool = True
     """Count a chat request's prompt after rendering the chat template next to ``tokenizer`` (role markers, BOS,
     the generation prompt); ``False`` counts the messages' contents only."""
+    max_tokenized_chars: int | None = Field(default=16_384, ge=512)
+    """Longest prompt text ``tokenizer`` tokenises whole, characters; a longer one is counted from evenly spaced
+    samples of this many characters in all and extrapolated (a whole 32k-token chat costs about 45 ms of the
+    event loop with DeepSeek-V3's tokenizer; ``bench/results/token_count_cost.md``). ``None``: always whole."""
     online_correction: bool = True
     """Scale the count by a factor learnt from the prompt tokens the engines report for this model
     (:class:`gateway.tokens.PromptTokenCorrection`); ``False`` keeps the raw count (the factor is still learnt

@@ -20,6 +20,13 @@ BOS token, separators and the generation prompt are tokens too. :class:`ModelTok
 
 Without a template the count is the content's tokens alone. Why render the template rather than add a fixed
 per-message overhead: ``bench/results/token_count_cost.md``.
+
+A long text is not tokenised whole: DeepSeek-V3's pre-tokenizer regexes cost about 0.35 µs a character, 45 ms for
+a 32k-token chat, which would stall the event loop that relays every stream. Above ``max_chars`` characters
+:meth:`ModelTokenizer.count_text` tokenises ``max_chars // SAMPLE_WINDOW_CHARS`` evenly spaced windows of
+:data:`SAMPLE_WINDOW_CHARS` characters (the first at the start) and scales their tokens by the text's length over
+theirs; the error this leaves is measured in ``bench/results/token_count_cost.md``, and what remains of it on
+average is learnt by the online correction (:class:`gateway.tokens.PromptTokenCorrection`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,15 @@ from gateway.config import ConfigError, ModelConfig
 from gateway.tokens import NON_TEXT_PART_TOKENS, PromptCounter, Tokenizer
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CHARS = 16_384
+"""Longest text tokenised whole, characters (about 5 ms with DeepSeek-V3's tokenizer); longer ones are sampled
+(module docstring). Chosen from ``bench/results/token_count_cost.md``."""
+
+SAMPLE_WINDOW_CHARS = 512
+"""Characters of one window of a long text's sample; the sample is ``max_chars // SAMPLE_WINDOW_CHARS`` windows
+spread evenly over the text, so that it follows changes of language, or from prose to code, along a long
+conversation (a few large windows miss them: ``bench/results/token_count_cost.md``)."""
 
 
 class TokenizerFileError(ValueError):
@@ -136,18 +152,30 @@ class ModelTokenizer:
         tokenizer: the loaded ``tokenizers`` tokenizer.
         template: the compiled chat template, or ``None`` (then a chat counts its contents only).
         specials: the special tokens the template may use (``bos_token``, ``eos_token``, ...).
+        max_chars: texts longer than this many characters are counted from a sample (module docstring);
+            ``None`` tokenises every text whole.
     """
 
     def __init__(
-        self, tokenizer: HFTokenizer, template: jinja2.Template | None = None, specials: Mapping[str, str] = {}
+        self,
+        tokenizer: HFTokenizer,
+        template: jinja2.Template | None = None,
+        specials: Mapping[str, str] = {},
+        max_chars: int | None = DEFAULT_MAX_CHARS,
     ) -> None:
+        if max_chars is not None and max_chars < SAMPLE_WINDOW_CHARS:
+            raise ValueError(f"max_chars must be at least {SAMPLE_WINDOW_CHARS}, got {max_chars}")
         self._tokenizer = tokenizer
         self.template = template
         self._specials = dict(specials)
+        self.max_chars = max_chars
 
     @classmethod
-    def from_file(cls, path: str | Path, *, chat_template: bool = True) -> ModelTokenizer:
-        """Load ``path`` (a ``tokenizer.json``) and, with ``chat_template``, the template next to it.
+    def from_file(
+        cls, path: str | Path, *, chat_template: bool = True, max_chars: int | None = DEFAULT_MAX_CHARS
+    ) -> ModelTokenizer:
+        """Load ``path`` (a ``tokenizer.json``) and, with ``chat_template``, the template next to it; ``max_chars``
+        as for the class.
 
         Raises:
             TokenizerFileError: the file is missing or not a tokenizer, or the template does not compile (the
@@ -161,18 +189,30 @@ class ModelTokenizer:
         except Exception as exc:  # the Rust library raises a bare Exception for any malformed file
             raise TokenizerFileError(f"cannot read tokenizer {path}: {exc}") from exc
         if not chat_template:
-            return cls(tokenizer)
+            return cls(tokenizer, max_chars=max_chars)
         source, specials = _read_template(path.parent)
         if source is None:
-            return cls(tokenizer, None, specials)
+            return cls(tokenizer, None, specials, max_chars)
         try:
-            return cls(tokenizer, compile_chat_template(source), specials)
+            return cls(tokenizer, compile_chat_template(source), specials, max_chars)
         except jinja2.TemplateError as exc:
             raise TokenizerFileError(f"cannot compile the chat template next to {path}: {exc}") from exc
 
     def count_text(self, text: str) -> int:
-        """Tokens of ``text``, special-token strings recognised, none added (>= 0)."""
-        return len(self._tokenizer.encode(text, add_special_tokens=False))
+        """Tokens of ``text``, special-token strings recognised, none added (>= 0); estimated from a sample above
+        ``max_chars`` characters."""
+        return self._count(text, add_special_tokens=False)
+
+    def _count(self, text: str, *, add_special_tokens: bool) -> int:
+        encode = self._tokenizer.encode
+        if self.max_chars is None or len(text) <= self.max_chars:
+            return len(encode(text, add_special_tokens=add_special_tokens))
+        windows = self.max_chars // SAMPLE_WINDOW_CHARS
+        stride = (len(text) - SAMPLE_WINDOW_CHARS) / max(1, windows - 1)
+        pieces = [text[round(i * stride) :][:SAMPLE_WINDOW_CHARS] for i in range(windows)]
+        sampled = sum(len(e) for e in self._tokenizer.encode_batch_fast(pieces, add_special_tokens=False))
+        extra = len(encode("", add_special_tokens=True)) if add_special_tokens else 0
+        return round(sampled * len(text) / (SAMPLE_WINDOW_CHARS * windows)) + extra
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], tools: Any = None) -> str:
         """The prompt the chat template makes of ``messages`` (with the generation prompt).
@@ -202,7 +242,7 @@ class ModelTokenizer:
 
     def count_prompt(self, prompt: str) -> int:
         """Tokens of a completions ``prompt`` string, with the special tokens the tokenizer adds (BOS, if any)."""
-        return len(self._tokenizer.encode(prompt, add_special_tokens=True))
+        return self._count(prompt, add_special_tokens=True)
 
     def count_body(self, body: Mapping[str, Any]) -> int:
         """Prompt tokens of an OpenAI request body: ``messages`` rendered with the chat template, or ``prompt``
@@ -235,7 +275,9 @@ def build_prompt_counter(models: Mapping[str, ModelConfig], default: Tokenizer |
         if config.tokenizer is None:
             continue
         try:
-            tokenizers[name] = ModelTokenizer.from_file(config.tokenizer, chat_template=config.chat_template)
+            tokenizers[name] = ModelTokenizer.from_file(
+                config.tokenizer, chat_template=config.chat_template, max_chars=config.max_tokenized_chars
+            )
         except TokenizerFileError as exc:
             raise ConfigError(f"invalid configuration: models.{name}.tokenizer: {exc}") from exc
     correct = {name: config.online_correction for name, config in models.items()}

@@ -168,3 +168,20 @@ def test_the_models_section_is_validated(tmp_path, deepseek_dir):
         load_settings(engines=engines, models={"x": {}})
     with pytest.raises(ConfigError, match=r"models\.m\.tokeniser"):
         load_settings(engines=engines, models={"m": {"tokeniser": "x"}})
+
+
+def test_a_long_text_is_counted_from_a_sample_close_to_the_whole(deepseek_dir):
+    text = (Path(__file__).parents[2] / "gateway" / "data" / "text" / "prose_en.md").read_text(encoding="utf-8")
+    text = text[:120_000]
+    whole = ModelTokenizer.from_file(deepseek_dir / "tokenizer.json", max_chars=None)
+    sampled = ModelTokenizer.from_file(deepseek_dir / "tokenizer.json", max_chars=16_384)
+    exact = whole.count_body({"prompt": text})
+    assert sampled.count_body({"prompt": text}) == pytest.approx(exact, rel=0.05)
+    assert sampled.count_body({"prompt": text}) != exact  # it did sample
+    short = "a short prompt"
+    assert sampled.count_body({"prompt": short}) == whole.count_body({"prompt": short})
+
+
+def test_the_sample_bound_is_at_least_one_window(deepseek_dir):
+    with pytest.raises(ValueError, match="max_chars"):
+        ModelTokenizer.from_file(deepseek_dir / "tokenizer.json", max_chars=100)
