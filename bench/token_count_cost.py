@@ -28,6 +28,7 @@ Python, about 32k tokens), ``code`` (one user message of about 8k tokens of Pyth
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.resources
 import random
 import statistics
@@ -103,8 +104,7 @@ def bound_rows(path: Path, chats: list[dict[str, Any]], budget_s: float) -> list
     for bound in BOUNDS:
         counter = ModelTokenizer.from_file(path, max_chars=bound)
         errors = [counter.count_body(c) / t - 1 for c, t in zip(chats, truth, strict=True)]
-        count = counter.count_body
-        cost = statistics.fmean(time_us(lambda c=c, f=count: f(c), budget_s / 8) for c in chats[:8])
+        cost = statistics.fmean(time_us(functools.partial(counter.count_body, c), budget_s / 8) for c in chats[:8])
         rows.append(
             {
                 "max_chars": bound,
@@ -124,7 +124,7 @@ def time_us(fn: Callable[[], object], budget_s: float) -> float:
     fn()
     once = max(time.perf_counter() - start, 1e-7)
     batch = max(1, int(0.02 / once))
-    medians = []
+    medians: list[float] = []
     deadline = time.perf_counter() + budget_s
     while time.perf_counter() < deadline or len(medians) < 5:
         start = time.perf_counter()
@@ -161,10 +161,10 @@ def main() -> None:
             "heuristic_tokens": count_prompt_tokens(body),
             "tokenizer_tokens": plain.count_body(body),
             "us": {
-                "heuristic": time_us(lambda b=body: count_prompt_tokens(b), args.budget_s),
-                "tokenizer": time_us(lambda b=body: plain.count_body(b), args.budget_s),
-                "tokenizer+template": time_us(lambda b=body: with_template.count_body(b), args.budget_s),
-                "template render": time_us(lambda m=messages: with_template.render_chat(m), args.budget_s),
+                "heuristic": time_us(functools.partial(count_prompt_tokens, body), args.budget_s),
+                "tokenizer": time_us(functools.partial(plain.count_body, body), args.budget_s),
+                "tokenizer+template": time_us(functools.partial(with_template.count_body, body), args.budget_s),
+                "template render": time_us(functools.partial(with_template.render_chat, messages), args.budget_s),
             },
         }
         report["shapes"][name] = row
