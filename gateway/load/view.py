@@ -9,10 +9,17 @@ fall below what the gateway knows it has in flight on the rank (its own requests
 lagging scrape says), and when the last good scrape is older than ``stale_after_s`` (or there was none) the view
 uses local accounting alone.
 
-Prompt tokens still to prefill and KV tokens held are local accounting only: engines do not export them per
-request. A streamed request counts as waiting (queued for prefill) until its first token comes back; a
-non-streamed one, whose first token is not observable, for ``nonstream_prefill_s`` per chunked-prefill budget its
-prompt spans (a 100k-token prompt is prefilled over 13 steps of an 8k budget, not in one).
+Prompt tokens still to prefill are local accounting unless the engine reports them per rank (SGLang's ``GET
+/v1/loads`` ``num_waiting_uncached_tokens``, :attr:`RankMetrics.queued_prefill_tokens`): then, as the SGLang Model
+Gateway's ``least_load`` does with its since-poll tally (``gateway/scheduling/baselines/least_load.py``), a rank's
+queued prefill tokens are the engine's figure at its last scrape plus the prompt tokens the gateway dispatched to
+it since, minus those of requests it saw start or finish unstarted since (never below 0). The engine's figure
+knows what the gateway's estimate cannot: the true token count and the prefix-cache hits. KV tokens held are
+local accounting only.
+
+A streamed request counts as waiting (queued for prefill) until its first token comes back; a non-streamed one,
+whose first token is not observable, for ``nonstream_prefill_s`` per chunked-prefill budget its prompt spans (a
+100k-token prompt is prefilled over 13 steps of an 8k budget, not in one).
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ class _RankState:
     started_since: int = 0
     finished_waiting_since: int = 0
     finished_running_since: int = 0
+    prefill_tokens_dispatched_since: int = 0
+    prefill_tokens_left_since: int = 0
+    """Prompt tokens of the requests that left the queue since the last scrape (started, or finished unstarted)."""
 
 
 @dataclass(slots=True)
@@ -151,6 +161,7 @@ class LoadView:
         state.local_waiting += 1
         state.dispatched_since += 1
         state.queued_prefill_tokens += prompt_tokens
+        state.prefill_tokens_dispatched_since += prompt_tokens
         state.kv_tokens += prompt_tokens
         if not stream:
             chunks = max(1, math.ceil(prompt_tokens / state.spec.prefill_budget))
@@ -167,6 +178,7 @@ class LoadView:
         state.local_running += 1
         state.started_since += 1
         state.queued_prefill_tokens -= item.prompt_tokens
+        state.prefill_tokens_left_since += item.prompt_tokens
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
@@ -189,6 +201,7 @@ class LoadView:
             state.local_waiting -= 1
             state.finished_waiting_since += 1
             state.queued_prefill_tokens -= item.prompt_tokens
+            state.prefill_tokens_left_since += item.prompt_tokens
 
     def _promote_nonstream(self, now: float) -> None:
         while self._nonstream_due and self._nonstream_due[0][0] <= now:
@@ -212,6 +225,7 @@ class LoadView:
             state.scraped = ranks.get(key.rank)
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = 0
+            state.prefill_tokens_dispatched_since = state.prefill_tokens_left_since = 0
         if not self.state_sync:
             for load in self._live_snapshot(now):
                 if load.key.engine == engine:
@@ -248,6 +262,7 @@ class LoadView:
             waiting = float(s.local_waiting)
             running = float(s.local_running)
             kv_usage: float | None = None
+            queued = float(s.queued_prefill_tokens)
             if s.scraped is not None and self.scrape_fresh(key.engine, now):
                 scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
                 scraped_waiting -= s.finished_waiting_since
@@ -255,13 +270,16 @@ class LoadView:
                 waiting = max(waiting, scraped_waiting)
                 running = max(running, scraped_running)
                 kv_usage = s.scraped.kv_usage
+                if s.scraped.queued_prefill_tokens is not None:
+                    reported = s.scraped.queued_prefill_tokens + s.prefill_tokens_dispatched_since
+                    queued = max(0.0, reported - s.prefill_tokens_left_since)
             out.append(
                 RankLoad(
                     key=key,
                     models=s.spec.models,
                     running=running,
                     waiting=waiting,
-                    queued_prefill_tokens=float(s.queued_prefill_tokens),
+                    queued_prefill_tokens=queued,
                     kv_tokens=float(s.kv_tokens),
                     kv_usage=kv_usage,
                     prefill_budget=s.spec.prefill_budget,
