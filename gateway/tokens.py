@@ -24,6 +24,7 @@ deepseek`` and ``gateway bench --prompts tokenizer`` count with DeepSeek-V3's ow
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
@@ -128,15 +129,16 @@ heuristic (``bench/results/token_estimate_error.md``), inside the bound."""
 class PromptTokenCorrection:
     """A per-model correction of the prompt-token estimate, learnt online from the engines' reports.
 
-    The factor is ``exp(m)``, where ``m`` is an exponentially weighted mean of ``log(reported / raw)`` over the
-    requests the engines reported on (``raw`` the uncorrected count). The front door sends each request with
-    ``estimated = round(raw * factor)``, so an observation updates ``m += w * clamp(log(reported / estimated))``
-    (the same mean, written on the residual; a request counted exactly, e.g. token ids, leaves ``m`` where it
-    is), with ``w = CORRECTION_WEIGHT * min(1, estimated / CORRECTION_REFERENCE_TOKENS)``. Clamps:
-    :data:`CORRECTION_MAX_LOG_RATIO`.
+    The factor is ``exp(m)``, where ``m`` is an exponentially weighted mean of ``x = clamp(log(reported /
+    estimated))`` over the requests the engines reported on, ``estimated`` being the raw (uncorrected) count:
+    ``m += w * (x - m)`` with ``w = CORRECTION_WEIGHT * min(1, estimated / CORRECTION_REFERENCE_TOKENS)``; clamps
+    :data:`CORRECTION_MAX_LOG_RATIO`. A mean of raw ratios, not an integral of the corrected estimates' residuals:
+    reports arrive only as requests finish, after many more were sent with an older factor, and a residual fed
+    back that late winds up (measured in the simulator: with hundreds of requests in flight the factor ran to its
+    clamp, 4, where the truth was 2.35).
 
-    It also keeps the exponentially weighted mean of ``|log(reported / estimated)|``, the typical relative error
-    of the estimates the scheduler used (exported as a metric).
+    It also keeps the exponentially weighted mean of ``|log(reported / (estimated * factor))|``, the typical
+    relative error of the corrected estimate at the time of the report (exported as a metric).
     """
 
     def __init__(self) -> None:
@@ -156,26 +158,36 @@ class PromptTokenCorrection:
         return max(1, round(raw * self.factor))
 
     def observe(self, estimated: int, reported: int) -> None:
-        """The engine reported ``reported`` prompt tokens for a request sent with ``estimated`` (the count the
-        scheduler used). Observations with a count <= 0 on either side are ignored."""
+        """The engine reported ``reported`` prompt tokens for a request whose raw (uncorrected) count was
+        ``estimated``. Observations with a count <= 0 on either side are ignored."""
         if estimated <= 0 or reported <= 0:
             return
         x = max(-CORRECTION_MAX_LOG_RATIO, min(CORRECTION_MAX_LOG_RATIO, math.log(reported / estimated)))
         w = CORRECTION_WEIGHT * min(1.0, estimated / CORRECTION_REFERENCE_TOKENS)
-        m = self.log_factor + w * x
-        self.log_factor = max(-CORRECTION_MAX_LOG_RATIO, min(CORRECTION_MAX_LOG_RATIO, m))
-        self.abs_log_error += w * (abs(x) - self.abs_log_error)
+        self.abs_log_error += w * (abs(x - self.log_factor) - self.abs_log_error)
+        self.log_factor += w * (x - self.log_factor)
         self.observations += 1
+
+
+MAX_REMEMBERED_ESTIMATES = 65_536
+"""Estimates per model the counter remembers the raw count of until their report comes (the oldest are
+forgotten beyond it: requests whose report never comes, e.g. failed ones, must not grow memory)."""
 
 
 class PromptCounter:
     """The front door's prompt-token count, per model: the model's own tokenizer where one is configured, else
     the heuristic; then the model's online correction.
 
+    The scheduler gets the corrected count, and the engine's report comes back with it
+    (:meth:`observe`); the counter remembers which raw count each corrected figure it handed out stood for (at most
+    :data:`MAX_REMEMBERED_ESTIMATES` per model), so the correction learns from raw counts
+    (:class:`PromptTokenCorrection` says why).
+
     Args:
         tokenizers: model name → its tokenizer (chat template included).
         default: how models without one count text; the :class:`CharTokenizer` heuristic when ``None``.
-        correct: scale counts by the online correction (``False``: report observations but leave counts raw).
+        correct: scale counts by the online correction, for every model or per model (``False``: the count
+            stays raw; the factor is still learnt and exported).
     """
 
     def __init__(
@@ -189,6 +201,7 @@ class PromptCounter:
         self._default = default or CharTokenizer()
         self._correct = correct
         self._corrections: dict[str, PromptTokenCorrection] = {}
+        self._raw: dict[str, OrderedDict[int, list[int | None]]] = {}
 
     def correction(self, model: str) -> PromptTokenCorrection:
         """``model``'s correction (created at its first use)."""
@@ -213,14 +226,34 @@ class PromptCounter:
         """The prompt tokens the scheduler should account for ``body`` sent to ``model``: the raw count scaled
         by the model's correction; a prompt of token ids is exact and never scaled."""
         raw = self.raw_count(model, body)
-        if not self._corrects(model) or _is_ids_prompt(body):
-            return raw
-        return self.correction(model).correct(raw)
+        exact = _is_ids_prompt(body)
+        counted = raw if exact or not self._corrects(model) else self.correction(model).correct(raw)
+        remembered = self._raw.setdefault(model, OrderedDict())
+        remembered.setdefault(counted, []).append(None if exact else raw)
+        remembered.move_to_end(counted)
+        while len(remembered) > MAX_REMEMBERED_ESTIMATES:
+            remembered.popitem(last=False)
+        self.correction(model)
+        return counted
 
     def observe(self, model: str, estimated: int, reported: int) -> None:
         """The engine reported ``reported`` prompt tokens (``usage.prompt_tokens``) for a request to ``model``
-        that was sent with ``estimated`` (:meth:`count`'s answer)."""
-        self.correction(model).observe(estimated, reported)
+        that the scheduler counted as ``estimated`` (:meth:`count`'s answer). A request counted exactly (token
+        ids) teaches nothing; an estimate the counter no longer remembers is taken back through the current
+        factor."""
+        correction = self.correction(model)
+        raws = self._raw.get(model, OrderedDict()).get(estimated)
+        if raws:
+            raw = raws.pop(0)
+            if not raws:
+                del self._raw[model][estimated]
+            if raw is None:
+                return
+        elif self._corrects(model):
+            raw = round(estimated / correction.factor)
+        else:
+            raw = estimated
+        correction.observe(raw, reported)
 
     def corrections(self) -> dict[str, PromptTokenCorrection]:
         """Every model's correction so far (model name → correction), for the metrics."""

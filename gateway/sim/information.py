@@ -100,6 +100,9 @@ class InformationLimits:
             the gateway as long after they happen.
         dispatch_jitter_s: each request's extra delay in each direction, uniform in ``[0, dispatch_jitter_s]``,
             seconds (drawn once per request and direction, so a request's tokens keep their order).
+        online_correction: the gateway scales each estimate by the online correction it learns from the engines'
+            reported prompt tokens at each finish, as the live gateway does
+            (:class:`gateway.tokens.PromptTokenCorrection`); off by default, so existing figures stay as they were.
 
     The draws are seeded by the simulation's ``seed`` (:func:`draw_request_views`).
     """
@@ -108,6 +111,7 @@ class InformationLimits:
     nonstream_share: float = 0.0
     dispatch_latency_s: float = 0.0
     dispatch_jitter_s: float = 0.0
+    online_correction: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.nonstream_share <= 1:

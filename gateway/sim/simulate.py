@@ -22,6 +22,7 @@ from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult, TokenEvent
 from gateway.sim.information import InformationLimits, RequestView, draw_request_views
+from gateway.tokens import PromptTokenCorrection
 from gateway.types import PendingRequest, RankKey, RankMetrics
 from gateway.workload.stats import distribution
 from gateway.workload.traces import TraceRequest
@@ -256,6 +257,9 @@ class _Sim:
         self.views: list[RequestView] | None = None
         if config.limits != InformationLimits():
             self.views = draw_request_views([r.prompt_tokens for r in trace], config.limits, config.seed)
+        self.correction = PromptTokenCorrection() if config.limits.online_correction else None
+        self.raw_estimates: dict[int, int] = {}
+        """The uncorrected estimate of each request in flight, while the correction learns."""
 
     def push(self, t: float, kind: str, data: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, data))
@@ -298,10 +302,14 @@ class _Sim:
         )
         if self.views is not None:
             view = self.views[index]
+            prompt_tokens = view.prompt_tokens
+            if self.correction is not None:
+                self.raw_estimates[index] = prompt_tokens
+                prompt_tokens = self.correction.correct(prompt_tokens)
             request = PendingRequest(
                 str(index),
                 MODEL,
-                view.prompt_tokens,
+                prompt_tokens,
                 r.output_tokens,
                 self.now,
                 view.stream,
@@ -368,6 +376,9 @@ class _Sim:
         if event.finished:
             record.done_s = self.now
             self.scheduler.on_finish(event.request_id, self.now)
+            if self.correction is not None:  # the engine's usage.prompt_tokens arrives with the finish
+                index = int(event.request_id)
+                self.correction.observe(self.raw_estimates.pop(index), self.trace[index].prompt_tokens)
             return 1
         return 0
 
