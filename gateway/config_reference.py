@@ -35,7 +35,7 @@ ENV_PREFIX = "GATEWAY_"
 ENGINES_TITLE = "`engines[]`: one entry per engine (environment: the whole list as JSON)"
 MODELS_TITLE = (
     "`models.<name>`: how one served model's prompt tokens are counted (environment: the whole mapping as JSON, "
-    "e.g. `GATEWAY_MODELS='{\"deepseek-v3\": {\"tokenizer\": \"/models/ds/tokenizer.json\"}}'`)"
+    'e.g. `GATEWAY_MODELS=\'{"deepseek-v3": {"tokenizer": "/models/ds/tokenizer.json"}}\'`)'
 )
 
 
