@@ -52,6 +52,10 @@ class SimConfig:
         seed: seed of randomised policies and of the information limits' draws.
         limits: what the gateway does not know, or knows late (estimated prompt tokens, non-streamed requests,
             dispatch latency); the default is the idealised gateway that knows everything at once.
+        engine_queued_tokens: each scrape also carries every rank's prompt tokens still to prefill (the waiting
+            requests', cache hits off once admitted), as SGLang's ``GET /v1/loads`` reports
+            ``num_waiting_uncached_tokens`` and the live gateway reads it (``scrape.engine_queued_tokens``); off by
+            default, so existing figures stay as they were.
     """
 
     policy: PolicyName = "sbs"
@@ -67,6 +71,7 @@ class SimConfig:
     state_sync: bool = True
     seed: int = 0
     limits: InformationLimits = field(default_factory=InformationLimits)
+    engine_queued_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -393,7 +398,13 @@ class _Sim:
     def on_scrape(self, name: str) -> None:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
         stats = self.engines[name].rank_stats()
-        ranks = {s.rank: RankMetrics(s.running, s.waiting, s.kv_usage) for s in stats}
+        queued = self.config.engine_queued_tokens
+        ranks = {
+            s.rank: RankMetrics(
+                s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens if queued else None
+            )
+            for s in stats
+        }
         self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, ranks))
         self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 
