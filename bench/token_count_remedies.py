@@ -19,6 +19,11 @@ Errors:
 - ``chinese``: on Chinese text (2.35 times low);
 - ``x2 over``: every prompt estimated at twice its count (the review's overestimate case), sigma 0.06.
 
+Last, on Mooncake with the preset's estimate, ``none`` against ``/v1/loads`` with the phase-aware allocator's
+long-prefill isolation off (``allocator.long_prefill_tokens: null``): the isolation takes a rank's queued tokens
+above its threshold as the sign of a long prompt in prefill, which the engine's figure of what is left stops
+giving halfway through such a prompt.
+
     .venv/bin/python bench/token_count_remedies.py    # writes bench/results/token_count_remedies.{json,md}
 """
 
@@ -79,6 +84,19 @@ def main() -> None:
                 md.append(f"| {label} | {remedy} " + row(summary))
                 print(key, f"TTFT mean {summary['ttft_s']['mean']:.3f} s", flush=True)
         md.append("")
+    work = workload("mooncake-conv", args.minutes, args.load, 2, 8, 3.0)
+    md += [
+        "## mooncake-conv, long-prefill isolation off",
+        "",
+        "| estimate | remedy " + HEADER[0],
+        "|---|---" + HEADER[1],
+    ]
+    for remedy in ("none", "/v1/loads"):
+        sim = {"engine": base.engine, "limits": base.limits, "engine_queued_tokens": remedy != "none"}
+        settings = {"allocator": {"long_prefill_tokens": None}}
+        summary = run_variant(Variant(f"isolation off {remedy}", "sbs", settings, sim), work)
+        report["runs"][f"mooncake-conv/chat/{remedy}/isolation off"] = summary
+        md.append(f"| chat | {remedy} " + row(summary))
     print("\n".join(md))
     write_outputs(args.output, report, md, started)
 

@@ -291,13 +291,15 @@ class ScrapeConfig(_Strict):
     """Timeout of one scrape, seconds."""
     stale_after_s: PositiveFloat = 3.0
     """Scraped figures older than this are ignored and the load view uses local accounting only, seconds."""
-    engine_queued_tokens: bool = True
+    engine_queued_tokens: bool = False
     """At each scrape also read each DP rank's queued prefill tokens where the engine reports them (SGLang's ``GET
     /v1/loads``, ``num_waiting_uncached_tokens``), and take them as the truth at scrape time in the load view
     (:mod:`gateway.load.view`). Only flavours with such an endpoint are asked (vLLM has none: its ``/load`` gives a
     server-wide request count, 0.32 ``entrypoints/serve/instrumentator/basic.py``); an engine that fails
     :data:`gateway.load.scraper.LOADS_MAX_FAILURES` such polls in a row while its ``/metrics`` answers is not
-    asked again. ``False``: local accounting only."""
+    asked again. Off by default: it helps on the Azure traces but costs sbs 19% of its TTFT on Mooncake, whose
+    long-prefill isolation reads a rank's queue as the sign of a long prompt in prefill
+    (``bench/results/token_count_remedies.md``)."""
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest ``/metrics`` body read from an engine, bytes; a larger one fails the scrape (the rest is not
     read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/unit/fixtures/metrics``), mostly per-rank

@@ -122,6 +122,7 @@ class MetricsScraper(PerEngineLoop):
 
     async def once(self, engine: Engine) -> bool:
         """Scrape one engine now and hand the outcome to the sink; return whether it succeeded. Never raises."""
+        read_at = self._clock()
         queued = asyncio.create_task(self._queued_tokens(engine)) if self.reads_queued_tokens(engine) else None
         try:
             url = engine.url(engine.adapter.metrics_path)
@@ -141,7 +142,7 @@ class MetricsScraper(PerEngineLoop):
                 log.exception("scrape of %s failed unexpectedly", engine.name)
             return False
         if queued is not None:
-            ranks = self._with_queued_tokens(engine, ranks, await queued)
+            ranks = self._with_queued_tokens(engine, ranks, await queued, read_at)
         self._sink.on_scrape(
             engine.name, {r: m for r, m in ranks.items() if 0 <= r < engine.config.dp_size}, self._clock()
         )
@@ -149,9 +150,10 @@ class MetricsScraper(PerEngineLoop):
         return True
 
     def _with_queued_tokens(
-        self, engine: Engine, ranks: dict[int, RankMetrics], queued: dict[int, float] | None
+        self, engine: Engine, ranks: dict[int, RankMetrics], queued: dict[int, float] | None, read_at: float
     ) -> dict[int, RankMetrics]:
-        """``ranks`` with the queued prefill tokens of the ranks ``queued`` reports; counts a failed poll."""
+        """``ranks`` with the queued prefill tokens of the ranks ``queued`` reports, asked for at ``read_at``;
+        counts a failed poll."""
         if queued is None:
             failures = self._loads_failures[engine.name] = self._loads_failures.get(engine.name, 0) + 1
             if failures == LOADS_MAX_FAILURES:
@@ -164,6 +166,8 @@ class MetricsScraper(PerEngineLoop):
             return ranks
         self._loads_failures[engine.name] = 0
         return {
-            rank: dataclasses.replace(metrics, queued_prefill_tokens=queued[rank]) if rank in queued else metrics
+            rank: dataclasses.replace(metrics, queued_prefill_tokens=queued[rank], queued_read_at=read_at)
+            if rank in queued
+            else metrics
             for rank, metrics in ranks.items()
         }

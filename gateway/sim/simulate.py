@@ -400,8 +400,10 @@ class _Sim:
         stats = self.engines[name].rank_stats()
         queued = self.config.engine_queued_tokens
         ranks = {
-            s.rank: RankMetrics(
-                s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens if queued else None
+            s.rank: RankMetrics(s.running, s.waiting, s.kv_usage)
+            if not queued
+            else RankMetrics(
+                s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens, queued_read_at=self.now
             )
             for s in stats
         }

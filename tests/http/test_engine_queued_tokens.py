@@ -1,5 +1,6 @@
-"""The scraper reads SGLang's per-rank queued prefill tokens (``GET /v1/loads``) next to ``/metrics``, and the load
-view takes them as the truth; vLLM is not asked, and an engine without the endpoint stops being asked."""
+"""With ``scrape.engine_queued_tokens`` on, the scraper reads SGLang's per-rank queued prefill tokens (``GET
+/v1/loads``) next to ``/metrics``, and the load view takes them as the truth; vLLM is never asked, and an engine
+without the endpoint stops being asked."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gateway.tokens import count_prompt_tokens
 from tests.helpers import make_view
 
 MODEL = "deepseek-v3"
-SCRAPE = ScrapeConfig(interval_s=60, timeout_s=2.0)
+SCRAPE = ScrapeConfig(interval_s=60, timeout_s=2.0, engine_queued_tokens=True)
 CHINESE = "人人生而自由，在尊严和权利上一律平等。他们赋有理性和良心，并应以兄弟关系的精神相对待。" * 40
 
 
@@ -66,8 +67,8 @@ async def test_the_load_view_takes_sglangs_count_of_queued_tokens() -> None:
     assert seen["polls"]["/v1/loads"] >= 1
 
 
-async def test_vllm_is_not_asked_and_the_setting_switches_sglang_off() -> None:
-    for flavor, config in (("vllm", SCRAPE), ("sglang", SCRAPE.model_copy(update={"engine_queued_tokens": False}))):
+async def test_vllm_is_not_asked_and_sglang_only_when_switched_on() -> None:
+    for flavor, config in (("vllm", SCRAPE), ("sglang", ScrapeConfig(interval_s=60, timeout_s=2.0))):
         app = create_mock_engine_app(MockEngineConfig(flavor, 2, MODEL))
         async with (
             serve_in_background(app) as url,

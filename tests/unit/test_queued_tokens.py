@@ -25,20 +25,41 @@ def test_the_engines_figure_replaces_the_local_estimate_at_a_scrape():
     assert queued(view, 1.0) == {0: 5000, 1: 0}
 
 
-def test_dispatches_since_the_scrape_count_on_top_and_starts_come_off():
+def test_dispatches_since_the_scrape_count_on_top_and_leaving_requests_take_their_share_off():
     view = make_view("e", dp_size=1, stale_after_s=5)
-    view.on_dispatch("old", view.keys[0], 2000, 0.0, stream=True)
-    view.on_scrape("e", {0: RankMetrics(waiting=1, queued_prefill_tokens=1500)}, 1.0)  # a prefix-cache hit
-    view.on_dispatch("new", view.keys[0], 800, 1.1, stream=True)
-    assert queued(view, 1.2) == {0: 2300}
-    view.on_first_token("old", 1.3)  # it leaves the queue: its estimate comes off the engine's figure
-    assert queued(view, 1.3) == {0: 300}
-    view.on_first_token("new", 1.4)
-    assert queued(view, 1.4) == {0: 0}  # never below zero
+    view.on_dispatch("a", view.keys[0], 1000, 0.0, stream=True)
+    view.on_dispatch("b", view.keys[0], 3000, 0.0, stream=True)
+    # the engine counts 2,000 uncached tokens where the gateway estimated 4,000 (prefix-cache hits)
+    view.on_scrape("e", {0: RankMetrics(waiting=2, queued_prefill_tokens=2000)}, 1.0)
+    view.on_dispatch("c", view.keys[0], 800, 1.1, stream=True)
+    assert queued(view, 1.2) == {0: 2800}
+    view.on_first_token("a", 1.3)  # a quarter of the estimated tokens queued at the scrape left
+    assert queued(view, 1.3) == {0: 2000 * 3000 / 4000 + 800}
+    view.on_first_token("c", 1.4)  # dispatched since the scrape: its own estimate comes off
+    assert queued(view, 1.4) == {0: 1500}
+    view.on_finish("b", 1.5)  # finished without starting (client gone): the rest of the engine's figure goes
+    assert queued(view, 1.5) == {0: 0}
+
+
+def test_work_the_gateway_did_not_send_stays_until_the_next_scrape():
+    view = make_view("e", dp_size=1, stale_after_s=5)
+    view.on_scrape("e", {0: RankMetrics(waiting=3, queued_prefill_tokens=5000)}, 1.0)  # another gateway's requests
+    view.on_dispatch("a", view.keys[0], 500, 1.1, stream=True)
+    assert queued(view, 1.2) == {0: 5500}
+    view.on_first_token("a", 1.3)
+    assert queued(view, 1.3) == {0: 5000}
     view.on_scrape("e", {0: RankMetrics(queued_prefill_tokens=0)}, 2.0)
-    view.on_dispatch("next", view.keys[0], 100, 2.1, stream=True)
-    view.on_finish("next", 2.2)  # finished without starting (client gone): off the figure too
-    assert queued(view, 2.2) == {0: 0}
+    assert queued(view, 2.0) == {0: 0}
+
+
+def test_a_request_sent_after_the_figure_was_read_counts_on_top_of_it():
+    view = make_view("e", dp_size=1, stale_after_s=5)
+    view.on_dispatch("before", view.keys[0], 1000, 0.0, stream=True)
+    view.on_dispatch("in transit", view.keys[0], 30_000, 0.96, stream=True)  # after the engine was asked at 0.95
+    view.on_scrape("e", {0: RankMetrics(queued_prefill_tokens=1200, queued_read_at=0.95)}, 1.0)
+    assert queued(view, 1.0) == {0: 31_200}
+    view.on_first_token("before", 1.1)
+    assert queued(view, 1.1) == {0: 30_000}  # the long prompt is not lost when the other one starts
 
 
 def test_a_stale_scrape_or_an_engine_without_the_figure_leaves_local_accounting():
