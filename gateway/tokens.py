@@ -170,8 +170,8 @@ class PromptTokenCorrection:
 
 
 MAX_REMEMBERED_ESTIMATES = 65_536
-"""Estimates per model the counter remembers the raw count of until their report comes (the oldest are
-forgotten beyond it: requests whose report never comes, e.g. failed ones, must not grow memory)."""
+"""Distinct estimates per model whose raw count the counter remembers, the least recently handed out forgotten
+beyond it (reports that never come, e.g. of failed requests, must not grow memory)."""
 
 
 class PromptCounter:
@@ -179,9 +179,10 @@ class PromptCounter:
     the heuristic; then the model's online correction.
 
     The scheduler gets the corrected count, and the engine's report comes back with it
-    (:meth:`observe`); the counter remembers which raw count each corrected figure it handed out stood for (at most
-    :data:`MAX_REMEMBERED_ESTIMATES` per model), so the correction learns from raw counts
-    (:class:`PromptTokenCorrection` says why).
+    (:meth:`observe`); the counter remembers which raw count each corrected figure it handed out last stood for
+    (:data:`MAX_REMEMBERED_ESTIMATES` of them per model), so the correction learns from raw counts
+    (:class:`PromptTokenCorrection` says why). Two requests handed the same figure stood for raw counts that differ
+    only by how much the factor moved between them.
 
     Args:
         tokenizers: model name → its tokenizer (chat template included).
@@ -201,7 +202,7 @@ class PromptCounter:
         self._default = default or CharTokenizer()
         self._correct = correct
         self._corrections: dict[str, PromptTokenCorrection] = {}
-        self._raw: dict[str, OrderedDict[int, list[int | None]]] = {}
+        self._raw: dict[str, OrderedDict[int, int | None]] = {}
 
     def correction(self, model: str) -> PromptTokenCorrection:
         """``model``'s correction (created at its first use)."""
@@ -229,9 +230,9 @@ class PromptCounter:
         exact = _is_ids_prompt(body)
         counted = raw if exact or not self._corrects(model) else self.correction(model).correct(raw)
         remembered = self._raw.setdefault(model, OrderedDict())
-        remembered.setdefault(counted, []).append(None if exact else raw)
+        remembered[counted] = None if exact else raw
         remembered.move_to_end(counted)
-        while len(remembered) > MAX_REMEMBERED_ESTIMATES:
+        if len(remembered) > MAX_REMEMBERED_ESTIMATES:
             remembered.popitem(last=False)
         self.correction(model)
         return counted
@@ -242,11 +243,9 @@ class PromptCounter:
         ids) teaches nothing; an estimate the counter no longer remembers is taken back through the current
         factor."""
         correction = self.correction(model)
-        raws = self._raw.get(model, OrderedDict()).get(estimated)
-        if raws:
-            raw = raws.pop(0)
-            if not raws:
-                del self._raw[model][estimated]
+        remembered = self._raw.get(model, OrderedDict())
+        if estimated in remembered:
+            raw = remembered[estimated]
             if raw is None:
                 return
         elif self._corrects(model):

@@ -10,6 +10,7 @@ import pytest
 from gateway.tokens import (
     CORRECTION_MAX_LOG_RATIO,
     CORRECTION_WEIGHT,
+    MAX_REMEMBERED_ESTIMATES,
     PromptCounter,
     PromptTokenCorrection,
     count_prompt_tokens,
@@ -148,3 +149,12 @@ def test_a_model_with_the_correction_off_counts_raw_but_still_learns():
 def test_without_observations_the_count_is_the_heuristic():
     body = {"messages": [{"role": "user", "content": "hello world, this is a test"}]}
     assert PromptCounter().count("m", body) == count_prompt_tokens(body)
+
+
+def test_the_memory_of_estimates_is_bounded_without_reports():
+    counter = PromptCounter()
+    for n in range(MAX_REMEMBERED_ESTIMATES + 500):
+        counter.count("m", {"prompt": "x" * 4 * (n + 1)})
+    for _ in range(1000):
+        counter.count("m", {"prompt": "same prompt"})
+    assert len(counter._raw["m"]) == MAX_REMEMBERED_ESTIMATES
