@@ -32,6 +32,8 @@ import functools
 import importlib.resources
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +119,19 @@ def bound_rows(path: Path, chats: list[dict[str, Any]], budget_s: float) -> list
     return rows
 
 
+def import_cost_s(repeats: int = 5) -> float:
+    """Seconds ``import jinja2.sandbox`` adds to a fresh interpreter's start (median over ``repeats``)."""
+    runs = []
+    for code in ("pass", "import jinja2.sandbox"):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times.append(time.perf_counter() - start)
+        runs.append(statistics.median(times))
+    return runs[1] - runs[0]
+
+
 def time_us(fn: Callable[[], object], budget_s: float) -> float:
     """Median microseconds of one call of ``fn`` over about ``budget_s`` seconds of batches."""
     fn()
@@ -189,10 +204,12 @@ def main() -> None:
             f"{row['tokenizer_tokens'] - row['engine_tokens']:+,} |"
         )
     report["bounds"] = bounds
+    jinja = report["jinja2_import_s"] = import_cost_s()
     md += [
         "",
-        f"Loading the tokenizer and compiling the template took {load_s:.2f} s (once, at start). The figures above "
-        "tokenise every text whole (`max_tokenized_chars: null`).",
+        f"Loading the tokenizer and compiling the template took {load_s:.2f} s (once, at start); importing Jinja2 "
+        f"adds {jinja * 1000:.0f} ms to the start. The figures above tokenise every text whole "
+        "(`max_tokenized_chars: null`).",
         "",
         f"## The bound on long prompts ({args.chats} chats of 8k-64k tokens, mixed languages and code)",
         "",

@@ -105,8 +105,9 @@ class ModelConfig(_Strict):
     the generation prompt); ``False`` counts the messages' contents only."""
     max_tokenized_chars: int | None = Field(default=16_384, ge=512)
     """Longest prompt text ``tokenizer`` tokenises whole, characters; a longer one is counted from evenly spaced
-    samples of this many characters in all and extrapolated (a whole 32k-token chat costs about 45 ms of the
-    event loop with DeepSeek-V3's tokenizer; ``bench/results/token_count_cost.md``). ``None``: always whole."""
+    samples of this many characters in all and extrapolated (a whole 32k-token chat holds the event loop for
+    tens of milliseconds with DeepSeek-V3's tokenizer; ``bench/results/token_count_cost.md``). ``None``: always
+    whole."""
     online_correction: bool = True
     """Scale the count by a factor learnt from the prompt tokens the engines report for this model
     (:class:`gateway.tokens.PromptTokenCorrection`); ``False`` keeps the raw count (the factor is still learnt

@@ -21,8 +21,8 @@ BOS token, separators and the generation prompt are tokens too. :class:`ModelTok
 Without a template the count is the content's tokens alone. Why render the template rather than add a fixed
 per-message overhead: ``bench/results/token_count_cost.md``.
 
-A long text is not tokenised whole: DeepSeek-V3's pre-tokenizer regexes cost about 0.35 µs a character, 45 ms for
-a 32k-token chat, which would stall the event loop that relays every stream. Above ``max_chars`` characters
+A long text is not tokenised whole: DeepSeek-V3's pre-tokenizer regexes make a 32k-token chat cost tens of
+milliseconds, which would stall the event loop that relays every stream. Above ``max_chars`` characters
 :meth:`ModelTokenizer.count_text` tokenises ``max_chars // SAMPLE_WINDOW_CHARS`` evenly spaced windows of
 :data:`SAMPLE_WINDOW_CHARS` characters (the first at the start) and scales their tokens by the text's length over
 theirs; the error this leaves is measured in ``bench/results/token_count_cost.md``, and what remains of it on
@@ -49,8 +49,9 @@ from gateway.tokens import NON_TEXT_PART_TOKENS, PromptCounter, Tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CHARS = 16_384
-"""Longest text tokenised whole, characters (about 5 ms with DeepSeek-V3's tokenizer); longer ones are sampled
-(module docstring). Chosen from ``bench/results/token_count_cost.md``."""
+"""Longest text tokenised whole, characters; longer ones are sampled (module docstring). Chosen from
+``bench/results/token_count_cost.md``: a few milliseconds a request, 2.5% mean error on long mixed-language
+chats."""
 
 SAMPLE_WINDOW_CHARS = 512
 """Characters of one window of a long text's sample; the sample is ``max_chars // SAMPLE_WINDOW_CHARS`` windows
