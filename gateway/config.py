@@ -92,6 +92,35 @@ class EngineConfig(_Strict):
         return value
 
 
+class ModelConfig(_Strict):
+    """How the gateway counts one served model's prompt tokens (see :mod:`gateway.tokens`)."""
+
+    tokenizer: Path | None = None
+    """The model's Hugging Face ``tokenizer.json``: prompts are counted with it, chat requests after the chat
+    template found next to it (``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``; see
+    :mod:`gateway.tokenizer_file`). Loaded at start; a file that cannot be read stops the start. ``None``: the
+    four-characters-a-token heuristic."""
+    chat_template: bool = True
+    """Count a chat request's prompt after rendering the chat template next to ``tokenizer`` (role markers, BOS,
+    the generation prompt); ``False`` counts the messages' contents only."""
+    max_tokenized_chars: int | None = Field(default=16_384, ge=512)
+    """Longest prompt text ``tokenizer`` tokenises whole, characters; a longer one is counted from evenly spaced
+    samples of this many characters in all and extrapolated (a whole 32k-token chat holds the event loop for
+    tens of milliseconds with DeepSeek-V3's tokenizer; ``bench/results/token_count_cost.md``). ``None``: always
+    whole."""
+    online_correction: bool = True
+    """Scale the count by a factor learnt from the prompt tokens the engines report for this model
+    (:class:`gateway.tokens.PromptTokenCorrection`); ``False`` keeps the raw count (the factor is still learnt
+    and exported)."""
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"tokenizer file not found: {value}")
+        return value
+
+
 class StepAlignedCloseConfig(_Strict):
     """Step-aligned window closing (see :mod:`gateway.scheduling.step_aligned_close`)."""
 
@@ -274,6 +303,15 @@ class ScrapeConfig(_Strict):
     """Timeout of one scrape, seconds."""
     stale_after_s: PositiveFloat = 3.0
     """Scraped figures older than this are ignored and the load view uses local accounting only, seconds."""
+    engine_queued_tokens: bool = False
+    """At each scrape also read each DP rank's queued prefill tokens where the engine reports them (SGLang's ``GET
+    /v1/loads``, ``num_waiting_uncached_tokens``), and take them as the truth at scrape time in the load view
+    (:mod:`gateway.load.view`). Only flavours with such an endpoint are asked (vLLM has none: its ``/load`` gives a
+    server-wide request count, 0.32 ``entrypoints/serve/instrumentator/basic.py``); an engine that fails
+    :data:`gateway.load.scraper.LOADS_MAX_FAILURES` such polls in a row while its ``/metrics`` answers is not
+    asked again. Off by default: it helps on the Azure traces but costs sbs 19% of its TTFT on Mooncake, whose
+    long-prefill isolation reads a rank's queue as the sign of a long prompt in prefill
+    (``bench/results/token_count_remedies.md``)."""
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest ``/metrics`` body read from an engine, bytes; a larger one fails the scrape (the rest is not
     read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/unit/fixtures/metrics``), mostly per-rank
@@ -428,6 +466,9 @@ class Settings(BaseSettings):
     before they skew the allocator's load accounting."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens assumed for load accounting when a request sets no ``max_tokens``."""
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    """Per served model (the ``model`` clients send): how its prompt tokens are counted. A model without an entry
+    uses the defaults of :class:`ModelConfig`."""
     window: WindowConfig = WindowConfig()
     allocator: AllocatorConfig = PhaseAwareConfig()
     """Policy ``sbs``: how a window's batch is placed, by ``kind``: ``phase_aware`` (by predicted time to first
@@ -462,6 +503,14 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"engines: duplicate engine names {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _models_served(self) -> Settings:
+        served = set(self.served_models())
+        unserved = sorted(m for m in self.models if m not in served)
+        if self.engines and unserved:
+            raise ValueError(f"models: no engine serves {unserved} (engines[].models lists the served names)")
         return self
 
     def served_models(self) -> list[str]:

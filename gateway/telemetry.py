@@ -28,6 +28,10 @@ Series (all prefixed ``gateway_``):
 - ``draining``: 1 once shutdown has begun.
 - ``prompt_tokens_estimate_ratio{model}``: the prompt tokens an engine reported (``usage.prompt_tokens``)
   divided by the gateway's estimate for the same request (1 is exact, 2 an estimate half the truth).
+- ``prompt_token_correction{model}``: the factor the online correction scales each prompt-token estimate by
+  (:class:`gateway.tokens.PromptTokenCorrection`; 1 until the engines report counts), and
+  ``prompt_token_estimate_error{model}``, the exponentially weighted mean of ``|ln(reported / estimated)|`` over
+  the requests the engines reported on (0.1 is about 10% off); ``prompt_token_observations_total{model}``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from gateway.tokens import PromptTokenCorrection
 from gateway.types import RankKey, RankLoad
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300, 600)
@@ -111,6 +116,33 @@ class _LoadCollector(Collector):
                 timed.add_metric([engine], n)
             yield terms
             yield timed
+
+
+class _PromptTokenCollector(Collector):
+    def __init__(self, corrections: Callable[[], Mapping[str, PromptTokenCorrection]]) -> None:
+        self._corrections = corrections
+
+    def collect(self) -> Iterator[Metric]:
+        factor = GaugeMetricFamily(
+            "gateway_prompt_token_correction",
+            "Factor the online correction scales prompt-token estimates by, per model",
+            labels=["model"],
+        )
+        error = GaugeMetricFamily(
+            "gateway_prompt_token_estimate_error",
+            "EW mean of |ln(reported / estimated)| prompt tokens, per model",
+            labels=["model"],
+        )
+        observed = CounterMetricFamily(
+            "gateway_prompt_token_observations",
+            "Engine-reported prompt-token counts the correction learnt from, per model",
+            labels=["model"],
+        )
+        for model, correction in sorted(self._corrections().items()):
+            factor.add_metric([model], correction.factor)
+            error.add_metric([model], correction.abs_log_error)
+            observed.add_metric([model], correction.observations)
+        yield from (factor, error, observed)
 
 
 class GatewayMetrics:
@@ -199,6 +231,11 @@ class GatewayMetrics:
         """Export the load view: ``snapshot`` (and ``drain``, the ranks' load in seconds, and ``models``, the engines'
         fitted step-time models, when given) are called at each scrape of ``/metrics``."""
         self.registry.register(_LoadCollector(snapshot, drain, models))
+
+    def watch_prompt_tokens(self, corrections: Callable[[], Mapping[str, PromptTokenCorrection]]) -> None:
+        """Export the prompt-token corrections: ``corrections`` (model → correction) is called at each scrape of
+        ``/metrics``."""
+        self.registry.register(_PromptTokenCollector(corrections))
 
     def render(self) -> bytes:
         """Exposition text of every metric."""

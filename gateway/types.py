@@ -131,6 +131,10 @@ class RankMetrics:
         kv_usage: KV cache usage, fraction 0–1, or ``None`` if not reported.
         kv_used_tokens: KV cache tokens in use, or ``None`` if not reported.
         kv_capacity_tokens: KV cache capacity in tokens, or ``None`` if not reported.
+        queued_prefill_tokens: prompt tokens waiting for prefill and not in the prefix cache (SGLang ``GET
+            /v1/loads`` ``num_waiting_uncached_tokens``), or ``None`` if not reported.
+        queued_read_at: when ``queued_prefill_tokens`` was asked for, on the gateway's clock (seconds): requests
+            dispatched from then on may be missing from it. ``None``: when the scrape arrived.
     """
 
     running: float = 0.0
@@ -138,6 +142,8 @@ class RankMetrics:
     kv_usage: float | None = None
     kv_used_tokens: float | None = None
     kv_capacity_tokens: float | None = None
+    queued_prefill_tokens: float | None = None
+    queued_read_at: float | None = None
 
 
 FailureScope = Literal["engine", "rank"]

@@ -6,16 +6,23 @@
 - Scheduler gauges (``--enable-metrics``, always multiprocess mode) carry ``model_name``, ``engine_type``,
   ``tp_rank``, ``pp_rank``, ``moe_ep_rank`` and, under DP attention, ``dp_rank``. Several TP ranks of one DP rank
   may each export a series: they are de-duplicated.
+- ``GET /v1/loads?include=core`` (0.5.x; ``sglang/srt/entrypoints/v1_loads.py``) answers ``{"loads": [...]}``, one
+  entry per DP rank with ``dp_rank`` and ``num_waiting_uncached_tokens``: the waiting queue's prompt tokens not
+  matched in the prefix cache plus what the request being chunk-prefilled has left
+  (``SchedulerLoadInquirer.get_num_waiting_uncached_tokens``, ``managers/scheduler_components/load_inquirer.py``),
+  read by :meth:`SglangAdapter.parse_loads` into :attr:`RankMetrics.queued_prefill_tokens`.
 - Non-streaming errors are flat ``{"object": "error", "message", "type", "param", "code"}``, read by
   :meth:`SglangAdapter.normalize_error`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, ClassVar
 
-from gateway.engines.base import EngineAdapter, read_rank_gauges, to_rank_metrics
+from gateway.engines.base import EngineAdapter, MetricsParseError, read_rank_gauges, to_rank_metrics
 from gateway.errors import engine_error_body, json_object, openai_error_fields
 from gateway.types import RankMetrics
 
@@ -31,8 +38,13 @@ METRIC_FIELDS = {
 }
 
 
+LOADS_QUEUED_FIELD = "num_waiting_uncached_tokens"
+
+
 class SglangAdapter(EngineAdapter):
     flavor = "sglang"
+    loads_path: ClassVar[str] = "/v1/loads?include=core"
+    """Per-rank load as JSON; only the core fields are asked for."""
 
     def pin_rank(self, body: dict[str, Any], headers: MutableMapping[str, str], rank: int) -> None:
         for legacy in LEGACY_RANK_FIELDS:
@@ -41,6 +53,31 @@ class SglangAdapter(EngineAdapter):
 
     def parse_metrics(self, text: str) -> dict[int, RankMetrics]:
         return to_rank_metrics(read_rank_gauges(text, METRIC_FIELDS, RANK_LABEL))
+
+    def parse_loads(self, text: str) -> dict[int, float]:
+        """``{dp_rank: num_waiting_uncached_tokens}`` from a ``GET /v1/loads`` body. Entries whose rank is not an
+        integer >= 0, or whose figure is missing or not a finite number >= 0, are skipped.
+
+        Raises:
+            MetricsParseError: the body is not JSON with a ``loads`` list.
+        """
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise MetricsParseError(f"invalid /v1/loads body: {exc}") from exc
+        loads = body.get("loads") if isinstance(body, dict) else None
+        if not isinstance(loads, list):
+            raise MetricsParseError("invalid /v1/loads body: no 'loads' list")
+        out: dict[int, float] = {}
+        for load in loads:
+            if not isinstance(load, dict):
+                continue
+            rank, value = load.get("dp_rank"), load.get(LOADS_QUEUED_FIELD)
+            if type(rank) is not int or rank < 0 or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value) and value >= 0:
+                out[rank] = float(value)
+        return out
 
     def normalize_error(self, status: int, raw: bytes) -> dict[str, Any]:
         parsed = json_object(raw)

@@ -9,10 +9,22 @@ fall below what the gateway knows it has in flight on the rank (its own requests
 lagging scrape says), and when the last good scrape is older than ``stale_after_s`` (or there was none) the view
 uses local accounting alone.
 
-Prompt tokens still to prefill and KV tokens held are local accounting only: engines do not export them per
-request. A streamed request counts as waiting (queued for prefill) until its first token comes back; a
-non-streamed one, whose first token is not observable, for ``nonstream_prefill_s`` per chunked-prefill budget its
-prompt spans (a 100k-token prompt is prefilled over 13 steps of an 8k budget, not in one).
+Prompt tokens still to prefill are local accounting unless the engine reports them per rank (SGLang's ``GET
+/v1/loads`` ``num_waiting_uncached_tokens``, :attr:`RankMetrics.queued_prefill_tokens`), which knows what the
+gateway's estimate cannot: the true token count and the prefix-cache hits. Then a rank's queued prefill tokens
+are the engine's figure at its last scrape, plus the prompt tokens dispatched to it since and still queued (the
+SGLang Model Gateway's since-poll tally, ``gateway/scheduling/baselines/least_load.py``); "since" is from when
+the figure was asked for (:attr:`RankMetrics.queued_read_at`), so a request still on its way to the engine then
+is counted by its estimate, not lost between the two. As the requests the gateway had queued at the scrape leave
+the queue (first token, or finished unstarted), the engine's figure shrinks
+in proportion to their estimated tokens: ``W * (Q - left) / Q``, ``Q`` the gateway's own queued tokens at the
+scrape. Subtracting their estimates instead would take a whole overestimated or cached prompt off a figure that
+held only its uncached, true part, and empty a rank that still has work
+(``bench/results/token_count_remedies.md``). KV tokens held are local accounting only.
+
+A streamed request counts as waiting (queued for prefill) until its first token comes back; a non-streamed one,
+whose first token is not observable, for ``nonstream_prefill_s`` per chunked-prefill budget its prompt spans (a
+100k-token prompt is prefilled over 13 steps of an 8k budget, not in one).
 """
 
 from __future__ import annotations
@@ -49,6 +61,8 @@ class _InFlight:
     dispatched_at: float
     prefill_tokens: int
     started: bool = False
+    in_engine_figure: bool = False
+    """Queued on its rank when the engine's last queued-token figure was read (so counted in it)."""
     generated: int = 0
 
 
@@ -64,6 +78,13 @@ class _RankState:
     started_since: int = 0
     finished_waiting_since: int = 0
     finished_running_since: int = 0
+    queued_at_scrape: int = 0
+    """Local queued prefill tokens when the last scrape arrived."""
+    queued_left_since: int = 0
+    """Prompt tokens of the requests queued at the last scrape that left the queue since (started, or finished
+    unstarted)."""
+    queued_new: int = 0
+    """Prompt tokens dispatched since the last scrape and still queued."""
 
 
 @dataclass(slots=True)
@@ -181,6 +202,7 @@ class LoadView:
         state.local_waiting += 1
         state.dispatched_since += 1
         state.queued_prefill_tokens += prefill
+        state.queued_new += prefill
         state.kv_tokens += prompt_tokens
         if not stream:
             chunks = max(1, math.ceil(prefill / state.spec.prefill_budget))
@@ -196,7 +218,7 @@ class LoadView:
         state.local_waiting -= 1
         state.local_running += 1
         state.started_since += 1
-        state.queued_prefill_tokens -= item.prefill_tokens
+        self._leave_queue(state, item)
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
@@ -218,7 +240,14 @@ class LoadView:
         else:
             state.local_waiting -= 1
             state.finished_waiting_since += 1
-            state.queued_prefill_tokens -= item.prefill_tokens
+            self._leave_queue(state, item)
+
+    def _leave_queue(self, state: _RankState, item: _InFlight) -> None:
+        state.queued_prefill_tokens -= item.prefill_tokens
+        if item.in_engine_figure:
+            state.queued_left_since += item.prefill_tokens
+        else:
+            state.queued_new -= item.prefill_tokens
 
     def _promote_nonstream(self, now: float) -> None:
         while self._nonstream_due and self._nonstream_due[0][0] <= now:
@@ -242,6 +271,19 @@ class LoadView:
             state.scraped = ranks.get(key.rank)
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = 0
+            state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
+        reported = any(m.queued_prefill_tokens is not None for m in ranks.values())
+        for item in self._inflight.values() if reported else ():
+            if item.key.engine != engine or item.started:
+                continue
+            state = self._ranks[item.key]
+            scraped = state.scraped
+            read_at = now if scraped is None or scraped.queued_read_at is None else scraped.queued_read_at
+            item.in_engine_figure = item.dispatched_at < read_at
+            if item.in_engine_figure:
+                state.queued_at_scrape += item.prefill_tokens
+            else:
+                state.queued_new += item.prefill_tokens
         if not self.state_sync:
             for load in self._live_snapshot(now):
                 if load.key.engine == engine:
@@ -278,6 +320,7 @@ class LoadView:
             waiting = float(s.local_waiting)
             running = float(s.local_running)
             kv_usage: float | None = None
+            queued = float(s.queued_prefill_tokens)
             if s.scraped is not None and self.scrape_fresh(key.engine, now):
                 scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
                 scraped_waiting -= s.finished_waiting_since
@@ -285,13 +328,18 @@ class LoadView:
                 waiting = max(waiting, scraped_waiting)
                 running = max(running, scraped_running)
                 kv_usage = s.scraped.kv_usage
+                if s.scraped.queued_prefill_tokens is not None:
+                    reported = s.scraped.queued_prefill_tokens
+                    if s.queued_at_scrape > 0:
+                        reported *= max(0, s.queued_at_scrape - s.queued_left_since) / s.queued_at_scrape
+                    queued = reported + s.queued_new
             out.append(
                 RankLoad(
                     key=key,
                     models=s.spec.models,
                     running=running,
                     waiting=waiting,
-                    queued_prefill_tokens=float(s.queued_prefill_tokens),
+                    queued_prefill_tokens=queued,
                     kv_tokens=float(s.kv_tokens),
                     kv_usage=kv_usage,
                     prefill_budget=s.spec.prefill_budget,

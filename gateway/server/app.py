@@ -31,7 +31,8 @@ from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
 from gateway.telemetry import GatewayMetrics
-from gateway.tokens import CharTokenizer, Tokenizer
+from gateway.tokenizer_file import build_prompt_counter
+from gateway.tokens import Tokenizer
 from gateway.types import RankKey
 
 NONSTREAM_PREFILL_STEPS = 4
@@ -41,8 +42,14 @@ prompt, since its first token is not seen: a margin set when the load view was w
 
 def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> GatewayState:
     """Build (but do not start) the gateway's resources. Must run inside an event loop (the engine client's
-    connection pool)."""
+    connection pool).
+
+    Raises:
+        ConfigError: a model's tokenizer file cannot be read (the message names the field and the file).
+    """
+    prompt_counter = build_prompt_counter(settings.models, tokenizer)
     metrics = GatewayMetrics()
+    metrics.watch_prompt_tokens(prompt_counter.corrections)
     engines = {e.name: Engine.from_config(e) for e in settings.engines}
     specs = [EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines]
     health = HealthBook([RankKey(s.name, rank) for s in specs for rank in range(s.dp_size)], settings.health)
@@ -89,7 +96,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         retry_throttle=RetryThrottle(
             settings.upstream.retry_throttle_max_tokens, settings.upstream.retry_throttle_ratio
         ),
-        tokenizer=tokenizer or CharTokenizer(),
+        prompt_counter=prompt_counter,
         clock=clock,
     )
 
@@ -108,9 +115,8 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
 
     Args:
         settings: the gateway settings.
-        tokenizer: counts prompt tokens for the allocator; the 4-characters-a-token heuristic of
-            :class:`~gateway.tokens.CharTokenizer` when ``None``. Plug in the served model's real
-            tokenizer here for exact prefill balancing.
+        tokenizer: counts the prompt tokens of models without a ``models.<name>.tokenizer`` setting; the
+            4-characters-a-token heuristic of :class:`~gateway.tokens.CharTokenizer` when ``None``.
 
     Raises:
         OSError: an API key file cannot be read.

@@ -53,7 +53,7 @@ from gateway.server.retry import StartedAnswer, record_failure, send_with_retrie
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
 from gateway.server.validation import ParsedRequest, Route, parse_request
-from gateway.tokens import count_prompt_tokens, prompt_texts
+from gateway.tokens import prompt_texts
 from gateway.types import PendingRequest, prefix_block_hashes
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
         pending = PendingRequest(
             request_id=scope.key,
             model=parsed.model,
-            prompt_tokens=count_prompt_tokens(parsed.body, state.tokenizer),
+            prompt_tokens=state.prompt_counter.count(parsed.model, parsed.body),
             max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
             arrival_s=scope.arrival,
             stream=parsed.stream or upstream.assemble,

@@ -18,7 +18,7 @@ from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
 from gateway.telemetry import GatewayMetrics
-from gateway.tokens import Tokenizer
+from gateway.tokens import PromptCounter
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ class GatewayState:
         health: circuit breakers of every engine and DP rank.
         prober: probes the engines' health endpoints.
         retry_throttle: stops retries while too many tries fail.
-        tokenizer: counts prompt tokens for the allocator.
+        prompt_counter: counts prompt tokens for the allocator, per model, and learns from the engines' counts.
         clock: the monotonic clock (seconds) of the dispatcher, the scraper, the prober and the front door.
         retry_rng: draws the jitter of retry backoffs.
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
@@ -54,16 +54,18 @@ class GatewayState:
     health: HealthBook
     prober: HealthProber
     retry_throttle: RetryThrottle
-    tokenizer: Tokenizer
+    prompt_counter: PromptCounter
     clock: Callable[[], float]
     retry_rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
 
     def prompt_tokens_reported(self, model: str, estimated: int, reported: int) -> None:
         """An engine reported ``reported`` prompt tokens (its ``usage.prompt_tokens``) for a request of ``model``
-        whose prompt the gateway estimated at ``estimated`` tokens: observed in
-        ``gateway_prompt_tokens_estimate_ratio`` as ``reported / estimated`` (an estimate below 1 counts as 1)."""
+        whose prompt the scheduler counted as ``estimated`` tokens (the corrected estimate): observed in
+        ``gateway_prompt_tokens_estimate_ratio`` as ``reported / estimated`` (an estimate below 1 counts as 1), and
+        fed to the model's online correction."""
         self.metrics.prompt_tokens_ratio.labels(model).observe(reported / max(1, estimated))
+        self.prompt_counter.observe(model, estimated, reported)
 
     def begin_drain(self) -> None:
         """Graceful shutdown began: report not ready (new traffic goes elsewhere); in-flight work goes on."""

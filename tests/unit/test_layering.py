@@ -46,6 +46,8 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         # the load's pure state (view, health); its asyncio loops are "load monitors" above
         "load state": ("gateway.load",),
         "workload": ("gateway.workload",),
+        # a served model's tokenizer and chat template (reads the models settings, builds the prompt counter)
+        "tokenizer file": ("gateway.tokenizer_file",),
     },
     {"scheduling": ("gateway.scheduling",), "telemetry": ("gateway.telemetry",)},
     {
