@@ -340,6 +340,8 @@ class Scheduler:
         window may now be due earlier (``step_aligned_close``) and the ranks took in work, so early closing is
         re-armed."""
         self.view.on_tokens(request_id, n)
+        if self.step_clock.continues_burst(engine, now):
+            return False  # decode tokens move no queue: the step clock's figures stand
         new_step = self._track_step(engine, now)
         if new_step:
             self.window.notify_capacity_freed()

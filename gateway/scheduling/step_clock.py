@@ -252,7 +252,8 @@ class StepClock:
 
         ``decodes_next``: some rank of ``engine`` has requests decoding and no prompt tokens queued now, so the
         step in progress ends with tokens and its duration can be measured (module docstring); the burst's last
-        chunk decides.
+        observation decides (the scheduler skips the burst's later chunks of decode tokens, which move no queue:
+        :meth:`continues_burst`).
         """
         new_step = self.on_tokens(engine, now)
         c = self._engines[engine]
@@ -274,6 +275,15 @@ class StepClock:
         c.step_keys, c.step_tokens = keys, values
         self.set_step_prefill(engine, heaviest, sum(values) / len(values) if values else 0.0)
         return new_step
+
+    def continues_burst(self, engine: str, now: float) -> bool:
+        """If tokens from ``engine`` at ``now`` belong to the burst in progress (one step end), note them and
+        return True; otherwise change nothing and return False (the caller then observes them in full)."""
+        c = self._engines.get(engine)
+        if c is None or c.last_token is None or now - c.last_token >= self.boundary_gap_s:
+            return False
+        c.last_token = now
+        return True
 
     def still_timed(self, engine: str, decodes_next: bool) -> None:
         """A request of ``engine`` finished: the step in progress stays timed only if some rank still decodes in
