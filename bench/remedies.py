@@ -17,7 +17,7 @@ of the reference rate the evaluation found for that preset, trace and mode:
 The step-time model fitted on timed steps has no switch: the old model is gone (the note and
 ``bench/results/step_model_error.md`` give its before and after).
 
-    .venv/bin/python bench/remedies.py --jobs 2          # writes bench/results/remedies.{json,md}
+    .venv/bin/python bench/remedies.py --jobs 2          # writes remedies.json and remedies.md in bench/results/
 """
 
 from __future__ import annotations
