@@ -242,13 +242,15 @@ async def test_engine_errors_come_back_openai_style(gateway_url: str, stream: bo
 
 async def multi_turn_prefix_hits_from(gateway_url: str, dp2: Server, first: int) -> tuple[float, float]:
     """Four conversations of three turns each, one after another, through the gateway: each turn's prompt is the
-    conversation so far (a 2,400-character system prompt of its own, then the turns); returns the prefix-cache hit
+    conversation so far (a 2,500-character system prompt of its own, then the turns); returns the prefix-cache hit
     tokens and query tokens vLLM counted meanwhile, summed over its ranks."""
     hits_before = series(await scrape(dp2.url), "vllm:prefix_cache_hits_total")
     queries_before = series(await scrape(dp2.url), "vllm:prefix_cache_queries_total")
     async with openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="unused") as client:
         for conversation in range(first, first + 4):
-            system = f"Conversation {conversation}. " + " ".join(f"fact {conversation}.{i}" for i in range(240))
+            # 2,500 characters of common words (about 550 tokens): past the gateway's first 2,048-character prefix
+            # block, well inside the model's 2,048-token context after three turns
+            system = f"Conversation {conversation}. " + "The quick brown fox jumps over the lazy dog. " * 55
             messages = [{"role": "system", "content": system}]
             for turn in range(3):
                 messages.append({"role": "user", "content": f"Question {turn} of conversation {conversation}?"})
