@@ -3,20 +3,23 @@
 Water-filling (:mod:`gateway.scheduling.allocation`) balances prefill tokens across DP ranks but does not know
 where each instance is in its step. An instance in the middle of a long prefill step makes a new request wait
 for the rest of it; an idle instance starts at once. With the step boundaries the gateway infers from token
-arrivals (:class:`~gateway.scheduling.step_clock.StepClock`), the placement cost of a request of ``t`` prompt
-tokens on rank ``r`` of instance ``e`` is
+arrivals and its fitted step-time model ``d_e(H, S)`` (:class:`~gateway.scheduling.step_clock.StepClock`: ``H`` the
+heaviest rank's prefill tokens in a step, ``S`` the ranks' mean), the placement cost of a request of ``t`` prompt
+tokens on rank ``r`` of instance ``e``, whose next step carries ``H_e`` and ``S_e`` and whose rank ``r`` has ``q``
+tokens queued after the step in progress, is
 
-    wait(e) + d_e(M_e') + (d_e(M_e') - d_e(M_e)) * (n_e + w * running_e)
+    wait(e) + d_e(H', S') + max(0, q + t - B) / B * d_e(B, S') + (d_e(H', S') - d_e(H_e, S_e)) * (n_e + w * running_e)
 
-where ``wait(e)`` is the time until ``e`` starts its next step (0 when idle), ``M_e`` the heaviest rank's prefill
-tokens already bound for that step and ``M_e'`` the same with the request on ``r``, ``d_e`` the predicted step
-duration, ``n_e`` the requests already bound for that step (they all wait for a longer step) and ``running_e``
-the decoding requests it stalls, weighted by ``w``. When the rank's queue already fills ``k`` whole steps, the
-request waits them out instead: ``wait(e) + k * d_e(budget) + d_e(rest + t)``. Requests are placed longest
-first, each at its cheapest (instance, rank); ties go to the decode-aware choice
-(:mod:`gateway.scheduling.decode`: outliers last, then fewest requests in buckets, then least KV), then to the
-rank with fewer tokens bound for the next step. This is our reading of SBS's "waiting to accelerate" and staggering
-(``docs/design.md`` §2.8), applied to the whole cluster at once.
+with ``H' = max(H_e, min(q + t, B))`` and ``S'`` the mean with ``r``'s next-step tokens raised to ``min(q + t, B)``
+(``B`` the rank's per-step budget): the wait for the instance's next step (0 when idle), that step, the further
+steps the rank needs for the rest of its queue and the request's chunks, and what a longer next step costs the
+``n_e`` requests already bound for it and the decoding requests it stalls, weighted by ``w``. With the prefix index
+(:mod:`gateway.scheduling.prefix_index`) ``t`` is only what ``r``'s prefix cache probably lacks. Requests are
+placed longest first, each at its cheapest (instance, rank); ties go to the rank with less to prefill, then the
+decode-aware choice (:mod:`gateway.scheduling.decode`: outliers last, then fewest requests in buckets, then least
+KV), then the rank with fewer tokens bound for the next step, then the instance with fewer queued. This is our
+reading of SBS's "waiting to accelerate" and staggering (``docs/design.md`` §2.8), applied to the whole cluster at
+once.
 
 Why it is the default allocator: ``bench/results/decisions.md#allocator``.
 

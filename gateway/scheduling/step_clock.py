@@ -6,19 +6,20 @@ a quiet gap of at least ``boundary_gap_s`` marks a step boundary. Knowing the la
 current step's duration tells when the instance will next start a step: the moment a request sent to it
 starts its prefill (``docs/design.md`` §2.8, "waiting to accelerate").
 
-Step duration model (:class:`StepTimeModel`): ``duration = a + b * H + c * S``, where ``H`` is the largest number
-of prefill tokens one rank of the instance takes in the step (lockstep: the heaviest rank sets the pace) and ``S``
-the mean over its ranks (the routed experts' work is spread over the EP group, so it follows the mean). It is
-FairBatching's linear step-time model (arXiv 2510.14392, §4: ``a + b * new_tokens + c * kv_tokens`` per step),
-read per lockstep instance: its ``new_tokens`` is the heaviest rank's, and the EP-shared part of the linear cost
-takes the place of the KV term (decode attention is a small part of a DeepSeek-V3 step at these batch sizes; the
-coefficients absorb it). The coefficients are fitted online per instance by exponentially weighted least squares,
-**only from steps the gateway can time**: the interval between two bursts is one step only if every
-step emits a token, which the gateway knows when, at the first burst, some rank of the instance had requests
-decoding and no prompt tokens queued (so it decodes in the next step, whatever the others do). On a prefill-only
-instance, where first tokens are the only tokens, no interval qualifies and the model keeps its prior, the same
-for every instance (so the placement cost stays a comparison of queued work, never a feedback loop between an
-instance whose steps look long because it is rarely timed and the traffic it is therefore denied).
+Step duration model (:class:`StepTimeModel`): ``duration = a + b * H + c * S``, where ``H`` is the largest number of
+prefill tokens one rank of the instance takes in the step (lockstep: the heaviest rank sets the pace) and ``S`` the
+mean over its ranks (the routed experts' work is spread over the EP group, so it follows the mean). It is the linear
+step-time form ``a + b * new_tokens + c * kv_tokens`` that llm-d's inference simulator attributes to FairBatching
+(arXiv 2510.14392; ``docs/design.md`` §3 on where the form comes from), read per lockstep instance: its
+``new_tokens`` is the heaviest rank's, and the EP-shared part of the linear cost takes the place of the KV term
+(decode attention is a small part of a DeepSeek-V3 step at these batch sizes; the coefficients absorb it). The
+coefficients are fitted online per instance by exponentially weighted least squares, **only from steps the gateway
+can time**: the interval between two bursts is one step only if every step emits a token, which the gateway knows
+when, at the first burst, some rank of the instance had requests decoding and no prompt tokens queued (so it decodes
+in the next step, whatever the others do). On a prefill-only instance, where first tokens are the only tokens, no
+interval qualifies and the model keeps its prior, the same for every instance (so the placement cost stays a
+comparison of queued work, never a feedback loop between an instance whose steps look long because it is rarely
+timed and the traffic it is therefore denied).
 
 The same timed steps give the plain mean step time (boundary to boundary, whatever the step carried) that the
 window's adaptive interval follows (:meth:`StepClock.mean_step_s`), and each instance's predicted next step start
@@ -338,7 +339,7 @@ class StepClock:
         prefill budget)``), the predicted time to prefill what it has queued, seconds: as many steps as its
         queue fills budgets (at least one when anything is queued), each as long as the step-time model predicts
         for the instance's next step (its heaviest and mean rank figures, each rank capped at its budget).
-        FairBatching's load estimate for upper-level schedulers (arXiv 2510.14392, §4.3), per DP rank."""
+        The load estimate for upper-level schedulers FairBatching's abstract offers (arXiv 2510.14392), per DP rank."""
         ranks = list(queued)
         if not ranks:
             return {}

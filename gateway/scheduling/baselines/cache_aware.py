@@ -30,8 +30,8 @@ modelled. The warm-up slice applies to its event-driven mode only.
 (:attr:`~gateway.types.PendingRequest.prefix_blocks`, chained hashes, so a dict of block hash → holders is the
 radix tree at block granularity): a prefix shared for part of a block counts as unshared, the match rate is
 matched blocks over prompt blocks, and sizes are counted as 2,048 characters per block. A request without
-blocks (an Azure trace) never matches. The simulated engine has no prefix cache yet, so in simulation the
-affinity this policy keeps saves no prefill.
+blocks (an Azure trace) never matches. The simulated engines as shipped keep a prefix cache per rank, where the
+affinity this policy keeps saves prefill; the idealised engine has none.
 """
 
 from __future__ import annotations
