@@ -213,10 +213,11 @@ def phase_fill(
             wait = clock.time_to_next_step(engine, now) if inst.busy and use_step_phase else 0.0
             stalled = waiting_next[engine] + decode_stall_weight * inst.running
             for r in fitting:
+                work = uncached_of.get(r.key, t)
                 cost = _placement_cost(
                     clock,
                     engine,
-                    uncached_of.get(r.key, t),
+                    work,
                     next_level[r.key],
                     r.prefill_budget,
                     heaviest,
@@ -225,7 +226,6 @@ def phase_fill(
                     wait,
                     stalled,
                 )
-                work = uncached_of.get(r.key, t)
                 key: tuple[float, ...]
                 if decode is None:
                     key = (mismatch, cost, work, next_level[r.key], total_level, *decode_load_key(r))
