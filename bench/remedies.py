@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from _simbench import ms
+
 from gateway.sim.presets import prefill_only, preset
 from gateway.sim.simulate import SimConfig, derived_slo, simulate
 from gateway.workload.traces import load_trace, rescale, resolve_trace, window
@@ -82,10 +84,6 @@ def run(variant: Variant, trace_name: str, mode: str, minutes: float, scale: flo
         "tpot_s": {k: summary["tpot_s"].get(k) for k in ("mean", "p99")} if summary["tpot_s"] else None,
         "wall_s": time.perf_counter() - started,
     }
-
-
-def ms(x: float | None) -> str:
-    return "–" if x is None else f"{x * 1000:,.0f}"
 
 
 def main() -> None:
