@@ -43,6 +43,9 @@ names of :data:`gateway.scheduling.baselines.IMMEDIATE_POLICIES`)."""
 
 EngineFlavor = Literal["sglang", "vllm"]
 EngineRole = Literal["mixed", "prefill", "decode"]
+PrefillAlignment = Literal["auto", "none", "prefill_delayer", "prefill_schedule_interval"]
+"""An engine's own alignment of prefill across its DP ranks: SGLang's ``--enable-prefill-delayer``, vLLM's
+``--prefill-schedule-interval N`` (N > 1), neither, or ``auto`` (read from the engine where it says so)."""
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -73,6 +76,13 @@ class EngineConfig(_Strict):
     prefill_budget_tokens: int = Field(default=8192, ge=1)
     """Prefill tokens one DP rank takes per forward step (SGLang ``--chunked-prefill-size``, vLLM
     ``--max-num-batched-tokens``); the allocator's per-rank capacity."""
+    prefill_alignment: PrefillAlignment = "auto"
+    """Whether the engine aligns prefill across its DP ranks itself, so that the window does not hold a request
+    the engine will hold again (``window.yield_to_engine_alignment``): ``prefill_delayer`` (SGLang
+    ``--enable-prefill-delayer``), ``prefill_schedule_interval`` (vLLM ``--prefill-schedule-interval`` above 1),
+    ``none``, or ``auto``: SGLang's is read from its ``/get_server_info`` (``enable_prefill_delayer``) once the
+    engine answers; vLLM reports no such setting, so ``auto`` means ``none`` there and an engine started with
+    the interval must declare it."""
 
     @field_validator("url")
     @classmethod
@@ -90,6 +100,16 @@ class EngineConfig(_Strict):
         if value != "mixed":
             raise ValueError("only 'mixed' is supported until P/D disaggregation lands")
         return value
+
+    @model_validator(mode="after")
+    def _check_alignment(self) -> EngineConfig:
+        wrong = {"prefill_delayer": "vllm", "prefill_schedule_interval": "sglang"}.get(self.prefill_alignment)
+        if wrong == self.flavor:
+            raise ValueError(
+                f"prefill_alignment: {self.prefill_alignment!r} is not a setting of a {self.flavor} engine "
+                "(prefill_delayer is SGLang's, prefill_schedule_interval vLLM's)"
+            )
+        return self
 
 
 class ModelConfig(_Strict):
@@ -149,6 +169,20 @@ class WindowConfig(_Strict):
     an instance as it starts a step; the adaptive grid tick stays when some instance is idle or unseen (see
     :mod:`gateway.scheduling.step_aligned_close`). ``{}`` switches it on with the default lead; ``None``: the grid
     tick only."""
+    close_when_idle: bool = True
+    """A request arriving to an empty window while some instance that serves its model is idle (no running or
+    waiting request and no queued prefill on any rank) is placed at once: the idle instance starts a step as soon
+    as it arrives, so holding it only delays its first token. ``False``: it waits for the tick, for ablation."""
+    yield_to_engine_alignment: bool = True
+    """A request arriving to an empty window while every usable instance that serves its model aligns its own
+    prefill (``engines[].prefill_alignment``) is placed at once: the engine holds new prefill until its ranks
+    line up, so the window would hold it a second time. ``False``: it waits for the tick, for ablation."""
+    hold_min_arrivals: float | None = Field(default=1.0, gt=0)
+    """A request arriving to an empty window is placed at once unless at least this many more requests are
+    expected while the window is open (its interval over the exponentially weighted mean gap between arrivals):
+    a window that will hold one request only delays it. Requests that wait because no rank has room keep the
+    window open whatever the rate. ``None``: always hold, for ablation
+    (``bench/results/decisions.md#holding-the-window``)."""
     max_buffered_requests: int = Field(default=10_000, ge=1)
     """The window holds at most this many requests; beyond it new requests get 503 with ``Retry-After``."""
     max_buffered_tokens: int = Field(default=20_000_000, ge=1)

@@ -77,6 +77,9 @@ class Dispatcher:
             prefix_cache=settings.prefix_cache,
             seed=settings.baselines.seed,
         )
+        for engine in settings.engines:
+            if engine.prefill_alignment in ("prefill_delayer", "prefill_schedule_interval"):
+                self.scheduler.set_prefill_alignment(engine.name, True)
         self._waiters: dict[str, asyncio.Future[Placement]] = {}
         self._windows_closed = 0
         self._wake = asyncio.Event()

@@ -8,6 +8,9 @@ Series (all prefixed ``gateway_``):
   at the gateway, from request arrival.
 - ``window_wait_seconds``, ``window_batch_size``: time requests spent buffered in the staggered window, and
   requests placed per closed window; ``window_interval_seconds``, ``window_buffered_requests`` gauges.
+- ``window_closed_at_once_total{reason}`` (``idle``|``engine_aligned``|``alone``): windows closed as they
+  opened, because holding could not help (:func:`gateway.scheduling.step_aligned_close.close_at_once_reason`);
+  ``engine_prefill_aligned{engine}``: 1 while the gateway counts the engine as aligning its own prefill.
 - ``dispatched_requests_total{engine, rank}``, ``dispatched_prompt_tokens_total{engine, rank}``.
 - ``scrapes_total{engine, result}`` (``ok``|``error``), ``scrape_errors_total{engine}``.
 - ``rank_running``, ``rank_waiting``, ``rank_queued_prefill_tokens``, ``rank_kv_usage`` ``{engine, rank}``: the
@@ -36,7 +39,7 @@ Series (all prefixed ``gateway_``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -116,6 +119,34 @@ class _LoadCollector(Collector):
                 timed.add_metric([engine], n)
             yield terms
             yield timed
+
+
+class _WindowCollector(Collector):
+    def __init__(
+        self, closed: Callable[[], Mapping[str, int]], aligned: Callable[[], Set[str]], engines: list[str]
+    ) -> None:
+        self._closed = closed
+        self._aligned = aligned
+        self._engines = engines
+
+    def collect(self) -> Iterator[Metric]:
+        closed = CounterMetricFamily(
+            "gateway_window_closed_at_once",
+            "Windows closed as they opened because holding could not help, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._closed().items()):
+            closed.add_metric([reason], count)
+        aligned_now = self._aligned()
+        aligned = GaugeMetricFamily(
+            "gateway_engine_prefill_aligned",
+            "1 while the gateway counts the engine as aligning prefill across its DP ranks itself",
+            labels=["engine"],
+        )
+        for engine in self._engines:
+            aligned.add_metric([engine], 1 if engine in aligned_now else 0)
+        yield closed
+        yield aligned
 
 
 class _PromptTokenCollector(Collector):
@@ -231,6 +262,16 @@ class GatewayMetrics:
         """Export the load view: ``snapshot`` (and ``drain``, the ranks' load in seconds, and ``models``, the engines'
         fitted step-time models, when given) are called at each scrape of ``/metrics``."""
         self.registry.register(_LoadCollector(snapshot, drain, models))
+
+    def watch_window(
+        self,
+        closed_at_once: Callable[[], Mapping[str, int]],
+        aligned: Callable[[], Set[str]],
+        engines: Sequence[str],
+    ) -> None:
+        """Export the window's closes at once (``closed_at_once``: reason → count) and which of ``engines`` align
+        their own prefill (``aligned``), read at each scrape of ``/metrics``."""
+        self.registry.register(_WindowCollector(closed_at_once, aligned, list(engines)))
 
     def watch_prompt_tokens(self, corrections: Callable[[], Mapping[str, PromptTokenCorrection]]) -> None:
         """Export the prompt-token corrections: ``corrections`` (model → correction) is called at each scrape of

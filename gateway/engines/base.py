@@ -87,6 +87,14 @@ class EngineAdapter(ABC):
     flavor: ClassVar[str]
     metrics_path: ClassVar[str] = "/metrics"
     health_path: ClassVar[str] = "/health"
+    server_info_path: ClassVar[str | None] = None
+    """Where the engine reports its own settings (read for ``engines[].prefill_alignment: auto``); ``None``: it
+    reports none the gateway reads."""
+
+    def prefill_alignment_from_server_info(self, text: str) -> bool | None:
+        """Whether the engine aligns prefill across its DP ranks, from its :attr:`server_info_path` body, or
+        ``None`` when the body does not say (the engine is then treated as not aligning)."""
+        return None
 
     @abstractmethod
     def pin_rank(self, body: dict[str, Any], headers: MutableMapping[str, str], rank: int) -> None:

@@ -11,6 +11,9 @@
   matched in the prefix cache plus what the request being chunk-prefilled has left
   (``SchedulerLoadInquirer.get_num_waiting_uncached_tokens``, ``managers/scheduler_components/load_inquirer.py``),
   read by :meth:`SglangAdapter.parse_loads` into :attr:`RankMetrics.queued_prefill_tokens`.
+- ``GET /get_server_info`` answers the server arguments as a JSON object (``dataclasses.asdict(ServerArgs)`` plus
+  internal state); ``enable_prefill_delayer`` (0.5.x, ``--enable-prefill-delayer``) says whether the scheduler holds
+  new prefill until its DP ranks line up, read by :meth:`SglangAdapter.prefill_alignment_from_server_info`.
 - Non-streaming errors are flat ``{"object": "error", "message", "type", "param", "code"}``, read by
   :meth:`SglangAdapter.normalize_error`.
 """
@@ -45,6 +48,17 @@ class SglangAdapter(EngineAdapter):
     flavor = "sglang"
     loads_path: ClassVar[str] = "/v1/loads?include=core"
     """Per-rank load as JSON; only the core fields are asked for."""
+    server_info_path: ClassVar[str | None] = "/get_server_info"
+
+    def prefill_alignment_from_server_info(self, text: str) -> bool | None:
+        """``enable_prefill_delayer`` from a ``/get_server_info`` body; ``None`` when the body is not a JSON
+        object or the field is missing or not a boolean (an SGLang without the PrefillDelayer)."""
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return None
+        value = body.get("enable_prefill_delayer") if isinstance(body, dict) else None
+        return value if isinstance(value, bool) else None
 
     def pin_rank(self, body: dict[str, Any], headers: MutableMapping[str, str], rank: int) -> None:
         for legacy in LEGACY_RANK_FIELDS:

@@ -3,6 +3,10 @@
 
 Each engine is probed on its own task with a total timeout, so a hung engine delays nobody else and is marked
 down after ``failure_threshold`` probes (about ``failure_threshold * probe_interval_s`` seconds).
+
+An engine with ``prefill_alignment: auto`` whose flavour reports its settings (SGLang's ``/get_server_info``) has
+them read after its first successful probe, and again after each failed one (it may have been restarted with other
+flags); what it says reaches ``on_alignment``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ log = logging.getLogger(__name__)
 
 HEALTH_MAX_BYTES = 64 * 1024
 """Largest ``/health`` body read (vLLM and SGLang answer an empty body)."""
+SERVER_INFO_MAX_BYTES = 4 * 1024 * 1024
+"""Largest ``/get_server_info`` body read (SGLang's is tens of kilobytes: every server argument plus internal
+state per DP rank)."""
 
 
 class HealthProber(PerEngineLoop):
@@ -35,6 +42,8 @@ class HealthProber(PerEngineLoop):
         metrics: the gateway's metrics.
         config: probe interval and timeout.
         on_change: called when an engine's breaker changes state (the dispatcher re-checks its window).
+        on_alignment: called with an engine's name and whether it aligns its own prefill, when read from an
+            engine with ``prefill_alignment: auto``.
         clock: monotonic clock in seconds.
     """
 
@@ -47,6 +56,7 @@ class HealthProber(PerEngineLoop):
         config: HealthConfig,
         *,
         on_change: Callable[[], None] | None = None,
+        on_alignment: Callable[[str, bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(client, engines, config.probe_interval_s, "probe", clock)
@@ -54,6 +64,10 @@ class HealthProber(PerEngineLoop):
         self._metrics = metrics
         self._config = config
         self._on_change = on_change
+        self._on_alignment = on_alignment
+        self._alignment_unread = {
+            e.name for e in engines if e.config.prefill_alignment == "auto" and e.adapter.server_info_path is not None
+        }
         self._last_state: dict[str, BreakerState] = {}
         self.publish()
 
@@ -84,4 +98,24 @@ class HealthProber(PerEngineLoop):
         self._health.record_probe(engine.name, ok, self._clock())
         self._metrics.health_checks.labels(engine.name, "ok" if ok else "error").inc()
         self.publish()
+        if ok and engine.name in self._alignment_unread:
+            await self._read_alignment(engine)
+        elif not ok and engine.config.prefill_alignment == "auto" and engine.adapter.server_info_path is not None:
+            self._alignment_unread.add(engine.name)
         return ok
+
+    async def _read_alignment(self, engine: Engine) -> None:
+        """Read whether ``engine`` aligns its own prefill from its server info and report it. Never raises; a
+        failed read is tried again after the next probe."""
+        path = engine.adapter.server_info_path
+        assert path is not None
+        try:
+            text = await self._client.get_text(engine.url(path), self._config.probe_timeout_s, SERVER_INFO_MAX_BYTES)
+        except UpstreamError as exc:
+            log.debug("server info of %s could not be read: %s", engine.name, exc)
+            return
+        self._alignment_unread.discard(engine.name)
+        aligned = engine.adapter.prefill_alignment_from_server_info(text)
+        log.info("engine %s: own prefill alignment %s", engine.name, "on" if aligned else "off")
+        if self._on_alignment is not None:
+            self._on_alignment(engine.name, bool(aligned))

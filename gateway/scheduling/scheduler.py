@@ -6,7 +6,8 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
 - :meth:`Scheduler.submit` takes a request. An immediate-dispatch policy places it at once; ``sbs`` buffers it
   in the batch window.
 - :meth:`Scheduler.poll` closes the window when it is due (its grid tick, or with ``step_aligned_close`` just
-  before the next predicted step start of an instance, :mod:`gateway.scheduling.step_aligned_close`) and places
+  before the next predicted step start of an instance, :mod:`gateway.scheduling.step_aligned_close`; at once when
+  holding cannot help: an idle instance, engines that align their own prefill, or no company expected) and places
   its batch with the configured allocator (:data:`gateway.scheduling.allocators.ALLOCATORS`: phase-aware placement
   or water-filling, with the decode-aware choice).
 - The driver reports what it sees through the scheduler and nothing else: each request's progress
@@ -34,7 +35,12 @@ from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.baselines.base import ImmediatePolicy
 from gateway.scheduling.prefix_index import PrefixIndex
-from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
+from gateway.scheduling.step_aligned_close import (
+    CloseAtOnceReason,
+    StepAlignedClosing,
+    close_at_once_reason,
+    next_step_starts,
+)
 from gateway.scheduling.step_clock import StepClock
 from gateway.scheduling.window import BatchWindow
 from gateway.types import PendingRequest, RankKey, RankLoad, RankMetrics
@@ -160,6 +166,7 @@ class _Windowed:
         window: BatchWindow,
         step_clock: StepClock,
         prefix: PrefixIndex | None,
+        aligned_engines: set[str],
     ) -> None:
         self.settings = settings
         self.prefix = prefix
@@ -169,6 +176,8 @@ class _Windowed:
         self.view = view
         self.window = window
         self.step_clock = step_clock
+        self.aligned_engines = aligned_engines
+        self.closed_at_once: dict[CloseAtOnceReason, int] = {"idle": 0, "engine_aligned": 0, "alone": 0}
         close = settings.step_aligned_close
         self.closing = (
             None
@@ -185,7 +194,21 @@ class _Windowed:
         opening = not len(self.window)
         self.window.add(request, now)
         if opening:
-            self._align(self.view.snapshot(now))
+            snapshot = self.view.snapshot(now)
+            reason = close_at_once_reason(
+                request,
+                snapshot,
+                self.aligned_engines,
+                when_idle=limits.close_when_idle,
+                yield_to_alignment=limits.yield_to_engine_alignment,
+                expected_arrivals=self.window.expected_arrivals(),
+                min_arrivals=limits.hold_min_arrivals,
+            )
+            if reason is None:
+                self._align(snapshot)
+            else:
+                self.closed_at_once[reason] += 1
+                self.window.close_now(now)
         return None
 
     def _align(self, snapshot: list[RankLoad]) -> None:
@@ -254,12 +277,21 @@ class Scheduler:
             initial_step_s=window.initial_step_s,
         )
         self._retry_policy = make_immediate_policy("vllm_internal", seed=seed)
+        self._aligned: set[str] = set()
         self._mode: _Mode
         if policy == "sbs":
             queue_steps = math.inf if allocator.queue_steps is None else allocator.queue_steps
             placer = ALLOCATORS[allocator.kind](allocator, decode, self.step_clock, self.prefix)
             self._mode = _Windowed(
-                window, placer, queue_steps, allocator.min_queue_tokens, view, self.window, self.step_clock, self.prefix
+                window,
+                placer,
+                queue_steps,
+                allocator.min_queue_tokens,
+                view,
+                self.window,
+                self.step_clock,
+                self.prefix,
+                self._aligned,
             )
         else:
             steps = PhasePlacement(allocator, decode, self.step_clock, self.prefix)
@@ -300,6 +332,27 @@ class Scheduler:
             raise NoServingRankError(request.model)
         record_dispatch(self.view, self.prefix, request, key, now)
         return key
+
+    def set_prefill_alignment(self, engine: str, aligned: bool) -> None:
+        """Record whether ``engine`` aligns prefill across its DP ranks itself (declared in
+        ``engines[].prefill_alignment`` or read from the engine); ``sbs`` then places a request at once when every
+        instance serving it does (``window.yield_to_engine_alignment``)."""
+        if aligned:
+            self._aligned.add(engine)
+        else:
+            self._aligned.discard(engine)
+
+    @property
+    def prefill_aligned_engines(self) -> frozenset[str]:
+        """The engines recorded as aligning their own prefill (:meth:`set_prefill_alignment`)."""
+        return frozenset(self._aligned)
+
+    def closed_at_once(self) -> dict[str, int]:
+        """How many windows ``sbs`` closed as they opened, by reason (``idle``, ``engine_aligned``, ``alone``);
+        empty for immediate policies."""
+        if not isinstance(self._mode, _Windowed):
+            return {}
+        return {str(reason): count for reason, count in self._mode.closed_at_once.items()}
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request still waiting in the window; return whether it was there."""

@@ -19,16 +19,30 @@ When some instance serving requests has no prediction (idle, or none of its toke
 once, so there is no boundary worth waiting for: :func:`next_step_starts` returns ``None`` and the window keeps
 its own adaptive grid tick.
 
+Some windows should not be held at all (:func:`close_at_once_reason`): a request arriving to an empty window when
+no other request is expected before the window would close (holding gains a batch of one and costs its first token
+the hold; at the rates of the steady-state evaluation a 5 ms window expects a few hundredths of a request), while
+an instance that serves it is idle (the instance would start a step the moment the request reached it, so a hold
+only delays its first token), or while every instance that serves it aligns its own prefill across its DP ranks
+(SGLang's PrefillDelayer, vLLM's ``--prefill-schedule-interval``: the engine holds new prefill until its ranks line
+up, so a window would hold the request twice).
+
 Pure: no I/O, time passed in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
+from typing import Literal
 
 from gateway.scheduling.step_clock import StepClock
-from gateway.types import RankLoad
+from gateway.types import PendingRequest, RankLoad
+
+CloseAtOnceReason = Literal["idle", "engine_aligned", "alone"]
+"""Why a window is not held: an instance serving the request is ``idle``, every instance serving it aligns its
+own prefill (``engine_aligned``), or too few requests are expected to join it (``alone``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +106,47 @@ def next_step_starts(ranks: Sequence[RankLoad], clock: StepClock) -> list[float]
             return None
         starts.append(start)
     return starts or None
+
+
+def close_at_once_reason(
+    request: PendingRequest,
+    ranks: Sequence[RankLoad],
+    aligned_engines: Set[str],
+    *,
+    when_idle: bool,
+    yield_to_alignment: bool,
+    expected_arrivals: float = math.inf,
+    min_arrivals: float | None = None,
+) -> CloseAtOnceReason | None:
+    """Why a window that ``request`` opens should close at once, or ``None`` when holding it may help.
+
+    Args:
+        request: the request arriving to an empty window.
+        ranks: a snapshot of every DP rank's load (:meth:`~gateway.load.view.LoadView.snapshot`).
+        aligned_engines: names of the engines that align prefill across their DP ranks themselves.
+        when_idle: close at once while some instance serving the request is idle (no running or waiting request
+            and no queued prefill on any of its usable ranks).
+        yield_to_alignment: close at once while every usable instance serving the request is in
+            ``aligned_engines``.
+        expected_arrivals: requests expected to arrive while the window is open
+            (:meth:`~gateway.scheduling.window.BatchWindow.expected_arrivals`).
+        min_arrivals: close at once when ``expected_arrivals`` is below it; ``None`` never.
+
+    Returns:
+        ``"idle"``, ``"engine_aligned"`` or ``"alone"`` (the first that applies, in that order), or ``None``;
+        ``None`` too when no usable rank serves the request (the allocator reports that).
+    """
+    busy: dict[str, bool] = {}
+    for r in ranks:
+        if r.usable and request.model in r.models:
+            engine = r.key.engine
+            busy[engine] = busy.get(engine, False) or r.running > 0 or r.waiting > 0 or r.queued_prefill_tokens > 0
+    if not busy:
+        return None
+    if when_idle and not all(busy.values()):
+        return "idle"
+    if yield_to_alignment and all(engine in aligned_engines for engine in busy):
+        return "engine_aligned"
+    if min_arrivals is not None and expected_arrivals < min_arrivals:
+        return "alone"
+    return None

@@ -12,6 +12,11 @@ placement (:mod:`gateway.scheduling.phase`) and, when switched on, from step-ali
 
 The deadline of an open window can instead be aligned to the engines' step boundaries (:meth:`align`, with a
 close time from :mod:`gateway.scheduling.step_aligned_close`); aligning to ``None`` goes back to the grid tick.
+When holding cannot help (:func:`gateway.scheduling.step_aligned_close.close_at_once_reason`), :meth:`close_now`
+makes the open window due at once, whatever alignment follows, until it is taken.
+
+The window also keeps an exponentially weighted mean of the gaps between arrivals (:meth:`expected_arrivals`):
+how many requests are expected to join one window, which decides whether holding one can pay at all.
 
 A window also closes early when its buffered prompt tokens fill the free prefill capacity of the ranks: waiting
 longer cannot improve the placement. After a batch in which nothing could be placed, early closing is disarmed
@@ -24,6 +29,10 @@ import math
 from collections.abc import Iterable
 
 from gateway.types import PendingRequest
+
+ARRIVAL_GAP_WEIGHT = 0.05
+"""Weight of the newest gap in the mean gap between arrivals: about the last 20 arrivals count (a common choice of
+exponential smoothing constant, not tuned)."""
 
 
 class BatchWindow:
@@ -60,6 +69,9 @@ class BatchWindow:
         self._tick: float | None = None
         self._opened_s: float | None = None
         self._early_close_armed = True
+        self._closing_now = False
+        self._last_arrival_s: float | None = None
+        self._mean_gap_s: float | None = None
 
     def observe_step_time(self, step_s: float) -> None:
         """Adapt the interval to an engine step time estimate (seconds, > 0; others are ignored)."""
@@ -68,6 +80,13 @@ class BatchWindow:
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+    def expected_arrivals(self) -> float:
+        """Requests expected to arrive during one window: the interval over the mean gap between the arrivals seen
+        so far (``0.0`` before two have been seen, ``inf`` while they all came at once)."""
+        if self._mean_gap_s is None:
+            return 0.0
+        return math.inf if self._mean_gap_s <= 0 else self.interval_s / self._mean_gap_s
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._buffer
@@ -100,8 +119,15 @@ class BatchWindow:
     def align(self, close_s: float | None) -> None:
         """Set the open window's deadline to ``close_s`` (seconds), or back to its grid tick when ``None``; an
         empty window ignores it."""
-        if self._buffer:
+        if self._buffer and not self._closing_now:
             self._deadline = self._tick if close_s is None else close_s
+
+    def close_now(self, now: float) -> None:
+        """Make the open window due at ``now`` (seconds); :meth:`align` leaves it so until :meth:`take`. An empty
+        window ignores it."""
+        if self._buffer:
+            self._deadline = now
+            self._closing_now = True
 
     def _open(self, now: float) -> None:
         self._opened_s = now
@@ -115,6 +141,11 @@ class BatchWindow:
         """
         if request.request_id in self._buffer:
             raise ValueError(f"request {request.request_id!r} is already in the window")
+        if self._last_arrival_s is not None:
+            gap = max(0.0, now - self._last_arrival_s)
+            mean = self._mean_gap_s
+            self._mean_gap_s = gap if mean is None else mean + ARRIVAL_GAP_WEIGHT * (gap - mean)
+        self._last_arrival_s = now
         if not self._buffer:
             self._open(now)
         self._buffer[request.request_id] = request
@@ -151,6 +182,7 @@ class BatchWindow:
         self._buffer.clear()
         self._tokens = 0
         self._deadline = self._tick = self._opened_s = None
+        self._closing_now = False
         return batch
 
     def requeue(self, deferred: Iterable[PendingRequest], now: float, *, placed_any: bool) -> None:

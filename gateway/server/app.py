@@ -64,6 +64,11 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     metrics.watch_load(
         lambda: view.snapshot(clock()), dispatcher.scheduler.drain_seconds, dispatcher.scheduler.step_models
     )
+    metrics.watch_window(
+        dispatcher.scheduler.closed_at_once,
+        lambda: dispatcher.scheduler.prefill_aligned_engines,
+        [e.name for e in settings.engines],
+    )
     client = EngineClient(settings.upstream)
     prober = HealthProber(
         client,
@@ -72,6 +77,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         metrics,
         settings.health,
         on_change=dispatcher.notify_load_changed,
+        on_alignment=dispatcher.scheduler.set_prefill_alignment,
         clock=clock,
     )
     scraper = MetricsScraper(

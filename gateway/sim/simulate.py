@@ -253,6 +253,10 @@ class _Sim:
             prefix_cache=config.prefix_cache,
             seed=config.seed,
         )
+        if config.engine.enable_prefill_delayer or config.engine.prefill_schedule_interval > 1:
+            # what the gateway reads from SGLang's /get_server_info, or an operator declares for vLLM
+            for name in names:
+                self.scheduler.set_prefill_alignment(name, True)
         self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
         self.busy: dict[str, StepResult | None] = {n: None for n in names}
         self.records = [

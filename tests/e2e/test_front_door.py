@@ -117,6 +117,8 @@ async def test_models_health_ready_metrics_and_unknown_routes() -> None:
         'gateway_step_model_seconds{engine="e",term="c"}',
         'gateway_step_model_timed_steps{engine="e"}',
         "gateway_window_interval_seconds",
+        'gateway_window_closed_at_once_total{reason="idle"} 1.0',  # the one request served found it idle
+        'gateway_engine_prefill_aligned{engine="e"} 0.0',
     ):
         assert name in text, f"{name!r} missing from /metrics"
 

@@ -61,7 +61,7 @@ async def test_engine_aborts_when_the_client_leaves_mid_request(stream: bool) ->
 
 async def test_a_request_waiting_in_the_window_is_dropped_when_its_client_leaves() -> None:
     # ticks lie on a grid: with 600 s windows the next tick is (almost surely) far beyond the client's patience
-    window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0)
+    window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0, close_when_idle=False, hold_min_arrivals=None)
     async with gateway_and_engine(window) as (gateway_url, engine_url), httpx.AsyncClient() as http:
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=0.3)) as impatient:
             with pytest.raises(httpx.ReadTimeout):
@@ -80,7 +80,7 @@ async def test_a_request_waiting_in_the_window_is_dropped_when_its_client_leaves
 
 
 async def test_a_full_window_answers_503_with_retry_after_at_once() -> None:
-    window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0, max_buffered_requests=2)
+    window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0, max_buffered_requests=2, close_when_idle=False, hold_min_arrivals=None)
     async with gateway_and_engine(window) as (gateway_url, _), httpx.AsyncClient() as http:
 
         async def waits() -> None:  # held in the window until cancelled below

@@ -187,6 +187,14 @@ def test_role_prefill_says_why() -> None:
         load_settings(engines=[engine(role="prefill")])
 
 
+@pytest.mark.parametrize(
+    ("flavor", "alignment"), [("vllm", "prefill_delayer"), ("sglang", "prefill_schedule_interval")]
+)
+def test_an_alignment_of_the_other_flavour_is_refused(flavor: str, alignment: str) -> None:
+    with pytest.raises(ConfigError, match=rf"engines\.0: .*prefill_alignment: '{alignment}' is not a setting of"):
+        load_settings(engines=[engine(flavor=flavor, prefill_alignment=alignment)])
+
+
 def test_every_offending_field_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(engines=[engine(flavor="tgi"), engine(name="v1", dp_size=0)], port=-1)

@@ -24,7 +24,16 @@ from gateway.types import RankKey
 from tests import helpers
 from tests.helpers import MODEL, req
 
-WINDOW = WindowConfig(min_interval_s=0.01, max_interval_s=0.1, step_fraction=0.5, initial_step_s=0.1)
+WINDOW = WindowConfig(
+    min_interval_s=0.01,
+    max_interval_s=0.1,
+    step_fraction=0.5,
+    initial_step_s=0.1,
+    close_when_idle=False,
+    hold_min_arrivals=None,
+)
+"""Held until the tick even on an idle cluster and at any arrival rate, which is what these tests exercise
+(closing at once is tested in ``test_step_aligned_close.py``)."""
 
 
 def make_scheduler(

@@ -1,4 +1,5 @@
-"""Step-aligned window closing: the pure close-time rule, and the scheduler timing its window with it."""
+"""Step-aligned window closing: the pure close-time rule, and the scheduler timing its window with it; and closing
+at once where holding cannot help (an idle instance, engines that align their own prefill)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from gateway.config import DecodeConfig, EngineConfig, PhaseAwareConfig, Setting
 from gateway.dispatch import Dispatcher
 from gateway.load.view import LoadView
 from gateway.scheduling.scheduler import Scheduler
-from gateway.scheduling.step_aligned_close import StepAlignedClosing, next_step_starts
+from gateway.scheduling.step_aligned_close import StepAlignedClosing, close_at_once_reason, next_step_starts
 from gateway.scheduling.step_clock import StepClock
 from gateway.telemetry import GatewayMetrics
 from gateway.types import RankKey
@@ -80,6 +81,7 @@ WINDOW = WindowConfig(
     step_fraction=0.5,
     initial_step_s=0.1,
     step_aligned_close=StepAlignedCloseConfig(lead_s=0.005),
+    hold_min_arrivals=None,
 )
 
 
@@ -129,7 +131,8 @@ def test_the_deadline_follows_a_boundary_seen_while_the_window_is_open():
 
 
 def test_falls_back_to_the_grid_tick_while_an_instance_is_idle_or_unseen():
-    view, scheduler = two_busy_instances()
+    view, _ = two_busy_instances()
+    scheduler = make_scheduler(view, WINDOW.model_copy(update={"close_when_idle": False}))
     scheduler.submit(req("r1", 500, arrival_s=0.02), 0.02)  # no tokens seen from either instance yet
     assert scheduler.next_deadline() == pytest.approx(0.05)  # the grid tick: interval 0.5 * 0.1 s
     assert scheduler.poll(0.05) is not None
@@ -188,3 +191,111 @@ async def test_the_live_window_loop_closes_at_a_step_boundary_seen_while_it_slee
         assert placement.rank == RankKey("a", 1)
     finally:
         await d.stop()
+
+
+# -- closing at once where holding cannot help ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("loads", "aligned", "flags", "reason"),
+    [
+        ({"a": dict(running=3), "b": {}}, set(), {}, "idle"),  # "b" starts a step the moment the request lands
+        ({"a": dict(running=3), "b": dict(queued=500)}, set(), {}, None),  # queued prefill: busy
+        ({"a": dict(running=3), "b": dict(waiting=1)}, {"a", "b"}, {}, "engine_aligned"),
+        ({"a": dict(running=3), "b": dict(waiting=1)}, {"a"}, {}, None),  # "b" does not align its own
+        ({"a": dict(running=3), "b": {}}, {"a", "b"}, {}, "idle"),  # idle is checked first
+        ({"a": dict(running=3), "b": {}}, set(), {"when_idle": False}, None),
+        ({"a": dict(running=3), "b": dict(waiting=1)}, {"a", "b"}, {"yield_to_alignment": False}, None),
+        ({"a": dict(running=3), "b": dict(usable=False)}, {"a"}, {}, "engine_aligned"),  # unusable: not counted
+        ({"a": dict(running=3), "b": dict(models=frozenset({"other"}))}, set(), {}, None),  # idle, other model
+        ({"a": dict(usable=False)}, {"a"}, {}, None),  # nothing serves it: the allocator says so
+    ],
+)
+def test_close_at_once_reason(loads, aligned, flags, reason):
+    ranks = [rank(engine, i, **kw) for engine, kw in loads.items() for i in range(2)]
+    kw = dict(when_idle=True, yield_to_alignment=True) | flags
+    assert close_at_once_reason(req("r", 500), ranks, aligned, **kw) == reason
+
+
+@pytest.mark.parametrize(("expected", "minimum", "reason"), [(0.3, 1.0, "alone"), (1.0, 1.0, None), (0.3, None, None)])
+def test_a_window_expecting_no_company_is_not_held(expected, minimum, reason):
+    ranks = [rank("a", i, running=3) for i in range(2)]
+    kw = dict(when_idle=True, yield_to_alignment=True, expected_arrivals=expected, min_arrivals=minimum)
+    assert close_at_once_reason(req("r", 500), ranks, set(), **kw) == reason
+
+
+def test_a_request_reaching_an_idle_cluster_is_placed_at_once():
+    view = make_view("a", "b", dp_size=2)
+    scheduler = make_scheduler(view)
+    scheduler.submit(req("r1", 500, arrival_s=0.02), 0.02)
+    assert scheduler.next_deadline() == 0.02
+    outcome = scheduler.poll(0.02)
+    assert outcome is not None and [r.request_id for r, _ in outcome.assigned] == ["r1"]
+    assert scheduler.closed_at_once() == {"idle": 1, "engine_aligned": 0, "alone": 0}
+
+
+def test_a_request_joining_an_open_window_waits_for_its_close():
+    _, scheduler = two_busy_instances()
+    scheduler.submit(req("r1", 500, arrival_s=0.02), 0.02)
+    assert scheduler.next_deadline() == pytest.approx(0.05)  # busy, nothing seen yet: the grid tick
+    scheduler.submit(req("r2", 500, arrival_s=0.03), 0.03)
+    assert scheduler.next_deadline() == pytest.approx(0.05)
+    assert scheduler.closed_at_once() == {"idle": 0, "engine_aligned": 0, "alone": 0}
+
+
+def test_engines_that_align_their_own_prefill_get_requests_at_once_and_step_alignment_does_not_undo_it():
+    _, scheduler = two_busy_instances()
+    scheduler.on_tokens("-", "a", 1, 0.0)  # step-aligned close would wait for 0.095
+    scheduler.on_tokens("-", "b", 1, 0.05)
+    scheduler.set_prefill_alignment("a", True)
+    scheduler.set_prefill_alignment("b", True)
+    assert scheduler.prefill_aligned_engines == {"a", "b"}
+    scheduler.submit(req("r1", 500, arrival_s=0.06), 0.06)
+    assert scheduler.next_deadline() == 0.06
+    scheduler.on_tokens("-", "a", 1, 0.06)  # a boundary seen before the poll re-times nothing
+    outcome = scheduler.poll(0.06)
+    assert outcome is not None and len(outcome.assigned) == 1
+    assert scheduler.closed_at_once() == {"idle": 0, "engine_aligned": 1, "alone": 0}
+
+    scheduler.set_prefill_alignment("b", False)  # one instance holds nothing itself: the window holds again
+    scheduler.submit(req("r2", 500, arrival_s=0.07), 0.07)
+    assert scheduler.next_deadline() > 0.07
+    assert scheduler.closed_at_once()["engine_aligned"] == 1
+
+
+def test_a_window_is_held_only_when_company_is_expected():
+    view, _ = two_busy_instances()
+    scheduler = make_scheduler(view, WINDOW.model_copy(update={"hold_min_arrivals": 1.0, "step_aligned_close": None}))
+    # the window lasts 0.05 s (half the assumed 0.1 s step); arrivals 0.2 s apart expect a quarter of a request
+    for i in range(5):
+        now = 0.2 * i
+        scheduler.submit(req(f"sparse{i}", 500, arrival_s=now), now)
+        assert scheduler.next_deadline() == pytest.approx(now)
+        assert scheduler.poll(now) is not None
+    assert scheduler.closed_at_once()["alone"] == 5
+    # a burst: gaps of 1 ms pull the mean gap below the window's length, and the window holds again
+    now = 1.0
+    while scheduler.next_deadline() is None or scheduler.next_deadline() == pytest.approx(now):
+        scheduler.poll(now)
+        now += 0.001
+        scheduler.submit(req(f"burst{now:.3f}", 500, arrival_s=now), now)
+    assert scheduler.next_deadline() == pytest.approx(scheduler.window.next_tick(now))
+    assert scheduler.window.expected_arrivals() >= 1.0
+
+
+def test_immediate_policies_have_no_window_to_close():
+    scheduler = Scheduler("least_tokens", make_view(), window=WINDOW, allocator=PhaseAwareConfig(), decode=None)
+    scheduler.set_prefill_alignment("e", True)
+    assert scheduler.closed_at_once() == {} and scheduler.prefill_aligned_engines == {"e"}
+
+
+def test_declared_alignment_reaches_the_scheduler():
+    engines = [
+        EngineConfig(name="s", flavor="sglang", url="http://127.0.0.1:1", models=[MODEL], prefill_alignment=alignment)
+        for alignment in ("prefill_delayer",)
+    ] + [
+        EngineConfig(name=f"v{i}", flavor="vllm", url="http://127.0.0.1:1", models=[MODEL], prefill_alignment=a)
+        for i, a in enumerate(("prefill_schedule_interval", "none", "auto"))
+    ]
+    d = Dispatcher(Settings(policy="sbs", engines=engines), make_view("s", "v0", "v1", "v2"), GatewayMetrics())
+    assert d.scheduler.prefill_aligned_engines == {"s", "v0"}

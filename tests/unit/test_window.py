@@ -107,3 +107,25 @@ def test_align_moves_the_open_windows_deadline_and_none_restores_the_grid_tick()
     assert w.deadline == pytest.approx(0.05)
     w.take(0.05)
     assert w.opened_s is None and w.deadline is None
+
+
+def test_expected_arrivals_follow_the_mean_gap_between_arrivals():
+    w = window()  # interval 0.05 s
+    assert w.expected_arrivals() == 0.0  # nothing seen
+    w.add(req("a", 10), 0.0)
+    assert w.expected_arrivals() == 0.0  # one arrival: no gap yet
+    w.add(req("b", 10), 0.1)
+    assert w.expected_arrivals() == pytest.approx(0.5)  # one gap of 0.1 s
+    w.add(req("c", 10), 0.1)
+    assert w.expected_arrivals() == pytest.approx(0.05 / (0.1 * 0.95))  # a gap of 0 weighs 5%
+
+
+def test_close_now_makes_the_window_due_and_align_cannot_undo_it():
+    w = window()
+    w.add(req("a", 10), 0.01)
+    w.close_now(0.01)
+    w.align(0.04)
+    assert w.deadline == 0.01 and w.due(0.01, free_capacity_tokens=0)
+    w.take(0.01)
+    w.add(req("b", 10), 0.02)
+    assert w.deadline == pytest.approx(0.05)  # a new window keeps its tick

@@ -384,6 +384,8 @@ class _MockEngine:
             "max_total_num_tokens": em.kv_capacity_tokens,
             "context_length": cfg.max_model_len,
             "disaggregation_mode": "null",
+            "enable_prefill_delayer": em.enable_prefill_delayer,
+            "prefill_delayer_max_delay_passes": em.prefill_delayer_max_delay_passes,
             "internal_states": self._get_load_rows(),
             "version": SIMULATED_SGLANG_VERSION,
         }
