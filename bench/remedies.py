@@ -10,9 +10,15 @@ of the reference rate the evaluation found for that preset, trace and mode:
 - ``- prefix index``: no index of the ranks' prefix caches; every prompt counts whole (``prefix_cache`` off);
 - ``+ exact prompt counts``: the gateway knows every prompt's token count (the bound on what counting tokens
   right can recover; the preset's measured estimate error otherwise);
+- ``+ online prompt-count correction``: the estimate scaled by the factor learnt from the engines' reported counts
+  (``InformationLimits.online_correction``; the realistic presets leave it off);
+- ``- closing at once``: every window held to its tick, even when an instance is idle, every engine aligns its own
+  prefill or no other request is expected (``window.close_when_idle``, ``yield_to_engine_alignment`` off,
+  ``hold_min_arrivals`` ``None``);
 - ``- window``: the same cost placed on arrival (``phase_aware``);
 - ``+ PrefillDelayer``: SGLang's own prefill alignment switched on (``realistic-sglang-aligned``), for sbs and for
-  the best baseline.
+  the best baseline, and for sbs with every window held to its tick (the window holding what the engine holds
+  again).
 
 The step-time model fitted on timed steps has no switch: the old model is gone (the note and
 ``bench/results/step_model_error.md`` give its before and after).
@@ -52,6 +58,11 @@ class Variant:
     preset: str = "realistic-sglang"
     sim: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
+    window: dict[str, Any] = field(default_factory=dict)
+
+
+HELD = {"close_when_idle": False, "yield_to_engine_alignment": False, "hold_min_arrivals": None}
+"""Window settings that hold every window to its tick."""
 
 
 VARIANTS = (
@@ -59,8 +70,11 @@ VARIANTS = (
     Variant("sbs - upstream streaming", limits={"stream_upstream": False}),
     Variant("sbs - prefix index", sim={"prefix_cache": None}),
     Variant("sbs + exact prompt counts", limits={"estimate_error": None}),
+    Variant("sbs + online prompt-count correction", limits={"online_correction": True}),
+    Variant("sbs - closing at once", window=HELD),
     Variant("sbs - window (phase_aware)", policy="phase_aware"),
     Variant("sbs + PrefillDelayer", preset="realistic-sglang-aligned"),
+    Variant("sbs + PrefillDelayer - closing at once", preset="realistic-sglang-aligned", window=HELD),
     *(Variant(p, policy=p) for p in BASELINES),
     Variant("cache_aware - upstream streaming", policy="cache_aware", limits={"stream_upstream": False}),
     Variant("cache_aware + PrefillDelayer", policy="cache_aware", preset="realistic-sglang-aligned"),
@@ -74,7 +88,12 @@ def run(variant: Variant, trace_name: str, mode: str, minutes: float, scale: flo
         trace = prefill_only(trace)
     chosen = preset(variant.preset, dp_size)
     config = chosen.apply(SimConfig(policy=variant.policy, instances=2, dp_size=dp_size))
-    config = replace(config, limits=replace(config.limits, **variant.limits), **variant.sim)
+    config = replace(
+        config,
+        limits=replace(config.limits, **variant.limits),
+        window=config.window.model_copy(update=variant.window),
+        **variant.sim,
+    )
     started = time.perf_counter()
     result = simulate(rescale(trace, scale), config)
     summary = result.summary(derived_slo(trace, chosen.engine, 3.0))
