@@ -80,7 +80,13 @@ async def test_a_request_waiting_in_the_window_is_dropped_when_its_client_leaves
 
 
 async def test_a_full_window_answers_503_with_retry_after_at_once() -> None:
-    window = WindowConfig(min_interval_s=600.0, max_interval_s=600.0, max_buffered_requests=2, close_when_idle=False, hold_min_arrivals=None)
+    window = WindowConfig(
+        min_interval_s=600.0,
+        max_interval_s=600.0,
+        max_buffered_requests=2,
+        close_when_idle=False,
+        hold_min_arrivals=None,
+    )
     async with gateway_and_engine(window) as (gateway_url, _), httpx.AsyncClient() as http:
 
         async def waits() -> None:  # held in the window until cancelled below

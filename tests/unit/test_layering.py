@@ -49,7 +49,12 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         # a served model's tokenizer and chat template (reads the models settings, builds the prompt counter)
         "tokenizer file": ("gateway.tokenizer_file",),
     },
-    {"scheduling": ("gateway.scheduling",), "telemetry": ("gateway.telemetry",)},
+    {
+        "scheduling": ("gateway.scheduling",),
+        "telemetry": ("gateway.telemetry",),
+        # P/D disaggregation's legs per engine protocol (pure; uses the engines' rank pins)
+        "pd": ("gateway.pd",),
+    },
     {
         "load monitors": ("gateway.load.engine_loop", "gateway.load.prober", "gateway.load.scraper"),
         "dispatch": ("gateway.dispatch",),
