@@ -656,13 +656,6 @@ class Settings(BaseSettings):
                 )
         return out
 
-    @model_validator(mode="after")
-    def _pd_not_relayed_yet(self) -> Settings:
-        pd = [f"engines[{i}].role" for i, e in enumerate(self.engines) if e.role != "mixed"]
-        if pd:
-            raise ValueError(f"{', '.join(pd)}: prefill and decode engines are not served until the gateway relays P/D")
-        return self
-
     def pd_models(self) -> list[str]:
         """Served models whose engines are prefill and decode pools (P/D disaggregated), in configuration order."""
         return [m for m in self.served_models() if any(e.role == "prefill" and m in e.models for e in self.engines)]

@@ -72,13 +72,6 @@ def test_unknown_leg_policy_names_its_field() -> None:
     assert "pd.decode_policy" in refused([], pd={"decode_policy": "follow_bootstrap_room"})
 
 
-def test_a_model_in_another_pool_is_checked_alone() -> None:
-    """A mixed model next to a P/D one is fine; the P/D one's own pools are what is checked."""
-    engines = [sglang("p", "prefill"), sglang("d", "decode"), sglang("x", "mixed", models=["other"])]
-    message = refused(engines)
-    assert "served P/D" not in message and "no decode engine" not in message
-
-
 def test_bootstrap_address_defaults_to_the_url_host_and_8998() -> None:
     assert EngineConfig(**sglang("p", "prefill")).bootstrap_address == ("p.local", DEFAULT_BOOTSTRAP_PORT)
     mooncake = EngineConfig(**vllm("p", "prefill", "mooncake", bootstrap_host="10.0.0.7", bootstrap_port=9100))
@@ -87,6 +80,14 @@ def test_bootstrap_address_defaults_to_the_url_host_and_8998() -> None:
     assert EngineConfig(**sglang("d", "decode")).bootstrap_address is None
 
 
-def test_valid_pd_engines_are_refused_until_relayed() -> None:
-    message = refused([sglang("p", "prefill"), sglang("d", "decode")])
-    assert "engines[0].role, engines[1].role: prefill and decode engines are not served" in message
+@pytest.mark.parametrize(
+    "engines",
+    [
+        [sglang("p", "prefill", bootstrap_port=9000), sglang("d", "decode"), sglang("x", "mixed", models=["other"])],
+        [vllm("p", "prefill"), vllm("d1", "decode"), vllm("d2", "decode")],
+        [vllm("p", "prefill", "mooncake", bootstrap_port=9100), vllm("d", "decode", "mooncake")],
+    ],
+)
+def test_valid_pd_configurations_load(engines: list[dict[str, Any]]) -> None:
+    settings = load_settings(engines=engines)
+    assert settings.pd_models() == ["m"]
