@@ -40,6 +40,7 @@ class Fake:
       transfer, then answers ``ANSWER`` (streamed when asked);
     - ``fail``: prefill answers 500 once the decode leg of the same attempt arrived; ``fail_now``: at once;
     - ``transfer_then_hold``: prefill lets the decode leg go on, then holds;
+    - ``reject``: prefill answers 400 once the decode leg of the same attempt arrived;
     - ``retract``: decode answers 503 (SGLang's retraction) once the prefill leg of the same attempt arrived;
     - ``hold``: holds the request until the gateway drops the connection;
     - ``first_then_hold``: decode streams its first event, then holds.
@@ -111,6 +112,10 @@ class Fake:
         if mode == "transfer_then_hold":
             self.world.transferred.add(key)
             await self.until(request, lambda: False)
+            return Response(status_code=499)
+        if mode == "reject":
+            if await self.until(request, lambda: key in self.world.arrived.get("decode", set())):
+                return JSONResponse({"object": "error", "message": "bad sampling params", "code": 400}, 400)
             return Response(status_code=499)
         if mode == "fail":
             if await self.until(request, lambda: key in self.world.arrived.get("decode", set())):
@@ -432,3 +437,30 @@ async def test_a_client_that_leaves_mid_stream_aborts_both_legs() -> None:
 
         await eventually(both_dropped)
         await eventually(_idle(setup))
+
+
+async def test_an_engines_4xx_on_the_prefill_leg_is_the_answer_and_cancels_the_decode_leg() -> None:
+    async with pd_gateway("sglang") as setup:
+        setup.prefill.modes = ["reject"]
+        async with setup.client() as client:
+            with pytest.raises(openai.BadRequestError, match="bad sampling params"):
+                await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20)  # type: ignore[arg-type]
+
+        async def decode_dropped() -> bool:
+            return setup.decode.dropped == 1
+
+        await eventually(decode_dropped)
+        assert len(setup.prefill.received) == 1  # not retried
+        assert await setup.metric("gateway_pd_transfers_total", outcome="rejected") == 1
+        await eventually(_idle(setup))
+
+
+async def test_vllm_n_above_one_runs_whole_on_the_decode_rank() -> None:
+    async with pd_gateway("nixl") as setup, setup.client() as client:
+        completion = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, n=2)  # type: ignore[arg-type]
+        assert completion.choices[0].message.content == ANSWER
+        assert setup.prefill.received == []
+        ((decode, headers),) = setup.decode.received
+        assert "kv_transfer_params" not in decode and decode["n"] == 2
+        assert headers["x-data-parallel-rank"] == "0"
+        assert await setup.metric("gateway_pd_transfers_total", protocol="nixl", outcome="whole") == 1
