@@ -233,3 +233,30 @@ def test_sglang_decode_queues_count_as_running() -> None:
     )
     ranks = SglangAdapter().parse_metrics(text)
     assert ranks[0].running == 10 and ranks[1].running == 1
+
+
+async def test_the_dispatchers_placement_carries_both_ranks() -> None:
+    from gateway.config import EngineConfig, Settings
+    from gateway.dispatch import Dispatcher
+    from gateway.telemetry import GatewayMetrics
+
+    common = {"flavor": "sglang", "dp_size": 2, "models": [MODEL]}
+    settings = Settings(
+        policy="round_robin",
+        engines=[
+            EngineConfig(name="p", url="http://p:1", role="prefill", **common),  # type: ignore[arg-type]
+            EngineConfig(name="d", url="http://d:1", role="decode", **common),  # type: ignore[arg-type]
+        ],
+    )
+    view = LoadView(
+        [EngineSpec(e.name, e.dp_size, frozenset(e.models), 8192, e.role) for e in settings.engines],
+        stale_after_s=3.0,
+    )
+    dispatcher = Dispatcher(settings, view, GatewayMetrics(), clock=lambda: 0.0)
+    first = await dispatcher.acquire(req("a", 100))
+    second = await dispatcher.acquire(req("b", 100))
+    assert (first.rank, first.decode_rank) == (RankKey("p", 0), RankKey("d", 0))
+    assert (second.rank, second.decode_rank) == (RankKey("p", 1), RankKey("d", 1))
+    dispatcher.finish("a")  # the relay releases a failed attempt before placing the retry
+    again = dispatcher.retry_placement(req("a", 100), {RankKey("d", 0)})
+    assert again.decode_rank == RankKey("d", 1)
