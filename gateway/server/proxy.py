@@ -49,6 +49,7 @@ from gateway.server.assemble import (
     reported_prompt_tokens,
 )
 from gateway.server.disconnect import unless_disconnected
+from gateway.server.pd_relay import send_pd
 from gateway.server.retry import StartedAnswer, record_failure, send_with_retries
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
@@ -184,9 +185,11 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
     request_log().window_id = placement.window_id
     request_log().placed(key.engine, key.rank, state.clock() - scope.arrival)
     assembly = _Assembly(scope) if upstream.assemble else None
-    sending = send_with_retries(
-        state, pending, key, ENGINE_PATHS[route], upstream.body, scope.request_id, consume=assembly
-    )
+    path = ENGINE_PATHS[route]
+    if placement.decode_rank is not None:
+        sending = send_pd(state, pending, placement, path, upstream.body, scope.request_id, consume=assembly)
+    else:
+        sending = send_with_retries(state, pending, key, path, upstream.body, scope.request_id, consume=assembly)
     try:
         answer = await unless_disconnected(request, sending)
     except GatewayError as exc:
@@ -207,6 +210,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
 
 def _buffered_response(scope: _RequestScope, answer: StartedAnswer) -> Response:
     """The answer to a request whose engine answer was read whole (not a stream, or an engine error)."""
+    answer.end_prefill_leg()
     dispatcher = scope.state.dispatcher
     dispatcher.finish(scope.key)
     upstream = answer.upstream
@@ -320,6 +324,7 @@ class _Assembly:
 
     def response(self, answer: StartedAnswer) -> Response:
         """The client's answer once the stream of ``answer``'s try was read whole."""
+        answer.end_prefill_leg()
         scope, state = self.scope, self.scope.state
         state.dispatcher.finish(scope.key)
         now = state.clock()
@@ -381,6 +386,7 @@ async def _relay(scope: _RequestScope, answer: StartedAnswer, usage: StreamUsage
         raise
     finally:
         upstream.close()
+        answer.end_prefill_leg()
         dispatcher.finish(scope.key)
         metrics.e2e.labels(scope.model_label).observe(clock() - scope.arrival)
         scope.count(status)

@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
@@ -30,12 +31,23 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class StartedAnswer:
     """A request whose answer has begun at an engine: the rank, the response, and either (streams) its first
-    chunk or (anything else) its whole body."""
+    chunk or (anything else) its whole body.
+
+    Attributes:
+        prefill_leg: a P/D request's prefill leg still running once the decode leg's answer began
+            (:mod:`gateway.server.pd_relay`); ended by :meth:`end_prefill_leg` when the client's answer ends.
+    """
 
     key: RankKey
     upstream: UpstreamResponse
     first_chunk: bytes | None = None
     body: bytes = b""
+    prefill_leg: asyncio.Task[Any] | None = None
+
+    def end_prefill_leg(self) -> None:
+        """Cancel the prefill leg if it still runs (its connection is closed, so the engine aborts it)."""
+        if self.prefill_leg is not None and not self.prefill_leg.done():
+            self.prefill_leg.cancel()
 
 
 def backoff_s(tries: int, rng: random.Random, *, base_s: float, max_s: float) -> float:
