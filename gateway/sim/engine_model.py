@@ -331,6 +331,28 @@ class EngineModel:
                     tokens.append(self._emit(rank, req))
         return tokens
 
+    def holds(self, request_id: str) -> bool:
+        """Whether prefill request ``request_id`` has finished and still holds its KV."""
+        req = self._requests.get(request_id)
+        return req is not None and request_id in self._ranks[req.rank].held
+
+    def pd_phase(self, request_id: str) -> str | None:
+        """Where a request is: ``"prealloc"``, ``"transfer"``, ``"held"``, ``"waiting"`` or ``"running"``; None if it
+        has left the model."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        rank = self._ranks[req.rank]
+        for name, queue in (
+            ("prealloc", rank.prealloc),
+            ("transfer", rank.transfer),
+            ("held", rank.held),
+            ("waiting", rank.waiting),
+        ):
+            if request_id in queue:
+                return name
+        return "running"
+
     def next_event_s(self) -> float | None:
         """When :meth:`advance` next has something to do by the clock alone (a transfer ends, a lease expires), engine
         seconds; None if nothing is timed."""
