@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from gateway.sim.calibration import DEEPSEEK_V3_KV_BYTES_PER_TOKEN, RDMA_NIC_BYTES_PER_S, EngineModelConfig
+from gateway.sim.calibration import DEEPSEEK_V3_KV_BYTES_PER_TOKEN, RDMA_NIC_BYTES_PER_S, EngineModelConfig, Role
 from gateway.sim.engine_model import EngineModel
 
 DEFAULT = EngineModelConfig()
 
 
-def make_model(role: str, dp_size: int = 2, **overrides: Any) -> EngineModel:
+def make_model(role: Role, dp_size: int = 2, **overrides: Any) -> EngineModel:
     return EngineModel(replace(DEFAULT, role=role, **overrides), dp_size)
 
 
