@@ -312,3 +312,19 @@ async def test_loads_and_metrics_report_the_pd_queues() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         _, d = await pair.settled()
         assert d["kv_used_tokens"] == [0, 0]
+
+
+async def test_client_leaving_mid_stream_leaves_nothing_running() -> None:
+    rng = random.Random(13)
+    async with pd_pair() as pair:
+        legs = attempt(chat_body(max_tokens=100_000, ignore_eos=True, stream=True), *pair.sides(0, 1), rng)
+        prefill = asyncio.ensure_future(pair.client.post(f"{pair.prefill}/v1/chat/completions", json=legs.prefill.body))
+        async with pair.client.stream("POST", f"{pair.decode}/v1/chat/completions", json=legs.decode().body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break  # the first token is here: leave
+        assert (await prefill).status_code == 200  # the prefill had handed its KV over
+        p, d = await pair.settled()
+        assert p["transfers_completed"] == [1, 0, 0, 0] and d["transfers_completed"] == [0, 1]
+        assert d["kv_used_tokens"] == [0, 0]

@@ -16,7 +16,7 @@ its lifespan owns the step-loop task (:class:`~gateway.sim.mock_engine.runtime.E
   benchmark can show whether a router in front pinned ranks and polled loads;
 - a P/D engine (``MockEngineConfig.role`` prefill or decode; :mod:`gateway.sim.mock_engine.pd`): the flavour's P/D
   legs on the generation routes, ``GET /_sim/pd/info`` and, on a prefill, the KV rendezvous its decode mocks call
-  (``POST /_sim/pd/sglang/connect`` and ``/done``; ``POST /_sim/pd/nixl/read`` and ``/done``).
+  (``POST /_sim/pd/sglang/connect``, ``/done`` and ``/abort``; ``POST /_sim/pd/nixl/read`` and ``/done``).
 
 Unpinned requests go where the real engine would put them: vLLM by its ``waiting * 4 + running`` rule,
 SGLang round robin. Run one from the shell with ``gateway mock-engine --flavor vllm --dp-size 4 --port 8001``
@@ -491,6 +491,7 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
         if config.role == "prefill" and config.flavor == "sglang":
             app.add_api_route("/_sim/pd/sglang/connect", engine.pd.sglang_connect, methods=["POST"])
             app.add_api_route("/_sim/pd/sglang/done", engine.pd.sglang_done, methods=["POST"])
+            app.add_api_route("/_sim/pd/sglang/abort", engine.pd.sglang_abort, methods=["POST"])
         if config.role == "prefill" and config.flavor == "vllm":
             app.add_api_route("/_sim/pd/nixl/read", engine.pd.nixl_read, methods=["POST"])
             app.add_api_route("/_sim/pd/nixl/done", engine.pd.nixl_done, methods=["POST"])

@@ -204,11 +204,13 @@ class PdEngine:
         self._blocks: dict[str, _Blocks] = {}
         self._prefill_dp_sizes: dict[str, int] = {}
         self._client: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle and figures ---------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the HTTP client towards prefill mocks, if one was opened."""
+        """Finish the notifications under way and close the HTTP client towards prefill mocks."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -335,10 +337,9 @@ class PdEngine:
         addr = f"{host}:{port}"
         prefill_rank = _int(body.get("disagg_prefill_dp_rank"))
         timeout_s = self.engine.config.pd_timeout_s
-        released = False
+        connected: dict[str, Any] = {}  # the prefill rank once connected; "done" once the KV has arrived
 
         async def handoff() -> Response | None:
-            nonlocal released
             await handle.reserved.wait()
             p = prefill_rank
             try:
@@ -358,15 +359,18 @@ class PdEngine:
                 self.transfers_failed[rank] += 1
                 reason = answer.json().get("reason", "KV transfer failed")
                 return sglang_error(500, failure("transfer", reason), req.stream)
+            connected["rank"] = p
             self.engine.runtime.kv_ready(handle)
             await handle.transferred.wait()
             self.transfers_completed[rank] += 1
-            released = True
+            connected["done"] = True
             await self._notify(f"http://{addr}/_sim/pd/sglang/done", {"room": room, "rank": p})
             return None
 
         def cleanup() -> None:
             self._decode_rooms.discard(room)
+            if "rank" in connected and "done" not in connected:  # aborted while fetching: tell the prefill
+                self._background(f"http://{addr}/_sim/pd/sglang/abort", {"room": room, "rank": connected["rank"]})
 
         return self._response(req, handle, prepare=handoff, cleanup=cleanup)
 
@@ -377,6 +381,12 @@ class PdEngine:
             answer.raise_for_status()
             self._prefill_dp_sizes[base] = int(answer.json()["dp_size"])
         return self._prefill_dp_sizes[base]
+
+    def _background(self, url: str, payload: dict[str, Any]) -> None:
+        """:meth:`_notify` from synchronous code (a response's cleanup), without waiting."""
+        task = asyncio.get_running_loop().create_task(self._notify(url, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _notify(self, url: str, payload: dict[str, Any]) -> None:
         """Best-effort POST to a prefill mock (its failure is the prefill's to see)."""
@@ -421,6 +431,15 @@ class PdEngine:
         state = self._rooms.get((int(payload["room"]), int(payload["rank"])))
         if state is not None:
             state.done.set()
+        return {"found": state is not None}
+
+    async def sglang_abort(self, request: Request) -> dict[str, bool]:
+        """``POST /_sim/pd/sglang/abort`` ``{room, rank}``: the decode side aborted the room (SGLang's ``ABORT``
+        notification): the prefill fails it."""
+        payload = await request.json()
+        state = self._rooms.get((int(payload["room"]), int(payload["rank"])))
+        if state is not None:
+            state.fail("Failed due to an unknown reason from another rank")
         return {"found": state is not None}
 
     # --- vLLM NIXL ---------------------------------------------------------------------------------------------
@@ -484,13 +503,15 @@ class PdEngine:
         return JSONResponse({"prompt_tokens": entry.handle.prompt_tokens})
 
     async def nixl_done(self, request: Request) -> dict[str, bool]:
-        """``POST /_sim/pd/nixl/done`` ``{remote_request_id}``: the decode side has the blocks; free them."""
+        """``POST /_sim/pd/nixl/done`` ``{remote_request_id, aborted?}``: the decode side has the blocks (or gave
+        up on them, ``aborted``); free them."""
         payload = await request.json()
         entry = self._blocks.pop(str(payload.get("remote_request_id")), None)
         if entry is None:
             return {"found": False}
         if self.engine.runtime.release_held(entry.handle):
-            self.transfers_completed[entry.handle.rank] += 1
+            counter = self.transfers_failed if payload.get("aborted") else self.transfers_completed
+            counter[entry.handle.rank] += 1
         return {"found": True}
 
     def expire_blocks(self) -> None:
@@ -507,10 +528,12 @@ class PdEngine:
         except ProtocolError as exc:
             return self.engine.error(exc)
         policy = self.engine.config.kv_load_failure_policy
+        base = _side_channel(params)
+        done_payload: dict[str, Any] = {"remote_request_id": params.get("remote_request_id")}
+        reading: dict[str, bool] = {}
 
         async def handoff() -> Response | None:
             await handle.reserved.wait()
-            base = _side_channel(params)
             ok = False
             if base is not None:
                 try:
@@ -529,13 +552,19 @@ class PdEngine:
                 if policy == "recompute" and self.engine.runtime.recompute(handle):
                     return None
                 return vllm_generation_error(req.stream)
+            reading["now"] = True
             self.engine.runtime.kv_ready(handle)
             await handle.transferred.wait()
             self.transfers_completed[rank] += 1
-            await self._notify(f"{base}/_sim/pd/nixl/done", {"remote_request_id": params.get("remote_request_id")})
+            del reading["now"]
+            await self._notify(f"{base}/_sim/pd/nixl/done", done_payload)
             return None
 
-        return self._response(req, handle, prepare=handoff)
+        def cleanup() -> None:
+            if reading:  # aborted while reading: the prefill frees its blocks (vLLM notifies it with no blocks)
+                self._background(f"{base}/_sim/pd/nixl/done", done_payload | {"aborted": True})
+
+        return self._response(req, handle, prepare=handoff, cleanup=cleanup)
 
 
 def _side_channel(params: dict[str, Any]) -> str | None:
@@ -603,7 +632,11 @@ class SglangPrefillResponse(Response):
             return pd.engine.error(exc)
         await handle.events.get()
         state.kv_ready.set()
-        await state.done.wait()
+        ready = time.monotonic()
+        try:
+            await asyncio.wait_for(state.done.wait(), timeout_s)
+        except TimeoutError:
+            state.fail(f"Request {self._room} timed out after {time.monotonic() - ready:.1f}s in KVPoll.Transferring")
         if state.failure is not None:
             return self._failure("transfer")
         pd.engine.runtime.release_held(handle)
