@@ -50,10 +50,17 @@ from gateway.cli.engine_options import engine_flag_options, engine_model_config
 @click.option(
     "--pd-timeout",
     type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
+    default=None,
+    help="P/D handoff timeout, seconds. SGLang: a prefill waiting for its decode side, a decode for its KV "
+    "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT / _WAITING_TIMEOUT, default 300); vLLM Mooncake: a pull waiting for "
+    "its prefill (VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT, default 480).",
+)
+@click.option(
+    "--kv-connector",
+    type=click.Choice(["nixl", "mooncake"]),
+    default="nixl",
     show_default=True,
-    help="SGLang P/D: seconds a prefill waits for its decode side, and a decode for its KV "
-    "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT, SGLANG_DISAGGREGATION_WAITING_TIMEOUT).",
+    help="vLLM P/D: the KV connector's protocol (NixlConnector or MooncakeConnector).",
 )
 @click.option(
     "--kv-load-failure-policy",
@@ -77,7 +84,8 @@ def mock_engine(
     ttft_slo: float,
     tpot_slo: float,
     role: str,
-    pd_timeout: float,
+    pd_timeout: float | None,
+    kv_connector: str,
     kv_load_failure_policy: str,
     **engine_flags: Any,
 ) -> None:
@@ -118,6 +126,7 @@ def mock_engine(
         tokenizer=tokenizer,  # type: ignore[arg-type]
         role=role,  # type: ignore[arg-type]
         pd_timeout_s=pd_timeout,
+        kv_connector=kv_connector,  # type: ignore[arg-type]
         kv_load_failure_policy=kv_load_failure_policy,  # type: ignore[arg-type]
     )
     click.echo(

@@ -115,6 +115,11 @@ VLLM_NIXL_KV_LEASE_S = 30.0
 """vLLM NixlConnector ``kv_connector_extra_config.kv_lease_duration`` default, seconds (0.34
 ``distributed/kv_transfer/kv_connector/v1/nixl/base_scheduler.py``)."""
 
+VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S = 480.0
+"""vLLM MooncakeConnector ``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT`` default, seconds (0.34 ``vllm/envs.py``): a
+prefill frees blocks no decode has pulled after this long, and a pull waits this long for its prefill
+(``mooncake/mooncake_connector.py``), unless ``kv_lease_duration`` is set (off by default)."""
+
 
 def alltoall_s_for_ep(ep_size: int) -> float:
     """All-to-all latency per step at ``ep_size`` GPUs: 58 MoE layers x DeepEP low-latency dispatch + combine

@@ -13,7 +13,12 @@ from gateway.sim.mock_engine.app import MockEngineConfig
 def test_help_lists_the_pd_options() -> None:
     result = CliRunner().invoke(main, ["mock-engine", "--help"])
     assert result.exit_code == 0
-    for option in ("--role [mixed|prefill|decode]", "--pd-timeout", "--kv-load-failure-policy [fail|recompute]"):
+    for option in (
+        "--role [mixed|prefill|decode]",
+        "--pd-timeout",
+        "--kv-connector [nixl|mooncake]",
+        "--kv-load-failure-policy",
+    ):
         assert option in result.output
 
 

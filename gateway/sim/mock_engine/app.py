@@ -16,7 +16,8 @@ its lifespan owns the step-loop task (:class:`~gateway.sim.mock_engine.runtime.E
   benchmark can show whether a router in front pinned ranks and polled loads;
 - a P/D engine (``MockEngineConfig.role`` prefill or decode; :mod:`gateway.sim.mock_engine.pd`): the flavour's P/D
   legs on the generation routes, ``GET /_sim/pd/info`` and, on a prefill, the KV rendezvous its decode mocks call
-  (``POST /_sim/pd/sglang/connect``, ``/done`` and ``/abort``; ``POST /_sim/pd/nixl/read`` and ``/done``).
+  (SGLang ``POST /_sim/pd/sglang/connect``, ``/done``, ``/abort``; vLLM NIXL ``POST /_sim/pd/nixl/read``, ``/done``;
+  vLLM Mooncake the bootstrap server's ``GET /query`` and ``POST /_sim/pd/mooncake/pull``, ``/done``).
 
 Unpinned requests go where the real engine would put them: vLLM by its ``waiting * 4 + running`` rule,
 SGLang round robin. Run one from the shell with ``gateway mock-engine --flavor vllm --dp-size 4 --port 8001``
@@ -40,11 +41,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.sim.calibration import VLLM_NIXL_KV_LEASE_S, EngineModelConfig
+from gateway.sim.calibration import VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S, VLLM_NIXL_KV_LEASE_S, EngineModelConfig
 from gateway.sim.engine_model import EngineModel, RankStats
 from gateway.sim.mock_engine.faults import FaultInjector, FaultPlan, HangResponse, silence_injected_crashes
 from gateway.sim.mock_engine.metrics import MockEngineMetrics
-from gateway.sim.mock_engine.pd import DEFAULT_PD_TIMEOUT_S, KvLoadFailurePolicy, PdEngine, Role, request_body
+from gateway.sim.mock_engine.pd import (
+    DEFAULT_PD_TIMEOUT_S,
+    KvConnector,
+    KvLoadFailurePolicy,
+    PdEngine,
+    Role,
+    request_body,
+)
 from gateway.sim.mock_engine.protocol import (
     MIN_PREFIX_BLOCK_TOKENS,
     Flavor,
@@ -192,9 +200,15 @@ class MockEngineConfig:
     the same ``role`` and ``pd_connector`` = the flavour (and, for a vLLM prefill whose model sets no lease, vLLM's
     30 s lease)."""
 
-    pd_timeout_s: float = DEFAULT_PD_TIMEOUT_S
+    pd_timeout_s: float | None = None
     """SGLang: how long a prefill waits for its decode side to connect, and a decode for its KV, seconds
-    (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, ``SGLANG_DISAGGREGATION_WAITING_TIMEOUT``: 300)."""
+    (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, ``SGLANG_DISAGGREGATION_WAITING_TIMEOUT``: 300). vLLM Mooncake:
+    how long a pull waits for its prefill (``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT``: 480). None: the engine's
+    default (:attr:`handoff_timeout_s`)."""
+
+    kv_connector: KvConnector = "nixl"
+    """vLLM P/D: the KV connector whose protocol the engine speaks, ``"nixl"`` (NixlConnector) or ``"mooncake"``
+    (MooncakeConnector)."""
 
     kv_load_failure_policy: KvLoadFailurePolicy = "fail"
     """vLLM decode: a request whose KV cannot be read fails (``"fail"``, vLLM's default) or prefills locally
@@ -215,8 +229,17 @@ class MockEngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.role not in ("mixed", "prefill", "decode"):
             raise ValueError(f"role must be 'mixed', 'prefill' or 'decode', got {self.role!r}")
-        if self.pd_timeout_s <= 0:
+        if self.pd_timeout_s is not None and self.pd_timeout_s <= 0:
             raise ValueError(f"pd_timeout_s must be > 0, got {self.pd_timeout_s}")
+        if self.kv_connector not in ("nixl", "mooncake"):
+            raise ValueError(f"kv_connector must be 'nixl' or 'mooncake', got {self.kv_connector!r}")
+
+    @property
+    def handoff_timeout_s(self) -> float:
+        """:attr:`pd_timeout_s`, or the engine's default: SGLang 300 s, vLLM Mooncake 480 s."""
+        if self.pd_timeout_s is not None:
+            return self.pd_timeout_s
+        return VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S if self.flavor == "vllm" else DEFAULT_PD_TIMEOUT_S
 
     def model_config(self) -> EngineModelConfig:
         """The engine model's settings with this engine's P/D role (see :attr:`role`)."""
@@ -225,7 +248,7 @@ class MockEngineConfig:
             return em
         lease = em.kv_lease_s
         if lease is None and self.flavor == "vllm" and self.role == "prefill":
-            lease = VLLM_NIXL_KV_LEASE_S
+            lease = VLLM_NIXL_KV_LEASE_S if self.kv_connector == "nixl" else VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S
         return replace(em, role=self.role, pd_connector=self.flavor, kv_lease_s=lease)
 
 
@@ -492,9 +515,13 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
             app.add_api_route("/_sim/pd/sglang/connect", engine.pd.sglang_connect, methods=["POST"])
             app.add_api_route("/_sim/pd/sglang/done", engine.pd.sglang_done, methods=["POST"])
             app.add_api_route("/_sim/pd/sglang/abort", engine.pd.sglang_abort, methods=["POST"])
-        if config.role == "prefill" and config.flavor == "vllm":
+        if config.role == "prefill" and config.flavor == "vllm" and config.kv_connector == "nixl":
             app.add_api_route("/_sim/pd/nixl/read", engine.pd.nixl_read, methods=["POST"])
             app.add_api_route("/_sim/pd/nixl/done", engine.pd.nixl_done, methods=["POST"])
+        if config.role == "prefill" and config.flavor == "vllm" and config.kv_connector == "mooncake":
+            app.add_api_route("/query", engine.pd.mooncake_query, methods=["GET"])
+            app.add_api_route("/_sim/pd/mooncake/pull", engine.pd.mooncake_pull, methods=["POST"])
+            app.add_api_route("/_sim/pd/mooncake/done", engine.pd.mooncake_done, methods=["POST"])
     app.state.engine = engine
     if config.flavor == "sglang":
         app.add_api_route("/health_generate", engine.health, methods=["GET"])

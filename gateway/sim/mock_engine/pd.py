@@ -63,6 +63,22 @@ vLLM (0.34), ``gateway mock-engine --flavor vllm --role prefill|decode``, both r
   ``finish_reason="error"`` request does (``entrypoints/generate/base/serving.py`` ``_raise_if_error``); with
   ``"recompute"`` it prefills on its decode rank.
 
+vLLM (0.34) with ``kv_connector="mooncake"`` (``gateway mock-engine --flavor vllm --kv-connector mooncake``), both
+ranks pinned by ``X-data-parallel-rank``:
+
+- Prefill: a request with ``kv_transfer_params.do_remote_decode`` and a ``transfer_id`` finishes at its first token,
+  answers at once (no ``kv_transfer_params``: ``MooncakeConnectorScheduler.request_finished`` returns none) and holds
+  its KV until the decode side has pulled it or ``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT`` (480 s) has passed; without
+  a ``transfer_id`` (vLLM logs "Missing transfer_id in kv_transfer_params from router!") it runs whole and holds
+  nothing. ``GET /query`` answers what its bootstrap server (``VLLM_MOONCAKE_BOOTSTRAP_PORT``, 8998, served here
+  on the HTTP port) lists: per DP rank its engine id ``{engine_id}_dp{rank}`` and worker address.
+- Decode: a request with ``do_remote_prefill``, ``remote_engine_id``, ``remote_bootstrap_addr`` and ``transfer_id``
+  reserves its prompt's blocks, asks the bootstrap's ``/query`` (once per address) for the worker of
+  ``remote_engine_id``, pulls the KV (waiting at most 480 s for the prefill; the legs may go in either order), then
+  decodes; a failure follows ``kv_load_failure_policy`` as for NIXL. Without those fields vLLM warns "Got invalid
+  KVTransferParams" and the request runs whole on the decode rank, as here.
+- An aborted prefill drops its transfer silently (vLLM pops its send entry): a pull waiting for it times out.
+
 Simplifications (where the mocks differ from the engines): the KV moves at the engine model's bandwidth with no
 contention; a reused room is refused whatever the allocation policy (SGLang 0.5.23 detects it only under
 ``--disaggregation-decode-allocation-policy prefill_complete``) and on any rank; the refusal of a conflicting
@@ -103,6 +119,9 @@ if TYPE_CHECKING:
 
 Role = Literal["mixed", "prefill", "decode"]
 """What a simulated engine serves: everything, or one side of P/D disaggregation."""
+
+KvConnector = Literal["nixl", "mooncake"]
+"""vLLM's KV connector under P/D: NixlConnector or MooncakeConnector."""
 
 KvLoadFailurePolicy = Literal["fail", "recompute"]
 """vLLM's ``kv_load_failure_policy`` (0.34 ``vllm/config/kv_transfer.py``, default ``"fail"``)."""
@@ -183,6 +202,15 @@ class _Blocks:
     reading: bool = False
 
 
+@dataclass(eq=False)
+class _Transfer:
+    """One vLLM Mooncake transfer on the prefill mock, keyed by transfer id; a pull may come before its prefill."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    handle: GenerationHandle | None = None
+    pulled: bool = False
+
+
 class PdEngine:
     """The P/D side of one simulated engine (see the module docstring).
 
@@ -203,6 +231,8 @@ class PdEngine:
         self._decode_rooms: set[int] = set()
         self._blocks: dict[str, _Blocks] = {}
         self._prefill_dp_sizes: dict[str, int] = {}
+        self._transfers: dict[str, _Transfer] = {}  # vLLM Mooncake prefill: by transfer id
+        self._queries: dict[str, dict[str, Any]] = {}  # vLLM Mooncake decode: /query by bootstrap address
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -226,6 +256,7 @@ class PdEngine:
     def counters(self) -> dict[str, list[int]]:
         """Per-rank KV transfers completed and failed (prefill: KV handed over; decode: KV received)."""
         self.expire_blocks()
+        self.expire_transfers()
         return {"transfers_completed": self.transfers_completed, "transfers_failed": self.transfers_failed}
 
     def info(self) -> dict[str, Any]:
@@ -250,6 +281,16 @@ class PdEngine:
             return self._sglang_decode(req, body, room)
         params = body.get("kv_transfer_params")
         params = params if isinstance(params, dict) else {}
+        if cfg.kv_connector == "mooncake":
+            if self.role == "prefill" and params.get("do_remote_decode") and params.get("transfer_id"):
+                return self._mooncake_prefill(req, str(params["transfer_id"]))
+            if (
+                self.role == "decode"
+                and params.get("do_remote_prefill")
+                and all(params.get(p) for p in ("remote_engine_id", "remote_bootstrap_addr", "transfer_id"))
+            ):
+                return self._mooncake_decode(req, params)
+            return self._plain(req)
         if self.role == "prefill" and params.get("do_remote_decode"):
             return self._nixl_prefill(request, req)
         if self.role == "decode" and params.get("do_remote_prefill"):
@@ -336,7 +377,7 @@ class PdEngine:
         host, port = body.get("bootstrap_host"), _int(body.get("bootstrap_port"))
         addr = f"{host}:{port}"
         prefill_rank = _int(body.get("disagg_prefill_dp_rank"))
-        timeout_s = self.engine.config.pd_timeout_s
+        timeout_s = self.engine.config.handoff_timeout_s
         connected: dict[str, Any] = {}  # the prefill rank once connected; "done" once the KV has arrived
 
         async def handoff() -> Response | None:
@@ -566,6 +607,148 @@ class PdEngine:
 
         return self._response(req, handle, prepare=handoff, cleanup=cleanup)
 
+    # --- vLLM Mooncake -----------------------------------------------------------------------------------------
+
+    async def mooncake_query(self, request: Request) -> dict[str, Any]:
+        """``GET /query``: what vLLM's ``MooncakeBootstrapServer`` lists, one entry per DP rank,
+        ``{"<dp_rank>": {"engine_id": "{engine_id}_dp{rank}", "worker_addr": {"0": {"0": "<host>:<port>"}}}}``
+        (0.34 ``mooncake/mooncake_utils.py``); the worker address is this mock's HTTP address."""
+        host, port = request.scope.get("server") or ("127.0.0.1", 0)
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return {
+            str(rank): {"engine_id": f"{self.engine_id}_dp{rank}", "worker_addr": {"0": {"0": addr}}}
+            for rank in range(self.engine.config.dp_size)
+        }
+
+    def _mooncake_prefill(self, req: GenerationRequest, transfer_id: str) -> Response:
+        rank = self._rank(req, self.engine.pick_rank)
+        try:
+            handle = self._submit(replace(req, output_tokens=1), rank, hold_kv=True)
+        except ProtocolError as exc:
+            return self.engine.error(exc)
+        entry = self._transfers.setdefault(transfer_id, _Transfer())
+        entry.handle = handle
+        entry.arrived.set()
+
+        def cleanup() -> None:
+            # aborted before it finished: forgotten (vLLM drops its send entry; a waiting pull times out)
+            if not handle.finished.is_set() and self._transfers.get(transfer_id) is entry:
+                del self._transfers[transfer_id]
+
+        return self._response(req, handle, cleanup=cleanup)
+
+    async def mooncake_pull(self, request: Request) -> Response:
+        """``POST /_sim/pd/mooncake/pull`` ``{transfer_id, timeout_s}`` on a prefill mock (the Mooncake transfer's
+        stand-in): waits at most ``timeout_s`` for the prefill of that transfer to finish, then 200
+        ``{"prompt_tokens"}``; 504 "Timeout waiting for P side ready." or 410 "KV expired on P side before the
+        pull." as vLLM 0.34 reports them (``MooncakeConnectorWorker``)."""
+        payload = await request.json()
+        transfer_id, timeout_s = str(payload["transfer_id"]), float(payload["timeout_s"])
+        entry = self._transfers.setdefault(transfer_id, _Transfer())
+
+        async def ready() -> GenerationHandle:
+            await entry.arrived.wait()
+            assert entry.handle is not None
+            await entry.handle.finished.wait()
+            return entry.handle
+
+        try:
+            handle = await asyncio.wait_for(ready(), timeout_s)
+        except TimeoutError:
+            if self._transfers.get(transfer_id) is entry and entry.handle is None:
+                del self._transfers[transfer_id]
+            return JSONResponse({"reason": "Timeout waiting for P side ready."}, status_code=504)
+        if entry.pulled or not self.engine.runtime.holds(handle):
+            self._transfers.pop(transfer_id, None)
+            return JSONResponse({"reason": "KV expired on P side before the pull."}, status_code=410)
+        entry.pulled = True
+        return JSONResponse({"prompt_tokens": handle.prompt_tokens})
+
+    async def mooncake_done(self, request: Request) -> dict[str, bool]:
+        """``POST /_sim/pd/mooncake/done`` ``{transfer_id, aborted?}``: the decode side has the KV (or gave up on
+        it); free it."""
+        payload = await request.json()
+        entry = self._transfers.pop(str(payload.get("transfer_id")), None)
+        if entry is None or entry.handle is None:
+            return {"found": False}
+        if self.engine.runtime.release_held(entry.handle):
+            counter = self.transfers_failed if payload.get("aborted") else self.transfers_completed
+            counter[entry.handle.rank] += 1
+        return {"found": True}
+
+    def expire_transfers(self) -> None:
+        """Forget the Mooncake transfers whose prefill KV expired unpulled (counted as failed)."""
+        for transfer_id, entry in list(self._transfers.items()):
+            handle = entry.handle
+            if handle is not None and handle.finished.is_set() and not self.engine.runtime.holds(handle):
+                del self._transfers[transfer_id]
+                if not entry.pulled:
+                    self.transfers_failed[handle.rank] += 1
+
+    async def _mooncake_worker(self, bootstrap: str, engine_id: str) -> str | None:
+        """The base URL of the prefill rank ``engine_id`` from its bootstrap server's ``/query`` (asked once per
+        bootstrap address, as vLLM caches it), or None."""
+        if bootstrap not in self._queries:
+            try:
+                answer = await self.client().get(f"{bootstrap}/query")
+                answer.raise_for_status()
+                self._queries[bootstrap] = answer.json()
+            except (httpx.HTTPError, ValueError):
+                return None
+        for entry in self._queries[bootstrap].values():
+            if isinstance(entry, dict) and entry.get("engine_id") == engine_id:
+                addr = entry.get("worker_addr", {}).get("0", {}).get("0")
+                return f"http://{addr}" if isinstance(addr, str) else None
+        return None
+
+    def _mooncake_decode(self, req: GenerationRequest, params: dict[str, Any]) -> Response:
+        rank = self._rank(req, self.engine.pick_rank)
+        try:
+            handle = self._submit(req, rank, remote_prefill=True)
+        except ProtocolError as exc:
+            return self.engine.error(exc)
+        policy = self.engine.config.kv_load_failure_policy
+        timeout_s = self.engine.config.handoff_timeout_s
+        transfer_id = str(params["transfer_id"])
+        worker: dict[str, str] = {}
+        reading: dict[str, bool] = {}
+
+        async def handoff() -> Response | None:
+            await handle.reserved.wait()
+            base = await self._mooncake_worker(str(params["remote_bootstrap_addr"]), str(params["remote_engine_id"]))
+            ok = False
+            if base is not None:
+                worker["base"] = base
+                try:
+                    answer = await self.client().post(
+                        f"{base}/_sim/pd/mooncake/pull",
+                        json={"transfer_id": transfer_id, "timeout_s": timeout_s},
+                        timeout=timeout_s + _HTTP_SLACK_S,
+                    )
+                    ok = answer.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+            if not ok:
+                self.transfers_failed[rank] += 1
+                if policy == "recompute" and self.engine.runtime.recompute(handle):
+                    return None
+                return vllm_generation_error(req.stream)
+            reading["now"] = True
+            self.engine.runtime.kv_ready(handle)
+            await handle.transferred.wait()
+            self.transfers_completed[rank] += 1
+            del reading["now"]
+            await self._notify(f"{worker['base']}/_sim/pd/mooncake/done", {"transfer_id": transfer_id})
+            return None
+
+        def cleanup() -> None:
+            if reading:
+                self._background(
+                    f"{worker['base']}/_sim/pd/mooncake/done", {"transfer_id": transfer_id, "aborted": True}
+                )
+
+        return self._response(req, handle, prepare=handoff, cleanup=cleanup)
+
 
 def _side_channel(params: dict[str, Any]) -> str | None:
     """The prefill mock's base URL from vLLM's ``kv_transfer_params`` (see the module docstring), or None."""
@@ -611,7 +794,7 @@ class SglangPrefillResponse(Response):
 
     async def _run(self) -> Response:
         pd, state, req, rank = self._pd, self._state, self._req, self._rank
-        timeout_s = pd.engine.config.pd_timeout_s
+        timeout_s = pd.engine.config.handoff_timeout_s
         started = time.monotonic()
         pd._bootstrapping[rank] += 1
         try:

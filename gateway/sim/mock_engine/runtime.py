@@ -38,6 +38,7 @@ class GenerationHandle:
         events: its tokens, in order, as the step loop delivers them.
         last_token_s: wall-clock time of its latest token, seconds, or None before the first.
         done: True once it finished or was aborted.
+        finished: set once its last token was delivered (never for an aborted request).
         reserved: P/D decode: set once its KV is reserved (it left the pre-allocation queue).
         transferred: P/D decode: set once its KV has arrived (it decodes from now on).
     """
@@ -51,6 +52,7 @@ class GenerationHandle:
     events: asyncio.Queue[TokenEvent] = field(default_factory=asyncio.Queue)
     last_token_s: float | None = None
     done: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     reserved: asyncio.Event = field(default_factory=asyncio.Event)
     transferred: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -253,6 +255,7 @@ class EngineRuntime:
             if event.finished:
                 del self._live[event.request_id]
                 handle.done = True
+                handle.finished.set()
             self._observer.on_token(handle, event, now)
             handle.last_token_s = now
             handle.events.put_nowait(event)
