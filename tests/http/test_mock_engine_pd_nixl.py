@@ -204,3 +204,14 @@ async def test_aborted_prefill_leaves_nothing_and_its_decode_fails_at_once() -> 
         assert answer.status_code == 500
         p, d = await pair.settled()
         assert p["kv_used_tokens"] == [0, 0] and d["kv_used_tokens"] == [0] * DECODE_DP
+
+
+async def test_broken_transfer_fails_the_decode() -> None:
+    async with nixl_pair() as pair:
+        await pair.client.put(f"{pair.decode}/_sim/faults", json={"generate": "transfer_fail", "remaining": 1})
+        plan, prefill_answer = await pair.prefill_leg(chat_body(max_tokens=20), 0, 1)
+        leg = plan.decode(prefill_answer)
+        answer = await pair.client.post(f"{pair.decode}/v1/chat/completions", json=leg.body, headers=leg.headers)
+        assert answer.status_code == 500
+        _, d = await pair.settled(prefill=False)
+        assert d["transfers_failed"] == [0, 1, 0, 0] and d["kv_used_tokens"] == [0] * DECODE_DP

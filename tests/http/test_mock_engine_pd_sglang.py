@@ -328,3 +328,29 @@ async def test_client_leaving_mid_stream_leaves_nothing_running() -> None:
         p, d = await pair.settled()
         assert p["transfers_completed"] == [1, 0, 0, 0] and d["transfers_completed"] == [0, 1]
         assert d["kv_used_tokens"] == [0, 0]
+
+
+async def test_broken_transfer_fails_both_legs_and_leaves_nothing_running() -> None:
+    rng = random.Random(14)
+    async with pd_pair(timeout_s=60.0) as pair:
+        fault = {"generate": "transfer_fail", "remaining": 1}
+        assert (await pair.client.put(f"{pair.decode}/_sim/faults", json=fault)).status_code == 200
+        legs = attempt(chat_body(max_tokens=50), *pair.sides(3, 0), rng)
+        prefill, decode = await send_both(pair, legs.prefill.body, legs.decode().body)
+        assert (prefill.status_code, decode.status_code) == (500, 500)  # well before the 60 s timeout
+        assert decode.json()["message"].startswith("Decode transfer failed for request rank=0 ")
+        assert prefill.json()["message"].startswith("Prefill transfer failed for request rank=3 ")
+        p, d = await pair.settled()
+        assert p["transfers_failed"] == [0, 0, 0, 1] and d["transfers_failed"] == [1, 0]
+        again = attempt(chat_body(max_tokens=50), *pair.sides(3, 0), rng)  # the fault was for one request
+        assert [r.status_code for r in await send_both(pair, again.prefill.body, again.decode().body)] == [200, 200]
+
+
+async def test_injected_http_500_on_a_leg() -> None:
+    rng = random.Random(15)
+    async with pd_pair() as pair:
+        await pair.client.put(f"{pair.prefill}/_sim/faults", json={"generate": "http_500", "remaining": 1})
+        legs = attempt(chat_body(max_tokens=5), *pair.sides(0, 0), rng)
+        prefill, decode = await send_both(pair, legs.prefill.body, legs.decode().body)
+        assert prefill.status_code == 500 and decode.status_code == 500  # the decode waits out its timeout
+        await pair.settled()

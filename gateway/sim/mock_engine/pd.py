@@ -79,6 +79,10 @@ ranks pinned by ``X-data-parallel-rank``:
   KVTransferParams" and the request runs whole on the decode rank, as here.
 - An aborted prefill drops its transfer silently (vLLM pops its send entry): a pull waiting for it times out.
 
+Faults (``PUT /_sim/faults``, :mod:`gateway.sim.mock_engine.faults`): ``http_500`` and ``hang`` apply to every P/D
+leg; ``kill_mid_stream``, ``end_without_done`` and ``stall_mid_stream`` to the legs answered as a generation (all but
+SGLang's prefill answer); ``transfer_fail`` breaks a decode leg's KV transfer once the prefill has the KV.
+
 Simplifications (where the mocks differ from the engines): the KV moves at the engine model's bandwidth with no
 contention; a reused room is refused whatever the allocation policy (SGLang 0.5.23 detects it only under
 ``--disaggregation-decode-allocation-policy prefill_complete``) and on any rank; the refusal of a conflicting
@@ -101,7 +105,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.sim.mock_engine.faults import wait_for_disconnect
+from gateway.sim.mock_engine.faults import GenerateFault, HangResponse, wait_for_disconnect
 from gateway.sim.mock_engine.protocol import (
     GenerationRequest,
     ProtocolError,
@@ -176,6 +180,10 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class _Hang(Exception):
+    """The request is to hang (an injected fault)."""
+
+
 @dataclass(eq=False)
 class _Room:
     """One SGLang handoff on the prefill mock, keyed by (room, prefill rank)."""
@@ -234,6 +242,7 @@ class PdEngine:
         self._transfers: dict[str, _Transfer] = {}  # vLLM Mooncake prefill: by transfer id
         self._queries: dict[str, dict[str, Any]] = {}  # vLLM Mooncake decode: /query by bootstrap address
         self._client: httpx.AsyncClient | None = None
+        self._fault: GenerateFault = "ok"  # the injected fault of the request being accepted
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle and figures ---------------------------------------------------------------------------------
@@ -268,7 +277,16 @@ class PdEngine:
     # --- the legs ----------------------------------------------------------------------------------------------
 
     async def generate(self, request: Request, req: GenerationRequest, body: dict[str, Any]) -> Response:
-        """Answer one generation request on a prefill or decode mock."""
+        """Answer one generation request on a prefill or decode mock (with the injected faults of
+        :mod:`gateway.sim.mock_engine.faults`)."""
+        try:
+            return self._generate(request, req, body)
+        except ProtocolError as exc:
+            return self.engine.error(exc)
+        except _Hang:
+            return HangResponse()
+
+    def _generate(self, request: Request, req: GenerationRequest, body: dict[str, Any]) -> Response:
         cfg = self.engine.config
         if cfg.flavor == "sglang":
             room = _int(body.get("bootstrap_room"))
@@ -300,6 +318,11 @@ class PdEngine:
     def _rank(self, req: GenerationRequest, default: Callable[[], int]) -> int:
         rank = req.rank if req.rank is not None else default()
         (self.engine.placed if req.rank is None else self.engine.pinned)[rank] += 1
+        self._fault = self.engine.faults.request_fault(rank)
+        if self._fault == "http_500":
+            raise ProtocolError(500, "injected fault: internal error", "InternalServerError")
+        if self._fault == "hang":
+            raise _Hang
         return rank
 
     def _submit(self, req: GenerationRequest, rank: int, **kwargs: Any) -> GenerationHandle:
@@ -318,8 +341,10 @@ class PdEngine:
 
     def _response(self, req: GenerationRequest, handle: GenerationHandle, **kwargs: Any) -> GenerationResponse:
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
+        fault = "ok" if self._fault == "transfer_fail" else self._fault
+        after = self.engine.faults.plan.after_chunks
         return GenerationResponse(
-            self.engine.runtime, handle, req, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), **kwargs
+            self.engine.runtime, handle, req, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), fault, after, **kwargs
         )
 
     def _plain(self, req: GenerationRequest) -> Response:
@@ -358,6 +383,7 @@ class PdEngine:
 
     def _sglang_decode(self, req: GenerationRequest, body: dict[str, Any], room: int) -> Response:
         rank = self._rank(req, self.engine.model.pick_rank_round_robin)
+        broken = self._fault == "transfer_fail"
         rid = uuid.uuid4().hex
 
         def failure(stage: str, reason: str) -> str:
@@ -399,6 +425,11 @@ class PdEngine:
             if answer.status_code != 200:
                 self.transfers_failed[rank] += 1
                 reason = answer.json().get("reason", "KV transfer failed")
+                return sglang_error(500, failure("transfer", reason), req.stream)
+            if broken:  # injected: the transfer breaks; both sides fail it
+                self.transfers_failed[rank] += 1
+                await self._notify(f"http://{addr}/_sim/pd/sglang/abort", {"room": room, "rank": p})
+                reason = "Failed due to an unknown reason from another rank"
                 return sglang_error(500, failure("transfer", reason), req.stream)
             connected["rank"] = p
             self.engine.runtime.kv_ready(handle)
@@ -569,6 +600,7 @@ class PdEngine:
         except ProtocolError as exc:
             return self.engine.error(exc)
         policy = self.engine.config.kv_load_failure_policy
+        broken = self._fault == "transfer_fail"
         base = _side_channel(params)
         done_payload: dict[str, Any] = {"remote_request_id": params.get("remote_request_id")}
         reading: dict[str, bool] = {}
@@ -576,7 +608,7 @@ class PdEngine:
         async def handoff() -> Response | None:
             await handle.reserved.wait()
             ok = False
-            if base is not None:
+            if base is not None and not broken:
                 try:
                     answer = await self.client().post(
                         f"{base}/_sim/pd/nixl/read",
@@ -708,6 +740,7 @@ class PdEngine:
         except ProtocolError as exc:
             return self.engine.error(exc)
         policy = self.engine.config.kv_load_failure_policy
+        broken = self._fault == "transfer_fail"
         timeout_s = self.engine.config.handoff_timeout_s
         transfer_id = str(params["transfer_id"])
         worker: dict[str, str] = {}
@@ -717,7 +750,7 @@ class PdEngine:
             await handle.reserved.wait()
             base = await self._mooncake_worker(str(params["remote_bootstrap_addr"]), str(params["remote_engine_id"]))
             ok = False
-            if base is not None:
+            if base is not None and not broken:
                 worker["base"] = base
                 try:
                     answer = await self.client().post(
