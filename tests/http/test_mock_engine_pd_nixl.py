@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pd import DecodeSide, PrefillSide
 from gateway.pd.vllm_nixl import attempt
@@ -215,3 +216,24 @@ async def test_broken_transfer_fails_the_decode() -> None:
         assert answer.status_code == 500
         _, d = await pair.settled(prefill=False)
         assert d["transfers_failed"] == [0, 1, 0, 0] and d["kv_used_tokens"] == [0] * DECODE_DP
+
+
+async def test_decode_metrics_count_kv_fetches() -> None:
+    async with nixl_pair() as pair:
+        plan, prefill_answer = await pair.prefill_leg(chat_body(max_tokens=20), 0, 1)
+        prefill_answer["kv_transfer_params"]["remote_request_id"] = "nobody"  # fails at once: nothing in flight
+        leg = plan.decode(prefill_answer)
+        await pair.client.post(f"{pair.decode}/v1/chat/completions", json=leg.body, headers=leg.headers)
+        text = (await pair.client.get(f"{pair.decode}/metrics")).text
+        stages = {
+            (s.labels["engine"], s.labels["stage"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "vllm:num_requests_kv_fetch_by_stage"
+        }
+        assert stages == {(str(r), st): 0.0 for r in range(DECODE_DP) for st in STAGES}
+        prefill_text = (await pair.client.get(f"{pair.prefill}/metrics")).text
+        assert "vllm:num_requests_kv_fetch_by_stage" not in prefill_text
+
+
+STAGES = ("waiting_to_start", "in_progress", "completed_waiting")

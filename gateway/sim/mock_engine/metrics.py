@@ -25,6 +25,12 @@ series labelled ``model_name`` only: ``sglang:prompt_tokens_total``, ``sglang:ge
 histograms ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``,
 ``sglang:e2e_request_latency_seconds``.
 
+A P/D vLLM decode engine (a KV consumer) counts the requests waiting for or fetching their KV in
+``vllm:num_requests_waiting`` (``Scheduler.get_request_counts``: ``waiting`` plus ``async_kv_waiting``,
+vllm/v1/core/sched/scheduler.py) and exports ``vllm:num_requests_kv_fetch_by_stage{stage=waiting_to_start|
+in_progress|completed_waiting}`` (vllm/v1/metrics/loggers.py, 0.34; the mock has no ``completed_waiting``: a request
+whose KV has arrived runs at once).
+
 A P/D SGLang engine labels its scheduler gauges ``engine_type="prefill"`` or ``"decode"``
 (``DisaggregationMode.to_engine_type``, sglang/srt/disaggregation/utils.py) and adds, per rank,
 ``sglang:num_prefill_bootstrap_queue_reqs``, ``sglang:num_prefill_inflight_queue_reqs``,
@@ -223,8 +229,20 @@ class MockEngineMetrics(Collector):
         for name, doc, attr in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=names)
             for s in stats:
-                gauge.add_metric(list(self._labels(s.rank)), float(getattr(s, attr)))
+                value = getattr(s, attr) + (s.prealloc + s.transfer if attr == "waiting" else 0)
+                gauge.add_metric(list(self._labels(s.rank)), float(value))
             yield gauge
+        if self.role == "decode":
+            fetch = GaugeMetricFamily(
+                "vllm:num_requests_kv_fetch_by_stage",
+                "Number of waiting requests by async KV load stage.",
+                labels=[*names, "stage"],
+            )
+            for s in stats:
+                for stage, value in (("waiting_to_start", s.prealloc), ("in_progress", s.transfer)):
+                    fetch.add_metric([*self._labels(s.rank), stage], float(value))
+                fetch.add_metric([*self._labels(s.rank), "completed_waiting"], 0.0)
+            yield fetch
         preemptions = [s.preemptions for s in stats]
         counters = (
             ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
