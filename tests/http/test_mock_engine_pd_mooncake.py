@@ -4,6 +4,7 @@ with gateway.pd.vllm_mooncake and sent concurrently."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -97,15 +98,23 @@ async def test_query_lists_every_rank() -> None:
         }
 
 
-@pytest.mark.parametrize("decode_first", [False, True])
-async def test_answer_comes_from_decode_ranks_pinned_kv_freed(decode_first: bool) -> None:
-    body = chat_body(max_tokens=100)
+@pytest.mark.parametrize(("decode_first", "stream"), [(False, False), (True, False), (False, True)])
+async def test_answer_comes_from_decode_ranks_pinned_kv_freed(decode_first: bool, stream: bool) -> None:
+    body = chat_body(max_tokens=100, stream=stream)
+    expected = min(100, natural_length(body, 0))
     async with mooncake_pair() as pair:
         plan = await pair.plan(body, 2, 1)
         prefill, decode = await pair.send_both(plan, decode_first)
         assert (prefill.status_code, decode.status_code) == (200, 200)
         assert "kv_transfer_params" not in prefill.json()
-        assert decode.json()["usage"]["completion_tokens"] == min(100, natural_length(body, 0))
+        if stream:
+            events = [e.removeprefix("data: ") for e in decode.text.split("\n\n") if e]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            assert text == " tok" * expected
+        else:
+            assert decode.json()["usage"]["completion_tokens"] == expected
         p, d = await pair.settled()
         assert p["pinned"] == [0, 0, 1, 0] and d["pinned"] == [0, 1]
         assert p["transfers_completed"] == [0, 0, 1, 0] and d["transfers_completed"] == [0, 1]

@@ -193,6 +193,7 @@ class _Room:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str | None = None
     prompt_tokens: int = 0
+    has_prefill: bool = False  # a prefill leg owns it (and removes it when it ends)
 
     def fail(self, reason: str) -> None:
         if self.failure is None and not self.done.is_set():
@@ -372,6 +373,7 @@ class PdEngine:
             return sglang_error(500, self._prefill_failure("bootstrap", rank, rid, room, reason), req.stream)
         state = self._rooms.setdefault((room, rank), _Room())
         state.prompt_tokens = req.prompt_tokens
+        state.has_prefill = True
         one_token = replace(req, output_tokens=1, finish_reason="length")
         return SglangPrefillResponse(self, one_token, room, rank, rid, state)
 
@@ -483,6 +485,8 @@ class PdEngine:
             await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            if not state.has_prefill and not state.kv_ready.is_set() and self._rooms.get((room, rank)) is state:
+                del self._rooms[room, rank]  # no prefill leg came: forget the room
         if not waiter.done():
             waiter.cancel()
             state.fail("Failed due to an unknown reason from another rank")
