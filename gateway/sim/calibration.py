@@ -332,13 +332,14 @@ class EngineModelConfig:
     role: Role = "mixed"
     """What the instance serves (rules in :mod:`gateway.sim.engine.pd`). ``"mixed"``: prefill and decode, no KV
     handoff (every figure so far). ``"prefill"``: a request added with ``hold_kv`` finishes at its first token and
-    keeps its KV on its rank until the decode side has fetched it (:meth:`~gateway.sim.engine_model.EngineModel.
-    release_held`) or its lease (``kv_lease_s``) expires; SGLang frees it when the transfer completes or fails
-    (0.5.23 ``disaggregation/prefill.py``, ``process_disagg_prefill_inflight_queue``), vLLM's NixlConnector when the
-    decode side has read it or its lease expires. ``"decode"``: a request added with ``remote_prefill`` first waits in
-    the rank's pre-allocation queue for a KV reservation (``pd_connector`` says which rule), then fetches its prompt's
-    KV once the prefill side has it (:meth:`~gateway.sim.engine_model.EngineModel.kv_ready`) in
-    ``prompt_tokens * kv_bytes_per_token / kv_transfer_bytes_per_s`` seconds, then decodes with no prefill compute."""
+    keeps its KV on its rank until the decode side has fetched it
+    (:meth:`~gateway.sim.engine_model.EngineModel.release_held`) or its lease (``kv_lease_s``) expires; SGLang frees
+    it when the transfer completes or fails (0.5.23 ``disaggregation/prefill.py``,
+    ``process_disagg_prefill_inflight_queue``), vLLM's NixlConnector when the decode side has read it or its lease
+    expires. ``"decode"``: a request added with ``remote_prefill`` first waits in the rank's pre-allocation queue for
+    a KV reservation (``pd_connector`` says which rule), then fetches its prompt's KV once the prefill side has it
+    (:meth:`~gateway.sim.engine_model.EngineModel.kv_ready`) in ``prompt_tokens * kv_bytes_per_token /
+    kv_transfer_bytes_per_s`` seconds, then decodes with no prefill compute."""
 
     pd_connector: PdConnector = "sglang"
     """Whose P/D handoff the instance follows (read with ``role`` prefill or decode). ``"sglang"``: a decode rank
@@ -365,11 +366,8 @@ class EngineModelConfig:
     kv_lease_s: float | None = None
     """How long a prefill rank keeps a finished request's KV for the decode side, seconds; None keeps it until it is
     fetched or the request is aborted (SGLang: the prefill server times out the handoff itself after
-    ``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, 300 s). vLLM's NixlConnector: :data:`VLLM_NIXL_KV_LEASE_S`."""
-
-    def kv_transfer_s(self, prompt_tokens: int) -> float:
-        """Seconds to move the KV of ``prompt_tokens`` tokens from a prefill rank to a decode rank."""
-        return prompt_tokens * self.kv_bytes_per_token / self.kv_transfer_bytes_per_s
+    ``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, 300 s). vLLM's NixlConnector: :data:`VLLM_NIXL_KV_LEASE_S`; its
+    MooncakeConnector: :data:`VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S`."""
 
     def __post_init__(self) -> None:
         for name in ("prefill_token_s", "prefill_attn_s", "decode_req_s", "decode_kv_s", "alltoall_s"):
@@ -545,6 +543,10 @@ class EngineModelConfig:
         already in the request's KV cache (formula in the module docstring)."""
         c = chunk_tokens
         return self.prefill_token_s * c + self.prefill_attn_s * c * (context_tokens + c / 2)
+
+    def kv_transfer_s(self, prompt_tokens: int) -> float:
+        """Seconds to move the KV of ``prompt_tokens`` tokens from a prefill rank to a decode rank."""
+        return prompt_tokens * self.kv_bytes_per_token / self.kv_transfer_bytes_per_s
 
     def decode_s(self, running_requests: int, kv_tokens: int) -> float:
         """Seconds one rank spends on one decode token for ``running_requests`` requests holding
