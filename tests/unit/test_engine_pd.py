@@ -171,3 +171,23 @@ def test_recompute_prefills_locally() -> None:
     result = model.step()
     assert result.prefill_tokens_per_rank == [500]
     assert not model.recompute("a")
+
+
+def test_sglang_prealloc_counts_running_requests_as_retractable() -> None:
+    # SGLang 0.5.23 _required_admission_tokens / _allocatable_token_budgets with one running request of 1,000 + 1
+    model = make_model("decode", dp_size=1, kv_capacity_tokens=10_000)
+    model.add_request("run", 0, 1000, 50, max_new_tokens=3000, remote_prefill=True)
+    model.kv_ready("run", 0.0)
+    model.advance(0.0)
+    model.advance(1.0)  # running, 1,001 tokens of KV (the prefill's token came with it)
+    assert model.rank_stats()[0].running == 1
+    # new: prompt 5,000, max_new 3,000. required = max(5,000 + 512, 5,000 + 3,000 - 1,001) = 7,999;
+    # allocatable = 10,000 - 1,001 - max(512 x 1, 3,000 + 1,000 - 1,001) = 6,000: it waits
+    model.add_request("new", 0, 5000, 10, max_new_tokens=3000, remote_prefill=True)
+    model.advance(1.0)
+    assert model.rank_stats()[0].prealloc == 1
+    # with max_new 1,000: required = max(5,512, 6,000 - 1,001) = 5,512; allocatable = 10,000 - 1,001 - 2,999 = 6,000
+    model.abort("new")
+    model.add_request("small", 0, 5000, 10, max_new_tokens=1000, remote_prefill=True)
+    model.advance(1.0)
+    assert (model.rank_stats()[0].prealloc, model.rank_stats()[0].transfer) == (0, 1)
