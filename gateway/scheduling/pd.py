@@ -108,8 +108,10 @@ def choose_avoiding(
     policy: ImmediatePolicy, request: PendingRequest, ranks: Sequence[RankLoad], failed: set[RankKey]
 ) -> RankKey | None:
     """``policy``'s choice among ``ranks`` outside ``failed``, preferring engines with no failed rank; any rank
-    outside ``failed`` when only failed engines are left; ``None`` when every rank failed or none serves."""
+    outside ``failed`` when only failed engines are left; any rank when every one failed already (a request still
+    within ``upstream.max_attempts`` tries again rather than failing while a transient fault may have passed);
+    ``None`` when none serves."""
     candidates = [r for r in ranks if r.key not in failed]
     failed_engines = {k.engine for k in failed}
     elsewhere = [r for r in candidates if r.key.engine not in failed_engines]
-    return policy.choose(request, elsewhere) or policy.choose(request, candidates)
+    return policy.choose(request, elsewhere) or policy.choose(request, candidates) or policy.choose(request, ranks)

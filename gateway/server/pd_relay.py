@@ -45,6 +45,7 @@ from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.logs import request_log
 from gateway.pd import DecodeSide, Leg, PdProtocolError, PrefillSide, sglang_bootstrap, vllm_mooncake, vllm_nixl
+from gateway.server.assemble import error_event_status, leading_error
 from gateway.server.headers import upstream_request_headers
 from gateway.server.retry import Consume, StartedAnswer, backoff_s, record_failure
 from gateway.server.state import GatewayState
@@ -378,6 +379,10 @@ async def _decode_leg(state: GatewayState, key: RankKey, path: str, leg: Leg, re
             first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
             if not first:
                 raise UpstreamError("the engine closed the stream before its first event")
+            failed = leading_error(first)
+            if failed is not None and (status := error_event_status(failed[0])) >= 500:
+                adapter = state.engines[key.engine].adapter
+                raise UpstreamStatusError(status, adapter.normalize_error(status, failed[1]))
             answer.first_chunk = first
         else:
             answer.body = await upstream.read()

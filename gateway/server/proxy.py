@@ -45,6 +45,7 @@ from gateway.server.assemble import (
     CompletionAssembler,
     SSEEvents,
     StreamUsage,
+    error_event_status,
     event_data,
     reported_prompt_tokens,
 )
@@ -268,13 +269,6 @@ class _Progress:
         return True
 
 
-def _error_status(event: dict[str, Any]) -> int:
-    """The HTTP status of an engine's error event: its ``code`` when that is an HTTP error status, else 502."""
-    fields = event.get("error", event)
-    code = fields.get("code") if isinstance(fields, dict) else None
-    return code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 502
-
-
 class _Assembly:
     """The non-streamed answer of a request the engine streams: reads each try's stream whole (the ``consume``
     of :func:`~gateway.server.retry.send_with_retries`), reporting progress as :func:`_relay` does, then answers
@@ -315,7 +309,7 @@ class _Assembly:
                     raise UpstreamError(f"the engine's stream carried an event that is not JSON: {exc}") from exc
             chunk = await answer.upstream.next_chunk(idle_timeout)
         if assembler.error is not None:
-            status = _error_status(assembler.error)
+            status = error_event_status(assembler.error)
             if status >= 500:  # as the engine's 5xx to a non-streamed request: tried again elsewhere
                 adapter = self.scope.state.engines[answer.key.engine].adapter
                 raise UpstreamStatusError(status, adapter.normalize_error(status, json.dumps(assembler.error).encode()))
@@ -337,7 +331,7 @@ class _Assembly:
         headers = {REQUEST_ID_HEADER: scope.request_id}
         error = self.assembler.error
         if error is not None:
-            status = _error_status(error)
+            status = error_event_status(error)
             scope.count(status)
             body = state.engines[answer.key.engine].adapter.normalize_error(status, json.dumps(error).encode())
             return JSONResponse(body, status, headers=headers)

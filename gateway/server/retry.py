@@ -21,6 +21,7 @@ from typing import Any
 from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.logs import request_log
+from gateway.server.assemble import error_event_status, leading_error
 from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
 from gateway.types import PendingRequest, RankKey
@@ -177,6 +178,9 @@ async def _try_once(
             first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
             if not first:
                 raise UpstreamError("the engine closed the stream before its first event")
+            failed = leading_error(first)
+            if failed is not None and (status := error_event_status(failed[0])) >= 500:
+                raise UpstreamStatusError(status, engine.adapter.normalize_error(status, failed[1]))
             answer.first_chunk = first
             if consume is not None:
                 await consume(answer)

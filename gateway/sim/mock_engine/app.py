@@ -52,6 +52,8 @@ from gateway.sim.mock_engine.pd import (
     PdEngine,
     Role,
     request_body,
+    sglang_error,
+    vllm_generation_error,
 )
 from gateway.sim.mock_engine.protocol import (
     MIN_PREFIX_BLOCK_TOKENS,
@@ -323,6 +325,10 @@ class _MockEngine:
             fault = self.faults.request_fault(rank)
             if fault == "http_500":
                 raise ProtocolError(500, "injected fault: internal error", "InternalServerError")
+            if fault == "error_event":
+                if cfg.flavor == "sglang":
+                    return sglang_error(500, "injected fault: internal error", req.stream)
+                return vllm_generation_error(req.stream)
             if fault == "hang":
                 return HangResponse()
             try:
