@@ -43,6 +43,11 @@ names of :data:`gateway.scheduling.baselines.IMMEDIATE_POLICIES`)."""
 
 EngineFlavor = Literal["sglang", "vllm"]
 EngineRole = Literal["mixed", "prefill", "decode"]
+KvConnector = Literal["nixl", "mooncake"]
+"""vLLM's KV connectors the gateway speaks (vLLM 0.34 ``distributed/kv_transfer/kv_connector/v1/``)."""
+DEFAULT_BOOTSTRAP_PORT = 8998
+"""Default bootstrap port of a P/D prefill engine: SGLang 0.5.23's ``--disaggregation-bootstrap-port``
+(``arg_groups/fields/disagg.py``) and vLLM 0.34's ``VLLM_MOONCAKE_BOOTSTRAP_PORT`` (``vllm/envs.py``), both 8998."""
 PrefillAlignment = Literal["auto", "none", "prefill_delayer", "prefill_schedule_interval"]
 """An engine's own alignment of prefill across its DP ranks: SGLang's ``--enable-prefill-delayer``, vLLM's
 ``--prefill-schedule-interval N`` (N > 1), neither, or ``auto`` (read from the engine where it says so)."""
@@ -70,7 +75,22 @@ class EngineConfig(_Strict):
     dp_size: int = Field(default=1, ge=1, le=1024)
     """Number of DP ranks behind the URL (SGLang ``--dp-size``, vLLM ``--data-parallel-size``)."""
     role: EngineRole = "mixed"
-    """``mixed`` serves prefill and decode; ``prefill``/``decode`` are reserved for P/D disaggregation."""
+    """``mixed`` serves prefill and decode; ``prefill`` or ``decode`` makes it one pool of a P/D disaggregated
+    model (its prefill or its decode DP ranks): a model listed by ``prefill`` and ``decode`` engines is served
+    P/D, each request sent as a prefill leg and a decode leg (:mod:`gateway.pd`). A model is served one way,
+    P/D or mixed, never both."""
+    kv_connector: KvConnector | None = None
+    """vLLM P/D engines (``role`` ``prefill`` or ``decode``): the KV connector both pools run, ``nixl``
+    (NixlConnector: prefill first, decode with what it returns) or ``mooncake`` (MooncakeConnector: both legs at
+    once with a gateway-minted ``transfer_id``). Required there, refused elsewhere (SGLang speaks its own
+    bootstrap protocol)."""
+    bootstrap_port: int | None = Field(default=None, ge=1, le=65535)
+    """Prefill engines that serve a bootstrap server: SGLang's ``--disaggregation-bootstrap-port`` (``None``:
+    its default, 8998) or vLLM Mooncake's ``VLLM_MOONCAKE_BOOTSTRAP_PORT`` (``None``: its default, 8998), where
+    the decode engine fetches the KV cache from. Refused on any other engine (vLLM NIXL has none)."""
+    bootstrap_host: str | None = Field(default=None, min_length=1)
+    """Prefill engines with a bootstrap server (see ``bootstrap_port``): the host the decode engines reach it at;
+    ``None``: the host of ``url``."""
     models: list[str] = Field(min_length=1)
     """Model names the engine serves (the ``model`` field clients send)."""
     prefill_budget_tokens: int = Field(default=8192, ge=1)
@@ -94,12 +114,30 @@ class EngineConfig(_Strict):
             raise ValueError("must not carry a query or fragment")
         return value.rstrip("/")
 
-    @field_validator("role")
-    @classmethod
-    def _check_role(cls, value: str) -> str:
-        if value != "mixed":
-            raise ValueError("only 'mixed' is supported until P/D disaggregation lands")
-        return value
+    @model_validator(mode="after")
+    def _check_pd_fields(self) -> EngineConfig:
+        pd_vllm = self.flavor == "vllm" and self.role != "mixed"
+        if pd_vllm and self.kv_connector is None:
+            raise ValueError(f"kv_connector: a vllm {self.role} engine needs one (nixl or mooncake)")
+        if not pd_vllm and self.kv_connector is not None:
+            raise ValueError("kv_connector: only vllm prefill and decode engines take one")
+        has_bootstrap = self.role == "prefill" and (self.flavor == "sglang" or self.kv_connector == "mooncake")
+        for name in ("bootstrap_port", "bootstrap_host"):
+            if getattr(self, name) is not None and not has_bootstrap:
+                raise ValueError(
+                    f"{name}: only prefill engines with a bootstrap server take one (sglang, or vllm with "
+                    f"kv_connector mooncake), not a {self.flavor} {self.role} engine"
+                    + (f" with kv_connector {self.kv_connector}" if self.kv_connector else "")
+                )
+        return self
+
+    @property
+    def bootstrap_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the engine's bootstrap server (a prefill engine that serves one), else ``None``."""
+        if self.role != "prefill" or not (self.flavor == "sglang" or self.kv_connector == "mooncake"):
+            return None
+        host = self.bootstrap_host or urlsplit(self.url).hostname or ""
+        return host, self.bootstrap_port or DEFAULT_BOOTSTRAP_PORT
 
     @model_validator(mode="after")
     def _check_alignment(self) -> EngineConfig:
@@ -328,6 +366,29 @@ class BaselinesConfig(_Strict):
     """Seed of the randomised baselines (``power_of_two``, ``random``)."""
 
 
+if TYPE_CHECKING:
+    PrefillPolicyName = str
+    DecodePolicyName = str
+else:
+    PrefillPolicyName = Literal[(*IMMEDIATE_POLICIES, "follow_bootstrap_room")]
+    DecodePolicyName = Literal[("sbs", *IMMEDIATE_POLICIES)]
+
+
+class PdConfig(_Strict):
+    """P/D disaggregated models: how each leg's DP rank is chosen, as the SGLang Model Gateway's
+    ``--prefill-policy`` and ``--decode-policy`` (:mod:`gateway.scheduling.pd`)."""
+
+    prefill_policy: PrefillPolicyName | None = None
+    """The prefill leg's rank: an immediate-dispatch baseline (the names of ``policy``) over the prefill ranks,
+    or ``follow_bootstrap_room`` (SGLang only: no prefill pin, the prefill engine takes rank ``bootstrap_room %
+    dp_size``, so the rank is as random as the room); ``None``: ``policy`` (``sbs``: the window and allocator
+    over the prefill ranks)."""
+    decode_policy: DecodePolicyName | None = None
+    """The decode leg's rank: ``sbs`` (the decode allocation: running requests and KV tokens, IQR outliers,
+    lexicographic, :mod:`gateway.scheduling.decode`, with the ``decode`` settings) or an immediate-dispatch
+    baseline over the decode ranks; ``None``: ``sbs`` when ``policy`` is ``sbs``, else ``policy``."""
+
+
 class ScrapeConfig(_Strict):
     """The engines' ``/metrics`` scraper."""
 
@@ -515,6 +576,7 @@ class Settings(BaseSettings):
     """The index of each rank's prefix cache every policy's placements are recorded in, and ``sbs`` and
     ``phase_aware`` place by; ``None`` switches it off."""
     baselines: BaselinesConfig = BaselinesConfig()
+    pd: PdConfig = PdConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
@@ -546,6 +608,57 @@ class Settings(BaseSettings):
         if self.engines and unserved:
             raise ValueError(f"models: no engine serves {unserved} (engines[].models lists the served names)")
         return self
+
+    @model_validator(mode="after")
+    def _pd_models(self) -> Settings:
+        problems = [p for model in self.served_models() for p in self._pd_problems(model)]
+        uses_room = self.pd.prefill_policy == "follow_bootstrap_room"
+        vllm_pd = [e.name for e in self.engines if e.role == "prefill" and e.flavor == "vllm"]
+        if uses_room and vllm_pd:
+            problems.append(
+                f"pd.prefill_policy: follow_bootstrap_room is SGLang's; vllm prefill engines {vllm_pd} have no room"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _pd_problems(self, model: str) -> list[str]:
+        """What is wrong with how ``model`` is served P/D (empty when nothing, or when it is served mixed)."""
+        listed = [(i, e) for i, e in enumerate(self.engines) if model in e.models]
+        by_role = {role: [(i, e) for i, e in listed if e.role == role] for role in ("mixed", "prefill", "decode")}
+        if not by_role["prefill"] and not by_role["decode"]:
+            return []
+        (first, engine), *_ = by_role["prefill"] or by_role["decode"]
+        names = {role: [e.name for _, e in pairs] for role, pairs in by_role.items()}
+        if by_role["mixed"]:
+            i = by_role["mixed"][0][0]
+            return [
+                f"engines[{i}].role: model {model!r} is served P/D (prefill {names['prefill']}, decode "
+                f"{names['decode']}) and by mixed engines {names['mixed']}: a model is served one way, list it on "
+                "either"
+            ]
+        for have, lack in (("prefill", "decode"), ("decode", "prefill")):
+            if not by_role[lack]:
+                i = by_role[have][0][0]
+                return [f"engines[{i}].models: model {model!r} has {have} engines {names[have]} but no {lack} engine"]
+        out = []
+        for i, other in listed:
+            if other.flavor != engine.flavor:
+                out.append(
+                    f"engines[{i}].flavor: {other.flavor}, but engines[{first}] ({engine.name}) serving P/D model "
+                    f"{model!r} is {engine.flavor}: a model's prefill and decode engines speak one protocol"
+                )
+            elif other.kv_connector != engine.kv_connector:
+                out.append(
+                    f"engines[{i}].kv_connector: {other.kv_connector}, but engines[{first}] ({engine.name}) serving "
+                    f"P/D model {model!r} has {engine.kv_connector}: a model's prefill and decode engines run one "
+                    "connector"
+                )
+        return out
+
+    def pd_models(self) -> list[str]:
+        """Served models whose engines are prefill and decode pools (P/D disaggregated), in configuration order."""
+        return [m for m in self.served_models() if any(e.role == "prefill" and m in e.models for e in self.engines)]
 
     def served_models(self) -> list[str]:
         """Model names served by at least one engine, in configuration order."""

@@ -138,7 +138,10 @@ def type_text(info: FieldInfo) -> str:
                 arg, *extra = typing.get_args(arg)
                 for meta in extra:
                     metadata += meta.metadata if isinstance(meta, FieldInfo) else [meta]
-            names.append(getattr(arg, "__name__", str(arg)))
+            if typing.get_origin(arg) is Literal:
+                names.append(" \\| ".join(f"`{value}`" for value in typing.get_args(arg)))
+            else:
+                names.append(getattr(arg, "__name__", str(arg)))
         text = " or ".join("none" if n == "NoneType" else n for n in names)
     else:
         text = getattr(annotation, "__name__", str(annotation))

@@ -32,12 +32,14 @@ class Placement:
     """Where a request was placed.
 
     Attributes:
-        rank: the DP rank.
+        rank: the DP rank (of a P/D request: its prefill rank).
         window_id: sequence number of the window that placed it (policy ``sbs``), ``None`` when placed at once.
+        decode_rank: the decode rank of a P/D request, ``None`` for a request served whole by one rank.
     """
 
     rank: RankKey
     window_id: int | None = None
+    decode_rank: RankKey | None = None
 
 
 def _no_rank(model: str) -> NoCapacityError:
@@ -76,6 +78,7 @@ class Dispatcher:
             decode=settings.decode,
             prefix_cache=settings.prefix_cache,
             seed=settings.baselines.seed,
+            pd=settings.pd,
         )
         for engine in settings.engines:
             if engine.prefill_alignment in ("prefill_delayer", "prefill_schedule_interval"):
@@ -123,8 +126,7 @@ class Dispatcher:
             self.metrics.rejected.labels("window_full").inc()
             raise OverloadedError(f"the gateway is overloaded: {exc}") from exc
         if key is not None:
-            self._record_dispatch(key, request.prompt_tokens)
-            return Placement(key)
+            return self._placed(request, key)
         future: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
         self._waiters[request.request_id] = future
         self.metrics.window_buffered.set(len(self.scheduler.window))
@@ -159,19 +161,36 @@ class Dispatcher:
         Raises:
             NoCapacityError: no other usable rank serves the model.
         """
+        return self.retry_placement(request, failed).rank
+
+    def retry_placement(self, request: PendingRequest, failed: set[RankKey]) -> Placement:
+        """:meth:`place_retry` with the whole placement (a P/D request's new pair of ranks).
+
+        Raises:
+            NoCapacityError: no other usable rank serves the model.
+        """
         try:
             key = self.scheduler.place_retry(request, failed, self.clock())
         except NoServingRankError:
             raise _no_rank(request.model) from None
-        self._record_dispatch(key, request.prompt_tokens)
-        return key
+        return self._placed(request, key)
 
-    def _record_dispatch(self, key: RankKey, prompt_tokens: int) -> None:
+    def _placed(self, request: PendingRequest, key: RankKey, window_id: int | None = None) -> Placement:
+        """Count the placement of ``request`` on ``key`` (and on its decode rank, for a P/D request)."""
+        decode = self.view.decode_rank_of(request.request_id)
+        self._record_dispatch(key, request.prompt_tokens)
+        if decode is not None:
+            self._record_dispatch(decode, None)
+        return Placement(key, window_id, decode)
+
+    def _record_dispatch(self, key: RankKey, prompt_tokens: int | None) -> None:
+        """Count a dispatch to ``key``: its prompt tokens, or ``None`` for a decode leg (no prompt to prefill)."""
         if self.health is not None:
             self.health.on_dispatch(key, self.clock())
         labels = (key.engine, str(key.rank))
         self.metrics.dispatched.labels(*labels).inc()
-        self.metrics.dispatched_tokens.labels(*labels).inc(prompt_tokens)
+        if prompt_tokens is not None:
+            self.metrics.dispatched_tokens.labels(*labels).inc(prompt_tokens)
         self.metrics.inflight.set(self.view.inflight_count())
 
     # -- progress reports from request handlers ---------------------------------------------------------
@@ -229,11 +248,11 @@ class Dispatcher:
         window_id = self._windows_closed
         log.debug("window %d closed: %d placed, %d deferred", window_id, len(outcome.assigned), outcome.deferred)
         for request, key in outcome.assigned:
-            self._record_dispatch(key, request.prompt_tokens)
+            placement = self._placed(request, key, window_id)
             self.metrics.window_wait.observe(now - request.arrival_s)
             future = self._waiters.pop(request.request_id, None)
             if future is not None and not future.done():
-                future.set_result(Placement(key, window_id))
+                future.set_result(placement)
             else:  # the client went away in the meantime
                 self.finish(request.request_id)
         for request in outcome.unplaceable:

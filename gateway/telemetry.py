@@ -25,6 +25,14 @@ Series (all prefixed ``gateway_``):
 - ``upstream_failures_total{engine, kind}`` (``unavailable``|``timeout``|``http_5xx``|``stream_broken``).
 - ``upstream_retries_total{engine}``: requests sent again to another rank after a failure before any byte
   reached the client (``engine`` is the one that failed).
+- ``pd_leg_failures_total{engine, leg, kind}``: failed legs of P/D requests (``leg`` ``prefill``|``decode``;
+  ``kind`` as ``upstream_failures_total``'s, or ``protocol`` for a prefill answer the decode leg cannot use, or
+  ``late`` for a prefill leg that failed after the decode leg's answer had begun); each failed leg cancels the other
+  at once (:mod:`gateway.server.pd_relay`).
+- ``pd_transfers_total{protocol, outcome}``: attempts of P/D requests by protocol (``sglang``|``nixl``|``mooncake``)
+  and outcome: ``ok`` (the decode leg's answer began), ``prefill_failed``, ``decode_failed``, ``rejected`` (an
+  engine answered 4xx, passed on to the client), ``cancelled`` (the client went away), or ``whole`` (vLLM ``n >
+  1``: no split, the request ran whole on the decode rank).
 - ``retries_throttled_total``: failed tries not retried because retry throttling was engaged.
 - ``rejected_requests_total{reason}`` (``window_full``|``queue_deadline``|``draining``|``no_healthy_engine``):
   requests turned away with 429/503 before reaching an engine.
@@ -237,6 +245,12 @@ class GatewayMetrics:
         )
         self.upstream_retries = Counter(
             "gateway_upstream_retries", "Requests retried elsewhere after this engine failed", ["engine"], registry=r
+        )
+        self.pd_leg_failures = Counter(
+            "gateway_pd_leg_failures", "Failed legs of P/D requests", ["engine", "leg", "kind"], registry=r
+        )
+        self.pd_transfers = Counter(
+            "gateway_pd_transfers", "Attempts of P/D requests by outcome", ["protocol", "outcome"], registry=r
         )
         self.retries_throttled = Counter(
             "gateway_retries_throttled", "Failed tries not retried because retry throttling was engaged", registry=r

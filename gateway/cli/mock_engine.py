@@ -39,6 +39,36 @@ from gateway.cli.engine_options import engine_flag_options, engine_model_config
     help="Who counts prompt tokens and cuts prompts into prefix-cache blocks: the gateway's estimator, or "
     "DeepSeek-V3's tokenizer with its chat template (as the real engine).",
 )
+@click.option(
+    "--role",
+    type=click.Choice(["mixed", "prefill", "decode"]),
+    default="mixed",
+    show_default=True,
+    help="P/D disaggregation: serve one side, speaking the flavour's protocol (SGLang bootstrap, vLLM NIXL); the "
+    "rendezvous is on this engine's HTTP port (give it as the SGLang bootstrap port).",
+)
+@click.option(
+    "--pd-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="P/D handoff timeout, seconds. SGLang: a prefill waiting for its decode side, a decode for its KV "
+    "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT / _WAITING_TIMEOUT, default 300); vLLM Mooncake: a pull waiting for "
+    "its prefill (VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT, default 480).",
+)
+@click.option(
+    "--kv-connector",
+    type=click.Choice(["nixl", "mooncake"]),
+    default="nixl",
+    show_default=True,
+    help="vLLM P/D: the KV connector's protocol (NixlConnector or MooncakeConnector).",
+)
+@click.option(
+    "--kv-load-failure-policy",
+    type=click.Choice(["fail", "recompute"]),
+    default="fail",
+    show_default=True,
+    help="vLLM P/D decode: a request whose KV cannot be read fails, or prefills locally.",
+)
 @engine_flag_options
 def mock_engine(
     flavor: str,
@@ -53,6 +83,10 @@ def mock_engine(
     batching: str,
     ttft_slo: float,
     tpot_slo: float,
+    role: str,
+    pd_timeout: float | None,
+    kv_connector: str,
+    kv_load_failure_policy: str,
     **engine_flags: Any,
 ) -> None:
     """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API.
@@ -65,6 +99,11 @@ def mock_engine(
     Example (SGLang as shipped with its PrefillDelayer; vLLM with its prefill cadence):
       gateway mock-engine --flavor sglang --port 8001 --profile as-shipped --enable-prefill-delayer
       gateway mock-engine --flavor vllm --port 8002 --profile as-shipped --prefill-schedule-interval 2
+
+    \b
+    Example (a SGLang P/D pair; the gateway gives the prefill's port 8011 as its bootstrap port):
+      gateway mock-engine --flavor sglang --role prefill --dp-size 4 --port 8011
+      gateway mock-engine --flavor sglang --role decode --dp-size 8 --port 8012
     """
     from gateway.sim.mock_engine.app import MockEngineConfig, serve_mock_engine
 
@@ -85,9 +124,13 @@ def mock_engine(
         speed=speed,
         engine_model=engine_model,
         tokenizer=tokenizer,  # type: ignore[arg-type]
+        role=role,  # type: ignore[arg-type]
+        pd_timeout_s=pd_timeout,
+        kv_connector=kv_connector,  # type: ignore[arg-type]
+        kv_load_failure_policy=kv_load_failure_policy,  # type: ignore[arg-type]
     )
     click.echo(
-        f"simulated {flavor} engine ({profile}), {dp_size} DP ranks, model {model}, "
+        f"simulated {flavor} {role} engine ({profile}), {dp_size} DP ranks, model {model}, "
         f"{engine_model.max_prefill_tokens_per_step} prefill tokens a rank a step, on http://{host}:{port}",
         err=True,
     )

@@ -6,6 +6,15 @@
 - Scheduler gauges (``--enable-metrics``, always multiprocess mode) carry ``model_name``, ``engine_type``,
   ``tp_rank``, ``pp_rank``, ``moe_ep_rank`` and, under DP attention, ``dp_rank``. Several TP ranks of one DP rank
   may each export a series: they are de-duplicated.
+- A P/D decode server (``engine_type="decode"`` on its gauges) keeps requests whose KV is being allocated or
+  transferred in two queues apart from its running batch, exported per DP rank as
+  ``sglang:num_decode_prealloc_queue_reqs`` and ``sglang:num_decode_transfer_queue_reqs`` (0.5.23
+  ``observability/metrics_collector.py``; the lengths of the scheduler's ``disagg_decode_prealloc_queue`` and
+  ``disagg_decode_transfer_queue``; the same figures are ``disaggregation.decode_prealloc_queue_reqs`` and
+  ``decode_transfer_queue_reqs`` of ``GET /v1/loads?include=disagg``, not read here). They are added to the
+  rank's running requests: each will decode without a prefill of its own, and the gateway counts its decode legs
+  as running from dispatch (:meth:`gateway.load.view.LoadView.on_dispatch_decode`). Other servers export them as
+  0 or not at all.
 - ``GET /v1/loads?include=core`` (0.5.x; ``sglang/srt/entrypoints/v1_loads.py``) answers ``{"loads": [...]}``, one
   entry per DP rank with ``dp_rank`` and ``num_waiting_uncached_tokens``: the waiting queue's prompt tokens not
   matched in the prefix cache plus what the request being chunk-prefilled has left
@@ -38,7 +47,11 @@ METRIC_FIELDS = {
     "sglang:token_usage": "kv_usage",
     "sglang:num_used_tokens": "kv_used_tokens",
     "sglang:max_total_num_tokens": "kv_capacity_tokens",
+    "sglang:num_decode_prealloc_queue_reqs": "decode_prealloc",
+    "sglang:num_decode_transfer_queue_reqs": "decode_transfer",
 }
+DECODE_QUEUE_FIELDS = ("decode_prealloc", "decode_transfer")
+"""Fields of :data:`METRIC_FIELDS` added to ``running`` (see the module docstring)."""
 
 
 LOADS_QUEUED_FIELD = "num_waiting_uncached_tokens"
@@ -66,7 +79,12 @@ class SglangAdapter(EngineAdapter):
         body[RANK_FIELD] = rank
 
     def parse_metrics(self, text: str) -> dict[int, RankMetrics]:
-        return to_rank_metrics(read_rank_gauges(text, METRIC_FIELDS, RANK_LABEL))
+        gauges = read_rank_gauges(text, METRIC_FIELDS, RANK_LABEL)
+        for fields in gauges.values():
+            queued = sum(fields.pop(name, 0.0) for name in DECODE_QUEUE_FIELDS)
+            if queued:
+                fields["running"] = fields.get("running", 0.0) + queued
+        return to_rank_metrics(gauges)
 
     def parse_loads(self, text: str) -> dict[int, float]:
         """``{dp_rank: num_waiting_uncached_tokens}`` from a ``GET /v1/loads`` body. Entries whose rank is not an

@@ -4,6 +4,12 @@
   it is out of range), see ``vllm/entrypoints/openai/api_server.py``.
 - Per-rank gauges carry ``engine`` (= DP rank) and ``model_name`` labels. KV usage is
   ``vllm:kv_cache_usage_perc`` (0–1), ``vllm:gpu_cache_usage_perc`` on older servers.
+- A P/D decode server (a KV consumer) parks a request whose KV it is still fetching (status
+  ``WAITING_FOR_REMOTE_KVS``) in the scheduler's ``skipped_waiting`` queue, and ``vllm:num_requests_waiting`` per
+  ``engine`` is ``num_waiting_reqs + num_skipped_waiting_reqs`` (``v1/core/sched/scheduler.py``,
+  ``v1/metrics/loggers.py``), so the gauge counts it; the
+  consumer-only ``vllm:num_requests_kv_fetch_by_stage{stage}`` splits those requests by fetch stage and is not
+  read (adding it would count them twice).
 - Under several API servers Prometheus runs in multiprocess mode: labels come sorted and ``_created`` series
   vanish; :func:`~gateway.engines.base.read_rank_gauges` reads labels by name, so both forms parse.
 """

@@ -25,6 +25,14 @@ held only its uncached, true part, and empty a rank that still has work
 A streamed request counts as waiting (queued for prefill) until its first token comes back; a non-streamed one,
 whose first token is not observable, for ``nonstream_prefill_s`` per chunked-prefill budget its prompt spans (a
 100k-token prompt is prefilled over 13 steps of an 8k budget, not in one).
+
+P/D disaggregation (``docs/design.md`` §4.4): each engine has a role (:attr:`EngineSpec.role`). A P/D request is
+recorded twice: its prompt on its prefill rank (:meth:`LoadView.on_dispatch`) until its first token, when it
+leaves that rank whole (its KV moves to decode), and the request on its decode rank
+(:meth:`LoadView.on_dispatch_decode`) from dispatch until it finishes, counted as running there from the start:
+a request in the decode engine's pre-allocation or transfer queue holds (or will hold) its KV and joins the
+decode batch without another prefill, so the decode allocation must count it (SGLang exports those queues apart
+from its running requests; :mod:`gateway.engines.sglang` adds them back).
 """
 
 from __future__ import annotations
@@ -46,12 +54,21 @@ class EngineSpec:
         dp_size: number of DP ranks.
         models: models it serves.
         prefill_budget: prefill tokens per rank per step.
+        role: the engine's role.
     """
 
     name: str
     dp_size: int
     models: frozenset[str]
     prefill_budget: int
+    role: str = "mixed"
+    """``mixed``, ``prefill`` or ``decode`` (``engines[].role``)."""
+
+
+PREFILL_ROLES = frozenset({"mixed", "prefill"})
+"""Roles whose ranks take prefill: the ranks a prompt may be placed on."""
+DECODE_ROLES = frozenset({"decode"})
+"""Roles whose ranks take the decode legs of P/D requests."""
 
 
 @dataclass(slots=True)
@@ -78,6 +95,8 @@ class _RankState:
     started_since: int = 0
     finished_waiting_since: int = 0
     finished_running_since: int = 0
+    decode_dispatched_since: int = 0
+    """Decode legs dispatched since the last scrape (counted as running from dispatch)."""
     queued_at_scrape: int = 0
     """Local queued prefill tokens when the last scrape arrived."""
     queued_left_since: int = 0
@@ -134,12 +153,30 @@ class LoadView:
                 self._ranks[key] = _RankState(spec)
                 engine.ranks.append(key)
         self._inflight: dict[str, _InFlight] = {}
+        self._decode: dict[str, _InFlight] = {}
+        """Decode legs of P/D requests, by request id."""
+        self._pd_models = frozenset(
+            model for key, state in self._ranks.items() if state.spec.role == "prefill" for model in state.spec.models
+        )
         self._nonstream_due: list[tuple[float, str]] = []
 
     @property
     def engine_names(self) -> list[str]:
         """The engines, in configuration order."""
         return list(self._engines)
+
+    @property
+    def pd_models(self) -> frozenset[str]:
+        """Models served P/D (listed by prefill engines)."""
+        return self._pd_models
+
+    def role(self, engine: str) -> str:
+        """The role of ``engine``.
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        return self._ranks[self._engines[engine].ranks[0]].spec.role
 
     @property
     def keys(self) -> list[RankKey]:
@@ -159,8 +196,14 @@ class LoadView:
         return out
 
     def rank_of(self, request_id: str) -> RankKey | None:
-        """The rank ``request_id`` was dispatched to, or ``None`` if it is not in flight."""
-        item = self._inflight.get(request_id)
+        """The rank ``request_id`` was dispatched to (a P/D request's decode rank, where its tokens come from), or
+        ``None`` if it is not in flight."""
+        item = self._decode.get(request_id) or self._inflight.get(request_id)
+        return None if item is None else item.key
+
+    def decode_rank_of(self, request_id: str) -> RankKey | None:
+        """The decode rank of a P/D request in flight, or ``None``."""
+        item = self._decode.get(request_id)
         return None if item is None else item.key
 
     def decodes_next_step(self, engine: str) -> bool:
@@ -179,7 +222,9 @@ class LoadView:
 
     def inflight_count(self) -> int:
         """Requests dispatched and not yet finished."""
-        return len(self._inflight)
+        if not self._decode:
+            return len(self._inflight)
+        return len(self._inflight.keys() | self._decode.keys())
 
     # -- dispatch events ---------------------------------------------------------------------------------
 
@@ -208,10 +253,30 @@ class LoadView:
             chunks = max(1, math.ceil(prefill / state.spec.prefill_budget))
             heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s * chunks, request_id))
 
+    def on_dispatch_decode(self, request_id: str, key: RankKey, prompt_tokens: int, now: float) -> None:
+        """The gateway sent the decode leg of P/D request ``request_id`` to decode rank ``key``: it counts as running
+        there, holding its prompt's KV, until :meth:`on_finish` (see the module docstring).
+
+        Raises:
+            KeyError: ``key`` is not a known rank.
+            ValueError: the decode leg of ``request_id`` is already in flight.
+        """
+        state = self._ranks[key]
+        if request_id in self._decode:
+            raise ValueError(f"the decode leg of {request_id!r} is already in flight")
+        self._decode[request_id] = _InFlight(key, prompt_tokens, now, 0, started=True)
+        state.local_running += 1
+        state.decode_dispatched_since += 1
+        state.kv_tokens += prompt_tokens
+
     def on_first_token(self, request_id: str, now: float) -> None:
-        """The first output token of ``request_id`` came back: its prefill is done. Unknown ids are ignored."""
+        """The first output token of ``request_id`` came back: its prefill is done (a P/D request leaves its prefill
+        rank). Unknown ids are ignored."""
         item = self._inflight.get(request_id)
         if item is None or item.started:
+            return
+        if request_id in self._decode:
+            self._release(request_id)
             return
         item.started = True
         state = self._ranks[item.key]
@@ -222,13 +287,23 @@ class LoadView:
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
-        item = self._inflight.get(request_id)
+        item = self._decode.get(request_id) or self._inflight.get(request_id)
         if item is not None and n > 0:
             item.generated += n
             self._ranks[item.key].kv_tokens += n
 
     def on_finish(self, request_id: str, now: float) -> None:
-        """``request_id`` completed, failed or was aborted. Unknown ids are ignored."""
+        """``request_id`` completed, failed or was aborted (both legs of a P/D request). Unknown ids are ignored."""
+        decode = self._decode.pop(request_id, None)
+        if decode is not None:
+            state = self._ranks[decode.key]
+            state.kv_tokens -= decode.prompt_tokens + decode.generated
+            state.local_running -= 1
+            state.finished_running_since += 1
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        """Take ``request_id`` off the rank it was dispatched to (for a P/D request: its prefill rank)."""
         item = self._inflight.pop(request_id, None)
         if item is None:
             return
@@ -270,7 +345,7 @@ class LoadView:
             state = self._ranks[key]
             state.scraped = ranks.get(key.rank)
             state.dispatched_since = state.started_since = 0
-            state.finished_waiting_since = state.finished_running_since = 0
+            state.finished_waiting_since = state.finished_running_since = state.decode_dispatched_since = 0
             state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
         reported = any(m.queued_prefill_tokens is not None for m in ranks.values())
         for item in self._inflight.values() if reported else ():
@@ -306,17 +381,20 @@ class LoadView:
 
     # -- snapshot ----------------------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> list[RankLoad]:
-        """Every rank's load as the allocator should see it at ``now``."""
-        live = self._live_snapshot(now)
+    def snapshot(self, now: float, roles: frozenset[str] | None = None) -> list[RankLoad]:
+        """Every rank's load as the allocator should see it at ``now``; with ``roles``, only the ranks of engines
+        with one of them (:data:`PREFILL_ROLES`, :data:`DECODE_ROLES`)."""
+        live = self._live_snapshot(now, roles)
         if self.state_sync:
             return live
         return [self._frozen.get(load.key, load) for load in live]
 
-    def _live_snapshot(self, now: float) -> list[RankLoad]:
+    def _live_snapshot(self, now: float, roles: frozenset[str] | None = None) -> list[RankLoad]:
         self._promote_nonstream(now)
         out: list[RankLoad] = []
         for key, s in self._ranks.items():
+            if roles is not None and s.spec.role not in roles:
+                continue
             waiting = float(s.local_waiting)
             running = float(s.local_running)
             kv_usage: float | None = None
@@ -324,7 +402,8 @@ class LoadView:
             if s.scraped is not None and self.scrape_fresh(key.engine, now):
                 scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
                 scraped_waiting -= s.finished_waiting_since
-                scraped_running = s.scraped.running + s.started_since - s.finished_running_since
+                scraped_running = s.scraped.running + s.started_since + s.decode_dispatched_since
+                scraped_running -= s.finished_running_since
                 waiting = max(waiting, scraped_waiting)
                 running = max(running, scraped_running)
                 kv_usage = s.scraped.kv_usage

@@ -64,21 +64,24 @@ class SglangBootstrapAttempt:
 
 
 def attempt(
-    body: Mapping[str, Any], prefill: PrefillSide, decode: DecodeSide, rng: random.Random
+    body: Mapping[str, Any], prefill: PrefillSide, decode: DecodeSide, rng: random.Random, *, pin_prefill: bool = True
 ) -> SglangBootstrapAttempt:
     """Plan one attempt of ``body`` on prefill rank ``prefill`` and decode rank ``decode`` with a fresh room.
 
     The client's body is not mutated; any bootstrap or rank fields it carried are overwritten (the gateway decides
-    placement).
+    placement). With ``pin_prefill`` false (the gateway's ``follow_bootstrap_room``), the room alone names the
+    prefill rank: the prefill leg carries no ``routed_dp_rank`` and the decode leg no ``disagg_prefill_dp_rank``,
+    so both engines derive it as ``room % dp_size``, which the room's alignment makes ``prefill.rank``.
     """
     room = mint_room(rng, prefill.rank, prefill.dp_size)
-    common = without(body, LEGACY_RANK_FIELD)
+    common = without(body, LEGACY_RANK_FIELD, "routed_dp_rank", "disagg_prefill_dp_rank")
     common |= {
         "bootstrap_host": prefill.host,
         "bootstrap_port": prefill.bootstrap_port or DEFAULT_BOOTSTRAP_PORT,
         "bootstrap_room": room,
     }
-    common.pop("disagg_prefill_dp_rank", None)
-    prefill_body = common | {"routed_dp_rank": prefill.rank}
-    decode_body = without(common) | {"routed_dp_rank": decode.rank, "disagg_prefill_dp_rank": prefill.rank}
+    prefill_pin = {"routed_dp_rank": prefill.rank} if pin_prefill else {}
+    decode_pin = {"disagg_prefill_dp_rank": prefill.rank} if pin_prefill else {}
+    prefill_body = common | prefill_pin
+    decode_body = without(common) | {"routed_dp_rank": decode.rank} | decode_pin
     return SglangBootstrapAttempt(Leg(prefill_body), Leg(decode_body), room)

@@ -19,6 +19,12 @@ time passed in, so the gateway's asyncio dispatcher and a virtual-time simulatio
 The two modes, immediate dispatch and the window, are two small classes behind one protocol
 (:class:`_Immediate`, :class:`_Windowed`); the scheduler delegates ``submit`` and ``poll`` to the one its policy
 chose.
+
+P/D disaggregated models (:mod:`gateway.scheduling.pd`): prompts are placed on prefill ranks only (every
+snapshot a mode places from leaves the decode ranks out), by the mode or by ``pd.prefill_policy``; as each prefill
+placement is recorded, the decode leg's rank is chosen (``pd.decode_policy``) and recorded too. The placement
+returned is the prefill rank; :meth:`LoadView.decode_rank_of <gateway.load.view.LoadView.decode_rank_of>` gives
+the decode rank.
 """
 
 from __future__ import annotations
@@ -28,12 +34,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, PrefixCacheConfig, WindowConfig
-from gateway.load.view import LoadView
+from gateway.config import (
+    AllocatorConfig,
+    DecodeConfig,
+    PdConfig,
+    PhaseAwareConfig,
+    PolicyName,
+    PrefixCacheConfig,
+    WindowConfig,
+)
+from gateway.load.view import DECODE_ROLES, PREFILL_ROLES, LoadView
 from gateway.scheduling.allocation import free_prefill_capacity
 from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.baselines.base import ImmediatePolicy
+from gateway.scheduling.pd import DecodeAllocation, choose_avoiding, decode_leg_policy, prefill_leg_policy
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_aligned_close import (
     CloseAtOnceReason,
@@ -130,21 +145,58 @@ def record_dispatch(
     )
 
 
+class PdLegs:
+    """Where the legs of P/D requests go (see the module docstring and :mod:`gateway.scheduling.pd`).
+
+    Args:
+        view: the load view.
+        prefix: the prefix index (prefill placements are recorded in it), ``None`` when off.
+        prefill: the prefill leg's own policy, ``None`` when the scheduler's mode places prompts.
+        decode: the decode leg's policy.
+    """
+
+    def __init__(
+        self, view: LoadView, prefix: PrefixIndex | None, prefill: ImmediatePolicy | None, decode: ImmediatePolicy
+    ) -> None:
+        self.view = view
+        self.prefix = prefix
+        self.prefill = prefill
+        self.decode = decode
+
+    def is_pd(self, request: PendingRequest) -> bool:
+        """Whether ``request``'s model is served P/D."""
+        return request.model in self.view.pd_models
+
+    def record(self, request: PendingRequest, key: RankKey, now: float, failed: set[RankKey] | None = None) -> bool:
+        """Record ``request`` placed on rank ``key`` (for a P/D request: its prefill rank, after choosing and
+        recording its decode rank, avoiding the ranks in ``failed``); return ``False``, recording nothing, when a
+        P/D request finds no usable decode rank."""
+        if not self.is_pd(request):
+            record_dispatch(self.view, self.prefix, request, key, now)
+            return True
+        ranks = self.view.snapshot(now, DECODE_ROLES)
+        decode = choose_avoiding(self.decode, request, ranks, failed or set())
+        if decode is None:
+            return False
+        record_dispatch(self.view, self.prefix, request, key, now)
+        self.view.on_dispatch_decode(request.request_id, decode, request.prompt_tokens, now)
+        return True
+
+
 class _Immediate:
     """An immediate-dispatch baseline places each request the moment it arrives."""
 
     batched = False
 
-    def __init__(self, policy: ImmediatePolicy, view: LoadView, prefix: PrefixIndex | None) -> None:
+    def __init__(self, policy: ImmediatePolicy, view: LoadView, legs: PdLegs) -> None:
         self.policy = policy
         self.view = view
-        self.prefix = prefix
+        self.legs = legs
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
-        key = self.policy.choose(request, self.view.snapshot(now))
-        if key is None:
+        key = self.policy.choose(request, self.view.snapshot(now, PREFILL_ROLES))
+        if key is None or not self.legs.record(request, key, now):
             raise NoServingRankError(request.model)
-        record_dispatch(self.view, self.prefix, request, key, now)
         return key
 
     def poll(self, now: float) -> WindowOutcome | None:
@@ -165,11 +217,11 @@ class _Windowed:
         view: LoadView,
         window: BatchWindow,
         step_clock: StepClock,
-        prefix: PrefixIndex | None,
+        legs: PdLegs,
         aligned_engines: set[str],
     ) -> None:
         self.settings = settings
-        self.prefix = prefix
+        self.legs = legs
         self.allocator = allocator
         self.queue_steps = queue_steps
         self.min_queue_tokens = min_queue_tokens
@@ -194,7 +246,7 @@ class _Windowed:
         opening = not len(self.window)
         self.window.add(request, now)
         if opening:
-            snapshot = self.view.snapshot(now)
+            snapshot = self.view.snapshot(now, PREFILL_ROLES)
             reason = close_at_once_reason(
                 request,
                 snapshot,
@@ -224,17 +276,21 @@ class _Windowed:
             return None
         if self.settings.adaptive_interval:
             self.window.observe_step_time(self.step_clock.mean_step_s())
-        snapshot = self.view.snapshot(now)
+        snapshot = self.view.snapshot(now, PREFILL_ROLES)
         self._align(snapshot)
         if not self.window.due(now, free_prefill_capacity(snapshot, self.queue_steps, self.min_queue_tokens)):
             return None
         allocation = self.allocator.place(self.window.take(now), snapshot, now)
+        assigned, unplaceable = [], list(allocation.unplaceable)
         for request, key in allocation.assigned:
-            record_dispatch(self.view, self.prefix, request, key, now)
-        self.window.requeue(allocation.deferred, now, placed_any=bool(allocation.assigned))
+            if self.legs.record(request, key, now):
+                assigned.append((request, key))
+            else:
+                unplaceable.append(request)
+        self.window.requeue(allocation.deferred, now, placed_any=bool(assigned))
         if len(self.window):
-            self._align(self.view.snapshot(now))
-        return WindowOutcome(allocation.assigned, allocation.unplaceable, len(allocation.deferred))
+            self._align(self.view.snapshot(now, PREFILL_ROLES))
+        return WindowOutcome(assigned, unplaceable, len(allocation.deferred))
 
 
 class Scheduler:
@@ -250,6 +306,7 @@ class Scheduler:
         prefix_cache: the prefix index's settings (every placement is recorded in it; ``sbs`` and ``phase_aware``
             place by it); ``None`` switches it off.
         seed: seed of randomised baselines.
+        pd: how the legs of P/D models are placed (``pd`` section); used only when the view has P/D models.
 
     Raises:
         ValueError: unknown policy.
@@ -265,6 +322,7 @@ class Scheduler:
         decode: DecodeConfig | None,
         prefix_cache: PrefixCacheConfig | None = None,
         seed: int = 0,
+        pd: PdConfig | None = None,
     ) -> None:
         self.policy = policy
         self.view = view
@@ -277,6 +335,19 @@ class Scheduler:
             initial_step_s=window.initial_step_s,
         )
         self._retry_policy = make_immediate_policy("vllm_internal", seed=seed)
+        pd = pd or PdConfig()
+        decode_policy = pd.decode_policy or ("sbs" if policy == "sbs" else policy)
+        phase_aware = "phase_aware" in (policy, pd.prefill_policy, decode_policy)
+        steps = PhasePlacement(allocator, decode, self.step_clock, self.prefix) if phase_aware else None
+        if view.pd_models:
+            self.legs = PdLegs(
+                view,
+                self.prefix,
+                prefill_leg_policy(pd.prefill_policy, seed, steps),
+                decode_leg_policy(decode_policy, decode, seed, steps),
+            )
+        else:  # no P/D model: the legs are never asked
+            self.legs = PdLegs(view, self.prefix, None, DecodeAllocation(decode))
         self._aligned: set[str] = set()
         self._mode: _Mode
         if policy == "sbs":
@@ -290,12 +361,11 @@ class Scheduler:
                 view,
                 self.window,
                 self.step_clock,
-                self.prefix,
+                self.legs,
                 self._aligned,
             )
         else:
-            steps = PhasePlacement(allocator, decode, self.step_clock, self.prefix)
-            self._mode = _Immediate(make_immediate_policy(policy, seed=seed, steps=steps), view, self.prefix)
+            self._mode = _Immediate(make_immediate_policy(policy, seed=seed, steps=steps), view, self.legs)
 
     @property
     def batched(self) -> bool:
@@ -309,6 +379,12 @@ class Scheduler:
             NoServingRankError: (immediate policies) no usable rank serves the request's model.
             WindowFullError: (``sbs``) the window is at its request or token bound.
         """
+        legs = self.legs
+        if legs.prefill is not None and legs.is_pd(request):
+            key = legs.prefill.choose(request, self.view.snapshot(now, PREFILL_ROLES))
+            if key is None or not legs.record(request, key, now):
+                raise NoServingRankError(request.model)
+            return key
         return self._mode.submit(request, now)
 
     def poll(self, now: float) -> WindowOutcome | None:
@@ -319,11 +395,17 @@ class Scheduler:
         """Place a request again after it failed on the ranks in ``failed``, at once (it already waited its window).
 
         The rank is chosen by vLLM's ``waiting * 4 + running`` rule among the usable ranks serving the model,
-        preferring engines where it has not failed yet.
+        preferring engines where it has not failed yet. A P/D request gets a new pair: its prefill rank so, and its
+        decode rank by the decode leg's policy, each avoiding the ranks in ``failed``.
 
         Raises:
             NoServingRankError: no other usable rank serves the model.
         """
+        if self.legs.is_pd(request):
+            prefill = choose_avoiding(self._retry_policy, request, self.view.snapshot(now, PREFILL_ROLES), failed)
+            if prefill is None or not self.legs.record(request, prefill, now, failed):
+                raise NoServingRankError(request.model)
+            return prefill
         candidates = [r for r in self.view.snapshot(now) if r.key not in failed]
         failed_engines = {k.engine for k in failed}
         elsewhere = [r for r in candidates if r.key.engine not in failed_engines]

@@ -5,5 +5,6 @@
 - :mod:`.routes` → :mod:`.validation` → :mod:`.proxy` (place through :mod:`gateway.dispatch`, send, relay), with
   :mod:`.retry` (tries, backoff, failure accounting), :mod:`.disconnect` (client-disconnect watching),
   :mod:`.headers`, :mod:`.stream_end` and :mod:`.assemble` (non-streamed answers built from the engine's stream, usage
-  read from streams); :mod:`.openapi`: the documented request shapes.
+  read from streams); :mod:`.pd_relay` sends a P/D request as its two legs (:mod:`gateway.pd`), cancelling one when
+  the other fails; :mod:`.openapi`: the documented request shapes.
 """

@@ -51,7 +51,9 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     metrics = GatewayMetrics()
     metrics.watch_prompt_tokens(prompt_counter.corrections)
     engines = {e.name: Engine.from_config(e) for e in settings.engines}
-    specs = [EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens) for e in settings.engines]
+    specs = [
+        EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens, e.role) for e in settings.engines
+    ]
     health = HealthBook([RankKey(s.name, rank) for s in specs for rank in range(s.dp_size)], settings.health)
     view = LoadView(
         specs,

@@ -81,6 +81,31 @@ def event_data(raw: bytes) -> str | None:
     return b"\n".join(lines).decode("utf-8", errors="replace")
 
 
+def error_event_status(event: dict[str, Any]) -> int:
+    """The HTTP status of an engine's error event: its ``code`` when that is an HTTP error status, else 502."""
+    fields = event.get("error", event)
+    code = fields.get("code") if isinstance(fields, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 502
+
+
+def leading_error(chunk: bytes) -> tuple[dict[str, Any], bytes] | None:
+    """The engine's error event and its raw data when it is the first event of a stream's first ``chunk``, else
+    ``None``. SGLang and vLLM answer an error they meet after sending the headers (an internal error, a failed
+    P/D KV transfer) as HTTP 200 with one error event and ``[DONE]``; as the first event nothing has reached the
+    client yet, so the try can fail and be retried."""
+    events = SSEEvents().feed(chunk)
+    data = event_data(events[0]) if events else None
+    if data is None:
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(event, dict) and ("error" in event or event.get("object") == "error") and "choices" not in event:
+        return event, data.encode()
+    return None
+
+
 def _last(previous: Any, value: Any) -> Any:
     return previous if value is None else value
 

@@ -45,10 +45,12 @@ from gateway.server.assemble import (
     CompletionAssembler,
     SSEEvents,
     StreamUsage,
+    error_event_status,
     event_data,
     reported_prompt_tokens,
 )
 from gateway.server.disconnect import unless_disconnected
+from gateway.server.pd_relay import send_pd
 from gateway.server.retry import StartedAnswer, record_failure, send_with_retries
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
@@ -184,9 +186,11 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
     request_log().window_id = placement.window_id
     request_log().placed(key.engine, key.rank, state.clock() - scope.arrival)
     assembly = _Assembly(scope) if upstream.assemble else None
-    sending = send_with_retries(
-        state, pending, key, ENGINE_PATHS[route], upstream.body, scope.request_id, consume=assembly
-    )
+    path = ENGINE_PATHS[route]
+    if placement.decode_rank is not None:
+        sending = send_pd(state, pending, placement, path, upstream.body, scope.request_id, consume=assembly)
+    else:
+        sending = send_with_retries(state, pending, key, path, upstream.body, scope.request_id, consume=assembly)
     try:
         answer = await unless_disconnected(request, sending)
     except GatewayError as exc:
@@ -207,6 +211,7 @@ async def handle_completion(state: GatewayState, request: Request, route: Route)
 
 def _buffered_response(scope: _RequestScope, answer: StartedAnswer) -> Response:
     """The answer to a request whose engine answer was read whole (not a stream, or an engine error)."""
+    answer.end_prefill_leg()
     dispatcher = scope.state.dispatcher
     dispatcher.finish(scope.key)
     upstream = answer.upstream
@@ -264,13 +269,6 @@ class _Progress:
         return True
 
 
-def _error_status(event: dict[str, Any]) -> int:
-    """The HTTP status of an engine's error event: its ``code`` when that is an HTTP error status, else 502."""
-    fields = event.get("error", event)
-    code = fields.get("code") if isinstance(fields, dict) else None
-    return code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else 502
-
-
 class _Assembly:
     """The non-streamed answer of a request the engine streams: reads each try's stream whole (the ``consume``
     of :func:`~gateway.server.retry.send_with_retries`), reporting progress as :func:`_relay` does, then answers
@@ -311,7 +309,7 @@ class _Assembly:
                     raise UpstreamError(f"the engine's stream carried an event that is not JSON: {exc}") from exc
             chunk = await answer.upstream.next_chunk(idle_timeout)
         if assembler.error is not None:
-            status = _error_status(assembler.error)
+            status = error_event_status(assembler.error)
             if status >= 500:  # as the engine's 5xx to a non-streamed request: tried again elsewhere
                 adapter = self.scope.state.engines[answer.key.engine].adapter
                 raise UpstreamStatusError(status, adapter.normalize_error(status, json.dumps(assembler.error).encode()))
@@ -320,6 +318,7 @@ class _Assembly:
 
     def response(self, answer: StartedAnswer) -> Response:
         """The client's answer once the stream of ``answer``'s try was read whole."""
+        answer.end_prefill_leg()
         scope, state = self.scope, self.scope.state
         state.dispatcher.finish(scope.key)
         now = state.clock()
@@ -332,7 +331,7 @@ class _Assembly:
         headers = {REQUEST_ID_HEADER: scope.request_id}
         error = self.assembler.error
         if error is not None:
-            status = _error_status(error)
+            status = error_event_status(error)
             scope.count(status)
             body = state.engines[answer.key.engine].adapter.normalize_error(status, json.dumps(error).encode())
             return JSONResponse(body, status, headers=headers)
@@ -381,6 +380,7 @@ async def _relay(scope: _RequestScope, answer: StartedAnswer, usage: StreamUsage
         raise
     finally:
         upstream.close()
+        answer.end_prefill_leg()
         dispatcher.finish(scope.key)
         metrics.e2e.labels(scope.model_label).observe(clock() - scope.arrival)
         scope.count(status)

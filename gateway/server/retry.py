@@ -16,10 +16,12 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.logs import request_log
+from gateway.server.assemble import error_event_status, leading_error
 from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
 from gateway.types import PendingRequest, RankKey
@@ -30,12 +32,23 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class StartedAnswer:
     """A request whose answer has begun at an engine: the rank, the response, and either (streams) its first
-    chunk or (anything else) its whole body."""
+    chunk or (anything else) its whole body.
+
+    Attributes:
+        prefill_leg: a P/D request's prefill leg still running once the decode leg's answer began
+            (:mod:`gateway.server.pd_relay`); ended by :meth:`end_prefill_leg` when the client's answer ends.
+    """
 
     key: RankKey
     upstream: UpstreamResponse
     first_chunk: bytes | None = None
     body: bytes = b""
+    prefill_leg: asyncio.Task[Any] | None = None
+
+    def end_prefill_leg(self) -> None:
+        """Cancel the prefill leg if it still runs (its connection is closed, so the engine aborts it)."""
+        if self.prefill_leg is not None and not self.prefill_leg.done():
+            self.prefill_leg.cancel()
 
 
 def backoff_s(tries: int, rng: random.Random, *, base_s: float, max_s: float) -> float:
@@ -165,6 +178,9 @@ async def _try_once(
             first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
             if not first:
                 raise UpstreamError("the engine closed the stream before its first event")
+            failed = leading_error(first)
+            if failed is not None and (status := error_event_status(failed[0])) >= 500:
+                raise UpstreamStatusError(status, engine.adapter.normalize_error(status, failed[1]))
             answer.first_chunk = first
             if consume is not None:
                 await consume(answer)

@@ -40,6 +40,9 @@ class GatewayState:
         prompt_counter: counts prompt tokens for the allocator, per model, and learns from the engines' counts.
         clock: the monotonic clock (seconds) of the dispatcher, the scraper, the prober and the front door.
         retry_rng: draws the jitter of retry backoffs.
+        pd_rng: draws the bootstrap rooms of SGLang P/D attempts.
+        mooncake_engine_ids: per vLLM Mooncake prefill engine, its ``{dp_rank: engine_id}`` as its bootstrap server
+            lists them (:mod:`gateway.server.pd_relay`).
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
     """
 
@@ -57,6 +60,8 @@ class GatewayState:
     prompt_counter: PromptCounter
     clock: Callable[[], float]
     retry_rng: random.Random = field(default_factory=random.Random)
+    pd_rng: random.Random = field(default_factory=random.Random)
+    mooncake_engine_ids: dict[str, dict[int, str]] = field(default_factory=dict)
     draining: bool = False
 
     def prompt_tokens_reported(self, model: str, estimated: int, reported: int) -> None:

@@ -92,6 +92,34 @@ Admission = Literal["reserve_output", "sglang", "vllm"]
 Batching = Literal["default", "stall_free", "fairbatching"]
 """How a rank forms a mixed prefill/decode batch (see :class:`EngineModelConfig.batching`)."""
 
+Role = Literal["mixed", "prefill", "decode"]
+"""What an instance serves under P/D disaggregation (see :class:`EngineModelConfig.role`)."""
+
+PdConnector = Literal["sglang", "vllm"]
+"""Whose P/D KV handoff a prefill or decode instance follows (see :class:`EngineModelConfig.pd_connector`)."""
+
+DEEPSEEK_V3_KV_BYTES_PER_TOKEN = (512 + 64) * 2 * 61
+"""DeepSeek-V3's KV cache per token, bytes: MLA caches the compressed latent (``kv_lora_rank`` 512) and the decoupled
+RoPE key (``qk_rope_head_dim`` 64) of every one of its 61 layers (``num_hidden_layers``), in BF16 (2 bytes);
+DeepSeek-V3 config.json. 70,272 bytes, the "about 70 KB" of DeepSeek's inference-system overview."""
+
+RDMA_NIC_BYTES_PER_S = 400e9 / 8
+"""KV transfer bandwidth of one decode request's fetch, bytes/s: one 400 Gb/s RDMA NIC (ConnectX-7 class, as on
+DeepSeek's H800 nodes: one 400 Gb/s InfiniBand NIC per GPU). An assumption: a transfer gets the whole NIC, with no
+protocol overhead and no contention with other transfers."""
+
+SGLANG_NUM_RESERVED_DECODE_TOKENS = 512
+"""SGLang ``--num-reserved-decode-tokens`` default (0.5.23 ``sglang/srt/arg_groups/fields/disagg.py``), tokens."""
+
+VLLM_NIXL_KV_LEASE_S = 30.0
+"""vLLM NixlConnector ``kv_connector_extra_config.kv_lease_duration`` default, seconds (0.34
+``distributed/kv_transfer/kv_connector/v1/nixl/base_scheduler.py``)."""
+
+VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S = 480.0
+"""vLLM MooncakeConnector ``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT`` default, seconds (0.34 ``vllm/envs.py``): a
+prefill frees blocks no decode has pulled after this long, and a pull waits this long for its prefill
+(``mooncake/mooncake_connector.py``), unless ``kv_lease_duration`` is set (off by default)."""
+
 
 def alltoall_s_for_ep(ep_size: int) -> float:
     """All-to-all latency per step at ``ep_size`` GPUs: 58 MoE layers x DeepEP low-latency dispatch + combine
@@ -301,6 +329,46 @@ class EngineModelConfig:
     tpot_slo_s: float = 0.1
     """FairBatching's TPOT objective, seconds (read with ``batching="fairbatching"``)."""
 
+    role: Role = "mixed"
+    """What the instance serves (rules in :mod:`gateway.sim.engine.pd`). ``"mixed"``: prefill and decode, no KV
+    handoff (every figure so far). ``"prefill"``: a request added with ``hold_kv`` finishes at its first token and
+    keeps its KV on its rank until the decode side has fetched it
+    (:meth:`~gateway.sim.engine_model.EngineModel.release_held`) or its lease (``kv_lease_s``) expires; SGLang frees
+    it when the transfer completes or fails (0.5.23 ``disaggregation/prefill.py``,
+    ``process_disagg_prefill_inflight_queue``), vLLM's NixlConnector when the decode side has read it or its lease
+    expires. ``"decode"``: a request added with ``remote_prefill`` first waits in the rank's pre-allocation queue for
+    a KV reservation (``pd_connector`` says which rule), then fetches its prompt's KV once the prefill side has it
+    (:meth:`~gateway.sim.engine_model.EngineModel.kv_ready`) in ``prompt_tokens * kv_bytes_per_token /
+    kv_transfer_bytes_per_s`` seconds, then decodes with no prefill compute."""
+
+    pd_connector: PdConnector = "sglang"
+    """Whose P/D handoff the instance follows (read with ``role`` prefill or decode). ``"sglang"``: a decode rank
+    reserves KV as SGLang 0.5.23's ``DecodePreallocQueue`` does under the default
+    ``--disaggregation-decode-allocation-policy early`` (``disaggregation/decode.py`` ``_required_admission_tokens``,
+    ``_allocatable_token_budgets``): it needs ``max(prompt + R, prompt + min(max_new_tokens, clip) - retractable)``
+    tokens of ``free - max(R x active requests, space for the largest running request)``, R =
+    ``num_reserved_decode_tokens``, ``retractable`` the running requests' prompt and output tokens; the first output
+    token comes from the prefill with the KV. ``"vllm"``: the prompt's KV blocks must fit the free blocks (vLLM 0.34
+    ``vllm/v1/core/sched/scheduler.py``: a request loading KV asynchronously gets its blocks and waits as
+    ``WAITING_FOR_REMOTE_KVS``), and the decode computes the first output token itself. Both also need a running
+    slot under ``max_running_requests``."""
+
+    kv_bytes_per_token: int = DEEPSEEK_V3_KV_BYTES_PER_TOKEN
+    """KV cache per token moved from prefill to decode, bytes (:data:`DEEPSEEK_V3_KV_BYTES_PER_TOKEN`)."""
+
+    kv_transfer_bytes_per_s: float = RDMA_NIC_BYTES_PER_S
+    """Bandwidth of one KV transfer, bytes/s (:data:`RDMA_NIC_BYTES_PER_S`, an assumption)."""
+
+    num_reserved_decode_tokens: int = SGLANG_NUM_RESERVED_DECODE_TOKENS
+    """SGLang's per-request decode reservation, tokens (:data:`SGLANG_NUM_RESERVED_DECODE_TOKENS`; read with
+    ``pd_connector="sglang"``)."""
+
+    kv_lease_s: float | None = None
+    """How long a prefill rank keeps a finished request's KV for the decode side, seconds; None keeps it until it is
+    fetched or the request is aborted (SGLang: the prefill server times out the handoff itself after
+    ``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, 300 s). vLLM's NixlConnector: :data:`VLLM_NIXL_KV_LEASE_S`; its
+    MooncakeConnector: :data:`VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S`."""
+
     def __post_init__(self) -> None:
         for name in ("prefill_token_s", "prefill_attn_s", "decode_req_s", "decode_kv_s", "alltoall_s"):
             if getattr(self, name) < 0:
@@ -337,6 +405,15 @@ class EngineModelConfig:
             raise ValueError("batching='fairbatching' needs admission='reserve_output' (no preemption in its step)")
         if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
             raise ValueError(f"ttft_slo_s and tpot_slo_s must be > 0, got {self.ttft_slo_s}, {self.tpot_slo_s}")
+        if self.role not in ("mixed", "prefill", "decode") or self.pd_connector not in ("sglang", "vllm"):
+            raise ValueError(f"role and pd_connector: unknown {self.role!r}, {self.pd_connector!r}")
+        if self.kv_bytes_per_token < 1 or self.kv_transfer_bytes_per_s <= 0 or self.num_reserved_decode_tokens < 0:
+            raise ValueError(
+                "kv_bytes_per_token must be >= 1, kv_transfer_bytes_per_s > 0 and num_reserved_decode_tokens >= 0, got "
+                f"{self.kv_bytes_per_token}, {self.kv_transfer_bytes_per_s}, {self.num_reserved_decode_tokens}"
+            )
+        if self.kv_lease_s is not None and self.kv_lease_s <= 0:
+            raise ValueError(f"kv_lease_s must be > 0 or None, got {self.kv_lease_s}")
         watermark = self.prefill_delayer_token_usage_low_watermark
         if watermark is not None and not 0.0 <= watermark <= 1.0:
             raise ValueError(f"prefill_delayer_token_usage_low_watermark must be in [0, 1], got {watermark}")
@@ -466,6 +543,10 @@ class EngineModelConfig:
         already in the request's KV cache (formula in the module docstring)."""
         c = chunk_tokens
         return self.prefill_token_s * c + self.prefill_attn_s * c * (context_tokens + c / 2)
+
+    def kv_transfer_s(self, prompt_tokens: int) -> float:
+        """Seconds to move the KV of ``prompt_tokens`` tokens from a prefill rank to a decode rank."""
+        return prompt_tokens * self.kv_bytes_per_token / self.kv_transfer_bytes_per_s
 
     def decode_s(self, running_requests: int, kv_tokens: int) -> float:
         """Seconds one rank spends on one decode token for ``running_requests`` requests holding

@@ -29,7 +29,11 @@ Per DP rank (docs/design.md §1 and §5; constants, formulas and every option's 
 - the engines' own prefill alignment, off by default, gates what prefill a rank may run in a step: SGLang's
   PrefillDelayer (all ranks hold new prefill together for a bounded number of passes until every rank can prefill)
   and vLLM's ``prefill_schedule_interval`` (a rank with decodes prefills only on every Nth step, the same steps on
-  every rank) (:mod:`~gateway.sim.engine.prefill_alignment`).
+  every rank) (:mod:`~gateway.sim.engine.prefill_alignment`);
+- under P/D disaggregation (``role``, off by default), a prefill rank keeps a finished request's KV until the decode
+  side has fetched it, and a decode rank reserves KV for a request, fetches its prompt's KV, then decodes it with no
+  prefill compute; time for the transfers and leases is passed in (:meth:`EngineModel.advance`)
+  (:mod:`~gateway.sim.engine.pd`).
 
 Instance step time = ``alltoall_s + max over ranks(own work) + mean over ranks(EP-shared work)``: a rank with
 nothing to do runs a dummy step and waits for the slowest. With no work on any rank there is no step.
@@ -50,6 +54,7 @@ from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine.admission import admission_for
 from gateway.sim.engine.composition import Composition
 from gateway.sim.engine.fairbatching import FairBatching
+from gateway.sim.engine.pd import DecodeHandoff, next_event_s
 from gateway.sim.engine.prefill_alignment import PrefillAlignment
 from gateway.sim.engine.prefix_cache import PrefixCache
 from gateway.sim.engine.rank import Rank, RankStep, Request
@@ -114,6 +119,10 @@ class RankStats:
         cache_hit_rate: SGLang's ``sglang:cache_hit_rate``: cached tokens over cached plus prefilled tokens of the
             rank's latest step that prefilled, fraction 0-1.
         prefix_cache_tokens: tokens the rank's prefix cache holds, referenced by requests or idle, tokens.
+        prealloc: P/D decode: requests in the pre-allocation queue (no KV reserved yet).
+        transfer: P/D decode: requests with KV reserved, fetching it from the prefill side.
+        transfer_kv_tokens: P/D decode: KV tokens reserved for those transfers (in ``kv_used_tokens``), tokens.
+        held: P/D prefill: finished requests whose KV the rank keeps for the decode side (in ``kv_used_tokens``).
     """
 
     rank: int
@@ -129,6 +138,10 @@ class RankStats:
     prefix_cache_hits: int = 0
     cache_hit_rate: float = 0.0
     prefix_cache_tokens: int = 0
+    prealloc: int = 0
+    transfer: int = 0
+    transfer_kv_tokens: int = 0
+    held: int = 0
 
 
 class EngineModel:
@@ -159,6 +172,8 @@ class EngineModel:
         self._alignment = PrefillAlignment(config, self._ranks, self._admission)
         self._composition = Composition(config, self._admission)
         self._fairbatching = FairBatching(config, self._composition)
+        self._handoff = DecodeHandoff(config, self._admission)
+        self._held_now: list[Request] = []  # prefill requests whose KV the running step started holding
         self._requests: dict[str, Request] = {}
         self._next_round_robin = 0
         self._steps = 0  # steps run so far; the index of the next one
@@ -176,9 +191,11 @@ class EngineModel:
         ignore_eos: bool = False,
         prefix_blocks: Sequence[int] = (),
         prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
+        hold_kv: bool = False,
+        remote_prefill: bool = False,
     ) -> None:
         """Queue a request on a DP rank; it joins at the next step (the one after with ``join_lag_steps`` while a
-        step runs).
+        step runs), or, with ``remote_prefill``, the rank's pre-allocation queue (:meth:`advance`).
 
         Args:
             request_id: unique among the requests in the model.
@@ -196,10 +213,15 @@ class EngineModel:
                 :meth:`PrefixCache.hit <gateway.sim.engine.prefix_cache.PrefixCache.hit>`); empty means nothing can be
                 shared.
             prefix_block_tokens: tokens per prefix block (Mooncake: 512), a multiple of ``config.kv_block_size``.
+            hold_kv: P/D prefill (``config.role="prefill"``): when it finishes, its KV stays held for the decode side
+                (:meth:`release_held`).
+            remote_prefill: P/D decode (``config.role="decode"``): its prompt's KV comes from a prefill rank
+                (:meth:`kv_ready`); it runs no prefill (its prefix blocks are ignored).
 
         Raises:
-            ValueError: bad rank, duplicate id, non-positive lengths, or a request whose prompt plus
-                output exceeds one rank's KV capacity (it could never be admitted).
+            ValueError: bad rank, duplicate id, non-positive lengths, a request whose prompt plus
+                output exceeds one rank's KV capacity (it could never be admitted), or ``hold_kv`` /
+                ``remote_prefill`` on an instance of another role.
         """
         cfg = self.config
         if not 0 <= rank < self.dp_size:
@@ -213,6 +235,8 @@ class EngineModel:
                 f"prompt_tokens + output_tokens = {prompt_tokens + output_tokens} exceeds the KV capacity "
                 f"of a rank ({cfg.kv_capacity_tokens} tokens)"
             )
+        if (hold_kv and cfg.role != "prefill") or (remote_prefill and cfg.role != "decode"):
+            raise ValueError(f"hold_kv needs role='prefill' and remote_prefill role='decode', got role={cfg.role!r}")
         if max_new_tokens is None:
             max_new_tokens = max(1, cfg.context_length - prompt_tokens)
         ready = self._steps + (cfg.join_lag_steps if self._in_step else 0)
@@ -226,7 +250,13 @@ class EngineModel:
             req.prefix_blocks = tuple(prefix_blocks)
             req.prefix_block_tokens = prefix_block_tokens
         req.arrival_s = self._clock_s
+        req.hold_kv = hold_kv
         self._requests[request_id] = req
+        if remote_prefill:
+            req.remote_prefill = True
+            req.prefix_blocks = ()
+            self._ranks[rank].prealloc[request_id] = req
+            return
         self._ranks[rank].waiting[request_id] = req
 
     def abort(self, request_id: str) -> bool:
@@ -235,10 +265,103 @@ class EngineModel:
         if req is None:
             return False
         rank = self._ranks[req.rank]
-        rank.waiting.pop(request_id, None)
-        rank.running.pop(request_id, None)
+        if rank.held.pop(request_id, None) is not None:
+            self._drop_held(rank, req)
+            return True
+        for queue in (rank.waiting, rank.running, rank.prealloc, rank.transfer):
+            queue.pop(request_id, None)
         self._release(rank, req)
         return True
+
+    # --- P/D disaggregation (rules in gateway.sim.engine.pd) ---------------------------------------------------
+
+    def kv_ready(self, request_id: str, now_s: float) -> bool:
+        """The prefill side has the KV of ``remote_prefill`` request ``request_id`` at ``now_s`` (engine seconds):
+        its transfer starts as soon as it has its reservation. Returns False if no such request is waiting for KV."""
+        req = self._requests.get(request_id)
+        if req is None or not req.remote_prefill or req.kv_ready:
+            return False
+        req.kv_ready = True
+        if request_id in self._ranks[req.rank].transfer:
+            self._handoff.start(req, now_s)
+        return True
+
+    def recompute(self, request_id: str) -> bool:
+        """A ``remote_prefill`` request whose KV cannot be fetched prefills its prompt on its decode rank instead
+        (vLLM's ``kv_load_failure_policy="recompute"``): its reservation is freed and it queues as a local request.
+        Returns False if it is not waiting for KV."""
+        req = self._requests.get(request_id)
+        if req is None or not req.remote_prefill:
+            return False
+        rank = self._ranks[req.rank]
+        if rank.prealloc.pop(request_id, None) is None and rank.transfer.pop(request_id, None) is None:
+            return False
+        rank.free_kv(req)
+        req.kv = 0
+        req.remote_prefill = False
+        req.transfer_end_s = None
+        req.ready_step = self._steps
+        rank.waiting[request_id] = req
+        return True
+
+    def release_held(self, request_id: str) -> bool:
+        """The decode side has fetched the KV prefill request ``request_id`` held: free it. Returns False if it
+        holds none."""
+        req = self._requests.get(request_id)
+        if req is None or self._ranks[req.rank].held.pop(request_id, None) is None:
+            return False
+        self._drop_held(self._ranks[req.rank], req)
+        return True
+
+    def advance(self, now_s: float) -> list[TokenEvent]:
+        """Bring the P/D queues to ``now_s`` (engine seconds): free held KV whose lease expired, reserve KV for the
+        pre-allocation queues' heads, and start decoding the requests whose transfer has completed. With
+        ``pd_connector="sglang"`` each of those emits its first output token (the prefill's, carried with the KV).
+        Nothing to do on a mixed instance."""
+        tokens: list[TokenEvent] = []
+        if self.config.role == "mixed":
+            return tokens
+        for rank in self._ranks:
+            for req in [r for r in rank.held.values() if r.held_until_s is not None and r.held_until_s <= now_s]:
+                del rank.held[req.request_id]
+                self._drop_held(rank, req)
+            self._handoff.admit(rank, now_s)
+            for req in self._handoff.arrived(rank, now_s):
+                if self.config.pd_connector == "sglang":
+                    tokens.append(self._emit(rank, req))
+        return tokens
+
+    def holds(self, request_id: str) -> bool:
+        """Whether prefill request ``request_id`` has finished and still holds its KV."""
+        req = self._requests.get(request_id)
+        return req is not None and request_id in self._ranks[req.rank].held
+
+    def pd_phase(self, request_id: str) -> str | None:
+        """Where a request is: ``"prealloc"``, ``"transfer"``, ``"held"``, ``"waiting"`` or ``"running"``; None if it
+        has left the model."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        rank = self._ranks[req.rank]
+        for name, queue in (
+            ("prealloc", rank.prealloc),
+            ("transfer", rank.transfer),
+            ("held", rank.held),
+            ("waiting", rank.waiting),
+        ):
+            if request_id in queue:
+                return name
+        return "running"
+
+    def next_event_s(self) -> float | None:
+        """When :meth:`advance` next has something to do by the clock alone (a transfer ends, a lease expires), engine
+        seconds; None if nothing is timed."""
+        return next_event_s(self._ranks)
+
+    def _drop_held(self, rank: Rank, req: Request) -> None:
+        del self._requests[req.request_id]
+        rank.free_kv(req)
+        self._admission.drop_held(rank, req)
 
     @property
     def steps_run(self) -> int:
@@ -249,10 +372,12 @@ class EngineModel:
         """True if any rank has a waiting or running request (so :meth:`step` would run a step)."""
         return any(r.waiting or r.running for r in self._ranks)
 
-    def step(self) -> StepResult:
+    def step(self, now_s: float | None = None) -> StepResult:
         """Plan and commit one lockstep step of all ranks; returns its duration and output tokens.
 
-        With no work anywhere, returns a zero-duration result with no tokens (no step happened).
+        With no work anywhere, returns a zero-duration result with no tokens (no step happened). ``now_s``, the
+        driver's engine time at the start of the step (the model's own clock when None), dates the held KV of P/D
+        prefill requests finishing in the step, whose lease (``config.kv_lease_s``) runs from the step's end.
         """
         n = self.dp_size
         if not self.has_work():
@@ -288,6 +413,11 @@ class EngineModel:
         duration, work = self._duration(steps)
         if "open" not in gates and not any(s.prefill_tokens or s.decoding for s in steps):
             duration, work = SGLANG_HELD_PASS_S, [0.0] * n  # a held pass with no forward (SGLANG_HELD_PASS_S)
+        lease = self.config.kv_lease_s
+        for req in self._held_now:
+            if lease is not None:
+                req.held_until_s = (self._clock_s if now_s is None else now_s) + duration + lease
+        self._held_now.clear()
         self._clock_s += duration
         prefill_tokens = [s.prefill_tokens for s in steps]
         return StepResult(duration, tokens, prefill_tokens, [len(s.decoding) for s in steps], work)
@@ -306,6 +436,10 @@ class EngineModel:
                 kv_usage=r.kv_used / cap,
                 preemptions=r.preemptions,
                 new_token_ratio=r.new_token_ratio,
+                prealloc=len(r.prealloc),
+                transfer=len(r.transfer),
+                transfer_kv_tokens=sum(q.kv for q in r.transfer.values()),
+                held=len(r.held),
                 **(r.cache.stats(self._steps) if r.cache is not None else {}),
             )
             for i, r in enumerate(self._ranks)
@@ -362,7 +496,12 @@ class EngineModel:
         rank.fit_cache()
         if event.finished:
             del rank.running[req.request_id]
-            self._release(rank, req)
+            if req.hold_kv:
+                self._admission.hold(rank, req)
+                rank.held[req.request_id] = req
+                self._held_now.append(req)
+            else:
+                self._release(rank, req)
         return event
 
     def _release(self, rank: Rank, req: Request) -> None:

@@ -110,6 +110,18 @@ async def test_a_stream_that_dies_before_its_first_event_is_retried_transparentl
         assert await gateway_metric(http, cluster, "gateway_upstream_retries_total", engine="sg") >= 1
 
 
+@pytest.mark.parametrize("engine", ["sg", "vl"])
+async def test_a_stream_that_opens_with_the_engines_error_event_is_retried_transparently(engine: str) -> None:
+    upstream = UpstreamConfig(**NO_BACKOFF)
+    async with cluster_and_client("round_robin", health=FAST_HEALTH, upstream=upstream) as (cluster, http):
+        await set_faults(http, cluster.engine_urls[engine], generate="error_event", remaining=2)
+        for _ in range(6):
+            events = await stream_events(http, cluster.gateway_url, CHAT)
+            assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events
+        assert (await injected(http, cluster.engine_urls[engine]))["error_event"] == 2
+        assert await gateway_metric(http, cluster, "gateway_upstream_retries_total", engine=engine) >= 1
+
+
 async def test_a_non_streamed_answer_cut_off_mid_body_is_retried_transparently() -> None:
     upstream = UpstreamConfig(**NO_BACKOFF)
     async with cluster_and_client("round_robin", health=FAST_HEALTH, upstream=upstream) as (cluster, http):

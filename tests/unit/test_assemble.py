@@ -15,7 +15,9 @@ from gateway.server.assemble import (
     SSEEvents,
     StreamUsage,
     assemble,
+    error_event_status,
     event_data,
+    leading_error,
     reported_prompt_tokens,
 )
 
@@ -282,3 +284,32 @@ def test_sglang_tool_calls_keep_their_index_as_its_non_streamed_answer_does() ->
     assert sglang == [call]
     vllm = assemble("chat", events)["choices"][0]["message"]["tool_calls"]
     assert vllm == [{k: v for k, v in call.items() if k != "index"}]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "status"),
+    [
+        (b'data: {"object": "error", "message": "Decode transfer failed", "code": 500}\n\n', 500),  # SGLang
+        (b'data: {"error": {"message": "Internal server error", "code": 500}}\n\ndata: [DONE]\n\n', 500),  # vLLM
+        (b'data: {"error": {"message": "bad", "code": 400}}\n\n', 400),
+        (b'data: {"error": {"message": "no code"}}\n\n', 502),
+    ],
+)
+def test_a_stream_that_opens_with_an_error_event_is_recognised(chunk, status):
+    found = leading_error(chunk)
+    assert found is not None and error_event_status(found[0]) == status
+    assert json.loads(found[1]) == found[0]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n',
+        b'data: {"choices": [], "error": {"code": 500}}\n\n',  # carries choices: not an error event
+        b": keep-alive\n\n",
+        b'data: {"object": "error"',  # the event is not whole yet
+        b"data: not json\n\n",
+    ],
+)
+def test_a_stream_that_opens_otherwise_is_not_an_error(chunk):
+    assert leading_error(chunk) is None

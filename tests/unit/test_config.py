@@ -146,9 +146,9 @@ def test_trailing_slash_is_stripped_from_the_url() -> None:
             id="url-without-scheme",
         ),
         pytest.param(
-            "engines:\n  - {name: a, flavor: vllm, url: 'http://h:1', models: [m], role: prefill}\n",
+            "engines:\n  - {name: a, flavor: vllm, url: 'http://h:1', models: [m], role: router}\n",
             "engines.0.role",
-            id="role-prefill",
+            id="role-unknown",
         ),
         pytest.param(
             "engines:\n  - {name: a, flavor: vllm, url: 'http://h:1', models: []}\n", "engines.0.models", id="no-models"
@@ -180,11 +180,6 @@ def test_invalid_file_names_the_field(tmp_path: Path, yaml_text: str, field: str
 def test_window_min_above_max_names_both_bounds(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="min_interval_s must not exceed max_interval_s"):
         load_settings(write(tmp_path, "window:\n  min_interval_s: 1.0\n  max_interval_s: 0.5\n"))
-
-
-def test_role_prefill_says_why() -> None:
-    with pytest.raises(ConfigError, match=r"engines\.0\.role: .*only 'mixed' is supported"):
-        load_settings(engines=[engine(role="prefill")])
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,18 @@ def test_sglang_legs_carry_the_bootstrap_and_both_rank_pins_without_conflict():
     assert plan.prefill.headers == {} and plan.decode().headers == {}
 
 
+def test_without_a_prefill_pin_the_room_alone_names_the_prefill_rank():
+    """``follow_bootstrap_room``: no ``routed_dp_rank`` to prefill, no ``disagg_prefill_dp_rank`` to decode (a
+    client's are dropped too); both engines take ``room % dp_size``, the rank the room is aligned to."""
+    body = copy.deepcopy(CHAT) | {"routed_dp_rank": 6, "disagg_prefill_dp_rank": 1}
+    prefill = PrefillSide("p0", rank=5, dp_size=8, host="10.0.0.5")
+    plan = sglang_bootstrap.attempt(body, prefill, DecodeSide("d0", rank=2), random.Random(4), pin_prefill=False)
+    p, d = plan.prefill.body, plan.decode().body
+    assert "routed_dp_rank" not in p and "disagg_prefill_dp_rank" not in p
+    assert d["routed_dp_rank"] == 2 and "disagg_prefill_dp_rank" not in d
+    assert p["bootstrap_room"] == d["bootstrap_room"] == plan.room and plan.room % 8 == 5
+
+
 def test_every_sglang_attempt_mints_a_new_room_and_the_default_port():
     prefill = PrefillSide("p0", rank=0, dp_size=2, host="p")
     rng = random.Random(3)

@@ -61,6 +61,20 @@ class Admission(ABC):
             req.admitted = False
             rank.admitted -= 1
 
+    def adopt(self, rank: Rank, req: Request) -> None:
+        """``req`` starts decoding on ``rank`` without a prefill there (P/D decode, its KV fetched): it takes a running
+        slot as if admitted."""
+        req.admitted = True
+        rank.admitted += 1
+
+    def hold(self, rank: Rank, req: Request) -> None:
+        """``req`` finished on a P/D prefill rank and keeps its KV for the decode side: its running slot is free."""
+        self.release(rank, req)
+
+    def drop_held(self, rank: Rank, req: Request) -> None:
+        """The KV ``req`` held (see :meth:`hold`) is freed."""
+        return
+
     def decode_batch(self, rank: Rank) -> list[Request]:
         """The running requests a SGLang decode step runs: all of them, unless the rule retracts some."""
         return list(rank.running.values())
@@ -106,6 +120,17 @@ class ReserveOutput(Admission):
         if req.admitted:
             rank.kv_reserved -= req.kv_reservation
         super().release(rank, req)
+
+    def adopt(self, rank: Rank, req: Request) -> None:
+        rank.kv_reserved += req.kv_reservation
+        super().adopt(rank, req)
+
+    def hold(self, rank: Rank, req: Request) -> None:
+        super().hold(rank, req)
+        rank.kv_reserved += req.kv  # the held KV stays unavailable to admission
+
+    def drop_held(self, rank: Rank, req: Request) -> None:
+        rank.kv_reserved -= req.kv
 
 
 class SGLangAdmission(Admission):

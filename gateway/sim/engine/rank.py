@@ -1,6 +1,9 @@
 """One DP rank's state in the engine model: its requests, queues and KV accounting.
 
-A rank holds a FCFS *waiting* queue of requests not yet fully prefilled and a *running* set of decoding requests.
+A rank holds a FCFS *waiting* queue of requests not yet fully prefilled and a *running* set of decoding requests;
+under P/D disaggregation (:mod:`gateway.sim.engine.pd`) a prefill rank also keeps the KV of finished requests until
+the decode side has fetched it (*held*), and a decode rank queues requests for a KV reservation (*prealloc*) and
+fetches their KV (*transfer*) before they run.
 Its KV is counted in tokens and in ``kv_block_size`` blocks (vLLM allocates whole blocks; SGLang's page is one
 token). With a prefix cache, KV a request shares with the cache is counted once, while some request holds it;
 idle cached blocks are counted by the cache (:mod:`gateway.sim.engine.prefix_cache`).
@@ -39,6 +42,11 @@ class Request:
     cache_refs: list[CachedBlock] = field(default_factory=list)  # cached blocks it holds a reference on
     cache_next: int = 0  # index of the next prompt block to insert into the cache
     arrival_s: float = 0.0  # on the engine's clock (FairBatching's deadlines)
+    hold_kv: bool = False  # P/D prefill: its KV stays held for the decode side after it finishes
+    held_until_s: float | None = None  # P/D prefill: when a held KV's lease expires (None: no lease)
+    remote_prefill: bool = False  # P/D decode: its prompt's KV comes from a prefill rank
+    kv_ready: bool = False  # P/D decode: the prefill side has the KV ready to fetch
+    transfer_end_s: float | None = None  # P/D decode: when its KV transfer completes (None: not started)
 
     @property
     def kv_reservation(self) -> int:
@@ -60,6 +68,9 @@ class Rank:
     kv_reserved: int = 0
     admitted: int = 0  # running + admitted waiting
     preemptions: int = 0
+    prealloc: dict[str, Request] = field(default_factory=dict)  # P/D decode: waiting for a KV reservation, FCFS
+    transfer: dict[str, Request] = field(default_factory=dict)  # P/D decode: KV reserved, fetching it
+    held: dict[str, Request] = field(default_factory=dict)  # P/D prefill: finished, KV kept for the decode side
 
     def free_kv(self, req: Request) -> None:
         """Free ``req``'s KV; the cached blocks it held and no other request holds become idle in the cache."""

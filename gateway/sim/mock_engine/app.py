@@ -13,7 +13,11 @@ its lifespan owns the step-loop task (:class:`~gateway.sim.mock_engine.runtime.E
 - fault injection (simulation only): ``GET``/``PUT``/``DELETE /_sim/faults`` (:mod:`gateway.sim.mock_engine.faults`);
 - what the engine was asked (simulation only): ``GET /_sim/requests``, requests accepted per DP rank, pinned by the
   caller or placed by the engine, and the load polls served (``/v1/loads``, ``/get_load``, ``/metrics``), so a
-  benchmark can show whether a router in front pinned ranks and polled loads.
+  benchmark can show whether a router in front pinned ranks and polled loads;
+- a P/D engine (``MockEngineConfig.role`` prefill or decode; :mod:`gateway.sim.mock_engine.pd`): the flavour's P/D
+  legs on the generation routes, ``GET /_sim/pd/info`` and, on a prefill, the KV rendezvous its decode mocks call
+  (SGLang ``POST /_sim/pd/sglang/connect``, ``/done``, ``/abort``; vLLM NIXL ``POST /_sim/pd/nixl/read``, ``/done``;
+  vLLM Mooncake the bootstrap server's ``GET /query`` and ``POST /_sim/pd/mooncake/pull``, ``/done``).
 
 Unpinned requests go where the real engine would put them: vLLM by its ``waiting * 4 + running`` rule,
 SGLang round robin. Run one from the shell with ``gateway mock-engine --flavor vllm --dp-size 4 --port 8001``
@@ -28,7 +32,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,10 +41,20 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.calibration import VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S, VLLM_NIXL_KV_LEASE_S, EngineModelConfig
 from gateway.sim.engine_model import EngineModel, RankStats
 from gateway.sim.mock_engine.faults import FaultInjector, FaultPlan, HangResponse, silence_injected_crashes
 from gateway.sim.mock_engine.metrics import MockEngineMetrics
+from gateway.sim.mock_engine.pd import (
+    DEFAULT_PD_TIMEOUT_S,
+    KvConnector,
+    KvLoadFailurePolicy,
+    PdEngine,
+    Role,
+    request_body,
+    sglang_error,
+    vllm_generation_error,
+)
 from gateway.sim.mock_engine.protocol import (
     MIN_PREFIX_BLOCK_TOKENS,
     Flavor,
@@ -70,6 +84,8 @@ def sglang_v1_loads(
     max_running_requests: int,
     gen_throughput: Callable[[int], float],
     dp_rank: int | None = None,
+    mode: str = "null",
+    bootstrap_queue: Callable[[int], int] = lambda _rank: 0,
 ) -> dict[str, Any]:
     """The body of SGLang's ``GET /v1/loads`` for the ranks in ``stats``, as SGLang 0.5.23 sends it.
 
@@ -77,7 +93,12 @@ def sglang_v1_loads(
     "loads": [per rank]}``; per rank the twelve core fields always, then the sections ``include`` (comma-separated,
     default ``all``) names: ``memory``, ``speculative`` and ``lora`` (``null`` here, as SGLang sends a section whose
     feature is off or whose figures it cannot read), ``disaggregation`` (mode ``"null"``, queues 0) and ``queues``.
-    ``dp_rank`` outside the ranks gives an empty list, as SGLang does.
+    ``dp_rank`` outside the ranks gives an empty list, as SGLang does. A P/D engine (``mode`` ``"prefill"`` or
+    ``"decode"``) also reports ``num_active_tokens``, ``num_total_tokens`` less the KV reserved for transfers
+    (``LoadSnapshot``, sglang/srt/managers/load_snapshot.py), and its queues in ``disaggregation``: prefill
+    ``prefill_bootstrap_queue_reqs`` (``bootstrap_queue``, waiting for the decode side) and
+    ``prefill_inflight_queue_reqs`` (holding KV for it); decode ``decode_prealloc_queue_reqs`` and
+    ``decode_transfer_queue_reqs``.
 
     The simulated engine has no prefix cache in this form, so every waiting token is uncached
     (``num_waiting_uncached_tokens``) and ``cache_hit_rate`` is 0; ``num_total_tokens`` is the KV in use plus the
@@ -109,6 +130,8 @@ def sglang_v1_loads(
             "cache_hit_rate": 0.0,
             "utilization": 0.0,
         }
+        if mode != "null":
+            load["num_active_tokens"] = load["num_total_tokens"] - s.transfer_kv_tokens
         if "memory" in wanted:
             load["memory"] = None
         if "spec" in wanted:
@@ -117,11 +140,11 @@ def sglang_v1_loads(
             load["lora"] = None
         if "disagg" in wanted:
             load["disaggregation"] = {
-                "mode": "null",
-                "prefill_bootstrap_queue_reqs": 0,
-                "prefill_inflight_queue_reqs": 0,
-                "decode_prealloc_queue_reqs": 0,
-                "decode_transfer_queue_reqs": 0,
+                "mode": mode,
+                "prefill_bootstrap_queue_reqs": bootstrap_queue(s.rank),
+                "prefill_inflight_queue_reqs": s.held,
+                "decode_prealloc_queue_reqs": s.prealloc,
+                "decode_transfer_queue_reqs": s.transfer,
                 "decode_retracted_queue_reqs": 0,
                 "kv_transfer_speed_gb_s": 0.0,
                 "kv_transfer_latency_ms": 0.0,
@@ -173,6 +196,30 @@ class MockEngineConfig:
     (four characters a token), or ``"deepseek"``, DeepSeek-V3's tokenizer after its chat template, as the real
     engine counts (:func:`gateway.sim.mock_engine.protocol.prompt_blocks`)."""
 
+    role: Role = "mixed"
+    """``"mixed"``, or one side of P/D disaggregation: ``"prefill"`` or ``"decode"``, speaking the flavour's P/D
+    protocol (SGLang's bootstrap, vLLM's NixlConnector; :mod:`gateway.sim.mock_engine.pd`). The engine model gets
+    the same ``role`` and ``pd_connector`` = the flavour (and, for a vLLM prefill whose model sets no lease, vLLM's
+    30 s lease)."""
+
+    pd_timeout_s: float | None = None
+    """SGLang: how long a prefill waits for its decode side to connect, and a decode for its KV, seconds
+    (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, ``SGLANG_DISAGGREGATION_WAITING_TIMEOUT``: 300). vLLM Mooncake:
+    how long a pull waits for its prefill (``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT``: 480). None: the engine's
+    default (:attr:`handoff_timeout_s`)."""
+
+    kv_connector: KvConnector = "nixl"
+    """vLLM P/D: the KV connector whose protocol the engine speaks, ``"nixl"`` (NixlConnector) or ``"mooncake"``
+    (MooncakeConnector)."""
+
+    kv_load_failure_policy: KvLoadFailurePolicy = "fail"
+    """vLLM decode: a request whose KV cannot be read fails (``"fail"``, vLLM's default) or prefills locally
+    (``"recompute"``)."""
+
+    engine_id: str | None = None
+    """vLLM prefill: the engine id in ``remote_engine_id`` (``{engine_id}_dp{rank}``); None: a random UUID, as
+    vLLM's ``kv_transfer_config.engine_id`` defaults."""
+
     def __post_init__(self) -> None:
         if self.flavor not in ("sglang", "vllm"):
             raise ValueError(f"flavor must be 'sglang' or 'vllm', got {self.flavor!r}")
@@ -182,6 +229,29 @@ class MockEngineConfig:
             raise ValueError(f"speed must be > 0, got {self.speed}")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.role not in ("mixed", "prefill", "decode"):
+            raise ValueError(f"role must be 'mixed', 'prefill' or 'decode', got {self.role!r}")
+        if self.pd_timeout_s is not None and self.pd_timeout_s <= 0:
+            raise ValueError(f"pd_timeout_s must be > 0, got {self.pd_timeout_s}")
+        if self.kv_connector not in ("nixl", "mooncake"):
+            raise ValueError(f"kv_connector must be 'nixl' or 'mooncake', got {self.kv_connector!r}")
+
+    @property
+    def handoff_timeout_s(self) -> float:
+        """:attr:`pd_timeout_s`, or the engine's default: SGLang 300 s, vLLM Mooncake 480 s."""
+        if self.pd_timeout_s is not None:
+            return self.pd_timeout_s
+        return VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S if self.flavor == "vllm" else DEFAULT_PD_TIMEOUT_S
+
+    def model_config(self) -> EngineModelConfig:
+        """The engine model's settings with this engine's P/D role (see :attr:`role`)."""
+        em = self.engine_model
+        if self.role == "mixed":
+            return em
+        lease = em.kv_lease_s
+        if lease is None and self.flavor == "vllm" and self.role == "prefill":
+            lease = VLLM_NIXL_KV_LEASE_S if self.kv_connector == "nixl" else VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT_S
+        return replace(em, role=self.role, pd_connector=self.flavor, kv_lease_s=lease)
 
 
 class _MockEngine:
@@ -189,8 +259,10 @@ class _MockEngine:
 
     def __init__(self, config: MockEngineConfig) -> None:
         self.config = config
-        self.model = EngineModel(config.engine_model, config.dp_size)
-        self.metrics = MockEngineMetrics(config.flavor, config.model, config.dp_size, self.model.rank_stats)
+        self.model = EngineModel(config.model_config(), config.dp_size)
+        self.metrics = MockEngineMetrics(
+            config.flavor, config.model, config.dp_size, self.model.rank_stats, role=config.role
+        )
         self.runtime = EngineRuntime(self.model, config.speed, self.metrics)
         self.faults = FaultInjector()
         em = config.engine_model
@@ -205,6 +277,9 @@ class _MockEngine:
         self.pinned = [0] * config.dp_size
         self.placed = [0] * config.dp_size
         self.polls = {"/v1/loads": 0, "/get_load": 0, "/metrics": 0}
+        self.pd = PdEngine(self) if config.role != "mixed" else None
+        if self.pd is not None:
+            self.metrics.bootstrap_queue = self.pd.bootstrap_queue
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
@@ -217,6 +292,8 @@ class _MockEngine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self.pd is not None:
+                await self.pd.close()
 
     def error(self, exc: ProtocolError) -> JSONResponse:
         return JSONResponse(error_body(self.config.flavor, exc), status_code=exc.status)
@@ -241,11 +318,17 @@ class _MockEngine:
             )
             # encoding a long prompt takes tens of milliseconds: off the event loop, which runs the steps
             req = await asyncio.to_thread(parse) if self.tokenizer is not None else parse()
-            rank = req.rank if req.rank is not None else self._pick_rank()
+            if self.pd is not None:
+                return await self.pd.generate(request, req, request_body(await request.body()))
+            rank = req.rank if req.rank is not None else self.pick_rank()
             (self.placed if req.rank is None else self.pinned)[rank] += 1
             fault = self.faults.request_fault(rank)
             if fault == "http_500":
                 raise ProtocolError(500, "injected fault: internal error", "InternalServerError")
+            if fault == "error_event":
+                if cfg.flavor == "sglang":
+                    return sglang_error(500, "injected fault: internal error", req.stream)
+                return vllm_generation_error(req.stream)
             if fault == "hang":
                 return HangResponse()
             try:
@@ -269,7 +352,8 @@ class _MockEngine:
             self.runtime, handle, req, response_id, int(time.time()), fault, self.faults.plan.after_chunks
         )
 
-    def _pick_rank(self) -> int:
+    def pick_rank(self) -> int:
+        """The rank the real engine would give an unpinned request."""
         if self.config.flavor == "vllm":
             return self.model.pick_rank_vllm()
         return self.model.pick_rank_round_robin()
@@ -316,15 +400,25 @@ class _MockEngine:
     async def requests_seen(self) -> dict[str, object]:
         """Generation requests accepted per DP rank (``pinned``: the caller named the rank; ``placed``: the engine
         chose it), load polls served per route, and per DP rank the prompt tokens looked up in and found in its
-        prefix cache (``prefix_cache_queries`` / ``prefix_cache_hits``, zeros without one), since start."""
+        prefix cache (``prefix_cache_queries`` / ``prefix_cache_hits``, zeros without one), since start. A P/D
+        engine adds, per DP rank, the KV transfers completed and failed (``transfers_completed`` /
+        ``transfers_failed``: handed over by a prefill, received by a decode), the requests still in the engine
+        (``running``: waiting, running, queued for or fetching KV), the requests holding KV for the decode side
+        (``held``) and the KV in use (``kv_used_tokens``)."""
         stats = self.model.rank_stats()
-        return {
+        seen: dict[str, object] = {
             "pinned": self.pinned,
             "placed": self.placed,
             "polls": self.polls,
             "prefix_cache_queries": [s.prefix_cache_queries for s in stats],
             "prefix_cache_hits": [s.prefix_cache_hits for s in stats],
         }
+        if self.pd is not None:
+            seen |= self.pd.counters()
+            seen["running"] = [s.running + s.waiting + s.prealloc + s.transfer for s in stats]
+            seen["held"] = [s.held for s in stats]
+            seen["kv_used_tokens"] = [s.kv_used_tokens for s in stats]
+        return seen
 
     async def get_faults(self) -> dict[str, object]:
         return self.faults.describe()
@@ -347,6 +441,8 @@ class _MockEngine:
                 self.config.engine_model.max_running_requests,
                 self.metrics.gen_throughput,
                 dp_rank,
+                "null" if self.pd is None else self.config.role,
+                self.pd.bootstrap_queue if self.pd is not None else lambda _rank: 0,
             )
         except ValueError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
@@ -383,7 +479,7 @@ class _MockEngine:
             "max_running_requests": em.max_running_requests,
             "max_total_num_tokens": em.kv_capacity_tokens,
             "context_length": cfg.max_model_len,
-            "disaggregation_mode": "null",
+            "disaggregation_mode": "null" if self.pd is None else self.config.role,
             "enable_prefill_delayer": em.enable_prefill_delayer,
             "prefill_delayer_max_delay_passes": em.prefill_delayer_max_delay_passes,
             "internal_states": self._get_load_rows(),
@@ -419,6 +515,19 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
     app.add_api_route("/_sim/faults", engine.put_faults, methods=["PUT"])
     app.add_api_route("/_sim/faults", engine.delete_faults, methods=["DELETE"])
     app.add_api_route("/_sim/requests", engine.requests_seen, methods=["GET"])
+    if engine.pd is not None:
+        app.add_api_route("/_sim/pd/info", engine.pd.info, methods=["GET"])
+        if config.role == "prefill" and config.flavor == "sglang":
+            app.add_api_route("/_sim/pd/sglang/connect", engine.pd.sglang_connect, methods=["POST"])
+            app.add_api_route("/_sim/pd/sglang/done", engine.pd.sglang_done, methods=["POST"])
+            app.add_api_route("/_sim/pd/sglang/abort", engine.pd.sglang_abort, methods=["POST"])
+        if config.role == "prefill" and config.flavor == "vllm" and config.kv_connector == "nixl":
+            app.add_api_route("/_sim/pd/nixl/read", engine.pd.nixl_read, methods=["POST"])
+            app.add_api_route("/_sim/pd/nixl/done", engine.pd.nixl_done, methods=["POST"])
+        if config.role == "prefill" and config.flavor == "vllm" and config.kv_connector == "mooncake":
+            app.add_api_route("/query", engine.pd.mooncake_query, methods=["GET"])
+            app.add_api_route("/_sim/pd/mooncake/pull", engine.pd.mooncake_pull, methods=["POST"])
+            app.add_api_route("/_sim/pd/mooncake/done", engine.pd.mooncake_done, methods=["POST"])
     app.state.engine = engine
     if config.flavor == "sglang":
         app.add_api_route("/health_generate", engine.health, methods=["GET"])

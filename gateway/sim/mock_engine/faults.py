@@ -13,6 +13,13 @@ A :class:`FaultPlan` is set with ``PUT /_sim/faults`` (JSON body, the fields bel
 - ``generate="end_without_done"``: the stream ends cleanly after ``after_chunks`` events, with no ``[DONE]``.
 - ``generate="stall_mid_stream"``: the stream goes silent after ``after_chunks`` events (a hung engine that had
   started answering) until the client leaves.
+- ``generate="error_event"``: the engine meets an internal error after its headers: a streamed request gets HTTP
+  200, one error event in the flavour's shape and ``[DONE]`` (what SGLang and vLLM send), a non-streamed one the
+  flavour's 500.
+- ``generate="transfer_fail"`` (a P/D decode engine, :mod:`gateway.sim.mock_engine.pd`): the KV transfer of a
+  request breaks once the prefill side has the KV, as a failed RDMA transfer does; the decode leg fails as the
+  engine fails it (and tells its prefill). On other engines, and for the other faults on P/D legs, the faults
+  apply as above.
 - ``health="fail"`` / ``"hang"``: ``GET /health`` answers 503 / never answers.
 - ``metrics="garbage"`` / ``"hang"`` / ``"slow"``: ``GET /metrics`` answers text that is not Prometheus
   exposition / never answers / answers after ``metrics_delay_s``.
@@ -30,7 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-GenerateFault = Literal["ok", "http_500", "hang", "kill_mid_stream", "end_without_done", "stall_mid_stream"]
+GenerateFault = Literal[
+    "ok", "http_500", "error_event", "hang", "kill_mid_stream", "end_without_done", "stall_mid_stream", "transfer_fail"
+]
 
 
 class FaultPlan(BaseModel):

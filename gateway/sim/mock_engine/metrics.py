@@ -24,6 +24,18 @@ series labelled ``model_name`` only: ``sglang:prompt_tokens_total``, ``sglang:ge
 ``sglang:num_aborted_requests_total``, ``sglang:num_requests_total`` (counters) and the three latency
 histograms ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``,
 ``sglang:e2e_request_latency_seconds``.
+
+A P/D vLLM decode engine (a KV consumer) counts the requests waiting for or fetching their KV in
+``vllm:num_requests_waiting`` (``Scheduler.get_request_counts``: ``waiting`` plus ``async_kv_waiting``,
+vllm/v1/core/sched/scheduler.py) and exports ``vllm:num_requests_kv_fetch_by_stage{stage=waiting_to_start|
+in_progress|completed_waiting}`` (vllm/v1/metrics/loggers.py, 0.34; the mock has no ``completed_waiting``: a request
+whose KV has arrived runs at once).
+
+A P/D SGLang engine labels its scheduler gauges ``engine_type="prefill"`` or ``"decode"``
+(``DisaggregationMode.to_engine_type``, sglang/srt/disaggregation/utils.py) and adds, per rank,
+``sglang:num_prefill_bootstrap_queue_reqs``, ``sglang:num_prefill_inflight_queue_reqs``,
+``sglang:num_decode_prealloc_queue_reqs`` and ``sglang:num_decode_transfer_queue_reqs``
+(sglang/srt/observability/metrics_collector.py, 0.5.23).
 """
 
 from __future__ import annotations
@@ -104,13 +116,23 @@ class MockEngineMetrics(Collector):
         model_name: the ``model_name`` label value.
         dp_size: number of DP ranks.
         rank_stats: returns the model's per-rank snapshot; called at scrape time.
+        role: the engine's P/D role (``"mixed"``, ``"prefill"`` or ``"decode"``); ``bootstrap_queue`` (set by a
+            SGLang prefill) gives each rank's requests waiting for their decode side.
     """
 
     def __init__(
-        self, flavor: Flavor, model_name: str, dp_size: int, rank_stats: Callable[[], list[RankStats]]
+        self,
+        flavor: Flavor,
+        model_name: str,
+        dp_size: int,
+        rank_stats: Callable[[], list[RankStats]],
+        role: str = "mixed",
     ) -> None:
         self.flavor, self.model_name, self.dp_size = flavor, model_name, dp_size
         self._rank_stats = rank_stats
+        self.role = role
+        self.engine_type = {"prefill": "prefill", "decode": "decode"}.get(role, "unified")
+        self.bootstrap_queue: Callable[[int], int] = lambda _rank: 0
         self.prompt_tokens = [0] * dp_size
         self.generation_tokens = [0] * dp_size
         self.finished = {(rank, reason): 0 for rank in range(dp_size) for reason in FINISHED_REASONS}
@@ -207,8 +229,20 @@ class MockEngineMetrics(Collector):
         for name, doc, attr in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=names)
             for s in stats:
-                gauge.add_metric(list(self._labels(s.rank)), float(getattr(s, attr)))
+                value = getattr(s, attr) + (s.prealloc + s.transfer if attr == "waiting" else 0)
+                gauge.add_metric(list(self._labels(s.rank)), float(value))
             yield gauge
+        if self.role == "decode":
+            fetch = GaugeMetricFamily(
+                "vllm:num_requests_kv_fetch_by_stage",
+                "Number of waiting requests by async KV load stage.",
+                labels=[*names, "stage"],
+            )
+            for s in stats:
+                for stage, value in (("waiting_to_start", s.prealloc), ("in_progress", s.transfer)):
+                    fetch.add_metric([*self._labels(s.rank), stage], float(value))
+                fetch.add_metric([*self._labels(s.rank), "completed_waiting"], 0.0)
+            yield fetch
         preemptions = [s.preemptions for s in stats]
         counters = (
             ("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
@@ -261,11 +295,34 @@ class MockEngineMetrics(Collector):
             ),
             ("sglang:cache_hit_rate", "The prefix cache hit rate.", lambda s: s.cache_hit_rate),
         )
+        if self.role != "mixed":
+            gauges += (
+                (
+                    "sglang:num_prefill_bootstrap_queue_reqs",
+                    "The number of requests in the prefill bootstrap queue.",
+                    lambda s: self.bootstrap_queue(s.rank),
+                ),
+                (
+                    "sglang:num_prefill_inflight_queue_reqs",
+                    "The number of requests in the prefill inflight queue.",
+                    lambda s: s.held,
+                ),
+                (
+                    "sglang:num_decode_prealloc_queue_reqs",
+                    "The number of requests in the decode prealloc queue.",
+                    lambda s: s.prealloc,
+                ),
+                (
+                    "sglang:num_decode_transfer_queue_reqs",
+                    "The number of requests in the decode transfer queue.",
+                    lambda s: s.transfer,
+                ),
+            )
         for name, doc, value in gauges:
             gauge = GaugeMetricFamily(name, doc, labels=names)
             for s in stats:
                 rank = str(s.rank)
-                gauge.add_metric([self.model_name, "unified", "0", "0", rank, rank], float(value(s)))
+                gauge.add_metric([self.model_name, self.engine_type, "0", "0", rank, rank], float(value(s)))
             yield gauge
         effective = CounterMetricFamily(
             "sglang:prefill_effective_tokens",
@@ -274,7 +331,7 @@ class MockEngineMetrics(Collector):
         )
         for s in stats:
             rank = str(s.rank)
-            labels = [self.model_name, "unified", "0", "0", rank, rank]
+            labels = [self.model_name, self.engine_type, "0", "0", rank, rank]
             effective.add_metric([*labels, "input"], float(s.prefix_cache_queries - s.prefix_cache_hits))
             effective.add_metric([*labels, "device_hit"], float(s.prefix_cache_hits))
         yield effective

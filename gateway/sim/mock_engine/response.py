@@ -5,12 +5,18 @@ Written as a plain ASGI callable (a Starlette ``Response`` subclass overriding `
 and no token is being sent: one task produces the answer, another watches ``receive()`` for
 ``http.disconnect``; whichever ends first cancels the other. On any exit before the last token the request is
 aborted in the engine model (frees its KV) and counted as aborted, like vLLM and SGLang do.
+
+A P/D leg (:mod:`gateway.sim.mock_engine.pd`) gives the response a ``prepare`` step, awaited before anything is
+sent (the KV handoff; an error it returns is the answer), a ``cleanup`` run on every exit, and fields to add to
+the non-streamed body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -39,6 +45,9 @@ class GenerationResponse(Response):
         fault: an injected fault, ``kill_mid_stream``, ``end_without_done`` or ``stall_mid_stream`` (see
             :mod:`gateway.sim.mock_engine.faults`), or ``"ok"``.
         after_chunks: token events sent before the fault strikes.
+        prepare: awaited before anything is sent; returns None to answer normally, or the error response to send.
+        cleanup: called once when the response ends, however it ends.
+        extra: fields added to the top level of a non-streamed answer.
     """
 
     def __init__(
@@ -50,6 +59,10 @@ class GenerationResponse(Response):
         created: int,
         fault: GenerateFault = "ok",
         after_chunks: int = 0,
+        *,
+        prepare: Callable[[], Awaitable[Response | None]] | None = None,
+        cleanup: Callable[[], None] | None = None,
+        extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -62,9 +75,12 @@ class GenerationResponse(Response):
         self._created = created
         self._fault = fault
         self._after_chunks = after_chunks
+        self._prepare = prepare
+        self._cleanup = cleanup
+        self._extra = extra
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        produce = asyncio.ensure_future(self._stream(send) if self._request.stream else self._collect(send))
+        produce = asyncio.ensure_future(self._answer(scope, receive, send))
         watch = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             done, _ = await asyncio.wait({produce, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -77,11 +93,23 @@ class GenerationResponse(Response):
                 task.cancel()
             self._runtime.abort(self._handle)  # no-op when it finished
             await asyncio.gather(produce, watch, return_exceptions=True)
+            if self._cleanup is not None:
+                self._cleanup()
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._prepare is not None and (error := await self._prepare()) is not None:
+            self._runtime.abort(self._handle)
+            await error(scope, receive, send)
+            return
+        await (self._stream(send) if self._request.stream else self._collect(send))
 
     async def _collect(self, send: Send) -> None:
         while not (await self._handle.events.get()).finished:
             pass
-        body = json.dumps(completion_response(self._request, self._id, self._created)).encode()
+        answer = completion_response(self._request, self._id, self._created)
+        if self._extra is not None:
+            answer |= self._extra()
+        body = json.dumps(answer).encode()
         headers = [(b"content-length", str(len(body)).encode()), *self.raw_headers]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         if self._fault == "kill_mid_stream":
