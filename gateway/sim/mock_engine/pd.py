@@ -462,6 +462,46 @@ class PdEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _pull(self, url: str, payload: dict[str, Any], timeout_s: float | None = None) -> bool:
+        """POST a vLLM decode mock's KV read to its prefill mock; whether it answered 200 (``timeout_s``: the
+        client's default when ``None``)."""
+        try:
+            if timeout_s is None:
+                answer = await self.client().post(url, json=payload)
+            else:
+                answer = await self.client().post(url, json=payload, timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200
+
+    async def _hand_over(
+        self,
+        ok: bool,
+        req: GenerationRequest,
+        handle: GenerationHandle,
+        rank: int,
+        reading: dict[str, bool],
+        done_url: str,
+        done_payload: dict[str, Any],
+    ) -> Response | None:
+        """What a vLLM decode mock does once its KV read ended (``ok``: it succeeded): on failure, recompute the
+        prefill under ``kv_load_failure_policy="recompute"`` or answer vLLM's generation error; on success, let the
+        model take the KV, wait for the transfer and tell the prefill mock at ``done_url``. ``reading`` holds
+        ``"now"`` while the transfer runs (the request's cleanup reads it)."""
+        if not ok:
+            self.transfers_failed[rank] += 1
+            policy = self.engine.config.kv_load_failure_policy
+            if policy == "recompute" and self.engine.runtime.recompute(handle):
+                return None
+            return vllm_generation_error(req.stream)
+        reading["now"] = True
+        self.engine.runtime.kv_ready(handle)
+        await handle.transferred.wait()
+        self.transfers_completed[rank] += 1
+        del reading["now"]
+        await self._notify(done_url, done_payload)
+        return None
+
     async def _notify(self, url: str, payload: dict[str, Any]) -> None:
         """Best-effort POST to a prefill mock (its failure is the prefill's to see)."""
         try:
@@ -603,7 +643,6 @@ class PdEngine:
             handle = self._submit(req, rank, remote_prefill=True)
         except ProtocolError as exc:
             return self.engine.error(exc)
-        policy = self.engine.config.kv_load_failure_policy
         broken = self._fault == "transfer_fail"
         base = _side_channel(params)
         done_payload: dict[str, Any] = {"remote_request_id": params.get("remote_request_id")}
@@ -611,31 +650,18 @@ class PdEngine:
 
         async def handoff() -> Response | None:
             await handle.reserved.wait()
-            ok = False
-            if base is not None and not broken:
-                try:
-                    answer = await self.client().post(
-                        f"{base}/_sim/pd/nixl/read",
-                        json={
-                            "remote_request_id": params.get("remote_request_id"),
-                            "remote_engine_id": params.get("remote_engine_id"),
-                        },
-                    )
-                    ok = answer.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-            if not ok:
-                self.transfers_failed[rank] += 1
-                if policy == "recompute" and self.engine.runtime.recompute(handle):
-                    return None
-                return vllm_generation_error(req.stream)
-            reading["now"] = True
-            self.engine.runtime.kv_ready(handle)
-            await handle.transferred.wait()
-            self.transfers_completed[rank] += 1
-            del reading["now"]
-            await self._notify(f"{base}/_sim/pd/nixl/done", done_payload)
-            return None
+            ok = (
+                base is not None
+                and not broken
+                and await self._pull(
+                    f"{base}/_sim/pd/nixl/read",
+                    {
+                        "remote_request_id": params.get("remote_request_id"),
+                        "remote_engine_id": params.get("remote_engine_id"),
+                    },
+                )
+            )
+            return await self._hand_over(ok, req, handle, rank, reading, f"{base}/_sim/pd/nixl/done", done_payload)
 
         def cleanup() -> None:
             if reading:  # aborted while reading: the prefill frees its blocks (vLLM notifies it with no blocks)
@@ -743,7 +769,6 @@ class PdEngine:
             handle = self._submit(req, rank, remote_prefill=True)
         except ProtocolError as exc:
             return self.engine.error(exc)
-        policy = self.engine.config.kv_load_failure_policy
         broken = self._fault == "transfer_fail"
         timeout_s = self.engine.config.handoff_timeout_s
         transfer_id = str(params["transfer_id"])
@@ -756,27 +781,13 @@ class PdEngine:
             ok = False
             if base is not None and not broken:
                 worker["base"] = base
-                try:
-                    answer = await self.client().post(
-                        f"{base}/_sim/pd/mooncake/pull",
-                        json={"transfer_id": transfer_id, "timeout_s": timeout_s},
-                        timeout=timeout_s + _HTTP_SLACK_S,
-                    )
-                    ok = answer.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-            if not ok:
-                self.transfers_failed[rank] += 1
-                if policy == "recompute" and self.engine.runtime.recompute(handle):
-                    return None
-                return vllm_generation_error(req.stream)
-            reading["now"] = True
-            self.engine.runtime.kv_ready(handle)
-            await handle.transferred.wait()
-            self.transfers_completed[rank] += 1
-            del reading["now"]
-            await self._notify(f"{worker['base']}/_sim/pd/mooncake/done", {"transfer_id": transfer_id})
-            return None
+                ok = await self._pull(
+                    f"{base}/_sim/pd/mooncake/pull",
+                    {"transfer_id": transfer_id, "timeout_s": timeout_s},
+                    timeout_s + _HTTP_SLACK_S,
+                )
+            done_url = f"{worker.get('base')}/_sim/pd/mooncake/done"
+            return await self._hand_over(ok, req, handle, rank, reading, done_url, {"transfer_id": transfer_id})
 
         def cleanup() -> None:
             if reading:
