@@ -45,9 +45,8 @@ from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.logs import request_log
 from gateway.pd import DecodeSide, Leg, PdProtocolError, PrefillSide, sglang_bootstrap, vllm_mooncake, vllm_nixl
-from gateway.server.assemble import error_event_status, leading_error
 from gateway.server.headers import upstream_request_headers
-from gateway.server.retry import Consume, StartedAnswer, backoff_s, record_failure
+from gateway.server.retry import Consume, StartedAnswer, backoff_s, begin_answer, record_failure
 from gateway.server.state import GatewayState
 from gateway.types import PendingRequest, RankKey
 
@@ -370,23 +369,7 @@ async def _decode_leg(state: GatewayState, key: RankKey, path: str, leg: Leg, re
     except UpstreamError as exc:
         raise LegFailed("decode", key, exc) from exc
     try:
-        answer = StartedAnswer(key, upstream)
-        if upstream.status >= 500:
-            raw = await upstream.read()
-            adapter = state.engines[key.engine].adapter
-            raise UpstreamStatusError(upstream.status, adapter.normalize_error(upstream.status, raw))
-        if upstream.status == 200 and leg.body.get("stream") is True and "text/event-stream" in upstream.content_type:
-            first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
-            if not first:
-                raise UpstreamError("the engine closed the stream before its first event")
-            failed = leading_error(first)
-            if failed is not None and (status := error_event_status(failed[0])) >= 500:
-                adapter = state.engines[key.engine].adapter
-                raise UpstreamStatusError(status, adapter.normalize_error(status, failed[1]))
-            answer.first_chunk = first
-        else:
-            answer.body = await upstream.read()
-            upstream.close()
+        answer = await begin_answer(state, key, upstream, leg.body.get("stream") is True, first_byte_by)
     except UpstreamError as exc:
         upstream.close()
         raise LegFailed("decode", key, exc) from exc

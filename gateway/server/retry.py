@@ -63,6 +63,41 @@ Consume = Callable[[StartedAnswer], Awaitable[None]]
 breaks, which fails the try)."""
 
 
+async def begin_answer(
+    state: GatewayState, key: RankKey, upstream: UpstreamResponse, stream: bool, first_byte_by: float
+) -> StartedAnswer:
+    """Read an engine's answer on ``key`` until it has begun: for a 200 stream (``stream`` asked) its first chunk,
+    leaving the response open; any other answer whole, the response closed (nothing is sent to the client before
+    the whole answer is in, so a broken body fails the try too).
+
+    Args:
+        first_byte_by: the event-loop time the first chunk must arrive by (``upstream.first_byte_timeout_s``).
+
+    Raises:
+        UpstreamStatusError: the engine answered HTTP 5xx, or its stream opened with an error event of a 5xx code
+            (:func:`~gateway.server.assemble.leading_error`); the body is read, the response left to the caller to
+            close.
+        UpstreamError: the stream ended or timed out before its first chunk.
+    """
+    adapter = state.engines[key.engine].adapter
+    if upstream.status >= 500:
+        raw = await upstream.read()
+        raise UpstreamStatusError(upstream.status, adapter.normalize_error(upstream.status, raw))
+    answer = StartedAnswer(key, upstream)
+    if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
+        first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
+        if not first:
+            raise UpstreamError("the engine closed the stream before its first event")
+        failed = leading_error(first)
+        if failed is not None and (status := error_event_status(failed[0])) >= 500:
+            raise UpstreamStatusError(status, adapter.normalize_error(status, failed[1]))
+        answer.first_chunk = first
+    else:
+        answer.body = await upstream.read()
+        upstream.close()
+    return answer
+
+
 async def send_with_retries(
     state: GatewayState,
     pending: PendingRequest,
@@ -170,23 +205,9 @@ async def _try_once(
         engine.url(path), payload, headers, headers_timeout_s=headers_timeout, total_timeout_s=config.total_timeout_s
     )
     try:
-        if upstream.status >= 500:
-            raw = await upstream.read()
-            raise UpstreamStatusError(upstream.status, engine.adapter.normalize_error(upstream.status, raw))
-        answer = StartedAnswer(key, upstream)
-        if upstream.status == 200 and stream and "text/event-stream" in upstream.content_type:
-            first = await upstream.next_chunk(max(0.0, first_byte_by - asyncio.get_running_loop().time()))
-            if not first:
-                raise UpstreamError("the engine closed the stream before its first event")
-            failed = leading_error(first)
-            if failed is not None and (status := error_event_status(failed[0])) >= 500:
-                raise UpstreamStatusError(status, engine.adapter.normalize_error(status, failed[1]))
-            answer.first_chunk = first
-            if consume is not None:
-                await consume(answer)
-                upstream.close()
-        else:  # nothing is sent to the client before the whole answer is in, so a broken body is retried too
-            answer.body = await upstream.read()
+        answer = await begin_answer(state, key, upstream, stream, first_byte_by)
+        if answer.first_chunk is not None and consume is not None:
+            await consume(answer)
             upstream.close()
     except BaseException:
         upstream.close()
