@@ -1,6 +1,7 @@
 """The embedded P/D variant (``gateway serve --pd ...``): a prefill and a decode simulated engine started in-process,
 configured for the gateway with their role, KV connector and bootstrap port, answering through the gateway in each
-protocol; and ``--pd`` refused beside engines of the configuration."""
+protocol, their roles exported in ``gateway_engine_info``; and ``--pd`` refused beside engines of the
+configuration."""
 
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ async def test_embedded_pair_is_configured_and_answers(pd: PdProtocol) -> None:
             assert "".join([c.choices[0].text async for c in chunks if c.choices])
             metrics = (await http.get(url + "/metrics")).text
     assert sum_samples(metrics, "gateway_pd_transfers_total", protocol=PROTOCOL_LABEL[pd], outcome="ok") == 2
+    flavor = "sglang" if pd == "sglang" else "vllm"
+    for engine, role in (("sim-prefill", "prefill"), ("sim-decode", "decode")):  # the roles dashboards join on
+        assert sum_samples(metrics, "gateway_engine_info", engine=engine, flavor=flavor, role=role) == 1
+    assert sum_samples(metrics, "gateway_engine_info") == 2
 
 
 def test_serve_offers_every_embedded_protocol() -> None:
