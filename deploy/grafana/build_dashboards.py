@@ -219,6 +219,11 @@ def by_role(series: str, role: str | None = None) -> str:
     return f"{series} * on (job, instance, engine) group_left (role) gateway_engine_info"
 
 
+def per_dp_rank(series: str) -> str:
+    """An SGLang scheduler gauge, one series per DP rank (the schedulers of a rank's TP ranks may each export it)."""
+    return f"max by (engine_name, dp_rank) ({series})"
+
+
 PD_FAILED = 'outcome=~"prefill_failed|decode_failed"'
 PD_TRIED = 'outcome=~"ok|prefill_failed|decode_failed"'
 
@@ -305,11 +310,11 @@ PD: list[tuple[str, list[Panel]]] = [
                 "short",
                 [
                     (
-                        "max by (engine_name, dp_rank) (sglang:num_prefill_bootstrap_queue_reqs)",
+                        per_dp_rank('sglang:num_prefill_bootstrap_queue_reqs{engine_type="prefill"}'),
                         "{{engine_name}}/{{dp_rank}} bootstrap",
                     ),
                     (
-                        "max by (engine_name, dp_rank) (sglang:num_prefill_inflight_queue_reqs)",
+                        per_dp_rank('sglang:num_prefill_inflight_queue_reqs{engine_type="prefill"}'),
                         "{{engine_name}}/{{dp_rank}} inflight",
                     ),
                 ],
@@ -319,11 +324,11 @@ PD: list[tuple[str, list[Panel]]] = [
                 "short",
                 [
                     (
-                        "max by (engine_name, dp_rank) (sglang:num_decode_prealloc_queue_reqs)",
+                        per_dp_rank('sglang:num_decode_prealloc_queue_reqs{engine_type="decode"}'),
                         "{{engine_name}}/{{dp_rank}} prealloc",
                     ),
                     (
-                        "max by (engine_name, dp_rank) (sglang:num_decode_transfer_queue_reqs)",
+                        per_dp_rank('sglang:num_decode_transfer_queue_reqs{engine_type="decode"}'),
                         "{{engine_name}}/{{dp_rank}} transfer",
                     ),
                     (
