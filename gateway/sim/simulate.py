@@ -147,10 +147,10 @@ class _Record:
     unloaded_ttft_s: float = 0.0
     sent_s: float | None = None
     """When the request left the gateway for its rank (the end of its window wait)."""
-    prefill_answer_s: float | None = None
-    """P/D: when the prefill leg's answer reached the gateway."""
     first_token_s: float | None = None
     done_s: float | None = None
+    prefill_answer_s: float | None = None
+    """P/D: when the prefill leg's answer reached the gateway."""
 
     @property
     def ttft_s(self) -> float:
