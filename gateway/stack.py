@@ -1,12 +1,14 @@
 """The local stack without Docker (``gateway stack``): what docker-compose.yml runs, as one command on loopback.
 
-From the same files as docker-compose.yml: the gateway configuration (``deploy/compose/gateway.yaml``) gives the
-engines, each started as a simulated engine of its flavour, DP size and model on a free loopback port (engines
-and gateway share this process's event loop, as in the embedded default); the gateway then runs with the same
-configuration pointed at them. With Prometheus installed (Debian package ``prometheus``), it starts too, with
-``deploy/prometheus/prometheus.yml`` and its rules, each scrape target rewritten to the loopback address of the
-process that plays it: job ``gateway`` to the gateway, job ``prometheus`` to Prometheus itself, any other target
-``host:port`` to the engine whose configured URL has that address.
+From the same files as docker-compose.yml (or docker-compose.pd.yml): the gateway configuration
+(``deploy/compose/gateway.yaml``, ``gateway-pd.yaml``) gives the engines, each started as a simulated engine of its
+flavour, DP size, model and P/D role on a free loopback port (engines and gateway share this process's event loop,
+as in the embedded default); the gateway then runs with the same configuration pointed at them (a prefill engine's
+bootstrap port too: the simulated engines rendezvous on the prefill's HTTP port). With Prometheus installed (Debian
+package ``prometheus``), it starts too, with ``deploy/prometheus/prometheus.yml`` (``prometheus-pd.yml``) and its
+rules, each scrape target rewritten to the loopback address of the process that plays it: job ``gateway`` to the
+gateway, job ``prometheus`` to Prometheus itself, any other target ``host:port`` to the engine whose configured URL
+has that address.
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ async def running_stack(
 
     Args:
         settings: the gateway's settings; each of ``settings.engines`` is started as a simulated engine of its
-            flavour, ``dp_size`` and first model, and the gateway listens on ``settings.host``/``port``.
+            flavour, ``dp_size``, first model, ``role`` and ``kv_connector``, and the gateway listens on
+            ``settings.host``/``port``.
         engine_speed: the simulated engines' clock speed (1.0 = real time).
         prometheus_config: docker-compose's ``prometheus.yml``; ``None`` starts no Prometheus.
         prometheus_port: Prometheus' port on ``settings.host`` (0 picks a free one).
@@ -180,14 +183,18 @@ async def running_stack(
         except OSError as exc:
             raise StackError(f"Prometheus configuration not readable: {exc}") from exc
     host = settings.host
-    specs = [SimulatedEngine(e.name, e.flavor, e.dp_size, e.models[0]) for e in settings.engines]
+    specs = [
+        SimulatedEngine(e.name, e.flavor, e.dp_size, e.models[0], e.role, e.kv_connector) for e in settings.engines
+    ]
     async with contextlib.AsyncExitStack() as exits:
         started = await exits.enter_async_context(simulated_engines(specs, engine_speed, host))
         engines = [
-            engine.model_copy(update={"url": s.url}) for engine, s in zip(settings.engines, started, strict=True)
+            engine.model_copy(update={"url": s.url, "bootstrap_port": s.bootstrap_port, "bootstrap_host": None})
+            for engine, s in zip(settings.engines, started, strict=True)
         ]
         for engine in engines:
-            announce(f"engine {engine.name} ({engine.flavor}, {engine.dp_size} DP ranks): {engine.url}")
+            kind = engine.flavor if engine.role == "mixed" else f"{engine.flavor} {engine.role}"
+            announce(f"engine {engine.name} ({kind}, {engine.dp_size} DP ranks): {engine.url}")
         moved = {
             _netloc(configured.url): _netloc(engine.url)
             for configured, engine in zip(settings.engines, engines, strict=True)

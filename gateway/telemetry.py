@@ -26,6 +26,10 @@ Series (all prefixed ``gateway_``):
   fitted so far (:class:`gateway.scheduling.step_clock.StepTimeModel`).
 - ``inflight_requests``: requests dispatched and not finished.
 - ``engine_up{engine}``: 1 while the engine's circuit breaker lets traffic through, 0 while it is open.
+- ``engine_info{engine, flavor, role}``: 1 per configured engine, naming its flavour and its P/D role
+  (``mixed``|``prefill``|``decode``); per-engine and per-rank series join it on ``engine`` (and the scraped
+  ``instance``, one per gateway replica) to be read by role, e.g. the decode ranks' KV usage:
+  ``gateway_rank_kv_usage * on (instance, engine) group_left (role) gateway_engine_info{role="decode"}``.
 - ``health_checks_total{engine, result}`` (``ok``|``error``): active ``/health`` probes.
 - ``upstream_failures_total{engine, kind}`` (``unavailable``|``timeout``|``http_5xx``|``stream_broken``).
 - ``upstream_retries_total{engine}``: requests sent again to another rank after a failure before any byte
@@ -52,7 +56,7 @@ Series (all prefixed ``gateway_``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -255,6 +259,12 @@ class GatewayMetrics:
         self.engine_up = Gauge(
             "gateway_engine_up", "1 while the engine's circuit breaker lets traffic through", ["engine"], registry=r
         )
+        self.engine_info = Gauge(
+            "gateway_engine_info",
+            "1 per configured engine, labelled with its flavour and P/D role",
+            ["engine", "flavor", "role"],
+            registry=r,
+        )
         self.health_checks = Counter(
             "gateway_health_checks", "Active engine health probes", ["engine", "result"], registry=r
         )
@@ -284,6 +294,11 @@ class GatewayMetrics:
             buckets=ESTIMATE_RATIO_BUCKETS,
             registry=r,
         )
+
+    def describe_engines(self, engines: Iterable[tuple[str, str, str]]) -> None:
+        """Export ``gateway_engine_info`` for ``engines``, each ``(name, flavor, role)``."""
+        for name, flavor, role in engines:
+            self.engine_info.labels(name, flavor, role).set(1)
 
     def watch_load(
         self,

@@ -11,6 +11,9 @@ from collections.abc import Iterable
 import httpx
 import openai
 
+from gateway.config import ScrapeConfig, Settings
+from gateway.embedded import embedded_engines
+from gateway.sim.cluster import running_gateway
 from tests.helpers import MODEL, Cluster
 
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
@@ -58,6 +61,18 @@ async def exported_names(cluster: Cluster, requests: int = 3) -> set[str]:
     async with httpx.AsyncClient() as http:
         for url in [cluster.gateway_url, *cluster.engine_urls.values()]:
             names |= exposition_names((await http.get(url + "/metrics")).text)
+    return names
+
+
+async def pd_exported_names(requests: int = 3) -> set[str]:
+    """The names of the gateway's and the engines' ``/metrics`` in front of the embedded P/D pairs, an SGLang one and
+    a vLLM one (a P/D engine exports queue gauges a mixed one does not), after a few requests through each."""
+    names: set[str] = set()
+    for pd in ("sglang", "vllm-nixl"):
+        async with embedded_engines(speed=10.0, pd=pd) as engines:
+            settings = Settings(engines=engines, scrape=ScrapeConfig(interval_s=0.1, timeout_s=1.0))
+            async with running_gateway(settings) as url:
+                names |= await exported_names(Cluster(url, {e.name: e.url for e in engines}, settings), requests)
     return names
 
 

@@ -211,6 +211,147 @@ ENGINES: list[tuple[str, list[Panel]]] = [
 ]
 
 
+def by_role(series: str, role: str | None = None) -> str:
+    """``series`` (a per-engine or per-rank gateway series) joined with ``gateway_engine_info`` on the engine (and the
+    gateway replica): only the engines of ``role`` when given, else every engine with its ``role`` label copied."""
+    if role:
+        return f'{series} * on (job, instance, engine) group_left () gateway_engine_info{{role="{role}"}}'
+    return f"{series} * on (job, instance, engine) group_left (role) gateway_engine_info"
+
+
+def per_dp_rank(series: str) -> str:
+    """An SGLang scheduler gauge, one series per DP rank (the schedulers of a rank's TP ranks may each export it)."""
+    return f"max by (engine_name, dp_rank) ({series})"
+
+
+PD_FAILED = 'outcome=~"prefill_failed|decode_failed"'
+PD_TRIED = 'outcome=~"ok|prefill_failed|decode_failed"'
+
+PD: list[tuple[str, list[Panel]]] = [
+    (
+        "P/D requests: legs and KV transfers",
+        [
+            (
+                "P/D attempts by protocol and outcome",
+                "reqps",
+                [
+                    (
+                        f"sum by (protocol, outcome) (rate(gateway_pd_transfers_total[{RATE}]))",
+                        "{{protocol}} {{outcome}}",
+                    )
+                ],
+            ),
+            (
+                "Failed attempts (a leg or the KV transfer failed) / attempts",
+                "percentunit",
+                [
+                    (
+                        f"(sum by (protocol) (rate(gateway_pd_transfers_total{{{PD_FAILED}}}[{RATE}]))"
+                        f' or 0 * sum by (protocol) (rate(gateway_pd_transfers_total{{outcome="ok"}}[{RATE}])))'
+                        f" / sum by (protocol) (rate(gateway_pd_transfers_total{{{PD_TRIED}}}[{RATE}]))",
+                        "{{protocol}}",
+                    ),
+                    ("gateway:pd_transfers:failure_ratio5m", "{{protocol}} (5m)"),
+                ],
+            ),
+            (
+                "Failed legs by engine, leg and kind",
+                "reqps",
+                [
+                    (
+                        f"sum by (engine, leg, kind) (rate(gateway_pd_leg_failures_total[{RATE}]))",
+                        "{{engine}} {{leg}} {{kind}}",
+                    )
+                ],
+            ),
+            (
+                "Retries after a failure, by the failed engine's role",
+                "reqps",
+                [(f"sum by (role) ({by_role(f'rate(gateway_upstream_retries_total[{RATE}])')})", "{{role}}")],
+            ),
+        ],
+    ),
+    (
+        "Load by role (gateway's load view)",
+        [
+            (
+                "Running and waiting requests per pool",
+                "short",
+                [
+                    (f"sum by (role) ({by_role('gateway_rank_running')})", "{{role}} running"),
+                    (f"sum by (role) ({by_role('gateway_rank_waiting')})", "{{role}} waiting"),
+                ],
+            ),
+            (
+                "Prefill ranks: queued prefill tokens",
+                "short",
+                [(by_role("gateway_rank_queued_prefill_tokens", "prefill"), "{{engine}}/{{rank}}")],
+            ),
+            (
+                "Decode ranks: KV cache usage",
+                "percentunit",
+                [
+                    (by_role("gateway_rank_kv_usage", "decode"), "{{engine}}/{{rank}}"),
+                    ("gateway:decode_rank_kv_usage:avg", "{{engine}} mean"),
+                ],
+            ),
+            (
+                "Decode ranks: running requests",
+                "short",
+                [(by_role("gateway_rank_running", "decode"), "{{engine}}/{{rank}}")],
+            ),
+        ],
+    ),
+    (
+        "P/D queues inside the engines",
+        [
+            (
+                "Prefill: waiting for the decode side, holding KV for it (SGLang)",
+                "short",
+                [
+                    (
+                        per_dp_rank('sglang:num_prefill_bootstrap_queue_reqs{engine_type="prefill"}'),
+                        "{{engine_name}}/{{dp_rank}} bootstrap",
+                    ),
+                    (
+                        per_dp_rank('sglang:num_prefill_inflight_queue_reqs{engine_type="prefill"}'),
+                        "{{engine_name}}/{{dp_rank}} inflight",
+                    ),
+                ],
+            ),
+            (
+                "Decode: requests waiting for their KV",
+                "short",
+                [
+                    (
+                        per_dp_rank('sglang:num_decode_prealloc_queue_reqs{engine_type="decode"}'),
+                        "{{engine_name}}/{{dp_rank}} prealloc",
+                    ),
+                    (
+                        per_dp_rank('sglang:num_decode_transfer_queue_reqs{engine_type="decode"}'),
+                        "{{engine_name}}/{{dp_rank}} transfer",
+                    ),
+                    (
+                        'vllm:num_requests_kv_fetch_by_stage{stage!="completed_waiting"}',
+                        "{{engine_name}}/{{engine}} {{stage}}",
+                    ),
+                ],
+            ),
+            (
+                "Decode engines' KV cache usage (engine-reported)",
+                "percentunit",
+                [
+                    ('sglang:token_usage{engine_type="decode"}', "{{engine_name}}/{{dp_rank}}"),
+                    ('vllm:kv_cache_usage_perc{role="decode"}', "{{engine_name}}/{{engine}}"),
+                ],
+            ),
+        ],
+    ),
+]
+"""The P/D dashboard. Gateway series are read by role through ``gateway_engine_info``; engine series by SGLang's
+``engine_type`` label or the ``role`` label of the engine's scrape target (deploy/prometheus/prometheus-pd.yml)."""
+
+
 def dashboard(uid: str, title: str, rows: list[tuple[str, list[Panel]]]) -> dict[str, Any]:
     """A Grafana dashboard (schema 39) of collapsed-open rows of 12-wide time-series panels."""
     panels: list[dict[str, Any]] = []
@@ -264,6 +405,7 @@ def dashboard(uid: str, title: str, rows: list[tuple[str, list[Panel]]]) -> dict
 DASHBOARDS = {
     "sbs-gateway-traffic.json": dashboard("sbs-gateway-traffic", "SBS gateway: traffic and latency", TRAFFIC),
     "sbs-gateway-engines.json": dashboard("sbs-gateway-engines", "SBS gateway: engines", ENGINES),
+    "sbs-gateway-pd.json": dashboard("sbs-gateway-pd", "SBS gateway: P/D disaggregation", PD),
 }
 
 

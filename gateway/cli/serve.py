@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING, cast
 
 import click
 import uvicorn
@@ -12,6 +13,9 @@ import uvicorn
 from gateway.cli.options import config_option, log_level_option, policy_option
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
+
+if TYPE_CHECKING:
+    from gateway.embedded import PdProtocol
 
 log = logging.getLogger("gateway.cli")
 
@@ -40,6 +44,13 @@ log = logging.getLogger("gateway.cli")
     "Also setting security.api_keys_file; keys themselves via GATEWAY_SECURITY__API_KEYS='[...]'.",
 )
 @click.option(
+    "--pd",
+    type=click.Choice(["sglang", "vllm-nixl", "vllm-mooncake"]),
+    default=None,
+    help="Embedded engines only: start a P/D disaggregated pair instead, a prefill engine (4 DP ranks) and a "
+    "decode engine (8) speaking this protocol (SGLang's bootstrap, vLLM's NixlConnector or MooncakeConnector).",
+)
+@click.option(
     "--admin-keys-file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -54,13 +65,14 @@ def serve(
     log_level: str,
     log_format: str | None,
     api_keys_file: str | None,
+    pd: str | None,
     admin_keys_file: str | None,
 ) -> None:
     """Run the gateway.
 
     With no configuration (no --config, no GATEWAY_CONFIG, no GATEWAY_ENGINES) it starts two simulated engines
     in-process (SGLang- and vLLM-flavoured, 8 DP ranks each, model deepseek-v3), so the OpenAI endpoint answers
-    at once.
+    at once; --pd starts a prefill and a decode engine instead, serving deepseek-v3 disaggregated.
     """
     security = {"api_keys_file": api_keys_file, "admin_keys_file": admin_keys_file}
     try:
@@ -74,23 +86,31 @@ def serve(
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if pd is not None and settings.engines:
+        raise click.UsageError("--pd chooses the embedded engines, but the configuration lists engines of its own")
     configure_logging(log_level, settings.log.format)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, log_level))
+        asyncio.run(_serve(settings, log_level, cast("PdProtocol | None", pd)))
 
 
-async def _serve(settings: Settings, log_level: str) -> None:
+async def _serve(settings: Settings, log_level: str, pd: PdProtocol | None = None) -> None:
     from gateway.embedded import embedded_engines
     from gateway.server.app import begin_drain, create_app
     from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as exits:
         if not settings.engines:
-            engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed))
+            engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed, pd=pd))
+            if pd is not None:  # the simulated decode engine reads KV from the prefill's over httpx: a line a request
+                logging.getLogger("httpx").setLevel(logging.WARNING)
             settings = settings.model_copy(update={"engines": engines})
             for engine in engines:
                 log.info(
-                    "embedded %s engine %s: %s (%d DP ranks)", engine.flavor, engine.name, engine.url, engine.dp_size
+                    "embedded %s engine %s: %s (%d DP ranks)",
+                    engine.flavor if engine.role == "mixed" else f"{engine.flavor} {engine.role}",
+                    engine.name,
+                    engine.url,
+                    engine.dp_size,
                 )
         try:
             app = create_app(settings)

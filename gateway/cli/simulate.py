@@ -16,6 +16,17 @@ from gateway.cli.options import (
     write_plot,
 )
 from gateway.config import ConfigError, load_settings
+from gateway.scheduling.baselines import IMMEDIATE_POLICIES
+
+
+def parse_pool(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """``INSTANCESxDP`` (e.g. ``2x8``) as ``(instances, dp_size)``, both >= 1."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise click.BadParameter(f"expected INSTANCESxDP with both >= 1 (e.g. 2x8), got {value!r}")
+    return int(parts[0]), int(parts[1])
 
 
 @click.command()
@@ -128,6 +139,39 @@ from gateway.config import ConfigError, load_settings
     is_flag=True,
     help="Prefill-only instances (the P/D setting): every output is one token, so nothing decodes.",
 )
+@click.option(
+    "--prefill-pool",
+    callback=parse_pool,
+    default=None,
+    metavar="INSTANCESxDP",
+    help="P/D disaggregation: the prefill pool, e.g. 2x8 (with --decode-pool; replaces --instances/--dp-size).",
+)
+@click.option(
+    "--decode-pool",
+    callback=parse_pool,
+    default=None,
+    metavar="INSTANCESxDP",
+    help="P/D disaggregation: the decode pool, e.g. 1x16 (with --prefill-pool).",
+)
+@click.option(
+    "--kv-connector",
+    type=click.Choice(["sglang", "vllm"]),
+    default=None,
+    help="P/D handoff: SGLang's bootstrap protocol or vLLM's NixlConnector [default: the engine's flavour].",
+)
+@click.option(
+    "--prefill-policy",
+    type=click.Choice([*IMMEDIATE_POLICIES, "follow_bootstrap_room"]),
+    default=None,
+    help="P/D: the prefill leg's own policy (pd.prefill_policy) [default: the policy simulated].",
+)
+@click.option(
+    "--decode-policy",
+    type=click.Choice(["sbs", *IMMEDIATE_POLICIES]),
+    default=None,
+    help="P/D: the decode leg's policy (pd.decode_policy), for every policy simulated [default: sbs under sbs, "
+    "else the policy simulated].",
+)
 @simulate_engine_options
 @output_option
 @plot_option
@@ -153,6 +197,11 @@ def simulate(
     prefill_rate: float | None,
     preset: str | None,
     prefill_only: bool,
+    prefill_pool: tuple[int, int] | None,
+    decode_pool: tuple[int, int] | None,
+    kv_connector: str | None,
+    prefill_policy: str | None,
+    decode_policy: str | None,
     enable_prefill_delayer: bool,
     prefill_delayer_max_delay_passes: int | None,
     prefill_delayer_token_usage_low_watermark: float | None,
@@ -184,6 +233,15 @@ def simulate(
     Example (sbs against immediate-dispatch baselines, 10 minutes of trace, realistic-sglang):
       gateway simulate --trace azure-conv --duration 600 --policy sbs --policy round_robin \\
         --policy least_tokens --policy power_of_two --plot policies.png
+
+    --prefill-pool and --decode-pool simulate P/D disaggregation (gateway.sim.pd_driver): prefill and decode pools,
+    each request's KV handed over by --kv-connector's protocol, the prefill leg placed by the policy (or
+    --prefill-policy) and the decode leg by --decode-policy.
+
+    \b
+    Example (P/D: two prefill instances of 8 ranks, one decode instance of 16, SGLang's bootstrap protocol):
+      gateway simulate --trace azure-conv --duration 600 --prefill-pool 2x8 --decode-pool 1x16 \\
+        --policy sbs --policy cache_aware --decode-policy least_load
 
     \b
     Example (the idealised model with only the information limits: estimated prompts, 30% not streamed, 2 ms +- 1 ms
@@ -256,6 +314,13 @@ def simulate(
                 "--profile", "--engine-profile"
             )
         ) from exc
+    if (prefill_pool is None) != (decode_pool is None):
+        raise click.UsageError("--prefill-pool and --decode-pool go together")
+    pd_options = {"--kv-connector": kv_connector, "--prefill-policy": prefill_policy, "--decode-policy": decode_policy}
+    if prefill_pool is None and any(v is not None for v in pd_options.values()):
+        raise click.UsageError(
+            f"{', '.join(k for k, v in pd_options.items() if v is not None)} only apply with --prefill-pool"
+        )
     slo = Slo()
     if slo_scale is not None and requests:
         slo = derived_slo(requests, engine, slo_scale)
@@ -279,11 +344,33 @@ def simulate(
     if preset is not None:
         from gateway.sim.presets import preset as named_preset
 
-        chosen = named_preset(preset, dp_size)
+        chosen = named_preset(preset, dp_size if prefill_pool is None else prefill_pool[1])
         base = chosen.apply(base)
         if slo_scale is not None and requests:
             slo = derived_slo(requests, chosen.engine, slo_scale)
         click.echo(f"preset {chosen.describe()}")
+    if prefill_pool is not None and decode_pool is not None:
+        from dataclasses import replace
+
+        from gateway.sim.pd_driver import PdPools
+
+        flavor = engine_flavor if preset is None or preset == "idealised" else preset.split("-")[1]
+        try:
+            pools = PdPools(
+                *prefill_pool,
+                *decode_pool,
+                connector=kv_connector or flavor,  # type: ignore[arg-type]
+                prefill_policy=prefill_policy,
+                decode_policy=decode_policy,
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        base = replace(base, pd=pools)
+        instances, dp_size = prefill_pool
+        click.echo(
+            f"P/D: prefill {prefill_pool[0]} x {prefill_pool[1]}, decode {decode_pool[0]} x {decode_pool[1]} DP ranks, "
+            f"{pools.connector} handoff"
+        )
     results = compare_policies(
         requests,
         policies or ("sbs", "round_robin"),

@@ -12,12 +12,27 @@ from gateway.cli.options import config_option, log_level_option, policy_option
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
 
+CONFIG = "deploy/compose/gateway.yaml"
+"""docker-compose.yml's gateway configuration, from the repository root."""
+PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
+"""docker-compose.yml's Prometheus configuration."""
+PD_CONFIG = "deploy/compose/gateway-pd.yaml"
+"""docker-compose.pd.yml's gateway configuration (``--pd``)."""
+PD_PROMETHEUS_CONFIG = "deploy/prometheus/prometheus-pd.yml"
+"""docker-compose.pd.yml's Prometheus configuration (``--pd``)."""
+
 
 @click.command()
+@click.option(
+    "--pd",
+    is_flag=True,
+    help="Run docker-compose.pd.yml's stack instead: an SGLang prefill engine and decode engine serving "
+    "deepseek-v3 disaggregated (--config and --prometheus-config default to its files).",
+)
 @config_option(
-    default="deploy/compose/gateway.yaml",
-    show_default=True,
-    help="Gateway configuration whose engines to simulate (docker-compose.yml's, from the repository root).",
+    default=None,
+    help="Gateway configuration whose engines to simulate, from the repository root [default: docker-compose's, "
+    f"{CONFIG}; with --pd {PD_CONFIG}].",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address every part listens on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Gateway port (0: free).")
@@ -30,9 +45,9 @@ from gateway.logs import configure_logging
 @click.option(
     "--prometheus-config",
     type=click.Path(dir_okay=False),
-    default="deploy/prometheus/prometheus.yml",
-    show_default=True,
-    help="docker-compose's Prometheus configuration; its targets are moved to the local processes.",
+    default=None,
+    help="docker-compose's Prometheus configuration; its targets are moved to the local processes [default: "
+    f"{PROMETHEUS_CONFIG}; with --pd {PD_PROMETHEUS_CONFIG}].",
 )
 @click.option(
     "--prometheus-port",
@@ -56,12 +71,13 @@ from gateway.logs import configure_logging
 )
 @log_level_option("warning")
 def stack(
-    config_path: str,
+    pd: bool,
+    config_path: str | None,
     host: str,
     port: int,
     policy: str | None,
     prometheus: bool | None,
-    prometheus_config: str,
+    prometheus_config: str | None,
     prometheus_port: int,
     scrape_interval: float | None,
     engine_speed: float,
@@ -69,12 +85,15 @@ def stack(
 ) -> None:
     """Run the docker-compose stack without Docker, on loopback, until Ctrl-C.
 
-    Starts a simulated engine for every engine of --config (its flavour, DP size and model, on a free port), the
-    gateway in front of them, and Prometheus with the rules and alerts of deploy/prometheus scraping all of them.
-    Run it from the repository root; Grafana is not started (import deploy/grafana/dashboards into yours).
+    Starts a simulated engine for every engine of --config (its flavour, DP size, model and P/D role, on a free
+    port), the gateway in front of them, and Prometheus with the rules and alerts of deploy/prometheus scraping all
+    of them. --pd runs docker-compose.pd.yml's stack, a prefill and a decode engine. Run it from the repository
+    root; Grafana is not started (import deploy/grafana/dashboards into yours).
     """
     from pathlib import Path
 
+    config_path = config_path or (PD_CONFIG if pd else CONFIG)
+    prometheus_config = prometheus_config or (PD_PROMETHEUS_CONFIG if pd else PROMETHEUS_CONFIG)
     if not Path(config_path).is_file():
         raise click.ClickException(
             f"{config_path} not found: run gateway stack from the repository root, or pass --config"

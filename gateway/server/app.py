@@ -50,6 +50,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     prompt_counter = build_prompt_counter(settings.models, tokenizer)
     metrics = GatewayMetrics()
     metrics.watch_prompt_tokens(prompt_counter.corrections)
+    metrics.describe_engines((e.name, e.flavor, e.role) for e in settings.engines)
     engines = {e.name: Engine.from_config(e) for e in settings.engines}
     specs = [
         EngineSpec(e.name, e.dp_size, frozenset(e.models), e.prefill_budget_tokens, e.role) for e in settings.engines

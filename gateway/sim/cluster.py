@@ -4,8 +4,8 @@ The embedded default (``gateway serve`` without engines), ``gateway stack`` and 
 uvicorn serving its app in this process's event loop (:func:`gateway.serving.serve_in_background`), on a port the
 OS picks, so that nothing collides:
 
-- :func:`simulated_engines`: simulated engines (:mod:`gateway.sim.mock_engine`) of the given flavours, DP sizes
-  and models; yields their gateway engine configurations;
+- :func:`simulated_engines`: simulated engines (:mod:`gateway.sim.mock_engine`) of the given flavours, DP sizes,
+  models and P/D roles; yields their gateway engine configurations;
 - :func:`running_gateway`: the gateway app built from settings; yields its base URL.
 
 And for servers in other processes (Prometheus, ``gateway serve`` as a subprocess, the benchmarks' processes):
@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from gateway.config import EngineConfig, EngineFlavor, Settings
+from gateway.config import EngineConfig, EngineFlavor, EngineRole, KvConnector, Settings
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
 from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
@@ -49,6 +49,10 @@ class SimulatedEngine:
     """Number of DP ranks."""
     model: str
     """The one model it serves."""
+    role: EngineRole = "mixed"
+    """``"mixed"``, or one pool of a P/D model: ``"prefill"`` or ``"decode"`` (:mod:`gateway.sim.mock_engine.pd`)."""
+    kv_connector: KvConnector | None = None
+    """A vLLM prefill or decode engine's KV connector, ``"nixl"`` or ``"mooncake"``; ``None`` elsewhere."""
 
 
 @contextlib.asynccontextmanager
@@ -63,16 +67,34 @@ async def simulated_engines(
         host: address to bind.
 
     Yields:
-        The gateway's engine configurations, one per spec in the same order, each with the URL it listens on.
+        The gateway's engine configurations, one per spec in the same order, each with the URL it listens on; with
+        its ``role`` and ``kv_connector``, and a prefill engine that serves a bootstrap server (SGLang, vLLM
+        Mooncake) with ``bootstrap_port`` = its HTTP port, where the simulated engines rendezvous.
     """
     async with contextlib.AsyncExitStack() as exits:
         engines = []
         for spec in specs:
-            app = create_mock_engine_app(MockEngineConfig(spec.flavor, spec.dp_size, model=spec.model, speed=speed))
-            url = await exits.enter_async_context(serve_in_background(app, host))
-            engines.append(
-                EngineConfig(name=spec.name, flavor=spec.flavor, url=url, dp_size=spec.dp_size, models=[spec.model])
+            mock = MockEngineConfig(
+                spec.flavor,
+                spec.dp_size,
+                model=spec.model,
+                speed=speed,
+                role=spec.role,
+                kv_connector=spec.kv_connector or "nixl",
             )
+            url = await exits.enter_async_context(serve_in_background(create_mock_engine_app(mock), host))
+            engine = EngineConfig(
+                name=spec.name,
+                flavor=spec.flavor,
+                url=url,
+                dp_size=spec.dp_size,
+                models=[spec.model],
+                role=spec.role,
+                kv_connector=spec.kv_connector,
+            )
+            if engine.bootstrap_address is not None:
+                engine = engine.model_copy(update={"bootstrap_port": int(url.rsplit(":", 1)[1])})
+            engines.append(engine)
         yield engines
 
 

@@ -22,6 +22,7 @@ from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult, TokenEvent
 from gateway.sim.information import InformationLimits, RequestView, draw_request_views
+from gateway.sim.pd_driver import PdDriver, PdPools
 from gateway.tokens import PromptTokenCorrection
 from gateway.types import PendingRequest, RankKey, RankMetrics
 from gateway.workload.stats import distribution
@@ -58,6 +59,8 @@ class SimConfig:
             requests', cache hits off once admitted), as SGLang's ``GET /v1/loads`` reports
             ``num_waiting_uncached_tokens`` and the live gateway reads it (``scrape.engine_queued_tokens``); off by
             default, so existing figures stay as they were.
+        pd: P/D disaggregation: prefill and decode pools (:mod:`gateway.sim.pd_driver`) in place of ``instances``
+            mixed instances of ``dp_size`` ranks (both then unused); None (the default) simulates mixed instances.
     """
 
     policy: PolicyName = "sbs"
@@ -75,6 +78,7 @@ class SimConfig:
     seed: int = 0
     limits: InformationLimits = field(default_factory=InformationLimits)
     engine_queued_tokens: bool = False
+    pd: PdPools | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class _Record:
     unloaded_ttft_s: float = 0.0
     sent_s: float | None = None
     """When the request left the gateway for its rank (the end of its window wait)."""
+    prefill_answer_s: float | None = None
+    """P/D: when the prefill leg's answer reached the gateway."""
     first_token_s: float | None = None
     done_s: float | None = None
 
@@ -240,9 +246,16 @@ class _Sim:
         self.on_done = on_done
         self.config = config
         self.trace = trace
-        names = [f"i{n}" for n in range(config.instances)]
         budget = config.engine.max_prefill_tokens_per_step
-        specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
+        self.pd: PdDriver | None = None
+        if config.pd is not None:
+            self.pd = PdDriver(config.pd, config.engine, self)
+            self.engines = self.pd.engines
+            specs = self.pd.specs(frozenset({MODEL}), budget)
+        else:
+            names = [f"i{n}" for n in range(config.instances)]
+            self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
+            specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
         view = LoadView(specs, stale_after_s=config.stale_after_s, state_sync=config.state_sync)
         self.scheduler = Scheduler(
             config.policy,
@@ -252,16 +265,24 @@ class _Sim:
             decode=config.decode,
             prefix_cache=config.prefix_cache,
             seed=config.seed,
+            pd=None if config.pd is None else config.pd.pd_config(),
         )
         if config.engine.enable_prefill_delayer or config.engine.prefill_schedule_interval > 1:
             # what the gateway reads from SGLang's /get_server_info, or an operator declares for vLLM
-            for name in names:
+            for name in self.engines:
                 self.scheduler.set_prefill_alignment(name, True)
-        self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
-        self.busy: dict[str, StepResult | None] = {n: None for n in names}
+        self.busy: dict[str, StepResult | None] = {n: None for n in self.engines}
+        extra = self.pd.unloaded_extra_s if self.pd is not None else (lambda _: 0.0)
         self.records = [
-            _Record(r.arrival_s, r.output_tokens, unloaded_ttft_s(r.prompt_tokens, config.engine)) for r in trace
+            _Record(
+                r.arrival_s,
+                r.output_tokens,
+                unloaded_ttft_s(r.prompt_tokens, config.engine) + extra(r.prompt_tokens),
+            )
+            for r in trace
         ]
+        self.completed = 0
+        """Requests finished so far."""
         self.imbalance: list[float] = []
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()
@@ -282,16 +303,18 @@ class _Sim:
             self.push(r.arrival_s, "arrival", i)
         for n in self.engines:
             self.push(0.0, "scrape", n)
-        remaining = len(self.trace)
-        while self.events and remaining:
+        while self.events and self.completed < len(self.trace):
             self.now, _, kind, data = heapq.heappop(self.events)
+            before = self.completed
             if kind == "arrival":
                 self.on_arrival(data)
-            elif kind in ("step_end", "progress"):
-                finished = self.on_step_end(data) if kind == "step_end" else self.progress(*data)
-                remaining -= finished
-                if finished and self.on_done is not None:
-                    self.on_done(finished)
+            elif kind == "step_end":
+                self.on_step_end(data)
+            elif kind == "progress":
+                self.progress(*data)
+            elif kind == "pd":
+                assert self.pd is not None
+                self.pd.handle(*data)
             elif kind == "engine_arrival":
                 self.engine_arrival(*data)
             elif kind == "scrape":
@@ -301,6 +324,8 @@ class _Sim:
             elif kind == "poll" and self.poll_at == self.now:
                 self.poll_at = None
             self.poll()
+            if self.completed > before and self.on_done is not None:
+                self.on_done(self.completed - before)
         hit_rate = None
         if self.config.engine.enable_prefix_caching:
             stats = [s for engine in self.engines.values() for s in engine.rank_stats()]
@@ -336,6 +361,21 @@ class _Sim:
     def send(self, index: int, key: RankKey) -> None:
         r = self.trace[index]
         self.records[index].sent_s = self.now
+        if self.pd is not None:
+            decode = self.scheduler.view.decode_rank_of(str(index))
+            assert decode is not None, "a P/D placement records its decode rank"
+            view = None if self.views is None else self.views[index]
+            self.pd.send(
+                str(index),
+                key,
+                decode,
+                r.prompt_tokens,
+                r.output_tokens,
+                r.hash_ids,
+                0.0 if view is None else view.to_engine_s,
+                0.0 if view is None else view.to_gateway_s,
+            )
+            return
         if self.views is not None and self.views[index].to_engine_s > 0:
             self.push(self.now + self.views[index].to_engine_s, "engine_arrival", (index, key))
             return
@@ -349,10 +389,20 @@ class _Sim:
             if result is None:
                 self.start_step(name)
 
+    def is_idle(self, name: str) -> bool:
+        """Whether engine ``name`` runs no step now."""
+        return self.busy[name] is None
+
     def start_step(self, name: str) -> None:
-        result = self.engines[name].step()
+        if self.pd is not None:
+            self.pd.before_step(name)
+            result = self.engines[name].step(self.now)
+        else:
+            result = self.engines[name].step()
         if result.duration_s <= 0:
             self.busy[name] = None
+            if self.pd is not None:
+                self.pd.after_idle(name)
             return
         self.busy[name] = result
         self.push(self.now + result.duration_s, "step_end", name)
@@ -362,22 +412,35 @@ class _Sim:
             if mean > 0:
                 self.imbalance.append(max(work) / mean)
 
-    def on_step_end(self, name: str) -> int:
+    def on_step_end(self, name: str) -> None:
         result = self.busy[name]
         assert result is not None
-        finished = 0
-        for event in result.tokens:
+        self.busy[name] = None
+        if self.pd is not None and self.pd.is_prefill(name):
+            self.pd.prefill_tokens(result.tokens)
+        else:
+            self.deliver(result.tokens, name)
+        if self.busy[name] is None:
+            self.start_step(name)
+
+    def deliver(self, events: list[TokenEvent], name: str) -> None:
+        """Tokens ``events`` leave engine ``name`` now for the gateway (at once, or after their delay)."""
+        for event in events:
             view = None if self.views is None else self.views[int(event.request_id)]
             if view is not None and view.to_gateway_s > 0:
                 self.push(self.now + view.to_gateway_s, "progress", (event, name))
             else:
-                finished += self.progress(event, name)
-        self.start_step(name)
-        return finished
+                self.progress(event, name)
 
-    def progress(self, event: TokenEvent, name: str) -> int:
+    def on_prefill_answer(self, request_id: str, name: str) -> None:
+        """The prefill leg of P/D request ``request_id`` answered from prefill engine ``name``: the relay tells the
+        dispatcher, as a first token from that engine."""
+        self.records[int(request_id)].prefill_answer_s = self.now
+        self.scheduler.on_first_token(request_id, name, self.now)
+
+    def progress(self, event: TokenEvent, name: str) -> None:
         """A token reaches the gateway: the client's record and the scheduler's progress protocol (no first token
-        or tokens of a non-streamed request, only its finish). Returns 1 if it finished the request, else 0."""
+        or tokens of a non-streamed request, only its finish)."""
         record = self.records[int(event.request_id)]
         streamed = self.views is None or self.views[int(event.request_id)].stream
         if event.index == 0:
@@ -388,12 +451,13 @@ class _Sim:
             self.scheduler.on_tokens(event.request_id, name, 1, self.now)
         if event.finished:
             record.done_s = self.now
+            self.completed += 1
             self.scheduler.on_finish(event.request_id, self.now)
+            if self.pd is not None:
+                self.pd.finished(event.request_id)
             if self.correction is not None:  # the engine's usage.prompt_tokens arrives with the finish
                 index = int(event.request_id)
                 self.correction.observe(self.raw_estimates.pop(index), self.trace[index].prompt_tokens)
-            return 1
-        return 0
 
     def engine_arrival(self, index: int, key: RankKey) -> None:
         """A request placed ``to_engine_s`` ago reaches its engine, which starts a step if it is idle."""

@@ -1,5 +1,6 @@
-"""docker-compose.yml: valid for docker-compose, every gateway-image command is one the CLI accepts, and the
-compose services, deploy/compose/gateway.yaml and deploy/prometheus/prometheus.yml agree on names and ports."""
+"""docker-compose.yml and its P/D variant docker-compose.pd.yml: valid for docker-compose, every gateway-image
+command is one the CLI accepts, and each file's compose services, gateway configuration (deploy/compose/) and
+Prometheus configuration (deploy/prometheus/) agree on names, roles and ports."""
 
 from __future__ import annotations
 
@@ -15,13 +16,27 @@ from gateway.config import load_settings
 from tests.deploy.tools import DEPLOY, ROOT, parse_command, run_tool
 
 GATEWAY_IMAGE = "sbs-gateway:local"
+STACKS = {
+    "mixed": ("docker-compose.yml", "gateway.yaml", "prometheus.yml"),
+    "pd": ("docker-compose.pd.yml", "gateway-pd.yaml", "prometheus-pd.yml"),
+}
+"""Each local stack: its compose file, its gateway configuration (deploy/compose/) and its Prometheus
+configuration (deploy/prometheus/)."""
 
 
-def compose_config() -> dict[str, Any]:
-    """docker-compose.yml as docker-compose resolves it (anchors, profiles and defaults applied)."""
-    out = run_tool("docker-compose", "--file", "docker-compose.yml", "--profile", "bench", "config")
+def compose_config(file: str = "docker-compose.yml") -> dict[str, Any]:
+    """A compose file as docker-compose resolves it (anchors, extends, profiles and defaults applied)."""
+    out = run_tool("docker-compose", "--file", file, "--profile", "bench", "config")
     config: dict[str, Any] = yaml.safe_load(out.stdout)
     return config
+
+
+def prometheus_config_file(config: dict[str, Any]) -> str:
+    """The Prometheus configuration the compose ``prometheus`` service reads, relative to deploy/prometheus."""
+    (flag,) = [a for a in config["services"]["prometheus"]["command"] if a.startswith("--config.file=")]
+    mounts = [str(v).split(":") for v in config["services"]["prometheus"]["volumes"]]  # SOURCE:TARGET:MODE
+    assert [str(DEPLOY / "prometheus"), "/etc/prometheus", "ro"] in mounts, mounts
+    return flag.removeprefix("--config.file=/etc/prometheus/")
 
 
 def gateway_services(config: dict[str, Any]) -> dict[str, list[str]]:
@@ -50,9 +65,25 @@ def test_compose_file_is_valid_and_has_the_stack() -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
-def test_every_gateway_image_command_is_accepted_by_the_cli() -> None:
-    services = gateway_services(compose_config())
-    assert set(services) == {"gateway", "engine-sglang", "engine-vllm", "bench"}
+def test_pd_compose_file_is_valid_and_has_a_prefill_and_a_decode_engine() -> None:
+    config = compose_config("docker-compose.pd.yml")
+    assert {"gateway", "engine-prefill", "engine-decode", "bench", "prometheus", "grafana"} == set(config["services"])
+    engines = [args for args in gateway_services(config).values() if args[0] == "mock-engine"]
+    assert sorted(option(args, "--role") for args in engines) == ["decode", "prefill"]
+    assert all(int(option(args, "--dp-size")) > 1 for args in engines)
+    assert config["services"]["bench"]["profiles"] == ["bench"]
+    for name, service in config["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    home = config["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (DEPLOY / "grafana" / "dashboards" / home.rsplit("/", 1)[1]).is_file(), home
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_every_gateway_image_command_is_accepted_by_the_cli(stack: str) -> None:
+    services = gateway_services(compose_config(STACKS[stack][0]))
+    engines = {"engine-sglang", "engine-vllm"} if stack == "mixed" else {"engine-prefill", "engine-decode"}
+    assert set(services) == {"gateway", "bench", *engines}
     for name, args in services.items():
         ctx = parse_command(args)
         assert ctx.command.name == args[0], name
@@ -69,14 +100,17 @@ def test_the_command_check_rejects_a_bad_command() -> None:
         parse_command(["serv"])
 
 
-def test_gateway_config_engines_prometheus_targets_and_services_agree() -> None:
-    config = compose_config()
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_gateway_config_engines_prometheus_targets_and_services_agree(stack: str) -> None:
+    compose_file, gateway_file, prometheus_file = STACKS[stack]
+    config = compose_config(compose_file)
     services = gateway_services(config)
-    settings = load_settings(DEPLOY / "compose" / "gateway.yaml")
+    settings = load_settings(DEPLOY / "compose" / gateway_file)
     mounts = [str(v).split(":") for v in config["services"]["gateway"]["volumes"]]  # SOURCE:TARGET:MODE
-    assert [str(DEPLOY / "compose" / "gateway.yaml"), "/etc/gateway/gateway.yaml", "ro"] in mounts, mounts
+    assert [str(DEPLOY / "compose" / gateway_file), "/etc/gateway/gateway.yaml", "ro"] in mounts, mounts
     assert option(services["gateway"], "--config") == "/etc/gateway/gateway.yaml"
-    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus_config_file(config) == prometheus_file
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / prometheus_file).read_text())
     jobs = {job["job_name"]: job["static_configs"] for job in prometheus["scrape_configs"]}
     engine_targets = {target: group["labels"] for group in jobs["engines"] for target in group["targets"]}
     assert len(engine_targets) == len(settings.engines)
@@ -84,12 +118,19 @@ def test_gateway_config_engines_prometheus_targets_and_services_agree() -> None:
         url = urlsplit(engine.url)
         args = services[str(url.hostname)]
         assert args[0] == "mock-engine", engine.name
-        assert (option(args, "--flavor"), int(option(args, "--dp-size")), url.port) == (
+        role = option(args, "--role") if "--role" in args else "mixed"
+        assert (option(args, "--flavor"), int(option(args, "--dp-size")), url.port, role) == (
             engine.flavor,
             engine.dp_size,
             int(option(args, "--port")),
+            engine.role,
         ), engine.name
-        assert engine_targets[url.netloc] == {"flavor": engine.flavor, "engine_name": engine.name}
+        connector = option(args, "--kv-connector") if "--kv-connector" in args else None
+        assert connector == engine.kv_connector or (connector is None and engine.flavor == "sglang"), engine.name
+        if engine.bootstrap_address is not None:  # the simulated engines rendezvous on the prefill's HTTP port
+            assert engine.bootstrap_address == (url.hostname, url.port), engine.name
+        labels = {"flavor": engine.flavor, "engine_name": engine.name}
+        assert engine_targets[url.netloc] == labels | ({"role": engine.role} if engine.role != "mixed" else {})
     assert jobs["gateway"][0]["targets"] == [f"gateway:{option(services['gateway'], '--port')}"]
     assert option(services["bench"], "--url") == f"http://gateway:{option(services['gateway'], '--port')}"
 

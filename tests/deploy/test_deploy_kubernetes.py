@@ -1,4 +1,4 @@
-"""deploy/kubernetes: the kustomize base and the SGLang DP-attention overlay render with ``kubectl kustomize``,
+"""deploy/kubernetes: the kustomize base and the SGLang overlays (DP attention; P/D) render with ``kubectl kustomize``,
 pass ``kubernetes-validate --strict`` against the Kubernetes API schemas, and hold what an operator needs."""
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from gateway.config import load_settings
 from tests.deploy.tools import DEPLOY, parse_command, run_tool
 
 KUBERNETES = DEPLOY / "kubernetes"
-TREES = {"base": KUBERNETES / "base", "sglang-dp-attention": KUBERNETES / "overlays" / "sglang-dp-attention"}
+TREES = {
+    "base": KUBERNETES / "base",
+    "sglang-dp-attention": KUBERNETES / "overlays" / "sglang-dp-attention",
+    "sglang-pd": KUBERNETES / "overlays" / "sglang-pd",
+}
 CRD_KINDS = {"ServiceMonitor"}
 """Kinds outside the core API (Prometheus Operator), which kubernetes-validate has no schema for."""
 
@@ -79,3 +83,16 @@ def test_sglang_example_is_a_dp_attention_deployment(tmp_path: Path) -> None:
     assert {e.flavor for e in settings.engines} == {"sglang"}
     assert all(e.dp_size > 1 for e in settings.engines)
     assert "--enable-dp-attention" in path.read_text()
+
+
+def test_sglang_pd_example_is_a_disaggregated_deployment(tmp_path: Path) -> None:
+    _, docs = render(TREES["sglang-pd"], tmp_path)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(docs["ConfigMap"]["data"]["gateway.yaml"])
+    settings = load_settings(path)
+    assert settings.pd_models() == ["deepseek-v3"]
+    roles = {e.role: e for e in settings.engines}
+    assert set(roles) == {"prefill", "decode"} and {e.flavor for e in settings.engines} == {"sglang"}
+    assert roles["prefill"].bootstrap_address == ("sglang-prefill.llm.svc.cluster.local", 8998)
+    text = path.read_text()
+    assert "--disaggregation-mode prefill" in text and "--disaggregation-mode decode" in text

@@ -8,7 +8,7 @@ import shlex
 import pytest
 from pydantic import BaseModel
 
-from gateway.config import Settings
+from gateway.config import Settings, load_settings
 from gateway.config_reference import BEGIN, END, field_docs, main, render, update
 from tests.deploy.tools import ROOT, parse_command
 
@@ -51,3 +51,13 @@ def test_readme_gateway_commands_parse() -> None:
     assert len(commands) >= 3, commands
     for command in commands:
         parse_command(shlex.split(command, comments=True))
+
+
+def test_readme_gateway_configurations_load(tmp_path) -> None:
+    blocks = [b for b in re.findall(r"^```yaml\n(.*?)^```", README.read_text(), re.M | re.S) if "engines:" in b]
+    assert len(blocks) >= 2, blocks  # the cluster example and the P/D one
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"gateway-{i}.yaml"
+        path.write_text(block)
+        assert load_settings(path).engines
+    assert any(load_settings(tmp_path / f"gateway-{i}.yaml").pd_models() for i in range(len(blocks)))

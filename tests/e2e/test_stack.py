@@ -1,6 +1,7 @@
 """`gateway stack` end to end, as a new user runs it from the README: the simulated engines, the gateway and a real
 Prometheus (Debian package) on loopback; requests go through; Prometheus shows every target up, the gateway's
-series arrive, and the dashboards' queries return data."""
+series arrive, and the dashboards' queries return data. The same for its P/D variant, `gateway stack --pd`, and the
+P/D dashboard."""
 
 from __future__ import annotations
 
@@ -114,10 +115,16 @@ async def wait_for_data(http: httpx.AsyncClient, prometheus: str, exprs: list[st
         await asyncio.sleep(1.0)
 
 
-def dashboard_queries() -> list[str]:
-    """Every dashboard query, Grafana's $__rate_interval set to 30 s."""
+PD_DASHBOARD = "sbs-gateway-pd.json"
+"""The P/D dashboard: its panels read P/D engines, so on a stack without them its queries return nothing."""
+
+
+def dashboard_queries(skip: str | None = None) -> list[str]:
+    """Every dashboard query (but those of dashboard file ``skip``), Grafana's $__rate_interval set to 30 s."""
     out = []
     for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
+        if path.name == skip:
+            continue
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
                 out.append(target["expr"].replace("$__rate_interval", "30s"))
@@ -158,8 +165,35 @@ async def test_stack_serves_requests_and_prometheus_sees_every_series() -> None:
         # rates need counters that move between scrapes: keep a trickle of traffic while Prometheus is queried
         traffic = asyncio.create_task(trickle(client))
         try:
-            await check_prometheus(stack)
+            await check_prometheus(stack, parse_only=PD_DASHBOARD)  # no P/D engine here
             await check_alerts_follow_an_engine_failure(stack)
+        finally:
+            traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic
+            await client.close()
+        stack.process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(stack.process.wait(), 30) == 0, stack.log
+        assert not pid_alive(stack.prometheus_pid), "Prometheus outlived the stack"
+
+
+async def test_pd_stack_serves_requests_and_the_pd_dashboard_has_data() -> None:
+    """``gateway stack --pd``: requests go through the prefill and decode engines; with two KV transfers broken (and
+    retried), the dashboards' panels, the P/D dashboard's failed legs and retries by role included, return data."""
+    async with gateway_stack(
+        "--pd", "--port", "0", "--prometheus-port", "0", "--scrape-interval", "1", "--engine-speed", "20"
+    ) as stack:
+        assert set(stack.engines) == {"prefill0", "decode0"}, stack.log
+        assert re.search(r"^engine decode0 \(sglang decode, 4 DP ranks\): ", "\n".join(stack.log), re.M), stack.log
+        client = openai.AsyncOpenAI(base_url=stack.gateway + "/v1", api_key="unused", max_retries=0)
+        async with httpx.AsyncClient(timeout=10) as http:
+            for _ in range(16):  # every decode rank answers first (one that never has is shut out at a failure)
+                await client.completions.create(model=MODEL, prompt="hello", max_tokens=3)
+            plan = {"generate": "transfer_fail", "remaining": 2}
+            assert (await http.put(stack.engines["decode0"] + "/_sim/faults", json=plan)).status_code == 200
+        traffic = asyncio.create_task(trickle(client))
+        try:
+            await check_prometheus(stack)
         finally:
             traffic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,7 +213,9 @@ async def trickle(client: openai.AsyncOpenAI, requests: int = 400, gap_s: float 
         await asyncio.sleep(gap_s)
 
 
-async def check_prometheus(stack: RunningStack) -> None:
+async def check_prometheus(stack: RunningStack, parse_only: str | None = None) -> None:
+    """Every target is up, every series with samples arrives, every dashboard query whose series have samples
+    returns data (those of dashboard file ``parse_only`` need only be valid PromQL), and the rules evaluate."""
     async with httpx.AsyncClient(timeout=10) as http:
         # every target up: the gateway, both engines, Prometheus itself
         targets = ['count(up{job="gateway"} == 1) == 1', 'count(up{job="engines"} == 1) == 2']
@@ -200,13 +236,15 @@ async def check_prometheus(stack: RunningStack) -> None:
         sampled |= PROMETHEUS_SERIES
         sources = recorded_sources()
         expected = []
-        for expr in dashboard_queries():
+        for expr in dashboard_queries(skip=parse_only):
             names = set().union(*(sources.get(n, {n}) for n in query_names(expr)))
             if names <= sampled:
                 expected.append(expr)
             else:
                 await query(http, stack.prometheus, expr)  # still must parse
-        assert len(expected) >= len(dashboard_queries()) * 2 // 3, "most panels should have data on a live stack"
+        assert len(expected) >= len(dashboard_queries(skip=parse_only)) * 2 // 3, "most panels should have data"
+        for expr in set(dashboard_queries()) - set(dashboard_queries(skip=parse_only)):
+            await query(http, stack.prometheus, expr)
         counts = await wait_for_data(http, stack.prometheus, expected)
         assert [e for e, n in counts.items() if n == 0] == []
 
