@@ -15,7 +15,12 @@ Series (all prefixed ``gateway_``):
 - ``scrapes_total{engine, result}`` (``ok``|``error``), ``scrape_errors_total{engine}``.
 - ``rank_running``, ``rank_waiting``, ``rank_queued_prefill_tokens``, ``rank_kv_usage`` ``{engine, rank}``: the
   load view as the allocator sees it, read at scrape time; ``rank_drain_seconds{engine, rank}``: the same queue in
-  seconds of work, by the engine's fitted step-time model (:meth:`gateway.scheduling.step_clock.StepClock.drain_s`).
+  seconds of work, by the engine's fitted step-time model (:meth:`gateway.scheduling.step_clock.StepClock.drain_s`);
+  ``rank_decode_queue_requests{engine, rank, queue}`` (``prealloc``|``transfer``): of a P/D decode rank's running
+  requests, those waiting for their KV to be reserved and those receiving it, as the engine last reported them plus
+  the gateway's decode legs sent since (:attr:`gateway.types.RankLoad.decode_prealloc`; 0 on other ranks and
+  without fresh figures); ``rank_kv_tokens{engine, rank}``: KV tokens held by the rank's requests as the allocator
+  sees them (a decode rank's reconciled with the engine's figure, :mod:`gateway.load.view`).
 - ``step_model_seconds{engine, term}`` (``a``: seconds per step; ``b``, ``c``: seconds per prefill token of the
   heaviest rank and of the ranks' mean) and ``step_model_timed_steps{engine}``: each engine's step-time model as
   fitted so far (:class:`gateway.scheduling.step_clock.StepTimeModel`).
@@ -98,6 +103,16 @@ class _LoadCollector(Collector):
                 "KV cache usage reported by the engine (0-1)",
                 labels=["engine", "rank"],
             ),
+            "kv_tokens": GaugeMetricFamily(
+                "gateway_rank_kv_tokens",
+                "KV cache tokens held by the rank's requests (load view)",
+                labels=["engine", "rank"],
+            ),
+            "decode_queue": GaugeMetricFamily(
+                "gateway_rank_decode_queue_requests",
+                "P/D decode rank requests waiting for their KV to be reserved (prealloc) or receiving it (transfer)",
+                labels=["engine", "rank", "queue"],
+            ),
         }
         for load in self._snapshot():
             labels = [load.key.engine, str(load.key.rank)]
@@ -106,6 +121,9 @@ class _LoadCollector(Collector):
             fams["queued_prefill_tokens"].add_metric(labels, load.queued_prefill_tokens)
             if load.kv_usage is not None:
                 fams["kv_usage"].add_metric(labels, load.kv_usage)
+            fams["kv_tokens"].add_metric(labels, load.kv_tokens)
+            fams["decode_queue"].add_metric([*labels, "prealloc"], load.decode_prealloc)
+            fams["decode_queue"].add_metric([*labels, "transfer"], load.decode_transfer)
         yield from fams.values()
         if self._drain is not None:
             drain = GaugeMetricFamily(

@@ -43,12 +43,16 @@ class RankLoad:
         models: models the rank's engine serves.
         prefill_budget: prefill tokens the rank takes per forward step (its per-step capacity; the engine's
             ``prefill_budget_tokens`` setting).
-        running: requests decoding on the rank.
+        running: requests decoding on the rank (on a P/D decode rank also those waiting for or receiving their KV:
+            they decode there without a prefill).
         waiting: requests queued on the rank, not yet prefilled.
         queued_prefill_tokens: prompt tokens sent to the rank and not yet prefilled (local accounting).
-        kv_tokens: KV cache tokens held by the rank's requests (local accounting, prompt + generated).
+        kv_tokens: KV cache tokens held by the rank's requests (local accounting, prompt + generated; on a P/D
+            decode rank reconciled with the engine's figure where it reports one, see :mod:`gateway.load.view`).
         kv_usage: KV cache usage reported by the engine, fraction 0–1, or ``None`` when unknown.
         usable: whether new requests may be placed on the rank.
+        decode_prealloc: P/D decode: of ``running``, the requests waiting for their KV to be reserved.
+        decode_transfer: P/D decode: of ``running``, the requests receiving their KV from the prefill side.
     """
 
     key: RankKey
@@ -60,6 +64,8 @@ class RankLoad:
     kv_tokens: float = 0.0
     kv_usage: float | None = None
     usable: bool = True
+    decode_prealloc: float = 0.0
+    decode_transfer: float = 0.0
 
     @property
     def queue_length(self) -> float:
@@ -126,15 +132,32 @@ class RankMetrics:
     """Load of one DP rank as the engine reports it (parsed from its ``/metrics`` by an engine adapter).
 
     Attributes:
-        running: requests decoding (or in a running batch).
-        waiting: requests queued, not yet scheduled.
+        running: requests decoding (or in a running batch); on a P/D decode rank also the requests waiting for
+            their KV or receiving it (``decode_prealloc``, ``decode_transfer``, ``decode_retracted``): each will
+            decode there without a prefill of its own.
+        waiting: requests queued, not yet scheduled (on a P/D prefill rank also those in its bootstrap queue,
+            ``prefill_bootstrap``).
         kv_usage: KV cache usage, fraction 0–1, or ``None`` if not reported.
         kv_used_tokens: KV cache tokens in use, or ``None`` if not reported.
         kv_capacity_tokens: KV cache capacity in tokens, or ``None`` if not reported.
         queued_prefill_tokens: prompt tokens waiting for prefill and not in the prefix cache (SGLang ``GET
             /v1/loads`` ``num_waiting_uncached_tokens``), or ``None`` if not reported.
-        queued_read_at: when ``queued_prefill_tokens`` was asked for, on the gateway's clock (seconds): requests
-            dispatched from then on may be missing from it. ``None``: when the scrape arrived.
+        queued_read_at: when the figures of the engine's load endpoint (``queued_prefill_tokens``, ``kv_tokens``)
+            were asked for, on the gateway's clock (seconds): requests dispatched from then on may be missing from
+            them. ``None``: when the scrape arrived.
+        decode_prealloc: P/D decode: requests waiting for their KV to be reserved (SGLang's pre-allocation queue;
+            vLLM's KV consumer: stage ``waiting_to_start``), counted in ``running``; ``None`` if not reported.
+        decode_transfer: P/D decode: requests with their KV reserved, receiving it from the prefill side (SGLang's
+            transfer queue; vLLM: stage ``in_progress``), counted in ``running``; ``None`` if not reported.
+        decode_retracted: P/D decode: requests retracted for lack of KV, waiting to resume (SGLang), counted in
+            ``running``; ``None`` if not reported.
+        prefill_bootstrap: P/D prefill: requests waiting for their decode side before their prefill (SGLang's
+            bootstrap queue), counted in ``waiting``; ``None`` if not reported.
+        prefill_inflight: P/D prefill: prefilled requests whose KV the rank keeps until the decode side has it
+            (SGLang's inflight queue); ``None`` if not reported.
+        kv_tokens: KV tokens the rank's requests hold, have reserved or will reserve (SGLang ``GET /v1/loads``
+            ``num_total_tokens``: on a decode rank the KV in use, the reservations of requests in transfer
+            included, plus the pre-allocation and retracted queues' tokens), or ``None`` if not reported.
     """
 
     running: float = 0.0
@@ -144,6 +167,12 @@ class RankMetrics:
     kv_capacity_tokens: float | None = None
     queued_prefill_tokens: float | None = None
     queued_read_at: float | None = None
+    decode_prealloc: float | None = None
+    decode_transfer: float | None = None
+    decode_retracted: float | None = None
+    prefill_bootstrap: float | None = None
+    prefill_inflight: float | None = None
+    kv_tokens: float | None = None
 
 
 FailureScope = Literal["engine", "rank"]

@@ -18,6 +18,7 @@ format; the HTTP layer catches a body shorter than its ``Content-Length`` or chu
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
@@ -32,13 +33,18 @@ class MetricsParseError(ValueError):
     """The exposition text could not be parsed."""
 
 
+_SELECTOR = re.compile(r'(?P<name>[^{]+)\{(?P<label>\w+)="(?P<value>[^"]*)"\}')
+"""``name{label="value"}``: one series of a sample, in :func:`read_rank_gauges`'s ``fields``."""
+
+
 def read_rank_gauges(text: str, fields: Mapping[str, str], rank_label: str | None) -> dict[int, dict[str, float]]:
     """Collect gauges per DP rank from Prometheus exposition text.
 
     Args:
         text: the ``/metrics`` body.
         fields: sample name → field name (several names may map to one field; the first listed wins
-            when both are present).
+            when both are present). A name may select one label value, ``name{label="value"}``: then only that
+            series of the sample is read (vLLM's ``vllm:num_requests_kv_fetch_by_stage{stage="in_progress"}``).
         rank_label: label carrying the DP rank; series without it count as rank 0.
 
     Returns:
@@ -51,12 +57,20 @@ def read_rank_gauges(text: str, fields: Mapping[str, str], rank_label: str | Non
     """
     if text and not text.endswith("\n"):
         raise MetricsParseError("invalid exposition text: truncated (the last line does not end with a newline)")
-    priority = {name: i for i, name in enumerate(fields)}
+    priority = {key: i for i, key in enumerate(fields)}
+    selected: dict[str, list[tuple[str, str, str]]] = {}
+    for key in fields:
+        if match := _SELECTOR.fullmatch(key):
+            selected.setdefault(match["name"], []).append((match["label"], match["value"], key))
     found: dict[int, dict[str, tuple[int, float]]] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                field = fields.get(sample.name)
+                key = sample.name
+                if key not in fields:
+                    choices = selected.get(sample.name, ())
+                    key = next((k for label, value, k in choices if sample.labels.get(label) == value), "")
+                field = fields.get(key)
                 if field is None:
                     continue
                 raw_rank = sample.labels.get(rank_label, "0") if rank_label else "0"
@@ -67,7 +81,7 @@ def read_rank_gauges(text: str, fields: Mapping[str, str], rank_label: str | Non
                 if rank < 0 or not (math.isfinite(sample.value) and sample.value >= 0):
                     continue
                 rank_fields = found.setdefault(rank, {})
-                prio = priority[sample.name]
+                prio = priority[key]
                 old = rank_fields.get(field)
                 if old is None or prio < old[0] or (prio == old[0] and sample.value > old[1]):
                     rank_fields[field] = (prio, float(sample.value))

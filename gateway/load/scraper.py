@@ -8,12 +8,14 @@ several milliseconds of parsing per 50 KB) does not stall the event loop that cl
 A failed or unparsable scrape is counted and leaves the load view on local accounting for that engine; so
 does an unexpected error (logged with its traceback): nothing an engine sends can end its scraping loop.
 
-Where the engine's adapter reports per-rank queued prefill tokens (:class:`QueuedTokensSource`: SGLang's ``GET
-/v1/loads``) and ``scrape.engine_queued_tokens`` is on, that endpoint is read alongside ``/metrics`` at each
-scrape, concurrently, and its figure joins each rank's :class:`RankMetrics` (``queued_prefill_tokens``). Its
-failure costs only that figure: the rank keeps local accounting of its queued tokens until the next success. An
-engine whose ``/metrics`` answers while this endpoint fails :data:`LOADS_MAX_FAILURES` times in a row (an SGLang
-older than the endpoint) is not asked again.
+Where the engine's adapter reads a per-rank load endpoint of its own (:class:`LoadsSource`: SGLang's ``GET
+/v1/loads``), that endpoint is read alongside ``/metrics`` at each scrape, concurrently, when
+``scrape.engine_queued_tokens`` is on (its queued prefill tokens join each rank's :class:`RankMetrics` as
+``queued_prefill_tokens``) and, whatever that setting, for a P/D engine (``engines[].role`` ``prefill`` or
+``decode``): its figures of a P/D rank (requests, the P/D queues, the decode rank's KV tokens) are newer than the
+``/metrics`` gauges and replace them. Its failure costs only those figures: the rank keeps ``/metrics`` and local
+accounting until the next success. An engine whose ``/metrics`` answers while this endpoint fails
+:data:`LOADS_MAX_FAILURES` times in a row (an SGLang older than the endpoint) is not asked again.
 """
 
 from __future__ import annotations
@@ -49,20 +51,23 @@ class ScrapeSink(Protocol):
 
 
 LOADS_MAX_FAILURES = 3
-"""Failed queued-token polls in a row, while ``/metrics`` answered, after which an engine is not asked again: one
+"""Failed load-endpoint polls in a row, while ``/metrics`` answered, after which an engine is not asked again: one
 is a hiccup, three in a row at the scrape interval is an engine that does not serve the endpoint."""
+
+PD_ROLES = frozenset({"prefill", "decode"})
+"""Engine roles whose load endpoint is read whatever ``scrape.engine_queued_tokens`` says."""
 
 
 @runtime_checkable
-class QueuedTokensSource(Protocol):
-    """An engine adapter whose engine reports each DP rank's queued prefill tokens at an endpoint of its own
+class LoadsSource(Protocol):
+    """An engine adapter whose engine reports each DP rank's load at an endpoint of its own
     (:class:`~gateway.engines.sglang.SglangAdapter`)."""
 
     loads_path: str
     """The path to GET (with its query)."""
 
-    def parse_loads(self, text: str) -> dict[int, float]:
-        """``{dp_rank: queued prefill tokens}`` from the endpoint's body.
+    def parse_loads(self, text: str) -> dict[int, dict[str, float]]:
+        """``{dp_rank: {RankMetrics field: value}}`` from the endpoint's body.
 
         Raises:
             MetricsParseError: the body cannot be read.
@@ -98,41 +103,41 @@ class MetricsScraper(PerEngineLoop):
         self._config = config
         self._loads_failures: dict[str, int] = {}
 
-    def reads_queued_tokens(self, engine: Engine) -> bool:
-        """Whether scrapes of ``engine`` also read its per-rank queued prefill tokens."""
+    def reads_loads(self, engine: Engine) -> bool:
+        """Whether scrapes of ``engine`` also read its per-rank load endpoint (see the module docstring)."""
         return (
-            self._config.engine_queued_tokens
-            and isinstance(engine.adapter, QueuedTokensSource)
+            (self._config.engine_queued_tokens or engine.config.role in PD_ROLES)
+            and isinstance(engine.adapter, LoadsSource)
             and self._loads_failures.get(engine.name, 0) < LOADS_MAX_FAILURES
         )
 
-    async def _queued_tokens(self, engine: Engine) -> dict[int, float] | None:
-        """The engine's per-rank queued prefill tokens, or ``None`` if they cannot be read now. Never raises."""
+    async def _loads(self, engine: Engine) -> dict[int, dict[str, float]] | None:
+        """The engine's per-rank load figures, or ``None`` if they cannot be read now. Never raises."""
         adapter = engine.adapter
-        assert isinstance(adapter, QueuedTokensSource)
+        assert isinstance(adapter, LoadsSource)
         try:
             url = engine.url(adapter.loads_path)
             text = await self._client.get_text(url, self._config.timeout_s, self._config.max_response_bytes)
             return adapter.parse_loads(text)
         except Exception as exc:  # UpstreamError, MetricsParseError expected; anything else is logged loudly
             if not isinstance(exc, UpstreamError | MetricsParseError):
-                log.exception("queued-token poll of %s failed unexpectedly", engine.name)
-            log.debug("queued-token poll of %s failed: %s", engine.name, exc)
+                log.exception("load poll of %s failed unexpectedly", engine.name)
+            log.debug("load poll of %s failed: %s", engine.name, exc)
             return None
 
     async def once(self, engine: Engine) -> bool:
         """Scrape one engine now and hand the outcome to the sink; return whether it succeeded. Never raises."""
         read_at = self._clock()
-        queued = asyncio.create_task(self._queued_tokens(engine)) if self.reads_queued_tokens(engine) else None
+        loads = asyncio.create_task(self._loads(engine)) if self.reads_loads(engine) else None
         try:
             url = engine.url(engine.adapter.metrics_path)
             text = await self._client.get_text(url, self._config.timeout_s, self._config.max_response_bytes)
             ranks = await asyncio.to_thread(engine.adapter.parse_metrics, text)
         except Exception as exc:  # UpstreamError, MetricsParseError expected; anything else is a bug, logged loudly
-            if queued is not None:
-                queued.cancel()
+            if loads is not None:
+                loads.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await queued
+                    await loads
             self._sink.on_scrape_failure(engine.name, self._clock())
             self._metrics.scrapes.labels(engine.name, "error").inc()
             self._metrics.scrape_errors.labels(engine.name).inc()
@@ -141,33 +146,36 @@ class MetricsScraper(PerEngineLoop):
             else:
                 log.exception("scrape of %s failed unexpectedly", engine.name)
             return False
-        if queued is not None:
-            ranks = self._with_queued_tokens(engine, ranks, await queued, read_at)
+        if loads is not None:
+            ranks = self._with_loads(engine, ranks, await loads, read_at)
         self._sink.on_scrape(
             engine.name, {r: m for r, m in ranks.items() if 0 <= r < engine.config.dp_size}, self._clock()
         )
         self._metrics.scrapes.labels(engine.name, "ok").inc()
         return True
 
-    def _with_queued_tokens(
-        self, engine: Engine, ranks: dict[int, RankMetrics], queued: dict[int, float] | None, read_at: float
+    def _with_loads(
+        self, engine: Engine, ranks: dict[int, RankMetrics], loads: dict[int, dict[str, float]] | None, read_at: float
     ) -> dict[int, RankMetrics]:
-        """``ranks`` with the queued prefill tokens of the ranks ``queued`` reports, asked for at ``read_at``;
-        counts a failed poll."""
-        if queued is None:
+        """``ranks`` with the figures ``loads`` gives for them, asked for at ``read_at`` (queued prefill tokens only
+        when ``scrape.engine_queued_tokens`` is on); counts a failed poll."""
+        if loads is None:
             failures = self._loads_failures[engine.name] = self._loads_failures.get(engine.name, 0) + 1
             if failures == LOADS_MAX_FAILURES:
                 log.warning(
-                    "%s answers /metrics but not its queued-token endpoint (%d failures in a row): "
-                    "its queued prefill tokens stay on local accounting",
+                    "%s answers /metrics but not its load endpoint (%d failures in a row): "
+                    "its ranks stay on /metrics and local accounting",
                     engine.name,
                     failures,
                 )
             return ranks
         self._loads_failures[engine.name] = 0
-        return {
-            rank: dataclasses.replace(metrics, queued_prefill_tokens=queued[rank], queued_read_at=read_at)
-            if rank in queued
-            else metrics
-            for rank, metrics in ranks.items()
-        }
+        out = dict(ranks)
+        for rank, fields in loads.items():
+            if rank not in ranks:
+                continue
+            if not self._config.engine_queued_tokens:
+                fields = {k: v for k, v in fields.items() if k != "queued_prefill_tokens"}
+            if fields:
+                out[rank] = dataclasses.replace(ranks[rank], **fields, queued_read_at=read_at)
+        return out

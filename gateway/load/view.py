@@ -31,8 +31,18 @@ recorded twice: its prompt on its prefill rank (:meth:`LoadView.on_dispatch`) un
 leaves that rank whole (its KV moves to decode), and the request on its decode rank
 (:meth:`LoadView.on_dispatch_decode`) from dispatch until it finishes, counted as running there from the start:
 a request in the decode engine's pre-allocation or transfer queue holds (or will hold) its KV and joins the
-decode batch without another prefill, so the decode allocation must count it (SGLang exports those queues apart
-from its running requests; :mod:`gateway.engines.sglang` adds them back).
+decode batch without another prefill, so the decode allocation must count it. The engines report those queues
+(:attr:`RankMetrics.decode_prealloc`, :attr:`RankMetrics.decode_transfer`), and their adapters count them in the
+rank's running requests (:mod:`gateway.engines.sglang`, :mod:`gateway.engines.vllm`), so a decode rank's requests
+merge as every rank's do: the engine's figure at the scrape plus the decode legs dispatched since it was read, less
+those finished since. A leg the engine already counted is not counted again: legs sent before the engine's figures
+were asked for (:attr:`RankMetrics.queued_read_at`, else when the scrape arrived) are in them, the others are
+added. The queues themselves are reported per rank (:attr:`RankLoad.decode_prealloc`, ``decode_transfer``: the
+engine's figures, the gateway's legs sent since added to the pre-allocation queue, where each arrives; 0 without
+fresh figures). A decode rank's KV tokens are the engine's where it reports them (SGLang's ``num_total_tokens``,
+:attr:`RankMetrics.kv_tokens`: the reservations of requests in transfer and the tokens of those still to reserve
+included) plus the change in the gateway's own accounting since they were read (legs sent since, tokens generated,
+legs finished), never below the gateway's own; elsewhere KV tokens are local accounting.
 """
 
 from __future__ import annotations
@@ -79,7 +89,8 @@ class _InFlight:
     prefill_tokens: int
     started: bool = False
     in_engine_figure: bool = False
-    """Queued on its rank when the engine's last queued-token figure was read (so counted in it)."""
+    """Sent before the engine's last figures were read (so counted in them): a prompt queued on its rank then, or a
+    decode leg."""
     generated: int = 0
 
 
@@ -97,6 +108,10 @@ class _RankState:
     finished_running_since: int = 0
     decode_dispatched_since: int = 0
     """Decode legs dispatched since the last scrape (counted as running from dispatch)."""
+    decode_new: int = 0
+    """Decode legs in flight that the engine's last figures do not count (sent after they were read)."""
+    kv_at_read: int = 0
+    """Local KV tokens of the decode legs the engine's last figures count, as they stood at the scrape."""
     queued_at_scrape: int = 0
     """Local queued prefill tokens when the last scrape arrived."""
     queued_left_since: int = 0
@@ -267,6 +282,7 @@ class LoadView:
         self._decode[request_id] = _InFlight(key, prompt_tokens, now, 0, started=True)
         state.local_running += 1
         state.decode_dispatched_since += 1
+        state.decode_new += 1
         state.kv_tokens += prompt_tokens
 
     def on_first_token(self, request_id: str, now: float) -> None:
@@ -300,6 +316,8 @@ class LoadView:
             state.kv_tokens -= decode.prompt_tokens + decode.generated
             state.local_running -= 1
             state.finished_running_since += 1
+            if not decode.in_engine_figure:
+                state.decode_new -= 1
         self._release(request_id)
 
     def _release(self, request_id: str) -> None:
@@ -347,14 +365,23 @@ class LoadView:
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = state.decode_dispatched_since = 0
             state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
+            state.decode_new = state.kv_at_read = 0
+        for item in self._decode.values():
+            if item.key.engine != engine:
+                continue
+            state = self._ranks[item.key]
+            item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
+            if item.in_engine_figure:
+                state.kv_at_read += item.prompt_tokens + item.generated
+            else:
+                state.decode_dispatched_since += 1
+                state.decode_new += 1
         reported = any(m.queued_prefill_tokens is not None for m in ranks.values())
         for item in self._inflight.values() if reported else ():
             if item.key.engine != engine or item.started:
                 continue
             state = self._ranks[item.key]
-            scraped = state.scraped
-            read_at = now if scraped is None or scraped.queued_read_at is None else scraped.queued_read_at
-            item.in_engine_figure = item.dispatched_at < read_at
+            item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.queued_at_scrape += item.prefill_tokens
             else:
@@ -363,6 +390,12 @@ class LoadView:
             for load in self._live_snapshot(now):
                 if load.key.engine == engine:
                     self._frozen[load.key] = load
+
+    @staticmethod
+    def _read_at(state: _RankState, now: float) -> float:
+        """When the rank's last figures were asked for (:attr:`RankMetrics.queued_read_at`), else ``now``."""
+        scraped = state.scraped
+        return now if scraped is None or scraped.queued_read_at is None else scraped.queued_read_at
 
     def on_scrape_failure(self, engine: str, now: float) -> None:
         """A scrape of ``engine`` failed (unreachable, timeout, unparsable)."""
@@ -399,6 +432,8 @@ class LoadView:
             running = float(s.local_running)
             kv_usage: float | None = None
             queued = float(s.queued_prefill_tokens)
+            kv_tokens = float(s.kv_tokens)
+            prealloc = transfer = 0.0
             if s.scraped is not None and self.scrape_fresh(key.engine, now):
                 scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
                 scraped_waiting -= s.finished_waiting_since
@@ -412,6 +447,11 @@ class LoadView:
                     if s.queued_at_scrape > 0:
                         reported *= max(0, s.queued_at_scrape - s.queued_left_since) / s.queued_at_scrape
                     queued = reported + s.queued_new
+                if s.scraped.decode_prealloc is not None:
+                    prealloc = s.scraped.decode_prealloc + s.decode_new
+                transfer = s.scraped.decode_transfer or 0.0
+                if s.scraped.kv_tokens is not None and s.spec.role in DECODE_ROLES:
+                    kv_tokens = max(kv_tokens, s.scraped.kv_tokens + s.kv_tokens - s.kv_at_read)
             out.append(
                 RankLoad(
                     key=key,
@@ -419,10 +459,12 @@ class LoadView:
                     running=running,
                     waiting=waiting,
                     queued_prefill_tokens=queued,
-                    kv_tokens=float(s.kv_tokens),
+                    kv_tokens=kv_tokens,
                     kv_usage=kv_usage,
                     prefill_budget=s.spec.prefill_budget,
                     usable=True if self._usable is None else self._usable(key, now),
+                    decode_prealloc=prealloc,
+                    decode_transfer=transfer,
                 )
             )
         return out

@@ -11,9 +11,11 @@ it so, and the relay then sends no rank pin (:mod:`gateway.pd.sglang_bootstrap`)
 The decode leg's rank is chosen once the prefill rank is known (``pd.decode_policy``): ``sbs`` is the decode
 allocation of :mod:`gateway.scheduling.decode` (running requests and KV tokens, IQR outliers, lexicographic;
 :class:`DecodeAllocation`) over the decode ranks serving the model, or any immediate baseline over them, as the
-SGLang Model Gateway's ``--decode-policy``. The load view already counts every decode leg in flight as running on
-its rank from dispatch (:meth:`gateway.load.view.LoadView.on_dispatch_decode`), so each choice sees the previous
-ones.
+SGLang Model Gateway's ``--decode-policy``. A decode rank's running requests count those waiting for their KV to
+be reserved or receiving it: the load view counts every decode leg in flight as running on its rank from dispatch
+(:meth:`gateway.load.view.LoadView.on_dispatch_decode`), so each choice sees the previous ones, and the engines'
+pre-allocation and transfer queues join the rank's running requests when they are scraped (once: a leg the engine
+reports is no longer added by the view).
 
 Pure: snapshots in, ranks out.
 """
@@ -55,7 +57,9 @@ class DecodeAllocation:
     """The decode allocation (``pd.decode_policy: sbs``): the best rank by
     :meth:`~gateway.scheduling.decode.DecodeRanker.key` (non-outliers first, then requests in buckets, then KV
     tokens) among the usable decode ranks serving the model; ties go to the first in configuration order. With
-    the ``decode`` section ``None``: fewest requests, then fewest KV tokens.
+    the ``decode`` section ``None``: fewest requests, then fewest KV tokens. Requests are the rank's running and
+    waiting ones, the pre-allocation and transfer queues included (:attr:`RankLoad.running`); KV tokens include
+    those reserved for requests in transfer where the engine reports them (:attr:`RankLoad.kv_tokens`).
 
     Args:
         settings: the ``decode`` section.

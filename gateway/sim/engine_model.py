@@ -120,6 +120,7 @@ class RankStats:
             rank's latest step that prefilled, fraction 0-1.
         prefix_cache_tokens: tokens the rank's prefix cache holds, referenced by requests or idle, tokens.
         prealloc: P/D decode: requests in the pre-allocation queue (no KV reserved yet).
+        prealloc_tokens: P/D decode: prompt tokens of those requests (the KV they will reserve), tokens.
         transfer: P/D decode: requests with KV reserved, fetching it from the prefill side.
         transfer_kv_tokens: P/D decode: KV tokens reserved for those transfers (in ``kv_used_tokens``), tokens.
         held: P/D prefill: finished requests whose KV the rank keeps for the decode side (in ``kv_used_tokens``).
@@ -141,6 +142,7 @@ class RankStats:
     prealloc: int = 0
     transfer: int = 0
     transfer_kv_tokens: int = 0
+    prealloc_tokens: int = 0
     held: int = 0
 
 
@@ -437,6 +439,7 @@ class EngineModel:
                 preemptions=r.preemptions,
                 new_token_ratio=r.new_token_ratio,
                 prealloc=len(r.prealloc),
+                prealloc_tokens=sum(q.prompt_tokens for q in r.prealloc.values()),
                 transfer=len(r.transfer),
                 transfer_kv_tokens=sum(q.kv for q in r.transfer.values()),
                 held=len(r.held),

@@ -360,7 +360,11 @@ async def test_a_retracted_decode_cancels_the_prefill_leg_and_is_retried() -> No
         setup.prefill.modes = ["hold"]
         setup.decode.modes = ["retract"]
         assert await ask(setup, True) == ANSWER
-        assert setup.prefill.dropped == 1
+
+        async def prefill_dropped() -> bool:  # the first attempt's prefill leg (the fake polls every 5 ms)
+            return setup.prefill.dropped == 1
+
+        await eventually(prefill_dropped)
         rooms = [body["bootstrap_room"] for body, _ in setup.decode.received]
         assert len(rooms) == 2 and rooms[0] != rooms[1]
         # the retry avoids the decode rank that failed

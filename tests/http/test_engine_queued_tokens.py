@@ -76,7 +76,7 @@ async def test_vllm_is_not_asked_and_sglang_only_when_switched_on() -> None:
             httpx.AsyncClient(base_url=url) as engine,
         ):
             scrape, _ = scraper(url, client, flavor, config)
-            assert scrape.reads_queued_tokens(scrape._engines[0]) is False
+            assert scrape.reads_loads(scrape._engines[0]) is False
             assert await scrape.once(scrape._engines[0]) is True
             polls = (await engine.get("/_sim/requests")).json()["polls"]
         assert polls["/v1/loads"] == 0 and polls["/metrics"] == 1
@@ -107,5 +107,5 @@ async def test_an_engine_without_the_endpoint_stops_being_asked() -> None:
         for _ in range(LOADS_MAX_FAILURES + 2):
             assert await scrape.once(engine) is True  # the scrape itself succeeds every time
     assert hits == {"/metrics": LOADS_MAX_FAILURES + 2, "/v1/loads": LOADS_MAX_FAILURES}
-    assert scrape.reads_queued_tokens(engine) is False
+    assert scrape.reads_loads(engine) is False
     assert [load.running for load in view.snapshot(0.0)] == [1.0, 0.0]

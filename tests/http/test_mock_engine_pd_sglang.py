@@ -296,7 +296,10 @@ async def test_loads_and_metrics_report_the_pd_queues() -> None:
             await asyncio.sleep(POLL_S)
         assert load["disaggregation"]["mode"] == "decode"
         assert load["disaggregation"]["decode_transfer_queue_reqs"] == 1
-        assert load["num_active_tokens"] == load["num_total_tokens"] - load["num_used_tokens"]
+        assert load["num_waiting_reqs"] == 2  # SGLang's load inquirer counts both queues as waiting
+        # the same prompt twice: reserved for the transfer, and still to reserve; neither request's KV has arrived
+        assert load["num_total_tokens"] == 2 * load["num_used_tokens"] > 0
+        assert load["num_active_tokens"] == 0
         metrics = (await pair.client.get(f"{pair.decode}/metrics")).text
         samples = {
             (s.name, s.labels.get("dp_rank"), s.labels.get("engine_type")): s.value

@@ -86,7 +86,10 @@ LOADS = {
 
 
 def test_sglang_loads_are_read_per_rank_and_junk_is_skipped():
-    assert SglangAdapter().parse_loads(json.dumps(LOADS)) == {0: 4096.0, 1: 0.0}
+    assert SglangAdapter().parse_loads(json.dumps(LOADS)) == {
+        0: {"queued_prefill_tokens": 4096.0},
+        1: {"queued_prefill_tokens": 0.0},
+    }
     assert SglangAdapter().parse_loads('{"loads": [{"dp_rank": 0, "num_waiting_uncached_tokens": NaN}]}') == {}
 
 

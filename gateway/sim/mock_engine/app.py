@@ -94,11 +94,16 @@ def sglang_v1_loads(
     default ``all``) names: ``memory``, ``speculative`` and ``lora`` (``null`` here, as SGLang sends a section whose
     feature is off or whose figures it cannot read), ``disaggregation`` (mode ``"null"``, queues 0) and ``queues``.
     ``dp_rank`` outside the ranks gives an empty list, as SGLang does. A P/D engine (``mode`` ``"prefill"`` or
-    ``"decode"``) also reports ``num_active_tokens``, ``num_total_tokens`` less the KV reserved for transfers
-    (``LoadSnapshot``, sglang/srt/managers/load_snapshot.py), and its queues in ``disaggregation``: prefill
-    ``prefill_bootstrap_queue_reqs`` (``bootstrap_queue``, waiting for the decode side) and
-    ``prefill_inflight_queue_reqs`` (holding KV for it); decode ``decode_prealloc_queue_reqs`` and
-    ``decode_transfer_queue_reqs``.
+    ``"decode"``) reports its queues in ``disaggregation`` (prefill ``prefill_bootstrap_queue_reqs``, from
+    ``bootstrap_queue``: waiting for the decode side, and ``prefill_inflight_queue_reqs``: holding KV for it; decode
+    ``decode_prealloc_queue_reqs`` and ``decode_transfer_queue_reqs``) and counts them as SGLang's
+    ``SchedulerLoadInquirer.get_loads`` does (sglang/srt/managers/scheduler_components/load_inquirer.py):
+    ``num_waiting_reqs`` adds the bootstrap queue (prefill) or the pre-allocation and transfer queues (decode);
+    on decode ``num_waiting_uncached_tokens`` is 0, ``num_total_tokens`` is the KV in use (the transfers'
+    reservations included) plus the pre-allocation queue's prompt tokens, and ``num_active_tokens``
+    (``LoadSnapshot``, sglang/srt/managers/load_snapshot.py) is that less the tokens whose KV has not arrived (the
+    pre-allocation and transfer queues'); on prefill ``num_active_tokens`` equals ``num_total_tokens`` (the bootstrap
+    queue's prompt tokens, which SGLang adds to both, are not known to the mock and are left out).
 
     The simulated engine has no prefix cache in this form, so every waiting token is uncached
     (``num_waiting_uncached_tokens``) and ``cache_hit_rate`` is 0; ``num_total_tokens`` is the KV in use plus the
@@ -130,8 +135,14 @@ def sglang_v1_loads(
             "cache_hit_rate": 0.0,
             "utilization": 0.0,
         }
-        if mode != "null":
-            load["num_active_tokens"] = load["num_total_tokens"] - s.transfer_kv_tokens
+        if mode == "prefill":
+            load["num_waiting_reqs"] = s.waiting + bootstrap_queue(s.rank)
+            load["num_active_tokens"] = load["num_total_tokens"]
+        elif mode == "decode":
+            load["num_waiting_reqs"] = s.waiting + s.prealloc + s.transfer
+            load["num_waiting_uncached_tokens"] = 0
+            load["num_total_tokens"] = s.kv_used_tokens + s.prealloc_tokens
+            load["num_active_tokens"] = s.kv_used_tokens - s.transfer_kv_tokens
         if "memory" in wanted:
             load["memory"] = None
         if "spec" in wanted:
