@@ -33,8 +33,8 @@ from typing import Protocol
 from gateway.config import PdConfig
 from gateway.load.view import EngineSpec
 from gateway.sim.calibration import EngineModelConfig, PdConnector
-from gateway.sim.engine_model import EngineModel, TokenEvent
-from gateway.types import RankKey
+from gateway.sim.engine_model import EngineModel, RankStats, TokenEvent
+from gateway.types import RankKey, RankMetrics
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,8 @@ class PdDriver:
         self._fetching: dict[str, set[str]] = {n: set() for n in self.decode_names}
         """Per decode engine, the requests whose KV the prefill side has and whose transfer has not ended."""
         self._timers: dict[str, float] = {}
+        self._bootstrapping: Counter[RankKey] = Counter()
+        """SGLang: per prefill rank, the prefill legs waiting for their decode side (the bootstrap queue)."""
         self.legs_sent: Counter[RankKey] = Counter()
         """Legs sent per rank, prefill and decode."""
 
@@ -192,6 +194,7 @@ class PdDriver:
             if self.pools.connector == "sglang":
                 self._add_decode(request_id, legs)
                 self._connecting.setdefault(legs.decode, deque()).append(request_id)
+                self._bootstrapping[legs.prefill] += 1
                 self.wake(legs.decode.engine)
             else:
                 self._add_prefill(request_id, legs)
@@ -270,6 +273,7 @@ class PdDriver:
             while queue and engine.pd_phase(queue[0]) != "prealloc":
                 request_id = queue.popleft()
                 legs = self._legs[request_id]
+                self._bootstrapping[legs.prefill] -= 1
                 self._add_prefill(request_id, legs)
                 self.wake(legs.prefill.engine)
         fetching = self._fetching[name]
@@ -282,6 +286,40 @@ class PdDriver:
                 self.sim.push(self.sim.now + legs.to_gateway_s, "pd", ("answer", request_id))
         if tokens:
             self.sim.deliver(tokens, name)
+
+    def rank_metrics(
+        self, name: str, stats: list[RankStats], now: float, queued_tokens: bool
+    ) -> dict[int, RankMetrics]:
+        """What a scrape of P/D engine ``name`` tells the gateway, per DP rank, as its adapter reads the engine
+        (:mod:`gateway.engines.sglang`: ``GET /v1/loads`` of a P/D server, its queues counted in running or waiting;
+        :mod:`gateway.engines.vllm`: the KV fetch stages counted in running), from the engine model's ``stats``
+        read at ``now``; ``queued_tokens``: the gateway also takes the queued prefill tokens
+        (``scrape.engine_queued_tokens``)."""
+        sglang = self.pools.connector == "sglang"
+        out = {}
+        for s in stats:
+            if name in self._fetching:  # decode: its pre-allocation and transfer queues decode there
+                out[s.rank] = RankMetrics(
+                    s.running + s.prealloc + s.transfer,
+                    s.waiting,
+                    s.kv_usage,
+                    queued_read_at=now if sglang else None,
+                    decode_prealloc=s.prealloc,
+                    decode_transfer=s.transfer,
+                    kv_tokens=s.kv_used_tokens + s.prealloc_tokens if sglang else None,
+                )
+                continue
+            bootstrap = self._bootstrapping[RankKey(name, s.rank)] if sglang else 0
+            out[s.rank] = RankMetrics(
+                s.running,
+                s.waiting + bootstrap,
+                s.kv_usage,
+                queued_prefill_tokens=s.waiting_prompt_tokens if queued_tokens else None,
+                queued_read_at=now if sglang or queued_tokens else None,
+                prefill_bootstrap=bootstrap if sglang else None,
+                prefill_inflight=s.held if sglang else None,
+            )
+        return out
 
     def finished(self, request_id: str) -> None:
         """The decode leg of ``request_id`` finished: forget its legs once the prefill's answer is in too."""

@@ -471,6 +471,11 @@ class _Sim:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
         stats = self.engines[name].rank_stats()
         queued = self.config.engine_queued_tokens
+        if self.pd is not None:
+            pd_ranks = self.pd.rank_metrics(name, stats, self.now, queued)
+            self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, pd_ranks))
+            self.push(self.now + self.config.scrape_interval_s, "scrape", name)
+            return
         ranks = {
             s.rank: RankMetrics(s.running, s.waiting, s.kv_usage)
             if not queued

@@ -14,6 +14,7 @@ from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.information import InformationLimits
 from gateway.sim.pd_driver import PdPools
 from gateway.sim.simulate import SimConfig, _Sim, simulate, unloaded_ttft_s
+from gateway.types import RankKey
 from gateway.workload.traces import TraceRequest
 from tests.unit.test_simulate import synthetic_trace
 
@@ -134,3 +135,21 @@ def test_cli_simulates_pd_pools_and_refuses_half_a_deployment(tmp_path):
     assert bad.exit_code == 2 and "INSTANCESxDP" in bad.output
     stray = CliRunner().invoke(main, [*args, "--decode-policy", "round_robin"])
     assert stray.exit_code == 2 and "only apply with --prefill-pool" in stray.output
+
+
+def test_a_scrape_reports_the_queues_the_engines_report():
+    """SGLang: a decode rank's pre-allocation and transfer queues count as its running requests and its KV includes
+    the reservations to come (``GET /v1/loads``); a prefill rank's bootstrap queue counts as waiting."""
+    engine = replace(EngineModelConfig(), max_running_requests=1)
+    config = replace(pd_config("sglang", "round_robin", decode_dp_size=1, prefill_dp_size=1), engine=engine)
+    sim = _Sim([TraceRequest(0.0, 2_000, 100)] * 3, config)
+    assert sim.pd is not None
+    for request_id in ("0", "1", "2"):
+        sim.pd.send(request_id, RankKey("p0", 0), RankKey("d0", 0), 2_000, 100, ())
+        sim.pd.handle("legs", request_id)
+    decode = sim.pd.rank_metrics("d0", sim.engines["d0"].rank_stats(), 0.0, False)[0]
+    assert (decode.running, decode.decode_prealloc, decode.decode_transfer) == (3, 2, 1)
+    assert decode.kv_tokens == 3 * 2_000  # one reservation made, two to come
+    prefill = sim.pd.rank_metrics("p0", sim.engines["p0"].rank_stats(), 0.0, False)[0]
+    # the first prefill started at once (its decode side had reserved) and its step holds the KV already
+    assert (prefill.waiting, prefill.prefill_bootstrap, prefill.prefill_inflight) == (2, 2, 1)
