@@ -21,10 +21,12 @@ def main() -> None:
     \b
     Quick start:
       gateway serve                                    embedded simulated engines, http://127.0.0.1:8000/v1
+      gateway serve --pd sglang                        the same, as a P/D disaggregated prefill + decode pair
       gateway serve --config gateway.yaml              in front of your SGLang/vLLM engines
       gateway stack                                    engines + gateway + Prometheus on loopback (from a clone)
       gateway bench --url http://127.0.0.1:8000 --trace azure-conv --duration 60
       gateway simulate --trace azure-conv --duration 600 --plot policies.png
+      gateway simulate --trace azure-conv --duration 600 --prefill-pool 2x8 --decode-pool 1x16
 
     Every command's options: gateway COMMAND --help. Settings: README "Configuration reference".
     """
