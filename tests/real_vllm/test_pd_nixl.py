@@ -114,10 +114,17 @@ async def test_decode_takes_the_prompt_kv_from_prefill_over_nixl(pair: tuple[Ser
 async def test_an_answer_over_nixl_is_the_one_prefill_would_give(pair: tuple[Server, Server]) -> None:
     """The greedy answer through the P/D pair and from the prefill server alone: decode generated it on the KV
     cache it pulled, so a wrong or missing transfer would show. (The tiny model's random weights make the text
-    noise, but noise that follows the KV cache: zeroing a transferred cache changed it. Log-probabilities would
-    say more but make vLLM compile its ranking kernel with inductor, minutes on this CPU.)"""
+    noise, but noise that follows the KV cache: zeroing the cache a KV connector had handed over changed the first
+    answer token. Log-probabilities would say more, but vLLM 0.32 computes their ranks with a ``torch.compile``d
+    kernel, ``v1/sample/ops/logprobs.py``, whose first compilation took minutes on this busy CPU.)"""
     prefill, _ = pair
-    request = {"model": MODEL, "messages": prompt("greedy"), "max_tokens": MAX_TOKENS, "temperature": 0.0, **FIXED}
+    request = {
+        "model": MODEL,
+        "messages": prompt("greedy"),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "extra_body": FIXED,
+    }
     answers = []
     async with gateway("sbs", *pd_engines(pair)) as url:
         for base in (url, prefill.url):
