@@ -77,9 +77,14 @@ class Drill:
         max_output_tokens: cap on each request's output tokens (the relay's CPU bounds the drill's size).
         max_prompt_tokens: cap on each prompt, tokens.
         stream_share: fraction of requests streamed to the client (the others are answered whole).
-        fault_after: the fault strikes once this fraction of the requests has been answered.
+        fault_after: the fault strikes once this fraction of the requests has been answered, on an engine that
+            serves legs then (bounded wait).
+        hang_first: a kill: the victim first hangs its next ``hang_first`` legs (an engine that stops answering
+            before it dies) and dies once it holds them all (bounded wait): that many legs fail at once.
         transfer_failures: ``transfer_fail``: how many transfers break.
         disconnect_share: ``disconnect``: fraction of streamed clients that hang up after their first chunk.
+        retry_throttle_tokens: the gateway's ``upstream.retry_throttle_max_tokens`` (retries stop once half are
+            spent by failures in a row; 20, the gateway's default).
         seed: seeds which requests stream and which clients hang up.
         settle_polls / settle_poll_s: how long to wait for the engines and the gateway to empty afterwards.
     """
@@ -95,8 +100,10 @@ class Drill:
     max_prompt_tokens: int = 4096
     stream_share: float = 0.5
     fault_after: float = 0.3
+    hang_first: int = 0
     transfer_failures: int = 6
     disconnect_share: float = 0.25
+    retry_throttle_tokens: float = 20.0
     seed: int = 0
     settle_polls: int = 400
     settle_poll_s: float = 0.025
@@ -263,7 +270,9 @@ async def pd_stack(drill: Drill) -> AsyncIterator[PdStack]:
         settings = Settings(
             engines=configs,
             health=HealthConfig(probe_interval_s=60),
-            upstream=UpstreamConfig(retry_backoff_s=0.005, retry_backoff_max_s=0.05),
+            upstream=UpstreamConfig(
+                retry_backoff_s=0.005, retry_backoff_max_s=0.05, retry_throttle_max_tokens=drill.retry_throttle_tokens
+            ),
         )
         gateway = await stack.enter_async_context(_serve_gateway(settings))
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=60))
@@ -329,9 +338,14 @@ async def _strike(drill: Drill, stack: PdStack, ready: asyncio.Event, result: Dr
         return
     pool = "prefill" if drill.fault == "kill_prefill" else "decode"
     victims = stack.pool(pool) if drill.fault == "kill_all_decode" else stack.pool(pool)[:1]
-    for _ in range(200):  # until the first victim serves legs (bounded)
+    if drill.hang_first and drill.fault != "transfer_fail":
+        hang = {"generate": "hang", "remaining": drill.hang_first}
+        (await stack.http.put(f"{victims[0].server.url}/_sim/faults", json=hang)).raise_for_status()
+    for _ in range(200):  # until the first victim serves legs, or holds its hung ones (bounded)
         result.in_flight_at_fault = sum([await stack.in_flight(v) for v in victims])
-        if result.in_flight_at_fault:
+        hung = (await stack.http.get(f"{victims[0].server.url}/_sim/faults")).json()["injected"].get("hang", 0)
+        result.in_flight_at_fault += hung
+        if hung >= drill.hang_first and result.in_flight_at_fault:
             break
         await asyncio.sleep(0.005)
     if drill.fault == "transfer_fail":
