@@ -10,6 +10,9 @@ The pools are ``prefill_engines`` prefill mocks and ``decode_engines`` decode mo
 - ``kill_all_decode``: every decode engine dies (no healthy pair is left: the clients get errors);
 - ``transfer_fail``: the KV transfers of the next ``transfer_failures`` decode legs on one decode engine break
   (the mocks' ``transfer_fail``);
+- ``decode_crash``: the next ``transfer_failures`` decode legs on one decode engine break off after their first
+  events (the mocks' ``kill_mid_stream``): past the first byte, a streamed client gets an error event, an
+  assembled one is retried;
 - ``disconnect``: no engine fault, but some streamed clients hang up after their first chunk;
 - ``none``: nothing.
 
@@ -52,7 +55,7 @@ from gateway.workload.traces import TraceRequest
 
 Protocol = Literal["sglang", "nixl", "mooncake"]
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
-Fault = Literal["none", "kill_prefill", "kill_decode", "kill_all_decode", "transfer_fail", "disconnect"]
+Fault = Literal["none", "kill_prefill", "kill_decode", "kill_all_decode", "transfer_fail", "decode_crash", "disconnect"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 Outcome = Literal["completed", "error", "disconnected", "lost"]
 
@@ -81,7 +84,7 @@ class Drill:
             serves legs then (bounded wait).
         hang_first: a kill: the victim first hangs its next ``hang_first`` legs (an engine that stops answering
             before it dies) and dies once it holds them all (bounded wait): that many legs fail at once.
-        transfer_failures: ``transfer_fail``: how many transfers break.
+        transfer_failures: ``transfer_fail`` / ``decode_crash``: how many transfers or decode legs break.
         disconnect_share: ``disconnect``: fraction of streamed clients that hang up after their first chunk.
         retry_throttle_tokens: the gateway's ``upstream.retry_throttle_max_tokens`` (retries stop once half are
             spent by failures in a row; 20, the gateway's default).
@@ -338,7 +341,8 @@ async def _strike(drill: Drill, stack: PdStack, ready: asyncio.Event, result: Dr
         return
     pool = "prefill" if drill.fault == "kill_prefill" else "decode"
     victims = stack.pool(pool) if drill.fault == "kill_all_decode" else stack.pool(pool)[:1]
-    if drill.hang_first and drill.fault != "transfer_fail":
+    injected = drill.fault in ("transfer_fail", "decode_crash")
+    if drill.hang_first and not injected:
         hang = {"generate": "hang", "remaining": drill.hang_first}
         (await stack.http.put(f"{victims[0].server.url}/_sim/faults", json=hang)).raise_for_status()
     for _ in range(200):  # until the first victim serves legs, or holds its hung ones (bounded)
@@ -348,8 +352,9 @@ async def _strike(drill: Drill, stack: PdStack, ready: asyncio.Event, result: Dr
         if hung >= drill.hang_first and result.in_flight_at_fault:
             break
         await asyncio.sleep(0.005)
-    if drill.fault == "transfer_fail":
-        plan = {"generate": "transfer_fail", "remaining": drill.transfer_failures}
+    if injected:
+        generate = "transfer_fail" if drill.fault == "transfer_fail" else "kill_mid_stream"
+        plan = {"generate": generate, "remaining": drill.transfer_failures, "after_chunks": 2}
         (await stack.http.put(f"{victims[0].server.url}/_sim/faults", json=plan)).raise_for_status()
         return
     for victim in victims:
@@ -368,9 +373,9 @@ async def _settle(drill: Drill, stack: PdStack, result: DrillResult) -> None:
         await asyncio.sleep(drill.settle_poll_s)
     result.retries = await stack.metric("gateway_upstream_retries_total")
     result.leg_failures = await stack.metric("gateway_pd_leg_failures_total")
-    if drill.fault == "transfer_fail":
+    if drill.fault in ("transfer_fail", "decode_crash"):
         faults = (await stack.http.get(f"{stack.pool('decode')[0].server.url}/_sim/faults")).json()
-        result.faults_injected = int(faults["injected"].get("transfer_fail", 0))
+        result.faults_injected = sum(faults["injected"].values())
 
 
 async def _send(client: httpx.AsyncClient, gateway: str, body: dict[str, Any], leave: bool) -> tuple[Outcome, str]:

@@ -71,12 +71,29 @@ async def test_a_decode_engine_dying_under_load_loses_nothing(protocol: Protocol
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_broken_kv_transfers_under_load_are_retried(protocol: Protocol, trace: list[TraceRequest]) -> None:
     result = await drill(protocol, "transfer_fail", trace)
-    assert result.faults_injected == 4
-    assert result.outcomes["completed"] == REQUESTS
-    assert result.leg_failures == 4 and result.retries == 4
+    seen = result.summary()
+    assert result.faults_injected == 4, seen
+    assert result.outcomes["completed"] == REQUESTS, seen
+    assert result.leg_failures == 4 and result.retries == 4, seen
     assert_nothing_hangs(result)
     # SGLang's prefill is told and fails the room; a vLLM prefill keeps the KV its decode never pulled
-    assert lease_held(result) == (0 if protocol == "sglang" else 4)
+    assert lease_held(result) == (0 if protocol == "sglang" else 4), seen
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_decode_leg_breaking_after_its_first_byte_ends_its_stream_with_an_error_and_frees_both_pools(
+    protocol: Protocol, trace: list[TraceRequest]
+) -> None:
+    result = await drill(protocol, "decode_crash", trace)
+    seen = result.summary()
+    assert result.faults_injected == 4, seen
+    # a streamed client already has bytes: it gets an error event (never a silent end); an assembled answer is
+    # read whole within its attempt, so it is retried
+    assert set(result.errors_by_status) <= {"stream"}, seen
+    assert result.outcomes["completed"] + result.errors_by_status["stream"] == REQUESTS, seen
+    assert result.retries == result.leg_failures == 4 - result.errors_by_status["stream"], seen
+    assert_nothing_hangs(result)
+    assert lease_held(result) == 0  # the KV had moved before the decode began
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
