@@ -17,8 +17,7 @@ holds its KV for a decode that never pulls it, so
 - the attempt is then tried again, up to ``upstream.max_attempts`` tries with the backoff and throttling of
   :mod:`gateway.server.retry` (one decision for plain and P/D tries, :func:`~gateway.server.retry.next_try`), as a
   new attempt: a new bootstrap room, transfer id and upstream request id, on a pair the dispatcher chooses again
-  avoiding the rank whose leg failed, or every rank of an engine that could not be reached (SGLang's retraction
-  503 on the decode leg is a 5xx like any other);
+  avoiding the rank whose leg failed (SGLang's retraction 503 on the decode leg is a 5xx like any other);
 - a client that goes away cancels the attempt, which cancels both legs;
 - every leg is bounded by the gateway's own ``upstream`` timeouts.
 

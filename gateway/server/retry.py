@@ -162,9 +162,8 @@ async def next_try(
     client: release it from the load view, count the failure (:func:`record_failure`), and either give up or wait
     the backoff (:func:`backoff_s`) and place it again, avoiding the ranks in ``failed``.
 
-    ``failed`` gains ``key`` and, when ``error`` blames the whole engine (unreachable: every rank behind its URL
-    is), every rank of that engine. The placement is the dispatcher's
-    (:meth:`~gateway.dispatch.Dispatcher.retry_placement`: a new pair for a P/D request); the retry is counted in
+    ``failed`` gains ``key``. The placement is the dispatcher's (:meth:`~gateway.dispatch.Dispatcher.retry_placement`,
+    which prefers engines with no failed rank; a new pair for a P/D request); the retry is counted in
     ``gateway_upstream_retries_total`` and the request log names its rank.
 
     Args:
@@ -184,8 +183,6 @@ async def next_try(
     if final:
         raise error
     failed.add(key)
-    if error.blame == "engine":
-        failed.update(RankKey(key.engine, rank) for rank in range(state.engines[key.engine].config.dp_size))
     wait_s = backoff_s(tries, state.retry_rng, base_s=config.retry_backoff_s, max_s=config.retry_backoff_max_s)
     await asyncio.sleep(wait_s)
     try:
