@@ -2,17 +2,18 @@
 (:mod:`gateway.sim.pd_faults`; the small version is ``tests/e2e/test_pd_faults_load.py``).
 
 For every P/D protocol (SGLang bootstrap, vLLM NIXL, vLLM Mooncake) and every fault (a prefill engine killed, a
-decode engine killed, both decode engines killed, KV transfers broken, streamed clients hanging up, none), the
-first ``--requests`` requests of a slice of ``--trace`` (slice ``--slice`` of ``--minutes`` minutes, as
-``bench/slices.py`` cuts them) go through the gateway, ``--concurrency`` at a time in arrival order, half of them
-streamed, in front of two prefill and two decode simulated engines of 2 DP ranks; the fault strikes once
+decode engine killed, both decode engines killed, KV transfers broken, decode legs breaking after their first
+events, streamed clients hanging up, none), the first ``--requests`` requests of a slice of ``--trace`` (slice
+``--slice`` of ``--minutes`` minutes, as ``bench/slices.py`` cuts them) go through the gateway, ``--concurrency`` at
+a time in arrival order (the trace's arrival times are not kept: a closed loop keeps the run deterministic), half
+of them streamed, in front of two prefill and two decode simulated engines of 2 DP ranks; the fault strikes once
 ``--fault-after`` of them were answered, on an engine serving legs at that moment. Each row gives the requests
 sent, completed, answered with an error (by HTTP status; ``stream``: an error event after the first byte), lost
 (neither), the P/D leg failures and retries, and what is left on every surviving engine afterwards: requests and
 handoffs hanging (must be 0) and KV a vLLM prefill keeps for its lease because its decode never pulled it (vLLM's
 own behaviour; nothing the gateway sends frees it).
 
-    .venv/bin/python bench/pd_faults.py       # writes bench/results/pd_faults.{json,md}; about 5 minutes
+    .venv/bin/python bench/pd_faults.py       # writes bench/results/pd_faults.{json,md}; about 3 minutes
 """
 
 from __future__ import annotations
@@ -111,9 +112,20 @@ def main() -> None:
         f"{args.fault_after:.0%} of the answers. Lost requests in all: **{lost}**; requests or handoffs left "
         f"hanging on a surviving engine in all: **{hanging}**.\n\n"
         + table(rows)
-        + "\nerrors `stream`: an error event in a stream the killed decode engine had begun (cannot be retried); "
-        "`503`: every decode engine dead. Lease-held KV: a vLLM prefill (NIXL, Mooncake) keeps the KV of a request "
-        "whose decode failed before pulling it until its lease / abort timeout (vLLM 0.34), as the engine would.\n\n"
+        + "\nFaults: `kill_prefill` / `kill_decode` kill one engine of that pool, `kill_all_decode` both decode "
+        "engines (no healthy pair left), `transfer_fail` breaks the KV transfer of the next "
+        f"{args.transfer_failures} decode legs on one decode engine, `decode_crash` makes the next "
+        f"{args.transfer_failures} decode legs on one decode engine break off after their first events, "
+        "`disconnect` has a quarter of the streamed clients hang up after their first text. Errors: `stream`, an "
+        "error event in a stream whose decode leg broke after its first bytes (the killed decode engine's, or "
+        "`decode_crash`; past the first byte nothing can be retried); `502` / `503` / `504`, an OpenAI error body "
+        "once every decode engine was dead. Leg failures count the failures before the client's first byte (each "
+        "retried while a pair is left). Hanging: requests running or queued, SGLang prefill legs waiting for their "
+        "decode side, handoff state, on every surviving engine once the clients have their answers (the engines "
+        "keep their 300 s / 480 s handoff timeouts). Lease-held KV: a vLLM prefill (NIXL, Mooncake) keeps the KV of "
+        "a request whose decode failed before pulling it until its lease / abort timeout (vLLM 0.34 "
+        "`kv_lease_duration`, `VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT`), as the engine does: nothing the gateway can "
+        "send frees it.\n\n"
         f"```\n{command}\n```\n"
     )
     args.output.with_suffix(".md").write_text(md)
