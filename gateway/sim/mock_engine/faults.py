@@ -160,10 +160,7 @@ class KillableServer:
         for listener in server.servers:
             listener.close()
         self._sock.close()
-        for connection in list(server.server_state.connections):
-            transport = getattr(connection, "transport", None)
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
+        self._reset_connections()
         ended = _DropEndedRequests(set(server.server_state.tasks))
         logger = logging.getLogger("uvicorn.error")
         logger.addFilter(ended)
@@ -173,6 +170,13 @@ class KillableServer:
             await self.stop()
         finally:
             logger.removeFilter(ended)
+        self._reset_connections()  # accepted while the listener closed: set up only after the first sweep
+
+    def _reset_connections(self) -> None:
+        for connection in list(self._server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
 
     async def stop(self) -> None:
         """Shut down as uvicorn does (after :meth:`kill`: free what is left of it in this process)."""
