@@ -345,7 +345,7 @@ async def _strike(drill: Drill, stack: PdStack, ready: asyncio.Event, result: Dr
     if drill.hang_first and not injected:
         hang = {"generate": "hang", "remaining": drill.hang_first}
         (await stack.http.put(f"{victims[0].server.url}/_sim/faults", json=hang)).raise_for_status()
-    for _ in range(200):  # until the first victim serves legs, or holds its hung ones (bounded)
+    for _ in range(1000):  # until the first victim serves legs, or holds its hung ones (bounded)
         result.in_flight_at_fault = sum([await stack.in_flight(v) for v in victims])
         hung = (await stack.http.get(f"{victims[0].server.url}/_sim/faults")).json()["injected"].get("hang", 0)
         result.in_flight_at_fault += hung

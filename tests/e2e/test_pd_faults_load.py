@@ -26,7 +26,7 @@ def trace() -> list[TraceRequest]:
 
 
 async def drill(protocol: Protocol, fault: Fault, trace: list[TraceRequest], **options: float) -> DrillResult:
-    settings: dict[str, Any] = {"concurrency": 16, "transfer_failures": 4, "seed": 7} | options
+    settings: dict[str, Any] = {"concurrency": 16, "transfer_failures": 4, "fault_after": 0.1, "seed": 7} | options
     return await run_drill(Drill(protocol, fault, **settings), trace)
 
 
@@ -45,10 +45,12 @@ def lease_held(result: DrillResult) -> int:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_prefill_engine_dying_under_load_loses_nothing(protocol: Protocol, trace: list[TraceRequest]) -> None:
-    result = await drill(protocol, "kill_prefill", trace)
-    assert result.faults_injected == 1 and result.in_flight_at_fault > 0
-    assert result.outcomes["completed"] == REQUESTS  # every leg that died was retried on the surviving pairs
-    assert 0 < result.retries <= result.leg_failures  # a prefill leg dying after its decode began is not retried
+    result = await drill(protocol, "kill_prefill", trace, hang_first=3)  # three legs hang, then it dies
+    seen = result.summary()
+    assert result.faults_injected == 1 and result.in_flight_at_fault >= 3, seen
+    assert result.outcomes["completed"] == REQUESTS, seen  # every leg that died was retried on the surviving pairs
+    # a prefill leg dying after its decode began is counted, not retried
+    assert 3 <= result.retries <= result.leg_failures, seen
     assert_nothing_hangs(result)
     assert lease_held(result) == 0  # the decode legs of the dead prefill were cancelled, not left waiting
 
@@ -71,13 +73,13 @@ async def test_a_decode_engine_dying_under_load_loses_nothing(protocol: Protocol
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_broken_kv_transfers_under_load_are_retried(protocol: Protocol, trace: list[TraceRequest]) -> None:
     result = await drill(protocol, "transfer_fail", trace)
-    seen = result.summary()
-    assert result.faults_injected == 4, seen
+    seen, broken = result.summary(), result.faults_injected
+    assert 1 <= broken <= 4, seen  # the next four decode legs on that engine, or as many as it gets
     assert result.outcomes["completed"] == REQUESTS, seen
-    assert result.leg_failures == 4 and result.retries == 4, seen
+    assert result.leg_failures == broken and result.retries == broken, seen
     assert_nothing_hangs(result)
     # SGLang's prefill is told and fails the room; a vLLM prefill keeps the KV its decode never pulled
-    assert lease_held(result) == (0 if protocol == "sglang" else 4), seen
+    assert lease_held(result) == (0 if protocol == "sglang" else broken), seen
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -85,13 +87,13 @@ async def test_a_decode_leg_breaking_after_its_first_byte_ends_its_stream_with_a
     protocol: Protocol, trace: list[TraceRequest]
 ) -> None:
     result = await drill(protocol, "decode_crash", trace)
-    seen = result.summary()
-    assert result.faults_injected == 4, seen
+    seen, broken = result.summary(), result.faults_injected
+    assert 1 <= broken <= 4, seen  # the next four decode legs on that engine, or as many as it gets
     # a streamed client already has bytes: it gets an error event (never a silent end); an assembled answer is
     # read whole within its attempt, so it is retried
     assert set(result.errors_by_status) <= {"stream"}, seen
     assert result.outcomes["completed"] + result.errors_by_status["stream"] == REQUESTS, seen
-    assert result.retries == result.leg_failures == 4 - result.errors_by_status["stream"], seen
+    assert result.retries == result.leg_failures == broken - result.errors_by_status["stream"], seen
     assert_nothing_hangs(result)
     assert lease_held(result) == 0  # the KV had moved before the decode began
 
