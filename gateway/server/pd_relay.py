@@ -15,9 +15,9 @@ holds its KV for a decode that never pulls it, so
 - when one leg fails before the decode leg's answer began, the other is cancelled at once (its connection
   closed, which makes the engine abort it);
 - the attempt is then tried again, up to ``upstream.max_attempts`` tries with the backoff and throttling of
-  :mod:`gateway.server.retry`, as a new attempt: a new bootstrap room, transfer id and upstream request id, on a
-  pair the dispatcher chooses again avoiding the rank whose leg failed (SGLang's retraction 503 on the decode leg
-  is a 5xx like any other);
+  :mod:`gateway.server.retry` (one decision for plain and P/D tries, :func:`~gateway.server.retry.next_try`), as a
+  new attempt: a new bootstrap room, transfer id and upstream request id, on a pair the dispatcher chooses again
+  avoiding the rank whose leg failed (SGLang's retraction 503 on the decode leg is a 5xx like any other);
 - a client that goes away cancels the attempt, which cancels both legs;
 - every leg is bounded by the gateway's own ``upstream`` timeouts.
 
@@ -42,11 +42,10 @@ from urllib.parse import urlsplit
 from gateway.config import EngineConfig
 from gateway.dispatch import Placement
 from gateway.engines.client import UpstreamResponse
-from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
-from gateway.logs import request_log
+from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.pd import DecodeSide, Leg, PdProtocolError, PrefillSide, sglang_bootstrap, vllm_mooncake, vllm_nixl
 from gateway.server.headers import upstream_request_headers
-from gateway.server.retry import Consume, StartedAnswer, backoff_s, begin_answer, record_failure
+from gateway.server.retry import Consume, StartedAnswer, begin_answer, next_try
 from gateway.server.state import GatewayState
 from gateway.types import PendingRequest, RankKey
 
@@ -121,7 +120,6 @@ async def send_pd(
     Raises:
         GatewayError: the last attempt's failure, or no other pair is usable for a retry.
     """
-    config = state.settings.upstream
     failed: set[RankKey] = set()
     tries = 1
     while True:
@@ -129,34 +127,17 @@ async def send_pd(
         try:
             answer = await _attempt(state, pending, placement, protocol, path, body, request_id, consume)
         except LegFailed as exc:
-            state.dispatcher.finish(pending.request_id)
-            record_failure(state, exc.key, exc.error)
             state.metrics.pd_leg_failures.labels(exc.key.engine, exc.leg, exc.kind).inc()
             state.metrics.pd_transfers.labels(protocol, f"{exc.leg}_failed").inc()
             if protocol == "mooncake":
                 state.mooncake_engine_ids.pop(placement.rank.engine, None)
             # a non-streamed decode leg that timed out has used its whole total_timeout_s
-            final = tries >= config.max_attempts or (
-                isinstance(exc.error, UpstreamTimeoutError) and exc.leg == "decode" and not pending.stream
-            )
-            if not final and not state.retry_throttle.allows_retry():
-                state.metrics.retries_throttled.inc()
-                final = True
-            if not final:
-                failed.add(exc.key)
-                await asyncio.sleep(
-                    backoff_s(tries, state.retry_rng, base_s=config.retry_backoff_s, max_s=config.retry_backoff_max_s)
-                )
-                try:
-                    placement = state.dispatcher.retry_placement(pending, failed)
-                except GatewayError:
-                    final = True
-            if final:
-                raise exc.error from None
+            total_spent = isinstance(exc.error, UpstreamTimeoutError) and exc.leg == "decode" and not pending.stream
+            try:
+                placement = await next_try(state, pending, exc.key, exc.error, tries, failed, total_spent=total_spent)
+            except UpstreamError as error:
+                raise error from None
             log.info("request %s: P/D attempt %d failed (%s); retrying on %s", request_id, tries, exc, placement)
-            state.metrics.upstream_retries.labels(exc.key.engine).inc()
-            log_entry = request_log()
-            log_entry.engine, log_entry.rank = placement.rank.engine, placement.rank.rank
             tries += 1
         except asyncio.CancelledError:
             state.metrics.pd_transfers.labels(protocol, "cancelled").inc()

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.dispatch import Placement
 from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
+from gateway.load.health import BreakerState
 from gateway.logs import request_log
 from gateway.server.assemble import error_event_status, leading_error
 from gateway.server.headers import upstream_request_headers
@@ -128,51 +130,87 @@ async def send_with_retries(
         GatewayError: the last try failed (its error), or no other rank is usable for a retry (the previous
             try's error).
     """
-    config = state.settings.upstream
     failed: set[RankKey] = set()
     tries = 1
     while True:
         try:
             return await _try_once(state, key, pending.stream, path, body, request_id, consume)
         except UpstreamError as exc:
-            state.dispatcher.finish(pending.request_id)
-            record_failure(state, key, exc)
             # nothing reached the client yet, so any failure may be retried; but a non-streamed request that
             # timed out has used its whole total_timeout_s
             total_spent = isinstance(exc, UpstreamTimeoutError) and not pending.stream
-            final = tries >= config.max_attempts or total_spent
-            if not final and not state.retry_throttle.allows_retry():
-                state.metrics.retries_throttled.inc()
-                final = True
-            if not final:
-                failed.add(key)
-                wait_s = backoff_s(
-                    tries, state.retry_rng, base_s=config.retry_backoff_s, max_s=config.retry_backoff_max_s
-                )
-                await asyncio.sleep(wait_s)
-                try:
-                    next_key = state.dispatcher.place_retry(pending, failed)
-                except GatewayError:
-                    final = True
-            if final:
-                raise
-            log.info("request %s: retrying on %s after %s failed: %s", request_id, next_key, key, exc.message)
-            state.metrics.upstream_retries.labels(key.engine).inc()
-            key = next_key
-            log_entry = request_log()
-            log_entry.engine, log_entry.rank = key.engine, key.rank
+            placement = await next_try(state, pending, key, exc, tries, failed, total_spent=total_spent)
+            log.info("request %s: retrying on %s after %s failed: %s", request_id, placement.rank, key, exc.message)
+            key = placement.rank
             tries += 1
         except BaseException:
             state.dispatcher.finish(pending.request_id)
             raise
 
 
+async def next_try(
+    state: GatewayState,
+    pending: PendingRequest,
+    key: RankKey,
+    error: UpstreamError,
+    tries: int,
+    failed: set[RankKey],
+    *,
+    total_spent: bool = False,
+) -> Placement:
+    """After the ``tries``-th try of ``pending`` failed on ``key`` with ``error`` before any byte reached the
+    client: release it from the load view, count the failure (:func:`record_failure`), and either give up or wait
+    the backoff (:func:`backoff_s`) and place it again, avoiding the ranks in ``failed``.
+
+    ``failed`` gains ``key``. The placement is the dispatcher's (:meth:`~gateway.dispatch.Dispatcher.retry_placement`,
+    which prefers engines with no failed rank; a new pair for a P/D request); the retry is counted in
+    ``gateway_upstream_retries_total`` and the request log names its rank.
+
+    Args:
+        total_spent: the try used the request's whole ``upstream.total_timeout_s`` (no retry).
+
+    Raises:
+        UpstreamError: ``error``, when this was the last try (``upstream.max_attempts``), ``total_spent``, retry
+            throttling is engaged, or no other rank is usable.
+    """
+    config = state.settings.upstream
+    state.dispatcher.finish(pending.request_id)
+    record_failure(state, key, error)
+    final = tries >= config.max_attempts or total_spent
+    if not final and not state.retry_throttle.allows_retry():
+        state.metrics.retries_throttled.inc()
+        final = True
+    if final:
+        raise error
+    failed.add(key)
+    wait_s = backoff_s(tries, state.retry_rng, base_s=config.retry_backoff_s, max_s=config.retry_backoff_max_s)
+    await asyncio.sleep(wait_s)
+    try:
+        placement = state.dispatcher.retry_placement(pending, failed)
+    except GatewayError:
+        raise error from None
+    state.metrics.upstream_retries.labels(key.engine).inc()
+    log_entry = request_log()
+    log_entry.engine, log_entry.rank = placement.rank.engine, placement.rank.rank
+    return placement
+
+
 def record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> None:
     """Feed a failed try on ``key`` to the circuit breakers, the retry throttle and
-    ``gateway_upstream_failures_total``."""
+    ``gateway_upstream_failures_total``.
+
+    A try sent before the breaker it blames opened (an engine that died under the requests it was serving) does
+    not take a retry token: its breaker ignores it too (:meth:`~gateway.load.health.CircuitBreaker.record_failure`),
+    and the failure is one fault already known, not more evidence that retries would only add load (gRFC A6's
+    reason to throttle).
+    """
+    now = state.clock()
+    breaker = state.health.engine(key.engine) if exc.blame == "engine" else state.health.rank(key)
+    known = breaker.state(now) is BreakerState.OPEN
     state.metrics.upstream_failures.labels(key.engine, exc.failure_kind).inc()
-    state.retry_throttle.on_failure()
-    state.health.record_failure(key, exc.blame, state.clock())
+    if not known:
+        state.retry_throttle.on_failure()
+    state.health.record_failure(key, exc.blame, now)
     state.prober.publish()
 
 

@@ -24,6 +24,7 @@ MODEL = "deepseek-v3"
 FAST = 1000.0
 PREFILL_DP, DECODE_DP = 4, 2
 SHORT_TIMEOUT_S = 0.5
+LONG_TIMEOUT_S = 60.0  # the pull timeout of the tests not of a timeout: a slow machine does not make a pull time out
 POLLS, POLL_S = 500, 0.01
 
 
@@ -63,7 +64,7 @@ class Pair:
 
 
 @asynccontextmanager
-async def mooncake_pair(timeout_s: float = SHORT_TIMEOUT_S, prefill_speed: float = FAST) -> AsyncIterator[Pair]:
+async def mooncake_pair(timeout_s: float = LONG_TIMEOUT_S, prefill_speed: float = FAST) -> AsyncIterator[Pair]:
     prefill = create_mock_engine_app(
         MockEngineConfig(
             "vllm",
@@ -122,7 +123,7 @@ async def test_answer_comes_from_decode_ranks_pinned_kv_freed(decode_first: bool
 
 
 async def test_decode_without_its_prefill_times_out() -> None:
-    async with mooncake_pair() as pair:
+    async with mooncake_pair(SHORT_TIMEOUT_S) as pair:
         plan = await pair.plan(chat_body(max_tokens=10), 0, 0)
         leg = plan.decode()
         answer = await pair.client.post(f"{pair.decode}/v1/chat/completions", json=leg.body, headers=leg.headers)
@@ -156,7 +157,7 @@ async def test_prefill_without_transfer_id_runs_whole() -> None:
 
 
 async def test_aborted_prefill_leaves_nothing_and_its_decode_times_out() -> None:
-    async with mooncake_pair(prefill_speed=1.0) as pair:  # a 40k-token prompt prefills for about 5 s
+    async with mooncake_pair(SHORT_TIMEOUT_S, prefill_speed=1.0) as pair:  # a 40k-token prompt prefills for about 5 s
         body = {"model": MODEL, "prompt": "word " * 40_000, "max_tokens": 5}
         plan = await pair.plan(body, 3, 0)
         prefill = asyncio.ensure_future(

@@ -25,7 +25,8 @@ from gateway.sim.mock_engine.protocol import natural_length
 MODEL = "deepseek-v3"
 FAST = 1000.0
 PREFILL_DP, DECODE_DP = 4, 2
-SHORT_TIMEOUT_S = 0.5  # the handoff timeout of these mocks (SGLang's 300 s), wall seconds
+SHORT_TIMEOUT_S = 0.5  # the handoff timeout of the tests of a timeout (SGLang's 300 s), wall seconds
+LONG_TIMEOUT_S = 60.0  # the handoff timeout of the other tests: a slow machine does not make a handoff time out
 POLLS, POLL_S = 500, 0.01
 
 
@@ -57,7 +58,7 @@ class Pair:
 
 @asynccontextmanager
 async def pd_pair(
-    timeout_s: float = SHORT_TIMEOUT_S, decode_kv: int | None = None, prefill_speed: float = FAST
+    timeout_s: float = LONG_TIMEOUT_S, decode_kv: int | None = None, prefill_speed: float = FAST
 ) -> AsyncIterator[Pair]:
     model = EngineModelConfig() if decode_kv is None else replace(EngineModelConfig(), kv_capacity_tokens=decode_kv)
     prefill = create_mock_engine_app(
@@ -205,7 +206,7 @@ async def test_missing_room_is_refused(role: str) -> None:
 
 async def test_decode_without_its_prefill_times_out_and_frees_its_reservation() -> None:
     rng = random.Random(5)
-    async with pd_pair() as pair:
+    async with pd_pair(SHORT_TIMEOUT_S) as pair:
         legs = attempt(chat_body(max_tokens=5), *pair.sides(2, 1), rng)
         answer = await pair.client.post(f"{pair.decode}/v1/chat/completions", json=legs.decode().body)
         assert answer.status_code == 500
@@ -220,7 +221,7 @@ async def test_decode_without_its_prefill_times_out_and_frees_its_reservation() 
 
 async def test_prefill_without_its_decode_times_out() -> None:
     rng = random.Random(6)
-    async with pd_pair() as pair:
+    async with pd_pair(SHORT_TIMEOUT_S) as pair:
         legs = attempt(chat_body(max_tokens=5), *pair.sides(0, 0), rng)
         answer = await pair.client.post(f"{pair.prefill}/v1/chat/completions", json=legs.prefill.body)
         assert answer.status_code == 500
@@ -241,7 +242,7 @@ async def test_unreachable_bootstrap_fails_the_decode() -> None:
 
 async def test_aborted_prefill_leaves_nothing_running() -> None:
     rng = random.Random(9)
-    async with pd_pair(prefill_speed=1.0) as pair:  # a 40k-token prompt prefills for about 5 s
+    async with pd_pair(SHORT_TIMEOUT_S, prefill_speed=1.0) as pair:  # a 40k-token prompt prefills for about 5 s
         body = {"model": MODEL, "prompt": "word " * 40_000, "max_tokens": 5}
         legs = attempt(body, *pair.sides(1, 0), rng)
         decode = asyncio.ensure_future(pair.client.post(f"{pair.decode}/v1/completions", json=legs.decode().body))
@@ -351,7 +352,7 @@ async def test_broken_transfer_fails_both_legs_and_leaves_nothing_running() -> N
 
 async def test_injected_http_500_on_a_leg() -> None:
     rng = random.Random(15)
-    async with pd_pair() as pair:
+    async with pd_pair(SHORT_TIMEOUT_S) as pair:
         await pair.client.put(f"{pair.prefill}/_sim/faults", json={"generate": "http_500", "remaining": 1})
         legs = attempt(chat_body(max_tokens=5), *pair.sides(0, 0), rng)
         prefill, decode = await send_both(pair, legs.prefill.body, legs.decode().body)

@@ -66,7 +66,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "serving": ("gateway.serving",),
         "config reference": ("gateway.config_reference",),
     },
-    {"assembly": ("gateway.embedded", "gateway.sim.cluster", "gateway.stack")},
+    {"assembly": ("gateway.embedded", "gateway.sim.cluster", "gateway.sim.pd_faults", "gateway.stack")},
     {"command line": ("gateway.cli", "gateway.__main__")},
 ]
 """Layers from the bottom up; each maps a part's name to its modules and packages (a package holds its

@@ -26,16 +26,26 @@ A :class:`FaultPlan` is set with ``PUT /_sim/faults`` (JSON body, the fields bel
 
 ``ranks`` limits request faults to those DP ranks (all when ``None``) and ``remaining`` to that many requests
 (then the plan goes back to ``"ok"``; without limit when ``None``).
+
+An engine that dies outright is served by :func:`killable_server`: :meth:`KillableServer.kill` stops listening,
+resets every open connection and ends every request being served at once, as the kernel does to a killed process's
+sockets (the app's lifespan shutdown then runs, only to free this process's resources: nothing of it is seen from
+outside any more).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal
 
+import uvicorn
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 GenerateFault = Literal[
     "ok", "http_500", "error_event", "hang", "kill_mid_stream", "end_without_done", "stall_mid_stream", "transfer_fail"
@@ -116,3 +126,116 @@ async def wait_for_disconnect(receive: Receive) -> None:
     """Return once the client has disconnected (every other ASGI message is dropped)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class KillableServer:
+    """A uvicorn server in this event loop that can be killed (see the module docstring).
+
+    Attributes:
+        url: its base URL, ``http://host:port``.
+        killed: whether :meth:`kill` ran.
+    """
+
+    def __init__(
+        self,
+        server: uvicorn.Server,
+        task: asyncio.Task[None],
+        sock: socket.socket,
+        url: str,
+        on_kill: Callable[[], None] | None = None,
+    ) -> None:
+        self._server, self._task, self._sock, self._on_kill = server, task, sock, on_kill
+        self.url = url
+        self.killed = False
+
+    async def kill(self) -> None:
+        """Die at once: refuse new connections, reset the open ones (no answer, no end of stream) and end every
+        request being served; idempotent."""
+        if self.killed:
+            return
+        self.killed = True
+        if self._on_kill is not None:
+            self._on_kill()
+        server = self._server
+        for listener in server.servers:
+            listener.close()
+        self._sock.close()
+        self._reset_connections()
+        ended = _DropEndedRequests(set(server.server_state.tasks))
+        logger = logging.getLogger("uvicorn.error")
+        logger.addFilter(ended)
+        try:
+            for task in ended.tasks:
+                task.cancel()
+            await self.stop()
+        finally:
+            logger.removeFilter(ended)
+        self._reset_connections()  # accepted while the listener closed: set up only after the first sweep
+
+    def _reset_connections(self) -> None:
+        for connection in list(self._server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+
+    async def stop(self) -> None:
+        """Shut down as uvicorn does (after :meth:`kill`: free what is left of it in this process)."""
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class _DropEndedRequests(logging.Filter):
+    """Drops uvicorn's report of the requests a kill ended (logged from their own tasks)."""
+
+    def __init__(self, tasks: set[asyncio.Task[None]]) -> None:
+        super().__init__()
+        self.tasks = tasks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return asyncio.current_task() not in self.tasks
+        except RuntimeError:  # no running loop
+            return True
+
+
+@contextlib.asynccontextmanager
+async def killable_server(
+    app: ASGIApp, host: str = "127.0.0.1", on_kill: Callable[[], None] | None = None
+) -> AsyncIterator[KillableServer]:
+    """Serve ``app`` with uvicorn on a free port of ``host`` in the current event loop until the context ends or
+    the server is killed (:meth:`KillableServer.kill`, which first calls ``on_kill``: the app stops talking to
+    anyone, as a dead process does).
+
+    Raises:
+        RuntimeError: the server failed to start.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
+    server = _QuietServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-killable-{port}")
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError(f"server on {host}:{port} exited during startup")
+        await asyncio.sleep(0.01)
+    url_host = f"[{host}]" if ":" in host else host
+    handle = KillableServer(server, task, sock, f"http://{url_host}:{port}", on_kill)
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+        sock.close()
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

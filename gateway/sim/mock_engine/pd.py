@@ -245,6 +245,7 @@ class PdEngine:
         self._client: httpx.AsyncClient | None = None
         self._fault: GenerateFault = "ok"  # the injected fault of the request being accepted
         self._tasks: set[asyncio.Task[None]] = set()
+        self.dead = False  # killed (gateway.sim.mock_engine.faults.killable_server): it notifies no one any more
 
     # --- lifecycle and figures ---------------------------------------------------------------------------------
 
@@ -263,11 +264,19 @@ class PdEngine:
         """SGLang prefill: requests on ``rank`` waiting for their decode side to connect."""
         return self._bootstrapping[rank]
 
-    def counters(self) -> dict[str, list[int]]:
-        """Per-rank KV transfers completed and failed (prefill: KV handed over; decode: KV received)."""
+    def counters(self) -> dict[str, list[int] | int]:
+        """Per-rank KV transfers completed and failed (prefill: KV handed over; decode: KV received), the SGLang
+        prefill legs waiting for their decode side (``bootstrapping``, per rank), and the handoffs this mock still
+        keeps state for (``handoffs``: SGLang rooms and decode rooms, vLLM NIXL blocks, Mooncake transfers)."""
         self.expire_blocks()
         self.expire_transfers()
-        return {"transfers_completed": self.transfers_completed, "transfers_failed": self.transfers_failed}
+        handoffs = len(self._rooms) + len(self._decode_rooms) + len(self._blocks) + len(self._transfers)
+        return {
+            "transfers_completed": self.transfers_completed,
+            "transfers_failed": self.transfers_failed,
+            "bootstrapping": list(self._bootstrapping),
+            "handoffs": handoffs,
+        }
 
     def info(self) -> dict[str, Any]:
         """``GET /_sim/pd/info``: the prefill's parallel info the decode side reads (SGLang's bootstrap ``/route``
@@ -503,7 +512,9 @@ class PdEngine:
         return None
 
     async def _notify(self, url: str, payload: dict[str, Any]) -> None:
-        """Best-effort POST to a prefill mock (its failure is the prefill's to see)."""
+        """Best-effort POST to a prefill mock (its failure is the prefill's to see); none once :attr:`dead`."""
+        if self.dead:
+            return
         try:
             await self.client().post(url, json=payload)
         except httpx.HTTPError:
