@@ -25,7 +25,9 @@ SGLang (0.5.23), ``gateway mock-engine --flavor sglang --role prefill|decode``:
   "Prefill bootstrap failed for request rank=<p> req.rid=... req.bootstrap_room=<room> with exception
   KVTransferError(bootstrap_room=<room>): follow_bootstrap_room conflict: ..." / "...: Duplicate or cancelled
   bootstrap room" (``disaggregation/common/conn.py`` ``CommonKVSender.__init__``, ``disaggregation/prefill.py``
-  ``handle_bootstrap_failure``).
+  ``handle_bootstrap_failure``). With ``force_query_prefill_dp_rank`` (SGLang's
+  ``SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1``) the prefill registers the rank it was given instead of
+  refusing it; ``/server_info`` reports ``load_balance_method`` ``follow_bootstrap_room`` either way.
 - The prefill starts once the decode side has reserved KV and connected (no optimistic prefill, SGLang's default
   ``--optimistic-prefill-attempts 0``); it waits at most ``pd_timeout_s`` for that
   (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, 300 s; then "Request <room> timed out after <t>s in
@@ -87,7 +89,9 @@ Simplifications (where the mocks differ from the engines): the KV moves at the e
 contention; a reused room is refused whatever the allocation policy (SGLang 0.5.23 detects it only under
 ``--disaggregation-decode-allocation-policy prefill_complete``) and on any rank; the refusal of a conflicting
 rank, a reused room or a missing room is answered at once; the SGLang prefill answer carries no
-``input_token_logprobs`` for the router to merge.
+``input_token_logprobs`` for the router to merge; ``force_query_prefill_dp_rank`` is the prefill side of that
+setting only: a decode request without ``disagg_prefill_dp_rank`` still takes ``bootstrap_room % prefill dp_size``
+(SGLang's decode under the setting queries the bootstrap server's ``/query_dp_ranks``).
 """
 
 from __future__ import annotations
@@ -365,7 +369,12 @@ class PdEngine:
         reason = None
         if room in self._rooms_seen:
             reason = "Duplicate or cancelled bootstrap room"
-        elif dp_size > 1 and body.get("disagg_prefill_dp_rank") is None and rank != room % dp_size:
+        elif (
+            dp_size > 1
+            and body.get("disagg_prefill_dp_rank") is None
+            and rank != room % dp_size
+            and not self.engine.config.force_query_prefill_dp_rank
+        ):
             reason = conflict_reason(rank, room, dp_size)
         self._rooms_seen.add(room)
         if reason is not None:
