@@ -179,13 +179,15 @@ def what_engines_saw(engines: list[dict[str, Any]], front_url: str, settle_s: fl
 
 def pools(probe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per pool (``prefill``, ``decode``): requests per DP rank (``engine:rank`` → pinned + placed), how many of
-    them the engine placed itself, KV transfers completed and failed, and requests still running or holding KV."""
+    them the engine placed itself, KV transfers completed and failed, requests still running or holding KV, and
+    load polls served (``/v1/loads``, ``/get_load``, ``/metrics``)."""
     out: dict[str, dict[str, Any]] = {}
     for name, seen in probe.items():
         if not isinstance(seen, dict) or "role" not in seen:
             continue
         pool = out.setdefault(
-            seen["role"], {"per_rank": {}, "placed": 0, "completed": 0, "failed": 0, "running": 0, "held": 0}
+            seen["role"],
+            {"per_rank": {}, "placed": 0, "completed": 0, "failed": 0, "running": 0, "held": 0, "load_polls": 0},
         )
         for rank, (pinned, placed) in enumerate(zip(seen["pinned"], seen["placed"], strict=True)):
             pool["per_rank"][f"{name}:{rank}"] = pinned + placed
@@ -194,6 +196,7 @@ def pools(probe: dict[str, Any]) -> dict[str, dict[str, Any]]:
         pool["failed"] += sum(seen.get("transfers_failed", []))
         pool["running"] += sum(seen["running"])
         pool["held"] += sum(seen["held"])
+        pool["load_polls"] += sum(seen.get("polls", {}).values())
     return out
 
 
@@ -240,18 +243,19 @@ def replay(
 
 
 def pool_lines(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown rows: per run and pool, requests per DP rank, placed by the engine, KV transfers, left running."""
+    """Markdown rows: per run and pool, requests per DP rank, placed by the engine, KV transfers, left running, load
+    polls."""
     lines = [
         "| run | pool | requests per DP rank (engine:rank) | placed by engine | KV transfers ok / failed | "
-        "running / holding KV after |",
-        "|---|---|---|---:|---|---|",
+        "running / holding KV after | load polls served |",
+        "|---|---|---|---:|---|---|---:|",
     ]
     for name, summary in results.items():
         for role, pool in summary["pools"].items():
             ranks = " ".join(str(n) for n in pool["per_rank"].values())
             lines.append(
                 f"| {name} | {role} | {ranks} | {pool['placed']} | {pool['completed']} / {pool['failed']} "
-                f"| {pool['running']} / {pool['held']} |"
+                f"| {pool['running']} / {pool['held']} | {pool['load_polls']} |"
             )
     return lines
 
@@ -273,7 +277,11 @@ def main() -> None:
     )
     ap.add_argument("--parts", default="sglang,nixl", help="which parts to run [sglang,nixl]")
     ap.add_argument("--output", type=Path, default=RESULTS / "smg_pd.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from --output's JSON, run nothing")
     args = ap.parse_args()
+    if args.report_only:
+        rewrite_report(args.output)
+        return
 
     full = window(load_trace(resolve_trace(args.trace)), args.start, args.minutes * 60)
     short = window(load_trace(resolve_trace(args.trace)), args.start, args.pick_minutes * 60)
@@ -339,6 +347,18 @@ def main() -> None:
     print(f"\nwrote {args.output}", file=sys.stderr)
 
 
+def rewrite_report(path: Path) -> None:
+    """Rewrite the Markdown note of a finished run from its JSON (the pool counts recomputed from the probes)."""
+    document = json.loads(path.read_text())
+    args = argparse.Namespace(**document["config"])
+    runs, picks = document["runs"], document["picks"]
+    for summary in [*runs.values(), *(s for tried in picks.values() for s in tried.values())]:
+        summary["pools"] = pools(summary["probe"])
+    path.write_text(json.dumps(document, indent=2))
+    tables = {part: results_table(tried) for part, tried in picks.items()}
+    path.with_suffix(".md").write_text(markdown(document["command"], args, document, results_table(runs), runs, tables))
+
+
 def markdown(
     command: str,
     args: argparse.Namespace,
@@ -400,20 +420,26 @@ NOTES = """
 Reading this:
 
 - smg 1.13 `--dp-aware` pins the prefill leg with `routed_dp_rank` and tells only the decode leg
-  `disagg_prefill_dp_rank`, with a room drawn at random. SGLang 0.5.23 resolves a P/D prefill's default
-  `--load-balance-method auto` to `follow_bootstrap_room` and refuses a pinned rank the room does not imply unless
-  that prefill request carries `disagg_prefill_dp_rank` (`disaggregation/prefill.py` passes
-  `req.disagg_prefill_dp_rank is not None` to `CommonKVSender`): with P prefill ranks, (P-1)/P of smg's requests fail
-  (conflict probe above). smg only warns when a prefill with DP > 1 does *not* report `follow_bootstrap_room`
-  (`workflow/steps/shared/update_policies.rs`). The runs in the table therefore use prefill mocks with
-  `--force-query-prefill-dp-rank` (SGLang's `SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1`, which the
-  engine's error names) for every contender; the gateway mints a room congruent to its prefill rank and needs no
-  such setting.
+  `disagg_prefill_dp_rank`, with a room drawn at random (captured from the 1.13 wheel before these mocks: prefill
+  `{..., "bootstrap_host", "bootstrap_port", "bootstrap_room": 3906424319907634146, "routed_dp_rank": 1}`, decode
+  the same room with `"disagg_prefill_dp_rank": 1, "routed_dp_rank": 6`; that room implies prefill rank 2).
+  SGLang 0.5.23 resolves a P/D prefill's default `--load-balance-method auto` to `follow_bootstrap_room` and
+  refuses a pinned rank the room does not imply unless that prefill request carries `disagg_prefill_dp_rank`
+  (`disaggregation/prefill.py` passes `req.disagg_prefill_dp_rank is not None` to `CommonKVSender`): with P
+  prefill ranks, (P-1)/P of smg's requests fail (conflict probe above). smg only warns when a prefill with DP > 1
+  does *not* report `follow_bootstrap_room` (`workflow/steps/shared/update_policies.rs`). The runs in the table
+  therefore use prefill mocks with `--force-query-prefill-dp-rank` (SGLang's
+  `SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1`, which the engine's error names) for every contender; the
+  gateway mints a room congruent to its prefill rank and needs no such setting.
 - smg and vllm-router both make one worker per DP rank (`http://host:port@rank`) and poll its load on that URL,
-  which an HTTP client reads as host `rank`: the polls fail and their load-aware policies run on router-side
-  counts (see `smg_router.md`; vllm-router logs "Failed to get load from http://...@0 ... (http://0.0.0.0/get_load)").
+  which an HTTP client reads as host `rank`: the polls never reach the engines (last column: smg 0; vllm-router
+  only its start-up `/metrics` read of the DP size) and their load-aware policies run on router-side counts (see
+  `smg_router.md`; vllm-router at debug level logs "Failed to get load from http://...@0: error sending request
+  for url (http://0.0.0.0/get_load)"). The gateway scrapes each engine's `/metrics` every 0.5 s.
 - A P/D request's TTFT includes the prefill, the KV handoff (the engine model's bandwidth) and the first decode
   step; on vLLM NIXL the legs are sequential for every router.
+- One run each, on a 2-core machine shared with other jobs, and no repeat: a difference of a few per cent is not
+  established by this table.
 """
 
 

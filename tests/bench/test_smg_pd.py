@@ -74,7 +74,7 @@ def test_pools_sum_each_role_per_rank(smg_pd: Any) -> None:
     probe = {
         "p0": seen("prefill", [3, 1], [0, 1], [0, 0], [3, 2]),
         "p1": seen("prefill", [2, 2], [0, 0], [0, 1], [2, 2]),
-        "d0": seen("decode", [5, 6], [0, 0], [0, 0], [5, 6]),
+        "d0": seen("decode", [5, 6], [0, 0], [0, 0], [5, 6]) | {"polls": {"/v1/loads": 1, "/metrics": 1}},
         "smg_get_loads": {"loads": 0},  # anything that is not an engine is skipped
     }
     pools = smg_pd.pools(probe)
@@ -82,6 +82,7 @@ def test_pools_sum_each_role_per_rank(smg_pd: Any) -> None:
     assert (pools["prefill"]["placed"], pools["prefill"]["completed"], pools["prefill"]["running"]) == (1, 9, 1)
     assert pools["decode"]["per_rank"] == {"d0:0": 5, "d0:1": 6}
     assert (pools["decode"]["failed"], pools["decode"]["running"], pools["decode"]["held"]) == (0, 0, 0)
+    assert pools["decode"]["load_polls"] == 2
 
 
 def summary(completed: int, failed: int, ttft_mean: float) -> dict[str, Any]:
