@@ -200,6 +200,14 @@ def pools(probe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def offered_load(trace: list[TraceRequest], args: argparse.Namespace) -> float:
+    """The slice's load on the cluster's ranks run as mixed engines of the prefill mocks' DP size (a scale for the
+    reader, :func:`_harness.slice_load`; the engine model's capacity of a rank depends on its instance's DP size,
+    and a P/D pool's differs from a mixed one's)."""
+    ranks = args.instances * args.dp_size + args.decode_instances * args.decode_dp_size
+    return slice_load(trace, args.rate_scale / args.speed, ranks // args.dp_size, args.dp_size).load
+
+
 def pick(results: dict[str, dict[str, Any]]) -> str | None:
     """The run with the lowest TTFT mean among those with no failure and at least one completed request."""
     clean = {n: s for n, s in results.items() if s["failed"] == 0 and s["completed"] > 0}
@@ -285,9 +293,8 @@ def main() -> None:
 
     full = window(load_trace(resolve_trace(args.trace)), args.start, args.minutes * 60)
     short = window(load_trace(resolve_trace(args.trace)), args.start, args.pick_minutes * 60)
-    ranks = args.instances * args.dp_size + args.decode_instances * args.decode_dp_size
-    load = slice_load(full, args.rate_scale / args.speed, 1, ranks).load
-    print(f"{len(full)} requests, offered load {load:.0%} of {ranks} mixed ranks' capacity", file=sys.stderr)
+    load = offered_load(full, args)
+    print(f"{len(full)} requests, offered load {load:.0%} (see offered_load)", file=sys.stderr)
     logs = RESULTS / "tmp"
     logs.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
@@ -354,6 +361,8 @@ def rewrite_report(path: Path) -> None:
     runs, picks = document["runs"], document["picks"]
     for summary in [*runs.values(), *(s for tried in picks.values() for s in tried.values())]:
         summary["pools"] = pools(summary["probe"])
+    full = window(load_trace(resolve_trace(args.trace)), args.start, args.minutes * 60)
+    document["offered_load"] = offered_load(full, args)
     path.write_text(json.dumps(document, indent=2))
     tables = {part: results_table(tried) for part, tried in picks.items()}
     path.with_suffix(".md").write_text(markdown(document["command"], args, document, results_table(runs), runs, tables))
@@ -379,8 +388,8 @@ def markdown(
         "",
         f"{report['requests']} requests ({args.trace}, {args.minutes:g} min from {args.start:g} s, rate x"
         f"{args.rate_scale:g}, engine clock x{args.speed:g}; offered load {report['offered_load']:.0%} of the same "
-        f"ranks run as mixed engines), {shape} per protocol, {args.engine_profile} engine model; fresh processes per "
-        "run, replay by `gateway bench`, one run each.",
+        f"ranks run as mixed engines of DP {args.dp_size}), {shape} per protocol, {args.engine_profile} engine "
+        "model; fresh processes per run, replay by `gateway bench`, one run each.",
         "",
         "```",
         table,
