@@ -179,15 +179,17 @@ def what_engines_saw(engines: list[dict[str, Any]], front_url: str, settle_s: fl
 
 def pools(probe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per pool (``prefill``, ``decode``): requests per DP rank (``engine:rank`` → pinned + placed), how many of
-    them the engine placed itself, KV transfers completed and failed, requests still running or holding KV, and
-    load polls served (``/v1/loads``, ``/get_load``, ``/metrics``)."""
+    them the engine placed itself, KV transfers completed and failed, requests still running or holding KV, load
+    polls served (``/v1/loads``, ``/get_load``, ``/metrics``), and prompt tokens looked up in and found in the
+    ranks' prefix caches (the as-shipped profile)."""
     out: dict[str, dict[str, Any]] = {}
     for name, seen in probe.items():
         if not isinstance(seen, dict) or "role" not in seen:
             continue
         pool = out.setdefault(
             seen["role"],
-            {"per_rank": {}, "placed": 0, "completed": 0, "failed": 0, "running": 0, "held": 0, "load_polls": 0},
+            {"per_rank": {}, "placed": 0, "completed": 0, "failed": 0, "running": 0, "held": 0, "load_polls": 0}
+            | {"prefix_queries": 0, "prefix_hits": 0},
         )
         for rank, (pinned, placed) in enumerate(zip(seen["pinned"], seen["placed"], strict=True)):
             pool["per_rank"][f"{name}:{rank}"] = pinned + placed
@@ -197,6 +199,8 @@ def pools(probe: dict[str, Any]) -> dict[str, dict[str, Any]]:
         pool["running"] += sum(seen["running"])
         pool["held"] += sum(seen["held"])
         pool["load_polls"] += sum(seen.get("polls", {}).values())
+        pool["prefix_queries"] += sum(seen.get("prefix_cache_queries", []))
+        pool["prefix_hits"] += sum(seen.get("prefix_cache_hits", []))
     return out
 
 
@@ -255,15 +259,17 @@ def pool_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     polls."""
     lines = [
         "| run | pool | requests per DP rank (engine:rank) | placed by engine | KV transfers ok / failed | "
-        "running / holding KV after | load polls served |",
-        "|---|---|---|---:|---|---|---:|",
+        "running / holding KV after | load polls served | prefix-cache hits |",
+        "|---|---|---|---:|---|---|---:|---:|",
     ]
     for name, summary in results.items():
         for role, pool in summary["pools"].items():
             ranks = " ".join(str(n) for n in pool["per_rank"].values())
+            queries = pool["prefix_queries"]
+            hits = f"{pool['prefix_hits'] / queries:.1%}" if queries else "–"
             lines.append(
                 f"| {name} | {role} | {ranks} | {pool['placed']} | {pool['completed']} / {pool['failed']} "
-                f"| {pool['running']} / {pool['held']} | {pool['load_polls']} |"
+                f"| {pool['running']} / {pool['held']} | {pool['load_polls']} | {hits} |"
             )
     return lines
 

@@ -83,6 +83,7 @@ def test_pools_sum_each_role_per_rank(smg_pd: Any) -> None:
     assert pools["decode"]["per_rank"] == {"d0:0": 5, "d0:1": 6}
     assert (pools["decode"]["failed"], pools["decode"]["running"], pools["decode"]["held"]) == (0, 0, 0)
     assert pools["decode"]["load_polls"] == 2
+    assert (pools["prefill"]["prefix_queries"], pools["prefill"]["prefix_hits"]) == (0, 0)
 
 
 def summary(completed: int, failed: int, ttft_mean: float) -> dict[str, Any]:

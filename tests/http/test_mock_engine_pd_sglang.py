@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pd import DecodeSide, PrefillSide
 from gateway.pd.sglang_bootstrap import attempt
+from gateway.replay.client import request_body
 from gateway.serving import serve_in_background
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
@@ -61,6 +62,7 @@ async def pd_pair(
     decode_kv: int | None = None,
     prefill_speed: float = FAST,
     force_query_prefill_dp_rank: bool = False,
+    prefill_model: EngineModelConfig | None = None,
 ) -> AsyncIterator[Pair]:
     model = EngineModelConfig() if decode_kv is None else replace(EngineModelConfig(), kv_capacity_tokens=decode_kv)
     prefill = create_mock_engine_app(
@@ -71,6 +73,7 @@ async def pd_pair(
             role="prefill",
             pd_timeout_s=timeout_s,
             force_query_prefill_dp_rank=force_query_prefill_dp_rank,
+            engine_model=prefill_model or EngineModelConfig(),
         )
     )
     decode = create_mock_engine_app(
@@ -215,6 +218,20 @@ async def test_forced_query_serves_a_rank_conflicting_with_the_room() -> None:
         p, d = await pair.settled()
         assert p["pinned"] == [0, 0, 1, 0] and p["transfers_completed"] == [0, 0, 1, 0]
         assert d["transfers_completed"] == [1, 0]
+
+
+async def test_prefill_finds_a_shared_prefix_in_its_rank_cache() -> None:
+    # two prompts sharing two 512-token blocks (the replay's text for the trace's hash_ids) on prefill rank 1
+    rng = random.Random(14)
+    async with pd_pair(prefill_model=EngineModelConfig.as_shipped("sglang", PREFILL_DP)) as pair:
+        for index, blocks in enumerate([(5, 6, 7), (5, 6, 8)]):
+            body = request_body("chat", MODEL, index, 1300, 4, "estimate", blocks) | {"stream": False}
+            legs = attempt(body, *pair.sides(1, 0), rng)
+            answers = await send_both(pair, legs.prefill.body, legs.decode().body)
+            assert [a.status_code for a in answers] == [200, 200]
+        p, d = await pair.settled()
+    assert p["prefix_cache_hits"] == [0, 1024, 0, 0] and p["prefix_cache_queries"] == [0, 2600, 0, 0]
+    assert sum(d["prefix_cache_hits"]) == 0  # the decode side takes the whole KV from the prefill
 
 
 @pytest.mark.parametrize(("role", "method"), [("prefill", "follow_bootstrap_room"), ("decode", "round_robin")])

@@ -331,6 +331,14 @@ class PdEngine:
         return rank
 
     def _submit(self, req: GenerationRequest, rank: int, **kwargs: Any) -> GenerationHandle:
+        """Submit ``req`` on ``rank``. A request that prefills here (all but a decode leg's) looks its prompt up
+        in the rank's prefix cache, as a mixed engine's does: SGLang's prefill server keeps its radix cache, and
+        its decode server has none unless ``--disaggregation-decode-enable-radix-cache`` (0.5.23
+        ``disaggregation/decode.py``); vLLM's prefix caching is on in both roles, but a decode leg's KV comes
+        whole from the prefill."""
+        prefix: dict[str, Any] = {}
+        if not kwargs.get("remote_prefill"):
+            prefix = {"prefix_blocks": req.prefix_blocks, "prefix_block_tokens": self.engine.prefix_block_tokens or 1}
         try:
             return self.engine.runtime.submit(
                 rank,
@@ -339,6 +347,7 @@ class PdEngine:
                 req.finish_reason,
                 max_new_tokens=req.max_tokens,
                 ignore_eos=req.ignore_eos,
+                **prefix,
                 **kwargs,
             )
         except ValueError as exc:
