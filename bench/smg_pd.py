@@ -32,9 +32,14 @@ After each replay the script waits (at most 60 s) for both pools to drain and as
 (``GET /_sim/requests``: requests pinned to each DP rank or placed by the engine, KV transfers completed and
 failed, requests still running or holding KV, load polls served); the JSON keeps it under each run's ``probe``.
 
-    .venv/bin/python bench/smg_pd.py --minutes 2 --pick-minutes 0.75 --rate-scale 0.6 --speed 0.2
+    .venv/bin/python bench/smg_pd.py --minutes 3 --pick-minutes 1 --rate-scale 3.0 --speed 0.4
 
-prints one table and writes ``bench/results/smg_pd.json`` and ``.md``.
+prints one table and writes ``bench/results/smg_pd.json`` and ``.md``; the Mooncake run (SGLang part only, engines
+as shipped with their prefix caches, prompts sharing text where the trace's hash_ids share blocks):
+
+    .venv/bin/python bench/smg_pd.py --parts sglang --trace mooncake-conv --start 120 --minutes 1 \\
+        --pick-minutes 0.25 --rate-scale 0.25 --speed 1 --engine-profile as-shipped \\
+        --output bench/results/smg_pd_mooncake.json
 """
 
 from __future__ import annotations
@@ -276,13 +281,11 @@ def pool_lines(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_slice_args(ap, minutes=2.0)
+    add_slice_args(ap, minutes=3.0)
     ap.set_defaults(instances=2, dp_size=4)
     ap.add_argument("--decode-instances", type=int, default=1, help="decode mocks [1] (--instances: prefill mocks)")
     ap.add_argument("--decode-dp-size", type=int, default=8, help="DP ranks per decode mock [8]")
-    ap.add_argument(
-        "--pick-minutes", type=float, default=0.75, help="slice of the short runs that pick a peer's policy"
-    )
+    ap.add_argument("--pick-minutes", type=float, default=1.0, help="slice of the short runs that pick a peer's policy")
     ap.add_argument("--smg-policies", default="cache_aware,least_load", help="smg prefill and decode policies to try")
     ap.add_argument(
         "--vllm-router-pairs",
