@@ -211,18 +211,24 @@ def replay_through(
     trace: list[TraceRequest],
     args: argparse.Namespace,
     probe: Callable[[list[dict[str, Any]], str], dict[str, Any]] | None = None,
+    cluster: Callable[[Processes], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Start fresh engines and the front (gateway or router) built by ``front``, replay ``trace``, stop all.
 
     ``probe(engines, front_url)``, if given, runs after the replay while everything is still up; what it returns
-    is added to the summary under ``"probe"``.
+    is added to the summary under ``"probe"``. ``cluster(procs)``, if given, starts the engines instead of one
+    mixed engine per flavour of ``flavors`` (a P/D cluster) and returns their gateway engine configurations.
     """
     with Processes() as procs, tempfile.TemporaryDirectory() as tmp:
         profile = getattr(args, "engine_profile", "idealised")
         prompts: PromptCount = "tokenizer" if getattr(args, "prompts", "estimate") == "tokenizer" else "estimate"
         tokenizer = "deepseek" if prompts == "tokenizer" else "estimate"
-        engines = start_engines(
-            procs, flavors, args.dp_size, args.speed, args.model, profile=profile, tokenizer=tokenizer
+        engines = (
+            cluster(procs)
+            if cluster is not None
+            else start_engines(
+                procs, flavors, args.dp_size, args.speed, args.model, profile=profile, tokenizer=tokenizer
+            )
         )
         url = front(procs, engines)
         summary = run_bench(

@@ -69,6 +69,12 @@ from gateway.cli.engine_options import engine_flag_options, engine_model_config
     show_default=True,
     help="vLLM P/D decode: a request whose KV cannot be read fails, or prefills locally.",
 )
+@click.option(
+    "--force-query-prefill-dp-rank",
+    is_flag=True,
+    help="SGLang P/D prefill: SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1, a request pinned to a rank "
+    "other than bootstrap_room mod DP size is served (its rank registered) instead of refused.",
+)
 @engine_flag_options
 def mock_engine(
     flavor: str,
@@ -87,6 +93,7 @@ def mock_engine(
     pd_timeout: float | None,
     kv_connector: str,
     kv_load_failure_policy: str,
+    force_query_prefill_dp_rank: bool,
     **engine_flags: Any,
 ) -> None:
     """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API.
@@ -128,6 +135,7 @@ def mock_engine(
         pd_timeout_s=pd_timeout,
         kv_connector=kv_connector,  # type: ignore[arg-type]
         kv_load_failure_policy=kv_load_failure_policy,  # type: ignore[arg-type]
+        force_query_prefill_dp_rank=force_query_prefill_dp_rank,
     )
     click.echo(
         f"simulated {flavor} {role} engine ({profile}), {dp_size} DP ranks, model {model}, "

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pd import DecodeSide, PrefillSide
 from gateway.pd.sglang_bootstrap import attempt
+from gateway.replay.client import request_body
 from gateway.serving import serve_in_background
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
@@ -58,11 +59,23 @@ class Pair:
 
 @asynccontextmanager
 async def pd_pair(
-    timeout_s: float = LONG_TIMEOUT_S, decode_kv: int | None = None, prefill_speed: float = FAST
+    timeout_s: float = LONG_TIMEOUT_S,
+    decode_kv: int | None = None,
+    prefill_speed: float = FAST,
+    force_query_prefill_dp_rank: bool = False,
+    prefill_model: EngineModelConfig | None = None,
 ) -> AsyncIterator[Pair]:
     model = EngineModelConfig() if decode_kv is None else replace(EngineModelConfig(), kv_capacity_tokens=decode_kv)
     prefill = create_mock_engine_app(
-        MockEngineConfig("sglang", PREFILL_DP, speed=prefill_speed, role="prefill", pd_timeout_s=timeout_s)
+        MockEngineConfig(
+            "sglang",
+            PREFILL_DP,
+            speed=prefill_speed,
+            role="prefill",
+            pd_timeout_s=timeout_s,
+            force_query_prefill_dp_rank=force_query_prefill_dp_rank,
+            engine_model=prefill_model or EngineModelConfig(),
+        )
     )
     decode = create_mock_engine_app(
         MockEngineConfig("sglang", DECODE_DP, speed=FAST, role="decode", pd_timeout_s=timeout_s, engine_model=model)
@@ -189,6 +202,45 @@ async def test_rank_conflicting_with_the_room_is_refused() -> None:
         assert [a.status_code for a in answers] == [200, 200]
         p, _ = await pair.settled()
         assert p["transfers_failed"] == [0, 0, 2, 0]
+
+
+async def test_forced_query_serves_a_rank_conflicting_with_the_room() -> None:
+    # the SGLang Model Gateway's pins (routed_dp_rank on the prefill leg, disagg_prefill_dp_rank on the decode leg
+    # only) with a room that does not imply the prefill rank
+    async with pd_pair(force_query_prefill_dp_rank=True) as pair:
+        room = 4 * 77 + 1  # implies prefill rank 1
+        common = chat_body(
+            max_tokens=5, bootstrap_host="127.0.0.1", bootstrap_port=pair.prefill_port, bootstrap_room=room
+        )
+        prefill = common | {"routed_dp_rank": 2}
+        decode = common | {"routed_dp_rank": 0, "disagg_prefill_dp_rank": 2}
+        answers = await send_both(pair, prefill, decode)
+        assert [a.status_code for a in answers] == [200, 200]
+        p, d = await pair.settled()
+        assert p["pinned"] == [0, 0, 1, 0] and p["transfers_completed"] == [0, 0, 1, 0]
+        assert d["transfers_completed"] == [1, 0]
+
+
+async def test_prefill_finds_a_shared_prefix_in_its_rank_cache() -> None:
+    # two prompts sharing two 512-token blocks (the replay's text for the trace's hash_ids) on prefill rank 1
+    rng = random.Random(14)
+    async with pd_pair(prefill_model=EngineModelConfig.as_shipped("sglang", PREFILL_DP)) as pair:
+        for index, blocks in enumerate([(5, 6, 7), (5, 6, 8)]):
+            body = request_body("chat", MODEL, index, 1300, 4, "estimate", blocks) | {"stream": False}
+            legs = attempt(body, *pair.sides(1, 0), rng)
+            answers = await send_both(pair, legs.prefill.body, legs.decode().body)
+            assert [a.status_code for a in answers] == [200, 200]
+        p, d = await pair.settled()
+    assert p["prefix_cache_hits"] == [0, 1024, 0, 0] and p["prefix_cache_queries"] == [0, 2600, 0, 0]
+    assert sum(d["prefix_cache_hits"]) == 0  # the decode side takes the whole KV from the prefill
+
+
+@pytest.mark.parametrize(("role", "method"), [("prefill", "follow_bootstrap_room"), ("decode", "round_robin")])
+async def test_server_info_reports_the_resolved_load_balance_method(role: str, method: str) -> None:
+    async with pd_pair() as pair:
+        url = pair.prefill if role == "prefill" else pair.decode
+        info = (await pair.client.get(f"{url}/server_info")).json()
+        assert (info["disaggregation_mode"], info["load_balance_method"]) == (role, method)
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

@@ -18,6 +18,7 @@ def test_help_lists_the_pd_options() -> None:
         "--pd-timeout",
         "--kv-connector [nixl|mooncake]",
         "--kv-load-failure-policy",
+        "--force-query-prefill-dp-rank",
     ):
         assert option in result.output
 

@@ -231,6 +231,11 @@ class MockEngineConfig:
     """vLLM prefill: the engine id in ``remote_engine_id`` (``{engine_id}_dp{rank}``); None: a random UUID, as
     vLLM's ``kv_transfer_config.engine_id`` defaults."""
 
+    force_query_prefill_dp_rank: bool = False
+    """SGLang prefill: ``SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1`` (0.5.23 ``environ.py``, default
+    off): a request pinned to a rank other than ``bootstrap_room % dp_size`` registers its rank with the bootstrap
+    server instead of being refused with the ``follow_bootstrap_room`` conflict (``CommonKVSender.__init__``)."""
+
     def __post_init__(self) -> None:
         if self.flavor not in ("sglang", "vllm"):
             raise ValueError(f"flavor must be 'sglang' or 'vllm', got {self.flavor!r}")
@@ -475,6 +480,13 @@ class _MockEngine:
             for s in self.model.rank_stats()
         ]
 
+    @property
+    def load_balance_method(self) -> str:
+        """SGLang's resolved ``--load-balance-method`` as ``/server_info`` reports it: ``auto`` resolves to
+        ``follow_bootstrap_room`` on a P/D prefill server and to ``round_robin`` elsewhere (0.5.23
+        ``arg_groups/serving_hook.py`` ``handle_load_balance_method``; ``/server_info`` gives resolved values)."""
+        return "follow_bootstrap_room" if self.config.role == "prefill" else "round_robin"
+
     async def server_info(self) -> dict[str, Any]:
         cfg, em = self.config, self.config.engine_model
         return {
@@ -485,7 +497,7 @@ class _MockEngine:
             "tp_size": cfg.dp_size,
             "ep_size": cfg.dp_size,
             "enable_dp_attention": True,
-            "load_balance_method": "round_robin",
+            "load_balance_method": self.load_balance_method,
             "chunked_prefill_size": em.max_prefill_tokens_per_step,
             "max_running_requests": em.max_running_requests,
             "max_total_num_tokens": em.kv_capacity_tokens,

@@ -25,7 +25,9 @@ SGLang (0.5.23), ``gateway mock-engine --flavor sglang --role prefill|decode``:
   "Prefill bootstrap failed for request rank=<p> req.rid=... req.bootstrap_room=<room> with exception
   KVTransferError(bootstrap_room=<room>): follow_bootstrap_room conflict: ..." / "...: Duplicate or cancelled
   bootstrap room" (``disaggregation/common/conn.py`` ``CommonKVSender.__init__``, ``disaggregation/prefill.py``
-  ``handle_bootstrap_failure``).
+  ``handle_bootstrap_failure``). With ``force_query_prefill_dp_rank`` (SGLang's
+  ``SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1``) the prefill registers the rank it was given instead of
+  refusing it; ``/server_info`` reports ``load_balance_method`` ``follow_bootstrap_room`` either way.
 - The prefill starts once the decode side has reserved KV and connected (no optimistic prefill, SGLang's default
   ``--optimistic-prefill-attempts 0``); it waits at most ``pd_timeout_s`` for that
   (``SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT``, 300 s; then "Request <room> timed out after <t>s in
@@ -87,7 +89,9 @@ Simplifications (where the mocks differ from the engines): the KV moves at the e
 contention; a reused room is refused whatever the allocation policy (SGLang 0.5.23 detects it only under
 ``--disaggregation-decode-allocation-policy prefill_complete``) and on any rank; the refusal of a conflicting
 rank, a reused room or a missing room is answered at once; the SGLang prefill answer carries no
-``input_token_logprobs`` for the router to merge.
+``input_token_logprobs`` for the router to merge; ``force_query_prefill_dp_rank`` is the prefill side of that
+setting only: a decode request without ``disagg_prefill_dp_rank`` still takes ``bootstrap_room % prefill dp_size``
+(SGLang's decode under the setting queries the bootstrap server's ``/query_dp_ranks``).
 """
 
 from __future__ import annotations
@@ -336,6 +340,14 @@ class PdEngine:
         return rank
 
     def _submit(self, req: GenerationRequest, rank: int, **kwargs: Any) -> GenerationHandle:
+        """Submit ``req`` on ``rank``. A request that prefills here (all but a decode leg's) looks its prompt up
+        in the rank's prefix cache, as a mixed engine's does: SGLang's prefill server keeps its radix cache, and
+        its decode server has none unless ``--disaggregation-decode-enable-radix-cache`` (0.5.23
+        ``disaggregation/decode.py``); vLLM's prefix caching is on in both roles, but a decode leg's KV comes
+        whole from the prefill."""
+        prefix: dict[str, Any] = {}
+        if not kwargs.get("remote_prefill"):
+            prefix = {"prefix_blocks": req.prefix_blocks, "prefix_block_tokens": self.engine.prefix_block_tokens or 1}
         try:
             return self.engine.runtime.submit(
                 rank,
@@ -344,6 +356,7 @@ class PdEngine:
                 req.finish_reason,
                 max_new_tokens=req.max_tokens,
                 ignore_eos=req.ignore_eos,
+                **prefix,
                 **kwargs,
             )
         except ValueError as exc:
@@ -374,7 +387,12 @@ class PdEngine:
         reason = None
         if room in self._rooms_seen:
             reason = "Duplicate or cancelled bootstrap room"
-        elif dp_size > 1 and body.get("disagg_prefill_dp_rank") is None and rank != room % dp_size:
+        elif (
+            dp_size > 1
+            and body.get("disagg_prefill_dp_rank") is None
+            and rank != room % dp_size
+            and not self.engine.config.force_query_prefill_dp_rank
+        ):
             reason = conflict_reason(rank, room, dp_size)
         self._rooms_seen.add(room)
         if reason is not None:
