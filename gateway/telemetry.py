@@ -36,8 +36,8 @@ Series (all prefixed ``gateway_``):
   reached the client (``engine`` is the one that failed).
 - ``pd_leg_failures_total{engine, leg, kind}``: failed legs of P/D requests (``leg`` ``prefill``|``decode``;
   ``kind`` as ``upstream_failures_total``'s, or ``protocol`` for a prefill answer the decode leg cannot use, or
-  ``late`` for a prefill leg that failed after the decode leg's answer had begun); each failed leg cancels the other
-  at once (:mod:`gateway.server.pd_relay`).
+  ``late`` for a prefill leg that failed after the decode leg's answer had begun; a decode leg whose stream breaks
+  after its first byte counts too); each failed leg cancels the other at once (:mod:`gateway.server.pd_relay`).
 - ``pd_transfers_total{protocol, outcome}``: attempts of P/D requests by protocol (``sglang``|``nixl``|``mooncake``)
   and outcome: ``ok`` (the decode leg's answer began), ``prefill_failed``, ``decode_failed``, ``rejected`` (an
   engine answered 4xx, passed on to the client), ``cancelled`` (the client went away), or ``whole`` (vLLM ``n >

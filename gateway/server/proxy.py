@@ -373,6 +373,8 @@ async def _relay(scope: _RequestScope, answer: StartedAnswer, usage: StreamUsage
     except UpstreamError as exc:
         status = "stream_error"
         record_failure(scope.state, key, exc)
+        if scope.state.engines[key.engine].config.role == "decode":  # a P/D decode leg broke after its first byte
+            metrics.pd_leg_failures.labels(key.engine, "decode", exc.failure_kind).inc()
         log.warning("stream %s from %s broke: %s", scope.request_id, key, exc.message)
         yield end.error_events(exc.message, exc.type, exc.status)
     except (asyncio.CancelledError, GeneratorExit):
