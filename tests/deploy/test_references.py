@@ -21,6 +21,7 @@ ELSEWHERE = {
     "tests/v1/kv_connector/nixl_integration/toy_proxy_server.py": "a file of vLLM's repository, cited as a source",
     "bench/.venv-sglang-router": "the virtual environment bench/peer_router.py creates",
     "bench/.venv-smg": "the virtual environment bench/smg_router.py creates",
+    "bench/.venv-vllm-router": "the virtual environment bench/smg_pd.py creates for vllm-router",
     "bench/results/tmp": "scratch output of the benchmarks, ignored by git",
     "bench/results/ablation-4x8": "an output name in an example command of bench/ablation.py",
 }
