@@ -46,7 +46,7 @@ from evaluate import FIFTHS, fifths, ms, pct, request_rate, spread
 
 from gateway.sim.capacity import cluster_load
 from gateway.sim.pd_driver import PdPools
-from gateway.sim.presets import prefill_only, preset
+from gateway.sim.presets import prefill_only, preset, preset_flavor
 from gateway.sim.simulate import SimConfig, SimResult, Slo, simulate
 from gateway.sim.steady_state import max_sustainable_scale, steadiness
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
@@ -118,7 +118,9 @@ class Job:
     plan: Plan
 
     def config(self) -> SimConfig:
-        flavour = self.preset.removeprefix("realistic-").removesuffix("-aligned")
+        flavour = preset_flavor(self.preset)
+        if flavour is None:
+            raise ValueError("a P/D evaluation needs a realistic preset: its flavour sets the KV connector")
         if self.contender == "sbs":
             policy, prefill, decode = "sbs", None, None
         else:
@@ -132,7 +134,7 @@ class Job:
             p.prefill_dp_size,
             p.decode_instances,
             p.decode_dp_size,
-            connector=flavour,  # type: ignore[arg-type]
+            connector=flavour,
             prefill_policy=prefill,
             decode_policy=decode,
         )

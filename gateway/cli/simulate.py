@@ -353,8 +353,9 @@ def simulate(
         from dataclasses import replace
 
         from gateway.sim.pd_driver import PdPools
+        from gateway.sim.presets import preset_flavor
 
-        flavor = engine_flavor if preset is None or preset == "idealised" else preset.split("-")[1]
+        flavor = (None if preset is None else preset_flavor(preset)) or engine_flavor
         try:
             pools = PdPools(
                 *prefill_pool,

@@ -168,19 +168,32 @@ def realistic(
     return Preset(name, engine, limits, flags)
 
 
+def preset_flavor(name: str) -> EngineFlavor | None:
+    """Whose engine a realistic preset called ``name`` models (``realistic-vllm-aligned`` → ``"vllm"``); None for
+    ``idealised``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the names.
+    """
+    if name == "idealised":
+        return None
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {name!r}; one of {list(PRESET_NAMES)}")
+    flavor: EngineFlavor = name.removeprefix("realistic-").removesuffix("-aligned")  # type: ignore[assignment]
+    return flavor
+
+
 def preset(name: PresetName, dp_size: int) -> Preset:
     """The preset called ``name`` (:data:`PRESET_NAMES`) for instances of ``dp_size`` ranks, with its defaults.
 
     Raises:
         ValueError: an unknown name; the message lists the names.
     """
-    if name == "idealised":
+    flavor = preset_flavor(name)
+    if flavor is None:
         return idealised()
-    if name not in PRESET_NAMES:
-        raise ValueError(f"unknown preset {name!r}; one of {list(PRESET_NAMES)}")
-    flavor = name.removeprefix("realistic-").removesuffix("-aligned")
     aligned = name.endswith("-aligned")
-    return realistic(flavor, dp_size, engine_flags=ALIGNMENT[flavor] if aligned else None)  # type: ignore[arg-type]
+    return realistic(flavor, dp_size, engine_flags=ALIGNMENT[flavor] if aligned else None)
 
 
 def prefill_only(trace: Sequence[TraceRequest]) -> list[TraceRequest]:
