@@ -162,19 +162,10 @@ async def test_stack_serves_requests_and_prometheus_sees_every_series() -> None:
                 extra_body={"ignore_eos": True},
             )
             assert reply.usage is not None and reply.usage.completion_tokens == 5
-        # rates need counters that move between scrapes: keep a trickle of traffic while Prometheus is queried
-        traffic = asyncio.create_task(trickle(client))
-        try:
+        async with trickling(client):
             await check_prometheus(stack, parse_only=PD_DASHBOARD)  # no P/D engine here
             await check_alerts_follow_an_engine_failure(stack)
-        finally:
-            traffic.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await traffic
-            await client.close()
-        stack.process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(stack.process.wait(), 30) == 0, stack.log
-        assert not pid_alive(stack.prometheus_pid), "Prometheus outlived the stack"
+        await check_clean_shutdown(stack)
 
 
 async def test_pd_stack_serves_requests_and_the_pd_dashboard_has_data() -> None:
@@ -191,17 +182,30 @@ async def test_pd_stack_serves_requests_and_the_pd_dashboard_has_data() -> None:
                 await client.completions.create(model=MODEL, prompt="hello", max_tokens=3)
             plan = {"generate": "transfer_fail", "remaining": 2}
             assert (await http.put(stack.engines["decode0"] + "/_sim/faults", json=plan)).status_code == 200
-        traffic = asyncio.create_task(trickle(client))
-        try:
+        async with trickling(client):
             await check_prometheus(stack)
-        finally:
-            traffic.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await traffic
-            await client.close()
-        stack.process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(stack.process.wait(), 30) == 0, stack.log
-        assert not pid_alive(stack.prometheus_pid), "Prometheus outlived the stack"
+        await check_clean_shutdown(stack)
+
+
+@contextlib.asynccontextmanager
+async def trickling(client: openai.AsyncOpenAI) -> AsyncIterator[None]:
+    """Keep a trickle of traffic (:func:`trickle`) while the body runs, so that rates have counters that move
+    between scrapes while Prometheus is queried; then stop it and close ``client``."""
+    traffic = asyncio.create_task(trickle(client))
+    try:
+        yield
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await traffic
+        await client.close()
+
+
+async def check_clean_shutdown(stack: RunningStack) -> None:
+    """SIGINT stops the stack with exit status 0, and its Prometheus with it."""
+    stack.process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(stack.process.wait(), 30) == 0, stack.log
+    assert not pid_alive(stack.prometheus_pid), "Prometheus outlived the stack"
 
 
 async def trickle(client: openai.AsyncOpenAI, requests: int = 400, gap_s: float = 0.2) -> None:
