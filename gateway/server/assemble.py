@@ -35,6 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 Route = Literal["chat", "completions"]
 
 DONE = "[DONE]"
@@ -64,21 +66,56 @@ class SSEEvents:
         self._buffer = self._buffer[start:]
         return events
 
+    @property
+    def pending(self) -> bool:
+        """Whether the bytes of an unfinished event are buffered."""
+        return bool(self._buffer)
+
     def rest(self) -> bytes:
         """The bytes of an event left without its blank line (the stream ended, or was cut, inside it)."""
         rest, self._buffer = self._buffer, b""
         return rest
 
 
-def event_data(raw: bytes) -> str | None:
-    """The ``data`` of one raw SSE event (its ``data:`` lines joined with LF), or ``None`` when it has none
-    (a comment or another field)."""
+def event_payload(raw: bytes) -> bytes | None:
+    """The ``data`` of one raw SSE event (its ``data:`` lines joined with LF), as bytes, or ``None`` when it has
+    none (a comment or another field)."""
+    body = raw.rstrip(b"\r\n")
+    if body.startswith(b"data:") and b"\n" not in body and b"\r" not in body:  # one line: the engines' events
+        return body[5:].removeprefix(b" ")
     lines = [
         line[5:].removeprefix(b" ") for line in raw.splitlines() if line.startswith(b"data:")
     ]  # one space after the colon is part of the framing (WHATWG HTML, "Server-sent events", §9.2.6)
     if not lines:
         return None
-    return b"\n".join(lines).decode("utf-8", errors="replace")
+    return b"\n".join(lines)
+
+
+def event_data(raw: bytes) -> str | None:
+    """The ``data`` of one raw SSE event (:func:`event_payload`) decoded (invalid UTF-8 replaced), or ``None``."""
+    data = event_payload(raw)
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def parse_event(data: bytes) -> Any:
+    """An event's ``data`` parsed as JSON, as ``json.loads(data.decode("utf-8", errors="replace"))`` parses it
+    (orjson first, :mod:`gateway.server.fastjson`).
+
+    Raises:
+        ValueError: not JSON.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data.decode("utf-8", errors="replace"))
+
+
+def ends_event(chunk: bytes) -> bool:
+    """Whether :class:`SSEEvents`, fed ``chunk`` with nothing buffered, would find an event end at its very end
+    (an LF LF or CRLF CRLF after a character that is not a line break), leaving nothing buffered."""
+    if chunk.endswith(b"\r\n\r\n"):
+        return len(chunk) > 4 and chunk[-5] not in b"\r\n"
+    return chunk.endswith(b"\n\n") and len(chunk) > 2 and chunk[-3] not in b"\r\n"
 
 
 def error_event_status(event: dict[str, Any]) -> int:
@@ -323,6 +360,8 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> bytes:
         """Watch ``chunk``; return the bytes to relay for it."""
+        if b'"usage"' not in chunk and not self._events.pending and ends_event(chunk):
+            return chunk  # whole events, none with usage: what the event by event path below would give
         if not self.strip:
             for raw in self._events.feed(chunk):
                 if _USAGE_OBJECT.search(raw):
