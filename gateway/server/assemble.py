@@ -129,9 +129,11 @@ def leading_error(chunk: bytes) -> tuple[dict[str, Any], bytes] | None:
     """The engine's error event and its raw data when it is the first event of a stream's first ``chunk``, else
     ``None``. SGLang and vLLM answer an error they meet after sending the headers (an internal error, a failed
     P/D KV transfer) as HTTP 200 with one error event and ``[DONE]``; as the first event nothing has reached the
-    client yet, so the try can fail and be retried."""
-    events = SSEEvents().feed(chunk)
-    data = event_data(events[0]) if events else None
+    client yet, so the try can fail and be retried. A first event whose bytes do not hold ``error`` is not parsed."""
+    end = _EVENT_END.search(chunk)
+    if end is None or b"error" not in chunk[: end.end()]:
+        return None
+    data = event_data(chunk[: end.end()])
     if data is None:
         return None
     try:
@@ -360,8 +362,16 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> bytes:
         """Watch ``chunk``; return the bytes to relay for it."""
-        if b'"usage"' not in chunk and not self._events.pending and ends_event(chunk):
-            return chunk  # whole events, none with usage: what the event by event path below would give
+        if not self._events.pending:
+            at = chunk.find(b'"usage"')
+            if at < 0 and ends_event(chunk):
+                return chunk  # whole events, none with usage: what the event by event path below would give
+            cut = chunk.rfind(b"\n\n", 0, at) + 2
+            if at > 0 and cut > 2 and ends_event(chunk[:cut]):  # whole events without usage, then the rest
+                return chunk[:cut] + self._feed_events(chunk[cut:])
+        return self._feed_events(chunk)
+
+    def _feed_events(self, chunk: bytes) -> bytes:
         if not self.strip:
             for raw in self._events.feed(chunk):
                 if _USAGE_OBJECT.search(raw):
@@ -378,9 +388,9 @@ class StreamUsage:
         return rest if self.strip else b""
 
     def _read(self, raw: bytes) -> bytes:
-        data = event_data(raw)
+        data = event_payload(raw)
         try:
-            chunk = json.loads(data) if data is not None and data != DONE else None
+            chunk = parse_event(data) if data is not None and data != b"[DONE]" else None
         except ValueError:
             return raw
         if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):

@@ -52,7 +52,7 @@ def loggable_path(scope: Scope) -> str:
 
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
+        if key == name:  # ASGI header names are lowercase
             return str(value.decode("latin-1"))
     return None
 
