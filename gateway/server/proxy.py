@@ -126,6 +126,10 @@ class _RequestScope:
         await _answer(send, exc.status, fastjson.dumps(exc.body()), headers)
 
 
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the request body exceeds the gateway's limit of {limit} bytes")
+
+
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refused as soon as it is known to exceed ``limit`` bytes (declared or received).
 
@@ -133,10 +137,9 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         PayloadTooLargeError: the body is larger than ``limit``.
         ClientDisconnected: the client went away before sending all of it.
     """
-    too_large = PayloadTooLargeError(f"the request body exceeds the gateway's limit of {limit} bytes")
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise too_large
+            raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -146,7 +149,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
