@@ -6,7 +6,9 @@ asyncio over uvloop, so the front is what is measured), then drives it, with a c
 
 - ``direct``: no front (the baseline the added latency is measured against);
 - ``gateway round_robin`` and ``gateway sbs``: ``gateway serve`` with its defaults (log level ``info`` with the
-  access log, ``upstream.stream_nonstreamed`` and ``stream_usage`` on);
+  access log, ``upstream.stream_nonstreamed`` and ``stream_usage`` on); ``gateway sbs, running_before_first_token``
+  with ``scrape.running_before_first_token`` on (the load view then does not count a request the engine already
+  runs twice, so an idle engine looks idle and sbs's window closes at once for a lone request);
 - ``smg round_robin``: the SGLang Model Gateway 1.13 (PyPI ``smg``, in ``bench/.venv-smg``), ``--dp-aware``
   (a worker per DP rank, the rank pinned in the body), retries off;
 - ``vllm-router round_robin``: vllm-router 0.1.17 (PyPI, in ``bench/.venv-vllm-router``) with
@@ -159,6 +161,9 @@ FRONTS: dict[str, Callable[[Processes, dict[str, Any], Cores], str]] = {
     "direct": lambda procs, engine, cores: str(engine["url"]),
     "gateway round_robin": lambda procs, engine, cores: start_gateway(procs, engine, "round_robin", cores),
     "gateway sbs": lambda procs, engine, cores: start_gateway(procs, engine, "sbs", cores),
+    "gateway sbs, running_before_first_token": lambda procs, engine, cores: start_gateway(
+        procs, engine, "sbs", cores, settings={"scrape": {"running_before_first_token": True}}
+    ),
     "smg round_robin": start_smg,
     "vllm-router round_robin": start_vllm_router,
 }
