@@ -6,7 +6,7 @@ asyncio over uvloop, so the front is what is measured), then drives it, with a c
 
 - ``direct``: no front (the baseline the added latency is measured against);
 - ``gateway round_robin`` and ``gateway sbs``: ``gateway serve`` with its defaults (log level ``info`` with the
-  access log, ``upstream.stream_nonstreamed`` and ``stream_usage`` on); ``gateway sbs, running_before_first_token``
+  access log, ``upstream.stream_nonstreamed`` and ``stream_usage`` on); ``gateway sbs+running_before_first_token``
   with ``scrape.running_before_first_token`` on (the load view then does not count a request the engine already
   runs twice, so an idle engine looks idle and sbs's window closes at once for a lone request);
 - ``smg round_robin``: the SGLang Model Gateway 1.13 (PyPI ``smg``, in ``bench/.venv-smg``), ``--dp-aware``
@@ -122,12 +122,19 @@ def start_engine(procs: Processes, cores: Cores) -> dict[str, Any]:
     return {"name": "trivial", "flavor": "sglang", "url": url, "dp_size": DP_SIZE, "models": [MODEL]}
 
 
-def start_gateway(procs: Processes, engine: dict[str, Any], policy: str, cores: Cores, tree: Path | None = None) -> str:
-    """Start ``gateway serve`` with ``policy`` and its defaults otherwise; from the source ``tree`` (its folder
-    holding ``gateway/``) instead of this checkout when given."""
+def start_gateway(
+    procs: Processes,
+    engine: dict[str, Any],
+    policy: str,
+    cores: Cores,
+    tree: Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> str:
+    """Start ``gateway serve`` with ``policy``, ``settings`` and its defaults otherwise; from the source ``tree``
+    (its folder holding ``gateway/``) instead of this checkout when given."""
     port = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump({"policy": policy, "engines": [engine]}, f)
+        yaml.safe_dump({"policy": policy, **(settings or {}), "engines": [engine]}, f)
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", f.name, "--port", str(port)]
     if tree is not None:  # -P: the working directory's gateway/ does not shadow the tree's
         cmd = ["env", f"PYTHONPATH={tree}", sys.executable, "-P", *cmd[1:]]
@@ -161,7 +168,7 @@ FRONTS: dict[str, Callable[[Processes, dict[str, Any], Cores], str]] = {
     "direct": lambda procs, engine, cores: str(engine["url"]),
     "gateway round_robin": lambda procs, engine, cores: start_gateway(procs, engine, "round_robin", cores),
     "gateway sbs": lambda procs, engine, cores: start_gateway(procs, engine, "sbs", cores),
-    "gateway sbs, running_before_first_token": lambda procs, engine, cores: start_gateway(
+    "gateway sbs+running_before_first_token": lambda procs, engine, cores: start_gateway(
         procs, engine, "sbs", cores, settings={"scrape": {"running_before_first_token": True}}
     ),
     "smg round_robin": start_smg,
