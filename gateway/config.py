@@ -407,6 +407,14 @@ class ScrapeConfig(_Strict):
     asked again. Off by default: it helps on the Azure traces but costs sbs 19% of its TTFT on Mooncake, whose
     long-prefill isolation reads a rank's queue as the sign of a long prompt in prefill
     (``bench/results/token_count_remedies.md``)."""
+    running_before_first_token: bool = False
+    """The engines count a request as running before its first token reaches the gateway (vLLM from its first
+    prefill chunk, SGLang once its prefill step ends): of the gateway's requests without their first token when an
+    engine's figures were read, the load view moves only as many as the engine counted waiting from waiting to
+    running at their first token (:class:`gateway.load.view.LoadView`). Off (as before): each moves, so a request the
+    engine already counted running counts twice until the next scrape; an idle instance then looks busy and sbs's
+    window holds a lone request to its tick (``bench/results/dataplane.md``). Off by default this round: it changes
+    the simulator's figures."""
     max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest ``/metrics`` body read from an engine, bytes; a larger one fails the scrape (the rest is not
     read). A real vLLM 0.32 capture of one DP rank is 50-85 KB (``tests/unit/fixtures/metrics``), mostly per-rank

@@ -138,7 +138,7 @@ class RequestContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         entry = _current.get()
-        if entry is not None:
+        if entry is not None and not hasattr(record, "request_id"):  # the access log's line has them already
             for name, value in entry.fields(CONTEXT_FIELDS).items():
                 if not hasattr(record, name):
                     setattr(record, name, value)

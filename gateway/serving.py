@@ -1,15 +1,33 @@
-"""Running ASGI apps under uvicorn inside an existing event loop (embedded engines, tests, local stack)."""
+"""Running ASGI apps under uvicorn inside an existing event loop (embedded engines, tests, local stack), and the
+event loop ``gateway serve`` runs on (:func:`run`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import FrameType
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.types import ASGIApp
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a new uvloop event loop (libuv), asyncio's own on Windows, which uvloop does not
+    support. uvloop runs the relay's sockets, timers and tasks with a fraction of asyncio's CPU time
+    (``bench/results/dataplane.md``); uvicorn picks it for the loops it creates, but ``gateway serve`` creates its
+    own."""
+    if sys.platform == "win32":
+        return asyncio.run(main)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 class DrainingServer(uvicorn.Server):

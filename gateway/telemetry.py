@@ -294,6 +294,26 @@ class GatewayMetrics:
             buckets=ESTIMATE_RATIO_BUCKETS,
             registry=r,
         )
+        self._request_counters: dict[tuple[str, str, str], Counter] = {}
+        self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
+
+    def count_request(self, route: str, model: str, status: str) -> None:
+        """Count an answered request in ``gateway_requests_total`` (the labelled child is looked up once)."""
+        labels = (route, model, status)
+        child = self._request_counters.get(labels)
+        if child is None:
+            child = self._request_counters[labels] = self.requests.labels(*labels)
+        child.inc()
+
+    def observe_latency(self, model: str, ttft_s: float | None, e2e_s: float | None) -> None:
+        """Observe a request's time to first token and end-to-end latency, seconds, each when not ``None``."""
+        children = self._latency_children.get(model)
+        if children is None:
+            children = self._latency_children[model] = (self.ttft.labels(model), self.e2e.labels(model))
+        if ttft_s is not None:
+            children[0].observe(ttft_s)
+        if e2e_s is not None:
+            children[1].observe(e2e_s)
 
     def describe_engines(self, engines: Iterable[tuple[str, str, str]]) -> None:
         """Export ``gateway_engine_info`` for ``engines``, each ``(name, flavor, role)``."""

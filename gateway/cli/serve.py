@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING, cast
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 import click
 import uvicorn
 
+from gateway import serving
 from gateway.cli.options import config_option, log_level_option, policy_option
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
@@ -90,7 +90,7 @@ def serve(
         raise click.UsageError("--pd chooses the embedded engines, but the configuration lists engines of its own")
     configure_logging(log_level, settings.log.format)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, log_level, cast("PdProtocol | None", pd)))
+        serving.run(_serve(settings, log_level, cast("PdProtocol | None", pd)))
 
 
 async def _serve(settings: Settings, log_level: str, pd: PdProtocol | None = None) -> None:

@@ -92,6 +92,9 @@ class _InFlight:
     """Sent before the engine's last figures were read (so counted in them): a prompt queued on its rank then, or a
     decode leg."""
     generated: int = 0
+    unstarted_at_read: bool = False
+    """Sent before the engine's last figures were read and without its first token then: the engine counted it as
+    waiting or, already, as running (see :attr:`_RankState.waiting_at_read`)."""
 
 
 @dataclass(slots=True)
@@ -119,6 +122,12 @@ class _RankState:
     unstarted)."""
     queued_new: int = 0
     """Prompt tokens dispatched since the last scrape and still queued."""
+    waiting_at_read: int = 0
+    """With ``running_before_first_token``: of the gateway's requests unstarted when the engine's last figures were
+    read, how many those figures may still count as waiting: at most the engine's waiting count. An engine counts a
+    request as running before its first token reaches the gateway (vLLM once it schedules its first prefill chunk,
+    SGLang once its prefill step ends), so the first token of a request beyond these moves nothing from waiting to
+    running: it is in the running figure already, and counting it again shows a busy rank until the next scrape."""
 
 
 @dataclass(slots=True)
@@ -143,6 +152,11 @@ class LoadView:
             (``docs/design.md`` §2.7, "robust state synchronization"). ``False``, for ablation: between two
             scrapes of an engine its ranks' snapshot stays what it was at the last scrape (before any scrape: the
             live local accounting, i.e. idle).
+        running_before_first_token: the engines count a request as running before its first token reaches the
+            gateway, so of the gateway's requests unstarted when an engine's figures were read, only as many as the
+            engine counted waiting move from waiting to running at their first token
+            (:attr:`_RankState.waiting_at_read`); ``False``: each does, and a request the engine already ran counts
+            twice until the next scrape (``scrape.running_before_first_token``).
     """
 
     def __init__(
@@ -153,10 +167,12 @@ class LoadView:
         nonstream_prefill_s: float = 1.0,
         usable: Callable[[RankKey, float], bool] | None = None,
         state_sync: bool = True,
+        running_before_first_token: bool = False,
     ) -> None:
         self.stale_after_s = stale_after_s
         self.nonstream_prefill_s = nonstream_prefill_s
         self.state_sync = state_sync
+        self.running_before_first_token = running_before_first_token
         self._usable = usable
         self._frozen: dict[RankKey, RankLoad] = {}
         self._ranks: dict[RankKey, _RankState] = {}
@@ -298,7 +314,8 @@ class LoadView:
         state = self._ranks[item.key]
         state.local_waiting -= 1
         state.local_running += 1
-        state.started_since += 1
+        if self._left_waiting_figure(state, item):
+            state.started_since += 1
         self._leave_queue(state, item)
 
     def on_tokens(self, request_id: str, n: int) -> None:
@@ -332,8 +349,23 @@ class LoadView:
             state.finished_running_since += 1
         else:
             state.local_waiting -= 1
-            state.finished_waiting_since += 1
+            if self._left_waiting_figure(state, item):
+                state.finished_waiting_since += 1
+            else:
+                state.finished_running_since += 1
             self._leave_queue(state, item)
+
+    @staticmethod
+    def _left_waiting_figure(state: _RankState, item: _InFlight) -> bool:
+        """Whether ``item``, leaving the waiting state, leaves the engine's waiting figure as last read (or the
+        requests dispatched since): not when that figure counted it as running already."""
+        if not item.unstarted_at_read:
+            return True
+        item.unstarted_at_read = False
+        if state.waiting_at_read > 0:
+            state.waiting_at_read -= 1
+            return True
+        return False
 
     def _leave_queue(self, state: _RankState, item: _InFlight) -> None:
         state.queued_prefill_tokens -= item.prefill_tokens
@@ -365,7 +397,7 @@ class LoadView:
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = state.decode_dispatched_since = 0
             state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
-            state.decode_new = state.kv_at_read = 0
+            state.decode_new = state.kv_at_read = state.waiting_at_read = 0
         for item in self._decode.values():
             if item.key.engine != engine:
                 continue
@@ -376,6 +408,15 @@ class LoadView:
             else:
                 state.decode_dispatched_since += 1
                 state.decode_new += 1
+        for item in self._inflight.values() if self.running_before_first_token else ():
+            if item.key.engine == engine and not item.started:
+                state = self._ranks[item.key]
+                item.unstarted_at_read = item.dispatched_at < self._read_at(state, now)
+                state.waiting_at_read += item.unstarted_at_read
+        for key in estate.ranks:
+            state = self._ranks[key]
+            waiting = state.scraped.waiting if state.scraped is not None else 0.0
+            state.waiting_at_read = min(state.waiting_at_read, max(0, math.floor(waiting)))
         reported = any(m.queued_prefill_tokens is not None for m in ranks.values())
         for item in self._inflight.values() if reported else ():
             if item.key.engine != engine or item.started:

@@ -1,5 +1,9 @@
 """The app factory: ``create_app(settings)`` builds the FastAPI app; its lifespan owns every resource.
 
+The completion requests, the gateway's hot path, skip FastAPI's own middleware, routing and dependency injection
+(:class:`GatewayApp`): the request-context and API-key middlewares wrap :func:`~gateway.server.proxy.serve_completion`
+directly. What that saves per request is measured in ``bench/results/dataplane.md``.
+
 Run it with uvicorn (``gateway serve`` does), or in tests inside ``TestClient``/``app.router.lifespan_context``.
 No module-level app, no globals: two apps in one process are independent.
 """
@@ -15,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.config import Settings
@@ -26,7 +31,8 @@ from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
-from gateway.server.auth import ApiKeyMiddleware, key_rings
+from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
+from gateway.server.proxy import ENGINE_PATHS, serve_completion
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
@@ -61,6 +67,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         stale_after_s=settings.scrape.stale_after_s,
         nonstream_prefill_s=settings.window.initial_step_s * NONSTREAM_PREFILL_STEPS,
         usable=health.usable,
+        running_before_first_token=settings.scrape.running_before_first_token,
     )
     clock = time.monotonic
     dispatcher = Dispatcher(settings, view, metrics, health, clock=clock)
@@ -118,6 +125,35 @@ def begin_drain(app: FastAPI) -> None:
         state.begin_drain()
 
 
+RELAY_ROUTES = {path: route for route, path in ENGINE_PATHS.items()}
+"""The completion paths :class:`GatewayApp` serves before routing, and their routes."""
+
+
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app: ``POST`` to a path of :data:`RELAY_ROUTES` goes straight to :attr:`relay` (the
+    same request-context and API-key middlewares around :func:`~gateway.server.proxy.serve_completion`); every
+    other request, and the OpenAPI description of those routes, is FastAPI's."""
+
+    relay: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = self.relay
+        relayed = scope["type"] == "http" and scope["path"] in RELAY_ROUTES and scope["method"] == "POST"
+        if relay is not None and relayed:
+            scope["app"] = self
+            await relay(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _front_middlewares(app: ASGIApp, settings: Settings, api_keys: KeyRing, admin_keys: KeyRing) -> ASGIApp:
+    """``app`` inside the request-context middleware (outermost: id, access log) and the API-key check."""
+    checked = ApiKeyMiddleware(
+        app, api_keys=api_keys, admin_keys=admin_keys, protect_metrics=settings.security.metrics_auth == "admin"
+    )
+    return RequestContextMiddleware(checked, access_log_enabled=settings.log.access_log)
+
+
 def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> FastAPI:
     """Build the gateway app for ``settings`` (its engines must be listed; see ``gateway serve`` for the
     embedded default).
@@ -147,8 +183,15 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
             await state.scraper.stop()
             await state.client.aclose()
 
-    app = FastAPI(title="sbs-gateway", version=__version__, lifespan=lifespan)
+    app = GatewayApp(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)
+
+    async def relay(scope: Scope, receive: Receive, send: Send) -> None:
+        state = app.state.gateway
+        assert isinstance(state, GatewayState)
+        await serve_completion(state, RELAY_ROUTES[scope["path"]], scope, receive, send)
+
+    app.relay = _front_middlewares(relay, settings, api_keys, admin_keys)
     # the last added runs first: request context (id, access log) wraps the key check, which wraps the routes
     app.add_middleware(
         ApiKeyMiddleware,

@@ -35,6 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
 Route = Literal["chat", "completions"]
 
 DONE = "[DONE]"
@@ -64,21 +66,56 @@ class SSEEvents:
         self._buffer = self._buffer[start:]
         return events
 
+    @property
+    def pending(self) -> bool:
+        """Whether the bytes of an unfinished event are buffered."""
+        return bool(self._buffer)
+
     def rest(self) -> bytes:
         """The bytes of an event left without its blank line (the stream ended, or was cut, inside it)."""
         rest, self._buffer = self._buffer, b""
         return rest
 
 
-def event_data(raw: bytes) -> str | None:
-    """The ``data`` of one raw SSE event (its ``data:`` lines joined with LF), or ``None`` when it has none
-    (a comment or another field)."""
+def event_payload(raw: bytes) -> bytes | None:
+    """The ``data`` of one raw SSE event (its ``data:`` lines joined with LF), as bytes, or ``None`` when it has
+    none (a comment or another field)."""
+    body = raw.rstrip(b"\r\n")
+    if body.startswith(b"data:") and b"\n" not in body and b"\r" not in body:  # one line: the engines' events
+        return body[5:].removeprefix(b" ")
     lines = [
         line[5:].removeprefix(b" ") for line in raw.splitlines() if line.startswith(b"data:")
     ]  # one space after the colon is part of the framing (WHATWG HTML, "Server-sent events", §9.2.6)
     if not lines:
         return None
-    return b"\n".join(lines).decode("utf-8", errors="replace")
+    return b"\n".join(lines)
+
+
+def event_data(raw: bytes) -> str | None:
+    """The ``data`` of one raw SSE event (:func:`event_payload`) decoded (invalid UTF-8 replaced), or ``None``."""
+    data = event_payload(raw)
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def parse_event(data: bytes) -> Any:
+    """An event's ``data`` parsed as JSON, as ``json.loads(data.decode("utf-8", errors="replace"))`` parses it
+    (orjson first, :mod:`gateway.server.fastjson`).
+
+    Raises:
+        ValueError: not JSON.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data.decode("utf-8", errors="replace"))
+
+
+def ends_event(chunk: bytes) -> bool:
+    """Whether :class:`SSEEvents`, fed ``chunk`` with nothing buffered, would find an event end at its very end
+    (an LF LF or CRLF CRLF after a character that is not a line break), leaving nothing buffered."""
+    if chunk.endswith(b"\r\n\r\n"):
+        return len(chunk) > 4 and chunk[-5] not in b"\r\n"
+    return chunk.endswith(b"\n\n") and len(chunk) > 2 and chunk[-3] not in b"\r\n"
 
 
 def error_event_status(event: dict[str, Any]) -> int:
@@ -92,9 +129,11 @@ def leading_error(chunk: bytes) -> tuple[dict[str, Any], bytes] | None:
     """The engine's error event and its raw data when it is the first event of a stream's first ``chunk``, else
     ``None``. SGLang and vLLM answer an error they meet after sending the headers (an internal error, a failed
     P/D KV transfer) as HTTP 200 with one error event and ``[DONE]``; as the first event nothing has reached the
-    client yet, so the try can fail and be retried."""
-    events = SSEEvents().feed(chunk)
-    data = event_data(events[0]) if events else None
+    client yet, so the try can fail and be retried. A first event whose bytes do not hold ``error`` is not parsed."""
+    end = _EVENT_END.search(chunk)
+    if end is None or b"error" not in chunk[: end.end()]:
+        return None
+    data = event_data(chunk[: end.end()])
     if data is None:
         return None
     try:
@@ -323,6 +362,16 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> bytes:
         """Watch ``chunk``; return the bytes to relay for it."""
+        if not self._events.pending:
+            at = chunk.find(b'"usage"')
+            if at < 0 and ends_event(chunk):
+                return chunk  # whole events, none with usage: what the event by event path below would give
+            cut = chunk.rfind(b"\n\n", 0, at) + 2
+            if at > 0 and cut > 2 and ends_event(chunk[:cut]):  # whole events without usage, then the rest
+                return chunk[:cut] + self._feed_events(chunk[cut:])
+        return self._feed_events(chunk)
+
+    def _feed_events(self, chunk: bytes) -> bytes:
         if not self.strip:
             for raw in self._events.feed(chunk):
                 if _USAGE_OBJECT.search(raw):
@@ -339,9 +388,9 @@ class StreamUsage:
         return rest if self.strip else b""
 
     def _read(self, raw: bytes) -> bytes:
-        data = event_data(raw)
+        data = event_payload(raw)
         try:
-            chunk = json.loads(data) if data is not None and data != DONE else None
+            chunk = parse_event(data) if data is not None and data != b"[DONE]" else None
         except ValueError:
             return raw
         if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):

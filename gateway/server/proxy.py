@@ -1,12 +1,14 @@
 """Handling one completion request: validate, place on a DP rank, send to the engine, relay the answer.
 
-Sending, with retries on other ranks, is :mod:`gateway.server.retry`; a client that goes away while the request
-waits is noticed by :mod:`gateway.server.disconnect`.
+Plain ASGI (:func:`serve_completion`, reached before FastAPI's routing, :mod:`gateway.server.app`): a relay needs
+no dependency injection, no response classes and no task per wait. Sending, with retries on other ranks, is
+:mod:`gateway.server.retry`; a client that goes away while the request waits or streams is noticed by
+:mod:`gateway.server.disconnect`, whose watcher cancels the request's task.
 
-Streams are relayed chunk by chunk as they arrive, bytes untouched; the relay only peeks at SSE ``data:``
-events to report progress (first token, token count, inter-token gaps) to the dispatcher. When the client goes
-away mid-stream, Starlette cancels the relay and the upstream connection is closed, so the engine aborts the
-request and frees its KV cache.
+Streams are relayed chunk by chunk as they arrive, bytes untouched; the relay only counts SSE ``data:`` events
+to report progress (first token, token count, inter-token gaps) to the dispatcher. When the client goes away
+mid-stream, the relay is cancelled and the upstream connection is closed, so the engine aborts the request and
+frees its KV cache.
 
 A request whose client asked for one JSON answer is sent to the engine as a stream all the same
 (``upstream.stream_nonstreamed``): its progress is reported as a stream's, and the answer is assembled from the
@@ -21,15 +23,12 @@ usage is then dropped before it reaches the client. Every ``usage.prompt_tokens`
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import logging
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import (
     ClientDisconnected,
@@ -39,17 +38,18 @@ from gateway.errors import (
     UpstreamError,
     UpstreamStatusError,
 )
-from gateway.logs import REQUEST_ID_HEADER, request_log
+from gateway.logs import request_log
+from gateway.server import fastjson
 from gateway.server.assemble import (
-    DONE,
     CompletionAssembler,
     SSEEvents,
     StreamUsage,
     error_event_status,
-    event_data,
+    event_payload,
+    parse_event,
     reported_prompt_tokens,
 )
-from gateway.server.disconnect import unless_disconnected
+from gateway.server.disconnect import DisconnectWatch
 from gateway.server.pd_relay import send_pd
 from gateway.server.retry import StartedAnswer, record_failure, send_with_retries
 from gateway.server.state import GatewayState
@@ -62,6 +62,26 @@ log = logging.getLogger(__name__)
 
 ENGINE_PATHS: dict[Route, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 CLIENT_CLOSED_STATUS = 499
+_REQUEST_ID = b"x-request-id"
+_JSON = b"application/json"
+_STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_keys = itertools.count()
+
+
+def _content_type(media_type: str) -> bytes:
+    """A ``Content-Type`` value as Starlette's ``Response`` writes it (a text type gains ``charset=utf-8``)."""
+    if media_type.startswith("text/") and "charset=" not in media_type.lower():
+        media_type += "; charset=utf-8"
+    return media_type.encode("latin-1")
+
+
+async def _answer(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], content_type: bytes = _JSON
+) -> None:
+    """Send a whole answer."""
+    head = [(b"content-length", b"%d" % len(body)), (b"content-type", content_type), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass(slots=True)
@@ -77,8 +97,12 @@ class _RequestScope:
     model_label: str = "unknown"
     estimated_prompt_tokens: int = 0
     """The gateway's estimate of the prompt's tokens (what the engine's ``usage.prompt_tokens`` is compared with)."""
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
-    """The gateway's own id for the request in the window and the load view."""
+    key: str = field(default_factory=lambda: f"r{next(_keys)}")
+    """The gateway's own id for the request in the window and the load view (unique within the process)."""
+
+    @property
+    def id_header(self) -> list[tuple[bytes, bytes]]:
+        return [(_REQUEST_ID, self.request_id.encode("latin-1"))]
 
     def usage_reported(self, prompt_tokens: int | None) -> None:
         """The engine reported ``prompt_tokens`` for this request (``None``: it reported none)."""
@@ -86,39 +110,49 @@ class _RequestScope:
             self.state.prompt_tokens_reported(self.model_label, self.estimated_prompt_tokens, prompt_tokens)
 
     def count(self, status: int | str) -> None:
-        self.state.metrics.requests.labels(self.route, self.model_label, str(status)).inc()
+        self.state.metrics.count_request(self.route, self.model_label, str(status))
 
-    def client_closed(self) -> Response:
-        """The client went away: nothing is sent (499 is nginx's "client closed request" status)."""
+    async def client_closed(self, send: Send) -> None:
+        """The client went away: nothing reaches it (499 is nginx's "client closed request" status; the server
+        drops the answer, the access log records it)."""
         self.count("client_closed")
-        return Response(status_code=CLIENT_CLOSED_STATUS)
+        await _answer(send, CLIENT_CLOSED_STATUS, b"", [])
 
-    def error(self, exc: GatewayError) -> JSONResponse:
+    async def error(self, exc: GatewayError, send: Send) -> None:
         self.count(exc.status)
-        headers = {REQUEST_ID_HEADER: self.request_id}
+        headers = self.id_header
         if exc.retry_after_s is not None:
-            headers["Retry-After"] = str(exc.retry_after_s)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+        await _answer(send, exc.status, fastjson.dumps(exc.body()), headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the request body exceeds the gateway's limit of {limit} bytes")
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refused as soon as it is known to exceed ``limit`` bytes (declared or received).
 
     Raises:
         PayloadTooLargeError: the body is larger than ``limit``.
+        ClientDisconnected: the client went away before sending all of it.
     """
-    too_large = PayloadTooLargeError(f"the request body exceeds the gateway's limit of {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,86 +189,104 @@ def _upstream(parsed: ParsedRequest, stream_nonstreamed: bool, stream_usage: boo
     return _Upstream({**body, "stream_options": {**(options or {}), "include_usage": True}}, usage="strip")
 
 
-async def handle_completion(state: GatewayState, request: Request, route: Route) -> Response:
-    """Serve ``POST /v1/chat/completions`` or ``POST /v1/completions``."""
-    dispatcher = state.dispatcher
-    scope = _RequestScope(state, route, request_log().request_id, state.clock())
+async def serve_completion(state: GatewayState, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve ``POST /v1/chat/completions`` (``route="chat"``) or ``POST /v1/completions`` as a plain ASGI app."""
+    request = _RequestScope(state, route, request_log().request_id, state.clock())
     config = state.settings.upstream
     try:
-        raw = await _read_body(request, state.settings.max_body_bytes)
+        raw = await _read_body(scope, receive, state.settings.max_body_bytes)
         parsed = parse_request(raw, route, max_tokens_limit=state.settings.max_tokens_limit)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
-        scope.model_label = parsed.model
+        request.model_label = parsed.model
         upstream = _upstream(parsed, config.stream_nonstreamed, config.stream_usage)
         pending = PendingRequest(
-            request_id=scope.key,
+            request_id=request.key,
             model=parsed.model,
             prompt_tokens=state.prompt_counter.count(parsed.model, parsed.body),
             max_output_tokens=parsed.max_tokens or state.settings.default_max_tokens,
-            arrival_s=scope.arrival,
+            arrival_s=request.arrival,
             stream=parsed.stream or upstream.assemble,
             prefix_blocks=prefix_block_hashes(prompt_texts(parsed.body)),
         )
-        scope.estimated_prompt_tokens = pending.prompt_tokens
-        placement = await unless_disconnected(request, dispatcher.acquire(pending))
+        request.estimated_prompt_tokens = pending.prompt_tokens
     except GatewayError as exc:
-        return scope.error(exc)
+        await request.error(exc, send)
+        return
     except ClientDisconnected:
-        return scope.client_closed()
-    key = placement.rank
-    request_log().window_id = placement.window_id
-    request_log().placed(key.engine, key.rank, state.clock() - scope.arrival)
-    assembly = _Assembly(scope) if upstream.assemble else None
-    path = ENGINE_PATHS[route]
-    if placement.decode_rank is not None:
-        sending = send_pd(state, pending, placement, path, upstream.body, scope.request_id, consume=assembly)
-    else:
-        sending = send_with_retries(state, pending, key, path, upstream.body, scope.request_id, consume=assembly)
+        await request.client_closed(send)
+        return
+    watch = DisconnectWatch(receive)
     try:
-        answer = await unless_disconnected(request, sending)
+        await _place_and_answer(request, pending, upstream, send, watch)
+    finally:
+        watch.close()
+
+
+async def _place_and_answer(
+    request: _RequestScope, pending: PendingRequest, upstream: _Upstream, send: Send, watch: DisconnectWatch
+) -> None:
+    """Wait for a rank, send the request there (retrying elsewhere while it fails before its answer began), and
+    answer the client."""
+    state = request.state
+    assembly = _Assembly(request) if upstream.assemble else None
+    try:
+        placement = await state.dispatcher.acquire(pending)
+        key = placement.rank
+        entry = request_log()
+        entry.window_id = placement.window_id
+        entry.placed(key.engine, key.rank, state.clock() - request.arrival)
+        path = ENGINE_PATHS[request.route]
+        if placement.decode_rank is not None:
+            sending = send_pd(state, pending, placement, path, upstream.body, request.request_id, consume=assembly)
+        else:
+            sending = send_with_retries(state, pending, key, path, upstream.body, request.request_id, consume=assembly)
+        answer = await sending
     except GatewayError as exc:
-        return scope.error(exc)
-    except ClientDisconnected:
-        return scope.client_closed()
+        watch.close()
+        await request.error(exc, send)
+        return
+    except asyncio.CancelledError:
+        if not watch.absorb():
+            raise
+        await request.client_closed(send)
+        return
     if answer.first_chunk is not None and assembly is not None:
-        return assembly.response(answer)
-    if answer.first_chunk is not None:
-        watch = None if upstream.usage is None else StreamUsage(strip=upstream.usage == "strip")
-        return StreamingResponse(
-            _relay(scope, answer, watch),
-            media_type="text/event-stream",
-            headers={REQUEST_ID_HEADER: scope.request_id, "Cache-Control": "no-cache"},
-        )
-    return _buffered_response(scope, answer)
+        watch.close()
+        await assembly.respond(answer, send)
+    elif answer.first_chunk is not None:
+        usage = None if upstream.usage is None else StreamUsage(strip=upstream.usage == "strip")
+        await _relay(request, answer, usage, send, watch)
+    else:
+        watch.close()
+        await _buffered_answer(request, answer, send)
 
 
-def _buffered_response(scope: _RequestScope, answer: StartedAnswer) -> Response:
-    """The answer to a request whose engine answer was read whole (not a stream, or an engine error)."""
+async def _buffered_answer(request: _RequestScope, answer: StartedAnswer, send: Send) -> None:
+    """Answer a request whose engine answer was read whole (not a stream, or an engine error)."""
     answer.end_prefill_leg()
-    dispatcher = scope.state.dispatcher
-    dispatcher.finish(scope.key)
+    state = request.state
+    state.dispatcher.finish(request.key)
     upstream = answer.upstream
-    headers = {REQUEST_ID_HEADER: scope.request_id}
     if upstream.status != 200:
-        scope.count(upstream.status)
-        body = scope.state.engines[answer.key.engine].adapter.normalize_error(upstream.status, answer.body)
-        return JSONResponse(body, upstream.status, headers=headers)
-    elapsed = scope.state.clock() - scope.arrival
+        request.count(upstream.status)
+        body = state.engines[answer.key.engine].adapter.normalize_error(upstream.status, answer.body)
+        await _answer(send, upstream.status, fastjson.dumps(body), request.id_header)
+        return
+    elapsed = state.clock() - request.arrival
     request_log().ttft_s = elapsed
-    metrics = scope.state.metrics
-    metrics.ttft.labels(scope.model_label).observe(elapsed)
-    metrics.e2e.labels(scope.model_label).observe(elapsed)
-    scope.count(200)
+    state.metrics.observe_latency(request.model_label, elapsed, elapsed)
+    request.count(200)
     if "json" in upstream.content_type:
-        scope.usage_reported(_body_prompt_tokens(answer.body))
-    return Response(answer.body, 200, media_type=upstream.content_type or "application/json", headers=headers)
+        request.usage_reported(_body_prompt_tokens(answer.body))
+    content_type = _content_type(upstream.content_type or "application/json")
+    await _answer(send, 200, answer.body, request.id_header, content_type)
 
 
 def _body_prompt_tokens(body: bytes) -> int | None:
     """``usage.prompt_tokens`` of an engine's JSON answer, or ``None``."""
     try:
-        parsed = json.loads(body)
+        parsed = fastjson.loads(body)
     except ValueError:
         return None
     return reported_prompt_tokens(parsed.get("usage")) if isinstance(parsed, dict) else None
@@ -249,7 +301,7 @@ class _Progress:
         first_token_at: when the first event arrived (the state's clock), or ``None`` before.
     """
 
-    scope: _RequestScope
+    request: _RequestScope
     engine: str
     first_token_at: float | None = None
 
@@ -258,14 +310,15 @@ class _Progress:
         events = chunk.count(b"data:") - chunk.count(b"[DONE]")
         if events <= 0:
             return False
-        dispatcher = self.scope.state.dispatcher
+        request = self.request
+        dispatcher = request.state.dispatcher
         if self.first_token_at is not None:
-            dispatcher.tokens(self.scope.key, self.engine, events)
+            dispatcher.tokens(request.key, self.engine, events)
             return False
-        self.first_token_at = self.scope.state.clock()
-        dispatcher.first_token(self.scope.key, self.engine)
+        self.first_token_at = request.state.clock()
+        dispatcher.first_token(request.key, self.engine)
         if events > 1:
-            dispatcher.tokens(self.scope.key, self.engine, events - 1)
+            dispatcher.tokens(request.key, self.engine, events - 1)
         return True
 
 
@@ -274,9 +327,9 @@ class _Assembly:
     of :func:`~gateway.server.retry.send_with_retries`), reporting progress as :func:`_relay` does, then answers
     with the JSON the engine would have sent non-streamed."""
 
-    def __init__(self, scope: _RequestScope) -> None:
-        self.scope = scope
-        self.assembler = CompletionAssembler(scope.route)
+    def __init__(self, request: _RequestScope) -> None:
+        self.request = request
+        self.assembler = CompletionAssembler(request.route)
         self.progress: _Progress | None = None
 
     async def __call__(self, answer: StartedAnswer) -> None:
@@ -287,104 +340,111 @@ class _Assembly:
             UpstreamError: the stream broke, went silent for ``upstream.idle_timeout_s`` (504), ended before
                 ``[DONE]``, or carried an event that is not JSON.
         """
-        flavor = self.scope.state.engines[answer.key.engine].config.flavor
-        self.assembler = assembler = CompletionAssembler(self.scope.route, tool_call_index=flavor == "sglang")
-        self.progress = progress = _Progress(self.scope, answer.key.engine)
-        idle_timeout = self.scope.state.settings.upstream.idle_timeout_s
+        state = self.request.state
+        flavor = state.engines[answer.key.engine].config.flavor
+        self.assembler = assembler = CompletionAssembler(self.request.route, tool_call_index=flavor == "sglang")
+        self.progress = progress = _Progress(self.request, answer.key.engine)
+        idle_timeout = state.settings.upstream.idle_timeout_s
         events = SSEEvents()
         done = False
         chunk = answer.first_chunk or b""
         while chunk:
             progress.feed(chunk)
             for raw in events.feed(chunk):
-                data = event_data(raw)
+                data = event_payload(raw)
                 if data is None or done:
                     continue
-                if data.strip() == DONE:
+                if data.strip() == b"[DONE]":
                     done = True
                     continue
                 try:
-                    assembler.add(json.loads(data))
+                    assembler.add(parse_event(data))
                 except ValueError as exc:
                     raise UpstreamError(f"the engine's stream carried an event that is not JSON: {exc}") from exc
             chunk = await answer.upstream.next_chunk(idle_timeout)
         if assembler.error is not None:
             status = error_event_status(assembler.error)
             if status >= 500:  # as the engine's 5xx to a non-streamed request: tried again elsewhere
-                adapter = self.scope.state.engines[answer.key.engine].adapter
-                raise UpstreamStatusError(status, adapter.normalize_error(status, json.dumps(assembler.error).encode()))
+                adapter = state.engines[answer.key.engine].adapter
+                raise UpstreamStatusError(status, adapter.normalize_error(status, fastjson.dumps(assembler.error)))
         elif not done:
             raise UpstreamError("the engine's stream ended before its end marker (data: [DONE])")
 
-    def response(self, answer: StartedAnswer) -> Response:
-        """The client's answer once the stream of ``answer``'s try was read whole."""
+    async def respond(self, answer: StartedAnswer, send: Send) -> None:
+        """Answer the client once the stream of ``answer``'s try was read whole."""
         answer.end_prefill_leg()
-        scope, state = self.scope, self.scope.state
-        state.dispatcher.finish(scope.key)
+        request, state = self.request, self.request.state
+        state.dispatcher.finish(request.key)
         now = state.clock()
-        metrics = state.metrics
         first_token_at = self.progress.first_token_at if self.progress is not None else None
-        if first_token_at is not None:
-            metrics.ttft.labels(scope.model_label).observe(first_token_at - scope.arrival)
-            request_log().ttft_s = first_token_at - scope.arrival
-        metrics.e2e.labels(scope.model_label).observe(now - scope.arrival)
-        headers = {REQUEST_ID_HEADER: scope.request_id}
+        ttft = None if first_token_at is None else first_token_at - request.arrival
+        if ttft is not None:
+            request_log().ttft_s = ttft
+        state.metrics.observe_latency(request.model_label, ttft, now - request.arrival)
         error = self.assembler.error
         if error is not None:
             status = error_event_status(error)
-            scope.count(status)
-            body = state.engines[answer.key.engine].adapter.normalize_error(status, json.dumps(error).encode())
-            return JSONResponse(body, status, headers=headers)
+            request.count(status)
+            body = state.engines[answer.key.engine].adapter.normalize_error(status, fastjson.dumps(error))
+            await _answer(send, status, fastjson.dumps(body), request.id_header)
+            return
         result = self.assembler.result()
-        scope.usage_reported(reported_prompt_tokens(result.get("usage")))
-        scope.count(200)
-        return JSONResponse(result, 200, headers=headers)
+        request.usage_reported(reported_prompt_tokens(result.get("usage")))
+        request.count(200)
+        await _answer(send, 200, fastjson.dumps(result), request.id_header)
 
 
-async def _relay(scope: _RequestScope, answer: StartedAnswer, usage: StreamUsage | None = None) -> AsyncIterator[bytes]:
+async def _relay(
+    request: _RequestScope, answer: StartedAnswer, usage: StreamUsage | None, send: Send, watch: DisconnectWatch
+) -> None:
     """Relay a stream whose first chunk has arrived, chunk by chunk; end it with an SSE error event and
     ``[DONE]`` if the engine fails or stops before its own ``[DONE]`` (never a silent truncation). With
     ``usage``, the engine's usage is read (and, if the gateway asked for it, dropped) on the way."""
-    dispatcher = scope.state.dispatcher
-    metrics = scope.state.metrics
-    clock = scope.state.clock
+    state = request.state
+    metrics = state.metrics
     key, upstream = answer.key, answer.upstream
-    idle_timeout = scope.state.settings.upstream.idle_timeout_s
-    progress = _Progress(scope, key.engine)
+    idle_timeout = state.settings.upstream.idle_timeout_s
+    progress = _Progress(request, key.engine)
     status = "200"
     end = StreamEnd()
     chunk = answer.first_chunk or b""
+    await send({"type": "http.response.start", "status": 200, "headers": [*_STREAM_HEADERS, *request.id_header]})
     try:
         while chunk:
             if progress.feed(chunk):
-                ttft = progress.first_token_at - scope.arrival if progress.first_token_at is not None else 0.0
-                metrics.ttft.labels(scope.model_label).observe(ttft)
+                ttft = progress.first_token_at - request.arrival if progress.first_token_at is not None else 0.0
+                metrics.observe_latency(request.model_label, ttft, None)
                 request_log().ttft_s = ttft
             relayed = chunk if usage is None else usage.feed(chunk)
             if relayed:
                 end.feed(relayed)
-                yield relayed
+                await send({"type": "http.response.body", "body": relayed, "more_body": True})
             chunk = await upstream.next_chunk(idle_timeout)
         if usage is not None and (rest := usage.rest()):
             end.feed(rest)
-            yield rest
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
         if not end.done:
             raise UpstreamError("the engine's stream ended before its end marker (data: [DONE])")
     except UpstreamError as exc:
         status = "stream_error"
-        record_failure(scope.state, key, exc)
-        if scope.state.engines[key.engine].config.role == "decode":  # a P/D decode leg broke after its first byte
+        record_failure(state, key, exc)
+        if state.engines[key.engine].config.role == "decode":  # a P/D decode leg broke after its first byte
             metrics.pd_leg_failures.labels(key.engine, "decode", exc.failure_kind).inc()
-        log.warning("stream %s from %s broke: %s", scope.request_id, key, exc.message)
-        yield end.error_events(exc.message, exc.type, exc.status)
-    except (asyncio.CancelledError, GeneratorExit):
+        log.warning("stream %s from %s broke: %s", request.request_id, key, exc.message)
+        closing = end.error_events(exc.message, exc.type, exc.status)
+        await send({"type": "http.response.body", "body": closing, "more_body": True})
+    except asyncio.CancelledError:
         status = "client_closed"
-        raise
+        if not watch.absorb():
+            raise
     finally:
         upstream.close()
         answer.end_prefill_leg()
-        dispatcher.finish(scope.key)
-        metrics.e2e.labels(scope.model_label).observe(clock() - scope.arrival)
-        scope.count(status)
+        state.dispatcher.finish(request.key)
+        metrics.observe_latency(request.model_label, None, state.clock() - request.arrival)
+        request.count(status)
         if usage is not None and status == "200":
-            scope.usage_reported(usage.prompt_tokens)
+            request.usage_reported(usage.prompt_tokens)
+    if status != "client_closed":
+        watch.close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

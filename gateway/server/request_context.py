@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -40,19 +41,22 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 _ID_HEADER = b"x-request-id"
 MAX_LOGGED_PATH_CHARS = 512
 """Longest URL path written to the access log, characters (the rest is cut and marked with ``...``)."""
+_UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
 
 
 def loggable_path(scope: Scope) -> str:
     """The request's path as sent (percent-encoded, so a decoded ``%0A`` cannot split a log line), with any
     other character outside printable ASCII percent-encoded too, cut at :data:`MAX_LOGGED_PATH_CHARS`."""
     raw = scope.get("raw_path") or str(scope.get("path", "")).encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_LOGGED_PATH_CHARS and not _UNPRINTABLE.search(raw):
+        return str(raw.decode("ascii"))
     path = "".join(chr(b) if 0x21 <= b <= 0x7E else f"%{b:02X}" for b in raw[: MAX_LOGGED_PATH_CHARS + 1])
     return path if len(path) <= MAX_LOGGED_PATH_CHARS else path[:MAX_LOGGED_PATH_CHARS] + "..."
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
+        if key == name:  # ASGI header names are lowercase
             return str(value.decode("latin-1"))
     return None
 

@@ -11,7 +11,6 @@ what it counts as comes from its error class (``failure_kind``, ``blame``; see :
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from gateway.engines.client import UpstreamResponse
 from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError, UpstreamTimeoutError
 from gateway.load.health import BreakerState
 from gateway.logs import request_log
+from gateway.server import fastjson
 from gateway.server.assemble import error_event_status, leading_error
 from gateway.server.headers import upstream_request_headers
 from gateway.server.state import GatewayState
@@ -236,7 +236,7 @@ async def _try_once(
     headers = upstream_request_headers(request_id)
     sent = dict(body)
     engine.adapter.pin_rank(sent, headers, key.rank)
-    payload = json.dumps(sent, ensure_ascii=False).encode()
+    payload = fastjson.dumps(sent)
     headers_timeout = config.first_byte_timeout_s if stream else config.total_timeout_s
     first_byte_by = asyncio.get_running_loop().time() + config.first_byte_timeout_s
     upstream = await state.client.post_json(

@@ -1,29 +1,49 @@
 """The HTTP front door: OpenAI-compatible routes plus health, readiness, metrics and admin state. Routes stay
-thin; which key each needs is decided in :mod:`gateway.server.auth`."""
+thin; which key each needs is decided in :mod:`gateway.server.auth`.
+
+The two completion routes document the API (OpenAPI) and serve a request that reaches FastAPI's router; the app
+sends the requests for their paths straight to :func:`~gateway.server.proxy.serve_completion` before routing
+(:class:`~gateway.server.app.GatewayApp`), so both ways run the same code.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
 from gateway.server.openapi import CHAT_REQUEST, COMPLETION_REQUEST, json_body
-from gateway.server.proxy import handle_completion
-from gateway.server.state import State
+from gateway.server.proxy import serve_completion
+from gateway.server.state import GatewayState, State
+from gateway.server.validation import Route
 
 router = APIRouter()
 
 
+class CompletionAnswer(Response):
+    """The answer to a completion request: :func:`~gateway.server.proxy.serve_completion` reads the request and
+    answers it when Starlette calls the response."""
+
+    def __init__(self, state: GatewayState, route: Route) -> None:
+        super().__init__()
+        self.state = state
+        self.route: Route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await serve_completion(self.state, self.route, scope, receive, send)
+
+
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(CHAT_REQUEST))
-async def chat_completions(state: State, request: Request) -> Response:
+async def chat_completions(state: State) -> Response:
     """OpenAI chat completions, streaming or not, forwarded to the DP rank the scheduler picks."""
-    return await handle_completion(state, request, "chat")
+    return CompletionAnswer(state, "chat")
 
 
 @router.post("/v1/completions", response_model=None, openapi_extra=json_body(COMPLETION_REQUEST))
-async def completions(state: State, request: Request) -> Response:
+async def completions(state: State) -> Response:
     """OpenAI (legacy) completions, streaming or not, forwarded to the DP rank the scheduler picks."""
-    return await handle_completion(state, request, "completions")
+    return CompletionAnswer(state, "completions")
 
 
 @router.get("/v1/models")

@@ -78,7 +78,7 @@ class GatewayState:
         self.metrics.draining.set(1)
 
 
-def _get_state(request: Request) -> GatewayState:
+async def _get_state(request: Request) -> GatewayState:  # async: FastAPI runs a plain def in a thread
     state = request.app.state.gateway
     assert isinstance(state, GatewayState)
     return state

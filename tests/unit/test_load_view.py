@@ -146,3 +146,44 @@ def test_a_rank_decoding_with_nothing_queued_makes_the_next_step_end_with_tokens
     view.on_finish("r0", 0.3)
     view.on_finish("r2", 0.3)
     assert not view.decodes_next_step("e")
+
+
+def test_a_request_the_engine_already_counts_as_running_counts_twice_until_the_next_scrape_by_default():
+    v = make_view()
+    v.on_dispatch("a", E0, 100, 0.0, stream=True)
+    v.on_scrape("e", {0: RankMetrics(running=1, waiting=0), 1: RankMetrics()}, 0.5)
+    v.on_first_token("a", 0.6)
+    v.on_finish("a", 0.7)
+    assert loads(v, 0.7)["e/0"][:2] == (0, 1)
+
+
+def test_a_request_the_engine_already_counts_as_running_is_not_counted_again_at_its_first_token():
+    v = make_view(running_before_first_token=True)
+    v.on_dispatch("a", E0, 100, 0.0, stream=True)
+    # the engine runs it (prefilling) before its first token reaches the gateway: running 1, nothing waiting
+    v.on_scrape("e", {0: RankMetrics(running=1, waiting=0), 1: RankMetrics()}, 0.5)
+    v.on_first_token("a", 0.6)
+    assert loads(v, 0.6)["e/0"][:2] == (0, 1)
+    v.on_finish("a", 0.7)
+    assert loads(v, 0.7)["e/0"][:2] == (0, 0)  # idle again at once, not at the next scrape
+
+
+def test_of_the_requests_unstarted_at_a_scrape_only_as_many_as_the_engine_counts_waiting_move_to_running():
+    v = make_view(running_before_first_token=True)
+    for name in ("a", "b", "c"):
+        v.on_dispatch(name, E0, 100, 0.0, stream=True)
+    v.on_scrape("e", {0: RankMetrics(running=2, waiting=1), 1: RankMetrics()}, 0.5)  # two prefilling, one queued
+    for name in ("a", "b", "c"):
+        v.on_first_token(name, 0.6)
+    assert loads(v, 0.6)["e/0"][:2] == (0, 3)
+    v.on_finish("a", 0.7)
+    v.on_finish("b", 0.7)
+    assert loads(v, 0.7)["e/0"][:2] == (0, 1)
+
+
+def test_a_request_counted_running_that_ends_before_its_first_token_leaves_the_running_figure():
+    v = make_view(running_before_first_token=True)
+    v.on_dispatch("a", E0, 100, 0.0, stream=True)
+    v.on_scrape("e", {0: RankMetrics(running=1, waiting=0), 1: RankMetrics()}, 0.5)
+    v.on_finish("a", 0.6)  # aborted while prefilling
+    assert loads(v, 0.6)["e/0"][:2] == (0, 0)
