@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -275,7 +276,10 @@ class RemoteDispatcher(Dispatcher):
             self._aborted.add(request_id)
             task.cancel()
         if self._prober is None or self._prober.done():
-            self._prober = asyncio.create_task(self._probe_loop(), name="gateway-scheduler-probe")
+            # a context of its own: not the log context of the request whose failure started it
+            self._prober = asyncio.create_task(
+                self._probe_loop(), name="gateway-scheduler-probe", context=contextvars.Context()
+            )
 
     async def _probe_loop(self) -> None:
         """Probe the service with backoff until it answers, then place through it again."""

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -197,7 +198,7 @@ async def running_service(
             assert isinstance(server, asyncio.base_events.Server)
             bound = server.sockets[0].getsockname()
             url = f"http://{host or '127.0.0.1'}:{bound[1]}"
-        log.info("scheduler service (%s, epoch %s) on %s", settings.policy, service.epoch, url)
+        log.info("scheduler service (%s, epoch %s, pid %d) on %s", settings.policy, service.epoch, os.getpid(), url)
         yield service, url
     finally:
         await runner.cleanup()
