@@ -5,9 +5,9 @@ know which of the two they talk to.
 - :meth:`~RemoteDispatcher.acquire` asks the service for a placement (``scheduler_service.deadline_s`` for its
   answer to begin) and counts the answer in this front door's own load view too.
 - Progress (first token, tokens, finish, cancellation) goes to the local scheduler at once and to the service in
-  batches (:class:`~gateway.scheduler_service.protocol.ProgressBuffer`): one events post in flight at a time;
-  first tokens and finishes leave on the next turn of the event loop, token counts within
-  ``scheduler_service.events_flush_s``.
+  batches (:class:`~gateway.scheduler_service.protocol.ProgressBuffer`): with the next placement asked for, or in
+  an events post (one in flight at a time) on the next turn of the event loop for first tokens and finishes,
+  within ``scheduler_service.events_flush_s`` for token counts.
 - Retries (:meth:`~RemoteDispatcher.retry_placement`) are placed locally, at once, and the service told.
 - **Fallback.** When a call fails (no answer within the deadline, a refused connection, an unknown answer), the
   front door places locally from then on: with its own scheduler and load view, which its scrapers and probers
@@ -149,7 +149,11 @@ class RemoteDispatcher(Dispatcher):
         assert task is not None
         self._asking[request_id] = task
         try:
-            answer = await self.client.place({"request": encode_request(request, now)}, wait_s)
+            body: dict[str, Any] = {"request": encode_request(request, now)}
+            if self.epoch is not None and len(self.buffer):  # the events owed ride along: one call, not two
+                body["epoch"] = self.epoch
+                body["events"] = self.buffer.take(now)
+            answer = await self.client.place(body, wait_s)
         except asyncio.CancelledError:
             if request_id in self._aborted:  # the service was found down meanwhile: place locally
                 task.uncancel()

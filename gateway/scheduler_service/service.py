@@ -5,7 +5,8 @@ It is an aiohttp application (HTTP/1.1 keep-alive, JSON; over TCP or a Unix sock
 :class:`~gateway.dispatch.Dispatcher` a single-process gateway runs, built by the same
 :func:`~gateway.server.app.build_state`:
 
-- ``POST /v1/place`` ``{"request": ...}``: answers ``{"rank", "window_id", "decode_rank", "epoch"}`` once the
+- ``POST /v1/place`` ``{"request": ..., "epoch", "events": [...]}`` (the events the front door owes ride along,
+  applied first, as ``/v1/events`` would): answers ``{"rank", "window_id", "decode_rank", "epoch"}`` once the
   request is placed, or ``{"error": {"kind", "code", "message"}}`` (no rank serves the model, the window is full, the
   request waited past its queue timeout). With ``sbs`` the headers go out at once and the body when the window
   closes, so a front door tells a live service holding a request from a dead one by the headers' arrival.
@@ -85,9 +86,13 @@ class SchedulerService:
     async def place(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/place``: place one request."""
         try:
-            pending = decode_request((await request.json())["request"], self.state.clock())
+            body = await request.json()
+            pending = decode_request(body["request"], self.state.clock())
         except (KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": {"kind": "bad_request", "message": str(exc)}}, status=400)
+        events = body.get("events")
+        if events and body.get("epoch") == self.epoch:
+            self._apply_events(events)
         if pending.request_id in self._cancelled:
             del self._cancelled[pending.request_id]
             return web.json_response(error_answer(NoCapacityError("the client went away")))
@@ -127,8 +132,12 @@ class SchedulerService:
         body = await request.json()
         if body.get("epoch") != self.epoch:
             return web.json_response({"epoch": self.epoch}, status=409)
+        self._apply_events(body["events"])
+        return web.Response(status=204)
+
+    def _apply_events(self, events: list[Any]) -> None:
+        """Apply a front door's batch of events, dated by their ages at receipt."""
         received = self.state.clock()
-        events = body["events"]
         times = event_times(events, received, self._last_event_s)
         for event, when in zip(events, times, strict=True):
             try:
@@ -140,7 +149,6 @@ class SchedulerService:
                 log.warning("scheduler service: dropped a malformed event %r: %s", event[:3], exc)
         if times:
             self._last_event_s = times[-1]
-        return web.Response(status=204)
 
     def _cancel(self, request_id: str, when: float) -> None:
         task = self._waiting.get(request_id)

@@ -140,7 +140,8 @@ def test_event_times_never_go_back() -> None:
 
 
 class FakeService(ServiceClient):
-    """A scheduler service in memory: places on the rank it is told, records events, fails when told."""
+    """A scheduler service in memory: places on the rank it is told, records events (posted or riding along with a
+    placement), fails when told."""
 
     def __init__(self) -> None:
         super().__init__(SERVICE)
@@ -161,6 +162,8 @@ class FakeService(ServiceClient):
     async def place(self, body: dict[str, Any], wait_s: float) -> dict[str, Any]:
         if self.down:
             raise ServiceUnavailable("connection refused")
+        if body.get("epoch") == self.epoch:  # the events owed ride along
+            self.events.extend(body.get("events", []))
         if self.hold is not None:
             await self.hold.wait()
         self.placed.append(body["request"]["id"])
@@ -304,5 +307,16 @@ async def test_a_retry_is_placed_locally_and_the_service_told() -> None:
         await until(lambda: len(fake.events) == 2)
         assert [e[0] for e in fake.events] == ["e", "p"] and fake.events[1][2]["id"] == "r1"
         assert fake.events[1][3] == [placement.rank.engine, placement.rank.rank]
+    finally:
+        await dispatcher.stop()
+
+
+async def test_events_owed_ride_along_with_the_next_placement() -> None:
+    dispatcher, fake = await remote()
+    try:
+        await dispatcher.acquire(req("r1", 100))
+        dispatcher.first_token("r1", "b")
+        await dispatcher.acquire(req("r2", 100))  # before the events sender's turn: r1's first token goes with it
+        assert kinds(fake) == [("f", "r1")] and len(dispatcher.buffer) == 0
     finally:
         await dispatcher.stop()
