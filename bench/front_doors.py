@@ -3,7 +3,9 @@ machine, and whether two front doors sharing the scheduler service schedule as o
 
 **Throughput** (``--part throughput``): two vLLM-flavoured simulated engines (4 DP ranks each, clock at
 ``--fast-speed``, so they answer at once) behind ``gateway serve --workers 1`` (today's single process) and
-``--workers 2`` (two front doors and the scheduler service), for each policy of ``--policies``; a closed-loop client
+``--workers 2`` (two front doors and the scheduler service), and one front door consulting a ``gateway scheduler``
+process (``1+service``: what the service's round trips cost, without a second front door), for each policy of
+``--policies``; a closed-loop client
 in a process of its own keeps ``--connections`` non-streamed requests of 4 output tokens in flight for
 ``--seconds``. Reported: requests per second, and the CPU-seconds per 1,000 requests of the gateway's processes
 (all of them: supervisor, front doors, service) and of the whole machine's load generator and engines.
@@ -67,15 +69,45 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def start_front(procs: Processes, engines: list[dict[str, Any]], policy: str, workers: int) -> tuple[str, int]:
-    """``gateway serve --workers workers`` before ``engines``; its URL and pid."""
+def start_front(
+    procs: Processes, engines: list[dict[str, Any]], policy: str, workers: int, service: bool = False
+) -> tuple[str, list[int]]:
+    """``gateway serve --workers workers`` before ``engines``; its URL, and the pids whose process trees are the
+    gateway. With ``service`` (and one worker), a ``gateway scheduler`` process on a Unix socket first, which the
+    front door consults (``scheduler_service.url``)."""
     port = free_port()
+    config = {**gateway_variant(policy), "engines": engines, "log": {"access_log": False}}
+    pids = []
+    if service:
+        socket_path = Path(tempfile.mkdtemp()) / "scheduler.sock"
+        config["scheduler_service"] = {"url": f"unix:{socket_path}"}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump({**gateway_variant(policy), "engines": engines, "log": {"access_log": False}}, f)
+        yaml.safe_dump(config, f)
+    if service:
+        cmd = [sys.executable, "-m", "gateway", "scheduler", "--config", f.name, "--unix-socket", str(socket_path)]
+        procs.procs.append(subprocess.Popen([*cmd, "--log-level", "warning"]))
+        pids.append(procs.procs[-1].pid)
+        asyncio.run(wait_for_socket(socket_path))
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", f.name, "--port", str(port)]
     cmd += ["--log-level", "warning", "--workers", str(workers)]
     url = procs.start(cmd, f"http://127.0.0.1:{port}", "/ready")
-    return url, procs.procs[-1].pid
+    return url, [*pids, procs.procs[-1].pid]
+
+
+async def wait_for_socket(path: Path) -> None:
+    """Wait until the scheduler service answers on the Unix socket ``path`` (at most 60 s)."""
+    for _ in range(600):
+        try:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session,
+                session.get("http://scheduler/v1/health") as response,
+            ):
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"no scheduler service on {path}")
 
 
 # -- throughput ----------------------------------------------------------------------------------------------
@@ -109,11 +141,11 @@ async def closed_loop(url: str, model: str, connections: int, seconds: float) ->
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for policy in args.policies.split(","):
-        for workers in (1, 2):
+        for front in ("1", "1+service", "2"):
             with Processes() as procs:
                 engines = start_engines(procs, ["vllm", "vllm"], 4, args.fast_speed, args.model)
-                url, pid = start_front(procs, engines, policy, workers)
-                engine_pids = [p.pid for p in procs.procs[:-1]]
+                engine_pids = [p.pid for p in procs.procs]
+                url, pids = start_front(procs, engines, policy, int(front[0]), service=front == "1+service")
                 subprocess.run(  # warm up: connections, the first windows
                     [
                         sys.executable,
@@ -130,7 +162,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                     check=True,
                     capture_output=True,
                 )
-                cpu0 = tree_cpu_s(pid)
+                cpu0 = [tree_cpu_s(pid) for pid in pids]
                 engines0 = sum(tree_cpu_s(p) for p in engine_pids)
                 load_cmd = [sys.executable, __file__, "--load", url, "--model", args.model]
                 load_cmd += ["--connections", str(args.connections), "--seconds", str(args.seconds)]
@@ -140,25 +172,30 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                     capture_output=True,
                     text=True,
                 )
-                gateway_cpu = tree_cpu_s(pid) - cpu0
+                gateway_cpu = [tree_cpu_s(pid) - before for pid, before in zip(pids, cpu0, strict=True)]
                 engines_cpu = sum(tree_cpu_s(p) for p in engine_pids) - engines0
             result = json.loads(load.stdout)
             per_k = 1000 / max(1, result["completed"])
             row = {
                 "policy": policy,
-                "workers": workers,
+                "workers": front,
                 "requests_per_s": round(result["completed"] / result["wall_s"], 1),
                 "failed": result["failed"],
-                "gateway_cpu_s_per_1k": round(gateway_cpu * per_k, 3),
+                "gateway_cpu_s_per_1k": round(sum(gateway_cpu) * per_k, 3),
+                "service_cpu_s_per_1k": round(gateway_cpu[0] * per_k, 3) if front == "1+service" else None,
                 "engines_cpu_s_per_1k": round(engines_cpu * per_k, 3),
             }
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-    lines = [f"{'policy':<14}{'workers':>8}{'req/s':>10}{'failed':>8}{'gateway CPU-s/1k':>18}{'engines CPU-s/1k':>18}"]
+    lines = [
+        f"{'policy':<14}{'workers':>10}{'req/s':>10}{'failed':>8}{'gateway CPU-s/1k':>18}{'of which service':>18}"
+        f"{'engines CPU-s/1k':>18}"
+    ]
     for r in rows:
+        service = "-" if r["service_cpu_s_per_1k"] is None else f"{r['service_cpu_s_per_1k']:.3f}"
         lines.append(
-            f"{r['policy']:<14}{r['workers']:>8}{r['requests_per_s']:>10.1f}{r['failed']:>8}"
-            f"{r['gateway_cpu_s_per_1k']:>18.3f}{r['engines_cpu_s_per_1k']:>18.3f}"
+            f"{r['policy']:<14}{r['workers']:>10}{r['requests_per_s']:>10.1f}{r['failed']:>8}"
+            f"{r['gateway_cpu_s_per_1k']:>18.3f}{service:>18}{r['engines_cpu_s_per_1k']:>18.3f}"
         )
     return {"rows": rows, "table": "\n".join(lines), "cpus": os.cpu_count()}
 
