@@ -100,7 +100,9 @@ def serve(
         raise click.UsageError("--pd chooses the embedded engines, but the configuration lists engines of its own")
     configure_logging(log_level, settings.log.format)
     if workers > 1:
-        status = asyncio.run(_serve_workers(settings, log_level, cast("PdProtocol | None", pd), workers))
+        status = 0
+        with contextlib.suppress(KeyboardInterrupt):  # before the supervisor's own signal handling is in place
+            status = asyncio.run(_serve_workers(settings, log_level, cast("PdProtocol | None", pd), workers))
         if status:
             raise SystemExit(status)
         return
