@@ -24,7 +24,8 @@ requests each DP rank completed (the engines' ``vllm:request_success_total``).
     .venv/bin/python bench/front_doors.py --part throughput
     .venv/bin/python bench/front_doors.py --part picture --minutes 1
 
-writes ``bench/results/front_doors_<part>.json`` and prints the tables.
+writes ``bench/results/front_doors_throughput.json`` or ``bench/results/front_doors_picture.json`` and prints the
+table.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ know which of the two they talk to.
   front door places locally from then on: with its own scheduler and load view, which its scrapers and probers
   kept current all along (so the first local decision is not made blind, and herding on one rank is avoided),
   counted in ``gateway_scheduler_service_fallbacks_total``, shown by ``gateway_scheduler_service_mode`` (1 through
-  the service, 0 local) and logged once. Requests waiting for the service's answer are placed locally at once;
-  events for requests the lost service placed are dropped. A probe (``GET /v1/health``), after
+  the service, 0 local) and logged once. Requests waiting for the service's answer are placed locally at once
+  (should the same run of the service answer again, it is told to drop them); events for requests the lost
+  service placed are dropped. A probe (``GET /v1/health``), after
   ``probe_interval_s`` doubling up to ``probe_max_interval_s``, brings the front door back when the service
   answers again (logged once).
 """
@@ -42,6 +43,10 @@ from gateway.telemetry import GatewayMetrics
 from gateway.types import PendingRequest, RankKey
 
 log = logging.getLogger(__name__)
+
+ORPHANS_REMEMBERED = 4096
+"""Requests a slow service may have placed after this front door placed them itself, remembered so the service can
+be told to drop them when it answers again."""
 
 
 class ServiceMetrics:
@@ -100,6 +105,7 @@ class RemoteDispatcher(Dispatcher):
         """The epoch of the service run that answered last."""
         self._ranks = frozenset(view.keys)
         self._placed_by: dict[str, str] = {}
+        self._orphans: dict[str, str] = {}
         self._asking: dict[str, asyncio.Task[Any]] = {}
         self._aborted: set[str] = set()
         self._flush_wake = asyncio.Event()
@@ -107,9 +113,14 @@ class RemoteDispatcher(Dispatcher):
         self._prober: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Open the connection pool and start the events sender (and the local window loop)."""
+        """Open the connection pool, ask the service's epoch (placing locally at once if it does not answer), and
+        start the events sender (and the local window loop)."""
         await super().start()
         await self.client.start()
+        try:
+            self.epoch = await self.client.health()
+        except ServiceUnavailable as exc:
+            self.fall_back(str(exc))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_loop(), name="gateway-scheduler-events")
 
@@ -154,9 +165,13 @@ class RemoteDispatcher(Dispatcher):
                 body["epoch"] = self.epoch
                 body["events"] = self.buffer.take(now)
             answer = await self.client.place(body, wait_s)
+        except ServiceUnavailable:
+            self._orphan(request_id, self.epoch)
+            raise
         except asyncio.CancelledError:
             if request_id in self._aborted:  # the service was found down meanwhile: place locally
                 task.uncancel()
+                self._orphan(request_id, self.epoch)
                 raise ServiceUnavailable("the scheduler service failed while the request waited") from None
             if self.remote and self.epoch is not None:  # the client went away: the service must not keep it
                 self.buffer.cancel(request_id, self.clock())
@@ -175,11 +190,21 @@ class RemoteDispatcher(Dispatcher):
         if placement.rank not in self._ranks or (
             placement.decode_rank is not None and placement.decode_rank not in self._ranks
         ):
+            self._orphan(request_id, epoch)
             raise ServiceUnavailable(f"the scheduler service placed on {placement}, a rank this front door lacks")
         self.epoch = epoch
         self._placed_by[request_id] = epoch
         self.adopt(request, placement)
         return placement
+
+    def _orphan(self, request_id: str, epoch: str | None) -> None:
+        """Remember a request the service may have placed although this front door placed it locally (the answer
+        came too late, or was unusable): the service is told to drop it if it answers again in the same run."""
+        if epoch is None:
+            return
+        self._orphans[request_id] = epoch
+        while len(self._orphans) > ORPHANS_REMEMBERED:
+            del self._orphans[next(iter(self._orphans))]
 
     def _refusal(self, request: PendingRequest, error: dict[str, Any]) -> Exception:
         """The error the service's refusal stands for."""
@@ -295,9 +320,15 @@ class RemoteDispatcher(Dispatcher):
             except ServiceUnavailable:
                 interval = min(2 * interval, self.config.probe_max_interval_s)
                 continue
+            now = self.clock()
+            for request_id, placed_in in self._orphans.items():
+                if placed_in == epoch:  # a slow service, not a dead one: it may still hold them
+                    self.buffer.cancel(request_id, now)
+            self._orphans.clear()
             self.epoch = epoch
             self.remote = True
             self.service_metrics.mode.set(1)
+            self._flush_wake.set()
             log.warning(
                 "scheduler service %s answers again (epoch %s): placing requests through it", self.client.url, epoch
             )

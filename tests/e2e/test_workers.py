@@ -31,6 +31,8 @@ async def workers_process(tmp_path: Path, engine_url: str) -> AsyncIterator[tupl
         "policy": "round_robin",
         "port": port,
         "shutdown": {"drain_timeout_s": 5},
+        # the supervision is under test, not the deadline: a loaded CI machine must not make a front door fall back
+        "scheduler_service": {"url": "unix:/replaced-by-the-supervisor", "deadline_s": 2.0},
         "engines": [{"name": "e", "flavor": "vllm", "url": engine_url, "dp_size": 4, "models": [MODEL]}],
     }
     path = tmp_path / "gateway.yaml"
@@ -91,7 +93,7 @@ async def test_two_front_doors_share_the_service_restart_when_killed_and_stop_on
         answers = await asyncio.gather(*(http.post(url + "/v1/chat/completions", json=BODY) for _ in range(16)))
         assert [a.status_code for a in answers] == [200] * 16
         # round robin through one scheduler: the 16 requests spread evenly over the 4 ranks, whichever front door
-        # took each connection
+        # took each connection (the supervisor's service URL replaced the configured one, its deadline was kept)
         engine_metrics = (await http.get(engine.url + "/metrics")).text
         per_rank = [total(engine_metrics, "vllm:request_success_total", engine=str(r)) for r in range(4)]
         assert per_rank == [4.0] * 4

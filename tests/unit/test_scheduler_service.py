@@ -320,3 +320,40 @@ async def test_events_owed_ride_along_with_the_next_placement() -> None:
         assert kinds(fake) == [("f", "r1")] and len(dispatcher.buffer) == 0
     finally:
         await dispatcher.stop()
+
+
+async def test_a_slow_service_is_told_to_drop_what_the_front_door_placed_itself() -> None:
+    dispatcher, fake = await remote("sbs")
+    fake.hold = asyncio.Event()  # the service holds r1 past the front door's patience
+    try:
+        waiting = asyncio.create_task(dispatcher.acquire(req("r1", 100)))
+        await until(lambda: "r1" in dispatcher._asking)
+        fake.down = True
+        dispatcher.fall_back("no answer within 50 ms")
+        placement = await waiting
+        assert dispatcher.view.rank_of("r1") == placement.rank
+        fake.down = False  # the same run answers again
+        await until(lambda: dispatcher.remote)
+        await until(lambda: fake.events)
+        assert kinds(fake) == [("c", "r1")]
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_service_down_at_start_means_local_placement_at_once() -> None:
+    fake = FakeService()
+    fake.down = True
+    dispatcher = RemoteDispatcher(
+        settings(), helpers.make_view(*ENGINES, dp_size=4), GatewayMetrics(), clock=lambda: 0.0, client=fake
+    )
+    await dispatcher.start()
+    try:
+        assert not dispatcher.remote
+        await dispatcher.acquire(req("r1", 100))
+        assert fake.placed == []
+        fake.down = False
+        await until(lambda: dispatcher.remote)
+        await dispatcher.acquire(req("r2", 100))
+        assert fake.placed == ["r2"]
+    finally:
+        await dispatcher.stop()
