@@ -13,6 +13,7 @@ import pytest
 from gateway.config import EngineConfig, SchedulerServiceConfig, Settings, WaterFillConfig, WindowConfig
 from gateway.dispatch import Dispatcher, Placement
 from gateway.errors import OverloadedError
+from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduler_service.client import ServiceClient, ServiceUnavailable
 from gateway.scheduler_service.protocol import (
     ProgressBuffer,
@@ -355,5 +356,28 @@ async def test_a_service_down_at_start_means_local_placement_at_once() -> None:
         await until(lambda: dispatcher.remote)
         await dispatcher.acquire(req("r2", 100))
         assert fake.placed == ["r2"]
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_pd_placement_counts_both_legs_here_too() -> None:
+    fake = FakeService()
+    fake.answer = encode_placement(Placement(RankKey("p", 1), 3, RankKey("d", 2)), fake.epoch)
+    engines = [
+        EngineConfig(name=name, flavor="sglang", role=role, url="http://127.0.0.1:1", dp_size=4, models=[MODEL])
+        for name, role in (("p", "prefill"), ("d", "decode"))
+    ]
+    pd_settings = settings().model_copy(update={"engines": engines})
+    view = LoadView(
+        [EngineSpec(e.name, e.dp_size, frozenset(e.models), 8192, e.role) for e in engines], stale_after_s=3.0
+    )
+    dispatcher = RemoteDispatcher(pd_settings, view, GatewayMetrics(), clock=lambda: 0.0, client=fake)
+    await dispatcher.start()
+    try:
+        placement = await dispatcher.acquire(req("r1", 100))
+        assert placement == Placement(RankKey("p", 1), 3, RankKey("d", 2))
+        assert view.decode_rank_of("r1") == RankKey("d", 2) and view.rank_of("r1") == RankKey("d", 2)
+        dispatcher.finish("r1")
+        assert view.inflight_count() == 0
     finally:
         await dispatcher.stop()
