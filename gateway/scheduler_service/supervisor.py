@@ -11,7 +11,8 @@ started and watched by the ``gateway serve`` process.
 - A child that dies is restarted (the front doors schedule locally while the service restarts); more than
   :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW_S` stop everything with exit status 1.
 - SIGINT or SIGTERM: the front doors are told first (each drains as a single gateway does), then the service;
-  children still running after ``shutdown.drain_timeout_s`` plus :data:`STOP_GRACE_S` are killed.
+  children still running after ``shutdown.drain_timeout_s`` plus :data:`STOP_GRACE_S` are killed. Should the
+  supervisor itself be killed, the kernel sends each child SIGTERM (Linux's parent-death signal).
 
 Children are started with the ``spawn`` method (a fresh interpreter: no event loop or lock inherited from the
 supervisor), so everything they receive is picklable: the settings, the address, the log level.
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.process
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,10 +60,24 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process gets when its parent dies (``<linux/prctl.h>``, ``prctl(2)``)."""
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send this child SIGTERM if the supervisor dies (even of SIGKILL), so no front door or service
+    outlives it (Linux; elsewhere nothing happens)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def front_door_main(settings: Settings, log_level: str, worker: int) -> None:
     """A front-door child: the gateway app under uvicorn on ``settings.host:settings.port`` (``SO_REUSEPORT``)."""
     from gateway.logs import configure_logging
 
+    _die_with_parent()
     configure_logging(log_level, settings.log.format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_front_door(settings, log_level, worker))
@@ -86,9 +103,11 @@ async def _front_door(settings: Settings, log_level: str, worker: int) -> None:
 
 
 def service_main(settings: Settings, log_level: str, unix_path: str) -> None:
-    """The scheduler service's child: serves on ``unix_path`` until SIGTERM or SIGINT."""
+    """The scheduler service's child: serves on ``unix_path`` until SIGTERM (SIGINT is ignored: the supervisor stops
+    the service last)."""
     from gateway.logs import configure_logging
 
+    _die_with_parent()
     configure_logging(log_level, settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every child: the service stops last, on SIGTERM
     asyncio.run(serve_scheduler(settings, unix_path=unix_path, signals=(signal.SIGTERM,)))

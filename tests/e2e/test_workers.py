@@ -115,3 +115,22 @@ async def test_two_front_doors_share_the_service_restart_when_killed_and_stop_on
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         assert not any(alive(pid) for pid in children)
         assert "scheduler service stopped" in log.read_text()
+
+
+async def test_children_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    async with simulated_engines([ENGINE]) as [engine], workers_process(tmp_path, engine.url) as (_, proc):
+
+        async def both_front_doors_up() -> bool:
+            return len(pids(log, r"front door \d \(pid (\d+)\)")) == 2
+
+        await eventually(both_front_doors_up, timeout_s=60)
+        children = pids(log, r"front door \d \(pid (\d+)\)") + pids(log, r"scheduler service \(.*pid (\d+)\)")
+        assert len(children) == 3
+        proc.kill()
+        await proc.wait()
+
+        async def all_gone() -> bool:
+            return not any(alive(pid) for pid in children)
+
+        await eventually(all_gone, timeout_s=30)
