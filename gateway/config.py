@@ -500,6 +500,52 @@ class HealthConfig(_Strict):
     """Longest a breaker stays open after repeated failed trials, seconds."""
 
 
+class SchedulerServiceConfig(_Strict):
+    """A scheduler service this front door consults per request (``gateway scheduler``, which ``gateway serve
+    --workers N`` starts by itself): it holds the window, the allocator, the load view and the engine scrapers of
+    every front door, so several front doors place requests from one scheduling view
+    (:mod:`gateway.scheduler_service`).
+
+    The front door keeps its own scheduler, load view and scrapers warm, and places requests with them at once
+    when the service does not answer within ``deadline_s`` (or answers with an error of its own), until a probe
+    finds it answering again.
+    """
+
+    url: str = Field(min_length=1)
+    """Where the service listens: ``http://host:port`` (TCP) or ``unix:/path/to/socket`` (a Unix socket)."""
+    deadline_s: PositiveFloat = 0.05
+    """Longest wait for the service's answer to begin (a placement's headers, an events post), seconds; past it
+    the front door places locally. The round trip is a fraction of a millisecond with a p99 of 5-8 ms on a shared
+    2-core machine (``bench/results/scheduler_transport.json``); 20 ms still timed out under that machine's full
+    test suite, so 50 ms: an hiccup must not count as an outage."""
+    probe_interval_s: PositiveFloat = 0.25
+    """First wait before probing a service that stopped answering (``GET /v1/health``), seconds; doubled after
+    each failed probe up to ``probe_max_interval_s``."""
+    probe_max_interval_s: PositiveFloat = 5.0
+    """Longest wait between two probes of a service that does not answer, seconds."""
+    events_flush_s: PositiveFloat = 0.002
+    """Token progress is sent to the service at most this often, seconds, in one batch (first tokens, finishes
+    and cancellations go on the next turn of the event loop); one batch is in flight at a time."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:"):
+                raise ValueError("a unix: url names the socket's path, e.g. unix:/run/gateway/scheduler.sock")
+            return value
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+            raise ValueError(f"expected http://host:port or unix:/path, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _probe_intervals(self) -> SchedulerServiceConfig:
+        if self.probe_interval_s > self.probe_max_interval_s:
+            raise ValueError("probe_interval_s must not exceed probe_max_interval_s")
+        return self
+
+
 class ShutdownConfig(_Strict):
     """Graceful shutdown on SIGTERM/SIGINT."""
 
@@ -588,6 +634,9 @@ class Settings(BaseSettings):
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
+    scheduler_service: SchedulerServiceConfig | None = None
+    """The scheduler service front doors share (:class:`SchedulerServiceConfig`); ``None``, the default, schedules in
+    this process alone."""
     shutdown: ShutdownConfig = ShutdownConfig()
     security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()

@@ -20,7 +20,7 @@ from gateway.config import Settings
 from gateway.errors import NoCapacityError, OverloadedError
 from gateway.load.health import HealthBook
 from gateway.load.view import LoadView
-from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError
+from gateway.scheduling.scheduler import NoServingRankError, Scheduler, WindowFullError, record_dispatch
 from gateway.telemetry import GatewayMetrics
 from gateway.types import PendingRequest, RankKey, RankMetrics
 
@@ -183,6 +183,21 @@ class Dispatcher:
             self._record_dispatch(decode, None)
         return Placement(key, window_id, decode)
 
+    def adopt(self, request: PendingRequest, placement: Placement, now: float | None = None) -> None:
+        """Count a placement made elsewhere (by a scheduler service, or by a front door retrying on its own): the
+        load view and the prefix index take ``request`` on ``placement.rank`` (and its decode rank), as if this
+        dispatcher had placed it (at ``now``, the clock's time when ``None``). An id already in flight is
+        released first."""
+        when = self.clock() if now is None else now
+        view = self.view
+        if view.rank_of(request.request_id) is not None:
+            view.on_finish(request.request_id, when)
+        record_dispatch(view, self.scheduler.prefix, request, placement.rank, when)
+        self._record_dispatch(placement.rank, request.prompt_tokens)
+        if placement.decode_rank is not None:
+            view.on_dispatch_decode(request.request_id, placement.decode_rank, request.prompt_tokens, when)
+            self._record_dispatch(placement.decode_rank, None)
+
     def _record_dispatch(self, key: RankKey, prompt_tokens: int | None) -> None:
         """Count a dispatch to ``key``: its prompt tokens, or ``None`` for a decode leg (no prompt to prefill)."""
         if self.health is not None:
@@ -195,24 +210,26 @@ class Dispatcher:
 
     # -- progress reports from request handlers ---------------------------------------------------------
 
-    def first_token(self, request_id: str, engine: str) -> None:
-        """The first output token of ``request_id`` arrived from ``engine``."""
-        self.scheduler.on_first_token(request_id, engine, self.clock())
+    def first_token(self, request_id: str, engine: str, now: float | None = None) -> None:
+        """The first output token of ``request_id`` arrived from ``engine`` (at ``now``, the clock's time when
+        ``None``)."""
+        self.scheduler.on_first_token(request_id, engine, self.clock() if now is None else now)
         self._wake_if_waiting()
 
-    def tokens(self, request_id: str, engine: str, n: int) -> None:
-        """``n`` more tokens of ``request_id`` arrived from ``engine`` (its step clock learns step times from them).
+    def tokens(self, request_id: str, engine: str, n: int, now: float | None = None) -> None:
+        """``n`` more tokens of ``request_id`` arrived from ``engine`` (at ``now``, the clock's time when ``None``;
+        its step clock learns step times from them).
 
         Tokens that begin a new step of ``engine`` wake the window loop while requests wait, as the simulator
         polls at every step end: the window may close earlier than the loop's last deadline (step-aligned
         closing re-times it to the new step), and ranks may have room again.
         """
-        if self.scheduler.on_tokens(request_id, engine, n, self.clock()):
+        if self.scheduler.on_tokens(request_id, engine, n, self.clock() if now is None else now):
             self._wake_if_waiting()
 
-    def finish(self, request_id: str) -> None:
-        """``request_id`` ended (completed, failed or aborted)."""
-        self.scheduler.on_finish(request_id, self.clock())
+    def finish(self, request_id: str, now: float | None = None) -> None:
+        """``request_id`` ended (completed, failed or aborted; at ``now``, the clock's time when ``None``)."""
+        self.scheduler.on_finish(request_id, self.clock() if now is None else now)
         self.metrics.inflight.set(self.view.inflight_count())
         self._wake_if_waiting()
 

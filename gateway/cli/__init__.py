@@ -1,4 +1,4 @@
-"""The ``gateway`` command line: the group and its commands, one module each (``serve``, ``mock-engine``,
+"""The ``gateway`` command line: the group and its commands, one module each (``serve``, ``scheduler``, ``mock-engine``,
 ``bench``, ``simulate``, ``stack``); the options several commands share are in :mod:`gateway.cli.options`, the
 engine-model options of ``mock-engine`` and ``simulate`` in :mod:`gateway.cli.engine_options`."""
 
@@ -8,6 +8,7 @@ import click
 
 from gateway.cli.bench import bench
 from gateway.cli.mock_engine import mock_engine
+from gateway.cli.scheduler import scheduler
 from gateway.cli.serve import serve
 from gateway.cli.simulate import simulate
 from gateway.cli.stack import stack
@@ -22,6 +23,7 @@ def main() -> None:
     Quick start:
       gateway serve                                    embedded simulated engines, http://127.0.0.1:8000/v1
       gateway serve --pd sglang                        the same, as a P/D disaggregated prefill + decode pair
+      gateway serve --workers 2                        two front-door processes sharing a scheduler service
       gateway serve --config gateway.yaml              in front of your SGLang/vLLM engines
       gateway stack                                    engines + gateway + Prometheus on loopback (from a clone)
       gateway bench --url http://127.0.0.1:8000 --trace azure-conv --duration 60
@@ -32,5 +34,5 @@ def main() -> None:
     """
 
 
-for command in (serve, mock_engine, bench, simulate, stack):
+for command in (serve, scheduler, mock_engine, bench, simulate, stack):
     main.add_command(command)

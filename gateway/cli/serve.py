@@ -57,6 +57,15 @@ log = logging.getLogger("gateway.cli")
     help="File of admin keys, one a line, for /admin/state, /docs, /openapi.json (and /metrics with "
     "security.metrics_auth: admin).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Front-door processes on the port. Above 1 a scheduler service process is started too, which they "
+    "consult per request (one scheduling view; each falls back to scheduling alone while it is down); dead "
+    "processes are restarted. 1 runs the gateway in this process alone.",
+)
 def serve(
     config_path: str | None,
     host: str | None,
@@ -67,6 +76,7 @@ def serve(
     api_keys_file: str | None,
     pd: str | None,
     admin_keys_file: str | None,
+    workers: int,
 ) -> None:
     """Run the gateway.
 
@@ -89,29 +99,51 @@ def serve(
     if pd is not None and settings.engines:
         raise click.UsageError("--pd chooses the embedded engines, but the configuration lists engines of its own")
     configure_logging(log_level, settings.log.format)
+    if workers > 1:
+        status = 0
+        with contextlib.suppress(KeyboardInterrupt):  # before the supervisor's own signal handling is in place
+            status = serving.run(_serve_workers(settings, log_level, cast("PdProtocol | None", pd), workers))
+        if status:
+            raise SystemExit(status)
+        return
     with contextlib.suppress(KeyboardInterrupt):
         serving.run(_serve(settings, log_level, cast("PdProtocol | None", pd)))
 
 
-async def _serve(settings: Settings, log_level: str, pd: PdProtocol | None = None) -> None:
+async def _serve_workers(settings: Settings, log_level: str, pd: PdProtocol | None, workers: int) -> int:
+    from gateway.scheduler_service.supervisor import supervise
+
+    async with contextlib.AsyncExitStack() as exits:
+        settings = await _with_engines(exits, settings, pd)
+        return await supervise(settings, workers, log_level)
+
+
+async def _with_engines(exits: contextlib.AsyncExitStack, settings: Settings, pd: PdProtocol | None) -> Settings:
+    """``settings``, with the embedded simulated engines started in ``exits`` when it lists none."""
     from gateway.embedded import embedded_engines
+
+    if not settings.engines:
+        engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed, pd=pd))
+        if pd is not None:  # the simulated decode engine reads KV from the prefill's over httpx: a line a request
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+        settings = settings.model_copy(update={"engines": engines})
+        for engine in engines:
+            log.info(
+                "embedded %s engine %s: %s (%d DP ranks)",
+                engine.flavor if engine.role == "mixed" else f"{engine.flavor} {engine.role}",
+                engine.name,
+                engine.url,
+                engine.dp_size,
+            )
+    return settings
+
+
+async def _serve(settings: Settings, log_level: str, pd: PdProtocol | None = None) -> None:
     from gateway.server.app import begin_drain, create_app
     from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as exits:
-        if not settings.engines:
-            engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed, pd=pd))
-            if pd is not None:  # the simulated decode engine reads KV from the prefill's over httpx: a line a request
-                logging.getLogger("httpx").setLevel(logging.WARNING)
-            settings = settings.model_copy(update={"engines": engines})
-            for engine in engines:
-                log.info(
-                    "embedded %s engine %s: %s (%d DP ranks)",
-                    engine.flavor if engine.role == "mixed" else f"{engine.flavor} {engine.role}",
-                    engine.name,
-                    engine.url,
-                    engine.dp_size,
-                )
+        settings = await _with_engines(exits, settings, pd)
         try:
             app = create_app(settings)
         except OSError as exc:

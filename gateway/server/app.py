@@ -23,7 +23,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.config import Settings
-from gateway.dispatch import Dispatcher
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.errors import error_body
@@ -31,6 +30,7 @@ from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
+from gateway.scheduler_service.remote import make_dispatcher
 from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
 from gateway.server.proxy import ENGINE_PATHS, serve_completion
 from gateway.server.request_context import RequestContextMiddleware
@@ -70,7 +70,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         running_before_first_token=settings.scrape.running_before_first_token,
     )
     clock = time.monotonic
-    dispatcher = Dispatcher(settings, view, metrics, health, clock=clock)
+    dispatcher = make_dispatcher(settings, view, metrics, health, clock=clock)
     metrics.watch_load(
         lambda: view.snapshot(clock()), dispatcher.scheduler.drain_seconds, dispatcher.scheduler.step_models
     )

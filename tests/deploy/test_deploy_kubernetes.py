@@ -22,22 +22,42 @@ CRD_KINDS = {"ServiceMonitor"}
 """Kinds outside the core API (Prometheus Operator), which kubernetes-validate has no schema for."""
 
 
+SCHEDULER = "sbs-gateway-scheduler"
+"""The name of the scheduler service's Deployment and Service."""
+
+
 def render(tree: Path, tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The rendered file, and its documents by kind (the gateway's), with the scheduler service's Deployment and
+    Service under ``scheduler Deployment`` and ``scheduler Service``."""
     out = run_tool("kubectl", "kustomize", str(tree)).stdout
     path = tmp_path / "rendered.yaml"
     path.write_text(out)
-    return path, {doc["kind"]: doc for doc in yaml.safe_load_all(out) if doc}
+    docs: dict[str, dict[str, Any]] = {}
+    for doc in yaml.safe_load_all(out):
+        if doc:
+            key = f"scheduler {doc['kind']}" if doc["metadata"]["name"] == SCHEDULER else doc["kind"]
+            assert key not in docs, f"two {key}s"
+            docs[key] = doc
+    return path, docs
 
 
 @pytest.mark.parametrize("name", sorted(TREES))
 def test_manifests_render_and_validate(name: str, tmp_path: Path) -> None:
     path, docs = render(TREES[name], tmp_path)
-    assert set(docs) == {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget"}
+    assert set(docs) == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PodDisruptionBudget",
+        "scheduler Deployment",
+        "scheduler Service",
+    }
     out = run_tool("kubernetes-validate", "--strict", str(path))
     report = out.stdout + out.stderr
-    for kind, doc in docs.items():
-        if kind not in CRD_KINDS:
-            assert f"passed for resource {kind.lower()}/{doc['metadata']['name']}" in report, report
+    for doc in docs.values():
+        if doc["kind"] not in CRD_KINDS:
+            assert f"passed for resource {doc['kind'].lower()}/{doc['metadata']['name']}" in report, report
 
 
 @pytest.mark.parametrize("name", sorted(TREES))
@@ -96,3 +116,39 @@ def test_sglang_pd_example_is_a_disaggregated_deployment(tmp_path: Path) -> None
     assert roles["prefill"].bootstrap_address == ("sglang-prefill.llm.svc.cluster.local", 8998)
     text = path.read_text()
     assert "--disaggregation-mode prefill" in text and "--disaggregation-mode decode" in text
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_replicas_share_one_scheduler_service(name: str, tmp_path: Path) -> None:
+    """The gateway replicas point at the scheduler service's Service; it runs ``gateway scheduler`` on their
+    configuration, one replica replaced with Recreate (the replicas place alone meanwhile), probed and scraped."""
+    _, docs = render(TREES[name], tmp_path)
+    deployment, scheduler, service = docs["Deployment"], docs["scheduler Deployment"], docs["scheduler Service"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert scheduler["spec"]["replicas"] == 1 and scheduler["spec"]["strategy"]["type"] == "Recreate"
+    pod = scheduler["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    ctx = parse_command(container["args"])
+    assert ctx.command.name == "scheduler"
+    gateway_container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert ctx.params["config_path"] == parse_command(gateway_container["args"]).params["config_path"]
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/health"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # the Service selects the scheduler's pods only, on the port the command listens on; the gateway's URL is it
+    labels = pod["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert not service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    [port] = service["spec"]["ports"]
+    assert port["port"] == ctx.params["port"]
+    gateway_yaml = tmp_path / "gateway.yaml"
+    gateway_yaml.write_text(docs["ConfigMap"]["data"]["gateway.yaml"])
+    settings = load_settings(gateway_yaml)
+    assert settings.scheduler_service is not None
+    assert settings.scheduler_service.url == f"http://{SCHEDULER}:{port['port']}"
+    # the ServiceMonitor scrapes the scheduler's /metrics too; the gateway's PDB does not cover it
+    monitor = docs["ServiceMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
+    assert not docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()

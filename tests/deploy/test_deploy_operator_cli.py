@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_every_command_and_option_is_documented() -> None:
     assert main.help and "Quick start" in main.help
     ctx = click.Context(main, info_name="gateway")
-    assert set(main.list_commands(ctx)) == {"serve", "mock-engine", "bench", "simulate", "stack"}
+    assert set(main.list_commands(ctx)) == {"serve", "scheduler", "mock-engine", "bench", "simulate", "stack"}
     for name in main.list_commands(ctx):
         command = main.get_command(ctx, name)
         assert command is not None and command.help, f"gateway {name} has no help"

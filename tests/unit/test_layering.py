@@ -59,6 +59,8 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "load monitors": ("gateway.load.engine_loop", "gateway.load.prober", "gateway.load.scraper"),
         "dispatch": ("gateway.dispatch",),
     },
+    # a front door's side of the scheduler service: its protocol, client and remote dispatcher
+    {"scheduler service client": ("gateway.scheduler_service",)},
     {
         "front door": ("gateway.server",),
         "replay": ("gateway.replay",),
@@ -66,7 +68,16 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "serving": ("gateway.serving",),
         "config reference": ("gateway.config_reference",),
     },
-    {"assembly": ("gateway.embedded", "gateway.sim.cluster", "gateway.sim.pd_faults", "gateway.stack")},
+    {
+        "assembly": (
+            "gateway.embedded",
+            "gateway.sim.cluster",
+            "gateway.sim.pd_faults",
+            "gateway.stack",
+            "gateway.scheduler_service.service",
+            "gateway.scheduler_service.supervisor",
+        )
+    },
     {"command line": ("gateway.cli", "gateway.__main__")},
 ]
 """Layers from the bottom up; each maps a part's name to its modules and packages (a package holds its
