@@ -27,6 +27,7 @@ budget, two budgets would leave every longer prompt waiting for an idle rank
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -63,17 +64,6 @@ def fits(level: float, tokens: int, load: RankLoad, queue_steps: float, min_toke
     return level + tokens <= capacity_tokens(load, queue_steps, min_tokens) or level <= 0
 
 
-def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float], queue_steps: float, min_tokens: float) -> float:
-    best = -math.inf
-    for r in serving:
-        if r.kv_usage is not None and r.kv_usage >= KV_HIGH_WATERMARK:
-            continue
-        if level[r.key] <= 0:
-            return math.inf
-        best = max(best, capacity_tokens(r, queue_steps, min_tokens) - level[r.key])
-    return best
-
-
 def placement_order(batch: Iterable[PendingRequest], shortest_first: bool = False) -> list[PendingRequest]:
     """The order in which a window's requests are placed: requests deferred by more windows first (so what
     waited is not passed over again by newer arrivals), then longest prompt first (water-filling), then by
@@ -106,6 +96,10 @@ def water_fill(
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
+    Each request goes to the fitting rank with the lowest ``(level, decode key, rank)``. The ranks serving a
+    model are kept sorted by that key within groups of equal capacity (:class:`_Levels`), so a request costs
+    O(log n) comparisons plus an O(n) memmove per group, n the ranks serving its model, instead of a scan.
+
     Args:
         batch: the window's requests, in arrival order.
         ranks: a snapshot of every DP rank's load.
@@ -124,42 +118,142 @@ def water_fill(
     result = Allocation()
     level = {r.key: r.queued_prefill_tokens for r in ranks}
     usable = [r for r in ranks if r.usable]
-    serving_by_model: dict[str, list[RankLoad]] = {}
-    # Per model: the most prompt tokens any serving rank can still take (inf if one is idle), so that
-    # requests which fit nowhere are deferred without scanning every rank (windows can hold thousands).
-    headroom: dict[str, float] = {}
-    order = placement_order(batch, shortest_first)
-    for request in order:
-        serving = serving_by_model.get(request.model)
-        if serving is None:
-            serving = serving_by_model[request.model] = [r for r in usable if request.model in r.models]
-            headroom[request.model] = _headroom(serving, level, queue_steps, min_queue_tokens)
-        if not serving:
+    by_model: dict[str, _Levels] = {}
+    for request in placement_order(batch, shortest_first):
+        levels = by_model.get(request.model)
+        if levels is None:
+            serving = [r for r in usable if request.model in r.models]
+            levels = by_model[request.model] = _Levels(serving, level, queue_steps, min_queue_tokens, decode)
+        if not levels.serving:
             result.unplaceable.append(request)
             continue
+        tokens = request.prompt_tokens
         young = now - request.arrival_s < max_wait_s
-        if young and request.prompt_tokens > headroom[request.model]:
+        if young and tokens > levels.headroom():
             result.deferred.append(request)
             continue
-        fitting = [r for r in serving if fits(level[r.key], request.prompt_tokens, r, queue_steps, min_queue_tokens)]
-        if not fitting:
-            if now - request.arrival_s < max_wait_s:
+        best = levels.best_fitting(tokens)
+        if best is None:
+            if young:
                 result.deferred.append(request)
                 continue
-            fitting = serving
-        if decode is None:
-            best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
-        else:
-            ranked = decode
-            best = min(fitting, key=lambda r: (level[r.key], ranked.key(r.key), r.key))
-            ranked.place(best.key, request.prompt_tokens)
-        level[best.key] += request.prompt_tokens
+            best = levels.best_of_all()
+        if decode is not None:
+            decode.place(best.key, tokens)
+        level[best.key] += tokens
+        for other in by_model.values():
+            other.moved(best)
         result.assigned.append((request, best.key))
-        for model, ranks_of_model in serving_by_model.items():
-            if best in ranks_of_model:
-                headroom[model] = _headroom(ranks_of_model, level, queue_steps, min_queue_tokens)
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
+
+
+class _Levels:
+    """The ranks serving one model, for :func:`water_fill`: those that may take a request (below the KV
+    watermark) in groups of equal capacity, each sorted by ``(level, tie-break, rank)``, where the tie-break is
+    the decode-aware key without its outlier flag (the flag moves with the fences: it is read while walking the
+    ranks of the lowest level) or :func:`decode_load_key` without the decode-aware choice."""
+
+    def __init__(
+        self,
+        serving: list[RankLoad],
+        level: dict[RankKey, float],
+        queue_steps: float,
+        min_tokens: float,
+        decode: DecodeRanker | None,
+    ) -> None:
+        self.serving = serving
+        self.level = level
+        self.decode = decode
+        self.queue_steps = queue_steps
+        self.min_tokens = min_tokens
+        self._groups: dict[float, list[tuple[float, tuple[float, ...], RankKey, RankLoad]]] = {}
+        self._entry: dict[RankKey, tuple[float, tuple[float, ...], RankKey, RankLoad]] = {}
+        self._cap: dict[RankKey, float] = {}
+        for r in serving:
+            if r.kv_usage is not None and r.kv_usage >= KV_HIGH_WATERMARK:
+                continue
+            cap = capacity_tokens(r, queue_steps, min_tokens)
+            entry = self._make(r)
+            self._cap[r.key] = cap
+            self._entry[r.key] = entry
+            self._groups.setdefault(cap, []).append(entry)
+        for entries in self._groups.values():
+            entries.sort(key=_entry_order)
+
+    def _make(self, r: RankLoad) -> tuple[float, tuple[float, ...], RankKey, RankLoad]:
+        if self.decode is None:
+            tail: tuple[float, ...] = decode_load_key(r)
+        else:
+            load = self.decode.loads[r.key]
+            tail = (load.requests // self.decode.bucket, load.kv_tokens)
+        return (self.level[r.key], tail, r.key, r)
+
+    def headroom(self) -> float:
+        """The most prompt tokens a rank below the KV watermark can still take (``inf`` if one has nothing queued,
+        ``-inf`` if there is none): the lowest level of each group sets it."""
+        best = -math.inf
+        for cap, entries in self._groups.items():
+            if entries:
+                low = entries[0][0]
+                if low <= 0:
+                    return math.inf
+                best = max(best, cap - low)
+        return best
+
+    def best_fitting(self, tokens: int) -> RankLoad | None:
+        """The rank with the lowest key among those ``tokens`` more prompt tokens fit (:func:`fits`), or ``None``."""
+        best: tuple[tuple[object, ...], RankLoad] | None = None
+        for cap, entries in self._groups.items():
+            if not entries:
+                continue
+            low = entries[0][0]
+            if not (low + tokens <= cap or low <= 0):
+                continue  # the lowest level of the group does not fit: no higher one does
+            found = self._lowest(entries)
+            if best is None or found[0] < best[0]:
+                best = found
+        return None if best is None else best[1]
+
+    def _lowest(
+        self, entries: list[tuple[float, tuple[float, ...], RankKey, RankLoad]]
+    ) -> tuple[tuple[object, ...], RankLoad]:
+        """The full key and rank of the best of ``entries``' lowest level (the decode-aware outlier flag read)."""
+        low = entries[0][0]
+        decode = self.decode
+        if decode is None:
+            first = entries[0]
+            return (first[0], first[1], first[2]), first[3]
+        for entry in entries:
+            if entry[0] != low:
+                break
+            if not decode.is_outlier(entry[2]):
+                return (low, 0, *entry[1], entry[2]), entry[3]
+        first = entries[0]
+        return (low, 1, *first[1], first[2]), first[3]
+
+    def best_of_all(self) -> RankLoad:
+        """The rank with the lowest key among all serving ranks, fitting or not (a request past ``max_wait_s``)."""
+        decode = self.decode
+        level = self.level
+        if decode is None:
+            return min(self.serving, key=lambda r: (level[r.key], decode_load_key(r), r.key))
+        return min(self.serving, key=lambda r: (level[r.key], decode.key(r.key), r.key))
+
+    def moved(self, rank: RankLoad) -> None:
+        """``rank``'s level (and decode load) changed: re-sort its entry."""
+        old = self._entry.get(rank.key)
+        if old is None:
+            return
+        entries = self._groups[self._cap[rank.key]]
+        del entries[bisect.bisect_left(entries, _entry_order(old), key=_entry_order)]
+        new = self._make(rank)
+        self._entry[rank.key] = new
+        bisect.insort(entries, new, key=_entry_order)
+
+
+def _entry_order(entry: tuple[float, tuple[float, ...], RankKey, RankLoad]) -> tuple[float, tuple[float, ...], RankKey]:
+    return entry[0], entry[1], entry[2]
 
 
 def assigned_levels(allocation: Allocation, ranks: Sequence[RankLoad]) -> dict[RankKey, float]:
