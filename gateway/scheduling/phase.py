@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.scheduling.allocation import decode_load_key, fits, placement_order
+import numpy as np
+
+from gateway.scheduling.allocation import KV_HIGH_WATERMARK, capacity_tokens, placement_order
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_clock import StepClock
@@ -59,13 +60,6 @@ DECODE_STALL_WEIGHT = 0.005
 
 It trades TTFT for TPOT: higher favours the decoding requests. Chosen on five Azure conversation slices at 80%
 and 95% load: ``bench/results/decisions.md#decode-stall-weight``."""
-
-
-@dataclass(slots=True)
-class _Instance:
-    ranks: list[RankLoad]
-    busy: bool
-    running: float
 
 
 def _placement_cost(
@@ -140,6 +134,12 @@ def phase_fill(
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
+    Each request's cost is computed for every fitting rank at once, over arrays of the usable ranks
+    (:class:`_Cluster`), with the floating-point operations of :func:`_placement_cost` in the same order, so the
+    costs and the choice are those of a rank-by-rank scan; what a placement changes (the rank's levels, its
+    instance's next-step figures, the decode-aware loads and fences of its instance) is updated in place. A
+    request costs O(n) vectorised operations and O(instance size) scalar ones, n the usable ranks.
+
     Args:
         batch: the window's requests.
         ranks: a snapshot of every DP rank's load.
@@ -169,85 +169,263 @@ def phase_fill(
             requests sharing a prefix go together where the cost allows; ``None``: every prompt counts whole.
     """
     result = Allocation()
-    level = {r.key: r.queued_prefill_tokens for r in ranks}
-    next_level = {r.key: max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in ranks}
-    instances: dict[str, _Instance] = {}
-    for r in ranks:
-        inst = instances.setdefault(r.key.engine, _Instance([], False, 0.0))
-        inst.busy = inst.busy or r.running > 0 or r.waiting > 0
-        inst.running += r.running
-        if r.usable:
-            inst.ranks.append(r)
-    waiting_next = {e: sum(1 for r in inst.ranks if next_level[r.key] > 0) for e, inst in instances.items()}
+    cluster = _Cluster(
+        ranks,
+        clock,
+        current_step_tokens,
+        now=now,
+        queue_steps=queue_steps,
+        min_queue_tokens=min_queue_tokens,
+        decode_stall_weight=decode_stall_weight,
+        decode=decode,
+        use_step_phase=use_step_phase,
+        long_prefill_tokens=long_prefill_tokens,
+    )
     staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]] = {}  # first block -> this batch's placements
     for request in placement_order(batch, shortest_first):
         t = request.prompt_tokens
-        matched = _matched(prefix, staged, request.prefix_blocks) if prefix is not None else {}
+        cached: dict[RankKey, int] = {}
+        if prefix is not None:
+            cached = {
+                key: prefix.cached_tokens(blocks, t)
+                for key, blocks in _matched(prefix, staged, request.prefix_blocks).items()
+            }
         forced = now - request.arrival_s >= max_wait_s
-        best: tuple[tuple[float, ...], RankLoad, int] | None = None
-        serves = False
-        for engine, inst in instances.items():
-            candidates = [r for r in inst.ranks if request.model in r.models]
-            if not candidates:
-                continue
-            serves = True
-            uncached_of = (
-                {}
-                if prefix is None
-                else {r.key: t - prefix.cached_tokens(matched[r.key], t) for r in candidates if r.key in matched}
-            )
-            fitting = [
-                r
-                for r in candidates
-                if forced or fits(level[r.key], uncached_of.get(r.key, t), r, queue_steps, min_queue_tokens)
-            ]
-            if not fitting:
-                continue
-            mismatch = 0.0
-            if long_prefill_tokens is not None:
-                slow = any(level[r.key] > long_prefill_tokens for r in candidates)
-                mismatch = float(slow != (t > long_prefill_tokens))
-            firsts = [min(next_level[r.key], r.prefill_budget) for r in candidates]
-            heaviest, mean = max(firsts), sum(firsts) / len(firsts)
-            total_level = sum(level[r.key] for r in candidates)
-            wait = clock.time_to_next_step(engine, now) if inst.busy and use_step_phase else 0.0
-            stalled = waiting_next[engine] + decode_stall_weight * inst.running
-            for r in fitting:
-                work = uncached_of.get(r.key, t)
-                cost = _placement_cost(
-                    clock,
-                    engine,
-                    work,
-                    next_level[r.key],
-                    r.prefill_budget,
-                    heaviest,
-                    mean,
-                    len(candidates),
-                    wait,
-                    stalled,
-                )
-                key: tuple[float, ...]
-                if decode is None:
-                    key = (mismatch, cost, work, next_level[r.key], total_level, *decode_load_key(r))
-                else:
-                    key = (mismatch, cost, work, *decode.key(r.key), next_level[r.key], total_level)
-                if best is None or key < best[0]:
-                    best = (key, r, work)
-        if best is None:
-            (result.deferred if serves else result.unplaceable).append(request)
+        found = cluster.best(request.model, t, cached, forced)
+        if found is None:
+            (result.deferred if cluster.serves(request.model) else result.unplaceable).append(request)
             continue
-        chosen, uncached = best[1], best[2]
-        if next_level[chosen.key] == 0:
-            waiting_next[chosen.key.engine] += 1
-        level[chosen.key] += uncached
-        next_level[chosen.key] += uncached
+        index, uncached = found
+        key = cluster.place(index, uncached, t)
         if prefix is not None and request.prefix_blocks:
-            staged.setdefault(request.prefix_blocks[0], []).append((chosen.key, request.prefix_blocks))
-        if decode is not None:
-            decode.place(chosen.key, t)
-        result.assigned.append((request, chosen.key))
+            staged.setdefault(request.prefix_blocks[0], []).append((key, request.prefix_blocks))
+        result.assigned.append((request, key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
+
+
+class _Model:
+    """Per-rank copies of each instance's figures over one model's candidate ranks (the usable ranks serving it),
+    for :class:`_Cluster`: ``H_e``, ``S_e``, the candidate count, ``d_e(H_e, S_e)``, the instance's total level
+    and whether it is slow (long-prefill isolation)."""
+
+    def __init__(self, mask: np.ndarray, instances: int, size: int) -> None:
+        self.mask = mask
+        self.serves = bool(mask.any())
+        self.heaviest = np.zeros(size)
+        self.mean = np.zeros(size)
+        self.count = np.ones(size)
+        self.d_old = np.zeros(size)
+        self.total_level = np.zeros(size)
+        self.slow = np.zeros(size, dtype=bool)
+        self.members: list[np.ndarray] = [np.empty(0, dtype=np.intp)] * instances
+
+
+class _Cluster:
+    """The usable ranks of a snapshot as arrays, instance by instance in snapshot order (so an array index orders
+    ranks as the scan over instances and their ranks did), with what a placement changes kept up to date."""
+
+    def __init__(
+        self,
+        ranks: Sequence[RankLoad],
+        clock: StepClock,
+        current_step_tokens: dict[RankKey, float],
+        *,
+        now: float,
+        queue_steps: float,
+        min_queue_tokens: float,
+        decode_stall_weight: float,
+        decode: DecodeRanker | None,
+        use_step_phase: bool,
+        long_prefill_tokens: float | None,
+    ) -> None:
+        self.clock = clock
+        self.decode = decode
+        self.long = long_prefill_tokens
+        engines: dict[str, list[RankLoad]] = {}
+        busy: dict[str, bool] = {}
+        running: dict[str, float] = {}
+        for r in ranks:
+            usable = engines.setdefault(r.key.engine, [])
+            busy[r.key.engine] = busy.get(r.key.engine, False) or r.running > 0 or r.waiting > 0
+            running[r.key.engine] = running.get(r.key.engine, 0.0) + r.running
+            if r.usable:
+                usable.append(r)
+        self.engines = list(engines)
+        self.loads: list[RankLoad] = [r for usable in engines.values() for r in usable]
+        loads = self.loads
+        n = len(loads)
+        self.index = {r.key: i for i, r in enumerate(loads)}
+        self.instance = np.array([self.engines.index(r.key.engine) for r in loads], dtype=np.intp)
+        self.slices: list[slice] = []
+        start = 0
+        for usable in engines.values():
+            self.slices.append(slice(start, start + len(usable)))
+            start += len(usable)
+        self.level = np.array([r.queued_prefill_tokens for r in loads], dtype=float)
+        self.next_level = np.array(
+            [max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in loads], dtype=float
+        )
+        self.budget = np.array([r.prefill_budget for r in loads], dtype=float)
+        self.capacity = np.array([capacity_tokens(r, queue_steps, min_queue_tokens) for r in loads], dtype=float)
+        self.open = np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=bool)
+        theta = []
+        wait = []
+        for engine in self.engines:
+            model = clock.model(engine)
+            model.predict(0.0, 0.0)  # solves the coefficients if steps came in since
+            theta.append(model.theta)
+            wait.append(clock.time_to_next_step(engine, now) if busy[engine] and use_step_phase else 0.0)
+        self.a = np.array([theta[i][0] for i in self.instance], dtype=float)
+        self.b = np.array([theta[i][1] for i in self.instance], dtype=float)
+        self.c = np.array([theta[i][2] for i in self.instance], dtype=float)
+        self.a_budget = self.a + self.b * self.budget / 1000.0
+        self.wait = np.array([wait[i] for i in self.instance], dtype=float)
+        self.first = np.minimum(self.next_level, self.budget)
+        self.waiting_next = [int(np.count_nonzero(self.next_level[sl] > 0)) for sl in self.slices]
+        self.running = [running[e] for e in self.engines]
+        self.weight = decode_stall_weight
+        self.stalled = np.array(
+            [self.waiting_next[i] + decode_stall_weight * self.running[i] for i in self.instance], dtype=float
+        )
+        if decode is None:
+            self.tie = [
+                np.array([r.running for r in loads], dtype=float),
+                np.array([0.0 if r.kv_usage is None else r.kv_usage for r in loads], dtype=float),
+                np.array([r.kv_tokens for r in loads], dtype=float),
+            ]
+        else:
+            self.requests = np.array([decode.loads[r.key].requests for r in loads], dtype=float)
+            self.kv = np.array([decode.loads[r.key].kv_tokens for r in loads], dtype=float)
+            self.bucket = self.requests // decode.bucket
+            self.outlier = np.zeros(n, dtype=bool)
+            for i in range(len(self.engines)):
+                self._outliers(i)
+        self.models: dict[str, _Model] = {}
+
+    def _outliers(self, instance: int) -> None:
+        assert self.decode is not None
+        sl = self.slices[instance]
+        requests_fence, kv_fence = self.decode.fences(self.engines[instance])
+        self.outlier[sl] = (self.requests[sl] > requests_fence) | (self.kv[sl] > kv_fence)
+
+    def _model(self, model: str) -> _Model:
+        view = self.models.get(model)
+        if view is None:
+            mask = np.array([model in r.models for r in self.loads], dtype=bool)
+            view = self.models[model] = _Model(mask, len(self.engines), len(self.loads))
+            for i, sl in enumerate(self.slices):
+                view.members[i] = sl.start + np.flatnonzero(mask[sl])
+                self._refresh(view, i)
+        return view
+
+    def _refresh(self, view: _Model, instance: int) -> None:
+        """Recompute one instance's figures over the model's candidates, as the scan did (left-to-right sums)."""
+        members = view.members[instance]
+        if not len(members):
+            return
+        firsts = self.first[members].tolist()
+        heaviest = max(firsts)
+        mean = sum(firsts) / len(firsts)
+        sl = self.slices[instance]
+        view.heaviest[sl] = heaviest
+        view.mean[sl] = mean
+        view.count[sl] = len(firsts)
+        view.d_old[sl] = self.clock.predict(self.engines[instance], heaviest, mean)
+        levels = self.level[members].tolist()
+        view.total_level[sl] = sum(levels)
+        if self.long is not None:
+            view.slow[sl] = max(levels) > self.long
+
+    def serves(self, model: str) -> bool:
+        """Whether some usable rank serves ``model``."""
+        return self._model(model).serves
+
+    def best(self, model: str, tokens: int, cached: dict[RankKey, int], forced: bool) -> tuple[int, float] | None:
+        """The index of the rank with the lowest key for a request of ``tokens`` prompt tokens, of which each rank
+        in ``cached`` holds that many in its prefix cache, and the tokens it must prefill there; ``None`` when no
+        candidate fits (or none serves ``model``)."""
+        view = self._model(model)
+        if not view.serves:
+            return None
+        work: float | np.ndarray = tokens
+        if cached:
+            work = np.full(len(self.loads), float(tokens))
+            index = self.index
+            for key, hit in cached.items():
+                i = index.get(key)
+                if i is not None:
+                    work[i] = tokens - hit
+        level = self.level
+        if forced:
+            fit = view.mask
+        else:
+            fit = view.mask & self.open & ((level + work <= self.capacity) | (level <= 0))
+            if not fit.any():
+                return None
+        if self.long is not None:
+            matching = fit & (view.slow == (tokens > self.long))
+            if matching.any():
+                fit = matching
+        budget = self.budget
+        total = self.next_level + work
+        first_new = np.minimum(total, budget)
+        mean_new = view.mean + (first_new - self.first) / view.count
+        c_mean = self.c * mean_new / 1000.0
+        d_new = np.maximum(0.0, self.a + self.b * np.maximum(view.heaviest, first_new) / 1000.0 + c_mean)
+        further = np.maximum(0.0, total - budget) / budget * np.maximum(0.0, self.a_budget + c_mean)
+        cost = self.wait + d_new + further + (d_new - view.d_old) * self.stalled
+        chosen = _lowest(fit, cost)
+        if chosen is None:
+            ties = fit & (cost == cost[fit].min())
+            keys: list[np.ndarray] = []
+            if cached:
+                keys.append(np.asarray(work))
+            if self.decode is None:
+                keys += [self.next_level, view.total_level, *self.tie]
+            else:
+                keys += [self.outlier, self.bucket, self.kv, self.next_level, view.total_level]
+            for values in keys:
+                chosen = _lowest(ties, values)
+                if chosen is not None:
+                    break
+                ties &= values == values[ties].min()
+            if chosen is None:
+                chosen = int(np.argmax(ties))
+        return chosen, float(tokens if not cached else work[chosen])  # type: ignore[index]
+
+    def place(self, index: int, uncached: float, tokens: int) -> RankKey:
+        """Record the request placed on rank ``index``: ``uncached`` tokens more to prefill there (``tokens`` the
+        whole prompt, for the decode-aware loads); returns the rank."""
+        key = self.loads[index].key
+        instance = int(self.instance[index])
+        sl = self.slices[instance]
+        if self.next_level[index] == 0:
+            self.waiting_next[instance] += 1
+            self.stalled[sl] = self.waiting_next[instance] + self.weight * self.running[instance]
+        self.level[index] += uncached
+        self.next_level[index] += uncached
+        self.first[index] = min(self.next_level[index], self.budget[index])
+        for view in self.models.values():
+            if view.mask[index]:
+                self._refresh(view, instance)
+        if self.decode is not None:
+            self.decode.place(key, tokens)
+            load = self.decode.loads[key]
+            self.requests[index] = load.requests
+            self.kv[index] = load.kv_tokens
+            self.bucket[index] = load.requests // self.decode.bucket
+            self._outliers(instance)
+        return key
+
+
+def _lowest(candidates: np.ndarray, values: np.ndarray) -> int | None:
+    """The index of the single candidate with the lowest value, or ``None`` when several share it."""
+    masked = np.where(candidates, values, np.inf)
+    low = masked.min()
+    if np.count_nonzero(masked == low) == 1:
+        return int(np.argmax(masked == low))
+    return None
 
 
 class PhaseAware:
