@@ -211,6 +211,7 @@ class _Model:
 
     def __init__(self, mask: np.ndarray, instances: int, size: int) -> None:
         self.mask = mask
+        self.open = mask
         self.serves = bool(mask.any())
         self.heaviest = np.zeros(size)
         self.mean = np.zeros(size)
@@ -218,6 +219,8 @@ class _Model:
         self.d_old = np.zeros(size)
         self.total_level = np.zeros(size)
         self.slow = np.zeros(size, dtype=bool)
+        self.first_sum = [0.0] * instances
+        self.level_sum = [0.0] * instances
         self.members: list[np.ndarray] = [np.empty(0, dtype=np.intp)] * instances
 
 
@@ -269,6 +272,12 @@ class _Cluster:
         self.budget = np.array([r.prefill_budget for r in loads], dtype=float)
         self.capacity = np.array([capacity_tokens(r, queue_steps, min_queue_tokens) for r in loads], dtype=float)
         self.open = np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=bool)
+        self.empty = self.level <= 0
+        self.whole = _whole(self.level) and _whole(self.next_level)
+        """Every token figure a whole number below 2**52 (whole prompts keep them so): sums can run."""
+        self.first_before = 0.0
+        self._scratch = [np.empty(n) for _ in range(5)]
+        self._fit = np.empty(n, dtype=bool)
         theta = []
         wait = []
         for engine in self.engines:
@@ -299,14 +308,21 @@ class _Cluster:
             self.kv = np.array([decode.loads[r.key].kv_tokens for r in loads], dtype=float)
             self.bucket = self.requests // decode.bucket
             self.outlier = np.zeros(n, dtype=bool)
+            self.fences: list[tuple[float, float] | None] = [None] * len(self.engines)
             for i in range(len(self.engines)):
                 self._outliers(i)
         self.models: dict[str, _Model] = {}
 
-    def _outliers(self, instance: int) -> None:
+    def _outliers(self, instance: int, index: int | None = None) -> None:
+        """Mark the outliers of ``instance``: all its ranks when its fences moved, else only rank ``index``."""
         assert self.decode is not None
+        fences = self.decode.fences(self.engines[instance])
+        requests_fence, kv_fence = fences
+        if index is not None and fences == self.fences[instance]:
+            self.outlier[index] = self.requests[index] > requests_fence or self.kv[index] > kv_fence
+            return
+        self.fences[instance] = fences
         sl = self.slices[instance]
-        requests_fence, kv_fence = self.decode.fences(self.engines[instance])
         self.outlier[sl] = (self.requests[sl] > requests_fence) | (self.kv[sl] > kv_fence)
 
     def _model(self, model: str) -> _Model:
@@ -314,28 +330,40 @@ class _Cluster:
         if view is None:
             mask = np.array([model in r.models for r in self.loads], dtype=bool)
             view = self.models[model] = _Model(mask, len(self.engines), len(self.loads))
+            view.open = mask & self.open
             for i, sl in enumerate(self.slices):
                 view.members[i] = sl.start + np.flatnonzero(mask[sl])
                 self._refresh(view, i)
         return view
 
-    def _refresh(self, view: _Model, instance: int) -> None:
-        """Recompute one instance's figures over the model's candidates, as the scan did (left-to-right sums)."""
+    def _refresh(self, view: _Model, instance: int, index: int | None = None, added: float = 0.0) -> None:
+        """Set one instance's figures over the model's candidates as the scan computed them (left-to-right sums);
+        after a placement on rank ``index`` of ``added`` tokens (the rank's next-step figure went from
+        ``first_before``) the maximum and, with whole token counts, the sums follow the change."""
         members = view.members[instance]
         if not len(members):
             return
-        firsts = self.first[members].tolist()
-        heaviest = max(firsts)
-        mean = sum(firsts) / len(firsts)
         sl = self.slices[instance]
+        if index is None or not self.whole:
+            firsts = self.first[members]
+            levels = self.level[members]
+            heaviest = float(firsts.max())
+            view.first_sum[instance] = sum(firsts.tolist())
+            view.level_sum[instance] = sum(levels.tolist())
+            slow = bool(levels.max() > self.long) if self.long is not None else False
+        else:
+            # Whole numbers below 2**52 add exactly in any order: the running sums are the scan's sums.
+            heaviest = max(float(view.heaviest[sl.start]), float(self.first[index]))
+            view.first_sum[instance] += float(self.first[index]) - self.first_before
+            view.level_sum[instance] += added
+            slow = self.long is not None and (bool(view.slow[sl.start]) or float(self.level[index]) > self.long)
+        mean = view.first_sum[instance] / len(members)
         view.heaviest[sl] = heaviest
         view.mean[sl] = mean
-        view.count[sl] = len(firsts)
+        view.count[sl] = len(members)
         view.d_old[sl] = self.clock.predict(self.engines[instance], heaviest, mean)
-        levels = self.level[members].tolist()
-        view.total_level[sl] = sum(levels)
-        if self.long is not None:
-            view.slow[sl] = max(levels) > self.long
+        view.total_level[sl] = view.level_sum[instance]
+        view.slow[sl] = slow
 
     def serves(self, model: str) -> bool:
         """Whether some usable rank serves ``model``."""
@@ -356,28 +384,51 @@ class _Cluster:
                 i = index.get(key)
                 if i is not None:
                     work[i] = tokens - hit
-        level = self.level
         if forced:
             fit = view.mask
         else:
-            fit = view.mask & self.open & ((level + work <= self.capacity) | (level <= 0))
+            fit = np.less_equal(np.add(self.level, work, out=self._scratch[0]), self.capacity, out=self._fit)
+            fit |= self.empty
+            fit &= view.open
             if not fit.any():
                 return None
         if self.long is not None:
-            matching = fit & (view.slow == (tokens > self.long))
+            matching = fit & view.slow if tokens > self.long else fit & ~view.slow
             if matching.any():
                 fit = matching
+        # The operations of _placement_cost, in the same order (additions and multiplications commute exactly).
         budget = self.budget
-        total = self.next_level + work
-        first_new = np.minimum(total, budget)
-        mean_new = view.mean + (first_new - self.first) / view.count
-        c_mean = self.c * mean_new / 1000.0
-        d_new = np.maximum(0.0, self.a + self.b * np.maximum(view.heaviest, first_new) / 1000.0 + c_mean)
-        further = np.maximum(0.0, total - budget) / budget * np.maximum(0.0, self.a_budget + c_mean)
-        cost = self.wait + d_new + further + (d_new - view.d_old) * self.stalled
-        chosen = _lowest(fit, cost)
-        if chosen is None:
-            ties = fit & (cost == cost[fit].min())
+        total, first_new, mean_new, c_mean, d_new = self._scratch
+        np.add(self.next_level, work, out=total)
+        np.minimum(total, budget, out=first_new)
+        np.subtract(first_new, self.first, out=mean_new)
+        mean_new /= view.count
+        mean_new += view.mean
+        np.multiply(self.c, mean_new, out=c_mean)
+        c_mean /= 1000.0
+        np.maximum(view.heaviest, first_new, out=d_new)
+        d_new *= self.b
+        d_new /= 1000.0
+        d_new += self.a
+        d_new += c_mean
+        np.maximum(d_new, 0.0, out=d_new)
+        further = total
+        further -= budget
+        np.maximum(further, 0.0, out=further)
+        further /= budget
+        step = c_mean
+        step += self.a_budget
+        np.maximum(step, 0.0, out=step)
+        further *= step
+        cost = np.add(self.wait, d_new, out=first_new)
+        cost += further
+        stall = np.subtract(d_new, view.d_old, out=mean_new)
+        stall *= self.stalled
+        cost += stall
+        masked = np.where(fit, cost, np.inf)
+        ties = np.flatnonzero(masked == masked.min())
+        chosen = int(ties[0])
+        if len(ties) > 1:
             keys: list[np.ndarray] = []
             if cached:
                 keys.append(np.asarray(work))
@@ -385,13 +436,8 @@ class _Cluster:
                 keys += [self.next_level, view.total_level, *self.tie]
             else:
                 keys += [self.outlier, self.bucket, self.kv, self.next_level, view.total_level]
-            for values in keys:
-                chosen = _lowest(ties, values)
-                if chosen is not None:
-                    break
-                ties &= values == values[ties].min()
-            if chosen is None:
-                chosen = int(np.argmax(ties))
+            # np.lexsort sorts by its last key first and is stable: equal keys keep the lower index first.
+            chosen = int(ties[np.lexsort([values[ties] for values in reversed(keys)])[0]])
         return chosen, float(tokens if not cached else work[chosen])  # type: ignore[index]
 
     def place(self, index: int, uncached: float, tokens: int) -> RankKey:
@@ -404,28 +450,26 @@ class _Cluster:
             self.waiting_next[instance] += 1
             self.stalled[sl] = self.waiting_next[instance] + self.weight * self.running[instance]
         self.level[index] += uncached
+        self.empty[index] = self.level[index] <= 0
         self.next_level[index] += uncached
+        self.first_before = float(self.first[index])
         self.first[index] = min(self.next_level[index], self.budget[index])
+        self.whole = self.whole and float(self.level[index]) < 2**52
         for view in self.models.values():
             if view.mask[index]:
-                self._refresh(view, instance)
+                self._refresh(view, instance, index, uncached)
         if self.decode is not None:
             self.decode.place(key, tokens)
             load = self.decode.loads[key]
             self.requests[index] = load.requests
             self.kv[index] = load.kv_tokens
             self.bucket[index] = load.requests // self.decode.bucket
-            self._outliers(instance)
+            self._outliers(instance, index)
         return key
 
 
-def _lowest(candidates: np.ndarray, values: np.ndarray) -> int | None:
-    """The index of the single candidate with the lowest value, or ``None`` when several share it."""
-    masked = np.where(candidates, values, np.inf)
-    low = masked.min()
-    if np.count_nonzero(masked == low) == 1:
-        return int(np.argmax(masked == low))
-    return None
+def _whole(values: np.ndarray) -> bool:
+    return bool(np.all((values == np.floor(values)) & (np.abs(values) < 2**52)))
 
 
 class PhaseAware:
