@@ -116,14 +116,12 @@ def water_fill(
         requests that no usable rank serves.
     """
     result = Allocation()
-    level = {r.key: r.queued_prefill_tokens for r in ranks}
-    usable = [r for r in ranks if r.usable]
+    state = _Ranks(ranks, queue_steps, min_queue_tokens, decode)
     by_model: dict[str, _Levels] = {}
     for request in placement_order(batch, shortest_first):
         levels = by_model.get(request.model)
         if levels is None:
-            serving = [r for r in usable if request.model in r.models]
-            levels = by_model[request.model] = _Levels(serving, level, queue_steps, min_queue_tokens, decode)
+            levels = by_model[request.model] = _Levels(state, request.model)
         if not levels.serving:
             result.unplaceable.append(request)
             continue
@@ -138,56 +136,74 @@ def water_fill(
                 result.deferred.append(request)
                 continue
             best = levels.best_of_all()
-        if decode is not None:
-            decode.place(best.key, tokens)
-        level[best.key] += tokens
         for other in by_model.values():
-            other.moved(best)
-        result.assigned.append((request, best.key))
+            other.remove(best)
+        state.place(best, tokens)
+        for other in by_model.values():
+            other.add(best)
+        result.assigned.append((request, state.loads[best].key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
 
 
+class _Ranks:
+    """The usable ranks of a snapshot by index, for :func:`water_fill`: levels, capacities, the decode-aware loads
+    (a mirror of the ranker's, :meth:`DecodeLoad.plus <gateway.scheduling.decode.DecodeLoad.plus>`'s operations)
+    and each rank's position in rank order (the last tie-break)."""
+
+    def __init__(self, ranks: Sequence[RankLoad], queue_steps: float, min_tokens: float, decode: DecodeRanker | None):
+        self.loads = [r for r in ranks if r.usable]
+        self.decode = decode
+        self.level = [r.queued_prefill_tokens for r in self.loads]
+        self.capacity = [capacity_tokens(r, queue_steps, min_tokens) for r in self.loads]
+        self.open = [r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in self.loads]
+        position = sorted(range(len(self.loads)), key=lambda i: (self.loads[i].key.engine, self.loads[i].key.rank))
+        self.order = [0] * len(self.loads)
+        for place, i in enumerate(position):
+            self.order[i] = place
+        if decode is not None:
+            self.engine = [r.key.engine for r in self.loads]
+            self.requests = [decode.loads[r.key].requests for r in self.loads]
+            self.kv = [decode.loads[r.key].kv_tokens for r in self.loads]
+
+    def entry(self, i: int) -> tuple[float, ...]:
+        """Rank ``i``'s sort entry: ``(level, tie-break..., position, i)``; the tie-break is the decode-aware key
+        without its outlier flag (read while walking the lowest level: it moves with the fences), or
+        :func:`decode_load_key` without the decode-aware choice."""
+        if self.decode is None:
+            return (self.level[i], *decode_load_key(self.loads[i]), self.order[i], i)
+        return (self.level[i], self.requests[i] // self.decode.bucket, self.kv[i], self.order[i], i)
+
+    def is_outlier(self, i: int) -> bool:
+        """Whether rank ``i`` is an outlier of its instance now (:meth:`DecodeRanker.fences`)."""
+        assert self.decode is not None
+        requests_fence, kv_fence = self.decode.fences(self.engine[i])
+        return self.requests[i] > requests_fence or self.kv[i] > kv_fence
+
+    def place(self, i: int, tokens: int) -> None:
+        """A request of ``tokens`` prompt tokens goes to rank ``i``."""
+        self.level[i] += tokens
+        if self.decode is not None:
+            self.decode.place(self.loads[i].key, tokens)
+            self.requests[i] = self.requests[i] + 1
+            self.kv[i] = self.kv[i] + tokens
+
+
 class _Levels:
     """The ranks serving one model, for :func:`water_fill`: those that may take a request (below the KV
-    watermark) in groups of equal capacity, each sorted by ``(level, tie-break, rank)``, where the tie-break is
-    the decode-aware key without its outlier flag (the flag moves with the fences: it is read while walking the
-    ranks of the lowest level) or :func:`decode_load_key` without the decode-aware choice."""
+    watermark) in groups of equal capacity, each sorted by :meth:`_Ranks.entry`."""
 
-    def __init__(
-        self,
-        serving: list[RankLoad],
-        level: dict[RankKey, float],
-        queue_steps: float,
-        min_tokens: float,
-        decode: DecodeRanker | None,
-    ) -> None:
-        self.serving = serving
-        self.level = level
-        self.decode = decode
-        self.queue_steps = queue_steps
-        self.min_tokens = min_tokens
-        self._groups: dict[float, list[tuple[float, tuple[float, ...], RankKey, RankLoad]]] = {}
-        self._entry: dict[RankKey, tuple[float, tuple[float, ...], RankKey, RankLoad]] = {}
-        self._cap: dict[RankKey, float] = {}
-        for r in serving:
-            if r.kv_usage is not None and r.kv_usage >= KV_HIGH_WATERMARK:
-                continue
-            cap = capacity_tokens(r, queue_steps, min_tokens)
-            entry = self._make(r)
-            self._cap[r.key] = cap
-            self._entry[r.key] = entry
-            self._groups.setdefault(cap, []).append(entry)
+    def __init__(self, ranks: _Ranks, model: str) -> None:
+        self.ranks = ranks
+        self.serving = [i for i, r in enumerate(ranks.loads) if model in r.models]
+        self._groups: dict[float, list[tuple[float, ...]]] = {}
+        self._entry: dict[int, tuple[float, ...]] = {}
+        for i in self.serving:
+            if ranks.open[i]:
+                self._entry[i] = entry = ranks.entry(i)
+                self._groups.setdefault(ranks.capacity[i], []).append(entry)
         for entries in self._groups.values():
-            entries.sort(key=_entry_order)
-
-    def _make(self, r: RankLoad) -> tuple[float, tuple[float, ...], RankKey, RankLoad]:
-        if self.decode is None:
-            tail: tuple[float, ...] = decode_load_key(r)
-        else:
-            load = self.decode.loads[r.key]
-            tail = (load.requests // self.decode.bucket, load.kv_tokens)
-        return (self.level[r.key], tail, r.key, r)
+            entries.sort()
 
     def headroom(self) -> float:
         """The most prompt tokens a rank below the KV watermark can still take (``inf`` if one has nothing queued,
@@ -201,9 +217,9 @@ class _Levels:
                 best = max(best, cap - low)
         return best
 
-    def best_fitting(self, tokens: int) -> RankLoad | None:
+    def best_fitting(self, tokens: int) -> int | None:
         """The rank with the lowest key among those ``tokens`` more prompt tokens fit (:func:`fits`), or ``None``."""
-        best: tuple[tuple[object, ...], RankLoad] | None = None
+        best: tuple[float, ...] | None = None
         for cap, entries in self._groups.items():
             if not entries:
                 continue
@@ -211,49 +227,42 @@ class _Levels:
             if not (low + tokens <= cap or low <= 0):
                 continue  # the lowest level of the group does not fit: no higher one does
             found = self._lowest(entries)
-            if best is None or found[0] < best[0]:
+            if best is None or found < best:
                 best = found
-        return None if best is None else best[1]
+        return None if best is None else int(best[-1])
 
-    def _lowest(
-        self, entries: list[tuple[float, tuple[float, ...], RankKey, RankLoad]]
-    ) -> tuple[tuple[object, ...], RankLoad]:
-        """The full key and rank of the best of ``entries``' lowest level (the decode-aware outlier flag read)."""
-        low = entries[0][0]
-        decode = self.decode
-        if decode is None:
-            first = entries[0]
-            return (first[0], first[1], first[2]), first[3]
+    def _lowest(self, entries: list[tuple[float, ...]]) -> tuple[float, ...]:
+        """The full key of the best of ``entries``' lowest level, the outlier flag second."""
+        first = entries[0]
+        if self.ranks.decode is None:
+            return first
+        low = first[0]
         for entry in entries:
             if entry[0] != low:
                 break
-            if not decode.is_outlier(entry[2]):
-                return (low, 0, *entry[1], entry[2]), entry[3]
-        first = entries[0]
-        return (low, 1, *first[1], first[2]), first[3]
+            if not self.ranks.is_outlier(int(entry[-1])):
+                return (low, 0, *entry[1:])
+        return (low, 1, *first[1:])
 
-    def best_of_all(self) -> RankLoad:
+    def best_of_all(self) -> int:
         """The rank with the lowest key among all serving ranks, fitting or not (a request past ``max_wait_s``)."""
-        decode = self.decode
-        level = self.level
-        if decode is None:
-            return min(self.serving, key=lambda r: (level[r.key], decode_load_key(r), r.key))
-        return min(self.serving, key=lambda r: (level[r.key], decode.key(r.key), r.key))
+        ranks = self.ranks
+        if ranks.decode is None:
+            return min(self.serving, key=ranks.entry)
+        return min(self.serving, key=lambda i: (ranks.level[i], ranks.is_outlier(i), *ranks.entry(i)[1:]))
 
-    def moved(self, rank: RankLoad) -> None:
-        """``rank``'s level (and decode load) changed: re-sort its entry."""
-        old = self._entry.get(rank.key)
-        if old is None:
-            return
-        entries = self._groups[self._cap[rank.key]]
-        del entries[bisect.bisect_left(entries, _entry_order(old), key=_entry_order)]
-        new = self._make(rank)
-        self._entry[rank.key] = new
-        bisect.insort(entries, new, key=_entry_order)
+    def remove(self, i: int) -> None:
+        """Take rank ``i``'s entry out before its figures change."""
+        old = self._entry.get(i)
+        if old is not None:
+            entries = self._groups[self.ranks.capacity[i]]
+            del entries[bisect.bisect_left(entries, old)]
 
-
-def _entry_order(entry: tuple[float, tuple[float, ...], RankKey, RankLoad]) -> tuple[float, tuple[float, ...], RankKey]:
-    return entry[0], entry[1], entry[2]
+    def add(self, i: int) -> None:
+        """Put rank ``i``'s entry back with its new figures."""
+        if i in self._entry:
+            self._entry[i] = entry = self.ranks.entry(i)
+            bisect.insort(self._groups[self.ranks.capacity[i]], entry)
 
 
 def assigned_levels(allocation: Allocation, ranks: Sequence[RankLoad]) -> dict[RankKey, float]:
