@@ -14,7 +14,8 @@ requests of those lengths to it through the load view (0 to 3 prefill budgets qu
 and one scrape per instance (KV usage 0.05-0.9); each instance's step clock fed with a dozen timed steps ending at
 a random phase before ``now``; the prefix index holding the first blocks of 64 synthetic conversations, each on a
 few ranks, and 60% of the window's requests continuing one of them. Each cell is the median over ``--repeat``
-runs (one run when a run takes over 2 s).
+runs (one run when a run takes over 2 s) of the process's CPU time (:func:`time.process_time`), not wall time:
+on this shared 2-core machine other jobs stretch wall time several-fold.
 
     python bench/allocation_scale.py                  # the full grid: bench/results/allocation_scale.{json,md}
     python bench/allocation_scale.py --quick          # 1,000 requests over 2 x 128, 8 x 32 and 1 x 256 only
@@ -144,9 +145,9 @@ def make_batch(prompts: list[int], n: int, seed: int) -> list[PendingRequest]:
 def _median_ms(run: Callable[[], object], repeat: int) -> tuple[float, int]:
     times = []
     for i in range(repeat):
-        start = time.perf_counter()
+        start = time.process_time()
         run()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.process_time() - start) * 1e3)
         if i == 0 and times[0] > 2_000:
             break
     return statistics.median(times), len(times)
@@ -205,22 +206,22 @@ def immediate_cell(policy: str, shape: tuple[int, int], n: int, prompts: list[in
             PendingRequest(r.request_id, r.model, r.prompt_tokens, 256, NOW, prefix_blocks=r.prefix_blocks)
             for r in batch
         ]
-        start = time.perf_counter()
+        start = time.process_time()
         for request in fresh:
             sched.submit(request, NOW)
-        submit_times.append((time.perf_counter() - start) * 1e6 / n)
+        submit_times.append((time.process_time() - start) * 1e6 / n)
         sched = scheduler()
         snapshot = sched.view.snapshot(NOW, PREFILL_ROLES)
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(20):
             sched.view.snapshot(NOW, PREFILL_ROLES)
-        snapshot_times.append((time.perf_counter() - start) * 1e6 / 20)
+        snapshot_times.append((time.process_time() - start) * 1e6 / 20)
         steps = PhasePlacement(PhaseAwareConfig(), DecodeConfig(), sched.step_clock, sched.prefix)
         choose = make_immediate_policy(policy, steps=steps).choose
-        start = time.perf_counter()
+        start = time.process_time()
         for request in fresh:
             choose(request, snapshot)
-        choose_times.append((time.perf_counter() - start) * 1e6 / n)
+        choose_times.append((time.process_time() - start) * 1e6 / n)
     return {
         "kind": "immediate",
         "policy": policy,
@@ -276,17 +277,30 @@ def main() -> None:
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     if not args.no_md:
         before = json.loads(args.before.read_text()) if args.before.exists() else []
-        args.md.write_text(markdown(rows, before))
+        notes = ""
+        if args.md.exists() and NOTES in (text := args.md.read_text()):
+            notes = text[text.index(NOTES) :]
+        args.md.write_text(markdown(rows, before) + (f"\n{notes}" if notes else ""))
+
+
+NOTES = "<!-- notes: kept when the tables are rewritten -->"
+"""The line of ``allocation_scale.md`` from which on the text is written by hand and kept by a rerun."""
 
 
 def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> str:
-    """The results table, with the figures before the speed-up where ``before`` has the same cell."""
+    """The results tables, with the figures before the speed-up where ``before`` has the same cell."""
 
     def cell(row: dict[str, Any]) -> tuple[Any, ...]:
         return (row["kind"], row["policy"], row["shape"], row["requests"])
 
     old = {cell(r): r for r in before}
     lines = [
+        "# Allocation at cluster scale",
+        "",
+        "`python bench/allocation_scale.py` (module docstring: inputs, what is timed). CPU time of one window's",
+        "placement, median of several runs (one when a run takes over 2 s); the snapshot timed apart. *before*:",
+        "the same script on the code before the restructuring (`--before`, from `allocation_scale_before.json`).",
+        "",
         "| allocator | shape | requests | snapshot ms | place ms | before: place ms |",
         "|---|---|---:|---:|---:|---:|",
     ]
@@ -299,6 +313,9 @@ def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> str:
             f"{'' if b is None else format(b['place_ms'], '.1f')} |"
         )
     lines += [
+        "",
+        f"Immediate policies: {IMMEDIATE_REQUESTS:,} requests one after another through `Scheduler.submit` (snapshot,",
+        "choice, dispatch record), and the choice alone on a fixed snapshot; microseconds per request.",
         "",
         "| immediate policy | shape | submit µs/request | snapshot µs | choose µs/request | before: submit, choose |",
         "|---|---|---:|---:|---:|---:|",
