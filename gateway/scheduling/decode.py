@@ -130,22 +130,19 @@ class _Group:
     """One instance's decode objectives, kept sorted for its quartiles (updates O(log n) search plus an O(n)
     memmove; the fences O(1) once the sums are known)."""
 
-    __slots__ = ("exact_sums", "fences", "keys", "kv_sorted", "kv_sum", "requests_sorted", "requests_sum")
+    __slots__ = ("exact_sums", "fences", "keys", "kv_sorted", "kv_sum", "magnitude", "requests_sorted", "requests_sum")
 
-    def __init__(self, keys: list[RankKey], loads: dict[RankKey, DecodeLoad]) -> None:
+    def __init__(self, keys: list[RankKey], requests: list[float], kv_tokens: list[float]) -> None:
         self.keys = keys
-        values = [loads[k] for k in keys]
-        self.requests_sorted = sorted(v.requests for v in values)
-        self.kv_sorted = sorted(v.kv_tokens for v in values)
-        self.requests_sum = sum(v.requests for v in values)
-        self.kv_sum = sum(v.kv_tokens for v in values)
-        # Whole numbers below 2**53 add exactly in any order, so running sums equal the left-to-right sums.
-        self.exact_sums = all(_whole(v.requests) and _whole(v.kv_tokens) for v in values)
+        self.requests_sorted = sorted(requests)
+        self.kv_sorted = sorted(kv_tokens)
+        self.requests_sum = sum(requests)
+        self.kv_sum = sum(kv_tokens)
+        # Whole numbers whose magnitudes add up to less than 2**53 add exactly in any order, so running sums
+        # equal the left-to-right sums; otherwise the sums are recomputed in group order.
+        self.magnitude = sum(map(abs, requests)) + sum(map(abs, kv_tokens))
+        self.exact_sums = self.magnitude < 2**53 and all(float(v).is_integer() for v in requests + kv_tokens)
         self.fences: tuple[float, float] | None = None
-
-
-def _whole(x: float) -> bool:
-    return float(x).is_integer() and abs(x) < 2**52
 
 
 class DecodeRanker:
@@ -171,11 +168,15 @@ class DecodeRanker:
             raise ValueError(f"iqr_k must be >= 0, got {iqr_k}")
         self.iqr_k = iqr_k
         self.bucket = bucket
-        self.loads = {r.key: DecodeLoad.of(r) for r in ranks}
-        members: dict[str, list[RankKey]] = {}
+        self.loads: dict[RankKey, DecodeLoad] = {}
+        members: dict[str, tuple[list[RankKey], list[float], list[float]]] = {}
         for r in ranks:
-            members.setdefault(r.key.engine, []).append(r.key)
-        self._groups = {engine: _Group(keys, self.loads) for engine, keys in members.items()}
+            load = self.loads[r.key] = DecodeLoad.of(r)
+            keys, requests, kv_tokens = members.setdefault(r.key.engine, ([], [], []))
+            keys.append(r.key)
+            requests.append(load.requests)
+            kv_tokens.append(load.kv_tokens)
+        self._groups = {engine: _Group(*group) for engine, group in members.items()}
 
     def fences(self, engine: str) -> tuple[float, float]:
         """``(requests fence, KV tokens fence)`` of ``engine``'s group (:func:`iqr_outliers`): a rank above either
@@ -229,7 +230,8 @@ class DecodeRanker:
         _replace(group.kv_sorted, old.kv_tokens, new.kv_tokens)
         group.requests_sum += 1
         group.kv_sum += prompt_tokens
-        group.exact_sums = group.exact_sums and _whole(new.kv_tokens) and _whole(group.kv_sum)
+        group.magnitude += 1 + abs(prompt_tokens)
+        group.exact_sums = group.exact_sums and group.magnitude < 2**53 and float(prompt_tokens).is_integer()
         group.fences = None
 
 

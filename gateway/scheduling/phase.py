@@ -258,7 +258,6 @@ class _Cluster:
         self.loads: list[RankLoad] = [r for usable in engines.values() for r in usable]
         loads = self.loads
         n = len(loads)
-        self.index = {r.key: i for i, r in enumerate(loads)}
         self.instance = np.array([self.engines.index(r.key.engine) for r in loads], dtype=np.intp)
         self.slices: list[slice] = []
         start = 0
@@ -273,8 +272,10 @@ class _Cluster:
         self.capacity = np.array([capacity_tokens(r, queue_steps, min_queue_tokens) for r in loads], dtype=float)
         self.open = np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=bool)
         self.empty = self.level <= 0
-        self.whole = _whole(self.level) and _whole(self.next_level)
-        """Every token figure a whole number below 2**52 (whole prompts keep them so): sums can run."""
+        self.magnitude = float(np.abs(self.level).sum() + np.abs(self.next_level).sum())
+        self.whole = _whole(self.level) and _whole(self.next_level) and self.magnitude < 2**53
+        """Every token figure a whole number, their magnitudes adding up to less than 2**53 (so any sum of them is
+        exact whatever the order): the instance sums can run instead of being recomputed."""
         self.first_before = 0.0
         self._scratch = [np.empty(n) for _ in range(5)]
         self._fit = np.empty(n, dtype=bool)
@@ -304,14 +305,17 @@ class _Cluster:
                 np.array([r.kv_tokens for r in loads], dtype=float),
             ]
         else:
-            self.requests = np.array([decode.loads[r.key].requests for r in loads], dtype=float)
-            self.kv = np.array([decode.loads[r.key].kv_tokens for r in loads], dtype=float)
+            decode_loads = [decode.loads[r.key] for r in loads]
+            self.requests = np.array([d.requests for d in decode_loads], dtype=float)
+            self.kv = np.array([d.kv_tokens for d in decode_loads], dtype=float)
             self.bucket = self.requests // decode.bucket
             self.outlier = np.zeros(n, dtype=bool)
             self.fences: list[tuple[float, float] | None] = [None] * len(self.engines)
             for i in range(len(self.engines)):
                 self._outliers(i)
         self.models: dict[str, _Model] = {}
+        self.index: dict[RankKey, int] | None = None
+        """Rank → array index, built on the first prefix hit."""
 
     def _outliers(self, instance: int, index: int | None = None) -> None:
         """Mark the outliers of ``instance``: all its ranks when its fences moved, else only rank ``index``."""
@@ -338,8 +342,8 @@ class _Cluster:
 
     def _refresh(self, view: _Model, instance: int, index: int | None = None, added: float = 0.0) -> None:
         """Set one instance's figures over the model's candidates as the scan computed them (left-to-right sums);
-        after a placement on rank ``index`` of ``added`` tokens (the rank's next-step figure went from
-        ``first_before``) the maximum and, with whole token counts, the sums follow the change."""
+        after a placement of ``added`` tokens on rank ``index`` the maximum and, with whole token counts
+        (:attr:`whole`), the sums follow the change instead of being recomputed."""
         members = view.members[instance]
         if not len(members):
             return
@@ -379,6 +383,8 @@ class _Cluster:
         work: float | np.ndarray = tokens
         if cached:
             work = np.full(len(self.loads), float(tokens))
+            if self.index is None:
+                self.index = {r.key: i for i, r in enumerate(self.loads)}
             index = self.index
             for key, hit in cached.items():
                 i = index.get(key)
@@ -454,7 +460,8 @@ class _Cluster:
         self.next_level[index] += uncached
         self.first_before = float(self.first[index])
         self.first[index] = min(self.next_level[index], self.budget[index])
-        self.whole = self.whole and float(self.level[index]) < 2**52
+        self.magnitude += 2 * abs(uncached)
+        self.whole = self.whole and self.magnitude < 2**53 and float(uncached).is_integer()
         for view in self.models.values():
             if view.mask[index]:
                 self._refresh(view, instance, index, uncached)
@@ -469,7 +476,7 @@ class _Cluster:
 
 
 def _whole(values: np.ndarray) -> bool:
-    return bool(np.all((values == np.floor(values)) & (np.abs(values) < 2**52)))
+    return bool(np.all(values == np.floor(values)))
 
 
 class PhaseAware:
