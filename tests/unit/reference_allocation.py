@@ -5,8 +5,9 @@ seeded random windows."""
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.scheduling.allocation import (
@@ -17,6 +18,7 @@ from gateway.scheduling.allocation import (
     fits,
     placement_order,
 )
+from gateway.scheduling.baselines.prefix_hash import VIRTUAL_NODES, _position
 from gateway.scheduling.decode import IQR_K, RUNNING_BUCKET, DecodeLoad, iqr_outliers, lexicographic_key
 from gateway.scheduling.phase import DECODE_STALL_WEIGHT
 from gateway.scheduling.prefix_index import PrefixIndex
@@ -344,3 +346,22 @@ def reference_phase_fill(
         result.assigned.append((request, chosen.key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
+
+
+def reference_rotating_pick(
+    start: int, candidates: list[RankLoad], load: Callable[[RankLoad], float]
+) -> tuple[RankKey, int]:
+    """:class:`~gateway.scheduling.baselines.base.Rotating`'s choice as a scan of the rotated candidates: the rank
+    and the next start."""
+    n = len(candidates)
+    start %= n
+    rotated = candidates[start:] + candidates[:start]
+    best = min(range(n), key=lambda i: load(rotated[i]))
+    return rotated[best].key, start + best + 1
+
+
+def reference_prefix_hash_target(candidates: list[RankLoad], head: int) -> RankKey:
+    """The rank ``prefix_hash`` hashes a prompt head to, its ring built afresh from the candidates' keys."""
+    entries = sorted((_position(f"{r.key}#{v}"), r.key) for r in candidates for v in range(VIRTUAL_NODES))
+    positions = [p for p, _ in entries]
+    return entries[bisect.bisect_left(positions, _position(str(head))) % len(entries)][1]

@@ -1,6 +1,7 @@
 """The window allocators place exactly as the straightforward scan did (``reference_allocation.py``), on seeded
 random windows: instance shapes, budgets, models, loads (whole and fractional token figures), KV watermarks,
-forced requests, prefix hits, long-prefill isolation and every settings switch."""
+forced requests, prefix hits, long-prefill isolation and every settings switch; so do the immediate policies
+whose scans were restructured (the rotating minimum, ``prefix_hash``'s ring)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import random
 import pytest
 
 from gateway.scheduling.allocation import water_fill
+from gateway.scheduling.baselines.policies import ShortestQueue
+from gateway.scheduling.baselines.prefix_hash import PrefixHash
 from gateway.scheduling.decode import DecodeRanker
 from gateway.scheduling.phase import phase_fill
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_clock import StepClock
 from gateway.types import PendingRequest, RankKey, RankLoad
-from tests.unit.reference_allocation import ReferenceRanker, reference_phase_fill, reference_water_fill
+from tests.unit.reference_allocation import (
+    ReferenceRanker,
+    reference_phase_fill,
+    reference_prefix_hash_target,
+    reference_rotating_pick,
+    reference_water_fill,
+)
 
 NOW = 50.0
 
@@ -157,3 +166,32 @@ def test_decode_ranker_keys_follow_the_scan(seed):
         reference.place(key, request.prompt_tokens)
         assert [fast.key(r.key) for r in ranks] == [reference.key(r.key) for r in ranks]
         assert fast.outliers(key.engine) == reference.outliers(key.engine)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_rotating_policies_pick_as_the_rotated_scan(seed):
+    rng = random.Random(seed)
+    ranks = [
+        RankLoad(
+            RankKey("e", i), frozenset({"m"}), 8192, running=float(rng.randint(0, 3)), waiting=float(rng.randint(0, 2))
+        )
+        for i in range(rng.randint(1, 12))
+    ]
+    policy = ShortestQueue()
+    start = 0
+    for _ in range(20):
+        expected, start = reference_rotating_pick(start, ranks, lambda r: r.queue_length)
+        assert policy.choose(PendingRequest("r", "m", 10, 1, 0.0), ranks) == expected
+        assert policy._next == start
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefix_hash_targets_the_ring_of_the_candidates(seed):
+    rng = random.Random(seed)
+    ranks = [RankLoad(RankKey(f"e{i % 3}", i), frozenset({"m"}), 8192) for i in range(rng.randint(1, 10))]
+    policy = PrefixHash()
+    for _ in range(10):
+        candidates = [r for r in ranks if rng.random() < 0.8] or ranks[:1]
+        head = rng.getrandbits(60)
+        request = PendingRequest("r", "m", 10, 1, 0.0, prefix_blocks=(head,))
+        assert policy.choose(request, candidates) == reference_prefix_hash_target(candidates, head)
