@@ -62,43 +62,6 @@ It trades TTFT for TPOT: higher favours the decoding requests. Chosen on five Az
 and 95% load: ``bench/results/decisions.md#decode-stall-weight``."""
 
 
-def _placement_cost(
-    clock: StepClock,
-    engine: str,
-    tokens: float,
-    next_level: float,
-    budget: float,
-    heaviest: float,
-    mean: float,
-    ranks: int,
-    wait: float,
-    stalled: float,
-) -> float:
-    """Predicted cost of placing ``tokens`` prompt tokens on a rank of ``engine`` (the module docstring's formula),
-    seconds.
-
-    Args:
-        clock: the step clock (the instance's step-time model).
-        engine: the instance ``e``.
-        tokens: the request's prompt tokens ``t``.
-        next_level: prompt tokens already queued on the rank for the steps after the one in progress.
-        budget: the rank's per-step prefill budget.
-        heaviest: ``H_e``, the heaviest rank's prefill tokens bound for the next step.
-        mean: ``S_e``, the ranks' mean prefill tokens bound for the next step.
-        ranks: the instance's DP ranks.
-        wait: ``wait(e)``, seconds until the instance starts its next step.
-        stalled: ``n_e + w * running_e``, the requests a longer next step holds up.
-    """
-    total = next_level + tokens
-    first_old = min(next_level, budget)
-    first_new = min(total, budget)
-    mean_new = mean + (first_new - first_old) / ranks
-    d_old = clock.predict(engine, heaviest, mean)
-    d_new = clock.predict(engine, max(heaviest, first_new), mean_new)
-    own = wait + d_new + max(0.0, total - budget) / budget * clock.predict(engine, budget, mean_new)
-    return own + (d_new - d_old) * stalled
-
-
 def _matched(
     prefix: PrefixIndex, staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]], blocks: tuple[int, ...]
 ) -> dict[RankKey, int]:
@@ -135,10 +98,11 @@ def phase_fill(
     """Place a batch by predicted time to first token (see the module docstring).
 
     Each request's cost is computed for every fitting rank at once, over arrays of the usable ranks
-    (:class:`_Cluster`), with the floating-point operations of :func:`_placement_cost` in the same order, so the
-    costs and the choice are those of a rank-by-rank scan; what a placement changes (the rank's levels, its
-    instance's next-step figures, the decode-aware loads and fences of its instance) is updated in place. A
-    request costs O(n) vectorised operations and O(instance size) scalar ones, n the usable ranks.
+    (:class:`_Cluster`), with the floating-point operations of the step-time model in the order a rank-by-rank
+    evaluation of the formula performs them, so the costs and the choice are those of a scan; what a placement
+    changes (the rank's levels, its instance's next-step figures, the decode-aware loads and fences of its
+    instance) is updated in place. A request costs O(n) vectorised operations and O(instance size) scalar
+    ones, n the usable ranks.
 
     Args:
         batch: the window's requests.
@@ -402,35 +366,7 @@ class _Cluster:
             matching = fit & view.slow if tokens > self.long else fit & ~view.slow
             if matching.any():
                 fit = matching
-        # The operations of _placement_cost, in the same order (additions and multiplications commute exactly).
-        budget = self.budget
-        total, first_new, mean_new, c_mean, d_new = self._scratch
-        np.add(self.next_level, work, out=total)
-        np.minimum(total, budget, out=first_new)
-        np.subtract(first_new, self.first, out=mean_new)
-        mean_new /= view.count
-        mean_new += view.mean
-        np.multiply(self.c, mean_new, out=c_mean)
-        c_mean /= 1000.0
-        np.maximum(view.heaviest, first_new, out=d_new)
-        d_new *= self.b
-        d_new /= 1000.0
-        d_new += self.a
-        d_new += c_mean
-        np.maximum(d_new, 0.0, out=d_new)
-        further = total
-        further -= budget
-        np.maximum(further, 0.0, out=further)
-        further /= budget
-        step = c_mean
-        step += self.a_budget
-        np.maximum(step, 0.0, out=step)
-        further *= step
-        cost = np.add(self.wait, d_new, out=first_new)
-        cost += further
-        stall = np.subtract(d_new, view.d_old, out=mean_new)
-        stall *= self.stalled
-        cost += stall
+        cost = self._costs(view, work)
         masked = np.where(fit, cost, np.inf)
         ties = np.flatnonzero(masked == masked.min())
         chosen = int(ties[0])
@@ -445,6 +381,49 @@ class _Cluster:
             # np.lexsort sorts by its last key first and is stable: equal keys keep the lower index first.
             chosen = int(ties[np.lexsort([values[ties] for values in reversed(keys)])[0]])
         return chosen, float(tokens if not cached else work[chosen])  # type: ignore[index]
+
+    def _costs(self, view: _Model, work: float | np.ndarray) -> np.ndarray:
+        """Every rank's predicted cost of taking ``work`` more prompt tokens (the module docstring's formula),
+        seconds: for rank ``r`` of instance ``e``, with ``q`` its next-step level, ``B`` its budget, ``n`` the
+        instance's candidates, ``H``, ``S`` its next-step heaviest and mean figures and ``d(H, S)`` its step-time
+        model (:meth:`StepTimeModel.predict <gateway.scheduling.step_clock.StepTimeModel.predict>`, written out
+        with the same operations so the floats are the model's)::
+
+            first_new = min(q + t, B);  S' = S + (first_new - min(q, B)) / n
+            cost = wait(e) + d(max(H, first_new), S') + max(0, q + t - B) / B * d(B, S')
+                   + (d(max(H, first_new), S') - d(H, S)) * (n_e + w * running_e)
+
+        Computed in the scratch buffers; the result is valid until the next call."""
+        budget = self.budget
+        total, first_new, mean_new, c_mean, d_new = self._scratch
+        np.add(self.next_level, work, out=total)
+        np.minimum(total, budget, out=first_new)
+        np.subtract(first_new, self.first, out=mean_new)
+        mean_new /= view.count
+        mean_new += view.mean
+        np.multiply(self.c, mean_new, out=c_mean)
+        c_mean /= 1000.0
+        # d(max(H, first_new), S') = max(0, a + b * H' / 1000 + c * S' / 1000); a sum commutes exactly.
+        np.maximum(view.heaviest, first_new, out=d_new)
+        d_new *= self.b
+        d_new /= 1000.0
+        d_new += self.a
+        d_new += c_mean
+        np.maximum(d_new, 0.0, out=d_new)
+        further = total
+        further -= budget
+        np.maximum(further, 0.0, out=further)
+        further /= budget
+        step = c_mean
+        step += self.a_budget
+        np.maximum(step, 0.0, out=step)
+        further *= step
+        cost: np.ndarray = np.add(self.wait, d_new, out=first_new)
+        cost += further
+        stall = np.subtract(d_new, view.d_old, out=mean_new)
+        stall *= self.stalled
+        cost += stall
+        return cost
 
     def place(self, index: int, uncached: float, tokens: int) -> RankKey:
         """Record the request placed on rank ``index``: ``uncached`` tokens more to prefill there (``tokens`` the
