@@ -222,7 +222,8 @@ class _Cluster:
         self.loads: list[RankLoad] = [r for usable in engines.values() for r in usable]
         loads = self.loads
         n = len(loads)
-        self.instance = np.array([self.engines.index(r.key.engine) for r in loads], dtype=np.intp)
+        sizes = [len(usable) for usable in engines.values()]
+        self.instance = np.repeat(np.arange(len(sizes), dtype=np.intp), sizes)
         self.slices: list[slice] = []
         start = 0
         for usable in engines.values():
@@ -250,18 +251,17 @@ class _Cluster:
             model.predict(0.0, 0.0)  # solves the coefficients if steps came in since
             theta.append(model.theta)
             wait.append(clock.time_to_next_step(engine, now) if busy[engine] and use_step_phase else 0.0)
-        self.a = np.array([theta[i][0] for i in self.instance], dtype=float)
-        self.b = np.array([theta[i][1] for i in self.instance], dtype=float)
-        self.c = np.array([theta[i][2] for i in self.instance], dtype=float)
+        coefficients = np.array(theta, dtype=float).reshape(-1, 3)[self.instance].T.copy()
+        self.a, self.b, self.c = coefficients[0], coefficients[1], coefficients[2]
         self.a_budget = self.a + self.b * self.budget / 1000.0
-        self.wait = np.array([wait[i] for i in self.instance], dtype=float)
+        self.wait = np.array(wait, dtype=float)[self.instance]
         self.first = np.minimum(self.next_level, self.budget)
         self.waiting_next = [int(np.count_nonzero(self.next_level[sl] > 0)) for sl in self.slices]
         self.running = [running[e] for e in self.engines]
         self.weight = decode_stall_weight
         self.stalled = np.array(
-            [self.waiting_next[i] + decode_stall_weight * self.running[i] for i in self.instance], dtype=float
-        )
+            [self.waiting_next[i] + decode_stall_weight * self.running[i] for i in range(len(sizes))], dtype=float
+        )[self.instance]
         if decode is None:
             self.tie = [
                 np.array([r.running for r in loads], dtype=float),
