@@ -27,6 +27,7 @@ budget, two budgets would leave every longer prompt waiting for an idle rank
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -63,17 +64,6 @@ def fits(level: float, tokens: int, load: RankLoad, queue_steps: float, min_toke
     return level + tokens <= capacity_tokens(load, queue_steps, min_tokens) or level <= 0
 
 
-def _headroom(serving: Sequence[RankLoad], level: dict[RankKey, float], queue_steps: float, min_tokens: float) -> float:
-    best = -math.inf
-    for r in serving:
-        if r.kv_usage is not None and r.kv_usage >= KV_HIGH_WATERMARK:
-            continue
-        if level[r.key] <= 0:
-            return math.inf
-        best = max(best, capacity_tokens(r, queue_steps, min_tokens) - level[r.key])
-    return best
-
-
 def placement_order(batch: Iterable[PendingRequest], shortest_first: bool = False) -> list[PendingRequest]:
     """The order in which a window's requests are placed: requests deferred by more windows first (so what
     waited is not passed over again by newer arrivals), then longest prompt first (water-filling), then by
@@ -106,6 +96,10 @@ def water_fill(
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
+    Each request goes to the fitting rank with the lowest ``(level, decode key, rank)``. The ranks serving a
+    model are kept sorted by that key within groups of equal capacity (:class:`_Levels`), so a request costs
+    O(log n) comparisons plus an O(n) memmove per group, n the ranks serving its model, instead of a scan.
+
     Args:
         batch: the window's requests, in arrival order.
         ranks: a snapshot of every DP rank's load.
@@ -122,44 +116,153 @@ def water_fill(
         requests that no usable rank serves.
     """
     result = Allocation()
-    level = {r.key: r.queued_prefill_tokens for r in ranks}
-    usable = [r for r in ranks if r.usable]
-    serving_by_model: dict[str, list[RankLoad]] = {}
-    # Per model: the most prompt tokens any serving rank can still take (inf if one is idle), so that
-    # requests which fit nowhere are deferred without scanning every rank (windows can hold thousands).
-    headroom: dict[str, float] = {}
-    order = placement_order(batch, shortest_first)
-    for request in order:
-        serving = serving_by_model.get(request.model)
-        if serving is None:
-            serving = serving_by_model[request.model] = [r for r in usable if request.model in r.models]
-            headroom[request.model] = _headroom(serving, level, queue_steps, min_queue_tokens)
-        if not serving:
+    state = _Ranks(ranks, queue_steps, min_queue_tokens, decode)
+    by_model: dict[str, _Levels] = {}
+    for request in placement_order(batch, shortest_first):
+        levels = by_model.get(request.model)
+        if levels is None:
+            levels = by_model[request.model] = _Levels(state, request.model)
+        if not levels.serving:
             result.unplaceable.append(request)
             continue
+        tokens = request.prompt_tokens
         young = now - request.arrival_s < max_wait_s
-        if young and request.prompt_tokens > headroom[request.model]:
+        if young and tokens > levels.headroom():
             result.deferred.append(request)
             continue
-        fitting = [r for r in serving if fits(level[r.key], request.prompt_tokens, r, queue_steps, min_queue_tokens)]
-        if not fitting:
-            if now - request.arrival_s < max_wait_s:
+        best = levels.best_fitting(tokens)
+        if best is None:
+            if young:
                 result.deferred.append(request)
                 continue
-            fitting = serving
-        if decode is None:
-            best = min(fitting, key=lambda r: (level[r.key], decode_load_key(r), r.key))
-        else:
-            ranked = decode
-            best = min(fitting, key=lambda r: (level[r.key], ranked.key(r.key), r.key))
-            ranked.place(best.key, request.prompt_tokens)
-        level[best.key] += request.prompt_tokens
-        result.assigned.append((request, best.key))
-        for model, ranks_of_model in serving_by_model.items():
-            if best in ranks_of_model:
-                headroom[model] = _headroom(ranks_of_model, level, queue_steps, min_queue_tokens)
+            best = levels.best_of_all()
+        for other in by_model.values():
+            other.remove(best)
+        state.place(best, tokens)
+        for other in by_model.values():
+            other.add(best)
+        result.assigned.append((request, state.loads[best].key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
+
+
+class _Ranks:
+    """The usable ranks of a snapshot by index, for :func:`water_fill`: levels, capacities, the decode-aware loads
+    (a mirror of the ranker's, :meth:`DecodeLoad.plus <gateway.scheduling.decode.DecodeLoad.plus>`'s operations)
+    and each rank's position in rank order (the last tie-break)."""
+
+    def __init__(self, ranks: Sequence[RankLoad], queue_steps: float, min_tokens: float, decode: DecodeRanker | None):
+        self.loads = [r for r in ranks if r.usable]
+        self.decode = decode
+        self.level = [r.queued_prefill_tokens for r in self.loads]
+        self.capacity = [capacity_tokens(r, queue_steps, min_tokens) for r in self.loads]
+        self.open = [r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in self.loads]
+        position = sorted(range(len(self.loads)), key=lambda i: (self.loads[i].key.engine, self.loads[i].key.rank))
+        self.order = [0] * len(self.loads)
+        for place, i in enumerate(position):
+            self.order[i] = place
+        if decode is not None:
+            self.engine = [r.key.engine for r in self.loads]
+            self.requests = [decode.loads[r.key].requests for r in self.loads]
+            self.kv = [decode.loads[r.key].kv_tokens for r in self.loads]
+
+    def entry(self, i: int) -> tuple[float, ...]:
+        """Rank ``i``'s sort entry: ``(level, tie-break..., position, i)``; the tie-break is the decode-aware key
+        without its outlier flag (read while walking the lowest level: it moves with the fences), or
+        :func:`decode_load_key` without the decode-aware choice."""
+        if self.decode is None:
+            return (self.level[i], *decode_load_key(self.loads[i]), self.order[i], i)
+        return (self.level[i], self.requests[i] // self.decode.bucket, self.kv[i], self.order[i], i)
+
+    def is_outlier(self, i: int) -> bool:
+        """Whether rank ``i`` is an outlier of its instance now (:meth:`DecodeRanker.fences`)."""
+        assert self.decode is not None
+        requests_fence, kv_fence = self.decode.fences(self.engine[i])
+        return self.requests[i] > requests_fence or self.kv[i] > kv_fence
+
+    def place(self, i: int, tokens: int) -> None:
+        """A request of ``tokens`` prompt tokens goes to rank ``i``."""
+        self.level[i] += tokens
+        if self.decode is not None:
+            self.decode.place(self.loads[i].key, tokens)
+            self.requests[i] = self.requests[i] + 1
+            self.kv[i] = self.kv[i] + tokens
+
+
+class _Levels:
+    """The ranks serving one model, for :func:`water_fill`: those that may take a request (below the KV
+    watermark) in groups of equal capacity, each sorted by :meth:`_Ranks.entry`."""
+
+    def __init__(self, ranks: _Ranks, model: str) -> None:
+        self.ranks = ranks
+        self.serving = [i for i, r in enumerate(ranks.loads) if model in r.models]
+        self._groups: dict[float, list[tuple[float, ...]]] = {}
+        self._entry: dict[int, tuple[float, ...]] = {}
+        for i in self.serving:
+            if ranks.open[i]:
+                self._entry[i] = entry = ranks.entry(i)
+                self._groups.setdefault(ranks.capacity[i], []).append(entry)
+        for entries in self._groups.values():
+            entries.sort()
+
+    def headroom(self) -> float:
+        """The most prompt tokens a rank below the KV watermark can still take (``inf`` if one has nothing queued,
+        ``-inf`` if there is none): the lowest level of each group sets it."""
+        best = -math.inf
+        for cap, entries in self._groups.items():
+            if entries:
+                low = entries[0][0]
+                if low <= 0:
+                    return math.inf
+                best = max(best, cap - low)
+        return best
+
+    def best_fitting(self, tokens: int) -> int | None:
+        """The rank with the lowest key among those ``tokens`` more prompt tokens fit (:func:`fits`), or ``None``."""
+        best: tuple[float, ...] | None = None
+        for cap, entries in self._groups.items():
+            if not entries:
+                continue
+            low = entries[0][0]
+            if not (low + tokens <= cap or low <= 0):
+                continue  # the lowest level of the group does not fit: no higher one does
+            found = self._lowest(entries)
+            if best is None or found < best:
+                best = found
+        return None if best is None else int(best[-1])
+
+    def _lowest(self, entries: list[tuple[float, ...]]) -> tuple[float, ...]:
+        """The full key of the best of ``entries``' lowest level, the outlier flag second."""
+        first = entries[0]
+        if self.ranks.decode is None:
+            return first
+        low = first[0]
+        for entry in entries:
+            if entry[0] != low:
+                break
+            if not self.ranks.is_outlier(int(entry[-1])):
+                return (low, 0, *entry[1:])
+        return (low, 1, *first[1:])
+
+    def best_of_all(self) -> int:
+        """The rank with the lowest key among all serving ranks, fitting or not (a request past ``max_wait_s``)."""
+        ranks = self.ranks
+        if ranks.decode is None:
+            return min(self.serving, key=ranks.entry)
+        return min(self.serving, key=lambda i: (ranks.level[i], ranks.is_outlier(i), *ranks.entry(i)[1:]))
+
+    def remove(self, i: int) -> None:
+        """Take rank ``i``'s entry out before its figures change."""
+        old = self._entry.get(i)
+        if old is not None:
+            entries = self._groups[self.ranks.capacity[i]]
+            del entries[bisect.bisect_left(entries, old)]
+
+    def add(self, i: int) -> None:
+        """Put rank ``i``'s entry back with its new figures."""
+        if i in self._entry:
+            self._entry[i] = entry = self.ranks.entry(i)
+            bisect.insort(self._groups[self.ranks.capacity[i]], entry)
 
 
 def assigned_levels(allocation: Allocation, ranks: Sequence[RankLoad]) -> dict[RankKey, float]:

@@ -26,6 +26,7 @@ Pure functions over :class:`~gateway.types.RankLoad` snapshots; the allocators c
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -114,8 +115,42 @@ def lexicographic_key(load: DecodeLoad, bucket: int = RUNNING_BUCKET) -> tuple[i
     return (int(load.requests // bucket), load.kv_tokens)
 
 
+def _quartiles(ordered: Sequence[float]) -> tuple[float, float]:
+    """``(Q1, Q3)`` of already sorted values, as :func:`statistics.quantiles` computes them with ``n=4`` and
+    ``method="inclusive"`` (the same operations, so the same floats); at least two values."""
+    m = len(ordered) - 1
+    j, delta = divmod(m, 4)
+    q1 = (ordered[j] * (4 - delta) + ordered[j + 1] * delta) / 4
+    j, delta = divmod(3 * m, 4)
+    q3 = (ordered[j] * (4 - delta) + ordered[j + 1] * delta) / 4
+    return q1, q3
+
+
+class _Group:
+    """One instance's decode objectives, kept sorted for its quartiles (updates O(log n) search plus an O(n)
+    memmove; the fences O(1) once the sums are known)."""
+
+    __slots__ = ("exact_sums", "fences", "keys", "kv_sorted", "kv_sum", "magnitude", "requests_sorted", "requests_sum")
+
+    def __init__(self, keys: list[RankKey], requests: list[float], kv_tokens: list[float]) -> None:
+        self.keys = keys
+        self.requests_sorted = sorted(requests)
+        self.kv_sorted = sorted(kv_tokens)
+        self.requests_sum = sum(requests)
+        self.kv_sum = sum(kv_tokens)
+        # Whole numbers whose magnitudes add up to less than 2**53 add exactly in any order, so running sums
+        # equal the left-to-right sums; otherwise the sums are recomputed in group order.
+        self.magnitude = sum(map(abs, requests)) + sum(map(abs, kv_tokens))
+        self.exact_sums = self.magnitude < 2**53 and all(float(v).is_integer() for v in requests + kv_tokens)
+        self.fences: tuple[float, float] | None = None
+
+
 class DecodeRanker:
     """Decode-aware preference over ranks, kept up to date while a batch is being placed.
+
+    Each instance's objectives are kept sorted, so the fences (:func:`iqr_outliers`) follow a placement in
+    O(log n) comparisons plus an O(n) memmove, and :meth:`is_outlier` costs two comparisons; the outliers and
+    keys are those :func:`iqr_outliers` and :func:`lexicographic_key` give on the current loads.
 
     Args:
         ranks: a snapshot of the ranks.
@@ -133,37 +168,77 @@ class DecodeRanker:
             raise ValueError(f"iqr_k must be >= 0, got {iqr_k}")
         self.iqr_k = iqr_k
         self.bucket = bucket
-        self.loads = {r.key: DecodeLoad.of(r) for r in ranks}
-        self._groups: dict[str, list[RankKey]] = {}
+        self.loads: dict[RankKey, DecodeLoad] = {}
+        members: dict[str, tuple[list[RankKey], list[float], list[float]]] = {}
         for r in ranks:
-            self._groups.setdefault(r.key.engine, []).append(r.key)
-        self._outliers: dict[str, frozenset[RankKey]] = {}
+            load = self.loads[r.key] = DecodeLoad.of(r)
+            keys, requests, kv_tokens = members.setdefault(r.key.engine, ([], [], []))
+            keys.append(r.key)
+            requests.append(load.requests)
+            kv_tokens.append(load.kv_tokens)
+        self._groups = {engine: _Group(*group) for engine, group in members.items()}
+
+    def fences(self, engine: str) -> tuple[float, float]:
+        """``(requests fence, KV tokens fence)`` of ``engine``'s group (:func:`iqr_outliers`): a rank above either
+        is an outlier; ``(inf, inf)`` with the outlier test off or fewer than :data:`MIN_RANKS_FOR_QUARTILES`
+        ranks."""
+        group = self._groups.get(engine)
+        if group is None or self.iqr_k is None or len(group.keys) < MIN_RANKS_FOR_QUARTILES:
+            return (math.inf, math.inf)
+        if group.fences is None:
+            if group.exact_sums:
+                total_requests, total_kv = group.requests_sum, group.kv_sum
+            else:
+                values = [self.loads[k] for k in group.keys]
+                total_requests = sum(v.requests for v in values)
+                total_kv = sum(v.kv_tokens for v in values)
+            kv_per_request = total_kv / total_requests if total_requests else 0.0
+            k = self.iqr_k
+            q1, q3 = _quartiles(group.requests_sorted)
+            requests_fence = q3 + k * max(q3 - q1, self.bucket)
+            q1, q3 = _quartiles(group.kv_sorted)
+            group.fences = (requests_fence, q3 + k * max(q3 - q1, self.bucket * kv_per_request))
+        return group.fences
 
     def outliers(self, engine: str) -> frozenset[RankKey]:
-        """Outlier ranks of ``engine``'s group (cached until :meth:`place` changes the group)."""
-        cached = self._outliers.get(engine)
-        if cached is None:
-            if self.iqr_k is None:
-                cached = frozenset()
-            else:
-                group = {key: self.loads[key] for key in self._groups.get(engine, [])}
-                cached = iqr_outliers(group, self.iqr_k, self.bucket)
-            self._outliers[engine] = cached
-        return cached
+        """Outlier ranks of ``engine``'s group (see :func:`iqr_outliers`)."""
+        group = self._groups.get(engine)
+        if group is None:
+            return frozenset()
+        requests_fence, kv_fence = self.fences(engine)
+        loads = self.loads
+        return frozenset(k for k in group.keys if loads[k].requests > requests_fence or loads[k].kv_tokens > kv_fence)
 
     def is_outlier(self, rank: RankKey) -> bool:
         """Whether ``rank`` is an outlier of its group (see :meth:`outliers`)."""
-        return rank in self.outliers(rank.engine)
+        requests_fence, kv_fence = self.fences(rank.engine)
+        load = self.loads[rank]
+        return load.requests > requests_fence or load.kv_tokens > kv_fence
 
     def key(self, rank: RankKey) -> tuple[int, int, float]:
         """Preference key of ``rank`` with what was placed on it so far: non-outliers first, then the
         lexicographic key (smaller is better)."""
-        return (int(self.is_outlier(rank)), *lexicographic_key(self.loads[rank], self.bucket))
+        load = self.loads[rank]
+        return (int(self.is_outlier(rank)), int(load.requests // self.bucket), load.kv_tokens)
 
     def place(self, rank: RankKey, prompt_tokens: float) -> None:
         """Record a request of ``prompt_tokens`` tokens placed on ``rank``."""
-        self.loads[rank] = self.loads[rank].plus(prompt_tokens)
-        self._outliers.pop(rank.engine, None)
+        old = self.loads[rank]
+        new = self.loads[rank] = old.plus(prompt_tokens)
+        group = self._groups[rank.engine]
+        _replace(group.requests_sorted, old.requests, new.requests)
+        _replace(group.kv_sorted, old.kv_tokens, new.kv_tokens)
+        group.requests_sum += 1
+        group.kv_sum += prompt_tokens
+        group.magnitude += 1 + abs(prompt_tokens)
+        group.exact_sums = group.exact_sums and group.magnitude < 2**53 and float(prompt_tokens).is_integer()
+        group.fences = None
+
+
+def _replace(ordered: list[float], old: float, new: float) -> None:
+    """Replace one ``old`` by ``new`` in the sorted list ``ordered``."""
+    del ordered[bisect.bisect_left(ordered, old)]
+    bisect.insort(ordered, new)
 
 
 def decode_ranker(ranks: Sequence[RankLoad], settings: DecodeConfig | None) -> DecodeRanker | None:

@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.scheduling.allocation import decode_load_key, fits, placement_order
+import numpy as np
+
+from gateway.scheduling.allocation import KV_HIGH_WATERMARK, capacity_tokens, placement_order
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_clock import StepClock
@@ -59,50 +60,6 @@ DECODE_STALL_WEIGHT = 0.005
 
 It trades TTFT for TPOT: higher favours the decoding requests. Chosen on five Azure conversation slices at 80%
 and 95% load: ``bench/results/decisions.md#decode-stall-weight``."""
-
-
-@dataclass(slots=True)
-class _Instance:
-    ranks: list[RankLoad]
-    busy: bool
-    running: float
-
-
-def _placement_cost(
-    clock: StepClock,
-    engine: str,
-    tokens: float,
-    next_level: float,
-    budget: float,
-    heaviest: float,
-    mean: float,
-    ranks: int,
-    wait: float,
-    stalled: float,
-) -> float:
-    """Predicted cost of placing ``tokens`` prompt tokens on a rank of ``engine`` (the module docstring's formula),
-    seconds.
-
-    Args:
-        clock: the step clock (the instance's step-time model).
-        engine: the instance ``e``.
-        tokens: the request's prompt tokens ``t``.
-        next_level: prompt tokens already queued on the rank for the steps after the one in progress.
-        budget: the rank's per-step prefill budget.
-        heaviest: ``H_e``, the heaviest rank's prefill tokens bound for the next step.
-        mean: ``S_e``, the ranks' mean prefill tokens bound for the next step.
-        ranks: the instance's DP ranks.
-        wait: ``wait(e)``, seconds until the instance starts its next step.
-        stalled: ``n_e + w * running_e``, the requests a longer next step holds up.
-    """
-    total = next_level + tokens
-    first_old = min(next_level, budget)
-    first_new = min(total, budget)
-    mean_new = mean + (first_new - first_old) / ranks
-    d_old = clock.predict(engine, heaviest, mean)
-    d_new = clock.predict(engine, max(heaviest, first_new), mean_new)
-    own = wait + d_new + max(0.0, total - budget) / budget * clock.predict(engine, budget, mean_new)
-    return own + (d_new - d_old) * stalled
 
 
 def _matched(
@@ -140,6 +97,13 @@ def phase_fill(
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
+    Each request's cost is computed for every fitting rank at once, over arrays of the usable ranks
+    (:class:`_Cluster`), with the floating-point operations of the step-time model in the order a rank-by-rank
+    evaluation of the formula performs them, so the costs and the choice are those of a scan; what a placement
+    changes (the rank's levels, its instance's next-step figures, the decode-aware loads and fences of its
+    instance) is updated in place. A request costs O(n) vectorised operations and O(instance size) scalar
+    ones, n the usable ranks.
+
     Args:
         batch: the window's requests.
         ranks: a snapshot of every DP rank's load.
@@ -169,85 +133,329 @@ def phase_fill(
             requests sharing a prefix go together where the cost allows; ``None``: every prompt counts whole.
     """
     result = Allocation()
-    level = {r.key: r.queued_prefill_tokens for r in ranks}
-    next_level = {r.key: max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in ranks}
-    instances: dict[str, _Instance] = {}
-    for r in ranks:
-        inst = instances.setdefault(r.key.engine, _Instance([], False, 0.0))
-        inst.busy = inst.busy or r.running > 0 or r.waiting > 0
-        inst.running += r.running
-        if r.usable:
-            inst.ranks.append(r)
-    waiting_next = {e: sum(1 for r in inst.ranks if next_level[r.key] > 0) for e, inst in instances.items()}
+    cluster = _Cluster(
+        ranks,
+        clock,
+        current_step_tokens,
+        now=now,
+        queue_steps=queue_steps,
+        min_queue_tokens=min_queue_tokens,
+        decode_stall_weight=decode_stall_weight,
+        decode=decode,
+        use_step_phase=use_step_phase,
+        long_prefill_tokens=long_prefill_tokens,
+    )
     staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]] = {}  # first block -> this batch's placements
     for request in placement_order(batch, shortest_first):
         t = request.prompt_tokens
-        matched = _matched(prefix, staged, request.prefix_blocks) if prefix is not None else {}
+        cached: dict[RankKey, int] = {}
+        if prefix is not None:
+            cached = {
+                key: prefix.cached_tokens(blocks, t)
+                for key, blocks in _matched(prefix, staged, request.prefix_blocks).items()
+            }
         forced = now - request.arrival_s >= max_wait_s
-        best: tuple[tuple[float, ...], RankLoad, int] | None = None
-        serves = False
-        for engine, inst in instances.items():
-            candidates = [r for r in inst.ranks if request.model in r.models]
-            if not candidates:
-                continue
-            serves = True
-            uncached_of = (
-                {}
-                if prefix is None
-                else {r.key: t - prefix.cached_tokens(matched[r.key], t) for r in candidates if r.key in matched}
-            )
-            fitting = [
-                r
-                for r in candidates
-                if forced or fits(level[r.key], uncached_of.get(r.key, t), r, queue_steps, min_queue_tokens)
-            ]
-            if not fitting:
-                continue
-            mismatch = 0.0
-            if long_prefill_tokens is not None:
-                slow = any(level[r.key] > long_prefill_tokens for r in candidates)
-                mismatch = float(slow != (t > long_prefill_tokens))
-            firsts = [min(next_level[r.key], r.prefill_budget) for r in candidates]
-            heaviest, mean = max(firsts), sum(firsts) / len(firsts)
-            total_level = sum(level[r.key] for r in candidates)
-            wait = clock.time_to_next_step(engine, now) if inst.busy and use_step_phase else 0.0
-            stalled = waiting_next[engine] + decode_stall_weight * inst.running
-            for r in fitting:
-                work = uncached_of.get(r.key, t)
-                cost = _placement_cost(
-                    clock,
-                    engine,
-                    work,
-                    next_level[r.key],
-                    r.prefill_budget,
-                    heaviest,
-                    mean,
-                    len(candidates),
-                    wait,
-                    stalled,
-                )
-                key: tuple[float, ...]
-                if decode is None:
-                    key = (mismatch, cost, work, next_level[r.key], total_level, *decode_load_key(r))
-                else:
-                    key = (mismatch, cost, work, *decode.key(r.key), next_level[r.key], total_level)
-                if best is None or key < best[0]:
-                    best = (key, r, work)
-        if best is None:
-            (result.deferred if serves else result.unplaceable).append(request)
+        found = cluster.best(request.model, t, cached, forced)
+        if found is None:
+            (result.deferred if cluster.serves(request.model) else result.unplaceable).append(request)
             continue
-        chosen, uncached = best[1], best[2]
-        if next_level[chosen.key] == 0:
-            waiting_next[chosen.key.engine] += 1
-        level[chosen.key] += uncached
-        next_level[chosen.key] += uncached
+        index, uncached = found
+        key = cluster.place(index, uncached, t)
         if prefix is not None and request.prefix_blocks:
-            staged.setdefault(request.prefix_blocks[0], []).append((chosen.key, request.prefix_blocks))
-        if decode is not None:
-            decode.place(chosen.key, t)
-        result.assigned.append((request, chosen.key))
+            staged.setdefault(request.prefix_blocks[0], []).append((key, request.prefix_blocks))
+        result.assigned.append((request, key))
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
+
+
+class _Model:
+    """Per-rank copies of each instance's figures over one model's candidate ranks (the usable ranks serving it),
+    for :class:`_Cluster`: ``H_e``, ``S_e``, the candidate count, ``d_e(H_e, S_e)``, the instance's total level
+    and whether it is slow (long-prefill isolation)."""
+
+    def __init__(self, mask: np.ndarray, instances: int, size: int) -> None:
+        self.mask = mask
+        self.open = mask
+        self.serves = bool(mask.any())
+        self.heaviest = np.zeros(size)
+        self.mean = np.zeros(size)
+        self.count = np.ones(size)
+        self.d_old = np.zeros(size)
+        self.total_level = np.zeros(size)
+        self.slow = np.zeros(size, dtype=bool)
+        self.first_sum = [0.0] * instances
+        self.level_sum = [0.0] * instances
+        self.members: list[np.ndarray] = [np.empty(0, dtype=np.intp)] * instances
+
+
+class _Cluster:
+    """The usable ranks of a snapshot as arrays, instance by instance in snapshot order (so an array index orders
+    ranks as the scan over instances and their ranks did), with what a placement changes kept up to date."""
+
+    def __init__(
+        self,
+        ranks: Sequence[RankLoad],
+        clock: StepClock,
+        current_step_tokens: dict[RankKey, float],
+        *,
+        now: float,
+        queue_steps: float,
+        min_queue_tokens: float,
+        decode_stall_weight: float,
+        decode: DecodeRanker | None,
+        use_step_phase: bool,
+        long_prefill_tokens: float | None,
+    ) -> None:
+        self.clock = clock
+        self.decode = decode
+        self.long = long_prefill_tokens
+        engines: dict[str, list[RankLoad]] = {}
+        busy: dict[str, bool] = {}
+        running: dict[str, float] = {}
+        for r in ranks:
+            usable = engines.setdefault(r.key.engine, [])
+            busy[r.key.engine] = busy.get(r.key.engine, False) or r.running > 0 or r.waiting > 0
+            running[r.key.engine] = running.get(r.key.engine, 0.0) + r.running
+            if r.usable:
+                usable.append(r)
+        self.engines = list(engines)
+        self.loads: list[RankLoad] = [r for usable in engines.values() for r in usable]
+        loads = self.loads
+        n = len(loads)
+        sizes = [len(usable) for usable in engines.values()]
+        self.instance = np.repeat(np.arange(len(sizes), dtype=np.intp), sizes)
+        self.slices: list[slice] = []
+        start = 0
+        for usable in engines.values():
+            self.slices.append(slice(start, start + len(usable)))
+            start += len(usable)
+        self.level = np.array([r.queued_prefill_tokens for r in loads], dtype=float)
+        self.next_level = np.array(
+            [max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in loads], dtype=float
+        )
+        self.budget = np.array([r.prefill_budget for r in loads], dtype=float)
+        self.capacity = np.array([capacity_tokens(r, queue_steps, min_queue_tokens) for r in loads], dtype=float)
+        self.open = np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=bool)
+        self.empty = self.level <= 0
+        self.magnitude = float(np.abs(self.level).sum() + np.abs(self.next_level).sum())
+        self.whole = _whole(self.level) and _whole(self.next_level) and self.magnitude < 2**53
+        """Every token figure a whole number, their magnitudes adding up to less than 2**53 (so any sum of them is
+        exact whatever the order): the instance sums can run instead of being recomputed."""
+        self.first_before = 0.0
+        self._scratch = [np.empty(n) for _ in range(5)]
+        self._fit = np.empty(n, dtype=bool)
+        theta = []
+        wait = []
+        for engine in self.engines:
+            model = clock.model(engine)
+            model.predict(0.0, 0.0)  # solves the coefficients if steps came in since
+            theta.append(model.theta)
+            wait.append(clock.time_to_next_step(engine, now) if busy[engine] and use_step_phase else 0.0)
+        coefficients = np.array(theta, dtype=float).reshape(-1, 3)[self.instance].T.copy()
+        self.a, self.b, self.c = coefficients[0], coefficients[1], coefficients[2]
+        self.a_budget = self.a + self.b * self.budget / 1000.0
+        self.wait = np.array(wait, dtype=float)[self.instance]
+        self.first = np.minimum(self.next_level, self.budget)
+        self.waiting_next = [int(np.count_nonzero(self.next_level[sl] > 0)) for sl in self.slices]
+        self.running = [running[e] for e in self.engines]
+        self.weight = decode_stall_weight
+        self.stalled = np.array(
+            [self.waiting_next[i] + decode_stall_weight * self.running[i] for i in range(len(sizes))], dtype=float
+        )[self.instance]
+        if decode is None:
+            self.tie = [
+                np.array([r.running for r in loads], dtype=float),
+                np.array([0.0 if r.kv_usage is None else r.kv_usage for r in loads], dtype=float),
+                np.array([r.kv_tokens for r in loads], dtype=float),
+            ]
+        else:
+            decode_loads = [decode.loads[r.key] for r in loads]
+            self.requests = np.array([d.requests for d in decode_loads], dtype=float)
+            self.kv = np.array([d.kv_tokens for d in decode_loads], dtype=float)
+            self.bucket = self.requests // decode.bucket
+            self.outlier = np.zeros(n, dtype=bool)
+            self.fences: list[tuple[float, float] | None] = [None] * len(self.engines)
+            for i in range(len(self.engines)):
+                self._outliers(i)
+        self.models: dict[str, _Model] = {}
+        self.index: dict[RankKey, int] | None = None
+        """Rank → array index, built on the first prefix hit."""
+
+    def _outliers(self, instance: int, index: int | None = None) -> None:
+        """Mark the outliers of ``instance``: all its ranks when its fences moved, else only rank ``index``."""
+        assert self.decode is not None
+        fences = self.decode.fences(self.engines[instance])
+        requests_fence, kv_fence = fences
+        if index is not None and fences == self.fences[instance]:
+            self.outlier[index] = self.requests[index] > requests_fence or self.kv[index] > kv_fence
+            return
+        self.fences[instance] = fences
+        sl = self.slices[instance]
+        self.outlier[sl] = (self.requests[sl] > requests_fence) | (self.kv[sl] > kv_fence)
+
+    def _model(self, model: str) -> _Model:
+        view = self.models.get(model)
+        if view is None:
+            mask = np.array([model in r.models for r in self.loads], dtype=bool)
+            view = self.models[model] = _Model(mask, len(self.engines), len(self.loads))
+            view.open = mask & self.open
+            for i, sl in enumerate(self.slices):
+                view.members[i] = sl.start + np.flatnonzero(mask[sl])
+                self._refresh(view, i)
+        return view
+
+    def _refresh(self, view: _Model, instance: int, index: int | None = None, added: float = 0.0) -> None:
+        """Set one instance's figures over the model's candidates as the scan computed them (left-to-right sums);
+        after a placement of ``added`` tokens on rank ``index`` the maximum and, with whole token counts
+        (:attr:`whole`), the sums follow the change instead of being recomputed."""
+        members = view.members[instance]
+        if not len(members):
+            return
+        sl = self.slices[instance]
+        if index is None or not self.whole:
+            firsts = self.first[members]
+            levels = self.level[members]
+            heaviest = float(firsts.max())
+            view.first_sum[instance] = sum(firsts.tolist())
+            view.level_sum[instance] = sum(levels.tolist())
+            slow = bool(levels.max() > self.long) if self.long is not None else False
+        else:
+            # Whole numbers below 2**52 add exactly in any order: the running sums are the scan's sums.
+            heaviest = max(float(view.heaviest[sl.start]), float(self.first[index]))
+            view.first_sum[instance] += float(self.first[index]) - self.first_before
+            view.level_sum[instance] += added
+            slow = self.long is not None and (bool(view.slow[sl.start]) or float(self.level[index]) > self.long)
+        mean = view.first_sum[instance] / len(members)
+        view.heaviest[sl] = heaviest
+        view.mean[sl] = mean
+        view.count[sl] = len(members)
+        view.d_old[sl] = self.clock.predict(self.engines[instance], heaviest, mean)
+        view.total_level[sl] = view.level_sum[instance]
+        view.slow[sl] = slow
+
+    def serves(self, model: str) -> bool:
+        """Whether some usable rank serves ``model``."""
+        return self._model(model).serves
+
+    def best(self, model: str, tokens: int, cached: dict[RankKey, int], forced: bool) -> tuple[int, float] | None:
+        """The index of the rank with the lowest key for a request of ``tokens`` prompt tokens, of which each rank
+        in ``cached`` holds that many in its prefix cache, and the tokens it must prefill there; ``None`` when no
+        candidate fits (or none serves ``model``)."""
+        view = self._model(model)
+        if not view.serves:
+            return None
+        work: float | np.ndarray = tokens
+        if cached:
+            work = np.full(len(self.loads), float(tokens))
+            if self.index is None:
+                self.index = {r.key: i for i, r in enumerate(self.loads)}
+            index = self.index
+            for key, hit in cached.items():
+                i = index.get(key)
+                if i is not None:
+                    work[i] = tokens - hit
+        if forced:
+            fit = view.mask
+        else:
+            fit = np.less_equal(np.add(self.level, work, out=self._scratch[0]), self.capacity, out=self._fit)
+            fit |= self.empty
+            fit &= view.open
+            if not fit.any():
+                return None
+        if self.long is not None:
+            matching = fit & view.slow if tokens > self.long else fit & ~view.slow
+            if matching.any():
+                fit = matching
+        cost = self._costs(view, work)
+        masked = np.where(fit, cost, np.inf)
+        ties = np.flatnonzero(masked == masked.min())
+        chosen = int(ties[0])
+        if len(ties) > 1:
+            keys: list[np.ndarray] = []
+            if cached:
+                keys.append(np.asarray(work))
+            if self.decode is None:
+                keys += [self.next_level, view.total_level, *self.tie]
+            else:
+                keys += [self.outlier, self.bucket, self.kv, self.next_level, view.total_level]
+            # np.lexsort sorts by its last key first and is stable: equal keys keep the lower index first.
+            chosen = int(ties[np.lexsort([values[ties] for values in reversed(keys)])[0]])
+        return chosen, float(tokens if not cached else work[chosen])  # type: ignore[index]
+
+    def _costs(self, view: _Model, work: float | np.ndarray) -> np.ndarray:
+        """Every rank's predicted cost of taking ``work`` more prompt tokens (the module docstring's formula),
+        seconds: for rank ``r`` of instance ``e``, with ``q`` its next-step level, ``B`` its budget, ``n`` the
+        instance's candidates, ``H``, ``S`` its next-step heaviest and mean figures and ``d(H, S)`` its step-time
+        model (:meth:`StepTimeModel.predict <gateway.scheduling.step_clock.StepTimeModel.predict>`, written out
+        with the same operations so the floats are the model's)::
+
+            first_new = min(q + t, B);  S' = S + (first_new - min(q, B)) / n
+            cost = wait(e) + d(max(H, first_new), S') + max(0, q + t - B) / B * d(B, S')
+                   + (d(max(H, first_new), S') - d(H, S)) * (n_e + w * running_e)
+
+        Computed in the scratch buffers; the result is valid until the next call."""
+        budget = self.budget
+        total, first_new, mean_new, c_mean, d_new = self._scratch
+        np.add(self.next_level, work, out=total)
+        np.minimum(total, budget, out=first_new)
+        np.subtract(first_new, self.first, out=mean_new)
+        mean_new /= view.count
+        mean_new += view.mean
+        np.multiply(self.c, mean_new, out=c_mean)
+        c_mean /= 1000.0
+        # d(max(H, first_new), S') = max(0, a + b * H' / 1000 + c * S' / 1000); a sum commutes exactly.
+        np.maximum(view.heaviest, first_new, out=d_new)
+        d_new *= self.b
+        d_new /= 1000.0
+        d_new += self.a
+        d_new += c_mean
+        np.maximum(d_new, 0.0, out=d_new)
+        further = total
+        further -= budget
+        np.maximum(further, 0.0, out=further)
+        further /= budget
+        step = c_mean
+        step += self.a_budget
+        np.maximum(step, 0.0, out=step)
+        further *= step
+        cost: np.ndarray = np.add(self.wait, d_new, out=first_new)
+        cost += further
+        stall = np.subtract(d_new, view.d_old, out=mean_new)
+        stall *= self.stalled
+        cost += stall
+        return cost
+
+    def place(self, index: int, uncached: float, tokens: int) -> RankKey:
+        """Record the request placed on rank ``index``: ``uncached`` tokens more to prefill there (``tokens`` the
+        whole prompt, for the decode-aware loads); returns the rank."""
+        key = self.loads[index].key
+        instance = int(self.instance[index])
+        sl = self.slices[instance]
+        if self.next_level[index] == 0:
+            self.waiting_next[instance] += 1
+            self.stalled[sl] = self.waiting_next[instance] + self.weight * self.running[instance]
+        self.level[index] += uncached
+        self.empty[index] = self.level[index] <= 0
+        self.next_level[index] += uncached
+        self.first_before = float(self.first[index])
+        self.first[index] = min(self.next_level[index], self.budget[index])
+        self.magnitude += 2 * abs(uncached)
+        self.whole = self.whole and self.magnitude < 2**53 and float(uncached).is_integer()
+        for view in self.models.values():
+            if view.mask[index]:
+                self._refresh(view, instance, index, uncached)
+        if self.decode is not None:
+            self.decode.place(key, tokens)
+            load = self.decode.loads[key]
+            self.requests[index] = load.requests
+            self.kv[index] = load.kv_tokens
+            self.bucket[index] = load.requests // self.decode.bucket
+            self._outliers(instance, index)
+        return key
+
+
+def _whole(values: np.ndarray) -> bool:
+    return bool(np.all(values == np.floor(values)))
 
 
 class PhaseAware:

@@ -60,11 +60,17 @@ class Rotating:
         self._next = 0
 
     def _pick(self, candidates: list[RankLoad], load: Callable[[RankLoad], float]) -> RankKey | None:
+        """The first candidate of lowest load from the rotating start on (wrapping round); one call of ``load``
+        per candidate, the search for the lowest in C."""
         if not candidates:
             return None
         n = len(candidates)
         start = self._next % n
-        rotated = candidates[start:] + candidates[:start]
-        best = min(range(n), key=lambda i: load(rotated[i]))
-        self._next = start + best + 1
-        return rotated[best].key
+        loads = [load(r) for r in candidates]
+        low = min(loads)
+        try:
+            best = loads.index(low, start)
+        except ValueError:
+            best = loads.index(low)
+        self._next = start + (best - start) % n + 1
+        return candidates[best].key

@@ -42,17 +42,30 @@ def _position(label: str) -> int:
 
 
 class PrefixHash:
+    """The ring of a set of ranks is built once and kept; the last one is found again by comparing the candidates'
+    keys (the load view hands out the same key objects, so the comparison is by identity, with no hashing), and
+    the ring names its owners by position among the candidates. A request then costs one pass over the candidates
+    (the mean load) and a binary search of the ring."""
+
     name = "prefix_hash"
 
     def __init__(self) -> None:
-        self._rings: dict[tuple[RankKey, ...], tuple[list[int], list[RankKey]]] = {}
+        self._rings: dict[tuple[RankKey, ...], tuple[list[int], list[int]]] = {}
+        self._last: tuple[tuple[RankKey, ...], tuple[list[int], list[int]]] | None = None
 
-    def _ring(self, keys: tuple[RankKey, ...]) -> tuple[list[int], list[RankKey]]:
+    def _ring(self, keys: tuple[RankKey, ...]) -> tuple[list[int], list[int]]:
+        """Ring positions, sorted, and the index in ``keys`` of each position's owner."""
+        last = self._last
+        if last is not None and last[0] == keys:
+            return last[1]
         ring = self._rings.get(keys)
         if ring is None:
-            entries = sorted((_position(f"{key}#{v}"), key) for key in keys for v in range(VIRTUAL_NODES))
-            ring = ([p for p, _ in entries], [k for _, k in entries])
+            entries = sorted(
+                (_position(f"{key}#{v}"), key, i) for i, key in enumerate(keys) for v in range(VIRTUAL_NODES)
+            )
+            ring = ([p for p, _, _ in entries], [i for _, _, i in entries])
             self._rings[keys] = ring
+        self._last = (keys, ring)
         return ring
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
@@ -62,9 +75,10 @@ class PrefixHash:
         if not request.prefix_blocks:
             return min(candidates, key=lambda r: r.queue_length).key
         positions, owners = self._ring(tuple(r.key for r in candidates))
-        target_key = owners[bisect.bisect_left(positions, _position(str(request.prefix_blocks[0]))) % len(owners)]
-        target = next(r for r in candidates if r.key == target_key)
-        mean = (sum(r.queue_length for r in candidates) + 1) / len(candidates)
+        target = candidates[
+            owners[bisect.bisect_left(positions, _position(str(request.prefix_blocks[0]))) % len(owners)]
+        ]
+        mean = (sum(r.waiting + r.running for r in candidates) + 1) / len(candidates)
         threshold = max(mean * LOAD_FACTOR, mean + BALANCE_ABS_THRESHOLD)
         if target.queue_length <= threshold:
             return target.key
