@@ -1,23 +1,26 @@
 """K front doors in the virtual-time simulator: the gateway replicated behind a plain L4 load balancer, with one of
 three ways of sharing what it knows.
 
-Arrivals are split among ``count`` front doors as a plain load balancer does (seeded random choice per request,
-as kube-proxy's iptables rules pick a backend per connection, or round robin). What each front door knows follows
-the sharing mode (:data:`Sharing`):
+Arrivals are split among ``count`` front doors as a plain load balancer does: a seeded random choice (kube-proxy's
+iptables rules pick a backend at random per connection; here per request, as if each came on its own connection),
+or round robin. What each front door knows follows the sharing mode (:data:`Sharing`):
 
 - ``service``: one scheduler (window, load view, step clock, prefix index, scrapers) in a process of its own that
   every front door consults per request, as llm-d's endpoint picker serves Envoy. A request reaches the scheduler
   ``latency_s`` after its front door took it, and the decision reaches the front door ``latency_s`` after it was
   made; the front door then sends it to its rank. Every first token, token and finish a front door relays reaches
-  the scheduler ``latency_s`` late. The scheduler scrapes the engines itself (no hop). All front doors have the same
+  the scheduler ``latency_s`` late, dated when it happened (the front door sends its age, as the live scheduler
+  service's protocol does), so the step clock times steps as well as one process does and only the load view
+  learns late. The scheduler scrapes the engines itself (no hop). All front doors have the same
   latency to it, so ``count`` changes nothing here: only the latency does (the service's own CPU per placement is
   not modelled; ``bench/`` times the allocator).
 - ``shared-view``: a scheduler per front door, each placing its own share of the arrivals with its own window and
   scraping every engine itself (front door ``j`` at ``j / count`` of the scrape interval, phases staggered). Each
   front door publishes its dispatches (rank, prompt and prefix blocks), first tokens and finishes, and the other
   front doors apply them to their load views and prefix indexes ``latency_s`` later, as Dynamo's
-  ``--router-replica-sync`` publishes active-sequence events over NATS core. Tokens after the first are not
-  published (they only grow KV), and the step clock of a front door learns only from the tokens it relays itself.
+  ``--router-replica-sync`` publishes active-sequence lifecycle events over NATS core (ai-dynamo/dynamo, the
+  router operations guide). Tokens after the first are not published (they only grow KV), and the step clock of a
+  front door learns only from the tokens it relays itself.
 - ``independent``: as ``shared-view`` with nothing published: each front door sees its own dispatches and the
   engines' scrapes, the per-replica in-flight count that the SGLang Model Gateway, production-stack and AIBrix
   replicas keep.
@@ -54,8 +57,8 @@ class FrontDoorConfig:
         count: front doors (>= 1).
         sharing: how they share their scheduling view (module docstring).
         latency_s: ``service``: one-way latency between a front door and the scheduler service, seconds (a
-            request's placement costs two, its decision then waits ``latency_s`` longer); ``shared-view``: delay
-            before a front door's event reaches the others' load views, seconds; unused by ``independent``.
+            placement costs two: the request to the service, the decision back); ``shared-view``: delay before a
+            front door's event reaches the others' load views, seconds; unused by ``independent``.
         split: how arrivals are spread over the front doors.
 
     Raises:
@@ -207,7 +210,7 @@ class FrontDoors:
         of ``engine`` now (never, when they reach the scheduler service later)."""
         if self.service:
             if self.latency_s > 0:
-                self._at(now + self.latency_s, self.doors[0].on_tokens, request_id, engine, n)
+                self._to_service(now, self.doors[0].on_tokens, request_id, engine, n)
                 return False
             return self.doors[0].on_tokens(request_id, engine, n, now)
         return self.doors[self._owner[request_id]].on_tokens(request_id, engine, n, now)
@@ -243,11 +246,16 @@ class FrontDoors:
             self._at(now + self.latency_s, self._remote_dispatch, door, request, key, now)
 
     def _to_service(self, now: float, method: Callable[..., object], *args: Any) -> None:
-        """Call ``method(*args, now)`` on the scheduler service now, or ``latency_s`` later."""
+        """Call ``method(*args, now)`` on the scheduler service: at once, or when it arrives ``latency_s`` later,
+        still dated ``now`` (the front door sends each event's age, the service dates it by its own clock)."""
         if self.latency_s > 0:
-            self._at(now + self.latency_s, method, *args)
+            self._at(now + self.latency_s, self._dated, method, args, now)
         else:
             method(*args, now)
+
+    @staticmethod
+    def _dated(method: Callable[..., object], args: tuple[Any, ...], happened: float, now: float) -> None:
+        method(*args, happened)
 
     def _service_submit(self, request: PendingRequest, now: float) -> None:
         key = self.doors[0].submit(request, now)
