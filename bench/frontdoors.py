@@ -23,7 +23,13 @@ Each figure is pooled over the run, with the spread over the run's fifths by arr
 the same fifth of ``sbs K=1``): mean [min, max]. The target (issue 16): TTFT within 5% of one front door.
 
     nice -n 10 .venv/bin/python bench/frontdoors.py --jobs 2    # bench/results/frontdoors.{md,json}
+    nice -n 10 .venv/bin/python bench/frontdoors.py --jobs 2 --traces mooncake-conv --counts 8 \
+        --service-ms 1,5 --shared-ms 0,1,20 --output bench/results/frontdoors_mooncake
     .venv/bin/python bench/frontdoors.py --quick                # a 2-minute smoke run: frontdoors_quick.{md,json}
+
+Cost (December 2026): the default plan (Azure conv and code, 144 runs) is about 21 CPU-minutes, so about 11
+minutes at ``--jobs 2`` on an idle 2-core machine (36 minutes on the shared one); a Mooncake run costs about 2.5
+Azure runs, hence the smaller second plan (27 runs: 17 minutes at ``--jobs 2`` on the shared machine).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -74,7 +81,7 @@ class Plan:
     """
 
     preset: str = "realistic-sglang"
-    traces: tuple[str, ...] = ("azure-conv", "azure-code", "mooncake-conv")
+    traces: tuple[str, ...] = ("azure-conv", "azure-code")
     instances: int = 2
     dp_size: int = 8
     steady_minutes: float = 20.0
@@ -309,6 +316,21 @@ def conclusion(report: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def arrival_note(trace_name: str, minutes: float) -> str:
+    """How simultaneous the run's arrivals are: a burst at one instant is split among the front doors, and no
+    front door sees the others' placements of it before making its own (the shared view's worst case)."""
+    arrivals = Counter(r.arrival_s for r in window(load_trace(resolve_trace(trace_name)), 0.0, minutes * 60))
+    together = sum(n for n in arrivals.values() if n > 1)
+    if not together:
+        return "No two requests arrive at the same instant."
+    return (
+        f"Arrivals come at {len(arrivals)} distinct instants (the trace's timestamps are quantised), up to "
+        f"{max(arrivals.values())} at once, {together} requests sharing their instant: a front door cannot see what "
+        "the others place at the same instant, except in the idealised 0 ms shared view, where front doors placing "
+        "at one instant see each other's placements in turn."
+    )
+
+
 def markdown(report: dict[str, Any], command: str) -> list[str]:
     plan = report["plan"]
     out = [
@@ -339,7 +361,7 @@ def markdown(report: dict[str, Any], command: str) -> list[str]:
             f"{case['requests']} requests; reference rate: {ref['policy']} at scale {ref['scale']:.3g} "
             f"({ref['from']}); loads "
             + ", ".join(f"{float(f):.0%} = {case['steady'][f]['rps']:.2f} req/s" for f in loads)
-            + ".",
+            + f". {arrival_note(trace, plan['steady_minutes'])}",
             "",
             "TTFT mean against `sbs K=1` (pooled, then per fifth):",
             "",
@@ -407,7 +429,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke run: one trace, a 2-minute run, K = 8 only")
     ap.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes [1]")
-    ap.add_argument("--traces", help="comma-separated [azure-conv,azure-code,mooncake-conv]")
+    ap.add_argument("--traces", help="comma-separated [azure-conv,azure-code]")
     ap.add_argument("--steady-minutes", type=float, help="minutes of each trace [20]")
     ap.add_argument("--counts", help="comma-separated front-door counts besides 1 [2,4,8]")
     ap.add_argument("--service-ms", help="comma-separated latencies to the scheduler service [0.5,1,2,5,10,20]")
