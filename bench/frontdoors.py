@@ -327,7 +327,10 @@ def arrival_note(trace_name: str, minutes: float) -> str:
         f"Arrivals come at {len(arrivals)} distinct instants (the trace's timestamps are quantised), up to "
         f"{max(arrivals.values())} at once, {together} requests sharing their instant: a front door cannot see what "
         "the others place at the same instant, except in the idealised 0 ms shared view, where front doors placing "
-        "at one instant see each other's placements in turn."
+        "at one instant see each other's placements in turn. Under the scheduler service such a group reaches the "
+        "window together and is placed as one batch, where one front door places it request by request: on a "
+        "10-minute Mooncake slice a 0.001 ms hop already costs what 1 ms does (TTFT mean +6%, prefix-cache hits "
+        "21.6% to 16.5%), so that row measures batching a group, not the latency."
     )
 
 
