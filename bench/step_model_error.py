@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.scheduling import step_clock
+from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.capacity import cluster_load
 from gateway.sim.presets import preset
 from gateway.sim.simulate import SimConfig, _Sim
@@ -55,6 +56,7 @@ def measure(preset_name: str, trace_name: str, minutes: float, instances: int, d
     settled = errors[len(errors) // 10 :]  # the first tenth is the fit's warm-up
     absolute = sorted(abs(p - d) for p, d in settled)
     relative = sorted(abs(p - d) / d for p, d in settled if d > 0)
+    assert isinstance(sim.scheduler, Scheduler)  # one front door
     models = sim.scheduler.step_models()
     return {
         "preset": preset_name,

@@ -172,6 +172,28 @@ def parse_pool(ctx: click.Context, param: click.Parameter, value: str | None) ->
     help="P/D: the decode leg's policy (pd.decode_policy), for every policy simulated [default: sbs under sbs, "
     "else the policy simulated].",
 )
+@click.option(
+    "--front-doors",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Front doors behind a plain load balancer (gateway.sim.frontdoors): arrivals split at random among them.",
+)
+@click.option(
+    "--sharing",
+    type=click.Choice(["service", "shared-view", "independent"]),
+    default=None,
+    help="How the front doors share their view: one scheduler service consulted per request, a shared load view "
+    "each front door publishes its dispatches, first tokens and finishes to, or nothing [default: independent].",
+)
+@click.option(
+    "--sharing-latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="service: one-way latency between a front door and the scheduler service; shared-view: delay before a "
+    "front door's event reaches the others; milliseconds.",
+)
 @simulate_engine_options
 @output_option
 @plot_option
@@ -202,6 +224,9 @@ def simulate(
     kv_connector: str | None,
     prefill_policy: str | None,
     decode_policy: str | None,
+    front_doors: int,
+    sharing: str | None,
+    sharing_latency_ms: float,
     enable_prefill_delayer: bool,
     prefill_delayer_max_delay_passes: int | None,
     prefill_delayer_token_usage_low_watermark: float | None,
@@ -321,6 +346,10 @@ def simulate(
         raise click.UsageError(
             f"{', '.join(k for k, v in pd_options.items() if v is not None)} only apply with --prefill-pool"
         )
+    if front_doors == 1 and (sharing is not None or sharing_latency_ms != 0):
+        raise click.UsageError("--sharing and --sharing-latency-ms need --front-doors (more than 1)")
+    if front_doors > 1 and prefill_pool is not None:
+        raise click.UsageError("--front-doors is simulated on mixed instances only, not with --prefill-pool")
     slo = Slo()
     if slo_scale is not None and requests:
         slo = derived_slo(requests, engine, slo_scale)
@@ -372,6 +401,14 @@ def simulate(
             f"P/D: prefill {prefill_pool[0]} x {prefill_pool[1]}, decode {decode_pool[0]} x {decode_pool[1]} DP ranks, "
             f"{pools.connector} handoff"
         )
+    if front_doors > 1:
+        from dataclasses import replace
+
+        from gateway.sim.frontdoors import FrontDoorConfig
+
+        doors = FrontDoorConfig(front_doors, sharing or "independent", sharing_latency_ms / 1000)  # type: ignore[arg-type]
+        base = replace(base, front_doors=doors)
+        click.echo(doors.describe())
     results = compare_policies(
         requests,
         policies or ("sbs", "round_robin"),

@@ -21,6 +21,7 @@ from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
 from gateway.sim.engine_model import EngineModel, StepResult, TokenEvent
+from gateway.sim.frontdoors import FrontDoorConfig, FrontDoors
 from gateway.sim.information import InformationLimits, RequestView, draw_request_views
 from gateway.sim.pd_driver import PdDriver, PdPools
 from gateway.tokens import PromptTokenCorrection
@@ -61,6 +62,8 @@ class SimConfig:
             default, so existing figures stay as they were.
         pd: P/D disaggregation: prefill and decode pools (:mod:`gateway.sim.pd_driver`) in place of ``instances``
             mixed instances of ``dp_size`` ranks (both then unused); None (the default) simulates mixed instances.
+        front_doors: several front doors and how they share their view (:mod:`gateway.sim.frontdoors`; mixed
+            instances only); None (the default) simulates one.
     """
 
     policy: PolicyName = "sbs"
@@ -79,6 +82,7 @@ class SimConfig:
     limits: InformationLimits = field(default_factory=InformationLimits)
     engine_queued_tokens: bool = False
     pd: PdPools | None = None
+    front_doors: FrontDoorConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -256,17 +260,35 @@ class _Sim:
             names = [f"i{n}" for n in range(config.instances)]
             self.engines = {n: EngineModel(config.engine, config.dp_size) for n in names}
             specs = [EngineSpec(n, config.dp_size, frozenset({MODEL}), budget) for n in names]
-        view = LoadView(specs, stale_after_s=config.stale_after_s, state_sync=config.state_sync)
-        self.scheduler = Scheduler(
-            config.policy,
-            view,
-            window=config.window,
-            allocator=config.allocator,
-            decode=config.decode,
-            prefix_cache=config.prefix_cache,
-            seed=config.seed,
-            pd=None if config.pd is None else config.pd.pd_config(),
-        )
+
+        def make_scheduler(door: int = 0) -> Scheduler:
+            view = LoadView(specs, stale_after_s=config.stale_after_s, state_sync=config.state_sync)
+            return Scheduler(
+                config.policy,
+                view,
+                window=config.window,
+                allocator=config.allocator,
+                decode=config.decode,
+                prefix_cache=config.prefix_cache,
+                seed=config.seed + door,
+                pd=None if config.pd is None else config.pd.pd_config(),
+            )
+
+        self.scheduler: Scheduler | FrontDoors
+        if config.front_doors is None:
+            self.scheduler = make_scheduler()
+        elif config.pd is not None:
+            raise ValueError("front doors are simulated on mixed instances only, not with P/D pools")
+        else:
+            self.scheduler = FrontDoors(
+                config.front_doors,
+                make_scheduler,
+                self.read_ranks,
+                list(self.engines),
+                config.scrape_interval_s,
+                config.scrape_lag_s,
+                config.seed,
+            )
         if config.engine.enable_prefill_delayer or config.engine.prefill_schedule_interval > 1:
             # what the gateway reads from SGLang's /get_server_info, or an operator declares for vLLM
             for name in self.engines:
@@ -362,6 +384,7 @@ class _Sim:
         r = self.trace[index]
         self.records[index].sent_s = self.now
         if self.pd is not None:
+            assert isinstance(self.scheduler, Scheduler), "P/D runs one front door"
             decode = self.scheduler.view.decode_rank_of(str(index))
             assert decode is not None, "a P/D placement records its decode rank"
             view = None if self.views is None else self.views[index]
@@ -469,23 +492,26 @@ class _Sim:
 
     def on_scrape(self, name: str) -> None:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
-        stats = self.engines[name].rank_stats()
-        queued = self.config.engine_queued_tokens
         if self.pd is not None:
-            pd_ranks = self.pd.rank_metrics(name, stats, self.now, queued)
+            stats = self.engines[name].rank_stats()
+            pd_ranks = self.pd.rank_metrics(name, stats, self.now, self.config.engine_queued_tokens)
             self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, pd_ranks))
             self.push(self.now + self.config.scrape_interval_s, "scrape", name)
             return
-        ranks = {
-            s.rank: RankMetrics(s.running, s.waiting, s.kv_usage)
-            if not queued
-            else RankMetrics(
+        self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, self.read_ranks(name)))
+        self.push(self.now + self.config.scrape_interval_s, "scrape", name)
+
+    def read_ranks(self, name: str) -> dict[int, RankMetrics]:
+        """Mixed engine ``name``'s per-rank gauges as a scrape reads them now."""
+        stats = self.engines[name].rank_stats()
+        if not self.config.engine_queued_tokens:
+            return {s.rank: RankMetrics(s.running, s.waiting, s.kv_usage) for s in stats}
+        return {
+            s.rank: RankMetrics(
                 s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens, queued_read_at=self.now
             )
             for s in stats
         }
-        self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, ranks))
-        self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 
     def on_scrape_result(self, name: str, ranks: dict[int, RankMetrics]) -> None:
         self.scheduler.on_scrape(name, ranks, self.now)
