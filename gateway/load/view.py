@@ -97,6 +97,8 @@ class _InFlight:
 @dataclass(slots=True)
 class _RankState:
     spec: EngineSpec
+    key: RankKey
+    engine: _EngineState
     local_waiting: int = 0
     local_running: int = 0
     queued_prefill_tokens: int = 0
@@ -119,6 +121,15 @@ class _RankState:
     unstarted)."""
     queued_new: int = 0
     """Prompt tokens dispatched since the last scrape and still queued."""
+    decodes: bool = False
+    """Requests decode on the rank and no prompt tokens are queued there (counted in
+    :attr:`_EngineState.decoding_ranks`)."""
+    load: RankLoad | None = None
+    """The rank's last snapshot entry while none of its figures changed since (``None``: build it again)."""
+    load_fresh: bool = False
+    """Whether the engine's scrape was fresh when :attr:`load` was built."""
+    touched: bool = False
+    """Some figure changed since the last scrape of the engine (so its since-scrape counters may not all be 0)."""
 
 
 @dataclass(slots=True)
@@ -127,6 +138,12 @@ class _EngineState:
     last_scrape_attempt: float | None = None
     consecutive_failures: int = 0
     ranks: list[RankKey] = field(default_factory=list)
+    states: list[_RankState] = field(default_factory=list)
+    """The ranks' states, in the order of :attr:`ranks`."""
+    queued: dict[RankKey, int] = field(default_factory=dict)
+    """The prompt tokens queued on each rank that has any (:attr:`_RankState.queued_prefill_tokens` not 0)."""
+    decoding_ranks: int = 0
+    """Ranks whose :attr:`_RankState.decodes` holds."""
 
 
 class LoadView:
@@ -165,8 +182,9 @@ class LoadView:
             engine = self._engines.setdefault(spec.name, _EngineState())
             for rank in range(spec.dp_size):
                 key = RankKey(spec.name, rank)
-                self._ranks[key] = _RankState(spec)
+                state = self._ranks[key] = _RankState(spec, key, engine)
                 engine.ranks.append(key)
+                engine.states.append(state)
         self._inflight: dict[str, _InFlight] = {}
         self._decode: dict[str, _InFlight] = {}
         """Decode legs of P/D requests, by request id."""
@@ -210,6 +228,18 @@ class LoadView:
             out.append((key, state.queued_prefill_tokens, state.spec.prefill_budget))
         return out
 
+    def prefill_queue(self, engine: str) -> tuple[dict[RankKey, int], int, int]:
+        """``engine``'s prompt tokens sent and not yet prefilled, sparsely: ``(tokens by rank, for the ranks that have
+        any, in no particular order; the engine's number of ranks; their per-step prefill budget)``. The dictionary
+        is the view's own, live: read it at once, do not keep or change it.
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        estate = self._engines[engine]
+        spec = self._ranks[estate.ranks[0]].spec
+        return estate.queued, spec.dp_size, spec.prefill_budget
+
     def rank_of(self, request_id: str) -> RankKey | None:
         """The rank ``request_id`` was dispatched to (a P/D request's decode rank, where its tokens come from), or
         ``None`` if it is not in flight."""
@@ -229,11 +259,7 @@ class LoadView:
         Raises:
             KeyError: ``engine`` is unknown.
         """
-        for key in self._engines[engine].ranks:
-            state = self._ranks[key]
-            if state.local_running > 0 and state.queued_prefill_tokens <= 0:
-                return True
-        return False
+        return self._engines[engine].decoding_ranks > 0
 
     def inflight_count(self) -> int:
         """Requests dispatched and not yet finished."""
@@ -264,6 +290,7 @@ class LoadView:
         state.queued_prefill_tokens += prefill
         state.queued_new += prefill
         state.kv_tokens += prompt_tokens
+        self._changed(state)
         if not stream:
             chunks = max(1, math.ceil(prefill / state.spec.prefill_budget))
             heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s * chunks, request_id))
@@ -284,6 +311,7 @@ class LoadView:
         state.decode_dispatched_since += 1
         state.decode_new += 1
         state.kv_tokens += prompt_tokens
+        self._changed(state)
 
     def on_first_token(self, request_id: str, now: float) -> None:
         """The first output token of ``request_id`` came back: its prefill is done (a P/D request leaves its prefill
@@ -300,13 +328,16 @@ class LoadView:
         state.local_running += 1
         state.started_since += 1
         self._leave_queue(state, item)
+        self._changed(state)
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
         item = self._decode.get(request_id) or self._inflight.get(request_id)
         if item is not None and n > 0:
             item.generated += n
-            self._ranks[item.key].kv_tokens += n
+            state = self._ranks[item.key]
+            state.kv_tokens += n
+            state.load = None
 
     def on_finish(self, request_id: str, now: float) -> None:
         """``request_id`` completed, failed or was aborted (both legs of a P/D request). Unknown ids are ignored."""
@@ -318,6 +349,7 @@ class LoadView:
             state.finished_running_since += 1
             if not decode.in_engine_figure:
                 state.decode_new -= 1
+            self._changed(state)
         self._release(request_id)
 
     def _release(self, request_id: str) -> None:
@@ -334,6 +366,7 @@ class LoadView:
             state.local_waiting -= 1
             state.finished_waiting_since += 1
             self._leave_queue(state, item)
+        self._changed(state)
 
     def _leave_queue(self, state: _RankState, item: _InFlight) -> None:
         state.queued_prefill_tokens -= item.prefill_tokens
@@ -341,6 +374,22 @@ class LoadView:
             state.queued_left_since += item.prefill_tokens
         else:
             state.queued_new -= item.prefill_tokens
+
+    @staticmethod
+    def _changed(state: _RankState) -> None:
+        """Some figure of ``state`` changed: its snapshot entry goes, and its engine's tallies of queued tokens and
+        decoding ranks follow it."""
+        state.load = None
+        state.touched = True
+        engine, tokens = state.engine, state.queued_prefill_tokens
+        if tokens:
+            engine.queued[state.key] = tokens
+        else:
+            engine.queued.pop(state.key, None)
+        decodes = state.local_running > 0 and tokens <= 0
+        if decodes != state.decodes:
+            state.decodes = decodes
+            engine.decoding_ranks += 1 if decodes else -1
 
     def _promote_nonstream(self, now: float) -> None:
         while self._nonstream_due and self._nonstream_due[0][0] <= now:
@@ -359,17 +408,22 @@ class LoadView:
         estate.last_scrape_ok = now
         estate.last_scrape_attempt = now
         estate.consecutive_failures = 0
-        for key in estate.ranks:
-            state = self._ranks[key]
-            state.scraped = ranks.get(key.rank)
+        for state in estate.states:
+            scraped = ranks.get(state.key.rank)
+            if not state.touched and (scraped is state.scraped or scraped == state.scraped):
+                continue  # the same figures, and every since-scrape counter still 0: nothing changes
+            state.scraped = scraped
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = state.decode_dispatched_since = 0
             state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
             state.decode_new = state.kv_at_read = 0
+            state.touched = False
+            state.load = None
         for item in self._decode.values():
             if item.key.engine != engine:
                 continue
             state = self._ranks[item.key]
+            state.touched, state.load = True, None
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.kv_at_read += item.prompt_tokens + item.generated
@@ -381,6 +435,7 @@ class LoadView:
             if item.key.engine != engine or item.started:
                 continue
             state = self._ranks[item.key]
+            state.touched, state.load = True, None
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.queued_at_scrape += item.prefill_tokens
@@ -425,46 +480,60 @@ class LoadView:
     def _live_snapshot(self, now: float, roles: frozenset[str] | None = None) -> list[RankLoad]:
         self._promote_nonstream(now)
         out: list[RankLoad] = []
-        for key, s in self._ranks.items():
-            if roles is not None and s.spec.role not in roles:
+        usable_at = self._usable
+        for estate in self._engines.values():
+            states = estate.states
+            if not states or (roles is not None and states[0].spec.role not in roles):
                 continue
-            waiting = float(s.local_waiting)
-            running = float(s.local_running)
-            kv_usage: float | None = None
-            queued = float(s.queued_prefill_tokens)
-            kv_tokens = float(s.kv_tokens)
-            prealloc = transfer = 0.0
-            if s.scraped is not None and self.scrape_fresh(key.engine, now):
-                scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
-                scraped_waiting -= s.finished_waiting_since
-                scraped_running = s.scraped.running + s.started_since + s.decode_dispatched_since
-                scraped_running -= s.finished_running_since
-                waiting = max(waiting, scraped_waiting)
-                running = max(running, scraped_running)
-                kv_usage = s.scraped.kv_usage
-                if s.scraped.queued_prefill_tokens is not None:
-                    reported = s.scraped.queued_prefill_tokens
-                    if s.queued_at_scrape > 0:
-                        reported *= max(0, s.queued_at_scrape - s.queued_left_since) / s.queued_at_scrape
-                    queued = reported + s.queued_new
-                if s.scraped.decode_prealloc is not None:
-                    prealloc = s.scraped.decode_prealloc + s.decode_new
-                transfer = s.scraped.decode_transfer or 0.0
-                if s.scraped.kv_tokens is not None and s.spec.role in DECODE_ROLES:
-                    kv_tokens = max(kv_tokens, s.scraped.kv_tokens + s.kv_tokens - s.kv_at_read)
-            out.append(
-                RankLoad(
-                    key=key,
-                    models=s.spec.models,
-                    running=running,
-                    waiting=waiting,
-                    queued_prefill_tokens=queued,
-                    kv_tokens=kv_tokens,
-                    kv_usage=kv_usage,
-                    prefill_budget=s.spec.prefill_budget,
-                    usable=True if self._usable is None else self._usable(key, now),
-                    decode_prealloc=prealloc,
-                    decode_transfer=transfer,
-                )
-            )
+            last = estate.last_scrape_ok
+            fresh = last is not None and now - last <= self.stale_after_s
+            for s in states:
+                usable = True if usable_at is None else usable_at(s.key, now)
+                load = s.load
+                if load is None or s.load_fresh != fresh or load.usable != usable:
+                    load = s.load = self._rank_load(s, fresh, usable)
+                    s.load_fresh = fresh
+                out.append(load)
         return out
+
+    @staticmethod
+    def _rank_load(s: _RankState, fresh: bool, usable: bool) -> RankLoad:
+        """One rank's snapshot entry, from its figures, whether its engine's scrape is ``fresh`` and whether it is
+        ``usable``."""
+        waiting = float(s.local_waiting)
+        running = float(s.local_running)
+        kv_usage: float | None = None
+        queued = float(s.queued_prefill_tokens)
+        kv_tokens = float(s.kv_tokens)
+        prealloc = transfer = 0.0
+        if s.scraped is not None and fresh:
+            scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
+            scraped_waiting -= s.finished_waiting_since
+            scraped_running = s.scraped.running + s.started_since + s.decode_dispatched_since
+            scraped_running -= s.finished_running_since
+            waiting = max(waiting, scraped_waiting)
+            running = max(running, scraped_running)
+            kv_usage = s.scraped.kv_usage
+            if s.scraped.queued_prefill_tokens is not None:
+                reported = s.scraped.queued_prefill_tokens
+                if s.queued_at_scrape > 0:
+                    reported *= max(0, s.queued_at_scrape - s.queued_left_since) / s.queued_at_scrape
+                queued = reported + s.queued_new
+            if s.scraped.decode_prealloc is not None:
+                prealloc = s.scraped.decode_prealloc + s.decode_new
+            transfer = s.scraped.decode_transfer or 0.0
+            if s.scraped.kv_tokens is not None and s.spec.role in DECODE_ROLES:
+                kv_tokens = max(kv_tokens, s.scraped.kv_tokens + s.kv_tokens - s.kv_at_read)
+        return RankLoad(
+            key=s.key,
+            models=s.spec.models,
+            running=running,
+            waiting=waiting,
+            queued_prefill_tokens=queued,
+            kv_tokens=kv_tokens,
+            kv_usage=kv_usage,
+            prefill_budget=s.spec.prefill_budget,
+            usable=usable,
+            decode_prealloc=prealloc,
+            decode_transfer=transfer,
+        )

@@ -512,6 +512,6 @@ class Scheduler:
     def _track_step(self, engine: str, now: float) -> bool:
         """Feed the step clock with tokens from ``engine`` at ``now`` (after the load view took them in); return
         whether they began a new step."""
-        return self.step_clock.observe_tokens(
-            engine, now, self.view.queued_prefill_tokens(engine), decodes_next=self.view.decodes_next_step(engine)
-        )
+        queued, ranks, budget = self.view.prefill_queue(engine)
+        decodes_next = self.view.decodes_next_step(engine)
+        return self.step_clock.observe_queue(engine, now, queued, ranks, budget, decodes_next=decodes_next)

@@ -294,6 +294,9 @@ class _Sim:
         self.correction = PromptTokenCorrection() if config.limits.online_correction else None
         self.raw_estimates: dict[int, int] = {}
         """The uncorrected estimate of each request in flight, while the correction learns."""
+        self.scraped: dict[str, dict[int, RankMetrics]] = {}
+        """Each engine's last scraped figures per rank: a rank whose gauges did not move since is scraped as the same
+        (immutable) object, which the load view recognises at once."""
 
     def push(self, t: float, kind: str, data: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, data))
@@ -469,21 +472,32 @@ class _Sim:
 
     def on_scrape(self, name: str) -> None:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
-        stats = self.engines[name].rank_stats()
         queued = self.config.engine_queued_tokens
         if self.pd is not None:
+            stats = self.engines[name].rank_stats()
             pd_ranks = self.pd.rank_metrics(name, stats, self.now, queued)
             self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, pd_ranks))
             self.push(self.now + self.config.scrape_interval_s, "scrape", name)
             return
-        ranks = {
-            s.rank: RankMetrics(s.running, s.waiting, s.kv_usage)
-            if not queued
-            else RankMetrics(
-                s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens, queued_read_at=self.now
-            )
-            for s in stats
-        }
+        if queued:
+            ranks = {
+                s.rank: RankMetrics(
+                    s.running,
+                    s.waiting,
+                    s.kv_usage,
+                    queued_prefill_tokens=s.waiting_prompt_tokens,
+                    queued_read_at=self.now,
+                )
+                for s in self.engines[name].rank_stats()
+            }
+        else:
+            last = self.scraped.setdefault(name, {})
+            ranks = {}
+            for rank, gauges in enumerate(self.engines[name].rank_gauges()):
+                m = last.get(rank)
+                if m is None or (m.running, m.waiting, m.kv_usage) != gauges:
+                    m = last[rank] = RankMetrics(*gauges)
+                ranks[rank] = m
         self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, ranks))
         self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 
