@@ -84,6 +84,8 @@ DECODE_ROLES = frozenset({"decode"})
 @dataclass(slots=True)
 class _InFlight:
     key: RankKey
+    state: _RankState
+    """The state of rank :attr:`key` (spares hashing the key on every token)."""
     prompt_tokens: int
     dispatched_at: float
     prefill_tokens: int
@@ -284,7 +286,7 @@ class LoadView:
         if request_id in self._inflight:
             raise ValueError(f"request {request_id!r} is already in flight")
         prefill = max(0, prompt_tokens - cached_tokens)
-        self._inflight[request_id] = _InFlight(key, prompt_tokens, now, prefill)
+        self._inflight[request_id] = _InFlight(key, state, prompt_tokens, now, prefill)
         state.local_waiting += 1
         state.dispatched_since += 1
         state.queued_prefill_tokens += prefill
@@ -306,7 +308,7 @@ class LoadView:
         state = self._ranks[key]
         if request_id in self._decode:
             raise ValueError(f"the decode leg of {request_id!r} is already in flight")
-        self._decode[request_id] = _InFlight(key, prompt_tokens, now, 0, started=True)
+        self._decode[request_id] = _InFlight(key, state, prompt_tokens, now, 0, started=True)
         state.local_running += 1
         state.decode_dispatched_since += 1
         state.decode_new += 1
@@ -323,7 +325,7 @@ class LoadView:
             self._release(request_id)
             return
         item.started = True
-        state = self._ranks[item.key]
+        state = item.state
         state.local_waiting -= 1
         state.local_running += 1
         state.started_since += 1
@@ -332,10 +334,10 @@ class LoadView:
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
-        item = self._decode.get(request_id) or self._inflight.get(request_id)
+        item = (self._decode.get(request_id) if self._decode else None) or self._inflight.get(request_id)
         if item is not None and n > 0:
             item.generated += n
-            state = self._ranks[item.key]
+            state = item.state
             state.kv_tokens += n
             state.load = None
 
@@ -343,7 +345,7 @@ class LoadView:
         """``request_id`` completed, failed or was aborted (both legs of a P/D request). Unknown ids are ignored."""
         decode = self._decode.pop(request_id, None)
         if decode is not None:
-            state = self._ranks[decode.key]
+            state = decode.state
             state.kv_tokens -= decode.prompt_tokens + decode.generated
             state.local_running -= 1
             state.finished_running_since += 1
@@ -357,7 +359,7 @@ class LoadView:
         item = self._inflight.pop(request_id, None)
         if item is None:
             return
-        state = self._ranks[item.key]
+        state = item.state
         state.kv_tokens -= item.prompt_tokens + item.generated
         if item.started:
             state.local_running -= 1
@@ -422,7 +424,7 @@ class LoadView:
         for item in self._decode.values():
             if item.key.engine != engine:
                 continue
-            state = self._ranks[item.key]
+            state = item.state
             state.touched, state.load = True, None
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
@@ -434,7 +436,7 @@ class LoadView:
         for item in self._inflight.values() if reported else ():
             if item.key.engine != engine or item.started:
                 continue
-            state = self._ranks[item.key]
+            state = item.state
             state.touched, state.load = True, None
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:

@@ -428,12 +428,14 @@ class _Sim:
 
     def deliver(self, events: list[TokenEvent], name: str) -> None:
         """Tokens ``events`` leave engine ``name`` now for the gateway (at once, or after their delay)."""
+        views = self.views
         for event in events:
-            view = None if self.views is None else self.views[int(event.request_id)]
-            if view is not None and view.to_gateway_s > 0:
-                self.push(self.now + view.to_gateway_s, "progress", (event, name))
-            else:
-                self.progress(event, name)
+            if views is not None:
+                delay = views[int(event.request_id)].to_gateway_s
+                if delay > 0:
+                    self.push(self.now + delay, "progress", (event, name))
+                    continue
+            self.progress(event, name)
 
     def on_prefill_answer(self, request_id: str, name: str) -> None:
         """The prefill leg of P/D request ``request_id`` answered from prefill engine ``name``: the relay tells the
@@ -444,8 +446,9 @@ class _Sim:
     def progress(self, event: TokenEvent, name: str) -> None:
         """A token reaches the gateway: the client's record and the scheduler's progress protocol (no first token
         or tokens of a non-streamed request, only its finish)."""
-        record = self.records[int(event.request_id)]
-        streamed = self.views is None or self.views[int(event.request_id)].stream
+        index = int(event.request_id)
+        record = self.records[index]
+        streamed = self.views is None or self.views[index].stream
         if event.index == 0:
             record.first_token_s = self.now
             if streamed:
@@ -459,7 +462,6 @@ class _Sim:
             if self.pd is not None:
                 self.pd.finished(event.request_id)
             if self.correction is not None:  # the engine's usage.prompt_tokens arrives with the finish
-                index = int(event.request_id)
                 self.correction.observe(self.raw_estimates.pop(index), self.trace[index].prompt_tokens)
 
     def engine_arrival(self, index: int, key: RankKey) -> None:
