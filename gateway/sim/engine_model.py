@@ -184,6 +184,7 @@ class EngineModel:
         self._clock_s = 0.0  # engine time at the start of the next step: the sum of step durations
         self._active: set[int] = set()  # ranks that may have a waiting or running request (a superset)
         self._idle_step = RankStep()  # what a rank with nothing waiting or running runs (no side effect, read only)
+        self._stepped: set[int] = set()  # ranks that ran a step since the instance was last idle
 
     def add_request(
         self,
@@ -402,9 +403,12 @@ class EngineModel:
         if not active:
             self._in_step = False
             self._alignment.idle()
-            for rank in self._ranks:
-                rank.new_token_ratio = self.config.new_token_ratio.start  # SGLang resets it when idle
+            start = self.config.new_token_ratio.start
+            for i in self._stepped:  # only a rank that ran a step can have moved its ratio from the start
+                self._ranks[i].new_token_ratio = start  # SGLang resets it when idle
+            self._stepped.clear()
             return StepResult(0.0, [], [0] * n, [0] * n, [0.0] * n)
+        self._stepped.update(active)
         limits = self._join_limits(active)
         index = self._steps
         gates = self._alignment.gates(limits, index)
@@ -526,14 +530,17 @@ class EngineModel:
         return tokens
 
     def _emit(self, rank: Rank, req: Request) -> TokenEvent:
-        event = TokenEvent(req.request_id, req.rank, req.generated, req.generated + 1 == req.output_tokens)
+        generated = req.generated
+        finished = generated + 1 == req.output_tokens
+        event = TokenEvent(req.request_id, req.rank, generated, finished)
         if req.kv % self.config.kv_block_size == 0:
             rank.kv_blocks += 1
-        req.generated += 1
+        req.generated = generated + 1
         req.kv += 1
         rank.kv_used += 1
-        rank.fit_cache()
-        if event.finished:
+        if rank.cache is not None:
+            rank.fit_cache()
+        if finished:
             del rank.running[req.request_id]
             if req.hold_kv:
                 self._admission.hold(rank, req)
