@@ -239,6 +239,19 @@ class SimResult:
         } | ({} if self.prefix_cache_hit_rate is None else {"prefix_cache_hit_rate": self.prefix_cache_hit_rate})
 
 
+def _arrival_order(item: tuple[float, int, TokenEvent, str]) -> tuple[float, int]:
+    return item[0], item[1]
+
+
+@dataclass(slots=True)
+class _TokenRun:
+    """The tokens one delivery sent on to the gateway with a delay, as ``(arrival time, sequence number, token,
+    engine)`` in arrival order, and the index of the next to arrive."""
+
+    items: list[tuple[float, int, TokenEvent, str]]
+    next: int = 0
+
+
 class _Sim:
     def __init__(
         self, trace: list[TraceRequest], config: SimConfig, on_done: Callable[[int], None] | None = None
@@ -308,13 +321,14 @@ class _Sim:
             self.push(0.0, "scrape", n)
         while self.events and self.completed < len(self.trace):
             self.now, _, kind, data = heapq.heappop(self.events)
+            if kind == "tokens":
+                self.tokens_arrive(data)
+                continue
             before = self.completed
             if kind == "arrival":
                 self.on_arrival(data)
             elif kind == "step_end":
                 self.on_step_end(data)
-            elif kind == "progress":
-                self.progress(*data)
             elif kind == "pd":
                 assert self.pd is not None
                 self.pd.handle(*data)
@@ -429,13 +443,41 @@ class _Sim:
     def deliver(self, events: list[TokenEvent], name: str) -> None:
         """Tokens ``events`` leave engine ``name`` now for the gateway (at once, or after their delay)."""
         views = self.views
+        delayed: list[tuple[float, int, TokenEvent, str]] = []
         for event in events:
             if views is not None:
                 delay = views[int(event.request_id)].to_gateway_s
                 if delay > 0:
-                    self.push(self.now + delay, "progress", (event, name))
+                    delayed.append((self.now + delay, next(self.seq), event, name))
                     continue
             self.progress(event, name)
+        if delayed:
+            delayed.sort(key=_arrival_order)
+            first = delayed[0]
+            heapq.heappush(self.events, (first[0], first[1], "tokens", _TokenRun(delayed)))
+
+    def tokens_arrive(self, run: _TokenRun) -> None:
+        """The next token of ``run`` reaches the gateway now, and so do the run's later ones for as long as each would
+        be the next event anyway (the run stands in the event queue for its next token, under the sequence number
+        :meth:`deliver` drew for it, so the events' order is the one a queue entry per token would give); each is
+        followed by what every event is (:meth:`poll`, ``on_done``)."""
+        items, total, events = run.items, len(self.trace), self.events
+        i = run.next
+        while True:
+            before = self.completed
+            self.progress(items[i][2], items[i][3])
+            self.poll()
+            if self.completed > before and self.on_done is not None:
+                self.on_done(self.completed - before)
+            i += 1
+            if i == len(items) or self.completed >= total:
+                return
+            t, seq = items[i][0], items[i][1]
+            if events and (events[0][0] < t or (events[0][0] == t and events[0][1] < seq)):
+                run.next = i
+                heapq.heappush(events, (t, seq, "tokens", run))
+                return
+            self.now = t
 
     def on_prefill_answer(self, request_id: str, name: str) -> None:
         """The prefill leg of P/D request ``request_id`` answered from prefill engine ``name``: the relay tells the
@@ -507,6 +549,8 @@ class _Sim:
         self.scheduler.on_scrape(name, ranks, self.now)
 
     def poll(self) -> None:
+        if not len(self.scheduler.window):
+            return  # nothing buffered: the scheduler's poll places nothing, and there is no deadline
         outcome = self.scheduler.poll(self.now)
         if outcome is not None:
             for request, key in outcome.assigned:
