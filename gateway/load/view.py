@@ -101,6 +101,8 @@ class _RankState:
     spec: EngineSpec
     key: RankKey
     engine: _EngineState
+    position: int
+    """The rank's place in its engine's :attr:`_EngineState.states`."""
     local_waiting: int = 0
     local_running: int = 0
     queued_prefill_tokens: int = 0
@@ -146,6 +148,12 @@ class _EngineState:
     """The prompt tokens queued on each rank that has any (:attr:`_RankState.queued_prefill_tokens` not 0)."""
     decoding_ranks: int = 0
     """Ranks whose :attr:`_RankState.decodes` holds."""
+    loads: list[RankLoad] | None = None
+    """The ranks' snapshot entries, in rank order, as last built (without a ``usable`` rule: every rank usable)."""
+    loads_fresh: bool = False
+    """Whether the engine's scrape was fresh when :attr:`loads` was built."""
+    changed: list[_RankState] = field(default_factory=list)
+    """Ranks whose snapshot entry was dropped since the last snapshot."""
 
 
 class LoadView:
@@ -184,7 +192,7 @@ class LoadView:
             engine = self._engines.setdefault(spec.name, _EngineState())
             for rank in range(spec.dp_size):
                 key = RankKey(spec.name, rank)
-                state = self._ranks[key] = _RankState(spec, key, engine)
+                state = self._ranks[key] = _RankState(spec, key, engine, len(engine.states))
                 engine.ranks.append(key)
                 engine.states.append(state)
         self._inflight: dict[str, _InFlight] = {}
@@ -339,7 +347,9 @@ class LoadView:
             item.generated += n
             state = item.state
             state.kv_tokens += n
-            state.load = None
+            if state.load is not None:
+                state.load = None
+                state.engine.changed.append(state)
 
     def on_finish(self, request_id: str, now: float) -> None:
         """``request_id`` completed, failed or was aborted (both legs of a P/D request). Unknown ids are ignored."""
@@ -378,12 +388,21 @@ class LoadView:
             state.queued_new -= item.prefill_tokens
 
     @staticmethod
+    def _drop_load(state: _RankState) -> None:
+        """The rank's snapshot entry no longer holds: build it again at the next snapshot."""
+        if state.load is not None:
+            state.load = None
+            state.engine.changed.append(state)
+
+    @staticmethod
     def _changed(state: _RankState) -> None:
         """Some figure of ``state`` changed: its snapshot entry goes, and its engine's tallies of queued tokens and
         decoding ranks follow it."""
-        state.load = None
-        state.touched = True
         engine, tokens = state.engine, state.queued_prefill_tokens
+        if state.load is not None:
+            state.load = None
+            engine.changed.append(state)
+        state.touched = True
         if tokens:
             engine.queued[state.key] = tokens
         else:
@@ -420,12 +439,13 @@ class LoadView:
             state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
             state.decode_new = state.kv_at_read = 0
             state.touched = False
-            state.load = None
+            self._drop_load(state)
         for item in self._decode.values():
             if item.key.engine != engine:
                 continue
             state = item.state
-            state.touched, state.load = True, None
+            state.touched = True
+            self._drop_load(state)
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.kv_at_read += item.prompt_tokens + item.generated
@@ -437,7 +457,8 @@ class LoadView:
             if item.key.engine != engine or item.started:
                 continue
             state = item.state
-            state.touched, state.load = True, None
+            state.touched = True
+            self._drop_load(state)
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.queued_at_scrape += item.prefill_tokens
@@ -489,6 +510,10 @@ class LoadView:
                 continue
             last = estate.last_scrape_ok
             fresh = last is not None and now - last <= self.stale_after_s
+            if usable_at is None:
+                out += self._engine_loads(estate, fresh)
+                continue
+            estate.changed.clear()
             for s in states:
                 usable = True if usable_at is None else usable_at(s.key, now)
                 load = s.load
@@ -497,6 +522,24 @@ class LoadView:
                     s.load_fresh = fresh
                 out.append(load)
         return out
+
+    def _engine_loads(self, estate: _EngineState, fresh: bool) -> list[RankLoad]:
+        """Every rank's snapshot entry of one engine, every rank usable: the entries built before, but those of the
+        ranks that changed since (all of them when the scrape's freshness changed)."""
+        loads = estate.loads
+        if loads is None or estate.loads_fresh != fresh:
+            loads = estate.loads = []
+            for s in estate.states:
+                s.load, s.load_fresh = self._rank_load(s, fresh, True), fresh
+                loads.append(s.load)
+            estate.loads_fresh = fresh
+        else:
+            for s in estate.changed:
+                if s.load is None:
+                    s.load, s.load_fresh = self._rank_load(s, fresh, True), fresh
+                    loads[s.position] = s.load
+        estate.changed.clear()
+        return loads
 
     @staticmethod
     def _rank_load(s: _RankState, fresh: bool, usable: bool) -> RankLoad:
