@@ -64,8 +64,8 @@ from gateway.types import PREFIX_BLOCK_TOKENS
 
 @dataclass(slots=True)
 class TokenEvent:
-    """One output token produced by a step (not frozen, whose construction costs four times as much: a step makes one
-    per running request; nothing changes one).
+    """One output token produced by a step. Not frozen: a step makes one per running request, and a frozen dataclass
+    costs four times as much to build; nothing changes one.
 
     Attributes:
         request_id: the request it belongs to.
