@@ -84,6 +84,8 @@ DECODE_ROLES = frozenset({"decode"})
 @dataclass(slots=True)
 class _InFlight:
     key: RankKey
+    state: _RankState
+    """The state of rank :attr:`key` (spares hashing the key on every token)."""
     prompt_tokens: int
     dispatched_at: float
     prefill_tokens: int
@@ -100,6 +102,10 @@ class _InFlight:
 @dataclass(slots=True)
 class _RankState:
     spec: EngineSpec
+    key: RankKey
+    engine: _EngineState
+    position: int
+    """The rank's place in its engine's :attr:`_EngineState.states`."""
     local_waiting: int = 0
     local_running: int = 0
     queued_prefill_tokens: int = 0
@@ -128,6 +134,15 @@ class _RankState:
     request as running before its first token reaches the gateway (vLLM once it schedules its first prefill chunk,
     SGLang once its prefill step ends), so the first token of a request beyond these moves nothing from waiting to
     running: it is in the running figure already, and counting it again shows a busy rank until the next scrape."""
+    decodes: bool = False
+    """Requests decode on the rank and no prompt tokens are queued there (counted in
+    :attr:`_EngineState.decoding_ranks`)."""
+    load: RankLoad | None = None
+    """The rank's last snapshot entry while none of its figures changed since (``None``: build it again)."""
+    load_fresh: bool = False
+    """Whether the engine's scrape was fresh when :attr:`load` was built."""
+    touched: bool = False
+    """Some figure changed since the last scrape of the engine (so its since-scrape counters may not all be 0)."""
 
 
 @dataclass(slots=True)
@@ -136,6 +151,18 @@ class _EngineState:
     last_scrape_attempt: float | None = None
     consecutive_failures: int = 0
     ranks: list[RankKey] = field(default_factory=list)
+    states: list[_RankState] = field(default_factory=list)
+    """The ranks' states, in the order of :attr:`ranks`."""
+    queued: dict[RankKey, int] = field(default_factory=dict)
+    """The prompt tokens queued on each rank that has any (:attr:`_RankState.queued_prefill_tokens` not 0)."""
+    decoding_ranks: int = 0
+    """Ranks whose :attr:`_RankState.decodes` holds."""
+    loads: list[RankLoad] | None = None
+    """The ranks' snapshot entries, in rank order, as last built (without a ``usable`` rule: every rank usable)."""
+    loads_fresh: bool = False
+    """Whether the engine's scrape was fresh when :attr:`loads` was built."""
+    changed: list[_RankState] = field(default_factory=list)
+    """Ranks whose snapshot entry was dropped since the last snapshot."""
 
 
 class LoadView:
@@ -181,8 +208,9 @@ class LoadView:
             engine = self._engines.setdefault(spec.name, _EngineState())
             for rank in range(spec.dp_size):
                 key = RankKey(spec.name, rank)
-                self._ranks[key] = _RankState(spec)
+                state = self._ranks[key] = _RankState(spec, key, engine, len(engine.states))
                 engine.ranks.append(key)
+                engine.states.append(state)
         self._inflight: dict[str, _InFlight] = {}
         self._decode: dict[str, _InFlight] = {}
         """Decode legs of P/D requests, by request id."""
@@ -226,6 +254,18 @@ class LoadView:
             out.append((key, state.queued_prefill_tokens, state.spec.prefill_budget))
         return out
 
+    def prefill_queue(self, engine: str) -> tuple[dict[RankKey, int], int, int]:
+        """``engine``'s prompt tokens sent and not yet prefilled, sparsely: ``(tokens by rank, for the ranks that have
+        any, in no particular order; the engine's number of ranks; their per-step prefill budget)``. The dictionary
+        is the view's own, live: read it at once, do not keep or change it.
+
+        Raises:
+            KeyError: ``engine`` is unknown.
+        """
+        estate = self._engines[engine]
+        spec = self._ranks[estate.ranks[0]].spec
+        return estate.queued, spec.dp_size, spec.prefill_budget
+
     def rank_of(self, request_id: str) -> RankKey | None:
         """The rank ``request_id`` was dispatched to (a P/D request's decode rank, where its tokens come from), or
         ``None`` if it is not in flight."""
@@ -245,11 +285,7 @@ class LoadView:
         Raises:
             KeyError: ``engine`` is unknown.
         """
-        for key in self._engines[engine].ranks:
-            state = self._ranks[key]
-            if state.local_running > 0 and state.queued_prefill_tokens <= 0:
-                return True
-        return False
+        return self._engines[engine].decoding_ranks > 0
 
     def inflight_count(self) -> int:
         """Requests dispatched and not yet finished."""
@@ -274,12 +310,13 @@ class LoadView:
         if request_id in self._inflight:
             raise ValueError(f"request {request_id!r} is already in flight")
         prefill = max(0, prompt_tokens - cached_tokens)
-        self._inflight[request_id] = _InFlight(key, prompt_tokens, now, prefill)
+        self._inflight[request_id] = _InFlight(key, state, prompt_tokens, now, prefill)
         state.local_waiting += 1
         state.dispatched_since += 1
         state.queued_prefill_tokens += prefill
         state.queued_new += prefill
         state.kv_tokens += prompt_tokens
+        self._changed(state)
         if not stream:
             chunks = max(1, math.ceil(prefill / state.spec.prefill_budget))
             heapq.heappush(self._nonstream_due, (now + self.nonstream_prefill_s * chunks, request_id))
@@ -295,11 +332,12 @@ class LoadView:
         state = self._ranks[key]
         if request_id in self._decode:
             raise ValueError(f"the decode leg of {request_id!r} is already in flight")
-        self._decode[request_id] = _InFlight(key, prompt_tokens, now, 0, started=True)
+        self._decode[request_id] = _InFlight(key, state, prompt_tokens, now, 0, started=True)
         state.local_running += 1
         state.decode_dispatched_since += 1
         state.decode_new += 1
         state.kv_tokens += prompt_tokens
+        self._changed(state)
 
     def on_first_token(self, request_id: str, now: float) -> None:
         """The first output token of ``request_id`` came back: its prefill is done (a P/D request leaves its prefill
@@ -311,30 +349,36 @@ class LoadView:
             self._release(request_id)
             return
         item.started = True
-        state = self._ranks[item.key]
+        state = item.state
         state.local_waiting -= 1
         state.local_running += 1
         if self._left_waiting_figure(state, item):
             state.started_since += 1
         self._leave_queue(state, item)
+        self._changed(state)
 
     def on_tokens(self, request_id: str, n: int) -> None:
         """``n`` more output tokens of ``request_id`` came back (they grow its KV)."""
-        item = self._decode.get(request_id) or self._inflight.get(request_id)
+        item = (self._decode.get(request_id) if self._decode else None) or self._inflight.get(request_id)
         if item is not None and n > 0:
             item.generated += n
-            self._ranks[item.key].kv_tokens += n
+            state = item.state
+            state.kv_tokens += n
+            if state.load is not None:
+                state.load = None
+                state.engine.changed.append(state)
 
     def on_finish(self, request_id: str, now: float) -> None:
         """``request_id`` completed, failed or was aborted (both legs of a P/D request). Unknown ids are ignored."""
         decode = self._decode.pop(request_id, None)
         if decode is not None:
-            state = self._ranks[decode.key]
+            state = decode.state
             state.kv_tokens -= decode.prompt_tokens + decode.generated
             state.local_running -= 1
             state.finished_running_since += 1
             if not decode.in_engine_figure:
                 state.decode_new -= 1
+            self._changed(state)
         self._release(request_id)
 
     def _release(self, request_id: str) -> None:
@@ -342,7 +386,7 @@ class LoadView:
         item = self._inflight.pop(request_id, None)
         if item is None:
             return
-        state = self._ranks[item.key]
+        state = item.state
         state.kv_tokens -= item.prompt_tokens + item.generated
         if item.started:
             state.local_running -= 1
@@ -354,6 +398,7 @@ class LoadView:
             else:
                 state.finished_running_since += 1
             self._leave_queue(state, item)
+        self._changed(state)
 
     @staticmethod
     def _left_waiting_figure(state: _RankState, item: _InFlight) -> bool:
@@ -374,6 +419,31 @@ class LoadView:
         else:
             state.queued_new -= item.prefill_tokens
 
+    @staticmethod
+    def _drop_load(state: _RankState) -> None:
+        """The rank's snapshot entry no longer holds: build it again at the next snapshot."""
+        if state.load is not None:
+            state.load = None
+            state.engine.changed.append(state)
+
+    @staticmethod
+    def _changed(state: _RankState) -> None:
+        """Some figure of ``state`` changed: its snapshot entry goes, and its engine's tallies of queued tokens and
+        decoding ranks follow it."""
+        engine, tokens = state.engine, state.queued_prefill_tokens
+        if state.load is not None:
+            state.load = None
+            engine.changed.append(state)
+        state.touched = True
+        if tokens:
+            engine.queued[state.key] = tokens
+        else:
+            engine.queued.pop(state.key, None)
+        decodes = state.local_running > 0 and tokens <= 0
+        if decodes != state.decodes:
+            state.decodes = decodes
+            engine.decoding_ranks += 1 if decodes else -1
+
     def _promote_nonstream(self, now: float) -> None:
         while self._nonstream_due and self._nonstream_due[0][0] <= now:
             _, request_id = heapq.heappop(self._nonstream_due)
@@ -391,17 +461,23 @@ class LoadView:
         estate.last_scrape_ok = now
         estate.last_scrape_attempt = now
         estate.consecutive_failures = 0
-        for key in estate.ranks:
-            state = self._ranks[key]
-            state.scraped = ranks.get(key.rank)
+        for state in estate.states:
+            scraped = ranks.get(state.key.rank)
+            if not state.touched and (scraped is state.scraped or scraped == state.scraped):
+                continue  # the same figures, and every since-scrape counter still 0: nothing changes
+            state.scraped = scraped
             state.dispatched_since = state.started_since = 0
             state.finished_waiting_since = state.finished_running_since = state.decode_dispatched_since = 0
             state.queued_at_scrape = state.queued_left_since = state.queued_new = 0
             state.decode_new = state.kv_at_read = state.waiting_at_read = 0
+            state.touched = False
+            self._drop_load(state)
         for item in self._decode.values():
             if item.key.engine != engine:
                 continue
-            state = self._ranks[item.key]
+            state = item.state
+            state.touched = True
+            self._drop_load(state)
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.kv_at_read += item.prompt_tokens + item.generated
@@ -421,7 +497,9 @@ class LoadView:
         for item in self._inflight.values() if reported else ():
             if item.key.engine != engine or item.started:
                 continue
-            state = self._ranks[item.key]
+            state = item.state
+            state.touched = True
+            self._drop_load(state)
             item.in_engine_figure = item.dispatched_at < self._read_at(state, now)
             if item.in_engine_figure:
                 state.queued_at_scrape += item.prefill_tokens
@@ -466,46 +544,82 @@ class LoadView:
     def _live_snapshot(self, now: float, roles: frozenset[str] | None = None) -> list[RankLoad]:
         self._promote_nonstream(now)
         out: list[RankLoad] = []
-        for key, s in self._ranks.items():
-            if roles is not None and s.spec.role not in roles:
+        usable_at = self._usable
+        for estate in self._engines.values():
+            states = estate.states
+            if not states or (roles is not None and states[0].spec.role not in roles):
                 continue
-            waiting = float(s.local_waiting)
-            running = float(s.local_running)
-            kv_usage: float | None = None
-            queued = float(s.queued_prefill_tokens)
-            kv_tokens = float(s.kv_tokens)
-            prealloc = transfer = 0.0
-            if s.scraped is not None and self.scrape_fresh(key.engine, now):
-                scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
-                scraped_waiting -= s.finished_waiting_since
-                scraped_running = s.scraped.running + s.started_since + s.decode_dispatched_since
-                scraped_running -= s.finished_running_since
-                waiting = max(waiting, scraped_waiting)
-                running = max(running, scraped_running)
-                kv_usage = s.scraped.kv_usage
-                if s.scraped.queued_prefill_tokens is not None:
-                    reported = s.scraped.queued_prefill_tokens
-                    if s.queued_at_scrape > 0:
-                        reported *= max(0, s.queued_at_scrape - s.queued_left_since) / s.queued_at_scrape
-                    queued = reported + s.queued_new
-                if s.scraped.decode_prealloc is not None:
-                    prealloc = s.scraped.decode_prealloc + s.decode_new
-                transfer = s.scraped.decode_transfer or 0.0
-                if s.scraped.kv_tokens is not None and s.spec.role in DECODE_ROLES:
-                    kv_tokens = max(kv_tokens, s.scraped.kv_tokens + s.kv_tokens - s.kv_at_read)
-            out.append(
-                RankLoad(
-                    key=key,
-                    models=s.spec.models,
-                    running=running,
-                    waiting=waiting,
-                    queued_prefill_tokens=queued,
-                    kv_tokens=kv_tokens,
-                    kv_usage=kv_usage,
-                    prefill_budget=s.spec.prefill_budget,
-                    usable=True if self._usable is None else self._usable(key, now),
-                    decode_prealloc=prealloc,
-                    decode_transfer=transfer,
-                )
-            )
+            last = estate.last_scrape_ok
+            fresh = last is not None and now - last <= self.stale_after_s
+            if usable_at is None:
+                out += self._engine_loads(estate, fresh)
+                continue
+            estate.changed.clear()
+            for s in states:
+                usable = True if usable_at is None else usable_at(s.key, now)
+                load = s.load
+                if load is None or s.load_fresh != fresh or load.usable != usable:
+                    load = s.load = self._rank_load(s, fresh, usable)
+                    s.load_fresh = fresh
+                out.append(load)
         return out
+
+    def _engine_loads(self, estate: _EngineState, fresh: bool) -> list[RankLoad]:
+        """Every rank's snapshot entry of one engine, every rank usable: the entries built before, but those of the
+        ranks that changed since (all of them when the scrape's freshness changed)."""
+        loads = estate.loads
+        if loads is None or estate.loads_fresh != fresh:
+            loads = estate.loads = []
+            for s in estate.states:
+                s.load, s.load_fresh = self._rank_load(s, fresh, True), fresh
+                loads.append(s.load)
+            estate.loads_fresh = fresh
+        else:
+            for s in estate.changed:
+                if s.load is None:
+                    s.load, s.load_fresh = self._rank_load(s, fresh, True), fresh
+                    loads[s.position] = s.load
+        estate.changed.clear()
+        return loads
+
+    @staticmethod
+    def _rank_load(s: _RankState, fresh: bool, usable: bool) -> RankLoad:
+        """One rank's snapshot entry, from its figures, whether its engine's scrape is ``fresh`` and whether it is
+        ``usable``."""
+        waiting = float(s.local_waiting)
+        running = float(s.local_running)
+        kv_usage: float | None = None
+        queued = float(s.queued_prefill_tokens)
+        kv_tokens = float(s.kv_tokens)
+        prealloc = transfer = 0.0
+        if s.scraped is not None and fresh:
+            scraped_waiting = s.scraped.waiting + s.dispatched_since - s.started_since
+            scraped_waiting -= s.finished_waiting_since
+            scraped_running = s.scraped.running + s.started_since + s.decode_dispatched_since
+            scraped_running -= s.finished_running_since
+            waiting = max(waiting, scraped_waiting)
+            running = max(running, scraped_running)
+            kv_usage = s.scraped.kv_usage
+            if s.scraped.queued_prefill_tokens is not None:
+                reported = s.scraped.queued_prefill_tokens
+                if s.queued_at_scrape > 0:
+                    reported *= max(0, s.queued_at_scrape - s.queued_left_since) / s.queued_at_scrape
+                queued = reported + s.queued_new
+            if s.scraped.decode_prealloc is not None:
+                prealloc = s.scraped.decode_prealloc + s.decode_new
+            transfer = s.scraped.decode_transfer or 0.0
+            if s.scraped.kv_tokens is not None and s.spec.role in DECODE_ROLES:
+                kv_tokens = max(kv_tokens, s.scraped.kv_tokens + s.kv_tokens - s.kv_at_read)
+        return RankLoad(
+            key=s.key,
+            models=s.spec.models,
+            running=running,
+            waiting=waiting,
+            queued_prefill_tokens=queued,
+            kv_tokens=kv_tokens,
+            kv_usage=kv_usage,
+            prefill_budget=s.spec.prefill_budget,
+            usable=usable,
+            decode_prealloc=prealloc,
+            decode_transfer=transfer,
+        )

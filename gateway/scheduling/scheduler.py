@@ -203,6 +203,36 @@ class _Immediate:
         return None
 
 
+class _FreeCapacity:
+    """:func:`~gateway.scheduling.allocation.free_prefill_capacity` of successive snapshots, each rank's share asked
+    again only when its entry changed (the load view hands out the same entry while a rank's figures stand). The
+    shares are summed in the snapshot's order, as the function sums them (a rank it skips adds 0), so the total is
+    the same float.
+
+    Args:
+        queue_steps: a rank's capacity in per-step prefill budgets.
+        min_tokens: a rank's capacity is at least this many prompt tokens.
+    """
+
+    def __init__(self, queue_steps: float, min_tokens: float) -> None:
+        self.queue_steps = queue_steps
+        self.min_tokens = min_tokens
+        self._loads: list[RankLoad] = []
+        self._shares: list[float] = []
+
+    def __call__(self, snapshot: list[RankLoad]) -> float:
+        loads, shares, steps, least = self._loads, self._shares, self.queue_steps, self.min_tokens
+        if len(loads) != len(snapshot):
+            loads[:] = snapshot
+            shares[:] = [free_prefill_capacity((r,), steps, least) for r in snapshot]
+        else:
+            for i, r in enumerate(snapshot):
+                if loads[i] is not r:
+                    loads[i] = r
+                    shares[i] = free_prefill_capacity((r,), steps, least)
+        return sum(shares)
+
+
 class _Windowed:
     """``sbs``: requests wait in the window, whose batch the allocator places when it closes."""
 
@@ -230,6 +260,7 @@ class _Windowed:
         self.step_clock = step_clock
         self.aligned_engines = aligned_engines
         self.closed_at_once: dict[CloseAtOnceReason, int] = {"idle": 0, "engine_aligned": 0, "alone": 0}
+        self.free_capacity = _FreeCapacity(queue_steps, min_queue_tokens)
         close = settings.step_aligned_close
         self.closing = (
             None
@@ -278,7 +309,7 @@ class _Windowed:
             self.window.observe_step_time(self.step_clock.mean_step_s())
         snapshot = self.view.snapshot(now, PREFILL_ROLES)
         self._align(snapshot)
-        if not self.window.due(now, free_prefill_capacity(snapshot, self.queue_steps, self.min_queue_tokens)):
+        if not self.window.due(now, self.free_capacity(snapshot)):
             return None
         allocation = self.allocator.place(self.window.take(now), snapshot, now)
         assigned, unplaceable = [], list(allocation.unplaceable)
@@ -512,6 +543,6 @@ class Scheduler:
     def _track_step(self, engine: str, now: float) -> bool:
         """Feed the step clock with tokens from ``engine`` at ``now`` (after the load view took them in); return
         whether they began a new step."""
-        return self.step_clock.observe_tokens(
-            engine, now, self.view.queued_prefill_tokens(engine), decodes_next=self.view.decodes_next_step(engine)
-        )
+        queued, ranks, budget = self.view.prefill_queue(engine)
+        decodes_next = self.view.decodes_next_step(engine)
+        return self.step_clock.observe_queue(engine, now, queued, ranks, budget, decodes_next=decodes_next)

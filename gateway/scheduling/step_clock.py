@@ -30,10 +30,14 @@ that step-aligned window closing aims at (:meth:`StepClock.next_step_start`,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.types import RankKey
+
+
+def _by_rank(item: tuple[RankKey, int]) -> int:
+    return item[0].rank
 
 
 @dataclass(slots=True)
@@ -47,11 +51,11 @@ class _EngineClock:
     """Whether the step in progress ends with a burst of tokens (some rank decodes in it), so its duration is
     measurable at the next boundary."""
     mean_step_s: float | None = None
-    step_keys: list[RankKey] | None = None
-    """The ranks as :meth:`StepClock.observe_tokens` last saw them at a step start, in the view's order."""
-    step_tokens: list[float] | None = None
-    """Each of those ranks' figure in :attr:`StepClock.current_step_tokens`, in the same order (a mirror that
-    spares the dictionary within a step)."""
+    step_figures: dict[RankKey, float] | None = None
+    """The ranks with prompt tokens in the step in progress, each with its figure in
+    :attr:`StepClock.current_step_tokens`, in rank order (the others carry none and can only stay at none)."""
+    step_ranks: int = 0
+    """How many ranks the instance has, as the step's start was observed with (what the mean divides by)."""
 
 
 class StepTimeModel:
@@ -244,7 +248,8 @@ class StepClock:
         self, engine: str, now: float, queued: Iterable[tuple[RankKey, int, int]], *, decodes_next: bool = False
     ) -> bool:
         """Tokens from ``engine`` arrived at ``now``, with each of its ranks' ``(rank, prompt tokens queued, per-step
-        prefill budget)`` as the load view has them after taking the tokens in; return whether they began a new step.
+        prefill budget)`` as the load view has them after taking the tokens in (every rank of the instance, the same
+        ranks at every call, in rank order; tokens >= 0); return whether they began a new step.
 
         The prompt tokens each rank has queued now, capped at its budget, are what the step in progress
         carries; within one burst of chunks (one step end) the smallest figure seen wins, since first tokens
@@ -256,25 +261,66 @@ class StepClock:
         observation decides (the scheduler skips the burst's later chunks of decode tokens, which move no queue:
         :meth:`continues_burst`).
         """
+        capped: dict[RankKey, float] = {}
+        ranks = 0
+        for key, tokens, budget in queued:
+            ranks += 1
+            if tokens:
+                capped[key] = min(tokens, budget)
+        return self._observe(engine, now, capped, math.inf, ranks, decodes_next)
+
+    def observe_queue(
+        self,
+        engine: str,
+        now: float,
+        queued: Mapping[RankKey, int],
+        ranks: int,
+        budget: int,
+        *,
+        decodes_next: bool = False,
+    ) -> bool:
+        """:meth:`observe_tokens` with the queue given sparsely, as the load view keeps it
+        (:meth:`~gateway.load.view.LoadView.prefill_queue`): the prompt tokens queued on each rank that has any (read
+        at once, not kept), out of ``ranks`` ranks that share one per-step prefill ``budget``. The work per call is
+        that of the ranks with tokens queued, not of every rank of the instance."""
+        ordered = dict(sorted(queued.items(), key=_by_rank)) if len(queued) > 1 else queued
+        return self._observe(engine, now, ordered, budget, ranks, decodes_next)
+
+    def _observe(
+        self, engine: str, now: float, queued: Mapping[RankKey, float], budget: float, ranks: int, decodes_next: bool
+    ) -> bool:
+        """The step clock's reading of ``queued`` (the ranks with tokens queued, in rank order, each capped at
+        ``budget``; the other ``ranks`` have none), see :meth:`observe_tokens`. A rank with nothing queued carries
+        0 in the step and adds 0.0 to the mean's sum, which leaves a float sum unchanged: summing the ranks with
+        tokens alone gives the mean of every rank's figure."""
         new_step = self.on_tokens(engine, now)
         c = self._engines[engine]
         c.timed = decodes_next
         figures = self.current_step_tokens
-        ranks = queued if isinstance(queued, list) else list(queued)
-        if not new_step and c.step_keys is not None and c.step_tokens is not None and self._fall(c, ranks):
-            return new_step
-        heaviest = 0.0
-        keys, values = [], []
-        for key, tokens, budget in ranks:
-            current = float(min(tokens, budget))
-            if not new_step:
-                current = min(current, figures.get(key, current))
-            figures[key] = current
-            heaviest = max(heaviest, current)
-            keys.append(key)
-            values.append(current)
-        c.step_keys, c.step_tokens = keys, values
-        self.set_step_prefill(engine, heaviest, sum(values) / len(values) if values else 0.0)
+        step = c.step_figures
+        if new_step or step is None:
+            if step:
+                for key in step:
+                    del figures[key]
+            step = {}
+            for key, tokens in queued.items():
+                current = float(min(tokens, budget))
+                if current:
+                    step[key] = current
+            figures.update(step)
+            c.step_figures, c.step_ranks = step, ranks
+        else:
+            fell = False
+            for key, value in step.items():
+                current = float(min(queued.get(key, 0), budget))
+                if current < value:
+                    step[key] = figures[key] = current
+                    fell = True
+            if not fell:
+                return new_step
+        values = step.values()
+        heaviest = max(0.0, max(values, default=0.0))
+        self.set_step_prefill(engine, heaviest, sum(values) / c.step_ranks if c.step_ranks else 0.0)
         return new_step
 
     def continues_burst(self, engine: str, now: float) -> bool:
@@ -292,30 +338,6 @@ class StepClock:
         c = self._engines.get(engine)
         if c is not None:
             c.timed = c.timed and decodes_next
-
-    def _fall(self, c: _EngineClock, ranks: list[tuple[RankKey, int, int]]) -> bool:
-        """Within a step, lower each rank's figure to what it has queued now, through the mirror of
-        :attr:`current_step_tokens` kept since the step started (each figure can only fall, so only one that falls
-        is written back); return ``False``, having changed nothing the general path would not, if the ranks are
-        not those of the step's start."""
-        keys, values = c.step_keys, c.step_tokens
-        assert keys is not None and values is not None
-        if len(ranks) != len(keys):
-            return False
-        figures = self.current_step_tokens
-        fell = False
-        for i, (key, tokens, budget) in enumerate(ranks):
-            if key is not keys[i]:
-                return False
-            current = float(min(tokens, budget))
-            if current < values[i]:
-                values[i] = current
-                figures[key] = current
-                fell = True
-        if fell:
-            c.step_prefill_tokens = max([0.0, *values])
-            c.step_mean_tokens = sum(values) / len(values) if values else 0.0
-        return True
 
     def set_step_prefill(self, engine: str, prefill_tokens: float, mean_tokens: float | None = None) -> None:
         """The heaviest rank of ``engine`` prefills ``prefill_tokens`` in the step in progress, and its ranks

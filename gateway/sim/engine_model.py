@@ -62,9 +62,10 @@ from gateway.sim.engine_defaults import SGLANG_HELD_PASS_S
 from gateway.types import PREFIX_BLOCK_TOKENS
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenEvent:
-    """One output token produced by a step.
+    """One output token produced by a step. Not frozen: a step makes one per running request, and a frozen dataclass
+    costs four times as much to build; nothing changes one.
 
     Attributes:
         request_id: the request it belongs to.
@@ -181,6 +182,9 @@ class EngineModel:
         self._steps = 0  # steps run so far; the index of the next one
         self._in_step = False  # the last step() call handed out a step the driver is still running
         self._clock_s = 0.0  # engine time at the start of the next step: the sum of step durations
+        self._active: set[int] = set()  # ranks that may have a waiting or running request (a superset)
+        self._idle_step = RankStep()  # what a rank with nothing waiting or running runs (no side effect, read only)
+        self._stepped: set[int] = set()  # ranks that ran a step since the instance was last idle
 
     def add_request(
         self,
@@ -260,6 +264,7 @@ class EngineModel:
             self._ranks[rank].prealloc[request_id] = req
             return
         self._ranks[rank].waiting[request_id] = req
+        self._active.add(rank)
 
     def abort(self, request_id: str) -> bool:
         """Remove a request wherever it is and free its KV. Returns True if it was in the model."""
@@ -304,6 +309,7 @@ class EngineModel:
         req.transfer_end_s = None
         req.ready_step = self._steps
         rank.waiting[request_id] = req
+        self._active.add(req.rank)
         return True
 
     def release_held(self, request_id: str) -> bool:
@@ -329,6 +335,7 @@ class EngineModel:
                 self._drop_held(rank, req)
             self._handoff.admit(rank, now_s)
             for req in self._handoff.arrived(rank, now_s):
+                self._active.add(req.rank)
                 if self.config.pd_connector == "sglang":
                     tokens.append(self._emit(rank, req))
         return tokens
@@ -372,7 +379,17 @@ class EngineModel:
 
     def has_work(self) -> bool:
         """True if any rank has a waiting or running request (so :meth:`step` would run a step)."""
-        return any(r.waiting or r.running for r in self._ranks)
+        ranks = self._ranks
+        return any(ranks[i].waiting or ranks[i].running for i in self._active)
+
+    def _active_ranks(self) -> list[int]:
+        """The ranks with a waiting or running request, in rank order (the others run an empty step with no side
+        effect: :attr:`_idle_step`)."""
+        ranks = self._ranks
+        active = sorted(i for i in self._active if ranks[i].waiting or ranks[i].running)
+        if len(active) != len(self._active):
+            self._active = set(active)
+        return active
 
     def step(self, now_s: float | None = None) -> StepResult:
         """Plan and commit one lockstep step of all ranks; returns its duration and output tokens.
@@ -382,21 +399,29 @@ class EngineModel:
         prefill requests finishing in the step, whose lease (``config.kv_lease_s``) runs from the step's end.
         """
         n = self.dp_size
-        if not self.has_work():
+        active = self._active_ranks()
+        if not active:
             self._in_step = False
             self._alignment.idle()
-            for rank in self._ranks:
-                rank.new_token_ratio = self.config.new_token_ratio.start  # SGLang resets it when idle
+            start = self.config.new_token_ratio.start
+            for i in self._stepped:  # only a rank that ran a step can have moved its ratio from the start
+                self._ranks[i].new_token_ratio = start  # SGLang resets it when idle
+            self._stepped.clear()
             return StepResult(0.0, [], [0] * n, [0] * n, [0.0] * n)
-        limits = self._join_limits()
+        self._stepped.update(active)
+        limits = self._join_limits(active)
         index = self._steps
         gates = self._alignment.gates(limits, index)
         composition = self.config.step_composition
         batching = self.config.batching
-        budget_s = self._fairbatching.budget_s(self._ranks, self._clock_s) if batching == "fairbatching" else 0.0
-        steps: list[RankStep] = []
+        ranks = self._ranks
+        budget_s = 0.0
+        if batching == "fairbatching":
+            budget_s = self._fairbatching.budget_s([ranks[i] for i in active], self._clock_s)
+        steps = [self._idle_step] * n
         tokens: list[TokenEvent] = []
-        for rank, limit, gate in zip(self._ranks, limits, gates, strict=True):
+        for i in active:
+            rank, limit, gate = ranks[i], limits[i], gates[i]
             if batching == "fairbatching":
                 out = self._fairbatching.step(rank, limit, gate, budget_s, self._clock_s, index)
             elif batching == "stall_free":
@@ -408,12 +433,12 @@ class EngineModel:
             else:
                 out = self._composition.vllm(rank, limit, gate, index)
             tokens += self._finish(rank, out)
-            steps.append(out)
+            steps[i] = out
         self._alignment.after_step(gates, limits, steps, index)
         self._steps += 1
         self._in_step = True
-        duration, work = self._duration(steps)
-        if "open" not in gates and not any(s.prefill_tokens or s.decoding for s in steps):
+        duration, work = self._duration(steps, active)
+        if "open" not in gates and not any(steps[i].prefill_tokens or steps[i].decoding for i in active):
             duration, work = SGLANG_HELD_PASS_S, [0.0] * n  # a held pass with no forward (SGLANG_HELD_PASS_S)
         lease = self.config.kv_lease_s
         for req in self._held_now:
@@ -421,8 +446,12 @@ class EngineModel:
                 req.held_until_s = (self._clock_s if now_s is None else now_s) + duration + lease
         self._held_now.clear()
         self._clock_s += duration
-        prefill_tokens = [s.prefill_tokens for s in steps]
-        return StepResult(duration, tokens, prefill_tokens, [len(s.decoding) for s in steps], work)
+        prefill_tokens = [0] * n
+        decode_reqs = [0] * n
+        for i in active:
+            prefill_tokens[i] = steps[i].prefill_tokens
+            decode_reqs[i] = len(steps[i].decoding)
+        return StepResult(duration, tokens, prefill_tokens, decode_reqs, work)
 
     def rank_stats(self) -> list[RankStats]:
         """Per-rank snapshot, index = DP rank."""
@@ -448,6 +477,12 @@ class EngineModel:
             for i, r in enumerate(self._ranks)
         ]
 
+    def rank_gauges(self) -> list[tuple[int, int, float]]:
+        """Per rank, index = DP rank: ``(running, waiting, kv_usage)`` of :meth:`rank_stats`, the figures a scrape of
+        the engine's metrics reads, without the rest of the snapshot."""
+        cap = self.config.kv_capacity_tokens
+        return [(len(r.running), len(r.waiting), r.kv_used / cap) for r in self._ranks]
+
     def pick_rank_vllm(self) -> int:
         """vLLM's internal DP load balancing: the rank with the least ``waiting * 4 + running``, lowest
         rank on ties (vLLM V1 ``DPLBAsyncMPClient.get_core_engine_for_request``, vllm/v1/engine/
@@ -463,19 +498,24 @@ class EngineModel:
 
     # --- stage 1: which waiting requests a rank may consider ---------------------------------------------
 
-    def _join_limits(self) -> list[int | None]:
+    def _join_limits(self, active: list[int]) -> list[int | None]:
         """Per rank, the highest ``ready_step`` a waiting request may have to join this step; None = any.
 
         Without join lag every request may join. With it, a request that arrived during the running step waits
         one more, unless its rank has nothing else to run (vLLM) or the whole instance has nothing else (SGLang).
+        Only the ``active`` ranks (:meth:`_active_ranks`) can have anything to run.
         """
         if not self.config.join_lag_steps:
             return [None] * self.dp_size
         index = self._steps
-        own = [bool(r.running) or any(q.ready_step <= index for q in r.waiting.values()) for r in self._ranks]
+        ranks = self._ranks
+        busy = [i for i in active if ranks[i].running or any(q.ready_step <= index for q in ranks[i].waiting.values())]
         if self.config.idle_rank_joins_next_step:
-            return [index if busy else None for busy in own]
-        limit = index if any(own) else None
+            limits: list[int | None] = [None] * self.dp_size
+            for i in busy:
+                limits[i] = index
+            return limits
+        limit = index if busy else None
         return [limit] * self.dp_size
 
     # --- stage 3: emit the step's tokens, and the lockstep step's cost ----------------------------------------
@@ -490,14 +530,17 @@ class EngineModel:
         return tokens
 
     def _emit(self, rank: Rank, req: Request) -> TokenEvent:
-        event = TokenEvent(req.request_id, req.rank, req.generated, req.generated + 1 == req.output_tokens)
+        generated = req.generated
+        finished = generated + 1 == req.output_tokens
+        event = TokenEvent(req.request_id, req.rank, generated, finished)
         if req.kv % self.config.kv_block_size == 0:
             rank.kv_blocks += 1
-        req.generated += 1
+        req.generated = generated + 1
         req.kv += 1
         rank.kv_used += 1
-        rank.fit_cache()
-        if event.finished:
+        if rank.cache is not None:
+            rank.fit_cache()
+        if finished:
             del rank.running[req.request_id]
             if req.hold_kv:
                 self._admission.hold(rank, req)
@@ -512,15 +555,26 @@ class EngineModel:
         rank.free_kv(req)
         self._admission.release(rank, req)
 
-    def _duration(self, steps: list[RankStep]) -> tuple[float, list[float]]:
+    def _duration(self, steps: list[RankStep], active: list[int]) -> tuple[float, list[float]]:
         """Step time and each rank's work: all-to-all + max over ranks of own work + mean of the EP-shared part
-        (``routed_expert_fraction`` of each rank's linear cost: its prefill tokens' and decoded requests')."""
+        (``routed_expert_fraction`` of each rank's linear cost: its prefill tokens' and decoded requests').
+
+        Only the ``active`` ranks work; the others' own work and shared part are 0 (a float sum is unchanged by
+        adding 0.0, so summing the active ranks' parts alone gives the same mean)."""
         cfg = self.config
-        work = [s.work_s for s in steps]
+        n = self.dp_size
         share = cfg.routed_expert_fraction
+        work = [0.0] * n
         if not share:
+            for i in active:
+                work[i] = steps[i].work_s
             return cfg.alltoall_s + max(work), work
-        shared = [share * (cfg.prefill_token_s * s.prefill_tokens + cfg.decode_req_s * len(s.decoding)) for s in steps]
-        mean_shared = sum(shared) / len(shared)
-        work = [w - sh + mean_shared for w, sh in zip(work, shared, strict=True)]
+        shared = [
+            share * (cfg.prefill_token_s * steps[i].prefill_tokens + cfg.decode_req_s * len(steps[i].decoding))
+            for i in active
+        ]
+        mean_shared = sum(shared) / n
+        work = [mean_shared] * n
+        for i, sh in zip(active, shared, strict=True):
+            work[i] = steps[i].work_s - sh + mean_shared
         return cfg.alltoall_s + max(work), work

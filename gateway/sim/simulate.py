@@ -243,6 +243,19 @@ class SimResult:
         } | ({} if self.prefix_cache_hit_rate is None else {"prefix_cache_hit_rate": self.prefix_cache_hit_rate})
 
 
+def _arrival_order(item: tuple[float, int, TokenEvent, str]) -> tuple[float, int]:
+    return item[0], item[1]
+
+
+@dataclass(slots=True)
+class _TokenRun:
+    """The tokens one delivery sent on to the gateway with a delay, as ``(arrival time, sequence number, token,
+    engine)`` in arrival order, and the index of the next to arrive."""
+
+    items: list[tuple[float, int, TokenEvent, str]]
+    next: int = 0
+
+
 class _Sim:
     def __init__(
         self, trace: list[TraceRequest], config: SimConfig, on_done: Callable[[int], None] | None = None
@@ -316,6 +329,9 @@ class _Sim:
         self.correction = PromptTokenCorrection() if config.limits.online_correction else None
         self.raw_estimates: dict[int, int] = {}
         """The uncorrected estimate of each request in flight, while the correction learns."""
+        self.scraped: dict[str, dict[int, RankMetrics]] = {}
+        """Each engine's last scraped figures per rank: a rank whose gauges did not move since is scraped as the same
+        (immutable) object, which the load view recognises at once."""
 
     def push(self, t: float, kind: str, data: Any = None) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, data))
@@ -327,13 +343,14 @@ class _Sim:
             self.push(0.0, "scrape", n)
         while self.events and self.completed < len(self.trace):
             self.now, _, kind, data = heapq.heappop(self.events)
+            if kind == "tokens":
+                self.tokens_arrive(data)
+                continue
             before = self.completed
             if kind == "arrival":
                 self.on_arrival(data)
             elif kind == "step_end":
                 self.on_step_end(data)
-            elif kind == "progress":
-                self.progress(*data)
             elif kind == "pd":
                 assert self.pd is not None
                 self.pd.handle(*data)
@@ -448,12 +465,42 @@ class _Sim:
 
     def deliver(self, events: list[TokenEvent], name: str) -> None:
         """Tokens ``events`` leave engine ``name`` now for the gateway (at once, or after their delay)."""
+        views = self.views
+        delayed: list[tuple[float, int, TokenEvent, str]] = []
         for event in events:
-            view = None if self.views is None else self.views[int(event.request_id)]
-            if view is not None and view.to_gateway_s > 0:
-                self.push(self.now + view.to_gateway_s, "progress", (event, name))
-            else:
-                self.progress(event, name)
+            if views is not None:
+                delay = views[int(event.request_id)].to_gateway_s
+                if delay > 0:
+                    delayed.append((self.now + delay, next(self.seq), event, name))
+                    continue
+            self.progress(event, name)
+        if delayed:
+            delayed.sort(key=_arrival_order)
+            first = delayed[0]
+            heapq.heappush(self.events, (first[0], first[1], "tokens", _TokenRun(delayed)))
+
+    def tokens_arrive(self, run: _TokenRun) -> None:
+        """The next token of ``run`` reaches the gateway now, and so do the run's later ones for as long as each would
+        be the next event anyway (the run stands in the event queue for its next token, under the sequence number
+        :meth:`deliver` drew for it, so the events' order is the one a queue entry per token would give); each is
+        followed by what every event is (:meth:`poll`, ``on_done``)."""
+        items, total, events = run.items, len(self.trace), self.events
+        i = run.next
+        while True:
+            before = self.completed
+            self.progress(items[i][2], items[i][3])
+            self.poll()
+            if self.completed > before and self.on_done is not None:
+                self.on_done(self.completed - before)
+            i += 1
+            if i == len(items) or self.completed >= total:
+                return
+            t, seq = items[i][0], items[i][1]
+            if events and (events[0][0] < t or (events[0][0] == t and events[0][1] < seq)):
+                run.next = i
+                heapq.heappush(events, (t, seq, "tokens", run))
+                return
+            self.now = t
 
     def on_prefill_answer(self, request_id: str, name: str) -> None:
         """The prefill leg of P/D request ``request_id`` answered from prefill engine ``name``: the relay tells the
@@ -464,8 +511,9 @@ class _Sim:
     def progress(self, event: TokenEvent, name: str) -> None:
         """A token reaches the gateway: the client's record and the scheduler's progress protocol (no first token
         or tokens of a non-streamed request, only its finish)."""
-        record = self.records[int(event.request_id)]
-        streamed = self.views is None or self.views[int(event.request_id)].stream
+        index = int(event.request_id)
+        record = self.records[index]
+        streamed = self.views is None or self.views[index].stream
         if event.index == 0:
             record.first_token_s = self.now
             if streamed:
@@ -479,7 +527,6 @@ class _Sim:
             if self.pd is not None:
                 self.pd.finished(event.request_id)
             if self.correction is not None:  # the engine's usage.prompt_tokens arrives with the finish
-                index = int(event.request_id)
                 self.correction.observe(self.raw_estimates.pop(index), self.trace[index].prompt_tokens)
 
     def engine_arrival(self, index: int, key: RankKey) -> None:
@@ -492,9 +539,10 @@ class _Sim:
 
     def on_scrape(self, name: str) -> None:
         """The engine's gauges are read now and reach the gateway ``scrape_lag_s`` later."""
+        queued = self.config.engine_queued_tokens
         if self.pd is not None:
             stats = self.engines[name].rank_stats()
-            pd_ranks = self.pd.rank_metrics(name, stats, self.now, self.config.engine_queued_tokens)
+            pd_ranks = self.pd.rank_metrics(name, stats, self.now, queued)
             self.push(self.now + self.config.scrape_lag_s, "scrape_result", (name, pd_ranks))
             self.push(self.now + self.config.scrape_interval_s, "scrape", name)
             return
@@ -502,21 +550,34 @@ class _Sim:
         self.push(self.now + self.config.scrape_interval_s, "scrape", name)
 
     def read_ranks(self, name: str) -> dict[int, RankMetrics]:
-        """Mixed engine ``name``'s per-rank gauges as a scrape reads them now."""
-        stats = self.engines[name].rank_stats()
-        if not self.config.engine_queued_tokens:
-            return {s.rank: RankMetrics(s.running, s.waiting, s.kv_usage) for s in stats}
-        return {
-            s.rank: RankMetrics(
-                s.running, s.waiting, s.kv_usage, queued_prefill_tokens=s.waiting_prompt_tokens, queued_read_at=self.now
-            )
-            for s in stats
-        }
+        """Mixed engine ``name``'s per-rank gauges as a scrape reads them now (a rank's :class:`RankMetrics` is the
+        one read last time while its gauges are unchanged)."""
+        if self.config.engine_queued_tokens:
+            return {
+                s.rank: RankMetrics(
+                    s.running,
+                    s.waiting,
+                    s.kv_usage,
+                    queued_prefill_tokens=s.waiting_prompt_tokens,
+                    queued_read_at=self.now,
+                )
+                for s in self.engines[name].rank_stats()
+            }
+        last = self.scraped.setdefault(name, {})
+        ranks = {}
+        for rank, gauges in enumerate(self.engines[name].rank_gauges()):
+            m = last.get(rank)
+            if m is None or (m.running, m.waiting, m.kv_usage) != gauges:
+                m = last[rank] = RankMetrics(*gauges)
+            ranks[rank] = m
+        return ranks
 
     def on_scrape_result(self, name: str, ranks: dict[int, RankMetrics]) -> None:
         self.scheduler.on_scrape(name, ranks, self.now)
 
     def poll(self) -> None:
+        if isinstance(self.scheduler, Scheduler) and not len(self.scheduler.window):
+            return  # nothing buffered: the scheduler's poll places nothing, and there is no deadline
         outcome = self.scheduler.poll(self.now)
         if outcome is not None:
             for request, key in outcome.assigned:

@@ -137,6 +137,11 @@ class SGLangAdmission(Admission):
     """SGLang: prompt plus ``min(max_new_tokens, clip)`` fit the free KV less the running requests' remaining
     ``max_new_tokens`` times the new-token ratio (``PrefillAdder``); a decode step without room retracts."""
 
+    def __init__(self, config: EngineModelConfig) -> None:
+        super().__init__(config)
+        ratio = config.new_token_ratio
+        self._decay, self._floor = ratio.decay, ratio.floor  # properties of the (frozen) settings, read once
+
     def could_admit(self, rank: Rank, head: Request) -> bool:
         remaining = head.prefill_target - head.prefilled
         free = self.config.kv_capacity_tokens - rank.kv_used
@@ -166,10 +171,10 @@ class SGLangAdmission(Admission):
         decoding = list(rank.running.values())
         if not decoding:
             return decoding
-        ratio = cfg.new_token_ratio
         if cfg.kv_capacity_tokens - rank.kv_used >= len(decoding):
-            rank.new_token_ratio = max(rank.new_token_ratio - ratio.decay, ratio.floor)
+            rank.new_token_ratio = max(rank.new_token_ratio - self._decay, self._floor)
             return decoding
+        ratio = cfg.new_token_ratio
         keep = sorted(decoding, key=lambda r: (r.generated, -r.prompt_tokens), reverse=True)
         while len(keep) > 1:
             self._preempt(rank, keep.pop(), front=False)

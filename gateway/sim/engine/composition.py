@@ -113,7 +113,10 @@ class Composition:
     ) -> float:
         """Prefill FCFS up to ``budget`` tokens of the waiting requests that may join (``ready_step <= limit``),
         admitting requests by the admission rule (none with ``admitted_only``; only those with ``new_only``);
-        appends requests whose prefill completes to ``out.completed``. Returns seconds."""
+        appends requests whose prefill completes to ``out.completed``. Returns seconds (none with nothing waiting,
+        and no state changes)."""
+        if not rank.waiting:
+            return 0.0
         adder = self._admission.prefill_pass(rank)
         work = 0.0
         tried: Request | None = None  # the last request that looked up the prefix cache
