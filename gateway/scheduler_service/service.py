@@ -244,15 +244,14 @@ class SchedulerService:
         """Apply a batch of events from ``front_door``, dated by their ages at receipt."""
         received = self.state.clock()
         times = event_times(events, received, self._last_event_s)
-        outcomes = False
+        changed = False
         for event, when in zip(events, times, strict=True):
             try:
                 kind = event[0]
                 if kind == "c":
                     self._cancel(str(event[2]), when)
                 elif kind == "h":
-                    self._outcome(event, when)
-                    outcomes = True
+                    changed = self._outcome(event, when) or changed
                 else:
                     apply_progress(self.dispatcher, event, when, self._engines)
                     if kind == "e":
@@ -263,12 +262,13 @@ class SchedulerService:
                 log.warning("scheduler service: dropped a malformed event %r: %s", event[:3], exc)
         if times:
             self._last_event_s = times[-1]
-        if outcomes:  # a breaker may have opened or closed
+        if changed:  # a breaker opened or closed
             self.state.prober.publish()
             self.dispatcher.notify_load_changed()
 
-    def _outcome(self, event: list[Any], when: float) -> None:
-        """A front door's request outcome on a rank (an ``h`` event), fed to the service's circuit breakers.
+    def _outcome(self, event: list[Any], when: float) -> bool:
+        """A front door's request outcome on a rank (an ``h`` event), fed to the service's circuit breakers; return
+        whether the rank's or its engine's breaker changed state.
 
         Raises:
             ValueError: an unknown rank or scope.
@@ -278,12 +278,15 @@ class SchedulerService:
             raise ValueError(f"an outcome on an unknown rank {event[2]!r}")
         scope = event[3]
         health = self.state.health
+        engine, rank = health.engine(key.engine), health.rank(key)
+        before = (engine.state(when), rank.state(when))
         if scope is None:
             health.record_success(key, when)
         elif scope == "engine" or scope == "rank":
             health.record_failure(key, scope, when)
         else:
             raise ValueError(f"an outcome of unknown scope {scope!r}")
+        return (engine.state(when), rank.state(when)) != before
 
     def _cancel(self, request_id: str, when: float) -> None:
         task = self._waiting.get(request_id)
