@@ -35,7 +35,8 @@ plain simulation, the difference bounding what the service's round trips and the
     .venv/bin/python bench/frontdoors_http.py --part picture --minutes 1
     .venv/bin/python bench/frontdoors_http.py --part simulator --minutes 1
 
-writes ``bench/results/frontdoors_http_{throughput,picture,simulator}.json`` and prints the table.
+writes ``bench/results/frontdoors_http_throughput.json``, ``bench/results/frontdoors_http_picture.json`` or
+``bench/results/frontdoors_http_simulator.json`` and prints the table.
 """
 
 from __future__ import annotations
