@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 import uuid
@@ -174,6 +175,7 @@ class RemoteDispatcher(Dispatcher):
         self._asking[request_id] = task
         try:
             body: dict[str, Any] = {"request": encode_request(request, now), "front_door": self.front_door}
+            body["request"]["id"] = self._wire(request_id)
             if self.epoch is not None and len(self.buffer):  # the events owed ride along: one call, not two
                 body["epoch"] = self.epoch
                 body["events"] = self.buffer.take(now)
@@ -187,7 +189,7 @@ class RemoteDispatcher(Dispatcher):
                 self._orphan(request_id, self.epoch)
                 raise ServiceUnavailable("the scheduler service failed while the request waited") from None
             if self.remote and self.epoch is not None:  # the client went away: the service must not keep it
-                self.buffer.cancel(request_id, self.clock())
+                self.buffer.cancel(self._wire(request_id), self.clock())
                 self._flush_wake.set()
             raise
         finally:
@@ -239,10 +241,16 @@ class RemoteDispatcher(Dispatcher):
         """
         placement = super().retry_placement(request, failed)
         if self.remote and self.epoch is not None:
-            self.buffer.placed(request, placement, self.clock())
+            wired = dataclasses.replace(request, request_id=self._wire(request.request_id))
+            self.buffer.placed(wired, placement, self.clock())
             self._placed_by[request.request_id] = self.epoch
             self._flush_wake.set()
         return placement
+
+    def _wire(self, request_id: str) -> str:
+        """``request_id`` as the service knows it: prefixed with this front door's id, since front doors number
+        their requests independently (two of them may both send ``r0``)."""
+        return f"{self._id}:{request_id}"
 
     # -- progress ----------------------------------------------------------------------------------------
 
@@ -260,21 +268,21 @@ class RemoteDispatcher(Dispatcher):
         """:meth:`Dispatcher.first_token`, and the service told."""
         super().first_token(request_id, engine, now)
         if self._owes(request_id):
-            self.buffer.first_token(request_id, engine, self.clock() if now is None else now)
+            self.buffer.first_token(self._wire(request_id), engine, self.clock() if now is None else now)
             self._flush_wake.set()
 
     def tokens(self, request_id: str, engine: str, n: int, now: float | None = None) -> None:
         """:meth:`Dispatcher.tokens`, and the service told (coalesced)."""
         super().tokens(request_id, engine, n, now)
         if self._owes(request_id):
-            self.buffer.tokens(request_id, engine, n, self.clock() if now is None else now)
+            self.buffer.tokens(self._wire(request_id), engine, n, self.clock() if now is None else now)
             self._flush_wake.set()
 
     def finish(self, request_id: str, now: float | None = None) -> None:
         """:meth:`Dispatcher.finish`, and the service told."""
         super().finish(request_id, now)
         if self._owes(request_id):
-            self.buffer.finish(request_id, self.clock() if now is None else now)
+            self.buffer.finish(self._wire(request_id), self.clock() if now is None else now)
             self._flush_wake.set()
         self._placed_by.pop(request_id, None)
 
@@ -363,7 +371,7 @@ class RemoteDispatcher(Dispatcher):
             now = self.clock()
             for request_id, placed_in in self._orphans.items():
                 if placed_in == epoch:  # a slow service, not a dead one: it may still hold them
-                    self.buffer.cancel(request_id, now)
+                    self.buffer.cancel(self._wire(request_id), now)
             self._orphans.clear()
             self.epoch = epoch
             self.remote = True

@@ -148,6 +148,18 @@ def test_event_times_never_go_back() -> None:
 # -- the remote dispatcher against a fake service ----------------------------------------------------------
 
 
+def unwired(event: list[Any]) -> list[Any]:
+    """``event`` with its request ids as the front door knows them (without the front door's prefix)."""
+    out = list(event)
+    if out[0] in ("f", "e", "c"):
+        out[2] = out[2].split(":", 1)[1]
+    elif out[0] == "t":
+        out[3] = {k.split(":", 1)[1]: n for k, n in out[3].items()}
+    elif out[0] == "p":
+        out[2] = {**out[2], "id": out[2]["id"].split(":", 1)[1]}
+    return out
+
+
 class FakeService(ServiceClient):
     """A scheduler service in memory: places on the rank it is told, records events (posted or riding along with a
     placement), fails when told."""
@@ -161,6 +173,8 @@ class FakeService(ServiceClient):
         self.answer: dict[str, Any] | None = None
         self.placed: list[str] = []
         self.events: list[list[Any]] = []
+        self.wire_ids: list[str] = []
+        """The request ids as sent (prefixed with the front door's id)."""
         self.callers: list[str | None] = []
         """The front-door id of every call, in order."""
 
@@ -175,10 +189,11 @@ class FakeService(ServiceClient):
             raise ServiceUnavailable("connection refused")
         self.callers.append(body.get("front_door"))
         if body.get("epoch") == self.epoch:  # the events owed ride along
-            self.events.extend(body.get("events", []))
+            self.events.extend(unwired(e) for e in body.get("events", []))
         if self.hold is not None:
             await self.hold.wait()
-        self.placed.append(body["request"]["id"])
+        self.wire_ids.append(body["request"]["id"])
+        self.placed.append(body["request"]["id"].split(":", 1)[1])
         return self.answer or encode_placement(Placement(self.rank), self.epoch)
 
     async def post_events(self, epoch: str, events: list[Any], front_door: str | None = None) -> str | None:
@@ -187,7 +202,7 @@ class FakeService(ServiceClient):
         self.callers.append(front_door)
         if epoch != self.epoch:
             return self.epoch
-        self.events.extend(events)
+        self.events.extend(unwired(e) for e in events)
         return None
 
     async def health(self, front_door: str | None = None) -> str:
@@ -457,3 +472,17 @@ def test_outcomes_keep_their_order_and_a_success_after_a_failure_is_sent() -> No
     assert buffer.take(5.0) == [["h", 4.0, ["b", 3], None], ["h", 3.0, ["b", 3], "rank"], ["h", 2.0, ["b", 3], None]]
     buffer.outcome(b3, None, 6.0)  # a new batch: sent again
     assert len(buffer.take(6.0)) == 1
+
+
+async def test_two_front_doors_send_distinct_request_ids() -> None:
+    """Front doors number their requests independently: the service sees each id prefixed by its front door's."""
+    first, fake_1 = await remote()
+    second, fake_2 = await remote()
+    try:
+        await first.acquire(req("r0", 100))
+        await second.acquire(req("r0", 100))
+        assert fake_1.placed == fake_2.placed == ["r0"]
+        assert fake_1.wire_ids != fake_2.wire_ids
+    finally:
+        await first.stop()
+        await second.stop()
