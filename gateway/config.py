@@ -526,6 +526,16 @@ class SchedulerServiceConfig(_Strict):
     events_flush_s: PositiveFloat = 0.002
     """Token progress is sent to the service at most this often, seconds, in one batch (first tokens, finishes
     and cancellations go on the next turn of the event loop); one batch is in flight at a time."""
+    front_door_expiry_s: PositiveFloat = 30.0
+    """The service's side: when it has not heard from a front door for this long, seconds, it releases the requests
+    that front door placed through it (the front door died, or fell back to local placement, with requests in
+    flight; they would otherwise stay counted in the service's own accounting, which scrapes do not correct).
+    Every call of a front door (a placement, events, a health probe while it places through the service) counts
+    as hearing from it. Twice the longest probe interval and several heartbeats: a hiccup expires nothing."""
+    heartbeat_s: PositiveFloat = 5.0
+    """A front door placing through the service that has not called it for this long, seconds, sends a heartbeat
+    (``GET /v1/health``), so an idle front door's long streams are not expired; must be below
+    ``front_door_expiry_s``."""
 
     @field_validator("url")
     @classmethod
@@ -543,6 +553,8 @@ class SchedulerServiceConfig(_Strict):
     def _probe_intervals(self) -> SchedulerServiceConfig:
         if self.probe_interval_s > self.probe_max_interval_s:
             raise ValueError("probe_interval_s must not exceed probe_max_interval_s")
+        if self.heartbeat_s >= self.front_door_expiry_s:
+            raise ValueError("heartbeat_s must be below front_door_expiry_s")
         return self
 
 

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 import httpx
 import openai
 
-from gateway.config import ScrapeConfig, Settings
+from gateway.config import EngineConfig, SchedulerServiceConfig, ScrapeConfig, Settings
 from gateway.embedded import embedded_engines
+from gateway.server.app import build_state
 from gateway.sim.cluster import running_gateway
 from tests.helpers import MODEL, Cluster
 
@@ -74,6 +75,19 @@ async def pd_exported_names(requests: int = 3) -> set[str]:
             async with running_gateway(settings) as url:
                 names |= await exported_names(Cluster(url, {e.name: e.url for e in engines}, settings), requests)
     return names
+
+
+async def service_front_door_names() -> set[str]:
+    """The names of a front door's ``/metrics`` when it places through a scheduler service (its
+    :class:`~gateway.scheduler_service.remote.RemoteDispatcher` adds the service's metrics), from the registry the
+    route renders; the service itself need not run (a front door exports them from its start)."""
+    engine = EngineConfig(name="e", flavor="vllm", url="http://127.0.0.1:1", dp_size=2, models=[MODEL])
+    settings = Settings(engines=[engine], scheduler_service=SchedulerServiceConfig(url="unix:/nonexistent.sock"))
+    state = build_state(settings)
+    try:
+        return exposition_names(state.metrics.render().decode())
+    finally:
+        await state.client.aclose()
 
 
 def unknown_names(exprs: Iterable[str], known: set[str]) -> dict[str, set[str]]:

@@ -112,6 +112,30 @@ TRAFFIC: list[tuple[str, list[Panel]]] = [
             ("Requests buffered in the window", "short", [("gateway_window_buffered_requests", "{{instance}}")]),
         ],
     ),
+    (
+        "Scheduler service (front doors sharing one scheduling view)",
+        [
+            (
+                "Front doors placing through the service (1) or alone (0)",
+                "short",
+                [("gateway_scheduler_service_mode", "{{instance}}")],
+            ),
+            (
+                "Falls back to local placement, and requests the service did not place in time",
+                "short",
+                [
+                    (
+                        f"sum by (instance) (increase(gateway_scheduler_service_fallbacks_total[{RATE}]))",
+                        "{{instance}} fallbacks",
+                    ),
+                    (
+                        f"sum by (instance) (increase(gateway_scheduler_service_replaced_total[{RATE}]))",
+                        "{{instance}} placed locally instead",
+                    ),
+                ],
+            ),
+        ],
+    ),
 ]
 
 ENGINES: list[tuple[str, list[Panel]]] = [

@@ -20,7 +20,7 @@ or a stream broken mid-way is a failure of the DP rank that served it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway.config import HealthConfig
@@ -122,6 +122,9 @@ class HealthBook:
 
     def __init__(self, ranks: Iterable[RankKey], config: HealthConfig) -> None:
         self.config = config
+        self.listener: Callable[[RankKey, FailureScope | None, float], None] | None = None
+        """Told of each request outcome recorded on a rank (scope ``None`` for a success) with its time: a front
+        door forwards them to its scheduler service, whose breakers then see what every front door sees."""
         self._ranks: dict[RankKey, CircuitBreaker] = {}
         self._engines: dict[str, CircuitBreaker] = {}
         for key in ranks:
@@ -170,6 +173,8 @@ class HealthBook:
         """A request on ``key`` got its answer started (status 200 and a first byte)."""
         self._engines[key.engine].record_success(now)
         self._ranks[key].record_success(now)
+        if self.listener is not None:
+            self.listener(key, None, now)
 
     def record_failure(self, key: RankKey, scope: FailureScope, now: float) -> None:
         """A request on ``key`` failed; ``scope`` says whether the engine or only the rank is to blame (an
@@ -186,6 +191,8 @@ class HealthBook:
             self._engines[key.engine].trial_in_flight = False
         else:
             raise ValueError(f"scope must be 'engine' or 'rank', got {scope!r}")
+        if self.listener is not None:
+            self.listener(key, scope, now)
 
     def record_probe(self, name: str, ok: bool, now: float) -> None:
         """An active ``/health`` probe of engine ``name`` succeeded or failed."""

@@ -92,15 +92,15 @@ class ServiceClient:
             raise ServiceUnavailable("the scheduler service answered a placement with something else")
         return answer
 
-    async def post_events(self, epoch: str, events: list[Any]) -> str | None:
-        """``POST /v1/events``: deliver a batch; return ``None``, or the service's epoch when it refused the batch as
-        meant for an earlier run of the service (HTTP 409).
+    async def post_events(self, epoch: str, events: list[Any], front_door: str | None = None) -> str | None:
+        """``POST /v1/events``: deliver a batch (from ``front_door``, the sender's id); return ``None``, or the
+        service's epoch when it refused the batch as meant for an earlier run of the service (HTTP 409).
 
         Raises:
             ServiceUnavailable: as :meth:`place`.
         """
         session = self._open()
-        payload = json.dumps({"epoch": epoch, "events": events})
+        payload = json.dumps({"epoch": epoch, "events": events, "front_door": front_door})
         try:
             async with asyncio.timeout(self.config.deadline_s):
                 async with session.post(self._base + "/v1/events", data=payload, headers=_JSON_HEADERS) as response:
@@ -112,16 +112,18 @@ class ServiceClient:
         except (*_FAILURES, KeyError, TypeError) as exc:
             raise ServiceUnavailable(_describe(exc, self.config.deadline_s)) from exc
 
-    async def health(self) -> str:
-        """``GET /v1/health``: the service's epoch.
+    async def health(self, front_door: str | None = None) -> str:
+        """``GET /v1/health``: the service's epoch; with ``front_door`` (the caller's id) it is that front door's
+        heartbeat too.
 
         Raises:
             ServiceUnavailable: as :meth:`place`.
         """
         session = self._open()
+        params = None if front_door is None else {"front_door": front_door}
         try:
             async with asyncio.timeout(self.config.deadline_s):
-                async with session.get(self._base + "/v1/health") as response:
+                async with session.get(self._base + "/v1/health", params=params) as response:
                     if response.status != 200:
                         raise ServiceUnavailable(f"the scheduler service's health answered HTTP {response.status}")
                     return str(json.loads(await response.read())["epoch"])

@@ -13,7 +13,10 @@ Event shapes (JSON arrays, the first element names the kind, the second is the a
 - ``["e", age, request_id]``: the request ended (completed, failed, aborted);
 - ``["c", age, request_id]``: the client went away while its placement was being asked for;
 - ``["p", age, request, rank, decode_rank]``: the front door placed ``request`` itself (a retry after a failed
-  try), on ``rank`` (``[engine, index]``) and ``decode_rank`` (or ``null``).
+  try), on ``rank`` (``[engine, index]``) and ``decode_rank`` (or ``null``);
+- ``["h", age, rank, scope]``: a request on ``rank`` failed (``scope`` ``"rank"`` or ``"engine"``, what the
+  failure blames: :meth:`HealthBook.record_failure <gateway.load.health.HealthBook.record_failure>`) or, with
+  ``scope`` ``null``, got its answer started; the service's circuit breakers take it as the front door's did.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class ProgressBuffer:
         self.boundary_gap_s = boundary_gap_s
         self._events: list[tuple[float, Event]] = []
         self._engines: dict[str, _EngineTokens] = {}
+        self._successes: set[RankKey] = set()
         self.urgent = False
         """Whether the buffer holds an event that frees capacity or ends a request (send it without waiting)."""
 
@@ -187,12 +191,26 @@ class ProgressBuffer:
         self._events.append((now, ["p", 0.0, body, encode_rank(placement.rank), encode_rank(placement.decode_rank)]))
         self.urgent = True
 
+    def outcome(self, key: RankKey, scope: str | None, now: float) -> None:
+        """A request on ``key`` failed at ``now`` (``scope`` blamed) or, with ``scope`` ``None``, got its answer
+        started. A failure is urgent (the service must stop placing there); successes on a rank are sent once a
+        batch (a breaker only needs to know that one came after the last failure)."""
+        if scope is None:
+            if key in self._successes:
+                return
+            self._successes.add(key)
+        else:
+            self._successes.discard(key)
+            self.urgent = True
+        self._events.append((now, ["h", 0.0, encode_rank(key), scope]))
+
     def take(self, now: float) -> list[Event]:
         """Every event owed, in order, dated as ages at ``now``; the buffer is empty afterwards."""
         for engine, tokens in self._engines.items():
             self._release_held(engine, tokens)
         events = sorted(self._events, key=lambda e: e[0])  # stable: same-time events keep their order
         self._events = []
+        self._successes.clear()
         self.urgent = False
         for when, event in events:
             event[1] = max(0.0, now - when)
@@ -202,6 +220,7 @@ class ProgressBuffer:
         """Drop every event owed (the service they were for is gone)."""
         self._events.clear()
         self._engines.clear()
+        self._successes.clear()
         self.urgent = False
 
     def _engine(self, engine: str) -> _EngineTokens:

@@ -9,13 +9,19 @@ know which of the two they talk to.
   an events post (one in flight at a time) on the next turn of the event loop for first tokens and finishes,
   within ``scheduler_service.events_flush_s`` for token counts.
 - Retries (:meth:`~RemoteDispatcher.retry_placement`) are placed locally, at once, and the service told.
+- Request outcomes on ranks (failures and successes, as its circuit breakers record them) go to the service too
+  (``h`` events), so a rank failing through one front door stops taking placements for every front door.
+- The front door names itself (:attr:`~RemoteDispatcher.front_door`) in every call, and sends a heartbeat (``GET
+  /v1/health``) when it has not called the service for ``scheduler_service.heartbeat_s``: the service releases
+  the requests of a front door it has not heard from for ``front_door_expiry_s``.
 - **Fallback.** When a call fails (no answer within the deadline, a refused connection, an unknown answer), the
   front door places locally from then on: with its own scheduler and load view, which its scrapers and probers
   kept current all along (so the first local decision is not made blind, and herding on one rank is avoided),
   counted in ``gateway_scheduler_service_fallbacks_total``, shown by ``gateway_scheduler_service_mode`` (1 through
   the service, 0 local) and logged once. Requests waiting for the service's answer are placed locally at once
   (should the same run of the service answer again, it is told to drop them); events for requests the lost
-  service placed are dropped. A probe (``GET /v1/health``), after
+  service placed are dropped (the front door takes a new id, so the service expires what it placed under
+  the old one). A probe (``GET /v1/health``), after
   ``probe_interval_s`` doubling up to ``probe_max_interval_s``, brings the front door back when the service
   answers again (logged once).
 """
@@ -25,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +48,7 @@ from gateway.load.view import LoadView
 from gateway.scheduler_service.client import ServiceClient, ServiceUnavailable
 from gateway.scheduler_service.protocol import ProgressBuffer, decode_placement, encode_request
 from gateway.telemetry import GatewayMetrics
-from gateway.types import PendingRequest, RankKey
+from gateway.types import FailureScope, PendingRequest, RankKey
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,12 @@ class RemoteDispatcher(Dispatcher):
         self.client = client or ServiceClient(self.config)
         self.service_metrics = ServiceMetrics(metrics.registry)
         self.buffer = ProgressBuffer(self.scheduler.step_clock.boundary_gap_s)
+        self._id = uuid.uuid4().hex[:12]
+        self._session = 0
+        self.front_door = f"{self._id}.0"
+        """This front door's id at the service (a new one after each fallback)."""
+        if health is not None:
+            health.listener = self._outcome
         self.remote = True
         """Whether requests are placed through the service now (``False``: locally, until a probe succeeds)."""
         self.epoch: str | None = None
@@ -118,7 +132,7 @@ class RemoteDispatcher(Dispatcher):
         await super().start()
         await self.client.start()
         try:
-            self.epoch = await self.client.health()
+            self.epoch = await self.client.health(self.front_door)
         except ServiceUnavailable as exc:
             self.fall_back(str(exc))
         if self._flusher is None:
@@ -160,7 +174,8 @@ class RemoteDispatcher(Dispatcher):
         assert task is not None
         self._asking[request_id] = task
         try:
-            body: dict[str, Any] = {"request": encode_request(request, now)}
+            body: dict[str, Any] = {"request": encode_request(request, now), "front_door": self.front_door}
+            body["request"]["id"] = self._wire(request_id)
             if self.epoch is not None and len(self.buffer):  # the events owed ride along: one call, not two
                 body["epoch"] = self.epoch
                 body["events"] = self.buffer.take(now)
@@ -174,7 +189,7 @@ class RemoteDispatcher(Dispatcher):
                 self._orphan(request_id, self.epoch)
                 raise ServiceUnavailable("the scheduler service failed while the request waited") from None
             if self.remote and self.epoch is not None:  # the client went away: the service must not keep it
-                self.buffer.cancel(request_id, self.clock())
+                self.buffer.cancel(self._wire(request_id), self.clock())
                 self._flush_wake.set()
             raise
         finally:
@@ -226,12 +241,24 @@ class RemoteDispatcher(Dispatcher):
         """
         placement = super().retry_placement(request, failed)
         if self.remote and self.epoch is not None:
-            self.buffer.placed(request, placement, self.clock())
+            wired = dataclasses.replace(request, request_id=self._wire(request.request_id))
+            self.buffer.placed(wired, placement, self.clock())
             self._placed_by[request.request_id] = self.epoch
             self._flush_wake.set()
         return placement
 
+    def _wire(self, request_id: str) -> str:
+        """``request_id`` as the service knows it: prefixed with this front door's id, since front doors number
+        their requests independently (two of them may both send ``r0``)."""
+        return f"{self._id}:{request_id}"
+
     # -- progress ----------------------------------------------------------------------------------------
+
+    def _outcome(self, key: RankKey, scope: FailureScope | None, now: float) -> None:
+        """The circuit breakers recorded a request's outcome on ``key``: the service is told."""
+        if self.remote and self.epoch is not None:
+            self.buffer.outcome(key, scope, now)
+            self._flush_wake.set()
 
     def _owes(self, request_id: str) -> bool:
         """Whether the service (the run of it answering now) placed ``request_id``."""
@@ -241,21 +268,21 @@ class RemoteDispatcher(Dispatcher):
         """:meth:`Dispatcher.first_token`, and the service told."""
         super().first_token(request_id, engine, now)
         if self._owes(request_id):
-            self.buffer.first_token(request_id, engine, self.clock() if now is None else now)
+            self.buffer.first_token(self._wire(request_id), engine, self.clock() if now is None else now)
             self._flush_wake.set()
 
     def tokens(self, request_id: str, engine: str, n: int, now: float | None = None) -> None:
         """:meth:`Dispatcher.tokens`, and the service told (coalesced)."""
         super().tokens(request_id, engine, n, now)
         if self._owes(request_id):
-            self.buffer.tokens(request_id, engine, n, self.clock() if now is None else now)
+            self.buffer.tokens(self._wire(request_id), engine, n, self.clock() if now is None else now)
             self._flush_wake.set()
 
     def finish(self, request_id: str, now: float | None = None) -> None:
         """:meth:`Dispatcher.finish`, and the service told."""
         super().finish(request_id, now)
         if self._owes(request_id):
-            self.buffer.finish(request_id, self.clock() if now is None else now)
+            self.buffer.finish(self._wire(request_id), self.clock() if now is None else now)
             self._flush_wake.set()
         self._placed_by.pop(request_id, None)
 
@@ -263,7 +290,12 @@ class RemoteDispatcher(Dispatcher):
         """Send the buffered events: one post in flight at a time, token counts at most every
         ``events_flush_s``."""
         while True:
-            await self._flush_wake.wait()
+            try:
+                async with asyncio.timeout(self.config.heartbeat_s):
+                    await self._flush_wake.wait()
+            except TimeoutError:  # nothing to send for heartbeat_s: tell the service this front door lives
+                await self._heartbeat()
+                continue
             self._flush_wake.clear()
             await asyncio.sleep(0 if self.buffer.urgent else self.config.events_flush_s)
             epoch = self.epoch
@@ -274,17 +306,31 @@ class RemoteDispatcher(Dispatcher):
             if not events:
                 continue
             try:
-                current = await self.client.post_events(epoch, events)
+                current = await self.client.post_events(epoch, events, self.front_door)
             except ServiceUnavailable as exc:
                 self.fall_back(str(exc))
                 continue
-            if current is not None and current != self.epoch:  # a new run of the service: its view starts afresh
-                log.info(
-                    "scheduler service %s restarted (epoch %s): events for its earlier run dropped",
-                    self.client.url,
-                    current,
-                )
-                self.epoch = current
+            if current is not None:
+                self._new_epoch(current)
+
+    async def _heartbeat(self) -> None:
+        """``GET /v1/health`` with this front door's id, while placing through the service."""
+        if not self.remote:
+            return
+        try:
+            self._new_epoch(await self.client.health(self.front_door))
+        except ServiceUnavailable as exc:
+            self.fall_back(str(exc))
+
+    def _new_epoch(self, current: str) -> None:
+        """The service answered with epoch ``current``: if it is a new run, its view starts afresh."""
+        if current != self.epoch:
+            log.info(
+                "scheduler service %s restarted (epoch %s): events for its earlier run dropped",
+                self.client.url,
+                current,
+            )
+            self.epoch = current
 
     # -- fallback and recovery ---------------------------------------------------------------------------
 
@@ -294,6 +340,8 @@ class RemoteDispatcher(Dispatcher):
         if not self.remote:
             return
         self.remote = False
+        self._session += 1
+        self.front_door = f"{self._id}.{self._session}"  # the service expires what the old id placed
         self.service_metrics.fallbacks.inc()
         self.service_metrics.mode.set(0)
         log.warning(
@@ -316,14 +364,14 @@ class RemoteDispatcher(Dispatcher):
         while True:
             await asyncio.sleep(interval)
             try:
-                epoch = await self.client.health()
+                epoch = await self.client.health(self.front_door)
             except ServiceUnavailable:
                 interval = min(2 * interval, self.config.probe_max_interval_s)
                 continue
             now = self.clock()
             for request_id, placed_in in self._orphans.items():
                 if placed_in == epoch:  # a slow service, not a dead one: it may still hold them
-                    self.buffer.cancel(request_id, now)
+                    self.buffer.cancel(self._wire(request_id), now)
             self._orphans.clear()
             self.epoch = epoch
             self.remote = True

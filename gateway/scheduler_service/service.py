@@ -16,6 +16,12 @@ It is an aiohttp application (HTTP/1.1 keep-alive, JSON; over TCP or a Unix sock
 - ``GET /v1/health``: ``{"epoch", "policy"}``; ``GET /metrics``: its Prometheus metrics (the window's, the ranks'
   loads as it sees them).
 
+Each front door names itself (``"front_door"`` in the bodies, ``?front_door=`` on the health probe): the service
+keeps which requests each one placed (:class:`FrontDoorBook`) and releases them when it has not heard from that
+front door for ``scheduler_service.front_door_expiry_s`` (a dead front door's requests would otherwise stay counted:
+a scrape corrects the ranks' load figures, not the service's per-request accounting). A live but idle front door
+sends a heartbeat (the health probe).
+
 The epoch is a random id drawn at start: a restarted service rebuilds its view from its first scrapes, and front
 doors drop the events of requests the previous run placed.
 """
@@ -35,9 +41,15 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.config import Settings
+from gateway.config import SchedulerServiceConfig, Settings
 from gateway.errors import GatewayError, NoCapacityError, OverloadedError
-from gateway.scheduler_service.protocol import apply_progress, decode_request, encode_placement, event_times
+from gateway.scheduler_service.protocol import (
+    apply_progress,
+    decode_rank,
+    decode_request,
+    encode_placement,
+    event_times,
+)
 from gateway.server.app import build_state
 from gateway.server.state import GatewayState
 from gateway.types import PendingRequest
@@ -49,6 +61,58 @@ CANCELLED_REMEMBERED = 4096
 cancellation (the two travel on different connections) is refused rather than leaked."""
 
 _JSON = "application/json"
+
+DEFAULT_EXPIRY_S = SchedulerServiceConfig.model_fields["front_door_expiry_s"].default
+"""The front-door expiry of a service whose configuration has no ``scheduler_service`` section."""
+
+
+class FrontDoorBook:
+    """Which requests each front door placed through the service, and when the service last heard from it (pure:
+    time passed in).
+
+    Args:
+        expiry_s: a front door not heard from for this long, seconds, is expired (:meth:`expire`).
+    """
+
+    def __init__(self, expiry_s: float) -> None:
+        self.expiry_s = expiry_s
+        self._heard: dict[str, float] = {}
+        self._requests: dict[str, set[str]] = {}
+        self._owner: dict[str, str] = {}
+
+    def heard(self, front_door: str, now: float) -> None:
+        """A call from ``front_door`` arrived at ``now``."""
+        self._heard[front_door] = now
+        self._requests.setdefault(front_door, set())
+
+    def placed(self, front_door: str, request_id: str) -> None:
+        """``front_door`` placed ``request_id`` through the service (or told it of its own retry's placement)."""
+        self.ended(request_id)
+        self._requests.setdefault(front_door, set()).add(request_id)
+        self._owner[request_id] = front_door
+
+    def ended(self, request_id: str) -> None:
+        """``request_id`` ended (or was cancelled): no front door owns it any more."""
+        front_door = self._owner.pop(request_id, None)
+        if front_door is not None:
+            self._requests[front_door].discard(request_id)
+
+    def requests_of(self, front_door: str) -> frozenset[str]:
+        """The requests ``front_door`` placed that have not ended."""
+        return frozenset(self._requests.get(front_door, ()))
+
+    def expire(self, now: float) -> dict[str, list[str]]:
+        """Forget every front door not heard from since ``now - expiry_s``; return each one's requests still in
+        flight (for the caller to release)."""
+        gone = [front_door for front_door, heard in self._heard.items() if now - heard >= self.expiry_s]
+        out: dict[str, list[str]] = {}
+        for front_door in gone:
+            del self._heard[front_door]
+            requests = self._requests.pop(front_door, set())
+            for request_id in requests:
+                self._owner.pop(request_id, None)
+            out[front_door] = sorted(requests)
+        return out
 
 
 def error_answer(exc: GatewayError) -> dict[str, Any]:
@@ -62,10 +126,12 @@ class SchedulerService:
 
     Args:
         state: the scheduling state (:func:`~gateway.server.app.build_state`), started by the caller.
+        expiry_s: release a front door's requests when not heard from it for this long, seconds.
     """
 
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: GatewayState, expiry_s: float = DEFAULT_EXPIRY_S) -> None:
         self.state = state
+        self.front_doors = FrontDoorBook(expiry_s)
         self.dispatcher = state.dispatcher
         self.epoch = uuid.uuid4().hex[:16]
         self._waiting: dict[str, asyncio.Task[Any]] = {}
@@ -73,6 +139,7 @@ class SchedulerService:
         self._cancelling: set[str] = set()
         self._last_event_s = -math.inf
         self._engines = frozenset(state.engines)
+        self._ranks = frozenset(state.view.keys)
 
     def application(self) -> web.Application:
         """The aiohttp application serving the routes."""
@@ -90,26 +157,61 @@ class SchedulerService:
             pending = decode_request(body["request"], self.state.clock())
         except (KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": {"kind": "bad_request", "message": str(exc)}}, status=400)
+        front_door = self._heard_from(body.get("front_door"))
         events = body.get("events")
         if events and body.get("epoch") == self.epoch:
-            self._apply_events(events)
+            self._apply_events(events, front_door)
         if pending.request_id in self._cancelled:
             del self._cancelled[pending.request_id]
             return web.json_response(error_answer(NoCapacityError("the client went away")))
         if not self.dispatcher.scheduler.batched:
-            return web.json_response(await self._acquire(pending))
+            return web.json_response(await self._acquire(pending, front_door))
         response = web.StreamResponse(headers={"Content-Type": _JSON})
         await response.prepare(request)  # the headers tell the front door the service is alive
-        answer = await self._acquire(pending)
+        answer = await self._acquire(pending, front_door)
         try:
             await response.write(json.dumps(answer).encode())
             await response.write_eof()
         except (ConnectionError, RuntimeError):  # the front door went away: nobody will run the request
             if "rank" in answer:
-                self.dispatcher.finish(pending.request_id)
+                self._end(pending.request_id, self.state.clock())
         return response
 
-    async def _acquire(self, pending: PendingRequest) -> dict[str, Any]:
+    def _heard_from(self, front_door: Any) -> str | None:
+        """Note a call from ``front_door`` (its id as sent, or ``None`` for a caller that gives none)."""
+        if not isinstance(front_door, str):
+            return None
+        self.front_doors.heard(front_door, self.state.clock())
+        return front_door
+
+    def _end(self, request_id: str, when: float) -> None:
+        self.dispatcher.finish(request_id, when)
+        self.front_doors.ended(request_id)
+
+    def expire_front_doors(self, now: float) -> int:
+        """Release the requests of every front door not heard from for ``expiry_s`` (logged); return how many."""
+        released = 0
+        for front_door, requests in self.front_doors.expire(now).items():
+            live = [r for r in requests if self.state.view.rank_of(r) is not None]
+            for request_id in live:
+                self.dispatcher.finish(request_id, now)
+            released += len(live)
+            if live:
+                log.warning(
+                    "scheduler service: front door %s silent for %g s: released its %d requests in flight",
+                    front_door,
+                    self.front_doors.expiry_s,
+                    len(live),
+                )
+        return released
+
+    async def _expiry_loop(self) -> None:
+        """Expire silent front doors, checking four times per ``expiry_s``."""
+        while True:
+            await asyncio.sleep(self.front_doors.expiry_s / 4)
+            self.expire_front_doors(self.state.clock())
+
+    async def _acquire(self, pending: PendingRequest, front_door: str | None) -> dict[str, Any]:
         task = asyncio.current_task()
         assert task is not None
         self._waiting[pending.request_id] = task
@@ -125,30 +227,66 @@ class SchedulerService:
         finally:
             self._waiting.pop(pending.request_id, None)
             self._cancelling.discard(pending.request_id)
+        if front_door is not None:
+            self.front_doors.placed(front_door, pending.request_id)
         return encode_placement(placement, self.epoch)
 
     async def events(self, request: web.Request) -> web.Response:
         """``POST /v1/events``: apply a front door's batch of progress events."""
         body = await request.json()
+        front_door = self._heard_from(body.get("front_door"))
         if body.get("epoch") != self.epoch:
             return web.json_response({"epoch": self.epoch}, status=409)
-        self._apply_events(body["events"])
+        self._apply_events(body["events"], front_door)
         return web.Response(status=204)
 
-    def _apply_events(self, events: list[Any]) -> None:
-        """Apply a front door's batch of events, dated by their ages at receipt."""
+    def _apply_events(self, events: list[Any], front_door: str | None = None) -> None:
+        """Apply a batch of events from ``front_door``, dated by their ages at receipt."""
         received = self.state.clock()
         times = event_times(events, received, self._last_event_s)
+        changed = False
         for event, when in zip(events, times, strict=True):
             try:
-                if event[0] == "c":
+                kind = event[0]
+                if kind == "c":
                     self._cancel(str(event[2]), when)
+                elif kind == "h":
+                    changed = self._outcome(event, when) or changed
                 else:
                     apply_progress(self.dispatcher, event, when, self._engines)
+                    if kind == "e":
+                        self.front_doors.ended(str(event[2]))
+                    elif kind == "p" and front_door is not None:
+                        self.front_doors.placed(front_door, str(event[2]["id"]))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 log.warning("scheduler service: dropped a malformed event %r: %s", event[:3], exc)
         if times:
             self._last_event_s = times[-1]
+        if changed:  # a breaker opened or closed
+            self.state.prober.publish()
+            self.dispatcher.notify_load_changed()
+
+    def _outcome(self, event: list[Any], when: float) -> bool:
+        """A front door's request outcome on a rank (an ``h`` event), fed to the service's circuit breakers; return
+        whether the rank's or its engine's breaker changed state.
+
+        Raises:
+            ValueError: an unknown rank or scope.
+        """
+        key = decode_rank(event[2])
+        if key is None or key not in self._ranks:
+            raise ValueError(f"an outcome on an unknown rank {event[2]!r}")
+        scope = event[3]
+        health = self.state.health
+        engine, rank = health.engine(key.engine), health.rank(key)
+        before = (engine.state(when), rank.state(when))
+        if scope is None:
+            health.record_success(key, when)
+        elif scope == "engine" or scope == "rank":
+            health.record_failure(key, scope, when)
+        else:
+            raise ValueError(f"an outcome of unknown scope {scope!r}")
+        return (engine.state(when), rank.state(when)) != before
 
     def _cancel(self, request_id: str, when: float) -> None:
         task = self._waiting.get(request_id)
@@ -156,14 +294,15 @@ class SchedulerService:
             self._cancelling.add(request_id)
             task.cancel()
         elif self.state.view.rank_of(request_id) is not None:
-            self.dispatcher.finish(request_id, when)
+            self._end(request_id, when)
         else:
             self._cancelled[request_id] = None
             while len(self._cancelled) > CANCELLED_REMEMBERED:
                 self._cancelled.popitem(last=False)
 
     async def health(self, request: web.Request) -> web.Response:
-        """``GET /v1/health``."""
+        """``GET /v1/health`` (a front door's probe and heartbeat)."""
+        self._heard_from(request.query.get("front_door"))
         return web.json_response({"epoch": self.epoch, "policy": self.state.settings.policy})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -178,22 +317,26 @@ async def running_service(
     """Run the scheduler service for ``settings``'s engines for the duration of the context.
 
     Args:
-        settings: the gateway settings (its ``scheduler_service`` section, if any, is ignored: the service
-            schedules itself).
+        settings: the gateway settings (of its ``scheduler_service`` section, if any, only ``front_door_expiry_s``
+            is read: the service schedules itself).
         host: address to listen on (TCP), with ``port`` (0 picks a free one); ignored with ``unix_path``.
         unix_path: a Unix socket to listen on instead.
 
     Yields:
         The service and its URL (``http://host:port`` or ``unix:/path``), once it accepts connections.
     """
+    config = settings.scheduler_service
+    expiry_s = DEFAULT_EXPIRY_S if config is None else config.front_door_expiry_s
     state = build_state(settings.model_copy(update={"scheduler_service": None}))
-    service = SchedulerService(state)
+    service = SchedulerService(state, expiry_s)
     runner = web.AppRunner(service.application(), access_log=None, handle_signals=False)
     await runner.setup()
+    expiry: asyncio.Task[None] | None = None
     try:
         await state.scraper.start()
         await state.prober.start()
         await state.dispatcher.start()
+        expiry = asyncio.create_task(service._expiry_loop(), name="gateway-scheduler-expiry")
         site: web.BaseSite
         if unix_path is not None:
             site = web.UnixSite(runner, unix_path)
@@ -209,6 +352,10 @@ async def running_service(
         log.info("scheduler service (%s, epoch %s, pid %d) on %s", settings.policy, service.epoch, os.getpid(), url)
         yield service, url
     finally:
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         await runner.cleanup()
         await state.dispatcher.stop()
         await state.prober.stop()

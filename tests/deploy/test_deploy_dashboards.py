@@ -10,7 +10,14 @@ from types import ModuleType
 import yaml
 
 from tests.deploy.tools import DEPLOY
-from tests.exported_metrics import PROMETHEUS_SERIES, exported_names, pd_exported_names, query_names, unknown_names
+from tests.exported_metrics import (
+    PROMETHEUS_SERIES,
+    exported_names,
+    pd_exported_names,
+    query_names,
+    service_front_door_names,
+    unknown_names,
+)
 from tests.helpers import Cluster
 
 GRAFANA = DEPLOY / "grafana"
@@ -64,7 +71,7 @@ def test_query_names_reads_series_names_only() -> None:
 
 
 async def test_every_query_reads_an_exported_series(cluster: Cluster) -> None:
-    exported = await exported_names(cluster) | await pd_exported_names()
+    exported = await exported_names(cluster) | await pd_exported_names() | await service_front_door_names()
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     known = exported | recorded | PROMETHEUS_SERIES
     # the series the issue names must be among them, declared even before any label set is used
@@ -77,5 +84,7 @@ async def test_every_query_reads_an_exported_series(cluster: Cluster) -> None:
         assert name in exported, f"{name} not in the gateway's /metrics"
     for name in ("sglang:num_decode_prealloc_queue_reqs", "vllm:num_requests_kv_fetch_by_stage"):
         assert name in exported, f"{name} not in the P/D engines' /metrics"
+    for name in ("gateway_scheduler_service_mode", "gateway_scheduler_service_fallbacks_total"):
+        assert name in exported, f"{name} not in a front door's /metrics"
     assert unknown_names(dashboard_exprs(), known) == {}
     assert unknown_names([rule["expr"] for rule in rules()], known) == {}

@@ -10,9 +10,17 @@ from typing import Any
 
 import pytest
 
-from gateway.config import EngineConfig, SchedulerServiceConfig, Settings, WaterFillConfig, WindowConfig
+from gateway.config import (
+    EngineConfig,
+    HealthConfig,
+    SchedulerServiceConfig,
+    Settings,
+    WaterFillConfig,
+    WindowConfig,
+)
 from gateway.dispatch import Dispatcher, Placement
 from gateway.errors import OverloadedError
+from gateway.load.health import HealthBook
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduler_service.client import ServiceClient, ServiceUnavailable
 from gateway.scheduler_service.protocol import (
@@ -140,6 +148,18 @@ def test_event_times_never_go_back() -> None:
 # -- the remote dispatcher against a fake service ----------------------------------------------------------
 
 
+def unwired(event: list[Any]) -> list[Any]:
+    """``event`` with its request ids as the front door knows them (without the front door's prefix)."""
+    out = list(event)
+    if out[0] in ("f", "e", "c"):
+        out[2] = out[2].split(":", 1)[1]
+    elif out[0] == "t":
+        out[3] = {k.split(":", 1)[1]: n for k, n in out[3].items()}
+    elif out[0] == "p":
+        out[2] = {**out[2], "id": out[2]["id"].split(":", 1)[1]}
+    return out
+
+
 class FakeService(ServiceClient):
     """A scheduler service in memory: places on the rank it is told, records events (posted or riding along with a
     placement), fails when told."""
@@ -153,6 +173,10 @@ class FakeService(ServiceClient):
         self.answer: dict[str, Any] | None = None
         self.placed: list[str] = []
         self.events: list[list[Any]] = []
+        self.wire_ids: list[str] = []
+        """The request ids as sent (prefixed with the front door's id)."""
+        self.callers: list[str | None] = []
+        """The front-door id of every call, in order."""
 
     async def start(self) -> None:
         pass
@@ -163,31 +187,42 @@ class FakeService(ServiceClient):
     async def place(self, body: dict[str, Any], wait_s: float) -> dict[str, Any]:
         if self.down:
             raise ServiceUnavailable("connection refused")
+        self.callers.append(body.get("front_door"))
         if body.get("epoch") == self.epoch:  # the events owed ride along
-            self.events.extend(body.get("events", []))
+            self.events.extend(unwired(e) for e in body.get("events", []))
         if self.hold is not None:
             await self.hold.wait()
-        self.placed.append(body["request"]["id"])
+        self.wire_ids.append(body["request"]["id"])
+        self.placed.append(body["request"]["id"].split(":", 1)[1])
         return self.answer or encode_placement(Placement(self.rank), self.epoch)
 
-    async def post_events(self, epoch: str, events: list[Any]) -> str | None:
+    async def post_events(self, epoch: str, events: list[Any], front_door: str | None = None) -> str | None:
         if self.down:
             raise ServiceUnavailable("connection refused")
+        self.callers.append(front_door)
         if epoch != self.epoch:
             return self.epoch
-        self.events.extend(events)
+        self.events.extend(unwired(e) for e in events)
         return None
 
-    async def health(self) -> str:
+    async def health(self, front_door: str | None = None) -> str:
         if self.down:
             raise ServiceUnavailable("connection refused")
+        self.callers.append(front_door)
         return self.epoch
 
 
-async def remote(policy: str = "round_robin") -> tuple[RemoteDispatcher, FakeService]:
+async def remote(
+    policy: str = "round_robin", service: SchedulerServiceConfig = SERVICE, health: HealthBook | None = None
+) -> tuple[RemoteDispatcher, FakeService]:
     fake = FakeService()
     dispatcher = RemoteDispatcher(
-        settings(policy), helpers.make_view(*ENGINES, dp_size=4), GatewayMetrics(), clock=lambda: 0.0, client=fake
+        settings(policy, service),
+        helpers.make_view(*ENGINES, dp_size=4),
+        GatewayMetrics(),
+        health,
+        clock=lambda: 0.0,
+        client=fake,
     )
     await dispatcher.start()
     return dispatcher, fake
@@ -381,3 +416,73 @@ async def test_a_pd_placement_counts_both_legs_here_too() -> None:
         assert view.inflight_count() == 0
     finally:
         await dispatcher.stop()
+
+
+# -- the front door's id, heartbeat and request outcomes ---------------------------------------------------
+
+
+async def test_every_call_names_the_front_door_and_an_idle_one_sends_heartbeats() -> None:
+    """Placements, events and health calls carry the front door's id; with nothing to send for ``heartbeat_s`` it
+    calls ``/v1/health`` with its id; after a fallback it takes a new id (the service expires the old one's)."""
+    quick = SERVICE.model_copy(update={"heartbeat_s": 0.002, "front_door_expiry_s": 0.05})
+    dispatcher, fake = await remote(service=quick)
+    try:
+        first = dispatcher.front_door
+        await dispatcher.acquire(req("r1", 100))
+        dispatcher.finish("r1")
+        await until(lambda: len(fake.callers) >= 6)  # start's health, the placement, the events, heartbeats
+        assert set(fake.callers) == {first}
+        fake.down = True
+        dispatcher.fall_back("connection refused")
+        fake.down = False
+        await until(lambda: dispatcher.remote)
+        assert dispatcher.front_door != first and fake.callers[-1] == dispatcher.front_door
+    finally:
+        await dispatcher.stop()
+
+
+async def test_request_outcomes_on_ranks_reach_the_service() -> None:
+    """A failure the front door's circuit breakers record goes to the service at once; successes go once a batch
+    per rank."""
+    health = HealthBook([RankKey(e, r) for e in ENGINES for r in range(4)], HealthConfig())
+    dispatcher, fake = await remote(health=health)
+    try:
+        await dispatcher.acquire(req("r1", 100))
+        health.record_failure(RankKey("b", 3), "rank", 0.0)
+        health.record_failure(RankKey("a", 0), "engine", 0.0)
+        await until(lambda: len(fake.events) == 2)
+        assert fake.events == [["h", 0.0, ["b", 3], "rank"], ["h", 0.0, ["a", 0], "engine"]]
+        for _ in range(3):
+            health.record_success(RankKey("b", 3), 0.0)
+        health.record_success(RankKey("b", 2), 0.0)
+        await until(lambda: len(fake.events) == 4)
+        assert [e[2:] for e in fake.events[2:]] == [[["b", 3], None], [["b", 2], None]]
+    finally:
+        await dispatcher.stop()
+
+
+def test_outcomes_keep_their_order_and_a_success_after_a_failure_is_sent() -> None:
+    buffer = ProgressBuffer(0.005)
+    b3 = RankKey("b", 3)
+    buffer.outcome(b3, None, 1.0)
+    buffer.outcome(b3, "rank", 2.0)
+    buffer.outcome(b3, None, 3.0)
+    buffer.outcome(b3, None, 4.0)
+    assert buffer.urgent
+    assert buffer.take(5.0) == [["h", 4.0, ["b", 3], None], ["h", 3.0, ["b", 3], "rank"], ["h", 2.0, ["b", 3], None]]
+    buffer.outcome(b3, None, 6.0)  # a new batch: sent again
+    assert len(buffer.take(6.0)) == 1
+
+
+async def test_two_front_doors_send_distinct_request_ids() -> None:
+    """Front doors number their requests independently: the service sees each id prefixed by its front door's."""
+    first, fake_1 = await remote()
+    second, fake_2 = await remote()
+    try:
+        await first.acquire(req("r0", 100))
+        await second.acquire(req("r0", 100))
+        assert fake_1.placed == fake_2.placed == ["r0"]
+        assert fake_1.wire_ids != fake_2.wire_ids
+    finally:
+        await first.stop()
+        await second.stop()

@@ -21,11 +21,22 @@ in a process of its own keeps ``--connections`` non-streamed requests of 4 outpu
 each before fresh engines (``--speed``), for each policy. Reported: TTFT and TPOT as the client saw them, and the
 requests each DP rank completed (the engines' ``vllm:request_success_total``).
 
-    .venv/bin/python bench/front_doors.py --part throughput
-    .venv/bin/python bench/front_doors.py --part picture --minutes 1
+**Against the simulator** (``--part simulator``, issue 16 §4): the same slice through ``one`` and ``workers2`` over
+HTTP, and through ``gateway simulate``'s code (:func:`gateway.sim.simulate.simulate`) on the same cluster and
+engine model, in the engines' time. The simulated engines run ``--speed`` engine seconds per wall second and the
+client sends the slice at ``--rate-scale``, so in engine time the slice arrives at ``rate_scale / speed`` and a wall
+TTFT is ``speed`` times as long in engine seconds; the gateway's own wall-clock constants (window intervals, scrape
+interval and staleness) are likewise ``speed`` times as long in engine time, and the simulation is given them so.
+The simulation has one front door: the simulator's K-front-door mode (``service`` sharing) is not on this branch,
+and with the service's latency at zero it runs exactly the plain simulation, so ``workers2`` is compared with the
+plain simulation, the difference bounding what the service's round trips and the HTTP stack cost.
 
-writes ``bench/results/front_doors_throughput.json`` or ``bench/results/front_doors_picture.json`` and prints the
-table.
+    .venv/bin/python bench/frontdoors_http.py --part throughput
+    .venv/bin/python bench/frontdoors_http.py --part picture --minutes 1
+    .venv/bin/python bench/frontdoors_http.py --part simulator --minutes 1
+
+writes ``bench/results/frontdoors_http_throughput.json``, ``bench/results/frontdoors_http_picture.json`` or
+``bench/results/frontdoors_http_simulator.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -46,10 +57,12 @@ import httpx
 import yaml
 from _harness import RESULTS, Processes, add_slice_args, gateway_variant, start_engines, write_report
 
+from gateway.config import ScrapeConfig, WindowConfig
 from gateway.replay.client import replay
 from gateway.sim.cluster import free_port
-from gateway.workload.stats import ReplayResult, summarize
-from gateway.workload.traces import load_trace, resolve_trace, window
+from gateway.sim.simulate import SimConfig, simulate
+from gateway.workload.stats import ReplayResult, distribution, summarize
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -216,44 +229,52 @@ def per_rank_requests(engines: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def http_run(args: argparse.Namespace, trace: list[TraceRequest], policy: str, front: str) -> dict[str, Any]:
+    """Replay ``trace`` through ``front`` (``one``, ``workers2`` or ``split2``) with ``policy`` before fresh
+    engines; the replay's summary with the requests each DP rank completed (``per_rank_requests``)."""
+    with Processes() as procs:
+        engines = start_engines(procs, ["vllm"] * args.instances, args.dp_size, args.speed, args.model)
+        if front == "split2":
+            urls = [start_front(procs, engines, policy, 1)[0] for _ in range(2)]
+            halves = [trace[0::2], trace[1::2]]
+        else:
+            urls = [start_front(procs, engines, policy, 2 if front == "workers2" else 1)[0]]
+            halves = [trace]
+
+        async def run() -> list[ReplayResult]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        replay(url, half, model=args.model, rate_scale=args.rate_scale, progress=False)
+                        for url, half in zip(urls, halves, strict=True)
+                    )
+                )
+            )
+
+        results = asyncio.run(run())
+        ranks = per_rank_requests(engines)
+    merged = ReplayResult(
+        records=[r for result in results for r in result.records],
+        wall_s=max(r.wall_s for r in results),
+        url=",".join(urls),
+        model=args.model,
+        endpoint="chat",
+        rate_scale=args.rate_scale,
+        duration_limit_s=None,
+        trace_requests=len(trace),
+    )
+    summary = summarize(merged)
+    summary["per_rank_requests"] = ranks
+    return summary
+
+
 def picture(args: argparse.Namespace) -> dict[str, Any]:
     trace = window(load_trace(resolve_trace(args.trace)), args.start, args.minutes * 60)
     runs: dict[str, Any] = {}
     for policy in args.policies.split(","):
         for front in ("one", "workers2", "split2"):
-            with Processes() as procs:
-                engines = start_engines(procs, ["vllm", "vllm"], args.dp_size, args.speed, args.model)
-                if front == "split2":
-                    urls = [start_front(procs, engines, policy, 1)[0] for _ in range(2)]
-                    halves = [trace[0::2], trace[1::2]]
-                else:
-                    urls = [start_front(procs, engines, policy, 2 if front == "workers2" else 1)[0]]
-                    halves = [trace]
-
-                async def run(urls: list[str] = urls, halves: list[Any] = halves) -> list[ReplayResult]:
-                    return list(
-                        await asyncio.gather(
-                            *(
-                                replay(url, half, model=args.model, rate_scale=args.rate_scale, progress=False)
-                                for url, half in zip(urls, halves, strict=True)
-                            )
-                        )
-                    )
-
-                results = asyncio.run(run())
-                ranks = per_rank_requests(engines)
-            merged = ReplayResult(
-                records=[r for result in results for r in result.records],
-                wall_s=max(r.wall_s for r in results),
-                url=",".join(urls),
-                model=args.model,
-                endpoint="chat",
-                rate_scale=args.rate_scale,
-                duration_limit_s=None,
-                trace_requests=len(trace),
-            )
-            summary = summarize(merged)
-            summary["per_rank_requests"] = ranks
+            summary = http_run(args, trace, policy, front)
+            ranks = summary["per_rank_requests"]
             name = f"{policy} {front}"
             runs[name] = summary
             print(f"{name}: TTFT mean {summary['ttft_s']['mean']}, per rank {list(ranks.values())}", file=sys.stderr)
@@ -272,9 +293,76 @@ def picture(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "table": "\n".join(lines)}
 
 
+# -- against the simulator ---------------------------------------------------------------------------------
+
+
+def simulated(args: argparse.Namespace, trace: list[TraceRequest], policy: str) -> dict[str, Any]:
+    """``trace`` through :func:`~gateway.sim.simulate.simulate` as the HTTP run sees it, in engine seconds (the
+    module docstring): arrivals ``rate_scale / speed`` as fast, the gateway's wall-clock constants ``speed`` times
+    as long. TTFT and TPOT distributions, and the requests each DP rank was given."""
+    speed = args.speed
+    window_defaults, scrape_defaults = WindowConfig(), ScrapeConfig()
+    config = SimConfig(
+        policy=policy,
+        instances=args.instances,
+        dp_size=args.dp_size,
+        window=window_defaults.model_copy(
+            update={
+                "min_interval_s": window_defaults.min_interval_s * speed,
+                "max_interval_s": window_defaults.max_interval_s * speed,
+                "initial_step_s": window_defaults.initial_step_s * speed,
+            }
+        ),
+        scrape_interval_s=scrape_defaults.interval_s * speed,
+        stale_after_s=scrape_defaults.stale_after_s * speed,
+    )
+    result = simulate(rescale(trace, args.rate_scale / speed), config)
+    done = [r for r in result.records if r.done_s is not None and r.first_token_s is not None]
+    return {
+        "completed": len(done),
+        "ttft_engine_s": distribution([r.ttft_s for r in done]),
+        "tpot_engine_s": distribution([r.tpot_s for r in done if r.output_tokens > 1]),
+    }
+
+
+def in_engine_time(summary: dict[str, Any], speed: float) -> dict[str, Any]:
+    """An HTTP run's TTFT and TPOT distributions in engine seconds (wall seconds times ``speed``)."""
+    return {
+        "completed": summary["completed"],
+        "failed": summary["failed"],
+        "ttft_engine_s": {k: None if v is None else v * speed for k, v in summary["ttft_s"].items()},
+        "tpot_engine_s": {k: None if v is None else v * speed for k, v in summary["tpot_s"].items()},
+    }
+
+
+def versus_simulator(args: argparse.Namespace) -> dict[str, Any]:
+    trace = window(load_trace(resolve_trace(args.trace)), args.start, args.minutes * 60)
+    runs: dict[str, Any] = {}
+    for policy in args.policies.split(","):
+        runs[f"{policy} simulated"] = simulated(args, trace, policy)
+        for front in ("one", "workers2"):
+            summary = http_run(args, trace, policy, front)
+            runs[f"{policy} {front}"] = {**in_engine_time(summary, args.speed), "http": summary}
+            print(f"{policy} {front}: TTFT mean {summary['ttft_s']['mean']} s wall", file=sys.stderr)
+    lines = [
+        f"{'run':<24}{'done':>6}{'fail':>6}{'TTFT mean ms':>14}{'p50':>8}{'p90':>8}{'p99':>8}{'TPOT mean ms':>14}"
+        f"{'TTFT mean vs sim':>18}"
+    ]
+    for name, s in runs.items():
+        ttft, tpot = s["ttft_engine_s"], s["tpot_engine_s"]
+        sim = runs[f"{name.split()[0]} simulated"]["ttft_engine_s"]["mean"]
+        versus = f"{ttft['mean'] / sim - 1:+.1%}"
+        lines.append(
+            f"{name:<24}{s['completed']:>6}{s.get('failed', 0):>6}{ttft['mean'] * 1000:>14.0f}"
+            f"{ttft['p50'] * 1000:>8.0f}{ttft['p90'] * 1000:>8.0f}{ttft['p99'] * 1000:>8.0f}"
+            f"{tpot['mean'] * 1000:>14.1f}{versus:>18}"
+        )
+    return {"runs": runs, "table": "engine-time milliseconds\n" + "\n".join(lines)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("throughput", "picture"), default="picture")
+    ap.add_argument("--part", choices=("throughput", "picture", "simulator"), default="picture")
     add_slice_args(ap, minutes=1.0)
     ap.add_argument("--policies", default="round_robin,sbs", help="comma-separated policies [round_robin,sbs]")
     ap.add_argument("--connections", type=int, default=64, help="throughput: requests kept in flight [64]")
@@ -286,8 +374,9 @@ def main() -> None:
     if args.load is not None:
         print(json.dumps(asyncio.run(closed_loop(args.load, args.model, args.connections, args.seconds))))
         return
-    args.output = args.output or RESULTS / f"front_doors_{args.part}.json"
-    report = throughput(args) if args.part == "throughput" else picture(args)
+    args.output = args.output or RESULTS / f"frontdoors_http_{args.part}.json"
+    parts = {"throughput": throughput, "picture": picture, "simulator": versus_simulator}
+    report = parts[args.part](args)
     print(report["table"])
     write_report(args, **report)
 
