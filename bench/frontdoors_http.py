@@ -27,9 +27,9 @@ engine model, in the engines' time. The simulated engines run ``--speed`` engine
 client sends the slice at ``--rate-scale``, so in engine time the slice arrives at ``rate_scale / speed`` and a wall
 TTFT is ``speed`` times as long in engine seconds; the gateway's own wall-clock constants (window intervals, scrape
 interval and staleness) are likewise ``speed`` times as long in engine time, and the simulation is given them so.
-The simulation has one front door: the simulator's K-front-door mode (``service`` sharing) is not on this branch,
-and with the service's latency at zero it runs exactly the plain simulation, so ``workers2`` is compared with the
-plain simulation, the difference bounding what the service's round trips and the HTTP stack cost.
+The simulation has one front door: the simulator's K-front-door mode with ``service`` sharing at zero latency runs
+exactly the plain simulation (``tests/unit/test_frontdoors.py``), so ``workers2`` is compared with the plain
+simulation, the difference bounding what the service's round trips and the HTTP stack cost.
 
     .venv/bin/python bench/frontdoors_http.py --part throughput
     .venv/bin/python bench/frontdoors_http.py --part picture --minutes 1
