@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -250,3 +251,21 @@ def write_report(args: argparse.Namespace, **fields: Any) -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.output.write_text(json.dumps({"config": config, **fields}, indent=2))
     print(f"\nwrote {args.output}", file=sys.stderr)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds spent so far by process ``pid`` (all its threads) and its descendants alive now
+    (Linux ``/proc``: ``stat`` fields 14 and 15, children from each task's ``children``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total

@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 import yaml
-from _harness import RESULTS, Processes, peer_venv
+from _harness import RESULTS, Processes, peer_venv, tree_cpu_s
 
 from gateway.sim.cluster import free_port
 
@@ -60,7 +60,6 @@ VLLM_ROUTER_PACKAGE = "vllm-router==0.1.17"
 """The release ``bench/smg_pd.py`` uses."""
 MODEL = "bench-model"
 DP_SIZE = 4
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 NOTES_MARK = "<!-- notes: kept when the table above is regenerated -->"
 
 
@@ -95,23 +94,6 @@ class Cores:
 def pinned(cmd: list[str], cores: str | None) -> list[str]:
     """``cmd`` run on ``cores`` (``taskset -c``, so a multi-threaded front sizes its thread pool to them)."""
     return cmd if cores is None else ["taskset", "-c", cores, *cmd]
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) spent so far by process ``pid`` (all its threads) and its live descendants."""
-    total = 0.0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                stack.extend(int(c) for c in children)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 def start_engine(procs: Processes, cores: Cores) -> dict[str, Any]:

@@ -55,7 +55,15 @@ from typing import Any
 import aiohttp
 import httpx
 import yaml
-from _harness import RESULTS, Processes, add_slice_args, gateway_variant, start_engines, write_report
+from _harness import (
+    RESULTS,
+    Processes,
+    add_slice_args,
+    gateway_variant,
+    start_engines,
+    tree_cpu_s,
+    write_report,
+)
 
 from gateway.config import ScrapeConfig, WindowConfig
 from gateway.replay.client import replay
@@ -63,24 +71,6 @@ from gateway.sim.cluster import free_port
 from gateway.sim.simulate import SimConfig, simulate
 from gateway.workload.stats import ReplayResult, distribution, summarize
 from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU-seconds of process ``pid`` and all its descendants alive now (Linux ``/proc``)."""
-    total = 0.0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 def start_front(
