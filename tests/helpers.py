@@ -9,8 +9,11 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +27,7 @@ from gateway.config import EngineConfig, EngineFlavor, PolicyName, ScrapeConfig,
 from gateway.load.view import EngineSpec, LoadView
 from gateway.logs import make_handler
 from gateway.serving import serve_in_background
-from gateway.sim.cluster import SimulatedEngine, running_gateway, simulated_engines
+from gateway.sim.cluster import NotReady, SimulatedEngine, running_gateway, simulated_engines, wait_ready
 from gateway.telemetry import sum_samples
 from gateway.tokens import Tokenizer
 from gateway.types import PendingRequest, RankKey, RankLoad
@@ -248,3 +251,30 @@ async def stream_chat(client: openai.AsyncOpenAI, model: str, max_tokens: int = 
         extra_body={"ignore_eos": True},
     )
     return [chunk async for chunk in stream]
+
+
+@contextlib.asynccontextmanager
+async def gateway_serve_process(
+    tmp_path: Path, config: dict[str, Any], *args: str, ready_timeout_s: float
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """``gateway serve --config`` of ``config`` (which names its ``port``) in a child process, its output in
+    ``tmp_path/gateway.log``: yields the gateway's URL once ``/ready`` answers, and the process (killed on exit if
+    still running). ``args`` are more ``serve`` options; the test fails with the log if it never gets ready."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", *args, "--config", str(path), stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{config['port']}"
+    try:
+        try:
+            await wait_ready(url + "/ready", timeout_s=ready_timeout_s, is_alive=lambda: proc.returncode is None)
+        except NotReady as exc:
+            pytest.fail(f"{exc}; its log:\n{log.read_text()}")
+        yield url, proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from gateway.sim.cluster import NotReady, SimulatedEngine, free_port, simulated_engines, wait_ready
-from tests.helpers import eventually, total
+from gateway.sim.cluster import SimulatedEngine, free_port, simulated_engines
+from tests.helpers import eventually, gateway_serve_process, total
 
 MODEL = "m"
 ENGINE = SimulatedEngine("e", "vllm", 4, MODEL)
@@ -35,33 +31,8 @@ async def workers_process(tmp_path: Path, engine_url: str) -> AsyncIterator[tupl
         "scheduler_service": {"url": "unix:/replaced-by-the-supervisor", "deadline_s": 2.0},
         "engines": [{"name": "e", "flavor": "vllm", "url": engine_url, "dp_size": 4, "models": [MODEL]}],
     }
-    path = tmp_path / "gateway.yaml"
-    path.write_text(json.dumps(config))
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--workers",
-            "2",
-            "--config",
-            str(path),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            await wait_ready(url + "/ready", timeout_s=60, is_alive=lambda: proc.returncode is None)
-        except NotReady as exc:
-            pytest.fail(f"{exc}; its log:\n{log.read_text()}")
-        yield url, proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+    async with gateway_serve_process(tmp_path, config, "--workers", "2", ready_timeout_s=60) as running:
+        yield running
 
 
 def pids(log: Path, pattern: str) -> list[int]:

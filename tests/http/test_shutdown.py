@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,8 +13,8 @@ import pytest
 
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
-from gateway.sim.cluster import NotReady, SimulatedEngine, free_port, simulated_engines, wait_ready
-from tests.helpers import eventually, total
+from gateway.sim.cluster import SimulatedEngine, free_port, simulated_engines
+from tests.helpers import eventually, gateway_serve_process, total
 
 MODEL = "m"
 ENGINE = SimulatedEngine("e", "vllm", 2, MODEL)
@@ -34,33 +31,8 @@ async def gateway_process(
         "shutdown": {"drain_timeout_s": drain_s},
         "engines": [{"name": "e", "flavor": "vllm", "url": engine_url, "dp_size": 2, "models": [MODEL]}],
     }
-    path = tmp_path / "gateway.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(path),
-            "--log-level",
-            "warning",
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            await wait_ready(url + "/ready", timeout_s=30, is_alive=lambda: proc.returncode is None)
-        except NotReady as exc:
-            pytest.fail(f"{exc}; its log:\n{log.read_text()}")
-        yield url, proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+    async with gateway_serve_process(tmp_path, config, "--log-level", "warning", ready_timeout_s=30) as running:
+        yield running
 
 
 async def engine_metric(http: httpx.AsyncClient, engine_url: str, name: str, **labels: str) -> float:
