@@ -1,134 +1,195 @@
-"""Write the Grafana dashboards under deploy/grafana/dashboards/ (JSON, provisioned by Grafana at start).
+"""Write the Grafana dashboards under deploy/grafana/dashboards/ (JSON, provisioned by Grafana at start) with
+Grafana's own builders, ``grafana-foundation-sdk`` (the ``dev`` extra; its build for the stack's Grafana 11.2,
+dashboard schema 39).
 
-    python deploy/grafana/build_dashboards.py
+    python deploy/grafana/build_dashboards.py           # write the JSON files
+    python deploy/grafana/build_dashboards.py --check   # exit 1 if a file is not what this script writes
 
-The dashboards are written by this script so that every panel has the same shape and the queries live in one
-readable table; edit the tables below, not the JSON (tests/deploy/test_deploy_dashboards.py fails when the JSON is
-stale, and checks every metric a query names is one the gateway or a simulated engine exports).
+Edit the tables below, not the JSON: tests/deploy/test_deploy_dashboards.py fails when the JSON is stale, and checks
+that every metric a query names is one the gateway, a simulated engine or a recording rule exports.
 Queries use Grafana's ``$__rate_interval``; the datasource is the provisioned Prometheus (uid ``prometheus``).
+
+Adding a panel
+--------------
+A dashboard is a table of groups (a Grafana row each); a group is a title and a list of :class:`Graph` (a
+time-series panel: title, unit, queries). Panels are laid out two to a line, 12 columns by 8 rows each. To add one,
+add a line to a group, or a group to a dashboard's table::
+
+    Graph("TTFT by priority class", "s", quantiles("gateway_ttft_seconds", by=("priority",))),
+    Graph("Rate-limited requests", "reqps", [rate_by("gateway_rate_limited_total", "tenant", "limit")]),
+    Graph("Engines draining", "short", [Query("gateway_engine_draining", "{{engine}}")]),
+
+then run this script and commit the JSON. The helpers write the usual queries: :func:`rate_by` (a counter's rate
+summed by labels, the legend naming them), :func:`quantiles` (p50/p90/p99 of a histogram, per label values with
+``by``), :func:`by_role` and :func:`per_dp_rank` (P/D joins); anything else is a :class:`Query` with its PromQL
+and legend. The unit is Grafana's unit id (``s``, ``reqps``, ``ops``, ``percentunit``, ``short``). A query naming a
+series no one exports fails the test: add the metric to the gateway first. A new dashboard is one line in
+:data:`DASHBOARDS`; another panel kind (a stat, thresholds) is one function beside :func:`timeseries` using the SDK's
+builder for it (``grafana_foundation_sdk.builders.stat``...).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DashboardLink, Row
+from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
 
 OUT = Path(__file__).resolve().parent / "dashboards"
-DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="prometheus")
 RATE = "$__rate_interval"
+TAG = "sbs-gateway"
+PANEL_WIDTH = 12
+"""Grid columns of a panel (of 24): two panels to a line."""
+PANEL_HEIGHT = 8
+"""Grid rows of a panel."""
 
-Panel = tuple[str, str, list[tuple[str, str]]]
-"""(title, unit, [(PromQL, legend)]): one time-series panel."""
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL query of a panel; ``legend`` is Grafana's legend format (``{{label}}`` for a label's value)."""
+
+    expr: str
+    legend: str
 
 
-def quantiles(histogram: str, name: str = "") -> list[tuple[str, str]]:
-    """p50, p90 and p99 of a Prometheus histogram (``histogram`` without ``_bucket``) over all its series;
-    ``name`` starts each legend."""
-    prefix = f"{name} " if name else ""
+@dataclass(frozen=True)
+class Graph:
+    """One time-series panel: its title, the Grafana unit id of its values and its queries (refIds A, B... in order)."""
+
+    title: str
+    unit: str
+    queries: Sequence[Query]
+
+
+Group = tuple[str, list[Graph]]
+"""(row title, panels): one row of a dashboard."""
+
+
+def rate_by(counter: str, *labels: str, legend: str = "") -> Query:
+    """The per-second rate of ``counter`` summed by ``labels``; the legend names the labels' values unless given."""
+    by = ", ".join(labels)
+    return Query(f"sum by ({by}) (rate({counter}[{RATE}]))", legend or " ".join(f"{{{{{label}}}}}" for label in labels))
+
+
+def quantiles(histogram: str, name: str = "", by: Sequence[str] = ()) -> list[Query]:
+    """p50, p90 and p99 of a Prometheus histogram (``histogram`` without ``_bucket``) over all its series, or per
+    value of the ``by`` labels; ``name`` (then the ``by`` labels' values) starts each legend."""
+    group = ", ".join(("le", *by))
+    prefix = " ".join([*([name] if name else []), *(f"{{{{{label}}}}}" for label in by)])
     return [
-        (f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[{RATE}])))", f"{prefix}p{int(q * 100)}")
+        Query(
+            f"histogram_quantile({q}, sum by ({group}) (rate({histogram}_bucket[{RATE}])))",
+            f"{prefix} p{int(q * 100)}" if prefix else f"p{int(q * 100)}",
+        )
         for q in (0.5, 0.9, 0.99)
     ]
 
 
-TRAFFIC: list[tuple[str, list[Panel]]] = [
+TRAFFIC: list[Group] = [
     (
         "Requests",
         [
-            (
-                "Request rate by status",
-                "reqps",
-                [(f"sum by (status) (rate(gateway_requests_total[{RATE}]))", "{{status}}")],
-            ),
-            (
+            Graph("Request rate by status", "reqps", [rate_by("gateway_requests_total", "status")]),
+            Graph(
                 "Error ratio (4xx and 5xx)",
                 "percentunit",
                 [
-                    (
+                    Query(
                         f'(sum(rate(gateway_requests_total{{status=~"[45].."}}[{RATE}])) or vector(0))'
                         f" / sum(rate(gateway_requests_total[{RATE}]))",
                         "errors",
                     ),
-                    ("gateway:requests:error_ratio_5m", "errors (5m)"),
+                    Query("gateway:requests:error_ratio_5m", "errors (5m)"),
                 ],
             ),
-            (
+            Graph(
                 "Rejected before an engine, by reason",
                 "reqps",
-                [(f"sum by (reason) (rate(gateway_rejected_requests_total[{RATE}]))", "{{reason}}")],
+                [rate_by("gateway_rejected_requests_total", "reason")],
             ),
-            (
+            Graph(
                 "Upstream failures and retries",
                 "reqps",
                 [
-                    (f"sum by (engine, kind) (rate(gateway_upstream_failures_total[{RATE}]))", "{{engine}} {{kind}}"),
-                    (f"sum by (engine) (rate(gateway_upstream_retries_total[{RATE}]))", "{{engine}} retried"),
+                    rate_by("gateway_upstream_failures_total", "engine", "kind"),
+                    rate_by("gateway_upstream_retries_total", "engine", legend="{{engine}} retried"),
                 ],
             ),
-            (
+            Graph(
                 "In flight and draining",
                 "short",
-                [("sum(gateway_inflight_requests)", "in flight"), ("max(gateway_draining)", "draining")],
+                [Query("sum(gateway_inflight_requests)", "in flight"), Query("max(gateway_draining)", "draining")],
             ),
         ],
     ),
     (
         "Latency",
         [
-            ("TTFT at the gateway", "s", quantiles("gateway_ttft_seconds")),
-            ("TTFT p99 by model (5m)", "s", [("gateway:ttft_seconds:p99_5m", "{{model}}")]),
-            (
+            Graph("TTFT at the gateway", "s", quantiles("gateway_ttft_seconds")),
+            Graph("TTFT p99 by model (5m)", "s", [Query("gateway:ttft_seconds:p99_5m", "{{model}}")]),
+            Graph(
                 "TPOT (inter-token latency, engines)",
                 "s",
                 quantiles("vllm:inter_token_latency_seconds", "vLLM")
                 + quantiles("sglang:inter_token_latency_seconds", "SGLang"),
             ),
-            ("End-to-end latency at the gateway", "s", quantiles("gateway_e2e_latency_seconds")),
+            Graph("End-to-end latency at the gateway", "s", quantiles("gateway_e2e_latency_seconds")),
         ],
     ),
     (
         "Staggered window",
         [
-            ("Time buffered in the window", "s", quantiles("gateway_window_wait_seconds")),
-            (
+            Graph("Time buffered in the window", "s", quantiles("gateway_window_wait_seconds")),
+            Graph(
                 "Requests per closed window",
                 "short",
                 [
                     *quantiles("gateway_window_batch_size"),
-                    (
+                    Query(
                         f"sum(rate(gateway_window_batch_size_sum[{RATE}]))"
                         f" / sum(rate(gateway_window_batch_size_count[{RATE}]))",
                         "mean",
                     ),
                 ],
             ),
-            (
+            Graph(
                 "Windows closed per second",
                 "ops",
-                [(f"sum(rate(gateway_window_batch_size_count[{RATE}]))", "windows")],
+                [Query(f"sum(rate(gateway_window_batch_size_count[{RATE}]))", "windows")],
             ),
-            ("Window interval", "s", [("gateway_window_interval_seconds", "{{instance}}")]),
-            ("Requests buffered in the window", "short", [("gateway_window_buffered_requests", "{{instance}}")]),
+            Graph("Window interval", "s", [Query("gateway_window_interval_seconds", "{{instance}}")]),
+            Graph(
+                "Requests buffered in the window", "short", [Query("gateway_window_buffered_requests", "{{instance}}")]
+            ),
         ],
     ),
     (
         "Scheduler service (front doors sharing one scheduling view)",
         [
-            (
+            Graph(
                 "Front doors placing through the service (1) or alone (0)",
                 "short",
-                [("gateway_scheduler_service_mode", "{{instance}}")],
+                [Query("gateway_scheduler_service_mode", "{{instance}}")],
             ),
-            (
+            Graph(
                 "Falls back to local placement, and requests the service did not place in time",
                 "short",
                 [
-                    (
+                    Query(
                         f"sum by (instance) (increase(gateway_scheduler_service_fallbacks_total[{RATE}]))",
                         "{{instance}} fallbacks",
                     ),
-                    (
+                    Query(
                         f"sum by (instance) (increase(gateway_scheduler_service_replaced_total[{RATE}]))",
                         "{{instance}} placed locally instead",
                     ),
@@ -138,22 +199,18 @@ TRAFFIC: list[tuple[str, list[Panel]]] = [
     ),
 ]
 
-ENGINES: list[tuple[str, list[Panel]]] = [
+ENGINES: list[Group] = [
     (
         "Engine health",
         [
-            ("Engine in rotation (circuit breaker closed)", "short", [("gateway_engine_up", "{{engine}}")]),
-            (
-                "Active health probes",
-                "ops",
-                [(f"sum by (engine, result) (rate(gateway_health_checks_total[{RATE}]))", "{{engine}} {{result}}")],
-            ),
-            (
+            Graph("Engine in rotation (circuit breaker closed)", "short", [Query("gateway_engine_up", "{{engine}}")]),
+            Graph("Active health probes", "ops", [rate_by("gateway_health_checks_total", "engine", "result")]),
+            Graph(
                 "Engine output throughput",
                 "short",
                 [
-                    (f"sum by (engine_name) (rate(vllm:generation_tokens_total[{RATE}]))", "{{engine_name}} tok/s"),
-                    (f"sum by (engine_name) (rate(sglang:generation_tokens_total[{RATE}]))", "{{engine_name}} tok/s"),
+                    rate_by("vllm:generation_tokens_total", "engine_name", legend="{{engine_name}} tok/s"),
+                    rate_by("sglang:generation_tokens_total", "engine_name", legend="{{engine_name}} tok/s"),
                 ],
             ),
         ],
@@ -161,56 +218,55 @@ ENGINES: list[tuple[str, list[Panel]]] = [
     (
         "Per-rank load and imbalance",
         [
-            (
+            Graph(
                 "Requests dispatched per DP rank",
                 "reqps",
-                [(f"sum by (engine, rank) (rate(gateway_dispatched_requests_total[{RATE}]))", "{{engine}}/{{rank}}")],
+                [rate_by("gateway_dispatched_requests_total", "engine", "rank", legend="{{engine}}/{{rank}}")],
             ),
-            (
+            Graph(
                 "Prompt tokens dispatched per DP rank",
                 "short",
-                [
-                    (
-                        f"sum by (engine, rank) (rate(gateway_dispatched_prompt_tokens_total[{RATE}]))",
-                        "{{engine}}/{{rank}}",
-                    )
-                ],
+                [rate_by("gateway_dispatched_prompt_tokens_total", "engine", "rank", legend="{{engine}}/{{rank}}")],
             ),
-            (
+            Graph(
                 "Rank imbalance (max / mean prompt tokens, 5m)",
                 "short",
-                [("gateway:rank_prompt_tokens:imbalance5m", "{{engine}}")],
+                [Query("gateway:rank_prompt_tokens:imbalance5m", "{{engine}}")],
             ),
-            (
+            Graph(
                 "Running and waiting per DP rank (gateway's load view)",
                 "short",
                 [
-                    ("gateway_rank_running", "{{engine}}/{{rank}} running"),
-                    ("gateway_rank_waiting", "{{engine}}/{{rank}} waiting"),
+                    Query("gateway_rank_running", "{{engine}}/{{rank}} running"),
+                    Query("gateway_rank_waiting", "{{engine}}/{{rank}} waiting"),
                 ],
             ),
-            (
+            Graph(
                 "Queued prefill tokens per DP rank (gateway's load view)",
                 "short",
-                [("gateway_rank_queued_prefill_tokens", "{{engine}}/{{rank}}")],
+                [Query("gateway_rank_queued_prefill_tokens", "{{engine}}/{{rank}}")],
             ),
-            (
+            Graph(
                 "KV cache usage per DP rank",
                 "percentunit",
                 [
-                    ("gateway_rank_kv_usage", "{{engine}}/{{rank}}"),
-                    ('vllm:kv_cache_usage_perc{job="engines"}', "{{engine_name}}/{{engine}} (engine)"),
-                    ('sglang:token_usage{job="engines"}', "{{engine_name}}/{{dp_rank}} (engine)"),
+                    Query("gateway_rank_kv_usage", "{{engine}}/{{rank}}"),
+                    Query('vllm:kv_cache_usage_perc{job="engines"}', "{{engine_name}}/{{engine}} (engine)"),
+                    Query('sglang:token_usage{job="engines"}', "{{engine_name}}/{{dp_rank}} (engine)"),
                 ],
             ),
-            (
+            Graph(
                 "Engine-reported running and queued per DP rank",
                 "short",
                 [
-                    ("vllm:num_requests_running", "{{engine_name}}/{{engine}} running"),
-                    ("vllm:num_requests_waiting", "{{engine_name}}/{{engine}} waiting"),
-                    ("max by (engine_name, dp_rank) (sglang:num_running_reqs)", "{{engine_name}}/{{dp_rank}} running"),
-                    ("max by (engine_name, dp_rank) (sglang:num_queue_reqs)", "{{engine_name}}/{{dp_rank}} waiting"),
+                    Query("vllm:num_requests_running", "{{engine_name}}/{{engine}} running"),
+                    Query("vllm:num_requests_waiting", "{{engine_name}}/{{engine}} waiting"),
+                    Query(
+                        "max by (engine_name, dp_rank) (sglang:num_running_reqs)", "{{engine_name}}/{{dp_rank}} running"
+                    ),
+                    Query(
+                        "max by (engine_name, dp_rank) (sglang:num_queue_reqs)", "{{engine_name}}/{{dp_rank}} waiting"
+                    ),
                 ],
             ),
         ],
@@ -218,17 +274,13 @@ ENGINES: list[tuple[str, list[Panel]]] = [
     (
         "Scrape health",
         [
-            ("Prometheus targets up", "short", [("up", "{{job}} {{instance}}")]),
-            ("Prometheus scrape duration", "s", [("scrape_duration_seconds", "{{job}} {{instance}}")]),
-            (
-                "Gateway scrapes of engine metrics",
-                "ops",
-                [(f"sum by (engine, result) (rate(gateway_scrapes_total[{RATE}]))", "{{engine}} {{result}}")],
-            ),
-            (
+            Graph("Prometheus targets up", "short", [Query("up", "{{job}} {{instance}}")]),
+            Graph("Prometheus scrape duration", "s", [Query("scrape_duration_seconds", "{{job}} {{instance}}")]),
+            Graph("Gateway scrapes of engine metrics", "ops", [rate_by("gateway_scrapes_total", "engine", "result")]),
+            Graph(
                 "Gateway scrape error ratio (5m)",
                 "percentunit",
-                [("gateway:engine_scrape_errors:ratio5m", "{{engine}}")],
+                [Query("gateway:engine_scrape_errors:ratio5m", "{{engine}}")],
             ),
         ],
     ),
@@ -251,122 +303,112 @@ def per_dp_rank(series: str) -> str:
 PD_FAILED = 'outcome=~"prefill_failed|decode_failed"'
 PD_TRIED = 'outcome=~"ok|prefill_failed|decode_failed"'
 
-PD: list[tuple[str, list[Panel]]] = [
+PD: list[Group] = [
     (
         "P/D requests: legs and KV transfers",
         [
-            (
+            Graph(
                 "P/D attempts by protocol and outcome",
                 "reqps",
-                [
-                    (
-                        f"sum by (protocol, outcome) (rate(gateway_pd_transfers_total[{RATE}]))",
-                        "{{protocol}} {{outcome}}",
-                    )
-                ],
+                [rate_by("gateway_pd_transfers_total", "protocol", "outcome")],
             ),
-            (
+            Graph(
                 "Failed attempts (a leg or the KV transfer failed) / attempts",
                 "percentunit",
                 [
-                    (
+                    Query(
                         f"(sum by (protocol) (rate(gateway_pd_transfers_total{{{PD_FAILED}}}[{RATE}]))"
                         f' or 0 * sum by (protocol) (rate(gateway_pd_transfers_total{{outcome="ok"}}[{RATE}])))'
                         f" / sum by (protocol) (rate(gateway_pd_transfers_total{{{PD_TRIED}}}[{RATE}]))",
                         "{{protocol}}",
                     ),
-                    ("gateway:pd_transfers:failure_ratio5m", "{{protocol}} (5m)"),
+                    Query("gateway:pd_transfers:failure_ratio5m", "{{protocol}} (5m)"),
                 ],
             ),
-            (
+            Graph(
                 "Failed legs by engine, leg and kind",
                 "reqps",
-                [
-                    (
-                        f"sum by (engine, leg, kind) (rate(gateway_pd_leg_failures_total[{RATE}]))",
-                        "{{engine}} {{leg}} {{kind}}",
-                    )
-                ],
+                [rate_by("gateway_pd_leg_failures_total", "engine", "leg", "kind")],
             ),
-            (
+            Graph(
                 "Retries after a failure, by the failed engine's role",
                 "reqps",
-                [(f"sum by (role) ({by_role(f'rate(gateway_upstream_retries_total[{RATE}])')})", "{{role}}")],
+                [Query(f"sum by (role) ({by_role(f'rate(gateway_upstream_retries_total[{RATE}])')})", "{{role}}")],
             ),
         ],
     ),
     (
         "Load by role (gateway's load view)",
         [
-            (
+            Graph(
                 "Running and waiting requests per pool",
                 "short",
                 [
-                    (f"sum by (role) ({by_role('gateway_rank_running')})", "{{role}} running"),
-                    (f"sum by (role) ({by_role('gateway_rank_waiting')})", "{{role}} waiting"),
+                    Query(f"sum by (role) ({by_role('gateway_rank_running')})", "{{role}} running"),
+                    Query(f"sum by (role) ({by_role('gateway_rank_waiting')})", "{{role}} waiting"),
                 ],
             ),
-            (
+            Graph(
                 "Prefill ranks: queued prefill tokens",
                 "short",
-                [(by_role("gateway_rank_queued_prefill_tokens", "prefill"), "{{engine}}/{{rank}}")],
+                [Query(by_role("gateway_rank_queued_prefill_tokens", "prefill"), "{{engine}}/{{rank}}")],
             ),
-            (
+            Graph(
                 "Decode ranks: KV cache usage",
                 "percentunit",
                 [
-                    (by_role("gateway_rank_kv_usage", "decode"), "{{engine}}/{{rank}}"),
-                    ("gateway:decode_rank_kv_usage:avg", "{{engine}} mean"),
+                    Query(by_role("gateway_rank_kv_usage", "decode"), "{{engine}}/{{rank}}"),
+                    Query("gateway:decode_rank_kv_usage:avg", "{{engine}} mean"),
                 ],
             ),
-            (
+            Graph(
                 "Decode ranks: running requests",
                 "short",
-                [(by_role("gateway_rank_running", "decode"), "{{engine}}/{{rank}}")],
+                [Query(by_role("gateway_rank_running", "decode"), "{{engine}}/{{rank}}")],
             ),
         ],
     ),
     (
         "P/D queues inside the engines",
         [
-            (
+            Graph(
                 "Prefill: waiting for the decode side, holding KV for it (SGLang)",
                 "short",
                 [
-                    (
+                    Query(
                         per_dp_rank('sglang:num_prefill_bootstrap_queue_reqs{engine_type="prefill"}'),
                         "{{engine_name}}/{{dp_rank}} bootstrap",
                     ),
-                    (
+                    Query(
                         per_dp_rank('sglang:num_prefill_inflight_queue_reqs{engine_type="prefill"}'),
                         "{{engine_name}}/{{dp_rank}} inflight",
                     ),
                 ],
             ),
-            (
+            Graph(
                 "Decode: requests waiting for their KV",
                 "short",
                 [
-                    (
+                    Query(
                         per_dp_rank('sglang:num_decode_prealloc_queue_reqs{engine_type="decode"}'),
                         "{{engine_name}}/{{dp_rank}} prealloc",
                     ),
-                    (
+                    Query(
                         per_dp_rank('sglang:num_decode_transfer_queue_reqs{engine_type="decode"}'),
                         "{{engine_name}}/{{dp_rank}} transfer",
                     ),
-                    (
+                    Query(
                         'vllm:num_requests_kv_fetch_by_stage{stage!="completed_waiting"}',
                         "{{engine_name}}/{{engine}} {{stage}}",
                     ),
                 ],
             ),
-            (
+            Graph(
                 "Decode engines' KV cache usage (engine-reported)",
                 "percentunit",
                 [
-                    ('sglang:token_usage{engine_type="decode"}', "{{engine_name}}/{{dp_rank}}"),
-                    ('vllm:kv_cache_usage_perc{role="decode"}', "{{engine_name}}/{{engine}}"),
+                    Query('sglang:token_usage{engine_type="decode"}', "{{engine_name}}/{{dp_rank}}"),
+                    Query('vllm:kv_cache_usage_perc{role="decode"}', "{{engine_name}}/{{engine}}"),
                 ],
             ),
         ],
@@ -376,54 +418,56 @@ PD: list[tuple[str, list[Panel]]] = [
 ``engine_type`` label or the ``role`` label of the engine's scrape target (deploy/prometheus/prometheus-pd.yml)."""
 
 
-def dashboard(uid: str, title: str, rows: list[tuple[str, list[Panel]]]) -> dict[str, Any]:
-    """A Grafana dashboard (schema 39) of collapsed-open rows of 12-wide time-series panels."""
-    panels: list[dict[str, Any]] = []
-    y = 0
-    for row_title, row_panels in rows:
-        panels.append(
-            {
-                "id": len(panels) + 1,
-                "type": "row",
-                "title": row_title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
-            }
+def timeseries(graph: Graph, panel_id: int) -> Timeseries:
+    """The SDK's time-series panel for ``graph``, with the legend as a list below it.
+
+    The tooltip is set to Grafana's own default (single series, unsorted: grafana-ui's
+    ``options/builder/tooltip.tsx``), since the SDK would otherwise write an ascending sort."""
+    panel = (
+        Timeseries()
+        .id(panel_id)
+        .title(graph.title)
+        .datasource(DATASOURCE)
+        .span(PANEL_WIDTH)
+        .height(PANEL_HEIGHT)
+        .unit(graph.unit)
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
         )
-        y += 1
-        for i, (panel_title, unit, queries) in enumerate(row_panels):
-            panels.append(
-                {
-                    "id": len(panels) + 1,
-                    "type": "timeseries",
-                    "title": panel_title,
-                    "datasource": DATASOURCE,
-                    "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": y + 8 * (i // 2)},
-                    "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                    "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}},
-                    "targets": [
-                        {"refId": chr(ord("A") + n), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-                        for n, (expr, legend) in enumerate(queries)
-                    ],
-                }
-            )
-        y += 8 * ((len(row_panels) + 1) // 2)
-    return {
-        "uid": uid,
-        "title": title,
-        "tags": ["sbs-gateway"],
-        "timezone": "browser",
-        "schemaVersion": 39,
-        "version": 1,
-        "editable": True,
-        "refresh": "10s",
-        "time": {"from": "now-30m", "to": "now"},
-        "templating": {"list": []},
-        "annotations": {"list": []},
-        "links": [{"type": "dashboards", "tags": ["sbs-gateway"], "asDropdown": False, "title": "SBS gateway"}],
-        "panels": panels,
-    }
+        .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.SINGLE).sort(common.SortOrder.NONE))
+    )
+    for n, query in enumerate(graph.queries):
+        panel.with_target(
+            Dataquery().ref_id(chr(ord("A") + n)).datasource(DATASOURCE).expr(query.expr).legend_format(query.legend)
+        )
+    return panel
+
+
+def dashboard(uid: str, title: str, groups: list[Group]) -> model.Dashboard:
+    """A dashboard of open rows, one per group, each followed by its panels (the SDK lays them out on the grid), and
+    a link menu to the other dashboards tagged ``sbs-gateway``."""
+    builder = (
+        Dashboard(title)
+        .uid(uid)
+        .tags([TAG])
+        .timezone("browser")
+        .version(1)
+        .editable()
+        .refresh("10s")
+        .time("now-30m", "now")
+        .link(DashboardLink("SBS gateway").type(model.DashboardLinkType.DASHBOARDS).tags([TAG]).as_dropdown(False))
+    )
+    panel_id = 0
+    for row_title, graphs in groups:
+        panel_id += 1
+        builder.with_row(Row(row_title).id(panel_id).collapsed(False))
+        for graph in graphs:
+            panel_id += 1
+            builder.with_panel(timeseries(graph, panel_id))
+    return builder.build()
 
 
 DASHBOARDS = {
@@ -434,16 +478,31 @@ DASHBOARDS = {
 
 
 def render(name: str) -> str:
-    """The JSON text of dashboard file ``name``."""
-    return json.dumps(DASHBOARDS[name], indent=2) + "\n"
+    """The JSON text of dashboard file ``name`` (the SDK's encoding, keys sorted so a diff shows only changes)."""
+    return JSONEncoder(indent=2, sort_keys=True).encode(DASHBOARDS[name]) + "\n"
 
 
-def main() -> None:
+def stale() -> list[str]:
+    """The dashboard files that are missing or differ from :func:`render`, and JSON files no dashboard writes."""
+    written = {path.name for path in OUT.glob("*.json")}
+    differ = [name for name in DASHBOARDS if name not in written or (OUT / name).read_text("utf-8") != render(name)]
+    return sorted([*differ, *(written - set(DASHBOARDS))])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write (or --check) deploy/grafana/dashboards/*.json.")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is stale")
+    if parser.parse_args(argv).check:
+        bad = stale()
+        for name in bad:
+            print(f"stale: {OUT / name}; run: python deploy/grafana/build_dashboards.py", file=sys.stderr)
+        return 1 if bad else 0
     OUT.mkdir(exist_ok=True)
     for name in DASHBOARDS:
         (OUT / name).write_text(render(name), encoding="utf-8")
         print(f"wrote {OUT / name}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
