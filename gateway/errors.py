@@ -9,7 +9,8 @@ Hierarchy::
     ├── ModelNotFoundError    404     no engine serves the model
     ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
     ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
-    └── UpstreamError         502     an engine failed: broken connection or stream      (blame: rank)
+    └── UpstreamError         502     an engine failed: a stream that ended or broke    (blame: rank)
+        ├── UpstreamConnectionError  502  the connection broke in the middle of an answer (blame: engine)
         ├── UpstreamUnavailableError 503  connection refused / reset before any byte     (blame: engine)
         ├── UpstreamTimeoutError     504  the engine did not answer in time              (blame: rank)
         └── UpstreamStatusError      5xx  the engine answered HTTP 5xx; its own body     (blame: rank)
@@ -135,6 +136,24 @@ class UpstreamError(GatewayError):
     type = "upstream_error"
     failure_kind = "stream_broken"
     blame: FailureScope = "rank"
+
+
+class UpstreamConnectionError(UpstreamError):
+    """The engine's connection broke in the middle of an answer (HTTP 502; ``failure_kind`` ``stream_broken``
+    like any broken stream).
+
+    Blamed on the engine, not the DP rank: both engines serve every DP rank of an instance from one HTTP server,
+    and a failure inside one request's generation comes back in the stream as an error event followed by
+    ``data: [DONE]`` on a connection that stays whole (vLLM ``entrypoints/openai/serving_chat.py`` catches any
+    exception of its stream generator this way; SGLang ``entrypoints/openai/serving_chat.py`` does so for a
+    scheduler's abort and a ``ValueError``), so a connection that breaks mid-answer is that server failing. An
+    engine that dies under many answers therefore opens its own breaker after ``health.failure_threshold`` of
+    them, and its further broken answers are one fault already known (they take no retry token), where every DP
+    rank would otherwise count its own.
+    """
+
+    failure_kind = "stream_broken"
+    blame: FailureScope = "engine"
 
 
 class UpstreamUnavailableError(UpstreamError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.config import UpstreamConfig
-from gateway.errors import UpstreamError, UpstreamTimeoutError, UpstreamUnavailableError
+from gateway.errors import UpstreamConnectionError, UpstreamError, UpstreamTimeoutError, UpstreamUnavailableError
 
 KEEPALIVE_S = 2.0
 """Idle pooled connections are closed after this long: below uvicorn's default ``timeout_keep_alive`` of 5 s,
@@ -50,7 +50,7 @@ class UpstreamResponse:
 
         Raises:
             UpstreamTimeoutError: the deadline passed.
-            UpstreamError: the connection broke.
+            UpstreamConnectionError: the connection broke.
         """
         try:
             async with asyncio.timeout(_remaining(self.deadline)):
@@ -58,7 +58,7 @@ class UpstreamResponse:
         except TimeoutError as exc:
             raise UpstreamTimeoutError("the engine did not finish its answer in time") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the engine connection broke: {exc}") from exc
+            raise UpstreamConnectionError(f"the engine connection broke: {exc}") from exc
 
     async def next_chunk(self, timeout_s: float) -> bytes:
         """The next chunk of the body as it arrives (``b""`` at its end), waiting at most ``timeout_s`` for it
@@ -66,7 +66,7 @@ class UpstreamResponse:
 
         Raises:
             UpstreamTimeoutError: no chunk within the timeout, or the deadline passed.
-            UpstreamError: the connection broke.
+            UpstreamConnectionError: the connection broke.
         """
         remaining = _remaining(self.deadline)
         if remaining <= 0:
@@ -75,7 +75,7 @@ class UpstreamResponse:
         try:
             arrived = content.read_nowait()  # what is in already, without a timer: under load, most chunks
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the engine stream broke: {exc}") from exc
+            raise UpstreamConnectionError(f"the engine stream broke: {exc}") from exc
         if arrived or content.at_eof():
             return arrived
         late = UpstreamTimeoutError("the engine did not finish its answer in time")
@@ -87,7 +87,7 @@ class UpstreamResponse:
                 raise late from exc
             raise UpstreamTimeoutError(f"the engine sent nothing for {timeout_s:g} s") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the engine stream broke: {exc}") from exc
+            raise UpstreamConnectionError(f"the engine stream broke: {exc}") from exc
 
     def close(self) -> None:
         """Release the response; if the body was not read to the end, the connection is closed."""

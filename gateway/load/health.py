@@ -13,8 +13,9 @@ the closed → open → half-open cycle):
 
 What counts against which breaker (see :meth:`HealthBook.record_failure` and the ``blame`` of each
 :class:`~gateway.errors.UpstreamError`): an engine that cannot be reached, or
-fails its ``/health`` probe, is an engine failure (all its ranks stop taking requests); an HTTP 5xx, a timeout
-or a stream broken mid-way is a failure of the DP rank that served it.
+fails its ``/health`` probe, or whose connection breaks in the middle of an answer, is an engine failure (all its
+ranks stop taking requests); an HTTP 5xx, a timeout, or a stream that ends early or carries garbage on a whole
+connection is a failure of the DP rank that served it.
 """
 
 from __future__ import annotations

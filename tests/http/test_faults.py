@@ -172,6 +172,27 @@ async def test_a_stream_broken_after_its_first_events_ends_with_an_error_event_n
             assert await engine_aborts(http, cluster) == 1, "the killed request is aborted in the engine"
 
 
+async def test_connections_breaking_mid_answer_take_the_whole_engine_out_not_rank_by_rank() -> None:
+    # one HTTP server serves all of an engine's ranks: its connections breaking is that server failing, so two
+    # broken answers on two different ranks open the engine's breaker (each rank saw only one); no /health probe
+    # comes in between (a successful one would start the engine's count again)
+    health = HealthConfig(probe_interval_s=60.0, probe_timeout_s=5.0, failure_threshold=2, open_s=60.0)
+    async with cluster_and_client("round_robin", health=health, upstream=UpstreamConfig(**NO_BACKOFF)) as (
+        cluster,
+        http,
+    ):
+        await set_faults(http, cluster.engine_urls["sg"], generate="kill_mid_stream", after_chunks=0, remaining=2)
+        for _ in range(8):
+            r = await http.post(cluster.gateway_url + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200, r.text  # retried on the other engine
+        assert (await injected(http, cluster.engine_urls["sg"]))["kill_mid_stream"] == 2
+        ready = (await http.get(cluster.gateway_url + "/ready")).json()
+        sg = ready["engines"]["sg"]
+        assert (sg["state"], sg["up"], sg["unhealthy_ranks"]) == ("open", False, []), ready
+        broken = {"engine": "sg", "kind": "stream_broken"}
+        assert await gateway_metric(http, cluster, "gateway_upstream_failures_total", **broken) == 2
+
+
 async def test_a_hung_engine_times_out_before_the_first_byte_and_the_request_goes_elsewhere() -> None:
     upstream = UpstreamConfig(first_byte_timeout_s=0.3, **NO_BACKOFF)
     async with cluster_and_client("round_robin", health=FAST_HEALTH, upstream=upstream) as (cluster, http):

@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from gateway.errors import UpstreamError, UpstreamStatusError, UpstreamTimeoutError, UpstreamUnavailableError
+from gateway.errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
 from gateway.server.retry import backoff_s
 
 
@@ -37,7 +43,8 @@ def test_backoff_is_drawn_anywhere_from_zero_to_its_bound() -> None:
         (UpstreamUnavailableError("refused"), "unavailable", "engine"),
         (UpstreamTimeoutError("slow"), "timeout", "rank"),
         (UpstreamStatusError(503, {}), "http_5xx", "rank"),
-        (UpstreamError("stream broke"), "stream_broken", "rank"),
+        (UpstreamError("stream ended early"), "stream_broken", "rank"),
+        (UpstreamConnectionError("connection broke mid-answer"), "stream_broken", "engine"),
     ],
 )
 def test_each_engine_failure_names_its_kind_and_the_breaker_it_counts_against(
