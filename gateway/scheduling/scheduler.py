@@ -43,11 +43,12 @@ from gateway.config import (
     PrefixCacheConfig,
     WindowConfig,
 )
+from gateway.load.live import LiveLoads
 from gateway.load.view import DECODE_ROLES, PREFILL_ROLES, LoadView
 from gateway.scheduling.allocation import free_prefill_capacity
 from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
-from gateway.scheduling.baselines.base import ImmediatePolicy
+from gateway.scheduling.baselines.base import ImmediatePolicy, LivePolicy
 from gateway.scheduling.pd import DecodeAllocation, choose_avoiding, decode_leg_policy, prefill_leg_policy
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_aligned_close import (
@@ -184,7 +185,9 @@ class PdLegs:
 
 
 class _Immediate:
-    """An immediate-dispatch baseline places each request the moment it arrives."""
+    """An immediate-dispatch baseline places each request the moment it arrives: a policy that can
+    (:class:`~gateway.scheduling.baselines.base.LivePolicy`) from the live prefill ranks, which take in only the
+    ranks that changed since the last request (:class:`~gateway.load.live.LiveLoads`), any other from a snapshot."""
 
     batched = False
 
@@ -192,9 +195,17 @@ class _Immediate:
         self.policy = policy
         self.view = view
         self.legs = legs
+        self.live: tuple[LiveLoads, LivePolicy] | None = None
+        if isinstance(policy, LivePolicy):
+            self.live = (LiveLoads(view, PREFILL_ROLES), policy)
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
-        key = self.policy.choose(request, self.view.snapshot(now, PREFILL_ROLES))
+        if self.live is not None:
+            live, policy = self.live
+            live.refresh(now)
+            key = policy.choose_live(request, live)
+        else:
+            key = self.policy.choose(request, self.view.snapshot(now, PREFILL_ROLES))
         if key is None or not self.legs.record(request, key, now):
             raise NoServingRankError(request.model)
         return key
