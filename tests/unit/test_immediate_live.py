@@ -9,10 +9,17 @@ import random
 
 import pytest
 
-from gateway.config import DecodeConfig, HealthConfig, PhaseAwareConfig, PrefixCacheConfig, WindowConfig
+from gateway.config import (
+    DecodeConfig,
+    HealthConfig,
+    PdConfig,
+    PhaseAwareConfig,
+    PrefixCacheConfig,
+    WindowConfig,
+)
 from gateway.load.health import HealthBook
 from gateway.load.live import LiveLoads
-from gateway.load.view import PREFILL_ROLES, EngineSpec, LoadView
+from gateway.load.view import DECODE_ROLES, PREFILL_ROLES, EngineSpec, LoadView
 from gateway.scheduling.baselines import IMMEDIATE_POLICIES
 from gateway.scheduling.scheduler import NoServingRankError, Scheduler
 from gateway.types import PendingRequest, RankKey, RankMetrics
@@ -21,19 +28,33 @@ HEALTH = HealthConfig(failure_threshold=2, open_s=0.3, max_open_s=1.0)
 
 
 def random_specs(rng: random.Random) -> list[EngineSpec]:
-    """One to four engines of 1-24 ranks, serving ``m``, ``x`` or both."""
+    """One to four engines of 1-24 ranks, serving ``m``, ``x`` or both; sometimes a prefill and a decode engine
+    serving ``p`` P/D."""
     models = [frozenset({"m"}), frozenset({"m", "x"}), frozenset({"x"}), frozenset({"m"})]
-    return [
+    specs = [
         EngineSpec(f"e{e}", rng.randint(1, 24), rng.choice(models), rng.choice([512, 2048, 8192]))
         for e in range(rng.randint(1, 4))
     ]
+    if rng.random() < 0.4:
+        specs.append(EngineSpec("p0", rng.randint(1, 12), frozenset({"p"}), 2048, role="prefill"))
+        specs.append(EngineSpec("d0", rng.randint(1, 12), frozenset({"p"}), 2048, role="decode"))
+    return specs
 
 
 class World:
     """A scheduler, its load view and circuit breakers; ``live`` places through ``choose_live`` with the breakers'
     ``unsure`` shortcut, otherwise through ``choose`` on snapshots, asking ``usable`` of every rank."""
 
-    def __init__(self, policy: str, specs: list[EngineSpec], *, live: bool, seed: int, state_sync: bool) -> None:
+    def __init__(
+        self,
+        policy: str,
+        specs: list[EngineSpec],
+        *,
+        live: bool,
+        seed: int,
+        state_sync: bool,
+        pd: PdConfig | None = None,
+    ) -> None:
         self.health = HealthBook([RankKey(s.name, r) for s in specs for r in range(s.dp_size)], HEALTH)
         self.view = LoadView(
             specs,
@@ -51,12 +72,15 @@ class World:
             decode=DecodeConfig(),
             prefix_cache=PrefixCacheConfig(capacity_tokens=20_000),
             seed=seed,
+            pd=pd,
         )
-        mode = self.scheduler._mode
+        mode, legs = self.scheduler._mode, self.scheduler.legs
         if live:
             assert mode.live is not None  # type: ignore[attr-defined]
-        else:
-            mode.live = None  # type: ignore[attr-defined]  # the snapshot path
+        else:  # the snapshot path
+            mode.live = None  # type: ignore[attr-defined]
+            legs._live_prefill = legs._live_decode = None
+        self.probes = {roles: LiveLoads(self.view, roles) for roles in (PREFILL_ROLES, DECODE_ROLES)}
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
         try:
@@ -72,7 +96,9 @@ def run(policy: str, seed: int, *, state_sync: bool = True, steps: int = 400) ->
     """Drive a live and a snapshot world through the same seeded events; return how many requests were placed."""
     rng = random.Random(seed)
     specs = random_specs(rng)
-    worlds = [World(policy, specs, live=live, seed=seed, state_sync=state_sync) for live in (True, False)]
+    pd = PdConfig(prefill_policy=rng.choice([None, "least_load", "round_robin", "random", "follow_bootstrap_room"]))
+    worlds = [World(policy, specs, live=live, seed=seed, state_sync=state_sync, pd=pd) for live in (True, False)]
+    models = ["m"] * 7 + ["x"] + (["p"] * 3 if specs[-1].role == "decode" else [])
     keys = [RankKey(s.name, r) for s in specs for r in range(s.dp_size)]
     fractional = rng.random() < 0.3
     inflight: list[str] = []
@@ -87,7 +113,7 @@ def run(policy: str, seed: int, *, state_sync: bool = True, steps: int = 400) ->
                 conv = rng.randrange(12)
                 blocks = tuple(hash((seed, conv, i)) & (2**62 - 1) for i in range(1 + rng.randrange(5)))
             rid = f"r{step}"
-            model = "m" if rng.random() < 0.8 else "x"
+            model = rng.choice(models)
             stream = rng.random() < 0.8
             got = [
                 w.submit(PendingRequest(rid, model, tokens, 128, now, stream=stream, prefix_blocks=blocks), now)
@@ -139,10 +165,9 @@ def run(policy: str, seed: int, *, state_sync: bool = True, steps: int = 400) ->
             for w in worlds:
                 w.health.record_probe(spec.name, ok, now)
         if step % 25 == 0:
-            live = worlds[0].scheduler._mode.live  # type: ignore[attr-defined]
-            assert isinstance(live[0], LiveLoads)
-            live[0].refresh(now)
-            assert live[0].loads == worlds[1].view.snapshot(now, PREFILL_ROLES)
+            for roles, probe in worlds[0].probes.items():
+                probe.refresh(now)
+                assert probe.loads == worlds[1].view.snapshot(now, roles)
             assert worlds[0].view.snapshot(now) == worlds[1].view.snapshot(now)
     return placed
 
@@ -158,9 +183,15 @@ def _figure(rng: random.Random, high: float, fractional: bool) -> float:
     return value if fractional else float(round(value))
 
 
+def test_every_built_in_immediate_policy_chooses_from_the_live_ranks() -> None:
+    for name in IMMEDIATE_POLICIES:
+        world = World(name, [EngineSpec("e", 2, frozenset({"m"}), 512)], live=True, seed=0, state_sync=True)
+        assert world.scheduler.submit(PendingRequest("r", "m", 100, 16, 1.0), 1.0) in (RankKey("e", 0), RankKey("e", 1))
+
+
 @pytest.mark.parametrize("policy", sorted(IMMEDIATE_POLICIES))
 def test_live_placements_equal_snapshot_placements(policy: str) -> None:
-    seeds = range(4) if policy == "phase_aware" else range(12)
+    seeds = range(4) if policy in ("phase_aware", "prefix_hash") else range(10)
     placed = sum(run(policy, seed) for seed in seeds)
     assert placed > 50 * len(seeds)
 

@@ -31,8 +31,8 @@ class ImmediatePolicy(Protocol):
 class LivePolicy(ImmediatePolicy, Protocol):
     """A policy that can also choose from the live ranks the scheduler keeps current between requests
     (:class:`~gateway.scheduling.baselines.indexed.LiveRanks`), reading only what changed since its last choice;
-    ``choose_live`` makes the choice ``choose`` would make on the snapshot, drawing the same random numbers. A
-    policy instance is used either way, not both."""
+    ``choose_live`` makes the choice ``choose`` would make on the snapshot, with the same effect on the policy's
+    state (the same random draws, the same rotation), so one instance may be called both ways."""
 
     def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None: ...
 
