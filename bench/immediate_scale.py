@@ -157,11 +157,11 @@ def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> str:
     lines = [
         "# Immediate policies at cluster scale",
         "",
-        "`python bench/immediate_scale.py` (module docstring: inputs, what is timed).",
-        f"{REQUESTS:,} requests placed one after another through `Scheduler.submit`; CPU microseconds per request,",
-        "median of 3 runs. *before*: the",
-        "same script on the code before the live ranks (`immediate_scale_before.json`); `gateway`: the load view",
-        "asks the circuit breakers (as `gateway serve`); `sim`: no breakers (as the simulator).",
+        "`python bench/immediate_scale.py` (module docstring: inputs, what is timed). "
+        f"{REQUESTS:,} requests placed one after",
+        "another through `Scheduler.submit`; CPU microseconds per request, median of 3 runs. *before*: the same",
+        "script on the code before the live ranks (`immediate_scale_before.json`). `gateway`: the load view asks",
+        "the circuit breakers whether a rank is usable (as `gateway serve`); `sim`: no breakers (as the simulator).",
         "",
         "| policy | ranks | gateway before µs | gateway after µs | sim before µs | sim after µs |",
         "|---|---:|---:|---:|---:|---:|",
