@@ -237,3 +237,30 @@ def test_unsure_asks_only_unsure_ranks_and_gives_the_same_snapshot() -> None:
     assert view.snapshot(1.7) == plain.snapshot(1.7)
     assert set(asked) == set(), "closed again: the ranks last refused are set usable without asking"
     assert health.unsure() == set()
+
+
+def test_refresh_rebuilds_and_reports_only_the_ranks_that_changed() -> None:
+    view = LoadView([EngineSpec("a", 4, frozenset({"m"}), 512)], stale_after_s=1.0)
+    watch = view.watch()
+    live = LiveLoads(view, PREFILL_ROLES)
+    dirty = live.subscribe()
+    live.refresh(1.0)
+    first = list(live.loads)
+    assert live.layout == 1 and dirty == set()
+    assert watch.keys == {RankKey("a", r) for r in range(4)}, "the first refresh builds every entry"
+    watch.keys.clear()
+    view.on_dispatch("r", RankKey("a", 2), 300, 1.0, stream=True)
+    live.refresh(1.1)
+    assert dirty == {2}, "only the rank the request went to"
+    assert [a is b for a, b in zip(first, live.loads, strict=True)] == [True, True, False, True]
+    assert watch.keys == {RankKey("a", 2)}
+    dirty.clear()
+    live.refresh(1.2)
+    assert dirty == set(), "nothing changed since"
+    view.on_scrape("a", {r: RankMetrics(running=1.0) for r in range(4)}, 1.3)
+    live.refresh(1.3)
+    assert dirty == {0, 1, 2, 3}
+    dirty.clear()
+    live.refresh(2.5)  # the scrape is stale now: every entry goes back to local accounting
+    assert dirty == {0, 1, 2, 3}
+    assert live.loads == view.snapshot(2.5, PREFILL_ROLES) and live.layout == 1
