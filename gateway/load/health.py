@@ -21,7 +21,7 @@ connection is a failure of the DP rank that served it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from gateway.config import HealthConfig
@@ -128,9 +128,15 @@ class HealthBook:
         door forwards them to its scheduler service, whose breakers then see what every front door sees."""
         self._ranks: dict[RankKey, CircuitBreaker] = {}
         self._engines: dict[str, CircuitBreaker] = {}
+        self._engine_ranks: dict[str, list[RankKey]] = {}
         for key in ranks:
             self._ranks[key] = self._new(trial_by_request=True)
             self._engines.setdefault(key.engine, self._new(trial_by_request=False))
+            self._engine_ranks.setdefault(key.engine, []).append(key)
+        self._unsure_ranks: set[RankKey] = set()
+        """Ranks whose own breaker is not closed."""
+        self._unsure_engines: set[str] = set()
+        """Engines whose breaker is not closed."""
 
     def _new(self, *, trial_by_request: bool) -> CircuitBreaker:
         c = self.config
@@ -161,6 +167,32 @@ class HealthBook:
         """Whether a new request may be placed on ``key`` at ``now`` (its engine's and its own breaker allow it)."""
         return self._engines[key.engine].allows(now) and self._ranks[key].allows(now)
 
+    def unsure(self) -> Collection[RankKey]:
+        """The ranks :meth:`usable` may refuse: those whose own breaker or whose engine's is not closed. A closed
+        breaker allows every request whatever the time, and only this book's ``record_*`` methods close or open
+        one, so every other rank is usable until one of them is called (the load view asks :meth:`usable` of these
+        ranks only). Read it at once; do not keep or change it."""
+        if not self._unsure_engines:
+            return self._unsure_ranks
+        out = set(self._unsure_ranks)
+        for name in self._unsure_engines:
+            out.update(self._engine_ranks[name])
+        return out
+
+    def _track(self, key: RankKey) -> None:
+        """Note whether ``key``'s breaker and its engine's are closed (:meth:`unsure`)."""
+        if self._ranks[key].open_until is None:
+            self._unsure_ranks.discard(key)
+        else:
+            self._unsure_ranks.add(key)
+        self._track_engine(key.engine)
+
+    def _track_engine(self, name: str) -> None:
+        if self._engines[name].open_until is None:
+            self._unsure_engines.discard(name)
+        else:
+            self._unsure_engines.add(name)
+
     def engine_up(self, name: str, now: float) -> bool:
         """Whether engine ``name`` takes traffic (its breaker is not open)."""
         return self._engines[name].state(now) is not BreakerState.OPEN
@@ -174,6 +206,7 @@ class HealthBook:
         """A request on ``key`` got its answer started (status 200 and a first byte)."""
         self._engines[key.engine].record_success(now)
         self._ranks[key].record_success(now)
+        self._track(key)
         if self.listener is not None:
             self.listener(key, None, now)
 
@@ -192,6 +225,7 @@ class HealthBook:
             self._engines[key.engine].trial_in_flight = False
         else:
             raise ValueError(f"scope must be 'engine' or 'rank', got {scope!r}")
+        self._track(key)
         if self.listener is not None:
             self.listener(key, scope, now)
 
@@ -202,6 +236,7 @@ class HealthBook:
             breaker.record_success(now)
         else:
             breaker.record_failure(now)
+        self._track_engine(name)
 
     def describe(self, now: float) -> dict[str, dict[str, object]]:
         """Per engine: breaker state and the DP ranks whose own breaker is not closed (for ``/ready``)."""

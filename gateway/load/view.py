@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from gateway.types import RankKey, RankLoad, RankMetrics
@@ -139,8 +139,8 @@ class _RankState:
     :attr:`_EngineState.decoding_ranks`)."""
     load: RankLoad | None = None
     """The rank's last snapshot entry while none of its figures changed since (``None``: build it again)."""
-    load_fresh: bool = False
-    """Whether the engine's scrape was fresh when :attr:`load` was built."""
+    usable: bool = True
+    """Whether new requests may go to the rank, as last asked (:attr:`load` carries it)."""
     touched: bool = False
     """Some figure changed since the last scrape of the engine (so its since-scrape counters may not all be 0)."""
 
@@ -157,12 +157,23 @@ class _EngineState:
     """The prompt tokens queued on each rank that has any (:attr:`_RankState.queued_prefill_tokens` not 0)."""
     decoding_ranks: int = 0
     """Ranks whose :attr:`_RankState.decodes` holds."""
-    loads: list[RankLoad] | None = None
-    """The ranks' snapshot entries, in rank order, as last built (without a ``usable`` rule: every rank usable)."""
-    loads_fresh: bool = False
-    """Whether the engine's scrape was fresh when :attr:`loads` was built."""
+    loads: list[RankLoad] = field(default_factory=list)
+    """The ranks' snapshot entries, in rank order, as of the last :meth:`LoadView.refresh` (empty before it)."""
+    loads_fresh: bool | None = None
+    """Whether the engine's scrape was fresh when :attr:`loads` were built (``None``: not built yet)."""
     changed: list[_RankState] = field(default_factory=list)
-    """Ranks whose snapshot entry was dropped since the last snapshot."""
+    """Ranks whose snapshot entry was dropped since the last refresh."""
+
+
+class RankWatch:
+    """The ranks whose snapshot entry :meth:`LoadView.refresh` replaced since the watch's owner last emptied
+    :attr:`keys` (:meth:`LoadView.watch`): a consumer that keeps something per rank (an index of the ranks by load)
+    updates those ranks only."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        self.keys: set[RankKey] = set()
 
 
 class LoadView:
@@ -175,6 +186,9 @@ class LoadView:
             budget of its rank that its prompt spans (seconds).
         usable: whether new requests may go to a rank at a time (the gateway passes its circuit breakers'
             :meth:`~gateway.load.health.HealthBook.usable`); every rank is usable when ``None``.
+        unsure: the ranks ``usable`` may find unusable now: every other rank is usable at any time, so ``usable``
+            is asked only of these and of those it last refused (the gateway passes
+            :meth:`~gateway.load.health.HealthBook.unsure`); ``None``: it is asked of every rank at every refresh.
         state_sync: add the gateway's own dispatches, first tokens and finishes to the figures between scrapes
             (``docs/design.md`` §2.7, "robust state synchronization"). ``False``, for ablation: between two
             scrapes of an engine its ranks' snapshot stays what it was at the last scrape (before any scrape: the
@@ -193,6 +207,7 @@ class LoadView:
         stale_after_s: float,
         nonstream_prefill_s: float = 1.0,
         usable: Callable[[RankKey, float], bool] | None = None,
+        unsure: Callable[[], Collection[RankKey]] | None = None,
         state_sync: bool = True,
         running_before_first_token: bool = False,
     ) -> None:
@@ -201,6 +216,10 @@ class LoadView:
         self.state_sync = state_sync
         self.running_before_first_token = running_before_first_token
         self._usable = usable
+        self._unsure = unsure
+        self._refused: set[RankKey] = set()
+        """Ranks ``usable`` refused at the last refresh."""
+        self._watches: list[RankWatch] = []
         self._frozen: dict[RankKey, RankLoad] = {}
         self._ranks: dict[RankKey, _RankState] = {}
         self._engines: dict[str, _EngineState] = {}
@@ -506,9 +525,12 @@ class LoadView:
             else:
                 state.queued_new += item.prefill_tokens
         if not self.state_sync:
-            for load in self._live_snapshot(now):
-                if load.key.engine == engine:
-                    self._frozen[load.key] = load
+            self.refresh(now)
+            for state in estate.states:
+                assert state.load is not None
+                self._frozen[state.key] = state.load
+                for watch in self._watches:
+                    watch.keys.add(state.key)
 
     @staticmethod
     def _read_at(state: _RankState, now: float) -> float:
@@ -536,51 +558,88 @@ class LoadView:
     def snapshot(self, now: float, roles: frozenset[str] | None = None) -> list[RankLoad]:
         """Every rank's load as the allocator should see it at ``now``; with ``roles``, only the ranks of engines
         with one of them (:data:`PREFILL_ROLES`, :data:`DECODE_ROLES`)."""
-        live = self._live_snapshot(now, roles)
-        if self.state_sync:
-            return live
-        return [self._frozen.get(load.key, load) for load in live]
-
-    def _live_snapshot(self, now: float, roles: frozenset[str] | None = None) -> list[RankLoad]:
-        self._promote_nonstream(now)
+        self.refresh(now)
         out: list[RankLoad] = []
-        usable_at = self._usable
         for estate in self._engines.values():
             states = estate.states
-            if not states or (roles is not None and states[0].spec.role not in roles):
-                continue
+            if states and (roles is None or states[0].spec.role in roles):
+                out += estate.loads
+        if self.state_sync:
+            return out
+        return [self._frozen.get(load.key, load) for load in out]
+
+    def watch(self) -> RankWatch:
+        """A :class:`RankWatch` that :meth:`refresh` tells of every rank whose snapshot entry it replaces (and a
+        scrape, of every rank whose frozen entry it replaces, without ``state_sync``), from now on."""
+        watch = RankWatch()
+        self._watches.append(watch)
+        return watch
+
+    def entry(self, key: RankKey) -> RankLoad:
+        """Rank ``key``'s entry in the snapshot as of the last :meth:`refresh` (or :meth:`snapshot`).
+
+        Raises:
+            KeyError: ``key`` is not a known rank.
+        """
+        load = self._ranks[key].load
+        if not self.state_sync:
+            load = self._frozen.get(key, load)
+        assert load is not None, "entry() before refresh()"
+        return load
+
+    def refresh(self, now: float) -> None:
+        """Bring every rank's snapshot entry up to ``now``: the non-streamed requests whose prefill is due start,
+        ``usable`` is asked again (of the :attr:`unsure` ranks only, when given), and the entries of the ranks whose
+        figures, usability or scrape freshness changed are built again, the others kept; the watches
+        (:meth:`watch`) hear of each entry replaced. Costs O(engines + ranks changed + ranks unsure)."""
+        self._promote_nonstream(now)
+        if self._usable is not None:
+            self._ask_usable(self._usable, now)
+        watches = self._watches
+        for estate in self._engines.values():
             last = estate.last_scrape_ok
             fresh = last is not None and now - last <= self.stale_after_s
-            if usable_at is None:
-                out += self._engine_loads(estate, fresh)
+            if estate.loads_fresh is not fresh:
+                estate.changed.clear()
+                estate.loads = [self._build(s, fresh) for s in estate.states]
+                estate.loads_fresh = fresh
+                rebuilt: Iterable[_RankState] = estate.states
+            elif estate.changed:
+                rebuilt = [s for s in estate.changed if s.load is None]
+                estate.changed.clear()
+                for s in rebuilt:
+                    estate.loads[s.position] = self._build(s, fresh)
+            else:
                 continue
-            estate.changed.clear()
-            for s in states:
-                usable = True if usable_at is None else usable_at(s.key, now)
-                load = s.load
-                if load is None or s.load_fresh != fresh or load.usable != usable:
-                    load = s.load = self._rank_load(s, fresh, usable)
-                    s.load_fresh = fresh
-                out.append(load)
-        return out
+            for watch in watches:
+                watch.keys.update(s.key for s in rebuilt)
 
-    def _engine_loads(self, estate: _EngineState, fresh: bool) -> list[RankLoad]:
-        """Every rank's snapshot entry of one engine, every rank usable: the entries built before, but those of the
-        ranks that changed since (all of them when the scrape's freshness changed)."""
-        loads = estate.loads
-        if loads is None or estate.loads_fresh != fresh:
-            loads = estate.loads = []
-            for s in estate.states:
-                s.load, s.load_fresh = self._rank_load(s, fresh, True), fresh
-                loads.append(s.load)
-            estate.loads_fresh = fresh
+    def _ask_usable(self, usable_at: Callable[[RankKey, float], bool], now: float) -> None:
+        """Ask ``usable_at`` of the ranks it may refuse (every rank without ``unsure``); a rank whose answer
+        changed gets its entry built again."""
+        if self._unsure is None:
+            asked: Iterable[RankKey] = self._ranks
+            unsure: Collection[RankKey] | None = None
         else:
-            for s in estate.changed:
-                if s.load is None:
-                    s.load, s.load_fresh = self._rank_load(s, fresh, True), fresh
-                    loads[s.position] = s.load
-        estate.changed.clear()
-        return loads
+            unsure = self._unsure()
+            if not unsure and not self._refused:
+                return
+            asked = {key for key in unsure if key in self._ranks} | self._refused
+        for key in asked:
+            ok = True if unsure is not None and key not in unsure else usable_at(key, now)
+            if ok:
+                self._refused.discard(key)
+            else:
+                self._refused.add(key)
+            s = self._ranks[key]
+            if ok != s.usable:
+                s.usable = ok
+                self._drop_load(s)
+
+    @staticmethod
+    def _build(s: _RankState, fresh: bool) -> RankLoad:
+        s.load = LoadView._rank_load(s, fresh, s.usable)
+        return s.load
 
     @staticmethod
     def _rank_load(s: _RankState, fresh: bool, usable: bool) -> RankLoad:

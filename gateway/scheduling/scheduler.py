@@ -30,7 +30,7 @@ the decode rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,11 +43,12 @@ from gateway.config import (
     PrefixCacheConfig,
     WindowConfig,
 )
+from gateway.load.live import LiveLoads
 from gateway.load.view import DECODE_ROLES, PREFILL_ROLES, LoadView
 from gateway.scheduling.allocation import free_prefill_capacity
 from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
-from gateway.scheduling.baselines.base import ImmediatePolicy
+from gateway.scheduling.baselines.base import ImmediatePolicy, LivePolicy
 from gateway.scheduling.pd import DecodeAllocation, choose_avoiding, decode_leg_policy, prefill_leg_policy
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_aligned_close import (
@@ -145,6 +146,25 @@ def record_dispatch(
     )
 
 
+def live_choice(
+    view: LoadView, roles: frozenset[str], policy: ImmediatePolicy
+) -> Callable[[PendingRequest, float], RankKey | None] | None:
+    """``policy``'s choice at ``now`` from the live ranks of ``roles`` (:class:`~gateway.load.live.LiveLoads`), each
+    choice taking in only the ranks that changed since the last; ``None`` when ``policy`` chooses from snapshots
+    only. Its choice is the one ``policy.choose`` makes on ``view.snapshot(now, roles)``, with the same effect on the
+    policy's state, so the two may be mixed (a retry avoiding failed ranks takes a snapshot)."""
+    if not isinstance(policy, LivePolicy):
+        return None
+    live = LiveLoads(view, roles)
+    choose = policy.choose_live
+
+    def choice(request: PendingRequest, now: float) -> RankKey | None:
+        live.refresh(now)
+        return choose(request, live)
+
+    return choice
+
+
 class PdLegs:
     """Where the legs of P/D requests go (see the module docstring and :mod:`gateway.scheduling.pd`).
 
@@ -162,6 +182,21 @@ class PdLegs:
         self.prefix = prefix
         self.prefill = prefill
         self.decode = decode
+        pd = bool(view.pd_models)
+        self._live_prefill = live_choice(view, PREFILL_ROLES, prefill) if pd and prefill is not None else None
+        self._live_decode = live_choice(view, DECODE_ROLES, decode) if pd else None
+
+    def choose_prefill(self, request: PendingRequest, now: float) -> RankKey | None:
+        """The prefill leg's own policy's choice of a prefill rank for P/D request ``request``.
+
+        Raises:
+            ValueError: the legs have no prefill policy of their own.
+        """
+        if self.prefill is None:
+            raise ValueError("the scheduler's mode places the prompts of P/D requests")
+        if self._live_prefill is not None:
+            return self._live_prefill(request, now)
+        return self.prefill.choose(request, self.view.snapshot(now, PREFILL_ROLES))
 
     def is_pd(self, request: PendingRequest) -> bool:
         """Whether ``request``'s model is served P/D."""
@@ -174,8 +209,10 @@ class PdLegs:
         if not self.is_pd(request):
             record_dispatch(self.view, self.prefix, request, key, now)
             return True
-        ranks = self.view.snapshot(now, DECODE_ROLES)
-        decode = choose_avoiding(self.decode, request, ranks, failed or set())
+        if not failed and self._live_decode is not None:
+            decode = self._live_decode(request, now)
+        else:
+            decode = choose_avoiding(self.decode, request, self.view.snapshot(now, DECODE_ROLES), failed or set())
         if decode is None:
             return False
         record_dispatch(self.view, self.prefix, request, key, now)
@@ -184,7 +221,9 @@ class PdLegs:
 
 
 class _Immediate:
-    """An immediate-dispatch baseline places each request the moment it arrives."""
+    """An immediate-dispatch baseline places each request the moment it arrives: a policy that can
+    (:class:`~gateway.scheduling.baselines.base.LivePolicy`) from the live prefill ranks, which take in only the
+    ranks that changed since the last request (:class:`~gateway.load.live.LiveLoads`), any other from a snapshot."""
 
     batched = False
 
@@ -192,9 +231,13 @@ class _Immediate:
         self.policy = policy
         self.view = view
         self.legs = legs
+        self.live = live_choice(view, PREFILL_ROLES, policy)
 
     def submit(self, request: PendingRequest, now: float) -> RankKey | None:
-        key = self.policy.choose(request, self.view.snapshot(now, PREFILL_ROLES))
+        if self.live is not None:
+            key = self.live(request, now)
+        else:
+            key = self.policy.choose(request, self.view.snapshot(now, PREFILL_ROLES))
         if key is None or not self.legs.record(request, key, now):
             raise NoServingRankError(request.model)
         return key
@@ -412,7 +455,7 @@ class Scheduler:
         """
         legs = self.legs
         if legs.prefill is not None and legs.is_pd(request):
-            key = legs.prefill.choose(request, self.view.snapshot(now, PREFILL_ROLES))
+            key = legs.choose_prefill(request, now)
             if key is None or not legs.record(request, key, now):
                 raise NoServingRankError(request.model)
             return key

@@ -67,6 +67,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         stale_after_s=settings.scrape.stale_after_s,
         nonstream_prefill_s=settings.window.initial_step_s * NONSTREAM_PREFILL_STEPS,
         usable=health.usable,
+        unsure=health.unsure,
         running_before_first_token=settings.scrape.running_before_first_token,
     )
     clock = time.monotonic

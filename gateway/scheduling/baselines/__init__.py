@@ -1,6 +1,8 @@
 """Immediate-dispatch baselines, and their registry: each request goes to a DP rank the moment it arrives.
 
 - :mod:`.base`: the :class:`~gateway.scheduling.baselines.base.ImmediatePolicy` protocol and shared helpers.
+- :mod:`.indexed`: what a policy keeps to choose from the scheduler's live ranks in O(log ranks) (``choose_live``):
+  per model, the candidates, their order by a load, a load's sum.
 - :mod:`.policies`: the routers SBS is measured against (round robin, shortest queue, least tokens, power of two,
   random, vLLM's and SGLang's own DP balancing rules).
 - :mod:`.least_waiting`: the fewest requests waiting for prefill.

@@ -1,6 +1,8 @@
 """What every immediate-dispatch policy is: a choice of one DP rank per request from a load snapshot.
 
-- :class:`ImmediatePolicy`: the protocol the scheduler calls, ``choose(request, ranks) -> rank or None``.
+- :class:`ImmediatePolicy`: the protocol the scheduler calls, ``choose(request, ranks) -> rank or None``;
+  :class:`LivePolicy`: a policy that also chooses from the live ranks the scheduler keeps current, in
+  O(log ranks) (:mod:`.indexed`).
 - :class:`PolicyContext`: what a policy's factory gets: the seed, and the scheduler's :class:`StepPlacement`
   for a policy that places by the engines' step phase.
 - :func:`serving`, :class:`Rotating`: the helpers most policies build on (the usable ranks serving a request's
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from gateway.scheduling.baselines.indexed import LiveRanks, LoadOrder, PerModel, first_lowest_from
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 
@@ -22,6 +25,16 @@ class ImmediatePolicy(Protocol):
     name: str
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None: ...
+
+
+@runtime_checkable
+class LivePolicy(ImmediatePolicy, Protocol):
+    """A policy that can also choose from the live ranks the scheduler keeps current between requests
+    (:class:`~gateway.scheduling.baselines.indexed.LiveRanks`), reading only what changed since its last choice;
+    ``choose_live`` makes the choice ``choose`` would make on the snapshot, with the same effect on the policy's
+    state (the same random draws, the same rotation), so one instance may be called both ways."""
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None: ...
 
 
 class StepPlacement(Protocol):
@@ -58,6 +71,22 @@ class Rotating:
 
     def __init__(self) -> None:
         self._next = 0
+        self._orders: PerModel[LoadOrder[float]] | None = None
+
+    def _pick_live(self, request: PendingRequest, live: LiveRanks, load: Callable[[RankLoad], float]) -> RankKey | None:
+        """:meth:`_pick` over the live candidates serving the request's model, from their order by ``load``
+        (O(log candidates) and the changes since the last call)."""
+        if self._orders is None:
+            self._orders = PerModel(lambda ranks, model: LoadOrder(ranks, model, load))
+        order = self._orders.get(live, request.model)
+        candidates = order.sync()
+        n = len(candidates)
+        if not n:
+            return None
+        start = self._next % n
+        best = first_lowest_from(order.order, start)
+        self._next = start + (best - start) % n + 1
+        return candidates.load(best).key
 
     def _pick(self, candidates: list[RankLoad], load: Callable[[RankLoad], float]) -> RankKey | None:
         """The first candidate of lowest load from the rotating start on (wrapping round); one call of ``load``

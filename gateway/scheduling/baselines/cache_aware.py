@@ -42,7 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.scheduling.baselines.base import serving
-from gateway.scheduling.baselines.least_load import least_expected_wait
+from gateway.scheduling.baselines.indexed import LiveRanks, LoadOrder, LoadSum, PerModel
+from gateway.scheduling.baselines.least_load import least_expected_wait, least_load_score, least_wait_tie
 from gateway.types import PREFIX_BLOCK_CHARS, PendingRequest, RankKey, RankLoad
 
 CACHE_THRESHOLD = 0.3
@@ -92,6 +93,12 @@ class CacheAware:
         self._tree: dict[int, _Node] = {}
         self._size = 0  # (block, holder) pairs
         self._next_eviction: float | None = None
+        self._live = PerModel(
+            lambda live, model: (
+                LoadOrder(live, model, least_load_score),
+                LoadSum(live, model, lambda r: r.queue_length),
+            )
+        )
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)
@@ -115,6 +122,40 @@ class CacheAware:
             chosen = least_expected_wait(safe, self._rng)
         else:
             chosen = least_expected_wait(candidates, self._rng)
+        self._insert(blocks, chosen.key, now)
+        return chosen.key
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        order, total = self._live.get(live, request.model)
+        candidates = order.sync()
+        total.sync()
+        if not len(candidates):
+            return None
+        now = request.arrival_s
+        self._evict_if_due(now)
+        mean = total.total() / len(candidates)
+        blocks = request.prefix_blocks
+        matched = 0
+        while matched < len(blocks) and blocks[matched] in self._tree:
+            matched += 1
+        held: list[int] = []
+        if blocks and matched / len(blocks) > self.cache_threshold:
+            index = candidates.index
+            held = sorted(j for key in self._tree[blocks[matched - 1]].holders if (j := index.get(key)) is not None)
+        chosen: RankLoad | None = None
+        if held:
+            safe = [r for r in map(candidates.load, held) if not self.over_gate(r.queue_length, mean)]
+            if safe:
+                chosen = least_expected_wait(safe, self._rng)
+            else:
+                j = least_wait_tie(
+                    order.order, self._rng, lambda j: not self.over_gate(candidates.load(j).queue_length, mean)
+                )
+                chosen = candidates.load(j) if j is not None else None
+        if chosen is None:
+            j = least_wait_tie(order.order, self._rng)
+            assert j is not None
+            chosen = candidates.load(j)
         self._insert(blocks, chosen.key, now)
         return chosen.key
 

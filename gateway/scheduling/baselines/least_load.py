@@ -29,9 +29,10 @@ smg's optional waiting-queue veto (``--least-load-max-waiting-requests``) is off
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.scheduling.baselines.base import serving
+from gateway.scheduling.baselines.indexed import LiveRanks, LoadOrder, PerModel
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 KV_PRESSURE_WEIGHT_S = 0.15
@@ -65,12 +66,59 @@ def least_expected_wait(candidates: Sequence[RankLoad], rng: random.Random) -> R
     return rng.choice([r for r, s in zip(candidates, scores, strict=True) if s - low <= TIE_S])
 
 
+def least_wait_tie(
+    order: list[tuple[float, int]], rng: random.Random, allowed: Callable[[int], bool] | None = None
+) -> int | None:
+    """smg's least expected wait over an order of :func:`least_load_score`
+    (of the candidates ``allowed`` accepts, all when ``None``): one of the candidates within :data:`TIE_S` of the
+    lowest, drawn as ``rng.choice`` draws from them in candidate order; ``None`` when none is allowed.
+
+    Without ``allowed`` the tie is found by binary search (the scores within :data:`TIE_S` of the lowest are a
+    prefix of the order) and, when its scores are all equal, is in candidate order already: O(log candidates).
+    With ``allowed`` the order is walked until the tie ends."""
+    if allowed is None:
+        low = order[0][0]
+        lo, hi = 1, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if order[mid][0] - low <= TIE_S:
+                lo = mid + 1
+            else:
+                hi = mid
+        if order[lo - 1][0] == low:
+            return order[rng.choice(range(lo))][1]
+        return rng.choice(sorted(j for _, j in order[:lo]))
+    first: float | None = None
+    tie: list[int] = []
+    for score, j in order:
+        if first is not None and score - first > TIE_S:
+            break
+        if allowed(j):
+            if first is None:
+                first = score
+            tie.append(j)
+    if first is None:
+        return None
+    tie.sort()
+    return rng.choice(tie)
+
+
 class LeastLoad:
     name = "least_load"
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
+        self._orders = PerModel(lambda live, model: LoadOrder(live, model, least_load_score))
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)
         return least_expected_wait(candidates, self._rng).key if candidates else None
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        order = self._orders.get(live, request.model)
+        candidates = order.sync()
+        if not candidates:
+            return None
+        j = least_wait_tie(order.order, self._rng)
+        assert j is not None
+        return candidates.load(j).key

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.scheduling.baselines.base import Rotating, serving
+from gateway.scheduling.baselines.indexed import LiveRanks
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 
@@ -20,3 +21,6 @@ class LeastWaiting(Rotating):
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         return self._pick(serving(request, ranks), lambda r: r.waiting)
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        return self._pick_live(request, live, lambda r: r.waiting)

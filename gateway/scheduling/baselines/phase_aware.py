@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.scheduling.baselines.base import PolicyContext, StepPlacement, serving
+from gateway.scheduling.baselines.indexed import Candidates, LiveRanks, PerModel
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 
@@ -26,8 +27,16 @@ class PhaseAwareImmediate:
         if context.steps is None:
             raise ValueError("phase_aware places by the scheduler's step clock: build it with steps=")
         self._steps: StepPlacement = context.steps
+        self._candidates = PerModel(Candidates)
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         if not serving(request, ranks):
             return None
         return self._steps.place(request, ranks, request.arrival_s)
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        candidates = self._candidates.get(live, request.model)
+        candidates.sync()
+        if not len(candidates):
+            return None
+        return self._steps.place(request, list(live.loads), request.arrival_s)

@@ -35,14 +35,29 @@ import random
 from collections.abc import Sequence
 
 from gateway.scheduling.baselines.base import Rotating, serving
+from gateway.scheduling.baselines.indexed import Candidates, LiveRanks, LoadOrder, PerModel
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 
 class RoundRobin(Rotating):
     name = "round_robin"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._candidates = PerModel(Candidates)
+
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         return self._pick(serving(request, ranks), lambda r: 0.0)
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        candidates = self._candidates.get(live, request.model)
+        candidates.sync()
+        n = len(candidates)
+        if not n:
+            return None
+        start = self._next % n
+        self._next = start + 1
+        return candidates.load(start).key
 
 
 class ShortestQueue(Rotating):
@@ -51,6 +66,9 @@ class ShortestQueue(Rotating):
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         return self._pick(serving(request, ranks), lambda r: r.queue_length)
 
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        return self._pick_live(request, live, lambda r: r.queue_length)
+
 
 class LeastTokens(Rotating):
     name = "least_tokens"
@@ -58,15 +76,31 @@ class LeastTokens(Rotating):
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         return self._pick(serving(request, ranks), lambda r: r.outstanding_tokens)
 
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        return self._pick_live(request, live, lambda r: r.outstanding_tokens)
+
+
+def _total_tokens(rank: RankLoad) -> tuple[float, float]:
+    """``sglang_total_tokens``'s key: total tokens, then total requests."""
+    return rank.kv_tokens, rank.queue_length
+
 
 class SglangTotalTokens:
     name = "sglang_total_tokens"
+
+    def __init__(self) -> None:
+        self._orders = PerModel(lambda live, model: LoadOrder(live, model, _total_tokens))
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)
         if not candidates:
             return None
-        return min(candidates, key=lambda r: (r.kv_tokens, r.queue_length)).key
+        return min(candidates, key=_total_tokens).key
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        order = self._orders.get(live, request.model)
+        candidates = order.sync()
+        return candidates.load(order.order[0][1]).key if len(candidates) else None
 
 
 class PowerOfTwo:
@@ -74,6 +108,7 @@ class PowerOfTwo:
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
+        self._candidates = PerModel(Candidates)
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)
@@ -84,16 +119,33 @@ class PowerOfTwo:
         a, b = self._rng.sample(candidates, 2)
         return (a if a.queue_length <= b.queue_length else b).key
 
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        candidates = self._candidates.get(live, request.model)
+        candidates.sync()
+        if not len(candidates):
+            return None
+        if len(candidates) == 1:
+            return candidates.load(0).key
+        i, j = self._rng.sample(range(len(candidates)), 2)  # the draws of a sample of the candidates themselves
+        a, b = candidates.load(i), candidates.load(j)
+        return (a if a.queue_length <= b.queue_length else b).key
+
 
 class RandomChoice:
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
+        self._candidates = PerModel(Candidates)
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)
         return self._rng.choice(candidates).key if candidates else None
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        candidates = self._candidates.get(live, request.model)
+        candidates.sync()
+        return candidates.load(self._rng.choice(range(len(candidates)))).key if len(candidates) else None
 
 
 class VllmInternal(Rotating):
@@ -101,3 +153,6 @@ class VllmInternal(Rotating):
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         return self._pick(serving(request, ranks), lambda r: r.waiting * 4 + r.running)
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        return self._pick_live(request, live, lambda r: r.waiting * 4 + r.running)

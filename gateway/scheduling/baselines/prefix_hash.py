@@ -25,6 +25,7 @@ import hashlib
 from collections.abc import Sequence
 
 from gateway.scheduling.baselines.base import serving
+from gateway.scheduling.baselines.indexed import LiveRanks, LoadOrder, LoadSum, PerModel
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 LOAD_FACTOR = 1.25
@@ -41,6 +42,17 @@ def _position(label: str) -> int:
     return int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "big")
 
 
+class _LiveRing:
+    """One model's live candidates for :meth:`PrefixHash.choose_live`: by queue length, their total, and the ring of
+    the candidates as of :attr:`layout`."""
+
+    def __init__(self, live: LiveRanks, model: str) -> None:
+        self.order = LoadOrder(live, model, lambda r: r.queue_length)
+        self.total = LoadSum(live, model, lambda r: r.queue_length)
+        self.layout = -1
+        self.ring: tuple[list[int], list[int]] = ([], [])
+
+
 class PrefixHash:
     """The ring of a set of ranks is built once and kept; the last one is found again by comparing the candidates'
     keys (the load view hands out the same key objects, so the comparison is by identity, with no hashing), and
@@ -52,6 +64,7 @@ class PrefixHash:
     def __init__(self) -> None:
         self._rings: dict[tuple[RankKey, ...], tuple[list[int], list[int]]] = {}
         self._last: tuple[tuple[RankKey, ...], tuple[list[int], list[int]]] | None = None
+        self._live = PerModel(_LiveRing)
 
     def _ring(self, keys: tuple[RankKey, ...]) -> tuple[list[int], list[int]]:
         """Ring positions, sorted, and the index in ``keys`` of each position's owner."""
@@ -67,6 +80,29 @@ class PrefixHash:
             self._rings[keys] = ring
         self._last = (keys, ring)
         return ring
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        state = self._live.get(live, request.model)
+        candidates = state.order.sync()
+        state.total.sync()
+        n = len(candidates)
+        if not n:
+            return None
+        order = state.order.order
+        if not request.prefix_blocks:
+            return candidates.load(order[0][1]).key
+        if state.layout != candidates.layout:
+            state.ring = self._ring(tuple(candidates.load(j).key for j in range(n)))
+            state.layout = candidates.layout
+        positions, owners = state.ring
+        target = candidates.load(
+            owners[bisect.bisect_left(positions, _position(str(request.prefix_blocks[0]))) % len(owners)]
+        )
+        mean = (state.total.total() + 1) / n
+        threshold = max(mean * LOAD_FACTOR, mean + BALANCE_ABS_THRESHOLD)
+        if target.queue_length <= threshold or order[0][0] > threshold:
+            return target.key
+        return candidates.load(order[0][1]).key
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.scheduling.baselines.base import serving
+from gateway.scheduling.baselines.indexed import LiveRanks, LoadOrder, PerModel, first_lowest_from
 from gateway.types import PendingRequest, RankKey, RankLoad
 
 KV_WAITING_PENALTY = 6.0
@@ -42,6 +43,7 @@ class VllmDplb:
 
     def __init__(self) -> None:
         self._start = 0
+        self._orders = PerModel(lambda live, model: LoadOrder(live, model, vllm_dplb_score))
 
     def choose(self, request: PendingRequest, ranks: Sequence[RankLoad]) -> RankKey | None:
         candidates = serving(request, ranks)
@@ -52,3 +54,13 @@ class VllmDplb:
         order = candidates[start:] + candidates[:start]
         self._start = start + 1
         return min(order, key=vllm_dplb_score).key
+
+    def choose_live(self, request: PendingRequest, live: LiveRanks) -> RankKey | None:
+        order = self._orders.get(live, request.model)
+        candidates = order.sync()
+        n = len(candidates)
+        if not n:
+            return None
+        start = self._start % n
+        self._start = start + 1
+        return candidates.load(first_lowest_from(order.order, start)).key
