@@ -7,7 +7,8 @@ the same retries on other ranks while nothing reached the client (:func:`~gatewa
 and counted in the same metrics under ``route="responses"``. The engines keep a stored response in the memory of
 the API-server process that answered it (``docs/responses.md``), so the gateway remembers the engine and DP rank
 of every response id it relays (:class:`~gateway.server.responses_store.ResponseHomes`, bounded and expiring:
-``responses.*``); a follow-up (``previous_response_id``) is sent to that rank at once, without the window (it can
+``responses.*``; with a scheduler service, shared through it, so that every front door of ``--workers N`` finds
+it); a follow-up (``previous_response_id``) is sent to that rank at once, without the window (it can
 go nowhere else) and without retries elsewhere, and so are a retrieval, a delete and a cancel. An id the gateway
 does not know, or whose engine is no longer configured, is answered 404 ``response_not_found`` by the gateway
 itself, never by asking some other engine. Models served by P/D engines are refused with 501: SGLang refuses its
@@ -47,6 +48,8 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.logs import request_log
+from gateway.scheduler_service.client import ServiceClient, ServiceUnavailable
+from gateway.scheduler_service.remote import RemoteDispatcher
 from gateway.server import fastjson
 from gateway.server.assemble import SSEEvents, event_payload, reported_prompt_tokens
 from gateway.server.disconnect import DisconnectWatch
@@ -179,22 +182,56 @@ def parse_responses_request(raw: bytes, *, max_tokens_limit: int | None = None) 
     return ParsedResponses(body, model, stream, limit, previous, store, input_messages(value, instructions))
 
 
-def known_home(state: GatewayState, response_id: str, param: str) -> ResponseHome:
-    """Where the stored response ``response_id`` lives.
+def _service(state: GatewayState) -> ServiceClient | None:
+    """The scheduler service's client while this front door places through it, else ``None``."""
+    dispatcher = state.dispatcher
+    return dispatcher.client if isinstance(dispatcher, RemoteDispatcher) and dispatcher.remote else None
+
+
+async def share_home(state: GatewayState, response_id: str, key: RankKey, model: str) -> None:
+    """Tell the scheduler service, if this front door uses one, where ``response_id`` lives (a failure is logged:
+    this front door still knows)."""
+    service = _service(state)
+    if service is None:
+        return
+    try:
+        await service.remember_response(response_id, {"engine": key.engine, "rank": key.rank, "model": model})
+    except ServiceUnavailable as exc:
+        log.warning("could not share where response %s lives with the scheduler service: %s", response_id, exc)
+
+
+async def find_home(state: GatewayState, response_id: str, param: str) -> ResponseHome:
+    """Where the stored response ``response_id`` lives: in this front door's map, else in the scheduler service's
+    (when it uses one, :mod:`gateway.scheduler_service.service`), which every front door shares.
 
     Raises:
         ResponseNotFoundError: the gateway does not know it, or its engine is no longer configured.
     """
-    home = state.response_homes.lookup(response_id, state.clock())
+    homes, now = state.response_homes, state.clock()
+    home = homes.lookup(response_id, now)
+    service = _service(state) if home is None else None
+    if service is not None:
+        try:
+            shared = await service.response_home(response_id)
+        except ServiceUnavailable as exc:
+            log.warning("could not ask the scheduler service where response %s lives: %s", response_id, exc)
+            shared = None
+        if shared is not None:
+            try:
+                homes.remember(
+                    response_id, RankKey(str(shared["engine"]), int(shared["rank"])), str(shared["model"]), now
+                )
+            except (KeyError, TypeError, ValueError):
+                log.warning("the scheduler service answered an unknown home for response %s: %r", response_id, shared)
+            home = homes.lookup(response_id, now)
     if home is None:
         raise ResponseNotFoundError(
             f"Response with id '{response_id}' not found: this gateway does not know which engine stores it "
-            f"(never answered through this front door, or unused for {state.settings.responses.ttl_s:g} s and "
-            "forgotten)",
+            f"(never answered through it, or unused for {state.settings.responses.ttl_s:g} s and forgotten)",
             param=param,
         )
     if home.rank.engine not in state.engines:
-        state.response_homes.forget(response_id)
+        homes.forget(response_id)
         raise ResponseNotFoundError(
             f"Response with id '{response_id}' not found: the engine that stored it, {home.rank.engine}, is no "
             "longer served by this gateway",
@@ -251,7 +288,7 @@ async def serve_responses(state: GatewayState, scope: Scope, receive: Receive, s
             )
         home = None
         if parsed.previous_response_id is not None:
-            home = known_home(state, parsed.previous_response_id, "previous_response_id")
+            home = await find_home(state, parsed.previous_response_id, "previous_response_id")
         chat = {"messages": parsed.messages}
         pending = PendingRequest(
             request_id=call.key,
@@ -344,6 +381,7 @@ async def _place_and_answer(
         response = None
     if isinstance(response, dict):
         tracker.response_seen(response)
+        await tracker.share()
     await _answer(send, 200, answer.body, call.id_header)
 
 
@@ -359,6 +397,8 @@ class _StreamTracker:
     first_token_at: float | None = None
     ended: bool = False
     remembered: bool = False
+    unshared: str | None = None
+    """A response id remembered here and not yet told to the scheduler service (:meth:`share`)."""
 
     def response_seen(self, response: Mapping[str, Any]) -> None:
         """A ``response`` object (a JSON answer, or the one a stream event carries) came from the engine."""
@@ -367,11 +407,18 @@ class _StreamTracker:
         if not self.remembered and self.parsed.store and isinstance(response_id, str) and response_id:
             state.response_homes.remember(response_id, self.key, self.parsed.model, state.clock())
             self.remembered = True
+            self.unshared = response_id
         usage = response.get("usage")
         if self.parsed.previous_response_id is None and isinstance(usage, dict):
             reported = reported_prompt_tokens({"prompt_tokens": usage.get("input_tokens")})
             if reported is not None:
                 state.prompt_tokens_reported(self.call.model_label, self.call.estimated_prompt_tokens, reported)
+
+    async def share(self) -> None:
+        """Tell the scheduler service where the response lives, before the client can learn its id."""
+        if self.unshared is not None:
+            response_id, self.unshared = self.unshared, None
+            await share_home(self.call.state, response_id, self.key, self.parsed.model)
 
     def feed(self, chunk: bytes) -> bool:
         """Read ``chunk``; return whether it brought the first token."""
@@ -444,6 +491,7 @@ async def _relay(
                 ttft = tracker.first_token_at - call.arrival
                 state.metrics.observe_latency(call.model_label, ttft, None)
                 request_log().ttft_s = ttft
+            await tracker.share()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             chunk = await upstream.next_chunk(idle_timeout)
         if not tracker.ended:
@@ -496,7 +544,7 @@ async def _to_home(state: GatewayState, request: Request, method: str, response_
     """Send a retrieval, delete or cancel of ``response_id`` to the engine that stores it and relay its answer
     (a stream, ``GET ...?stream=true`` of a background response, chunk by chunk)."""
     try:
-        home = known_home(state, response_id, "response_id")
+        home = await find_home(state, response_id, "response_id")
     except ResponseNotFoundError as exc:
         state.metrics.count_request(ROUTE, "unknown", str(exc.status))
         return JSONResponse(exc.body(), exc.status)

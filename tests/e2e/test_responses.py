@@ -14,7 +14,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import EngineConfig, ScrapeConfig, Settings
+from gateway.config import EngineConfig, SchedulerServiceConfig, ScrapeConfig, Settings
+from gateway.scheduler_service.service import running_service
 from gateway.server.app import create_app
 from gateway.serving import serve_in_background
 from gateway.sim.cluster import running_gateway
@@ -134,9 +135,43 @@ async def test_unknown_response_is_the_gateways_own_404(setup: Setup) -> None:
     await client.close()
 
 
-async def test_a_second_front_door_does_not_know_the_first_ones_responses() -> None:
-    """Two gateways (front doors) in front of one engine: a follow-up that reaches the other one is answered 404
-    ``response_not_found`` by it, not sent to an engine at random (see docs/responses.md, several front doors)."""
+async def test_front_doors_sharing_a_scheduler_service_share_where_responses_live() -> None:
+    """Two front doors placing through one scheduler service (what ``--workers 2`` runs): a response created
+    through one is followed up, retrieved and cancelled through the other, on the rank that stores it."""
+    async with _setup("sglang") as first:
+        engine = EngineConfig(name="e", flavor="sglang", url=first.engine_url, dp_size=DP, models=[MODEL])
+        base = Settings(policy="sbs", engines=[engine], scrape=ScrapeConfig(interval_s=0.1, timeout_s=1.0))
+        async with running_service(base, host="127.0.0.1") as (service, service_url):
+            front = base.model_copy(
+                update={"scheduler_service": SchedulerServiceConfig(url=service_url, deadline_s=2.0)}
+            )
+            async with running_gateway(front) as a_url, running_gateway(front) as b_url:
+                a = openai.AsyncOpenAI(base_url=a_url + "/v1", api_key="unused", max_retries=0)
+                b = openai.AsyncOpenAI(base_url=b_url + "/v1", api_key="unused", max_retries=0)
+                made = await a.responses.create(model=MODEL, input="hi", max_output_tokens=2, extra_body=FIXED)
+                streamed = await a.responses.create(model=MODEL, input="hey", max_output_tokens=2, stream=True)
+                last = [event async for event in streamed][-1]
+                assert len(service.state.response_homes) == 2
+                follow = await b.responses.create(
+                    model=MODEL, input="next", previous_response_id=made.id, max_output_tokens=2, extra_body=FIXED
+                )
+                await b.responses.create(
+                    model=MODEL,
+                    input="and",
+                    previous_response_id=last.response.id,
+                    max_output_tokens=2,  # type: ignore[union-attr]
+                )
+                assert (await b.responses.retrieve(made.id)).id == made.id
+                assert (await b.responses.cancel(follow.id)).id == follow.id  # SGLang answers a finished one as is
+                counters = await first.counters()
+                assert counters["followups"] == counters["created"] and counters["not_found"] == 0  # each on its home
+                for client in (a, b):
+                    await client.close()
+
+
+async def test_gateways_without_a_shared_service_do_not_know_each_others_responses() -> None:
+    """Two separate gateways in front of one engine: a follow-up that reaches the other one is answered 404
+    ``response_not_found`` by it, not sent to an engine at random."""
     async with _setup("vllm") as first:
         settings = Settings(
             policy="round_robin",
