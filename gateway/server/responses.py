@@ -37,7 +37,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.dispatch import Placement
 from gateway.errors import (
     ClientDisconnected,
     GatewayError,
@@ -319,7 +318,7 @@ async def _send_home(state: GatewayState, pending: PendingRequest, key: RankKey,
     Raises:
         UpstreamError: the try failed (counted against the rank's or engine's circuit breaker).
     """
-    state.dispatcher.adopt(pending, Placement(key))
+    state.dispatcher.place_on(pending, key)
     try:
         return await _try_once(state, key, pending.stream, PATH, body, request_log().request_id)
     except UpstreamError as exc:

@@ -21,7 +21,8 @@ from gateway.serving import serve_in_background
 from gateway.sim.cluster import running_gateway
 from gateway.sim.mock_engine.app import MockEngineConfig, create_mock_engine_app
 from gateway.sim.mock_engine.protocol import TOKEN_TEXT
-from tests.helpers import MODEL
+from gateway.telemetry import sum_samples
+from tests.helpers import MODEL, eventually
 
 FIXED = {"ignore_eos": True}
 DP = 4
@@ -165,6 +166,13 @@ async def test_front_doors_sharing_a_scheduler_service_share_where_responses_liv
                 assert (await b.responses.cancel(follow.id)).id == follow.id  # SGLang answers a finished one as is
                 counters = await first.counters()
                 assert counters["followups"] == counters["created"] and counters["not_found"] == 0  # each on its home
+
+                async def the_service_counted_the_follow_ups_too() -> bool:  # 2 it placed, 2 it was told of
+                    text = service.state.metrics.render().decode()
+                    counted = sum_samples(text, "gateway_dispatched_requests_total") == 4
+                    return counted and service.state.view.inflight_count() == 0  # and their ends
+
+                await eventually(the_service_counted_the_follow_ups_too)
                 for client in (a, b):
                     await client.close()
 
