@@ -1,5 +1,6 @@
 """The Responses API through the gateway against a real vLLM (its store on: ``VLLM_ENABLE_RESPONSES_API_STORE=1``)
-with the official ``openai`` client: one create, one ``previous_response_id`` follow-up and one retrieve."""
+with the official ``openai`` client: one create, one ``previous_response_id`` follow-up and one retrieve, then a
+streamed follow-up that the gateway relays to its terminal event without an error of its own."""
 
 from __future__ import annotations
 
@@ -45,3 +46,9 @@ async def test_create_follow_up_and_retrieve(client: openai.AsyncOpenAI) -> None
     assert follow.usage is not None and follow.usage.input_tokens > first.usage.input_tokens  # the history came too
     again = await client.responses.retrieve(first.id)
     assert again.id == first.id and again.output_text == first.output_text
+    stream = await client.responses.create(
+        model=MODEL, input="Once more.", previous_response_id=follow.id, max_output_tokens=8, stream=True
+    )
+    types = [event.type async for event in stream]
+    assert types[0] == "response.created" and "response.output_text.delta" in types
+    assert types[-1] in ("response.completed", "response.incomplete") and "error" not in types
