@@ -480,6 +480,19 @@ class UpstreamConfig(_Strict):
         return self
 
 
+class ResponsesConfig(_Strict):
+    """The OpenAI Responses API (``/v1/responses``, :mod:`gateway.server.responses`): how long and how many stored
+    responses the gateway remembers the engine and DP rank of, to send their follow-ups, retrievals and cancels
+    there (the engines keep a stored response in the memory of the process that answered it)."""
+
+    max_remembered: int = Field(default=100_000, ge=1)
+    """Response ids remembered at most; beyond it the least recently used is forgotten (its follow-ups then get
+    404 ``response_not_found``). About 200 bytes each: 100,000 come to about 20 MiB."""
+    ttl_s: float = Field(default=86_400.0, gt=0)
+    """A response id not used (created, followed up, retrieved) for this long, seconds, is forgotten. The engines
+    never expire their stores (vLLM 0.34, SGLang 0.5.23), so this bounds only the gateway's memory."""
+
+
 class HealthConfig(_Strict):
     """Engine health: active ``/health`` probes and the circuit breakers fed by them and by failed requests.
 
@@ -646,6 +659,7 @@ class Settings(BaseSettings):
     scrape: ScrapeConfig = ScrapeConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     health: HealthConfig = HealthConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     scheduler_service: SchedulerServiceConfig | None = None
     """The scheduler service front doors share (:class:`SchedulerServiceConfig`); ``None``, the default, schedules in
     this process alone."""

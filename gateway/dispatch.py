@@ -175,6 +175,14 @@ class Dispatcher:
             raise _no_rank(request.model) from None
         return self._placed(request, key)
 
+    def place_on(self, request: PendingRequest, key: RankKey) -> Placement:
+        """Place ``request`` on ``key``, a rank the caller chose (a Responses follow-up goes to the rank that stores
+        its conversation), at once and without the window: counted in the load view and the prefix index as any
+        placement (:meth:`adopt`)."""
+        placement = Placement(key)
+        self.adopt(request, placement)
+        return placement
+
     def _placed(self, request: PendingRequest, key: RankKey, window_id: int | None = None) -> Placement:
         """Count the placement of ``request`` on ``key`` (and on its decode rank, for a P/D request)."""
         decode = self.view.decode_rank_of(request.request_id)

@@ -7,6 +7,8 @@ Hierarchy::
     ├── InvalidRequestError   400     malformed JSON, wrong types, missing fields
     │   └── PayloadTooLargeError 413  the body exceeds ``max_body_bytes``
     ├── ModelNotFoundError    404     no engine serves the model
+    ├── ResponseNotFoundError 404     the gateway does not know (or no longer has) the engine of a stored Response
+    ├── NotImplementedForModelError 501  the endpoint cannot serve this model (Responses on P/D engines)
     ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
     ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
     └── UpstreamError         502     an engine failed: a stream that ended or broke    (blame: rank)
@@ -92,6 +94,24 @@ class ModelNotFoundError(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ResponseNotFoundError(GatewayError):
+    """A stored Response whose engine the gateway does not know: never produced through this front door, forgotten
+    (``responses.ttl_s``, ``responses.max_remembered``), or its engine is no longer configured (HTTP 404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+
+class NotImplementedForModelError(GatewayError):
+    """The endpoint cannot serve the requested model (HTTP 501): the Responses API on a model served by P/D
+    engines."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"
 
 
 class NoCapacityError(GatewayError):

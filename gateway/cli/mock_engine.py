@@ -75,6 +75,12 @@ from gateway.cli.engine_options import engine_flag_options, engine_model_config
     help="SGLang P/D prefill: SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK=1, a request pinned to a rank "
     "other than bootstrap_room mod DP size is served (its rank registered) instead of refused.",
 )
+@click.option(
+    "--enable-response-store",
+    is_flag=True,
+    help="Keep finished Responses for previous_response_id, retrieval and cancel (vLLM: "
+    "VLLM_ENABLE_RESPONSES_API_STORE=1; SGLang: --enable-response-store; off in both by default).",
+)
 @engine_flag_options
 def mock_engine(
     flavor: str,
@@ -94,6 +100,7 @@ def mock_engine(
     kv_connector: str,
     kv_load_failure_policy: str,
     force_query_prefill_dp_rank: bool,
+    enable_response_store: bool,
     **engine_flags: Any,
 ) -> None:
     """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API.
@@ -136,6 +143,7 @@ def mock_engine(
         kv_connector=kv_connector,  # type: ignore[arg-type]
         kv_load_failure_policy=kv_load_failure_policy,  # type: ignore[arg-type]
         force_query_prefill_dp_rank=force_query_prefill_dp_rank,
+        response_store=enable_response_store,
     )
     click.echo(
         f"simulated {flavor} {role} engine ({profile}), {dp_size} DP ranks, model {model}, "

@@ -133,12 +133,28 @@ class EngineClient:
         headers_timeout_s: float,
         total_timeout_s: float,
     ) -> UpstreamResponse:
-        """POST a JSON body to an engine and wait for the response headers.
+        """POST a JSON body to an engine and wait for the response headers (:meth:`send` with ``POST``)."""
+        return await self.send(
+            "POST", url, body, headers, headers_timeout_s=headers_timeout_s, total_timeout_s=total_timeout_s
+        )
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        *,
+        headers_timeout_s: float,
+        total_timeout_s: float,
+    ) -> UpstreamResponse:
+        """Send a request (``method``: ``GET``, ``POST``, ``DELETE``; a JSON ``body`` or none) to an engine and
+        wait for the response headers.
 
         Args:
             url: full URL of the engine endpoint.
-            body: the JSON body, already encoded.
-            headers: upstream headers (content type is set here).
+            body: the JSON body, already encoded (``None``: no body).
+            headers: upstream headers (the JSON content type is set here when there is a body).
             headers_timeout_s: longest wait for the response headers, seconds.
             total_timeout_s: the whole answer must have arrived this long after sending, seconds (sets the
                 returned response's :attr:`~UpstreamResponse.deadline`).
@@ -151,12 +167,12 @@ class EngineClient:
             UpstreamTimeoutError: connecting or waiting for the headers timed out.
             UpstreamError: any other transport failure.
         """
-        all_headers = {"Content-Type": "application/json", **headers}
+        all_headers = {"Content-Type": "application/json", **headers} if body is not None else dict(headers)
         deadline = asyncio.get_running_loop().time() + total_timeout_s
         for attempt in (1, 2):
             try:
                 async with asyncio.timeout(min(headers_timeout_s, _remaining(deadline))):
-                    resp = await self._session.post(url, data=body, headers=all_headers)
+                    resp = await self._session.request(method, url, data=body, headers=all_headers)
                 break
             except TimeoutError as exc:
                 raise UpstreamTimeoutError(f"timed out waiting for the engine at {url}") from exc

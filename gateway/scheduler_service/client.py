@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -111,6 +112,46 @@ class ServiceClient:
                     return None
         except (*_FAILURES, KeyError, TypeError) as exc:
             raise ServiceUnavailable(_describe(exc, self.config.deadline_s)) from exc
+
+    async def remember_response(self, response_id: str, home: dict[str, Any]) -> None:
+        """``PUT /v1/responses/{response_id}``: share where a stored Response lives (``{"engine", "rank",
+        "model"}``).
+
+        Raises:
+            ServiceUnavailable: as :meth:`place`.
+        """
+        session = self._open()
+        url = f"{self._base}/v1/responses/{quote(response_id, safe='')}"
+        try:
+            async with asyncio.timeout(self.config.deadline_s):
+                async with session.put(url, data=json.dumps(home), headers=_JSON_HEADERS) as response:
+                    if response.status != 204:
+                        raise ServiceUnavailable(f"the scheduler service answered HTTP {response.status}")
+        except _FAILURES as exc:
+            raise ServiceUnavailable(_describe(exc, self.config.deadline_s)) from exc
+
+    async def response_home(self, response_id: str) -> dict[str, Any] | None:
+        """``GET /v1/responses/{response_id}``: where a stored Response lives, or ``None`` when the service does
+        not know it.
+
+        Raises:
+            ServiceUnavailable: as :meth:`place`.
+        """
+        session = self._open()
+        url = f"{self._base}/v1/responses/{quote(response_id, safe='')}"
+        try:
+            async with asyncio.timeout(self.config.deadline_s):
+                async with session.get(url) as response:
+                    if response.status == 404:
+                        return None
+                    if response.status != 200:
+                        raise ServiceUnavailable(f"the scheduler service answered HTTP {response.status}")
+                    answer = json.loads(await response.read())
+        except _FAILURES as exc:
+            raise ServiceUnavailable(_describe(exc, self.config.deadline_s)) from exc
+        if not isinstance(answer, dict):
+            raise ServiceUnavailable("the scheduler service answered a response's home with something else")
+        return answer
 
     async def health(self, front_door: str | None = None) -> str:
         """``GET /v1/health``: the service's epoch; with ``front_door`` (the caller's id) it is that front door's

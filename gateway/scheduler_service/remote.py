@@ -247,6 +247,16 @@ class RemoteDispatcher(Dispatcher):
             self._flush_wake.set()
         return placement
 
+    def place_on(self, request: PendingRequest, key: RankKey) -> Placement:
+        """:meth:`Dispatcher.place_on`, and the service told, as of a retry's placement."""
+        placement = super().place_on(request, key)
+        if self.remote and self.epoch is not None:
+            wired = dataclasses.replace(request, request_id=self._wire(request.request_id))
+            self.buffer.placed(wired, placement, self.clock())
+            self._placed_by[request.request_id] = self.epoch
+            self._flush_wake.set()
+        return placement
+
     def _wire(self, request_id: str) -> str:
         """``request_id`` as the service knows it: prefixed with this front door's id, since front doors number
         their requests independently (two of them may both send ``r0``)."""

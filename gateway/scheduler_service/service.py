@@ -13,6 +13,10 @@ It is an aiohttp application (HTTP/1.1 keep-alive, JSON; over TCP or a Unix sock
 - ``POST /v1/events`` ``{"epoch", "events": [...]}``: the progress of requests it placed
   (:mod:`gateway.scheduler_service.protocol`); 204, or 409 with the service's epoch when the front door's events
   are for an earlier run of the service (they are dropped: that run's view is gone).
+- ``PUT /v1/responses/{id}`` ``{"engine", "rank", "model"}``: a front door relayed a stored Response produced on
+  that rank (204); ``GET /v1/responses/{id}``: where it lives, ``{"engine", "rank", "model"}``, or 404. Every front
+  door shares the one map (:class:`~gateway.server.responses_store.ResponseHomes` of the service's state, with the
+  same ``responses.*`` bounds), so a follow-up may reach any of them (:mod:`gateway.server.responses`).
 - ``GET /v1/health``: ``{"epoch", "policy"}``; ``GET /metrics``: its Prometheus metrics (the window's, the ranks'
   loads as it sees them).
 
@@ -52,7 +56,7 @@ from gateway.scheduler_service.protocol import (
 )
 from gateway.server.app import build_state
 from gateway.server.state import GatewayState
-from gateway.types import PendingRequest
+from gateway.types import PendingRequest, RankKey
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,8 @@ class SchedulerService:
         app = web.Application()
         app.router.add_post("/v1/place", self.place)
         app.router.add_post("/v1/events", self.events)
+        app.router.add_put("/v1/responses/{response_id}", self.remember_response)
+        app.router.add_get("/v1/responses/{response_id}", self.response_home)
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -299,6 +305,26 @@ class SchedulerService:
             self._cancelled[request_id] = None
             while len(self._cancelled) > CANCELLED_REMEMBERED:
                 self._cancelled.popitem(last=False)
+
+    async def remember_response(self, request: web.Request) -> web.Response:
+        """``PUT /v1/responses/{response_id}``: remember the rank that stores a Response."""
+        try:
+            body = await request.json()
+            key = RankKey(str(body["engine"]), int(body["rank"]))
+            model = str(body["model"])
+            if key not in self._ranks:
+                raise ValueError(f"unknown rank {key}")
+        except (KeyError, TypeError, ValueError) as exc:
+            return web.json_response({"error": {"kind": "bad_request", "message": str(exc)}}, status=400)
+        self.state.response_homes.remember(request.match_info["response_id"], key, model, self.state.clock())
+        return web.Response(status=204)
+
+    async def response_home(self, request: web.Request) -> web.Response:
+        """``GET /v1/responses/{response_id}``: the rank that stores a Response, or 404."""
+        home = self.state.response_homes.lookup(request.match_info["response_id"], self.state.clock())
+        if home is None:
+            return web.json_response({}, status=404)
+        return web.json_response({"engine": home.rank.engine, "rank": home.rank.rank, "model": home.model})
 
     async def health(self, request: web.Request) -> web.Response:
         """``GET /v1/health`` (a front door's probe and heartbeat)."""

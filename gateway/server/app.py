@@ -34,6 +34,8 @@ from gateway.scheduler_service.remote import make_dispatcher
 from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
 from gateway.server.proxy import ENGINE_PATHS, serve_completion
 from gateway.server.request_context import RequestContextMiddleware
+from gateway.server.responses import router as responses_router
+from gateway.server.responses_store import ResponseHomes
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
 from gateway.telemetry import GatewayMetrics
@@ -115,6 +117,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         ),
         prompt_counter=prompt_counter,
         clock=clock,
+        response_homes=ResponseHomes(settings.responses.max_remembered, settings.responses.ttl_s),
     )
 
 
@@ -186,6 +189,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
 
     app = GatewayApp(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)
+    app.include_router(responses_router)
 
     async def relay(scope: Scope, receive: Receive, send: Send) -> None:
         state = app.state.gateway

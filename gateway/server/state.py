@@ -17,6 +17,7 @@ from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
+from gateway.server.responses_store import ResponseHomes
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import PromptCounter
 
@@ -39,6 +40,7 @@ class GatewayState:
         retry_throttle: stops retries while too many tries fail.
         prompt_counter: counts prompt tokens for the allocator, per model, and learns from the engines' counts.
         clock: the monotonic clock (seconds) of the dispatcher, the scraper, the prober and the front door.
+        response_homes: the engine rank of each stored Response (:mod:`gateway.server.responses`).
         retry_rng: draws the jitter of retry backoffs.
         pd_rng: draws the bootstrap rooms of SGLang P/D attempts.
         mooncake_engine_ids: per vLLM Mooncake prefill engine, its ``{dp_rank: engine_id}`` as its bootstrap server
@@ -59,6 +61,7 @@ class GatewayState:
     retry_throttle: RetryThrottle
     prompt_counter: PromptCounter
     clock: Callable[[], float]
+    response_homes: ResponseHomes
     retry_rng: random.Random = field(default_factory=random.Random)
     pd_rng: random.Random = field(default_factory=random.Random)
     mooncake_engine_ids: dict[str, dict[int, str]] = field(default_factory=dict)

@@ -66,6 +66,9 @@ async def simulated_engines(
         speed: the engines' clock speed, engine seconds per wall-clock second (1.0 = real time).
         host: address to bind.
 
+    The engines keep stored Responses (:attr:`~gateway.sim.mock_engine.app.MockEngineConfig.response_store`), so the
+    embedded default and ``gateway stack`` serve ``previous_response_id`` follow-ups.
+
     Yields:
         The gateway's engine configurations, one per spec in the same order, each with the URL it listens on; with
         its ``role`` and ``kv_connector``, and a prefill engine that serves a bootstrap server (SGLang, vLLM
@@ -81,6 +84,7 @@ async def simulated_engines(
                 speed=speed,
                 role=spec.role,
                 kv_connector=spec.kv_connector or "nixl",
+                response_store=True,  # as an engine started with its store flag: the Responses API works whole
             )
             url = await exits.enter_async_context(serve_in_background(create_mock_engine_app(mock), host))
             engine = EngineConfig(

@@ -10,6 +10,9 @@ its lifespan owns the step-loop task (:class:`~gateway.sim.mock_engine.runtime.E
   ``GET /model_info`` (alias ``/get_model_info``), ``GET /v1/loads`` (per-rank loads in SGLang 0.5.23's shape,
   :func:`sglang_v1_loads`; what the SGLang Model Gateway polls) and ``GET /get_load`` (the older bare list that
   sglang-router 0.3 polls);
+- a mixed engine, both flavours: the Responses API (``POST /v1/responses``, ``GET /v1/responses/{id}``,
+  ``POST /v1/responses/{id}/cancel``; its store with :attr:`MockEngineConfig.response_store`), as
+  :mod:`gateway.sim.mock_engine.responses` describes;
 - fault injection (simulation only): ``GET``/``PUT``/``DELETE /_sim/faults`` (:mod:`gateway.sim.mock_engine.faults`);
 - what the engine was asked (simulation only): ``GET /_sim/requests``, requests accepted per DP rank, pinned by the
   caller or placed by the engine, and the load polls served (``/v1/loads``, ``/get_load``, ``/metrics``), so a
@@ -67,6 +70,7 @@ from gateway.sim.mock_engine.protocol import (
     parse_generation_request,
 )
 from gateway.sim.mock_engine.response import GenerationResponse
+from gateway.sim.mock_engine.responses import ResponsesEndpoints
 from gateway.sim.mock_engine.runtime import EngineRuntime
 
 SIMULATED_SGLANG_VERSION = "0.5.23-sim"
@@ -236,6 +240,11 @@ class MockEngineConfig:
     off): a request pinned to a rank other than ``bootstrap_room % dp_size`` registers its rank with the bootstrap
     server instead of being refused with the ``follow_bootstrap_room`` conflict (``CommonKVSender.__init__``)."""
 
+    response_store: bool = False
+    """Keep finished Responses in memory for ``previous_response_id``, retrieval and cancel, as vLLM with
+    ``VLLM_ENABLE_RESPONSES_API_STORE=1`` and SGLang with ``--enable-response-store`` do; off, as in both engines
+    by default (:mod:`gateway.sim.mock_engine.responses`)."""
+
     def __post_init__(self) -> None:
         if self.flavor not in ("sglang", "vllm"):
             raise ValueError(f"flavor must be 'sglang' or 'vllm', got {self.flavor!r}")
@@ -294,6 +303,7 @@ class _MockEngine:
         self.placed = [0] * config.dp_size
         self.polls = {"/v1/loads": 0, "/get_load": 0, "/metrics": 0}
         self.pd = PdEngine(self) if config.role != "mixed" else None
+        self.responses = ResponsesEndpoints(self)
         if self.pd is not None:
             self.metrics.bootstrap_queue = self.pd.bootstrap_queue
 
@@ -429,6 +439,8 @@ class _MockEngine:
             "prefix_cache_queries": [s.prefix_cache_queries for s in stats],
             "prefix_cache_hits": [s.prefix_cache_hits for s in stats],
         }
+        if self.pd is None:
+            seen["responses"] = self.responses.counters()
         if self.pd is not None:
             seen |= self.pd.counters()
             seen["running"] = [s.running + s.waiting + s.prealloc + s.transfer for s in stats]
@@ -538,6 +550,10 @@ def create_mock_engine_app(config: MockEngineConfig) -> FastAPI:
     app.add_api_route("/_sim/faults", engine.put_faults, methods=["PUT"])
     app.add_api_route("/_sim/faults", engine.delete_faults, methods=["DELETE"])
     app.add_api_route("/_sim/requests", engine.requests_seen, methods=["GET"])
+    if engine.pd is None:
+        app.add_api_route("/v1/responses", engine.responses.create, methods=["POST"])
+        app.add_api_route("/v1/responses/{response_id}", engine.responses.retrieve, methods=["GET"])
+        app.add_api_route("/v1/responses/{response_id}/cancel", engine.responses.cancel, methods=["POST"])
     if engine.pd is not None:
         app.add_api_route("/_sim/pd/info", engine.pd.info, methods=["GET"])
         if config.role == "prefill" and config.flavor == "sglang":
