@@ -7,6 +7,7 @@ Hierarchy::
     ├── InvalidRequestError   400     malformed JSON, wrong types, missing fields
     │   └── PayloadTooLargeError 413  the body exceeds ``max_body_bytes``
     ├── ModelNotFoundError    404     no engine serves the model
+    ├── RateLimitedError      429     the tenant's requests or tokens a minute are used up; carries Retry-After
     ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
     ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
     └── UpstreamError         502     an engine failed: broken connection or stream      (blame: rank)
@@ -91,6 +92,25 @@ class ModelNotFoundError(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class RateLimitedError(GatewayError):
+    """The tenant's rate limit is used up (HTTP 429), with ``Retry-After``: whole seconds until its bucket holds
+    enough again. As OpenAI answers it: code ``rate_limit_exceeded``, type the limit (``requests`` or ``tokens``).
+
+    Attributes:
+        limit: which limit: ``requests`` or ``tokens`` (a minute).
+        retry_after_s: seconds the client should wait before retrying.
+    """
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.limit = self.type = limit
+        self.retry_after_s = retry_after_s
 
 
 class NoCapacityError(GatewayError):
