@@ -643,8 +643,9 @@ class TenantsConfig(_Strict):
 
     classes: list[str] = Field(default_factory=lambda: ["interactive", "standard", "batch"], min_length=1)
     """Priority classes, highest first. The last one, when there are several, is deferrable: under saturation its
-    requests wait in the window for room (up to ``window.queue_timeout_s``) and are never forced onto a full rank
-    after ``allocator.max_wait_s``."""
+    requests wait in the window for room (up to ``window.queue_timeout_s``), are never forced onto a full rank after
+    ``allocator.max_wait_s``, and may fill a rank's queue only to ``allocator.queue_steps`` prefill budgets (without
+    ``allocator.min_queue_tokens``), so little of it is queued in an engine ahead of a higher class's requests."""
     default_class: str = "standard"
     """Class of requests whose tenant names none (and of the tenant ``default``)."""
     priority_header: str | None = None

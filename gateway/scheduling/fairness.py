@@ -6,9 +6,14 @@ highest first, each on a snapshot that counts the placements of the classes abov
 are admitted to the allocator in the order of the virtual token counter below, while the prompt tokens admitted stay
 below the free prefill capacity of the ranks serving their model (the same capacity the window's early close uses,
 :func:`~gateway.scheduling.allocation.free_prefill_capacity`); the rest wait for the next window. Once a class leaves
-a request waiting, every lower class waits whole, so under saturation the lowest class is deferred first. The lowest
-class (when there are several) is never forced onto a full rank after ``allocator.max_wait_s``: it waits for room, up
-to ``window.queue_timeout_s``.
+a request waiting, every lower class waits whole, so under saturation the lowest class is deferred first.
+
+The lowest class (when there are several) is *deferrable*: it is never forced onto a full rank after
+``allocator.max_wait_s`` (it waits for room, up to ``window.queue_timeout_s``), and its capacity is ``queue_steps``
+prefill budgets per rank without the ``allocator.min_queue_tokens`` floor. The engines run what is queued on a rank
+in their own order (SGLang and vLLM: first come, first served by default), so batch work queued there delays the next
+interactive request by as many steps as it fills: with SGLang's 1,024-token budget at DP 8 the 16,384-token floor
+is 16 steps. Measured: ``bench/results/priorities.md``.
 
 **Virtual token counter** (Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024, arXiv 2401.00588,
 Algorithm 2; the authors' artifact ``Ying1123/VTC-artifact``, ``slora/server/router/vtc_req_queue.py``). Each tenant

@@ -354,7 +354,8 @@ class _Windowed:
                 continue
             if i:
                 snapshot = self.view.snapshot(now, PREFILL_ROLES)
-            free = free_by_model(snapshot, self.queue_steps, self.min_queue_tokens)
+            least = 0.0 if priority == classes.deferrable else self.min_queue_tokens
+            free = free_by_model(snapshot, self.queue_steps, least)
             admitted, held = classes.admit(priority, tier, free, now)
             allocation = self.allocator.place(admitted, snapshot, now) if admitted else Allocation()
             for request, key in allocation.assigned:

@@ -1,0 +1,104 @@
+"""Tenants in the simulator: traces whose requests belong to tenants and priority classes, and the workload where
+a batch tenant floods the cluster while an interactive tenant runs at a steady load (``bench/priorities.py``).
+
+Each simulated request carries its tenant and class in :class:`~gateway.workload.traces.TraceRequest` (``tenant``,
+``priority``); :class:`~gateway.sim.simulate.SimConfig` ``tenants`` tells the simulated gateway's scheduler the
+classes and fairness rule, as the ``tenants`` section tells the live one. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from gateway.config import TenantConfig, TenantsConfig
+from gateway.sim.calibration import EngineModelConfig
+from gateway.sim.capacity import cluster_load
+from gateway.workload.traces import TraceRequest, rescale, window
+
+INTERACTIVE, BATCH = "interactive", "batch"
+"""The two tenants of :func:`flood_workload`, each in the class of its name."""
+
+
+def tag(trace: Iterable[TraceRequest], tenant: str, priority: int) -> list[TraceRequest]:
+    """``trace``'s requests charged to ``tenant`` in class ``priority``."""
+    return [replace(r, tenant=tenant, priority=priority) for r in trace]
+
+
+def merge(*traces: Sequence[TraceRequest]) -> list[TraceRequest]:
+    """The requests of ``traces`` in one trace, by arrival (ties: the earlier trace's first)."""
+    return list(heapq.merge(*traces, key=lambda r: r.arrival_s))
+
+
+def at_load(
+    trace: Sequence[TraceRequest], load: float, engine: EngineModelConfig, instances: int, dp: int
+) -> list[TraceRequest]:
+    """``trace`` rescaled so it puts ``load`` (fraction of the cluster's analytic capacity,
+    :func:`gateway.sim.capacity.cluster_load`) on ``instances`` x ``dp`` ranks of ``engine``."""
+    own = cluster_load(trace, engine, instances, dp).load
+    return rescale(trace, load / own)
+
+
+@dataclass(frozen=True)
+class FloodWorkload:
+    """An interactive tenant at a steady load and a batch tenant flooding the rest of the capacity.
+
+    Attributes:
+        trace: both tenants' requests by arrival, each tagged (:data:`INTERACTIVE` class 0, :data:`BATCH` class 2).
+        interactive_load: the interactive tenant's load, fraction of the capacity.
+        batch_load: the batch tenant's, fraction of the capacity.
+        duration_s: the span of the arrivals, seconds.
+    """
+
+    trace: list[TraceRequest]
+    interactive_load: float
+    batch_load: float
+    duration_s: float
+
+
+def flood_workload(
+    interactive_source: Sequence[TraceRequest],
+    batch_source: Sequence[TraceRequest],
+    engine: EngineModelConfig,
+    instances: int,
+    dp: int,
+    *,
+    duration_s: float,
+    capacity: float,
+    interactive_load: float = 0.6,
+    flood_factor: float = 2.5,
+) -> FloodWorkload:
+    """Two tenants over ``duration_s`` of simulated time: the interactive tenant's requests are
+    ``interactive_source``'s first ones at ``interactive_load`` of the capacity; the batch tenant's,
+    ``batch_source``'s first ones at ``flood_factor`` times the rest of it, ``flood_factor * (1 -
+    interactive_load)``. Loads are fractions of ``capacity``, itself a fraction of the cluster's analytic capacity
+    (:func:`at_load`): the sustainable share of it (``bench/results/evaluation.json``'s reference rate).
+
+    Raises:
+        ValueError: a source is empty, ``interactive_load`` is not in (0, 1), or a source is too short to fill
+            ``duration_s`` at its rate.
+    """
+    if not 0 < interactive_load < 1:
+        raise ValueError(f"interactive_load must be in (0, 1), got {interactive_load}")
+    batch_load = flood_factor * (1 - interactive_load)
+    parts = []
+    for source, load in ((interactive_source, interactive_load), (batch_source, batch_load)):
+        if not source:
+            raise ValueError("a source trace is empty")
+        scaled = at_load(source, load * capacity, engine, instances, dp)
+        if scaled[-1].arrival_s < duration_s:
+            raise ValueError(f"a source trace spans {scaled[-1].arrival_s:.0f} s at its rate, short of {duration_s} s")
+        parts.append(window(scaled, 0.0, duration_s))
+    interactive = tag(parts[0], INTERACTIVE, 0)
+    batch = tag(parts[1], BATCH, 2)
+    return FloodWorkload(merge(interactive, batch), interactive_load, batch_load, duration_s)
+
+
+def flood_tenants(fairness: str = "vtc") -> TenantsConfig:
+    """The ``tenants`` section of :func:`flood_workload`'s gateway: the interactive tenant in ``interactive``, the
+    batch tenant in ``batch`` (the default classes)."""
+    return TenantsConfig(
+        fairness=fairness,  # type: ignore[arg-type]
+        tenants=[TenantConfig(name=INTERACTIVE, priority="interactive"), TenantConfig(name=BATCH, priority="batch")],
+    )
