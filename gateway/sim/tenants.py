@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from gateway.config import TenantConfig, TenantsConfig
 from gateway.sim.calibration import EngineModelConfig
-from gateway.sim.capacity import cluster_load
+from gateway.sim.capacity import cluster_load, needed_engine_time
 from gateway.workload.traces import TraceRequest, rescale, window
 
 INTERACTIVE, BATCH = "interactive", "batch"
@@ -38,6 +38,40 @@ def at_load(
     :func:`gateway.sim.capacity.cluster_load`) on ``instances`` x ``dp`` ranks of ``engine``."""
     own = cluster_load(trace, engine, instances, dp).load
     return rescale(trace, load / own)
+
+
+FIT_STEPS = 40
+"""Bisection steps of :func:`over` on the rate scale (the load doubles at most per step of the bracket, so 40 steps
+leave it within about 1e-12 of the target, or on a step of the trace's arrivals)."""
+
+
+def over(
+    source: Sequence[TraceRequest], load: float, duration_s: float, engine: EngineModelConfig, instances: int, dp: int
+) -> list[TraceRequest]:
+    """The first ``duration_s`` seconds of ``source`` rescaled so that they put ``load`` (fraction of the analytic
+    capacity) on the cluster over those seconds: the engine time the slice's requests need
+    (:func:`gateway.sim.capacity.needed_engine_time`) over ``instances * dp * duration_s``. The scale is found by
+    bisection (that load only grows with it), on the slice itself: a trace's rate varies (Azure's first minutes are
+    quieter than its hour), so a scale fitted on the whole source would miss the slice's load.
+
+    Raises:
+        ValueError: the source is too short to offer ``load`` over ``duration_s``.
+    """
+    ranks = instances * dp
+
+    def offered(scale: float) -> float:
+        part = window(rescale(source, scale), 0.0, duration_s)
+        return needed_engine_time(part, engine, dp).total_s / (ranks * duration_s)
+
+    lo, hi = 0.0, load / cluster_load(source, engine, instances, dp).load  # the whole source's scale
+    while offered(hi) < load:
+        if source[-1].arrival_s / hi < duration_s:  # all of it inside already: more speed adds nothing
+            raise ValueError(f"the source trace is too short to offer {load:.2f} over {duration_s} s")
+        lo, hi = hi, hi * 2
+    for _ in range(FIT_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if offered(mid) < load else (lo, mid)
+    return window(rescale(source, hi), 0.0, duration_s)
 
 
 @dataclass(frozen=True)
@@ -73,7 +107,8 @@ def flood_workload(
     ``interactive_source``'s first ones at ``interactive_load`` of the capacity; the batch tenant's,
     ``batch_source``'s first ones at ``flood_factor`` times the rest of it, ``flood_factor * (1 -
     interactive_load)``. Loads are fractions of ``capacity``, itself a fraction of the cluster's analytic capacity
-    (:func:`at_load`): the sustainable share of it (``bench/results/evaluation.json``'s reference rate).
+    (each slice fitted by :func:`over`): the sustainable share of it (``bench/results/evaluation.json``'s
+    reference rate).
 
     Raises:
         ValueError: a source is empty, ``interactive_load`` is not in (0, 1), or a source is too short to fill
@@ -86,10 +121,7 @@ def flood_workload(
     for source, load in ((interactive_source, interactive_load), (batch_source, batch_load)):
         if not source:
             raise ValueError("a source trace is empty")
-        scaled = at_load(source, load * capacity, engine, instances, dp)
-        if scaled[-1].arrival_s < duration_s:
-            raise ValueError(f"a source trace spans {scaled[-1].arrival_s:.0f} s at its rate, short of {duration_s} s")
-        parts.append(window(scaled, 0.0, duration_s))
+        parts.append(over(source, load * capacity, duration_s, engine, instances, dp))
     interactive = tag(parts[0], INTERACTIVE, 0)
     batch = tag(parts[1], BATCH, 2)
     return FloodWorkload(merge(interactive, batch), interactive_load, batch_load, duration_s)
