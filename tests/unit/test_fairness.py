@@ -121,3 +121,13 @@ def test_within_a_class_a_light_tenant_is_not_starved_by_a_flood() -> None:
     # output tokens are charged as they come back
     s.on_first_token(outcome.assigned[0][0].request_id, "e", 0.2)
     assert s.fairness.counter(outcome.assigned[0][0].tenant) == 2002.0
+
+
+def test_the_scheduler_service_protocol_carries_tenant_and_class_only_when_set() -> None:
+    from gateway.scheduler_service.protocol import decode_request, encode_request
+
+    plain = PendingRequest("r", MODEL, 10, 4, 1.0)
+    assert "tenant" not in encode_request(plain, 2.0) and "priority" not in encode_request(plain, 2.0)
+    assert decode_request(encode_request(plain, 2.0), 2.0) == plain
+    tagged = ask("t", "etl", 10, arrival_s=1.0, priority=2)
+    assert decode_request(encode_request(tagged, 2.0), 2.0) == tagged
