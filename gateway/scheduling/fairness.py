@@ -24,7 +24,8 @@ Algorithm 2; the authors' artifact ``Ying1123/VTC-artifact``, ``slora/server/rou
 - *Output charge*: for every token generated for a request of tenant ``f``, ``c_f += w_q``.
 - *Counter lift*: when a request of tenant ``u`` arrives and ``u`` has no request waiting, ``c_u = max(c_u,
   min{c_i : i has requests waiting})``; when no tenant has one, ``c_u = max(c_u, c_l)``, ``l`` the tenant that last
-  left the queue. A tenant idle for a while thus cannot claim the service it did not use.
+  left the queue. A tenant idle for a while thus cannot claim the service it did not use. (The artifact's
+  ``append`` lifts only against tenants waiting; the empty-queue case follows the paper's algorithm.)
 
 ``w_p = 1`` and ``w_q = 2`` by default (the artifact's ``input_price`` and ``output_price``). With weights (the paper's
 weighted VTC, §4.3; the artifact's ``fair_weights``) each increment is divided by the tenant's weight. Here the

@@ -145,6 +145,8 @@ class _RequestScope:
         if tenant is not None and tenant.tenant.tokens_per_minute is not None:
             prompt = self.reported_prompt_tokens
             used = (self.estimated_prompt_tokens if prompt is None else prompt) + self.output_events
+            if str(status) == "503" and prompt is None and not self.output_events:
+                used = 0  # turned away unserved (window full, queue timeout, no engine): the tokens come back
             tenant.tenant.settle(self.tokens_taken, used, self.state.clock())
 
     async def client_closed(self, send: Send) -> None:

@@ -14,7 +14,8 @@ has no tenants and nothing here runs.
   (:mod:`gateway.server.rate_limit`). At admission the request takes 1 request and its prompt estimate in tokens;
   when the answer ends, :meth:`Tenant.settle` charges the difference between that estimate and the tokens used:
   the prompt tokens the engine reported (the estimate when it reported none) plus the completion's events (one
-  streamed event a token, as the scheduler counts them). Over a limit: HTTP 429 ``rate_limit_exceeded`` with
+  streamed event a token, as the scheduler counts them); a request turned away with 503 before any token (window
+  full, queue timeout, no engine) gets its tokens back. Over a limit: HTTP 429 ``rate_limit_exceeded`` with
   ``Retry-After`` from the bucket's refill.
 
 The buckets live in this process: with ``gateway serve --workers N`` each front door limits what reaches it, so a
