@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import httpx
+from pydantic import SecretStr
 
 from gateway.config import SecurityConfig, TenantConfig, TenantsConfig
 from gateway.telemetry import sum_samples
-from tests.helpers import CHAT, gateway_before
+from tests.helpers import CHAT, MODEL, gateway_before, running_cluster
 
 TENANTS = TenantsConfig(
     priority_header="x-priority",
@@ -62,3 +63,20 @@ async def test_without_tenants_nothing_is_limited_or_classed() -> None:
         text = (await client.get("/metrics")).text
         assert "gateway_class_ttft_seconds_count{" not in text
         assert isinstance(client, httpx.AsyncClient)
+
+
+async def test_the_tokens_a_minute_are_settled_with_what_the_answer_used() -> None:
+    # 60 tokens a minute: one a second. The first request takes its prompt estimate (2 tokens) but streams 40
+    # output tokens. The second's prompt (about 125 tokens) waits for a full bucket of 60: settled, 42 s away;
+    # taken at admission only, 2 s.
+    tenants = TenantsConfig(tenants=[TenantConfig(name="t", api_keys=[SecretStr("sk-t")], tokens_per_minute=60)])
+    async with (
+        running_cluster("sbs", tenants=tenants) as cluster,
+        httpx.AsyncClient(base_url=cluster.gateway_url, timeout=10, headers=bearer("sk-t")) as client,
+    ):
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        r = await client.post("/v1/completions", json={**body, "prompt": "word " * 100, "max_tokens": 1})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "tokens", r.text
+        assert 30 <= int(r.headers["retry-after"]) <= 45
