@@ -609,6 +609,99 @@ class SecurityConfig(_Strict):
         return value
 
 
+DEFAULT_TENANT = "default"
+"""The tenant of requests with no tenant's key: the flat ``security.api_keys`` (and admin keys used on the OpenAI
+endpoints), or every request when no key is configured."""
+
+
+class TenantConfig(_Strict):
+    """One named tenant: its keys, its priority class and its limits (see :mod:`gateway.server.tenants`)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The tenant's name (metric label ``tenant``): letters, digits, ``_``, ``.``, ``-``."""
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """The tenant's keys, accepted as ``Authorization: Bearer <key>`` on the OpenAI endpoints."""
+    api_keys_file: Path | None = None
+    """File of further keys of the tenant, one a line."""
+    priority: str | None = None
+    """The tenant's priority class, one of ``tenants.classes``; ``None``: ``tenants.default_class``."""
+    requests_per_minute: PositiveFloat | None = None
+    """Requests a minute the tenant may send (token bucket of one minute's worth); beyond it HTTP 429 with
+    ``Retry-After``. ``None``: no limit."""
+    tokens_per_minute: PositiveFloat | None = None
+    """Prompt plus completion tokens a minute the tenant may use (token bucket of one minute's worth: the prompt
+    estimate is taken at admission, corrected by what the engine reports when the answer ends); beyond it HTTP 429
+    with ``Retry-After``. ``None``: no limit."""
+    weight: PositiveFloat = 1.0
+    """The tenant's share under overload relative to other tenants of its class (the virtual token counter grows by
+    its service over this weight, ``tenants.fairness``)."""
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"key file not found: {value}")
+        return value
+
+
+class TenantsConfig(_Strict):
+    """Named tenants, priority classes, rate limits and fair sharing (see :mod:`gateway.server.tenants` and
+    :mod:`gateway.scheduling.fairness`).
+
+    With this section the window places higher classes first and holds the lowest class first when the ranks are
+    full; within a class, tenants share by the virtual token counter. Keys of ``security.api_keys`` keep working:
+    they belong to the tenant ``default`` (class ``default_class``, no limits). Without it (the default) every
+    request is equal and placements are as before.
+    """
+
+    classes: list[str] = Field(default_factory=lambda: ["interactive", "standard", "batch"], min_length=1)
+    """Priority classes, highest first. The last one, when there are several, is deferrable: under saturation its
+    requests wait in the window for room (up to ``window.queue_timeout_s``), are never forced onto a full rank after
+    ``allocator.max_wait_s``, and may fill a rank's queue only to ``allocator.queue_steps`` prefill budgets (without
+    ``allocator.min_queue_tokens``), so little of it is queued in an engine ahead of a higher class's requests."""
+    default_class: str = "standard"
+    """Class of requests whose tenant names none (and of the tenant ``default``)."""
+    priority_header: str | None = None
+    """A request header that sets the class of one request (e.g. ``x-priority``), lowercase; ``None``: off. A value
+    that names no class, or a higher class than the tenant's while ``header_may_raise`` is off, gets HTTP 400."""
+    header_may_raise: bool = False
+    """Whether ``priority_header`` may name a class above the tenant's; ``False``: it may only lower it."""
+    fairness: Literal["vtc", "none"] = "vtc"
+    """Sharing between tenants of one class when the ranks are full: ``vtc``, the virtual token counter (Sheng et al.,
+    OSDI 2024); ``none``: arrival order."""
+    vtc_prompt_weight: float = Field(default=1.0, ge=0)
+    """``w_p`` of the virtual token counter: the cost of one prompt token (the VTC artifact's ``input_price``)."""
+    vtc_output_weight: float = Field(default=2.0, ge=0)
+    """``w_q`` of the virtual token counter: the cost of one output token (the VTC artifact's ``output_price``)."""
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    """The named tenants."""
+
+    @field_validator("priority_header")
+    @classmethod
+    def _header(cls, value: str | None) -> str | None:
+        if value is not None and (not value or value != value.lower() or not value.replace("-", "").isalnum()):
+            raise ValueError(f"expected a lowercase header name such as x-priority, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _names(self) -> TenantsConfig:
+        problems = []
+        if len(set(self.classes)) != len(self.classes):
+            problems.append(f"classes: duplicate class names in {self.classes}")
+        if self.default_class not in self.classes:
+            problems.append(f"default_class: {self.default_class!r} is not one of classes {self.classes}")
+        names = [t.name for t in self.tenants]
+        dupes = sorted({n for n in names if names.count(n) > 1} | ({DEFAULT_TENANT} & set(names)))
+        if dupes:
+            problems.append(f"tenants: duplicate or reserved tenant names {dupes}")
+        for i, tenant in enumerate(self.tenants):
+            if tenant.priority is not None and tenant.priority not in self.classes:
+                problems.append(f"tenants[{i}].priority: {tenant.priority!r} is not one of classes {self.classes}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class LogConfig(_Strict):
     """Logging (see :mod:`gateway.logs`)."""
 
@@ -665,6 +758,9 @@ class Settings(BaseSettings):
     this process alone."""
     shutdown: ShutdownConfig = ShutdownConfig()
     security: SecurityConfig = SecurityConfig()
+    tenants: TenantsConfig | None = None
+    """Named tenants, priority classes, per-tenant rate limits and fair sharing (:class:`TenantsConfig`); ``None``,
+    the default, treats every request alike."""
     log: LogConfig = LogConfig()
     embedded_speed: PositiveFloat = 1.0
     """Clock speed of the embedded simulated engines (used only when ``engines`` is empty)."""

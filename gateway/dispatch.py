@@ -79,6 +79,7 @@ class Dispatcher:
             prefix_cache=settings.prefix_cache,
             seed=settings.baselines.seed,
             pd=settings.pd,
+            tenants=settings.tenants,
         )
         for engine in settings.engines:
             if engine.prefill_alignment in ("prefill_delayer", "prefill_schedule_interval"):

@@ -9,6 +9,7 @@ Hierarchy::
     ├── ModelNotFoundError    404     no engine serves the model
     ├── ResponseNotFoundError 404     the gateway does not know (or no longer has) the engine of a stored Response
     ├── NotImplementedForModelError 501  the endpoint cannot serve this model (Responses on P/D engines)
+    ├── RateLimitedError      429     the tenant's requests or tokens a minute are used up; carries Retry-After
     ├── NoCapacityError       503     no engine rank is usable for the model; carries Retry-After
     ├── OverloadedError       503     window full or queueing deadline passed; carries Retry-After
     └── UpstreamError         502     an engine failed: a stream that ended or broke    (blame: rank)
@@ -112,6 +113,25 @@ class NotImplementedForModelError(GatewayError):
     status = 501
     type = "invalid_request_error"
     code = "not_implemented"
+
+
+class RateLimitedError(GatewayError):
+    """The tenant's rate limit is used up (HTTP 429), with ``Retry-After``: whole seconds until its bucket holds
+    enough again. As OpenAI answers it: code ``rate_limit_exceeded``, type the limit (``requests`` or ``tokens``).
+
+    Attributes:
+        limit: which limit: ``requests`` or ``tokens`` (a minute).
+        retry_after_s: seconds the client should wait before retrying.
+    """
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.limit = self.type = limit
+        self.retry_after_s = retry_after_s
 
 
 class NoCapacityError(GatewayError):

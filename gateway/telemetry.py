@@ -294,6 +294,19 @@ class GatewayMetrics:
             buckets=ESTIMATE_RATIO_BUCKETS,
             registry=r,
         )
+        self.class_ttft = Histogram(
+            "gateway_class_ttft_seconds",
+            "Time to first token at the gateway per priority class (tenants configured)",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused with 429 by a tenant's rate limit",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self._request_counters: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
 

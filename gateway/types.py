@@ -97,6 +97,9 @@ class PendingRequest:
             trace's ``hash_ids``; empty when unknown (Azure traces carry none). Cache-aware policies match
             prefixes on it at block granularity: a prefix shared for part of a block counts as unshared, and
             text hashing aligns blocks on characters, not tokens.
+        tenant: the tenant the request is charged to (``tenants``; empty when no tenants are configured).
+        priority: the request's priority class, an index into ``tenants.classes`` (0 the highest; 0 when no tenants
+            are configured).
     """
 
     request_id: str
@@ -107,6 +110,8 @@ class PendingRequest:
     stream: bool = True
     deferrals: int = field(default=0)
     prefix_blocks: tuple[int, ...] = ()
+    tenant: str = ""
+    priority: int = 0
 
 
 def prefix_block_hashes(texts: Iterable[str], block_chars: int = PREFIX_BLOCK_CHARS) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -296,6 +296,7 @@ async def replay(
     progress: bool = True,
     timeout_s: float = 600,
     prompts: PromptCount = "estimate",
+    headers: Mapping[str, str] | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` against the OpenAI-compatible server at ``url`` and record every request.
 
@@ -312,6 +313,7 @@ async def replay(
         timeout_s: per-request limit on the whole exchange, seconds; exceeding it is a ``"timeout"`` failure.
         prompts: whose count of each prompt is the trace's (``"estimate"``: the gateway's; ``"tokenizer"``:
             DeepSeek-V3's, chat template included).
+        headers: further headers sent with every request (e.g. a priority class).
 
     Returns:
         A :class:`~gateway.workload.stats.ReplayResult`; failed requests are records, not exceptions.
@@ -330,7 +332,7 @@ async def replay(
         raise ValueError(f"prompts must be 'estimate' or 'tokenizer', got {prompts!r}")
     schedule = sorted(rescale(trace, rate_scale), key=lambda r: r.arrival_s)
     base = _base_url(url)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     expected = sum(1 for r in schedule if duration_s is None or r.arrival_s < duration_s)
     records: list[RequestRecord] = []
     # idle pooled connections are dropped before uvicorn's 5 s keep-alive closes them on the server side:

@@ -32,8 +32,9 @@ Event = list[Any]
 
 
 def encode_request(request: PendingRequest, now: float) -> dict[str, Any]:
-    """``request`` as JSON, its arrival as an age at ``now`` (seconds)."""
-    return {
+    """``request`` as JSON, its arrival as an age at ``now`` (seconds); its tenant and class only when set
+    (``tenants`` configured), so the service's window orders it as the front door's would."""
+    body = {
         "id": request.request_id,
         "model": request.model,
         "prompt_tokens": request.prompt_tokens,
@@ -42,6 +43,11 @@ def encode_request(request: PendingRequest, now: float) -> dict[str, Any]:
         "stream": request.stream,
         "prefix_blocks": request.prefix_blocks,
     }
+    if request.tenant:
+        body["tenant"] = request.tenant
+    if request.priority:
+        body["priority"] = request.priority
+    return body
 
 
 def decode_request(body: dict[str, Any], now: float) -> PendingRequest:
@@ -58,6 +64,8 @@ def decode_request(body: dict[str, Any], now: float) -> PendingRequest:
         arrival_s=now - float(body["age_s"]),
         stream=bool(body["stream"]),
         prefix_blocks=tuple(int(b) for b in body["prefix_blocks"]),
+        tenant=str(body.get("tenant", "")),
+        priority=int(body.get("priority", 0)),
     )
 
 

@@ -7,6 +7,8 @@ In pipeline order:
 - :mod:`.window`: ``BatchWindow`` buffers requests until it closes; :mod:`.step_aligned_close` can time the close
   just before an instance's predicted step start; :mod:`.step_clock` infers each instance's step phase and step
   time from token arrivals (``docs/design.md`` §3).
+- :mod:`.fairness`: with tenants configured, the closed window's batch by priority class, tenants within a class
+  in the virtual token counter's order.
 - :mod:`.allocators`: the allocator registry, by ``allocator.kind``: :mod:`.phase` (phase-aware placement) and
   :mod:`.allocation` (prefill water-filling), their ties broken by :mod:`.decode` (two objectives, IQR outliers).
 - :mod:`.baselines`: the immediate-dispatch policies and their registry, by ``policy`` name.

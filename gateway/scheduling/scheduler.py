@@ -20,6 +20,10 @@ The two modes, immediate dispatch and the window, are two small classes behind o
 (:class:`_Immediate`, :class:`_Windowed`); the scheduler delegates ``submit`` and ``poll`` to the one its policy
 chose.
 
+Priority classes and tenants (:mod:`gateway.scheduling.fairness`, ``tenants`` section, off by default): ``sbs``
+places a closed window's batch class by class, highest first, each class's tenants in the virtual token counter's
+order; immediate policies place every request at once and ignore classes.
+
 P/D disaggregated models (:mod:`gateway.scheduling.pd`): prompts are placed on prefill ranks only (every
 snapshot a mode places from leaves the decode ranks out), by the mode or by ``pd.prefill_policy``; as each prefill
 placement is recorded, the decode leg's rank is chosen (``pd.decode_policy``) and recorded too. The placement
@@ -41,6 +45,7 @@ from gateway.config import (
     PhaseAwareConfig,
     PolicyName,
     PrefixCacheConfig,
+    TenantsConfig,
     WindowConfig,
 )
 from gateway.load.live import LiveLoads
@@ -49,6 +54,7 @@ from gateway.scheduling.allocation import free_prefill_capacity
 from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.baselines.base import ImmediatePolicy, LivePolicy
+from gateway.scheduling.fairness import ClassOrder, VirtualTokenCounter, free_by_model
 from gateway.scheduling.pd import DecodeAllocation, choose_avoiding, decode_leg_policy, prefill_leg_policy
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_aligned_close import (
@@ -58,6 +64,7 @@ from gateway.scheduling.step_aligned_close import (
     next_step_starts,
 )
 from gateway.scheduling.step_clock import StepClock
+from gateway.scheduling.types import Allocation
 from gateway.scheduling.window import BatchWindow
 from gateway.types import PendingRequest, RankKey, RankLoad, RankMetrics
 
@@ -292,8 +299,10 @@ class _Windowed:
         step_clock: StepClock,
         legs: PdLegs,
         aligned_engines: set[str],
+        classes: ClassOrder | None = None,
     ) -> None:
         self.settings = settings
+        self.classes = classes
         self.legs = legs
         self.allocator = allocator
         self.queue_steps = queue_steps
@@ -319,6 +328,8 @@ class _Windowed:
             raise WindowFullError(f"the window holds its maximum of {limits.max_buffered_tokens} prompt tokens")
         opening = not len(self.window)
         self.window.add(request, now)
+        if self.classes is not None and self.classes.fairness is not None:
+            self.classes.fairness.arrive(request.tenant)
         if opening:
             snapshot = self.view.snapshot(now, PREFILL_ROLES)
             reason = close_at_once_reason(
@@ -354,17 +365,58 @@ class _Windowed:
         self._align(snapshot)
         if not self.window.due(now, self.free_capacity(snapshot)):
             return None
-        allocation = self.allocator.place(self.window.take(now), snapshot, now)
-        assigned, unplaceable = [], list(allocation.unplaceable)
-        for request, key in allocation.assigned:
-            if self.legs.record(request, key, now):
-                assigned.append((request, key))
-            else:
-                unplaceable.append(request)
-        self.window.requeue(allocation.deferred, now, placed_any=bool(assigned))
+        if self.classes is not None:
+            assigned, unplaceable, deferred = self._place_by_class(self.classes, snapshot, now)
+        else:
+            allocation = self.allocator.place(self.window.take(now), snapshot, now)
+            assigned, unplaceable, deferred = [], list(allocation.unplaceable), allocation.deferred
+            for request, key in allocation.assigned:
+                if self.legs.record(request, key, now):
+                    assigned.append((request, key))
+                else:
+                    unplaceable.append(request)
+        self.window.requeue(deferred, now, placed_any=bool(assigned))
         if len(self.window):
             self._align(self.view.snapshot(now, PREFILL_ROLES))
-        return WindowOutcome(assigned, unplaceable, len(allocation.deferred))
+        return WindowOutcome(assigned, unplaceable, len(deferred))
+
+    def _place_by_class(
+        self, classes: ClassOrder, snapshot: list[RankLoad], now: float
+    ) -> tuple[list[tuple[PendingRequest, RankKey]], list[PendingRequest], list[PendingRequest]]:
+        """Place the closed window's batch class by class (:mod:`gateway.scheduling.fairness`): each class on a
+        snapshot counting the classes above it, its requests admitted by the fair order within the free capacity;
+        once a class leaves requests waiting, the lower classes wait whole. Returns assigned pairs, unplaceable and
+        deferred requests (arrival order)."""
+        assigned: list[tuple[PendingRequest, RankKey]] = []
+        unplaceable: list[PendingRequest] = []
+        deferred: list[PendingRequest] = []
+        fairness = classes.fairness
+        for i, (priority, tier) in enumerate(classes.split(self.window.take(now))):
+            if deferred:
+                deferred += tier
+                continue
+            if i:
+                snapshot = self.view.snapshot(now, PREFILL_ROLES)
+            least = 0.0 if priority == classes.deferrable else self.min_queue_tokens
+            free = free_by_model(snapshot, self.queue_steps, least)
+            admitted, held = classes.admit(priority, tier, free, now)
+            allocation = self.allocator.place(admitted, snapshot, now) if admitted else Allocation()
+            for request, key in allocation.assigned:
+                if self.legs.record(request, key, now):
+                    assigned.append((request, key))
+                    if fairness is not None:
+                        fairness.placed(request)
+                else:
+                    unplaceable.append(request)
+            unplaceable += allocation.unplaceable
+            deferred += allocation.deferred + held
+        if fairness is not None:
+            for request, _ in assigned:
+                fairness.leave(request.tenant)
+            for request in unplaceable:
+                fairness.leave(request.tenant)
+        deferred.sort(key=lambda q: q.arrival_s)
+        return assigned, unplaceable, deferred
 
 
 class Scheduler:
@@ -381,6 +433,8 @@ class Scheduler:
             place by it); ``None`` switches it off.
         seed: seed of randomised baselines.
         pd: how the legs of P/D models are placed (``pd`` section); used only when the view has P/D models.
+        tenants: priority classes and fair sharing (``tenants`` section; used by ``sbs``); ``None``, the default,
+            places every request alike.
 
     Raises:
         ValueError: unknown policy.
@@ -397,6 +451,7 @@ class Scheduler:
         prefix_cache: PrefixCacheConfig | None = None,
         seed: int = 0,
         pd: PdConfig | None = None,
+        tenants: TenantsConfig | None = None,
     ) -> None:
         self.policy = policy
         self.view = view
@@ -424,6 +479,13 @@ class Scheduler:
             self.legs = PdLegs(view, self.prefix, None, DecodeAllocation(decode))
         self._aligned: set[str] = set()
         self._mode: _Mode
+        self.fairness: VirtualTokenCounter | None = None
+        classes = None
+        if tenants is not None and policy == "sbs":
+            if tenants.fairness == "vtc":
+                weights = {t.name: t.weight for t in tenants.tenants}
+                self.fairness = VirtualTokenCounter(tenants.vtc_prompt_weight, tenants.vtc_output_weight, weights)
+            classes = ClassOrder(len(tenants.classes), self.fairness, allocator.max_wait_s)
         if policy == "sbs":
             queue_steps = math.inf if allocator.queue_steps is None else allocator.queue_steps
             placer = ALLOCATORS[allocator.kind](allocator, decode, self.step_clock, self.prefix)
@@ -437,6 +499,7 @@ class Scheduler:
                 self.step_clock,
                 self.legs,
                 self._aligned,
+                classes,
             )
         else:
             self._mode = _Immediate(make_immediate_policy(policy, seed=seed, steps=steps), view, self.legs)
@@ -512,7 +575,10 @@ class Scheduler:
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request still waiting in the window; return whether it was there."""
-        return self.window.remove(request_id) is not None
+        request = self.window.remove(request_id)
+        if request is not None and self.fairness is not None:
+            self.fairness.leave(request.tenant)
+        return request is not None
 
     def next_deadline(self) -> float | None:
         """When :meth:`poll` must next be called even if nothing happens, or ``None``."""
@@ -540,6 +606,8 @@ class Scheduler:
         """The first output token of ``request_id`` came back from ``engine``: its prefill is done, so its rank
         has room again, and the token marks where ``engine`` is in its step."""
         self.view.on_first_token(request_id, now)
+        if self.fairness is not None:
+            self.fairness.on_tokens(request_id, 1)
         self._track_step(engine, now)
         self.window.notify_capacity_freed()
 
@@ -549,6 +617,8 @@ class Scheduler:
         window may now be due earlier (``step_aligned_close``) and the ranks took in work, so early closing is
         re-armed."""
         self.view.on_tokens(request_id, n)
+        if self.fairness is not None:
+            self.fairness.on_tokens(request_id, n)
         if self.step_clock.continues_burst(engine, now):
             return False  # decode tokens move no queue: the step clock's figures stand
         new_step = self._track_step(engine, now)
@@ -561,6 +631,8 @@ class Scheduler:
         of its engine decoding, the engine's step in progress may end without tokens (so it is not timed)."""
         key = self.view.rank_of(request_id)
         self.view.on_finish(request_id, now)
+        if self.fairness is not None:
+            self.fairness.on_finish(request_id)
         if key is not None:
             self.step_clock.still_timed(key.engine, self.view.decodes_next_step(key.engine))
         self.window.notify_capacity_freed()

@@ -2,7 +2,8 @@
 
 - :mod:`.app`: ``create_app(settings)``, the lifespan that owns every resource, and ``GatewayApp``, which sends the
   completion requests past FastAPI's routing to :mod:`.proxy`; :mod:`.state`: ``GatewayState``.
-- :mod:`.request_context`, :mod:`.auth`: the plain-ASGI middlewares (request id and access log; API keys).
+- :mod:`.request_context`, :mod:`.auth`: the plain-ASGI middlewares (request id and access log; API keys), with
+  :mod:`.tenants` (a key's tenant, the request's priority class) and :mod:`.rate_limit` (per-tenant token buckets).
 - :mod:`.routes` → :mod:`.validation` → :mod:`.proxy` (place through :mod:`gateway.dispatch`, send, relay), with
   :mod:`.retry` (tries, backoff, failure accounting), :mod:`.disconnect` (client-disconnect watching),
   :mod:`.headers`, :mod:`.fastjson` (orjson on the hot path), :mod:`.stream_end` and :mod:`.assemble`

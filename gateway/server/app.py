@@ -38,6 +38,7 @@ from gateway.server.responses import router as responses_router
 from gateway.server.responses_store import ResponseHomes
 from gateway.server.routes import router
 from gateway.server.state import GatewayState
+from gateway.server.tenants import TenantBook
 from gateway.telemetry import GatewayMetrics
 from gateway.tokenizer_file import build_prompt_counter
 from gateway.tokens import Tokenizer
@@ -150,10 +151,16 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def _front_middlewares(app: ASGIApp, settings: Settings, api_keys: KeyRing, admin_keys: KeyRing) -> ASGIApp:
+def _front_middlewares(
+    app: ASGIApp, settings: Settings, api_keys: KeyRing, admin_keys: KeyRing, tenants: TenantBook | None = None
+) -> ASGIApp:
     """``app`` inside the request-context middleware (outermost: id, access log) and the API-key check."""
     checked = ApiKeyMiddleware(
-        app, api_keys=api_keys, admin_keys=admin_keys, protect_metrics=settings.security.metrics_auth == "admin"
+        app,
+        api_keys=api_keys,
+        admin_keys=admin_keys,
+        protect_metrics=settings.security.metrics_auth == "admin",
+        tenants=tenants,
     )
     return RequestContextMiddleware(checked, access_log_enabled=settings.log.access_log)
 
@@ -170,7 +177,8 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
     Raises:
         OSError: an API key file cannot be read.
     """
-    api_keys, admin_keys = key_rings(settings.security)
+    tenants = None if settings.tenants is None else TenantBook(settings.tenants)
+    api_keys, admin_keys = key_rings(settings.security, tenants)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -196,13 +204,14 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
         assert isinstance(state, GatewayState)
         await serve_completion(state, RELAY_ROUTES[scope["path"]], scope, receive, send)
 
-    app.relay = _front_middlewares(relay, settings, api_keys, admin_keys)
+    app.relay = _front_middlewares(relay, settings, api_keys, admin_keys, tenants)
     # the last added runs first: request context (id, access log) wraps the key check, which wraps the routes
     app.add_middleware(
         ApiKeyMiddleware,
         api_keys=api_keys,
         admin_keys=admin_keys,
         protect_metrics=settings.security.metrics_auth == "admin",
+        tenants=tenants,
     )
     app.add_middleware(RequestContextMiddleware, access_log_enabled=settings.log.access_log)
 

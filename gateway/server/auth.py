@@ -14,6 +14,10 @@ A key is sent as ``Authorization: Bearer <key>``. It is compared in constant tim
 (:func:`hmac.compare_digest` over SHA-256 digests, so neither the position of the first differing byte nor the
 key's length shows in the timing) and never logged. A missing or wrong key gets HTTP 401 with an OpenAI-style
 ``invalid_api_key`` error and ``WWW-Authenticate: Bearer``.
+
+With tenants configured (:mod:`gateway.server.tenants`), the keys of every named tenant are API keys too, and on the
+OpenAI endpoints the middleware leaves the request's tenant and priority class in the scope
+(:data:`~gateway.server.tenants.TENANT_SCOPE_KEY`), or answers an invalid priority header with HTTP 400.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Literal
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import SecurityConfig
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, GatewayError
+from gateway.server.tenants import TENANT_SCOPE_KEY, TenantBook
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 """Paths that never need a key."""
@@ -80,8 +85,9 @@ def read_key_file(path: Path) -> list[str]:
     return keys
 
 
-def key_rings(config: SecurityConfig) -> tuple[KeyRing, KeyRing]:
-    """The API and admin key rings of ``config`` (lists plus files).
+def key_rings(config: SecurityConfig, tenants: TenantBook | None = None) -> tuple[KeyRing, KeyRing]:
+    """The API and admin key rings of ``config`` (lists plus files); with ``tenants``, every named tenant's keys
+    are API keys too.
 
     Raises:
         OSError: a key file cannot be read.
@@ -92,6 +98,8 @@ def key_rings(config: SecurityConfig) -> tuple[KeyRing, KeyRing]:
         api += read_key_file(config.api_keys_file)
     if config.admin_keys_file is not None:
         admin += read_key_file(config.admin_keys_file)
+    if tenants is not None:
+        api += tenants.all_keys()
     return KeyRing(api), KeyRing(admin)
 
 
@@ -111,13 +119,24 @@ class ApiKeyMiddleware:
         api_keys: keys for the OpenAI endpoints.
         admin_keys: keys for the admin endpoints (also accepted on the OpenAI endpoints).
         protect_metrics: whether ``/metrics`` needs an admin key.
+        tenants: the tenants (``None``: none configured): requests to the OpenAI endpoints get their tenant and
+            class in the scope.
     """
 
-    def __init__(self, app: ASGIApp, *, api_keys: KeyRing, admin_keys: KeyRing, protect_metrics: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: KeyRing,
+        admin_keys: KeyRing,
+        protect_metrics: bool,
+        tenants: TenantBook | None = None,
+    ) -> None:
         self.app = app
         self.api_keys = api_keys
         self.admin_keys = admin_keys
         self.protect_metrics = protect_metrics
+        self.tenants = tenants
 
     def access(self, path: str) -> Access:
         """Which key ``path`` needs."""
@@ -138,21 +157,47 @@ class ApiKeyMiddleware:
             return True
         return key is not None and (self.api_keys.matches(key) | self.admin_keys.matches(key))
 
+    def _tenant(self, scope: Scope, key: str | None) -> None:
+        """Leave the request's tenant and class in ``scope`` (OpenAI endpoints, tenants configured).
+
+        Raises:
+            InvalidRequestError: the priority header's value is refused.
+        """
+        tenants = self.tenants
+        if tenants is None or self.access(scope["path"]) != "api":
+            return
+        header = None
+        if tenants.header is not None:
+            for name, value in scope.get("headers", ()):
+                if name.lower() == tenants.header:
+                    header = value.decode("latin-1")
+                    break
+        scope[TENANT_SCOPE_KEY] = tenants.request_class(tenants.identify(key), header)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.allowed(scope["path"], _bearer(scope)):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         key = _bearer(scope)
+        if self.allowed(scope["path"], key):
+            try:
+                self._tenant(scope, key)
+            except GatewayError as exc:
+                await _error(send, exc, [])
+                return
+            await self.app(scope, receive, send)
+            return
         error = AuthenticationError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
             if key is None
             else "Incorrect API key provided."
         )
-        body = json.dumps(error.body()).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _error(send, error, [(b"www-authenticate", b"Bearer")])
+
+
+async def _error(send: Send, error: GatewayError, extra: list[tuple[bytes, bytes]]) -> None:
+    """Answer with ``error``'s OpenAI-style body and status."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

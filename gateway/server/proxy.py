@@ -35,6 +35,7 @@ from gateway.errors import (
     GatewayError,
     ModelNotFoundError,
     PayloadTooLargeError,
+    RateLimitedError,
     UpstreamError,
     UpstreamStatusError,
 )
@@ -54,6 +55,7 @@ from gateway.server.pd_relay import send_pd
 from gateway.server.retry import StartedAnswer, record_failure, send_with_retries
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
+from gateway.server.tenants import TENANT_SCOPE_KEY, RequestTenant
 from gateway.server.validation import ParsedRequest, Route, parse_request
 from gateway.tokens import prompt_texts
 from gateway.types import PendingRequest, prefix_block_hashes
@@ -99,6 +101,13 @@ class _RequestScope:
     """The gateway's estimate of the prompt's tokens (what the engine's ``usage.prompt_tokens`` is compared with)."""
     key: str = field(default_factory=lambda: f"r{next(_keys)}")
     """The gateway's own id for the request in the window and the load view (unique within the process)."""
+    tenant: RequestTenant | None = None
+    """Whose the request is and its class (tenants configured), else ``None``."""
+    tokens_taken: int = 0
+    """Tokens taken from the tenant's tokens-a-minute bucket at admission (settled when the answer ends)."""
+    reported_prompt_tokens: int | None = None
+    output_events: int = 0
+    """Streamed events relayed or read (one a token, as the scheduler counts them)."""
 
     @property
     def id_header(self) -> list[tuple[bytes, bytes]]:
@@ -107,10 +116,38 @@ class _RequestScope:
     def usage_reported(self, prompt_tokens: int | None) -> None:
         """The engine reported ``prompt_tokens`` for this request (``None``: it reported none)."""
         if prompt_tokens is not None:
+            self.reported_prompt_tokens = prompt_tokens
             self.state.prompt_tokens_reported(self.model_label, self.estimated_prompt_tokens, prompt_tokens)
+
+    def admit(self, pending: PendingRequest, tenant: RequestTenant) -> None:
+        """Charge ``pending`` to its tenant's rate limits and give it the tenant's name and class.
+
+        Raises:
+            RateLimitedError: a limit is used up (counted in ``gateway_rate_limited_total``).
+        """
+        self.tenant = tenant
+        pending.tenant, pending.priority = tenant.tenant.name, tenant.priority
+        try:
+            self.tokens_taken = tenant.tenant.admit(pending.prompt_tokens, self.state.clock())
+        except RateLimitedError as exc:
+            self.state.metrics.rate_limited.labels(tenant.tenant.name, exc.limit).inc()
+            self.tenant = None
+            raise
+
+    def class_ttft(self, ttft_s: float) -> None:
+        """Observe the request's time to first token in its class (tenants configured)."""
+        if self.tenant is not None:
+            self.state.metrics.class_ttft.labels(self.tenant.priority_name).observe(ttft_s)
 
     def count(self, status: int | str) -> None:
         self.state.metrics.count_request(self.route, self.model_label, str(status))
+        tenant = self.tenant
+        if tenant is not None and tenant.tenant.tokens_per_minute is not None:
+            prompt = self.reported_prompt_tokens
+            used = (self.estimated_prompt_tokens if prompt is None else prompt) + self.output_events
+            if str(status) == "503" and prompt is None and not self.output_events:
+                used = 0  # turned away unserved (window full, queue timeout, no engine): the tokens come back
+            tenant.tenant.settle(self.tokens_taken, used, self.state.clock())
 
     async def client_closed(self, send: Send) -> None:
         """The client went away: nothing reaches it (499 is nginx's "client closed request" status; the server
@@ -210,6 +247,9 @@ async def serve_completion(state: GatewayState, route: Route, scope: Scope, rece
             prefix_blocks=prefix_block_hashes(prompt_texts(parsed.body)),
         )
         request.estimated_prompt_tokens = pending.prompt_tokens
+        tenant = scope.get(TENANT_SCOPE_KEY)
+        if tenant is not None:
+            request.admit(pending, tenant)
     except GatewayError as exc:
         await request.error(exc, send)
         return
@@ -276,6 +316,7 @@ async def _buffered_answer(request: _RequestScope, answer: StartedAnswer, send: 
     elapsed = state.clock() - request.arrival
     request_log().ttft_s = elapsed
     state.metrics.observe_latency(request.model_label, elapsed, elapsed)
+    request.class_ttft(elapsed)
     request.count(200)
     if "json" in upstream.content_type:
         request.usage_reported(_body_prompt_tokens(answer.body))
@@ -311,6 +352,7 @@ class _Progress:
         if events <= 0:
             return False
         request = self.request
+        request.output_events += events
         dispatcher = request.state.dispatcher
         if self.first_token_at is not None:
             dispatcher.tokens(request.key, self.engine, events)
@@ -380,6 +422,7 @@ class _Assembly:
         ttft = None if first_token_at is None else first_token_at - request.arrival
         if ttft is not None:
             request_log().ttft_s = ttft
+            request.class_ttft(ttft)
         state.metrics.observe_latency(request.model_label, ttft, now - request.arrival)
         error = self.assembler.error
         if error is not None:
@@ -414,6 +457,7 @@ async def _relay(
             if progress.feed(chunk):
                 ttft = progress.first_token_at - request.arrival if progress.first_token_at is not None else 0.0
                 metrics.observe_latency(request.model_label, ttft, None)
+                request.class_ttft(ttft)
                 request_log().ttft_s = ttft
             relayed = chunk if usage is None else usage.feed(chunk)
             if relayed:
@@ -442,9 +486,9 @@ async def _relay(
         answer.end_prefill_leg()
         state.dispatcher.finish(request.key)
         metrics.observe_latency(request.model_label, None, state.clock() - request.arrival)
-        request.count(status)
         if usage is not None and status == "200":
             request.usage_reported(usage.prompt_tokens)
+        request.count(status)
     if status != "client_closed":
         watch.close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

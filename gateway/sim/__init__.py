@@ -8,7 +8,8 @@
   gateway as several front doors and how they share their view; :mod:`.compare`: one simulation per policy, as
   ``gateway simulate`` and the benchmarks run them; :mod:`.information`: what a real gateway knows;
   :mod:`.presets`: named engine models and information limits (``idealised``, ``realistic-*``) and the prefill-only
-  transform; :mod:`.steady_state`: steady-state runs and the maximum sustainable rate.
+  transform; :mod:`.steady_state`: steady-state runs and the maximum sustainable rate; :mod:`.tenants`: traces of
+  several tenants and priority classes (a batch tenant flooding an interactive one).
 - :mod:`.mock_engine`: the engine model behind each flavour's HTTP API, in real time, with fault injection.
 - :mod:`.cluster`: simulated engines and a gateway on loopback (the embedded default, ``gateway stack``, tests).
 """

@@ -16,7 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import AllocatorConfig, DecodeConfig, PhaseAwareConfig, PolicyName, PrefixCacheConfig, WindowConfig
+from gateway.config import (
+    AllocatorConfig,
+    DecodeConfig,
+    PhaseAwareConfig,
+    PolicyName,
+    PrefixCacheConfig,
+    TenantsConfig,
+    WindowConfig,
+)
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduling.scheduler import Scheduler
 from gateway.sim.calibration import EngineModelConfig
@@ -64,6 +72,8 @@ class SimConfig:
             mixed instances of ``dp_size`` ranks (both then unused); None (the default) simulates mixed instances.
         front_doors: several front doors and how they share their view (:mod:`gateway.sim.frontdoors`; mixed
             instances only); None (the default) simulates one.
+        tenants: priority classes and fair sharing between tenants (``sbs``; each trace request's ``tenant`` and
+            ``priority``, :mod:`gateway.sim.tenants`); None (the default) places every request alike.
     """
 
     policy: PolicyName = "sbs"
@@ -83,6 +93,7 @@ class SimConfig:
     engine_queued_tokens: bool = False
     pd: PdPools | None = None
     front_doors: FrontDoorConfig | None = None
+    tenants: TenantsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +296,7 @@ class _Sim:
                 prefix_cache=config.prefix_cache,
                 seed=config.seed + door,
                 pd=None if config.pd is None else config.pd.pd_config(),
+                tenants=config.tenants,
             )
 
         self.scheduler: Scheduler | FrontDoors
@@ -375,7 +387,14 @@ class _Sim:
     def on_arrival(self, index: int) -> None:
         r = self.trace[index]
         request = PendingRequest(
-            str(index), MODEL, r.prompt_tokens, r.output_tokens, self.now, prefix_blocks=r.hash_ids
+            str(index),
+            MODEL,
+            r.prompt_tokens,
+            r.output_tokens,
+            self.now,
+            prefix_blocks=r.hash_ids,
+            tenant=r.tenant,
+            priority=r.priority,
         )
         if self.views is not None:
             view = self.views[index]
@@ -391,6 +410,8 @@ class _Sim:
                 self.now,
                 view.stream,
                 prefix_blocks=r.hash_ids,
+                tenant=r.tenant,
+                priority=r.priority,
             )
         key = self.scheduler.submit(request, self.now)
         if key is not None:

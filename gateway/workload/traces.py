@@ -49,12 +49,17 @@ class TraceRequest:
         output_tokens: tokens to generate, >= 1.
         hash_ids: the prompt's block ids, one per 512-token block (Mooncake's ``hash_ids``; the simulator
             passes them on as :attr:`gateway.types.PendingRequest.prefix_blocks`); empty for Azure traces.
+        tenant: the tenant the simulator charges the request to (:mod:`gateway.sim.tenants`); empty in the bundled
+            traces.
+        priority: the request's priority class, an index into ``tenants.classes`` (0 in the bundled traces).
     """
 
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
     hash_ids: tuple[int, ...] = ()
+    tenant: str = ""
+    priority: int = 0
 
 
 def resolve_trace(name_or_path: str | Path) -> Path:

@@ -1,0 +1,512 @@
+"""Priorities and tenants inside the window (issue 17, part 3): an interactive tenant's TTFT while a batch tenant
+floods the gateway, with and without priority classes, and the share two tenants of one class get under overload.
+
+**Simulator** (``--part sim``). The cluster is ``evaluation.md``'s (2 instances x 8 DP ranks, preset
+``realistic-sglang``, policy ``sbs``). Loads are fractions of the *capacity*: the sustainable rate
+``bench/results/evaluation.json`` found for this preset on Azure conversation (its reference scale), as a fraction of
+the cluster's analytic capacity (``gateway.sim.capacity``). The flood workload (``gateway.sim.tenants``):
+
+- the interactive tenant: Azure conversation from its start, at ``--interactive-load`` of the capacity (0.6);
+- the batch tenant: Azure code from its start (long prompts, short answers: summarisation-like batch work), at
+  ``--flood-factor`` (2.5) times the rest of the capacity, i.e. 1.0 of it: the cluster is offered 160%.
+
+Rows: ``interactive alone`` (the floor: the batch tenant absent), ``no priorities`` (both tenants, no ``tenants``
+section: what main does), ``priorities`` (the ``tenants`` section: interactive in class ``interactive``, batch in
+``batch``). Reported: the interactive tenant's TTFT mean, p50 and p99, with the spread over the run's fifths (the
+interactive requests by arrival in five equal parts, each fifth's TTFT mean against the same fifth of ``no
+priorities``: mean [min, max]), and the batch tenant's throughput while the arrivals last (requests and prompt plus
+output tokens completed per second in ``[0, duration]``) and when its backlog was done. The simulator has no queue
+timeout: batch requests that would get 503 ``queue_timeout`` after 60 s on a live gateway wait until served.
+
+Fair sharing between two tenants of one class (``fairness`` rows): a ``light`` tenant (Azure conversation at 0.4 of the
+capacity) and a ``heavy`` one (Azure code at 2.5 x 0.6 = 1.5), both ``standard``: the virtual token counter
+(``tenants.fairness: vtc``) against arrival order (``none``) and no tenants.
+
+**Over HTTP** (``--part http``): the same shape, scaled to this machine: two SGLang-flavoured simulated engines
+(``gateway mock-engine``, 4 DP ranks each, the as-shipped engine model at ``--speed``; SGLang's because smg reads
+an engine's DP size from its ``GET /server_info``), the two tenants replayed at once, each with its own key:
+
+- ``gateway``: ``gateway serve`` (``sbs``) with both keys as flat API keys (no ``tenants`` section: main's behaviour);
+- ``gateway+tenants``: the same with the ``tenants`` section (interactive and batch classes);
+- ``smg``: the SGLang Model Gateway 1.13 (PyPI ``smg`` in ``bench/.venv-smg``, as ``bench/dataplane.py`` makes it),
+  ``--dp-aware`` with its default policy;
+- ``smg+priority``: the same with its priority admission scheduler (``--priority-scheduler-enabled``; each request
+  sends ``x-smg-priority: interactive`` or ``bulk``, the classes of smg's ``middleware/scheduler/class.rs``).
+
+and the same traces through the simulator's code on the same cluster and engine model in engine time, to show the
+two agree (the conversion of ``bench/frontdoors_http.py``).
+
+    nice -n 10 .venv/bin/python bench/priorities.py --part sim     # bench/results/priorities.{md,json}
+    nice -n 10 .venv/bin/python bench/priorities.py --part http    # adds the HTTP rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from _harness import Processes, peer_venv, start_engines
+from pydantic import SecretStr
+
+from gateway.config import ScrapeConfig, TenantConfig, TenantsConfig, WindowConfig
+from gateway.replay.client import replay
+from gateway.sim.capacity import cluster_load
+from gateway.sim.cluster import free_port
+from gateway.sim.presets import preset
+from gateway.sim.simulate import SimConfig, SimResult, simulate
+from gateway.sim.tenants import BATCH, INTERACTIVE, flood_tenants, flood_workload, merge, tag
+from gateway.workload.stats import distribution
+from gateway.workload.traces import TraceRequest, load_trace, rescale, resolve_trace, window
+
+RESULTS = Path(__file__).parent / "results"
+FIFTHS = 5
+STEADY_MINUTES = 20.0
+"""Run length of ``evaluation.json``'s steady cases, whose reference rate sets the capacity."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the simulator part covers (module docstring)."""
+
+    preset: str = "realistic-sglang"
+    instances: int = 2
+    dp_size: int = 8
+    duration_s: float = 180.0
+    interactive_load: float = 0.6
+    flood_factor: float = 2.5
+    light_load: float = 0.4
+    seed: int = 0
+
+
+def capacity_fraction(plan: Plan) -> tuple[float, str]:
+    """The sustainable share of the analytic capacity, and where it came from (``evaluation.json``'s reference scale
+    for the preset on Azure conversation, times the trace's own analytic load)."""
+    conv = window(load_trace(resolve_trace("azure-conv")), 0.0, STEADY_MINUTES * 60)
+    engine = preset(plan.preset, plan.dp_size).engine
+    own = cluster_load(conv, engine, plan.instances, plan.dp_size).load
+    reference = json.loads((RESULTS / "evaluation.json").read_text())["cases"][plan.preset]["azure-conv"]["unified"]
+    scale = float(reference["reference"]["scale"])
+    return scale * own, f"evaluation.json reference scale {scale:.3f} ({reference['reference']['policy']})"
+
+
+def sources() -> tuple[list[TraceRequest], list[TraceRequest]]:
+    conv = window(load_trace(resolve_trace("azure-conv")), 0.0, STEADY_MINUTES * 60)
+    return conv, load_trace(resolve_trace("azure-code"))
+
+
+def workloads(plan: Plan, capacity: float) -> dict[str, list[TraceRequest]]:
+    """The traces of the simulator part: the flood workload, the interactive tenant alone, and the two tenants of
+    one class."""
+    conv, code = sources()
+    engine = preset(plan.preset, plan.dp_size).engine
+    flood = flood_workload(
+        conv,
+        code,
+        engine,
+        plan.instances,
+        plan.dp_size,
+        duration_s=plan.duration_s,
+        capacity=capacity,
+        interactive_load=plan.interactive_load,
+        flood_factor=plan.flood_factor,
+    )
+    same = flood_workload(
+        conv,
+        code,
+        engine,
+        plan.instances,
+        plan.dp_size,
+        duration_s=plan.duration_s,
+        capacity=capacity,
+        interactive_load=plan.light_load,
+        flood_factor=plan.flood_factor,
+    )
+    light = tag([r for r in same.trace if r.tenant == INTERACTIVE], "light", 1)
+    heavy = tag([r for r in same.trace if r.tenant == BATCH], "heavy", 1)
+    return {
+        "flood": flood.trace,
+        "alone": [r for r in flood.trace if r.tenant == INTERACTIVE],
+        "same_class": merge(light, heavy),
+    }
+
+
+def same_class_tenants(fairness: str) -> TenantsConfig:
+    return TenantsConfig(
+        fairness=fairness,  # type: ignore[arg-type]
+        tenants=[TenantConfig(name="light", priority="standard"), TenantConfig(name="heavy", priority="standard")],
+    )
+
+
+ROWS: dict[str, tuple[str, TenantsConfig | None]] = {
+    "interactive alone": ("alone", None),
+    "no priorities": ("flood", None),
+    "priorities": ("flood", flood_tenants("vtc")),
+    "fairness: no tenants": ("same_class", None),
+    "fairness: arrival order": ("same_class", same_class_tenants("none")),
+    "fairness: vtc": ("same_class", same_class_tenants("vtc")),
+}
+
+
+def tenant_figures(result: SimResult, trace: list[TraceRequest], duration_s: float) -> dict[str, Any]:
+    """Per tenant: TTFT distribution, per-fifth TTFT means, throughput while arrivals last, when its last request
+    ended."""
+    out: dict[str, Any] = {}
+    for tenant in sorted({r.tenant for r in trace}):
+        pairs = [(rec, req) for rec, req in zip(result.records, trace, strict=True) if req.tenant == tenant]
+        ttft = [rec.ttft_s for rec, _ in pairs if rec.first_token_s is not None]
+        size = len(pairs) / FIFTHS
+        fifths = []
+        for i in range(FIFTHS):
+            part = [rec.ttft_s for rec, _ in pairs[round(i * size) : round((i + 1) * size)] if rec.first_token_s]
+            fifths.append(statistics.fmean(part) if part else None)
+        inside = [(rec, req) for rec, req in pairs if rec.done_s is not None and rec.done_s <= duration_s]
+        out[tenant] = {
+            "requests": len(pairs),
+            "ttft_s": distribution(ttft),
+            "fifths_ttft_mean_s": fifths,
+            "done_in_window_rps": len(inside) / duration_s,
+            "done_in_window_tok_s": sum(req.prompt_tokens + req.output_tokens for _, req in inside) / duration_s,
+            "offered_tok_s": sum(req.prompt_tokens + req.output_tokens for _, req in pairs) / duration_s,
+            "last_done_s": max((rec.done_s for rec, _ in pairs if rec.done_s is not None), default=None),
+        }
+    return out
+
+
+def run_row(job: tuple[Plan, str, list[TraceRequest], TenantsConfig | None]) -> dict[str, Any]:
+    plan, name, trace, tenants = job
+    started = time.perf_counter()
+    config = preset(plan.preset, plan.dp_size).apply(
+        SimConfig(policy="sbs", instances=plan.instances, dp_size=plan.dp_size, seed=plan.seed, tenants=tenants)
+    )
+    result = simulate(trace, config)
+    return {
+        "row": name,
+        "tenants": tenant_figures(result, trace, plan.duration_s),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def sim_part(plan: Plan, jobs: int) -> dict[str, Any]:
+    capacity, source = capacity_fraction(plan)
+    traces = workloads(plan, capacity)
+    todo = [(plan, name, traces[trace], tenants) for name, (trace, tenants) in ROWS.items()]
+    with ProcessPoolExecutor(jobs) as pool:
+        rows = {row["row"]: row for row in pool.map(run_row, todo)}
+    return {"capacity_of_analytic": capacity, "capacity_from": source, "rows": rows}
+
+
+# -- over HTTP ------------------------------------------------------------------------------------------------
+
+
+HTTP_KEYS = {INTERACTIVE: "sk-interactive", BATCH: "sk-batch"}
+
+
+def http_tenants() -> TenantsConfig:
+    return TenantsConfig(
+        tenants=[
+            TenantConfig(name=INTERACTIVE, api_keys=[SecretStr(HTTP_KEYS[INTERACTIVE])], priority="interactive"),
+            TenantConfig(name=BATCH, api_keys=[SecretStr(HTTP_KEYS[BATCH])], priority="batch"),
+        ]
+    )
+
+
+def http_workload(args: argparse.Namespace) -> list[TraceRequest]:
+    """The flood workload on the HTTP cluster, in engine time, at loads of its analytic capacity times
+    ``--http-capacity``."""
+    conv, code = sources()
+    engine = preset("realistic-sglang", args.http_dp).engine
+    return flood_workload(
+        conv,
+        code,
+        engine,
+        args.http_instances,
+        args.http_dp,
+        duration_s=args.http_seconds * args.speed,
+        capacity=args.http_capacity,
+        interactive_load=args.interactive_load,
+        flood_factor=args.flood_factor,
+    ).trace
+
+
+SMG_VENV = Path(__file__).parent / ".venv-smg"
+SMG_PACKAGE = "smg==1.13.*"
+"""The release issue 16 measured against (``bench/dataplane.py``)."""
+SMG_CLASSES = {INTERACTIVE: "interactive", BATCH: "bulk"}
+"""The ``x-smg-priority`` value each tenant sends to smg (smg 1.13 ``middleware/scheduler/class.rs``)."""
+FRONTS = ("gateway", "gateway+tenants", "smg", "smg+priority")
+
+
+def start_gateway_front(procs: Processes, engines: list[dict[str, Any]], tenants: bool) -> str:
+    port = free_port()
+    settings: dict[str, Any] = {"policy": "sbs", "engines": engines, "security": {"api_keys": list(HTTP_KEYS.values())}}
+    if tenants:
+        settings["security"] = {}
+        settings["tenants"] = json.loads(http_tenants().model_dump_json())
+        for entry, key in zip(settings["tenants"]["tenants"], HTTP_KEYS.values(), strict=True):
+            entry["api_keys"] = [key]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(settings, f)
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", f.name, "--port", str(port), "--log-level", "warning"]
+    return procs.start(cmd, f"http://127.0.0.1:{port}", "/ready")
+
+
+def start_smg_front(procs: Processes, engines: list[dict[str, Any]], priority: bool) -> str:
+    """smg 1.13 in front of ``engines``, DP-aware with its default policy (``cache_aware``; on Azure traces, which
+    share no prefixes, it places as its ``least_load``), with or without its priority admission scheduler (every
+    tenant may ask for ``interactive``)."""
+    port, metrics_port = free_port(), free_port()
+    cmd = [str(peer_venv(SMG_VENV, SMG_PACKAGE) / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--worker-urls", *(e["url"] for e in engines), "--dp-aware", "--disable-retries"]
+    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+    if priority:
+        cmd += ["--priority-scheduler-enabled", "--priority-scheduler-default-max-class", "interactive"]
+    url = procs.start(cmd, f"http://127.0.0.1:{port}", "/readiness")
+    ranks = sum(e["dp_size"] for e in engines)
+    deadline = time.monotonic() + 60  # workers register in the background after the port opens
+    while httpx.get(url + "/readiness", timeout=5).json().get("healthy_workers", 0) < ranks:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"smg has fewer than {ranks} healthy DP-rank workers after 60 s")
+        time.sleep(0.1)
+    return url
+
+
+def http_run(args: argparse.Namespace, trace: list[TraceRequest], front: str) -> dict[str, Any]:
+    """Replay ``trace`` (engine time) through ``front`` (:data:`FRONTS`) before fresh engines, each tenant with its
+    key (the gateway) or its class header (smg); per tenant, the replay's TTFT in engine seconds."""
+    wall = rescale(trace, args.speed)
+    with Processes() as procs:
+        engines = start_engines(
+            procs, ["sglang"] * args.http_instances, args.http_dp, args.speed, "m", profile="as-shipped"
+        )
+        if front.startswith("smg"):
+            url = start_smg_front(procs, engines, front == "smg+priority")
+        else:
+            url = start_gateway_front(procs, engines, front == "gateway+tenants")
+
+        async def both() -> list[Any]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        replay(
+                            url,
+                            [r for r in wall if r.tenant == t],
+                            model="m",
+                            api_key=k,
+                            progress=False,
+                            headers={"x-smg-priority": SMG_CLASSES[t]} if front == "smg+priority" else None,
+                        )
+                        for t, k in HTTP_KEYS.items()
+                    )
+                )
+            )
+
+        results = asyncio.run(both())
+    out = {}
+    for tenant, result in zip(HTTP_KEYS, results, strict=True):
+        ok = [r for r in result.records if r.ok and r.ttft_s is not None]
+        errors: dict[str, int] = {}
+        for r in result.records:
+            if not r.ok:
+                errors[str(r.error)] = errors.get(str(r.error), 0) + 1
+        out[tenant] = {
+            "requests": len(result.records),
+            "failed": len(result.records) - len(ok),
+            "errors": errors,
+            "ttft_engine_s": distribution([r.ttft_s * args.speed for r in ok]),
+            "completed_tok_s_engine": sum(r.prompt_tokens + (r.output_tokens or 0) for r in ok)
+            / (args.http_seconds * args.speed),
+        }
+    return out
+
+
+def http_simulated(args: argparse.Namespace, trace: list[TraceRequest], tenants: bool) -> dict[str, Any]:
+    """``trace`` through the simulator on the HTTP cluster, the gateway's wall-clock constants in engine time."""
+    speed = args.speed
+    window_defaults, scrape_defaults = WindowConfig(), ScrapeConfig()
+    base = SimConfig(
+        policy="sbs",
+        instances=args.http_instances,
+        dp_size=args.http_dp,
+        window=window_defaults.model_copy(
+            update={
+                "min_interval_s": window_defaults.min_interval_s * speed,
+                "max_interval_s": window_defaults.max_interval_s * speed,
+                "initial_step_s": window_defaults.initial_step_s * speed,
+            }
+        ),
+        scrape_interval_s=scrape_defaults.interval_s * speed,
+        stale_after_s=scrape_defaults.stale_after_s * speed,
+        tenants=http_tenants() if tenants else None,
+    )
+    config = replace(base, engine=preset("realistic-sglang", args.http_dp).engine)
+    result = simulate(trace, config)
+    out = {}
+    for tenant in HTTP_KEYS:
+        ttft = [
+            rec.ttft_s
+            for rec, req in zip(result.records, trace, strict=True)
+            if req.tenant == tenant and rec.first_token_s is not None
+        ]
+        out[tenant] = {"ttft_engine_s": distribution(ttft)}
+    return out
+
+
+def http_part(args: argparse.Namespace) -> dict[str, Any]:
+    trace = http_workload(args)
+    rows = {}
+    for front in args.fronts.split(","):
+        rows[f"{front} (HTTP)"] = http_run(args, trace, front)
+        print(f"{front}: {json.dumps(rows[f'{front} (HTTP)'])[:400]}", file=sys.stderr)
+        if front.startswith("gateway"):
+            rows[f"{front} (simulator)"] = http_simulated(args, trace, front == "gateway+tenants")
+    return {"requests": len(trace), "rows": rows}
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+
+
+def ms(x: float | None) -> str:
+    return "–" if x is None else f"{x * 1000:,.0f}"
+
+
+def pct(x: float) -> str:
+    return f"{x:+.0%}"
+
+
+def spread(row: dict[str, Any], base: dict[str, Any], tenant: str) -> str:
+    a, b = row["tenants"][tenant]["fifths_ttft_mean_s"], base["tenants"][tenant]["fifths_ttft_mean_s"]
+    d = [x / y - 1 for x, y in zip(a, b, strict=True) if x is not None and y]
+    return f"{pct(statistics.fmean(d))} [{pct(min(d))}, {pct(max(d))}]" if d else "–"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = ["# Priorities and tenants inside the window", "", f"Command: `{report.get('command', '')}`", ""]
+    sim = report.get("sim")
+    if sim:
+        plan = report["plan"]
+        lines += [
+            "## Simulator: an interactive tenant while a batch tenant floods",
+            "",
+            f"{plan['instances']} x {plan['dp_size']} DP ranks, preset `{plan['preset']}`, policy `sbs`, "
+            f"{plan['duration_s']:.0f} s of arrivals. Capacity: {sim['capacity_of_analytic']:.3f} of the analytic "
+            f"capacity ({sim['capacity_from']}). Interactive tenant: Azure conversation at "
+            f"{plan['interactive_load']:.0%} of it; batch tenant: Azure code at {plan['flood_factor']} x the rest, "
+            f"{plan['flood_factor'] * (1 - plan['interactive_load']):.0%} of it.",
+            "",
+            "| row | interactive TTFT mean | p50 | p99 (ms) | TTFT mean per fifth vs no priorities | batch done "
+            "in window (req/s) | batch tok/s done / offered | batch backlog done at (s) |",
+            "|---|---:|---:|---:|---|---:|---:|---:|",
+        ]
+        base = sim["rows"]["no priorities"]
+        for name in ("interactive alone", "no priorities", "priorities"):
+            row = sim["rows"][name]
+            t = row["tenants"][INTERACTIVE]["ttft_s"]
+            b = row["tenants"].get(BATCH)
+            batch_cells = (
+                ["–", "–", "–"]
+                if b is None
+                else [
+                    f"{b['done_in_window_rps']:.2f}",
+                    f"{b['done_in_window_tok_s']:,.0f} / {b['offered_tok_s']:,.0f}",
+                    f"{b['last_done_s']:.0f}",
+                ]
+            )
+            lines.append(
+                f"| {name} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | "
+                f"{spread(row, base, INTERACTIVE)} | " + " | ".join(batch_cells) + " |"
+            )
+        lines += [
+            "",
+            "## Simulator: two tenants of one class under overload",
+            "",
+            f"`light`: Azure conversation at {plan['light_load']:.0%} of the capacity; `heavy`: Azure code at "
+            f"{plan['flood_factor'] * (1 - plan['light_load']):.0%}; both `standard`.",
+            "",
+            "| row | light TTFT mean | p50 | p99 (ms) | light per fifth vs no tenants | light tok/s done / offered "
+            "| heavy tok/s done / offered |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        base = sim["rows"]["fairness: no tenants"]
+        for name in ("fairness: no tenants", "fairness: arrival order", "fairness: vtc"):
+            row = sim["rows"][name]
+            light, heavy = row["tenants"]["light"], row["tenants"]["heavy"]
+            t = light["ttft_s"]
+            lines.append(
+                f"| {name.removeprefix('fairness: ')} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | "
+                f"{spread(row, base, 'light')} | {light['done_in_window_tok_s']:,.0f} / {light['offered_tok_s']:,.0f} "
+                f"| {heavy['done_in_window_tok_s']:,.0f} / {heavy['offered_tok_s']:,.0f} |"
+            )
+    http = report.get("http")
+    if http:
+        lines += [
+            "",
+            "## Over HTTP against the simulated engines, and the simulator on the same cluster",
+            "",
+            f"{http['config']}. {http['requests']} requests. TTFT in engine seconds (wall times `--speed`).",
+            "",
+            "| row | interactive TTFT mean | p50 | p99 (ms) | batch TTFT mean | p99 (ms) | failed |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, row in http["rows"].items():
+            i, b = row[INTERACTIVE]["ttft_engine_s"], row[BATCH]["ttft_engine_s"]
+            failed = sum(row[t].get("failed", 0) for t in HTTP_KEYS) if "HTTP" in name else "–"
+            lines.append(
+                f"| {name} | {ms(i['mean'])} | {ms(i['p50'])} | {ms(i['p99'])} | {ms(b['mean'])} | {ms(b['p99'])} "
+                f"| {failed} |"
+            )
+    for note in report.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("sim", "http", "render"), default="sim")
+    ap.add_argument("--jobs", type=int, default=1, help="simulations in parallel processes [1]")
+    ap.add_argument("--duration", type=float, default=Plan.duration_s, help="seconds of arrivals (simulator)")
+    ap.add_argument("--interactive-load", type=float, default=Plan.interactive_load)
+    ap.add_argument("--flood-factor", type=float, default=Plan.flood_factor)
+    ap.add_argument("--speed", type=float, default=0.5, help="HTTP: engine seconds per wall second [0.5]")
+    ap.add_argument("--http-seconds", type=float, default=60.0, help="HTTP: wall seconds of arrivals [60]")
+    ap.add_argument("--http-instances", type=int, default=2)
+    ap.add_argument("--http-dp", type=int, default=4)
+    ap.add_argument(
+        "--http-capacity", type=float, default=0.56, help="HTTP: the capacity, fraction of the analytic one [0.56]"
+    )
+    ap.add_argument("--fronts", default=",".join(FRONTS), help=f"HTTP: comma-separated of {FRONTS}")
+    ap.add_argument("--output", type=Path, default=RESULTS / "priorities")
+    args = ap.parse_args()
+    path = args.output.with_suffix(".json")
+    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if args.part == "sim":
+        plan = Plan(duration_s=args.duration, interactive_load=args.interactive_load, flood_factor=args.flood_factor)
+        report["plan"] = plan.__dict__
+        report["command"] = " ".join(["python bench/priorities.py", *sys.argv[1:]])
+        report["sim"] = sim_part(plan, args.jobs)
+    elif args.part == "http":
+        http = http_part(args)
+        http["config"] = (
+            f"{args.http_instances} SGLang-flavoured mock engines x {args.http_dp} DP ranks, profile as-shipped, "
+            f"speed {args.speed}, {args.http_seconds:.0f} wall seconds of arrivals, capacity {args.http_capacity} of "
+            f"the analytic; command `python bench/priorities.py {' '.join(sys.argv[1:])}`"
+        )
+        report["http"] = http
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    args.output.with_suffix(".md").write_text(render(report))
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()
