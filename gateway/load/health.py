@@ -127,9 +127,55 @@ class HealthBook:
         door forwards them to its scheduler service, whose breakers then see what every front door sees."""
         self._ranks: dict[RankKey, CircuitBreaker] = {}
         self._engines: dict[str, CircuitBreaker] = {}
+        self._held: set[str] = set()
+        """Engines that take no new requests whatever their breakers say (draining, or added and not probed yet)."""
         for key in ranks:
             self._ranks[key] = self._new(trial_by_request=True)
             self._engines.setdefault(key.engine, self._new(trial_by_request=False))
+
+    def add_engine(self, name: str, dp_size: int, *, held: bool = True) -> None:
+        """Add the breakers of engine ``name`` and its ``dp_size`` DP ranks (closed); ``held`` keeps new requests
+        away until :meth:`hold` releases it (an engine added at runtime waits for its first probe).
+
+        Raises:
+            ValueError: the engine is already known.
+        """
+        if name in self._engines:
+            raise ValueError(f"engine {name!r} already has breakers")
+        self._engines[name] = self._new(trial_by_request=False)
+        for rank in range(dp_size):
+            self._ranks[RankKey(name, rank)] = self._new(trial_by_request=True)
+        if held:
+            self._held.add(name)
+
+    def remove_engine(self, name: str) -> None:
+        """Drop the breakers of engine ``name`` and its ranks.
+
+        Raises:
+            KeyError: unknown engine.
+        """
+        del self._engines[name]
+        for key in [k for k in self._ranks if k.engine == name]:
+            del self._ranks[key]
+        self._held.discard(name)
+
+    def hold(self, name: str, held: bool) -> None:
+        """Keep new requests off engine ``name`` (``held``), or let them through again as its breakers allow: a
+        draining engine is held; requests in flight there are not affected.
+
+        Raises:
+            KeyError: unknown engine.
+        """
+        if name not in self._engines:
+            raise KeyError(name)
+        if held:
+            self._held.add(name)
+        else:
+            self._held.discard(name)
+
+    def held(self, name: str) -> bool:
+        """Whether engine ``name`` is held (:meth:`hold`)."""
+        return name in self._held
 
     def _new(self, *, trial_by_request: bool) -> CircuitBreaker:
         c = self.config
@@ -158,6 +204,8 @@ class HealthBook:
 
     def usable(self, key: RankKey, now: float) -> bool:
         """Whether a new request may be placed on ``key`` at ``now`` (its engine's and its own breaker allow it)."""
+        if self._held and key.engine in self._held:
+            return False
         return self._engines[key.engine].allows(now) and self._ranks[key].allows(now)
 
     def engine_up(self, name: str, now: float) -> bool:

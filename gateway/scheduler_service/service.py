@@ -138,8 +138,7 @@ class SchedulerService:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._cancelling: set[str] = set()
         self._last_event_s = -math.inf
-        self._engines = frozenset(state.engines)
-        self._ranks = frozenset(state.view.keys)
+        self._engines = state.engines  # live: the engine set changes it in place
 
     def application(self) -> web.Application:
         """The aiohttp application serving the routes."""
@@ -274,7 +273,8 @@ class SchedulerService:
             ValueError: an unknown rank or scope.
         """
         key = decode_rank(event[2])
-        if key is None or key not in self._ranks:
+        configured = None if key is None else self._engines.get(key.engine)
+        if key is None or configured is None or not 0 <= key.rank < configured.config.dp_size:
             raise ValueError(f"an outcome on an unknown rank {event[2]!r}")
         scope = event[3]
         health = self.state.health
@@ -357,6 +357,7 @@ async def running_service(
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
         await runner.cleanup()
+        await state.engine_set.aclose()
         await state.dispatcher.stop()
         await state.prober.stop()
         await state.scraper.stop()

@@ -32,6 +32,7 @@ from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduler_service.remote import make_dispatcher
 from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
+from gateway.server.engine_set import EngineSet
 from gateway.server.proxy import ENGINE_PATHS, serve_completion
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router
@@ -77,7 +78,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     metrics.watch_window(
         dispatcher.scheduler.closed_at_once,
         lambda: dispatcher.scheduler.prefill_aligned_engines,
-        [e.name for e in settings.engines],
+        lambda: view.engine_names,
     )
     client = EngineClient(settings.upstream)
     prober = HealthProber(
@@ -98,12 +99,26 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         settings.scrape,
         clock=clock,
     )
+    models = settings.served_models()
+    engine_set = EngineSet(
+        settings,
+        engines,
+        models,
+        view=view,
+        health=health,
+        dispatcher=dispatcher,
+        scraper=scraper,
+        prober=prober,
+        client=client,
+        metrics=metrics,
+        clock=clock,
+    )
     return GatewayState(
         settings=settings,
         metrics=metrics,
         client=client,
         engines=engines,
-        models=settings.served_models(),
+        models=models,
         view=view,
         dispatcher=dispatcher,
         scraper=scraper,
@@ -114,6 +129,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         ),
         prompt_counter=prompt_counter,
         clock=clock,
+        engine_set=engine_set,
     )
 
 
@@ -178,6 +194,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
             await state.dispatcher.start()
             yield
         finally:
+            await state.engine_set.aclose()
             await state.dispatcher.stop()
             await state.prober.stop()
             await state.scraper.stop()

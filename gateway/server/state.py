@@ -17,6 +17,7 @@ from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
+from gateway.server.engine_set import EngineSet
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import PromptCounter
 
@@ -44,6 +45,7 @@ class GatewayState:
         mooncake_engine_ids: per vLLM Mooncake prefill engine, its ``{dp_rank: engine_id}`` as its bootstrap server
             lists them (:mod:`gateway.server.pd_relay`).
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
+        engine_set: adds, drains and removes engines at runtime (it changes ``engines`` and ``models`` in place).
     """
 
     settings: Settings
@@ -59,6 +61,7 @@ class GatewayState:
     retry_throttle: RetryThrottle
     prompt_counter: PromptCounter
     clock: Callable[[], float]
+    engine_set: EngineSet
     retry_rng: random.Random = field(default_factory=random.Random)
     pd_rng: random.Random = field(default_factory=random.Random)
     mooncake_engine_ids: dict[str, dict[int, str]] = field(default_factory=dict)
