@@ -31,6 +31,7 @@ from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduler_service.remote import make_dispatcher
+from gateway.server.admin import router as admin_router
 from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
 from gateway.server.engine_set import EngineSet
 from gateway.server.proxy import ENGINE_PATHS, serve_completion
@@ -202,6 +203,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
 
     app = GatewayApp(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)
+    app.include_router(admin_router)
 
     async def relay(scope: Scope, receive: Receive, send: Send) -> None:
         state = app.state.gateway
