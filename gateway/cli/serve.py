@@ -122,7 +122,7 @@ async def _serve_workers(
     from gateway.scheduler_service.supervisor import supervise
 
     async with contextlib.AsyncExitStack() as exits:
-        embedded = not settings.engines
+        embedded = not settings.engines and settings.discovery is None
         settings = await _with_engines(exits, settings, pd)
         return await supervise(settings, workers, log_level, source=source, embedded=embedded)
 
@@ -131,7 +131,7 @@ async def _with_engines(exits: contextlib.AsyncExitStack, settings: Settings, pd
     """``settings``, with the embedded simulated engines started in ``exits`` when it lists none."""
     from gateway.embedded import embedded_engines
 
-    if not settings.engines:
+    if not settings.engines and settings.discovery is None:
         engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed, pd=pd))
         if pd is not None:  # the simulated decode engine reads KV from the prefill's over httpx: a line a request
             logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -156,7 +156,7 @@ async def _serve(
     from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as exits:
-        embedded = not settings.engines
+        embedded = not settings.engines and settings.discovery is None
         settings = await _with_engines(exits, settings, pd)
         try:
             app = create_app(settings)

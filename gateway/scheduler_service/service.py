@@ -336,6 +336,8 @@ async def running_service(
         await state.scraper.start()
         await state.prober.start()
         await state.dispatcher.start()
+        if state.discovery is not None:
+            await state.discovery.start()
         expiry = asyncio.create_task(service._expiry_loop(), name="gateway-scheduler-expiry")
         site: web.BaseSite
         if unix_path is not None:
@@ -357,6 +359,8 @@ async def running_service(
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
         await runner.cleanup()
+        if state.discovery is not None:
+            await state.discovery.stop()
         await state.engine_set.aclose()
         await state.dispatcher.stop()
         await state.prober.stop()

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.config import Settings
+from gateway.discovery.kubernetes import KubernetesDiscovery
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.errors import error_body
@@ -131,6 +132,9 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         prompt_counter=prompt_counter,
         clock=clock,
         engine_set=engine_set,
+        discovery=None
+        if settings.discovery is None
+        else KubernetesDiscovery(settings.discovery, engine_set, client, settings.health),
     )
 
 
@@ -193,8 +197,12 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
             await state.scraper.start()
             await state.prober.start()
             await state.dispatcher.start()
+            if state.discovery is not None:
+                await state.discovery.start()
             yield
         finally:
+            if state.discovery is not None:
+                await state.discovery.stop()
             await state.engine_set.aclose()
             await state.dispatcher.stop()
             await state.prober.stop()

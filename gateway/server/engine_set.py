@@ -229,6 +229,10 @@ class EngineSet:
         """Every engine's status, in the order they joined."""
         return [self.status(name) for name in self._entries]
 
+    def names_removing(self) -> set[str]:
+        """The engines whose removal waits for their requests in flight to end."""
+        return {name for name, entry in self._entries.items() if entry.removal is not None}
+
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
