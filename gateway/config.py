@@ -559,11 +559,8 @@ class SchedulerServiceConfig(_Strict):
 
 
 class KubernetesDiscoveryConfig(_Strict):
-    """Discovery of engine pods with the official Kubernetes client (:mod:`gateway.discovery.kubernetes`): every
-    pod matching ``label_selector`` in ``namespace`` that is Ready becomes an engine, named after the pod, at its pod
-    IP; a pod deleted or no longer Ready is drained and removed. A pod's labels and annotations say what it is
-    (``sbs-gateway/flavor``, ``sbs-gateway/role``, ``sbs-gateway/dp-size``, ``sbs-gateway/models``,
-    ``sbs-gateway/port``); what they leave out comes from here, the DP size from the engine's own server info."""
+    """Engine pods found by label selector with the official Kubernetes client (the pod labels and annotations read:
+    :mod:`gateway.discovery.kubernetes`)"""
 
     label_selector: str = Field(min_length=1)
     """Kubernetes label selector of the engine pods, e.g. ``app.kubernetes.io/component=engine``."""

@@ -49,7 +49,7 @@ Series (all prefixed ``gateway_``):
 - ``engine_changes_total{change, source}``: changes to the engine set at runtime (``change``
   ``added``|``drained``|``undrained``|``removed``; ``source`` ``admin`` (the admin API), ``reload`` (the
   configuration file, on SIGHUP) or ``discovery``); ``engine_draining{engine}``: 1 while the engine takes no new
-  requests and finishes those in flight (:mod:`gateway.server.engine_set`); ``config_reloads_total{result}``
+  requests and finishes those in flight (:mod:`gateway.engine_set`); ``config_reloads_total{result}``
   (``applied``|``refused``). A removed engine's per-engine series are no longer exported.
 - ``prompt_tokens_estimate_ratio{model}``: the prompt tokens an engine reported (``usage.prompt_tokens``)
   divided by the gateway's estimate for the same request (1 is exact, 2 an estimate half the truth).

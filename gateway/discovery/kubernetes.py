@@ -1,7 +1,7 @@
 """Engines discovered as Kubernetes pods, with the official client (PyPI ``kubernetes``).
 
 Every pod that matches ``discovery.label_selector`` in the namespace is an engine once it is Ready (its ``Ready``
-condition true, a pod IP, not being deleted): it is added to the engine set (:mod:`gateway.server.engine_set`,
+condition true, a pod IP, not being deleted): it is added to the engine set (:mod:`gateway.engine_set`,
 source ``discovery``) under the pod's name, at ``http://<pod IP>:<port>``. A pod deleted, or no longer Ready, is
 drained and removed once its requests in flight have ended; a pod whose address or settings changed is removed and
 added again. Engines from the configuration file are never touched.
@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import HealthConfig, KubernetesDiscoveryConfig
+from gateway.engine_set import EngineSet, EngineSetError
 from gateway.engines.client import EngineClient
 from gateway.errors import UpstreamError
-from gateway.server.engine_set import EngineSet, EngineSetError
 
 log = logging.getLogger(__name__)
 

@@ -222,7 +222,7 @@ class LoadView:
             model for key, state in self._ranks.items() if state.spec.role == "prefill" for model in state.spec.models
         )
 
-    # -- the engine set (engines added and removed at runtime, :mod:`gateway.server.engine_set`) ---------
+    # -- the engine set (engines added and removed at runtime, :mod:`gateway.engine_set`) ---------
 
     def add_engine(self, spec: EngineSpec) -> None:
         """Add ``spec``'s engine and its DP ranks (idle, unscraped: local accounting until its first scrape).

@@ -201,7 +201,7 @@ class RemoteDispatcher(Dispatcher):
             placement, epoch = decode_placement(answer)
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceUnavailable(f"the scheduler service answered an unknown placement: {exc}") from exc
-        has_rank = self.view.has_rank  # live: engines come and go (gateway.server.engine_set)
+        has_rank = self.view.has_rank  # live: engines come and go (gateway.engine_set)
         if not has_rank(placement.rank) or (placement.decode_rank is not None and not has_rank(placement.decode_rank)):
             self._orphan(request_id, epoch)
             raise ServiceUnavailable(f"the scheduler service placed on {placement}, a rank this front door lacks")

@@ -1,5 +1,5 @@
 """The admin API of the engine set, under ``/admin/engines`` (admin key, :mod:`gateway.server.auth`): list, add,
-drain, undrain and remove engines at runtime (:mod:`gateway.server.engine_set`).
+drain, undrain and remove engines at runtime (:mod:`gateway.engine_set`).
 
 Errors are OpenAI-style: 400 for an invalid engine (validated as an ``engines`` entry of the configuration file, and
 against the engines there), 404 for an unknown name, 409 for a conflict (a name taken, an engine being removed, or a
@@ -16,8 +16,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from gateway.config import EngineConfig
+from gateway.engine_set import EngineSetError
 from gateway.errors import error_body
-from gateway.server.engine_set import EngineSetError
 from gateway.server.openapi import json_body
 from gateway.server.state import GatewayState, State
 

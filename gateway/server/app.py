@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway import __version__
 from gateway.config import Settings
 from gateway.discovery.kubernetes import KubernetesDiscovery
+from gateway.engine_set import EngineSet
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.errors import error_body
@@ -34,7 +35,6 @@ from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduler_service.remote import make_dispatcher
 from gateway.server.admin import router as admin_router
 from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
-from gateway.server.engine_set import EngineSet
 from gateway.server.proxy import ENGINE_PATHS, serve_completion
 from gateway.server.request_context import RequestContextMiddleware
 from gateway.server.routes import router

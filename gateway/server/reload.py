@@ -4,7 +4,7 @@ The file is read again with the same sources and overrides as at start (:class:`
 ``GATEWAY_*`` environment, the command line's options) and validated as at start. A file that does not validate is
 refused: one error log line naming the field, ``gateway_config_reloads_total{result="refused"}``, and the running
 configuration stays whole. A valid file's ``engines`` are applied to the running engine set
-(:meth:`EngineSet.apply <gateway.server.engine_set.EngineSet.apply>`): engines added, engines gone drained and
+(:meth:`EngineSet.apply <gateway.engine_set.EngineSet.apply>`): engines added, engines gone drained and
 removed once their requests in flight have ended, engines whose entry changed drained, removed and added again;
 ``gateway_config_reloads_total{result="applied"}``.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.server.engine_set import EngineSetError
+from gateway.engine_set import EngineSetError
 from gateway.server.state import GatewayState
 
 log = logging.getLogger(__name__)

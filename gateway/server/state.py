@@ -12,13 +12,13 @@ from fastapi import Depends, Request
 from gateway.config import Settings
 from gateway.discovery.kubernetes import KubernetesDiscovery
 from gateway.dispatch import Dispatcher
+from gateway.engine_set import EngineSet
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.load.health import HealthBook, RetryThrottle
 from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import LoadView
-from gateway.server.engine_set import EngineSet
 from gateway.telemetry import GatewayMetrics
 from gateway.tokens import PromptCounter
 

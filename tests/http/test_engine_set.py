@@ -1,4 +1,4 @@
-"""The engine set at runtime (:mod:`gateway.server.engine_set`) on a gateway in front of simulated engines: an engine
+"""The engine set at runtime (:mod:`gateway.engine_set`) on a gateway in front of simulated engines: an engine
 added takes requests once probed, a drained one takes no new request while those in flight finish, a removed one
 leaves the load view, its tasks and its metrics; removed by force, its requests fail cleanly."""
 
