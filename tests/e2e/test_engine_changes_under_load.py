@@ -130,3 +130,40 @@ async def test_adding_and_removing_engines_mid_replay_fails_nothing() -> None:
             assert total(text, "gateway_engine_changes_total", change="added", source="admin") == 1
             assert total(text, "gateway_engine_changes_total", change="removed", source="admin") == 1
             assert total(text, "gateway_inflight_requests") == 0
+
+
+async def test_draining_a_prefill_engine_of_a_pd_model_mid_replay_fails_nothing() -> None:
+    specs = [
+        SimulatedEngine("p1", "sglang", 2, MODEL, role="prefill"),
+        SimulatedEngine("p2", "sglang", 2, MODEL, role="prefill"),
+        SimulatedEngine("d1", "sglang", 4, MODEL, role="decode"),
+    ]
+    async with (
+        simulated_engines(specs, 10.0) as engines,
+        running_gateway(settings_for(engines)) as url,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        drained_at: dict[str, float] = {}
+
+        async def drain_p1() -> None:
+            await asyncio.sleep(1.0)
+            assert await gateway_count(http, url, "p1") > 0
+            answer = await http.post(url + "/admin/engines/p1/drain", headers=ADMIN)
+            assert answer.json()["state"] == "draining"
+            drained_at["p1"] = await gateway_count(http, url, "p1")
+
+        result, _ = await asyncio.gather(
+            replay(url, trace(seed=13, n=120, rate=30.0), model=MODEL, progress=False, api_key="admin"),
+            drain_p1(),
+        )
+        assert [r.error_detail for r in result.records if not r.ok] == []
+        assert len(result.records) == 120
+        assert await gateway_count(http, url, "p1") == drained_at["p1"]  # no prefill leg placed there after
+        assert await gateway_count(http, url, "p2") == 120 - drained_at["p1"]
+        assert await gateway_count(http, url, "d1") == 120
+        listed = (await http.get(url + "/admin/engines", headers=ADMIN)).json()["data"]
+        assert {e["name"]: (e["state"], e["inflight"]) for e in listed} == {
+            "p1": ("draining", 0),
+            "p2": ("ready", 0),
+            "d1": ("ready", 0),
+        }
