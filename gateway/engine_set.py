@@ -322,6 +322,7 @@ class EngineSet:
             self.health.hold(name, True)
             self.metrics.engine_draining.labels(name).set(1)
             self.metrics.engine_changes.labels("drained", source).inc()
+            self.dispatcher.notify_load_changed()  # the ranks' usability changed: whatever caches it must look again
             log.info("engine %s draining (%d requests in flight) by %s", name, self.view.engine_inflight(name), source)
         return self.status(name)
 
