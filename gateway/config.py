@@ -571,6 +571,28 @@ class SchedulerServiceConfig(_Strict):
         return self
 
 
+class KubernetesDiscoveryConfig(_Strict):
+    """Engine pods found by label selector with the official Kubernetes client (the pod labels and annotations read:
+    :mod:`gateway.discovery.kubernetes`)"""
+
+    label_selector: str = Field(min_length=1)
+    """Kubernetes label selector of the engine pods, e.g. ``app.kubernetes.io/component=engine``."""
+    namespace: str | None = None
+    """Namespace to watch; ``None``: the gateway pod's own (its service account's), else ``default``."""
+    api_url: str | None = None
+    """The API server to ask, without credentials (``kubectl proxy``, tests); ``None``: the in-cluster service
+    account, else the local kubeconfig."""
+    flavor: EngineFlavor | None = None
+    """Flavour of a pod without a ``sbs-gateway/flavor`` label (``None``: such a pod is skipped, with a warning)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """The engines' HTTP port, for a pod without a ``sbs-gateway/port`` annotation."""
+    models: list[str] = Field(default_factory=list)
+    """Models served by a pod without a ``sbs-gateway/models`` annotation (comma-separated names)."""
+    watch_timeout_s: PositiveFloat = 300.0
+    """Each watch asks the API server to end it after this long, seconds, and is started again from where it
+    was; the client also gives up on a silent connection after it (then lists again)."""
+
+
 class ShutdownConfig(_Strict):
     """Graceful shutdown on SIGTERM/SIGINT."""
 
@@ -756,6 +778,8 @@ class Settings(BaseSettings):
     scheduler_service: SchedulerServiceConfig | None = None
     """The scheduler service front doors share (:class:`SchedulerServiceConfig`); ``None``, the default, schedules in
     this process alone."""
+    discovery: KubernetesDiscoveryConfig | None = None
+    """Engines discovered at runtime as Kubernetes pods, besides ``engines`` (``None``: off)."""
     shutdown: ShutdownConfig = ShutdownConfig()
     security: SecurityConfig = SecurityConfig()
     tenants: TenantsConfig | None = None

@@ -203,6 +203,7 @@ async def running_stack(
         gateway = await exits.enter_async_context(running_gateway(gateway_settings, host=host, port=settings.port))
         await _wait_ready(gateway + "/ready", "the gateway")
         announce(f"gateway ({settings.policy}): {gateway}/v1")
+        announce(f"engines at runtime: {gateway}/admin/engines (list; POST to add, .../{{name}}/drain, DELETE)")
         prometheus = None
         if prometheus_config is not None and prometheus_binary is not None:
             port = prometheus_port or free_port(host)

@@ -46,6 +46,11 @@ Series (all prefixed ``gateway_``):
 - ``rejected_requests_total{reason}`` (``window_full``|``queue_deadline``|``draining``|``no_healthy_engine``):
   requests turned away with 429/503 before reaching an engine.
 - ``draining``: 1 once shutdown has begun.
+- ``engine_changes_total{change, source}``: changes to the engine set at runtime (``change``
+  ``added``|``drained``|``undrained``|``removed``; ``source`` ``admin`` (the admin API), ``reload`` (the
+  configuration file, on SIGHUP) or ``discovery``); ``engine_draining{engine}``: 1 while the engine takes no new
+  requests and finishes those in flight (:mod:`gateway.engine_set`); ``config_reloads_total{result}``
+  (``applied``|``refused``). A removed engine's per-engine series are no longer exported.
 - ``prompt_tokens_estimate_ratio{model}``: the prompt tokens an engine reported (``usage.prompt_tokens``)
   divided by the gateway's estimate for the same request (1 is exact, 2 an estimate half the truth).
 - ``prompt_token_correction{model}``: the factor the online correction scales each prompt-token estimate by
@@ -153,7 +158,10 @@ class _LoadCollector(Collector):
 
 class _WindowCollector(Collector):
     def __init__(
-        self, closed: Callable[[], Mapping[str, int]], aligned: Callable[[], Set[str]], engines: list[str]
+        self,
+        closed: Callable[[], Mapping[str, int]],
+        aligned: Callable[[], Set[str]],
+        engines: Callable[[], Sequence[str]],
     ) -> None:
         self._closed = closed
         self._aligned = aligned
@@ -173,7 +181,7 @@ class _WindowCollector(Collector):
             "1 while the gateway counts the engine as aligning prefill across its DP ranks itself",
             labels=["engine"],
         )
-        for engine in self._engines:
+        for engine in self._engines():
             aligned.add_metric([engine], 1 if engine in aligned_now else 0)
         yield closed
         yield aligned
@@ -307,6 +315,21 @@ class GatewayMetrics:
             ["tenant", "limit"],
             registry=r,
         )
+        self.engine_changes = Counter(
+            "gateway_engine_changes",
+            "Changes to the engine set at runtime, by change and source",
+            ["change", "source"],
+            registry=r,
+        )
+        self.engine_draining = Gauge(
+            "gateway_engine_draining",
+            "1 while the engine takes no new requests and finishes those in flight",
+            ["engine"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads", "Configuration file reloads (SIGHUP), by result", ["result"], registry=r
+        )
         self._request_counters: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
 
@@ -333,6 +356,23 @@ class GatewayMetrics:
         for name, flavor, role in engines:
             self.engine_info.labels(name, flavor, role).set(1)
 
+    def forget_engine(self, name: str) -> None:
+        """Stop exporting every series labelled with engine ``name`` (it left the gateway)."""
+        for family in (
+            self.dispatched,
+            self.dispatched_tokens,
+            self.scrapes,
+            self.scrape_errors,
+            self.engine_up,
+            self.engine_info,
+            self.health_checks,
+            self.upstream_failures,
+            self.upstream_retries,
+            self.pd_leg_failures,
+            self.engine_draining,
+        ):
+            family.remove_by_labels({"engine": name})
+
     def watch_load(
         self,
         snapshot: Callable[[], Sequence[RankLoad]],
@@ -347,11 +387,11 @@ class GatewayMetrics:
         self,
         closed_at_once: Callable[[], Mapping[str, int]],
         aligned: Callable[[], Set[str]],
-        engines: Sequence[str],
+        engines: Callable[[], Sequence[str]],
     ) -> None:
-        """Export the window's closes at once (``closed_at_once``: reason → count) and which of ``engines`` align
-        their own prefill (``aligned``), read at each scrape of ``/metrics``."""
-        self.registry.register(_WindowCollector(closed_at_once, aligned, list(engines)))
+        """Export the window's closes at once (``closed_at_once``: reason → count) and which of the ``engines()``
+        align their own prefill (``aligned``), read at each scrape of ``/metrics``."""
+        self.registry.register(_WindowCollector(closed_at_once, aligned, engines))
 
     def watch_prompt_tokens(self, corrections: Callable[[], Mapping[str, PromptTokenCorrection]]) -> None:
         """Export the prompt-token corrections: ``corrections`` (model → correction) is called at each scrape of

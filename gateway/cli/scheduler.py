@@ -29,9 +29,13 @@ def scheduler(
     front doors (gateway serve with scheduler_service.url set) consult per request.
 
     Every front door and the service read the same configuration (engines, policy, window, allocator); each
-    front door keeps scraping the engines, so it schedules alone at once when the service is down.
+    front door keeps scraping the engines, so it schedules alone at once when the service is down. SIGHUP reloads the
+    configuration file's engines (send it to the front doors too).
     """
+    import os
+
     from gateway.scheduler_service.supervisor import serve_scheduler
+    from gateway.server.reload import ConfigSource
 
     try:
         settings = load_settings(config_path, policy=policy)
@@ -40,4 +44,6 @@ def scheduler(
     if not settings.engines:
         raise click.UsageError("gateway scheduler needs the engines in its configuration (engines: [...])")
     configure_logging(log_level, settings.log.format)
-    serving.run(serve_scheduler(settings, host=host, port=port, unix_path=unix_socket))
+    path = config_path or os.environ.get("GATEWAY_CONFIG")
+    source = ConfigSource(path, {"policy": policy}) if path else None
+    serving.run(serve_scheduler(settings, host=host, port=port, unix_path=unix_socket, source=source))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import TYPE_CHECKING, cast
 
 import click
@@ -16,6 +17,7 @@ from gateway.logs import configure_logging
 
 if TYPE_CHECKING:
     from gateway.embedded import PdProtocol
+    from gateway.server.reload import ConfigSource
 
 log = logging.getLogger("gateway.cli")
 
@@ -85,44 +87,51 @@ def serve(
     at once; --pd starts a prefill and a decode engine instead, serving deepseek-v3 disaggregated.
     """
     security = {"api_keys_file": api_keys_file, "admin_keys_file": admin_keys_file}
+    overrides = {
+        "host": host,
+        "port": port,
+        "policy": policy,
+        "log": {"format": log_format} if log_format else None,
+        "security": {k: v for k, v in security.items() if v} or None,
+    }
     try:
-        settings = load_settings(
-            config_path,
-            host=host,
-            port=port,
-            policy=policy,
-            log={"format": log_format} if log_format else None,
-            security={k: v for k, v in security.items() if v} or None,
-        )
+        settings = load_settings(config_path, **overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    from gateway.server.reload import ConfigSource
+
+    path = config_path or os.environ.get("GATEWAY_CONFIG")
+    source = ConfigSource(path, overrides) if path else None
     if pd is not None and settings.engines:
         raise click.UsageError("--pd chooses the embedded engines, but the configuration lists engines of its own")
     configure_logging(log_level, settings.log.format)
     if workers > 1:
         status = 0
         with contextlib.suppress(KeyboardInterrupt):  # before the supervisor's own signal handling is in place
-            status = serving.run(_serve_workers(settings, log_level, cast("PdProtocol | None", pd), workers))
+            status = serving.run(_serve_workers(settings, log_level, cast("PdProtocol | None", pd), workers, source))
         if status:
             raise SystemExit(status)
         return
     with contextlib.suppress(KeyboardInterrupt):
-        serving.run(_serve(settings, log_level, cast("PdProtocol | None", pd)))
+        serving.run(_serve(settings, log_level, cast("PdProtocol | None", pd), source))
 
 
-async def _serve_workers(settings: Settings, log_level: str, pd: PdProtocol | None, workers: int) -> int:
+async def _serve_workers(
+    settings: Settings, log_level: str, pd: PdProtocol | None, workers: int, source: ConfigSource | None
+) -> int:
     from gateway.scheduler_service.supervisor import supervise
 
     async with contextlib.AsyncExitStack() as exits:
+        embedded = not settings.engines and settings.discovery is None
         settings = await _with_engines(exits, settings, pd)
-        return await supervise(settings, workers, log_level)
+        return await supervise(settings, workers, log_level, source=source, embedded=embedded)
 
 
 async def _with_engines(exits: contextlib.AsyncExitStack, settings: Settings, pd: PdProtocol | None) -> Settings:
     """``settings``, with the embedded simulated engines started in ``exits`` when it lists none."""
     from gateway.embedded import embedded_engines
 
-    if not settings.engines:
+    if not settings.engines and settings.discovery is None:
         engines = await exits.enter_async_context(embedded_engines(settings.embedded_speed, pd=pd))
         if pd is not None:  # the simulated decode engine reads KV from the prefill's over httpx: a line a request
             logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -138,11 +147,16 @@ async def _with_engines(exits: contextlib.AsyncExitStack, settings: Settings, pd
     return settings
 
 
-async def _serve(settings: Settings, log_level: str, pd: PdProtocol | None = None) -> None:
+async def _serve(
+    settings: Settings, log_level: str, pd: PdProtocol | None = None, source: ConfigSource | None = None
+) -> None:
     from gateway.server.app import begin_drain, create_app
+    from gateway.server.reload import ReloadOnSignal
+    from gateway.server.state import GatewayState
     from gateway.serving import DrainingServer
 
     async with contextlib.AsyncExitStack() as exits:
+        embedded = not settings.engines and settings.discovery is None
         settings = await _with_engines(exits, settings, pd)
         try:
             app = create_app(settings)
@@ -164,4 +178,10 @@ async def _serve(settings: Settings, log_level: str, pd: PdProtocol | None = Non
             settings.port,
             ", ".join(settings.served_models()),
         )
-        await DrainingServer(config, on_drain=lambda: begin_drain(app)).serve()
+
+        def running_state() -> GatewayState | None:
+            state = getattr(app.state, "gateway", None)
+            return state if isinstance(state, GatewayState) else None
+
+        with ReloadOnSignal(running_state, source, embedded=embedded):  # SIGHUP reloads the configuration file
+            await DrainingServer(config, on_drain=lambda: begin_drain(app)).serve()

@@ -10,7 +10,8 @@ with ``bench/upstream_client.py``). Every aiohttp failure is translated here int
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -27,7 +28,7 @@ def _remaining(deadline: float) -> float:
     return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class UpstreamResponse:
     """An engine's answer whose headers have arrived; the body is read with :meth:`read` or :meth:`next_chunk`.
 
@@ -44,6 +45,10 @@ class UpstreamResponse:
     content_type: str
     deadline: float
     _resp: aiohttp.ClientResponse
+    url: str = ""
+    """The URL the request went to."""
+    _open: set[UpstreamResponse] | None = None
+    """The client's open answers, which this one leaves when closed."""
 
     async def read(self) -> bytes:
         """The whole body, by :attr:`deadline`.
@@ -91,6 +96,8 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Release the response; if the body was not read to the end, the connection is closed."""
+        if self._open is not None:
+            self._open.discard(self)
         if self._resp.content.at_eof():
             self._resp.release()
         else:
@@ -113,6 +120,29 @@ class EngineClient:
         connector = aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_S)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=None)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        self._open: set[UpstreamResponse] = set()
+        self._aborted: dict[str, int] = {}
+        """Base URLs whose answers are being aborted (:meth:`abort`), with how many aborts are under way."""
+
+    @contextlib.contextmanager
+    def abort(self, base_url: str) -> Iterator[int]:
+        """Abort every request to ``base_url`` (an engine removed by force): each answer open now is closed, so its
+        reader fails with :class:`~gateway.errors.UpstreamError` as if the engine's connection broke (the engine
+        aborts the request), and, for as long as the context lasts, an answer whose headers arrive is closed at once
+        with :class:`~gateway.errors.UpstreamUnavailableError`. Yields how many open answers were closed."""
+        prefix = base_url.rstrip("/") + "/"
+        self._aborted[prefix] = self._aborted.get(prefix, 0) + 1
+        try:
+            closed = [a for a in self._open if a.url.startswith(prefix)]
+            for answer in closed:
+                answer.close()
+            yield len(closed)
+        finally:
+            left = self._aborted[prefix] - 1
+            if left:
+                self._aborted[prefix] = left
+            else:
+                del self._aborted[prefix]
 
     async def __aenter__(self) -> EngineClient:
         return self
@@ -186,7 +216,12 @@ class EngineClient:
                     raise UpstreamUnavailableError(f"engine connection failed: {exc}") from exc
             except aiohttp.ClientError as exc:
                 raise UpstreamError(f"engine request failed: {exc}") from exc
-        return UpstreamResponse(resp.status, resp.headers.get("Content-Type", ""), deadline, resp)
+        if self._aborted and any(url.startswith(prefix) for prefix in self._aborted):
+            resp.close()
+            raise UpstreamUnavailableError(f"the engine at {url} is being removed")
+        answer = UpstreamResponse(resp.status, resp.headers.get("Content-Type", ""), deadline, resp, url, self._open)
+        self._open.add(answer)
+        return answer
 
     async def get_text(self, url: str, timeout_s: float, max_bytes: int) -> str:
         """GET a text resource (an engine's ``/metrics``) with a total timeout and a size bound.

@@ -38,8 +38,9 @@ class PerEngineLoop(ABC):
         self._interval_s = interval_s
         self._task_prefix = task_prefix
         self._clock = clock
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
+        self._started = False
 
     @abstractmethod
     async def once(self, engine: Engine) -> bool:
@@ -56,7 +57,41 @@ class PerEngineLoop(ABC):
     async def start(self) -> None:
         """Run :meth:`once` for every engine, then keep running it on the interval."""
         await asyncio.gather(*(self.once(e) for e in self._engines))
-        self._tasks = [asyncio.create_task(self._loop(e), name=f"{self._task_prefix}-{e.name}") for e in self._engines]
+        for engine in self._engines:
+            self._spawn(engine)
+        self._started = True
+
+    def _spawn(self, engine: Engine) -> None:
+        self._tasks[engine.name] = asyncio.create_task(self._loop(engine), name=f"{self._task_prefix}-{engine.name}")
+
+    @property
+    def engine_names(self) -> list[str]:
+        """The engines it runs for."""
+        return [e.name for e in self._engines]
+
+    async def add(self, engine: Engine) -> bool:
+        """Take ``engine`` in at runtime: run :meth:`once` for it now, then (once started) on the interval; return
+        what :meth:`once` returned.
+
+        Raises:
+            ValueError: an engine of that name is already taken in.
+        """
+        if any(e.name == engine.name for e in self._engines):
+            raise ValueError(f"engine {engine.name!r} is already taken in")
+        self._engines.append(engine)
+        ok = await self.once(engine)
+        if self._started and not self._stopping and any(e is engine for e in self._engines):
+            self._spawn(engine)
+        return ok
+
+    async def remove(self, name: str) -> None:
+        """Stop running for engine ``name`` (its task ends before this returns); unknown names are ignored."""
+        self._engines = [e for e in self._engines if e.name != name]
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def stop(self) -> None:
         """Stop the tasks and wait until they have ended.
@@ -66,9 +101,10 @@ class PerEngineLoop(ABC):
         :meth:`gateway.engines.client.EngineClient.get_text`).
         """
         self._stopping = True
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
+        self._tasks = {}

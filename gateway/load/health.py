@@ -129,6 +129,8 @@ class HealthBook:
         self._ranks: dict[RankKey, CircuitBreaker] = {}
         self._engines: dict[str, CircuitBreaker] = {}
         self._engine_ranks: dict[str, list[RankKey]] = {}
+        self._held: set[str] = set()
+        """Engines that take no new requests whatever their breakers say (draining, or added and not probed yet)."""
         for key in ranks:
             self._ranks[key] = self._new(trial_by_request=True)
             self._engines.setdefault(key.engine, self._new(trial_by_request=False))
@@ -137,6 +139,54 @@ class HealthBook:
         """Ranks whose own breaker is not closed."""
         self._unsure_engines: set[str] = set()
         """Engines whose breaker is not closed."""
+
+    def add_engine(self, name: str, dp_size: int, *, held: bool = True) -> None:
+        """Add the breakers of engine ``name`` and its ``dp_size`` DP ranks (closed); ``held`` keeps new requests
+        away until :meth:`hold` releases it (an engine added at runtime waits for its first probe).
+
+        Raises:
+            ValueError: the engine is already known.
+        """
+        if name in self._engines:
+            raise ValueError(f"engine {name!r} already has breakers")
+        self._engines[name] = self._new(trial_by_request=False)
+        keys = [RankKey(name, rank) for rank in range(dp_size)]
+        for key in keys:
+            self._ranks[key] = self._new(trial_by_request=True)
+        self._engine_ranks[name] = keys
+        if held:
+            self._held.add(name)
+
+    def remove_engine(self, name: str) -> None:
+        """Drop the breakers of engine ``name`` and its ranks.
+
+        Raises:
+            KeyError: unknown engine.
+        """
+        del self._engines[name]
+        for key in self._engine_ranks.pop(name):
+            del self._ranks[key]
+            self._unsure_ranks.discard(key)
+        self._unsure_engines.discard(name)
+        self._held.discard(name)
+
+    def hold(self, name: str, held: bool) -> None:
+        """Keep new requests off engine ``name`` (``held``), or let them through again as its breakers allow: a
+        draining engine is held; requests in flight there are not affected.
+
+        Raises:
+            KeyError: unknown engine.
+        """
+        if name not in self._engines:
+            raise KeyError(name)
+        if held:
+            self._held.add(name)
+        else:
+            self._held.discard(name)
+
+    def held(self, name: str) -> bool:
+        """Whether engine ``name`` is held (:meth:`hold`)."""
+        return name in self._held
 
     def _new(self, *, trial_by_request: bool) -> CircuitBreaker:
         c = self.config
@@ -165,17 +215,20 @@ class HealthBook:
 
     def usable(self, key: RankKey, now: float) -> bool:
         """Whether a new request may be placed on ``key`` at ``now`` (its engine's and its own breaker allow it)."""
+        if self._held and key.engine in self._held:
+            return False
         return self._engines[key.engine].allows(now) and self._ranks[key].allows(now)
 
     def unsure(self) -> Collection[RankKey]:
-        """The ranks :meth:`usable` may refuse: those whose own breaker or whose engine's is not closed. A closed
-        breaker allows every request whatever the time, and only this book's ``record_*`` methods close or open
-        one, so every other rank is usable until one of them is called (the load view asks :meth:`usable` of these
-        ranks only). Read it at once; do not keep or change it."""
-        if not self._unsure_engines:
+        """The ranks :meth:`usable` may refuse: those whose own breaker or whose engine's is not closed, and those
+        of a held engine. A closed breaker allows every request whatever the time, and only this book's
+        ``record_*`` methods (and :meth:`hold`) change that, so every other rank is usable until one of them is
+        called (the load view asks :meth:`usable` of these ranks only). Read it at once; do not keep or change
+        it."""
+        if not self._unsure_engines and not self._held:
             return self._unsure_ranks
         out = set(self._unsure_ranks)
-        for name in self._unsure_engines:
+        for name in self._unsure_engines | self._held:
             out.update(self._engine_ranks[name])
         return out
 

@@ -48,7 +48,7 @@ class LiveLoads:
     def refresh(self, now: float) -> None:
         """Bring :attr:`loads` up to ``now`` (:meth:`LoadView.refresh <gateway.load.view.LoadView.refresh>`):
         O(engines + ranks changed since the last refresh)."""
-        if not self.layout:
+        if not self.layout or self._watch.reset:
             self._rebuild(now)
             return
         view = self._view
@@ -79,6 +79,7 @@ class LiveLoads:
         self.loads = self._view.snapshot(now, self._roles)
         self._position = {load.key: i for i, load in enumerate(self.loads)}
         self._watch.keys.clear()
+        self._watch.reset = False
         for dirty in self._subscribers:
             dirty.clear()
         self.layout += 1

@@ -86,6 +86,19 @@ class HealthProber(PerEngineLoop):
         if changed and self._on_change is not None:
             self._on_change()
 
+    async def add(self, engine: Engine) -> bool:
+        """Probe ``engine``, added at runtime, now and then on the interval; return whether the probe succeeded
+        (:meth:`PerEngineLoop.add`)."""
+        if engine.config.prefill_alignment == "auto" and engine.adapter.server_info_path is not None:
+            self._alignment_unread.add(engine.name)
+        return await super().add(engine)
+
+    async def remove(self, name: str) -> None:
+        """Stop probing engine ``name``."""
+        await super().remove(name)
+        self._alignment_unread.discard(name)
+        self._last_state.pop(name, None)
+
     async def once(self, engine: Engine) -> bool:
         """Probe one engine now, record the result and return it. Never raises."""
         try:

@@ -103,6 +103,11 @@ class MetricsScraper(PerEngineLoop):
         self._config = config
         self._loads_failures: dict[str, int] = {}
 
+    async def remove(self, name: str) -> None:
+        """Stop scraping engine ``name``."""
+        await super().remove(name)
+        self._loads_failures.pop(name, None)
+
     def reads_loads(self, engine: Engine) -> bool:
         """Whether scrapes of ``engine`` also read its per-rank load endpoint (see the module docstring)."""
         return (

@@ -168,12 +168,14 @@ class _EngineState:
 class RankWatch:
     """The ranks whose snapshot entry :meth:`LoadView.refresh` replaced since the watch's owner last emptied
     :attr:`keys` (:meth:`LoadView.watch`): a consumer that keeps something per rank (an index of the ranks by load)
-    updates those ranks only."""
+    updates those ranks only. :attr:`reset` is set when the view's set of ranks changed (an engine added or
+    removed): the consumer takes the whole snapshot again and clears it."""
 
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "reset")
 
     def __init__(self) -> None:
         self.keys: set[RankKey] = set()
+        self.reset = False
 
 
 class LoadView:
@@ -233,10 +235,61 @@ class LoadView:
         self._inflight: dict[str, _InFlight] = {}
         self._decode: dict[str, _InFlight] = {}
         """Decode legs of P/D requests, by request id."""
-        self._pd_models = frozenset(
+        self._pd_models = self._prefill_models()
+        self._nonstream_due: list[tuple[float, str]] = []
+
+    def _prefill_models(self) -> frozenset[str]:
+        return frozenset(
             model for key, state in self._ranks.items() if state.spec.role == "prefill" for model in state.spec.models
         )
-        self._nonstream_due: list[tuple[float, str]] = []
+
+    # -- the engine set (engines added and removed at runtime, :mod:`gateway.engine_set`) ---------
+
+    def add_engine(self, spec: EngineSpec) -> None:
+        """Add ``spec``'s engine and its DP ranks (idle, unscraped: local accounting until its first scrape).
+
+        Raises:
+            ValueError: an engine of that name is already in the view.
+        """
+        if spec.name in self._engines:
+            raise ValueError(f"engine {spec.name!r} is already in the load view")
+        engine = self._engines[spec.name] = _EngineState()
+        for rank in range(spec.dp_size):
+            key = RankKey(spec.name, rank)
+            state = self._ranks[key] = _RankState(spec, key, engine, len(engine.states))
+            engine.ranks.append(key)
+            engine.states.append(state)
+        self._pd_models = self._prefill_models()
+        for watch in self._watches:
+            watch.reset = True
+
+    def remove_engine(self, name: str) -> None:
+        """Drop engine ``name`` and its ranks: their load leaves every snapshot. Call it once no request is in flight
+        there (:meth:`engine_inflight`); any still recorded is forgotten with the ranks.
+
+        Raises:
+            KeyError: ``name`` is unknown.
+        """
+        estate = self._engines.pop(name)
+        for key in estate.ranks:
+            del self._ranks[key]
+            self._frozen.pop(key, None)
+        for table in (self._inflight, self._decode):
+            for request_id in [r for r, item in table.items() if item.key.engine == name]:
+                del table[request_id]
+        self._refused.difference_update(estate.ranks)
+        self._pd_models = self._prefill_models()
+        for watch in self._watches:
+            watch.reset = True
+
+    def has_rank(self, key: RankKey) -> bool:
+        """Whether ``key`` is a rank of the view."""
+        return key in self._ranks
+
+    def engine_inflight(self, name: str) -> int:
+        """Requests in flight on engine ``name``'s ranks (a P/D request counts on each engine holding a leg)."""
+        tables = (self._inflight, self._decode) if self._decode else (self._inflight,)
+        return sum(1 for table in tables for item in table.values() if item.key.engine == name)
 
     @property
     def engine_names(self) -> list[str]:

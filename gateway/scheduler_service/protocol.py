@@ -21,6 +21,7 @@ Event shapes (JSON arrays, the first element names the kind, the second is the a
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,7 +258,7 @@ def event_times(events: list[Event], received: float, last_s: float) -> list[flo
     return out
 
 
-def apply_progress(dispatcher: Dispatcher, event: Event, when: float, engines: frozenset[str]) -> None:
+def apply_progress(dispatcher: Dispatcher, event: Event, when: float, engines: Container[str]) -> None:
     """Apply one progress event (``f``, ``t``, ``e`` or ``p``) to ``dispatcher`` at ``when``; tokens from an engine
     not in ``engines`` are ignored.
 

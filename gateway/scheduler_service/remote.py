@@ -117,7 +117,6 @@ class RemoteDispatcher(Dispatcher):
         """Whether requests are placed through the service now (``False``: locally, until a probe succeeds)."""
         self.epoch: str | None = None
         """The epoch of the service run that answered last."""
-        self._ranks = frozenset(view.keys)
         self._placed_by: dict[str, str] = {}
         self._orphans: dict[str, str] = {}
         self._asking: dict[str, asyncio.Task[Any]] = {}
@@ -202,9 +201,8 @@ class RemoteDispatcher(Dispatcher):
             placement, epoch = decode_placement(answer)
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceUnavailable(f"the scheduler service answered an unknown placement: {exc}") from exc
-        if placement.rank not in self._ranks or (
-            placement.decode_rank is not None and placement.decode_rank not in self._ranks
-        ):
+        has_rank = self.view.has_rank  # live: engines come and go (gateway.engine_set)
+        if not has_rank(placement.rank) or (placement.decode_rank is not None and not has_rank(placement.decode_rank)):
             self._orphan(request_id, epoch)
             raise ServiceUnavailable(f"the scheduler service placed on {placement}, a rank this front door lacks")
         self.epoch = epoch

@@ -142,8 +142,7 @@ class SchedulerService:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._cancelling: set[str] = set()
         self._last_event_s = -math.inf
-        self._engines = frozenset(state.engines)
-        self._ranks = frozenset(state.view.keys)
+        self._engines = state.engines  # live: the engine set changes it in place
 
     def application(self) -> web.Application:
         """The aiohttp application serving the routes."""
@@ -280,7 +279,8 @@ class SchedulerService:
             ValueError: an unknown rank or scope.
         """
         key = decode_rank(event[2])
-        if key is None or key not in self._ranks:
+        configured = None if key is None else self._engines.get(key.engine)
+        if key is None or configured is None or not 0 <= key.rank < configured.config.dp_size:
             raise ValueError(f"an outcome on an unknown rank {event[2]!r}")
         scope = event[3]
         health = self.state.health
@@ -312,7 +312,7 @@ class SchedulerService:
             body = await request.json()
             key = RankKey(str(body["engine"]), int(body["rank"]))
             model = str(body["model"])
-            if key not in self._ranks:
+            if not self.state.view.has_rank(key):
                 raise ValueError(f"unknown rank {key}")
         except (KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": {"kind": "bad_request", "message": str(exc)}}, status=400)
@@ -362,6 +362,8 @@ async def running_service(
         await state.scraper.start()
         await state.prober.start()
         await state.dispatcher.start()
+        if state.discovery is not None:
+            await state.discovery.start()
         expiry = asyncio.create_task(service._expiry_loop(), name="gateway-scheduler-expiry")
         site: web.BaseSite
         if unix_path is not None:
@@ -383,6 +385,9 @@ async def running_service(
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
         await runner.cleanup()
+        if state.discovery is not None:
+            await state.discovery.stop()
+        await state.engine_set.aclose()
         await state.dispatcher.stop()
         await state.prober.stop()
         await state.scraper.stop()

@@ -10,6 +10,10 @@ started and watched by the ``gateway serve`` process.
 - Without engines in the configuration, the embedded simulated engines run in the supervisor process.
 - A child that dies is restarted (the front doors schedule locally while the service restarts); more than
   :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW_S` stop everything with exit status 1.
+- SIGHUP: passed on to every child, each of which reloads the configuration file itself
+  (:mod:`gateway.server.reload`): the same file, validated the same way, gives the front doors and the service the
+  same engines; the supervisor reads it too, so that a child restarted later starts with them. The engine set is
+  changed this way only: the admin API's changes are refused on a front door, since they would reach one process.
 - SIGINT or SIGTERM: the front doors are told first (each drains as a single gateway does), then the service;
   children still running after ``shutdown.drain_timeout_s`` plus :data:`STOP_GRACE_S` are killed. Should the
   supervisor itself be killed, the kernel sends each child SIGTERM (Linux's parent-death signal).
@@ -26,6 +30,7 @@ import ctypes
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import signal
 import socket
 import sys
@@ -34,9 +39,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import serving
-from gateway.config import SchedulerServiceConfig, Settings
+from gateway.config import ConfigError, SchedulerServiceConfig, Settings
+
+if TYPE_CHECKING:
+    from gateway.server.reload import ConfigSource
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -74,20 +83,28 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def front_door_main(settings: Settings, log_level: str, worker: int) -> None:
-    """A front-door child: the gateway app under uvicorn on ``settings.host:settings.port`` (``SO_REUSEPORT``)."""
+def front_door_main(
+    settings: Settings, log_level: str, worker: int, source: ConfigSource | None = None, embedded: bool = False
+) -> None:
+    """A front-door child: the gateway app under uvicorn on ``settings.host:settings.port`` (``SO_REUSEPORT``);
+    SIGHUP reloads ``source`` (the gateway runs embedded engines when ``embedded``)."""
     from gateway.logs import configure_logging
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place: a SIGHUP must not end it
     _die_with_parent()
     configure_logging(log_level, settings.log.format)
     with contextlib.suppress(KeyboardInterrupt):
-        serving.run(_front_door(settings, log_level, worker))
+        serving.run(_front_door(settings, log_level, worker, source, embedded))
 
 
-async def _front_door(settings: Settings, log_level: str, worker: int) -> None:
+async def _front_door(
+    settings: Settings, log_level: str, worker: int, source: ConfigSource | None, embedded: bool
+) -> None:
     import uvicorn
 
     from gateway.server.app import begin_drain, create_app
+    from gateway.server.reload import ReloadOnSignal
+    from gateway.server.state import GatewayState
     from gateway.serving import DrainingServer
 
     sock = _reuseport_socket(settings.host, settings.port)
@@ -100,18 +117,29 @@ async def _front_door(settings: Settings, log_level: str, worker: int) -> None:
         timeout_graceful_shutdown=settings.shutdown.drain_timeout_s,
     )
     log.info("front door %d (pid %d) serving on port %d", worker, _pid(), settings.port)
-    await DrainingServer(config, on_drain=lambda: begin_drain(app)).serve(sockets=[sock])
+
+    def running_state() -> GatewayState | None:
+        state = getattr(app.state, "gateway", None)
+        return state if isinstance(state, GatewayState) else None
+
+    with ReloadOnSignal(running_state, source, embedded=embedded):
+        await DrainingServer(config, on_drain=lambda: begin_drain(app)).serve(sockets=[sock])
 
 
-def service_main(settings: Settings, log_level: str, unix_path: str) -> None:
+def service_main(
+    settings: Settings, log_level: str, unix_path: str, source: ConfigSource | None = None, embedded: bool = False
+) -> None:
     """The scheduler service's child: serves on ``unix_path`` until SIGTERM (SIGINT is ignored: the supervisor stops
-    the service last)."""
+    the service last); SIGHUP reloads ``source``."""
     from gateway.logs import configure_logging
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place: a SIGHUP must not end it
     _die_with_parent()
     configure_logging(log_level, settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every child: the service stops last, on SIGTERM
-    serving.run(serve_scheduler(settings, unix_path=unix_path, signals=(signal.SIGTERM,)))
+    serving.run(
+        serve_scheduler(settings, unix_path=unix_path, signals=(signal.SIGTERM,), source=source, embedded=embedded)
+    )
 
 
 async def serve_scheduler(
@@ -121,16 +149,21 @@ async def serve_scheduler(
     port: int = 0,
     unix_path: str | None = None,
     signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+    source: ConfigSource | None = None,
+    embedded: bool = False,
 ) -> None:
-    """Run the scheduler service until one of ``signals`` (``gateway scheduler``, and the service's child)."""
+    """Run the scheduler service until one of ``signals`` (``gateway scheduler``, and the service's child); SIGHUP
+    reloads ``source`` (:mod:`gateway.server.reload`)."""
     from gateway.scheduler_service.service import running_service
+    from gateway.server.reload import ReloadOnSignal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    async with running_service(settings, host=host, port=port, unix_path=unix_path):
-        await stop.wait()
+    async with running_service(settings, host=host, port=port, unix_path=unix_path) as (service, _):
+        with ReloadOnSignal(lambda: service.state, source, embedded=embedded):
+            await stop.wait()
     log.info("scheduler service stopped")
 
 
@@ -160,7 +193,17 @@ class Supervisor:
         socket_dir: the directory of the service's Unix socket.
     """
 
-    def __init__(self, settings: Settings, workers: int, log_level: str, socket_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workers: int,
+        log_level: str,
+        socket_dir: Path,
+        source: ConfigSource | None = None,
+        embedded: bool = False,
+    ) -> None:
+        self.source = source
+        self.embedded = embedded
         self.context = multiprocessing.get_context("spawn")
         self.unix_path = str(socket_dir / "scheduler.sock")
         base = settings.scheduler_service or SchedulerServiceConfig(url="unix:/")
@@ -175,7 +218,9 @@ class Supervisor:
 
     def _start_service(self) -> multiprocessing.process.BaseProcess:
         process = self.context.Process(
-            target=service_main, args=(self.settings, self.log_level, self.unix_path), name="gateway-scheduler"
+            target=service_main,
+            args=(self.settings, self.log_level, self.unix_path, self.source, self.embedded),
+            name="gateway-scheduler",
         )
         process.start()
         return process
@@ -184,7 +229,7 @@ class Supervisor:
         def start() -> multiprocessing.process.BaseProcess:
             process = self.context.Process(
                 target=front_door_main,
-                args=(self.front_settings, self.log_level, worker),
+                args=(self.front_settings, self.log_level, worker, self.source, self.embedded),
                 name=f"gateway-front-door-{worker}",
             )
             process.start()
@@ -201,6 +246,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         try:
             self.service.process = self.service.start()
             try:
@@ -225,6 +271,25 @@ class Supervisor:
         finally:
             await self._stop_all()
         return 1 if self.failed else 0
+
+    def _on_reload(self) -> None:
+        """SIGHUP: every child reloads the configuration itself; the supervisor takes the file's engines for the
+        children it starts from now on (a file that does not validate changes nothing, here as in the children)."""
+        for child in self.children:
+            if child.process is not None and child.process.is_alive() and child.process.pid is not None:
+                os.kill(child.process.pid, signal.SIGHUP)
+        if self.source is None or self.embedded:
+            return
+        try:
+            engines = self.source.load().engines
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not valid, the children keep theirs: %s", str(exc).replace("\n", " "))
+            return
+        self.settings = self.settings.model_copy(update={"engines": engines})
+        self.front_settings = self.front_settings.model_copy(update={"engines": engines})
+        log.info(
+            "SIGHUP: passed on to the front doors and the scheduler service (engines now %s)", [e.name for e in engines]
+        )
 
     def _on_signal(self, sig: int) -> None:
         if not self.stopping:
@@ -291,8 +356,11 @@ class Supervisor:
                 process.join(timeout=5)
 
 
-async def supervise(settings: Settings, workers: int, log_level: str) -> int:
-    """Run ``workers`` front doors and the scheduler service (module docstring); return the exit status.
+async def supervise(
+    settings: Settings, workers: int, log_level: str, *, source: ConfigSource | None = None, embedded: bool = False
+) -> int:
+    """Run ``workers`` front doors and the scheduler service (module docstring); return the exit status. SIGHUP
+    reloads ``source`` in every child (``embedded``: the engines are the embedded simulated ones).
 
     The port is held by the supervisor (bound with ``SO_REUSEPORT``, not listening) for the whole run.
     """
@@ -300,6 +368,6 @@ async def supervise(settings: Settings, workers: int, log_level: str) -> int:
     settings = settings.model_copy(update={"port": reserved.getsockname()[1]})
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-") as socket_dir:
-            return await Supervisor(settings, workers, log_level, Path(socket_dir)).run()
+            return await Supervisor(settings, workers, log_level, Path(socket_dir), source, embedded).run()
     finally:
         reserved.close()

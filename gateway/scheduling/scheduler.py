@@ -55,7 +55,7 @@ from gateway.scheduling.allocators import ALLOCATORS, Allocator
 from gateway.scheduling.baselines import make_immediate_policy
 from gateway.scheduling.baselines.base import ImmediatePolicy, LivePolicy
 from gateway.scheduling.fairness import ClassOrder, VirtualTokenCounter, free_by_model
-from gateway.scheduling.pd import DecodeAllocation, choose_avoiding, decode_leg_policy, prefill_leg_policy
+from gateway.scheduling.pd import choose_avoiding, decode_leg_policy, prefill_leg_policy
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_aligned_close import (
     CloseAtOnceReason,
@@ -468,15 +468,14 @@ class Scheduler:
         decode_policy = pd.decode_policy or ("sbs" if policy == "sbs" else policy)
         phase_aware = "phase_aware" in (policy, pd.prefill_policy, decode_policy)
         steps = PhasePlacement(allocator, decode, self.step_clock, self.prefix) if phase_aware else None
-        if view.pd_models:
-            self.legs = PdLegs(
-                view,
-                self.prefix,
-                prefill_leg_policy(pd.prefill_policy, seed, steps),
-                decode_leg_policy(decode_policy, decode, seed, steps),
-            )
-        else:  # no P/D model: the legs are never asked
-            self.legs = PdLegs(view, self.prefix, None, DecodeAllocation(decode))
+        # built whether or not a P/D model is served now: engines added at runtime may bring one (the legs are
+        # asked only for a P/D model's requests)
+        self.legs = PdLegs(
+            view,
+            self.prefix,
+            prefill_leg_policy(pd.prefill_policy, seed, steps),
+            decode_leg_policy(decode_policy, decode, seed, steps),
+        )
         self._aligned: set[str] = set()
         self._mode: _Mode
         self.fairness: VirtualTokenCounter | None = None
@@ -560,6 +559,14 @@ class Scheduler:
             self._aligned.add(engine)
         else:
             self._aligned.discard(engine)
+
+    def forget_engine(self, engine: str) -> None:
+        """``engine`` left the gateway (its ranks already left the load view): drop its prefix-cache blocks, its
+        step-time model and its prefill alignment."""
+        if self.prefix is not None:
+            self.prefix.forget(engine)
+        self.step_clock.forget(engine)
+        self._aligned.discard(engine)
 
     @property
     def prefill_aligned_engines(self) -> frozenset[str]:

@@ -221,6 +221,12 @@ class StepClock:
             clock = self._engines[engine] = _EngineClock(model)
         return clock
 
+    def forget(self, engine: str) -> None:
+        """Drop everything learnt of ``engine`` (it left the gateway)."""
+        self._engines.pop(engine, None)
+        for key in [k for k in self.current_step_tokens if k.engine == engine]:
+            del self.current_step_tokens[key]
+
     def on_tokens(self, engine: str, now: float) -> bool:
         """A chunk of tokens from ``engine`` arrived at ``now``; return whether it opened a new step.
 

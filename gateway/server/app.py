@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.config import Settings
+from gateway.discovery.kubernetes import KubernetesDiscovery
+from gateway.engine_set import EngineSet
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.errors import error_body
@@ -31,6 +33,7 @@ from gateway.load.prober import HealthProber
 from gateway.load.scraper import MetricsScraper
 from gateway.load.view import EngineSpec, LoadView
 from gateway.scheduler_service.remote import make_dispatcher
+from gateway.server.admin import router as admin_router
 from gateway.server.auth import ApiKeyMiddleware, KeyRing, key_rings
 from gateway.server.proxy import ENGINE_PATHS, serve_completion
 from gateway.server.request_context import RequestContextMiddleware
@@ -81,7 +84,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
     metrics.watch_window(
         dispatcher.scheduler.closed_at_once,
         lambda: dispatcher.scheduler.prefill_aligned_engines,
-        [e.name for e in settings.engines],
+        lambda: view.engine_names,
     )
     client = EngineClient(settings.upstream)
     prober = HealthProber(
@@ -102,12 +105,26 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         settings.scrape,
         clock=clock,
     )
+    models = settings.served_models()
+    engine_set = EngineSet(
+        settings,
+        engines,
+        models,
+        view=view,
+        health=health,
+        dispatcher=dispatcher,
+        scraper=scraper,
+        prober=prober,
+        client=client,
+        metrics=metrics,
+        clock=clock,
+    )
     return GatewayState(
         settings=settings,
         metrics=metrics,
         client=client,
         engines=engines,
-        models=settings.served_models(),
+        models=models,
         view=view,
         dispatcher=dispatcher,
         scraper=scraper,
@@ -119,6 +136,10 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         prompt_counter=prompt_counter,
         clock=clock,
         response_homes=ResponseHomes(settings.responses.max_remembered, settings.responses.ttl_s),
+        engine_set=engine_set,
+        discovery=None
+        if settings.discovery is None
+        else KubernetesDiscovery(settings.discovery, engine_set, client, settings.health),
     )
 
 
@@ -188,8 +209,13 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
             await state.scraper.start()
             await state.prober.start()
             await state.dispatcher.start()
+            if state.discovery is not None:
+                await state.discovery.start()
             yield
         finally:
+            if state.discovery is not None:
+                await state.discovery.stop()
+            await state.engine_set.aclose()
             await state.dispatcher.stop()
             await state.prober.stop()
             await state.scraper.stop()
@@ -198,6 +224,7 @@ def create_app(settings: Settings, *, tokenizer: Tokenizer | None = None) -> Fas
     app = GatewayApp(title="sbs-gateway", version=__version__, lifespan=lifespan)
     app.include_router(router)
     app.include_router(responses_router)
+    app.include_router(admin_router)
 
     async def relay(scope: Scope, receive: Receive, send: Send) -> None:
         state = app.state.gateway

@@ -10,7 +10,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from gateway.config import Settings
+from gateway.discovery.kubernetes import KubernetesDiscovery
 from gateway.dispatch import Dispatcher
+from gateway.engine_set import EngineSet
 from gateway.engines import Engine
 from gateway.engines.client import EngineClient
 from gateway.load.health import HealthBook, RetryThrottle
@@ -46,6 +48,8 @@ class GatewayState:
         mooncake_engine_ids: per vLLM Mooncake prefill engine, its ``{dp_rank: engine_id}`` as its bootstrap server
             lists them (:mod:`gateway.server.pd_relay`).
         draining: set once graceful shutdown began (``/ready`` answers 503 from then on).
+        engine_set: adds, drains and removes engines at runtime (it changes ``engines`` and ``models`` in place).
+        discovery: finds engine pods in Kubernetes (``discovery`` section), ``None`` when off.
     """
 
     settings: Settings
@@ -62,10 +66,12 @@ class GatewayState:
     prompt_counter: PromptCounter
     clock: Callable[[], float]
     response_homes: ResponseHomes
+    engine_set: EngineSet
     retry_rng: random.Random = field(default_factory=random.Random)
     pd_rng: random.Random = field(default_factory=random.Random)
     mooncake_engine_ids: dict[str, dict[int, str]] = field(default_factory=dict)
     draining: bool = False
+    discovery: KubernetesDiscovery | None = None
 
     def prompt_tokens_reported(self, model: str, estimated: int, reported: int) -> None:
         """An engine reported ``reported`` prompt tokens (its ``usage.prompt_tokens``) for a request of ``model``

@@ -152,3 +152,42 @@ def test_replicas_share_one_scheduler_service(name: str, tmp_path: Path) -> None
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
     assert not docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_discovery_example_watches_the_engine_pods_with_read_only_rights(tmp_path: Path) -> None:
+    """The discovery overlay renders and validates; its gateway and scheduler pods run as a ServiceAccount whose Role
+    reads the namespace's pods (get, list, watch) and nothing else; its configuration discovers by label selector."""
+    out = run_tool("kubectl", "kustomize", str(KUBERNETES / "overlays" / "discovery")).stdout
+    path = tmp_path / "rendered.yaml"
+    path.write_text(out)
+    docs = [doc for doc in yaml.safe_load_all(out) if doc]
+    report = run_tool("kubernetes-validate", "--strict", str(path))
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            resource = f"{doc['kind'].lower()}/{doc['metadata']['name']}"
+            assert f"passed for resource {resource}" in report.stdout + report.stderr, resource
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    [account], [role], [binding] = by_kind["ServiceAccount"], by_kind["Role"], by_kind["RoleBinding"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]}
+    ]
+    assert {d["metadata"]["namespace"] for d in (account, role, binding)} == {"llm"}
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    assert set(deployments) == {"sbs-gateway", SCHEDULER}
+    for deployment in deployments.values():  # the front doors and the scheduler service each discover the pods
+        assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    [config_map] = by_kind["ConfigMap"]
+    gateway_yaml = tmp_path / "gateway.yaml"
+    gateway_yaml.write_text(config_map["data"]["gateway.yaml"])
+    settings = load_settings(gateway_yaml)
+    assert settings.discovery is not None and settings.engines == []
+    assert settings.discovery.label_selector == "app.kubernetes.io/component=engine"
+    assert settings.discovery.namespace is None  # the pod's own: the namespace the Role grants

@@ -150,7 +150,7 @@ async def test_an_unexpected_error_does_not_end_the_scraping_loop() -> None:
                 await asyncio.sleep(0.05)
             else:
                 pytest.fail(f"the scraping loop stopped:\n{metrics.render().decode()}")
-            assert all(not task.done() for task in scraper._tasks)
+            assert all(not task.done() for task in scraper._tasks.values())
         finally:
             await scraper.stop()
 

@@ -264,3 +264,44 @@ def test_refresh_rebuilds_and_reports_only_the_ranks_that_changed() -> None:
     live.refresh(2.5)  # the scrape is stale now: every entry goes back to local accounting
     assert dirty == {0, 1, 2, 3}
     assert live.loads == view.snapshot(2.5, PREFILL_ROLES) and live.layout == 1
+
+
+@pytest.mark.parametrize("policy", ["least_load", "round_robin", "cache_aware", "prefix_hash", "phase_aware"])
+def test_live_placements_follow_engines_added_held_and_removed(policy: str) -> None:
+    # the engine set at runtime (gateway.engine_set): an added engine's ranks join the live ranks, a held
+    # (draining) one takes nothing new, a removed one is never chosen again; live and snapshot agree throughout
+    specs = [EngineSpec("a", 3, frozenset({"m"}), 512)]
+    worlds = [World(policy, specs, live=live, seed=3, state_sync=True) for live in (True, False)]
+    now = 1.0
+
+    def place(n: int) -> set[RankKey]:
+        nonlocal now
+        seen: set[RankKey] = set()
+        for i in range(n):
+            now += 0.01
+            rid = f"q{now:.2f}-{i}"
+            blocks = (hash((rid, "prefix")) & (2**62 - 1),)
+            got = [w.submit(PendingRequest(rid, "m", 2000, 16, now, prefix_blocks=blocks), now) for w in worlds]
+            assert got[0] == got[1]
+            assert got[0] is not None
+            seen.add(got[0])
+        return seen
+
+    assert {k.engine for k in place(6)} == {"a"}
+    b = EngineSpec("b", 2, frozenset({"m"}), 512)
+    for w in worlds:
+        w.health.add_engine("b", 2, held=False)
+        w.view.add_engine(b)
+    assert "b" in {k.engine for k in place(20)}, "the added engine's ranks are chosen"
+    for w in worlds:
+        w.health.hold("a", True)
+    assert {k.engine for k in place(10)} == {"b"}, "nothing new on the held engine"
+    for w in worlds:
+        w.health.hold("a", False)
+        w.view.remove_engine("b")
+        w.health.remove_engine("b")
+        w.scheduler.forget_engine("b")
+    assert {k.engine for k in place(10)} == {"a"}, "the removed engine is never chosen"
+    for roles, probe in worlds[0].probes.items():
+        probe.refresh(now)
+        assert probe.loads == worlds[1].view.snapshot(now, roles)

@@ -59,8 +59,14 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
         "load monitors": ("gateway.load.engine_loop", "gateway.load.prober", "gateway.load.scraper"),
         "dispatch": ("gateway.dispatch",),
     },
-    # a front door's side of the scheduler service: its protocol, client and remote dispatcher
-    {"scheduler service client": ("gateway.scheduler_service",)},
+    # the engines at runtime: added, drained and removed across the view, breakers, loops and metrics
+    {"engine set": ("gateway.engine_set",)},
+    {
+        # a front door's side of the scheduler service: its protocol, client and remote dispatcher
+        "scheduler service client": ("gateway.scheduler_service",),
+        # engines found at runtime (Kubernetes pods), handed to the engine set
+        "discovery": ("gateway.discovery",),
+    },
     {
         "front door": ("gateway.server",),
         "replay": ("gateway.replay",),
