@@ -187,6 +187,9 @@ class EngineSet:
         self.metrics = metrics
         self.clock = clock
         self._entries = {name: _Entry(engine) for name, engine in engines.items()}
+        self.removed_listeners: list[Callable[[str], object]] = []
+        """Called with an engine's name once it is removed (what the gateway remembers of it elsewhere goes too:
+        the ranks that store Responses, :meth:`~gateway.server.responses_store.ResponseHomes.forget_engine`)."""
         self._adding: set[asyncio.Task[EngineStatus]] = set()
         self._closing = False
 
@@ -392,6 +395,8 @@ class EngineSet:
         del self._entries[name]
         self.engines.pop(name, None)
         self.metrics.forget_engine(name)
+        for listener in self.removed_listeners:
+            listener(name)
         self._served_changed()
         self.dispatcher.notify_load_changed()
         self.metrics.engine_changes.labels("removed", source).inc()

@@ -119,6 +119,8 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         metrics=metrics,
         clock=clock,
     )
+    response_homes = ResponseHomes(settings.responses.max_remembered, settings.responses.ttl_s)
+    engine_set.removed_listeners.append(response_homes.forget_engine)
     return GatewayState(
         settings=settings,
         metrics=metrics,
@@ -135,7 +137,7 @@ def build_state(settings: Settings, tokenizer: Tokenizer | None = None) -> Gatew
         ),
         prompt_counter=prompt_counter,
         clock=clock,
-        response_homes=ResponseHomes(settings.responses.max_remembered, settings.responses.ttl_s),
+        response_homes=response_homes,
         engine_set=engine_set,
         discovery=None
         if settings.discovery is None
