@@ -197,6 +197,17 @@ TRAFFIC: list[Group] = [
             ),
         ],
     ),
+    (
+        "Tenants and priority classes",
+        [
+            Graph("TTFT by priority class", "s", quantiles("gateway_class_ttft_seconds", by=("priority",))),
+            Graph(
+                "Requests refused by a tenant's rate limit (429)",
+                "reqps",
+                [rate_by("gateway_rate_limited_total", "tenant", "limit")],
+            ),
+        ],
+    ),
 ]
 
 ENGINES: list[Group] = [
@@ -268,6 +279,27 @@ ENGINES: list[Group] = [
                         "max by (engine_name, dp_rank) (sglang:num_queue_reqs)", "{{engine_name}}/{{dp_rank}} waiting"
                     ),
                 ],
+            ),
+        ],
+    ),
+    (
+        "Engine set (admin API, configuration reloads, discovery)",
+        [
+            Graph(
+                "Engines added, drained and removed",
+                "short",
+                [
+                    Query(
+                        f"sum by (change, source) (increase(gateway_engine_changes_total[{RATE}]))",
+                        "{{change}} by {{source}}",
+                    )
+                ],
+            ),
+            Graph("Engines draining", "short", [Query("gateway_engine_draining", "{{engine}}")]),
+            Graph(
+                "Configuration reloads (SIGHUP)",
+                "short",
+                [Query(f"sum by (result) (increase(gateway_config_reloads_total[{RATE}]))", "{{result}}")],
             ),
         ],
     ),
