@@ -35,7 +35,7 @@ def scheduler(
     import os
 
     from gateway.scheduler_service.supervisor import serve_scheduler
-    from gateway.server.reload import ConfigSource
+    from gateway.server.reload import ConfigSource, defer_sighup
 
     try:
         settings = load_settings(config_path, policy=policy)
@@ -46,4 +46,5 @@ def scheduler(
     configure_logging(log_level, settings.log.format)
     path = config_path or os.environ.get("GATEWAY_CONFIG")
     source = ConfigSource(path, {"policy": policy}) if path else None
+    defer_sighup()  # a SIGHUP while the service starts is reloaded once it serves, not the end of the process
     serving.run(serve_scheduler(settings, host=host, port=port, unix_path=unix_socket, source=source))

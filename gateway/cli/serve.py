@@ -98,8 +98,9 @@ def serve(
         settings = load_settings(config_path, **overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    from gateway.server.reload import ConfigSource
+    from gateway.server.reload import ConfigSource, defer_sighup
 
+    defer_sighup()  # a SIGHUP while the gateway starts is reloaded once it serves, not the end of the process
     path = config_path or os.environ.get("GATEWAY_CONFIG")
     source = ConfigSource(path, overrides) if path else None
     if pd is not None and settings.engines:

@@ -89,8 +89,9 @@ def front_door_main(
     """A front-door child: the gateway app under uvicorn on ``settings.host:settings.port`` (``SO_REUSEPORT``);
     SIGHUP reloads ``source`` (the gateway runs embedded engines when ``embedded``)."""
     from gateway.logs import configure_logging
+    from gateway.server.reload import defer_sighup
 
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place: a SIGHUP must not end it
+    defer_sighup()  # until the reload handler is in place: a SIGHUP neither ends it nor is lost
     _die_with_parent()
     configure_logging(log_level, settings.log.format)
     with contextlib.suppress(KeyboardInterrupt):
@@ -132,8 +133,9 @@ def service_main(
     """The scheduler service's child: serves on ``unix_path`` until SIGTERM (SIGINT is ignored: the supervisor stops
     the service last); SIGHUP reloads ``source``."""
     from gateway.logs import configure_logging
+    from gateway.server.reload import defer_sighup
 
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place: a SIGHUP must not end it
+    defer_sighup()  # until the reload handler is in place: a SIGHUP neither ends it nor is lost
     _die_with_parent()
     configure_logging(log_level, settings.log.format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every child: the service stops last, on SIGTERM
@@ -247,6 +249,10 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        from gateway.server.reload import take_noted_sighup
+
+        if take_noted_sighup():  # one arrived while the supervisor started (gateway serve's defer_sighup)
+            self._on_reload()
         try:
             self.service.process = self.service.start()
             try:

@@ -17,7 +17,10 @@ keeps them: a reloaded file that lists engines is refused.
 
 With ``gateway serve --workers N`` the supervisor passes SIGHUP on to every front door and to the scheduler service,
 and each reloads the file itself (:mod:`gateway.scheduler_service.supervisor`): the same file validated the same way
-gives each the same engine set, so the service places only on engines the front doors know.
+gives each the same engine set, so the service places only on engines the front doors know. A SIGHUP that reaches
+a process still starting is not lost: until :class:`ReloadOnSignal` is installed, :func:`defer_sighup` notes it
+(rather than let it end the process), and a reload asked for before the gateway's lifespan has started waits for
+it; either way the file is reloaded once the process serves.
 """
 
 from __future__ import annotations
@@ -115,6 +118,31 @@ async def reload_configuration(state: GatewayState, source: ConfigSource, *, emb
     return True
 
 
+_sighup_noted = False
+"""A SIGHUP arrived before :class:`ReloadOnSignal` was installed (:func:`defer_sighup`)."""
+
+STARTING_POLL_S = 0.05
+"""How often a reload asked for while the gateway starts looks whether it has started, seconds."""
+
+
+def defer_sighup() -> None:
+    """Note a SIGHUP that arrives before :class:`ReloadOnSignal` is installed (its default action would end the
+    process, and ignoring it would lose the reload); :class:`ReloadOnSignal` reloads once for it when installed."""
+
+    def note(signum: int, frame: object) -> None:
+        global _sighup_noted
+        _sighup_noted = True
+
+    signal.signal(signal.SIGHUP, note)
+
+
+def take_noted_sighup() -> bool:
+    """Whether a SIGHUP was noted by :func:`defer_sighup` since the last call (the note is cleared)."""
+    global _sighup_noted
+    noted, _sighup_noted = _sighup_noted, False
+    return noted
+
+
 class ReloadOnSignal:
     """Reloads the configuration on each SIGHUP (:func:`reload_configuration`), one reload at a time, for as long as
     it is installed (a context manager; the signal is ignored after, rather than left to end the process).
@@ -137,6 +165,8 @@ class ReloadOnSignal:
 
     def __enter__(self) -> ReloadOnSignal:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.trigger)
+        if take_noted_sighup():  # a SIGHUP reached the process while it started (defer_sighup)
+            self.trigger()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -153,10 +183,13 @@ class ReloadOnSignal:
 
     async def _reload(self) -> None:
         async with self._lock:
-            state = self.get_state()
             if self.source is None:
                 log.warning("SIGHUP: no configuration file to reload (the gateway was started without --config)")
-            elif state is None:
-                log.warning("SIGHUP: the gateway is still starting; nothing reloaded")
-            else:
-                await reload_configuration(state, self.source, embedded=self.embedded)
+                return
+            state = self.get_state()
+            if state is None:
+                log.info("SIGHUP: the gateway is still starting; the file is reloaded once it has started")
+            while state is None:  # ends when the lifespan has started (or the task is cancelled at exit)
+                await asyncio.sleep(STARTING_POLL_S)
+                state = self.get_state()
+            await reload_configuration(state, self.source, embedded=self.embedded)

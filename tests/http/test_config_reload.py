@@ -3,9 +3,12 @@ with the old configuration kept, a good one's engine changes are applied, other 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,14 @@ import pytest
 
 from gateway.config import EngineConfig
 from gateway.server.app import create_app
-from gateway.server.reload import ConfigSource, reload_configuration
+from gateway.server.reload import (
+    STARTING_POLL_S,
+    ConfigSource,
+    ReloadOnSignal,
+    defer_sighup,
+    reload_configuration,
+    take_noted_sighup,
+)
 from gateway.server.state import GatewayState
 from gateway.serving import serve_in_background
 from gateway.sim.cluster import SimulatedEngine, simulated_engines
@@ -112,3 +122,26 @@ def test_the_settings_source_pickles() -> None:
 
     source = ConfigSource("/etc/gateway.yaml", {"port": 8000})
     assert pickle.loads(pickle.dumps(source)) == source
+
+
+async def test_a_sighup_while_the_process_starts_is_reloaded_once_it_serves(tmp_path: Path) -> None:
+    # a SIGHUP before the handler is installed (a --workers child starting) and one before the gateway's lifespan
+    # has started are both kept, and the file is reloaded once it serves: neither ends the process nor is lost
+    async with reloadable(tmp_path) as (state, _url, path, engines):
+        path.write_text(json.dumps(file_config([engines["a"], engines["b"]])))
+        previous = signal.getsignal(signal.SIGHUP)
+        try:
+            defer_sighup()
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert take_noted_sighup() is True and take_noted_sighup() is False
+            os.kill(os.getpid(), signal.SIGHUP)  # noted again, for the handler installed below
+            started: list[GatewayState] = []
+            with ReloadOnSignal(lambda: started[0] if started else None, ConfigSource(str(path))) as reloader:
+                await asyncio.sleep(5 * STARTING_POLL_S)
+                assert names(state) == ["a"], "nothing reloaded before the lifespan started"
+                started.append(state)  # the lifespan has started
+                await asyncio.wait_for(asyncio.gather(*reloader._tasks), timeout=30)
+            assert names(state) == ["a", "b"]
+            assert state.metrics.config_reloads.labels("applied")._value.get() == 1
+        finally:
+            signal.signal(signal.SIGHUP, previous)
