@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from gateway.types import RankKey, RankLoad
 
 if TYPE_CHECKING:
@@ -233,6 +235,76 @@ class DecodeRanker:
         group.magnitude += 1 + abs(prompt_tokens)
         group.exact_sums = group.exact_sums and group.magnitude < 2**53 and float(prompt_tokens).is_integer()
         group.fences = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankerArrays:
+    """A :class:`DecodeRanker`'s state as flat arrays, for the compiled placement loops
+    (:mod:`gateway.scheduling.kernel`): per given rank, and per instance (its group: every rank of the engine the
+    ranker was built on, usable or not) the objectives in group order and sorted, the sums and whether they are
+    exact (``g_sums``: requests, KV tokens, magnitude), and whether its fences are computed at all."""
+
+    requests: np.ndarray
+    kv: np.ndarray
+    g_pos: np.ndarray
+    """Each given rank's position in the group arrays, ``-1`` when its engine has no group."""
+    g_start: np.ndarray
+    g_requests: np.ndarray
+    g_kv: np.ndarray
+    g_requests_sorted: np.ndarray
+    g_kv_sorted: np.ndarray
+    g_exact: np.ndarray
+    g_sums: np.ndarray
+    g_on: np.ndarray
+    bucket: float
+    iqr_k: float
+
+
+def ranker_arrays(ranker: DecodeRanker, engines: Sequence[str], keys: Sequence[RankKey]) -> RankerArrays:
+    """``ranker``'s state over the instances ``engines`` (in that order) and the ranks ``keys`` (each of one of
+    them), as :class:`RankerArrays`."""
+    loads = ranker.loads
+    requests: list[float] = []
+    kv: list[float] = []
+    sorted_requests: list[float] = []
+    sorted_kv: list[float] = []
+    starts = [0]
+    exact: list[bool] = []
+    sums: list[tuple[float, float, float]] = []
+    on: list[bool] = []
+    position: dict[RankKey, int] = {}
+    for engine in engines:
+        group = ranker._groups.get(engine)
+        if group is None:
+            exact.append(True)
+            sums.append((0.0, 0.0, 0.0))
+            on.append(False)
+        else:
+            for key in group.keys:
+                position[key] = len(requests)
+                requests.append(loads[key].requests)
+                kv.append(loads[key].kv_tokens)
+            sorted_requests += group.requests_sorted
+            sorted_kv += group.kv_sorted
+            exact.append(group.exact_sums)
+            sums.append((group.requests_sum, group.kv_sum, group.magnitude))
+            on.append(ranker.iqr_k is not None and len(group.keys) >= MIN_RANKS_FOR_QUARTILES)
+        starts.append(len(requests))
+    return RankerArrays(
+        requests=np.array([loads[k].requests for k in keys], dtype=float),
+        kv=np.array([loads[k].kv_tokens for k in keys], dtype=float),
+        g_pos=np.array([position.get(k, -1) for k in keys], dtype=np.int64),
+        g_start=np.array(starts, dtype=np.int64),
+        g_requests=np.array(requests, dtype=float),
+        g_kv=np.array(kv, dtype=float),
+        g_requests_sorted=np.array(sorted_requests, dtype=float),
+        g_kv_sorted=np.array(sorted_kv, dtype=float),
+        g_exact=np.array(exact, dtype=np.bool_),
+        g_sums=np.array(sums, dtype=float).reshape(-1, 3),
+        g_on=np.array(on, dtype=np.bool_),
+        bucket=float(ranker.bucket),
+        iqr_k=0.0 if ranker.iqr_k is None else float(ranker.iqr_k),
+    )
 
 
 def _replace(ordered: list[float], old: float, new: float) -> None:

@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gateway.scheduling import kernel
 from gateway.scheduling.allocation import KV_HIGH_WATERMARK, capacity_tokens, placement_order
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.prefix_index import PrefixIndex
@@ -94,6 +96,7 @@ def phase_fill(
     shortest_first: bool = False,
     long_prefill_tokens: float | None = None,
     prefix: PrefixIndex | None = None,
+    compiled: bool = True,
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
@@ -133,6 +136,7 @@ def phase_fill(
             requests sharing a prefix go together where the cost allows; ``None``: every prompt counts whole.
     """
     result = Allocation()
+    kernels = kernel.load() if compiled else None
     cluster = _Cluster(
         ranks,
         clock,
@@ -144,9 +148,28 @@ def phase_fill(
         decode=decode,
         use_step_phase=use_step_phase,
         long_prefill_tokens=long_prefill_tokens,
+        numpy_path=kernels is None,
     )
+    order = placement_order(batch, shortest_first)
+    if kernels is not None:
+        _place_compiled(kernels, cluster, order, result, now, max_wait_s, decode, long_prefill_tokens, prefix)
+    else:
+        _place_numpy(cluster, order, result, now, max_wait_s, prefix)
+    result.deferred.sort(key=lambda q: q.arrival_s)
+    return result
+
+
+def _place_numpy(
+    cluster: _Cluster,
+    order: list[PendingRequest],
+    result: Allocation,
+    now: float,
+    max_wait_s: float,
+    prefix: PrefixIndex | None,
+) -> None:
+    """Place ``order`` one request at a time with :class:`_Cluster`'s numpy operations."""
     staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]] = {}  # first block -> this batch's placements
-    for request in placement_order(batch, shortest_first):
+    for request in order:
         t = request.prompt_tokens
         cached: dict[RankKey, int] = {}
         if prefix is not None:
@@ -164,8 +187,58 @@ def phase_fill(
         if prefix is not None and request.prefix_blocks:
             staged.setdefault(request.prefix_blocks[0], []).append((key, request.prefix_blocks))
         result.assigned.append((request, key))
-    result.deferred.sort(key=lambda q: q.arrival_s)
-    return result
+
+
+def _place_compiled(
+    kernels: ModuleType,
+    cluster: _Cluster,
+    order: list[PendingRequest],
+    result: Allocation,
+    now: float,
+    max_wait_s: float,
+    decode: DecodeRanker | None,
+    long_prefill_tokens: float | None,
+    prefix: PrefixIndex | None,
+) -> None:
+    """Place ``order`` with the compiled loop (:func:`gateway.scheduling.kernel.compiled.phase_kernel`) over
+    ``cluster``'s arrays."""
+    loads = cluster.loads
+    model, mask = kernel.model_mask(order, loads)
+    ranker, ties = kernel.ranker_or_none(decode, cluster.engines, loads)
+    arrival = np.array([q.arrival_s for q in order], dtype=float)
+    forced = np.subtract(now, arrival) >= max_wait_s
+    if prefix is not None:
+        index = {r.key: i for i, r in enumerate(loads)}
+        b_off, b_ids, distinct, h_off, h_rank = kernel.prefix_arrays(order, prefix, index)
+        block_tokens = prefix.block_tokens
+    else:
+        b_off = np.zeros(len(order) + 1, dtype=np.int64)
+        b_ids = h_rank = np.zeros(0, dtype=np.int64)
+        h_off = np.zeros(1, dtype=np.int64)
+        distinct, block_tokens = 0, 1
+    starts = np.array([sl.start for sl in cluster.slices] + [len(loads)], dtype=np.int64)
+    theta = cluster.theta
+    choice = kernels.phase_kernel(
+        cluster.instance, starts, cluster.level, cluster.next_level, cluster.budget, cluster.capacity,
+        cluster.open, cluster.first, cluster.a_budget, mask,
+        theta[:, 0].copy(), theta[:, 1].copy(), theta[:, 2].copy(), cluster.instance_wait,
+        np.array(cluster.running, dtype=float), np.array(cluster.waiting_next, dtype=np.int64), float(cluster.weight),
+        float(cluster.magnitude), bool(cluster.whole), long_prefill_tokens is not None,
+        0.0 if long_prefill_tokens is None else float(long_prefill_tokens), kernel.COMPENSATED_SUM,
+        decode is not None, ranker.requests, ranker.kv, ranker.bucket, ranker.iqr_k, ranker.g_pos, ranker.g_start,
+        ranker.g_requests, ranker.g_kv, ranker.g_requests_sorted, ranker.g_kv_sorted, ranker.g_exact,
+        ranker.g_sums, ranker.g_on, *ties,
+        np.array([q.prompt_tokens for q in order], dtype=np.int64), forced, model,
+        prefix is not None, b_off, b_ids, distinct, h_off, h_rank, int(block_tokens),
+    )  # fmt: skip
+    serves = [bool(row.any()) for row in mask]
+    keys = [r.key for r in loads]
+    assigned, deferred, unplaceable = result.assigned, result.deferred, result.unplaceable
+    for request, m, chosen in zip(order, model.tolist(), choice.tolist(), strict=True):
+        if chosen >= 0:
+            assigned.append((request, keys[chosen]))
+        else:
+            (deferred if serves[m] else unplaceable).append(request)
 
 
 class _Model:
@@ -205,6 +278,7 @@ class _Cluster:
         decode: DecodeRanker | None,
         use_step_phase: bool,
         long_prefill_tokens: float | None,
+        numpy_path: bool = True,
     ) -> None:
         self.clock = clock
         self.decode = decode
@@ -251,7 +325,9 @@ class _Cluster:
             model.predict(0.0, 0.0)  # solves the coefficients if steps came in since
             theta.append(model.theta)
             wait.append(clock.time_to_next_step(engine, now) if busy[engine] and use_step_phase else 0.0)
-        coefficients = np.array(theta, dtype=float).reshape(-1, 3)[self.instance].T.copy()
+        self.theta = np.array(theta, dtype=float).reshape(-1, 3)
+        self.instance_wait = np.array(wait, dtype=float)
+        coefficients = self.theta[self.instance].T.copy()
         self.a, self.b, self.c = coefficients[0], coefficients[1], coefficients[2]
         self.a_budget = self.a + self.b * self.budget / 1000.0
         self.wait = np.array(wait, dtype=float)[self.instance]
@@ -262,13 +338,13 @@ class _Cluster:
         self.stalled = np.array(
             [self.waiting_next[i] + decode_stall_weight * self.running[i] for i in range(len(sizes))], dtype=float
         )[self.instance]
-        if decode is None:
+        if numpy_path and decode is None:
             self.tie = [
                 np.array([r.running for r in loads], dtype=float),
                 np.array([0.0 if r.kv_usage is None else r.kv_usage for r in loads], dtype=float),
                 np.array([r.kv_tokens for r in loads], dtype=float),
             ]
-        else:
+        elif numpy_path and decode is not None:
             decode_loads = [decode.loads[r.key] for r in loads]
             self.requests = np.array([d.requests for d in decode_loads], dtype=float)
             self.kv = np.array([d.kv_tokens for d in decode_loads], dtype=float)
