@@ -171,14 +171,13 @@ def _water_fill_compiled(
 ) -> Allocation:
     """:func:`water_fill` with the compiled loop (:func:`gateway.scheduling.kernel.compiled.water_kernel`)."""
     loads = [r for r in ranks if r.usable]
-    order = placement_order(batch, shortest_first)
+    order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
     engines: dict[str, int] = {}
     instance = np.array([engines.setdefault(r.key.engine, len(engines)) for r in loads], dtype=np.int64)
     position = np.empty(len(loads), dtype=np.int64)
     position[sorted(range(len(loads)), key=lambda i: (loads[i].key.engine, loads[i].key.rank))] = np.arange(len(loads))
     model, mask = kernel.model_mask(order, loads)
     ranker, ties = kernel.ranker_or_none(decode, list(engines), loads)
-    arrival = np.array([q.arrival_s for q in order], dtype=float)
     choice = kernels.water_kernel(
         np.array([r.queued_prefill_tokens for r in loads], dtype=float),
         np.array([capacity_tokens(r, queue_steps, min_tokens) for r in loads], dtype=float),
@@ -187,7 +186,7 @@ def _water_fill_compiled(
         decode is not None, ranker.requests, ranker.kv, ranker.bucket, ranker.iqr_k, ranker.g_pos, ranker.g_start,
         ranker.g_requests, ranker.g_kv, ranker.g_requests_sorted, ranker.g_kv_sorted, ranker.g_exact,
         ranker.g_sums, ranker.g_on, *ties,
-        np.array([q.prompt_tokens for q in order], dtype=np.int64), np.subtract(now, arrival) < max_wait_s, model,
+        tokens, np.subtract(now, arrival) < max_wait_s, model,
     )  # fmt: skip
     result = Allocation()
     keys = [r.key for r in loads]
@@ -335,6 +334,7 @@ class WaterFill:
         self.settings = settings
         self.decode = decode
         self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
+        kernel.load()  # compiled (or loaded from numba's cache) now, not inside the first window
 
     def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
         """Place a window's batch (see :func:`water_fill`)."""

@@ -150,11 +150,12 @@ def phase_fill(
         long_prefill_tokens=long_prefill_tokens,
         numpy_path=kernels is None,
     )
-    order = placement_order(batch, shortest_first)
     if kernels is not None:
-        _place_compiled(kernels, cluster, order, result, now, max_wait_s, decode, long_prefill_tokens, prefix)
+        _place_compiled(
+            kernels, cluster, batch, shortest_first, result, now, max_wait_s, decode, long_prefill_tokens, prefix
+        )
     else:
-        _place_numpy(cluster, order, result, now, max_wait_s, prefix)
+        _place_numpy(cluster, placement_order(batch, shortest_first), result, now, max_wait_s, prefix)
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
 
@@ -192,7 +193,8 @@ def _place_numpy(
 def _place_compiled(
     kernels: ModuleType,
     cluster: _Cluster,
-    order: list[PendingRequest],
+    batch: Sequence[PendingRequest],
+    shortest_first: bool,
     result: Allocation,
     now: float,
     max_wait_s: float,
@@ -200,12 +202,12 @@ def _place_compiled(
     long_prefill_tokens: float | None,
     prefix: PrefixIndex | None,
 ) -> None:
-    """Place ``order`` with the compiled loop (:func:`gateway.scheduling.kernel.compiled.phase_kernel`) over
+    """Place ``batch`` with the compiled loop (:func:`gateway.scheduling.kernel.compiled.phase_kernel`) over
     ``cluster``'s arrays."""
     loads = cluster.loads
+    order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
     model, mask = kernel.model_mask(order, loads)
     ranker, ties = kernel.ranker_or_none(decode, cluster.engines, loads)
-    arrival = np.array([q.arrival_s for q in order], dtype=float)
     forced = np.subtract(now, arrival) >= max_wait_s
     if prefix is not None:
         index = {r.key: i for i, r in enumerate(loads)}
@@ -228,7 +230,7 @@ def _place_compiled(
         decode is not None, ranker.requests, ranker.kv, ranker.bucket, ranker.iqr_k, ranker.g_pos, ranker.g_start,
         ranker.g_requests, ranker.g_kv, ranker.g_requests_sorted, ranker.g_kv_sorted, ranker.g_exact,
         ranker.g_sums, ranker.g_on, *ties,
-        np.array([q.prompt_tokens for q in order], dtype=np.int64), forced, model,
+        tokens, forced, model,
         prefix is not None, b_off, b_ids, distinct, h_off, h_rank, int(block_tokens),
     )  # fmt: skip
     serves = [bool(row.any()) for row in mask]
@@ -551,6 +553,7 @@ class PhaseAware:
         self.clock = clock
         self.prefix = prefix
         self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
+        kernel.load()  # compiled (or loaded from numba's cache) now, not inside the first window
 
     def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
         """Place a window's batch (see :func:`phase_fill`)."""

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from gateway.scheduling import kernel
-from gateway.scheduling.allocation import water_fill
+from gateway.scheduling.allocation import placement_order, water_fill
 from gateway.scheduling.baselines.policies import ShortestQueue
 from gateway.scheduling.baselines.prefix_hash import PrefixHash
 from gateway.scheduling.decode import DecodeRanker
@@ -204,3 +204,13 @@ def test_prefix_hash_targets_the_ring_of_the_candidates(seed):
         head = rng.getrandbits(60)
         request = PendingRequest("r", "m", 10, 1, 0.0, prefix_blocks=(head,))
         assert policy.choose(request, candidates) == reference_prefix_hash_target(candidates, head)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_the_compiled_paths_order_a_batch_as_placement_order(seed):
+    _, batch, _, _ = random_window(seed)
+    for shortest_first in (False, True):
+        order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
+        assert [q.request_id for q in order] == [q.request_id for q in placement_order(batch, shortest_first)]
+        assert tokens.tolist() == [q.prompt_tokens for q in order]
+        assert arrival.tolist() == [q.arrival_s for q in order]

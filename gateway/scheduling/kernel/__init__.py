@@ -110,7 +110,7 @@ def ranker_or_none(
     KV tokens); the part not used is empty."""
     empty = np.zeros(0)
     if decode is not None:
-        return ranker_arrays(decode, engines, [r.key for r in ranks]), (empty, empty, empty)
+        return ranker_arrays(decode, engines, ranks), (empty, empty, empty)
     ties = (
         np.array([r.running for r in ranks], dtype=float),
         np.array([0.0 if r.kv_usage is None else r.kv_usage for r in ranks], dtype=float),
@@ -154,8 +154,24 @@ def prefix_arrays(
     for held in prefix.holders(ids):
         before = len(holders)
         if held:
-            holders += [index[k] for k in held if k in index]
+            holders += [i for i in map(index.get, held) if i is not None]
         counts.append(len(holders) - before)
     h_off = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=h_off[1:])
     return b_off, b_ids, len(ids), h_off, np.array(holders, dtype=np.int64)
+
+
+def placement_arrays(
+    batch: Sequence[PendingRequest], shortest_first: bool
+) -> tuple[list[PendingRequest], np.ndarray, np.ndarray]:
+    """The batch in :func:`~gateway.scheduling.allocation.placement_order` (by a stable numpy sort on the same
+    keys), with its prompt tokens and arrival times in that order."""
+    n = len(batch)
+    tokens = np.fromiter((q.prompt_tokens for q in batch), dtype=np.int64, count=n)
+    arrival = np.fromiter((q.arrival_s for q in batch), dtype=float, count=n)
+    if shortest_first:
+        order = np.lexsort((arrival, tokens))
+    else:
+        deferrals = np.fromiter((q.deferrals for q in batch), dtype=np.int64, count=n)
+        order = np.lexsort((arrival, -tokens, -deferrals))
+    return [batch[i] for i in order.tolist()], tokens[order], arrival[order]
