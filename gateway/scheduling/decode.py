@@ -362,7 +362,9 @@ def _snapshot_arrays(ranker: DecodeRanker, engines: Sequence[str], ranks: Sequen
         sorted_requests += sorted(g_requests)
         sorted_kv += sorted(g_kv)
         magnitude = sum(map(abs, g_requests)) + sum(map(abs, g_kv))
-        exact.append(magnitude < 2**53 and all(float(v).is_integer() for v in g_requests + g_kv))
+        values = np.array(g_requests + g_kv, dtype=float)
+        # float(v).is_integer(): finite and equal to its floor
+        exact.append(magnitude < 2**53 and bool(np.all(np.isfinite(values) & (values == np.floor(values)))))
         sums.append((sum(g_requests), sum(g_kv), magnitude))
         on.append(bool(group) and ranker.iqr_k is not None and len(group) >= MIN_RANKS_FOR_QUARTILES)
         starts.append(len(requests))

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gateway.scheduling import kernel
-from gateway.scheduling.allocation import KV_HIGH_WATERMARK, capacity_tokens, placement_order
+from gateway.scheduling.allocation import KV_HIGH_WATERMARK, placement_order
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_clock import StepClock
@@ -210,8 +210,7 @@ def _place_compiled(
     ranker, ties = kernel.ranker_or_none(decode, cluster.engines, loads)
     forced = np.subtract(now, arrival) >= max_wait_s
     if prefix is not None:
-        index = {r.key: i for i, r in enumerate(loads)}
-        b_off, b_ids, distinct, h_off, h_rank = kernel.prefix_arrays(order, prefix, index)
+        b_off, b_ids, distinct, h_off, h_rank = kernel.prefix_arrays(order, prefix, cluster.positions)
         block_tokens = prefix.block_tokens
     else:
         b_off = np.zeros(len(order) + 1, dtype=np.int64)
@@ -305,13 +304,27 @@ class _Cluster:
         for usable in engines.values():
             self.slices.append(slice(start, start + len(usable)))
             start += len(usable)
-        self.level = np.array([r.queued_prefill_tokens for r in loads], dtype=float)
-        self.next_level = np.array(
-            [max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in loads], dtype=float
-        )
-        self.budget = np.array([r.prefill_budget for r in loads], dtype=float)
-        self.capacity = np.array([capacity_tokens(r, queue_steps, min_queue_tokens) for r in loads], dtype=float)
-        self.open = np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=bool)
+        # one pass over the ranks' figures; capacity_tokens, max(0, ...) and the KV watermark test written out with
+        # Python's max (the first argument unless the second is greater)
+        figures = np.array(
+            [(r.queued_prefill_tokens, r.prefill_budget, -1.0 if r.kv_usage is None else r.kv_usage) for r in loads],
+            dtype=float,
+        ).reshape(-1, 3)
+        self.level = figures[:, 0].copy()
+        self._positions: dict[tuple[str, int], int] | None = None
+        taken = np.zeros(n)
+        if current_step_tokens:
+            positions = self.positions()
+            for key, tokens in current_step_tokens.items():
+                i = positions.get((key.engine, key.rank))
+                if i is not None:
+                    taken[i] = tokens
+        remaining = self.level - taken
+        self.next_level = np.where(remaining > 0.0, remaining, 0.0)
+        self.budget = figures[:, 1].copy()
+        steps = self.budget * queue_steps
+        self.capacity = np.where(min_queue_tokens > steps, min_queue_tokens, steps)
+        self.open = figures[:, 2] < KV_HIGH_WATERMARK
         self.empty = self.level <= 0
         self.magnitude = float(np.abs(self.level).sum() + np.abs(self.next_level).sum())
         self.whole = _whole(self.level) and _whole(self.next_level) and self.magnitude < 2**53
@@ -358,6 +371,12 @@ class _Cluster:
         self.models: dict[str, _Model] = {}
         self.index: dict[RankKey, int] | None = None
         """Rank → array index, built on the first prefix hit."""
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Each usable rank's array index by ``(engine, rank)`` (a tuple hashes in C, a ``RankKey`` in Python)."""
+        if self._positions is None:
+            self._positions = {(r.key.engine, r.key.rank): i for i, r in enumerate(self.loads)}
+        return self._positions
 
     def _outliers(self, instance: int, index: int | None = None) -> None:
         """Mark the outliers of ``instance``: all its ranks when its fences moved, else only rank ``index``."""

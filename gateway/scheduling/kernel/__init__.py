@@ -17,14 +17,14 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import numpy as np
 
 from gateway.scheduling.decode import DecodeRanker, RankerArrays, ranker_arrays
 from gateway.scheduling.prefix_index import PrefixIndex
-from gateway.types import PendingRequest, RankKey, RankLoad
+from gateway.types import PendingRequest, RankLoad
 
 COMPENSATED_SUM = sys.version_info >= (3, 12)
 """CPython's :func:`sum` of floats uses Neumaier's compensated summation from 3.12 on (``Python/bltinmodule.c``);
@@ -136,11 +136,11 @@ def ranker_or_none(
 
 
 def prefix_arrays(
-    requests: Sequence[PendingRequest], prefix: PrefixIndex, index: dict[RankKey, int]
+    requests: Sequence[PendingRequest], prefix: PrefixIndex, positions: Callable[[], dict[tuple[str, int], int]]
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
     """The requests' prefix blocks as dense ids (``b_off`` delimits each request's), how many distinct blocks,
-    and for each distinct block the ranks (indices in ``index``) the prefix index says hold it (``h_off``
-    delimits each block's)."""
+    and for each distinct block the ranks (array indices by ``(engine, rank)``, from ``positions``, asked only when
+    some block is held) the prefix index says hold it (``h_off`` delimits each block's)."""
     lengths = [len(q.prefix_blocks) for q in requests]
     b_off = np.zeros(len(requests) + 1, dtype=np.int64)
     np.cumsum(lengths, out=b_off[1:])
@@ -151,10 +151,16 @@ def prefix_arrays(
     )
     counts = []
     holders: list[int] = []
+    index: dict[tuple[str, int], int] | None = None
     for held in prefix.holders(ids):
         before = len(holders)
         if held:
-            holders += [i for i in map(index.get, held) if i is not None]
+            if index is None:
+                index = positions()
+            for key in held:
+                i = index.get((key.engine, key.rank))
+                if i is not None:
+                    holders.append(i)
         counts.append(len(holders) - before)
     h_off = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=h_off[1:])
