@@ -141,30 +141,38 @@ def prefix_arrays(
     """The requests' prefix blocks as dense ids (``b_off`` delimits each request's), how many distinct blocks,
     and for each distinct block the ranks (array indices by ``(engine, rank)``, from ``positions``, asked only when
     some block is held) the prefix index says hold it (``h_off`` delimits each block's)."""
-    lengths = [len(q.prefix_blocks) for q in requests]
+    lengths = np.fromiter(map(len, (q.prefix_blocks for q in requests)), dtype=np.int64, count=len(requests))
     b_off = np.zeros(len(requests) + 1, dtype=np.int64)
     np.cumsum(lengths, out=b_off[1:])
-    ids: dict[int, int] = {}
-    b_ids = np.array(
-        [ids.setdefault(b, len(ids)) for b in itertools.chain.from_iterable(q.prefix_blocks for q in requests)],
-        dtype=np.int64,
-    )
-    counts = []
+    blocks = itertools.chain.from_iterable(q.prefix_blocks for q in requests)
+    distinct: list[int]
+    try:  # block hashes are unsigned 64-bit integers: numpy finds the distinct ones
+        values, inverse = np.unique(np.fromiter(blocks, dtype=np.uint64, count=int(b_off[-1])), return_inverse=True)
+        distinct = values.tolist()
+        b_ids = inverse.astype(np.int64).reshape(-1)
+    except (OverflowError, ValueError, TypeError):  # other integers: a dict does
+        ids: dict[int, int] = {}
+        b_ids = np.array(
+            [ids.setdefault(b, len(ids)) for b in itertools.chain.from_iterable(q.prefix_blocks for q in requests)],
+            dtype=np.int64,
+        )
+        distinct = list(ids)
+    held = prefix.holders(distinct)
+    counts = np.zeros(len(distinct), dtype=np.int64)
     holders: list[int] = []
     index: dict[tuple[str, int], int] | None = None
-    for held in prefix.holders(ids):
+    for block in itertools.compress(range(len(held)), held):
+        if index is None:
+            index = positions()
         before = len(holders)
-        if held:
-            if index is None:
-                index = positions()
-            for key in held:
-                i = index.get((key.engine, key.rank))
-                if i is not None:
-                    holders.append(i)
-        counts.append(len(holders) - before)
-    h_off = np.zeros(len(ids) + 1, dtype=np.int64)
+        for key in held[block]:
+            i = index.get((key.engine, key.rank))
+            if i is not None:
+                holders.append(i)
+        counts[block] = len(holders) - before
+    h_off = np.zeros(len(distinct) + 1, dtype=np.int64)
     np.cumsum(counts, out=h_off[1:])
-    return b_off, b_ids, len(ids), h_off, np.array(holders, dtype=np.int64)
+    return b_off, b_ids, len(distinct), h_off, np.array(holders, dtype=np.int64)
 
 
 def placement_arrays(

@@ -118,10 +118,9 @@ def _fences(
 
 @_compiled
 def _replace_sorted(ordered: np.ndarray, start: int, stop: int, old: float, new: float) -> None:
-    """Replace one ``old`` by ``new`` (>= ``old``) in the sorted ``ordered[start:stop]``."""
-    i = start
-    while ordered[i] != old:
-        i += 1
+    """Replace one ``old`` by ``new`` (>= ``old``) in the sorted ``ordered[start:stop]``: the last ``old`` found by
+    bisection, the values up to ``new``'s place moved down by one."""
+    i = np.searchsorted(ordered[start:stop], old, side="right") + start - 1
     while i + 1 < stop and ordered[i + 1] < new:
         ordered[i] = ordered[i + 1]
         i += 1
@@ -457,9 +456,8 @@ def phase_kernel(
     depth = np.zeros(n, dtype=np.int64)
     hit = np.zeros(n, dtype=np.int64)
     touched = np.empty(n, dtype=np.int64)
-    fit = np.empty(n, dtype=np.bool_)
-    costs = np.empty(n)
     bound = np.empty(n_inst)
+    bucketed = requests // bucket if decode_on else np.zeros(n)
     # the bound holds where a longer step cannot shorten the prediction: d_e non-decreasing in H and S (b, c >= 0)
     # and the stall term non-negative (every operation of the cost then rounds monotonically)
     bounded = (b >= 0.0) & (c >= 0.0) & (wait >= 0.0)
@@ -470,29 +468,24 @@ def phase_kernel(
         if prefix_on:
             n_touched = _prefix_hits(j, t, b_off, b_ids, nodes, h_off, h_rank, s_head, s_next, s_rank, block_tokens,
                                      depth, hit, touched)  # fmt: skip
-        # which ranks fit (phase._Cluster.best)
-        any_fit = False
-        any_match = False
+        # the fitting ranks (phase._Cluster.best): with long-prefill isolation, those of the instances whose
+        # slowness matches the request's length first, the others only if none of those fits
         long_request = long_on and float(t) > long_tokens
-        for i in range(n):
-            ok = mask[mm, i]
-            if ok and not forced[j]:
-                ok = open_[i] and (level[i] + float(t - hit[i]) <= capacity[i] or level[i] <= 0.0)
-            fit[i] = ok
-            if ok:
-                any_fit = True
-                if long_on and slow[mm, inst[i]] == long_request:
-                    any_match = True
         best = -1
+        best_cost = math.inf
         best_key = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        if any_fit:
-            best_cost = math.inf
-            # instances by their lower bound wait(e) + d_e(H_e, S_e) (module docstring): once it exceeds the best
-            # cost, no rank of the instance can match it
-            for e in range(n_inst):
-                bound[e] = wait[e] + d_old[mm, e]
-            for e in np.argsort(bound):
+        # instances by their lower bound wait(e) + d_e(H_e, S_e) (module docstring): once it exceeds the best cost,
+        # no rank of the instance can match it
+        for e in range(n_inst):
+            bound[e] = wait[e] + d_old[mm, e]
+        by_bound = np.argsort(bound)
+        for sweep in range(2 if long_on else 1):
+            if sweep == 1 and best >= 0:
+                break
+            for e in by_bound:
                 if count[mm, e] == 0.0:
+                    continue
+                if long_on and (slow[mm, e] == long_request) != (sweep == 0):
                     continue
                 if best >= 0 and bounded[e] and stalled[e] >= 0.0 and bound[e] > best_cost:
                     continue
@@ -500,50 +493,56 @@ def phase_kernel(
                 heavy = heaviest[mm, e]
                 mean_e = mean[mm, e]
                 d_old_e = d_old[mm, e]
-                if any_match and slow[mm, e] != long_request:
-                    continue
-                lo = inst_start[e]
-                hi = inst_start[e + 1]
                 a_e = a[e]
                 b_e = b[e]
                 c_e = c[e]
                 wait_e = wait[e]
                 stalled_e = stalled[e]
-                # every rank's cost first, without branches (a loop the compiler vectorises), then the choice
-                for i in range(lo, hi):
+                rf = fences[e, 0]
+                kf = fences[e, 1]
+                total_level = level_sum[mm, e]
+                floor = bounded[e] and stalled_e >= 0.0
+                for i in range(inst_start[e], inst_start[e + 1]):
+                    if not mask[mm, i]:
+                        continue
                     work = float(t - hit[i])
+                    if not forced[j] and not (open_[i] and (level[i] + work <= capacity[i] or level[i] <= 0.0)):
+                        continue
+                    out = decode_on and (requests[i] > rf or kv[i] > kf)
+                    # at the instance's floor no rank of it costs less than the best: only a better key can win,
+                    # so the key is compared before the cost is computed
+                    at_floor = best >= 0 and floor and best_cost == bound[e]
+                    if at_floor:
+                        if decode_on:
+                            better = _phase_better(work, out, bucketed[i], kv[i], next_level[i], total_level,
+                                                   0.0, 0.0, 0.0, i, best_key, best)  # fmt: skip
+                        else:
+                            better = _phase_better(work, out, 0.0, 0.0, next_level[i], total_level, tie_running[i],
+                                                   tie_kv_usage[i], tie_kv_tokens[i], i, best_key, best)  # fmt: skip
+                        if not better:
+                            continue
                     total = next_level[i] + work
                     first_new = min(total, budget[i])
                     mean_new = (first_new - first[i]) / n_e + mean_e
                     c_mean = c_e * mean_new / 1000.0
                     d_new = max(max(heavy, first_new) * b_e / 1000.0 + a_e + c_mean, 0.0)
                     further = max(total - budget[i], 0.0) / budget[i] * max(c_mean + a_budget[i], 0.0)
-                    costs[i] = wait_e + d_new + further + (d_new - d_old_e) * stalled_e
-                rf = fences[e, 0]
-                kf = fences[e, 1]
-                total_level = level_sum[mm, e]
-                for i in range(lo, hi):
-                    if not fit[i]:
-                        continue
-                    cost = costs[i]
+                    cost = wait_e + d_new + further + (d_new - d_old_e) * stalled_e
                     if best >= 0 and cost > best_cost:
                         continue
-                    work = float(t - hit[i])
-                    out = decode_on and (requests[i] > rf or kv[i] > kf)
-                    if best >= 0 and cost == best_cost:
+                    if best >= 0 and cost == best_cost and not at_floor:
                         if decode_on:
-                            better = _phase_better(work, out, requests[i], kv[i], next_level[i], total_level,
-                                                   0.0, 0.0, 0.0, i, best_key, best, bucket)  # fmt: skip
+                            better = _phase_better(work, out, bucketed[i], kv[i], next_level[i], total_level,
+                                                   0.0, 0.0, 0.0, i, best_key, best)  # fmt: skip
                         else:
                             better = _phase_better(work, out, 0.0, 0.0, next_level[i], total_level, tie_running[i],
-                                                   tie_kv_usage[i], tie_kv_tokens[i], i, best_key, best,
-                                                   bucket)  # fmt: skip
+                                                   tie_kv_usage[i], tie_kv_tokens[i], i, best_key, best)  # fmt: skip
                         if not better:
                             continue
                     best = i
                     best_cost = cost
                     if decode_on:
-                        best_key = (work, 1.0 if out else 0.0, requests[i], kv[i], next_level[i], total_level, 0.0,
+                        best_key = (work, 1.0 if out else 0.0, bucketed[i], kv[i], next_level[i], total_level, 0.0,
                                     0.0, 0.0)  # fmt: skip
                     else:
                         best_key = (work, 0.0, 0.0, 0.0, next_level[i], total_level, tie_running[i],
@@ -569,6 +568,7 @@ def phase_kernel(
             if decode_on:
                 _decode_place(best, e, float(t), requests, kv, g_pos, g_start, g_requests, g_kv, g_requests_sorted,
                               g_kv_sorted, g_exact, g_sums, g_on, iqr_k, bucket, compensated, fences)  # fmt: skip
+                bucketed[best] = requests[best] // bucket
             if prefix_on:
                 _stage(j, best, n, b_off, nodes, s_head, s_next, s_rank, s_seen, s_count)
         for k in range(n_touched):
@@ -581,7 +581,7 @@ def phase_kernel(
 def _phase_better(
     work: float,
     out: bool,
-    requests: float,
+    bucketed: float,
     kv: float,
     next_level: float,
     total_level: float,
@@ -591,24 +591,20 @@ def _phase_better(
     index: int,
     best: tuple[float, float, float, float, float, float, float, float, float],
     best_index: int,
-    bucket: float,
 ) -> bool:
     """Whether a rank beats the best so far at an equal cost (``gateway.scheduling.phase._Cluster.best``): less to
-    prefill, then with the decode-aware choice outliers last, requests in buckets of ``bucket``, KV tokens; then the
+    prefill, then with the decode-aware choice outliers last, requests in buckets, KV tokens; then the
     next-step level, the instance's total level, and without it running requests, KV usage, KV tokens (the unused
-    places zero), then the lower index (the scan's order). ``best`` holds the best's figures in that order, its
-    requests unbucketed. Scalars only: array
+    places zero), then the lower index (the scan's order). ``best`` holds the best's figures in that order.
+    Scalars only: array
     arguments would cost reference counting on every call."""
     if work != best[0]:
         return work < best[0]
     flag = 1.0 if out else 0.0
     if flag != best[1]:
         return flag < best[1]
-    if requests != best[2]:
-        mine = requests // bucket
-        theirs = best[2] // bucket
-        if mine != theirs:
-            return mine < theirs
+    if bucketed != best[2]:
+        return bucketed < best[2]
     if kv != best[3]:
         return kv < best[3]
     if next_level != best[4]:
