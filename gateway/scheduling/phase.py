@@ -218,6 +218,14 @@ def _place_compiled(
         h_off = np.zeros(1, dtype=np.int64)
         distinct, block_tokens = 0, 1
     starts = np.array([sl.start for sl in cluster.slices] + [len(loads)], dtype=np.int64)
+    # each instance's ranks in the order of the tie-break's keys (phase_kernel's walk)
+    positions = np.arange(len(loads))
+    sort_keys: list[np.ndarray] = (
+        [positions, cluster.next_level, ranker.kv, ranker.requests // ranker.bucket, cluster.instance]
+        if decode is not None
+        else [positions, ties[2], ties[1], ties[0], cluster.next_level, cluster.instance]
+    )
+    sorted_idx = np.lexsort(sort_keys).astype(np.int64)
     theta = cluster.theta
     choice = kernels.phase_kernel(
         cluster.instance, starts, cluster.level, cluster.next_level, cluster.budget, cluster.capacity,
@@ -229,7 +237,7 @@ def _place_compiled(
         decode is not None, ranker.requests, ranker.kv, ranker.bucket, ranker.iqr_k, ranker.g_pos, ranker.g_start,
         ranker.g_requests, ranker.g_kv, ranker.g_requests_sorted, ranker.g_kv_sorted, ranker.g_exact,
         ranker.g_sums, ranker.g_on, *ties,
-        tokens, forced, model,
+        tokens, forced, model, sorted_idx,
         prefix is not None, b_off, b_ids, distinct, h_off, h_rank, int(block_tokens),
     )  # fmt: skip
     serves = [bool(row.any()) for row in mask]

@@ -59,7 +59,7 @@ def _warm(compiled: ModuleType) -> None:
         f, f, f, f, f, i1.copy(), 0.0, 0.0, True, False, 0.0, COMPENSATED_SUM,
         True, f.copy(), f.copy(), 1.0, 1.5, i1.copy(), starts, f.copy(), f.copy(), f.copy(), f.copy(), yes.copy(),
         triple.copy(), yes, f, f, f,
-        tokens, yes, i1, True, starts, blocks, 1, starts, i1, 512,
+        tokens, yes, i1, i1.copy(), True, starts, blocks, 1, starts, i1, 512,
     )  # fmt: skip
     compiled.water_kernel(
         f.copy(),

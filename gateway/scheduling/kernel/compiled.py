@@ -402,6 +402,7 @@ def phase_kernel(
     tokens: np.ndarray,
     forced: np.ndarray,
     model: np.ndarray,
+    sorted_idx: np.ndarray,
     # prefix hits
     prefix_on: bool,
     b_off: np.ndarray,
@@ -458,6 +459,10 @@ def phase_kernel(
     touched = np.empty(n, dtype=np.int64)
     bound = np.empty(n_inst)
     bucketed = requests // bucket if decode_on else np.zeros(n)
+    cand = np.empty(n, dtype=np.int64)
+    position = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        position[sorted_idx[k]] = k
     # the bound holds where a longer step cannot shorten the prediction: d_e non-decreasing in H and S (b, c >= 0)
     # and the stall term non-negative (every operation of the cost then rounds monotonically)
     bounded = (b >= 0.0) & (c >= 0.0) & (wait >= 0.0)
@@ -502,7 +507,36 @@ def phase_kernel(
                 kf = fences[e, 1]
                 total_level = level_sum[mm, e]
                 floor = bounded[e] and stalled_e >= 0.0
-                for i in range(inst_start[e], inst_start[e + 1]):
+                lo = inst_start[e]
+                hi = inst_start[e + 1]
+                n_cand = -1  # every rank of the instance
+                if floor:
+                    # The instance's best rank without a prefix hit, if one sits at the floor: the first in key order
+                    # that fits, is no outlier and costs exactly the floor (none costs less; outliers and later keys
+                    # lose the tie). Then only it and the instance's ranks with a prefix hit are candidates.
+                    found = -1
+                    for k in range(lo, min(hi, lo + WALK)):
+                        i = sorted_idx[k]
+                        if not mask[mm, i] or hit[i] != 0 or (decode_on and (requests[i] > rf or kv[i] > kf)):
+                            continue
+                        work = float(t)
+                        if not forced[j] and not (open_[i] and (level[i] + work <= capacity[i] or level[i] <= 0.0)):
+                            continue
+                        cost = _cost(work, next_level[i], budget[i], first[i], a_budget[i], n_e, mean_e, heavy, a_e,
+                                     b_e, c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
+                        if cost == bound[e]:
+                            found = i
+                            break
+                    if found >= 0:
+                        cand[0] = found
+                        n_cand = 1
+                        for k in range(n_touched):
+                            i = touched[k]
+                            if inst[i] == e and hit[i] != 0:
+                                cand[n_cand] = i
+                                n_cand += 1
+                for k in range(hi - lo if n_cand < 0 else n_cand):
+                    i = lo + k if n_cand < 0 else cand[k]
                     if not mask[mm, i]:
                         continue
                     work = float(t - hit[i])
@@ -521,13 +555,8 @@ def phase_kernel(
                                                    tie_kv_usage[i], tie_kv_tokens[i], i, best_key, best)  # fmt: skip
                         if not better:
                             continue
-                    total = next_level[i] + work
-                    first_new = min(total, budget[i])
-                    mean_new = (first_new - first[i]) / n_e + mean_e
-                    c_mean = c_e * mean_new / 1000.0
-                    d_new = max(max(heavy, first_new) * b_e / 1000.0 + a_e + c_mean, 0.0)
-                    further = max(total - budget[i], 0.0) / budget[i] * max(c_mean + a_budget[i], 0.0)
-                    cost = wait_e + d_new + further + (d_new - d_old_e) * stalled_e
+                    cost = _cost(work, next_level[i], budget[i], first[i], a_budget[i], n_e, mean_e, heavy, a_e, b_e,
+                                 c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
                     if best >= 0 and cost > best_cost:
                         continue
                     if best >= 0 and cost == best_cost and not at_floor:
@@ -571,10 +600,76 @@ def phase_kernel(
                 bucketed[best] = requests[best] // bucket
             if prefix_on:
                 _stage(j, best, n, b_off, nodes, s_head, s_next, s_rank, s_seen, s_count)
+            # the rank's key only grew: it moves towards the end of its instance's key order
+            k = position[best]
+            hi = inst_start[e + 1]
+            while k + 1 < hi:
+                other = sorted_idx[k + 1]
+                if decode_on:
+                    ahead = _key_less(bucketed[other], kv[other], next_level[other], 0.0, other, bucketed[best],
+                                      kv[best], next_level[best], 0.0, best)  # fmt: skip
+                else:
+                    ahead = _key_less(next_level[other], tie_running[other], tie_kv_usage[other],
+                                      tie_kv_tokens[other], other, next_level[best], tie_running[best],
+                                      tie_kv_usage[best], tie_kv_tokens[best], best)  # fmt: skip
+                if not ahead:
+                    break
+                sorted_idx[k] = other
+                position[other] = k
+                k += 1
+            sorted_idx[k] = best
+            position[best] = k
         for k in range(n_touched):
             depth[touched[k]] = 0
             hit[touched[k]] = 0
     return choice
+
+
+WALK = 32
+"""How many ranks of an instance the key-order walk looks at before it gives up and scans the instance."""
+
+
+@_inlined
+def _cost(
+    work: float,
+    next_level: float,
+    budget: float,
+    first: float,
+    a_budget: float,
+    count: float,
+    mean: float,
+    heaviest: float,
+    a: float,
+    b: float,
+    c: float,
+    wait: float,
+    d_old: float,
+    stalled: float,
+) -> float:
+    """A rank's predicted cost of ``work`` more prompt tokens (``gateway.scheduling.phase._Cluster._costs``, the same
+    operations in the same order)."""
+    total = next_level + work
+    first_new = min(total, budget)
+    mean_new = (first_new - first) / count + mean
+    c_mean = c * mean_new / 1000.0
+    d_new = max(max(heaviest, first_new) * b / 1000.0 + a + c_mean, 0.0)
+    further = max(total - budget, 0.0) / budget * max(c_mean + a_budget, 0.0)
+    return wait + d_new + further + (d_new - d_old) * stalled
+
+
+@_inlined
+def _key_less(x1: float, x2: float, x3: float, x4: float, xi: int, y1: float, y2: float, y3: float, y4: float,
+              yi: int) -> bool:  # fmt: skip
+    """``(x1, x2, x3, x4, xi) < (y1, y2, y3, y4, yi)`` lexicographically."""
+    if x1 != y1:
+        return x1 < y1
+    if x2 != y2:
+        return x2 < y2
+    if x3 != y3:
+        return x3 < y3
+    if x4 != y4:
+        return x4 < y4
+    return xi < yi
 
 
 @_inlined
