@@ -214,3 +214,16 @@ def test_the_compiled_paths_order_a_batch_as_placement_order(seed):
         assert [q.request_id for q in order] == [q.request_id for q in placement_order(batch, shortest_first)]
         assert tokens.tolist() == [q.prompt_tokens for q in order]
         assert arrival.tolist() == [q.arrival_s for q in order]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_phase_fill_takes_block_ids_beyond_unsigned_64_bits(seed):
+    """Block ids numpy cannot hold as unsigned 64-bit integers (negative, or wider) take the dictionary path."""
+    ranks, batch, clock, current = random_window(seed)
+    for request in batch:
+        request.prefix_blocks = tuple(-b if b % 2 else b + 2**70 for b in request.prefix_blocks)
+    rng = random.Random(seed)
+    prefix = _prefix(rng, ranks, batch)
+    settings = {"now": NOW, "max_wait_s": 10.0, "queue_steps": 2.0, "prefix": prefix}
+    expected = reference_phase_fill(batch, ranks, clock, current, **settings)
+    assert outcome(phase_fill(batch, ranks, clock, current, **settings)) == outcome(expected)
