@@ -458,6 +458,11 @@ def phase_kernel(
     hit = np.zeros(n, dtype=np.int64)
     touched = np.empty(n, dtype=np.int64)
     bound = np.empty(n_inst)
+    least_work = np.empty(n_inst)
+    by_bound = np.arange(n_inst)
+    least_budget = np.full(n_inst, math.inf)
+    for i in range(n):
+        least_budget[inst[i]] = min(least_budget[inst[i]], budget[i])
     bucketed = requests // bucket if decode_on else np.zeros(n)
     cand = np.empty(n, dtype=np.int64)
     position = np.empty(n, dtype=np.int64)
@@ -479,15 +484,36 @@ def phase_kernel(
         best = -1
         best_cost = math.inf
         best_key = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        # instances by their lower bound wait(e) + d_e(H_e, S_e) (module docstring): once it exceeds the best cost,
-        # no rank of the instance can match it
+        # Instances by their lower bound for this request: no rank of instance e takes fewer than w_e prompt
+        # tokens (the request's, less the largest prefix hit there) nor has a budget below B_e, so its next step's
+        # heaviest rank carries at least max(H_e, min(w_e, B_e)) and its mean at least S_e; with b, c >= 0 and a
+        # non-negative stall weight every operation of the cost rounds monotonically, so
+        #     wait(e) + d_lb + (d_lb - d_e(H_e, S_e)) * stalled_e,  d_lb = d_e(max(H_e, min(w_e, B_e)), S_e)
+        # bounds every rank's cost from below, floats included. Once it exceeds the best cost the instance is
+        # skipped; where a rank meets it exactly (nothing queued, say), that rank is at the instance's floor.
         for e in range(n_inst):
-            bound[e] = wait[e] + d_old[mm, e]
-        by_bound = np.argsort(bound)
+            least_work[e] = float(t)
+        for k in range(n_touched):
+            i = touched[k]
+            least_work[inst[i]] = min(least_work[inst[i]], float(t - hit[i]))
+        for e in range(n_inst):
+            top = max(heaviest[mm, e], min(least_work[e], least_budget[e]))
+            d_lb = max(top * b[e] / 1000.0 + a[e] + c[e] * mean[mm, e] / 1000.0, 0.0)
+            bound[e] = wait[e] + d_lb + (d_lb - d_old[mm, e]) * stalled[e]
+        if n_inst <= 16:  # insertion sort in place: no allocation per request
+            for e in range(n_inst):
+                k = e
+                while k > 0 and bound[by_bound[k - 1]] > bound[e]:
+                    by_bound[k] = by_bound[k - 1]
+                    k -= 1
+                by_bound[k] = e
+        else:
+            by_bound = np.argsort(bound)
         for sweep in range(2 if long_on else 1):
             if sweep == 1 and best >= 0:
                 break
-            for e in by_bound:
+            for p in range(n_inst):
+                e = int(by_bound[p])
                 if count[mm, e] == 0.0:
                     continue
                 if long_on and (slow[mm, e] == long_request) != (sweep == 0):
@@ -510,7 +536,7 @@ def phase_kernel(
                 lo = inst_start[e]
                 hi = inst_start[e + 1]
                 n_cand = -1  # every rank of the instance
-                if floor:
+                if floor and hi - lo > WALK:
                     # The instance's best rank without a prefix hit, if one sits at the floor: the first in key order
                     # that fits, is no outlier and costs exactly the floor (none costs less; outliers and later keys
                     # lose the tie). Then only it and the instance's ranks with a prefix hit are candidates.
@@ -626,7 +652,8 @@ def phase_kernel(
 
 
 WALK = 32
-"""How many ranks of an instance the key-order walk looks at before it gives up and scans the instance."""
+"""How many ranks of an instance the key-order walk looks at before it gives up and scans the instance; an
+instance of no more ranks is scanned at once."""
 
 
 @_inlined
