@@ -94,8 +94,14 @@ def _warm(compiled: ModuleType) -> None:
 
 def model_mask(requests: Sequence[PendingRequest], ranks: Sequence[RankLoad]) -> tuple[np.ndarray, np.ndarray]:
     """Each request's model as an index, and which of ``ranks`` serve each model (``models x ranks``)."""
-    ids: dict[str, int] = {}
-    model = np.array([ids.setdefault(q.model, len(ids)) for q in requests], dtype=np.int64)
+    names = [q.model for q in requests]
+    distinct = set(names)
+    if len(distinct) <= 1:  # the common case: one model
+        ids = dict.fromkeys(distinct, 0)
+        model = np.zeros(len(names), dtype=np.int64)
+    else:
+        ids = {}
+        model = np.array([ids.setdefault(name, len(ids)) for name in names], dtype=np.int64)
     mask = np.zeros((len(ids), len(ranks)), dtype=np.bool_)
     for name, m in ids.items():
         mask[m] = [name in r.models for r in ranks]
@@ -141,10 +147,11 @@ def prefix_arrays(
     """The requests' prefix blocks as dense ids (``b_off`` delimits each request's), how many distinct blocks,
     and for each distinct block the ranks (array indices by ``(engine, rank)``, from ``positions``, asked only when
     some block is held) the prefix index says hold it (``h_off`` delimits each block's)."""
-    lengths = np.fromiter(map(len, (q.prefix_blocks for q in requests)), dtype=np.int64, count=len(requests))
+    sequences = [q.prefix_blocks for q in requests]
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(requests))
     b_off = np.zeros(len(requests) + 1, dtype=np.int64)
     np.cumsum(lengths, out=b_off[1:])
-    blocks = itertools.chain.from_iterable(q.prefix_blocks for q in requests)
+    blocks = itertools.chain.from_iterable(sequences)
     distinct: list[int]
     try:  # block hashes are unsigned 64-bit integers: numpy finds the distinct ones
         values, inverse = np.unique(np.fromiter(blocks, dtype=np.uint64, count=int(b_off[-1])), return_inverse=True)
@@ -153,7 +160,7 @@ def prefix_arrays(
     except (OverflowError, ValueError, TypeError):  # other integers: a dict does
         ids: dict[int, int] = {}
         b_ids = np.array(
-            [ids.setdefault(b, len(ids)) for b in itertools.chain.from_iterable(q.prefix_blocks for q in requests)],
+            [ids.setdefault(b, len(ids)) for b in itertools.chain.from_iterable(sequences)],
             dtype=np.int64,
         )
         distinct = list(ids)
@@ -181,11 +188,11 @@ def placement_arrays(
     """The batch in :func:`~gateway.scheduling.allocation.placement_order` (by a stable numpy sort on the same
     keys), with its prompt tokens and arrival times in that order."""
     n = len(batch)
-    tokens = np.fromiter((q.prompt_tokens for q in batch), dtype=np.int64, count=n)
-    arrival = np.fromiter((q.arrival_s for q in batch), dtype=float, count=n)
+    tokens = np.fromiter([q.prompt_tokens for q in batch], dtype=np.int64, count=n)
+    arrival = np.fromiter([q.arrival_s for q in batch], dtype=float, count=n)
     if shortest_first:
         order = np.lexsort((arrival, tokens))
     else:
-        deferrals = np.fromiter((q.deferrals for q in batch), dtype=np.int64, count=n)
+        deferrals = np.fromiter([q.deferrals for q in batch], dtype=np.int64, count=n)
         order = np.lexsort((arrival, -tokens, -deferrals))
     return [batch[i] for i in order.tolist()], tokens[order], arrival[order]
