@@ -101,9 +101,11 @@ def water_fill(
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
-    Each request goes to the fitting rank with the lowest ``(level, decode key, rank)``. The ranks serving a
-    model are kept sorted by that key within groups of equal capacity (:class:`_Levels`), so a request costs
-    O(log n) comparisons plus an O(n) memmove per group, n the ranks serving its model, instead of a scan.
+    Each request goes to the fitting rank with the lowest ``(level, decode key, rank)``: compiled
+    (:mod:`gateway.scheduling.kernel`, ``water_kernel``: one pass over the ranks serving its model, ~1 ns a rank)
+    where numba is installed; otherwise the ranks serving a model are kept sorted by that key within groups of
+    equal capacity (:class:`_Levels`), a request costing O(log n) comparisons plus an O(n) memmove per group.
+    The decode ranker, like :func:`~gateway.scheduling.phase.phase_fill`'s, is not to be reused after the call.
 
     Args:
         batch: the window's requests, in arrival order.

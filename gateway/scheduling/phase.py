@@ -100,12 +100,14 @@ def phase_fill(
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
-    Each request's cost is computed for every fitting rank at once, over arrays of the usable ranks
-    (:class:`_Cluster`), with the floating-point operations of the step-time model in the order a rank-by-rank
-    evaluation of the formula performs them, so the costs and the choice are those of a scan; what a placement
+    The whole loop runs compiled (:mod:`gateway.scheduling.kernel`, ``phase_kernel``: instances ruled out by a
+    lower bound, a few ranks of an instance in its tie-break order where one sits at that bound, else one pass
+    over its ranks); without numba, or with ``compiled=False``, each request's cost is computed for every fitting
+    rank at once with numpy over the arrays of :class:`_Cluster`. Both use the floating-point operations of the
+    step-time model in the order a rank-by-rank evaluation of the formula performs them and the same keys, so
+    the costs and the choice are those of a scan (``tests/unit/test_allocation_reference.py``); what a placement
     changes (the rank's levels, its instance's next-step figures, the decode-aware loads and fences of its
-    instance) is updated in place. A request costs O(n) vectorised operations and O(instance size) scalar
-    ones, n the usable ranks.
+    instance) is updated in place.
 
     Args:
         batch: the window's requests.
@@ -122,7 +124,9 @@ def phase_fill(
         decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ranks of equal cost are ordered by it
             (each instance's outlier ranks last, then the lexicographic key) before their next-step prefill
             level; ``None`` orders them by next-step level, then running requests and KV usage. The predicted
-            first-token time stays first (``bench/results/decisions.md#iqr-outliers``).
+            first-token time stays first (``bench/results/decisions.md#iqr-outliers``). The ranker describes the
+            loads before the batch; the numpy path records the placements in it, the compiled one does not, so
+            it is not to be reused after the call.
         use_step_phase: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
             (the staggering switched off, for ablation).
         shortest_first: place the shortest prompts first instead of the longest
@@ -134,6 +138,7 @@ def phase_fill(
             probably lacks, counting the blocks of the requests placed before it in this batch as if they were
             already in the index (the scheduler enters them in that order when it dispatches them), so that
             requests sharing a prefix go together where the cost allows; ``None``: every prompt counts whole.
+        compiled: place with the compiled loop where numba is installed; ``False`` for the numpy path.
     """
     result = Allocation()
     kernels = kernel.load() if compiled else None

@@ -10,10 +10,13 @@ fast-math, so no reassociation and no fused multiply-add), and sums that Python 
 its algorithm (:func:`_python_sum`), so the placements are the Python code's
 (``tests/unit/test_allocation_reference.py``).
 
-A request costs one pass over the ranks serving its model: the phase-aware cost of a rank depends on the request
-(its prefix hits) and on its whole instance, and equal costs are broken by further keys, so no order of the ranks
-survives from one request to the next that would let an exact search skip ranks (``bench/results/
-allocation_scale.md``). The pass is compiled arithmetic, a few nanoseconds a rank.
+``phase_kernel`` looks at the instances in the order of a lower bound on their ranks' costs for the request and
+skips those whose bound exceeds the best cost found; within an instance whose bound some rank meets exactly (it
+has room in the next step), the ranks kept in the tie-break's key order give the best of them after a few looks;
+otherwise the instance is one pass over its ranks, the key compared before the cost where the cost cannot beat the
+best (``bench/results/allocation_scale.md``). ``water_kernel`` is one pass over the ranks serving the request's
+model. Helpers that take arrays are called once per request; the comparisons in the loops take scalars, as an
+array argument costs reference counting on every call.
 """
 
 from __future__ import annotations
