@@ -5,6 +5,9 @@ Window allocators (``phase_aware``, the default, and ``water_fill``, both with t
 8 x 144 DP ranks. The snapshot (:meth:`gateway.load.view.LoadView.snapshot`, as the scheduler takes it when the
 window closes) and the allocation (:meth:`~gateway.scheduling.allocators.Allocator.place`) are timed separately.
 
+Both window allocators take their compiled loops (:mod:`gateway.scheduling.kernel`), compiled or loaded from
+numba's cache when the allocator is built, before anything is timed.
+
 Immediate policies: a burst of requests placed one after another through :meth:`Scheduler.submit
 <gateway.scheduling.scheduler.Scheduler.submit>` (a snapshot, the policy's choice and the dispatch record per
 request), and the policy's choice alone on a fixed snapshot, in microseconds per request.
@@ -245,7 +248,13 @@ def main() -> None:
         "--before",
         type=Path,
         default=RESULTS / "allocation_scale_before.json",
-        help="figures of the code before the speed-up, for the markdown table (if present)",
+        help="figures of the scan before the restructuring, for the markdown table (if present)",
+    )
+    parser.add_argument(
+        "--numpy",
+        type=Path,
+        default=RESULTS / "allocation_scale_numpy.json",
+        help="figures of the numpy path before the compiled loops, for the markdown table (if present)",
     )
     parser.add_argument("--md", type=Path, default=RESULTS / "allocation_scale.md")
     parser.add_argument("--no-md", action="store_true")
@@ -277,57 +286,67 @@ def main() -> None:
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
     if not args.no_md:
         before = json.loads(args.before.read_text()) if args.before.exists() else []
+        numpy_rows = json.loads(args.numpy.read_text()) if args.numpy.exists() else []
         notes = ""
         if args.md.exists() and NOTES in (text := args.md.read_text()):
             notes = text[text.index(NOTES) :]
-        args.md.write_text(markdown(rows, before) + (f"\n{notes}" if notes else ""))
+        args.md.write_text(markdown(rows, before, numpy_rows) + (f"\n{notes}" if notes else ""))
 
 
 NOTES = "<!-- notes: kept when the tables are rewritten -->"
 """The line of ``allocation_scale.md`` from which on the text is written by hand and kept by a rerun."""
 
 
-def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> str:
-    """The results tables, with the figures before the speed-up where ``before`` has the same cell."""
+def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]], numpy_rows: list[dict[str, Any]]) -> str:
+    """The results tables, with the figures of the scan (``before``) and of the numpy path (``numpy_rows``) where
+    they have the same cell."""
 
     def cell(row: dict[str, Any]) -> tuple[Any, ...]:
         return (row["kind"], row["policy"], row["shape"], row["requests"])
 
     old = {cell(r): r for r in before}
+    vectorised = {cell(r): r for r in numpy_rows}
     lines = [
         "# Allocation at cluster scale",
         "",
         "`python bench/allocation_scale.py` (module docstring: inputs, what is timed). CPU time of one window's",
-        "placement, median of several runs (one when a run takes over 2 s); the snapshot timed apart. *before*:",
-        "the same script on the code before the restructuring (`--before`, from `allocation_scale_before.json`).",
+        "placement, median of several runs (one when a run takes over 2 s); the snapshot timed apart. *scan*: the",
+        "same script on the code before the restructuring (`--before`, from `allocation_scale_before.json`);",
+        "*numpy*: on the numpy path before the compiled loops (`--numpy`, from `allocation_scale_numpy.json`).",
         "",
-        "| allocator | shape | requests | snapshot ms | place ms | before: place ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| allocator | shape | requests | snapshot ms | place ms | numpy: place ms | scan: place ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["kind"] != "window":
             continue
         b = old.get(cell(r))
+        v = vectorised.get(cell(r))
+        numpy_ms = "" if v is None else format(v["place_ms"], ".2f")
+        scan_ms = "" if b is None else format(b["place_ms"], ".1f")
         lines.append(
             f"| {r['policy']} | {r['shape']} | {r['requests']:,} | {r['snapshot_ms']:.2f} | {r['place_ms']:.2f} | "
-            f"{'' if b is None else format(b['place_ms'], '.1f')} |"
+            f"{numpy_ms} | {scan_ms} |"
         )
     lines += [
         "",
         f"Immediate policies: {IMMEDIATE_REQUESTS:,} requests one after another through `Scheduler.submit` (snapshot,",
         "choice, dispatch record), and the choice alone on a fixed snapshot; microseconds per request.",
         "",
-        "| immediate policy | shape | submit µs/request | snapshot µs | choose µs/request | before: submit, choose |",
-        "|---|---|---:|---:|---:|---:|",
+        "| immediate policy | shape | submit µs/request | snapshot µs | choose µs/request | numpy: submit, choose "
+        "| scan: submit, choose |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["kind"] != "immediate":
             continue
         b = old.get(cell(r))
+        v = vectorised.get(cell(r))
         was = "" if b is None else f"{b['submit_us']:.0f}, {b['choose_us']:.1f}"
+        was_numpy = "" if v is None else f"{v['submit_us']:.0f}, {v['choose_us']:.1f}"
         lines.append(
             f"| {r['policy']} | {r['shape']} | {r['submit_us']:.1f} | {r['snapshot_us']:.1f} | {r['choose_us']:.1f} "
-            f"| {was} |"
+            f"| {was_numpy} | {was} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.scheduling import kernel
 from tests.helpers import Cluster, running_cluster
 
 TIERS = ("unit", "http", "e2e", "deploy", "real_vllm")
@@ -21,6 +22,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(_HERE) and (folder := item.path.relative_to(_HERE).parts[0]) in TIERS:
             item.add_marker(folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_allocators() -> None:
+    """The window allocators' compiled loops (:mod:`gateway.scheduling.kernel`), compiled or loaded from numba's
+    on-disk cache once per session before the first test: no test pays the compile, and the gateway processes
+    tests start load the cache instead of compiling under their readiness timeouts."""
+    kernel.load()
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ In pipeline order:
   in the virtual token counter's order.
 - :mod:`.allocators`: the allocator registry, by ``allocator.kind``: :mod:`.phase` (phase-aware placement) and
   :mod:`.allocation` (prefill water-filling), their ties broken by :mod:`.decode` (two objectives, IQR outliers).
+  Both place a window with the compiled loops of :mod:`.kernel` (numba), their numpy and Python paths the fallback.
 - :mod:`.baselines`: the immediate-dispatch policies and their registry, by ``policy`` name.
 - :mod:`.pd`: P/D models' legs: the prefill leg's own policy (``pd.prefill_policy``, ``follow_bootstrap_room``) and
   the decode leg's (``pd.decode_policy``: the decode allocation or a baseline).

@@ -30,8 +30,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from gateway.scheduling import kernel
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.types import Allocation
 from gateway.types import PendingRequest, RankKey, RankLoad
@@ -93,12 +97,15 @@ def water_fill(
     min_queue_tokens: float = 0.0,
     decode: DecodeRanker | None = None,
     shortest_first: bool = False,
+    compiled: bool = True,
 ) -> Allocation:
     """Place a window's batch on DP ranks by prefill water-filling.
 
-    Each request goes to the fitting rank with the lowest ``(level, decode key, rank)``. The ranks serving a
-    model are kept sorted by that key within groups of equal capacity (:class:`_Levels`), so a request costs
-    O(log n) comparisons plus an O(n) memmove per group, n the ranks serving its model, instead of a scan.
+    Each request goes to the fitting rank with the lowest ``(level, decode key, rank)``: compiled
+    (:mod:`gateway.scheduling.kernel`, ``water_kernel``: one pass over the ranks serving its model, ~1 ns a rank)
+    where numba is installed; otherwise the ranks serving a model are kept sorted by that key within groups of
+    equal capacity (:class:`_Levels`), a request costing O(log n) comparisons plus an O(n) memmove per group.
+    The decode ranker, like :func:`~gateway.scheduling.phase.phase_fill`'s, is not to be reused after the call.
 
     Args:
         batch: the window's requests, in arrival order.
@@ -110,11 +117,18 @@ def water_fill(
         decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ties in the level go to non-outlier
             ranks first, then by its lexicographic key; ``None`` breaks them by running requests, then KV usage.
         shortest_first: place the shortest prompts first (:func:`placement_order`).
+        compiled: place with the compiled loop (:mod:`gateway.scheduling.kernel`: one pass over the ranks serving
+            the model per request, the same keys) where numba is installed; ``False`` for the Python path.
 
     Returns:
         An :class:`Allocation`: assigned pairs (longest prompt first), deferred requests (arrival order), and
         requests that no usable rank serves.
     """
+    kernels = kernel.load() if compiled else None
+    if kernels is not None:
+        return _water_fill_compiled(
+            kernels, batch, ranks, now, max_wait_s, queue_steps, min_queue_tokens, decode, shortest_first
+        )
     result = Allocation()
     state = _Ranks(ranks, queue_steps, min_queue_tokens, decode)
     by_model: dict[str, _Levels] = {}
@@ -142,6 +156,47 @@ def water_fill(
         for other in by_model.values():
             other.add(best)
         result.assigned.append((request, state.loads[best].key))
+    result.deferred.sort(key=lambda q: q.arrival_s)
+    return result
+
+
+def _water_fill_compiled(
+    kernels: ModuleType,
+    batch: Sequence[PendingRequest],
+    ranks: Sequence[RankLoad],
+    now: float,
+    max_wait_s: float,
+    queue_steps: float,
+    min_tokens: float,
+    decode: DecodeRanker | None,
+    shortest_first: bool,
+) -> Allocation:
+    """:func:`water_fill` with the compiled loop (:func:`gateway.scheduling.kernel.compiled.water_kernel`)."""
+    loads = [r for r in ranks if r.usable]
+    order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
+    engines: dict[str, int] = {}
+    instance = np.array([engines.setdefault(r.key.engine, len(engines)) for r in loads], dtype=np.int64)
+    position = np.empty(len(loads), dtype=np.int64)
+    position[sorted(range(len(loads)), key=lambda i: (loads[i].key.engine, loads[i].key.rank))] = np.arange(len(loads))
+    model, mask = kernel.model_mask(order, loads)
+    ranker, ties = kernel.ranker_or_none(decode, list(engines), loads)
+    choice = kernels.water_kernel(
+        np.array([r.queued_prefill_tokens for r in loads], dtype=float),
+        np.array([capacity_tokens(r, queue_steps, min_tokens) for r in loads], dtype=float),
+        np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=np.bool_),
+        position, mask, instance, kernel.COMPENSATED_SUM,
+        decode is not None, ranker.requests, ranker.kv, ranker.bucket, ranker.iqr_k, ranker.g_pos, ranker.g_start,
+        ranker.g_requests, ranker.g_kv, ranker.g_requests_sorted, ranker.g_kv_sorted, ranker.g_exact,
+        ranker.g_sums, ranker.g_on, *ties,
+        tokens, np.subtract(now, arrival) < max_wait_s, model,
+    )  # fmt: skip
+    result = Allocation()
+    keys = [r.key for r in loads]
+    for request, chosen in zip(order, choice.tolist(), strict=True):
+        if chosen >= 0:
+            result.assigned.append((request, keys[chosen]))
+        else:
+            (result.deferred if chosen == -1 else result.unplaceable).append(request)
     result.deferred.sort(key=lambda q: q.arrival_s)
     return result
 
@@ -281,6 +336,7 @@ class WaterFill:
         self.settings = settings
         self.decode = decode
         self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
+        kernel.load()  # compiled (or loaded from numba's cache) now, not inside the first window
 
     def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
         """Place a window's batch (see :func:`water_fill`)."""

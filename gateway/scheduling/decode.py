@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from gateway.types import RankKey, RankLoad
 
 if TYPE_CHECKING:
@@ -168,15 +170,41 @@ class DecodeRanker:
             raise ValueError(f"iqr_k must be >= 0, got {iqr_k}")
         self.iqr_k = iqr_k
         self.bucket = bucket
-        self.loads: dict[RankKey, DecodeLoad] = {}
+        self.ranks = ranks
+        """The snapshot the ranker was built on."""
+        self._loads: dict[RankKey, DecodeLoad] | None = None
+        self._group_map: dict[str, _Group] = {}
+
+    @property
+    def built(self) -> bool:
+        """Whether the per-rank loads and groups exist yet (they are built on first use: the compiled placement
+        loops read the snapshot directly, :func:`ranker_arrays`)."""
+        return self._loads is not None
+
+    @property
+    def loads(self) -> dict[RankKey, DecodeLoad]:
+        """Each rank's objectives, with what was placed on it so far."""
+        if self._loads is None:
+            self._build()
+            assert self._loads is not None
+        return self._loads
+
+    @property
+    def _groups(self) -> dict[str, _Group]:
+        if self._loads is None:
+            self._build()
+        return self._group_map
+
+    def _build(self) -> None:
+        self._loads = loads = {}
         members: dict[str, tuple[list[RankKey], list[float], list[float]]] = {}
-        for r in ranks:
-            load = self.loads[r.key] = DecodeLoad.of(r)
+        for r in self.ranks:
+            load = loads[r.key] = DecodeLoad.of(r)
             keys, requests, kv_tokens = members.setdefault(r.key.engine, ([], [], []))
             keys.append(r.key)
             requests.append(load.requests)
             kv_tokens.append(load.kv_tokens)
-        self._groups = {engine: _Group(*group) for engine, group in members.items()}
+        self._group_map = {engine: _Group(*group) for engine, group in members.items()}
 
     def fences(self, engine: str) -> tuple[float, float]:
         """``(requests fence, KV tokens fence)`` of ``engine``'s group (:func:`iqr_outliers`): a rank above either
@@ -233,6 +261,137 @@ class DecodeRanker:
         group.magnitude += 1 + abs(prompt_tokens)
         group.exact_sums = group.exact_sums and group.magnitude < 2**53 and float(prompt_tokens).is_integer()
         group.fences = None
+
+
+@dataclass(frozen=True, slots=True)
+class RankerArrays:
+    """A :class:`DecodeRanker`'s state as flat arrays, for the compiled placement loops
+    (:mod:`gateway.scheduling.kernel`): per given rank, and per instance (its group: every rank of the engine the
+    ranker was built on, usable or not) the objectives in group order and sorted, the sums and whether they are
+    exact (``g_sums``: requests, KV tokens, magnitude), and whether its fences are computed at all."""
+
+    requests: np.ndarray
+    kv: np.ndarray
+    g_pos: np.ndarray
+    """Each given rank's position in the group arrays, ``-1`` when its engine has no group."""
+    g_start: np.ndarray
+    g_requests: np.ndarray
+    g_kv: np.ndarray
+    g_requests_sorted: np.ndarray
+    g_kv_sorted: np.ndarray
+    g_exact: np.ndarray
+    g_sums: np.ndarray
+    g_on: np.ndarray
+    bucket: float
+    iqr_k: float
+
+
+def ranker_arrays(ranker: DecodeRanker, engines: Sequence[str], ranks: Sequence[RankLoad]) -> RankerArrays:
+    """``ranker``'s state over the instances ``engines`` (in that order) and the ranks ``ranks`` (each of one of
+    them), as :class:`RankerArrays`; read straight from its snapshot while nothing was placed through it."""
+    if not ranker.built:
+        return _snapshot_arrays(ranker, engines, ranks)
+    loads = ranker.loads
+    requests: list[float] = []
+    kv: list[float] = []
+    sorted_requests: list[float] = []
+    sorted_kv: list[float] = []
+    starts = [0]
+    exact: list[bool] = []
+    sums: list[tuple[float, float, float]] = []
+    on: list[bool] = []
+    position: dict[RankKey, int] = {}
+    for engine in engines:
+        group = ranker._groups.get(engine)
+        if group is None:
+            exact.append(True)
+            sums.append((0.0, 0.0, 0.0))
+            on.append(False)
+        else:
+            for key in group.keys:
+                position[key] = len(requests)
+                requests.append(loads[key].requests)
+                kv.append(loads[key].kv_tokens)
+            sorted_requests += group.requests_sorted
+            sorted_kv += group.kv_sorted
+            exact.append(group.exact_sums)
+            sums.append((group.requests_sum, group.kv_sum, group.magnitude))
+            on.append(ranker.iqr_k is not None and len(group.keys) >= MIN_RANKS_FOR_QUARTILES)
+        starts.append(len(requests))
+    keys = [r.key for r in ranks]
+    return RankerArrays(
+        requests=np.array([loads[k].requests for k in keys], dtype=float),
+        kv=np.array([loads[k].kv_tokens for k in keys], dtype=float),
+        g_pos=np.array([position.get(k, -1) for k in keys], dtype=np.int64),
+        g_start=np.array(starts, dtype=np.int64),
+        g_requests=np.array(requests, dtype=float),
+        g_kv=np.array(kv, dtype=float),
+        g_requests_sorted=np.array(sorted_requests, dtype=float),
+        g_kv_sorted=np.array(sorted_kv, dtype=float),
+        g_exact=np.array(exact, dtype=np.bool_),
+        g_sums=np.array(sums, dtype=float).reshape(-1, 3),
+        g_on=np.array(on, dtype=np.bool_),
+        bucket=float(ranker.bucket),
+        iqr_k=0.0 if ranker.iqr_k is None else float(ranker.iqr_k),
+    )
+
+
+def _snapshot_arrays(ranker: DecodeRanker, engines: Sequence[str], ranks: Sequence[RankLoad]) -> RankerArrays:
+    """:func:`ranker_arrays` of a ranker nothing was placed through: its groups' objectives, sums and exactness as
+    :class:`_Group` computes them, from its snapshot; ``ranks`` found in it by identity (by key when they are
+    other objects)."""
+    slot = {engine: i for i, engine in enumerate(engines)}
+    members: list[list[RankLoad]] = [[] for _ in engines]
+    for r in ranker.ranks:
+        i = slot.get(r.key.engine)
+        if i is not None:
+            members[i].append(r)
+    requests: list[float] = []
+    kv: list[float] = []
+    sorted_requests: list[float] = []
+    sorted_kv: list[float] = []
+    starts = [0]
+    exact: list[bool] = []
+    sums: list[tuple[float, float, float]] = []
+    on: list[bool] = []
+    for group in members:
+        g_requests = [r.running + r.waiting for r in group]
+        g_kv = [r.kv_tokens for r in group]
+        requests += g_requests
+        kv += g_kv
+        sorted_requests += sorted(g_requests)
+        sorted_kv += sorted(g_kv)
+        magnitude = sum(map(abs, g_requests)) + sum(map(abs, g_kv))
+        values = np.array(g_requests + g_kv, dtype=float)
+        # float(v).is_integer(): finite and equal to its floor
+        exact.append(magnitude < 2**53 and bool(np.all(np.isfinite(values) & (values == np.floor(values)))))
+        sums.append((sum(g_requests), sum(g_kv), magnitude))
+        on.append(bool(group) and ranker.iqr_k is not None and len(group) >= MIN_RANKS_FOR_QUARTILES)
+        starts.append(len(requests))
+    by_identity = {id(r): p for p, r in enumerate(r for group in members for r in group)}
+    positions = [by_identity.get(id(r), -1) for r in ranks]
+    if -1 in positions:
+        by_key = {r.key: p for p, r in enumerate(r for group in members for r in group)}
+        positions = [by_key.get(r.key, -1) for r in ranks]
+    g_requests_all = np.array(requests, dtype=float)
+    g_kv_all = np.array(kv, dtype=float)
+    g_pos = np.array(positions, dtype=np.int64)
+    found = g_pos >= 0
+    return RankerArrays(
+        requests=np.where(found, g_requests_all[np.where(found, g_pos, 0)] if len(requests) else 0.0, 0.0),
+        kv=np.where(found, g_kv_all[np.where(found, g_pos, 0)] if len(kv) else 0.0, 0.0),
+        g_pos=g_pos,
+        g_start=np.array(starts, dtype=np.int64),
+        g_requests=g_requests_all,
+        g_kv=g_kv_all,
+        g_requests_sorted=np.array(sorted_requests, dtype=float),
+        g_kv_sorted=np.array(sorted_kv, dtype=float),
+        g_exact=np.array(exact, dtype=np.bool_),
+        g_sums=np.array(sums, dtype=float).reshape(-1, 3),
+        g_on=np.array(on, dtype=np.bool_),
+        bucket=float(ranker.bucket),
+        iqr_k=0.0 if ranker.iqr_k is None else float(ranker.iqr_k),
+    )
 
 
 def _replace(ordered: list[float], old: float, new: float) -> None:

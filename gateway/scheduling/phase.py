@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gateway.scheduling.allocation import KV_HIGH_WATERMARK, capacity_tokens, placement_order
+from gateway.scheduling import kernel
+from gateway.scheduling.allocation import KV_HIGH_WATERMARK, placement_order
 from gateway.scheduling.decode import DecodeRanker, decode_ranker
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.scheduling.step_clock import StepClock
@@ -94,15 +96,18 @@ def phase_fill(
     shortest_first: bool = False,
     long_prefill_tokens: float | None = None,
     prefix: PrefixIndex | None = None,
+    compiled: bool = True,
 ) -> Allocation:
     """Place a batch by predicted time to first token (see the module docstring).
 
-    Each request's cost is computed for every fitting rank at once, over arrays of the usable ranks
-    (:class:`_Cluster`), with the floating-point operations of the step-time model in the order a rank-by-rank
-    evaluation of the formula performs them, so the costs and the choice are those of a scan; what a placement
+    The whole loop runs compiled (:mod:`gateway.scheduling.kernel`, ``phase_kernel``: instances ruled out by a
+    lower bound, a few ranks of an instance in its tie-break order where one sits at that bound, else one pass
+    over its ranks); without numba, or with ``compiled=False``, each request's cost is computed for every fitting
+    rank at once with numpy over the arrays of :class:`_Cluster`. Both use the floating-point operations of the
+    step-time model in the order a rank-by-rank evaluation of the formula performs them and the same keys, so
+    the costs and the choice are those of a scan (``tests/unit/test_allocation_reference.py``); what a placement
     changes (the rank's levels, its instance's next-step figures, the decode-aware loads and fences of its
-    instance) is updated in place. A request costs O(n) vectorised operations and O(instance size) scalar
-    ones, n the usable ranks.
+    instance) is updated in place.
 
     Args:
         batch: the window's requests.
@@ -119,7 +124,9 @@ def phase_fill(
         decode: decode-aware choice (:mod:`gateway.scheduling.decode`): ranks of equal cost are ordered by it
             (each instance's outlier ranks last, then the lexicographic key) before their next-step prefill
             level; ``None`` orders them by next-step level, then running requests and KV usage. The predicted
-            first-token time stays first (``bench/results/decisions.md#iqr-outliers``).
+            first-token time stays first (``bench/results/decisions.md#iqr-outliers``). The ranker describes the
+            loads before the batch; the numpy path records the placements in it, the compiled one does not, so
+            it is not to be reused after the call.
         use_step_phase: use each instance's step phase (``wait(e)``); ``False`` treats every instance as ready now
             (the staggering switched off, for ablation).
         shortest_first: place the shortest prompts first instead of the longest
@@ -131,8 +138,10 @@ def phase_fill(
             probably lacks, counting the blocks of the requests placed before it in this batch as if they were
             already in the index (the scheduler enters them in that order when it dispatches them), so that
             requests sharing a prefix go together where the cost allows; ``None``: every prompt counts whole.
+        compiled: place with the compiled loop where numba is installed; ``False`` for the numpy path.
     """
     result = Allocation()
+    kernels = kernel.load() if compiled else None
     cluster = _Cluster(
         ranks,
         clock,
@@ -144,9 +153,29 @@ def phase_fill(
         decode=decode,
         use_step_phase=use_step_phase,
         long_prefill_tokens=long_prefill_tokens,
+        numpy_path=kernels is None,
     )
+    if kernels is not None:
+        _place_compiled(
+            kernels, cluster, batch, shortest_first, result, now, max_wait_s, decode, long_prefill_tokens, prefix
+        )
+    else:
+        _place_numpy(cluster, placement_order(batch, shortest_first), result, now, max_wait_s, prefix)
+    result.deferred.sort(key=lambda q: q.arrival_s)
+    return result
+
+
+def _place_numpy(
+    cluster: _Cluster,
+    order: list[PendingRequest],
+    result: Allocation,
+    now: float,
+    max_wait_s: float,
+    prefix: PrefixIndex | None,
+) -> None:
+    """Place ``order`` one request at a time with :class:`_Cluster`'s numpy operations."""
     staged: dict[int, list[tuple[RankKey, tuple[int, ...]]]] = {}  # first block -> this batch's placements
-    for request in placement_order(batch, shortest_first):
+    for request in order:
         t = request.prompt_tokens
         cached: dict[RankKey, int] = {}
         if prefix is not None:
@@ -164,8 +193,66 @@ def phase_fill(
         if prefix is not None and request.prefix_blocks:
             staged.setdefault(request.prefix_blocks[0], []).append((key, request.prefix_blocks))
         result.assigned.append((request, key))
-    result.deferred.sort(key=lambda q: q.arrival_s)
-    return result
+
+
+def _place_compiled(
+    kernels: ModuleType,
+    cluster: _Cluster,
+    batch: Sequence[PendingRequest],
+    shortest_first: bool,
+    result: Allocation,
+    now: float,
+    max_wait_s: float,
+    decode: DecodeRanker | None,
+    long_prefill_tokens: float | None,
+    prefix: PrefixIndex | None,
+) -> None:
+    """Place ``batch`` with the compiled loop (:func:`gateway.scheduling.kernel.compiled.phase_kernel`) over
+    ``cluster``'s arrays."""
+    loads = cluster.loads
+    order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
+    model, mask = kernel.model_mask(order, loads)
+    ranker, ties = kernel.ranker_or_none(decode, cluster.engines, loads)
+    forced = np.subtract(now, arrival) >= max_wait_s
+    if prefix is not None:
+        b_off, b_ids, distinct, h_off, h_rank = kernel.prefix_arrays(order, prefix, cluster.positions)
+        block_tokens = prefix.block_tokens
+    else:
+        b_off = np.zeros(len(order) + 1, dtype=np.int64)
+        b_ids = h_rank = np.zeros(0, dtype=np.int64)
+        h_off = np.zeros(1, dtype=np.int64)
+        distinct, block_tokens = 0, 1
+    starts = np.array([sl.start for sl in cluster.slices] + [len(loads)], dtype=np.int64)
+    # each instance's ranks in the order of the tie-break's keys (phase_kernel's walk)
+    positions = np.arange(len(loads))
+    sort_keys: list[np.ndarray] = (
+        [positions, cluster.next_level, ranker.kv, ranker.requests // ranker.bucket, cluster.instance]
+        if decode is not None
+        else [positions, ties[2], ties[1], ties[0], cluster.next_level, cluster.instance]
+    )
+    sorted_idx = np.lexsort(sort_keys).astype(np.int64)
+    theta = cluster.theta
+    choice = kernels.phase_kernel(
+        cluster.instance, starts, cluster.level, cluster.next_level, cluster.budget, cluster.capacity,
+        cluster.open, cluster.first, cluster.a_budget, mask,
+        theta[:, 0].copy(), theta[:, 1].copy(), theta[:, 2].copy(), cluster.instance_wait,
+        np.array(cluster.running, dtype=float), np.array(cluster.waiting_next, dtype=np.int64), float(cluster.weight),
+        float(cluster.magnitude), bool(cluster.whole), long_prefill_tokens is not None,
+        0.0 if long_prefill_tokens is None else float(long_prefill_tokens), kernel.COMPENSATED_SUM,
+        decode is not None, ranker.requests, ranker.kv, ranker.bucket, ranker.iqr_k, ranker.g_pos, ranker.g_start,
+        ranker.g_requests, ranker.g_kv, ranker.g_requests_sorted, ranker.g_kv_sorted, ranker.g_exact,
+        ranker.g_sums, ranker.g_on, *ties,
+        tokens, forced, model, sorted_idx,
+        prefix is not None, b_off, b_ids, distinct, h_off, h_rank, int(block_tokens),
+    )  # fmt: skip
+    serves = [bool(row.any()) for row in mask]
+    keys = [r.key for r in loads]
+    assigned, deferred, unplaceable = result.assigned, result.deferred, result.unplaceable
+    for request, m, chosen in zip(order, model.tolist(), choice.tolist(), strict=True):
+        if chosen >= 0:
+            assigned.append((request, keys[chosen]))
+        else:
+            (deferred if serves[m] else unplaceable).append(request)
 
 
 class _Model:
@@ -205,6 +292,7 @@ class _Cluster:
         decode: DecodeRanker | None,
         use_step_phase: bool,
         long_prefill_tokens: float | None,
+        numpy_path: bool = True,
     ) -> None:
         self.clock = clock
         self.decode = decode
@@ -229,13 +317,27 @@ class _Cluster:
         for usable in engines.values():
             self.slices.append(slice(start, start + len(usable)))
             start += len(usable)
-        self.level = np.array([r.queued_prefill_tokens for r in loads], dtype=float)
-        self.next_level = np.array(
-            [max(0.0, r.queued_prefill_tokens - current_step_tokens.get(r.key, 0.0)) for r in loads], dtype=float
-        )
-        self.budget = np.array([r.prefill_budget for r in loads], dtype=float)
-        self.capacity = np.array([capacity_tokens(r, queue_steps, min_queue_tokens) for r in loads], dtype=float)
-        self.open = np.array([r.kv_usage is None or r.kv_usage < KV_HIGH_WATERMARK for r in loads], dtype=bool)
+        # one pass over the ranks' figures; capacity_tokens, max(0, ...) and the KV watermark test written out with
+        # Python's max (the first argument unless the second is greater)
+        figures = np.array(
+            [(r.queued_prefill_tokens, r.prefill_budget, -1.0 if r.kv_usage is None else r.kv_usage) for r in loads],
+            dtype=float,
+        ).reshape(-1, 3)
+        self.level = figures[:, 0].copy()
+        self._positions: dict[tuple[str, int], int] | None = None
+        taken = np.zeros(n)
+        if current_step_tokens:
+            positions = self.positions()
+            for key, tokens in current_step_tokens.items():
+                i = positions.get((key.engine, key.rank))
+                if i is not None:
+                    taken[i] = tokens
+        remaining = self.level - taken
+        self.next_level = np.where(remaining > 0.0, remaining, 0.0)
+        self.budget = figures[:, 1].copy()
+        steps = self.budget * queue_steps
+        self.capacity = np.where(min_queue_tokens > steps, min_queue_tokens, steps)
+        self.open = figures[:, 2] < KV_HIGH_WATERMARK
         self.empty = self.level <= 0
         self.magnitude = float(np.abs(self.level).sum() + np.abs(self.next_level).sum())
         self.whole = _whole(self.level) and _whole(self.next_level) and self.magnitude < 2**53
@@ -251,7 +353,9 @@ class _Cluster:
             model.predict(0.0, 0.0)  # solves the coefficients if steps came in since
             theta.append(model.theta)
             wait.append(clock.time_to_next_step(engine, now) if busy[engine] and use_step_phase else 0.0)
-        coefficients = np.array(theta, dtype=float).reshape(-1, 3)[self.instance].T.copy()
+        self.theta = np.array(theta, dtype=float).reshape(-1, 3)
+        self.instance_wait = np.array(wait, dtype=float)
+        coefficients = self.theta[self.instance].T.copy()
         self.a, self.b, self.c = coefficients[0], coefficients[1], coefficients[2]
         self.a_budget = self.a + self.b * self.budget / 1000.0
         self.wait = np.array(wait, dtype=float)[self.instance]
@@ -262,13 +366,13 @@ class _Cluster:
         self.stalled = np.array(
             [self.waiting_next[i] + decode_stall_weight * self.running[i] for i in range(len(sizes))], dtype=float
         )[self.instance]
-        if decode is None:
+        if numpy_path and decode is None:
             self.tie = [
                 np.array([r.running for r in loads], dtype=float),
                 np.array([0.0 if r.kv_usage is None else r.kv_usage for r in loads], dtype=float),
                 np.array([r.kv_tokens for r in loads], dtype=float),
             ]
-        else:
+        elif numpy_path and decode is not None:
             decode_loads = [decode.loads[r.key] for r in loads]
             self.requests = np.array([d.requests for d in decode_loads], dtype=float)
             self.kv = np.array([d.kv_tokens for d in decode_loads], dtype=float)
@@ -280,6 +384,12 @@ class _Cluster:
         self.models: dict[str, _Model] = {}
         self.index: dict[RankKey, int] | None = None
         """Rank → array index, built on the first prefix hit."""
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Each usable rank's array index by ``(engine, rank)`` (a tuple hashes in C, a ``RankKey`` in Python)."""
+        if self._positions is None:
+            self._positions = {(r.key.engine, r.key.rank): i for i, r in enumerate(self.loads)}
+        return self._positions
 
     def _outliers(self, instance: int, index: int | None = None) -> None:
         """Mark the outliers of ``instance``: all its ranks when its fences moved, else only rank ``index``."""
@@ -475,6 +585,7 @@ class PhaseAware:
         self.clock = clock
         self.prefix = prefix
         self.queue_steps = math.inf if settings.queue_steps is None else settings.queue_steps
+        kernel.load()  # compiled (or loaded from numba's cache) now, not inside the first window
 
     def place(self, batch: Sequence[PendingRequest], ranks: Sequence[RankLoad], now: float) -> Allocation:
         """Place a window's batch (see :func:`phase_fill`)."""

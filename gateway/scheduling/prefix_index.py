@@ -19,7 +19,8 @@ prefix's length times the ranks holding it, not the number of ranks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from gateway.types import PREFIX_BLOCK_TOKENS, RankKey
 
@@ -62,6 +63,13 @@ class PrefixIndex:
             for key in current:
                 matched[key] = depth
         return matched
+
+    def holders(self, blocks: Iterable[int]) -> list[AbstractSet[RankKey]]:
+        """For each of ``blocks``, the ranks holding it (empty when none): read-only views into the index, valid
+        until it next changes."""
+        get = self._holders.get
+        none: frozenset[RankKey] = frozenset()
+        return [get(block, none) for block in blocks]
 
     def cached_tokens(self, matched_blocks: int, prompt_tokens: int) -> int:
         """Prompt tokens a rank holding ``matched_blocks`` leading blocks skips: at most ``prompt_tokens - 1``

@@ -1,7 +1,8 @@
 """The window allocators place exactly as the straightforward scan did (``reference_allocation.py``), on seeded
 random windows: instance shapes, budgets, models, loads (whole and fractional token figures), KV watermarks,
-forced requests, prefix hits, long-prefill isolation and every settings switch; so do the immediate policies
-whose scans were restructured (the rotating minimum, ``prefix_hash``'s ring)."""
+forced requests, prefix hits, long-prefill isolation and every settings switch, on both paths (the compiled loop,
+``gateway.scheduling.kernel``, and the numpy or Python one it falls back to); so do the immediate policies whose
+scans were restructured (the rotating minimum, ``prefix_hash``'s ring)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import random
 
 import pytest
 
-from gateway.scheduling.allocation import water_fill
+from gateway.scheduling import kernel
+from gateway.scheduling.allocation import placement_order, water_fill
 from gateway.scheduling.baselines.policies import ShortestQueue
 from gateway.scheduling.baselines.prefix_hash import PrefixHash
 from gateway.scheduling.decode import DecodeRanker
@@ -117,8 +119,13 @@ def outcome(allocation) -> tuple[list[tuple[str, RankKey]], list[str], list[str]
     )
 
 
+def test_the_compiled_loops_are_available():
+    assert kernel.load() is not None  # numba is a dependency: the path the allocators take by default
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("seed", range(300))
-def test_phase_fill_places_as_the_scan(seed):
+def test_phase_fill_places_as_the_scan(seed, compiled):
     ranks, batch, clock, current = random_window(seed)
     rng = random.Random(seed + 10_000)
     fast, reference = _rankers(rng, ranks)
@@ -135,11 +142,13 @@ def test_phase_fill_places_as_the_scan(seed):
         "prefix": prefix,
     }
     expected = reference_phase_fill(batch, ranks, clock, current, decode=reference, **settings)
-    assert outcome(phase_fill(batch, ranks, clock, current, decode=fast, **settings)) == outcome(expected)
+    placed = phase_fill(batch, ranks, clock, current, decode=fast, compiled=compiled, **settings)
+    assert outcome(placed) == outcome(expected)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
 @pytest.mark.parametrize("seed", range(300))
-def test_water_fill_places_as_the_scan(seed):
+def test_water_fill_places_as_the_scan(seed, compiled):
     ranks, batch, _, _ = random_window(seed)
     rng = random.Random(seed + 20_000)
     fast, reference = _rankers(rng, ranks)
@@ -151,7 +160,7 @@ def test_water_fill_places_as_the_scan(seed):
         "shortest_first": rng.random() < 0.2,
     }
     expected = reference_water_fill(batch, ranks, decode=reference, **settings)
-    assert outcome(water_fill(batch, ranks, decode=fast, **settings)) == outcome(expected)
+    assert outcome(water_fill(batch, ranks, decode=fast, compiled=compiled, **settings)) == outcome(expected)
 
 
 @pytest.mark.parametrize("seed", range(100))
@@ -195,3 +204,26 @@ def test_prefix_hash_targets_the_ring_of_the_candidates(seed):
         head = rng.getrandbits(60)
         request = PendingRequest("r", "m", 10, 1, 0.0, prefix_blocks=(head,))
         assert policy.choose(request, candidates) == reference_prefix_hash_target(candidates, head)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_the_compiled_paths_order_a_batch_as_placement_order(seed):
+    _, batch, _, _ = random_window(seed)
+    for shortest_first in (False, True):
+        order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
+        assert [q.request_id for q in order] == [q.request_id for q in placement_order(batch, shortest_first)]
+        assert tokens.tolist() == [q.prompt_tokens for q in order]
+        assert arrival.tolist() == [q.arrival_s for q in order]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_phase_fill_takes_block_ids_beyond_unsigned_64_bits(seed):
+    """Block ids numpy cannot hold as unsigned 64-bit integers (negative, or wider) take the dictionary path."""
+    ranks, batch, clock, current = random_window(seed)
+    for request in batch:
+        request.prefix_blocks = tuple(-b if b % 2 else b + 2**70 for b in request.prefix_blocks)
+    rng = random.Random(seed)
+    prefix = _prefix(rng, ranks, batch)
+    settings = {"now": NOW, "max_wait_s": 10.0, "queue_steps": 2.0, "prefix": prefix}
+    expected = reference_phase_fill(batch, ranks, clock, current, **settings)
+    assert outcome(phase_fill(batch, ranks, clock, current, **settings)) == outcome(expected)
