@@ -28,8 +28,8 @@ is observed in its class; when the answer ends the tokens bucket is settled with
 (``input_tokens`` plus ``output_tokens``, from the JSON answer or the stream's terminal event; without it, the prompt
 estimate plus the ``*.delta`` events, one a token, as the scheduler counts them). A follow-up skips the window, so no
 class order applies to it, but the virtual token counter charges its prompt and output tokens as for a placed
-request. A retrieval, delete or cancel takes one request from the requests-a-minute limit, no tokens (it generates
-none).
+request; a non-streamed answer's ``output_tokens``, which no stream reported, are charged to it when it arrives. A
+retrieval, delete or cancel takes one request from the requests-a-minute limit, no tokens (it generates none).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from gateway.errors import (
 from gateway.logs import request_log
 from gateway.scheduler_service.client import ServiceClient, ServiceUnavailable
 from gateway.scheduler_service.remote import RemoteDispatcher
+from gateway.scheduling.fairness import VirtualTokenCounter
 from gateway.server import fastjson
 from gateway.server.assemble import SSEEvents, event_payload
 from gateway.server.disconnect import DisconnectWatch
@@ -346,6 +347,13 @@ async def serve_responses(state: GatewayState, scope: Scope, receive: Receive, s
         watch.close()
 
 
+def _fairness(state: GatewayState) -> VirtualTokenCounter | None:
+    """The tenants' virtual token counter of this front door's scheduler (tenants configured, policy ``sbs``), else
+    ``None``. A windowed placement and the streamed tokens reach it through the dispatcher; what the dispatcher does
+    not see is charged here: a follow-up's placement on its home rank, and a non-streamed answer's output tokens."""
+    return state.dispatcher.scheduler.fairness
+
+
 async def _send_home(state: GatewayState, pending: PendingRequest, key: RankKey, body: dict[str, Any]) -> StartedAnswer:
     """A follow-up's one try, on the rank that stores its conversation (no other engine has it), charged to its
     tenant's virtual token counter as a request the window placed (:meth:`VirtualTokenCounter.placed
@@ -355,7 +363,7 @@ async def _send_home(state: GatewayState, pending: PendingRequest, key: RankKey,
         UpstreamError: the try failed (counted against the rank's or engine's circuit breaker).
     """
     state.dispatcher.place_on(pending, key)
-    fairness = state.dispatcher.scheduler.fairness
+    fairness = _fairness(state)
     if fairness is not None:
         fairness.placed(pending)
     try:
@@ -402,23 +410,27 @@ async def _place_and_answer(
         await _relay(call, answer, tracker, send, watch)
         return
     watch.close()
-    state.dispatcher.finish(pending.request_id)
     upstream = answer.upstream
     if upstream.status != 200:
+        state.dispatcher.finish(pending.request_id)
         call.count(upstream.status)
         body = state.engines[answer.key.engine].adapter.normalize_error(upstream.status, answer.body)
         await _answer(send, upstream.status, fastjson.dumps(body), call.id_header)
         return
-    elapsed = state.clock() - call.arrival
-    request_log().ttft_s = elapsed
-    state.metrics.observe_latency(call.model_label, elapsed, elapsed)
-    call.class_ttft(elapsed)
     try:
         response = fastjson.loads(answer.body)
     except ValueError:
         response = None
     if isinstance(response, dict):
         tracker.response_seen(response)
+    fairness = _fairness(state)
+    if fairness is not None and call.output_tokens:  # no stream reported them as they came
+        fairness.on_tokens(pending.request_id, call.output_tokens)
+    state.dispatcher.finish(pending.request_id)
+    elapsed = state.clock() - call.arrival
+    request_log().ttft_s = elapsed
+    state.metrics.observe_latency(call.model_label, elapsed, elapsed)
+    call.class_ttft(elapsed)
     call.count(200)
     await tracker.share()
     await _answer(send, 200, answer.body, call.id_header)
