@@ -35,7 +35,6 @@ from gateway.errors import (
     GatewayError,
     ModelNotFoundError,
     PayloadTooLargeError,
-    RateLimitedError,
     UpstreamError,
     UpstreamStatusError,
 )
@@ -55,7 +54,7 @@ from gateway.server.pd_relay import send_pd
 from gateway.server.retry import StartedAnswer, record_failure, send_with_retries
 from gateway.server.state import GatewayState
 from gateway.server.stream_end import StreamEnd
-from gateway.server.tenants import TENANT_SCOPE_KEY, RequestTenant
+from gateway.server.tenants import TENANT_SCOPE_KEY, TenantAccount, admit
 from gateway.server.validation import ParsedRequest, Route, parse_request
 from gateway.tokens import prompt_texts
 from gateway.types import PendingRequest, prefix_block_hashes
@@ -101,10 +100,8 @@ class _RequestScope:
     """The gateway's estimate of the prompt's tokens (what the engine's ``usage.prompt_tokens`` is compared with)."""
     key: str = field(default_factory=lambda: f"r{next(_keys)}")
     """The gateway's own id for the request in the window and the load view (unique within the process)."""
-    tenant: RequestTenant | None = None
-    """Whose the request is and its class (tenants configured), else ``None``."""
-    tokens_taken: int = 0
-    """Tokens taken from the tenant's tokens-a-minute bucket at admission (settled when the answer ends)."""
+    tenant: TenantAccount | None = None
+    """The request's account with its tenant (tenants configured, once admitted), else ``None``."""
     reported_prompt_tokens: int | None = None
     output_events: int = 0
     """Streamed events relayed or read (one a token, as the scheduler counts them)."""
@@ -119,35 +116,19 @@ class _RequestScope:
             self.reported_prompt_tokens = prompt_tokens
             self.state.prompt_tokens_reported(self.model_label, self.estimated_prompt_tokens, prompt_tokens)
 
-    def admit(self, pending: PendingRequest, tenant: RequestTenant) -> None:
-        """Charge ``pending`` to its tenant's rate limits and give it the tenant's name and class.
-
-        Raises:
-            RateLimitedError: a limit is used up (counted in ``gateway_rate_limited_total``).
-        """
-        self.tenant = tenant
-        pending.tenant, pending.priority = tenant.tenant.name, tenant.priority
-        try:
-            self.tokens_taken = tenant.tenant.admit(pending.prompt_tokens, self.state.clock())
-        except RateLimitedError as exc:
-            self.state.metrics.rate_limited.labels(tenant.tenant.name, exc.limit).inc()
-            self.tenant = None
-            raise
-
     def class_ttft(self, ttft_s: float) -> None:
         """Observe the request's time to first token in its class (tenants configured)."""
         if self.tenant is not None:
-            self.state.metrics.class_ttft.labels(self.tenant.priority_name).observe(ttft_s)
+            self.tenant.first_token(ttft_s)
 
     def count(self, status: int | str) -> None:
-        self.state.metrics.count_request(self.route, self.model_label, str(status))
-        tenant = self.tenant
-        if tenant is not None and tenant.tenant.tokens_per_minute is not None:
+        """Count the answer, and settle the tenant's tokens with what it used (:meth:`TenantAccount.settle`: the
+        reported prompt tokens plus the streamed events)."""
+        state = self.state
+        state.metrics.count_request(self.route, self.model_label, str(status))
+        if self.tenant is not None:
             prompt = self.reported_prompt_tokens
-            used = (self.estimated_prompt_tokens if prompt is None else prompt) + self.output_events
-            if str(status) == "503" and prompt is None and not self.output_events:
-                used = 0  # turned away unserved (window full, queue timeout, no engine): the tokens come back
-            tenant.tenant.settle(self.tokens_taken, used, self.state.clock())
+            self.tenant.settle(status, self.estimated_prompt_tokens, prompt, self.output_events, state.clock())
 
     async def client_closed(self, send: Send) -> None:
         """The client went away: nothing reaches it (499 is nginx's "client closed request" status; the server
@@ -249,7 +230,7 @@ async def serve_completion(state: GatewayState, route: Route, scope: Scope, rece
         request.estimated_prompt_tokens = pending.prompt_tokens
         tenant = scope.get(TENANT_SCOPE_KEY)
         if tenant is not None:
-            request.admit(pending, tenant)
+            request.tenant = admit(tenant, state.metrics, state.clock(), pending)
     except GatewayError as exc:
         await request.error(exc, send)
         return

@@ -20,6 +20,16 @@ stream that ends before one gets an ``error`` event from the gateway. The ``*.de
 scheduler is told of (the first one is the first token). The engine's ``usage.input_tokens`` feeds the prompt
 estimate's correction only for a response without ``previous_response_id`` (a follow-up's prompt includes the
 stored conversation, which the gateway does not see).
+
+Tenants (``tenants`` configured) are charged as for a chat completion, through the same
+:class:`~gateway.server.tenants.TenantAccount`: every ``POST``, follow-ups included, is admitted against its tenant's
+requests and tokens limits (429 ``rate_limit_exceeded`` with ``Retry-After``) and carries the tenant's class; its TTFT
+is observed in its class; when the answer ends the tokens bucket is settled with the response's ``usage``
+(``input_tokens`` plus ``output_tokens``, from the JSON answer or the stream's terminal event; without it, the prompt
+estimate plus the ``*.delta`` events, one a token, as the scheduler counts them). A follow-up skips the window, so no
+class order applies to it, but the virtual token counter charges its prompt and output tokens as for a placed
+request; a non-streamed answer's ``output_tokens``, which no stream reported, are charged to it when it arrives. A
+retrieval, delete or cancel takes one request from the requests-a-minute limit, no tokens (it generates none).
 """
 
 from __future__ import annotations
@@ -43,14 +53,16 @@ from gateway.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NotImplementedForModelError,
+    RateLimitedError,
     ResponseNotFoundError,
     UpstreamError,
 )
 from gateway.logs import request_log
 from gateway.scheduler_service.client import ServiceClient, ServiceUnavailable
 from gateway.scheduler_service.remote import RemoteDispatcher
+from gateway.scheduling.fairness import VirtualTokenCounter
 from gateway.server import fastjson
-from gateway.server.assemble import SSEEvents, event_payload, reported_prompt_tokens
+from gateway.server.assemble import SSEEvents, event_payload
 from gateway.server.disconnect import DisconnectWatch
 from gateway.server.headers import upstream_request_headers
 from gateway.server.openapi import json_body
@@ -58,6 +70,7 @@ from gateway.server.proxy import CLIENT_CLOSED_STATUS, _answer, _read_body
 from gateway.server.responses_store import ResponseHome
 from gateway.server.retry import StartedAnswer, _try_once, record_failure, send_with_retries
 from gateway.server.state import GatewayState, State
+from gateway.server.tenants import TENANT_SCOPE_KEY, TenantAccount, admit
 from gateway.server.validation import _load_json
 from gateway.tokens import prompt_texts
 from gateway.types import PendingRequest, RankKey, prefix_block_hashes
@@ -250,13 +263,32 @@ class _Call:
     estimated_prompt_tokens: int = 0
     key: str = field(default_factory=lambda: f"resp{next(_keys)}")
     """The gateway's own id for the request in the window and the load view."""
+    tenant: TenantAccount | None = None
+    """The call's account with its tenant (tenants configured, once admitted), else ``None``."""
+    input_tokens: int | None = None
+    """The engine's ``usage.input_tokens`` for this response, ``None`` until seen."""
+    output_tokens: int | None = None
+    """The engine's ``usage.output_tokens`` for this response, ``None`` until seen."""
+    output_events: int = 0
+    """``*.delta`` events read from the stream (one a token, as the scheduler counts them)."""
 
     @property
     def id_header(self) -> list[tuple[bytes, bytes]]:
         return [(_REQUEST_ID, self.request_id.encode("latin-1"))]
 
+    def class_ttft(self, ttft_s: float) -> None:
+        """Observe the call's time to first token in its class (tenants configured)."""
+        if self.tenant is not None:
+            self.tenant.first_token(ttft_s)
+
     def count(self, status: int | str) -> None:
-        self.state.metrics.count_request(ROUTE, self.model_label, str(status))
+        """Count the answer, and settle the tenant's tokens with the response's usage (the ``*.delta`` events for
+        the output when the engine reported no ``output_tokens``)."""
+        state = self.state
+        state.metrics.count_request(ROUTE, self.model_label, str(status))
+        if self.tenant is not None:
+            output = self.output_events if self.output_tokens is None else self.output_tokens
+            self.tenant.settle(status, self.estimated_prompt_tokens, self.input_tokens, output, state.clock())
 
     async def error(self, exc: GatewayError, send: Send) -> None:
         self.count(exc.status)
@@ -299,6 +331,9 @@ async def serve_responses(state: GatewayState, scope: Scope, receive: Receive, s
             prefix_blocks=prefix_block_hashes(prompt_texts(chat)),
         )
         call.estimated_prompt_tokens = pending.prompt_tokens
+        tenant = scope.get(TENANT_SCOPE_KEY)
+        if tenant is not None:
+            call.tenant = admit(tenant, state.metrics, state.clock(), pending)
     except GatewayError as exc:
         await call.error(exc, send)
         return
@@ -312,13 +347,25 @@ async def serve_responses(state: GatewayState, scope: Scope, receive: Receive, s
         watch.close()
 
 
+def _fairness(state: GatewayState) -> VirtualTokenCounter | None:
+    """The tenants' virtual token counter of this front door's scheduler (tenants configured, policy ``sbs``), else
+    ``None``. A windowed placement and the streamed tokens reach it through the dispatcher; what the dispatcher does
+    not see is charged here: a follow-up's placement on its home rank, and a non-streamed answer's output tokens."""
+    return state.dispatcher.scheduler.fairness
+
+
 async def _send_home(state: GatewayState, pending: PendingRequest, key: RankKey, body: dict[str, Any]) -> StartedAnswer:
-    """A follow-up's one try, on the rank that stores its conversation (no other engine has it).
+    """A follow-up's one try, on the rank that stores its conversation (no other engine has it), charged to its
+    tenant's virtual token counter as a request the window placed (:meth:`VirtualTokenCounter.placed
+    <gateway.scheduling.fairness.VirtualTokenCounter.placed>`: its prompt now, its output tokens as they come).
 
     Raises:
         UpstreamError: the try failed (counted against the rank's or engine's circuit breaker).
     """
     state.dispatcher.place_on(pending, key)
+    fairness = _fairness(state)
+    if fairness is not None:
+        fairness.placed(pending)
     try:
         return await _try_once(state, key, pending.stream, PATH, body, request_log().request_id)
     except UpstreamError as exc:
@@ -363,24 +410,29 @@ async def _place_and_answer(
         await _relay(call, answer, tracker, send, watch)
         return
     watch.close()
-    state.dispatcher.finish(pending.request_id)
     upstream = answer.upstream
     if upstream.status != 200:
+        state.dispatcher.finish(pending.request_id)
         call.count(upstream.status)
         body = state.engines[answer.key.engine].adapter.normalize_error(upstream.status, answer.body)
         await _answer(send, upstream.status, fastjson.dumps(body), call.id_header)
         return
-    elapsed = state.clock() - call.arrival
-    request_log().ttft_s = elapsed
-    state.metrics.observe_latency(call.model_label, elapsed, elapsed)
-    call.count(200)
     try:
         response = fastjson.loads(answer.body)
     except ValueError:
         response = None
     if isinstance(response, dict):
         tracker.response_seen(response)
-        await tracker.share()
+    fairness = _fairness(state)
+    if fairness is not None and call.output_tokens:  # no stream reported them as they came
+        fairness.on_tokens(pending.request_id, call.output_tokens)
+    state.dispatcher.finish(pending.request_id)
+    elapsed = state.clock() - call.arrival
+    request_log().ttft_s = elapsed
+    state.metrics.observe_latency(call.model_label, elapsed, elapsed)
+    call.class_ttft(elapsed)
+    call.count(200)
+    await tracker.share()
     await _answer(send, 200, answer.body, call.id_header)
 
 
@@ -408,10 +460,16 @@ class _StreamTracker:
             self.remembered = True
             self.unshared = response_id
         usage = response.get("usage")
-        if self.parsed.previous_response_id is None and isinstance(usage, dict):
-            reported = reported_prompt_tokens({"prompt_tokens": usage.get("input_tokens")})
-            if reported is not None:
-                state.prompt_tokens_reported(self.call.model_label, self.call.estimated_prompt_tokens, reported)
+        if not isinstance(usage, dict):
+            return
+        call = self.call
+        reported, output = _usage_count(usage, "input_tokens"), _usage_count(usage, "output_tokens")
+        if reported is not None:
+            call.input_tokens = reported
+            if self.parsed.previous_response_id is None:
+                state.prompt_tokens_reported(call.model_label, call.estimated_prompt_tokens, reported)
+        if output is not None:
+            call.output_tokens = output
 
     async def share(self) -> None:
         """Tell the scheduler service where the response lives, before the client can learn its id."""
@@ -448,6 +506,7 @@ class _StreamTracker:
     def _report(self, tokens: int) -> bool:
         if tokens == 0:
             return False
+        self.call.output_events += tokens
         state, key = self.call.state, self.call.key
         if self.first_token_at is not None:
             state.dispatcher.tokens(key, self.key.engine, tokens)
@@ -457,6 +516,12 @@ class _StreamTracker:
         if tokens > 1:
             state.dispatcher.tokens(key, self.key.engine, tokens - 1)
         return True
+
+
+def _usage_count(usage: Mapping[str, Any], name: str) -> int | None:
+    """``usage[name]`` (``input_tokens``, ``output_tokens``) when it is an integer, else ``None``."""
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _event_name(raw: bytes) -> str | None:
@@ -489,6 +554,7 @@ async def _relay(
             if tracker.feed(chunk) and tracker.first_token_at is not None:
                 ttft = tracker.first_token_at - call.arrival
                 state.metrics.observe_latency(call.model_label, ttft, None)
+                call.class_ttft(ttft)
                 request_log().ttft_s = ttft
             await tracker.share()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -541,9 +607,16 @@ async def create_response(state: State) -> Response:
 
 async def _to_home(state: GatewayState, request: Request, method: str, response_id: str, suffix: str = "") -> Response:
     """Send a retrieval, delete or cancel of ``response_id`` to the engine that stores it and relay its answer
-    (a stream, ``GET ...?stream=true`` of a background response, chunk by chunk)."""
+    (a stream, ``GET ...?stream=true`` of a background response, chunk by chunk). With tenants, the call first
+    takes one request from its tenant's requests-a-minute limit (no tokens: it generates none)."""
+    tenant = request.scope.get(TENANT_SCOPE_KEY)
     try:
+        if tenant is not None:
+            admit(tenant, state.metrics, state.clock())
         home = await find_home(state, response_id, "response_id")
+    except RateLimitedError as exc:
+        state.metrics.count_request(ROUTE, "unknown", str(exc.status))
+        return JSONResponse(exc.body(), exc.status, {"retry-after": str(exc.retry_after_s)})
     except ResponseNotFoundError as exc:
         state.metrics.count_request(ROUTE, "unknown", str(exc.status))
         return JSONResponse(exc.body(), exc.status)

@@ -11,12 +11,16 @@ has no tenants and nothing here runs.
   ``priority_header`` may lower (or, with ``header_may_raise``, set to any class). A value naming no class, or a
   higher class than allowed, is an OpenAI-style 400 (``invalid_request_error``, ``param`` the header).
 - **Limits.** Per tenant, a token bucket for requests a minute and one for tokens a minute
-  (:mod:`gateway.server.rate_limit`). At admission the request takes 1 request and its prompt estimate in tokens;
-  when the answer ends, :meth:`Tenant.settle` charges the difference between that estimate and the tokens used:
-  the prompt tokens the engine reported (the estimate when it reported none) plus the completion's events (one
-  streamed event a token, as the scheduler counts them); a request turned away with 503 before any token (window
-  full, queue timeout, no engine) gets its tokens back. Over a limit: HTTP 429 ``rate_limit_exceeded`` with
-  ``Retry-After`` from the bucket's refill.
+  (:mod:`gateway.server.rate_limit`). At admission (:func:`admit`) a request that generates (a chat completion, a
+  completion, a Responses ``POST``, follow-ups included) takes 1 request and its prompt estimate in tokens; when the
+  answer ends, :meth:`TenantAccount.settle` charges the difference between that estimate and the tokens used: the
+  prompt tokens the engine reported (the estimate when it reported none) plus the output tokens (the engine's count
+  where the caller has one, else the streamed events, one a token, as the scheduler counts them); a request turned
+  away with 503 before any token (window full, queue timeout, no engine) gets its tokens back. A request that
+  generates nothing (a stored response's retrieval, delete or cancel) takes 1 request only. Over a limit: HTTP 429
+  ``rate_limit_exceeded`` with ``Retry-After`` from the bucket's refill, counted in ``gateway_rate_limited_total``.
+- **Class TTFT.** :meth:`TenantAccount.first_token` observes a request's time to first token under its class
+  (``gateway_class_ttft_seconds``).
 
 The buckets live in this process: with ``gateway serve --workers N`` each front door limits what reaches it, so a
 tenant spread evenly over N front doors gets up to N times its limit (``README.md``, "Tenants and priorities").
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 from gateway.config import DEFAULT_TENANT, TenantConfig, TenantsConfig
 from gateway.errors import InvalidRequestError, RateLimitedError
 from gateway.server.rate_limit import TokenBucket, retry_after_s
+from gateway.telemetry import GatewayMetrics
+from gateway.types import PendingRequest
 
 TENANT_SCOPE_KEY = "gateway.tenant"
 """The ASGI scope key under which the API-key middleware leaves a request's :class:`RequestTenant`."""
@@ -69,8 +75,9 @@ class Tenant:
         """Whether the tenant has any rate limit."""
         return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
-    def admit(self, prompt_tokens: int, now: float) -> int:
+    def admit(self, prompt_tokens: int | None, now: float) -> int:
         """Take one request and ``prompt_tokens`` from the tenant's buckets; return the tokens taken (to settle).
+        ``prompt_tokens`` ``None``: a request that generates no tokens, which only the requests bucket limits.
 
         Raises:
             RateLimitedError: a bucket does not hold enough; nothing was taken.
@@ -87,7 +94,9 @@ class Tenant:
                 limit="requests",
                 retry_after_s=retry_after_s(wait),
             )
-        if tokens is not None and (wait := tokens.wait_s(prompt_tokens, now)) > 0:
+        if prompt_tokens is None:
+            tokens = None
+        elif tokens is not None and (wait := tokens.wait_s(prompt_tokens, now)) > 0:
             raise RateLimitedError(
                 f"Rate limit reached for tenant {self.name} on tokens per minute: limit {self.tokens_per_minute:g}, "
                 f"requested {prompt_tokens}. Please try again in {wait:.1f}s.",
@@ -96,7 +105,7 @@ class Tenant:
             )
         if requests is not None:
             requests.take(1, now)
-        if tokens is not None:
+        if tokens is not None and prompt_tokens is not None:
             tokens.take(prompt_tokens, now)
             return prompt_tokens
         return 0
@@ -121,6 +130,69 @@ class RequestTenant:
     tenant: Tenant
     priority: int
     priority_name: str
+
+
+@dataclass(slots=True)
+class TenantAccount:
+    """One request's account with its tenant, from admission (:func:`admit`) to the end of its answer: the one
+    place both the chat and completions relay (:mod:`gateway.server.proxy`) and the Responses relay
+    (:mod:`gateway.server.responses`) charge tenants.
+
+    Attributes:
+        request: the request's tenant and class.
+        metrics: where the class TTFT is observed.
+        taken: tokens taken from the tenant's tokens-a-minute bucket at admission (settled by :meth:`settle`).
+    """
+
+    request: RequestTenant
+    metrics: GatewayMetrics
+    taken: int = 0
+
+    def first_token(self, ttft_s: float) -> None:
+        """Observe the request's time to first token, seconds, in its class."""
+        self.metrics.class_ttft.labels(self.request.priority_name).observe(ttft_s)
+
+    def settle(
+        self, status: int | str, estimated_prompt: int, reported_prompt: int | None, output_tokens: int, now: float
+    ) -> None:
+        """The answer ended with ``status``: charge the tokens it used against those taken at admission.
+
+        Args:
+            status: the answer's status (``503`` with no prompt reported and no output: turned away unserved, the
+                tokens taken come back).
+            estimated_prompt: the gateway's prompt estimate, tokens (what was taken).
+            reported_prompt: the prompt tokens the engine reported, ``None`` when it reported none.
+            output_tokens: the output tokens (the engine's count, or the streamed events).
+            now: the state's clock, seconds.
+        """
+        tenant = self.request.tenant
+        if tenant.tokens_per_minute is None:
+            return
+        used = (estimated_prompt if reported_prompt is None else reported_prompt) + output_tokens
+        if str(status) == "503" and reported_prompt is None and not output_tokens:
+            used = 0  # turned away unserved (window full, queue timeout, no engine): the tokens come back
+        tenant.settle(self.taken, used, now)
+
+
+def admit(
+    request: RequestTenant, metrics: GatewayMetrics, now: float, pending: PendingRequest | None = None
+) -> TenantAccount:
+    """Charge a request to its tenant's rate limits. A request that generates (``pending``) takes one request and its
+    prompt estimate and is given its tenant's name and class (which the window orders by and the virtual token counter
+    charges); without ``pending`` (a retrieval, delete or cancel) one request is taken, no tokens.
+
+    Raises:
+        RateLimitedError: a limit is used up (counted in ``gateway_rate_limited_total``); nothing was taken.
+    """
+    tenant = request.tenant
+    if pending is not None:
+        pending.tenant, pending.priority = tenant.name, request.priority
+    try:
+        taken = tenant.admit(None if pending is None else pending.prompt_tokens, now)
+    except RateLimitedError as exc:
+        metrics.rate_limited.labels(tenant.name, exc.limit).inc()
+        raise
+    return TenantAccount(request, metrics, taken)
 
 
 def _digest(key: str) -> bytes:
