@@ -251,6 +251,13 @@ def main() -> None:
         help="figures of the scan before the restructuring, for the markdown table (if present)",
     )
     parser.add_argument(
+        "--main",
+        type=Path,
+        default=RESULTS / "allocation_scale_main.json",
+        help="figures of main before the cost regions (the compiled loops as first merged), for the markdown table "
+        "(if present)",
+    )
+    parser.add_argument(
         "--numpy",
         type=Path,
         default=RESULTS / "allocation_scale_numpy.json",
@@ -287,55 +294,92 @@ def main() -> None:
     if not args.no_md:
         before = json.loads(args.before.read_text()) if args.before.exists() else []
         numpy_rows = json.loads(args.numpy.read_text()) if args.numpy.exists() else []
+        main_rows = json.loads(args.main.read_text()) if args.main.exists() else []
         notes = ""
         if args.md.exists() and NOTES in (text := args.md.read_text()):
             notes = text[text.index(NOTES) :]
-        args.md.write_text(markdown(rows, before, numpy_rows) + (f"\n{notes}" if notes else ""))
+        args.md.write_text(markdown(rows, before, numpy_rows, main_rows) + (f"\n{notes}" if notes else ""))
 
 
 NOTES = "<!-- notes: kept when the tables are rewritten -->"
 """The line of ``allocation_scale.md`` from which on the text is written by hand and kept by a rerun."""
 
 
-def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]], numpy_rows: list[dict[str, Any]]) -> str:
-    """The results tables, with the figures of the scan (``before``) and of the numpy path (``numpy_rows``) where
-    they have the same cell."""
+TARGET_MS = 2.0
+"""Issue 16's target: one window of 1,000 requests over 256 ranks placed in 2 ms or less on this machine."""
+
+
+def headline(rows: list[dict[str, Any]]) -> list[str]:
+    """Whether each window allocator met the target on each 256-rank shape of ``rows``, in words."""
+    lines = []
+    for kind in ("phase_aware", "water_fill"):
+        cells = [
+            r
+            for r in rows
+            if r["kind"] == "window" and r["policy"] == kind and r["ranks"] == 256 and r["requests"] == 1_000
+        ]
+        if not cells:
+            continue
+        met = [r for r in cells if r["place_ms"] <= TARGET_MS]
+        verdict = "met" if len(met) == len(cells) else f"missed on {len(cells) - len(met)} of {len(cells)}"
+        figures = ", ".join(
+            f"{r['shape']} {r['place_ms']:.2f} ms ({'met' if r['place_ms'] <= TARGET_MS else 'missed'})" for r in cells
+        )
+        lines.append(
+            f"**Target, 1,000 requests over 256 ranks in {TARGET_MS:g} ms or less: `{kind}` {verdict}** ({figures})."
+        )
+        lines.append("")
+    return lines[:-1]
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    before: list[dict[str, Any]],
+    numpy_rows: list[dict[str, Any]],
+    main_rows: list[dict[str, Any]] | None = None,
+) -> str:
+    """The results tables, with the figures of the scan (``before``), of the numpy path (``numpy_rows``) and of main
+    before the cost regions (``main_rows``) where they have the same cell."""
 
     def cell(row: dict[str, Any]) -> tuple[Any, ...]:
         return (row["kind"], row["policy"], row["shape"], row["requests"])
 
     old = {cell(r): r for r in before}
     vectorised = {cell(r): r for r in numpy_rows}
-    lines = [
-        "# Allocation at cluster scale",
-        "",
+    previous = {cell(r): r for r in main_rows or []}
+    lines = ["# Allocation at cluster scale", "", *headline(rows), ""]
+    lines += [
         "`python bench/allocation_scale.py` (module docstring: inputs, what is timed). CPU time of one window's",
         "placement, median of several runs (one when a run takes over 2 s); the snapshot timed apart. *scan*: the",
         "same script on the code before the restructuring (`--before`, from `allocation_scale_before.json`);",
-        "*numpy*: on the numpy path before the compiled loops (`--numpy`, from `allocation_scale_numpy.json`).",
+        "*numpy*: on the numpy path before the compiled loops (`--numpy`, from `allocation_scale_numpy.json`);",
+        "*main*: on main with the compiled loops, before the cost regions (`--main`, from",
+        "`allocation_scale_main.json`).",
         "",
-        "| allocator | shape | requests | snapshot ms | place ms | numpy: place ms | scan: place ms |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| allocator | shape | requests | snapshot ms | place ms | main: place ms | numpy: place ms | scan: place ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["kind"] != "window":
             continue
         b = old.get(cell(r))
         v = vectorised.get(cell(r))
+        m = previous.get(cell(r))
+        main_ms = "" if m is None else format(m["place_ms"], ".2f")
         numpy_ms = "" if v is None else format(v["place_ms"], ".2f")
         scan_ms = "" if b is None else format(b["place_ms"], ".1f")
         lines.append(
             f"| {r['policy']} | {r['shape']} | {r['requests']:,} | {r['snapshot_ms']:.2f} | {r['place_ms']:.2f} | "
-            f"{numpy_ms} | {scan_ms} |"
+            f"{main_ms} | {numpy_ms} | {scan_ms} |"
         )
     lines += [
         "",
         f"Immediate policies: {IMMEDIATE_REQUESTS:,} requests one after another through `Scheduler.submit` (snapshot,",
         "choice, dispatch record), and the choice alone on a fixed snapshot; microseconds per request.",
         "",
-        "| immediate policy | shape | submit µs/request | snapshot µs | choose µs/request | numpy: submit, choose "
-        "| scan: submit, choose |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| immediate policy | shape | submit µs/request | snapshot µs | choose µs/request | main: submit, choose "
+        "| numpy: submit, choose | scan: submit, choose |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["kind"] != "immediate":
@@ -344,9 +388,11 @@ def markdown(rows: list[dict[str, Any]], before: list[dict[str, Any]], numpy_row
         v = vectorised.get(cell(r))
         was = "" if b is None else f"{b['submit_us']:.0f}, {b['choose_us']:.1f}"
         was_numpy = "" if v is None else f"{v['submit_us']:.0f}, {v['choose_us']:.1f}"
+        m = previous.get(cell(r))
+        was_main = "" if m is None else f"{m['submit_us']:.0f}, {m['choose_us']:.1f}"
         lines.append(
             f"| {r['policy']} | {r['shape']} | {r['submit_us']:.1f} | {r['snapshot_us']:.1f} | {r['choose_us']:.1f} "
-            f"| {was_numpy} | {was} |"
+            f"| {was_main} | {was_numpy} | {was} |"
         )
     return "\n".join(lines) + "\n"
 

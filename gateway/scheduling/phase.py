@@ -39,7 +39,9 @@ for an estimate of its prefill time.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -212,7 +214,7 @@ def _place_compiled(
     loads = cluster.loads
     order, tokens, arrival = kernel.placement_arrays(batch, shortest_first)
     model, mask = kernel.model_mask(order, loads)
-    ranker, ties = kernel.ranker_or_none(decode, cluster.engines, loads)
+    ranker, ties = kernel.ranker_or_none(decode, cluster.engines, loads, cluster.table)
     forced = np.subtract(now, arrival) >= max_wait_s
     if prefix is not None:
         b_off, b_ids, distinct, h_off, h_rank = kernel.prefix_arrays(order, prefix, cluster.positions)
@@ -245,14 +247,15 @@ def _place_compiled(
         tokens, forced, model, sorted_idx,
         prefix is not None, b_off, b_ids, distinct, h_off, h_rank, int(block_tokens),
     )  # fmt: skip
-    serves = [bool(row.any()) for row in mask]
+    placed = choice >= 0
     keys = [r.key for r in loads]
-    assigned, deferred, unplaceable = result.assigned, result.deferred, result.unplaceable
-    for request, m, chosen in zip(order, model.tolist(), choice.tolist(), strict=True):
-        if chosen >= 0:
-            assigned.append((request, keys[chosen]))
-        else:
-            (deferred if serves[m] else unplaceable).append(request)
+    result.assigned.extend(
+        zip(itertools.compress(order, placed.tolist()), map(keys.__getitem__, choice[placed].tolist()), strict=True)
+    )
+    if not placed.all():
+        serves = [bool(row.any()) for row in mask]
+        for i in np.flatnonzero(~placed).tolist():
+            (result.deferred if serves[model[i]] else result.unplaceable).append(order[i])
 
 
 class _Model:
@@ -297,41 +300,70 @@ class _Cluster:
         self.clock = clock
         self.decode = decode
         self.long = long_prefill_tokens
-        engines: dict[str, list[RankLoad]] = {}
-        busy: dict[str, bool] = {}
-        running: dict[str, float] = {}
-        for r in ranks:
-            usable = engines.setdefault(r.key.engine, [])
-            busy[r.key.engine] = busy.get(r.key.engine, False) or r.running > 0 or r.waiting > 0
-            running[r.key.engine] = running.get(r.key.engine, 0.0) + r.running
-            if r.usable:
-                usable.append(r)
-        self.engines = list(engines)
-        self.loads: list[RankLoad] = [r for usable in engines.values() for r in usable]
+        table = kernel.RankTable(ranks) if not numpy_path else None
+        if table is not None and table.starts is not None:
+            # each engine's ranks contiguous (the load view's order): the grouping below, read off the table
+            starts = table.starts
+            everything = table.figures
+            usable = everything[:, kernel.RankTable.USABLE] != 0
+            self.engines = table.engines
+            self.loads = list(itertools.compress(ranks, usable.tolist()))
+            sizes = np.add.reduceat(usable.astype(np.int64), starts[:-1]).tolist()
+            active = (everything[:, kernel.RankTable.RUNNING] > 0) | (everything[:, kernel.RankTable.WAITING] > 0)
+            busy = dict(zip(self.engines, np.logical_or.reduceat(active, starts[:-1]).tolist(), strict=True))
+            column = everything[:, kernel.RankTable.RUNNING]
+            # Python adds 0.0 and each rank's figure left to right; a cumulative sum does the same additions
+            running = {
+                engine: 0.0 + float(np.cumsum(column[starts[i] : starts[i + 1]])[-1])
+                for i, engine in enumerate(self.engines)
+            }
+            figures = everything[usable]
+            self.table: kernel.RankTable | None = table
+        else:
+            engines: dict[str, list[RankLoad]] = {}
+            busy = {}
+            running = {}
+            for r in ranks:
+                group = engines.setdefault(r.key.engine, [])
+                busy[r.key.engine] = busy.get(r.key.engine, False) or r.running > 0 or r.waiting > 0
+                running[r.key.engine] = running.get(r.key.engine, 0.0) + r.running
+                if r.usable:
+                    group.append(r)
+            self.engines = list(engines)
+            self.loads = [r for group in engines.values() for r in group]
+            sizes = [len(group) for group in engines.values()]
+            # one pass over the ranks' figures; capacity_tokens, max(0, ...) and the KV watermark test written out
+            # with Python's max (the first argument unless the second is greater)
+            figures = np.array(
+                [
+                    (r.queued_prefill_tokens, r.prefill_budget, -1.0 if r.kv_usage is None else r.kv_usage)
+                    for r in self.loads
+                ],
+                dtype=float,
+            ).reshape(-1, 3)
+            self.table = None
         loads = self.loads
         n = len(loads)
-        sizes = [len(usable) for usable in engines.values()]
         self.instance = np.repeat(np.arange(len(sizes), dtype=np.intp), sizes)
-        self.slices: list[slice] = []
-        start = 0
-        for usable in engines.values():
-            self.slices.append(slice(start, start + len(usable)))
-            start += len(usable)
-        # one pass over the ranks' figures; capacity_tokens, max(0, ...) and the KV watermark test written out with
-        # Python's max (the first argument unless the second is greater)
-        figures = np.array(
-            [(r.queued_prefill_tokens, r.prefill_budget, -1.0 if r.kv_usage is None else r.kv_usage) for r in loads],
-            dtype=float,
-        ).reshape(-1, 3)
+        bounds = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        self.starts = bounds
+        """Where each instance's ranks start in the arrays, one past the end last."""
+        self.slices = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds.tolist())]
         self.level = figures[:, 0].copy()
         self._positions: dict[tuple[str, int], int] | None = None
         taken = np.zeros(n)
         if current_step_tokens:
-            positions = self.positions()
-            for key, tokens in current_step_tokens.items():
-                i = positions.get((key.engine, key.rank))
-                if i is not None:
-                    taken[i] = tokens
+            # each key's array index (-1 for a rank not in the arrays), looked up in C
+            keys = list(current_step_tokens)
+            found = np.fromiter(
+                map(self.positions().get, zip(map(_ENGINE, keys), map(_RANK, keys), strict=True), itertools.repeat(-1)),
+                dtype=np.int64,
+                count=len(keys),
+            )
+            tokens = np.fromiter(current_step_tokens.values(), dtype=float, count=len(keys))
+            inside = found >= 0
+            taken[found[inside]] = tokens[inside]
         remaining = self.level - taken
         self.next_level = np.where(remaining > 0.0, remaining, 0.0)
         self.budget = figures[:, 1].copy()
@@ -388,7 +420,10 @@ class _Cluster:
     def positions(self) -> dict[tuple[str, int], int]:
         """Each usable rank's array index by ``(engine, rank)`` (a tuple hashes in C, a ``RankKey`` in Python)."""
         if self._positions is None:
-            self._positions = {(r.key.engine, r.key.rank): i for i, r in enumerate(self.loads)}
+            keys = [r.key for r in self.loads]
+            self._positions = dict(
+                zip(zip(map(_ENGINE, keys), map(_RANK, keys), strict=True), range(len(keys)), strict=True)
+            )
         return self._positions
 
     def _outliers(self, instance: int, index: int | None = None) -> None:
@@ -562,6 +597,10 @@ class _Cluster:
             self.bucket[index] = load.requests // self.decode.bucket
             self._outliers(instance, index)
         return key
+
+
+_ENGINE = operator.attrgetter("engine")
+_RANK = operator.attrgetter("rank")
 
 
 def _whole(values: np.ndarray) -> bool:

@@ -146,6 +146,74 @@ def test_phase_fill_places_as_the_scan(seed, compiled):
     assert outcome(placed) == outcome(expected)
 
 
+def large_window(seed: int) -> tuple[list[RankLoad], list[PendingRequest], StepClock, dict[RankKey, float]]:
+    """A window at cluster scale, as the benchmark's: two or three instances of 40 to 130 ranks of one budget each,
+    whole token figures from none to three budgets queued, a fitted step clock, and a batch of 150 requests, some
+    longer than a budget, some continuing a shared prefix (``phase_kernel``'s cost regions and instance bounds)."""
+    rng = random.Random(seed)
+    ranks: list[RankLoad] = []
+    current: dict[RankKey, float] = {}
+    clock = StepClock(0.05)
+    for e in range(rng.randint(2, 3)):
+        engine = f"e{e}"
+        budget = rng.choice([2048, 8192])
+        for i in range(rng.randint(40, 130)):
+            queued = float(round(rng.uniform(0, 3 * budget))) if rng.random() < 0.9 else 0.0
+            key = RankKey(engine, i)
+            current[key] = float(min(queued, budget) * rng.choice([0.0, 0.5, 1.0]) // 1)
+            ranks.append(
+                RankLoad(
+                    key=key,
+                    models=frozenset({"m"}),
+                    prefill_budget=budget,
+                    running=float(rng.randint(0, 40)),
+                    waiting=float(rng.randint(0, 6)),
+                    queued_prefill_tokens=queued,
+                    kv_tokens=float(rng.randint(0, 200_000)),
+                    kv_usage=rng.choice([None, rng.uniform(0, 0.9), 0.97]),
+                    usable=rng.random() < 0.97,
+                )
+            )
+        t = NOW - 1.0
+        for _ in range(rng.randint(3, 8)):
+            clock.observe_tokens(
+                engine,
+                t,
+                [(r.key, int(r.queued_prefill_tokens * rng.random()), r.prefill_budget) for r in ranks[-5:]],
+                decodes_next=True,
+            )
+            t += rng.uniform(0.02, 0.3)
+    pool = [tuple(rng.getrandbits(40) for _ in range(rng.randint(1, 6))) for _ in range(8)]
+    batch = []
+    for i in range(150):
+        tokens = rng.choice([rng.randint(1, 3000), rng.randint(1, 12_000), rng.randint(20_000, 40_000)])
+        blocks = rng.choice(pool)[: rng.randint(1, 6)] if rng.random() < 0.4 else ()
+        request = PendingRequest(f"r{i}", "m", tokens, 64, NOW - rng.choice([0.0, 0.01, 20.0]), prefix_blocks=blocks)
+        request.deferrals = rng.choice([0, 0, 0, 1])
+        batch.append(request)
+    return ranks, batch, clock, current
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_phase_fill_places_a_large_window_as_the_scan(seed):
+    ranks, batch, clock, current = large_window(seed)
+    rng = random.Random(seed + 30_000)
+    fast, reference = _rankers(rng, ranks)
+    prefix = _prefix(rng, ranks, batch) if rng.random() < 0.7 else None
+    settings = {
+        "now": NOW,
+        "max_wait_s": 10.0,
+        "queue_steps": rng.choice([2.0, 3.0, math.inf]),
+        "decode_stall_weight": rng.choice([0.005, 0.5]),
+        "use_step_phase": rng.random() < 0.8,
+        "shortest_first": rng.random() < 0.2,
+        "long_prefill_tokens": rng.choice([None, None, 20_000]),
+        "prefix": prefix,
+    }
+    expected = reference_phase_fill(batch, ranks, clock, current, decode=reference, **settings)
+    assert outcome(phase_fill(batch, ranks, clock, current, decode=fast, **settings)) == outcome(expected)
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
 @pytest.mark.parametrize("seed", range(300))
 def test_water_fill_places_as_the_scan(seed, compiled):

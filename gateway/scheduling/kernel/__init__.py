@@ -22,7 +22,7 @@ from types import ModuleType
 
 import numpy as np
 
-from gateway.scheduling.decode import DecodeRanker, RankerArrays, ranker_arrays
+from gateway.scheduling.decode import MIN_RANKS_FOR_QUARTILES, DecodeRanker, RankerArrays, ranker_arrays
 from gateway.scheduling.prefix_index import PrefixIndex
 from gateway.types import PendingRequest, RankLoad
 
@@ -92,6 +92,40 @@ def _warm(compiled: ModuleType) -> None:
     )
 
 
+class RankTable:
+    """One read of a snapshot's ranks, for the compiled paths: per rank (snapshot order) its figures as columns of
+    :attr:`figures` (queued prefill tokens, prefill budget, KV usage with ``-1`` for unknown, running, waiting, KV
+    tokens, usable as 0 or 1), and, when each engine's ranks are contiguous in the snapshot (the load view lists
+    them so), the engines in order and where each one's ranks start (:attr:`starts`, one past the end last);
+    ``starts`` is ``None`` otherwise (the callers then group ranks by engine in Python)."""
+
+    QUEUED, BUDGET, KV_USAGE, RUNNING, WAITING, KV_TOKENS, USABLE = range(7)
+
+    def __init__(self, ranks: Sequence[RankLoad]) -> None:
+        self.ranks = ranks
+        names = [r.key.engine for r in ranks]
+        self.names = names
+        """Each rank's engine."""
+        rows = [
+            (
+                r.queued_prefill_tokens,
+                r.prefill_budget,
+                -1.0 if r.kv_usage is None else r.kv_usage,
+                r.running,
+                r.waiting,
+                r.kv_tokens,
+                r.usable,
+            )
+            for r in ranks
+        ]
+        self.figures = np.fromiter(itertools.chain.from_iterable(rows), dtype=float, count=7 * len(rows)).reshape(-1, 7)
+        cuts = [i for i in range(1, len(names)) if names[i] != names[i - 1]]
+        self.engines = [names[i] for i in [0, *cuts]] if names else []
+        self.starts: np.ndarray | None = None
+        if names and len(set(self.engines)) == len(self.engines):
+            self.starts = np.array([0, *cuts, len(names)], dtype=np.int64)
+
+
 def model_mask(requests: Sequence[PendingRequest], ranks: Sequence[RankLoad]) -> tuple[np.ndarray, np.ndarray]:
     """Each request's model as an index, and which of ``ranks`` serve each model (``models x ranks``)."""
     names = [q.model for q in requests]
@@ -109,14 +143,19 @@ def model_mask(requests: Sequence[PendingRequest], ranks: Sequence[RankLoad]) ->
 
 
 def ranker_or_none(
-    decode: DecodeRanker | None, engines: Sequence[str], ranks: Sequence[RankLoad]
+    decode: DecodeRanker | None,
+    engines: Sequence[str],
+    ranks: Sequence[RankLoad],
+    table: RankTable | None = None,
 ) -> tuple[RankerArrays, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The decode-aware choice's arrays (:func:`~gateway.scheduling.decode.ranker_arrays`) and, without it, the
     ranks' tie-break figures (:func:`~gateway.scheduling.allocation.decode_load_key`: running requests, KV usage,
-    KV tokens); the part not used is empty."""
+    KV tokens); the part not used is empty. ``table``: the snapshot read once (:class:`RankTable`), when
+    ``engines`` is its engine list and ``ranks`` its usable ranks in order."""
     empty = np.zeros(0)
     if decode is not None:
-        return ranker_arrays(decode, engines, ranks), (empty, empty, empty)
+        fast = _table_ranker_arrays(decode, table) if table is not None and engines is table.engines else None
+        return ranker_arrays(decode, engines, ranks) if fast is None else fast, (empty, empty, empty)
     ties = (
         np.array([r.running for r in ranks], dtype=float),
         np.array([0.0 if r.kv_usage is None else r.kv_usage for r in ranks], dtype=float),
@@ -139,6 +178,46 @@ def ranker_or_none(
         iqr_k=0.0,
     )
     return off, ties
+
+
+def _table_ranker_arrays(ranker: DecodeRanker, table: RankTable) -> RankerArrays | None:
+    """:func:`~gateway.scheduling.decode.ranker_arrays` read off ``table`` with numpy, where that gives the same
+    arrays: nothing placed through the ranker yet, built on the table's snapshot, each engine's ranks contiguous,
+    and every group's figures whole numbers adding up to less than 2**53 (so any order of the sums is exact);
+    ``None`` otherwise."""
+    starts = table.starts
+    if ranker.built or ranker.ranks is not table.ranks or starts is None:
+        return None
+    figures = table.figures
+    requests = figures[:, RankTable.RUNNING] + figures[:, RankTable.WAITING]
+    kv = figures[:, RankTable.KV_TOKENS]
+    both = np.concatenate((requests, kv))
+    if not bool(np.all(np.isfinite(both) & (both == np.floor(both)))):
+        return None
+    firsts = starts[:-1]
+    magnitude = np.add.reduceat(np.abs(requests), firsts) + np.add.reduceat(np.abs(kv), firsts)
+    if not bool(np.all(magnitude < 2**53)):
+        return None
+    sizes = np.diff(starts)
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    usable = np.flatnonzero(figures[:, RankTable.USABLE] != 0)
+    on = sizes >= MIN_RANKS_FOR_QUARTILES if ranker.iqr_k is not None else np.zeros(len(sizes), dtype=np.bool_)
+    return RankerArrays(
+        requests=requests[usable],
+        kv=kv[usable],
+        g_pos=usable.astype(np.int64),
+        g_start=starts.astype(np.int64),
+        g_requests=requests,
+        g_kv=kv.copy(),
+        g_requests_sorted=requests[np.lexsort((requests, group))],
+        g_kv_sorted=kv[np.lexsort((kv, group))],
+        g_exact=np.ones(len(sizes), dtype=np.bool_),
+        # sum() starts from 0, and 0 + -0.0 is 0.0
+        g_sums=np.stack((np.add.reduceat(requests, firsts) + 0.0, np.add.reduceat(kv, firsts) + 0.0, magnitude), 1),
+        g_on=on,
+        bucket=float(ranker.bucket),
+        iqr_k=0.0 if ranker.iqr_k is None else float(ranker.iqr_k),
+    )
 
 
 def prefix_arrays(

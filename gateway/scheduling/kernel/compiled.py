@@ -11,12 +11,15 @@ its algorithm (:func:`_python_sum`), so the placements are the Python code's
 (``tests/unit/test_allocation_reference.py``).
 
 ``phase_kernel`` looks at the instances in the order of a lower bound on their ranks' costs for the request and
-skips those whose bound exceeds the best cost found; within an instance whose bound some rank meets exactly (it
-has room in the next step), the ranks kept in the tie-break's key order give the best of them after a few looks;
-otherwise the instance is one pass over its ranks, the key compared before the cost where the cost cannot beat the
-best (``bench/results/allocation_scale.md``). ``water_kernel`` is one pass over the ranks serving the request's
-model. Helpers that take arrays are called once per request; the comparisons in the loops take scalars, as an
-array argument costs reference counting on every call.
+skips those whose bound exceeds the best cost found, and those where no rank has room for it (the lowest level plus
+the request above the highest capacity). Within an instance of one budget with whole token figures, the ranks fall
+into three regions by their next-step level, over two of which the cost is non-decreasing in that level and over
+the third bounded by a figure that is: the ranks kept in the tie-break's key order give the best of the first
+region after a few looks, and the ranks kept in the order of their level are walked up each region until its bound
+exceeds the best cost. Elsewhere, where the instance's bound is met exactly, the key order gives the best after a
+few looks; otherwise the instance is one pass over its ranks (``bench/results/allocation_scale.md``).
+``water_kernel`` is one pass over the ranks serving the request's model. The helpers are compiled into the loops
+(``_inlined``): a call of a compiled function with array arguments costs their reference counts on every call.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def _quartiles(ordered: np.ndarray, start: int, stop: int) -> tuple[float, float
     return q1, q3
 
 
-@_compiled
+@_inlined
 def _fences(
     e: int,
     g_start: np.ndarray,
@@ -119,7 +122,7 @@ def _fences(
     fences[e, 1] = q3 + iqr_k * max(q3 - q1, bucket * kv_per_request)
 
 
-@_compiled
+@_inlined
 def _replace_sorted(ordered: np.ndarray, start: int, stop: int, old: float, new: float) -> None:
     """Replace one ``old`` by ``new`` (>= ``old``) in the sorted ``ordered[start:stop]``: the last ``old`` found by
     bisection, the values up to ``new``'s place moved down by one."""
@@ -130,7 +133,7 @@ def _replace_sorted(ordered: np.ndarray, start: int, stop: int, old: float, new:
     ordered[i] = new
 
 
-@_compiled
+@_inlined
 def _decode_place(
     r: int,
     e: int,
@@ -210,7 +213,7 @@ def _trie(b_off: np.ndarray, b_ids: np.ndarray, distinct: int) -> np.ndarray:
     return nodes
 
 
-@_compiled
+@_inlined
 def _prefix_hits(
     j: int,
     tokens: int,
@@ -270,7 +273,7 @@ def _prefix_hits(
     return n_touched
 
 
-@_compiled
+@_inlined
 def _stage(
     j: int,
     r: int,
@@ -297,7 +300,7 @@ def _stage(
         s_head[nodes[k]] = e
 
 
-@_compiled
+@_inlined
 def _refresh(
     mm: int,
     e: int,
@@ -471,6 +474,31 @@ def phase_kernel(
     position = np.empty(n, dtype=np.int64)
     for k in range(n):
         position[sorted_idx[k]] = k
+    # each instance's ranks in the order of their next-step level, then index (the cost regions' walk), and whether
+    # all its ranks have one budget, a positive whole number (so that q <= B - t exactly when q + t <= B)
+    q_idx = np.empty(n, dtype=np.int64)
+    q_pos = np.empty(n, dtype=np.int64)
+    uniform = np.zeros(n_inst, dtype=np.bool_)
+    for e in range(n_inst):
+        lo = inst_start[e]
+        hi = inst_start[e + 1]
+        same = True
+        if hi > lo:
+            ranked = np.argsort(next_level[lo:hi], kind="mergesort")
+            for k in range(hi - lo):
+                q_idx[lo + k] = lo + ranked[k]
+                q_pos[lo + ranked[k]] = lo + k
+                if budget[lo + k] != budget[lo]:
+                    same = False
+        uniform[e] = same and hi > lo and 0.0 < budget[lo] < 2.0**53 and budget[lo] == math.floor(budget[lo])
+    # each instance's lowest level and highest capacity: where the one plus the request's tokens exceeds the other, no
+    # rank of it has room
+    least_level = np.empty(n_inst)
+    most_capacity = np.full(n_inst, -math.inf)
+    for e in range(n_inst):
+        least_level[e] = _least_level(level, inst_start[e], inst_start[e + 1])
+        for i in range(inst_start[e], inst_start[e + 1]):
+            most_capacity[e] = max(most_capacity[e], capacity[i])
     # the bound holds where a longer step cannot shorten the prediction: d_e non-decreasing in H and S (b, c >= 0)
     # and the stall term non-negative (every operation of the cost then rounds monotonically)
     bounded = (b >= 0.0) & (c >= 0.0) & (wait >= 0.0)
@@ -523,6 +551,8 @@ def phase_kernel(
                     continue
                 if best >= 0 and bounded[e] and stalled[e] >= 0.0 and bound[e] > best_cost:
                     continue
+                if not forced[j] and least_level[e] > 0.0 and least_level[e] + least_work[e] > most_capacity[e]:
+                    continue  # no rank of it has room for the request (every level above 0, none low enough)
                 n_e = count[mm, e]
                 heavy = heaviest[mm, e]
                 mean_e = mean[mm, e]
@@ -539,31 +569,75 @@ def phase_kernel(
                 lo = inst_start[e]
                 hi = inst_start[e + 1]
                 n_cand = -1  # every rank of the instance
-                if floor and hi - lo > WALK:
-                    # The instance's best rank without a prefix hit, if one sits at the floor: the first in key order
-                    # that fits, is no outlier and costs exactly the floor (none costs less; outliers and later keys
-                    # lose the tie). Then only it and the instance's ranks with a prefix hit are candidates.
+                a_hi = lo  # regions walked up by next-step level (below): none
+                b_lo = lo
+                b_hi = lo
+                c_lo = hi
+                region = floor and whole and uniform[e]
+                if region or (floor and hi - lo > WALK):
+                    # The first rank in key order that fits, has no prefix hit, is no outlier and costs exactly
+                    # `target` is the best of the ranks it stands for (none of them costs less; outliers and later keys
+                    # lose the tie). Without cost regions (below) `target` is the instance's bound: the rank found
+                    # stands for all the ranks without a hit, and it and the ranks with a hit are the candidates.
+                    #
+                    # Cost regions: with one budget B over the instance, whole token figures and t the request's
+                    # tokens, the ranks without a hit fall by next-step level q into A (q <= B - t: the cost is
+                    # non-decreasing in q), B (B - t < q < B: the cost is at least _cost with the rank's next-step
+                    # tokens taken as B already, a figure non-decreasing in q) and C (q >= B: non-decreasing in q);
+                    # every operation of _cost rounds monotonically where the instance is at a floor (b, c, wait and
+                    # the stall weight non-negative), so these hold for the floats. `target` is then the cost at A's
+                    # lowest level, the walk in key order looks at A's ranks only and the rank found stands for A;
+                    # when none is found A is walked up by level. B and C are walked up by level, each until its
+                    # bound exceeds the best cost: a rank of it above that point cannot win.
+                    target = bound[e]
+                    limit = math.inf
+                    a_end = lo
+                    b_end = hi
+                    if region:
+                        budget_e = budget[lo]
+                        limit = budget_e - float(t)
+                        a_end = _first_above(next_level, q_idx, lo, hi, limit, True)
+                        b_end = _first_above(next_level, q_idx, a_end, hi, budget_e, False)
+                        if a_end > lo:
+                            i = q_idx[lo]
+                            target = _cost(float(t), next_level[i], budget[i], first[i], a_budget[i], n_e, mean_e,
+                                           heavy, a_e, b_e, c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
                     found = -1
-                    for k in range(lo, min(hi, lo + WALK)):
-                        i = sorted_idx[k]
-                        if not mask[mm, i] or hit[i] != 0 or (decode_on and (requests[i] > rf or kv[i] > kf)):
-                            continue
-                        work = float(t)
-                        if not forced[j] and not (open_[i] and (level[i] + work <= capacity[i] or level[i] <= 0.0)):
-                            continue
-                        cost = _cost(work, next_level[i], budget[i], first[i], a_budget[i], n_e, mean_e, heavy, a_e,
-                                     b_e, c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
-                        if cost == bound[e]:
-                            found = i
-                            break
-                    if found >= 0:
-                        cand[0] = found
-                        n_cand = 1
+                    if not region or a_end > lo:
+                        looked = 0
+                        for k in range(lo, hi):
+                            if looked == WALK:
+                                break
+                            i = sorted_idx[k]
+                            if next_level[i] > limit:  # not in A
+                                continue
+                            looked += 1
+                            if not mask[mm, i] or hit[i] != 0 or (decode_on and (requests[i] > rf or kv[i] > kf)):
+                                continue
+                            work = float(t)
+                            if not forced[j] and not (open_[i] and (level[i] + work <= capacity[i] or level[i] <= 0.0)):
+                                continue
+                            cost = _cost(work, next_level[i], budget[i], first[i], a_budget[i], n_e, mean_e, heavy,
+                                         a_e, b_e, c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
+                            if cost == target:
+                                found = i
+                                break
+                    if found >= 0 or region:
+                        n_cand = 0
+                        if found >= 0:
+                            cand[0] = found
+                            n_cand = 1
                         for k in range(n_touched):
                             i = touched[k]
                             if inst[i] == e and hit[i] != 0:
                                 cand[n_cand] = i
                                 n_cand += 1
+                    if region:
+                        if found < 0:
+                            a_hi = a_end
+                        b_lo = a_end
+                        b_hi = b_end
+                        c_lo = b_end
                 for k in range(hi - lo if n_cand < 0 else n_cand):
                     i = lo + k if n_cand < 0 else cand[k]
                     if not mask[mm, i]:
@@ -605,6 +679,48 @@ def phase_kernel(
                     else:
                         best_key = (work, 0.0, 0.0, 0.0, next_level[i], total_level, tie_running[i],
                                     tie_kv_usage[i], tie_kv_tokens[i])  # fmt: skip
+                # regions A (when the walk in key order found nothing), B and C, each up from its lowest level
+                for part in range(3):
+                    k_from = lo if part == 0 else (b_lo if part == 1 else c_lo)
+                    k_to = a_hi if part == 0 else (b_hi if part == 1 else hi)
+                    for k in range(k_from, k_to):
+                        i = q_idx[k]
+                        if hit[i] != 0:
+                            continue
+                        work = float(t)
+                        if not mask[mm, i]:
+                            continue
+                        if not forced[j] and not (open_[i] and (level[i] + work <= capacity[i] or level[i] <= 0.0)):
+                            continue
+                        # in B the rank's next-step tokens taken as its budget already: its cost's bound
+                        cost = _cost(work, next_level[i], budget[i], budget[i] if part == 1 else first[i], a_budget[i],
+                                     n_e, mean_e, heavy, a_e, b_e, c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
+                        if best >= 0 and cost > best_cost:
+                            break  # and so do the bounds of the region's ranks above it, fitting or not
+                        if part == 1:
+                            cost = _cost(work, next_level[i], budget[i], first[i], a_budget[i], n_e, mean_e, heavy,
+                                         a_e, b_e, c_e, wait_e, d_old_e, stalled_e)  # fmt: skip
+                            if best >= 0 and cost > best_cost:
+                                continue
+                        out = decode_on and (requests[i] > rf or kv[i] > kf)
+                        if best >= 0 and cost == best_cost:
+                            if decode_on:
+                                better = _phase_better(work, out, bucketed[i], kv[i], next_level[i], total_level,
+                                                       0.0, 0.0, 0.0, i, best_key, best)  # fmt: skip
+                            else:
+                                better = _phase_better(work, out, 0.0, 0.0, next_level[i], total_level,
+                                                       tie_running[i], tie_kv_usage[i], tie_kv_tokens[i], i, best_key,
+                                                       best)  # fmt: skip
+                            if not better:
+                                continue
+                        best = i
+                        best_cost = cost
+                        if decode_on:
+                            best_key = (work, 1.0 if out else 0.0, bucketed[i], kv[i], next_level[i], total_level, 0.0,
+                                        0.0, 0.0)  # fmt: skip
+                        else:
+                            best_key = (work, 0.0, 0.0, 0.0, next_level[i], total_level, tie_running[i],
+                                        tie_kv_usage[i], tie_kv_tokens[i])  # fmt: skip
         if best >= 0:
             choice[j] = best
             uncached = float(t - hit[best])
@@ -612,7 +728,10 @@ def phase_kernel(
             if next_level[best] == 0.0:
                 waiting_next[e] += 1
                 stalled[e] = float(waiting_next[e]) + weight * running[e]
+            level_before = level[best]
             level[best] += uncached
+            if level_before == least_level[e]:
+                least_level[e] = _least_level(level, inst_start[e], inst_start[e + 1])
             next_level[best] += uncached
             first_before = first[best]
             first[best] = min(next_level[best], budget[best])
@@ -648,6 +767,17 @@ def phase_kernel(
                 k += 1
             sorted_idx[k] = best
             position[best] = k
+            # its next-step level only grew: it moves up its instance's level order
+            k = q_pos[best]
+            while k + 1 < hi:
+                other = q_idx[k + 1]
+                if next_level[other] > next_level[best] or (next_level[other] == next_level[best] and other > best):
+                    break
+                q_idx[k] = other
+                q_pos[other] = k
+                k += 1
+            q_idx[k] = best
+            q_pos[best] = k
         for k in range(n_touched):
             depth[touched[k]] = 0
             hit[touched[k]] = 0
@@ -655,8 +785,33 @@ def phase_kernel(
 
 
 WALK = 32
-"""How many ranks of an instance the key-order walk looks at before it gives up and scans the instance; an
-instance of no more ranks is scanned at once."""
+"""How many ranks of an instance (of its first cost region, with the regions) the key-order walk looks at before it
+gives up and scans the instance (walks the region up by level); without the regions an instance of no more ranks is
+scanned at once."""
+
+
+@_inlined
+def _least_level(level: np.ndarray, lo: int, hi: int) -> float:
+    """The lowest of ``level[lo:hi]`` (``inf`` when empty; a NaN, which fits nowhere, is passed over)."""
+    least = math.inf
+    for i in range(lo, hi):
+        if level[i] < least:
+            least = level[i]
+    return least
+
+
+@_inlined
+def _first_above(next_level: np.ndarray, q_idx: np.ndarray, lo: int, hi: int, value: float, strict: bool) -> int:
+    """The first position in ``q_idx[lo:hi]`` (ranks by ascending next-step level) whose level is above ``value``
+    (``strict``) or at least ``value``; ``hi`` when none is."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        q = next_level[q_idx[mid]]
+        if q > value or (not strict and q == value):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @_inlined
