@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -56,7 +57,7 @@ from typing import Any
 
 import httpx
 import yaml
-from _harness import Processes, peer_venv, start_engines
+from _harness import Processes, peer_venv
 from pydantic import SecretStr
 
 from gateway.config import ScrapeConfig, TenantConfig, TenantsConfig, WindowConfig
@@ -100,15 +101,23 @@ def capacity_fraction(plan: Plan) -> tuple[float, str]:
     return scale * own, f"evaluation.json reference scale {scale:.3f} ({reference['reference']['policy']})"
 
 
-def sources() -> tuple[list[TraceRequest], list[TraceRequest]]:
-    conv = window(load_trace(resolve_trace("azure-conv")), 0.0, STEADY_MINUTES * 60)
-    return conv, load_trace(resolve_trace("azure-code"))
+SLICE_SHIFT_S = 300.0
+"""How far apart the time slices start in the Azure traces, seconds of trace time (``--slices``)."""
 
 
-def workloads(plan: Plan, capacity: float) -> dict[str, list[TraceRequest]]:
-    """The traces of the simulator part: the flood workload, the interactive tenant alone, and the two tenants of
-    one class."""
-    conv, code = sources()
+def sources(slice_index: int = 0) -> tuple[list[TraceRequest], list[TraceRequest]]:
+    """The two tenants' source traces of time slice ``slice_index``, each from ``slice_index * SLICE_SHIFT_S`` on
+    (re-based to 0 s): :data:`STEADY_MINUTES` of Azure conversation and the rest of Azure code; slice 0 is the
+    traces from their start."""
+    start = slice_index * SLICE_SHIFT_S
+    conv = window(load_trace(resolve_trace("azure-conv")), start, STEADY_MINUTES * 60)
+    return conv, window(load_trace(resolve_trace("azure-code")), start)
+
+
+def workloads(plan: Plan, capacity: float, slice_index: int = 0) -> dict[str, list[TraceRequest]]:
+    """The traces of the simulator part in time slice ``slice_index`` (:func:`sources`): the flood workload, the
+    interactive tenant alone, and the two tenants of one class."""
+    conv, code = sources(slice_index)
     engine = preset(plan.preset, plan.dp_size).engine
     flood = flood_workload(
         conv,
@@ -197,13 +206,18 @@ def run_row(job: tuple[Plan, str, list[TraceRequest], TenantsConfig | None]) -> 
     }
 
 
-def sim_part(plan: Plan, jobs: int) -> dict[str, Any]:
+def sim_part(plan: Plan, jobs: int, slices: int) -> dict[str, Any]:
+    """Every row of :data:`ROWS` in each of ``slices`` time slices; ``rows`` is slice 0's, ``slices`` all of
+    them."""
     capacity, source = capacity_fraction(plan)
-    traces = workloads(plan, capacity)
-    todo = [(plan, name, traces[trace], tenants) for name, (trace, tenants) in ROWS.items()]
-    with ProcessPoolExecutor(jobs) as pool:
-        rows = {row["row"]: row for row in pool.map(run_row, todo)}
-    return {"capacity_of_analytic": capacity, "capacity_from": source, "rows": rows}
+    per_slice = []
+    for index in range(slices):
+        traces = workloads(plan, capacity, index)
+        todo = [(plan, name, traces[trace], tenants) for name, (trace, tenants) in ROWS.items()]
+        with ProcessPoolExecutor(jobs) as pool:
+            per_slice.append({row["row"]: row for row in pool.map(run_row, todo)})
+        print(f"sim slice {index} done", file=sys.stderr)
+    return {"capacity_of_analytic": capacity, "capacity_from": source, "rows": per_slice[0], "slices": per_slice}
 
 
 # -- over HTTP ------------------------------------------------------------------------------------------------
@@ -221,10 +235,10 @@ def http_tenants() -> TenantsConfig:
     )
 
 
-def http_workload(args: argparse.Namespace) -> list[TraceRequest]:
-    """The flood workload on the HTTP cluster, in engine time, at loads of its analytic capacity times
-    ``--http-capacity``."""
-    conv, code = sources()
+def http_workload(args: argparse.Namespace, slice_index: int = 0) -> list[TraceRequest]:
+    """The flood workload on the HTTP cluster in time slice ``slice_index``, in engine time, at loads of its
+    analytic capacity times ``--http-capacity``."""
+    conv, code = sources(slice_index)
     engine = preset("realistic-sglang", args.http_dp).engine
     return flood_workload(
         conv,
@@ -261,10 +275,31 @@ def start_gateway_front(procs: Processes, engines: list[dict[str, Any]], tenants
     return procs.start(cmd, f"http://127.0.0.1:{port}", "/ready")
 
 
-def start_smg_front(procs: Processes, engines: list[dict[str, Any]], priority: bool) -> str:
+SERVER_INFO_MAX_RUNNING = "sglang"
+"""The simulated engines report ``max_running_requests`` in ``/server_info`` as SGLang does (``gateway mock-engine
+--server-info-max-running sglang``): the ``--max-running-requests`` flag, which this bench leaves unset as the
+as-shipped profile does, so ``null``; each rank's cap (2,048, from the KV size) under ``internal_states``."""
+
+
+def start_http_engines(procs: Processes, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--http-instances`` SGLang-flavoured simulated engines (as-shipped, ``--http-dp`` ranks, ``--speed``) that
+    report ``max_running_requests`` as SGLang does (:data:`SERVER_INFO_MAX_RUNNING`); their gateway
+    configurations."""
+    engines = []
+    for i in range(args.http_instances):
+        port = free_port()
+        cmd = [sys.executable, "-m", "gateway", "mock-engine", "--flavor", "sglang", "--dp-size", str(args.http_dp)]
+        cmd += ["--port", str(port), "--model", "m", "--speed", str(args.speed), "--profile", "as-shipped"]
+        cmd += ["--server-info-max-running", SERVER_INFO_MAX_RUNNING]
+        url = procs.start(cmd, f"http://127.0.0.1:{port}", "/health")
+        engines.append({"name": f"sglang{i}", "flavor": "sglang", "url": url, "dp_size": args.http_dp, "models": ["m"]})
+    return engines
+
+
+def start_smg_front(procs: Processes, engines: list[dict[str, Any]], priority: bool) -> tuple[str, str]:
     """smg 1.13 in front of ``engines``, DP-aware with its default policy (``cache_aware``; on Azure traces, which
     share no prefixes, it places as its ``least_load``), with or without its priority admission scheduler (every
-    tenant may ask for ``interactive``)."""
+    tenant may ask for ``interactive``); its URL and its metrics URL."""
     port, metrics_port = free_port(), free_port()
     cmd = [str(peer_venv(SMG_VENV, SMG_PACKAGE) / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--worker-urls", *(e["url"] for e in engines), "--dp-aware", "--disable-retries"]
@@ -278,24 +313,73 @@ def start_smg_front(procs: Processes, engines: list[dict[str, Any]], priority: b
         if time.monotonic() > deadline:
             raise RuntimeError(f"smg has fewer than {ranks} healthy DP-rank workers after 60 s")
         time.sleep(0.1)
-    return url
+    return url, f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+SMG_GAUGES = ("smg_scheduler_inflight", "smg_scheduler_queue_depth")
+"""smg 1.13's scheduler gauges (``middleware/scheduler/metrics.rs``), per class; sampled for their peaks."""
+
+
+class SmgSampler:
+    """Polls smg's Prometheus metrics once a second while a replay runs: the peak over time of each of
+    :data:`SMG_GAUGES` summed over the classes, the capacity smg admits to (in flight over
+    ``smg_scheduler_utilization``) and the last sample's scheduler series."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.peaks = dict.fromkeys(SMG_GAUGES, 0.0)
+        self.last: dict[str, float] = {}
+        self.capacity: int | None = None
+        self._stop = asyncio.Event()
+
+    def sample(self, text: str) -> None:
+        sums = dict.fromkeys(SMG_GAUGES, 0.0)
+        last = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, _, value = line.rpartition(" ")
+            base = name.split("{")[0]
+            if base.startswith("smg_scheduler") or "capacity" in base:
+                last[name] = float(value)
+            if base in sums:
+                sums[base] += float(value)
+        for key, total in sums.items():
+            self.peaks[key] = max(self.peaks[key], total)
+        utilization = last.get("smg_scheduler_utilization", 0.0)
+        if utilization > 0:  # in flight over the capacity (middleware/scheduler/metrics.rs)
+            self.capacity = round(sums["smg_scheduler_inflight"] / utilization)
+        self.last = last
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            while not self._stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    self.sample((await client.get(self.url)).text)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def http_run(args: argparse.Namespace, trace: list[TraceRequest], front: str) -> dict[str, Any]:
     """Replay ``trace`` (engine time) through ``front`` (:data:`FRONTS`) before fresh engines, each tenant with its
-    key (the gateway) or its class header (smg); per tenant, the replay's TTFT in engine seconds."""
+    key (the gateway) or its class header (smg); per tenant, the replay's TTFT in engine seconds; for smg, its
+    scheduler's peaks (:class:`SmgSampler`)."""
     wall = rescale(trace, args.speed)
+    sampler: SmgSampler | None = None
     with Processes() as procs:
-        engines = start_engines(
-            procs, ["sglang"] * args.http_instances, args.http_dp, args.speed, "m", profile="as-shipped"
-        )
+        engines = start_http_engines(procs, args)
         if front.startswith("smg"):
-            url = start_smg_front(procs, engines, front == "smg+priority")
+            url, metrics_url = start_smg_front(procs, engines, front == "smg+priority")
+            sampler = SmgSampler(metrics_url)
         else:
             url = start_gateway_front(procs, engines, front == "gateway+tenants")
 
         async def both() -> list[Any]:
-            return list(
+            watcher = asyncio.create_task(sampler.run()) if sampler is not None else None
+            results = list(
                 await asyncio.gather(
                     *(
                         replay(
@@ -310,15 +394,20 @@ def http_run(args: argparse.Namespace, trace: list[TraceRequest], front: str) ->
                     )
                 )
             )
+            if sampler is not None and watcher is not None:
+                sampler.stop()
+                await watcher
+            return results
 
         results = asyncio.run(both())
-    out = {}
+    out: dict[str, Any] = {}
     for tenant, result in zip(HTTP_KEYS, results, strict=True):
         ok = [r for r in result.records if r.ok and r.ttft_s is not None]
         errors: dict[str, int] = {}
         for r in result.records:
             if not r.ok:
                 errors[str(r.error)] = errors.get(str(r.error), 0) + 1
+        done_in_window = [r for r in ok if r.done_at_s <= args.http_seconds]
         out[tenant] = {
             "requests": len(result.records),
             "failed": len(result.records) - len(ok),
@@ -326,7 +415,12 @@ def http_run(args: argparse.Namespace, trace: list[TraceRequest], front: str) ->
             "ttft_engine_s": distribution([r.ttft_s * args.speed for r in ok]),
             "completed_tok_s_engine": sum(r.prompt_tokens + (r.output_tokens or 0) for r in ok)
             / (args.http_seconds * args.speed),
+            "done_in_window_tok_s_engine": sum(r.prompt_tokens + (r.output_tokens or 0) for r in done_in_window)
+            / (args.http_seconds * args.speed),
+            "last_done_engine_s": max((r.done_at_s for r in ok), default=0.0) * args.speed,
         }
+    if sampler is not None:
+        out["smg_scheduler"] = {"capacity": sampler.capacity, "peaks": sampler.peaks, "last": sampler.last}
     return out
 
 
@@ -363,14 +457,21 @@ def http_simulated(args: argparse.Namespace, trace: list[TraceRequest], tenants:
 
 
 def http_part(args: argparse.Namespace) -> dict[str, Any]:
-    trace = http_workload(args)
-    rows = {}
-    for front in args.fronts.split(","):
-        rows[f"{front} (HTTP)"] = http_run(args, trace, front)
-        print(f"{front}: {json.dumps(rows[f'{front} (HTTP)'])[:400]}", file=sys.stderr)
-        if front.startswith("gateway"):
-            rows[f"{front} (simulator)"] = http_simulated(args, trace, front == "gateway+tenants")
-    return {"requests": len(trace), "rows": rows}
+    """Every front of ``--fronts`` on each of ``--slices`` time slices (one run at a time), the gateway's also
+    through the simulator; ``rows`` is slice 0's, ``slices`` all of them."""
+    per_slice = []
+    requests = []
+    for index in range(args.slices):
+        trace = http_workload(args, index)
+        requests.append(len(trace))
+        rows: dict[str, Any] = {}
+        for front in args.fronts.split(","):
+            rows[f"{front} (HTTP)"] = http_run(args, trace, front)
+            print(f"slice {index} {front}: {json.dumps(rows[f'{front} (HTTP)'])[:600]}", file=sys.stderr)
+            if front.startswith("gateway"):
+                rows[f"{front} (simulator)"] = http_simulated(args, trace, front == "gateway+tenants")
+        per_slice.append(rows)
+    return {"requests": requests[0], "requests_per_slice": requests, "rows": per_slice[0], "slices": per_slice}
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -485,6 +586,7 @@ def main() -> None:
         "--http-capacity", type=float, default=0.56, help="HTTP: the capacity, fraction of the analytic one [0.56]"
     )
     ap.add_argument("--fronts", default=",".join(FRONTS), help=f"HTTP: comma-separated of {FRONTS}")
+    ap.add_argument("--slices", type=int, default=1, help="time slices of the traces, each run in full [1]")
     ap.add_argument("--output", type=Path, default=RESULTS / "priorities")
     args = ap.parse_args()
     path = args.output.with_suffix(".json")
@@ -493,7 +595,7 @@ def main() -> None:
         plan = Plan(duration_s=args.duration, interactive_load=args.interactive_load, flood_factor=args.flood_factor)
         report["plan"] = plan.__dict__
         report["command"] = " ".join(["python bench/priorities.py", *sys.argv[1:]])
-        report["sim"] = sim_part(plan, args.jobs)
+        report["sim"] = sim_part(plan, args.jobs, args.slices)
     elif args.part == "http":
         http = http_part(args)
         http["config"] = (
