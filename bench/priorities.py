@@ -491,81 +491,135 @@ def spread(row: dict[str, Any], base: dict[str, Any], tenant: str) -> str:
     return f"{pct(statistics.fmean(d))} [{pct(min(d))}, {pct(max(d))}]" if d else "–"
 
 
+def per_slice(values: list[float | None], fmt: Any = ms) -> str:
+    """One figure in each time slice, slice 0 first: ``a / b / c``."""
+    return " / ".join(fmt(v) for v in values)
+
+
+def sim_slices(sim: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(sim.get("slices") or [sim["rows"]])
+
+
+def render_sim(report: dict[str, Any]) -> list[str]:
+    sim, plan = report["sim"], report["plan"]
+    slices = sim_slices(sim)
+    lines = [
+        "## Simulator: an interactive tenant while a batch tenant floods",
+        "",
+        f"{plan['instances']} x {plan['dp_size']} DP ranks, preset `{plan['preset']}`, policy `sbs`, "
+        f"{plan['duration_s']:.0f} s of arrivals. Capacity: {sim['capacity_of_analytic']:.3f} of the analytic "
+        f"capacity ({sim['capacity_from']}). Interactive tenant: Azure conversation at "
+        f"{plan['interactive_load']:.0%} of it; batch tenant: Azure code at {plan['flood_factor']} x the rest, "
+        f"{plan['flood_factor'] * (1 - plan['interactive_load']):.0%} of it. {len(slices)} time slices of the "
+        f"traces (starting {', '.join(f'{i * SLICE_SHIFT_S:.0f}' for i in range(len(slices)))} s into them): "
+        "each cell gives slice 0 / 1 / 2.",
+        "",
+        "| row | interactive TTFT mean (ms) | p50 (ms) | p99 (ms) | batch tok/s done in window | batch backlog done "
+        "at (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("interactive alone", "no priorities", "priorities"):
+        t = [sl[name]["tenants"][INTERACTIVE]["ttft_s"] for sl in slices]
+        b = [sl[name]["tenants"].get(BATCH) for sl in slices]
+        batch = (
+            ["–", "–"]
+            if b[0] is None
+            else [
+                per_slice([x["done_in_window_tok_s"] for x in b], lambda v: f"{v:,.0f}"),
+                per_slice([x["last_done_s"] for x in b], lambda v: f"{v:.0f}"),
+            ]
+        )
+        lines.append(
+            f"| {name} | {per_slice([x['mean'] for x in t])} | {per_slice([x['p50'] for x in t])} | "
+            f"{per_slice([x['p99'] for x in t])} | " + " | ".join(batch) + " |"
+        )
+    lines += [
+        "",
+        "Per fifth of the run (slice 0), the interactive TTFT mean against the same fifth without priorities: "
+        + "; ".join(
+            f"{name} {spread(slices[0][name], slices[0]['no priorities'], INTERACTIVE)}"
+            for name in ("interactive alone", "priorities")
+        )
+        + ".",
+        "",
+        "## Simulator: two tenants of one class under overload",
+        "",
+        f"`light`: Azure conversation at {plan['light_load']:.0%} of the capacity; `heavy`: Azure code at "
+        f"{plan['flood_factor'] * (1 - plan['light_load']):.0%}; both `standard`. Slice 0 / 1 / 2.",
+        "",
+        "| row | light TTFT mean (ms) | p50 (ms) | p99 (ms) | light tok/s done | heavy tok/s done |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("fairness: no tenants", "fairness: arrival order", "fairness: vtc"):
+        light = [sl[name]["tenants"]["light"] for sl in slices]
+        heavy = [sl[name]["tenants"]["heavy"] for sl in slices]
+        lines.append(
+            f"| {name.removeprefix('fairness: ')} | {per_slice([x['ttft_s']['mean'] for x in light])} | "
+            f"{per_slice([x['ttft_s']['p50'] for x in light])} | {per_slice([x['ttft_s']['p99'] for x in light])} | "
+            f"{per_slice([x['done_in_window_tok_s'] for x in light], lambda v: f'{v:,.0f}')} | "
+            f"{per_slice([x['done_in_window_tok_s'] for x in heavy], lambda v: f'{v:,.0f}')} |"
+        )
+    return lines
+
+
+def render_http(http: dict[str, Any]) -> list[str]:
+    slices = list(http.get("slices") or [http["rows"]])
+    requests = http.get("requests_per_slice", [http["requests"]])
+    lines = [
+        "## Over HTTP against the simulated engines, and the simulator on the same cluster",
+        "",
+        f"{http['config']}. Requests per slice: {' / '.join(str(n) for n in requests)}. TTFT in engine seconds "
+        "(wall times `--speed`); each cell gives slice 0 / 1 / 2. `batch tok/s done` counts the prompt and output "
+        "tokens of the batch requests that ended within the arrivals, per engine second; `batch backlog done at` is "
+        "when the last batch request ended, engine seconds from the start; `failed` counts requests "
+        "that got no answer (interactive + batch); `smg queued (peak)` is the most requests smg's priority scheduler "
+        "held at once (its `smg_scheduler_queue_depth`, summed over classes, sampled each second).",
+        "",
+        "| row | interactive TTFT mean (ms) | p99 (ms) | batch TTFT mean (ms) | p99 (ms) | batch tok/s done | batch "
+        "backlog done at (s) | failed | smg queued (peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = [n for n in slices[0] if all(n in sl for sl in slices)]
+    for name in names:
+        rows = [sl[name] for sl in slices]
+        i = [r[INTERACTIVE]["ttft_engine_s"] for r in rows]
+        b = [r[BATCH]["ttft_engine_s"] for r in rows]
+        http_row = "HTTP" in name
+        done = (
+            per_slice([r[BATCH].get("done_in_window_tok_s_engine") for r in rows], lambda v: f"{v:,.0f}")
+            if http_row and all("done_in_window_tok_s_engine" in r[BATCH] for r in rows)
+            else "–"
+        )
+        backlog = (
+            per_slice([r[BATCH].get("last_done_engine_s") for r in rows], lambda v: f"{v:.0f}")
+            if http_row and all("last_done_engine_s" in r[BATCH] for r in rows)
+            else "–"
+        )
+        failed = (
+            per_slice([float(sum(r[t].get("failed", 0) for t in HTTP_KEYS)) for r in rows], lambda v: f"{v:.0f}")
+            if http_row
+            else "–"
+        )
+        queued = (
+            per_slice([r["smg_scheduler"]["peaks"]["smg_scheduler_queue_depth"] for r in rows], lambda v: f"{v:.0f}")
+            if all("smg_scheduler" in r for r in rows)
+            else "–"
+        )
+        lines.append(
+            f"| {name} | {per_slice([x['mean'] for x in i])} | {per_slice([x['p99'] for x in i])} | "
+            f"{per_slice([x['mean'] for x in b])} | {per_slice([x['p99'] for x in b])} | {done} | {backlog} | "
+            f"{failed} | {queued} |"
+        )
+    return lines
+
+
 def render(report: dict[str, Any]) -> str:
-    lines = ["# Priorities and tenants inside the window", "", f"Command: `{report.get('command', '')}`", ""]
-    sim = report.get("sim")
-    if sim:
-        plan = report["plan"]
-        lines += [
-            "## Simulator: an interactive tenant while a batch tenant floods",
-            "",
-            f"{plan['instances']} x {plan['dp_size']} DP ranks, preset `{plan['preset']}`, policy `sbs`, "
-            f"{plan['duration_s']:.0f} s of arrivals. Capacity: {sim['capacity_of_analytic']:.3f} of the analytic "
-            f"capacity ({sim['capacity_from']}). Interactive tenant: Azure conversation at "
-            f"{plan['interactive_load']:.0%} of it; batch tenant: Azure code at {plan['flood_factor']} x the rest, "
-            f"{plan['flood_factor'] * (1 - plan['interactive_load']):.0%} of it.",
-            "",
-            "| row | interactive TTFT mean | p50 | p99 (ms) | TTFT mean per fifth vs no priorities | batch done "
-            "in window (req/s) | batch tok/s done / offered | batch backlog done at (s) |",
-            "|---|---:|---:|---:|---|---:|---:|---:|",
-        ]
-        base = sim["rows"]["no priorities"]
-        for name in ("interactive alone", "no priorities", "priorities"):
-            row = sim["rows"][name]
-            t = row["tenants"][INTERACTIVE]["ttft_s"]
-            b = row["tenants"].get(BATCH)
-            batch_cells = (
-                ["–", "–", "–"]
-                if b is None
-                else [
-                    f"{b['done_in_window_rps']:.2f}",
-                    f"{b['done_in_window_tok_s']:,.0f} / {b['offered_tok_s']:,.0f}",
-                    f"{b['last_done_s']:.0f}",
-                ]
-            )
-            lines.append(
-                f"| {name} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | "
-                f"{spread(row, base, INTERACTIVE)} | " + " | ".join(batch_cells) + " |"
-            )
-        lines += [
-            "",
-            "## Simulator: two tenants of one class under overload",
-            "",
-            f"`light`: Azure conversation at {plan['light_load']:.0%} of the capacity; `heavy`: Azure code at "
-            f"{plan['flood_factor'] * (1 - plan['light_load']):.0%}; both `standard`.",
-            "",
-            "| row | light TTFT mean | p50 | p99 (ms) | light per fifth vs no tenants | light tok/s done / offered "
-            "| heavy tok/s done / offered |",
-            "|---|---:|---:|---:|---|---:|---:|",
-        ]
-        base = sim["rows"]["fairness: no tenants"]
-        for name in ("fairness: no tenants", "fairness: arrival order", "fairness: vtc"):
-            row = sim["rows"][name]
-            light, heavy = row["tenants"]["light"], row["tenants"]["heavy"]
-            t = light["ttft_s"]
-            lines.append(
-                f"| {name.removeprefix('fairness: ')} | {ms(t['mean'])} | {ms(t['p50'])} | {ms(t['p99'])} | "
-                f"{spread(row, base, 'light')} | {light['done_in_window_tok_s']:,.0f} / {light['offered_tok_s']:,.0f} "
-                f"| {heavy['done_in_window_tok_s']:,.0f} / {heavy['offered_tok_s']:,.0f} |"
-            )
-    http = report.get("http")
-    if http:
-        lines += [
-            "",
-            "## Over HTTP against the simulated engines, and the simulator on the same cluster",
-            "",
-            f"{http['config']}. {http['requests']} requests. TTFT in engine seconds (wall times `--speed`).",
-            "",
-            "| row | interactive TTFT mean | p50 | p99 (ms) | batch TTFT mean | p99 (ms) | failed |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, row in http["rows"].items():
-            i, b = row[INTERACTIVE]["ttft_engine_s"], row[BATCH]["ttft_engine_s"]
-            failed = sum(row[t].get("failed", 0) for t in HTTP_KEYS) if "HTTP" in name else "–"
-            lines.append(
-                f"| {name} | {ms(i['mean'])} | {ms(i['p50'])} | {ms(i['p99'])} | {ms(b['mean'])} | {ms(b['p99'])} "
-                f"| {failed} |"
-            )
+    lines = ["# Priorities and tenants inside the window", ""]
+    lines += [f"Commands: `{c}`" for c in report.get("commands", [report.get("command", "")])]
+    if report.get("sim"):
+        lines += ["", *render_sim(report)]
+    if report.get("http"):
+        lines += ["", *render_http(report["http"])]
     for note in report.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -594,7 +648,11 @@ def main() -> None:
     if args.part == "sim":
         plan = Plan(duration_s=args.duration, interactive_load=args.interactive_load, flood_factor=args.flood_factor)
         report["plan"] = plan.__dict__
-        report["command"] = " ".join(["python bench/priorities.py", *sys.argv[1:]])
+        report.pop("command", None)
+        report["commands"] = [
+            " ".join(["python bench/priorities.py", *sys.argv[1:]]),
+            *(c for c in report.get("commands", []) if "--part http" in c),
+        ]
         report["sim"] = sim_part(plan, args.jobs, args.slices)
     elif args.part == "http":
         http = http_part(args)
@@ -604,6 +662,11 @@ def main() -> None:
             f"the analytic; command `python bench/priorities.py {' '.join(sys.argv[1:])}`"
         )
         report["http"] = http
+        report["commands"] = [
+            *(c for c in report.get("commands", [report.get("command", "")]) if "--part http" not in c and c),
+            " ".join(["python bench/priorities.py", *sys.argv[1:]]),
+        ]
+        report.pop("command", None)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     args.output.with_suffix(".md").write_text(render(report))
