@@ -615,7 +615,7 @@ def render_http(http: dict[str, Any]) -> list[str]:
 
 def render(report: dict[str, Any]) -> str:
     lines = ["# Priorities and tenants inside the window", ""]
-    lines += [f"Commands: `{c}`" for c in report.get("commands", [report.get("command", "")])]
+    lines.append("Commands: " + "; ".join(f"`{c}`" for c in report.get("commands", [report.get("command", "")])))
     if report.get("sim"):
         lines += ["", *render_sim(report)]
     if report.get("http"):
