@@ -34,10 +34,14 @@ an engine's DP size from its ``GET /server_info``), the two tenants replayed at 
   sends ``x-smg-priority: interactive`` or ``bulk``, the classes of smg's ``middleware/scheduler/class.rs``).
 
 and the same traces through the simulator's code on the same cluster and engine model in engine time, to show the
-two agree (the conversion of ``bench/frontdoors_http.py``).
+two agree (the conversion of ``bench/frontdoors_http.py``). The engines report ``max_running_requests`` in
+``/server_info`` as SGLang does (:data:`SERVER_INFO_MAX_RUNNING`), so smg's priority scheduler derives the capacity
+it would against SGLang as shipped and queues under the flood.
 
-    nice -n 10 .venv/bin/python bench/priorities.py --part sim     # bench/results/priorities.{md,json}
-    nice -n 10 .venv/bin/python bench/priorities.py --part http    # adds the HTTP rows
+``--slices N`` runs every row on N time slices of the traces (:func:`sources`), for the spread of each figure.
+
+    nice -n 10 .venv/bin/python bench/priorities.py --part sim --slices 3     # bench/results/priorities.{md,json}
+    nice -n 10 .venv/bin/python bench/priorities.py --part http --http-seconds 90 --slices 3    # the HTTP rows
 """
 
 from __future__ import annotations
