@@ -81,6 +81,14 @@ from gateway.cli.engine_options import engine_flag_options, engine_model_config
     help="Keep finished Responses for previous_response_id, retrieval and cancel (vLLM: "
     "VLLM_ENABLE_RESPONSES_API_STORE=1; SGLang: --enable-response-store; off in both by default).",
 )
+@click.option(
+    "--server-info-max-running",
+    type=click.Choice(["per-rank", "sglang"]),
+    default="per-rank",
+    show_default=True,
+    help="SGLang /server_info max_running_requests: one DP rank's cap (what this mock always reported), or as "
+    "SGLang reports it (the --max-running-requests flag, null when unset; each rank's cap in internal_states).",
+)
 @engine_flag_options
 def mock_engine(
     flavor: str,
@@ -101,6 +109,7 @@ def mock_engine(
     kv_load_failure_policy: str,
     force_query_prefill_dp_rank: bool,
     enable_response_store: bool,
+    server_info_max_running: str,
     **engine_flags: Any,
 ) -> None:
     """Run a simulated DP+EP engine (DeepSeek-V3/H800 timing model) with SGLang's or vLLM's HTTP API.
@@ -144,6 +153,8 @@ def mock_engine(
         kv_load_failure_policy=kv_load_failure_policy,  # type: ignore[arg-type]
         force_query_prefill_dp_rank=force_query_prefill_dp_rank,
         response_store=enable_response_store,
+        server_info_max_running=server_info_max_running,  # type: ignore[arg-type]
+        max_running_requests_flag=engine_flags.get("max_running_requests"),
     )
     click.echo(
         f"simulated {flavor} {role} engine ({profile}), {dp_size} DP ranks, model {model}, "

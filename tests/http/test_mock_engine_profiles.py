@@ -52,6 +52,36 @@ async def test_sglang_as_shipped_flags_set_the_per_rank_budget_and_cap() -> None
         assert answer.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    ("flags", "top_level", "per_rank"),
+    [
+        ([], None, 2048),  # flag unset: SGLang's ServerArgs field stays null; each rank's cap from its KV size
+        (["--max-running-requests", "1024"], 1024, 256),  # the flag as given, a whole-engine figure over 4 ranks
+    ],
+)
+async def test_server_info_can_report_max_running_requests_as_sglang_does(
+    flags: list[str], top_level: int | None, per_rank: int
+) -> None:
+    base = ["--flavor", "sglang", "--dp-size", "4", "--profile", "as-shipped"]
+    async with (
+        mock_engine_process(*base, *flags, "--server-info-max-running", "sglang") as url,
+        httpx.AsyncClient(base_url=url, timeout=10.0) as client,
+    ):
+        info = (await client.get("/server_info")).json()
+    assert info["max_running_requests"] == top_level
+    assert [s["effective_max_running_requests_per_dp"] for s in info["internal_states"]] == [per_rank] * 4
+
+
+async def test_server_info_reports_one_ranks_cap_by_default() -> None:
+    async with (
+        mock_engine_process("--flavor", "sglang", "--dp-size", "4", "--profile", "as-shipped") as url,
+        httpx.AsyncClient(base_url=url, timeout=10.0) as client,
+    ):
+        info = (await client.get("/server_info")).json()
+    assert info["max_running_requests"] == 2048
+    assert all("effective_max_running_requests_per_dp" not in s for s in info["internal_states"])
+
+
 async def test_vllm_as_shipped_serves_with_its_flags() -> None:
     flags = ["--flavor", "vllm", "--dp-size", "2", "--profile", "as-shipped", "--max-num-batched-tokens", "512"]
     flags += ["--max-num-seqs", "64", "--no-async-scheduling", "--prefill-rate", "4000", "--speed", "50"]

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -72,6 +72,9 @@ from gateway.sim.mock_engine.protocol import (
 from gateway.sim.mock_engine.response import GenerationResponse
 from gateway.sim.mock_engine.responses import ResponsesEndpoints
 from gateway.sim.mock_engine.runtime import EngineRuntime
+
+ServerInfoMaxRunning = Literal["per-rank", "sglang"]
+"""What ``/server_info`` reports as ``max_running_requests`` (:attr:`MockEngineConfig.server_info_max_running`)."""
 
 SIMULATED_SGLANG_VERSION = "0.5.23-sim"
 """``version`` reported by the SGLang flavour's ``/server_info`` (the SGLang version it imitates)."""
@@ -245,6 +248,21 @@ class MockEngineConfig:
     ``VLLM_ENABLE_RESPONSES_API_STORE=1`` and SGLang with ``--enable-response-store`` do; off, as in both engines
     by default (:mod:`gateway.sim.mock_engine.responses`)."""
 
+    server_info_max_running: ServerInfoMaxRunning = "per-rank"
+    """What SGLang's ``GET /server_info`` reports as ``max_running_requests``. ``"per-rank"`` (the default, what
+    the mock always reported): the engine model's running-request cap of one DP rank. ``"sglang"``: as SGLang
+    0.5.x reports it. The top-level fields are its ``ServerArgs`` (``entrypoints/http_server.py``
+    ``get_server_info``), so ``max_running_requests`` is the ``--max-running-requests`` flag as given
+    (:attr:`max_running_requests_flag`: a whole-engine figure, which each rank divides by the attention DP size in
+    ``mem_cache/kv_cache_configurator.py`` ``resolve_max_num_reqs``), ``null`` when the flag is unset; the value a
+    rank enforces is in its ``internal_states`` row as ``effective_max_running_requests_per_dp``
+    (``managers/scheduler.py`` ``get_internal_state``)."""
+
+    max_running_requests_flag: int | None = None
+    """SGLang's ``--max-running-requests`` as the operator gave it (``None``: unset), reported by
+    :attr:`server_info_max_running` ``"sglang"``; the engine model's per-rank cap comes from the same flag
+    (:meth:`EngineModelConfig.as_shipped`)."""
+
     def __post_init__(self) -> None:
         if self.flavor not in ("sglang", "vllm"):
             raise ValueError(f"flavor must be 'sglang' or 'vllm', got {self.flavor!r}")
@@ -260,6 +278,10 @@ class MockEngineConfig:
             raise ValueError(f"pd_timeout_s must be > 0, got {self.pd_timeout_s}")
         if self.kv_connector not in ("nixl", "mooncake"):
             raise ValueError(f"kv_connector must be 'nixl' or 'mooncake', got {self.kv_connector!r}")
+        if self.server_info_max_running not in ("per-rank", "sglang"):
+            raise ValueError(
+                f"server_info_max_running must be 'per-rank' or 'sglang', got {self.server_info_max_running!r}"
+            )
 
     @property
     def handoff_timeout_s(self) -> float:
@@ -501,6 +523,11 @@ class _MockEngine:
 
     async def server_info(self) -> dict[str, Any]:
         cfg, em = self.config, self.config.engine_model
+        states: list[dict[str, Any]] = self._get_load_rows()
+        reported: int | None = em.max_running_requests
+        if cfg.server_info_max_running == "sglang":
+            reported = cfg.max_running_requests_flag
+            states = [{**row, "effective_max_running_requests_per_dp": em.max_running_requests} for row in states]
         return {
             "model_path": cfg.model,
             "tokenizer_path": cfg.model,
@@ -511,13 +538,13 @@ class _MockEngine:
             "enable_dp_attention": True,
             "load_balance_method": self.load_balance_method,
             "chunked_prefill_size": em.max_prefill_tokens_per_step,
-            "max_running_requests": em.max_running_requests,
+            "max_running_requests": reported,
             "max_total_num_tokens": em.kv_capacity_tokens,
             "context_length": cfg.max_model_len,
             "disaggregation_mode": "null" if self.pd is None else self.config.role,
             "enable_prefill_delayer": em.enable_prefill_delayer,
             "prefill_delayer_max_delay_passes": em.prefill_delayer_max_delay_passes,
-            "internal_states": self._get_load_rows(),
+            "internal_states": states,
             "version": SIMULATED_SGLANG_VERSION,
         }
 
