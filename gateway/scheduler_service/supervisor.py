@@ -175,6 +175,18 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _start_with_sighup_held(process: multiprocessing.process.BaseProcess) -> None:
+    """Start ``process`` with SIGHUP blocked: a child inherits the blocked mask through ``exec`` (POSIX
+    ``execve(2)``: the signal mask and pending signals are kept), so a SIGHUP passed on while the child starts stays
+    pending until its :func:`~gateway.server.reload.defer_sighup` takes it (instead of ending the child by SIGHUP's
+    default action before any Python handler is in place)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 @dataclass(slots=True)
 class _Child:
     """One supervised child: how to start it, and the running process."""
@@ -224,7 +236,7 @@ class Supervisor:
             args=(self.settings, self.log_level, self.unix_path, self.source, self.embedded),
             name="gateway-scheduler",
         )
-        process.start()
+        _start_with_sighup_held(process)
         return process
 
     def _front_door_starter(self, worker: int) -> Callable[[], multiprocessing.process.BaseProcess]:
@@ -234,7 +246,7 @@ class Supervisor:
                 args=(self.front_settings, self.log_level, worker, self.source, self.embedded),
                 name=f"gateway-front-door-{worker}",
             )
-            process.start()
+            _start_with_sighup_held(process)
             return process
 
         return start

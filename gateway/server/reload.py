@@ -134,6 +134,7 @@ def defer_sighup() -> None:
         _sighup_noted = True
 
     signal.signal(signal.SIGHUP, note)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one held while a --workers child started
 
 
 def take_noted_sighup() -> bool:
