@@ -39,18 +39,25 @@ def assert_nothing_hangs(result: DrillResult) -> None:
             assert left.handoffs == 0, left
 
 
+PREFILL_HUNG = 2
+"""Legs the dying prefill engine hangs before it dies: one a DP rank (the drill's engines have two)."""
+
+
 def lease_held(result: DrillResult) -> int:
     return sum(left.held for left in result.left)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_prefill_engine_dying_under_load_loses_nothing(protocol: Protocol, trace: list[TraceRequest]) -> None:
-    result = await drill(protocol, "kill_prefill", trace, hang_first=3)  # three legs hang, then it dies
+    # a leg hangs on each of the victim's two DP ranks, then it dies: a load-aware placement sends a rank with a
+    # hung leg nothing more while the other prefill engine has room, so a third hung leg is not certain to come
+    # (on a loaded machine the trace could end first)
+    result = await drill(protocol, "kill_prefill", trace, hang_first=PREFILL_HUNG)
     seen = result.summary()
-    assert result.faults_injected == 1 and result.in_flight_at_fault >= 3, seen
+    assert result.faults_injected == 1 and result.in_flight_at_fault >= PREFILL_HUNG, seen
     assert result.outcomes["completed"] == REQUESTS, seen  # every leg that died was retried on the surviving pairs
     # a prefill leg dying after its decode began is counted, not retried
-    assert 3 <= result.retries <= result.leg_failures, seen
+    assert PREFILL_HUNG <= result.retries <= result.leg_failures, seen
     assert_nothing_hangs(result)
     assert lease_held(result) == 0  # the decode legs of the dead prefill were cancelled, not left waiting
 
