@@ -76,7 +76,7 @@ def _content_type(media_type: str) -> bytes:
     return media_type.encode("latin-1")
 
 
-async def _answer(
+async def send_answer(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], content_type: bytes = _JSON
 ) -> None:
     """Send a whole answer."""
@@ -134,21 +134,21 @@ class _RequestScope:
         """The client went away: nothing reaches it (499 is nginx's "client closed request" status; the server
         drops the answer, the access log records it)."""
         self.count("client_closed")
-        await _answer(send, CLIENT_CLOSED_STATUS, b"", [])
+        await send_answer(send, CLIENT_CLOSED_STATUS, b"", [])
 
     async def error(self, exc: GatewayError, send: Send) -> None:
         self.count(exc.status)
         headers = self.id_header
         if exc.retry_after_s is not None:
             headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-        await _answer(send, exc.status, fastjson.dumps(exc.body()), headers)
+        await send_answer(send, exc.status, fastjson.dumps(exc.body()), headers)
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"the request body exceeds the gateway's limit of {limit} bytes")
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refused as soon as it is known to exceed ``limit`` bytes (declared or received).
 
     Raises:
@@ -212,7 +212,7 @@ async def serve_completion(state: GatewayState, route: Route, scope: Scope, rece
     request = _RequestScope(state, route, request_log().request_id, state.clock())
     config = state.settings.upstream
     try:
-        raw = await _read_body(scope, receive, state.settings.max_body_bytes)
+        raw = await read_body(scope, receive, state.settings.max_body_bytes)
         parsed = parse_request(raw, route, max_tokens_limit=state.settings.max_tokens_limit)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
@@ -292,7 +292,7 @@ async def _buffered_answer(request: _RequestScope, answer: StartedAnswer, send: 
     if upstream.status != 200:
         request.count(upstream.status)
         body = state.engines[answer.key.engine].adapter.normalize_error(upstream.status, answer.body)
-        await _answer(send, upstream.status, fastjson.dumps(body), request.id_header)
+        await send_answer(send, upstream.status, fastjson.dumps(body), request.id_header)
         return
     elapsed = state.clock() - request.arrival
     request_log().ttft_s = elapsed
@@ -302,7 +302,7 @@ async def _buffered_answer(request: _RequestScope, answer: StartedAnswer, send: 
     if "json" in upstream.content_type:
         request.usage_reported(_body_prompt_tokens(answer.body))
     content_type = _content_type(upstream.content_type or "application/json")
-    await _answer(send, 200, answer.body, request.id_header, content_type)
+    await send_answer(send, 200, answer.body, request.id_header, content_type)
 
 
 def _body_prompt_tokens(body: bytes) -> int | None:
@@ -410,12 +410,12 @@ class _Assembly:
             status = error_event_status(error)
             request.count(status)
             body = state.engines[answer.key.engine].adapter.normalize_error(status, fastjson.dumps(error))
-            await _answer(send, status, fastjson.dumps(body), request.id_header)
+            await send_answer(send, status, fastjson.dumps(body), request.id_header)
             return
         result = self.assembler.result()
         request.usage_reported(reported_prompt_tokens(result.get("usage")))
         request.count(200)
-        await _answer(send, 200, fastjson.dumps(result), request.id_header)
+        await send_answer(send, 200, fastjson.dumps(result), request.id_header)
 
 
 async def _relay(

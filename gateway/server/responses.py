@@ -66,12 +66,12 @@ from gateway.server.assemble import SSEEvents, event_payload
 from gateway.server.disconnect import DisconnectWatch
 from gateway.server.headers import upstream_request_headers
 from gateway.server.openapi import json_body
-from gateway.server.proxy import CLIENT_CLOSED_STATUS, _answer, _read_body
+from gateway.server.proxy import CLIENT_CLOSED_STATUS, read_body, send_answer
 from gateway.server.responses_store import ResponseHome
-from gateway.server.retry import StartedAnswer, _try_once, record_failure, send_with_retries
+from gateway.server.retry import StartedAnswer, record_failure, send_with_retries, try_once
 from gateway.server.state import GatewayState, State
 from gateway.server.tenants import TENANT_SCOPE_KEY, TenantAccount, admit
-from gateway.server.validation import _load_json
+from gateway.server.validation import load_json
 from gateway.tokens import prompt_texts
 from gateway.types import PendingRequest, RankKey, prefix_block_hashes
 
@@ -164,7 +164,7 @@ def parse_responses_request(raw: bytes, *, max_tokens_limit: int | None = None) 
         InvalidRequestError: not strict JSON in UTF-8, not an object, or one of those fields missing or mistyped, or
             ``max_output_tokens`` above ``max_tokens_limit``.
     """
-    body = _load_json(raw)
+    body = load_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     model = body.get("model")
@@ -295,18 +295,18 @@ class _Call:
         headers = self.id_header
         if exc.retry_after_s is not None:
             headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-        await _answer(send, exc.status, fastjson.dumps(exc.body()), headers)
+        await send_answer(send, exc.status, fastjson.dumps(exc.body()), headers)
 
     async def client_closed(self, send: Send) -> None:
         self.count("client_closed")
-        await _answer(send, CLIENT_CLOSED_STATUS, b"", [])
+        await send_answer(send, CLIENT_CLOSED_STATUS, b"", [])
 
 
 async def serve_responses(state: GatewayState, scope: Scope, receive: Receive, send: Send) -> None:
     """Serve ``POST /v1/responses`` as a plain ASGI app (see the module docstring)."""
     call = _Call(state, request_log().request_id, state.clock())
     try:
-        raw = await _read_body(scope, receive, state.settings.max_body_bytes)
+        raw = await read_body(scope, receive, state.settings.max_body_bytes)
         parsed = parse_responses_request(raw, max_tokens_limit=state.settings.max_tokens_limit)
         if parsed.model not in state.models:
             raise ModelNotFoundError(f"The model `{parsed.model}` does not exist.", param="model")
@@ -367,7 +367,7 @@ async def _send_home(state: GatewayState, pending: PendingRequest, key: RankKey,
     if fairness is not None:
         fairness.placed(pending)
     try:
-        return await _try_once(state, key, pending.stream, PATH, body, request_log().request_id)
+        return await try_once(state, key, pending.stream, PATH, body, request_log().request_id)
     except UpstreamError as exc:
         state.dispatcher.finish(pending.request_id)
         record_failure(state, key, exc)
@@ -415,7 +415,7 @@ async def _place_and_answer(
         state.dispatcher.finish(pending.request_id)
         call.count(upstream.status)
         body = state.engines[answer.key.engine].adapter.normalize_error(upstream.status, answer.body)
-        await _answer(send, upstream.status, fastjson.dumps(body), call.id_header)
+        await send_answer(send, upstream.status, fastjson.dumps(body), call.id_header)
         return
     try:
         response = fastjson.loads(answer.body)
@@ -433,7 +433,7 @@ async def _place_and_answer(
     call.class_ttft(elapsed)
     call.count(200)
     await tracker.share()
-    await _answer(send, 200, answer.body, call.id_header)
+    await send_answer(send, 200, answer.body, call.id_header)
 
 
 @dataclass(slots=True)

@@ -134,7 +134,7 @@ async def send_with_retries(
     tries = 1
     while True:
         try:
-            return await _try_once(state, key, pending.stream, path, body, request_id, consume)
+            return await try_once(state, key, pending.stream, path, body, request_id, consume)
         except UpstreamError as exc:
             # nothing reached the client yet, so any failure may be retried; but a non-streamed request that
             # timed out has used its whole total_timeout_s
@@ -214,7 +214,7 @@ def record_failure(state: GatewayState, key: RankKey, exc: UpstreamError) -> Non
     state.prober.publish()
 
 
-async def _try_once(
+async def try_once(
     state: GatewayState,
     key: RankKey,
     stream: bool,

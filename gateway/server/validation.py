@@ -46,7 +46,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _load_json(raw: bytes) -> Any:
+def load_json(raw: bytes) -> Any:
     """``json.loads`` for hostile input: strict JSON (no ``NaN``/``Infinity``), nesting bounded by the recursion
     limit, and strings that can be sent on as UTF-8 (no lone surrogate escapes)."""
     try:
@@ -72,7 +72,7 @@ def parse_request(raw: bytes, route: Route, *, max_tokens_limit: int | None = No
         InvalidRequestError: not strict JSON in UTF-8, nested too deeply, not an object, or a field the gateway
             needs is missing, mistyped or out of range.
     """
-    body = _load_json(raw)
+    body = load_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     model = body.get("model")
