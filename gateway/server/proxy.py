@@ -86,11 +86,12 @@ async def send_answer(
 
 
 @dataclass(slots=True)
-class _RequestScope:
-    """One completion request while it is handled: what its answer and its metrics need."""
+class AnswerScope:
+    """What every request answered through the relay keeps while it is handled (a completion's
+    :class:`_RequestScope`, a Response's call in :mod:`gateway.server.responses`): its ids, its metrics' labels, its
+    tenant's account, and the error and client-closed answers. :meth:`count` is each kind's own."""
 
     state: GatewayState
-    route: Route
     request_id: str
     """The client's valid ``X-Request-Id`` (or a generated one, see :mod:`gateway.logs`): logged and sent
     upstream, never trusted as a key."""
@@ -98,23 +99,14 @@ class _RequestScope:
     model_label: str = "unknown"
     estimated_prompt_tokens: int = 0
     """The gateway's estimate of the prompt's tokens (what the engine's ``usage.prompt_tokens`` is compared with)."""
-    key: str = field(default_factory=lambda: f"r{next(_keys)}")
-    """The gateway's own id for the request in the window and the load view (unique within the process)."""
     tenant: TenantAccount | None = None
     """The request's account with its tenant (tenants configured, once admitted), else ``None``."""
-    reported_prompt_tokens: int | None = None
     output_events: int = 0
-    """Streamed events relayed or read (one a token, as the scheduler counts them)."""
+    """Streamed token events relayed or read (one a token, as the scheduler counts them)."""
 
     @property
     def id_header(self) -> list[tuple[bytes, bytes]]:
         return [(_REQUEST_ID, self.request_id.encode("latin-1"))]
-
-    def usage_reported(self, prompt_tokens: int | None) -> None:
-        """The engine reported ``prompt_tokens`` for this request (``None``: it reported none)."""
-        if prompt_tokens is not None:
-            self.reported_prompt_tokens = prompt_tokens
-            self.state.prompt_tokens_reported(self.model_label, self.estimated_prompt_tokens, prompt_tokens)
 
     def class_ttft(self, ttft_s: float) -> None:
         """Observe the request's time to first token in its class (tenants configured)."""
@@ -122,13 +114,8 @@ class _RequestScope:
             self.tenant.first_token(ttft_s)
 
     def count(self, status: int | str) -> None:
-        """Count the answer, and settle the tenant's tokens with what it used (:meth:`TenantAccount.settle`: the
-        reported prompt tokens plus the streamed events)."""
-        state = self.state
-        state.metrics.count_request(self.route, self.model_label, str(status))
-        if self.tenant is not None:
-            prompt = self.reported_prompt_tokens
-            self.tenant.settle(status, self.estimated_prompt_tokens, prompt, self.output_events, state.clock())
+        """Count the answer in ``gateway_requests_total`` and settle the tenant's tokens."""
+        raise NotImplementedError
 
     async def client_closed(self, send: Send) -> None:
         """The client went away: nothing reaches it (499 is nginx's "client closed request" status; the server
@@ -142,6 +129,31 @@ class _RequestScope:
         if exc.retry_after_s is not None:
             headers.append((b"retry-after", str(exc.retry_after_s).encode()))
         await send_answer(send, exc.status, fastjson.dumps(exc.body()), headers)
+
+
+@dataclass(slots=True)
+class _RequestScope(AnswerScope):
+    """One completion request while it is handled: what its answer and its metrics need."""
+
+    route: Route = field(kw_only=True)
+    key: str = field(default_factory=lambda: f"r{next(_keys)}")
+    """The gateway's own id for the request in the window and the load view (unique within the process)."""
+    reported_prompt_tokens: int | None = None
+
+    def usage_reported(self, prompt_tokens: int | None) -> None:
+        """The engine reported ``prompt_tokens`` for this request (``None``: it reported none)."""
+        if prompt_tokens is not None:
+            self.reported_prompt_tokens = prompt_tokens
+            self.state.prompt_tokens_reported(self.model_label, self.estimated_prompt_tokens, prompt_tokens)
+
+    def count(self, status: int | str) -> None:
+        """Count the answer, and settle the tenant's tokens with what it used (:meth:`TenantAccount.settle`: the
+        reported prompt tokens plus the streamed events)."""
+        state = self.state
+        state.metrics.count_request(self.route, self.model_label, str(status))
+        if self.tenant is not None:
+            prompt = self.reported_prompt_tokens
+            self.tenant.settle(status, self.estimated_prompt_tokens, prompt, self.output_events, state.clock())
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:
@@ -209,7 +221,7 @@ def _upstream(parsed: ParsedRequest, stream_nonstreamed: bool, stream_usage: boo
 
 async def serve_completion(state: GatewayState, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
     """Serve ``POST /v1/chat/completions`` (``route="chat"``) or ``POST /v1/completions`` as a plain ASGI app."""
-    request = _RequestScope(state, route, request_log().request_id, state.clock())
+    request = _RequestScope(state, request_log().request_id, state.clock(), route=route)
     config = state.settings.upstream
     try:
         raw = await read_body(scope, receive, state.settings.max_body_bytes)

@@ -66,11 +66,11 @@ from gateway.server.assemble import SSEEvents, event_payload
 from gateway.server.disconnect import DisconnectWatch
 from gateway.server.headers import upstream_request_headers
 from gateway.server.openapi import json_body
-from gateway.server.proxy import CLIENT_CLOSED_STATUS, read_body, send_answer
+from gateway.server.proxy import AnswerScope, read_body, send_answer
 from gateway.server.responses_store import ResponseHome
 from gateway.server.retry import StartedAnswer, record_failure, send_with_retries, try_once
 from gateway.server.state import GatewayState, State
-from gateway.server.tenants import TENANT_SCOPE_KEY, TenantAccount, admit
+from gateway.server.tenants import TENANT_SCOPE_KEY, admit
 from gateway.server.validation import load_json
 from gateway.tokens import prompt_texts
 from gateway.types import PendingRequest, RankKey, prefix_block_hashes
@@ -253,33 +253,15 @@ async def find_home(state: GatewayState, response_id: str, param: str) -> Respon
 
 
 @dataclass(slots=True)
-class _Call:
+class _Call(AnswerScope):
     """One ``POST /v1/responses`` while it is handled."""
 
-    state: GatewayState
-    request_id: str
-    arrival: float
-    model_label: str = "unknown"
-    estimated_prompt_tokens: int = 0
     key: str = field(default_factory=lambda: f"resp{next(_keys)}")
     """The gateway's own id for the request in the window and the load view."""
-    tenant: TenantAccount | None = None
-    """The call's account with its tenant (tenants configured, once admitted), else ``None``."""
     input_tokens: int | None = None
     """The engine's ``usage.input_tokens`` for this response, ``None`` until seen."""
     output_tokens: int | None = None
     """The engine's ``usage.output_tokens`` for this response, ``None`` until seen."""
-    output_events: int = 0
-    """``*.delta`` events read from the stream (one a token, as the scheduler counts them)."""
-
-    @property
-    def id_header(self) -> list[tuple[bytes, bytes]]:
-        return [(_REQUEST_ID, self.request_id.encode("latin-1"))]
-
-    def class_ttft(self, ttft_s: float) -> None:
-        """Observe the call's time to first token in its class (tenants configured)."""
-        if self.tenant is not None:
-            self.tenant.first_token(ttft_s)
 
     def count(self, status: int | str) -> None:
         """Count the answer, and settle the tenant's tokens with the response's usage (the ``*.delta`` events for
@@ -289,17 +271,6 @@ class _Call:
         if self.tenant is not None:
             output = self.output_events if self.output_tokens is None else self.output_tokens
             self.tenant.settle(status, self.estimated_prompt_tokens, self.input_tokens, output, state.clock())
-
-    async def error(self, exc: GatewayError, send: Send) -> None:
-        self.count(exc.status)
-        headers = self.id_header
-        if exc.retry_after_s is not None:
-            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-        await send_answer(send, exc.status, fastjson.dumps(exc.body()), headers)
-
-    async def client_closed(self, send: Send) -> None:
-        self.count("client_closed")
-        await send_answer(send, CLIENT_CLOSED_STATUS, b"", [])
 
 
 async def serve_responses(state: GatewayState, scope: Scope, receive: Receive, send: Send) -> None:
