@@ -61,6 +61,7 @@ from gateway.sim.mock_engine.pd import (
 from gateway.sim.mock_engine.protocol import (
     MIN_PREFIX_BLOCK_TOKENS,
     Flavor,
+    GenerationRequest,
     PrefixTokenizer,
     ProtocolError,
     RequestKind,
@@ -71,7 +72,7 @@ from gateway.sim.mock_engine.protocol import (
 )
 from gateway.sim.mock_engine.response import GenerationResponse
 from gateway.sim.mock_engine.responses import ResponsesEndpoints
-from gateway.sim.mock_engine.runtime import EngineRuntime
+from gateway.sim.mock_engine.runtime import EngineRuntime, GenerationHandle
 
 ServerInfoMaxRunning = Literal["per-rank", "sglang"]
 """What ``/server_info`` reports as ``max_running_requests`` (:attr:`MockEngineConfig.server_info_max_running`)."""
@@ -380,16 +381,7 @@ class _MockEngine:
             if fault == "hang":
                 return HangResponse()
             try:
-                handle = self.runtime.submit(
-                    rank,
-                    req.prompt_tokens,
-                    req.output_tokens,
-                    req.finish_reason,
-                    max_new_tokens=req.max_tokens,
-                    ignore_eos=req.ignore_eos,
-                    prefix_blocks=req.prefix_blocks,
-                    prefix_block_tokens=self.prefix_block_tokens or 1,
-                )
+                handle = self.submit(rank, req)
             except ValueError as exc:
                 raise bad_request(str(exc), "max_tokens") from exc
         except ProtocolError as exc:
@@ -398,6 +390,23 @@ class _MockEngine:
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         return GenerationResponse(
             self.runtime, handle, req, response_id, int(time.time()), fault, self.faults.plan.after_chunks
+        )
+
+    def submit(self, rank: int, req: GenerationRequest) -> GenerationHandle:
+        """Start ``req`` on DP rank ``rank`` of the engine model, with its prefix blocks.
+
+        Raises:
+            ValueError: the request does not fit the model (its ``max_tokens`` or prompt).
+        """
+        return self.runtime.submit(
+            rank,
+            req.prompt_tokens,
+            req.output_tokens,
+            req.finish_reason,
+            max_new_tokens=req.max_tokens,
+            ignore_eos=req.ignore_eos,
+            prefix_blocks=req.prefix_blocks,
+            prefix_block_tokens=self.prefix_block_tokens or 1,
         )
 
     def pick_rank(self) -> int:

@@ -183,16 +183,7 @@ class ResponsesEndpoints:
                 prefix_block_tokens=eng.prefix_block_tokens,
             )
             rank = req.rank if req.rank is not None else eng.pick_rank()
-            handle = eng.runtime.submit(
-                rank,
-                req.prompt_tokens,
-                req.output_tokens,
-                req.finish_reason,
-                max_new_tokens=req.max_tokens,
-                ignore_eos=req.ignore_eos,
-                prefix_blocks=req.prefix_blocks,
-                prefix_block_tokens=eng.prefix_block_tokens or 1,
-            )
+            handle = eng.submit(rank, req)
         except ProtocolError as exc:
             return self._flavor_error(exc)
         except ValueError as exc:
